@@ -1,0 +1,122 @@
+"""The `bigjax` command: subcommands, config loading and overrides, friendly errors."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bigjax.config import ConfigError, TrainConfig, from_configdict
+
+USAGE_ERROR = 2
+
+
+def load_config(spec: str, overrides: Sequence[str]) -> TrainConfig:
+    """Loads `path.py[:arg]`, applies `--config.a.b=value` overrides, converts strictly.
+
+    A config file is Python by design (like big_vision): it is run, so only load your own.
+    """
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config: no such file {path!r}. Configs live in configs/*.py.")
+    module_spec = importlib.util.spec_from_file_location(f"bigjax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {path} defines no get_config(arg=None) function.")
+    cd = module.get_config(arg or None)
+    raw = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_path(raw, key, value)
+    return from_configdict(raw)
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    """'--config.optim.lr=1e-3' -> ('optim.lr', '1e-3')."""
+    if not item.startswith("--config.") or "=" not in item:
+        raise ConfigError(
+            f"unrecognised argument {item!r}: overrides look like --config.optim.lr=1e-3."
+        )
+    key, value = item[len("--config.") :].split("=", 1)
+    return key, value
+
+
+def set_path(tree: dict[str, Any], dotted: str, value: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for i, name in enumerate(parents):
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            where = ".".join(parents[: i + 1])
+            raise ConfigError(f"--config.{dotted}: {where} is a value, not a group of keys.")
+        node = child
+    node[leaf] = value
+
+
+def _join_override_values(argv: Sequence[str]) -> list[str]:
+    """Accepts both '--config.a=1' and '--config.a 1'."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        item = argv[i]
+        if item.startswith("--config.") and "=" not in item and i + 1 < len(argv):
+            out.append(f"{item}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(item)
+        i += 1
+    return out
+
+
+def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    cfg = load_config(args.config, overrides)
+    from bigjax.train import train  # imports jax: keep `bigjax --help` and config errors fast
+
+    train(cfg, args.workdir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bigjax", description="A JAX research framework for scalable pretraining."
+    )
+    parser.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train",
+        help="train (or resume) a run",
+        description="Train, or resume the run in --workdir. Override any config key with "
+        "--config.KEY=VALUE, e.g. --config.optim.lr=1e-3 --config.mesh.shape=1,-1,1.",
+    )
+    train.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    train.add_argument("--workdir", required=True, help="run directory (created if missing)")
+    train.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    train.set_defaults(run=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = _join_override_values(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args([a for a in argv if not a.startswith("--config.")])
+    overrides = [a for a in argv if a.startswith("--config.")]
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    try:
+        return args.run(args, overrides)
+    except Exception as e:  # one line for what the user can fix; a traceback for the rest
+        from bigjax.metrics import UnknownDeviceError
+
+        if args.debug or not isinstance(e, (ConfigError, UnknownDeviceError, FileNotFoundError)):
+            raise
+        print(f"bigjax: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""Typed, frozen run configuration and its one strict conversion from a ConfigDict.
+
+Configs are written as `ml_collections.ConfigDict`s (Python files under `configs/`). They are
+converted exactly once, here, into frozen dataclasses: unknown keys, wrong types and
+inconsistent values fail early with a `ConfigError` that names the key and the fix. Defaults
+live only in these dataclasses. Library functions take the narrow sub-config they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+# Mesh axes, outermost (slowest, DCN-friendly) first.
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis names used by the layers. Weights first, then activations.
+LOGICAL_AXES = (
+    "vocab",
+    "embed",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "layers",
+    "norm",
+    "table_vocab",
+    "table_embed",
+    "act_batch",
+    "act_seq",
+    "act_embed",
+    "act_heads",
+    "act_kv_heads",
+    "act_mlp",
+    "act_vocab",
+)
+
+# Logical -> mesh axes. FSDP shards every weight on its `embed` dim; tensor parallelism shards
+# heads / mlp / vocab. The embedding table gets its own names so that it is sharded on vocab:
+# sharding its embed dim on fsdp makes XLA fully rematerialise the gather (DESIGN.md §9).
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("vocab", ("tensor",)),
+    ("embed", ("fsdp",)),
+    ("mlp", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("head_dim", ()),
+    ("layers", ()),
+    ("norm", ()),
+    ("table_vocab", ("fsdp", "tensor")),
+    ("table_embed", ()),
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", ()),
+    ("act_embed", ()),
+    ("act_heads", ("tensor",)),
+    ("act_kv_heads", ("tensor",)),
+    ("act_mlp", ("tensor",)),
+    ("act_vocab", ("tensor",)),
+)
+
+# Named model sizes: (d_model, num_layers, num_heads, num_kv_heads, d_ff, vocab_size).
+# Setting `model.size` fills these; any dimension set explicitly in the config wins.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=384, vocab_size=512),
+    "small": dict(
+        d_model=512, num_layers=8, num_heads=8, num_kv_heads=8, d_ff=2048, vocab_size=32000
+    ),
+    "125m": dict(
+        d_model=768, num_layers=12, num_heads=12, num_kv_heads=12, d_ff=2048, vocab_size=32000
+    ),
+    "350m": dict(
+        d_model=1024, num_layers=24, num_heads=16, num_kv_heads=16, d_ff=2816, vocab_size=32000
+    ),
+    "1b": dict(
+        d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, d_ff=8192, vocab_size=128256
+    ),
+    "3b": dict(
+        d_model=3072, num_layers=28, num_heads=24, num_kv_heads=8, d_ff=8192, vocab_size=128256
+    ),
+    "8b": dict(
+        d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, d_ff=14336, vocab_size=128256
+    ),
+}
+
+REMAT_POLICIES = ("none", "full", "save_matmuls")
+OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "cudnn")
+WEIGHT_DECAY_MASKS = ("matrices", "all")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or inconsistent; the message names key and fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh and the logical-to-mesh sharding rules.
+
+    `shape` is (data, fsdp, tensor); at most one entry may be -1 (use the remaining devices).
+    `rules` overrides entries of `DEFAULT_RULES`, e.g. `{'embed': None, 'mlp': ('tensor',)}`.
+    """
+
+    shape: tuple[int, ...] = (1, -1, 1)
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder architecture, numerics and memory policy."""
+
+    family: str = "llama"
+    size: str = ""  # a key of MODEL_SIZES, or '' to give every dimension explicitly
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: same as num_heads (no grouping)
+    head_dim: int = 0  # 0: d_model // num_heads
+    d_ff: int = 384
+    vocab_size: int = 512
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    scan_layers: bool = True
+    remat: str = "none"  # one of REMAT_POLICIES
+    attention: str = "xla"  # one of ATTENTION_IMPLS
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer, learning-rate schedule, clipping, weight decay and gradient accumulation."""
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr / peak lr for cosine, linear and wsd
+    decay_fraction: float = 0.2  # wsd: fraction of the steps spent decaying
+    weight_decay: float = 0.1
+    weight_decay_mask: str = "matrices"  # 'matrices': skip norms, biases (ndim < 2); or 'all'
+    clip_norm: float = 1.0  # 0 disables global-norm clipping
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    z_loss: float = 0.0  # coefficient of log(Z)^2, keeps logits from drifting
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (a scan inside the step)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from and how they are batched."""
+
+    source: str = "stdlib"  # the built-in corpus: this interpreter's standard library sources
+    tokenizer: str = "byte"
+    batch_size: int = 16  # global batch, in sequences
+    seq_len: int = 256
+    eval_fraction: float = 0.02  # share of documents held out for eval, chosen by path hash
+    num_workers: int = 0  # Grain prefetch processes; 0 reads in the training process
+    shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing."""
+
+    every_steps: int = 1000
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """What is logged where."""
+
+    log_every: int = 10
+    peak_flops: float = 0.0  # per device; 0: datasheet (TPU/GPU) or measured (CPU)
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out loss and perplexity."""
+
+    every_steps: int = 0  # 0: only at the end of the run
+    num_batches: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The whole run."""
+
+    seed: int = 0
+    num_steps: int = 1000
+    mesh: MeshConfig = MeshConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def from_configdict(cd: Any) -> TrainConfig:
+    """Converts a ConfigDict (or nested mapping) into a validated `TrainConfig`.
+
+    Raises:
+      ConfigError: on an unknown key, a value of the wrong type or an inconsistent config.
+    """
+    raw = _to_plain(cd)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"get_config() must return a ConfigDict, got {type(cd).__name__}.")
+    raw = dict(raw)
+    if isinstance(raw.get("model"), Mapping):
+        raw["model"] = _apply_size(dict(raw["model"]))
+    if isinstance(raw.get("mesh"), Mapping) and "rules" in raw["mesh"]:
+        raw["mesh"] = {**raw["mesh"], "rules": _merge_rules(raw["mesh"]["rules"])}
+    cfg = _build(TrainConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as JSON-ready nested dicts (rules become a mapping)."""
+    out = dataclasses.asdict(cfg)
+    if "mesh" in out:
+        out["mesh"]["rules"] = {name: list(axes) for name, axes in cfg.mesh.rules}
+    return out
+
+
+def _to_plain(x: Any) -> Any:
+    if hasattr(x, "to_dict"):
+        x = x.to_dict()
+    if isinstance(x, Mapping):
+        return {k: _to_plain(v) for k, v in x.items()}
+    return x
+
+
+def _apply_size(model: dict[str, Any]) -> dict[str, Any]:
+    size = model.get("size", "")
+    if not size:
+        return model
+    if size not in MODEL_SIZES:
+        raise ConfigError(_unknown("model.size", size, MODEL_SIZES))
+    return {**MODEL_SIZES[size], **model}
+
+
+def _merge_rules(user: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Overlays user rules (a mapping or pairs) on `DEFAULT_RULES`."""
+    if isinstance(user, str):
+        user = _parse_rules_string(user)
+    pairs = list(user.items()) if isinstance(user, Mapping) else list(user)
+    rules = dict(DEFAULT_RULES)
+    for name, axes in pairs:
+        if name not in LOGICAL_AXES:
+            raise ConfigError(_unknown("mesh.rules", name, LOGICAL_AXES))
+        if axes is None or axes == "" or axes == "None":
+            axes = ()
+        elif isinstance(axes, str):
+            axes = tuple(a for a in axes.replace("+", ",").split(",") if a)
+        axes = tuple(axes)
+        for axis in axes:
+            if axis not in MESH_AXES:
+                raise ConfigError(
+                    f"mesh.rules.{name}: unknown mesh axis {axis!r}; use any of {MESH_AXES}."
+                )
+        rules[name] = axes
+    return tuple(rules.items())
+
+
+def _parse_rules_string(text: str) -> dict[str, str]:
+    """'embed=fsdp,mlp=tensor' -> {'embed': 'fsdp', 'mlp': 'tensor'}; '+' joins axes."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise ConfigError(f"mesh.rules: expected name=axis[+axis], got {item!r}.")
+        name, axes = item.split("=", 1)
+        out[name.strip()] = axes.strip()
+    return out
+
+
+def _unknown(key: str, value: str, valid: Any) -> str:
+    valid = list(valid)
+    close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"{key}: unknown value {value!r}.{hint} Valid: {', '.join(map(str, valid))}."
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a group of keys, got {raw!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f" Did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {path!r}.{hint} Valid keys under "
+                f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}."
+            )
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Checks (and, for strings from the command line, parses) one value against its type."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path + ".")
+    if path == "mesh.rules":
+        return value if isinstance(value, tuple) else _merge_rules(value)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a tuple like 1,8,1, got {value!r}.")
+        (elem,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        return tuple(_coerce(elem, v, path) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{path}: unsupported type {tp}.")  # not used by any field
+    return _scalar(tp, value, path)
+
+
+def _scalar(tp: type, value: Any, path: str) -> Any:
+    if isinstance(value, str) and tp is not str:
+        value = _parse_string(tp, value, path)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _parse_string(tp: type, text: str, path: str) -> Any:
+    text = text.strip()
+    try:
+        if tp is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if tp is int:
+            return int(float(text)) if "e" in text.lower() else int(text)
+        if tp is float:
+            return float(text)
+    except ValueError:
+        pass
+    raise ConfigError(f"{path}: expected {tp.__name__}, got {text!r}.")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks that need no devices. Raises ConfigError naming key and fix."""
+    m, o, d = cfg.model, cfg.optim, cfg.data
+    _check(cfg.num_steps > 0, "num_steps", "must be positive")
+    shape = cfg.mesh.shape
+    _check(
+        len(shape) == len(MESH_AXES),
+        "mesh.shape",
+        f"needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}",
+    )
+    _check(sum(s == -1 for s in shape) <= 1, "mesh.shape", f"allows at most one -1, got {shape}")
+    _check(
+        all(s == -1 or s > 0 for s in shape),
+        "mesh.shape",
+        f"entries must be positive or -1, got {shape}",
+    )
+    _check(m.family == "llama", "model.family", "the only family so far is 'llama'")
+    for name in ("d_model", "num_layers", "num_heads", "d_ff", "vocab_size"):
+        _check(getattr(m, name) > 0, f"model.{name}", "must be positive")
+    _check(
+        m.head_dim > 0 or m.d_model % m.num_heads == 0,
+        "model.num_heads",
+        f"{m.num_heads} heads do not divide d_model={m.d_model}; pick a divisor or set "
+        "model.head_dim",
+    )
+    _check(
+        m.kv_heads > 0 and m.num_heads % m.kv_heads == 0,
+        "model.num_kv_heads",
+        f"{m.num_kv_heads} must divide num_heads={m.num_heads}",
+    )
+    _check(m.dim_per_head % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    _one_of("model.param_dtype", m.param_dtype, DTYPES)
+    _one_of("model.dtype", m.dtype, DTYPES)
+    _one_of("model.remat", m.remat, REMAT_POLICIES)
+    _one_of("model.attention", m.attention, ATTENTION_IMPLS)
+    _one_of("optim.name", o.name, OPTIMIZERS)
+    _one_of("optim.schedule", o.schedule, SCHEDULES)
+    _one_of("optim.weight_decay_mask", o.weight_decay_mask, WEIGHT_DECAY_MASKS)
+    _check(o.lr > 0, "optim.lr", "must be positive")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(0.0 < o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in (0, 1]")
+    _check(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
+    _check(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
+    _check(
+        d.batch_size % o.grad_accum_steps == 0,
+        "data.batch_size",
+        f"{d.batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}",
+    )
+    _check(d.batch_size > 0 and d.seq_len > 1, "data.batch_size", "batch_size > 0, seq_len > 1")
+    _check(0.0 < d.eval_fraction < 1.0, "data.eval_fraction", "must be in (0, 1)")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _one_of("data.source", d.source, ("stdlib",))
+    _one_of("data.tokenizer", d.tokenizer, ("byte",))
+    _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: off)")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
+    _check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: at the end)")
+    _check(cfg.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}.")
+
+
+def _one_of(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(_unknown(key, value, valid))

@@ -1,0 +1,149 @@
+"""Metric writers (console, JSONL, TensorBoard), throughput, MFU and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per device from vendor datasheets. Longest matching key wins, so
+# "TPU v5 lite" (v5e) is not taken for "TPU v5" (v5p).
+DATASHEET_PEAK_FLOPS: dict[str, float] = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+}
+
+
+class UnknownDeviceError(ValueError):
+    """No peak FLOP/s is known for this device kind."""
+
+
+def datasheet_peak(device_kind: str) -> float:
+    matches = [k for k in DATASHEET_PEAK_FLOPS if k.lower() in device_kind.lower()]
+    if not matches:
+        raise UnknownDeviceError(
+            f"unknown device kind {device_kind!r}: no datasheet peak FLOP/s for MFU. Set "
+            f"metrics.peak_flops=<per-device FLOP/s>. Known: {', '.join(DATASHEET_PEAK_FLOPS)}."
+        )
+    return DATASHEET_PEAK_FLOPS[max(matches, key=len)]
+
+
+def measure_cpu_peak(device: jax.Device, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-`reps` FLOP/s of a large jitted f32 matmul: the attainable CPU peak."""
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def total_peak_flops(devices: Sequence[jax.Device], per_device: float = 0.0) -> float:
+    """Peak FLOP/s of all `devices` together.
+
+    On CPU, fake devices (--xla_force_host_platform_device_count) share the same cores, so
+    the peak is the host's measured matmul rate, not a multiple of it.
+    """
+    if per_device > 0:
+        return per_device * len(devices)
+    if devices[0].platform == "cpu":
+        return measure_cpu_peak(devices[0])
+    return datasheet_peak(devices[0].device_kind) * len(devices)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(row: dict[str, Any], num_steps: int, width: int = 20) -> str:
+    done = row["step"] / num_steps
+    bar = "#" * int(done * width) + "-" * (width - int(done * width))
+    return (
+        f"step {row['step']:>{len(str(num_steps))}}/{num_steps} [{bar}] {done:4.0%} | "
+        f"loss {row['loss']:.4f} | {row['tokens_per_sec']:,.0f} tok/s | mfu {row['mfu']:.1%} | "
+        f"{row['step_time']:.3f} s/step | eta {format_duration(row['eta_s'])}"
+    )
+
+
+class Writers:
+    """Console, `metrics.jsonl` and TensorBoard. Only the writing process creates files."""
+
+    def __init__(self, workdir: Path, *, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = workdir / "metrics.jsonl"
+        self._tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter  # heavy import, only where it is used
+
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drops rows logged after the checkpoint, so each step appears once."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, row: dict[str, Any], console: str | None = None) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, row["step"])
+            self._tb.flush()
+        if console:
+            print(console, flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(metrics_path: Path, png_path: Path) -> None:
+    """Training loss (and eval loss, if any) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)

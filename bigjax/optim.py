@@ -1,0 +1,62 @@
+"""Learning-rate schedules and optimizers (optax), with clipping and weight-decay masks."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from bigjax.config import OptimConfig
+
+
+def make_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then the named decay down to `lr * min_lr_ratio`."""
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    warmup = min(cfg.warmup_steps, num_steps)
+    rest = max(num_steps - warmup, 1)
+    warm = optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, rest, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, floor, rest)
+    elif cfg.schedule == "wsd":  # warmup-stable-decay: flat, then a linear cool-down at the end
+        decay = max(int(round(rest * cfg.decay_fraction)), 1)
+        after = optax.join_schedules(
+            [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)],
+            [rest - decay],
+        )
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")  # config.validate rejects it
+    return optax.join_schedules([warm, after], [warmup])
+
+
+def weight_decay_mask(cfg: OptimConfig):
+    """Decays only matrices by default: norms' scales and biases (ndim < 2) stay undecayed."""
+    if cfg.weight_decay_mask == "all":
+        return None
+    return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: OptimConfig, num_steps: int) -> optax.GradientTransformation:
+    """The optimizer chain: optional global-norm clipping, then the named update rule."""
+    lr = make_schedule(cfg, num_steps)
+    mask = weight_decay_mask(cfg)
+    if cfg.name == "adamw":
+        tx = optax.adamw(
+            lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
+        )
+    elif cfg.name == "lion":
+        tx = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
+    elif cfg.name == "adafactor":
+        tx = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask)
+    elif cfg.name == "sgd":
+        tx = optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay, mask),
+            optax.sgd(lr, momentum=cfg.momentum or None),
+        )
+    else:
+        raise ValueError(f"unknown optimizer {cfg.name!r}")  # config.validate rejects it
+    if cfg.clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    return tx

@@ -1,0 +1,61 @@
+"""Logical axis names -> mesh PartitionSpecs and NamedShardings, driven by a rules table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+LogicalNames = Sequence[str | None]
+
+
+def logical_to_spec(
+    names: LogicalNames, rules: Rules, mesh_shape: dict[str, int], shape: Sequence[int]
+) -> PartitionSpec:
+    """Maps one array's logical axis names to a PartitionSpec.
+
+    A mesh axis is used at most once per array (first dim wins), and a mesh axis whose size does
+    not divide the dim is dropped for that dim: the array stays correct, only less sharded
+    (e.g. 2 kv heads on a tensor axis of 4).
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape, strict=True):
+        axes = []
+        for axis in table.get(name, ()) if name else ():
+            size = mesh_shape.get(axis, 1)
+            if axis in used or size == 1 or dim % (math.prod(mesh_shape[a] for a in axes) * size):
+                continue
+            axes.append(axis)
+            used.add(axis)
+        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(abstract_tree: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+    """NamedShardings for every leaf of an nnx State whose Variables carry `out_sharding`."""
+    mesh_shape = dict(mesh.shape)
+
+    def one(variable: nnx.Variable) -> NamedSharding:
+        names = variable.get_metadata().get("out_sharding") or (None,) * variable.value.ndim
+        spec = logical_to_spec(names, rules, mesh_shape, variable.value.shape)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain(x: jax.Array, names: LogicalNames, rules: Rules) -> jax.Array:
+    """Pins an activation's sharding by logical names, under the mesh set by `jax.set_mesh`.
+
+    Outside a mesh context (e.g. a plain single-device forward pass) this is a no-op.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(names, rules, dict(mesh.shape), x.shape)
+    return jax.lax.with_sharding_constraint(x, spec)

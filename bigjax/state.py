@@ -1,0 +1,80 @@
+"""TrainState and its abstract-first, directly-sharded construction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bigjax import models
+from bigjax.config import ModelConfig
+from bigjax.sharding import Rules, tree_shardings
+
+Params = dict[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training and lives on device. No host-side objects."""
+
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+
+
+def abstract_state(graph_state: nnx.State, tx: optax.GradientTransformation) -> TrainState:
+    """The TrainState as ShapeDtypeStructs: the init target and the Orbax restore target."""
+    params = nnx.to_pure_dict(graph_state)
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=jax.eval_shape(tx.init, params),
+    )
+
+
+def state_shardings(
+    graph_state: nnx.State,
+    abstract: TrainState,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Rules,
+) -> TrainState:
+    """NamedShardings for a TrainState: params by their logical names, optimizer moments like
+    their parameter, anything else (counts, factored moments of another shape) replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_sh = nnx.to_pure_dict(tree_shardings(graph_state, mesh, rules))
+
+    def like_param(leaf: Any, param: Any, sharding: NamedSharding) -> NamedSharding:
+        return sharding if getattr(leaf, "shape", None) == param.shape else replicated
+
+    opt_sh = optax.tree_map_params(
+        tx,
+        like_param,
+        abstract.opt_state,
+        abstract.params,
+        param_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
+    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+
+
+def init_state(
+    cfg: ModelConfig,
+    rules: Rules,
+    tx: optax.GradientTransformation,
+    seed: int,
+    shardings: TrainState,
+) -> TrainState:
+    """Materialises a fresh TrainState directly in its shardings (no host-side full copy)."""
+
+    def init() -> TrainState:
+        params = nnx.to_pure_dict(nnx.state(models.build(cfg, rules, seed)))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return jax.jit(init, out_shardings=shardings)()

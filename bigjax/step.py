@@ -1,0 +1,101 @@
+"""The pure train and eval steps. `train.py` jits them with explicit shardings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from bigjax.config import OptimConfig
+from bigjax.loss import cross_entropy_sums
+from bigjax.sharding import Rules, constrain
+from bigjax.state import Params, TrainState
+
+Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions, weights: all [B, L]
+Metrics = dict[str, jax.Array]
+
+
+def _forward(
+    graphdef: nnx.GraphDef, params: Params, batch: Batch, rng: jax.Array | None
+) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    return model(batch["inputs"], batch["segment_ids"], batch["positions"], rng)
+
+
+def _split_micro(batch: Batch, num_micro: int, rules: Rules) -> Batch:
+    """[B, L] -> [A, B/A, L] taking rows A apart, so every device's shard of the batch feeds
+    every micro-batch (a plain reshape would give micro-batch 0 to the first devices only)."""
+
+    def split(x_BL: jax.Array) -> jax.Array:
+        b, length = x_BL.shape
+        x_ABL = x_BL.reshape(b // num_micro, num_micro, length).swapaxes(0, 1)
+        return constrain(x_ABL, (None, "act_batch", "act_seq"), rules)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    cfg: OptimConfig,
+    rules: Rules,
+    seed: int,
+    dropout: bool,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Builds `train_step(state, batch) -> (state, metrics)`, a pure function of its inputs."""
+    base_key = jax.random.key(seed)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        step_key = jax.random.fold_in(base_key, state.step)
+        total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+        def loss_fn(params: Params, micro: Batch, rng: jax.Array) -> tuple[jax.Array, tuple]:
+            logits_BLV = _forward(graphdef, params, micro, rng if dropout else None)
+            nll_sum, z_sq_sum = cross_entropy_sums(logits_BLV, micro["targets"], micro["weights"])
+            objective = (nll_sum + cfg.z_loss * z_sq_sum) / total_weight
+            return objective, (nll_sum, z_sq_sum)
+
+        def accumulate(carry: tuple, micro_and_index: tuple) -> tuple[tuple, None]:
+            grads, nll, z_sq = carry
+            micro, index = micro_and_index
+            rng = jax.random.fold_in(step_key, index)
+            (_, (m_nll, m_z)), m_grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, micro, rng
+            )
+            return (jax.tree.map(jnp.add, grads, m_grads), nll + m_nll, z_sq + m_z), None
+
+        num_micro = cfg.grad_accum_steps
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, nll_sum, z_sq_sum), _ = jax.lax.scan(
+            accumulate,
+            (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+            (_split_micro(batch, num_micro, rules), jnp.arange(num_micro)),
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": nll_sum / total_weight,
+            "z_loss": z_sq_sum / total_weight,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            "lr": schedule(state.step),
+            "tokens": jnp.sum(batch["weights"]),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Params, Batch], Metrics]:
+    """Builds `eval_step(params, batch) -> {'nll_sum', 'weight_sum'}` (no dropout)."""
+
+    def eval_step(params: Params, batch: Batch) -> Metrics:
+        logits_BLV = _forward(graphdef, params, batch, None)
+        nll_sum, _ = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"])
+        return {"nll_sum": nll_sum, "weight_sum": jnp.sum(batch["weights"])}
+
+    return eval_step

@@ -1,0 +1,243 @@
+"""train(cfg, workdir): the one function that wires config, mesh, model, data and loop together."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+import bigjax
+from bigjax import checkpoint, metrics, models, optim, step
+from bigjax.config import ConfigError, TrainConfig, to_dict
+from bigjax.data import corpus, pipeline
+from bigjax.data.tokenizer import TOKENIZERS
+from bigjax.mesh import make_mesh
+from bigjax.sharding import logical_to_spec
+from bigjax.state import abstract_state, init_state, state_shardings
+
+
+def batch_sharding(mesh: Mesh, cfg: TrainConfig) -> NamedSharding:
+    spec = logical_to_spec(
+        ("act_batch", "act_seq"),
+        cfg.mesh.rules,
+        dict(mesh.shape),
+        (cfg.data.batch_size, cfg.data.seq_len),
+    )
+    return NamedSharding(mesh, spec)
+
+
+def to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles each process's rows into one global batch array (no replication)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def check_batch(cfg: TrainConfig, mesh: Mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.data.batch_size // cfg.optim.grad_accum_steps
+    if micro % shards or cfg.data.batch_size % jax.process_count():
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} sequences in {cfg.optim.grad_accum_steps} "
+            f"micro-batches cannot be split over data*fsdp={shards} shards and "
+            f"{jax.process_count()} processes; use a multiple of "
+            f"{shards * cfg.optim.grad_accum_steps}."
+        )
+
+
+def run_eval(
+    eval_fn: Any, params: Any, cfg: TrainConfig, docs: list, tokenizer: Any, sharding: NamedSharding
+) -> dict[str, float]:
+    """Loss and perplexity over the first `eval.num_batches` batches of the held-out split,
+    read in a fixed order so every eval of every run sees the same tokens."""
+    ds = pipeline.make_dataset(
+        docs,
+        tokenizer=tokenizer,
+        seq_len=cfg.data.seq_len,
+        local_batch=cfg.data.batch_size // jax.process_count(),
+        seed=0,
+        shuffle=False,
+        num_workers=0,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    it = iter(ds)
+    nll, weight = 0.0, 0.0
+    for local in pipeline.take(it, cfg.eval.num_batches):
+        out = jax.device_get(eval_fn(params, to_global(local, sharding)))
+        nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight_sum"])
+    loss = nll / max(weight, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+    workdir = Path(workdir)
+    writer_process = jax.process_index() == 0
+    if writer_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(cfg.mesh)
+    check_batch(cfg, mesh)
+    rules = cfg.mesh.rules
+    tokenizer = TOKENIZERS[cfg.data.tokenizer]()
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the {cfg.data.tokenizer} "
+            f"tokenizer's {tokenizer.vocab_size} tokens; set it to at least that."
+        )
+
+    with jax.set_mesh(mesh):
+        graphdef, graph_state = models.abstract(cfg.model, rules)
+        tx = optim.make_optimizer(cfg.optim, cfg.num_steps)
+        schedule = optim.make_schedule(cfg.optim, cfg.num_steps)
+        abstract = abstract_state(graph_state, tx)
+        shardings = state_shardings(graph_state, abstract, tx, mesh, rules)
+        data_sharding = batch_sharding(mesh, cfg)
+
+        train_docs, eval_docs = corpus.split_stdlib(cfg.data.eval_fraction, cfg.data.seq_len)
+        data_iter = iter(
+            pipeline.make_dataset(
+                train_docs,
+                tokenizer=tokenizer,
+                seq_len=cfg.data.seq_len,
+                local_batch=cfg.data.batch_size // jax.process_count(),
+                seed=cfg.seed,
+                shuffle=cfg.data.shuffle,
+                num_workers=cfg.data.num_workers,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+        )
+
+        manager = checkpoint.make_manager(workdir / "checkpoints", cfg.checkpoint)
+        target = checkpoint.restore_target(abstract, shardings)
+        state = checkpoint.restore_latest(manager, target, data_iter)
+        resumed = state is not None
+        if state is None:
+            state = init_state(cfg.model, rules, tx, cfg.seed, shardings)
+        start = int(jax.device_get(state.step))
+
+        num_params = models.count_params(graph_state)
+        meta = {
+            "bigjax_version": bigjax.__version__,
+            "config": to_dict(cfg),
+            "mesh": dict(mesh.shape),
+            "num_params": num_params,
+            "params": {
+                "/".join(map(str, path)): list(leaf.shape)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(abstract.params)
+            },
+        }
+        writers = metrics.Writers(
+            workdir, enabled=writer_process, tensorboard=cfg.metrics.tensorboard
+        )
+        if writer_process:
+            (workdir / "config.json").write_text(json.dumps(meta["config"], indent=2) + "\n")
+            writers.truncate_after(start)
+            print(
+                f"bigjax {bigjax.__version__}: {num_params:,} parameters, mesh "
+                f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+                f"devices; {'resuming from step ' + str(start) if resumed else 'fresh start'}",
+                flush=True,
+            )
+
+        train_step = jax.jit(
+            step.make_train_step(
+                graphdef, tx, schedule, cfg.optim, rules, cfg.seed, dropout=cfg.model.dropout > 0
+            ),
+            in_shardings=(shardings, data_sharding),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
+        eval_step = jax.jit(
+            step.make_eval_step(graphdef), in_shardings=(shardings.params, data_sharding)
+        )
+
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        flops_per_step = (
+            models.FLOPS_PER_TOKEN[cfg.model.family](cfg.model, cfg.data.seq_len) * tokens_per_step
+        )
+        peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
+
+        def evaluate(at_step: int) -> dict[str, float]:
+            row = {
+                "step": at_step,
+                **run_eval(eval_step, state.params, cfg, eval_docs, tokenizer, data_sharding),
+            }
+            writers.write(
+                row, f"eval @ {at_step}: loss {row['eval_loss']:.4f}, ppl {row['eval_ppl']:.2f}"
+            )
+            return row
+
+        last: dict[str, Any] = {}
+        clock = {"start": time.perf_counter(), "steps": 0, "tokens": 0.0, "compile_s": None}
+
+        def log_step(done_step: int, device_metrics: dict[str, jax.Array]) -> None:
+            """Host side of one finished step: throughput window, logging."""
+            nonlocal last
+            host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            clock["steps"] += 1
+            clock["tokens"] += host.pop("tokens")
+            if clock["compile_s"] is None:  # the first step includes compilation
+                clock.update(compile_s=time.perf_counter() - clock["start"])
+                clock.update(start=time.perf_counter(), steps=0, tokens=0.0)
+                return
+            if done_step % cfg.metrics.log_every and done_step != cfg.num_steps:
+                return
+            elapsed = time.perf_counter() - clock["start"]
+            step_time = elapsed / clock["steps"]
+            last = {
+                "step": done_step,
+                **host,
+                "tokens_per_sec": clock["tokens"] / elapsed,
+                "step_time": step_time,
+                "mfu": flops_per_step / step_time / peak,
+                "eta_s": step_time * (cfg.num_steps - done_step),
+                "compile_s": clock["compile_s"],
+            }
+            writers.write(last, metrics.progress_line(last, cfg.num_steps))
+            clock.update(start=time.perf_counter(), steps=0, tokens=0.0)
+
+        pending = None  # the step dispatched before this one: (step, metrics on device)
+        saved_step = start if resumed else -1
+        for step_index in range(start, cfg.num_steps):
+            batch = to_global(next(data_iter), data_sharding)
+            state, step_metrics = train_step(state, batch)
+            # Fetch the previous step's metrics only now: the device already has this step.
+            if pending is not None:
+                log_step(*pending)
+            current = step_index + 1
+            pending = (current, step_metrics)
+            if cfg.checkpoint.every_steps and current % cfg.checkpoint.every_steps == 0:
+                saved_step = current if checkpoint.save(manager, state, data_iter, meta) else -1
+            if cfg.eval.every_steps and current % cfg.eval.every_steps == 0:
+                last = {**last, **evaluate(current)}
+        if pending is not None:
+            log_step(*pending)
+
+        final_step = int(jax.device_get(state.step))
+        if not cfg.eval.every_steps or final_step % cfg.eval.every_steps:
+            last = {**last, **evaluate(final_step)}
+        if saved_step != final_step:
+            checkpoint.save(manager, state, data_iter, meta, force=True)
+        manager.wait_until_finished()
+        manager.close()
+        getattr(data_iter, "close", lambda: None)()
+        writers.close()
+
+    if writer_process:
+        if cfg.metrics.plot and writers.path.exists():
+            metrics.plot_loss(writers.path, workdir / "loss.png")
+        print(
+            f"done: step {final_step}, eval loss {last.get('eval_loss', float('nan')):.4f}.\n"
+            f"  metrics:     {workdir / 'metrics.jsonl'}\n"
+            f"  plot:        {workdir / 'loss.png'}\n"
+            f"  tensorboard: {workdir / 'tensorboard'}\n"
+            f"  checkpoints: {workdir / 'checkpoints'}",
+            flush=True,
+        )
+    return last
