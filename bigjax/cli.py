@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
     train.add_argument("--workdir", required=True, help="run directory (created if missing)")
-    train.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    # SUPPRESS: `bigjax --debug train` and `bigjax train --debug` both work.
+    train.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks on errors"
+    )
     train.set_defaults(run=cmd_train)
     return parser
 

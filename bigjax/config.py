@@ -62,9 +62,9 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("act_vocab", ("tensor",)),
 )
 
-# Named model sizes: (d_model, num_layers, num_heads, num_kv_heads, d_ff, vocab_size).
+# Named model sizes (the 1b/3b/8b rows are Llama 3.2 1B, 3.2 3B and 3 8B).
 # Setting `model.size` fills these; any dimension set explicitly in the config wins.
-MODEL_SIZES: dict[str, dict[str, int]] = {
+MODEL_SIZES: dict[str, dict[str, int | bool]] = {
     "tiny": dict(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=384, vocab_size=512),
     "small": dict(
         d_model=512, num_layers=8, num_heads=8, num_kv_heads=8, d_ff=2048, vocab_size=32000
@@ -76,10 +76,22 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
         d_model=1024, num_layers=24, num_heads=16, num_kv_heads=16, d_ff=2816, vocab_size=32000
     ),
     "1b": dict(
-        d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, d_ff=8192, vocab_size=128256
+        d_model=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        d_ff=8192,
+        vocab_size=128256,
+        tie_embeddings=True,
     ),
     "3b": dict(
-        d_model=3072, num_layers=28, num_heads=24, num_kv_heads=8, d_ff=8192, vocab_size=128256
+        d_model=3072,
+        num_layers=28,
+        num_heads=24,
+        num_kv_heads=8,
+        d_ff=8192,
+        vocab_size=128256,
+        tie_embeddings=True,
     ),
     "8b": dict(
         d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, d_ff=14336, vocab_size=128256

@@ -34,7 +34,7 @@ def _param(
     multi-dim weights like [D, H, K] get the same scale as the equivalent dense layer."""
     fan_in = math.prod(shape[a] for a in fan_in_axes)
     matrix = init(rngs.params(), (fan_in, math.prod(shape) // fan_in), dtype)
-    return nnx.Param(matrix.reshape(shape), sharding_names=names)
+    return nnx.Param(matrix.reshape(shape), out_sharding=names)
 
 
 class RMSNorm(nnx.Module):
@@ -42,7 +42,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("norm",))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         x32 = x_BLD.astype(jnp.float32)
@@ -65,7 +65,7 @@ class Embed(nnx.Module):
     ):
         self.dtype, self.rules = dtype, rules
         table = embed_init(rngs.params(), (vocab, dim), param_dtype)
-        self.table_VD = nnx.Param(table, sharding_names=("table_vocab", "table_embed"))
+        self.table_VD = nnx.Param(table, out_sharding=("table_vocab", "table_embed"))
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
         x_BLD = jnp.take(self.table_VD[...].astype(self.dtype), tokens_BL, axis=0)

@@ -42,8 +42,9 @@ def tree_shardings(abstract_tree: nnx.State, mesh: Mesh, rules: Rules) -> nnx.St
     mesh_shape = dict(mesh.shape)
 
     def one(variable: nnx.Variable) -> NamedSharding:
-        names = variable.get_metadata().get("out_sharding") or (None,) * variable.value.ndim
-        spec = logical_to_spec(names, rules, mesh_shape, variable.value.shape)
+        shape = variable.get_value().shape
+        names = variable.get_metadata().get("out_sharding") or (None,) * len(shape)
+        spec = logical_to_spec(names, rules, mesh_shape, shape)
         return NamedSharding(mesh, spec)
 
     return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -80,8 +80,8 @@ def make_train_step(
         metrics = {
             "loss": nll_sum / total_weight,
             "z_loss": z_sq_sum / total_weight,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
             "lr": schedule(state.step),
             "tokens": jnp.sum(batch["weights"]),
         }

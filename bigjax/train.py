@@ -9,67 +9,26 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
 
 import bigjax
-from bigjax import checkpoint, metrics, models, optim, step
+from bigjax import checkpoint, metrics, models
 from bigjax.config import ConfigError, TrainConfig, to_dict
 from bigjax.data import corpus, pipeline
 from bigjax.data.tokenizer import TOKENIZERS
 from bigjax.mesh import make_mesh
-from bigjax.sharding import logical_to_spec
-from bigjax.state import abstract_state, init_state, state_shardings
+from bigjax.program import Program, make_program
 
 
-def batch_sharding(mesh: Mesh, cfg: TrainConfig) -> NamedSharding:
-    spec = logical_to_spec(
-        ("act_batch", "act_seq"),
-        cfg.mesh.rules,
-        dict(mesh.shape),
-        (cfg.data.batch_size, cfg.data.seq_len),
-    )
-    return NamedSharding(mesh, spec)
-
-
-def to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assembles each process's rows into one global batch array (no replication)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
-def check_batch(cfg: TrainConfig, mesh: Mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.data.batch_size // cfg.optim.grad_accum_steps
-    if micro % shards or cfg.data.batch_size % jax.process_count():
-        raise ConfigError(
-            f"data.batch_size: {cfg.data.batch_size} sequences in {cfg.optim.grad_accum_steps} "
-            f"micro-batches cannot be split over data*fsdp={shards} shards and "
-            f"{jax.process_count()} processes; use a multiple of "
-            f"{shards * cfg.optim.grad_accum_steps}."
-        )
-
-
-def run_eval(
-    eval_fn: Any, params: Any, cfg: TrainConfig, docs: list, tokenizer: Any, sharding: NamedSharding
-) -> dict[str, float]:
+def run_eval(prog: Program, params: Any, docs: list, tokenizer: Any) -> dict[str, float]:
     """Loss and perplexity over the first `eval.num_batches` batches of the held-out split,
     read in a fixed order so every eval of every run sees the same tokens."""
-    ds = pipeline.make_dataset(
-        docs,
-        tokenizer=tokenizer,
-        seq_len=cfg.data.seq_len,
-        local_batch=cfg.data.batch_size // jax.process_count(),
-        seed=0,
-        shuffle=False,
-        num_workers=0,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    it = iter(ds)
+    cfg = prog.cfg
+    it = iter(pipeline.for_config(cfg.data, docs, tokenizer, seed=0, shuffle=False, workers=0))
     nll, weight = 0.0, 0.0
     for local in pipeline.take(it, cfg.eval.num_batches):
-        out = jax.device_get(eval_fn(params, to_global(local, sharding)))
+        out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
         nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight_sum"])
+    getattr(it, "close", lambda: None)()
     loss = nll / max(weight, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
@@ -81,8 +40,6 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     if writer_process:
         workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
-    check_batch(cfg, mesh)
-    rules = cfg.mesh.rules
     tokenizer = TOKENIZERS[cfg.data.tokenizer]()
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
@@ -90,38 +47,23 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             f"tokenizer's {tokenizer.vocab_size} tokens; set it to at least that."
         )
 
-    with jax.set_mesh(mesh):
-        graphdef, graph_state = models.abstract(cfg.model, rules)
-        tx = optim.make_optimizer(cfg.optim, cfg.num_steps)
-        schedule = optim.make_schedule(cfg.optim, cfg.num_steps)
-        abstract = abstract_state(graph_state, tx)
-        shardings = state_shardings(graph_state, abstract, tx, mesh, rules)
-        data_sharding = batch_sharding(mesh, cfg)
+    # Measured before the mesh is set: on CPU it runs a matmul on one device.
+    peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
 
+    with jax.set_mesh(mesh):
+        prog = make_program(cfg, mesh)
         train_docs, eval_docs = corpus.split_stdlib(cfg.data.eval_fraction, cfg.data.seq_len)
-        data_iter = iter(
-            pipeline.make_dataset(
-                train_docs,
-                tokenizer=tokenizer,
-                seq_len=cfg.data.seq_len,
-                local_batch=cfg.data.batch_size // jax.process_count(),
-                seed=cfg.seed,
-                shuffle=cfg.data.shuffle,
-                num_workers=cfg.data.num_workers,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
-        )
+        data_iter = iter(pipeline.for_config(cfg.data, train_docs, tokenizer, seed=cfg.seed))
 
         manager = checkpoint.make_manager(workdir / "checkpoints", cfg.checkpoint)
-        target = checkpoint.restore_target(abstract, shardings)
+        target = checkpoint.restore_target(prog.abstract, prog.shardings)
         state = checkpoint.restore_latest(manager, target, data_iter)
         resumed = state is not None
         if state is None:
-            state = init_state(cfg.model, rules, tx, cfg.seed, shardings)
+            state = prog.init()
         start = int(jax.device_get(state.step))
 
-        num_params = models.count_params(graph_state)
+        num_params = models.count_params(prog.graph_state)
         meta = {
             "bigjax_version": bigjax.__version__,
             "config": to_dict(cfg),
@@ -129,7 +71,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             "num_params": num_params,
             "params": {
                 "/".join(map(str, path)): list(leaf.shape)
-                for path, leaf in jax.tree_util.tree_leaves_with_path(abstract.params)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(prog.abstract.params)
             },
         }
         writers = metrics.Writers(
@@ -145,29 +87,13 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 flush=True,
             )
 
-        train_step = jax.jit(
-            step.make_train_step(
-                graphdef, tx, schedule, cfg.optim, rules, cfg.seed, dropout=cfg.model.dropout > 0
-            ),
-            in_shardings=(shardings, data_sharding),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
-        )
-        eval_step = jax.jit(
-            step.make_eval_step(graphdef), in_shardings=(shardings.params, data_sharding)
-        )
-
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         flops_per_step = (
             models.FLOPS_PER_TOKEN[cfg.model.family](cfg.model, cfg.data.seq_len) * tokens_per_step
         )
-        peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
 
         def evaluate(at_step: int) -> dict[str, float]:
-            row = {
-                "step": at_step,
-                **run_eval(eval_step, state.params, cfg, eval_docs, tokenizer, data_sharding),
-            }
+            row = {"step": at_step, **run_eval(prog, state.params, eval_docs, tokenizer)}
             writers.write(
                 row, f"eval @ {at_step}: loss {row['eval_loss']:.4f}, ppl {row['eval_ppl']:.2f}"
             )
@@ -205,8 +131,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         pending = None  # the step dispatched before this one: (step, metrics on device)
         saved_step = start if resumed else -1
         for step_index in range(start, cfg.num_steps):
-            batch = to_global(next(data_iter), data_sharding)
-            state, step_metrics = train_step(state, batch)
+            state, step_metrics = prog.train_step(state, prog.to_global(next(data_iter)))
             # Fetch the previous step's metrics only now: the device already has this step.
             if pending is not None:
                 log_step(*pending)

@@ -6,9 +6,12 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 from grain.experimental import ConcatThenSplitIterDataset
 
+from bigjax.config import DataConfig
 from bigjax.data.corpus import Document
 from bigjax.data.tokenizer import ByteTokenizer
 
@@ -73,9 +76,36 @@ def make_dataset(
     packed = ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
     batched = packed.batch(local_batch, drop_remainder=True).map(ToModelBatch(tokenizer.pad_id))
     if num_workers > 0:
+        # Grain's workers read absl flags; an application that never parsed them (ours parses
+        # argparse) must mark them parsed, keeping every flag at its default.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return batched
 
 
 def take(iterator: Iterator, n: int) -> list:
     return [next(iterator) for _ in range(n)]
+
+
+def for_config(
+    cfg: DataConfig,
+    docs: Sequence[Document],
+    tokenizer: ByteTokenizer,
+    *,
+    seed: int,
+    shuffle: bool | None = None,
+    workers: int | None = None,
+) -> grain.IterDataset:
+    """`make_dataset` for this process with the run's DataConfig."""
+    return make_dataset(
+        docs,
+        tokenizer=tokenizer,
+        seq_len=cfg.seq_len,
+        local_batch=cfg.batch_size // jax.process_count(),
+        seed=seed,
+        shuffle=cfg.shuffle if shuffle is None else shuffle,
+        num_workers=cfg.num_workers if workers is None else workers,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )

@@ -1,0 +1,95 @@
+"""One config on one mesh: the abstract state, its shardings and the jitted train/eval steps."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from bigjax import models, optim, step
+from bigjax.config import ConfigError, TrainConfig
+from bigjax.sharding import logical_to_spec
+from bigjax.state import Params, TrainState, abstract_state, init_state, state_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """Everything `train` needs to run steps; built once, before any array exists."""
+
+    cfg: TrainConfig
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    graph_state: nnx.State  # abstract, with logical-axis metadata
+    tx: optax.GradientTransformation
+    abstract: TrainState
+    shardings: TrainState
+    batch_sharding: NamedSharding
+    train_step: Callable[[TrainState, step.Batch], tuple[TrainState, step.Metrics]]
+    eval_step: Callable[[Params, step.Batch], step.Metrics]
+
+    def init(self) -> TrainState:
+        """A fresh state, materialised directly in its shardings."""
+        return init_state(
+            self.cfg.model, self.cfg.mesh.rules, self.tx, self.cfg.seed, self.shardings
+        )
+
+    def to_global(self, local: dict[str, np.ndarray]) -> step.Batch:
+        """Assembles each process's rows into one global batch array (no replication)."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local.items()
+        }
+
+
+def check_batch(cfg: TrainConfig, mesh: Mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    accum = cfg.optim.grad_accum_steps
+    if (cfg.data.batch_size // accum) % shards or cfg.data.batch_size % jax.process_count():
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} sequences in {accum} micro-batches cannot "
+            f"be split over data*fsdp={shards} shards and {jax.process_count()} processes; "
+            f"use a multiple of {shards * accum}."
+        )
+
+
+def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
+    """Builds the abstract state, shardings and jitted steps for `cfg` on `mesh`."""
+    check_batch(cfg, mesh)
+    rules = cfg.mesh.rules
+    graphdef, graph_state = models.abstract(cfg.model, rules)
+    tx = optim.make_optimizer(cfg.optim, cfg.num_steps)
+    schedule = optim.make_schedule(cfg.optim, cfg.num_steps)
+    abstract = abstract_state(graph_state, tx)
+    shardings = state_shardings(graph_state, abstract, tx, mesh, rules)
+    spec = logical_to_spec(
+        ("act_batch", "act_seq"), rules, dict(mesh.shape), (cfg.data.batch_size, cfg.data.seq_len)
+    )
+    batch_sharding = NamedSharding(mesh, spec)
+    train_step = jax.jit(
+        step.make_train_step(
+            graphdef, tx, schedule, cfg.optim, rules, cfg.seed, dropout=cfg.model.dropout > 0
+        ),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        step.make_eval_step(graphdef), in_shardings=(shardings.params, batch_sharding)
+    )
+    return Program(
+        cfg,
+        mesh,
+        graphdef,
+        graph_state,
+        tx,
+        abstract,
+        shardings,
+        batch_sharding,
+        train_step,
+        eval_step,
+    )

@@ -1,0 +1,45 @@
+"""Shared test helpers: real corpus batches and running a few steps on a given mesh."""
+
+from functools import cache
+
+import jax
+import numpy as np
+
+from bigjax.config import MeshConfig, TrainConfig
+from bigjax.data import corpus, pipeline
+from bigjax.data.tokenizer import ByteTokenizer
+from bigjax.mesh import make_mesh
+from bigjax.program import make_program
+
+
+@cache
+def corpus_batches(n: int, batch: int, seq_len: int, seed: int = 0) -> tuple[dict, ...]:
+    """The first `n` global batches of the built-in corpus (real text, fixed order)."""
+    train_docs, _ = corpus.split_stdlib(0.02, seq_len)
+    ds = pipeline.make_dataset(
+        train_docs,
+        tokenizer=ByteTokenizer(),
+        seq_len=seq_len,
+        local_batch=batch,
+        seed=seed,
+        shuffle=True,
+        num_workers=0,
+        process_index=0,
+        process_count=1,
+    )
+    return tuple(pipeline.take(iter(ds), n))
+
+
+def run_steps(cfg: TrainConfig, batches, devices=None, mesh_shape=None):
+    """Trains on `batches`; returns (per-step metrics as numpy, final state, program)."""
+    mesh_cfg = MeshConfig(shape=mesh_shape or cfg.mesh.shape, rules=cfg.mesh.rules)
+    mesh = make_mesh(mesh_cfg, devices)
+    cfg = TrainConfig(**{**cfg.__dict__, "mesh": mesh_cfg})
+    with jax.set_mesh(mesh):
+        prog = make_program(cfg, mesh)
+        state = prog.init()
+        out = []
+        for b in batches:
+            state, m = prog.train_step(state, prog.to_global(b))
+            out.append(jax.tree.map(np.asarray, m))
+    return out, state, prog

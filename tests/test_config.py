@@ -1,0 +1,142 @@
+"""Strict config conversion, CLI overrides and the exit-2 error contract."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from bigjax.cli import load_config
+from bigjax.config import DEFAULT_RULES, MODEL_SIZES, ConfigError, from_configdict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_size_preset():
+    cfg = from_configdict({"model": {"size": "1b", "num_layers": 3}})
+    assert cfg.model.d_model == MODEL_SIZES["1b"]["d_model"]
+    assert cfg.model.num_layers == 3  # an explicit key beats the preset
+    assert cfg.optim.name == "adamw" and cfg.mesh.rules == DEFAULT_RULES
+
+
+@pytest.mark.parametrize("text", ["1,8,1", "(1,8,1)", "[1, 8, 1]"])
+def test_mesh_shape_strings(text):
+    assert from_configdict({"mesh": {"shape": text}}).mesh.shape == (1, 8, 1)
+
+
+def test_unknown_key_suggests_close_match():
+    with pytest.raises(ConfigError, match=r"optim.lrr.*Did you mean optim.lr\?"):
+        from_configdict({"optim": {"lrr": 1.0}})
+    with pytest.raises(ConfigError, match=r"Did you mean 'cosine'"):
+        from_configdict({"optim": {"schedule": "cosin"}})
+
+
+@pytest.mark.parametrize(
+    "raw, pattern",
+    [
+        ({"optim": {"lr": "fast"}}, r"optim.lr: expected float"),
+        ({"num_steps": 1.5}, r"num_steps: expected int"),
+        ({"model": {"d_model": 128, "num_heads": 3}}, r"model.num_heads: 3 heads do not divide"),
+        ({"model": {"num_heads": 4, "num_kv_heads": 3}}, r"model.num_kv_heads"),
+        ({"mesh": {"shape": (-1, -1, 1)}}, r"at most one -1"),
+        ({"mesh": {"rules": {"embedd": "fsdp"}}}, r"Did you mean 'embed'"),
+        ({"mesh": {"rules": {"embed": "fsdpp"}}}, r"unknown mesh axis 'fsdpp'"),
+        ({"data": {"batch_size": 10}, "optim": {"grad_accum_steps": 4}}, r"not divisible"),
+    ],
+)
+def test_bad_values_name_the_key(raw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        from_configdict(raw)
+
+
+def test_rules_override_merges_with_defaults():
+    cfg = from_configdict({"mesh": {"rules": {"embed": None, "mlp": "fsdp+tensor"}}})
+    rules = dict(cfg.mesh.rules)
+    assert rules["embed"] == () and rules["mlp"] == ("fsdp", "tensor")
+    assert rules["vocab"] == dict(DEFAULT_RULES)["vocab"]
+
+
+def test_load_config_with_arg_and_overrides(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text(
+        "import ml_collections\n"
+        "def get_config(arg=None):\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.num_steps = int(arg or 5)\n"
+        "    c.model = dict(size='tiny')\n"
+        "    return c\n"
+    )
+    cfg = load_config(
+        f"{path}:7",
+        [
+            "--config.optim.lr=1e-3",
+            "--config.mesh.shape=(2,2,2)",
+            "--config.model.tie_embeddings=true",
+        ],
+    )
+    assert cfg.num_steps == 7 and cfg.optim.lr == 1e-3 and cfg.mesh.shape == (2, 2, 2)
+    assert cfg.model.tie_embeddings is True
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    assert load_config(str(path), []).num_steps > 0
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "bigjax.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_cli_bad_config_exits_2_with_one_line():
+    r = _cli(
+        "train",
+        "--config",
+        "configs/lm_tiny.py",
+        "--workdir",
+        "/tmp/unused",
+        "--config.optim.lrr=1",
+    )
+    assert r.returncode == 2
+    assert "Did you mean optim.lr?" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_mesh_mismatch_exits_2(tmp_path):
+    r = _cli(
+        "train",
+        "--config",
+        "configs/lm_tiny.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.mesh.shape=3,1,1",
+    )
+    assert r.returncode == 2 and "mesh.shape" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_debug_shows_traceback():
+    r = _cli(
+        "--debug",
+        "train",
+        "--config",
+        "configs/lm_tiny.py",
+        "--workdir",
+        "/tmp/unused",
+        "--config.nope=1",
+    )
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_cli_missing_config_file():
+    r = _cli("train", "--config", "configs/nope.py", "--workdir", "/tmp/unused")
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_tiny_config_helper_is_valid():
+    assert tiny_config().model.d_model == 128
