@@ -76,9 +76,12 @@ def format_duration(seconds: float) -> str:
 def progress_line(row: dict[str, Any], num_steps: int, width: int = 20) -> str:
     done = row["step"] / num_steps
     bar = "#" * int(done * width) + "-" * (width - int(done * width))
-    return (
-        f"step {row['step']:>{len(str(num_steps))}}/{num_steps} [{bar}] {done:4.0%} | "
-        f"loss {row['loss']:.4f} | {row['tokens_per_sec']:,.0f} tok/s | mfu {row['mfu']:.1%} | "
+    head = f"step {row['step']:>{len(str(num_steps))}}/{num_steps} [{bar}] {done:4.0%} | "
+    head += f"loss {row['loss']:.4f}"
+    if row.get("step_time") is None:  # the first step of a process: compilation
+        return head + f" | compiled in {row.get('compile_s', 0.0):.1f} s"
+    return head + (
+        f" | {row['tokens_per_sec']:,.0f} tok/s | mfu {row['mfu']:.1%} | "
         f"{row['step_time']:.3f} s/step | eta {format_duration(row['eta_s'])}"
     )
 

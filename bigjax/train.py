@@ -108,25 +108,23 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
             clock["steps"] += 1
             clock["tokens"] += host.pop("tokens")
-            if clock["compile_s"] is None:  # the first step includes compilation
-                clock.update(compile_s=time.perf_counter() - clock["start"])
+            first = clock["compile_s"] is None
+            if first:  # includes compilation: logged, but kept out of the throughput window
+                clock["compile_s"] = time.perf_counter() - clock["start"]
+            if done_step % cfg.metrics.log_every == 0 or done_step == cfg.num_steps or first:
+                elapsed = time.perf_counter() - clock["start"]
+                step_time = None if first else elapsed / clock["steps"]
+                last = {
+                    "step": done_step,
+                    **host,
+                    "tokens_per_sec": None if first else clock["tokens"] / elapsed,
+                    "step_time": step_time,
+                    "mfu": None if first else flops_per_step / step_time / peak,
+                    "eta_s": None if first else step_time * (cfg.num_steps - done_step),
+                    "compile_s": clock["compile_s"],
+                }
+                writers.write(last, metrics.progress_line(last, cfg.num_steps))
                 clock.update(start=time.perf_counter(), steps=0, tokens=0.0)
-                return
-            if done_step % cfg.metrics.log_every and done_step != cfg.num_steps:
-                return
-            elapsed = time.perf_counter() - clock["start"]
-            step_time = elapsed / clock["steps"]
-            last = {
-                "step": done_step,
-                **host,
-                "tokens_per_sec": clock["tokens"] / elapsed,
-                "step_time": step_time,
-                "mfu": flops_per_step / step_time / peak,
-                "eta_s": step_time * (cfg.num_steps - done_step),
-                "compile_s": clock["compile_s"],
-            }
-            writers.write(last, metrics.progress_line(last, cfg.num_steps))
-            clock.update(start=time.perf_counter(), steps=0, tokens=0.0)
 
         pending = None  # the step dispatched before this one: (step, metrics on device)
         saved_step = start if resumed else -1

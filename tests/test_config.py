@@ -140,3 +140,21 @@ def test_cli_missing_config_file():
 
 def test_tiny_config_helper_is_valid():
     assert tiny_config().model.d_model == 128
+
+
+def test_every_config_key_is_documented():
+    import dataclasses
+
+    from bigjax.config import TrainConfig
+
+    doc = (ROOT / "docs" / "configs.md").read_text()
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default):
+                yield from keys(type(f.default), f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    missing = [k for k in keys(TrainConfig) if f"`{k}`" not in doc]
+    assert not missing, f"document these keys in docs/configs.md: {missing}"

@@ -118,16 +118,14 @@ class Llama(nnx.Module):
         return constrain(logits_BLV, ("act_batch", "act_seq", "act_vocab"), self.rules)
 
 
+def _dims(cfg: ModelConfig) -> tuple[int, int, int, int, int, int]:
+    """(D, F, V, H, G, K) in the shape-legend letters of layers.py."""
+    return (cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head)
+
+
 def param_count(cfg: ModelConfig) -> int:
     """Closed-form parameter count; tests check it against the built model."""
-    D, F, V, H, G, K = (
-        cfg.d_model,
-        cfg.d_ff,
-        cfg.vocab_size,
-        cfg.num_heads,
-        cfg.kv_heads,
-        cfg.dim_per_head,
-    )
+    D, F, V, H, G, K = _dims(cfg)
     attention = D * H * K * 2 + D * G * K * 2  # q, o; k, v
     per_layer = attention + 3 * D * F + 2 * D  # + SwiGLU, two norms
     head = 0 if cfg.tie_embeddings else D * V
@@ -140,14 +138,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     Matmuls cost 2 FLOPs per weight. Causal attention scores and the value mix cost
     2 * 2 * L * H * K per token for full attention; causality halves that.
     """
-    D, F, V, H, G, K = (
-        cfg.d_model,
-        cfg.d_ff,
-        cfg.vocab_size,
-        cfg.num_heads,
-        cfg.kv_heads,
-        cfg.dim_per_head,
-    )
+    D, F, V, H, G, K = _dims(cfg)
     matmul_weights = cfg.num_layers * (2 * D * H * K + 2 * D * G * K + 3 * D * F) + D * V
     attention = cfg.num_layers * 2 * seq_len * H * K  # (4 L H K) / 2 for the causal mask
     return 3.0 * (2.0 * matmul_weights + attention)
