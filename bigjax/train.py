@@ -128,6 +128,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
         pending = None  # the step dispatched before this one: (step, metrics on device)
         saved_step = start if resumed else -1
+        last_eval: dict[str, float] = {}
         for step_index in range(start, cfg.num_steps):
             state, step_metrics = prog.train_step(state, prog.to_global(next(data_iter)))
             # Fetch the previous step's metrics only now: the device already has this step.
@@ -135,16 +136,17 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 log_step(*pending)
             current = step_index + 1
             pending = (current, step_metrics)
+            every = cfg.eval.every_steps
+            eval_due = current == cfg.num_steps or (every and current % every == 0)
+            if eval_due:  # log this step first, keeping rows in step order; eval syncs anyway
+                log_step(*pending)
+                pending = None
             if cfg.checkpoint.every_steps and current % cfg.checkpoint.every_steps == 0:
                 saved_step = current if checkpoint.save(manager, state, data_iter, meta) else -1
-            if cfg.eval.every_steps and current % cfg.eval.every_steps == 0:
-                last = {**last, **evaluate(current)}
-        if pending is not None:
-            log_step(*pending)
+            if eval_due:
+                last_eval = evaluate(current)
 
         final_step = int(jax.device_get(state.step))
-        if not cfg.eval.every_steps or final_step % cfg.eval.every_steps:
-            last = {**last, **evaluate(final_step)}
         if saved_step != final_step:
             checkpoint.save(manager, state, data_iter, meta, force=True)
         manager.wait_until_finished()
@@ -156,11 +158,13 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         if cfg.metrics.plot and writers.path.exists():
             metrics.plot_loss(writers.path, workdir / "loss.png")
         print(
-            f"done: step {final_step}, eval loss {last.get('eval_loss', float('nan')):.4f}.\n"
+            f"done: step {final_step}"
+            + (f", eval loss {last_eval['eval_loss']:.4f}" if last_eval else " (already complete)")
+            + ".\n"
             f"  metrics:     {workdir / 'metrics.jsonl'}\n"
             f"  plot:        {workdir / 'loss.png'}\n"
             f"  tensorboard: {workdir / 'tensorboard'}\n"
             f"  checkpoints: {workdir / 'checkpoints'}",
             flush=True,
         )
-    return last
+    return {**last, **last_eval}

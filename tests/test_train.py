@@ -51,6 +51,8 @@ def test_cli_trains_on_builtin_corpus_and_writes_everything(tmp_path):
     assert all(ROW_KEYS <= set(x) for x in train_rows)
     assert all(x["mfu"] > 0 and x["tokens_per_sec"] > 0 for x in train_rows[1:])
     assert [x["step"] for x in eval_rows] == [30, 60]
+    assert [x["step"] for x in rows] == sorted(x["step"] for x in rows)  # rows in step order
+    assert f"done: step 60, eval loss {eval_rows[-1]['eval_loss']:.4f}." in r.stdout
     assert all(np.exp(x["eval_loss"]) == np.float64(x["eval_ppl"]) for x in eval_rows)
     # a clearly falling loss: from ~ln(512) to well under it in 60 steps
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 2.0, train_rows
