@@ -140,7 +140,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dropout: float = 0.0
     param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype of activations and matmuls
+    dtype: str = "auto"  # compute dtype; auto: float32 on CPU, bfloat16 on GPU/TPU
     scan_layers: bool = True
     remat: str = "none"  # one of REMAT_POLICIES
     attention: str = "xla"  # one of ATTENTION_IMPLS
@@ -424,7 +424,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(m.dim_per_head % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _one_of("model.param_dtype", m.param_dtype, DTYPES)
-    _one_of("model.dtype", m.dtype, DTYPES)
+    _one_of("model.dtype", m.dtype, ("auto", *DTYPES))
     _one_of("model.remat", m.remat, REMAT_POLICIES)
     _one_of("model.attention", m.attention, ATTENTION_IMPLS)
     _one_of("optim.name", o.name, OPTIMIZERS)

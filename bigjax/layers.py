@@ -22,6 +22,13 @@ dense_init: Initializer = nnx.initializers.variance_scaling(1.0, "fan_in", "trun
 embed_init: Initializer = nnx.initializers.variance_scaling(1.0, "fan_out", "normal")
 
 
+def compute_dtype(name: str) -> jnp.dtype:
+    """'auto' is float32 on CPU (no fast bf16 matmuls there) and bfloat16 on GPU/TPU."""
+    if name == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(name)
+
+
 def _param(
     rngs: nnx.Rngs,
     init: Initializer,

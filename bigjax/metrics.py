@@ -102,8 +102,7 @@ class Writers:
         """On resume, drops rows logged after the checkpoint, so each step appears once."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, row: dict[str, Any], console: str | None = None) -> None:
@@ -122,6 +121,14 @@ class Writers:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a JSONL row; a row cut short by a kill counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -46,20 +47,28 @@ class Program:
         }
 
 
-def check_batch(cfg: TrainConfig, mesh: Mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+def check_program(cfg: TrainConfig, mesh: Mesh) -> None:
+    """Checks that need the mesh and backend. Raises ConfigError naming the key and fix."""
+    axes = dict(cfg.mesh.rules).get("act_batch", ())
+    shards = math.prod(mesh.shape[a] for a in axes)
     accum = cfg.optim.grad_accum_steps
+    # An indivisible batch would silently be replicated (every device computing all of it).
     if (cfg.data.batch_size // accum) % shards or cfg.data.batch_size % jax.process_count():
         raise ConfigError(
             f"data.batch_size: {cfg.data.batch_size} sequences in {accum} micro-batches cannot "
-            f"be split over data*fsdp={shards} shards and {jax.process_count()} processes; "
-            f"use a multiple of {shards * accum}."
+            f"be split over {shards} batch shards (mesh axes {axes}) and "
+            f"{jax.process_count()} processes; use a multiple of {shards * accum}."
+        )
+    if cfg.model.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(
+            f"model.attention: 'cudnn' needs an NVIDIA GPU, this backend is "
+            f"{jax.default_backend()!r}; use model.attention=xla."
         )
 
 
 def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     """Builds the abstract state, shardings and jitted steps for `cfg` on `mesh`."""
-    check_batch(cfg, mesh)
+    check_program(cfg, mesh)
     rules = cfg.mesh.rules
     graphdef, graph_state = models.abstract(cfg.model, rules)
     tx = optim.make_optimizer(cfg.optim, cfg.num_steps)

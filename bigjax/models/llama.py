@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax.config import ModelConfig
-from bigjax.layers import MLP, Attention, Embed, RMSNorm, _param, dense_init
+from bigjax.layers import MLP, Attention, Embed, RMSNorm, _param, compute_dtype, dense_init
 from bigjax.sharding import Rules, constrain
 
 REMAT_POLICY = {
@@ -28,7 +28,7 @@ class Block(nnx.Module):
     """Pre-norm transformer block."""
 
     def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
-        pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        pd, dt = jnp.dtype(cfg.param_dtype), compute_dtype(cfg.dtype)
         self.dropout = cfg.dropout
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.attn = Attention(
@@ -64,7 +64,7 @@ class Llama(nnx.Module):
     """Decoder LM. Blocks are stacked on a leading `layers` axis and run by scan (or a loop)."""
 
     def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
-        pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        pd, dt = jnp.dtype(cfg.param_dtype), compute_dtype(cfg.dtype)
         self.num_layers, self.scan_layers, self.remat = cfg.num_layers, cfg.scan_layers, cfg.remat
         self.dtype, self.rules = dt, rules
         self.embed = Embed(
