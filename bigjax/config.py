@@ -179,8 +179,10 @@ class OptimConfig:
 class DataConfig:
     """Where tokens come from and how they are batched."""
 
-    source: str = "stdlib"  # the built-in corpus: this interpreter's standard library sources
-    tokenizer: str = "byte"
+    path: str = ""  # a prepared dataset (`bigjax prepare`); '' = the built-in corpus
+    mixture: tuple[tuple[str, float], ...] = ()  # (dataset dir, weight) pairs; overrides path
+    packing: str = "concat"  # 'concat' (concat-then-split) or 'first_fit'
+    tokenizer: str = "byte"  # built-in corpus only; prepared datasets carry their own
     batch_size: int = 16  # global batch, in sequences
     seq_len: int = 256
     eval_fraction: float = 0.02  # share of documents held out for eval, chosen by path hash
@@ -257,6 +259,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     out = dataclasses.asdict(cfg)
     if "mesh" in out:
         out["mesh"]["rules"] = {name: list(axes) for name, axes in cfg.mesh.rules}
+    if "data" in out:
+        out["data"]["mixture"] = dict(cfg.data.mixture)
     return out
 
 
@@ -298,6 +302,26 @@ def _merge_rules(user: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
                 )
         rules[name] = axes
     return tuple(rules.items())
+
+
+def _parse_mixture(value: Any) -> tuple[tuple[str, float], ...]:
+    """{'dirA': 0.7, 'dirB': 0.3}, [('dirA', 0.7), ...] or 'dirA:0.7,dirB:0.3'."""
+    if isinstance(value, str):
+        pairs = []
+        for item in filter(None, (s.strip() for s in value.split(","))):
+            path, sep, weight = item.rpartition(":")
+            if not sep:
+                raise ConfigError(f"data.mixture: expected PATH:WEIGHT, got {item!r}.")
+            pairs.append((path, weight))
+    else:
+        pairs = list(value.items()) if isinstance(value, Mapping) else list(value)
+    out = []
+    for path, weight in pairs:
+        w = _scalar(float, weight, f"data.mixture[{path}]")
+        if w <= 0:
+            raise ConfigError(f"data.mixture: weight of {path!r} must be positive, got {w}.")
+        out.append((str(path), w))
+    return tuple(out)
 
 
 def _parse_rules_string(text: str) -> dict[str, str]:
@@ -345,6 +369,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         return _build(tp, value, path + ".")
     if path == "mesh.rules":
         return value if isinstance(value, tuple) else _merge_rules(value)
+    if path == "data.mixture":
+        return _parse_mixture(value)
     origin = typing.get_origin(tp)
     if origin is tuple:
         if isinstance(value, str):
@@ -444,8 +470,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(d.batch_size > 0 and d.seq_len > 1, "data.batch_size", "batch_size > 0, seq_len > 1")
     _check(0.0 < d.eval_fraction < 1.0, "data.eval_fraction", "must be in (0, 1)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _one_of("data.source", d.source, ("stdlib",))
     _one_of("data.tokenizer", d.tokenizer, ("byte",))
+    _one_of("data.packing", d.packing, ("concat", "first_fit"))
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: off)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")

@@ -13,17 +13,16 @@ import jax
 import bigjax
 from bigjax import checkpoint, metrics, models
 from bigjax.config import ConfigError, TrainConfig, to_dict
-from bigjax.data import corpus, pipeline
-from bigjax.data.tokenizer import TOKENIZERS
+from bigjax.data import pipeline
 from bigjax.mesh import make_mesh
 from bigjax.program import Program, make_program
 
 
-def run_eval(prog: Program, params: Any, docs: list, tokenizer: Any) -> dict[str, float]:
+def run_eval(prog: Program, params: Any) -> dict[str, float]:
     """Loss and perplexity over the first `eval.num_batches` batches of the held-out split,
     read in a fixed order so every eval of every run sees the same tokens."""
     cfg = prog.cfg
-    it = iter(pipeline.for_config(cfg.data, docs, tokenizer, seed=0, shuffle=False, workers=0))
+    it = iter(pipeline.for_config(cfg.data, split="validation", seed=0, shuffle=False, workers=0))
     nll, weight = 0.0, 0.0
     for local in pipeline.take(it, cfg.eval.num_batches):
         out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
@@ -40,10 +39,10 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     if writer_process:
         workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
-    tokenizer = TOKENIZERS[cfg.data.tokenizer]()
+    tokenizer = pipeline.tokenizer_for(cfg.data)
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the {cfg.data.tokenizer} "
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the {tokenizer.kind} "
             f"tokenizer's {tokenizer.vocab_size} tokens; set it to at least that."
         )
 
@@ -52,8 +51,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
     with jax.set_mesh(mesh):
         prog = make_program(cfg, mesh)
-        train_docs, eval_docs = corpus.split_stdlib(cfg.data.eval_fraction, cfg.data.seq_len)
-        data_iter = iter(pipeline.for_config(cfg.data, train_docs, tokenizer, seed=cfg.seed))
+        data_iter = iter(pipeline.for_config(cfg.data, split="train", seed=cfg.seed))
 
         manager = checkpoint.make_manager(workdir / "checkpoints", cfg.checkpoint)
         target = checkpoint.restore_target(prog.abstract, prog.shardings)
@@ -93,14 +91,20 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         )
 
         def evaluate(at_step: int) -> dict[str, float]:
-            row = {"step": at_step, **run_eval(prog, state.params, eval_docs, tokenizer)}
+            row = {"step": at_step, **run_eval(prog, state.params)}
             writers.write(
                 row, f"eval @ {at_step}: loss {row['eval_loss']:.4f}, ppl {row['eval_ppl']:.2f}"
             )
             return row
 
         last: dict[str, Any] = {}
-        clock = {"start": time.perf_counter(), "steps": 0, "tokens": 0.0, "compile_s": None}
+        clock = {
+            "start": time.perf_counter(),
+            "steps": 0,
+            "tokens": 0.0,
+            "compile_s": None,
+            "data_wait": 0.0,
+        }
 
         def log_step(done_step: int, device_metrics: dict[str, jax.Array]) -> None:
             """Host side of one finished step: throughput window, logging."""
@@ -121,16 +125,22 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                     "step_time": step_time,
                     "mfu": None if first else flops_per_step / step_time / peak,
                     "eta_s": None if first else step_time * (cfg.num_steps - done_step),
+                    # host time blocked on the input pipeline, per step and as a share
+                    "data_wait_s": clock["data_wait"] / clock["steps"],
+                    "data_wait_frac": None if first else clock["data_wait"] / elapsed,
                     "compile_s": clock["compile_s"],
                 }
                 writers.write(last, metrics.progress_line(last, cfg.num_steps))
-                clock.update(start=time.perf_counter(), steps=0, tokens=0.0)
+                clock.update(start=time.perf_counter(), steps=0, tokens=0.0, data_wait=0.0)
 
         pending = None  # the step dispatched before this one: (step, metrics on device)
         saved_step = start if resumed else -1
         last_eval: dict[str, float] = {}
         for step_index in range(start, cfg.num_steps):
-            state, step_metrics = prog.train_step(state, prog.to_global(next(data_iter)))
+            wait_start = time.perf_counter()
+            local_batch = next(data_iter)
+            clock["data_wait"] += time.perf_counter() - wait_start
+            state, step_metrics = prog.train_step(state, prog.to_global(local_batch))
             # Fetch the previous step's metrics only now: the device already has this step.
             if pending is not None:
                 log_step(*pending)

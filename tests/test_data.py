@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bigjax.data import corpus, pipeline
-from bigjax.data.tokenizer import ByteTokenizer
+from bigjax.data.tokenizer import ByteTokenizer, encode_document
 
 TOK = ByteTokenizer()
 
@@ -34,9 +34,10 @@ def _dataset(docs, **kw):
 
 def test_tokenizer_round_trip_including_invalid_utf8():
     data = "déf f(x):\n    return 'π'\n".encode() + b"\xff\xfe"
-    ids = TOK.encode(data, bos=True, eos=True)
-    assert ids[0] == TOK.bos_id and ids[-1] == TOK.eos_id and ids.max() < TOK.vocab_size
-    assert bytes(ids[1:-1].astype(np.uint8)) == data
+    ids = TOK.encode_bytes(data)
+    assert ids.max() < 256 and bytes(ids.astype(np.uint8)) == data
+    doc = encode_document(TOK, "déf")
+    assert doc[0] == TOK.bos_id and doc[-1] == TOK.eos_id and TOK.decode(doc) == "déf"
 
 
 def test_corpus_is_the_stdlib_and_split_is_disjoint(split):

@@ -1,10 +1,48 @@
-"""Tokenizers. The byte-level one needs no training and no files."""
+"""Tokenizers behind one interface, saved inside a prepared dataset and loaded from it.
+
+Every tokenizer has `bos_id`, `eos_id`, `pad_id`; a document is always encoded as
+BOS + tokens + EOS (`encode_document`), and PAD only ever fills the end of a packed row (it has
+loss weight 0). Tokenizers are saved as plain files (JSON, or a SentencePiece model proto):
+loading one never runs code.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+
+CONFIG_FILE = "tokenizer_config.json"
+BOS_CANDIDATES = ("<bos>", "<s>", "<|begin_of_text|>", "[CLS]", "<|endoftext|>")
+EOS_CANDIDATES = ("<eos>", "</s>", "<|end_of_text|>", "<|eot_id|>", "[SEP]", "<|endoftext|>")
+PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")
+
+
+class Tokenizer(Protocol):
+    kind: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> np.ndarray: ...
+    def decode(self, ids: np.ndarray) -> str: ...
+    def save(self, directory: Path) -> None: ...
+
+
+def encode_document(tok: Tokenizer, text: str) -> np.ndarray:
+    """BOS + tokens + EOS, as int32: the one way documents are framed."""
+    return np.concatenate([[tok.bos_id], tok.encode(text), [tok.eos_id]]).astype(np.int32)
+
+
+def _write_config(directory: Path, **fields) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -12,23 +50,188 @@ class ByteTokenizer:
     """UTF-8 bytes are tokens 0..255; then BOS, EOS, PAD. Any byte string round-trips, so
     files that are not valid UTF-8 need no special case."""
 
+    kind: str = "byte"
+    vocab_size: int = 259
     bos_id: int = 256
     eos_id: int = 257
     pad_id: int = 258
 
-    @property
-    def vocab_size(self) -> int:
-        return 259
+    def encode(self, text: str) -> np.ndarray:
+        return self.encode_bytes(text.encode("utf-8"))
 
-    def encode(self, data: bytes, *, bos: bool = False, eos: bool = False) -> np.ndarray:
-        ids = np.frombuffer(data, dtype=np.uint8).astype(np.int32)
-        parts = ([np.array([self.bos_id], np.int32)] if bos else []) + [ids]
-        parts += [np.array([self.eos_id], np.int32)] if eos else []
-        return np.concatenate(parts)
+    def encode_bytes(self, data: bytes) -> np.ndarray:
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: np.ndarray) -> str:
         ids = np.asarray(ids)
         return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")
+
+    def save(self, directory: Path) -> None:
+        _write_config(directory, kind=self.kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTokenizer:
+    """A Hugging Face `tokenizers` model, held as its tokenizer.json text."""
+
+    json_text: str
+    kind: str = "hf"
+
+    @functools.cached_property
+    def _tok(self):
+        from tokenizers import Tokenizer as HFTok
+
+        return HFTok.from_str(self.json_text)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _special(self, candidates: tuple[str, ...]) -> int | None:
+        for token in candidates:
+            index = self._tok.token_to_id(token)
+            if index is not None:
+                return index
+        return None
+
+    @property
+    def bos_id(self) -> int:
+        found = self._special(BOS_CANDIDATES)
+        return self.eos_id if found is None else found
+
+    @property
+    def eos_id(self) -> int:
+        found = self._special(EOS_CANDIDATES)
+        if found is None:
+            raise ValueError(
+                f"tokenizer has none of the end-of-text tokens {EOS_CANDIDATES}; add one "
+                "(tokenizer.add_special_tokens) and save it again."
+            )
+        return found
+
+    @property
+    def pad_id(self) -> int:
+        found = self._special(PAD_CANDIDATES)
+        return self.eos_id if found is None else found  # padding has weight 0: any id works
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def decode(self, ids: np.ndarray) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def save(self, directory: Path) -> None:
+        _write_config(directory, kind=self.kind)
+        (directory / "tokenizer.json").write_text(self.json_text)
+
+    def __getstate__(self) -> dict:  # send only the JSON text to worker processes
+        return {"json_text": self.json_text, "kind": self.kind}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+@dataclasses.dataclass(frozen=True)
+class SentencePieceTokenizer:
+    """A SentencePiece model, held as its serialized model proto."""
+
+    model_proto: bytes
+    kind: str = "sentencepiece"
+
+    @functools.cached_property
+    def _sp(self):
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_proto=self.model_proto)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eos_id(self) -> int:
+        if self._sp.eos_id() < 0:
+            raise ValueError("the SentencePiece model has no EOS piece; train it with eos_id>=0.")
+        return self._sp.eos_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id() if self._sp.bos_id() >= 0 else self.eos_id
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), np.int32)
+
+    def decode(self, ids: np.ndarray) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def save(self, directory: Path) -> None:
+        _write_config(directory, kind=self.kind)
+        (directory / "tokenizer.model").write_bytes(self.model_proto)
+
+    def __getstate__(self) -> dict:
+        return {"model_proto": self.model_proto, "kind": self.kind}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenization) trained on `texts`; <pad>, <bos>, <eos>
+    get ids 0, 1, 2."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return HFTokenizer(tok.to_str())
+
+
+def from_spec(spec: str, training_texts: Callable[[], Iterable[str]]) -> Tokenizer:
+    """`byte`, `bpe:VOCAB` (trained on `training_texts()`), `sentencepiece:PATH`, `hf:PATH`."""
+    kind, _, arg = spec.partition(":")
+    if kind == "byte" and not arg:
+        return ByteTokenizer()
+    if kind == "bpe":
+        if not arg.isdigit() or int(arg) < 300:
+            raise ValueError(f"--tokenizer {spec}: give a vocabulary size >= 300, e.g. bpe:32000.")
+        return train_bpe(training_texts(), int(arg))
+    if kind in ("sentencepiece", "hf"):
+        path = Path(arg)
+        if kind == "hf" and path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--tokenizer {spec}: no such file {str(path)!r}.")
+        if kind == "sentencepiece":
+            return SentencePieceTokenizer(path.read_bytes())
+        return HFTokenizer(path.read_text())
+    raise ValueError(f"--tokenizer {spec!r}: use byte, bpe:VOCAB, sentencepiece:PATH or hf:PATH.")
+
+
+def load(directory: Path) -> Tokenizer:
+    """The tokenizer saved in a prepared dataset's `tokenizer/` directory."""
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no tokenizer in {directory}: expected {CONFIG_FILE}.")
+    kind = json.loads(config_path.read_text())["kind"]
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "hf":
+        return HFTokenizer((directory / "tokenizer.json").read_text())
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer((directory / "tokenizer.model").read_bytes())
+    raise ValueError(f"{config_path}: unknown tokenizer kind {kind!r}.")
 
 
 TOKENIZERS = {"byte": ByteTokenizer}
