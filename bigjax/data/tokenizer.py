@@ -45,6 +45,15 @@ def _write_config(directory: Path, **fields) -> None:
     (directory / CONFIG_FILE).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
 
+def _fields_only(self) -> dict:
+    """Pickle state without the lazily built native tokenizer: workers rebuild their own."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _restore_fields(self, state: dict) -> None:
+    self.__dict__.update(state)
+
+
 @dataclasses.dataclass(frozen=True)
 class ByteTokenizer:
     """UTF-8 bytes are tokens 0..255; then BOS, EOS, PAD. Any byte string round-trips, so
@@ -124,11 +133,8 @@ class HFTokenizer:
         _write_config(directory, kind=self.kind)
         (directory / "tokenizer.json").write_text(self.json_text)
 
-    def __getstate__(self) -> dict:  # send only the JSON text to worker processes
-        return {"json_text": self.json_text, "kind": self.kind}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+    __getstate__ = _fields_only
+    __setstate__ = _restore_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +178,8 @@ class SentencePieceTokenizer:
         _write_config(directory, kind=self.kind)
         (directory / "tokenizer.model").write_bytes(self.model_proto)
 
-    def __getstate__(self) -> dict:
-        return {"model_proto": self.model_proto, "kind": self.kind}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+    __getstate__ = _fields_only
+    __setstate__ = _restore_fields
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
