@@ -1,22 +1,49 @@
-"""Orbax checkpoints: train state + data-iterator state + run metadata, saved asynchronously."""
+"""Orbax checkpoints: train state + data-iterator state + run metadata, saved asynchronously.
+
+Integrity comes from Orbax's atomic commit: a step is written to a temporary directory and
+renamed into place when complete, so a save killed mid-write is never listed. On top of that,
+`restore` falls back past a checkpoint that fails to load (warning with its path), and never
+turns an unreadable directory into a silent fresh start. Nothing here unpickles: the state is
+tensorstore arrays, the data-iterator state and the metadata are JSON.
+"""
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 from bigjax.config import CheckpointConfig
 from bigjax.state import TrainState
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or restored; the message names it and the fix."""
+
+
 def make_manager(directory: Path, cfg: CheckpointConfig) -> ocp.CheckpointManager:
+    """Keeps the newest `keep`, every `keep_every`-th step, and the `keep_best` lowest eval
+    losses: a step is deleted only when no rule wants it."""
+    keep = [policies.LatestN(cfg.keep)]
+    if cfg.keep_every:
+        keep.append(policies.EveryNSteps(cfg.keep_every))
+    if cfg.keep_best:
+        best = policies.BestN(
+            get_metric_fn=lambda m: m["eval_loss"],
+            reverse=True,
+            n=cfg.keep_best,
+            keep_checkpoints_without_metrics=False,
+        )
+        keep.append(best)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep,
         save_interval_steps=max(cfg.every_steps, 1),
+        preservation_policy=policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=cfg.async_save,
         create=True,
     )
@@ -30,37 +57,175 @@ def save(
     meta: dict[str, Any],
     *,
     force: bool = False,
+    metrics: dict[str, float] | None = None,
 ) -> bool:
-    """Starts a (possibly async) save at `state.step`; returns whether one was started."""
+    """Starts a (possibly async) save at `state.step`; returns whether one was started.
+
+    A failure of an earlier async save surfaces here (Orbax re-raises it on the next call).
+    """
     step = int(jax.device_get(state.step))
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter),
         meta=ocp.args.JsonSave(meta),
     )
-    return manager.save(step, args=args, force=force)
+    try:
+        return manager.save(step, args=args, force=force, metrics=metrics)
+    except Exception as e:
+        raise _save_error(manager, step, e) from e
 
 
-def restore_latest(
-    manager: ocp.CheckpointManager, target: TrainState, data_iter: Any
-) -> TrainState | None:
-    """Restores the newest checkpoint into `target`'s shapes and shardings, and the data
-    iterator in place. Returns None when the directory holds no checkpoint."""
-    step = manager.latest_step()
-    if step is None:
-        return None
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
-        ),
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Blocks until pending async saves are committed; raises CheckpointError if one failed."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        raise _save_error(manager, manager.latest_step(), e) from e
+
+
+def _save_error(manager: ocp.CheckpointManager, step: int | None, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"saving a checkpoint (step {step}) in {manager.directory} failed: "
+        f"{type(e).__name__}: {e}. Check free disk space and write permissions there."
     )
-    return restored["state"]
+
+
+def _layout_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]]) -> list[str]:
+    out = []
+    for name in sorted(saved.keys() | current.keys()):
+        a, b = saved.get(name), current.get(name)
+        if a != b:
+            out.append(f"{name}: checkpoint {a or 'missing'} vs model {b or 'missing'}")
+    return out
+
+
+def check_layout(manager: ocp.CheckpointManager, step: int, layout: dict[str, list[int]]) -> None:
+    """Raises CheckpointError listing every parameter whose name or shape differs."""
+    meta_path = Path(manager.directory) / str(step) / "meta" / "metadata"
+    if not meta_path.is_file():
+        return  # no readable metadata: the restore itself will tell
+    try:
+        saved = json.loads(meta_path.read_text())["params"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return
+    mismatched = _layout_mismatch(saved, layout)
+    if mismatched:
+        shown = "\n  ".join(mismatched[:20]) + ("\n  ..." if len(mismatched) > 20 else "")
+        raise CheckpointError(
+            f"checkpoint {manager.directory}/{step} holds another model shape "
+            f"({len(mismatched)} parameters differ):\n  {shown}\nUse a new --workdir, or set "
+            "the model config the checkpoint was trained with."
+        )
+
+
+def restore(
+    manager: ocp.CheckpointManager,
+    target: TrainState,
+    data_iter: Any,
+    layout: dict[str, list[int]],
+    *,
+    before: int | None = None,
+) -> TrainState | None:
+    """Restores the newest loadable checkpoint (older than `before`, if given) into `target`'s
+    shapes and shardings (resharding if the mesh changed), and the data iterator in place.
+
+    Returns None when there is no checkpoint at all. A checkpoint that fails to load is
+    skipped with a warning naming it; if checkpoints exist but none loads, raises.
+    """
+    steps = sorted((s for s in manager.all_steps() if before is None or s < before), reverse=True)
+    if not steps:
+        return None
+    failures = []
+    for step in steps:
+        check_layout(manager, step, layout)
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target),
+                    data=grain.checkpoint.CheckpointRestore(data_iter),
+                ),
+            )
+        except Exception as e:  # corrupt or truncated files: fall back to an older step
+            failures.append(f"{manager.directory}/{step}: {type(e).__name__}: {e}")
+            warnings.warn(
+                f"checkpoint {manager.directory}/{step} is unreadable ({type(e).__name__}: "
+                f"{str(e)[:200]}); falling back to the previous one.",
+                stacklevel=2,
+            )
+            continue
+        return restored["state"]
+    raise CheckpointError(
+        "no checkpoint could be restored, refusing to start from scratch over them:\n  "
+        + "\n  ".join(failures)
+        + "\nMove the checkpoints directory away to start fresh."
+    )
 
 
 def restore_target(abstract: TrainState, shardings: TrainState) -> TrainState:
     """ShapeDtypeStructs carrying the shardings to restore into (resharding if they differ)."""
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def source_directory(path: str) -> Path:
+    """A run's workdir or its checkpoints/ directory -> the checkpoints directory."""
+    p = Path(path)
+    directory = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint.init_from: no such directory {path!r}.")
+    return directory
+
+
+def init_from(
+    path: str,
+    mode: str,
+    target: TrainState,
+    data_iter: Any,
+    layout: dict[str, list[int]],
+    fresh: TrainState,
+) -> TrainState:
+    """State initialised from another run's latest checkpoint.
+
+    mode 'full': step, parameters and optimizer state (continue or cool down a run; the data
+    iterator continues too). 'params': parameters only, with `fresh`'s step 0 and optimizer.
+    """
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    manager = ocp.CheckpointManager(source_directory(path).absolute(), options=options)
+    try:
+        if mode == "full":
+            state = restore(manager, target, data_iter, layout)
+        else:
+            state = _restore_params(manager, target, layout, fresh)
+    finally:
+        manager.close()
+    if state is None:
+        raise CheckpointError(f"checkpoint.init_from: no checkpoint in {path!r}.")
+    return state
+
+
+def _restore_params(
+    manager: ocp.CheckpointManager,
+    target: TrainState,
+    layout: dict[str, list[int]],
+    fresh: TrainState,
+) -> TrainState | None:
+    step = manager.latest_step()
+    if step is None:
+        return None
+    check_layout(manager, step, layout)
+    item = {"params": target.params}
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            )
+        ),
+    )
+    return TrainState(
+        step=fresh.step, params=restored["state"]["params"], opt_state=fresh.opt_state
     )

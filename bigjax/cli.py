@@ -12,7 +12,8 @@ from typing import Any
 
 from bigjax.config import ConfigError, TrainConfig, from_configdict
 
-USAGE_ERROR = 2
+USAGE_ERROR = 2  # bad config or input: fix the command
+RUN_FAILED = 1  # the run itself failed (non-finite loss, checkpoint I/O)
 
 
 def load_config(spec: str, overrides: Sequence[str]) -> TrainConfig:
@@ -194,14 +195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args, overrides)
     except Exception as e:  # one line for what the user can fix; a traceback for the rest
+        from bigjax.checkpoint import CheckpointError
         from bigjax.data.sources import DataError
         from bigjax.metrics import UnknownDeviceError
+        from bigjax.train import NonFiniteError
 
-        friendly = (ConfigError, DataError, UnknownDeviceError, FileNotFoundError)
-        if args.debug or not isinstance(e, friendly):
+        usage = (ConfigError, DataError, UnknownDeviceError, FileNotFoundError)
+        if args.debug or not isinstance(e, (*usage, CheckpointError, NonFiniteError)):
             raise
         print(f"bigjax: error: {e}", file=sys.stderr)
-        return USAGE_ERROR
+        return USAGE_ERROR if isinstance(e, usage) else RUN_FAILED
 
 
 if __name__ == "__main__":

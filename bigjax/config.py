@@ -195,8 +195,12 @@ class CheckpointConfig:
     """Orbax checkpointing."""
 
     every_steps: int = 1000
-    keep: int = 3
+    keep: int = 3  # newest checkpoints kept
+    keep_every: int = 0  # also keep every N-th step for good (0: off)
+    keep_best: int = 0  # also keep the N lowest eval losses (0: off)
     async_save: bool = True
+    init_from: str = ""  # another run's workdir (or checkpoints dir) to start from
+    init_mode: str = "params"  # 'params': weights only, fresh optimizer; 'full': whole state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +227,7 @@ class TrainConfig:
 
     seed: int = 0
     num_steps: int = 1000
+    nan_policy: str = "error"  # on a non-finite loss/grad: 'error', 'skip' or 'rollback'
     mesh: MeshConfig = MeshConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -474,6 +479,10 @@ def validate(cfg: TrainConfig) -> None:
     _one_of("data.packing", d.packing, ("concat", "first_fit"))
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: off)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0: off)")
+    _check(cfg.checkpoint.keep_best >= 0, "checkpoint.keep_best", "must be >= 0 (0: off)")
+    _one_of("checkpoint.init_mode", cfg.checkpoint.init_mode, ("params", "full"))
+    _one_of("nan_policy", cfg.nan_policy, ("error", "skip", "rollback"))
     _check(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: at the end)")
     _check(cfg.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")

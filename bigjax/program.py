@@ -81,7 +81,14 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     batch_sharding = NamedSharding(mesh, spec)
     train_step = jax.jit(
         step.make_train_step(
-            graphdef, tx, schedule, cfg.optim, rules, cfg.seed, dropout=cfg.model.dropout > 0
+            graphdef,
+            tx,
+            schedule,
+            cfg.optim,
+            rules,
+            cfg.seed,
+            dropout=cfg.model.dropout > 0,
+            skip_nonfinite=cfg.nan_policy == "skip",
         ),
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, None),

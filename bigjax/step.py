@@ -45,6 +45,7 @@ def make_train_step(
     rules: Rules,
     seed: int,
     dropout: bool,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds `train_step(state, batch) -> (state, metrics)`, a pure function of its inputs."""
     base_key = jax.random.key(seed)
@@ -77,10 +78,18 @@ def make_train_step(
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        # Checked on device and reported with the metrics (read a step later): no host sync.
+        finite = jnp.isfinite(nll_sum) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:  # drop the update, keep the old parameters and moments
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params = jax.tree.map(keep, params, state.params)
+            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         metrics = {
             "loss": nll_sum / total_weight,
             "z_loss": z_sq_sum / total_weight,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            "finite": finite,
             "param_norm": optax.tree.norm(params),
             "lr": schedule(state.step),
             "tokens": jnp.sum(batch["weights"]),

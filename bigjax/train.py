@@ -1,10 +1,21 @@
-"""train(cfg, workdir): the one function that wires config, mesh, model, data and loop together."""
+"""train(cfg, workdir): the one function that wires config, mesh, model, data and loop together.
+
+Where the state comes from, in order of precedence:
+  1. the newest loadable checkpoint in `workdir/checkpoints` (resume: exact, same data order);
+  2. `checkpoint.init_from` (another run: 'params' or 'full' state), only when 1 has none;
+  3. a fresh, seeded initialisation.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +27,12 @@ from bigjax.config import ConfigError, TrainConfig, to_dict
 from bigjax.data import pipeline
 from bigjax.mesh import make_mesh
 from bigjax.program import Program, make_program
+
+MAX_ROLLBACKS = 5
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient under nan_policy='error'."""
 
 
 def run_eval(prog: Program, params: Any) -> dict[str, float]:
@@ -30,6 +47,38 @@ def run_eval(prog: Program, params: Any) -> dict[str, float]:
     getattr(it, "close", lambda: None)()
     loss = nll / max(weight, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[dict[str, str]]:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to save and stop after the step
+    in flight, instead of killing it. A second signal interrupts at once."""
+    asked: dict[str, str] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if asked:
+            raise KeyboardInterrupt
+        asked["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield asked
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@dataclasses.dataclass
+class Window:
+    """Throughput accounting between two logged steps."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    steps: int = 0
+    tokens: float = 0.0
+    data_wait: float = 0.0
 
 
 def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
@@ -49,16 +98,37 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     # Measured before the mesh is set: on CPU it runs a matmul on one device.
     peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
 
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), stop_on_signals() as stop:
         prog = make_program(cfg, mesh)
-        data_iter = iter(pipeline.for_config(cfg.data, split="train", seed=cfg.seed))
 
+        def new_data_iter() -> Any:
+            return iter(pipeline.for_config(cfg.data, split="train", seed=cfg.seed))
+
+        data_iter = new_data_iter()
         manager = checkpoint.make_manager(workdir / "checkpoints", cfg.checkpoint)
         target = checkpoint.restore_target(prog.abstract, prog.shardings)
-        state = checkpoint.restore_latest(manager, target, data_iter)
-        resumed = state is not None
+        layout = {
+            "/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(prog.abstract.params)
+        }
+        state = checkpoint.restore(manager, target, data_iter, layout)
+        origin = f"resuming from step {int(state.step)}" if state is not None else ""
+        if state is None and cfg.checkpoint.init_from:
+            state = checkpoint.init_from(
+                cfg.checkpoint.init_from,
+                cfg.checkpoint.init_mode,
+                target,
+                data_iter,
+                layout,
+                prog.init(),
+            )
+            origin = (
+                f"initialised ({cfg.checkpoint.init_mode}) from "
+                f"{cfg.checkpoint.init_from} at step {int(state.step)}"
+            )
         if state is None:
             state = prog.init()
+            origin = "fresh start"
         start = int(jax.device_get(state.step))
 
         num_params = models.count_params(prog.graph_state)
@@ -67,10 +137,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             "config": to_dict(cfg),
             "mesh": dict(mesh.shape),
             "num_params": num_params,
-            "params": {
-                "/".join(map(str, path)): list(leaf.shape)
-                for path, leaf in jax.tree_util.tree_leaves_with_path(prog.abstract.params)
-            },
+            "params": layout,
         }
         writers = metrics.Writers(
             workdir, enabled=writer_process, tensorboard=cfg.metrics.tensorboard
@@ -81,7 +148,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             print(
                 f"bigjax {bigjax.__version__}: {num_params:,} parameters, mesh "
                 f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-                f"devices; {'resuming from step ' + str(start) if resumed else 'fresh start'}",
+                f"devices; {origin}",
                 flush=True,
             )
 
@@ -98,68 +165,126 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             return row
 
         last: dict[str, Any] = {}
-        clock = {
-            "start": time.perf_counter(),
-            "steps": 0,
-            "tokens": 0.0,
-            "compile_s": None,
-            "data_wait": 0.0,
-        }
+        window = Window()
+        compile_s: float | None = None
+        skipped_steps = 0
+        latest: dict[str, float] = {}  # the last finished step's metrics, logged or not
 
-        def log_step(done_step: int, device_metrics: dict[str, jax.Array]) -> None:
-            """Host side of one finished step: throughput window, logging."""
-            nonlocal last
+        def finish_step(done_step: int, device_metrics: dict[str, jax.Array]) -> bool:
+            """Host side of one finished step: finiteness, throughput, logging. Returns
+            whether the step was finite."""
+            nonlocal last, compile_s, window, skipped_steps
             host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-            clock["steps"] += 1
-            clock["tokens"] += host.pop("tokens")
-            first = clock["compile_s"] is None
+            latest.update(host, step=done_step)
+            finite = bool(host.pop("finite"))
+            skipped_steps += not finite and cfg.nan_policy == "skip"
+            window.steps += 1
+            window.tokens += host.pop("tokens")
+            first = compile_s is None
             if first:  # includes compilation: logged, but kept out of the throughput window
-                clock["compile_s"] = time.perf_counter() - clock["start"]
-            if done_step % cfg.metrics.log_every == 0 or done_step == cfg.num_steps or first:
-                elapsed = time.perf_counter() - clock["start"]
-                step_time = None if first else elapsed / clock["steps"]
-                last = {
-                    "step": done_step,
-                    **host,
-                    "tokens_per_sec": None if first else clock["tokens"] / elapsed,
-                    "step_time": step_time,
-                    "mfu": None if first else flops_per_step / step_time / peak,
-                    "eta_s": None if first else step_time * (cfg.num_steps - done_step),
-                    # host time blocked on the input pipeline, per step and as a share
-                    "data_wait_s": clock["data_wait"] / clock["steps"],
-                    "data_wait_frac": None if first else clock["data_wait"] / elapsed,
-                    "compile_s": clock["compile_s"],
-                }
-                writers.write(last, metrics.progress_line(last, cfg.num_steps))
-                clock.update(start=time.perf_counter(), steps=0, tokens=0.0, data_wait=0.0)
+                compile_s = time.perf_counter() - window.start
+            if done_step % cfg.metrics.log_every and done_step != cfg.num_steps and not first:
+                return finite
+            elapsed = time.perf_counter() - window.start
+            step_time = None if first else elapsed / window.steps
+            last = {
+                "step": done_step,
+                **host,
+                "tokens_per_sec": None if first else window.tokens / elapsed,
+                "step_time": step_time,
+                "mfu": None if first else flops_per_step / step_time / peak,
+                "eta_s": None if first else step_time * (cfg.num_steps - done_step),
+                "compile_s": compile_s,
+                # host time blocked on the input pipeline, per step and as a share
+                "data_wait_s": window.data_wait / window.steps,
+                "data_wait_frac": None if first else window.data_wait / elapsed,
+                "skipped_steps": skipped_steps,
+            }
+            writers.write(last, metrics.progress_line(last, cfg.num_steps))
+            window = Window()
+            return finite
 
+        step = start
         pending = None  # the step dispatched before this one: (step, metrics on device)
-        saved_step = start if resumed else -1
+        saved_step = start if origin.startswith("resuming") else -1
         last_eval: dict[str, float] = {}
-        for step_index in range(start, cfg.num_steps):
+        skip_batches: set[int] = set()  # steps whose batch is dropped after a rollback
+        rollbacks = 0
+        while step < cfg.num_steps:
+            if step + 1 in skip_batches:
+                next(data_iter)  # the batch that produced a non-finite step: drop it
             wait_start = time.perf_counter()
             local_batch = next(data_iter)
-            clock["data_wait"] += time.perf_counter() - wait_start
+            window.data_wait += time.perf_counter() - wait_start
             state, step_metrics = prog.train_step(state, prog.to_global(local_batch))
+            step += 1
+            bad_step = None
             # Fetch the previous step's metrics only now: the device already has this step.
-            if pending is not None:
-                log_step(*pending)
-            current = step_index + 1
-            pending = (current, step_metrics)
-            every = cfg.eval.every_steps
-            eval_due = current == cfg.num_steps or (every and current % every == 0)
-            if eval_due:  # log this step first, keeping rows in step order; eval syncs anyway
-                log_step(*pending)
+            if pending is not None and not finish_step(*pending):
+                bad_step = pending[0]
+            pending = (step, step_metrics)
+            eval_due = step == cfg.num_steps or (
+                cfg.eval.every_steps and step % cfg.eval.every_steps == 0
+            )
+            save_due = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+            if bad_step is None and (eval_due or save_due or stop):
+                # Finish this step first: rows stay in step order and no non-finite state is
+                # ever evaluated or saved (eval and save sync on it anyway).
+                if not finish_step(*pending):
+                    bad_step = step
                 pending = None
-            if cfg.checkpoint.every_steps and current % cfg.checkpoint.every_steps == 0:
-                saved_step = current if checkpoint.save(manager, state, data_iter, meta) else -1
+            if bad_step is not None and cfg.nan_policy != "skip":
+                where = (
+                    f"at step {bad_step} (loss {latest['loss']}, grad_norm {latest['grad_norm']})"
+                )
+                if cfg.nan_policy == "error":
+                    raise NonFiniteError(
+                        f"non-finite loss or gradient {where}. Lower optim.lr, keep "
+                        "optim.clip_norm on, or set nan_policy=skip or rollback."
+                    )
+                rollbacks += 1
+                if rollbacks > MAX_ROLLBACKS:
+                    raise NonFiniteError(f"gave up after {MAX_ROLLBACKS} rollbacks; last {where}.")
+                checkpoint.wait(manager)
+                data_iter = new_data_iter()
+                state = checkpoint.restore(manager, target, data_iter, layout) or prog.init()
+                step, pending = int(jax.device_get(state.step)), None
+                skip_batches.add(bad_step)
+                writers.truncate_after(step)
+                print(
+                    f"non-finite step {bad_step}: rolled back to step {step}; its batch "
+                    "will be skipped",
+                    flush=True,
+                )
+                continue
             if eval_due:
-                last_eval = evaluate(current)
+                last_eval = evaluate(step)
+            if save_due:
+                saved = checkpoint.save(
+                    manager, state, data_iter, meta, metrics=last_eval if eval_due else None
+                )
+                saved_step = step if saved else saved_step
+            if stop:
+                print(
+                    f"received {stop['signal']}: saving step {step} and stopping; run the "
+                    "same command to resume.",
+                    flush=True,
+                )
+                break
+        if pending is not None:
+            finish_step(*pending)
 
         final_step = int(jax.device_get(state.step))
         if saved_step != final_step:
-            checkpoint.save(manager, state, data_iter, meta, force=True)
-        manager.wait_until_finished()
+            checkpoint.save(
+                manager,
+                state,
+                data_iter,
+                meta,
+                force=True,
+                metrics=last_eval if last_eval.get("step") == final_step else None,
+            )
+        checkpoint.wait(manager)
         manager.close()
         getattr(data_iter, "close", lambda: None)()
         writers.close()
@@ -167,10 +292,13 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     if writer_process:
         if cfg.metrics.plot and writers.path.exists():
             metrics.plot_loss(writers.path, workdir / "loss.png")
+        status = f"eval loss {last_eval['eval_loss']:.4f}" if last_eval else "no eval"
+        if stop:
+            status = f"stopped by {stop['signal']}"
+        elif start == cfg.num_steps:
+            status = "already complete"
         print(
-            f"done: step {final_step}"
-            + (f", eval loss {last_eval['eval_loss']:.4f}" if last_eval else " (already complete)")
-            + ".\n"
+            f"done: step {final_step}, {status}.\n"
             f"  metrics:     {workdir / 'metrics.jsonl'}\n"
             f"  plot:        {workdir / 'loss.png'}\n"
             f"  tensorboard: {workdir / 'tensorboard'}\n"

@@ -1,0 +1,292 @@
+"""Never lose a run: kills, preemption, other meshes, corrupt checkpoints, NaNs, init-from."""
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import tiny_config
+
+from bigjax.checkpoint import CheckpointError
+from bigjax.metrics import read_jsonl
+from bigjax.train import NonFiniteError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# A small run: tiny model, seq 64, every step logged, a Grain worker process.
+ARGS = [
+    "--config.data.seq_len=64",
+    "--config.metrics.log_every=1",
+    "--config.data.num_workers=1",
+    "--config.optim.warmup_steps=2",
+    "--config.metrics.tensorboard=false",
+    "--config.metrics.plot=false",
+    "--config.eval.num_batches=1",
+]
+
+
+def _cmd(workdir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bigjax.cli",
+        "train",
+        "--config",
+        "configs/lm_tiny.py",
+        "--workdir",
+        str(workdir),
+        *ARGS,
+        *extra,
+    ]
+
+
+def _env(devices: int = 8) -> dict[str, str]:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _run(workdir: Path, *extra: str, devices: int = 8, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _cmd(workdir, *extra),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env(devices),
+        timeout=600,
+        **kw,
+    )
+
+
+def _losses(workdir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r]
+
+
+def _wait_for_step(workdir: Path, proc: subprocess.Popen, step: int, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = workdir / "metrics.jsonl"
+        if path.exists() and any(s >= step for s, _ in _losses(workdir)):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} never logged")
+
+
+def _params_hash(workdir: Path, step: int) -> str:
+    with ocp.StandardCheckpointer() as ckpt:
+        tree = ckpt.restore(workdir.absolute() / "checkpoints" / str(step) / "state")
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree["params"]):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("runs") / "full"
+    r = _run(workdir, "--config.num_steps=12", "--config.checkpoint.every_steps=3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return workdir
+
+
+def test_sigkill_at_any_step_then_relaunch_is_bitwise_identical(uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cmd(workdir, "--config.num_steps=12", "--config.checkpoint.every_steps=3"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_for_step(workdir, proc, 7)  # past the step-6 checkpoint, before the step-9 one
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (workdir / "checkpoints").is_dir()
+    r = _run(workdir, "--config.num_steps=12", "--config.checkpoint.every_steps=3")
+    assert r.returncode == 0 and "resuming from step" in r.stdout, r.stderr[-2000:]
+    assert _losses(workdir) == _losses(uninterrupted)  # every step once, bitwise equal
+    assert _params_hash(workdir, 12) == _params_hash(uninterrupted, 12)
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path):
+    workdir = tmp_path / "preempted"
+    proc = subprocess.Popen(
+        _cmd(workdir, "--config.num_steps=12", "--config.checkpoint.every_steps=100"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(workdir, proc, 4)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)  # bounded: the step in flight plus one save
+    assert proc.returncode == 0, err[-2000:]
+    assert "received SIGTERM: saving step" in out
+    stopped = int(out.split("received SIGTERM: saving step ")[1].split()[0])
+    assert stopped < 12 and (workdir / "checkpoints" / str(stopped)).is_dir()
+    r = _run(workdir, "--config.num_steps=12", "--config.checkpoint.every_steps=100")
+    assert r.returncode == 0 and f"resuming from step {stopped}" in r.stdout
+    assert _losses(workdir) == _losses(uninterrupted)
+
+
+@pytest.mark.parametrize("mesh, devices", [("2,2,2", 8), ("1,4,1", 4), ("2,1,2", 4)])
+def test_resume_on_another_mesh(uninterrupted, tmp_path, mesh, devices):
+    workdir = tmp_path / "moved"
+    shutil.copytree(uninterrupted / "checkpoints" / "9", workdir / "checkpoints" / "9")
+    r = _run(
+        workdir,
+        "--config.num_steps=12",
+        "--config.checkpoint.every_steps=3",
+        f"--config.mesh.shape={mesh}",
+        devices=devices,
+    )
+    assert r.returncode == 0 and "resuming from step 9" in r.stdout, r.stderr[-2000:]
+    got, ref = dict(_losses(workdir)), dict(_losses(uninterrupted))
+    assert sorted(got) == [10, 11, 12]
+    # Same data, restored state resharded: only reduction order differs (f32, 1e-5 relative).
+    np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in got], rtol=1e-5)
+
+
+def _train_with_checkpoints(workdir: Path, steps: int, **groups):
+    cfg = tiny_config(num_steps=steps, checkpoint={"every_steps": 4, "keep": 3}, **groups)
+    return train(cfg, workdir)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
+    _train_with_checkpoints(tmp_path, 8)
+    # a save killed mid-write: Orbax's uncommitted temporary directory is never listed
+    shutil.copytree(
+        tmp_path / "checkpoints" / "8", tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1234"
+    )
+    # the newest committed checkpoint is garbled: truncate every array file in it
+    for f in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name.lower():
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"checkpoints/8 is unreadable"):
+        _train_with_checkpoints(tmp_path, 10)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r][-6:] == [5, 6, 7, 8, 9, 10]  # from step 4
+
+
+def test_unreadable_checkpoints_never_become_a_fresh_start(tmp_path):
+    _train_with_checkpoints(tmp_path, 4)
+    for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="refusing to start from scratch"):
+        with pytest.warns(UserWarning):
+            _train_with_checkpoints(tmp_path, 8)
+
+
+def test_another_model_shape_lists_the_mismatches(tmp_path):
+    _train_with_checkpoints(tmp_path, 4)
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)another model shape.*mlp/gate_DF: "
+        r"checkpoint \[2, 128, 384\] vs model \[2, 128, 256\]",
+    ):
+        _train_with_checkpoints(tmp_path, 8, model={"d_ff": 256})
+
+
+def test_failed_async_save_is_a_clear_error(tmp_path):
+    # A 256 KiB file-size limit makes every checkpoint write fail as a full disk would
+    # (SIGXFSZ ignored, so writes fail with EFBIG instead of killing the process).
+    args = _cmd(tmp_path, "--config.num_steps=6", "--config.checkpoint.every_steps=2")
+    script = f'trap "" XFSZ; ulimit -f 256; exec {shlex.join(args)}'
+    r = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "bigjax: error: saving a checkpoint" in r.stderr and "disk space" in r.stderr
+    assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+DIVERGE = {"name": "sgd", "lr": 1e4, "clip_norm": 0.0, "warmup_steps": 0, "schedule": "constant"}
+
+
+def test_nan_policy_error_names_the_step(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient at step \d+"):
+        train(tiny_config(num_steps=12, optim=DIVERGE), tmp_path)
+    assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_nan_policy_skip_drops_updates_and_counts_them(tmp_path):
+    last = train(tiny_config(num_steps=8, optim=DIVERGE, nan_policy="skip"), tmp_path)
+    assert last["skipped_steps"] > 0
+    with ocp.StandardCheckpointer() as ckpt:
+        tree = ckpt.restore(tmp_path.absolute() / "checkpoints" / "8" / "state")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree["params"]))
+
+
+def test_nan_policy_rollback_restores_and_skips_then_gives_up(tmp_path, capsys):
+    cfg = tiny_config(
+        num_steps=12, optim=DIVERGE, nan_policy="rollback", checkpoint={"every_steps": 1}
+    )
+    with pytest.raises(NonFiniteError, match="gave up after 5 rollbacks"):
+        train(cfg, tmp_path)  # this lr diverges on every batch: rollbacks cannot save it
+    out = capsys.readouterr().out
+    assert out.count("rolled back to step") == 5
+    steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert steps == sorted(set(steps))  # replayed steps are logged once
+
+
+def test_init_from_params_and_full_state(tmp_path):
+    source = tmp_path / "source"
+    train(tiny_config(num_steps=6, checkpoint={"every_steps": 3}), source)
+    # params: weights only, fresh step and optimizer (an lr of 1e-30 leaves weights as loaded)
+    tiny_lr = {"name": "sgd", "lr": 1e-30, "warmup_steps": 0, "schedule": "constant"}
+    finetune = tmp_path / "finetune"
+    train(
+        tiny_config(
+            num_steps=1, optim=tiny_lr, checkpoint={"init_from": str(source), "init_mode": "params"}
+        ),
+        finetune,
+    )
+    assert _params_hash(finetune, 1) == _params_hash(source, 6)
+    # full: continues from the source's step with its optimizer state
+    cont = tmp_path / "continued"
+    train(
+        tiny_config(num_steps=8, checkpoint={"init_from": str(source), "init_mode": "full"}), cont
+    )
+    assert [r["step"] for r in read_jsonl(cont / "metrics.jsonl") if "loss" in r] == [7, 8]
+    # precedence: the run's own checkpoint wins over init_from on relaunch
+    last = train(
+        tiny_config(num_steps=9, checkpoint={"init_from": str(source), "init_mode": "full"}), cont
+    )
+    assert last["step"] == 9 and _losses(cont)[-1][0] == 9
+
+
+def test_retention_keeps_latest_every_nth_and_best(tmp_path):
+    cfg = tiny_config(
+        num_steps=12,
+        eval={"every_steps": 2},
+        checkpoint={"every_steps": 2, "keep": 2, "keep_every": 4, "keep_best": 1},
+    )
+    train(cfg, tmp_path)
+    evals = {
+        r["step"]: r["eval_loss"]
+        for r in read_jsonl(tmp_path / "metrics.jsonl")
+        if "eval_loss" in r
+    }
+    best = min(evals, key=evals.get)
+    kept = {int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()}
+    assert kept == {10, 12} | {4, 8, 12} | {best}
+
+
+def test_checkpoints_hold_no_pickles(uninterrupted):
+    files = [f for f in (uninterrupted / "checkpoints").rglob("*") if f.is_file()]
+    assert files
+    for f in files:
+        head = f.read_bytes()[:2]
+        assert not (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5), f
+    meta = json.loads((uninterrupted / "checkpoints" / "12" / "meta" / "metadata").read_text())
+    assert meta["config"]["num_steps"] == 12 and meta["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
