@@ -196,11 +196,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args, overrides)
     except Exception as e:  # one line for what the user can fix; a traceback for the rest
         from bigjax.checkpoint import CheckpointError
+        from bigjax.data.dataset import EmptySplitError
         from bigjax.data.sources import DataError
+        from bigjax.data.tokenizer import TokenizerError
         from bigjax.metrics import UnknownDeviceError
         from bigjax.train import NonFiniteError
 
-        usage = (ConfigError, DataError, UnknownDeviceError, FileNotFoundError)
+        usage = (
+            ConfigError,
+            DataError,
+            TokenizerError,
+            EmptySplitError,
+            UnknownDeviceError,
+            FileNotFoundError,
+        )
         if args.debug or not isinstance(e, (*usage, CheckpointError, NonFiniteError)):
             raise
         print(f"bigjax: error: {e}", file=sys.stderr)

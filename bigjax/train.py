@@ -98,14 +98,18 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     # Measured before the mesh is set: on CPU it runs a matmul on one device.
     peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
 
-    with jax.set_mesh(mesh), stop_on_signals() as stop:
+    with jax.set_mesh(mesh), stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
         prog = make_program(cfg, mesh)
 
         def new_data_iter() -> Any:
             return iter(pipeline.for_config(cfg.data, split="train", seed=cfg.seed))
 
         data_iter = new_data_iter()
+        # Whatever happens below, stop the Grain workers (of the current iterator: it is
+        # replaced on rollback) and let Orbax finish or abandon its background writes.
+        cleanup.callback(lambda: getattr(data_iter, "close", lambda: None)())
         manager = checkpoint.make_manager(workdir / "checkpoints", cfg.checkpoint)
+        cleanup.callback(manager.close)
         target = checkpoint.restore_target(prog.abstract, prog.shardings)
         layout = {
             "/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape)
@@ -246,6 +250,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 if rollbacks > MAX_ROLLBACKS:
                     raise NonFiniteError(f"gave up after {MAX_ROLLBACKS} rollbacks; last {where}.")
                 checkpoint.wait(manager)
+                getattr(data_iter, "close", lambda: None)()  # stop its worker processes
                 data_iter = new_data_iter()
                 state = checkpoint.restore(manager, target, data_iter, layout) or prog.init()
                 step, pending = int(jax.device_get(state.step)), None
@@ -285,8 +290,6 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 metrics=last_eval if last_eval.get("step") == final_step else None,
             )
         checkpoint.wait(manager)
-        manager.close()
-        getattr(data_iter, "close", lambda: None)()
         writers.close()
 
     if writer_process:

@@ -11,6 +11,7 @@ from conftest import tiny_config
 
 from bigjax.config import DataConfig
 from bigjax.data import pipeline
+from bigjax.data.dataset import EmptySplitError
 from bigjax.data.prepare import PrepareConfig, prepare
 from bigjax.metrics import read_jsonl
 from bigjax.train import train
@@ -134,3 +135,21 @@ def test_train_on_prepared_dataset_uses_its_validation_split(stdlib_ds, tmp_path
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["data"]["path"] == str(stdlib_ds)
     assert dataclasses.replace(cfg.data, path="").path == ""
+
+
+def test_an_empty_validation_split_fails_before_training(tmp_path):
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"text": "A single document of ordinary English prose, long enough to keep."})
+        + "\n"
+    )
+    prepare(
+        PrepareConfig(
+            inputs=(str(tmp_path / "d.jsonl"),),
+            output=str(tmp_path / "ds"),
+            val_fraction=0.0001,
+            workers=1,
+        )
+    )
+    with pytest.raises(EmptySplitError, match="validation split is empty"):
+        train(tiny_config(data={"path": str(tmp_path / "ds")}), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -225,3 +225,14 @@ def test_sentencepiece_and_hf_tokenizer_files(tmp_path):
         # the file's header has been scrubbed to <EMAIL>)
         expected = scrub(normalize((STDLIB / "textwrap.py").read_text()))[0]
         assert decoded.split()[:200] == expected.split()[:200]
+
+
+def test_bad_tokenizer_spec_fails_before_any_work(messy, tmp_path):
+    for spec, pattern in [
+        ("bpe:abc", "vocabulary size"),
+        ("foo", "use byte, bpe:VOCAB"),
+        ("sentencepiece:/nope.model", "no such file"),
+    ]:
+        with pytest.raises((tokenizers.TokenizerError, FileNotFoundError), match=pattern):
+            prepare(_cfg([messy / "a.jsonl"], tmp_path / "ds", tokenizer=spec))
+        assert not (tmp_path / ".ds.partial").exists() and not (tmp_path / "ds").exists()

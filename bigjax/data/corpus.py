@@ -8,6 +8,8 @@ import os
 import sysconfig
 from pathlib import Path
 
+from bigjax.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Document:
@@ -70,5 +72,8 @@ def split_stdlib(eval_fraction: float, chunk_bytes: int) -> tuple[list[Document]
     train = documents([p for p, h in zip(files, held, strict=True) if not h], chunk_bytes)
     evals = documents([p for p, h in zip(files, held, strict=True) if h], chunk_bytes)
     if not train or not evals:
-        raise ValueError(f"data.eval_fraction={eval_fraction} leaves an empty split.")
+        raise ConfigError(
+            f"data.eval_fraction: {eval_fraction} leaves an empty split of the built-in "
+            "corpus; pick a value between 0.001 and 0.5."
+        )
     return train, evals

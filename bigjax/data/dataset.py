@@ -18,6 +18,10 @@ from bigjax.data import tokenizer as tokenizers
 SPLITS = ("train", "validation")
 
 
+class EmptySplitError(ValueError):
+    """A prepared dataset has no documents in a split that training needs."""
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2" if vocab_size <= 2**16 else "<u4")
 
@@ -90,7 +94,7 @@ def split_source(path: Path, split: str) -> tuple[grain.MapDataset, dict[str, An
     """The documents of one split as a random-access Grain dataset, and the split's summary."""
     info = read_manifest(path)["splits"][split]
     if not info["shards"]:
-        raise ValueError(
+        raise EmptySplitError(
             f"{path}: the {split} split is empty; prepare with a larger --val-fraction or more "
             "data."
         )

@@ -180,10 +180,13 @@ def tokenizer_for(cfg: DataConfig) -> tokenizers.Tokenizer:
         return tuple((f.name, f.read_bytes()) for f in sorted((path / "tokenizer").iterdir()))
 
     if len({fingerprint(p) for p in paths}) > 1:
-        raise ValueError(
+        raise tokenizers.TokenizerError(
             f"data.mixture: datasets {[str(p) for p in paths]} were prepared with different "
             "tokenizers; prepare them with the same --tokenizer (e.g. hf:PATH of one of them)."
         )
+    for path in paths:  # fail now, not at the first eval after hours of training
+        for split in dataset.SPLITS:
+            dataset.split_source(path, split)
     return dataset.load_tokenizer(paths[0])
 
 

@@ -145,6 +145,7 @@ def _split_of(exact_key: bytes, val_fraction: float) -> str:
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Runs both passes and writes shards, tokenizer/, manifest.json and report.md."""
     files = expand_inputs(cfg.inputs)
+    tokenizers.parse_spec(cfg.tokenizer)  # a bad spec fails now, not after the cleaning pass
     final = Path(cfg.output)
     if final.exists() and any(final.iterdir()) and not (final / "manifest.json").exists():
         raise DataError(

@@ -23,6 +23,10 @@ EOS_CANDIDATES = ("<eos>", "</s>", "<|end_of_text|>", "<|eot_id|>", "[SEP]", "<|
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")
 
 
+class TokenizerError(ValueError):
+    """A tokenizer spec or file that cannot be used; the message says what to pass instead."""
+
+
 class Tokenizer(Protocol):
     kind: str
     vocab_size: int
@@ -112,7 +116,7 @@ class HFTokenizer:
     def eos_id(self) -> int:
         found = self._special(EOS_CANDIDATES)
         if found is None:
-            raise ValueError(
+            raise TokenizerError(
                 f"tokenizer has none of the end-of-text tokens {EOS_CANDIDATES}; add one "
                 "(tokenizer.add_special_tokens) and save it again."
             )
@@ -157,7 +161,9 @@ class SentencePieceTokenizer:
     @property
     def eos_id(self) -> int:
         if self._sp.eos_id() < 0:
-            raise ValueError("the SentencePiece model has no EOS piece; train it with eos_id>=0.")
+            raise TokenizerError(
+                "the SentencePiece model has no EOS piece; train it with eos_id>=0."
+            )
         return self._sp.eos_id()
 
     @property
@@ -201,25 +207,39 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     return HFTokenizer(tok.to_str())
 
 
-def from_spec(spec: str, training_texts: Callable[[], Iterable[str]]) -> Tokenizer:
-    """`byte`, `bpe:VOCAB` (trained on `training_texts()`), `sentencepiece:PATH`, `hf:PATH`."""
+def parse_spec(spec: str) -> tuple[str, str]:
+    """Checks a `--tokenizer` spec without building anything: (kind, argument)."""
     kind, _, arg = spec.partition(":")
     if kind == "byte" and not arg:
-        return ByteTokenizer()
+        return kind, arg
     if kind == "bpe":
         if not arg.isdigit() or int(arg) < 300:
-            raise ValueError(f"--tokenizer {spec}: give a vocabulary size >= 300, e.g. bpe:32000.")
-        return train_bpe(training_texts(), int(arg))
+            raise TokenizerError(
+                f"--tokenizer {spec}: give a vocabulary size >= 300, e.g. bpe:32000."
+            )
+        return kind, arg
     if kind in ("sentencepiece", "hf"):
         path = Path(arg)
         if kind == "hf" and path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"--tokenizer {spec}: no such file {str(path)!r}.")
-        if kind == "sentencepiece":
-            return SentencePieceTokenizer(path.read_bytes())
-        return HFTokenizer(path.read_text())
-    raise ValueError(f"--tokenizer {spec!r}: use byte, bpe:VOCAB, sentencepiece:PATH or hf:PATH.")
+        return kind, str(path)
+    raise TokenizerError(
+        f"--tokenizer {spec!r}: use byte, bpe:VOCAB, sentencepiece:PATH or hf:PATH."
+    )
+
+
+def from_spec(spec: str, training_texts: Callable[[], Iterable[str]]) -> Tokenizer:
+    """`byte`, `bpe:VOCAB` (trained on `training_texts()`), `sentencepiece:PATH`, `hf:PATH`."""
+    kind, arg = parse_spec(spec)
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return train_bpe(training_texts(), int(arg))
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(Path(arg).read_bytes())
+    return HFTokenizer(Path(arg).read_text())
 
 
 def load(directory: Path) -> Tokenizer:
@@ -234,7 +254,7 @@ def load(directory: Path) -> Tokenizer:
         return HFTokenizer((directory / "tokenizer.json").read_text())
     if kind == "sentencepiece":
         return SentencePieceTokenizer((directory / "tokenizer.model").read_bytes())
-    raise ValueError(f"{config_path}: unknown tokenizer kind {kind!r}.")
+    raise TokenizerError(f"{config_path}: unknown tokenizer kind {kind!r}.")
 
 
 TOKENIZERS = {"byte": ByteTokenizer}
