@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -162,6 +163,50 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_prepare)
 
 
+def cmd_plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from bigjax import plan
+
+    cfg = load_config(args.config, overrides)
+    if bool(args.topology) == bool(args.devices):
+        raise ConfigError("plan: give either --topology (e.g. v5p-128) or --devices N.")
+    target = (
+        plan.parse_topology(args.topology)
+        if args.topology
+        else plan.gpu_target(args.devices, args.device_kind)
+    )
+    result = plan.plan(cfg, target, args.mfu, args.compile)
+    print(plan.render(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="pre-flight: memory, FLOPs and step time for a TPU slice or GPU cluster",
+        description="Parameters, FLOPs, per-device memory and step time for a config on a "
+        "target, without the target. With libtpu installed (pip install 'bigjax[tpu]') the "
+        "train step is compiled ahead of time for the TPU topology on this machine.",
+    )
+    p.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    p.add_argument("--topology", help="Cloud TPU slice: v4-32, v5p-128, v5e-16, v6e-8, ...")
+    p.add_argument("--devices", type=int, help="number of GPUs (instead of --topology)")
+    p.add_argument("--device-kind", default="H100", help="A100, H100 or H200 (with --devices)")
+    p.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the step time")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile for the TPU topology (default: when libtpu is installed)",
+    )
+    p.add_argument("--json", help="also write the plan as JSON here")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks on errors"
+    )
+    p.set_defaults(run=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bigjax", description="A JAX research framework for scalable pretraining."
@@ -182,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(run=cmd_train)
     add_prepare_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 

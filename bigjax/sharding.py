@@ -37,17 +37,28 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def tree_shardings(abstract_tree: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
-    """NamedShardings for every leaf of an nnx State whose Variables carry `out_sharding`."""
-    mesh_shape = dict(mesh.shape)
+def tree_specs(abstract_tree: nnx.State, mesh_shape: dict[str, int], rules: Rules) -> nnx.State:
+    """PartitionSpecs for every leaf of an nnx State whose Variables carry `out_sharding`.
 
-    def one(variable: nnx.Variable) -> NamedSharding:
+    Needs only the mesh's axis sizes, so plans can be made for meshes that do not exist here.
+    """
+
+    def one(variable: nnx.Variable) -> PartitionSpec:
         shape = variable.get_value().shape
         names = variable.get_metadata().get("out_sharding") or (None,) * len(shape)
-        spec = logical_to_spec(names, rules, mesh_shape, shape)
-        return NamedSharding(mesh, spec)
+        return logical_to_spec(names, rules, mesh_shape, shape)
 
     return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def tree_shardings(abstract_tree: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+    """NamedShardings for every leaf of an nnx State whose Variables carry `out_sharding`."""
+    specs = tree_specs(abstract_tree, dict(mesh.shape), rules)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=is_spec)
+
+
+def is_spec(x: object) -> bool:
+    return isinstance(x, PartitionSpec)
 
 
 def constrain(x: jax.Array, names: LogicalNames, rules: Rules) -> jax.Array:

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bigjax import models
 from bigjax.config import ModelConfig
-from bigjax.sharding import Rules, tree_shardings
+from bigjax.sharding import Rules, is_spec, tree_specs
 
 Params = dict[str, Any]
 
@@ -37,6 +37,32 @@ def abstract_state(graph_state: nnx.State, tx: optax.GradientTransformation) -> 
     )
 
 
+def state_specs(
+    graph_state: nnx.State,
+    abstract: TrainState,
+    tx: optax.GradientTransformation,
+    mesh_shape: dict[str, int],
+    rules: Rules,
+) -> TrainState:
+    """PartitionSpecs for a TrainState: params by their logical names, optimizer moments like
+    their parameter, anything else (counts, factored moments of another shape) replicated."""
+    param_specs = nnx.to_pure_dict(tree_specs(graph_state, mesh_shape, rules))
+
+    def like_param(leaf: Any, param: Any, spec: PartitionSpec) -> PartitionSpec:
+        return spec if getattr(leaf, "shape", None) == param.shape else PartitionSpec()
+
+    opt_specs = optax.tree_map_params(
+        tx,
+        like_param,
+        abstract.opt_state,
+        abstract.params,
+        param_specs,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct) or is_spec(x),
+    )
+    return TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
+
+
 def state_shardings(
     graph_state: nnx.State,
     abstract: TrainState,
@@ -44,24 +70,9 @@ def state_shardings(
     mesh: Mesh,
     rules: Rules,
 ) -> TrainState:
-    """NamedShardings for a TrainState: params by their logical names, optimizer moments like
-    their parameter, anything else (counts, factored moments of another shape) replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    param_sh = nnx.to_pure_dict(tree_shardings(graph_state, mesh, rules))
-
-    def like_param(leaf: Any, param: Any, sharding: NamedSharding) -> NamedSharding:
-        return sharding if getattr(leaf, "shape", None) == param.shape else replicated
-
-    opt_sh = optax.tree_map_params(
-        tx,
-        like_param,
-        abstract.opt_state,
-        abstract.params,
-        param_sh,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
-    )
-    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+    """`state_specs` as NamedShardings on `mesh`."""
+    specs = state_specs(graph_state, abstract, tx, dict(mesh.shape), rules)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=is_spec)
 
 
 def init_state(

@@ -1,0 +1,317 @@
+"""`bigjax plan`: will this config fit and how fast will it run, before paying for the pod.
+
+Two levels of answer:
+- analytic, anywhere: parameters, FLOPs per token and step, per-device bytes of parameters and
+  optimizer state (exact, from the sharding rules on the target mesh), an activation estimate,
+  and the step time at a given MFU;
+- compiled, with the `tpu` extra (libtpu) installed: the real train step compiled ahead of time
+  for the TPU topology on this CPU-only machine, and XLA's memory analysis against the HBM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from bigjax import metrics, models, optim
+from bigjax.config import ConfigError, TrainConfig
+from bigjax.mesh import resolve_shape
+from bigjax.sharding import is_spec
+from bigjax.state import abstract_state, state_specs
+
+GiB = 2**30
+
+# Per chip: HBM bytes, dense bf16 peak FLOP/s, physical layout (3-D torus or 2-D).
+TPU_CHIPS = {
+    "v4": (32 * GiB, 275e12, 3),
+    "v5p": (95 * GiB, 459e12, 3),
+    "v5e": (16 * GiB, 197e12, 2),
+    "v6e": (32 * GiB, 918e12, 2),
+}
+# Cloud names count TensorCores for v4/v5p ("v5p-128" = 64 chips) and chips for v5e/v6e.
+CORES_PER_CHIP_IN_NAME = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+GPU_HBM = {"A100": 80 * GiB, "H100": 80 * GiB, "H200": 141 * GiB}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the plan is for: a TPU slice, or N GPUs of one kind."""
+
+    name: str
+    num_devices: int
+    hbm_per_device: float
+    peak_per_device: float
+    tpu_generation: str = ""  # set for TPUs: enables the ahead-of-time compile
+    tpu_shape: str = ""  # e.g. '4x4x4'
+
+
+def _torus(chips: int, dims: int) -> str:
+    """Cloud TPU's slice shape for `chips` chips: 3-D slices grow 2x2x1, 2x2x2, 2x2x4, 2x4x4,
+    4x4x4, ...; 2-D slices 1x1, 1x2, 2x2, 2x4, 4x4, ..."""
+    if chips & (chips - 1) or (dims == 3 and chips < 4):
+        raise ConfigError(f"--topology: no {dims}-D TPU slice has {chips} chips.")
+    if dims == 2:
+        shape, order = [1, 1], itertools.cycle([1, 0])
+    else:
+        shape, order = [2, 2, 1], itertools.chain([2], itertools.cycle([2, 1, 0]))
+    while math.prod(shape) < chips:
+        shape[next(order)] *= 2
+    return "x".join(map(str, shape))
+
+
+def parse_topology(name: str) -> Target:
+    """'v5p-128', 'v4-32', 'v5e-16' (or 'v5litepod-16'), 'v6e-8' -> Target."""
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name.strip().lower())
+    if not m:
+        raise ConfigError(
+            f"--topology {name!r}: expected a Cloud TPU name like v5p-128, v4-32, v5e-16 or "
+            "v6e-8 (for GPUs use --devices N --device-kind H100)."
+        )
+    gen = "v5e" if m.group(1) == "v5litepod" else m.group(1)
+    chips = int(m.group(2)) // CORES_PER_CHIP_IN_NAME[gen]
+    hbm, peak, dims = TPU_CHIPS[gen]
+    return Target(name, chips, hbm, peak, gen, _torus(chips, dims))
+
+
+def gpu_target(devices: int, kind: str) -> Target:
+    if kind not in GPU_HBM:
+        raise ConfigError(f"--device-kind {kind!r}: known kinds are {', '.join(GPU_HBM)}.")
+    return Target(f"{devices}x {kind}", devices, GPU_HBM[kind], metrics.datasheet_peak(kind))
+
+
+def _accelerator_config(cfg: TrainConfig) -> TrainConfig:
+    """'auto' compute dtype means bfloat16 on the accelerator being planned for."""
+    if cfg.model.dtype != "auto":
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
+
+
+def _shard_factor(spec: Any, mesh_shape: dict[str, int]) -> int:
+    axes = [a for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,))]
+    return math.prod(mesh_shape[a] for a in axes)
+
+
+def activation_bytes_per_device(cfg: TrainConfig, mesh_shape: dict[str, int]) -> float:
+    """Estimate of what the backward pass keeps per device, for one micro-batch.
+
+    Per token and layer, bytes of the compute dtype: with no remat ~ 10 D + 3 F (norm inputs,
+    q/k/v/o, the SwiGLU branches) plus the attention probabilities H L; with save_matmuls the
+    matmul outputs ~ 4 D + 3 F; with full remat only the layer input D. Plus f32 logits and
+    their gradient (2 x 4 V per token). XLA's compiled memory analysis is the real answer.
+    """
+    m = cfg.model
+    dtype_bytes = np.dtype("float32" if m.dtype == "float32" else "bfloat16").itemsize
+    shards = math.prod(mesh_shape[a] for a in ("data", "fsdp"))
+    tokens = cfg.data.batch_size * cfg.data.seq_len / cfg.optim.grad_accum_steps / shards
+    per_layer = {
+        "none": 10 * m.d_model + 3 * m.d_ff + m.num_heads * cfg.data.seq_len,
+        "save_matmuls": 4 * m.d_model + 3 * m.d_ff,
+        "full": m.d_model,
+    }[m.remat]
+    tensor = mesh_shape["tensor"]
+    return tokens * (m.num_layers * per_layer * dtype_bytes + 8 * m.vocab_size) / tensor
+
+
+def analytic(cfg: TrainConfig, target: Target, mfu: float) -> dict[str, Any]:
+    """Parameter, FLOP, memory and time figures from shapes and the sharding rules alone."""
+    cfg = _accelerator_config(cfg)
+    mesh_shape = dict(
+        zip(
+            ("data", "fsdp", "tensor"),
+            resolve_shape(cfg.mesh.shape, target.num_devices),
+            strict=True,
+        )
+    )
+    _, graph_state = models.abstract(cfg.model, cfg.mesh.rules)
+    tx = optim.make_optimizer(cfg.optim, cfg.num_steps)
+    abstract = abstract_state(graph_state, tx)
+    specs = state_specs(graph_state, abstract, tx, mesh_shape, cfg.mesh.rules)
+
+    def per_device(tree: Any, spec_tree: Any) -> float:
+        leaves = jax.tree.leaves(tree)
+        spec_leaves = jax.tree.leaves(spec_tree, is_leaf=is_spec)
+        return sum(
+            x.size * x.dtype.itemsize / _shard_factor(s, mesh_shape)
+            for x, s in zip(leaves, spec_leaves, strict=True)
+        )
+
+    num_params = models.count_params(graph_state)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops_per_token = models.FLOPS_PER_TOKEN[cfg.model.family](cfg.model, cfg.data.seq_len)
+    params_b = per_device(abstract.params, specs.params)
+    opt_b = per_device(abstract.opt_state, specs.opt_state)
+    act_b = activation_bytes_per_device(cfg, mesh_shape)
+    # gradients like the params; the accumulation scan carries a second buffer
+    grads_b = params_b * (2 if cfg.optim.grad_accum_steps > 1 else 1)
+    flops_per_step = flops_per_token * tokens_per_step
+    step_s = flops_per_step / (target.peak_per_device * target.num_devices * mfu)
+    return {
+        "target": target.name,
+        "devices": target.num_devices,
+        "mesh": mesh_shape,
+        "params": num_params,
+        "flops_per_token": flops_per_token,
+        "flops_per_step": flops_per_step,
+        "params_bytes_per_device": params_b,
+        "optimizer_bytes_per_device": opt_b,
+        "gradient_bytes_per_device": grads_b,
+        "activation_bytes_per_device_estimate": act_b,
+        "total_bytes_per_device_estimate": params_b + grads_b + opt_b + act_b,
+        "hbm_per_device": target.hbm_per_device,
+        "mfu": mfu,
+        "step_time_s": step_s,
+        "tokens_per_s": tokens_per_step / step_s,
+    }
+
+
+def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
+    """Compiles the real train step for a TPU topology ahead of time (needs libtpu)."""
+    from jax.experimental import topologies
+
+    from bigjax.config import MeshConfig
+    from bigjax.mesh import make_mesh
+    from bigjax.program import make_program
+
+    cfg = _accelerator_config(cfg)
+    topo = topologies.get_topology_desc(
+        topology_name=f"{target.tpu_generation}:{target.tpu_shape}", platform="tpu"
+    )
+    devices = list(topo.devices)
+    mesh = make_mesh(MeshConfig(shape=cfg.mesh.shape, rules=cfg.mesh.rules), devices)
+    # Built outside the mesh context: setup runs small eager ops, and these TPU devices can
+    # only compile. Tracing (inside) needs the mesh for the activation constraints.
+    prog = make_program(cfg, mesh)
+    with jax.set_mesh(mesh):
+        state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            prog.abstract,
+            prog.shardings,
+        )
+        shape = (cfg.data.batch_size, cfg.data.seq_len)
+        batch = {
+            k: jax.ShapeDtypeStruct(
+                shape, "float32" if k == "weights" else "int32", sharding=prog.batch_sharding
+            )
+            for k in ("inputs", "targets", "segment_ids", "positions", "weights")
+        }
+        lowered = prog.train_step.lower(state, batch)
+    hbm = target.hbm_per_device * target.num_devices / len(devices)
+    base = {
+        "compiled_devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "hbm_per_device": hbm,
+    }
+    try:
+        executable = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # XLA:TPU refuses to compile a program that cannot fit: that is the answer.
+        needed = re.search(r"\(([\d.]+)G\)", str(e))
+        total = float(needed.group(1)) * 1e9 if needed else float("nan")
+        return {
+            **base,
+            "total_bytes_per_device": total,
+            "fits": False,
+            "compiler": str(e).splitlines()[0][:300],
+        }
+    mem = executable.memory_analysis()
+    total = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.generated_code_size_in_bytes
+    )
+    return {
+        **base,
+        "argument_bytes": mem.argument_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "total_bytes_per_device": total,
+        "fits": total <= hbm,
+    }
+
+
+def suggestions(cfg: TrainConfig, mesh_shape: dict[str, int]) -> list[str]:
+    """What to change when the step does not fit, most effective first."""
+    out = []
+    if mesh_shape["fsdp"] < math.prod(mesh_shape.values()):
+        out.append(
+            "shard parameters and optimizer state over more devices: "
+            "--config.mesh.shape=1,-1,1 (all FSDP)"
+        )
+    if cfg.model.remat != "full":
+        out.append("recompute activations in the backward pass: --config.model.remat=full")
+    micro = cfg.data.batch_size // cfg.optim.grad_accum_steps
+    shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    if micro // shards > 1:
+        out.append(
+            f"smaller micro-batches: --config.optim.grad_accum_steps="
+            f"{cfg.optim.grad_accum_steps * 2}"
+        )
+    if cfg.model.param_dtype == "float32":
+        out.append("store parameters in bfloat16: --config.model.param_dtype=bfloat16")
+    return out
+
+
+def have_libtpu() -> bool:
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def render(result: dict[str, Any]) -> str:
+    a = result["analytic"]
+    gib = lambda b: f"{b / GiB:,.2f} GiB"  # noqa: E731
+    lines = [
+        f"plan for {a['target']}: {a['devices']} devices, mesh {a['mesh']}",
+        f"  parameters            {a['params']:,}",
+        f"  FLOPs / token         {a['flops_per_token']:.3e}",
+        f"  FLOPs / step          {a['flops_per_step']:.3e}",
+        f"  params / device       {gib(a['params_bytes_per_device'])}",
+        f"  optimizer / device    {gib(a['optimizer_bytes_per_device'])}",
+        f"  activations / device  {gib(a['activation_bytes_per_device_estimate'])} (estimate)",
+        f"  gradients / device    {gib(a['gradient_bytes_per_device'])}",
+        f"  total / device        {gib(a['total_bytes_per_device_estimate'])} (estimate) of "
+        f"{gib(a['hbm_per_device'])} HBM",
+        f"  step time @ {a['mfu']:.0%} MFU   {a['step_time_s']:.3f} s "
+        f"({a['tokens_per_s']:,.0f} tokens/s)",
+    ]
+    c = result.get("compiled")
+    if c:
+        verdict = "fits" if c["fits"] else "DOES NOT FIT"
+        lines += [
+            f"  compiled for {c['compiled_devices']} x {c['device_kind']}: "
+            f"{gib(c['total_bytes_per_device'])} per device of {gib(c['hbm_per_device'])}: "
+            f"{verdict}",
+        ]
+    elif result.get("note"):
+        lines.append(f"  {result['note']}")
+    for s in result.get("suggestions", []):
+        lines.append(f"  suggestion: {s}")
+    return "\n".join(lines)
+
+
+def plan(cfg: TrainConfig, target: Target, mfu: float, compile_: bool | None) -> dict[str, Any]:
+    """The analytic plan, plus the compiled one for TPUs when libtpu is available."""
+    result: dict[str, Any] = {"analytic": analytic(cfg, target, mfu)}
+    fits = result["analytic"]["total_bytes_per_device_estimate"] <= target.hbm_per_device
+    can_compile = bool(target.tpu_generation) and have_libtpu()
+    if compile_ and not can_compile:
+        raise ConfigError("--compile needs a TPU --topology and libtpu: pip install 'bigjax[tpu]'.")
+    if can_compile and compile_ is not False:
+        result["compiled"] = compiled(cfg, target)
+        fits = result["compiled"]["fits"]
+    elif target.tpu_generation:
+        result["note"] = "install the tpu extra (libtpu) to compile the step for this topology"
+    if not fits:
+        result["suggestions"] = suggestions(cfg, result["analytic"]["mesh"])
+    return result

@@ -1,0 +1,134 @@
+"""`bigjax plan`: topology names, analytic memory against real shards, the TPU compile."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from conftest import tiny_config
+
+from bigjax import plan
+from bigjax.config import ConfigError, MeshConfig
+from bigjax.mesh import make_mesh
+from bigjax.program import make_program
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "name, chips, shape",
+    [
+        ("v5p-128", 64, "4x4x4"),
+        ("v4-32", 16, "2x2x4"),
+        ("v5e-16", 16, "4x4"),
+        ("v5litepod-8", 8, "2x4"),
+        ("v6e-256", 256, "16x16"),
+        ("v5p-8", 4, "2x2x1"),
+        ("v5p-16", 8, "2x2x2"),
+        ("v4-64", 32, "2x4x4"),
+    ],
+)
+def test_parse_topology(name, chips, shape):
+    t = plan.parse_topology(name)
+    assert (t.num_devices, t.tpu_shape) == (chips, shape)
+
+
+@pytest.mark.parametrize("name", ["v5p", "tpu-8", "v5p-100", "v7x-8"])
+def test_bad_topology_names(name):
+    with pytest.raises(ConfigError, match="topology"):
+        plan.parse_topology(name)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_analytic_memory_equals_the_real_shards(shape):
+    # The plan's per-device bytes come from the sharding rules alone; the real state on the
+    # 8-device mesh must hold exactly that on each device.
+    cfg = tiny_config(mesh={"shape": shape}, model={"vocab_size": 1024})
+    target = plan.Target("8 cpu", 8, 1e12, 1e12)
+    a = plan.analytic(cfg, target, mfu=0.5)
+    mesh = make_mesh(MeshConfig(shape=shape, rules=cfg.mesh.rules))
+    with jax.set_mesh(mesh):
+        state = make_program(cfg, mesh).init()
+
+    def on_device0(tree):
+        return sum(
+            s.data.nbytes
+            for x in jax.tree.leaves(tree)
+            for s in x.addressable_shards
+            if s.device == jax.devices()[0]
+        )
+
+    assert a["params_bytes_per_device"] == on_device0(state.params)
+    assert a["optimizer_bytes_per_device"] == on_device0(state.opt_state)
+    total = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    if shape == (1, 8, 1):  # FSDP over all 8: about 1/8 each (norm scales are tiny)
+        assert on_device0(state.params) == pytest.approx(total / 8, rel=0.01)
+
+
+def test_flops_and_step_time():
+    cfg = tiny_config()
+    a = plan.analytic(cfg, plan.Target("x", 4, 1e12, 1e12), mfu=0.5)
+    assert a["flops_per_step"] == a["flops_per_token"] * 16 * 64
+    assert a["step_time_s"] == pytest.approx(a["flops_per_step"] / (4e12 * 0.5))
+
+
+def test_does_not_fit_gives_suggestions():
+    cfg = tiny_config(model={"vocab_size": 32000}, data={"batch_size": 64, "seq_len": 2048})
+    result = plan.plan(cfg, plan.Target("tiny gpu", 2, 1 * plan.GiB, 1e12), 0.4, compile_=False)
+    assert "model.remat=full" in " ".join(result["suggestions"])
+
+
+def test_compiles_for_a_real_tpu_topology():
+    pytest.importorskip("libtpu", reason="needs the tpu extra: pip install 'bigjax[tpu]'")
+    cfg = tiny_config()
+    result = plan.plan(cfg, plan.parse_topology("v5p-8"), 0.4, compile_=None)
+    c = result["compiled"]
+    assert c["compiled_devices"] == 4 and "v5" in c["device_kind"].lower()
+    assert c["fits"] and 0 < c["total_bytes_per_device"] < 95 * plan.GiB
+    # far too big for a v5e chip's 16 GiB: compiled, judged, with suggestions
+    big = tiny_config(model={"vocab_size": 131072}, data={"batch_size": 64, "seq_len": 4096})
+    result = plan.plan(big, plan.parse_topology("v5e-4"), 0.4, compile_=None)
+    assert not result["compiled"]["fits"] and result["suggestions"]
+
+
+def test_cli_plan(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bigjax.cli",
+            "plan",
+            "--config",
+            "configs/llama_8b.py",
+            "--topology",
+            "v5p-128",
+            "--no-compile",
+            "--json",
+            str(tmp_path / "p.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "8,030,261,248" in r.stdout and "64 devices" in r.stdout
+    assert (tmp_path / "p.json").exists()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bigjax.cli",
+            "plan",
+            "--config",
+            "configs/lm_tiny.py",
+            "--topology",
+            "v9-8",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "topology" in r.stderr
