@@ -78,8 +78,10 @@ def _join_override_values(argv: Sequence[str]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     cfg = load_config(args.config, overrides)
-    from bigjax.train import train  # imports jax: keep `bigjax --help` and config errors fast
+    from bigjax import distributed  # imports jax: keep `bigjax --help` and config errors fast
+    from bigjax.train import train
 
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     train(cfg, args.workdir)
     return 0
 
@@ -221,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
     train.add_argument("--workdir", required=True, help="run directory (created if missing)")
+    # JAX's own names. Automatic on Cloud TPU slices and SLURM; explicit elsewhere.
+    train.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
+    train.add_argument("--num_processes", type=int, help="processes in the job (multi-host)")
+    train.add_argument("--process_id", type=int, help="this process's index (multi-host)")
     # SUPPRESS: `bigjax --debug train` and `bigjax train --debug` both work.
     train.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks on errors"

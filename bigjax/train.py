@@ -22,7 +22,7 @@ from typing import Any
 import jax
 
 import bigjax
-from bigjax import checkpoint, metrics, models
+from bigjax import checkpoint, distributed, metrics, models
 from bigjax.config import ConfigError, TrainConfig, to_dict
 from bigjax.data import pipeline
 from bigjax.mesh import make_mesh
@@ -152,7 +152,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             print(
                 f"bigjax {bigjax.__version__}: {num_params:,} parameters, mesh "
                 f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-                f"devices; {origin}",
+                f"devices ({distributed.describe()}); {origin}",
                 flush=True,
             )
 

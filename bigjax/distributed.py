@@ -1,0 +1,47 @@
+"""Joining JAX's multi-controller runtime: explicit flags, or automatic on Cloud TPU and SLURM."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def should_auto_initialize(env: dict[str, str]) -> bool:
+    """True on a multi-host Cloud TPU slice or a multi-task SLURM job, where
+    `jax.distributed.initialize()` finds the coordinator by itself."""
+    tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in tpu_hosts or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return True
+    return int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env
+
+
+def initialize(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """Starts multi-process JAX before anything touches a device. A no-op for one process."""
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError(
+                "give all of --coordinator_address HOST:PORT --num_processes N --process_id I"
+            )
+        if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator_plugin():
+            # CPU-only processes need a collectives backend to talk to each other.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif should_auto_initialize(dict(os.environ)):
+        jax.distributed.initialize()
+
+
+def _has_accelerator_plugin() -> bool:
+    return os.environ.get("JAX_PLATFORMS", "cpu") not in ("", "cpu")
+
+
+def describe() -> str:
+    """One line of topology for the log."""
+    local = jax.local_devices()
+    return (
+        f"process {jax.process_index()}/{jax.process_count()}, {len(local)} local of "
+        f"{jax.device_count()} {local[0].platform} devices ({local[0].device_kind})"
+    )
