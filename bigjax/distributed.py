@@ -9,7 +9,10 @@ import jax
 
 def should_auto_initialize(env: dict[str, str]) -> bool:
     """True on a multi-host Cloud TPU slice or a multi-task SLURM job, where
-    `jax.distributed.initialize()` finds the coordinator by itself."""
+    `jax.distributed.initialize()` finds the coordinator by itself; or when a launcher
+    (scripts/tpu, scripts/slurm) says so with BIGJAX_DISTRIBUTED=1."""
+    if env.get("BIGJAX_DISTRIBUTED") == "1":
+        return True
     tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "")
     if "," in tpu_hosts or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return True
