@@ -43,3 +43,20 @@ def run_steps(cfg: TrainConfig, batches, devices=None, mesh_shape=None):
             state, m = prog.train_step(state, prog.to_global(b))
             out.append(jax.tree.map(np.asarray, m))
     return out, state, prog
+
+
+def train_cmd(workdir, *extra: str, config: str = "configs/lm_tiny.py") -> list[str]:
+    """The `bigjax train` command line, as a user types it, for subprocess tests."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "bigjax.cli",
+        "train",
+        "--config",
+        config,
+        "--workdir",
+        str(workdir),
+        *extra,
+    ]

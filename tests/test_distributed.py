@@ -3,10 +3,10 @@
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import train_cmd
 
 from bigjax.distributed import should_auto_initialize
 from bigjax.metrics import read_jsonl
@@ -29,15 +29,8 @@ def _launch(workdir: Path, steps: int, processes: int = 2) -> list[subprocess.Co
     }
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bigjax.cli",
-                "train",
-                "--config",
-                "configs/lm_tiny.py",
-                "--workdir",
-                str(workdir),
+            train_cmd(
+                workdir,
                 f"--config.num_steps={steps}",
                 "--config.data.seq_len=64",
                 "--config.checkpoint.every_steps=3",
@@ -50,7 +43,7 @@ def _launch(workdir: Path, steps: int, processes: int = 2) -> list[subprocess.Co
                 str(processes),
                 "--process_id",
                 str(i),
-            ],
+            ),
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

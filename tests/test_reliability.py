@@ -7,7 +7,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_config
+from helpers import train_cmd
 
 from bigjax.checkpoint import CheckpointError
 from bigjax.metrics import read_jsonl
@@ -35,18 +35,7 @@ ARGS = [
 
 
 def _cmd(workdir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "bigjax.cli",
-        "train",
-        "--config",
-        "configs/lm_tiny.py",
-        "--workdir",
-        str(workdir),
-        *ARGS,
-        *extra,
-    ]
+    return train_cmd(workdir, *ARGS, *extra)
 
 
 def _env(devices: int = 8) -> dict[str, str]:

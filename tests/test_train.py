@@ -4,12 +4,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
 from conftest import tiny_config
+from helpers import train_cmd
 
 from bigjax.metrics import read_jsonl
 from bigjax.train import train
@@ -21,15 +21,8 @@ ROW_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "step_ti
 def test_cli_trains_on_builtin_corpus_and_writes_everything(tmp_path):
     workdir = tmp_path / "run"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "bigjax.cli",
-        "train",
-        "--config",
-        "configs/lm_tiny.py",
-        "--workdir",
-        str(workdir),
+    cmd = train_cmd(
+        workdir,
         "--config.num_steps=60",
         "--config.mesh.shape=2,2,2",
         "--config.data.seq_len=128",
@@ -38,7 +31,7 @@ def test_cli_trains_on_builtin_corpus_and_writes_everything(tmp_path):
         "--config.metrics.log_every=10",
         "--config.optim.warmup_steps=10",
         "--config.data.num_workers=1",
-    ]
+    )
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "over 8 cpu devices" in r.stdout and "[####" in r.stdout and "eta" in r.stdout
