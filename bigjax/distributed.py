@@ -42,9 +42,5 @@ def _has_accelerator_plugin() -> bool:
 
 
 def describe() -> str:
-    """One line of topology for the log."""
-    local = jax.local_devices()
-    return (
-        f"process {jax.process_index()}/{jax.process_count()}, {len(local)} local of "
-        f"{jax.device_count()} {local[0].platform} devices ({local[0].device_kind})"
-    )
+    """This process's place in the job, for the first log line."""
+    return f"process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local"
