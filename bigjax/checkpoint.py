@@ -9,12 +9,12 @@ tensorstore arrays, the data-iterator state and the metadata are JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -25,6 +25,39 @@ from bigjax.state import TrainState
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or restored; the message names it and the fix."""
+
+
+class DataHandler(ocp.CheckpointHandler):
+    """The data iterator's state as JSON. Each process writes the batch rows it owns; a restore
+    merges every process's file, so a checkpoint written by P processes resumes on any number
+    (the state is per global batch row, see `pipeline.Batches`)."""
+
+    def save(self, directory: Path, args: DataSave) -> None:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (Path(directory) / name).write_text(json.dumps(args.item.get_state()))
+
+    def restore(self, directory: Path, args: DataRestore) -> Any:
+        files = sorted(Path(directory).glob("process_*-of-*.json"))
+        if not files:
+            raise FileNotFoundError(f"no data-iterator state in {directory}")
+        states = [json.loads(f.read_text()) for f in files]
+        if len({s["batch_size"] for s in states}) != 1:
+            raise ValueError(f"the data states in {directory} disagree on the batch size")
+        rows = {row: s for state in states for row, s in state["rows"].items()}
+        args.item.set_state({"batch_size": states[0]["batch_size"], "rows": rows})
+        return args.item
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: Any
 
 
 def make_manager(directory: Path, cfg: CheckpointConfig) -> ocp.CheckpointManager:
@@ -66,7 +99,7 @@ def save(
     step = int(jax.device_get(state.step))
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter),
+        data=DataSave(data_iter),
         meta=ocp.args.JsonSave(meta),
     )
     try:
@@ -143,7 +176,7 @@ def restore(
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target),
-                    data=grain.checkpoint.CheckpointRestore(data_iter),
+                    data=DataRestore(data_iter),
                 ),
             )
         except Exception as e:  # corrupt or truncated files: fall back to an older step

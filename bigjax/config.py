@@ -32,6 +32,7 @@ LOGICAL_AXES = (
     "table_embed",
     "act_batch",
     "act_seq",
+    "act_res_seq",
     "act_embed",
     "act_heads",
     "act_kv_heads",
@@ -55,6 +56,11 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("table_embed", ()),
     ("act_batch", ("data", "fsdp")),
     ("act_seq", ()),
+    # Sequence parallelism: the residual stream between tensor-parallel matmuls (norms, adds,
+    # dropout, what remat saves per layer) is split on its sequence over `tensor`, so XLA
+    # turns each all-reduce into a reduce-scatter + all-gather of the same volume and these
+    # activations take 1/tensor of the memory. A no-op when tensor is 1.
+    ("act_res_seq", ("tensor",)),
     ("act_embed", ()),
     ("act_heads", ("tensor",)),
     ("act_kv_heads", ("tensor",)),
@@ -119,6 +125,9 @@ class MeshConfig:
     """
 
     shape: tuple[int, ...] = (1, -1, 1)
+    # Multi-slice: (data, fsdp, tensor) across slices (over DCN); `shape` is then the mesh
+    # inside each slice (over ICI) and each mesh axis is dcn_shape * shape long.
+    dcn_shape: tuple[int, ...] = (1, 1, 1)
     rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES
 
 
@@ -437,6 +446,12 @@ def validate(cfg: TrainConfig) -> None:
         all(s == -1 or s > 0 for s in shape),
         "mesh.shape",
         f"entries must be positive or -1, got {shape}",
+    )
+    dcn = cfg.mesh.dcn_shape
+    _check(
+        len(dcn) == len(MESH_AXES) and all(s > 0 for s in dcn),
+        "mesh.dcn_shape",
+        f"needs {len(MESH_AXES)} positive entries {MESH_AXES}, got {dcn}",
     )
     _check(m.family == "llama", "model.family", "the only family so far is 'llama'")
     for name in ("d_model", "num_layers", "num_heads", "d_ff", "vocab_size"):

@@ -14,6 +14,9 @@ from flax import nnx
 
 from bigjax.sharding import Rules, constrain
 
+# The residual stream [B, L, D] between blocks and sublayers (sequence-parallel on `tensor`).
+RESIDUAL = ("act_batch", "act_res_seq", "act_embed")
+
 Initializer = nnx.initializers.Initializer
 
 # Fan-in scaled truncated normal keeps activations ~unit variance at any width.
@@ -76,7 +79,7 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
         x_BLD = jnp.take(self.table_VD[...].astype(self.dtype), tokens_BL, axis=0)
-        return constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
+        return constrain(x_BLD, RESIDUAL, self.rules)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD, self.table_VD[...].astype(self.dtype))
@@ -155,7 +158,7 @@ class Attention(nnx.Module):
             q_BLHK, k_BLGK, v_BLGK, mask=attention_mask(segment_ids_BL), implementation=self.impl
         )
         out_BLD = jnp.einsum("BLHK,HKD->BLD", act(out_BLHK, "act_heads"), w(self.o_HKD))
-        return constrain(out_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
+        return constrain(out_BLD, RESIDUAL, self.rules)  # reduce-scatter, not all-reduce
 
 
 class MLP(nnx.Module):
@@ -184,4 +187,4 @@ class MLP(nnx.Module):
         )
         up_BLF = constrain(jnp.einsum("BLD,DF->BLF", x_BLD, w(self.up_DF)), names_BLF, self.rules)
         out_BLD = jnp.einsum("BLF,FD->BLD", jax.nn.silu(gate_BLF) * up_BLF, w(self.down_FD))
-        return constrain(out_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
+        return constrain(out_BLD, RESIDUAL, self.rules)

@@ -48,7 +48,8 @@ class Target:
     hbm_per_device: float
     peak_per_device: float
     tpu_generation: str = ""  # set for TPUs: enables the ahead-of-time compile
-    tpu_shape: str = ""  # e.g. '4x4x4'
+    tpu_shape: str = ""  # e.g. '4x4x4', one slice
+    num_slices: int = 1  # multi-slice: slices joined over DCN (`mesh.dcn_shape`)
 
 
 def _torus(chips: int, dims: int) -> str:
@@ -66,17 +67,32 @@ def _torus(chips: int, dims: int) -> str:
 
 
 def parse_topology(name: str) -> Target:
-    """'v5p-128', 'v4-32', 'v5e-16' (or 'v5litepod-16'), 'v6e-8' -> Target."""
-    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name.strip().lower())
-    if not m:
+    """'v5p-128', 'v4-32', 'v5e-16' (or 'v5litepod-16'), 'v6e-8' -> Target; a prefix 'Kx'
+    ('2xv5p-128') means K such slices joined over DCN."""
+    m = re.fullmatch(r"(?:(\d+)x)?(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name.strip().lower())
+    if not m or m.group(1) == "0":
         raise ConfigError(
             f"--topology {name!r}: expected a Cloud TPU name like v5p-128, v4-32, v5e-16 or "
-            "v6e-8 (for GPUs use --devices N --device-kind H100)."
+            "v6e-8, or 2xv5p-128 for two slices (for GPUs use --devices N --device-kind H100)."
         )
-    gen = "v5e" if m.group(1) == "v5litepod" else m.group(1)
-    chips = int(m.group(2)) // CORES_PER_CHIP_IN_NAME[gen]
+    slices = int(m.group(1) or 1)
+    gen = "v5e" if m.group(2) == "v5litepod" else m.group(2)
+    chips = int(m.group(3)) // CORES_PER_CHIP_IN_NAME[gen]
     hbm, peak, dims = TPU_CHIPS[gen]
-    return Target(name, chips, hbm, peak, gen, _torus(chips, dims))
+    return Target(name, chips * slices, hbm, peak, gen, _torus(chips, dims), slices)
+
+
+def mesh_shape_for(cfg: TrainConfig, target: Target) -> dict[str, int]:
+    """The full mesh on the target: per-slice `mesh.shape` times `mesh.dcn_shape`."""
+    if math.prod(cfg.mesh.dcn_shape) != target.num_slices:
+        raise ConfigError(
+            f"mesh.dcn_shape: {tuple(cfg.mesh.dcn_shape)} spans {math.prod(cfg.mesh.dcn_shape)} "
+            f"slices but {target.name} has {target.num_slices}; set e.g. "
+            f"--config.mesh.dcn_shape={target.num_slices},1,1."
+        )
+    per_slice = resolve_shape(cfg.mesh.shape, target.num_devices // target.num_slices)
+    sizes = (i * d for i, d in zip(per_slice, cfg.mesh.dcn_shape, strict=True))
+    return dict(zip(("data", "fsdp", "tensor"), sizes, strict=True))
 
 
 def gpu_target(devices: int, kind: str) -> Target:
@@ -121,13 +137,7 @@ def activation_bytes_per_device(cfg: TrainConfig, mesh_shape: dict[str, int]) ->
 def analytic(cfg: TrainConfig, target: Target, mfu: float) -> dict[str, Any]:
     """Parameter, FLOP, memory and time figures from shapes and the sharding rules alone."""
     cfg = _accelerator_config(cfg)
-    mesh_shape = dict(
-        zip(
-            ("data", "fsdp", "tensor"),
-            resolve_shape(cfg.mesh.shape, target.num_devices),
-            strict=True,
-        )
-    )
+    mesh_shape = mesh_shape_for(cfg, target)
     _, graph_state = models.abstract(cfg.model, cfg.mesh.rules)
     tx = optim.make_optimizer(cfg.optim, cfg.num_steps)
     abstract = abstract_state(graph_state, tx)
@@ -174,16 +184,17 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
     """Compiles the real train step for a TPU topology ahead of time (needs libtpu)."""
     from jax.experimental import topologies
 
-    from bigjax.config import MeshConfig
     from bigjax.mesh import make_mesh
     from bigjax.program import make_program
 
     cfg = _accelerator_config(cfg)
     topo = topologies.get_topology_desc(
-        topology_name=f"{target.tpu_generation}:{target.tpu_shape}", platform="tpu"
+        topology_name=f"{target.tpu_generation}:{target.tpu_shape}",
+        platform="tpu",
+        num_slices=target.num_slices,
     )
     devices = list(topo.devices)
-    mesh = make_mesh(MeshConfig(shape=cfg.mesh.shape, rules=cfg.mesh.rules), devices)
+    mesh = make_mesh(cfg.mesh, devices)
     # Built outside the mesh context: setup runs small eager ops, and these TPU devices can
     # only compile. Tracing (inside) needs the mesh for the activation constraints.
     prog = make_program(cfg, mesh)

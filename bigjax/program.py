@@ -39,6 +39,15 @@ class Program:
             self.cfg.model, self.cfg.mesh.rules, self.tx, self.cfg.seed, self.shardings
         )
 
+    def local_rows(self) -> range:
+        """The global batch rows this process's devices hold: the rows its data pipeline
+        packs. Derived from the batch sharding, so it is right for any mesh, including one
+        whose batch axes are replicated across processes."""
+        shape = (self.cfg.data.batch_size, self.cfg.data.seq_len)
+        index = self.batch_sharding.addressable_devices_indices_map(shape).values()
+        starts = [idx[0].indices(shape[0]) for idx in index]
+        return range(min(s[0] for s in starts), max(s[1] for s in starts))
+
     def to_global(self, local: dict[str, np.ndarray]) -> step.Batch:
         """Assembles each process's rows into one global batch array (no replication)."""
         return {
@@ -53,11 +62,11 @@ def check_program(cfg: TrainConfig, mesh: Mesh) -> None:
     shards = math.prod(mesh.shape[a] for a in axes)
     accum = cfg.optim.grad_accum_steps
     # An indivisible batch would silently be replicated (every device computing all of it).
-    if (cfg.data.batch_size // accum) % shards or cfg.data.batch_size % jax.process_count():
+    if (cfg.data.batch_size // accum) % shards:
         raise ConfigError(
             f"data.batch_size: {cfg.data.batch_size} sequences in {accum} micro-batches cannot "
-            f"be split over {shards} batch shards (mesh axes {axes}) and "
-            f"{jax.process_count()} processes; use a multiple of {shards * accum}."
+            f"be split over {shards} batch shards (mesh axes {axes}); use a multiple of "
+            f"{shards * accum}."
         )
     if cfg.model.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(

@@ -39,7 +39,9 @@ def run_eval(prog: Program, params: Any) -> dict[str, float]:
     """Loss and perplexity over the first `eval.num_batches` batches of the held-out split,
     read in a fixed order so every eval of every run sees the same tokens."""
     cfg = prog.cfg
-    it = iter(pipeline.for_config(cfg.data, split="validation", seed=0, shuffle=False, workers=0))
+    it = pipeline.for_config(
+        cfg.data, split="validation", seed=0, rows=prog.local_rows(), shuffle=False, workers=0
+    )
     nll, weight = 0.0, 0.0
     for local in pipeline.take(it, cfg.eval.num_batches):
         out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
@@ -102,7 +104,9 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         prog = make_program(cfg, mesh)
 
         def new_data_iter() -> Any:
-            return iter(pipeline.for_config(cfg.data, split="train", seed=cfg.seed))
+            return pipeline.for_config(
+                cfg.data, split="train", seed=cfg.seed, rows=prog.local_rows()
+            )
 
         data_iter = new_data_iter()
         # Whatever happens below, stop the Grain workers (of the current iterator: it is

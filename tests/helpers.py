@@ -20,20 +20,22 @@ def corpus_batches(n: int, batch: int, seq_len: int, seed: int = 0) -> tuple[dic
         train_docs,
         tokenizer=ByteTokenizer(),
         seq_len=seq_len,
-        local_batch=batch,
+        batch_size=batch,
         seed=seed,
         shuffle=True,
         num_workers=0,
-        process_index=0,
-        process_count=1,
     )
-    return tuple(pipeline.take(iter(ds), n))
+    out = tuple(pipeline.take(ds, n))
+    ds.close()
+    return out
 
 
-def run_steps(cfg: TrainConfig, batches, devices=None, mesh_shape=None):
-    """Trains on `batches`; returns (per-step metrics as numpy, final state, program)."""
-    mesh_cfg = MeshConfig(shape=mesh_shape or cfg.mesh.shape, rules=cfg.mesh.rules)
-    mesh = make_mesh(mesh_cfg, devices)
+def run_steps(cfg: TrainConfig, batches, devices=None, mesh_shape=None, mesh=None):
+    """Trains on `batches` (on `mesh`, or one made from `mesh_shape` over `devices`); returns
+    (per-step metrics as numpy, final state, program)."""
+    shape = tuple(mesh.shape.values()) if mesh is not None else mesh_shape or cfg.mesh.shape
+    mesh_cfg = MeshConfig(shape=shape, rules=cfg.mesh.rules)
+    mesh = make_mesh(mesh_cfg, devices) if mesh is None else mesh
     cfg = TrainConfig(**{**cfg.__dict__, "mesh": mesh_cfg})
     with jax.set_mesh(mesh):
         prog = make_program(cfg, mesh)

@@ -31,10 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_parse_topology(name, chips, shape):
     t = plan.parse_topology(name)
-    assert (t.num_devices, t.tpu_shape) == (chips, shape)
+    assert (t.num_devices, t.tpu_shape, t.num_slices) == (chips, shape, 1)
+    many = plan.parse_topology(f"4x{name}")
+    assert (many.num_devices, many.tpu_shape, many.num_slices) == (4 * chips, shape, 4)
 
 
-@pytest.mark.parametrize("name", ["v5p", "tpu-8", "v5p-100", "v7x-8"])
+@pytest.mark.parametrize("name", ["v5p", "tpu-8", "v5p-100", "v7x-8", "0xv5p-8", "2v5p-8"])
 def test_bad_topology_names(name):
     with pytest.raises(ConfigError, match="topology"):
         plan.parse_topology(name)
@@ -79,6 +81,16 @@ def test_does_not_fit_gives_suggestions():
     assert "model.remat=full" in " ".join(result["suggestions"])
 
 
+def test_multi_slice_mesh_is_dcn_times_per_slice():
+    cfg = tiny_config(mesh={"shape": (1, -1, 2), "dcn_shape": (2, 1, 1)})
+    target = plan.parse_topology("2xv5p-16")  # 2 slices of 8 chips
+    assert plan.analytic(cfg, target, 0.4)["mesh"] == {"data": 2, "fsdp": 4, "tensor": 2}
+    with pytest.raises(
+        ConfigError, match=r"dcn_shape: \(2, 1, 1\) spans 2 slices but v5p-16 has 1"
+    ):
+        plan.analytic(cfg, plan.parse_topology("v5p-16"), 0.4)
+
+
 def test_compiles_for_a_real_tpu_topology():
     pytest.importorskip("libtpu", reason="needs the tpu extra: pip install 'bigjax[tpu]'")
     cfg = tiny_config()
@@ -86,6 +98,10 @@ def test_compiles_for_a_real_tpu_topology():
     c = result["compiled"]
     assert c["compiled_devices"] == 4 and "v5" in c["device_kind"].lower()
     assert c["fits"] and 0 < c["total_bytes_per_device"] < 95 * plan.GiB
+    # two slices: the hybrid mesh puts `data` over DCN, built from the devices' slice_index
+    two = tiny_config(mesh={"shape": (1, -1, 1), "dcn_shape": (2, 1, 1)})
+    c = plan.plan(two, plan.parse_topology("2xv5p-8"), 0.4, compile_=None)["compiled"]
+    assert c["compiled_devices"] == 8 and c["fits"]
     # far too big for a v5e chip's 16 GiB: compiled, judged, with suggestions
     big = tiny_config(model={"vocab_size": 131072}, data={"batch_size": 64, "seq_len": 4096})
     result = plan.plan(big, plan.parse_topology("v5e-4"), 0.4, compile_=None)

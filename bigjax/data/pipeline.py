@@ -1,10 +1,11 @@
-"""Grain pipelines: documents -> tokens -> packed rows -> model batches, per process.
+"""Grain pipelines: documents -> tokens -> packed rows -> global batches.
 
 Sources: the built-in corpus (stdlib byte ranges, tokenized on the fly), one prepared dataset
 (`data.path`), or a weighted mixture of prepared datasets (`data.mixture`). Every source goes
-through the same chain: per-process shard -> seeded shuffle (new order each epoch) -> repeat ->
-decode -> pack -> batch -> optional multiprocess prefetch. The iterator's state is small
-(indices) and is saved in every checkpoint.
+through the same chain: seeded shuffle (new order each epoch) -> repeat -> decode -> one
+packing stream per row of the global batch -> the rows this process owns -> optional
+multiprocess prefetch. Batch n depends on the seed and n only, not on the number of processes
+or workers; the iterator state (indices, per row) is saved in every checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
@@ -22,6 +24,7 @@ from grain.experimental import (
     FirstFitPackIterDataset,
     FlatMapIterDataset,
     FlatMapTransform,
+    ThreadPrefetchIterDataset,
 )
 
 from bigjax.config import DataConfig
@@ -84,49 +87,163 @@ class ToModelBatch:
 
 
 def document_stream(
-    source: grain.MapDataset,
-    read,
-    *,
-    seed: int,
-    shuffle: bool,
-    process_index: int,
-    process_count: int,
+    source: grain.MapDataset, read, *, seed: int, shuffle: bool
 ) -> grain.MapDataset:
-    """This process's disjoint share of `source`, shuffled per epoch, endless, decoded."""
-    ds = source[process_index::process_count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
+    """The global document order: shuffled with a new order each epoch, endless, decoded.
+
+    Every process builds the same stream; which documents a process reads is decided by the
+    batch rows it owns (see `RowStreams`), never by the process count.
+    """
+    ds = source.shuffle(seed=seed) if shuffle else source
     return ds.repeat(None).map(read)
 
 
-def pack_and_batch(
-    docs: grain.MapDataset,
-    *,
-    seq_len: int,
-    local_batch: int,
-    pad_id: int,
-    packing: str,
-    num_workers: int,
-) -> grain.IterDataset:
-    """Packs documents into rows of seq_len+1 tokens (segment ids and positions restart per
-    document) and batches them into model batches."""
-    length = {"tokens": seq_len + 1}
-    stream = docs.to_iter_dataset()
-    if packing == "first_fit":
-        stream = FlatMapIterDataset(stream, SplitLong(seq_len + 1))
-        packed = FirstFitPackIterDataset(
-            stream, length_struct=length, num_packing_bins=local_batch, shuffle_bins=False
-        )
-    else:
-        packed = ConcatThenSplitIterDataset(stream, length_struct=length)
-    batched = packed.batch(local_batch, drop_remainder=True).map(ToModelBatch(pad_id))
-    if num_workers > 0:
+@dataclasses.dataclass(frozen=True)
+class RowStreams:
+    """Row r of every global batch comes from its own packing stream over documents
+    r, r+B, r+2B, ... of the global order (B = global batch size).
+
+    So batch n is a function of (seed, n) alone: the same for 1 process x 8 devices and
+    2 processes x 4, for any number of Grain workers, and the iterator state is a set of
+    per-row states that any process layout can take up on resume.
+    """
+
+    docs: grain.MapDataset
+    batch_size: int
+    seq_len: int
+    pad_id: int
+    packing: str
+
+    def rows_of(self, row: int) -> grain.IterDataset:
+        # No read threads per row stream: parallelism comes from Grain workers (or one
+        # prefetch thread), not from B thread pools.
+        no_threads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+        docs = self.docs[row :: self.batch_size].to_iter_dataset(no_threads)
+        length = {"tokens": self.seq_len + 1}
+        if self.packing == "first_fit":
+            pieces = FlatMapIterDataset(docs, SplitLong(self.seq_len + 1))
+            return FirstFitPackIterDataset(
+                pieces, length_struct=length, num_packing_bins=PACKING_BINS, shuffle_bins=False
+            )
+        return ConcatThenSplitIterDataset(docs, length_struct=length)
+
+
+PACKING_BINS = 8  # first-fit bins per row stream: more bins, less padding, more memory
+
+
+class _RowsIterator(grain.DatasetIterator):
+    def __init__(self, streams: RowStreams, rows: tuple[int, ...], start: dict[str, Any]):
+        iters = []
+        for row in rows:
+            it = iter(streams.rows_of(row))
+            if start.get(str(row)) is not None:
+                it.set_state(start[str(row)])
+            iters.append(it)
+        super().__init__(iters)
+        self._rows, self._iters, self._to_batch = rows, iters, ToModelBatch(streams.pad_id)
+
+    def __next__(self) -> dict[str, Any]:
+        packed = [next(it) for it in self._iters]
+        stacked = {k: np.stack([p[k] for p in packed]) for k in packed[0]}
+        # The state travels with the batch, so the consumer knows the state of what it has
+        # consumed, however far ahead workers run.
+        return {"batch": self._to_batch(stacked), "state": self.get_state()}
+
+    def get_state(self) -> dict[str, Any]:
+        return {str(r): it.get_state() for r, it in zip(self._rows, self._iters, strict=True)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for r, it in zip(self._rows, self._iters, strict=True):
+            it.set_state(state[str(r)])
+
+
+class RowsDataset(grain.IterDataset):
+    """Some rows of every global batch. Grain's multiprocess prefetch slices it (set_slice):
+    worker w of W packs rows[w::W]."""
+
+    def __init__(self, streams: RowStreams, rows: tuple[int, ...], start: dict[str, Any]):
+        super().__init__()
+        self._streams, self._rows, self._start = streams, rows, start
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        del sequential_slice  # rows are independent streams: any split is the same data
+        self._rows = self._rows[sl]
+
+    def __iter__(self) -> _RowsIterator:
+        return _RowsIterator(self._streams, self._rows, self._start)
+
+
+class Batches:
+    """This process's rows of each global batch, in order; an iterator with get_state,
+    set_state and close.
+
+    The state is {"batch_size": B, "rows": {row: state}}. Checkpoints merge the states every
+    process saved, so a run resumes on any process count (see `checkpoint.DataHandler`).
+    """
+
+    def __init__(self, streams: RowStreams, rows: Sequence[int], workers: int):
+        if not rows or min(rows) < 0 or max(rows) >= streams.batch_size:
+            raise ValueError(f"rows {rows} are not rows of a batch of {streams.batch_size}")
+        self._streams, self._rows = streams, tuple(rows)
+        self._workers = min(workers, len(self._rows))
+        self._row_states: dict[str, Any] = {str(r): None for r in self._rows}
+        self._it: Iterator | None = None  # started lazily: a restore replaces the state first
+
+    def _start(self) -> Iterator:
+        ds: grain.IterDataset = RowsDataset(self._streams, self._rows, self._row_states)
+        if self._workers == 0:
+            return iter(ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2))
         # Grain's workers read absl flags; an application that never parsed them (ours parses
         # argparse) must mark them parsed, keeping every flag at its default.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return batched
+        return iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers)))
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._it = self._start()
+        # Workers take turns (Grain interleaves them round-robin): one part from each.
+        parts = [next(self._it) for _ in range(max(self._workers, 1))]
+        out = {}
+        for key in parts[0]["batch"]:
+            first = parts[0]["batch"][key]
+            out[key] = np.empty((len(self._rows), *first.shape[1:]), first.dtype)
+            for w, part in enumerate(parts):
+                out[key][w :: len(parts)] = part["batch"][key]
+        for part in parts:
+            self._row_states.update(part["state"])
+        return out
+
+    def get_state(self) -> dict[str, Any]:
+        return {"batch_size": self._streams.batch_size, "rows": dict(self._row_states)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Takes this process's rows from a state holding (at least) all of them."""
+        if state.get("batch_size") != self._streams.batch_size:
+            raise ValueError(
+                f"the data state was saved with data.batch_size={state.get('batch_size')}, "
+                f"this run has {self._streams.batch_size}: the data order cannot continue. "
+                "Keep the batch size, or start a new run with checkpoint.init_from."
+            )
+        missing = [r for r in self._row_states if r not in state["rows"]]
+        if missing:
+            raise ValueError(f"the data state has no state for batch rows {missing}")
+        self.close()
+        self._row_states = {r: state["rows"][r] for r in self._row_states}
+
+    def close(self) -> None:
+        if self._it is not None:
+            getattr(self._it, "close", lambda: None)()
+            self._it = None
+
+
+def default_rows(batch_size: int) -> range:
+    """The even, contiguous share of a global batch that data parallelism gives a process."""
+    per = batch_size // jax.process_count()
+    return range(jax.process_index() * per, (jax.process_index() + 1) * per)
 
 
 def make_dataset(
@@ -134,31 +251,19 @@ def make_dataset(
     *,
     tokenizer: ByteTokenizer,
     seq_len: int,
-    local_batch: int,
+    batch_size: int,
     seed: int,
     shuffle: bool,
     num_workers: int,
-    process_index: int,
-    process_count: int,
+    rows: Sequence[int] | None = None,
     packing: str = "concat",
-) -> grain.IterDataset:
+) -> Batches:
     """Batches of the built-in corpus (byte ranges of stdlib files)."""
     stream = document_stream(
-        grain.MapDataset.source(list(docs)),
-        ReadTokens(tokenizer),
-        seed=seed,
-        shuffle=shuffle,
-        process_index=process_index,
-        process_count=process_count,
+        grain.MapDataset.source(list(docs)), ReadTokens(tokenizer), seed=seed, shuffle=shuffle
     )
-    return pack_and_batch(
-        stream,
-        seq_len=seq_len,
-        local_batch=local_batch,
-        pad_id=tokenizer.pad_id,
-        packing=packing,
-        num_workers=num_workers,
-    )
+    streams = RowStreams(stream, batch_size, seq_len, tokenizer.pad_id, packing)
+    return Batches(streams, default_rows(batch_size) if rows is None else rows, num_workers)
 
 
 def sources(cfg: DataConfig) -> tuple[tuple[Path, float], ...]:
@@ -195,44 +300,33 @@ def for_config(
     *,
     split: str,
     seed: int,
+    rows: Sequence[int] | None = None,
     shuffle: bool | None = None,
     workers: int | None = None,
     builtin_docs: Sequence[Document] | None = None,
-) -> grain.IterDataset:
-    """The run's batches for this process. `split` is 'train' or 'validation'."""
+) -> Batches:
+    """The run's batches: `rows` (default: this process's even share) of each global batch.
+    `split` is 'train' or 'validation'."""
     tok = tokenizer_for(cfg)
     shuffle = cfg.shuffle if shuffle is None else shuffle
-    common = dict(
-        seed=seed,
-        shuffle=shuffle,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
     if not sources(cfg):
         if builtin_docs is None:
             train_docs, eval_docs = corpus.split_stdlib(cfg.eval_fraction, cfg.seq_len)
             builtin_docs = train_docs if split == "train" else eval_docs
-        stream = document_stream(
-            grain.MapDataset.source(list(builtin_docs)), ReadTokens(tok), **common
-        )
+        source = grain.MapDataset.source(list(builtin_docs))
+        stream = document_stream(source, ReadTokens(tok), seed=seed, shuffle=shuffle)
     else:
         streams, weights = [], []
         for i, (path, weight) in enumerate(sources(cfg)):
             source, info = dataset.split_source(path, split)
-            streams.append(
-                document_stream(
-                    source, dataset.DecodeTokens(info["dtype"]), **{**common, "seed": seed + i}
-                )
-            )
+            read = dataset.DecodeTokens(info["dtype"])
+            streams.append(document_stream(source, read, seed=seed + i, shuffle=shuffle))
             weights.append(weight)
         stream = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
-    return pack_and_batch(
-        stream,
-        seq_len=cfg.seq_len,
-        local_batch=cfg.batch_size // jax.process_count(),
-        pad_id=tok.pad_id,
-        packing=cfg.packing,
-        num_workers=cfg.num_workers if workers is None else workers,
+    return Batches(
+        RowStreams(stream, cfg.batch_size, cfg.seq_len, tok.pad_id, cfg.packing),
+        default_rows(cfg.batch_size) if rows is None else rows,
+        cfg.num_workers if workers is None else workers,
     )
 
 

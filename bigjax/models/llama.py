@@ -7,7 +7,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax.config import ModelConfig
-from bigjax.layers import MLP, Attention, Embed, RMSNorm, _param, compute_dtype, dense_init
+from bigjax.layers import (
+    MLP,
+    RESIDUAL,
+    Attention,
+    Embed,
+    RMSNorm,
+    _param,
+    compute_dtype,
+    dense_init,
+)
 from bigjax.sharding import Rules, constrain
 
 REMAT_POLICY = {
@@ -29,7 +38,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
         pd, dt = jnp.dtype(cfg.param_dtype), compute_dtype(cfg.dtype)
-        self.dropout = cfg.dropout
+        self.dropout, self.rules = cfg.dropout, rules
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.attn = Attention(
             cfg.d_model,
@@ -55,9 +64,9 @@ class Block(nnx.Module):
     ) -> jax.Array:
         rng_attn, rng_mlp = jax.random.split(rng) if rng is not None else (None, None)
         h_BLD = self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL)
-        x_BLD = x_BLD + _dropout(h_BLD, self.dropout, rng_attn)
+        x_BLD = constrain(x_BLD + _dropout(h_BLD, self.dropout, rng_attn), RESIDUAL, self.rules)
         h_BLD = self.mlp(self.mlp_norm(x_BLD))
-        return x_BLD + _dropout(h_BLD, self.dropout, rng_mlp)
+        return constrain(x_BLD + _dropout(h_BLD, self.dropout, rng_mlp), RESIDUAL, self.rules)
 
 
 class Llama(nnx.Module):
