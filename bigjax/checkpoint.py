@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from bigjax.config import CheckpointConfig
+from bigjax.data.pipeline import DataStateError
 from bigjax.state import TrainState
 
 
@@ -179,6 +180,8 @@ def restore(
                     data=DataRestore(data_iter),
                 ),
             )
+        except DataStateError as e:  # readable, but this config cannot continue it
+            raise CheckpointError(f"checkpoint {manager.directory}/{step}: {e}") from e
         except Exception as e:  # corrupt or truncated files: fall back to an older step
             failures.append(f"{manager.directory}/{step}: {type(e).__name__}: {e}")
             warnings.warn(

@@ -55,8 +55,7 @@ def test_corpus_is_the_stdlib_and_split_is_disjoint(split):
 
 
 def test_batches_pack_documents_correctly(split):
-    ds = _dataset(split[0])
-    batches = pipeline.take(ds, 4)
+    batches = _take_all(_dataset(split[0]), 4)
     assert {k: v.shape for k, v in batches[0].items()} == {k: (8, 64) for k in batches[0]}
     # 4 batches as one (32, 64) block: the first rows of each row stream start a document
     b = {k: np.concatenate([x[k] for x in batches]) for k in batches[0]}
@@ -81,6 +80,12 @@ def test_seeded_order_is_deterministic_and_seed_dependent(split):
     assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
 
 
+def _take_all(ds, n):
+    out = pipeline.take(ds, n)
+    ds.close()  # stop its Grain worker processes now, not at garbage collection
+    return out
+
+
 def _same(xs, ys):
     for x, y in zip(xs, ys, strict=True):
         assert x.keys() == y.keys()
@@ -90,12 +95,12 @@ def _same(xs, ys):
 
 def test_batches_do_not_depend_on_process_or_worker_count(split):
     docs = split[0][:2000]
-    whole = pipeline.take(_dataset(docs), 6)
+    whole = _take_all(_dataset(docs), 6)
     # Two "processes" own rows 0-3 and 4-7 (one with 2 Grain workers, one with 3 for 4 rows);
     # together they produce exactly the one-process batches.
     halves = [
-        pipeline.take(_dataset(docs, rows=range(0, 4), num_workers=2), 6),
-        pipeline.take(_dataset(docs, rows=range(4, 8), num_workers=3), 6),
+        _take_all(_dataset(docs, rows=range(0, 4), num_workers=2), 6),
+        _take_all(_dataset(docs, rows=range(4, 8), num_workers=3), 6),
     ]
     joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*halves, strict=True)]
     _same(joined, whole)
@@ -108,7 +113,7 @@ def test_iterator_state_from_two_processes_resumes_in_one_and_back(split):
     docs = split[0][:2000]
     whole = _dataset(docs)
     pipeline.take(whole, 3)
-    expected = pipeline.take(whole, 3)
+    expected = _take_all(whole, 3)
     halves = [_dataset(docs, rows=range(0, 4)), _dataset(docs, rows=range(4, 8), num_workers=2)]
     for h in halves:
         pipeline.take(h, 3)
@@ -126,12 +131,11 @@ def test_iterator_state_from_two_processes_resumes_in_one_and_back(split):
     two = [_dataset(docs, rows=range(0, 4)), _dataset(docs, rows=range(4, 8))]
     for part in two:
         part.set_state(one.get_state())
-    after = pipeline.take(one, 2)
-    parts = [pipeline.take(p, 2) for p in two]
+    after = _take_all(one, 2)
+    parts = [_take_all(p, 2) for p in two]
     _same(
         [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*parts, strict=True)], after
     )
-    one.close()
     with pytest.raises(ValueError, match="batch_size=8, this run has 4"):
         _dataset(docs, batch_size=4).set_state(merged)
 

@@ -69,6 +69,14 @@ def _wait_for_step(workdir: Path, proc: subprocess.Popen, step: int, timeout: fl
     raise TimeoutError(f"step {step} never logged")
 
 
+def _children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
 def _params_hash(workdir: Path, step: int) -> str:
     with ocp.StandardCheckpointer() as ckpt:
         tree = ckpt.restore(workdir.absolute() / "checkpoints" / str(step) / "state")
@@ -96,9 +104,16 @@ def test_sigkill_at_any_step_then_relaunch_is_bitwise_identical(uninterrupted, t
         stderr=subprocess.DEVNULL,
     )
     _wait_for_step(workdir, proc, 7)  # past the step-6 checkpoint, before the step-9 one
+    workers = _children(proc.pid)
+    assert workers  # the Grain worker process
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (workdir / "checkpoints").is_dir()
+    # the workers notice their trainer is gone and exit (they poll once a second)
+    deadline = time.time() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "orphaned workers"
     r = _run(workdir, "--config.num_steps=12", "--config.checkpoint.every_steps=3")
     assert r.returncode == 0 and "resuming from step" in r.stdout, r.stderr[-2000:]
     assert _losses(workdir) == _losses(uninterrupted)  # every step once, bitwise equal
@@ -184,6 +199,14 @@ def test_another_model_shape_lists_the_mismatches(tmp_path):
         r"checkpoint \[2, 128, 384\] vs model \[2, 128, 256\]",
     ):
         _train_with_checkpoints(tmp_path, 8, model={"d_ff": 256})
+
+
+def test_another_batch_size_cannot_continue_the_data_order(tmp_path):
+    _train_with_checkpoints(tmp_path, 4)
+    with pytest.raises(
+        CheckpointError, match=r"checkpoints/4: .*data.batch_size=16, this run has 8"
+    ):
+        _train_with_checkpoints(tmp_path, 8, data={"batch_size": 8})
 
 
 def test_failed_async_save_is_a_clear_error(tmp_path):

@@ -11,6 +11,9 @@ or workers; the iterator state (indices, per row) is saved in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,6 +131,10 @@ class RowStreams:
         return ConcatThenSplitIterDataset(docs, length_struct=length)
 
 
+class DataStateError(ValueError):
+    """A saved data-iterator state that this run's data config cannot continue."""
+
+
 PACKING_BINS = 8  # first-fit bins per row stream: more bins, less padding, more memory
 
 
@@ -197,7 +204,8 @@ class Batches:
         # argparse) must mark them parsed, keeping every flag at its default.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        return iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers)))
+        options = grain.MultiprocessingOptions(num_workers=self._workers)
+        return iter(ds.mp_prefetch(options, worker_init_fn=exit_with_parent))
 
     def __iter__(self) -> Batches:
         return self
@@ -223,14 +231,14 @@ class Batches:
     def set_state(self, state: dict[str, Any]) -> None:
         """Takes this process's rows from a state holding (at least) all of them."""
         if state.get("batch_size") != self._streams.batch_size:
-            raise ValueError(
+            raise DataStateError(
                 f"the data state was saved with data.batch_size={state.get('batch_size')}, "
                 f"this run has {self._streams.batch_size}: the data order cannot continue. "
                 "Keep the batch size, or start a new run with checkpoint.init_from."
             )
         missing = [r for r in self._row_states if r not in state["rows"]]
         if missing:
-            raise ValueError(f"the data state has no state for batch rows {missing}")
+            raise DataStateError(f"the data state has no state for batch rows {missing}")
         self.close()
         self._row_states = {r: state["rows"][r] for r in self._row_states}
 
@@ -238,6 +246,21 @@ class Batches:
         if self._it is not None:
             getattr(self._it, "close", lambda: None)()
             self._it = None
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Runs in each Grain worker: exits when the training process is gone. A trainer killed
+    with SIGKILL (OOM killer, a hard preemption) cannot stop its workers, and Grain's would
+    otherwise live on as orphans holding memory."""
+    del worker_index, worker_count
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def default_rows(batch_size: int) -> range:

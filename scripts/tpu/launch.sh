@@ -7,6 +7,9 @@
 #   scripts/tpu/launch.sh logs    NAME ZONE [WORKER]                follow a worker's log (default 0)
 #   scripts/tpu/launch.sh delete  NAME ZONE
 #
+# Multi-slice: SLICES=N before any of these creates N slices (nodes NAME-0 .. NAME-(N-1)) in one
+# queued resource and acts on all of them; train with --config.mesh.dcn_shape=N,1,1.
+#
 # Workers join JAX's multi-controller runtime by themselves (BIGJAX_DISTRIBUTED=1 makes
 # `bigjax train` call jax.distributed.initialize()). Give --workdir a directory every host
 # sees (an NFS or GCS FUSE mount): all hosts write the same checkpoints.
@@ -18,18 +21,28 @@ run() {  # print, then run unless --dry-run
   printf '+'; printf ' %q' "$@"; printf '\n'
   if [[ $DRY == 0 ]]; then "$@"; fi
 }
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 cmd="${1:-}"; shift || true
 [[ $# -ge 2 ]] || usage
 NAME="$1"; ZONE="$2"; shift 2
-SSH=(gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all)
+SLICES="${SLICES:-1}"
+[[ "$SLICES" =~ ^[1-9][0-9]*$ ]] || { echo "SLICES must be a positive integer" >&2; exit 2; }
+NODES=("$NAME")
+if (( SLICES > 1 )); then NODES=(); for ((i = 0; i < SLICES; i++)); do NODES+=("$NAME-$i"); done; fi
+ssh_all() {  # ssh_all COMMAND: on every worker of every slice
+  for node in "${NODES[@]}"; do
+    run gcloud compute tpus tpu-vm ssh "$node" --zone "$ZONE" --worker=all --command "$1"
+  done
+}
 
 case "$cmd" in
   create)
     [[ $# -ge 1 ]] || usage
     ACCEL="$1"; RUNTIME="${2:-v2-alpha-tpuv5}"
-    run gcloud compute tpus queued-resources create "$NAME" --zone "$ZONE" --node-id "$NAME" \
+    if (( SLICES > 1 )); then NODE_ARGS=(--node-count "$SLICES" --node-prefix "$NAME")
+    else NODE_ARGS=(--node-id "$NAME"); fi
+    run gcloud compute tpus queued-resources create "$NAME" --zone "$ZONE" "${NODE_ARGS[@]}" \
       --accelerator-type "$ACCEL" --runtime-version "$RUNTIME"
     echo "wait until ACTIVE: gcloud compute tpus queued-resources describe $NAME --zone $ZONE"
     ;;
@@ -37,20 +50,22 @@ case "$cmd" in
     ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
     run tar -C "$ROOT" --exclude=.git --exclude=runs --exclude=data --exclude='.venv' \
       -czf /tmp/bigjax.tgz .
-    run gcloud compute tpus tpu-vm scp /tmp/bigjax.tgz "$NAME:~/bigjax.tgz" --zone "$ZONE" \
-      --worker=all
-    run "${SSH[@]}" --command "mkdir -p ~/bigjax && tar -C ~/bigjax -xzf ~/bigjax.tgz && \
+    for node in "${NODES[@]}"; do
+      run gcloud compute tpus tpu-vm scp /tmp/bigjax.tgz "$node:~/bigjax.tgz" --zone "$ZONE" \
+        --worker=all
+    done
+    ssh_all "mkdir -p ~/bigjax && tar -C ~/bigjax -xzf ~/bigjax.tgz && \
 python3 -m venv ~/bigjax-venv && ~/bigjax-venv/bin/pip install -q -e ~/bigjax[tpu]"
     ;;
   run)
     [[ "${1:-}" == "--" ]] && shift
     [[ $# -ge 1 ]] || usage
     printf -v CMD ' %q' "$@"
-    run "${SSH[@]}" --command "cd ~/bigjax && BIGJAX_DISTRIBUTED=1 nohup \
-~/bigjax-venv/bin/${CMD# } > ~/bigjax.log 2>&1 &"
+    ssh_all "cd ~/bigjax && BIGJAX_DISTRIBUTED=1 nohup ~/bigjax-venv/bin/${CMD# } \
+> ~/bigjax.log 2>&1 &"
     ;;
   logs)
-    run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker="${1:-0}" \
+    run gcloud compute tpus tpu-vm ssh "${NODES[0]}" --zone "$ZONE" --worker="${1:-0}" \
       --command "tail -n 100 -f ~/bigjax.log"
     ;;
   delete)
