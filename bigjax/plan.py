@@ -116,22 +116,26 @@ def _shard_factor(spec: Any, mesh_shape: dict[str, int]) -> int:
 def activation_bytes_per_device(cfg: TrainConfig, mesh_shape: dict[str, int]) -> float:
     """Estimate of what the backward pass keeps per device, for one micro-batch.
 
-    Per token and layer, bytes of the compute dtype: with no remat ~ 10 D + 3 F (norm inputs,
-    q/k/v/o, the SwiGLU branches) plus the attention probabilities H L; with save_matmuls the
-    matmul outputs ~ 4 D + 3 F; with full remat only the layer input D. Plus f32 logits and
+    Per token and layer, bytes of the compute dtype, as (residual-stream, tensor-sharded):
+    with no remat ~ (4 D, 6 D + 3 F + H L) (norm inputs and residual adds; q/k/v/attention
+    output, the SwiGLU branches, the attention probabilities); with save_matmuls the matmul
+    outputs ~ (2 D, 2 D + 3 F); with full remat only the layer input (D, 0). The residual part
+    is split over `tensor` only with sequence parallelism (`act_res_seq`). Plus f32 logits and
     their gradient (2 x 4 V per token). XLA's compiled memory analysis is the real answer.
     """
     m = cfg.model
     dtype_bytes = np.dtype("float32" if m.dtype == "float32" else "bfloat16").itemsize
     shards = math.prod(mesh_shape[a] for a in ("data", "fsdp"))
     tokens = cfg.data.batch_size * cfg.data.seq_len / cfg.optim.grad_accum_steps / shards
-    per_layer = {
-        "none": 10 * m.d_model + 3 * m.d_ff + m.num_heads * cfg.data.seq_len,
-        "save_matmuls": 4 * m.d_model + 3 * m.d_ff,
-        "full": m.d_model,
+    residual, split = {
+        "none": (4 * m.d_model, 6 * m.d_model + 3 * m.d_ff + m.num_heads * cfg.data.seq_len),
+        "save_matmuls": (2 * m.d_model, 2 * m.d_model + 3 * m.d_ff),
+        "full": (m.d_model, 0),
     }[m.remat]
     tensor = mesh_shape["tensor"]
-    return tokens * (m.num_layers * per_layer * dtype_bytes + 8 * m.vocab_size) / tensor
+    sequence_parallel = "tensor" in (dict(cfg.mesh.rules).get("act_res_seq") or ())
+    per_layer = residual / (tensor if sequence_parallel else 1) + split / tensor
+    return tokens * (m.num_layers * per_layer * dtype_bytes + 8 * m.vocab_size / tensor)
 
 
 def analytic(cfg: TrainConfig, target: Target, mfu: float) -> dict[str, Any]:

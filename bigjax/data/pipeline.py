@@ -101,6 +101,9 @@ def document_stream(
     return ds.repeat(None).map(read)
 
 
+PACKING_BINS = 8  # first-fit bins per row stream: more bins, less padding, more memory
+
+
 @dataclasses.dataclass(frozen=True)
 class RowStreams:
     """Row r of every global batch comes from its own packing stream over documents
@@ -129,13 +132,6 @@ class RowStreams:
                 pieces, length_struct=length, num_packing_bins=PACKING_BINS, shuffle_bins=False
             )
         return ConcatThenSplitIterDataset(docs, length_struct=length)
-
-
-class DataStateError(ValueError):
-    """A saved data-iterator state that this run's data config cannot continue."""
-
-
-PACKING_BINS = 8  # first-fit bins per row stream: more bins, less padding, more memory
 
 
 class _RowsIterator(grain.DatasetIterator):
@@ -180,6 +176,10 @@ class RowsDataset(grain.IterDataset):
         return _RowsIterator(self._streams, self._rows, self._start)
 
 
+class DataStateError(ValueError):
+    """A saved data-iterator state that this run's data config cannot continue."""
+
+
 class Batches:
     """This process's rows of each global batch, in order; an iterator with get_state,
     set_state and close.
@@ -197,7 +197,7 @@ class Batches:
         self._it: Iterator | None = None  # started lazily: a restore replaces the state first
 
     def _start(self) -> Iterator:
-        ds: grain.IterDataset = RowsDataset(self._streams, self._rows, self._row_states)
+        ds: grain.IterDataset = RowsDataset(self._streams, self._rows, dict(self._row_states))
         if self._workers == 0:
             return iter(ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2))
         # Grain's workers read absl flags; an application that never parsed them (ours parses
