@@ -209,6 +209,50 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_plan)
 
 
+def cmd_bench(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    cfg = load_config(args.config, overrides)
+    from bigjax import bench
+
+    base = bench.QUICK if args.quick else bench.BenchSettings()
+    settings = bench.BenchSettings(
+        warmup=base.warmup if args.warmup is None else args.warmup,
+        steps=base.steps if args.steps is None else args.steps,
+    )
+    baseline = None
+    if args.baseline:
+        path = Path(args.baseline)
+        if not path.is_file():
+            raise ConfigError(f"--baseline: no such file {args.baseline!r} (a bench --json).")
+        baseline = json.loads(path.read_text())
+    result = bench.bench(cfg, settings)
+    print(bench.render(result, baseline))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"  written to {args.json}")
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time a config's train step: tokens/s, MFU, compile, data wait, host overhead",
+        description="Compiles the config's train step and times it twice: alone on a "
+        "resident batch (the device floor) and fed by the real pipeline as train runs it. "
+        "Prints medians; --json writes everything, --baseline compares with an earlier --json.",
+    )
+    p.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    p.add_argument("--quick", action="store_true", help="1 warm-up + 5 timed steps")
+    p.add_argument("--warmup", type=int, help="untimed steps before each timing (default 3)")
+    p.add_argument("--steps", type=int, help="timed steps, median reported (default 10)")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--baseline", help="an earlier --json to compare against (ratios)")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks on errors"
+    )
+    p.set_defaults(run=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bigjax", description="A JAX research framework for scalable pretraining."
@@ -234,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=cmd_train)
     add_prepare_parser(sub)
     add_plan_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -195,8 +195,8 @@ def test_another_model_shape_lists_the_mismatches(tmp_path):
     _train_with_checkpoints(tmp_path, 4)
     with pytest.raises(
         CheckpointError,
-        match=r"(?s)another model shape.*mlp/gate_DF: "
-        r"checkpoint \[2, 128, 384\] vs model \[2, 128, 256\]",
+        match=r"(?s)another model shape.*mlp/down_FD: "
+        r"checkpoint \[2, 384, 128\] vs model \[2, 256, 128\]",
     ):
         _train_with_checkpoints(tmp_path, 8, model={"d_ff": 256})
 

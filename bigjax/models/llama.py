@@ -16,6 +16,7 @@ from bigjax.layers import (
     _param,
     compute_dtype,
     dense_init,
+    project,
 )
 from bigjax.sharding import Rules, constrain
 
@@ -123,7 +124,8 @@ class Llama(nnx.Module):
         x_BLD = self.final_norm(x_BLD)
         if self.lm_head_DV is None:
             return self.embed.attend(x_BLD)
-        logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.lm_head_DV[...].astype(self.dtype))
+        x_BLD = constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
+        logits_BLV = project(x_BLD, self.lm_head_DV[...].astype(self.dtype), 1)
         return constrain(logits_BLV, ("act_batch", "act_seq", "act_vocab"), self.rules)
 
 

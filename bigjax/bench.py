@@ -1,0 +1,154 @@
+"""`bigjax bench`: how fast a config's train step runs here, and where the time goes.
+
+Two timings of one compiled step (compiled once, timed separately):
+  - device: the step alone on one batch already on the devices, each step waited for. This is
+    the floor: nothing but the compiled program.
+  - loop: the step as `train` runs it: next batch from the real Grain pipeline, assembled into
+    a global array, step dispatched, the previous step's metrics fetched (one step of lag, so
+    the host prepares step n+1 while the devices run step n).
+The loop's median step time gives tokens/s and MFU; loop minus device is the host overhead per
+step (data, dispatch, metric fetch not hidden behind device work), and the time spent in
+`next(batch)` is reported on its own. Medians, so one slow step (GC, a page fault) does not
+move the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import statistics
+import time
+from typing import Any
+
+import jax
+
+from bigjax import metrics, models
+from bigjax.config import TrainConfig
+from bigjax.data import pipeline
+from bigjax.layers import compute_dtype
+from bigjax.mesh import make_mesh
+from bigjax.program import make_program
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    warmup: int = 3  # untimed steps before each timing (caches, allocator, prefetch buffers)
+    steps: int = 10  # timed steps per timing; the median is reported
+
+
+QUICK = BenchSettings(warmup=1, steps=5)
+
+
+def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[str, Any]:
+    """Compiles `cfg`'s train step and times it; returns the figures as a JSON-able dict."""
+    if settings.steps < 1 or settings.warmup < 0:
+        raise ValueError("bench: need at least 1 timed step and no negative warm-up")
+    mesh = make_mesh(cfg.mesh)
+    peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
+    with jax.set_mesh(mesh):
+        prog = make_program(cfg, mesh)
+        state = prog.init()
+        data = pipeline.for_config(cfg.data, split="train", seed=cfg.seed, rows=prog.local_rows())
+        try:
+            resident = prog.to_global(next(data))
+            start = time.perf_counter()
+            step = prog.train_step.lower(state, resident).compile()
+            compile_s = time.perf_counter() - start
+
+            device_s = []
+            for i in range(settings.warmup + settings.steps):
+                start = time.perf_counter()
+                state, out = step(state, resident)
+                jax.block_until_ready((state, out))
+                if i >= settings.warmup:
+                    device_s.append(time.perf_counter() - start)
+
+            # At least one untimed iteration, so that every timed one waits for a step.
+            loop_warmup = max(settings.warmup, 1)
+            loop_s, wait_s, pending = [], [], None
+            for i in range(loop_warmup + settings.steps):
+                start = time.perf_counter()
+                local = next(data)
+                got_batch = time.perf_counter()
+                state, out = step(state, prog.to_global(local))
+                if pending is not None:
+                    jax.device_get(pending)  # train reads metrics one step late, like this
+                pending = out
+                if i >= loop_warmup:
+                    loop_s.append(time.perf_counter() - start)
+                    wait_s.append(got_batch - start)
+            jax.device_get(pending)
+        finally:
+            data.close()
+
+    step_s = statistics.median(loop_s)
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    flops = models.FLOPS_PER_TOKEN[cfg.model.family](cfg.model, cfg.data.seq_len) * tokens
+    return {
+        "machine": machine(),
+        "model": {
+            "size": cfg.model.size,
+            "params": models.count_params(prog.graph_state),
+            "d_model": cfg.model.d_model,
+            "num_layers": cfg.model.num_layers,
+            "vocab_size": cfg.model.vocab_size,
+            "compute_dtype": compute_dtype(cfg.model.dtype).name,
+            "param_dtype": cfg.model.param_dtype,
+        },
+        "batch": [cfg.data.batch_size, cfg.data.seq_len],
+        "mesh": dict(mesh.shape),
+        "settings": dataclasses.asdict(settings),
+        "compile_s": compile_s,
+        "step_time_s": step_s,
+        "device_step_s": statistics.median(device_s),
+        "host_overhead_s": step_s - statistics.median(device_s),
+        "data_wait_s": statistics.median(wait_s),
+        "tokens_per_s": tokens / step_s,
+        "mfu": flops / step_s / peak,
+        "peak_flops": peak,
+        "flops_per_step": flops,
+        "loop_step_times_s": loop_s,
+        "device_step_times_s": device_s,
+    }
+
+
+def machine() -> dict[str, Any]:
+    devices = jax.devices()
+    return {
+        "platform": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "processes": jax.process_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+    }
+
+
+ROWS = (
+    ("tokens/s", "tokens_per_s", "{:,.0f}", True),
+    ("MFU", "mfu", "{:.1%}", True),
+    ("step time (loop)", "step_time_s", "{:.4f} s", False),
+    ("step time (device)", "device_step_s", "{:.4f} s", False),
+    ("host overhead / step", "host_overhead_s", "{:+.4f} s", False),
+    ("data wait / step", "data_wait_s", "{:.4f} s", False),
+    ("compile", "compile_s", "{:.1f} s", False),
+)
+
+
+def render(result: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
+    """A console table; with `baseline`, a column of ratios (> 1 is better)."""
+    m = result["machine"]
+    head = (
+        f"bench: {result['model']['params']:,} params, batch {result['batch'][0]} x "
+        f"{result['batch'][1]}, mesh {result['mesh']}, {m['devices']} {m['device_kind']} "
+        f"device(s); median of {result['settings']['steps']} steps"
+    )
+    lines = [head]
+    for label, key, fmt, higher_is_better in ROWS:
+        line = f"  {label:<22}{fmt.format(result[key]):>16}"
+        if baseline is not None and key in baseline and baseline[key] and key != "host_overhead_s":
+            ratio = result[key] / baseline[key]
+            line += f"   {ratio if higher_is_better else 1 / ratio:.3f}x vs baseline"
+        lines.append(line)
+    return "\n".join(lines)
