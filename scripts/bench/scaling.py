@@ -25,6 +25,7 @@ import jax  # noqa: E402
 
 from bigjax.config import from_configdict  # noqa: E402
 from bigjax.mesh import make_mesh  # noqa: E402
+from bigjax.plan import abstract_step_inputs  # noqa: E402
 from bigjax.program import make_program  # noqa: E402
 
 GiB = 2**30
@@ -35,18 +36,7 @@ def compile_step(raw: dict, devices: int) -> tuple[jax.stages.Compiled, float]:
     mesh = make_mesh(cfg.mesh, jax.devices()[:devices])
     prog = make_program(cfg, mesh)
     with jax.set_mesh(mesh):
-        state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            prog.abstract,
-            prog.shardings,
-        )
-        shape = (cfg.data.batch_size, cfg.data.seq_len)
-        batch = {
-            k: jax.ShapeDtypeStruct(
-                shape, "float32" if k == "weights" else "int32", sharding=prog.batch_sharding
-            )
-            for k in ("inputs", "targets", "segment_ids", "positions", "weights")
-        }
+        state, batch = abstract_step_inputs(prog)
         start = time.perf_counter()
         compiled = prog.train_step.lower(state, batch).compile()
     return compiled, time.perf_counter() - start
