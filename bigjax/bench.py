@@ -48,7 +48,9 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
     with jax.set_mesh(mesh):
         prog = make_program(cfg, mesh)
         state = prog.init()
-        data = pipeline.for_config(cfg.data, split="train", seed=cfg.seed, rows=prog.local_rows())
+        data = pipeline.for_config(
+            cfg.data, split="train", seed=cfg.data_seed, rows=prog.local_rows()
+        )
         try:
             resident = prog.to_global(next(data))
             start = time.perf_counter()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bigjax.config import ConfigError, TrainConfig, from_configdict
+from bigjax.config import ConfigError, TrainConfig, from_configdict, load_python_function
 
 USAGE_ERROR = 2  # bad config or input: fix the command
 RUN_FAILED = 1  # the run itself failed (non-finite loss, checkpoint I/O)
@@ -23,15 +22,10 @@ def load_config(spec: str, overrides: Sequence[str]) -> TrainConfig:
     A config file is Python by design (like big_vision): it is run, so only load your own.
     """
     path, _, arg = spec.partition(":")
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--config: no such file {path!r}. Configs live in configs/*.py.")
-    module_spec = importlib.util.spec_from_file_location(f"bigjax_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"--config: {path} defines no get_config(arg=None) function.")
-    cd = module.get_config(arg or None)
+    get_config = load_python_function(
+        path, "get_config", "--config", "Configs live in configs/*.py."
+    )
+    cd = get_config(arg or None)
     raw = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
     for item in overrides:
         key, value = parse_override(item)
@@ -74,6 +68,13 @@ def _join_override_values(argv: Sequence[str]) -> list[str]:
         out.append(item)
         i += 1
     return out
+
+
+def add_debug_flag(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: `bigjax --debug CMD` and `bigjax CMD --debug` both work.
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks on errors"
+    )
 
 
 def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -159,9 +160,7 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
             default=f.default,
             help=f"quality filter (default {f.default})",
         )
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks on errors"
-    )
+    add_debug_flag(p)
     p.set_defaults(run=cmd_prepare)
 
 
@@ -203,9 +202,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         help="compile for the TPU topology (default: when libtpu is installed)",
     )
     p.add_argument("--json", help="also write the plan as JSON here")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks on errors"
-    )
+    add_debug_flag(p)
     p.set_defaults(run=cmd_plan)
 
 
@@ -247,10 +244,77 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="timed steps, median reported (default 10)")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--baseline", help="an earlier --json to compare against (ratios)")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks on errors"
-    )
+    add_debug_flag(p)
     p.set_defaults(run=cmd_bench)
+
+
+def cmd_sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    if overrides:
+        raise ConfigError("sweep: put config overrides in the spec (its `overrides` field).")
+    from bigjax.sweep import runner, spec  # imports optuna: only for this command
+
+    sweep = spec.load(args.spec)
+    directory = Path(args.dir or f"runs/sweeps/{sweep.name}")
+    opts = runner.Options(
+        directory=directory,
+        storage=args.storage or f"sqlite:///{directory.resolve() / 'study.db'}",
+        workers=args.workers,
+        join_only=args.worker,
+        heartbeat_s=args.heartbeat,
+    )
+    study = runner.run(sweep, opts)
+    print(runner.summary(study), flush=True)
+    print(f"report: bigjax report {directory}", flush=True)
+    return 0
+
+
+def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a sweep or ablation spec (experiments/NAME/sweep.py)",
+        description="Run the trials of a sweep or ablation spec as `bigjax train` processes, "
+        "N at a time, recorded in an Optuna study. Rerun the same command to continue a "
+        "stopped or killed sweep; add --worker on other machines to join it.",
+    )
+    p.add_argument("spec", help="a Python file defining get_sweep()")
+    p.add_argument("--workers", type=int, default=1, help="trials at a time on this machine")
+    p.add_argument("--worker", action="store_true", help="join an existing sweep's study")
+    p.add_argument("--storage", help="study database URL (default: SQLite in the sweep dir)")
+    p.add_argument("--dir", help="sweep directory (default: runs/sweeps/NAME)")
+    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_sweep)
+
+
+def cmd_report(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    if overrides:
+        raise ConfigError("report: takes run or sweep directories, not config overrides.")
+    from bigjax import report
+
+    first = Path(args.paths[0])
+    out = Path(args.out) if args.out else (first / "report" if len(args.paths) == 1 else None)
+    if out is None:
+        raise ConfigError("report: with several directories, say where to write: --out DIR.")
+    text, pngs = report.report(args.paths, out, baseline=args.baseline, fit=args.fit)
+    print(text)
+    print(f"written: {out / 'report.md'} and {len(pngs)} plots in {out}", flush=True)
+    return 0
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="compare runs: markdown table and plots",
+        description="Compare runs (run directories, or sweep directories holding them): "
+        "final and best eval loss per group (mean ± std over seeds), Δ vs the baseline, "
+        "tokens, FLOPs, wall time; loss plots; objective-vs-parameter plots for sweeps.",
+    )
+    p.add_argument("paths", nargs="+", help="run or sweep directories")
+    p.add_argument("--out", help="output directory (default: PATH/report for one path)")
+    p.add_argument("--baseline", default="", help="group to compare with (default: the spec's)")
+    p.add_argument("--fit", default="", choices=["", "scaling"], help="scaling: fit L(C)")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,14 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
     train.add_argument("--num_processes", type=int, help="processes in the job (multi-host)")
     train.add_argument("--process_id", type=int, help="this process's index (multi-host)")
-    # SUPPRESS: `bigjax --debug train` and `bigjax train --debug` both work.
-    train.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks on errors"
-    )
+    add_debug_flag(train)
     train.set_defaults(run=cmd_train)
     add_prepare_parser(sub)
     add_plan_parser(sub)
     add_bench_parser(sub)
+    add_sweep_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -297,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bigjax.data.sources import DataError
         from bigjax.data.tokenizer import TokenizerError
         from bigjax.metrics import UnknownDeviceError
+        from bigjax.report import ReportError
         from bigjax.train import NonFiniteError
 
         usage = (
@@ -305,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             TokenizerError,
             EmptySplitError,
             UnknownDeviceError,
+            ReportError,
             FileNotFoundError,
         )
         if args.debug or not isinstance(e, (*usage, CheckpointError, NonFiniteError)):

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 # Mesh axes, outermost (slowest, DCN-friendly) first.
@@ -108,7 +110,8 @@ REMAT_POLICIES = ("none", "full", "save_matmuls")
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+NORMS = ("rmsnorm", "layernorm")
 WEIGHT_DECAY_MASKS = ("matrices", "all")
 
 
@@ -146,13 +149,14 @@ class ModelConfig:
     vocab_size: int = 512
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
+    norm: str = "rmsnorm"  # one of NORMS: 'rmsnorm' (Llama) or 'layernorm' (GPT-2, with bias)
     norm_eps: float = 1e-6
     dropout: float = 0.0
     param_dtype: str = "float32"
     dtype: str = "auto"  # compute dtype; auto: float32 on CPU, bfloat16 on GPU/TPU
     scan_layers: bool = True
     remat: str = "none"  # one of REMAT_POLICIES
-    attention: str = "xla"  # one of ATTENTION_IMPLS
+    attention: str = "einsum"  # one of ATTENTION_IMPLS
 
     @property
     def kv_heads(self) -> int:
@@ -197,6 +201,9 @@ class DataConfig:
     eval_fraction: float = 0.02  # share of documents held out for eval, chosen by path hash
     num_workers: int = 0  # Grain prefetch processes; 0 reads in the training process
     shuffle: bool = True
+    # Seed of the document order; -1: the run's `seed`. Fix it to vary only the initialisation
+    # across seeds (ablations do: every variant and seed then sees the same batches).
+    seed: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,8 +252,26 @@ class TrainConfig:
     metrics: MetricsConfig = MetricsConfig()
     eval: EvalConfig = EvalConfig()
 
+    @property
+    def data_seed(self) -> int:
+        return self.seed if self.data.seed < 0 else self.data.seed
+
 
 # ----------------------------------------------------------------------------- conversion
+
+
+def load_python_function(path: str | Path, function: str, what: str, hint: str) -> Callable:
+    """Runs a Python file (a config or a sweep spec: Python by design, like big_vision's
+    configs, so only load your own) and returns its top-level `function`."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what}: no such file {str(path)!r}. {hint}")
+    module_spec = importlib.util.spec_from_file_location(f"bigjax_{what}_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, function, None)):
+        raise ConfigError(f"{what}: {path} defines no {function}() function.")
+    return getattr(module, function)
 
 
 def from_configdict(cd: Any) -> TrainConfig:
@@ -473,6 +498,7 @@ def validate(cfg: TrainConfig) -> None:
     _one_of("model.dtype", m.dtype, ("auto", *DTYPES))
     _one_of("model.remat", m.remat, REMAT_POLICIES)
     _one_of("model.attention", m.attention, ATTENTION_IMPLS)
+    _one_of("model.norm", m.norm, NORMS)
     _one_of("optim.name", o.name, OPTIMIZERS)
     _one_of("optim.schedule", o.schedule, SCHEDULES)
     _one_of("optim.weight_decay_mask", o.weight_decay_mask, WEIGHT_DECAY_MASKS)

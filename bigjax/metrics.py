@@ -132,7 +132,15 @@ def _step_of(line: str) -> float:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a metrics file; a line cut short by a kill (or still being written while
+    a sweep reads it) is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def plot_loss(metrics_path: Path, png_path: Path) -> None:

@@ -71,7 +71,7 @@ def check_program(cfg: TrainConfig, mesh: Mesh) -> None:
     if cfg.model.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(
             f"model.attention: 'cudnn' needs an NVIDIA GPU, this backend is "
-            f"{jax.default_backend()!r}; use model.attention=xla."
+            f"{jax.default_backend()!r}; use model.attention=einsum."
         )
 
 

@@ -83,9 +83,20 @@ class Window:
     data_wait: float = 0.0
 
 
+def write_summary(workdir: Path, summary: dict[str, Any], wall_s: float) -> None:
+    """`summary.json`: where the run stands, for sweeps and `bigjax report`. Wall time adds up
+    over resumes (a run killed with SIGKILL loses that attempt's time)."""
+    path = workdir / "summary.json"
+    before = json.loads(path.read_text()).get("wall_s", 0.0) if path.exists() else 0.0
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**summary, "wall_s": before + wall_s}, indent=2) + "\n")
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
 def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
     workdir = Path(workdir)
+    started = time.perf_counter()
     writer_process = jax.process_index() == 0
     if writer_process:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +116,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
         def new_data_iter() -> Any:
             return pipeline.for_config(
-                cfg.data, split="train", seed=cfg.seed, rows=prog.local_rows()
+                cfg.data, split="train", seed=cfg.data_seed, rows=prog.local_rows()
             )
 
         data_iter = new_data_iter()
@@ -297,6 +308,21 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         writers.close()
 
     if writer_process:
+        write_summary(
+            workdir,
+            {
+                "step": final_step,
+                "num_steps": cfg.num_steps,
+                "complete": final_step >= cfg.num_steps,
+                "eval_loss": last_eval.get("eval_loss")
+                if last_eval.get("step") == final_step
+                else None,
+                "num_params": num_params,
+                "tokens": final_step * tokens_per_step,
+                "flops": final_step * flops_per_step,
+            },
+            time.perf_counter() - started,
+        )
         if cfg.metrics.plot and writers.path.exists():
             metrics.plot_loss(writers.path, workdir / "loss.png")
         status = f"eval loss {last_eval['eval_loss']:.4f}" if last_eval else "no eval"

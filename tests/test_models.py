@@ -117,3 +117,49 @@ def test_bf16_compute_keeps_f32_params():
     tokens, seg, pos = _batch()
     assert m(tokens, seg, pos).dtype == jnp.bfloat16
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m)))
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2), (4, 1)])
+def test_einsum_attention_equals_jax_attention(heads, kv_heads):
+    # bigjax's grouped einsums against jax.nn.dot_product_attention (XLA path), same mask:
+    # packed documents plus padding. A wrong head grouping or mask would differ by O(1).
+    from bigjax.layers import attention_mask, dot_product_attention
+
+    keys = jax.random.split(jax.random.key(1), 3)
+    B, L, K = 2, 16, 8
+    q = jax.random.normal(keys[0], (B, L, heads, K))
+    k = jax.random.normal(keys[1], (B, L, kv_heads, K))
+    v = jax.random.normal(keys[2], (B, L, kv_heads, K))
+    segments = jnp.asarray([[1] * 5 + [2] * 8 + [0] * 3, [1] * 16])
+    mask = attention_mask(segments)
+    ours = dot_product_attention(q, k, v, mask)
+    ref = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    # f32 sums of 16 terms in a different order: agreement to ~1e-6 relative.
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    ours_g = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, mask)), (0, 1, 2))(
+        q, k, v
+    )
+    ref_g = jax.grad(
+        loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask)), (0, 1, 2)
+    )(q, k, v)
+    for a, b in zip(ours_g, ref_g, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_layernorm_model_counts_and_normalises():
+    cfg, model = _model(norm="layernorm")
+    _, state = models.abstract(cfg.model, cfg.mesh.rules)
+    assert models.count_params(state) == param_count(cfg.model)  # scale and bias per norm
+    from bigjax.layers import LayerNorm
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 16)) * 5 + 3
+    y = LayerNorm(16, eps=1e-6, param_dtype=jnp.float32)(x)
+    # Unit scale, zero bias: every row has mean 0 and variance 1 (to f32 rounding).
+    np.testing.assert_allclose(jnp.mean(y, -1), 0, atol=1e-5)
+    np.testing.assert_allclose(jnp.var(y, -1), 1, rtol=1e-4)
+    tokens, seg, pos = _batch()
+    assert jnp.all(jnp.isfinite(model(tokens, seg, pos)))

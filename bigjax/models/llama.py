@@ -1,4 +1,5 @@
-"""Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, scanned layers."""
+"""Llama-style decoder: RMSNorm (or LayerNorm), RoPE, SwiGLU, grouped-query attention, scanned
+layers."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from bigjax.layers import (
     RESIDUAL,
     Attention,
     Embed,
-    RMSNorm,
     _param,
     compute_dtype,
     dense_init,
+    make_norm,
     project,
 )
 from bigjax.sharding import Rules, constrain
@@ -40,7 +41,7 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
         pd, dt = jnp.dtype(cfg.param_dtype), compute_dtype(cfg.dtype)
         self.dropout, self.rules = cfg.dropout, rules
-        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.attn = Attention(
             cfg.d_model,
             cfg.num_heads,
@@ -53,7 +54,7 @@ class Block(nnx.Module):
             dtype=dt,
             rules=rules,
         )
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, rngs=rngs, param_dtype=pd, dtype=dt, rules=rules)
 
     def __call__(
@@ -87,7 +88,7 @@ class Llama(nnx.Module):
             return Block(cfg, rules, rngs=rngs)
 
         self.blocks = stacked_blocks(rngs)
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         # nnx.data: the attribute holds a Param or None (tied), never static config.
         self.lm_head_DV = nnx.data(
             None
@@ -138,9 +139,10 @@ def param_count(cfg: ModelConfig) -> int:
     """Closed-form parameter count; tests check it against the built model."""
     D, F, V, H, G, K = _dims(cfg)
     attention = D * H * K * 2 + D * G * K * 2  # q, o; k, v
-    per_layer = attention + 3 * D * F + 2 * D  # + SwiGLU, two norms
+    norm = 2 * D if cfg.norm == "layernorm" else D  # scale (and bias)
+    per_layer = attention + 3 * D * F + 2 * norm  # + SwiGLU, two norms
     head = 0 if cfg.tie_embeddings else D * V
-    return V * D + cfg.num_layers * per_layer + D + head
+    return V * D + cfg.num_layers * per_layer + norm + head
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -18,6 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -42,6 +43,33 @@ def compile_step(raw: dict, devices: int) -> tuple[jax.stages.Compiled, float]:
     return compiled, time.perf_counter() - start
 
 
+_COLLECTIVE = re.compile(
+    r"= (\(.*?\)|\S+) (all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)"
+    r"(?:-start)?\("
+)
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "f64": 8, "s8": 1}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each kind of collective produces per device in one step, read off the optimised
+    HLO (an async pair counted once, at its -start). Exact for unrolled layers; a scanned
+    body's collectives run once per layer but appear once in the text."""
+    totals: dict[str, int] = {}
+    for shape, kind in _COLLECTIVE.findall(hlo_text):
+        arrays = _ARRAY.findall(shape)
+        if shape.startswith("(") and kind != "all-reduce":
+            arrays = arrays[len(arrays) // 2 :]  # async (operands, results): count the results
+        nbytes = 0
+        for dtype, dims in arrays:
+            n = 1
+            for d in filter(None, dims.split(",")):
+                n *= int(d)
+            nbytes += n * _DTYPE_BYTES.get(dtype, 4)
+        totals[kind] = totals.get(kind, 0) + nbytes
+    return totals
+
+
 def per_device(compiled: jax.stages.Compiled) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -51,6 +79,7 @@ def per_device(compiled: jax.stages.Compiled) -> dict:
         "bytes_accessed": cost.get("bytes accessed", float("nan")),
         "argument_bytes": mem.argument_size_in_bytes,
         "temp_bytes": mem.temp_size_in_bytes,
+        "collective_bytes": collective_bytes(compiled.as_text()),
     }
 
 
@@ -61,9 +90,10 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # lm_small's model with a 32k vocabulary, batch 16 x 256 so that 8 devices get 2 rows each
+    # lm_small's model with a 32k vocabulary, batch 16 x 256 so that 8 devices get 2 rows each;
+    # unrolled, so that every collective appears in the HLO as often as it runs
     small = {
-        "model": {"size": "small", "vocab_size": 32000},
+        "model": {"size": "small", "vocab_size": 32000, "scan_layers": False},
         "data": {"batch_size": 16, "seq_len": 256},
     }
     rows = []
@@ -91,14 +121,19 @@ def main() -> None:
 
     base = {r["parallelism"]: r for r in rows if r["devices"] == 1}
     print(
-        "| parallelism | devices | GFLOP / device | × of 1 device | args / device | temp / device |"
+        "| parallelism | devices | GFLOP / device | × of 1 device | args / device "
+        "| temp / device | collectives / device |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["flops"] / base[r["parallelism"]]["flops"]
+        comm = ", ".join(
+            f"{k} {v / 2**20:,.0f} MiB" for k, v in sorted(r["collective_bytes"].items())
+        )
         print(
             f"| {r['parallelism']} | {r['devices']} | {r['flops'] / 1e9:,.1f} | {ratio:.3f} | "
-            f"{r['argument_bytes'] / 2**20:,.0f} MiB | {r['temp_bytes'] / 2**20:,.0f} MiB |"
+            f"{r['argument_bytes'] / 2**20:,.0f} MiB | {r['temp_bytes'] / 2**20:,.0f} MiB | "
+            f"{comm or '-'} |"
         )
     for e in result.get("8b_compile", []):
         print(

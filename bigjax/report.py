@@ -1,0 +1,303 @@
+"""`bigjax report`: compare runs (ablations, sweeps, ladders) as a markdown table and plots.
+
+Runs are grouped by what differs between them, with seeds pooled: an ablation's variant, a
+sweep trial's parameters, or else the run directory's name. For each group: final and best
+eval loss (mean ± std over seeds), the difference from the baseline (paired by seed when both
+have the same seeds: every seed sees the same data in an ablation, so the pairing removes
+the data's share of the noise), tokens, FLOPs and wall time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bigjax.fit import PowerLaw, fit_power_law
+from bigjax.metrics import read_jsonl
+
+
+class ReportError(ValueError):
+    """Nothing to report, or inputs that cannot be compared; the message says which."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    path: Path
+    group: str
+    seed: int
+    point: dict[str, Any]  # a sweep trial's parameters ({} for a plain run)
+    baseline: str  # the baseline named by the run's sweep spec, if any
+    train: list[tuple[int, float]]  # (step, train loss)
+    evals: list[tuple[int, float]]  # (step, eval loss)
+    tokens_per_step: float
+    flops_per_step: float
+    summary: dict[str, Any]
+
+    @property
+    def final(self) -> float | None:
+        if not self.summary.get("complete") or not self.evals:
+            return None
+        return self.evals[-1][1] if self.evals[-1][0] == self.summary["step"] else None
+
+    @property
+    def best(self) -> float | None:
+        return min((loss for _, loss in self.evals), default=None)
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run directories (those holding metrics.jsonl) at or below the given paths."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ReportError(f"report: no such directory {str(p)!r}")
+        if (p / "metrics.jsonl").exists():
+            found.append(p)
+        else:
+            found.extend(sorted(m.parent for m in p.glob("**/metrics.jsonl")))
+    if not found:
+        raise ReportError(
+            f"report: no runs under {', '.join(map(str, paths))} (a run directory holds "
+            "metrics.jsonl: pass run directories or a sweep directory)"
+        )
+    return sorted(set(found))
+
+
+def load_run(path: Path) -> Run:
+    rows = read_jsonl(path / "metrics.jsonl")
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    trial_path = path / "trial.json"
+    trial = json.loads(trial_path.read_text()) if trial_path.exists() else {}
+    summary_path = path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    point = dict(trial.get("point", {}))
+    seed = int(point.pop("seed", config.get("seed", 0)))
+    if "variant" in point and len(point) == 1:
+        group = str(point["variant"])
+    elif point:
+        group = ", ".join(f"{k}={_fmt(v)}" for k, v in point.items())
+    else:
+        group = path.name
+    data = config.get("data", {})
+    tokens_per_step = float(data.get("batch_size", 0) * data.get("seq_len", 0))
+    steps = summary.get("step") or 0
+    return Run(
+        path=path,
+        group=group,
+        seed=seed,
+        point=point,
+        baseline=str(trial.get("baseline", "")),
+        train=[(int(r["step"]), float(r["loss"])) for r in rows if "loss" in r],
+        evals=[(int(r["step"]), float(r["eval_loss"])) for r in rows if "eval_loss" in r],
+        tokens_per_step=tokens_per_step,
+        flops_per_step=summary.get("flops", 0.0) / steps if steps else 0.0,
+        summary=summary,
+    )
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "—"
+    if len(xs) == 1:
+        return f"{xs[0]:.4f}"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.group, []).append(r)
+    return groups
+
+
+def delta(group: list[Run], base: list[Run]) -> str:
+    """Final-loss difference from the baseline: paired by seed when the seeds match."""
+    mine = {r.seed: r.final for r in group if r.final is not None}
+    theirs = {r.seed: r.final for r in base if r.final is not None}
+    if not mine or not theirs:
+        return "—"
+    if set(mine) == set(theirs):
+        diffs = [mine[s] - theirs[s] for s in sorted(mine)]
+        if len(diffs) == 1:
+            return f"{diffs[0]:+.4f}"
+        return f"{statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} (paired)"
+    return f"{statistics.mean(mine.values()) - statistics.mean(theirs.values()):+.4f}"
+
+
+def table(runs: list[Run], baseline: str = "") -> str:
+    groups = group_runs(runs)
+    if baseline and baseline not in groups:
+        raise ReportError(
+            f"report: --baseline {baseline!r} is not one of the groups: {', '.join(groups)}"
+        )
+    header = "| group | seeds | final eval loss | best eval loss | Δ final vs baseline | "
+    header += "tokens | FLOPs | wall time |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+
+    def order(name: str) -> tuple:
+        finals = [r.final for r in groups[name] if r.final is not None]
+        return (name != baseline, statistics.mean(finals) if finals else math.inf)
+
+    for name in sorted(groups, key=order):
+        g = groups[name]
+        finals = [r.final for r in g if r.final is not None]
+        bests = [r.best for r in g if r.best is not None]
+        d = "(baseline)" if name == baseline else delta(g, groups[baseline]) if baseline else "—"
+        tokens = statistics.mean(r.summary.get("tokens", 0) for r in g)
+        flops = statistics.mean(r.summary.get("flops", 0) for r in g)
+        wall = statistics.mean(r.summary.get("wall_s", 0) for r in g)
+        incomplete = sum(r.final is None for r in g)
+        seeds = f"{len(g)}" + (f" ({incomplete} unfinished)" if incomplete else "")
+        lines.append(
+            f"| {name} | {seeds} | {_mean_std(finals)} | {_mean_std(bests)} | {d} | "
+            f"{tokens:,.0f} | {flops:.3g} | {wall:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _colors(names: list[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "viridis"]
+    n = max(len(names) - 1, 1)
+    return {name: cmap(i if len(names) <= 10 else i / n) for i, name in enumerate(names)}
+
+
+def plot_curves(runs: list[Run], out: Path) -> list[Path]:
+    """Loss against steps, tokens and FLOPs; one colour per group, one line per seed."""
+    plt = _pyplot()
+    groups = group_runs(runs)
+    colors = _colors(list(groups))
+    written = []
+    for axis, label in (("step", "step"), ("tokens", "tokens"), ("flops", "training FLOPs")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, g in groups.items():
+            for i, r in enumerate(g):
+                scale = {"step": 1.0, "tokens": r.tokens_per_step, "flops": r.flops_per_step}
+                k = scale[axis]
+                if r.train and axis == "step":
+                    steps, losses = zip(*r.train, strict=True)
+                    ax.plot(steps, losses, color=colors[name], alpha=0.25, lw=1)
+                if r.evals:
+                    steps, losses = zip(*r.evals, strict=True)
+                    ax.plot(
+                        [s * k for s in steps], losses, "o-", color=colors[name], ms=3, lw=1.2,
+                        label=f"{name} (eval)" if i == 0 else None,
+                    )  # fmt: skip
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (faint: train; markers: eval)" if axis == "step" else "eval loss")
+        if axis != "step":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / f"loss_vs_{axis}.png"))
+    return written
+
+
+def plot_objective(runs: list[Run], out: Path) -> list[Path]:
+    """Sweeps: final eval loss against each swept parameter (log axis for wide positive
+    ranges); one point per run."""
+    plt = _pyplot()
+    keys = sorted({k for r in runs for k in r.point if k != "variant"})
+    written = []
+    for key in keys:
+        pts = [(r.point[key], r.final) for r in runs if key in r.point and r.final is not None]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs, ys = zip(*pts, strict=True)
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
+            ax.scatter(xs, ys)
+            if min(xs) > 0 and max(xs) / min(xs) > 10:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(x) for x in xs})
+            ax.scatter([labels.index(str(x)) for x in xs], ys)
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel(key)
+        ax.set_ylabel("final eval loss")
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, out / f"objective_vs_{key.replace('.', '_')}.png"))
+    return written
+
+
+def scaling_fit(runs: list[Run], out: Path) -> tuple[PowerLaw, Path]:
+    """Fits L(C) = a C^-b + c to each group's mean final loss against its training FLOPs."""
+    import numpy as np
+
+    plt = _pyplot()
+    points = []
+    for name, g in group_runs(runs).items():
+        finals = [r.final for r in g if r.final is not None]
+        if finals:
+            points.append((statistics.mean(r.summary["flops"] for r in g), np.mean(finals), name))
+    if len(points) < 3:
+        raise ReportError(
+            f"report --fit scaling: need finished runs of at least 3 sizes, got {len(points)}"
+        )
+    points.sort()
+    compute = np.array([p[0] for p in points])
+    loss = np.array([p[1] for p in points])
+    law = fit_power_law(compute, loss)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter(compute, loss, zorder=3, label="runs (mean over seeds)")
+    for c, lo, name in points:
+        ax.annotate(name, (c, lo), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    grid = np.geomspace(compute.min() / 2, compute.max() * 4, 200)
+    ax.plot(grid, law(grid), "r-", label=law.describe())
+    ax.axhline(law.c, color="gray", ls=":", lw=1, label=f"irreducible c = {law.c:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("final eval loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return law, _save(fig, out / "scaling_fit.png")
+
+
+def report(
+    paths: Sequence[str | Path], out: Path, baseline: str = "", fit: str = ""
+) -> tuple[str, list[Path]]:
+    """Writes report.md and the plots into `out`; returns the markdown and the PNG paths."""
+    runs = [load_run(p) for p in find_runs(paths)]
+    if not baseline:
+        named = {r.baseline for r in runs if r.baseline}
+        baseline = named.pop() if len(named) == 1 else ""
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# Report: {len(runs)} runs", "", table(runs, baseline), ""]
+    pngs = plot_curves(runs, out) + plot_objective(runs, out)
+    if fit == "scaling":
+        law, png = scaling_fit(runs, out)
+        md += ["## Scaling fit", "", f"`{law.describe()}` (C in FLOPs)", ""]
+        pngs.append(png)
+    elif fit:
+        raise ReportError(f"report: unknown --fit {fit!r}; the one fit is 'scaling'")
+    md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
+    md += ["## Runs", ""] + [f"- `{r.path}`: {r.group}, seed {r.seed}" for r in runs] + [""]
+    text = "\n".join(md)
+    (out / "report.md").write_text(text)
+    return text, pngs

@@ -1,0 +1,440 @@
+"""`bigjax sweep`: trials as `bigjax train` processes, coordinated through an Optuna study.
+
+The study is the source of truth, in SQLite inside the sweep directory or in a shared database
+(PostgreSQL) that workers on several machines join. The process that creates the study
+enqueues every trial once (grid and random points, or empty TPE slots with their seeds);
+workers pop waiting trials atomically, so no trial runs twice and none is lost, whatever the
+number of workers. Each trial is a `bigjax train` subprocess in its own run directory, named
+by the hash of its resolved config: a retried or resumed trial continues from its checkpoint.
+
+Failure handling:
+  - a trial that exits with an error is recorded as FAIL with the end of its log, not retried;
+  - a trial whose sweep process died (kill -9, a lost machine) stops sending heartbeats; any
+    live worker marks it failed and re-enqueues it (at most MAX_RETRIES times), and it resumes
+    from its last checkpoint;
+  - Ctrl-C / SIGTERM stops the running trials (they checkpoint) and re-enqueues them: rerun
+    the same command to continue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from bigjax.cli import load_config
+from bigjax.config import ConfigError, to_dict
+from bigjax.metrics import read_jsonl
+from bigjax.sweep import devices
+from bigjax.sweep.spec import Grid, IntUniform, LogUniform, Sweep, Uniform, Value
+
+MAX_RETRIES = 2  # re-runs of a trial whose worker died, before it counts as failed
+ERROR_TAIL_LINES = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    directory: Path
+    storage: str  # database URL
+    workers: int = 1
+    join_only: bool = False  # --worker: join an existing study, never create one
+    heartbeat_s: float = 10.0  # a trial silent for 3 heartbeats is taken as dead
+    wait_s: float = 600.0  # --worker: how long to wait for the study to appear
+
+
+def config_hash(cfg: Any) -> str:
+    """12 hex digits of the resolved config: equal configs share a run directory."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def cli_overrides(overrides: Mapping[str, Any]) -> list[str]:
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, (list, tuple)):
+            return ",".join(map(str, v))
+        return repr(v) if isinstance(v, float) else str(v)
+
+    return [f"--config.{k}={fmt(v)}" for k, v in overrides.items()]
+
+
+def spec_fingerprint(spec: Sweep) -> str:
+    text = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _stable_enough() -> Iterator[None]:
+    """Heartbeats and their retry callback are marked experimental (since Optuna 2.8/2.9);
+    bigjax relies on them on purpose and tests them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def make_storage(url: str, heartbeat_s: float) -> optuna.storages.RDBStorage:
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    with _stable_enough():
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=max(1, int(heartbeat_s)),
+            grace_period=max(3, int(3 * heartbeat_s)),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=MAX_RETRIES
+            ),
+        )
+
+
+def _sampler(spec: Sweep) -> optuna.samplers.BaseSampler:
+    if spec.algorithm == "tpe":
+        return optuna.samplers.TPESampler(seed=spec.sampler_seed)
+    return optuna.samplers.RandomSampler(seed=spec.sampler_seed)  # points are enqueued
+
+
+def _pruner(spec: Sweep) -> optuna.pruners.BasePruner:
+    if spec.pruner == "median":
+        # Compare only after 2 trials finished and from each trial's second report on.
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if spec.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def open_study(spec: Sweep, storage: optuna.storages.BaseStorage, opts: Options) -> optuna.Study:
+    """Creates the study and enqueues its trials (exactly once: creation is atomic in the
+    database), or joins an existing one made from the same spec."""
+    kwargs = {"study_name": spec.name, "storage": storage}
+    kwargs |= {"sampler": _sampler(spec), "pruner": _pruner(spec)}
+    study = None
+    if not opts.join_only:
+        with contextlib.suppress(optuna.exceptions.DuplicatedStudyError):
+            study = optuna.create_study(direction=spec.direction, **kwargs)
+            points = spec.points()
+            for point in points:
+                study.enqueue_trial(point)
+            study.set_user_attr("spec", spec_fingerprint(spec))
+            study.set_user_attr("enqueued", len(points))
+            return study
+    deadline = time.monotonic() + (opts.wait_s if opts.join_only else 60.0)
+    while True:
+        with contextlib.suppress(KeyError):
+            study = optuna.load_study(**kwargs)
+            if "enqueued" in study.user_attrs:
+                break
+        if time.monotonic() > deadline:
+            what = "has no study" if study is None else "holds a study never filled"
+            raise ConfigError(
+                f"sweep: {opts.storage} {what} named {spec.name!r}. Start the sweep without "
+                "--worker first (if its creator died while enqueueing, delete the study: "
+                f"optuna delete-study --study-name {spec.name} --storage URL)."
+            )
+        time.sleep(1.0)
+    if study.user_attrs.get("spec") != spec_fingerprint(spec):
+        raise ConfigError(
+            f"sweep: the study {spec.name!r} in {opts.storage} was made from a different spec. "
+            "Give the changed spec a new name, or use a new --dir / --storage."
+        )
+    return study
+
+
+def suggest_point(spec: Sweep, trial: optuna.Trial) -> dict[str, Value]:
+    """The trial's parameter point: fixed by its enqueued values, else chosen by the sampler."""
+    point: dict[str, Value] = {}
+    if spec.variants:
+        point["variant"] = trial.suggest_categorical("variant", list(spec.variants))
+    for key, p in spec.space.items():
+        if isinstance(p, Grid):
+            point[key] = trial.suggest_categorical(key, list(p.values))
+        elif isinstance(p, Uniform):
+            point[key] = trial.suggest_float(key, p.low, p.high)
+        elif isinstance(p, LogUniform):
+            point[key] = trial.suggest_float(key, p.low, p.high, log=True)
+        elif isinstance(p, IntUniform):
+            point[key] = trial.suggest_int(key, p.low, p.high)
+    point["seed"] = trial.suggest_categorical("seed", list(spec.seeds))
+    return point
+
+
+def read_evals(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, eval_loss) rows of a run's metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    rows = read_jsonl(path) if path.exists() else []
+    return [(int(r["step"]), float(r["eval_loss"])) for r in rows if "eval_loss" in r]
+
+
+def objective_value(run_dir: Path, objective: str) -> float | None:
+    """The trial's objective, or None when the run did not finish with a final eval."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    if not summary.get("complete") or summary.get("eval_loss") is None:
+        return None
+    if objective == "best_eval_loss":
+        return min(loss for _, loss in read_evals(run_dir))
+    return float(summary["eval_loss"])
+
+
+def _die_with_parent(cores: list[int] | None):
+    """preexec_fn: SIGTERM the trial when its worker dies (it then saves a checkpoint), and
+    pin it to its CPU cores."""
+
+    def setup() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if cores:
+            os.sched_setaffinity(0, cores)
+
+    return setup
+
+
+class Worker:
+    """Runs trials of one study in this process, `opts.workers` at a time."""
+
+    def __init__(self, spec: Sweep, study: optuna.Study, opts: Options):
+        self.spec, self.study, self.opts = spec, study, opts
+        self.storage = study._storage  # noqa: SLF001 (Optuna exposes no public accessor)
+        self.study_id = self.storage.get_study_id_from_name(spec.name)
+        self.stop = threading.Event()
+        self.mine: set[int] = set()  # trial ids running in this process
+        self.lock = threading.Lock()
+        self.pop_lock = threading.Lock()
+        self.log_lock = threading.Lock()
+        self.errors: list[BaseException] = []  # a worker thread's crash fails the command
+
+    def log(self, text: str) -> None:
+        with self.log_lock:
+            print(f"sweep {self.spec.name}: {text}", flush=True)
+
+    @contextlib.contextmanager
+    def claiming(self) -> Iterator[None]:
+        """Serialises claims. PostgreSQL/MySQL lock the trial's row (SELECT ... FOR UPDATE),
+        so one claim wins; SQLite has no row locks, and two connections can both move the
+        same trial from WAITING to RUNNING. There, claims take a lock file next to the
+        database (every worker of an SQLite study is on this machine)."""
+        with self.pop_lock:
+            if not self.opts.storage.startswith("sqlite:///"):
+                yield
+                return
+            db = Path(self.opts.storage.removeprefix("sqlite:///"))
+            with open(db.with_name(db.name + ".lock"), "w") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
+    def pop(self) -> optuna.Trial | None:
+        """Claims one waiting trial: only one worker anywhere gets it."""
+        with self.claiming():
+            for frozen in self.storage.get_all_trials(
+                self.study_id, deepcopy=False, states=(TrialState.WAITING,)
+            ):
+                if self.storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                    with self.lock:
+                        self.mine.add(frozen._trial_id)
+                    return optuna.Trial(self.study, frozen._trial_id)
+        return None
+
+    def others_running(self) -> bool:
+        running = self.storage.get_all_trials(
+            self.study_id, deepcopy=False, states=(TrialState.RUNNING,)
+        )
+        with self.lock:
+            return any(t._trial_id not in self.mine for t in running)
+
+    def loop(self, slot: int) -> None:
+        try:
+            self._loop(slot)
+        except BaseException as e:  # a bug here: stop everything, report it from run()
+            self.errors.append(e)
+            self.stop.set()
+
+    def _loop(self, slot: int) -> None:
+        env, cores = devices.trial_env(slot, self.opts.workers)
+        while not self.stop.is_set():
+            trial = self.pop()
+            if trial is not None:
+                try:
+                    self.run_trial(trial, env, cores)
+                except BaseException as e:
+                    with contextlib.suppress(Exception):  # recorded, not left RUNNING
+                        trial.set_user_attr("error", f"sweep worker crashed: {e!r}")
+                        self.study.tell(trial, state=TrialState.FAIL)
+                    raise
+                finally:
+                    with self.lock:
+                        self.mine.discard(trial._trial_id)
+                continue
+            # Nothing waiting: a trial of a dead worker may come back (re-enqueued once its
+            # heartbeat is stale); wait for the others' trials to finish or fail.
+            with _stable_enough():
+                optuna.storages.fail_stale_trials(self.study)
+            if not self.others_running() and not self._waiting():
+                return
+            self.stop.wait(self.opts.heartbeat_s)
+
+    def _waiting(self) -> bool:
+        return bool(
+            self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,))
+        )
+
+    def run_trial(self, trial: optuna.Trial, env: dict[str, str], cores: list[int] | None) -> None:
+        point = suggest_point(self.spec, trial)
+        overrides = self.spec.overrides_for(point)
+        try:
+            cfg = load_config(self.spec.config, cli_overrides(overrides))
+        except ConfigError as e:
+            trial.set_user_attr("error", str(e))
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.log(f"trial {trial.number} {point}: bad config: {e}")
+            return
+        run_dir = self.opts.directory / "runs" / config_hash(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trial.set_user_attr("run_dir", str(run_dir))
+        (run_dir / "trial.json").write_text(
+            json.dumps(
+                {"sweep": self.spec.name, "trial": trial.number, "point": point,
+                 "overrides": overrides, "baseline": self.spec.baseline},
+                indent=2, default=str,
+            ) + "\n"
+        )  # fmt: skip
+        self.log(f"trial {trial.number} {point} -> {run_dir}")
+        command = [sys.executable, "-m", "bigjax.cli", "train", "--config", self.spec.config]
+        command += ["--workdir", str(run_dir), *cli_overrides(overrides)]
+        with open(run_dir / "train.log", "a") as out:
+            proc = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
+                # Its own process group: a terminal's Ctrl-C reaches the sweep only, which
+                # then stops each trial with one SIGTERM (a second signal would abort the
+                # trial's checkpoint save).
+                start_new_session=True,
+                preexec_fn=_die_with_parent(cores),  # noqa: PLW1509 (no threads in the child)
+            )
+            outcome = self.watch(trial, proc, run_dir)
+        self.finish(trial, point, proc.returncode, outcome, run_dir)
+
+    def watch(self, trial: optuna.Trial, proc: subprocess.Popen, run_dir: Path) -> str:
+        """Heartbeats, intermediate eval losses for the pruner, stop requests, until the
+        trial process exits. Returns 'done', 'pruned' or 'interrupted'."""
+        reported: set[int] = set()
+        outcome = "done"
+        beat = self.storage.get_heartbeat_interval() is not None
+        while proc.poll() is None:
+            if beat:
+                self.storage.record_heartbeat(trial._trial_id)
+            for step, loss in read_evals(run_dir):
+                if step not in reported and math.isfinite(loss):
+                    trial.report(loss, step)
+                    reported.add(step)
+                    if outcome == "done" and trial.should_prune():
+                        outcome = "pruned"
+                        proc.terminate()  # the trial saves a checkpoint and exits
+            if self.stop.is_set() and outcome == "done":
+                outcome = "interrupted"
+                proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)
+        return outcome
+
+    def finish(
+        self, trial: optuna.Trial, point: dict, rc: int, outcome: str, run_dir: Path
+    ) -> None:
+        if outcome == "pruned":
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self.log(f"trial {trial.number} pruned")
+            return
+        if outcome == "interrupted":
+            trial.set_user_attr("interrupted", True)
+            self.study.enqueue_trial(point)  # continues from its checkpoint on the next run
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.log(f"trial {trial.number} interrupted: re-enqueued")
+            return
+        value = objective_value(run_dir, self.spec.objective) if rc == 0 else None
+        if value is None or not math.isfinite(value):
+            lines = (run_dir / "train.log").read_text(errors="replace").splitlines()
+            error = "\n".join(lines[-ERROR_TAIL_LINES:])
+            reason = f"exit code {rc}" if rc else "no final eval loss"
+            trial.set_user_attr("error", f"{reason}\n{error}")
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.log(f"trial {trial.number} failed ({reason}); see {run_dir / 'train.log'}")
+            return
+        self.study.tell(trial, value)
+        self.log(f"trial {trial.number} {self.spec.objective} {value:.4f}")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    def handle(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def run(spec: Sweep, opts: Options) -> optuna.Study:
+    """Runs the sweep until no trial is left (or a signal stops it); returns the study."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:  # an uneven device split is a usage error: say so before anything starts
+        devices.trial_env(0, opts.workers)
+    except ValueError as e:
+        raise ConfigError(f"sweep: {e}") from None
+    opts.directory.mkdir(parents=True, exist_ok=True)
+    storage = make_storage(opts.storage, opts.heartbeat_s)
+    study = open_study(spec, storage, opts)
+    worker = Worker(spec, study, opts)
+    threads = [
+        threading.Thread(target=worker.loop, args=(slot,), name=f"slot{slot}", daemon=True)
+        for slot in range(opts.workers)
+    ]
+    with _stop_on_signals(worker.stop):
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():  # join with a timeout, so signals reach the handler
+                t.join(timeout=0.5)
+    if worker.errors:
+        raise worker.errors[0]
+    return study
+
+
+def summary(study: optuna.Study) -> str:
+    """A plain-text table of the study's trials, best first."""
+    trials = study.get_trials(deepcopy=False)
+    states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    lines = [", ".join(f"{n.lower()} {c}" for n, c in states.items() if c)]
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    for t in sorted(done, key=lambda t: t.value, reverse=reverse):
+        lines.append(f"  trial {t.number:4d}  {t.value:.4f}  {t.params}")
+    for t in trials:
+        if t.state == TrialState.FAIL and "error" in t.user_attrs:
+            last = t.user_attrs["error"].strip().splitlines()[-1]  # bigjax's own error line
+            lines.append(f"  trial {t.number:4d}  FAIL  {t.params}: {last}")
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""`bigjax report` and the scaling-law fit, on run directories with known numbers."""
+
+import json
+import statistics
+
+import numpy as np
+import pytest
+
+from bigjax import report
+from bigjax.cli import main
+from bigjax.fit import fit_power_law
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_recovers_a_known_power_law():
+    compute = np.geomspace(1e12, 1e17, 6)
+    loss = 40.0 * compute ** (-0.08) + 1.7
+    law = fit_power_law(compute, loss)
+    # Exact data: the fit must land on the generating parameters (to solver precision).
+    assert law.b == pytest.approx(0.08, rel=1e-3)
+    assert law.c == pytest.approx(1.7, rel=1e-3)
+    assert law.a == pytest.approx(40.0, rel=1e-2)  # a absorbs b's error times log C
+    np.testing.assert_allclose(law(compute), loss, rtol=1e-4)
+
+
+def test_fit_with_noise_stays_close():
+    rng = np.random.default_rng(0)
+    compute = np.geomspace(1e13, 1e18, 8)
+    loss = 25.0 * compute ** (-0.07) + 2.0 + rng.normal(0, 0.002, 8)
+    law = fit_power_law(compute, loss)
+    # 0.2 % noise on the loss: the exponent stays within ~15 %, the offset within 0.2 nats.
+    assert 0.06 < law.b < 0.08 and abs(law.c - 2.0) < 0.2
+    assert law.rmse < 0.005
+
+
+def test_fit_needs_three_sizes():
+    with pytest.raises(ValueError, match="at least 3 distinct compute"):
+        fit_power_law(np.array([1e12, 1e13]), np.array([3.0, 2.8]))
+
+
+def _fake_run(root, name, *, group, seed, final, best_extra=0.1, baseline="", steps=100):
+    """A run directory as `train` and `sweep` write it, with chosen losses."""
+    d = root / name
+    d.mkdir(parents=True)
+    rows = [{"step": s, "loss": final + 1.0 / s} for s in (10, 50, 100)]
+    rows += [{"step": 50, "eval_loss": final - best_extra}, {"step": steps, "eval_loss": final}]
+    rows.sort(key=lambda r: r["step"])
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "config.json").write_text(
+        json.dumps({"seed": seed, "data": {"batch_size": 4, "seq_len": 8}})
+    )
+    summary = {"step": steps, "complete": True, "eval_loss": final, "tokens": steps * 32,
+               "flops": steps * 1e9 * (1 + len(group)), "wall_s": 10.0}  # fmt: skip
+    (d / "summary.json").write_text(json.dumps(summary))
+    trial = {"point": {"variant": group, "seed": seed}, "baseline": baseline}
+    (d / "trial.json").write_text(json.dumps(trial))
+    return d
+
+
+def test_table_means_stds_and_paired_deltas(tmp_path):
+    base = {0: 2.00, 1: 2.10, 2: 2.05}
+    var = {0: 1.90, 1: 2.04, 2: 1.93}
+    for s in base:
+        _fake_run(tmp_path, f"b{s}", group="baseline", seed=s, final=base[s], baseline="baseline")
+        _fake_run(tmp_path, f"v{s}", group="wide", seed=s, final=var[s], baseline="baseline")
+    text, pngs = report.report([tmp_path], tmp_path / "out")
+    wide = next(line for line in text.splitlines() if line.startswith("| wide"))
+    mean, std = statistics.mean(var.values()), statistics.stdev(var.values())
+    assert f"{mean:.4f} ± {std:.4f}" in wide
+    diffs = [var[s] - base[s] for s in base]  # paired by seed
+    assert f"{statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} (paired)" in wide
+    best = [v - 0.1 for v in var.values()]
+    assert f"{statistics.mean(best):.4f}" in wide
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert lines[1].startswith("| baseline") and "(baseline)" in lines[1]  # baseline first
+    assert (tmp_path / "out" / "report.md").read_text() == text
+    names = {p.name for p in pngs}
+    assert {"loss_vs_step.png", "loss_vs_tokens.png", "loss_vs_flops.png"} <= names
+    for p in pngs:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_unfinished_runs_are_counted_not_averaged(tmp_path):
+    _fake_run(tmp_path, "a", group="g", seed=0, final=2.0)
+    d = _fake_run(tmp_path, "b", group="g", seed=1, final=9.0)
+    (d / "summary.json").write_text(json.dumps({"step": 50, "complete": False}))
+    text, _ = report.report([tmp_path], tmp_path / "out")
+    row = next(line for line in text.splitlines() if line.startswith("| g |"))
+    assert "2 (1 unfinished)" in row and "| 2.0000 |" in row
+
+
+def test_sweep_parameters_get_objective_plots(tmp_path):
+    for i, lr in enumerate([1e-4, 1e-3, 1e-2]):
+        d = _fake_run(tmp_path, f"t{i}", group="x", seed=0, final=3.0 - i * 0.1)
+        (d / "trial.json").write_text(json.dumps({"point": {"optim.lr": lr, "seed": 0}}))
+    text, pngs = report.report([tmp_path], tmp_path / "out")
+    assert "| optim.lr=0.001 |" in text
+    assert (tmp_path / "out" / "objective_vs_optim_lr.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_scaling_fit_from_runs(tmp_path):
+    for i, c in enumerate([1e12, 1e13, 1e14, 1e15]):
+        d = _fake_run(tmp_path, f"s{i}", group=f"size{i}", seed=0, final=10 * c**-0.05 + 1.0)
+        summary = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**summary, "flops": c}))
+    text, pngs = report.report([tmp_path], tmp_path / "out", fit="scaling")
+    assert "C^(-0.0500)" in text and "+ 1.0000" in text
+    assert (tmp_path / "out" / "scaling_fit.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no runs under" in capsys.readouterr().err
+    _fake_run(tmp_path, "a", group="g", seed=0, final=2.0)
+    assert main(["report", str(tmp_path), "--baseline", "nope"]) == 2
+    assert "--baseline 'nope' is not one of the groups" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--fit", "scaling"]) == 2
+    assert "at least 3 sizes" in capsys.readouterr().err

@@ -1,0 +1,245 @@
+"""`bigjax sweep` for real: trials are `bigjax train` processes, the study is SQLite (or a real
+PostgreSQL server, started by .ci/run), and the sweep process is killed and rerun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "lm_tiny.py")
+# Trials of a few steps on one CPU device: each is a real training run (~10 s, mostly start-up).
+QUICK = {
+    "data.batch_size": 8,
+    "data.seq_len": 64,
+    "eval.num_batches": 1,
+    "metrics.log_every": 1,
+    "metrics.tensorboard": False,
+    "metrics.plot": False,
+    "optim.warmup_steps": 0,
+}
+
+
+def write_spec(path: Path, body: str) -> Path:
+    path.write_text(
+        "from bigjax.sweep import Grid, LogUniform, Sweep, ablation\n"
+        f"TINY = {TINY!r}\nQUICK = {QUICK!r}\n\n" + textwrap.dedent(body)
+    )
+    return path
+
+
+def sweep_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 1 device per trial
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bigjax.cli", "sweep", *args],
+        capture_output=True,
+        text=True,
+        env=sweep_env(),
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def load(directory: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{directory / 'study.db'}")
+
+
+def test_grid_sweep_records_results_failures_and_resumes_without_rerunning(tmp_path):
+    spec = write_spec(
+        tmp_path / "sweep.py",
+        """
+        def get_sweep():
+            return Sweep(
+                name="grid",
+                config=TINY,
+                overrides={**QUICK, "num_steps": 4, "eval.every_steps": 2},
+                space={"optim.lr": Grid((3e-3, 1e-2)), "data.path": Grid(("", "/no/such/dataset"))},
+            )
+        """,
+    )
+    out = tmp_path / "sweep"
+    result = sweep(str(spec), "--workers", "2", "--dir", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = load(out, "grid")
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(trials) == 4 and len(complete) == 2 and len(failed) == 2
+    assert {t.params["optim.lr"] for t in complete} == {3e-3, 1e-2}
+    assert all(t.params["data.path"] == "" for t in complete)
+    for t in failed:  # the error is kept, readable
+        assert "/no/such/dataset" in t.user_attrs["error"]
+    for t in complete:  # the objective is the run's final eval loss
+        summary = json.loads((Path(t.user_attrs["run_dir"]) / "summary.json").read_text())
+        assert summary["complete"] and summary["step"] == 4
+        assert t.value == pytest.approx(summary["eval_loss"])
+    assert len({t.user_attrs["run_dir"] for t in complete}) == 2  # one directory per config
+
+    def mtimes() -> dict:
+        return {p: p.stat().st_mtime for p in out.glob("runs/*/*") if p.is_file()}
+
+    before = mtimes()
+    again = sweep(str(spec), "--workers", "2", "--dir", str(out))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(load(out, "grid").get_trials()) == 4  # nothing re-run, failures not retried
+    assert mtimes() == before
+    assert "fail 2" in again.stdout and "complete 2" in again.stdout
+
+    report = subprocess.run(
+        [sys.executable, "-m", "bigjax.cli", "report", str(out)],
+        capture_output=True, text=True, env=sweep_env(), cwd=ROOT,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert (out / "report" / "objective_vs_optim_lr.png").exists()
+
+
+def test_median_pruner_stops_a_hopeless_trial(tmp_path):
+    spec = write_spec(
+        tmp_path / "sweep.py",
+        """
+        def get_sweep():
+            return Sweep(
+                name="prune",
+                config=TINY,
+                overrides={**QUICK, "num_steps": 8, "eval.every_steps": 2},
+                # two good learning rates finish first, then one that cannot learn in 8 steps
+                space={"optim.lr": Grid((1e-2, 5e-3, 1e-7))},
+                pruner="median",
+            )
+        """,
+    )
+    out = tmp_path / "sweep"
+    result = sweep(str(spec), "--workers", "1", "--dir", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = {t.params["optim.lr"]: t for t in load(out, "prune").get_trials()}
+    assert trials[1e-2].state == TrialState.COMPLETE and trials[5e-3].state == TrialState.COMPLETE
+    hopeless = trials[1e-7]
+    assert hopeless.state == TrialState.PRUNED
+    summary = json.loads((Path(hopeless.user_attrs["run_dir"]) / "summary.json").read_text())
+    assert summary["step"] < 8  # it was stopped (and saved a checkpoint on its way out)
+
+
+LONG_SPEC = """
+def get_sweep():
+    return Sweep(
+        name={name!r},
+        config=TINY,
+        overrides={{**QUICK, "num_steps": 400, "eval.every_steps": 400,
+                   "checkpoint.every_steps": 5}},
+        space={{"optim.lr": Grid((3e-3,))}},
+    )
+"""
+
+
+def start_until_checkpoint(spec: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """Starts a one-trial sweep and returns once its trial has saved a checkpoint."""
+    args = [sys.executable, "-m", "bigjax.cli", "sweep", str(spec), "--dir", str(out), *extra]
+    proc = subprocess.Popen(
+        args, env=sweep_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not [p for p in out.glob("runs/*/checkpoints/*") if p.name.isdigit()]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.5)
+    return proc
+
+
+def test_killed_sweep_continues_and_the_trial_resumes_from_its_checkpoint(tmp_path):
+    spec = tmp_path / "sweep.py"
+    write_spec(spec, LONG_SPEC.format(name="kill"))
+    out = tmp_path / "sweep"
+    proc = start_until_checkpoint(spec, out, "--heartbeat", "1")
+    proc.send_signal(signal.SIGKILL)  # no clean-up at all: heartbeats stop
+    proc.wait()
+    # The trial process notices its parent died (SIGTERM), saves and exits on its own.
+    (run_dir,) = out.glob("runs/*")
+    deadline = time.monotonic() + 120
+    while "done: step" not in (run_dir / "train.log").read_text():
+        assert time.monotonic() < deadline, (run_dir / "train.log").read_text()
+        time.sleep(0.5)
+
+    result = sweep(str(spec), "--dir", str(out), "--heartbeat", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = load(out, "kill").get_trials()
+    states = sorted(t.state.name for t in trials)
+    assert states == ["COMPLETE", "FAIL"]  # the dead worker's attempt, then its retry
+    log = (run_dir / "train.log").read_text()
+    assert log.count("fresh start") == 1 and "resuming from step" in log
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 400
+
+
+@pytest.mark.skipif(
+    not os.environ.get("BIGJAX_TEST_POSTGRES_URL") and os.environ.get("CI") != "true",
+    reason="needs a PostgreSQL server: set BIGJAX_TEST_POSTGRES_URL (.ci/run starts one)",
+)
+def test_three_workers_share_a_postgres_study(tmp_path):
+    url = os.environ.get("BIGJAX_TEST_POSTGRES_URL")
+    assert url, "CI must provide BIGJAX_TEST_POSTGRES_URL (a PostgreSQL server .ci/run starts)"
+    name = f"pg{os.getpid()}{int(time.time())}"
+    spec = write_spec(
+        tmp_path / "sweep.py",
+        f"""
+        def get_sweep():
+            return Sweep(
+                name={name!r},
+                config=TINY,
+                overrides={{**QUICK, "num_steps": 2, "eval.every_steps": 2}},
+                space={{"optim.lr": Grid((1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3))}},
+            )
+        """,
+    )
+    out = tmp_path / "sweep"  # a shared directory, as on NFS/GCS-fuse
+    args = [sys.executable, "-m", "bigjax.cli", "sweep", str(spec), "--dir", str(out),
+            "--storage", url]  # fmt: skip
+    # all three start at once: one creates the study, the others join it
+    procs = [
+        subprocess.Popen(args + (["--worker"] if i else []), env=sweep_env(), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(3)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    study = optuna.load_study(study_name=name, storage=url)
+    trials = study.get_trials()
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(t.params["optim.lr"] for t in trials) == [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]
+    # every trial ran in exactly one worker, once
+    started = [line for o in outputs for line in o.splitlines() if " -> " in line]
+    assert len(started) == 6, outputs
+    for run_dir in {t.user_attrs["run_dir"] for t in trials}:
+        assert (Path(run_dir) / "train.log").read_text().count("fresh start") == 1
+    optuna.delete_study(study_name=name, storage=url)
+
+
+def test_ctrl_c_stops_trials_cleanly_and_requeues_them(tmp_path):
+    spec = tmp_path / "sweep.py"
+    write_spec(spec, LONG_SPEC.format(name="stop"))
+    out = tmp_path / "sweep"
+    proc = start_until_checkpoint(spec, out)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "interrupted: re-enqueued" in output
+    trials = load(out, "stop").get_trials()
+    assert sorted(t.state.name for t in trials) == ["FAIL", "WAITING"]
+    (run_dir,) = out.glob("runs/*")
+    assert "stopped by SIGTERM" in (run_dir / "train.log").read_text()  # saved on its way out
+
+    result = sweep(str(spec), "--dir", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    states = sorted(t.state.name for t in load(out, "stop").get_trials())
+    assert states == ["COMPLETE", "FAIL"]
+    assert "resuming from step" in (run_dir / "train.log").read_text()

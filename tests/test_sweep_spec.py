@@ -1,0 +1,180 @@
+"""Sweep specs: expansion into trials, validation, device splitting, config hashing."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from bigjax.config import ConfigError
+from bigjax.sweep import (
+    Choice,
+    Grid,
+    IntUniform,
+    LogUniform,
+    Sweep,
+    Uniform,
+    ablation,
+    devices,
+    ladder,
+    spec,
+)
+from bigjax.sweep.runner import cli_overrides, config_hash
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "lm_tiny.py")
+
+
+def test_grid_is_the_product_times_seeds():
+    s = Sweep(
+        "g",
+        TINY,
+        space={"optim.lr": Grid((1e-3, 3e-3)), "model.tie_embeddings": Choice(True, False)},
+        seeds=(0, 1, 2),
+    )
+    points = s.points()
+    assert len(points) == 2 * 2 * 3
+    assert len({tuple(sorted(p.items())) for p in points}) == 12  # all distinct
+    assert {p["seed"] for p in points} == {0, 1, 2}
+
+
+def test_random_points_are_seeded_and_in_range():
+    space = {"optim.lr": LogUniform(1e-4, 1e-1), "optim.b2": Uniform(0.9, 0.999)}
+    space |= {"model.num_layers": IntUniform(1, 3), "optim.name": Choice("adamw", "lion")}
+    s = Sweep("r", TINY, space=space, algorithm="random", budget=50, sampler_seed=7)
+    points = s.points()
+    assert points == s.points()  # every worker computes the same points
+    assert len(points) == 50
+    assert points != Sweep("r", TINY, space=space, algorithm="random", budget=50).points()
+    lrs = [p["optim.lr"] for p in points]
+    assert all(1e-4 <= lr <= 1e-1 for lr in lrs)
+    # log-uniform: about half the draws below the geometric midpoint 10^-2.5
+    assert 15 < sum(lr < 10**-2.5 for lr in lrs) < 35
+    assert {p["model.num_layers"] for p in points} == {1, 2, 3}
+    assert all(0.9 <= p["optim.b2"] <= 0.999 for p in points)
+
+
+def test_tpe_enqueues_one_slot_per_budget_and_seed():
+    s = Sweep("t", TINY, space={"optim.lr": LogUniform(1e-4, 1e-1)}, algorithm="tpe", budget=4,
+              seeds=(0, 1))  # fmt: skip
+    assert s.points() == [{"seed": 0}, {"seed": 1}] * 4
+
+
+def test_ablation_fixes_the_data_order_and_adds_the_baseline():
+    a = ablation("ab", TINY, {"layernorm": {"model.norm": "layernorm"}}, seeds=(0, 1))
+    points = a.points()
+    assert {p["variant"] for p in points} == {"baseline", "layernorm"}
+    assert len(points) == 4
+    over = a.overrides_for({"variant": "layernorm", "seed": 1})
+    assert over == {"data.seed": 0, "model.norm": "layernorm", "seed": 1}
+    assert a.overrides_for({"variant": "baseline", "seed": 0})["data.seed"] == 0
+
+
+def test_ladder_scales_steps_with_parameters():
+    sizes = {"s": {"model.d_model": 64}, "m": {"model.d_model": 128}}
+    lad = ladder("lad", TINY, sizes, tokens_per_param=10, tokens_per_step=1000,
+                 param_count=lambda m: m["model.d_model"] ** 2)  # fmt: skip
+    assert lad.variants["s"]["num_steps"] == math.ceil(10 * 64**2 / 1000)
+    assert lad.variants["m"]["num_steps"] == math.ceil(10 * 128**2 / 1000)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"algorithm": "bayes"}, "algorithm must be one of"),
+        ({"space": {"optim.lr": Uniform(1e-4, 1e-2)}}, "Grid/Choice values only"),
+        ({"algorithm": "random", "space": {"optim.lr": Grid((1,))}}, "budget must be > 0"),
+        ({"algorithm": "random", "budget": 2, "space": {"x": LogUniform(0, 1)}}, "low > 0"),
+        ({"space": {"seed": Grid((1, 2))}}, "'seed' is reserved"),
+        ({"pruner": "hyperband"}, "pruner must be one of"),
+        ({"baseline": "nope"}, "baseline must be a variant"),
+        ({"seeds": ()}, "at least one seed"),
+    ],
+)
+def test_bad_specs_say_what_to_fix(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        Sweep("bad", TINY, **kwargs)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        spec.load(tmp_path / "missing.py")
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="defines no get_sweep"):
+        spec.load(tmp_path / "empty.py")
+    (tmp_path / "wrong.py").write_text("def get_sweep():\n    return {}\n")
+    with pytest.raises(ConfigError, match="must return a bigjax.sweep.Sweep"):
+        spec.load(tmp_path / "wrong.py")
+
+
+def test_device_split():
+    assert devices.split([0, 1, 2, 3, 4, 5, 6, 7], 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert devices.split([0, 1], 1) == [[0, 1]]
+    with pytest.raises(ValueError, match="cannot be split evenly between 3 workers"):
+        devices.split(list(range(8)), 3)
+
+
+def test_cpu_workers_get_disjoint_cores():
+    # On any machine: each worker's cores are its own unless there are fewer cores than workers.
+    import os
+
+    cores = sorted(os.sched_getaffinity(0))
+    workers = min(len(cores), 2)
+    groups = [devices.trial_env(i, workers)[1] or cores for i in range(workers)]
+    if workers > 1:
+        assert not set(groups[0]) & set(groups[1])
+
+
+def test_config_hash_follows_the_resolved_config():
+    from bigjax.cli import load_config
+
+    a = load_config(TINY, cli_overrides({"optim.lr": 1e-3}))
+    b = load_config(TINY, cli_overrides({"optim.lr": 0.001, "seed": 0}))  # same values
+    c = load_config(TINY, cli_overrides({"optim.lr": 3e-3}))
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+    assert cli_overrides({"mesh.shape": (1, 8, 1), "model.scan_layers": False}) == [
+        "--config.mesh.shape=1,8,1",
+        "--config.model.scan_layers=false",
+    ]
+
+
+def _study(tmp_path, sweep, **opts):
+    from bigjax.sweep import runner
+
+    options = runner.Options(
+        directory=tmp_path, storage=f"sqlite:///{tmp_path / 'study.db'}", **opts
+    )
+    storage = runner.make_storage(options.storage, options.heartbeat_s)
+    return runner, options, runner.open_study(sweep, storage, options)
+
+
+def test_tpe_slots_get_their_points_from_the_sampler(tmp_path):
+    # A real Optuna study (SQLite): the TPE sweep's enqueued slots fix only the seed; the
+    # sampler fills in the rest, inside the space.
+    sweep = Sweep(
+        "tpe",
+        TINY,
+        space={"optim.lr": LogUniform(1e-4, 1e-1), "optim.name": Choice("adamw", "lion")},
+        algorithm="tpe",
+        budget=3,
+        seeds=(5, 6),
+    )
+    runner, options, study = _study(tmp_path, sweep)
+    worker = runner.Worker(sweep, study, options)
+    points = []
+    while (trial := worker.pop()) is not None:
+        points.append(runner.suggest_point(sweep, trial))
+        study.tell(trial, 1.0)
+    assert len(points) == 6  # budget x seeds, then the queue is empty: no extra trials
+    assert sorted(p["seed"] for p in points) == [5, 5, 5, 6, 6, 6]
+    assert all(1e-4 <= p["optim.lr"] <= 1e-1 for p in points)
+    assert {p["optim.name"] for p in points} <= {"adamw", "lion"}
+    assert len(study.get_trials()) == 6
+
+
+def test_joining_needs_the_same_spec_and_an_existing_study(tmp_path):
+    sweep = Sweep("s", TINY, space={"optim.lr": Grid((1e-3,))})
+    runner, _, _ = _study(tmp_path, sweep)
+    changed = Sweep("s", TINY, space={"optim.lr": Grid((1e-3, 2e-3))})
+    with pytest.raises(ConfigError, match="made from a different spec"):
+        _study(tmp_path, changed)
+    with pytest.raises(ConfigError, match="has no study named 'other'"):
+        _study(tmp_path, Sweep("other", TINY), join_only=True, wait_s=0.5)
