@@ -154,10 +154,8 @@ def test_layernorm_model_counts_and_normalises():
     cfg, model = _model(norm="layernorm")
     _, state = models.abstract(cfg.model, cfg.mesh.rules)
     assert models.count_params(state) == param_count(cfg.model)  # scale and bias per norm
-    from bigjax.layers import LayerNorm
-
-    x = jax.random.normal(jax.random.key(0), (2, 3, 16)) * 5 + 3
-    y = LayerNorm(16, eps=1e-6, param_dtype=jnp.float32)(x)
+    x = jax.random.normal(jax.random.key(0), (2, 3, cfg.model.d_model)) * 5 + 3
+    y = model.final_norm(x)  # a LayerNorm, as initialised: unit scale, zero bias
     # Unit scale, zero bias: every row has mean 0 and variance 1 (to f32 rounding).
     np.testing.assert_allclose(jnp.mean(y, -1), 0, atol=1e-5)
     np.testing.assert_allclose(jnp.var(y, -1), 1, rtol=1e-4)

@@ -181,13 +181,46 @@ def test_killed_sweep_continues_and_the_trial_resumes_from_its_checkpoint(tmp_pa
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 400
 
 
-@pytest.mark.skipif(
+needs_postgres = pytest.mark.skipif(
     not os.environ.get("BIGJAX_TEST_POSTGRES_URL") and os.environ.get("CI") != "true",
     reason="needs a PostgreSQL server: set BIGJAX_TEST_POSTGRES_URL (.ci/run starts one)",
 )
-def test_three_workers_share_a_postgres_study(tmp_path):
+
+
+def postgres_url() -> str:
     url = os.environ.get("BIGJAX_TEST_POSTGRES_URL")
     assert url, "CI must provide BIGJAX_TEST_POSTGRES_URL (a PostgreSQL server .ci/run starts)"
+    return url
+
+
+@needs_postgres
+def test_workers_racing_to_create_the_tables_all_start():
+    # Found in CI: workers starting together on a fresh database race to create Optuna's
+    # tables and the losers died (duplicate CREATE TYPE). Without the retry, 12 of 16 such
+    # starts failed here.
+    import psycopg
+
+    url = postgres_url()
+    fresh = f"race{os.getpid()}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {fresh}")
+    try:
+        fresh_url = url.rsplit("/", 1)[0] + "/" + fresh
+        code = f"from bigjax.sweep.runner import make_storage; make_storage({fresh_url!r}, 10)"
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert all(p.returncode == 0 for p in procs), errors
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {fresh} WITH (FORCE)")
+
+
+@needs_postgres
+def test_three_workers_share_a_postgres_study(tmp_path):
+    url = postgres_url()
     name = f"pg{os.getpid()}{int(time.time())}"
     spec = write_spec(
         tmp_path / "sweep.py",

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
 from bigjax.cli import load_config
@@ -90,18 +92,28 @@ def _stable_enough() -> Iterator[None]:
         yield
 
 
-def make_storage(url: str, heartbeat_s: float) -> optuna.storages.RDBStorage:
+def make_storage(url: str, heartbeat_s: float, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Opens the study database, creating Optuna's tables if needed. Workers that start
+    together on a fresh database race to create the tables (PostgreSQL: a duplicate
+    `CREATE TYPE`); the losers retry, and then find them."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    with _stable_enough():
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=max(1, int(heartbeat_s)),
-            grace_period=max(3, int(3 * heartbeat_s)),
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=MAX_RETRIES
-            ),
-        )
+    for attempt in range(attempts):
+        try:
+            with _stable_enough():
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=max(1, int(heartbeat_s)),
+                    grace_period=max(3, int(3 * heartbeat_s)),
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRIES
+                    ),
+                )
+        except sqlalchemy.exc.DBAPIError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random())  # jitter: the racers do not collide again
+    raise AssertionError("unreachable")
 
 
 def _sampler(spec: Sweep) -> optuna.samplers.BaseSampler:
