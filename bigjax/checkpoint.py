@@ -210,7 +210,7 @@ def source_directory(path: str) -> Path:
     p = Path(path)
     directory = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     if not directory.is_dir():
-        raise CheckpointError(f"checkpoint.init_from: no such directory {path!r}.")
+        raise CheckpointError(f"no such run or checkpoint directory {path!r}.")
     return directory
 
 
@@ -227,7 +227,7 @@ def init_from(
     mode 'full': step, parameters and optimizer state (continue or cool down a run; the data
     iterator continues too). 'params': parameters only, with `fresh`'s step 0 and optimizer.
     """
-    options = ocp.CheckpointManagerOptions(read_only=True)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     manager = ocp.CheckpointManager(source_directory(path).absolute(), options=options)
     try:
         if mode == "full":
@@ -241,17 +241,49 @@ def init_from(
     return state
 
 
+def param_layout(abstract_params: Any) -> dict[str, list[int]]:
+    """Parameter path -> shape: saved with every checkpoint, checked on every restore."""
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)
+    }
+
+
+def load_params(path: str, target_params: Any) -> tuple[Any, int]:
+    """The parameters of a run's latest checkpoint, restored into `target_params`'
+    shardings (for generation and evaluation); returns (params, step)."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    manager = ocp.CheckpointManager(source_directory(path).absolute(), options=options)
+    try:
+        params = _restore_params_only(manager, target_params, param_layout(target_params))
+        step = manager.latest_step()
+    finally:
+        manager.close()
+    if params is None:
+        raise CheckpointError(f"no checkpoint in {path!r}: train the run first.")
+    return params, step
+
+
 def _restore_params(
     manager: ocp.CheckpointManager,
     target: TrainState,
     layout: dict[str, list[int]],
     fresh: TrainState,
 ) -> TrainState | None:
+    params = _restore_params_only(manager, target.params, layout)
+    if params is None:
+        return None
+    return TrainState(step=fresh.step, params=params, opt_state=fresh.opt_state)
+
+
+def _restore_params_only(
+    manager: ocp.CheckpointManager, target_params: Any, layout: dict[str, list[int]]
+) -> Any:
     step = manager.latest_step()
     if step is None:
         return None
     check_layout(manager, step, layout)
-    item = {"params": target.params}
+    item = {"params": target_params}
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -262,6 +294,4 @@ def _restore_params(
             )
         ),
     )
-    return TrainState(
-        step=fresh.step, params=restored["state"]["params"], opt_state=fresh.opt_state
-    )
+    return restored["state"]["params"]

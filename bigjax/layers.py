@@ -203,9 +203,8 @@ class Attention(nnx.Module):
             fan_in_axes=(0, 1),
         )
 
-    def __call__(
-        self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array
-    ) -> jax.Array:
+    def _qkv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, ...]:
+        """Projections and RoPE: q [B, L, H, K], k and v [B, L, G, K]."""
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
         act = lambda t, heads: constrain(  # noqa: E731
             t, ("act_batch", "act_seq", heads, None), self.rules
@@ -218,6 +217,17 @@ class Attention(nnx.Module):
         v_BLGK = act(kv_BLGCK[:, :, :, 1], "act_kv_heads")
         q_BLHK = rope(q_BLHK, positions_BL, self.rope_theta)
         k_BLGK = rope(k_BLGK, positions_BL, self.rope_theta)
+        return q_BLHK, k_BLGK, v_BLGK
+
+    def _out(self, out_BLHK: jax.Array) -> jax.Array:
+        out_BLHK = constrain(out_BLHK, ("act_batch", "act_seq", "act_heads", None), self.rules)
+        out_BLD = project(out_BLHK, self.o_HKD[...].astype(self.dtype), 2)
+        return constrain(out_BLD, RESIDUAL, self.rules)  # reduce-scatter, not all-reduce
+
+    def __call__(
+        self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array
+    ) -> jax.Array:
+        q_BLHK, k_BLGK, v_BLGK = self._qkv(x_BLD, positions_BL)
         mask_B1LS = attention_mask(segment_ids_BL)
         if self.impl == "einsum":
             out_BLHK = dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask_B1LS)
@@ -225,8 +235,24 @@ class Attention(nnx.Module):
             out_BLHK = jax.nn.dot_product_attention(
                 q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, implementation=self.impl
             )
-        out_BLD = project(act(out_BLHK, "act_heads"), w(self.o_HKD), 2)
-        return constrain(out_BLD, RESIDUAL, self.rules)  # reduce-scatter, not all-reduce
+        return self._out(out_BLHK)
+
+    def decode(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        cache_k_BSGK: jax.Array,
+        cache_v_BSGK: jax.Array,
+        slot: jax.Array,
+        mask_B1TS: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention for T new tokens written into cache slots [slot, slot + T) and attending
+        to the cache under `mask_B1TS`; returns (out, updated k cache, updated v cache)."""
+        q_BTHK, k_BTGK, v_BTGK = self._qkv(x_BTD, positions_BT)
+        k_BSGK = jax.lax.dynamic_update_slice_in_dim(cache_k_BSGK, k_BTGK, slot, axis=1)
+        v_BSGK = jax.lax.dynamic_update_slice_in_dim(cache_v_BSGK, v_BTGK, slot, axis=1)
+        out_BTHK = dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS)
+        return self._out(out_BTHK), k_BSGK, v_BSGK
 
 
 class MLP(nnx.Module):

@@ -126,10 +126,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         manager = checkpoint.make_manager(workdir / "checkpoints", cfg.checkpoint)
         cleanup.callback(manager.close)
         target = checkpoint.restore_target(prog.abstract, prog.shardings)
-        layout = {
-            "/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(prog.abstract.params)
-        }
+        layout = checkpoint.param_layout(prog.abstract.params)
         state = checkpoint.restore(manager, target, data_iter, layout)
         origin = f"resuming from step {int(state.step)}" if state is not None else ""
         if state is None and cfg.checkpoint.init_from:

@@ -70,6 +70,16 @@ class Block(nnx.Module):
         h_BLD = self.mlp(self.mlp_norm(x_BLD))
         return constrain(x_BLD + _dropout(h_BLD, self.dropout, rng_mlp), RESIDUAL, self.rules)
 
+    def decode(
+        self, x_BTD, positions_BT, cache_k_BSGK, cache_v_BSGK, slot, mask_B1TS
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block on T new tokens against its KV cache (no dropout)."""
+        h_BTD, k, v = self.attn.decode(
+            self.attn_norm(x_BTD), positions_BT, cache_k_BSGK, cache_v_BSGK, slot, mask_B1TS
+        )
+        x_BTD = x_BTD + h_BTD
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k, v
+
 
 class Llama(nnx.Module):
     """Decoder LM. Blocks are stacked on a leading `layers` axis and run by scan (or a loop)."""
@@ -122,12 +132,49 @@ class Llama(nnx.Module):
                 layer = jax.tree.map(lambda a, i=i: a[i], (block_params, layer_rngs))
                 x_BLD, _ = apply_block(x_BLD, layer)
 
+        return self._logits(x_BLD)
+
+    def _logits(self, x_BLD: jax.Array) -> jax.Array:
         x_BLD = self.final_norm(x_BLD)
         if self.lm_head_DV is None:
             return self.embed.attend(x_BLD)
         x_BLD = constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
         logits_BLV = project(x_BLD, self.lm_head_DV[...].astype(self.dtype), 1)
         return constrain(logits_BLV, ("act_batch", "act_seq", "act_vocab"), self.rules)
+
+    def decode(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array,
+        cache_k_NBSGK: jax.Array,
+        cache_v_NBSGK: jax.Array,
+        slot: jax.Array,
+        mask_B1TS: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Logits [B, T, V] for T new tokens written into cache slots [slot, slot + T) of
+        every layer's KV cache [N layers, B, S, G, K]; returns (logits, k cache, v cache)."""
+        x_BTD = self.embed(tokens_BT)
+        block_def, block_params = nnx.split(self.blocks)
+
+        def apply_block(x_BTD: jax.Array, layer: tuple) -> tuple[jax.Array, tuple]:
+            params, k_BSGK, v_BSGK = layer
+            block = nnx.merge(block_def, params)
+            x_BTD, k_BSGK, v_BSGK = block.decode(
+                x_BTD, positions_BT, k_BSGK, v_BSGK, slot, mask_B1TS
+            )
+            return x_BTD, (k_BSGK, v_BSGK)
+
+        layers = (block_params, cache_k_NBSGK, cache_v_NBSGK)
+        if self.scan_layers:
+            x_BTD, (k_NBSGK, v_NBSGK) = jax.lax.scan(apply_block, x_BTD, layers)
+        else:
+            ks, vs = [], []
+            for i in range(self.num_layers):
+                x_BTD, (k, v) = apply_block(x_BTD, jax.tree.map(lambda a, i=i: a[i], layers))
+                ks.append(k)
+                vs.append(v)
+            k_NBSGK, v_NBSGK = jnp.stack(ks), jnp.stack(vs)
+        return self._logits(x_BTD), k_NBSGK, v_NBSGK
 
 
 def _dims(cfg: ModelConfig) -> tuple[int, int, int, int, int, int]:

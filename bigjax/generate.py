@@ -1,0 +1,153 @@
+"""Jitted decoding with a KV cache: batched prompts, greedy or sampled (temperature, top-k,
+top-p), stop tokens, a token budget.
+
+Prompts of different lengths are left-padded into one [B, T] batch: every row then writes
+cache slot t at step t, and padding is simply never attended to (the cache keeps a validity
+mask next to its keys). Positions count real tokens only, so a padded row computes exactly
+what it would alone. The prompt is one forward pass (prefill); each new token is one
+`decode` step inside a `lax.while_loop`, all in one compiled program that stops early once
+every row has hit a stop token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bigjax.sharding import Rules, constrain
+
+CACHE_NAMES = (None, "act_batch", None, "act_kv_heads", None)  # [N, B, S, G, K]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_k: int = 0  # keep the k most likely tokens; 0: all
+    top_p: float = 1.0  # keep the smallest set with this much probability; 1: all
+    stop_tokens: tuple[int, ...] = ()  # a row ends after emitting one of these
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+
+
+def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Sets every token outside the top-k / top-p set to -inf."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if top_k:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        mass_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        # the first token always survives; then every token until the mass reaches top_p
+        keep_BV = (mass_BV - jax.nn.softmax(sorted_BV, axis=-1)) < top_p
+        cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return logits_BV
+
+
+def sample(logits_BV: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
+    if s.temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    filtered_BV = filter_logits(logits_BV / s.temperature, s.top_k, s.top_p)
+    return jax.random.categorical(rng, filtered_BV, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, np.ndarray]:
+    """tokens, valid (bool) and positions [B, T], prompts right-aligned."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    length = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    valid = np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, length - len(p) :] = p
+        valid[i, length - len(p) :] = True
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    return {"tokens": tokens, "valid": valid, "positions": positions}
+
+
+def decode_mask(slot: jax.Array, num_new: int, valid_BS: jax.Array) -> jax.Array:
+    """[B, 1, T, S]: new token t (cache slot `slot + t`) sees valid slots up to its own."""
+    slots_S = jnp.arange(valid_BS.shape[1])
+    causal_TS = slots_S[None, :] <= (slot + jnp.arange(num_new))[:, None]
+    return (causal_TS[None] & valid_BS[:, None, :])[:, None]
+
+
+def make_generate(graphdef: nnx.GraphDef, rules: Rules, s: Sampling):
+    """`generate(params, tokens, valid, positions) -> (new_tokens [B, N], lengths [B])`,
+    jitted. Tokens after a row's stop token (and the stop token itself counts) are padding;
+    `lengths` says how many of each row's tokens are real."""
+
+    def generate(params, tokens_BT, valid_BT, positions_BT):
+        model = nnx.merge(graphdef, params)
+        b, t = tokens_BT.shape
+        total = t + s.max_new_tokens
+        _, _, g, _, k = model.blocks.attn.kv_DGCK.shape  # stacked: [N, D, G, 2, K]
+        cache_shape = (model.num_layers, b, total, g, k)
+        cache_k = constrain(jnp.zeros(cache_shape, model.dtype), CACHE_NAMES, rules)
+        cache_v = constrain(jnp.zeros(cache_shape, model.dtype), CACHE_NAMES, rules)
+        valid_BS = jnp.zeros((b, total), bool).at[:, :t].set(valid_BT)
+
+        # prefill: the whole prompt in one pass
+        logits_BTV, cache_k, cache_v = model.decode(
+            tokens_BT, positions_BT, cache_k, cache_v, 0, decode_mask(0, t, valid_BS)
+        )
+        rng = jax.random.key(s.seed)
+        first_B = sample(logits_BTV[:, -1], jax.random.fold_in(rng, 0), s)
+        stops = jnp.asarray(s.stop_tokens or (-1,), jnp.int32)
+        out_BN = jnp.zeros((b, s.max_new_tokens), jnp.int32).at[:, 0].set(first_B)
+        done_B = jnp.isin(first_B, stops)
+        lengths_B = jnp.ones((b,), jnp.int32)
+        next_pos_B = positions_BT[:, -1] + 1
+
+        def cond(carry):
+            i, _, _, _, _, done_B, _, _ = carry
+            return (i < s.max_new_tokens) & ~jnp.all(done_B)
+
+        def body(carry):
+            i, out_BN, cache_k, cache_v, valid_BS, done_B, lengths_B, pos_B = carry
+            slot = t + i - 1  # the slot of the token emitted at step i - 1
+            valid_BS = valid_BS.at[:, slot].set(True)
+            last_B1 = jax.lax.dynamic_slice_in_dim(out_BN, i - 1, 1, axis=1)
+            logits_B1V, cache_k, cache_v = model.decode(
+                last_B1, pos_B[:, None], cache_k, cache_v, slot, decode_mask(slot, 1, valid_BS)
+            )
+            tok_B = sample(logits_B1V[:, 0], jax.random.fold_in(rng, i), s)
+            tok_B = jnp.where(done_B, 0, tok_B)
+            out_BN = out_BN.at[:, i].set(tok_B)
+            lengths_B = lengths_B + ~done_B
+            done_B = done_B | jnp.isin(tok_B, stops)
+            return i + 1, out_BN, cache_k, cache_v, valid_BS, done_B, lengths_B, pos_B + 1
+
+        carry = (1, out_BN, cache_k, cache_v, valid_BS, done_B, lengths_B, next_pos_B)
+        _, out_BN, _, _, _, _, lengths_B, _ = jax.lax.while_loop(cond, body, carry)
+        return out_BN, lengths_B
+
+    return jax.jit(generate)
+
+
+def generate(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompts: Sequence[Sequence[int]],
+    s: Sampling,
+    rules: Rules = (),
+) -> list[list[int]]:
+    """New tokens for each prompt (stop token included, padding cut)."""
+    batch = left_pad(prompts)
+    out_BN, lengths_B = make_generate(graphdef, rules, s)(
+        params, batch["tokens"], batch["valid"], batch["positions"]
+    )
+    out_BN, lengths_B = np.asarray(out_BN), np.asarray(lengths_B)
+    return [out_BN[i, : lengths_B[i]].tolist() for i in range(len(prompts))]
