@@ -317,18 +317,81 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_report)
 
 
-def cmd_generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+def run_config(workdir: str, overrides: Sequence[str], command: str) -> TrainConfig:
+    """A run's resolved config (its config.json), with overrides, on this machine's devices
+    (FSDP over all of them, whatever mesh the run trained on)."""
     import dataclasses as dc
-    import time
 
-    run = Path(args.workdir)
-    config_path = run / "config.json"
+    config_path = Path(workdir) / "config.json"
     if not config_path.is_file():
-        raise ConfigError(f"generate: {run} has no config.json; pass a run directory.")
+        raise ConfigError(f"{command}: {workdir} has no config.json; pass a run directory.")
     raw = json.loads(config_path.read_text())
     for item in overrides:
         set_path(raw, *parse_override(item))
     cfg = from_configdict(raw)
+    return dc.replace(cfg, mesh=dc.replace(cfg.mesh, shape=(1, -1, 1), dcn_shape=(1, 1, 1)))
+
+
+def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    cfg = run_config(args.workdir, overrides, "eval")
+    import jax
+
+    from bigjax import checkpoint, evaluate
+    from bigjax.data import pipeline
+    from bigjax.mesh import make_mesh
+    from bigjax.program import make_program
+    from bigjax.train import run_eval
+
+    mesh = make_mesh(cfg.mesh)
+    choices = args.choices or cfg.eval.choices
+    items = (
+        evaluate.items_for(choices, cfg.data.eval_fraction, cfg.eval.choice_items)
+        if choices
+        else []
+    )
+    with jax.set_mesh(mesh):
+        prog = make_program(cfg, mesh)
+        target = checkpoint.restore_target(prog.abstract, prog.shardings).params
+        params, step = checkpoint.load_params(args.workdir, target)
+        result = {"step": step, **run_eval(prog, params)}
+        if items:
+            tokenizer = pipeline.tokenizer_for(cfg.data)
+            result.update(
+                evaluate.score_items(
+                    evaluate.make_scorer(prog.graphdef), params, tokenizer, items, cfg.data.seq_len
+                ),
+                mc_items=len(items),
+            )
+    for key, value in result.items():
+        print(f"  {key:18s} {value:.4f}" if isinstance(value, float) else f"  {key:18s} {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss/perplexity and multiple-choice accuracy of a run",
+        description="Evaluate a run's latest checkpoint: loss and perplexity on the held-out "
+        "split (eval.num_batches batches; override with --config.eval.num_batches=N) and, "
+        "with --choices, multiple-choice accuracy by log-likelihood.",
+    )
+    p.add_argument("--workdir", required=True, help="the run directory")
+    p.add_argument(
+        "--choices",
+        help="multiple choice: 'stdlib' (built-in next-line task) or a JSON-lines file of "
+        "{context, choices: [...], answer: index} (default: the run's eval.choices)",
+    )
+    p.add_argument("--json", help="also write the results here")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_eval)
+
+
+def cmd_generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    import time
+
+    cfg = run_config(args.workdir, overrides, "generate")
     sampling = _sampling(args)
     import jax
 
@@ -337,8 +400,7 @@ def cmd_generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from bigjax.mesh import make_mesh
     from bigjax.program import make_program
 
-    # Whatever mesh the run trained on, generate on this machine's devices (FSDP).
-    cfg = dc.replace(cfg, mesh=dc.replace(cfg.mesh, shape=(1, -1, 1), dcn_shape=(1, 1, 1)))
+    run = Path(args.workdir)
     mesh = make_mesh(cfg.mesh)
     tokenizer = pipeline.tokenizer_for(cfg.data)
     prompts = [tokenizer.encode(p).tolist() for p in args.prompt]
@@ -427,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(sub)
     add_report_parser(sub)
     add_generate_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -231,10 +231,14 @@ class MetricsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Held-out loss and perplexity."""
+    """Held-out loss and perplexity; optionally multiple-choice accuracy."""
 
     every_steps: int = 0  # 0: only at the end of the run
     num_batches: int = 4
+    # Multiple choice by log-likelihood at every eval: a JSON-lines file of {context,
+    # choices, answer}, or 'stdlib' (next line of held-out standard-library files, 4 choices).
+    choices: str = ""
+    choice_items: int = 40  # items of the 'stdlib' task (cost: items x 4 sequences forward)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ import jax
 
 import bigjax
 from bigjax import checkpoint, distributed, metrics, models
+from bigjax import evaluate as evaluate_mc
 from bigjax.config import ConfigError, TrainConfig, to_dict
 from bigjax.data import pipeline
 from bigjax.mesh import make_mesh
@@ -173,11 +174,26 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             models.FLOPS_PER_TOKEN[cfg.model.family](cfg.model, cfg.data.seq_len) * tokens_per_step
         )
 
+        choice_items = (
+            evaluate_mc.items_for(cfg.eval.choices, cfg.data.eval_fraction, cfg.eval.choice_items)
+            if cfg.eval.choices
+            else []
+        )
+        scorer = evaluate_mc.make_scorer(prog.graphdef)  # compiled at the first eval, kept
+
         def evaluate(at_step: int) -> dict[str, float]:
             row = {"step": at_step, **run_eval(prog, state.params)}
-            writers.write(
-                row, f"eval @ {at_step}: loss {row['eval_loss']:.4f}, ppl {row['eval_ppl']:.2f}"
-            )
+            text = f"eval @ {at_step}: loss {row['eval_loss']:.4f}, ppl {row['eval_ppl']:.2f}"
+            if choice_items:
+                start = time.perf_counter()
+                row.update(
+                    evaluate_mc.score_items(
+                        scorer, state.params, tokenizer, choice_items, cfg.data.seq_len
+                    )
+                )
+                row["mc_eval_s"] = time.perf_counter() - start
+                text += f", multiple choice {row['mc_accuracy']:.1%}"
+            writers.write(row, text)
             return row
 
         last: dict[str, Any] = {}

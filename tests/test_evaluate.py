@@ -1,0 +1,120 @@
+"""Multiple-choice scoring by log-likelihood, and the `bigjax eval` command."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from bigjax import models
+from bigjax.config import ConfigError
+from bigjax.data.tokenizer import ByteTokenizer
+from bigjax.evaluate import Item, accuracy, choice_batch, load_items, make_scorer
+
+ITEMS = [
+    Item("def f(x):\n    return", (" x", " x + 1", "zz"), 1),
+    Item("import", (" os", " sys"), 0),
+]
+
+
+def test_choice_scores_equal_the_log_likelihood_of_each_choice():
+    cfg = tiny_config()
+    model = models.build(cfg.model, cfg.mesh.rules, seed=0)
+    graphdef, params = nnx.split(model)
+    tok = ByteTokenizer()
+    logp, counts = jax.device_get(make_scorer(graphdef)(params, choice_batch(tok, ITEMS, 64)))
+    row = 0
+    for item in ITEMS:
+        ctx = tok.encode(item.context).tolist()
+        for choice in item.choices:
+            ans = tok.encode(choice).tolist()
+            seq = jnp.asarray([ctx + ans])
+            logits = model(
+                seq[:, :-1], jnp.ones_like(seq[:, :-1]), jnp.arange(seq.shape[1] - 1)[None]
+            )
+            lp = jax.nn.log_softmax(logits[0], axis=-1)
+            # the choice's tokens are predicted from the positions just before them
+            want = sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(ans))
+            assert counts[row] == len(ans)
+            assert logp[row] == pytest.approx(want, abs=1e-4)  # f32 sums of <= 8 terms
+            row += 1
+    assert row == len(logp)
+
+
+def test_accuracy_raw_and_per_token():
+    items = [Item("c", ("a", "b"), 0), Item("c", ("a", "bbbb"), 1)]
+    # item 1: raw log-likelihood prefers the short choice; per token the long one wins
+    logp = np.array([-1.0, -2.0, -2.0, -4.0])
+    tokens = np.array([1, 1, 1, 4])
+    assert accuracy(items, logp, tokens) == {"mc_accuracy": 0.5, "mc_accuracy_norm": 1.0}
+
+
+def test_bad_item_files_name_the_line(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_items(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["x", "y"], "answer": 0}\n{"context": "a"}\n')
+    with pytest.raises(ConfigError, match="line 2 is not an item"):
+        load_items(bad)
+    bad.write_text('{"context": "a", "choices": ["x", "y"], "answer": 2}\n')
+    with pytest.raises(ConfigError, match="line 1: need >= 2 choices and 0 <= answer < 2"):
+        load_items(bad)
+
+
+def test_eval_command_on_a_trained_run(tmp_path, capsys):
+    from bigjax.cli import main
+    from bigjax.train import train
+
+    cfg = tiny_config(num_steps=2, mesh={"shape": (1, 8, 1)}, checkpoint={"every_steps": 2})
+    train(cfg, tmp_path / "run")
+    last_eval = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if "eval_loss" in line
+    ][-1]
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(i.__dict__) + "\n" for i in ITEMS))
+    out = tmp_path / "eval.json"
+    args = ["eval", "--workdir", str(tmp_path / "run"), "--choices", str(items), "--json", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["step"] == 2 and result["mc_items"] == 2
+    assert 0.0 <= result["mc_accuracy"] <= 1.0 and 0.0 <= result["mc_accuracy_norm"] <= 1.0
+    # the same held-out batches as the run's own final eval, now on a different mesh
+    assert result["eval_loss"] == pytest.approx(last_eval["eval_loss"], rel=1e-5)
+    assert main(["eval", "--workdir", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_builtin_next_line_task_comes_from_held_out_files():
+    from pathlib import Path
+
+    from bigjax.data import corpus
+    from bigjax.evaluate import stdlib_next_line
+
+    items = stdlib_next_line(0.02, 30, seed=1)
+    assert len(items) == 30 and items == stdlib_next_line(0.02, 30, seed=1)  # seeded
+    _, held = corpus.split_stdlib(0.02, chunk_bytes=1 << 30)
+    texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in {d.path for d in held}]
+    for item in items:
+        assert len(set(item.choices)) == 4
+        # the answer really follows the context in a held-out (never trained on) file
+        assert any(item.context + item.choices[item.answer] in t for t in texts)
+    assert len({i.answer for i in items}) > 1  # the answer's position varies
+
+
+def test_multiple_choice_runs_inside_training(tmp_path):
+    from bigjax.metrics import read_jsonl
+    from bigjax.train import train
+
+    cfg = tiny_config(num_steps=2, eval={"choices": "stdlib", "choice_items": 8, "every_steps": 1})
+    train(cfg, tmp_path / "run")
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        # 8 items: accuracy is a multiple of 1/8
+        assert r["mc_accuracy"] * 8 == pytest.approx(round(r["mc_accuracy"] * 8))
+        assert 0 <= r["mc_accuracy_norm"] <= 1 and r["mc_eval_s"] > 0
