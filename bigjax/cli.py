@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -317,9 +318,11 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_report)
 
 
-def run_config(workdir: str, overrides: Sequence[str], command: str) -> TrainConfig:
-    """A run's resolved config (its config.json), with overrides, on this machine's devices
-    (FSDP over all of them, whatever mesh the run trained on)."""
+@contextlib.contextmanager
+def open_run(workdir: str, overrides: Sequence[str], command: str) -> Iterator[tuple]:
+    """A trained run, ready to use on this machine: yields (program, params, checkpoint step)
+    inside its mesh. The config is the run's config.json plus overrides; the mesh is FSDP over
+    this machine's devices, whatever mesh the run trained on."""
     import dataclasses as dc
 
     config_path = Path(workdir) / "config.json"
@@ -329,30 +332,34 @@ def run_config(workdir: str, overrides: Sequence[str], command: str) -> TrainCon
     for item in overrides:
         set_path(raw, *parse_override(item))
     cfg = from_configdict(raw)
-    return dc.replace(cfg, mesh=dc.replace(cfg.mesh, shape=(1, -1, 1), dcn_shape=(1, 1, 1)))
-
-
-def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    cfg = run_config(args.workdir, overrides, "eval")
+    cfg = dc.replace(cfg, mesh=dc.replace(cfg.mesh, shape=(1, -1, 1), dcn_shape=(1, 1, 1)))
     import jax
 
-    from bigjax import checkpoint, evaluate
-    from bigjax.data import pipeline
+    from bigjax import checkpoint
     from bigjax.mesh import make_mesh
     from bigjax.program import make_program
-    from bigjax.train import run_eval
 
     mesh = make_mesh(cfg.mesh)
-    choices = args.choices or cfg.eval.choices
-    items = (
-        evaluate.items_for(choices, cfg.data.eval_fraction, cfg.eval.choice_items)
-        if choices
-        else []
-    )
     with jax.set_mesh(mesh):
         prog = make_program(cfg, mesh)
         target = checkpoint.restore_target(prog.abstract, prog.shardings).params
-        params, step = checkpoint.load_params(args.workdir, target)
+        params, step = checkpoint.load_params(workdir, target)
+        yield prog, params, step
+
+
+def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    with open_run(args.workdir, overrides, "eval") as (prog, params, step):
+        from bigjax import evaluate
+        from bigjax.data import pipeline
+        from bigjax.train import run_eval
+
+        cfg = prog.cfg
+        choices = args.choices or cfg.eval.choices
+        items = (
+            evaluate.items_for(choices, cfg.data.eval_fraction, cfg.eval.choice_items)
+            if choices
+            else []
+        )
         result = {"step": step, **run_eval(prog, params)}
         if items:
             tokenizer = pipeline.tokenizer_for(cfg.data)
@@ -391,25 +398,17 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     import time
 
-    cfg = run_config(args.workdir, overrides, "generate")
     sampling = _sampling(args)
-    import jax
+    with open_run(args.workdir, overrides, "generate") as (prog, params, step):
+        import jax
 
-    from bigjax import checkpoint, generate
-    from bigjax.data import pipeline
-    from bigjax.mesh import make_mesh
-    from bigjax.program import make_program
+        from bigjax import generate
+        from bigjax.data import pipeline
 
-    run = Path(args.workdir)
-    mesh = make_mesh(cfg.mesh)
-    tokenizer = pipeline.tokenizer_for(cfg.data)
-    prompts = [tokenizer.encode(p).tolist() for p in args.prompt]
-    with jax.set_mesh(mesh):
-        prog = make_program(cfg, mesh)
-        target = checkpoint.restore_target(prog.abstract, prog.shardings).params
-        params, step = checkpoint.load_params(str(run), target)
+        tokenizer = pipeline.tokenizer_for(prog.cfg.data)
+        prompts = [tokenizer.encode(p).tolist() for p in args.prompt]
         batch = generate.left_pad(prompts)
-        fn = generate.make_generate(prog.graphdef, cfg.mesh.rules, sampling)
+        fn = generate.make_generate(prog.graphdef, prog.cfg.mesh.rules, sampling)
         inputs = (params, batch["tokens"], batch["valid"], batch["positions"])
         start = time.perf_counter()
         compiled = fn.lower(*inputs).compile()
