@@ -55,23 +55,28 @@ def run_eval(prog: Program, params: Any) -> dict[str, float]:
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[dict[str, str]]:
     """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to save and stop after the step
-    in flight, instead of killing it. A second signal interrupts at once."""
+    in flight, instead of killing it. A second Ctrl-C interrupts at once. Repeated SIGTERMs
+    do not: schedulers resend preemption notices, and PR_SET_PDEATHSIG fires once per
+    reparenting as a dying parent's threads exit, and aborting the checkpoint save they
+    asked for would lose the work they meant to keep. Once a stop was asked the process is on
+    its way out, so SIGTERM stays ignored after the loop: a resent notice can no longer kill
+    it between the final save and exit."""
     asked: dict[str, str] = {}
     if threading.current_thread() is not threading.main_thread():
         yield asked
         return
 
     def handle(signum: int, frame: Any) -> None:
-        if asked:
+        if asked and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        asked["signal"] = signal.Signals(signum).name
+        asked.setdefault("signal", signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield asked
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if asked and s == signal.SIGTERM else handler)
 
 
 @dataclasses.dataclass
