@@ -133,15 +133,19 @@ def _layout_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]])
     return out
 
 
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    path = Path(manager.directory) / str(step) / "meta" / "metadata"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def check_layout(manager: ocp.CheckpointManager, step: int, layout: dict[str, list[int]]) -> None:
     """Raises CheckpointError listing every parameter whose name or shape differs."""
-    meta_path = Path(manager.directory) / str(step) / "meta" / "metadata"
-    if not meta_path.is_file():
+    saved = _read_meta(manager, step).get("params")
+    if not isinstance(saved, dict):
         return  # no readable metadata: the restore itself will tell
-    try:
-        saved = json.loads(meta_path.read_text())["params"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return
     mismatched = _layout_mismatch(saved, layout)
     if mismatched:
         shown = "\n  ".join(mismatched[:20]) + ("\n  ..." if len(mismatched) > 20 else "")
@@ -171,6 +175,12 @@ def restore(
         return None
     failures = []
     for step in steps:
+        if _read_meta(manager, step).get("params_only"):
+            raise CheckpointError(
+                f"{manager.directory} holds parameters only (an imported model), not a "
+                "training state to resume: train from it in a new run with "
+                f"--config.checkpoint.init_from={Path(manager.directory).parent}."
+            )
         check_layout(manager, step, layout)
         try:
             restored = manager.restore(
@@ -196,6 +206,24 @@ def restore(
         + "\n  ".join(failures)
         + "\nMove the checkpoints directory away to start fresh."
     )
+
+
+def save_params(directory: Path, params: Any, meta: dict[str, Any]) -> None:
+    """A parameters-only checkpoint at step 0 (an imported model): what `load_params` and
+    `checkpoint.init_from` read. `meta` must hold the parameter layout under "params"."""
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    try:
+        manager.save(
+            0,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": params}),
+                meta=ocp.args.JsonSave({**meta, "params_only": True}),
+            ),
+        )
+        manager.wait_until_finished()
+    finally:
+        manager.close()
 
 
 def restore_target(abstract: TrainState, shardings: TrainState) -> TrainState:

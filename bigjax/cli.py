@@ -462,6 +462,53 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_generate)
 
 
+def cmd_convert(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from bigjax import convert
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not (src / "config.json").is_file():
+        raise ConfigError(
+            f"convert: {src} has no config.json; pass a Hugging Face model directory "
+            "(to import) or a bigjax run directory (to export)."
+        )
+    if convert.is_hf_dir(src):
+        raw: dict[str, Any] = {}
+        for item in overrides:
+            set_path(raw, *parse_override(item))
+        cfg = convert.import_hf(src, dst, raw)
+        m = cfg.model
+        print(
+            f"convert: imported {m.family} ({m.num_layers} layers, d_model {m.d_model}) from "
+            f"{src} into the run directory {dst}; fine-tune with "
+            f"--config.checkpoint.init_from={dst}, or run bigjax generate/eval --workdir {dst}.",
+            flush=True,
+        )
+        return 0
+    with open_run(str(src), overrides, "convert") as (prog, params, step):
+        files = convert.export_hf(
+            prog.cfg, params, dst, args.dtype, convert.parse_size(args.max_shard_size)
+        )
+    print(f"convert: exported step {step} of {src} to {dst}: {', '.join(files)}", flush=True)
+    return 0
+
+
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="Hugging Face <-> bigjax (Llama, GPT-2)",
+        description="Converts a Hugging Face model directory (config.json + safetensors, "
+        "sharded or not) into a bigjax run directory, or a bigjax run's latest checkpoint into "
+        "a Hugging Face directory that transformers' from_pretrained loads. The direction "
+        "follows SRC. On import, --config.* sets the new run's other settings.",
+    )
+    p.add_argument("src", help="a Hugging Face model directory, or a bigjax run directory")
+    p.add_argument("dst", help="the directory to write (a run directory on import)")
+    p.add_argument("--dtype", default="float32", help="export: float32, bfloat16 or float16")
+    p.add_argument("--max-shard-size", default="5GB", help="export: shard above this size")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bigjax", description="A JAX research framework for scalable pretraining."
@@ -489,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_generate_parser(sub)
     add_eval_parser(sub)
+    add_convert_parser(sub)
     return parser
 
 
@@ -506,8 +554,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bigjax.data.dataset import EmptySplitError
         from bigjax.data.sources import DataError
         from bigjax.data.tokenizer import TokenizerError
+        from bigjax.hf import ConvertError
         from bigjax.metrics import UnknownDeviceError
         from bigjax.report import ReportError
+        from bigjax.tensorfile import TensorFileError
         from bigjax.train import NonFiniteError
 
         usage = (
@@ -517,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             EmptySplitError,
             UnknownDeviceError,
             ReportError,
+            ConvertError,
+            TensorFileError,
             FileNotFoundError,
         )
         if args.debug or not isinstance(e, (*usage, CheckpointError, NonFiniteError)):

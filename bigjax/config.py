@@ -32,6 +32,7 @@ LOGICAL_AXES = (
     "norm",
     "table_vocab",
     "table_embed",
+    "experts",
     "act_batch",
     "act_seq",
     "act_res_seq",
@@ -56,6 +57,10 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("norm", ()),
     ("table_vocab", ("fsdp", "tensor")),
     ("table_embed", ()),
+    # MoE expert weights [E, ...]: expert parallelism over the data-parallel (fsdp) devices.
+    # Used first on the array, so their embed dim is then not fsdp-sharded (one mesh axis per
+    # array); an E that fsdp does not divide falls back to plain FSDP on embed.
+    ("experts", ("fsdp",)),
     ("act_batch", ("data", "fsdp")),
     ("act_seq", ()),
     # Sequence parallelism: the residual stream between tensor-parallel matmuls (norms, adds,
@@ -70,9 +75,19 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("act_vocab", ("tensor",)),
 )
 
+# Llama 3.2's RoPE: base 500k, extended 32x from 8k positions with the llama3 bands.
+LLAMA32_ROPE = dict(
+    rope_theta=500000.0,
+    rope_scaling="llama3",
+    rope_factor=32.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_max_positions=8192,
+)
+
 # Named model sizes (the 1b/3b/8b rows are Llama 3.2 1B, 3.2 3B and 3 8B).
 # Setting `model.size` fills these; any dimension set explicitly in the config wins.
-MODEL_SIZES: dict[str, dict[str, int | bool]] = {
+MODEL_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=384, vocab_size=512),
     "small": dict(
         d_model=512, num_layers=8, num_heads=8, num_kv_heads=8, d_ff=2048, vocab_size=32000
@@ -91,6 +106,7 @@ MODEL_SIZES: dict[str, dict[str, int | bool]] = {
         d_ff=8192,
         vocab_size=128256,
         tie_embeddings=True,
+        **LLAMA32_ROPE,
     ),
     "3b": dict(
         d_model=3072,
@@ -100,12 +116,37 @@ MODEL_SIZES: dict[str, dict[str, int | bool]] = {
         d_ff=8192,
         vocab_size=128256,
         tie_embeddings=True,
+        **LLAMA32_ROPE,
     ),
     "8b": dict(
-        d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, d_ff=14336, vocab_size=128256
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        d_ff=14336,
+        vocab_size=128256,
+        rope_theta=500000.0,
     ),
 }
 
+# Families are presets of the one decoder's architecture switches: `model.family='gpt2'` fills
+# these, and any field set explicitly in the config wins (like `model.size`). The switches stay
+# separate fields so an ablation can change one (say, learned positions in a Llama).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "gpt2": dict(
+        positions="learned",
+        max_positions=1024,
+        norm="layernorm",
+        norm_eps=1e-5,
+        mlp="gelu",
+        use_bias=True,
+        tie_embeddings=True,
+    ),
+}
+POSITIONS = ("rope", "learned")
+ROPE_SCALINGS = ("default", "linear", "llama3")
+MLPS = ("swiglu", "gelu")
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
@@ -148,8 +189,25 @@ class ModelConfig:
     d_ff: int = 384
     vocab_size: int = 512
     tie_embeddings: bool = False
+    positions: str = "rope"  # one of POSITIONS: 'rope' (Llama) or 'learned' (GPT-2's table)
+    max_positions: int = 0  # rows of the learned position table (>= data.seq_len)
     rope_theta: float = 10000.0
+    # Context extension, as Hugging Face's rope_type (layers.Rope): 'default', 'linear' or
+    # 'llama3' (Llama 3.1+), with its factors.
+    rope_scaling: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
     norm: str = "rmsnorm"  # one of NORMS: 'rmsnorm' (Llama) or 'layernorm' (GPT-2, with bias)
+    mlp: str = "swiglu"  # one of MLPS: 'swiglu' (Llama) or 'gelu' (GPT-2, tanh form)
+    use_bias: bool = False  # biases on the attention and MLP projections (GPT-2)
+    # Mixture of experts (bigjax/moe.py): 0 = dense MLP; else this many SwiGLU experts of width
+    # d_ff per layer, `experts_per_token` (top-k) chosen per token by a learned router.
+    num_experts: int = 0
+    experts_per_token: int = 2
+    moe_capacity_factor: float = 1.25  # slots per expert = factor * L * k / E; 0: no drops
+    moe_aux_weight: float = 0.01  # load-balancing loss coefficient
     norm_eps: float = 1e-6
     dropout: float = 0.0
     param_dtype: str = "float32"
@@ -289,7 +347,7 @@ def from_configdict(cd: Any) -> TrainConfig:
         raise ConfigError(f"get_config() must return a ConfigDict, got {type(cd).__name__}.")
     raw = dict(raw)
     if isinstance(raw.get("model"), Mapping):
-        raw["model"] = _apply_size(dict(raw["model"]))
+        raw["model"] = _apply_presets(dict(raw["model"]))
     if isinstance(raw.get("mesh"), Mapping) and "rules" in raw["mesh"]:
         raw["mesh"] = {**raw["mesh"], "rules": _merge_rules(raw["mesh"]["rules"])}
     cfg = _build(TrainConfig, raw, "")
@@ -315,13 +373,13 @@ def _to_plain(x: Any) -> Any:
     return x
 
 
-def _apply_size(model: dict[str, Any]) -> dict[str, Any]:
-    size = model.get("size", "")
-    if not size:
-        return model
-    if size not in MODEL_SIZES:
+def _apply_presets(model: dict[str, Any]) -> dict[str, Any]:
+    family, size = model.get("family", "llama"), model.get("size", "")
+    if family not in FAMILY_DEFAULTS:
+        raise ConfigError(_unknown("model.family", family, FAMILY_DEFAULTS))
+    if size and size not in MODEL_SIZES:
         raise ConfigError(_unknown("model.size", size, MODEL_SIZES))
-    return {**MODEL_SIZES[size], **model}
+    return {**FAMILY_DEFAULTS[family], **MODEL_SIZES.get(size, {}), **model}
 
 
 def _merge_rules(user: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -482,7 +540,7 @@ def validate(cfg: TrainConfig) -> None:
         "mesh.dcn_shape",
         f"needs {len(MESH_AXES)} positive entries {MESH_AXES}, got {dcn}",
     )
-    _check(m.family == "llama", "model.family", "the only family so far is 'llama'")
+    _one_of("model.family", m.family, tuple(FAMILY_DEFAULTS))
     for name in ("d_model", "num_layers", "num_heads", "d_ff", "vocab_size"):
         _check(getattr(m, name) > 0, f"model.{name}", "must be positive")
     _check(
@@ -496,7 +554,35 @@ def validate(cfg: TrainConfig) -> None:
         "model.num_kv_heads",
         f"{m.num_kv_heads} must divide num_heads={m.num_heads}",
     )
-    _check(m.dim_per_head % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
+    _one_of("model.positions", m.positions, POSITIONS)
+    _one_of("model.mlp", m.mlp, MLPS)
+    _one_of("model.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
+    if m.positions == "rope":
+        _check(m.dim_per_head % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
+    else:
+        _check(
+            m.max_positions >= d.seq_len,
+            "model.max_positions",
+            f"the learned position table has {m.max_positions} rows, fewer than "
+            f"data.seq_len={d.seq_len}; set model.max_positions >= {d.seq_len}",
+        )
+    _check(m.rope_factor > 0, "model.rope_factor", "must be positive")
+    _check(m.num_experts >= 0, "model.num_experts", "must be >= 0 (0: dense MLP)")
+    if m.num_experts:
+        _check(m.mlp == "swiglu", "model.mlp", "experts are SwiGLU; set model.mlp=swiglu")
+        _check(not m.use_bias, "model.use_bias", "experts have no biases; set it false")
+        _check(
+            1 <= m.experts_per_token <= m.num_experts,
+            "model.experts_per_token",
+            f"must be in [1, num_experts={m.num_experts}]",
+        )
+        _check(m.moe_capacity_factor >= 0, "model.moe_capacity_factor", "must be >= 0")
+        _check(m.moe_aux_weight >= 0, "model.moe_aux_weight", "must be >= 0")
+    _check(
+        m.rope_scaling != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor,
+        "model.rope_high_freq_factor",
+        "llama3 scaling needs rope_high_freq_factor > rope_low_freq_factor",
+    )
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _one_of("model.param_dtype", m.param_dtype, DTYPES)
     _one_of("model.dtype", m.dtype, ("auto", *DTYPES))

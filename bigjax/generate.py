@@ -93,6 +93,12 @@ def make_generate(graphdef: nnx.GraphDef, rules: Rules, s: Sampling):
         model = nnx.merge(graphdef, params)
         b, t = tokens_BT.shape
         total = t + s.max_new_tokens
+        if model.pos_table_PD is not None and total > model.pos_table_PD.shape[0]:
+            raise ValueError(
+                f"the longest prompt plus max_new_tokens is {total} positions, more than the "
+                f"model's {model.pos_table_PD.shape[0]} learned positions; shorten the prompt "
+                "or max_new_tokens."
+            )
         _, _, g, _, k = model.blocks.attn.kv_DGCK.shape  # stacked: [N, D, G, 2, K]
         cache_shape = (model.num_layers, b, total, g, k)
         cache_k = constrain(jnp.zeros(cache_shape, model.dtype), CACHE_NAMES, rules)

@@ -6,6 +6,7 @@ G kv heads, K head dim, F mlp, V vocab. E.g. `x_BLD`, `logits_BLV`, `q_BLHK`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -59,6 +60,16 @@ def project(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     n = math.prod(w.shape[:n_in])
     y = x.reshape(b * length, n) @ w.reshape(n, -1)
     return y.reshape(b, length, *w.shape[n_in:])
+
+
+def _bias(use: bool, shape: tuple[int, ...], names: tuple, dtype: jnp.dtype):
+    """A zero-initialised bias Param, or None (as nnx.data: the attribute is never static)."""
+    return nnx.data(nnx.Param(jnp.zeros(shape, dtype), out_sharding=names) if use else None)
+
+
+def add_bias(y: jax.Array, bias: nnx.Param | None, dtype: jnp.dtype) -> jax.Array:
+    """y [B, L, *out] + bias [*out], or y unchanged without a bias."""
+    return y if bias is None else y + bias[...].astype(dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -125,15 +136,49 @@ class Embed(nnx.Module):
         return constrain(logits_BLV, ("act_batch", "act_seq", "act_vocab"), self.rules)
 
 
-def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half layout (the Hugging Face Llama convention)."""
-    half = x_BLHK.shape[-1] // 2
-    inv_freq_K = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-    angle_BLK = positions_BL[..., None].astype(jnp.float32) * inv_freq_K
-    sin_BL1K, cos_BL1K = jnp.sin(angle_BLK)[:, :, None], jnp.cos(angle_BLK)[:, :, None]
-    x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos_BL1K - x2 * sin_BL1K, x2 * cos_BL1K + x1 * sin_BL1K], -1)
-    return out.astype(x_BLHK.dtype)
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding, rotate-half layout (the Hugging Face Llama convention), with
+    the context-extension schemes Hugging Face names `rope_type`:
+      'default': no scaling;
+      'linear': every frequency divided by `factor` (positions interpolated);
+      'llama3': Llama 3.1's bands: wavelengths longer than original/low_freq_factor are
+        divided by `factor`, shorter than original/high_freq_factor kept, and those between
+        interpolated smoothly.
+    """
+
+    theta: float = 10000.0
+    scaling: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+    def inv_freq(self, head_dim: int) -> jax.Array:
+        """Angular frequency of each of the head_dim / 2 rotated pairs, float32 [K/2]."""
+        half = head_dim // 2
+        inv_freq = 1.0 / self.theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+        if self.scaling == "linear":
+            return inv_freq / self.factor
+        if self.scaling == "llama3":
+            wavelen = 2 * math.pi / inv_freq
+            low_wavelen = self.original_max_positions / self.low_freq_factor
+            high_wavelen = self.original_max_positions / self.high_freq_factor
+            scaled = jnp.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+            smooth = (self.original_max_positions / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            return jnp.where(medium, smoothed, scaled)
+        return inv_freq
+
+    def __call__(self, x_BLHK: jax.Array, positions_BL: jax.Array) -> jax.Array:
+        angle_BLK = positions_BL[..., None].astype(jnp.float32) * self.inv_freq(x_BLHK.shape[-1])
+        sin_BL1K, cos_BL1K = jnp.sin(angle_BLK)[:, :, None], jnp.cos(angle_BLK)[:, :, None]
+        x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+        out = jnp.concatenate([x1 * cos_BL1K - x2 * sin_BL1K, x2 * cos_BL1K + x1 * sin_BL1K], -1)
+        return out.astype(x_BLHK.dtype)
 
 
 def attention_mask(segment_ids_BL: jax.Array) -> jax.Array:
@@ -168,7 +213,8 @@ def dot_product_attention(
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE and a segment-aware causal mask."""
+    """Grouped-query self-attention with a segment-aware causal mask, RoPE (`rope`; None for
+    models with learned positions) and optional projection biases (GPT-2)."""
 
     def __init__(
         self,
@@ -177,14 +223,15 @@ class Attention(nnx.Module):
         num_kv_heads: int,
         head_dim: int,
         *,
-        rope_theta: float,
+        rope: Rope | None,
+        use_bias: bool,
         impl: str,
         rngs: nnx.Rngs,
         param_dtype: jnp.dtype,
         dtype: jnp.dtype,
         rules: Rules,
     ):
-        self.rope_theta, self.impl, self.dtype, self.rules = rope_theta, impl, dtype, rules
+        self.rope, self.impl, self.dtype, self.rules = rope, impl, dtype, rules
         D, H, G, K = d_model, num_heads, num_kv_heads, head_dim
         self.q_DHK = _param(
             rngs, dense_init, (D, H, K), ("embed", "heads", "head_dim"), param_dtype
@@ -202,6 +249,9 @@ class Attention(nnx.Module):
             param_dtype,
             fan_in_axes=(0, 1),
         )
+        self.q_bias_HK = _bias(use_bias, (H, K), ("heads", "head_dim"), param_dtype)
+        self.kv_bias_GCK = _bias(use_bias, (G, 2, K), ("kv_heads", None, "head_dim"), param_dtype)
+        self.o_bias_D = _bias(use_bias, (D,), ("norm",), param_dtype)
 
     def _qkv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, ...]:
         """Projections and RoPE: q [B, L, H, K], k and v [B, L, G, K]."""
@@ -211,17 +261,19 @@ class Attention(nnx.Module):
         )
         # the residual stream may be sequence-sharded: gather it once, before the projections
         x_BLD = constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
-        q_BLHK = act(project(x_BLD, w(self.q_DHK), 1), "act_heads")
-        kv_BLGCK = project(x_BLD, w(self.kv_DGCK), 1)
+        q_BLHK = add_bias(project(x_BLD, w(self.q_DHK), 1), self.q_bias_HK, self.dtype)
+        kv_BLGCK = add_bias(project(x_BLD, w(self.kv_DGCK), 1), self.kv_bias_GCK, self.dtype)
+        q_BLHK = act(q_BLHK, "act_heads")
         k_BLGK = act(kv_BLGCK[:, :, :, 0], "act_kv_heads")
         v_BLGK = act(kv_BLGCK[:, :, :, 1], "act_kv_heads")
-        q_BLHK = rope(q_BLHK, positions_BL, self.rope_theta)
-        k_BLGK = rope(k_BLGK, positions_BL, self.rope_theta)
+        if self.rope is not None:
+            q_BLHK, k_BLGK = self.rope(q_BLHK, positions_BL), self.rope(k_BLGK, positions_BL)
         return q_BLHK, k_BLGK, v_BLGK
 
     def _out(self, out_BLHK: jax.Array) -> jax.Array:
         out_BLHK = constrain(out_BLHK, ("act_batch", "act_seq", "act_heads", None), self.rules)
         out_BLD = project(out_BLHK, self.o_HKD[...].astype(self.dtype), 2)
+        out_BLD = add_bias(out_BLD, self.o_bias_D, self.dtype)
         return constrain(out_BLD, RESIDUAL, self.rules)  # reduce-scatter, not all-reduce
 
     def __call__(
@@ -264,6 +316,7 @@ class MLP(nnx.Module):
         d_model: int,
         d_ff: int,
         *,
+        use_bias: bool,
         rngs: nnx.Rngs,
         param_dtype: jnp.dtype,
         dtype: jnp.dtype,
@@ -274,13 +327,52 @@ class MLP(nnx.Module):
             rngs, dense_init, (d_model, d_ff, 2), ("embed", "mlp", None), param_dtype
         )
         self.down_FD = _param(rngs, dense_init, (d_ff, d_model), ("mlp", "embed"), param_dtype)
+        self.gate_up_bias_FC = _bias(use_bias, (d_ff, 2), ("mlp", None), param_dtype)
+        self.down_bias_D = _bias(use_bias, (d_model,), ("norm",), param_dtype)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
         names_BLF = ("act_batch", "act_seq", "act_mlp")
         x_BLD = constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
         gate_up_BLFC = project(x_BLD, w(self.gate_up_DFC), 1)
+        gate_up_BLFC = add_bias(gate_up_BLFC, self.gate_up_bias_FC, self.dtype)
         gate_BLF = constrain(gate_up_BLFC[..., 0], names_BLF, self.rules)
         up_BLF = constrain(gate_up_BLFC[..., 1], names_BLF, self.rules)
         out_BLD = project(jax.nn.silu(gate_BLF) * up_BLF, w(self.down_FD), 1)
+        out_BLD = add_bias(out_BLD, self.down_bias_D, self.dtype)
         return constrain(out_BLD, RESIDUAL, self.rules)
+
+
+class GeluMLP(nnx.Module):
+    """GPT-2 / BERT feed-forward: down(gelu(up(x))), GELU in its tanh form (HF `gelu_new`)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        *,
+        use_bias: bool,
+        rngs: nnx.Rngs,
+        param_dtype: jnp.dtype,
+        dtype: jnp.dtype,
+        rules: Rules,
+    ):
+        self.dtype, self.rules = dtype, rules
+        self.up_DF = _param(rngs, dense_init, (d_model, d_ff), ("embed", "mlp"), param_dtype)
+        self.down_FD = _param(rngs, dense_init, (d_ff, d_model), ("mlp", "embed"), param_dtype)
+        self.up_bias_F = _bias(use_bias, (d_ff,), ("mlp",), param_dtype)
+        self.down_bias_D = _bias(use_bias, (d_model,), ("norm",), param_dtype)
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        x_BLD = constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
+        up_BLF = add_bias(project(x_BLD, w(self.up_DF), 1), self.up_bias_F, self.dtype)
+        up_BLF = constrain(up_BLF, ("act_batch", "act_seq", "act_mlp"), self.rules)
+        out_BLD = project(jax.nn.gelu(up_BLF, approximate=True), w(self.down_FD), 1)
+        out_BLD = add_bias(out_BLD, self.down_bias_D, self.dtype)
+        return constrain(out_BLD, RESIDUAL, self.rules)
+
+
+def make_mlp(kind: str, d_model: int, d_ff: int, **kwargs) -> nnx.Module:
+    """'swiglu' (Llama) or 'gelu' (GPT-2, BERT) (config.MLPS)."""
+    return {"swiglu": MLP, "gelu": GeluMLP}[kind](d_model, d_ff, **kwargs)

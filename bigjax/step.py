@@ -19,10 +19,15 @@ Metrics = dict[str, jax.Array]
 
 
 def _forward(
-    graphdef: nnx.GraphDef, params: Params, batch: Batch, rng: jax.Array | None
-) -> jax.Array:
+    graphdef: nnx.GraphDef,
+    params: Params,
+    batch: Batch,
+    rng: jax.Array | None,
+    with_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, Metrics]:
     model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], batch["segment_ids"], batch["positions"], rng)
+    inputs = (batch["inputs"], batch["segment_ids"], batch["positions"], rng)
+    return model(*inputs, with_aux=with_aux) if with_aux else model(*inputs)
 
 
 def _split_micro(batch: Batch, num_micro: int, rules: Rules) -> Batch:
@@ -54,28 +59,35 @@ def make_train_step(
         step_key = jax.random.fold_in(base_key, state.step)
         total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
-        def loss_fn(params: Params, micro: Batch, rng: jax.Array) -> tuple[jax.Array, tuple]:
-            logits_BLV = _forward(graphdef, params, micro, rng if dropout else None)
+        num_micro = cfg.grad_accum_steps
+
+        def loss_fn(params: Params, micro: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+            logits_BLV, aux = _forward(graphdef, params, micro, rng if dropout else None, True)
             nll_sum, z_sq_sum = cross_entropy_sums(logits_BLV, micro["targets"], micro["weights"])
             objective = (nll_sum + cfg.z_loss * z_sq_sum) / total_weight
-            return objective, (nll_sum, z_sq_sum)
+            # auxiliary losses (MoE load balancing) are means per micro-batch: average them
+            objective += aux.get("aux_loss", 0.0) / num_micro
+            return objective, {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, **aux}
 
         def accumulate(carry: tuple, micro_and_index: tuple) -> tuple[tuple, None]:
-            grads, nll, z_sq = carry
+            grads, sums = carry
             micro, index = micro_and_index
             rng = jax.random.fold_in(step_key, index)
-            (_, (m_nll, m_z)), m_grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            (_, m_sums), m_grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 state.params, micro, rng
             )
-            return (jax.tree.map(jnp.add, grads, m_grads), nll + m_nll, z_sq + m_z), None
+            return (
+                jax.tree.map(jnp.add, grads, m_grads),
+                jax.tree.map(jnp.add, sums, m_sums),
+            ), None
 
-        num_micro = cfg.grad_accum_steps
+        micros = (_split_micro(batch, num_micro, rules), jnp.arange(num_micro))
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, nll_sum, z_sq_sum), _ = jax.lax.scan(
-            accumulate,
-            (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-            (_split_micro(batch, num_micro, rules), jnp.arange(num_micro)),
-        )
+        first_micro = jax.tree.map(lambda x: x[0], micros[0])
+        sums_shape = jax.eval_shape(lambda: loss_fn(state.params, first_micro, step_key)[1])
+        sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0), micros)
+        nll_sum, z_sq_sum = sums.pop("nll_sum"), sums.pop("z_sq_sum")
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -93,6 +105,7 @@ def make_train_step(
             "param_norm": optax.tree.norm(params),
             "lr": schedule(state.step),
             "tokens": jnp.sum(batch["weights"]),
+            **{k: v / num_micro for k, v in sums.items()},  # per-micro-batch means (MoE)
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

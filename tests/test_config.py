@@ -158,3 +158,9 @@ def test_every_config_key_is_documented():
 
     missing = [k for k in keys(TrainConfig) if f"`{k}`" not in doc]
     assert not missing, f"document these keys in docs/configs.md: {missing}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(str(path), [])  # validated: a broken shipped config fails here
+    assert cfg.num_steps > 0

@@ -45,9 +45,16 @@ def test_prefill_logits_equal_the_forward_pass_despite_left_padding(scan_layers)
         np.testing.assert_allclose(logits[i, t - len(prompt) :], ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_greedy_cached_decoding_equals_uncached_argmax(scan_layers):
-    _, m, graphdef, params = _model(scan_layers=scan_layers)
+@pytest.mark.parametrize(
+    "model",
+    [
+        dict(scan_layers=True),
+        dict(scan_layers=False),
+        dict(family="gpt2", max_positions=64),  # learned positions, biases, GELU, tied
+    ],
+)
+def test_greedy_cached_decoding_equals_uncached_argmax(model):
+    _, m, graphdef, params = _model(**model)
     out = generate(graphdef, params, PROMPTS, Sampling(max_new_tokens=8))
     for prompt, new in zip(PROMPTS, out, strict=True):
         assert len(new) == 8
@@ -91,6 +98,12 @@ def test_top_k_and_top_p_filters():
     assert np.isfinite(p).tolist() == [[True, True, False, False], [False, False, True, True]]
     # the most likely token always survives, however small top_p is
     assert np.isfinite(filter_logits(logits, top_k=0, top_p=1e-6)).sum() == 2
+
+
+def test_generating_past_the_learned_positions_is_an_error():
+    _, _, graphdef, params = _model(family="gpt2", max_positions=64)
+    with pytest.raises(ValueError, match="more than the model's 64 learned positions"):
+        generate(graphdef, params, PROMPTS, Sampling(max_new_tokens=60))  # 6 + 60 > 64
 
 
 def test_bad_sampling_settings():

@@ -1,4 +1,5 @@
-"""The Llama decoder: parameter formula, causality, packing isolation, scan/remat equivalence."""
+"""The decoder (Llama and GPT-2 styles): parameter formula, causality, packing isolation,
+scan/remat equivalence."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from bigjax import models
-from bigjax.config import MODEL_SIZES, from_configdict
+from bigjax.config import FAMILY_DEFAULTS, MODEL_SIZES, ConfigError, from_configdict
 from bigjax.models.llama import param_count
 
 
@@ -30,10 +31,49 @@ def _batch(B=2, L=16, seed=0, segments=None):
 
 @pytest.mark.parametrize("size", list(MODEL_SIZES))
 @pytest.mark.parametrize("tie", [False, True])
-def test_param_count_matches_formula(size, tie):
-    cfg = from_configdict({"model": {"size": size, "tie_embeddings": tie}})
+@pytest.mark.parametrize("family", list(FAMILY_DEFAULTS))
+def test_param_count_matches_formula(size, tie, family):
+    cfg = from_configdict({"model": {"size": size, "tie_embeddings": tie, "family": family}})
     _, state = models.abstract(cfg.model, cfg.mesh.rules)  # shapes only: 8b costs no memory
     assert models.count_params(state) == param_count(cfg.model)
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(use_bias=True),  # Llama with biases (HF attention_bias + mlp_bias)
+        dict(mlp="gelu"),
+        dict(positions="learned", max_positions=300),
+        dict(family="gpt2", num_kv_heads=2),  # GPT-2 style with grouped queries
+        dict(num_experts=4, experts_per_token=2),  # MoE
+        dict(num_experts=3, experts_per_token=1, scan_layers=False),
+    ],
+)
+def test_architecture_switches_count_and_run(switches):
+    cfg, model = _model(**switches)
+    _, state = models.abstract(cfg.model, cfg.mesh.rules)
+    assert models.count_params(state) == param_count(cfg.model)
+    tokens, seg, pos = _batch()
+    assert jnp.all(jnp.isfinite(model(tokens, seg, pos)))
+
+
+def test_gpt2_family_is_a_preset_that_explicit_fields_override():
+    m = from_configdict({"model": {"family": "gpt2", "norm_eps": 1e-6}}).model
+    assert (m.positions, m.mlp, m.norm, m.use_bias, m.tie_embeddings) == (
+        "learned",
+        "gelu",
+        "layernorm",
+        True,
+        True,
+    )
+    assert m.max_positions == 1024 and m.norm_eps == 1e-6  # the explicit value wins
+
+
+def test_learned_positions_shorter_than_the_sequence_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.max_positions"):
+        from_configdict(
+            {"model": {"family": "gpt2", "max_positions": 64}, "data": {"seq_len": 128}}
+        )
 
 
 def test_known_sizes_are_in_range():
@@ -69,16 +109,18 @@ def _input_grads(model, tokens, seg, pos, out_t):
     return jnp.linalg.norm(g, axis=-1)
 
 
-def test_causal_via_gradients():
-    _, model = _model()
+@pytest.mark.parametrize("family", list(FAMILY_DEFAULTS))
+def test_causal_via_gradients(family):
+    _, model = _model(family=family)
     tokens, seg, pos = _batch()
     g = _input_grads(model, tokens, seg, pos, out_t=7)
     assert jnp.all(g[:, 8:] == 0), "position 7 depends on future tokens"
     assert jnp.all(g[:, :8] > 0), "position 7 ignores part of its past"
 
 
-def test_no_attention_across_documents():
-    _, model = _model()
+@pytest.mark.parametrize("family", list(FAMILY_DEFAULTS))
+def test_no_attention_across_documents(family):
+    _, model = _model(family=family)
     segments = np.array([[1] * 6 + [2] * 6 + [0] * 4] * 2)  # two docs, then padding
     tokens, seg, pos = _batch(segments=segments)
     g = _input_grads(model, tokens, seg, pos, out_t=9)  # inside document 2

@@ -11,10 +11,15 @@ from bigjax.config import ModelConfig
 from bigjax.models import llama
 from bigjax.sharding import Rules
 
-FAMILIES: dict[str, type[nnx.Module]] = {"llama": llama.Llama}
-PARAM_COUNT: dict[str, Callable[[ModelConfig], int]] = {"llama": llama.param_count}
+# Llama and GPT-2 are presets of one decoder (config.FAMILY_DEFAULTS).
+FAMILIES: dict[str, type[nnx.Module]] = {"llama": llama.Llama, "gpt2": llama.Llama}
+PARAM_COUNT: dict[str, Callable[[ModelConfig], int]] = {
+    "llama": llama.param_count,
+    "gpt2": llama.param_count,
+}
 FLOPS_PER_TOKEN: dict[str, Callable[[ModelConfig, int], float]] = {
-    "llama": llama.train_flops_per_token
+    "llama": llama.train_flops_per_token,
+    "gpt2": llama.train_flops_per_token,
 }
 
 

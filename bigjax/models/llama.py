@@ -1,5 +1,6 @@
-"""Llama-style decoder: RMSNorm (or LayerNorm), RoPE, SwiGLU, grouped-query attention, scanned
-layers."""
+"""The decoder LM: Llama style (RMSNorm, RoPE with its scaling options, SwiGLU, grouped-query
+attention) or GPT-2 style (LayerNorm, learned positions, GELU, biases), by config switches
+(config.FAMILY_DEFAULTS); layers stacked and scanned (or unrolled)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ from flax import nnx
 
 from bigjax.config import ModelConfig
 from bigjax.layers import (
-    MLP,
     RESIDUAL,
     Attention,
     Embed,
+    Rope,
     _param,
     compute_dtype,
     dense_init,
+    embed_init,
+    make_mlp,
     make_norm,
     project,
 )
+from bigjax.moe import MoE
 from bigjax.sharding import Rules, constrain
 
 REMAT_POLICY = {
@@ -35,6 +39,19 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def rope_of(cfg: ModelConfig) -> Rope | None:
+    if cfg.positions != "rope":
+        return None
+    return Rope(
+        theta=cfg.rope_theta,
+        scaling=cfg.rope_scaling,
+        factor=cfg.rope_factor,
+        low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor,
+        original_max_positions=cfg.rope_original_max_positions,
+    )
+
+
 class Block(nnx.Module):
     """Pre-norm transformer block."""
 
@@ -47,7 +64,8 @@ class Block(nnx.Module):
             cfg.num_heads,
             cfg.kv_heads,
             cfg.dim_per_head,
-            rope_theta=cfg.rope_theta,
+            rope=rope_of(cfg),
+            use_bias=cfg.use_bias,
             impl=cfg.attention,
             rngs=rngs,
             param_dtype=pd,
@@ -55,7 +73,36 @@ class Block(nnx.Module):
             rules=rules,
         )
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, rngs=rngs, param_dtype=pd, dtype=dt, rules=rules)
+        self.mlp = (
+            MoE(
+                cfg.d_model,
+                cfg.d_ff,
+                cfg.num_experts,
+                cfg.experts_per_token,
+                cfg.moe_capacity_factor,
+                rngs=rngs,
+                param_dtype=pd,
+                dtype=dt,
+                rules=rules,
+            )
+            if cfg.num_experts
+            else make_mlp(
+                cfg.mlp,
+                cfg.d_model,
+                cfg.d_ff,
+                use_bias=cfg.use_bias,
+                rngs=rngs,
+                param_dtype=pd,
+                dtype=dt,
+                rules=rules,
+            )
+        )
+
+    def _mlp(self, x_BLD: jax.Array, valid_BL: jax.Array) -> tuple[jax.Array, dict]:
+        """The feed-forward sublayer and its auxiliary outputs (MoE: balance and drops)."""
+        if isinstance(self.mlp, MoE):
+            return self.mlp(x_BLD, valid_BL)
+        return self.mlp(x_BLD), {}
 
     def __call__(
         self,
@@ -63,12 +110,13 @@ class Block(nnx.Module):
         segment_ids_BL: jax.Array,
         positions_BL: jax.Array,
         rng: jax.Array | None,
-    ) -> jax.Array:
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         rng_attn, rng_mlp = jax.random.split(rng) if rng is not None else (None, None)
         h_BLD = self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL)
         x_BLD = constrain(x_BLD + _dropout(h_BLD, self.dropout, rng_attn), RESIDUAL, self.rules)
-        h_BLD = self.mlp(self.mlp_norm(x_BLD))
-        return constrain(x_BLD + _dropout(h_BLD, self.dropout, rng_mlp), RESIDUAL, self.rules)
+        h_BLD, aux = self._mlp(self.mlp_norm(x_BLD), segment_ids_BL > 0)
+        x_BLD = x_BLD + _dropout(h_BLD, self.dropout, rng_mlp)
+        return constrain(x_BLD, RESIDUAL, self.rules), aux
 
     def decode(
         self, x_BTD, positions_BT, cache_k_BSGK, cache_v_BSGK, slot, mask_B1TS
@@ -78,7 +126,8 @@ class Block(nnx.Module):
             self.attn_norm(x_BTD), positions_BT, cache_k_BSGK, cache_v_BSGK, slot, mask_B1TS
         )
         x_BTD = x_BTD + h_BTD
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k, v
+        h_BTD, _ = self._mlp(self.mlp_norm(x_BTD), jnp.ones(x_BTD.shape[:2], bool))
+        return x_BTD + h_BTD, k, v
 
 
 class Llama(nnx.Module):
@@ -87,6 +136,7 @@ class Llama(nnx.Module):
     def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
         pd, dt = jnp.dtype(cfg.param_dtype), compute_dtype(cfg.dtype)
         self.num_layers, self.scan_layers, self.remat = cfg.num_layers, cfg.scan_layers, cfg.remat
+        self.moe_aux_weight = cfg.moe_aux_weight
         self.dtype, self.rules = dt, rules
         self.embed = Embed(
             cfg.vocab_size, cfg.d_model, rngs=rngs, param_dtype=pd, dtype=dt, rules=rules
@@ -98,6 +148,15 @@ class Llama(nnx.Module):
             return Block(cfg, rules, rngs=rngs)
 
         self.blocks = stacked_blocks(rngs)
+        # nnx.data: a Param [P, D] for learned positions (GPT-2), None with RoPE.
+        self.pos_table_PD = nnx.data(
+            nnx.Param(
+                embed_init(rngs.params(), (cfg.max_positions, cfg.d_model), pd),
+                out_sharding=(None, "table_embed"),
+            )
+            if cfg.positions == "learned"
+            else None
+        )
         self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         # nnx.data: the attribute holds a Param or None (tied), never static config.
         self.lm_head_DV = nnx.data(
@@ -112,27 +171,47 @@ class Llama(nnx.Module):
         segment_ids_BL: jax.Array,
         positions_BL: jax.Array,
         rng: jax.Array | None = None,
-    ) -> jax.Array:
-        """Returns logits [B, L, V] in the compute dtype. `rng` enables dropout."""
-        x_BLD = self.embed(tokens_BL)
+        *,
+        with_aux: bool = False,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns logits [B, L, V] in the compute dtype. `rng` enables dropout. With
+        `with_aux`, also {"aux_loss": what to add to the objective, diagnostics...}: for MoE
+        the load-balancing loss and the share of dropped assignments, averaged over layers."""
+        x_BLD = self._embed(tokens_BL, positions_BL)
         block_def, block_params = nnx.split(self.blocks)
         layer_rngs = None if rng is None else jax.random.split(rng, self.num_layers)
 
-        def apply_block(x_BLD: jax.Array, layer: tuple) -> tuple[jax.Array, None]:
+        def apply_block(x_BLD: jax.Array, layer: tuple) -> tuple[jax.Array, dict]:
             params, layer_rng = layer
             block = nnx.merge(block_def, params)
-            return block(x_BLD, segment_ids_BL, positions_BL, layer_rng), None
+            return block(x_BLD, segment_ids_BL, positions_BL, layer_rng)
 
         if self.remat != "none":
             apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICY[self.remat])
         if self.scan_layers:
-            x_BLD, _ = jax.lax.scan(apply_block, x_BLD, (block_params, layer_rngs))
+            x_BLD, aux_N = jax.lax.scan(apply_block, x_BLD, (block_params, layer_rngs))
         else:
+            per_layer = []
             for i in range(self.num_layers):
                 layer = jax.tree.map(lambda a, i=i: a[i], (block_params, layer_rngs))
-                x_BLD, _ = apply_block(x_BLD, layer)
+                x_BLD, aux = apply_block(x_BLD, layer)
+                per_layer.append(aux)
+            aux_N = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
-        return self._logits(x_BLD)
+        logits_BLV = self._logits(x_BLD)
+        if not with_aux:
+            return logits_BLV
+        aux = {f"moe_{k}": jnp.mean(v) for k, v in aux_N.items()}
+        if "moe_balance_loss" in aux:
+            aux["aux_loss"] = self.moe_aux_weight * aux["moe_balance_loss"]
+        return logits_BLV, aux
+
+    def _embed(self, tokens_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
+        x_BLD = self.embed(tokens_BL)
+        if self.pos_table_PD is None:
+            return x_BLD
+        pos_BLD = jnp.take(self.pos_table_PD[...].astype(self.dtype), positions_BL, axis=0)
+        return constrain(x_BLD + pos_BLD, RESIDUAL, self.rules)
 
     def _logits(self, x_BLD: jax.Array) -> jax.Array:
         x_BLD = self.final_norm(x_BLD)
@@ -153,7 +232,7 @@ class Llama(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Logits [B, T, V] for T new tokens written into cache slots [slot, slot + T) of
         every layer's KV cache [N layers, B, S, G, K]; returns (logits, k cache, v cache)."""
-        x_BTD = self.embed(tokens_BT)
+        x_BTD = self._embed(tokens_BT, positions_BT)
         block_def, block_params = nnx.split(self.blocks)
 
         def apply_block(x_BTD: jax.Array, layer: tuple) -> tuple[jax.Array, tuple]:
@@ -186,10 +265,17 @@ def param_count(cfg: ModelConfig) -> int:
     """Closed-form parameter count; tests check it against the built model."""
     D, F, V, H, G, K = _dims(cfg)
     attention = D * H * K * 2 + D * G * K * 2  # q, o; k, v
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * D * F
+    if cfg.use_bias:
+        attention += H * K + 2 * G * K + D
+        mlp += (2 if cfg.mlp == "swiglu" else 1) * F + D
+    if cfg.num_experts:  # E experts (no biases) and the router
+        mlp = cfg.num_experts * 3 * D * F + D * cfg.num_experts
     norm = 2 * D if cfg.norm == "layernorm" else D  # scale (and bias)
-    per_layer = attention + 3 * D * F + 2 * norm  # + SwiGLU, two norms
+    per_layer = attention + mlp + 2 * norm
     head = 0 if cfg.tie_embeddings else D * V
-    return V * D + cfg.num_layers * per_layer + norm + head
+    positions = cfg.max_positions * D if cfg.positions == "learned" else 0
+    return V * D + positions + cfg.num_layers * per_layer + norm + head
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -199,6 +285,9 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     2 * 2 * L * H * K per token for full attention; causality halves that.
     """
     D, F, V, H, G, K = _dims(cfg)
-    matmul_weights = cfg.num_layers * (2 * D * H * K + 2 * D * G * K + 3 * D * F) + D * V
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * D * F
+    if cfg.num_experts:  # active weights: k experts per token, and the router
+        mlp = cfg.experts_per_token * 3 * D * F + D * cfg.num_experts
+    matmul_weights = cfg.num_layers * (2 * D * H * K + 2 * D * G * K + mlp) + D * V
     attention = cfg.num_layers * 2 * seq_len * H * K  # (4 L H K) / 2 for the causal mask
     return 3.0 * (2.0 * matmul_weights + attention)

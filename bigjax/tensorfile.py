@@ -1,0 +1,155 @@
+"""The safetensors file format, read and written with NumPy alone (no torch, no pickle).
+
+A file is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets}} (plus an optional "__metadata__" of strings), then the raw little-endian bytes.
+bfloat16 comes from ml_dtypes (a JAX dependency), which the `safetensors` package's NumPy API
+lacks. Reads are memory-mapped, so converting a large model copies only what it converts.
+A directory holds one `model.safetensors`, or shards named in `model.safetensors.index.json`
+(the Hugging Face layout).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+class TensorFileError(ValueError):
+    """A malformed or missing safetensors file; the message names the file."""
+
+
+def read(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of one file, as read-only arrays backed by a memory map."""
+    path = Path(path)
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    if raw.size < 8:
+        raise TensorFileError(f"{path}: too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
+    if 8 + header_len > raw.size:
+        raise TensorFileError(f"{path}: header length {header_len} runs past the file's end")
+    try:
+        header = json.loads(raw[8 : 8 + header_len].tobytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TensorFileError(f"{path}: unreadable JSON header ({e})") from e
+    body = raw[8 + header_len :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in DTYPES:
+            raise TensorFileError(
+                f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}"
+            )
+        dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
+        start, end = info["data_offsets"]
+        if end - start != math.prod(shape) * dtype.itemsize or not 0 <= start <= end <= body.size:
+            raise TensorFileError(
+                f"{path}: tensor {name!r} {info['dtype']}{list(shape)} has data offsets "
+                f"[{start}, {end}) that do not fit its size or the file"
+            )
+        out[name] = body[start:end].view(dtype).reshape(shape)
+    return out
+
+
+def write(path: str | Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> int:
+    """Writes one file atomically (a temporary name, then a rename); returns its data bytes."""
+    path = Path(path)
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    arrays = {}
+    for name, value in tensors.items():
+        array = np.ascontiguousarray(value)
+        if array.dtype not in NAMES:
+            raise TensorFileError(f"{path}: tensor {name!r} has unsupported dtype {array.dtype}")
+        header[name] = {
+            "dtype": NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        arrays[name] = array
+        offset += array.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for array in arrays.values():  # native order: every JAX host is little-endian
+            f.write(array.tobytes())
+    tmp.replace(path)
+    return offset
+
+
+def read_dir(directory: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a model directory: the shards its index names, or its single file."""
+    directory = Path(directory)
+    if (directory / INDEX).is_file():
+        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+        out: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).is_file():
+                raise TensorFileError(f"{directory / INDEX} names {shard}, which is missing")
+            out.update(read(directory / shard))
+        missing = sorted(set(weight_map) - set(out))
+        if missing:
+            raise TensorFileError(
+                f"{directory}: tensors in the index but in no shard: {missing[:5]}"
+            )
+        return out
+    if (directory / SINGLE).is_file():
+        return read(directory / SINGLE)
+    found = sorted(p.name for p in directory.glob("*"))[:10]
+    raise TensorFileError(
+        f"{directory} has neither {SINGLE} nor {INDEX} (found {found}). Save the model with "
+        "safetensors (transformers' save_pretrained does by default); .bin/.pt pickles are "
+        "never loaded."
+    )
+
+
+def write_dir(
+    directory: str | Path, tensors: Mapping[str, np.ndarray], max_shard_bytes: int
+) -> list[str]:
+    """Writes `model.safetensors`, or shards of at most `max_shard_bytes` (a tensor larger than
+    that gets a shard of its own) plus the index; returns the file names."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    metadata = {"format": "pt"}  # transformers' loader requires the key
+    if len(shards) == 1:
+        write(directory / SINGLE, shards[0], metadata)
+        return [SINGLE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    total = sum(write(directory / n, s, metadata) for n, s in zip(names, shards, strict=True))
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {t: n for n, s in zip(names, shards, strict=True) for t in s},
+    }
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [*names, INDEX]

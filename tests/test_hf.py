@@ -1,0 +1,225 @@
+"""`bigjax convert`: Hugging Face <-> bigjax for Llama and GPT-2, checked against transformers
+(PyTorch, CPU) itself on randomly initialised models of several shapes."""
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from bigjax import hf, models, tensorfile
+from bigjax.checkpoint import CheckpointError, param_layout
+from bigjax.cli import main, open_run
+from bigjax.train import train
+
+try:
+    import torch
+    import transformers
+except ImportError:  # CI installs both (.ci/run); elsewhere these tests skip
+    torch = transformers = None
+
+needs_torch = pytest.mark.skipif(
+    torch is None and os.environ.get("CI") != "true",
+    reason="needs torch and transformers (pip install torch==2.13.0 transformers)",
+)
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,  # < the 48 test positions: every band is used
+}
+SHAPES = {
+    "llama-gqa": ("llama", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=300)),
+    "llama-tied-bias-llama3": ("llama", dict(hidden_size=48, intermediate_size=80,
+                                             num_hidden_layers=3, num_attention_heads=6,
+                                             num_key_value_heads=6, head_dim=16, vocab_size=259,
+                                             tie_word_embeddings=True, attention_bias=True,
+                                             mlp_bias=True, rope_parameters=LLAMA3_ROPE)),
+    "llama-mqa-linear": ("llama", dict(hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=1, vocab_size=272, rms_norm_eps=1e-5,
+                                       rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                        "rope_theta": 10000.0})),
+    "gpt2-tied": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=128)),
+    "gpt2-untied": ("gpt2", dict(n_embd=48, n_layer=3, n_head=3, n_inner=100, vocab_size=259,
+                                 n_positions=64, tie_word_embeddings=False)),
+}  # fmt: skip
+
+
+def _hf_model(family: str, kwargs: dict, seed: int = 0):
+    """A transformers model with every parameter random (norm scales and biases too, so a
+    swapped or transposed tensor shows), in eval mode, f32, eager attention."""
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kwargs))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens)).logits.numpy()
+
+
+def _bigjax_logits(run_dir, tokens: np.ndarray) -> np.ndarray:
+    # open_run: this machine's 8 devices, parameters FSDP-sharded over them
+    with open_run(str(run_dir), [], "test") as (prog, params, _):
+        model = nnx.merge(prog.graphdef, params)
+        b, length = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(length), (b, length))
+        return np.asarray(model(jnp.asarray(tokens), jnp.ones((b, length), jnp.int32), positions))
+
+
+def _tokens(vocab: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, (2, 48))
+
+
+@needs_torch
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_import_matches_transformers_and_export_round_trips(name, tmp_path, capsys):
+    family, kwargs = SHAPES[name]
+    hf_model = _hf_model(family, kwargs)
+    # The first shape is saved in shards, as large checkpoints are.
+    shard = "60KB" if name == "llama-gqa" else "1GB"
+    hf_model.save_pretrained(tmp_path / "hf", max_shard_size=shard)
+    sharded = (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert sharded == (name == "llama-gqa")
+
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    assert f"imported {family}" in capsys.readouterr().out
+    tokens = _tokens(kwargs["vocab_size"])
+    ref = _hf_logits(hf_model, tokens)
+    got = _bigjax_logits(tmp_path / "run", tokens)
+    assert ref.std() > 0.1  # logits 1000x the bound: a wrong tensor could not hide
+    # f32 on both sides; only summation order differs (measured ~1e-6); the issue's bound.
+    assert np.abs(got - ref).max() <= 1e-4
+
+    # Export the imported run: every tensor comes back bit for bit, under transformers' names.
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
+    back = tensorfile.read_dir(tmp_path / "back")
+    original = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    if hf_model.config.tie_word_embeddings:
+        original.pop("lm_head.weight")  # a view of the embedding; not saved when tied
+    assert sorted(back) == sorted(original)
+    for k, v in original.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+@needs_torch
+@pytest.mark.parametrize(
+    "family, model",
+    [
+        ("llama", dict(num_kv_heads=2, rope_scaling="llama3", rope_factor=4.0,
+                       rope_original_max_positions=16)),
+        ("gpt2", dict(family="gpt2", num_kv_heads=0, max_positions=96, tie_embeddings=False)),
+    ],
+)  # fmt: skip
+def test_trained_run_exports_to_from_pretrained_with_the_same_logits(family, model, tmp_path):
+    cfg = tiny_config(num_steps=3, model={"size": "tiny", **model})
+    train(cfg, tmp_path / "run")
+    out = tmp_path / "hf"
+    args = ["convert", str(tmp_path / "run"), str(out), "--max-shard-size", "300KB"]
+    assert main(args) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert type(hf_model).__name__ == (
+        "LlamaForCausalLM" if family == "llama" else "GPT2LMHeadModel"
+    )
+    tokens = _tokens(cfg.model.vocab_size)
+    ref = _hf_logits(hf_model.eval(), tokens)
+    got = _bigjax_logits(tmp_path / "run", tokens)
+    assert np.abs(got - ref).max() <= 1e-4  # f32 both sides, as above
+
+    # bf16 export: half the bytes, and transformers reads the dtype from config.json
+    assert (
+        main(["convert", str(tmp_path / "run"), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    )
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+
+
+def test_imported_model_fine_tunes_and_refuses_to_resume_as_a_run(tmp_path):
+    # A GPT-2 checkpoint written with bigjax's own safetensors writer (no torch needed).
+    gpt2 = {"size": "tiny", "family": "gpt2", "max_positions": 64, "num_kv_heads": 0}
+    cfg = tiny_config(num_steps=2, model=gpt2, optim={"lr": 1e-12})
+    _, abstract = models.abstract(cfg.model, cfg.mesh.rules)
+    rng = np.random.default_rng(0)
+    params = {
+        path: (rng.normal(size=shape) * 0.05).astype(np.float32)
+        for path, shape in param_layout(nnx.to_pure_dict(abstract)).items()
+    }
+    src = tmp_path / "hf"
+    tensorfile.write_dir(src, hf.to_hf(cfg.model, params), 10**9)
+    (src / "config.json").write_text(json.dumps(hf.hf_config(cfg.model, 64, "float32")))
+    assert main(["convert", str(src), str(tmp_path / "imported")]) == 0
+
+    # Resuming the imported directory itself as a run is refused, naming the fix.
+    with pytest.raises(CheckpointError, match="parameters only.*init_from"):
+        train(cfg, tmp_path / "imported")
+
+    # Fine-tuning starts from the imported weights: at lr 1e-12 two steps leave them as
+    # imported (AdamW moves each weight by ~lr per step), unlike a fresh initialisation.
+    init = dataclasses.replace(cfg.checkpoint, init_from=str(tmp_path / "imported"))
+    train(dataclasses.replace(cfg, checkpoint=init), tmp_path / "tuned")
+    with open_run(str(tmp_path / "tuned"), [], "test") as (_, tuned, step):
+        tuned = {k: np.asarray(v) for k, v in hf.flatten(tuned).items()}
+    assert step == 2 and sorted(tuned) == sorted(params)
+    for k, v in params.items():
+        np.testing.assert_allclose(tuned[k], v, atol=1e-9, err_msg=k)
+
+
+def test_bad_inputs_name_the_problem(tmp_path, capsys):
+    # A pickle-only directory: never loaded, and the error says why.
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not loaded")
+    gpt2 = {"size": "tiny", "family": "gpt2", "max_positions": 64, "num_kv_heads": 0}
+    cfg = tiny_config(model=gpt2)
+    config = hf.hf_config(cfg.model, 64, "float32")
+    (tmp_path / "pickled" / "config.json").write_text(json.dumps(config))
+    assert main(["convert", str(tmp_path / "pickled"), str(tmp_path / "x")]) == 2
+    assert "pickles are never loaded" in capsys.readouterr().err
+
+    # Another architecture.
+    (tmp_path / "mistral").mkdir()
+    (tmp_path / "mistral" / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    assert main(["convert", str(tmp_path / "mistral"), str(tmp_path / "y")]) == 2
+    assert "model_type='mistral' is not supported" in capsys.readouterr().err
+
+    # Weights that do not match config.json (a layer too many), and a truncated file.
+    _, abstract = models.abstract(cfg.model, cfg.mesh.rules)
+    params = {
+        p: np.zeros(s, np.float32) for p, s in param_layout(nnx.to_pure_dict(abstract)).items()
+    }
+    tensors = hf.to_hf(cfg.model, params)
+    (tmp_path / "deeper").mkdir()
+    tensorfile.write_dir(tmp_path / "deeper", tensors, 10**9)
+    (tmp_path / "deeper" / "config.json").write_text(json.dumps({**config, "n_layer": 1}))
+    assert main(["convert", str(tmp_path / "deeper"), str(tmp_path / "z")]) == 2
+    assert "no place in the model" in capsys.readouterr().err
+    blob = tmp_path / "deeper" / "model.safetensors"
+    blob.write_bytes(blob.read_bytes()[:-100])
+    (tmp_path / "deeper" / "config.json").write_text(json.dumps(config))
+    assert main(["convert", str(tmp_path / "deeper"), str(tmp_path / "w")]) == 2
+    assert "do not fit its size or the file" in capsys.readouterr().err
+
+    # A run whose architecture Hugging Face's GPT-2 cannot express.
+    run = tiny_config(num_steps=1, model={"family": "gpt2", "max_positions": 64})
+    train(run, tmp_path / "gqa")  # tiny has 2 KV heads for 4 query heads
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "gqa"), str(tmp_path / "v")]) == 2
+    assert "num_kv_heads=2" in capsys.readouterr().err
