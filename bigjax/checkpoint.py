@@ -22,6 +22,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from bigjax.config import CheckpointConfig
 from bigjax.data.pipeline import DataStateError
 from bigjax.state import TrainState
+from bigjax.tree import path_name
 
 
 class CheckpointError(RuntimeError):
@@ -272,7 +273,7 @@ def init_from(
 def param_layout(abstract_params: Any) -> dict[str, list[int]]:
     """Parameter path -> shape: saved with every checkpoint, checked on every restore."""
     return {
-        "/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape)
+        path_name(path): list(leaf.shape)
         for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)
     }
 
@@ -298,10 +299,23 @@ def _restore_params(
     layout: dict[str, list[int]],
     fresh: TrainState,
 ) -> TrainState | None:
-    params = _restore_params_only(manager, target.params, layout)
+    # What fine-tuning adds (LoRA adapters, a classification head) and the source lacks
+    # starts fresh; everything else must be in the checkpoint, with the same shapes.
+    step = manager.latest_step()
+    saved = _read_meta(manager, step).get("params", {}) if step is not None else {}
+    saved_tops = {p.split("/", 1)[0] for p in saved}
+    new = {k for k in target.params if k in FINETUNE_ADDITIONS and k not in saved_tops}
+    base = {k: v for k, v in target.params.items() if k not in new}
+    base_layout = {k: v for k, v in layout.items() if k.split("/", 1)[0] not in new}
+    params = _restore_params_only(manager, base, base_layout)
     if params is None:
         return None
+    params = {**params, **{k: fresh.params[k] for k in new}}
     return TrainState(step=fresh.step, params=params, opt_state=fresh.opt_state)
+
+
+# Parameters a fine-tuning run may add to the model it starts from (checkpoint.init_from).
+FINETUNE_ADDITIONS = ("lora", "cls_head_DC", "cls_bias_C")
 
 
 def _restore_params_only(

@@ -335,7 +335,7 @@ def open_run(workdir: str, overrides: Sequence[str], command: str) -> Iterator[t
     cfg = dc.replace(cfg, mesh=dc.replace(cfg.mesh, shape=(1, -1, 1), dcn_shape=(1, 1, 1)))
     import jax
 
-    from bigjax import checkpoint
+    from bigjax import checkpoint, lora
     from bigjax.mesh import make_mesh
     from bigjax.program import make_program
 
@@ -344,7 +344,8 @@ def open_run(workdir: str, overrides: Sequence[str], command: str) -> Iterator[t
         prog = make_program(cfg, mesh)
         target = checkpoint.restore_target(prog.abstract, prog.shardings).params
         params, step = checkpoint.load_params(workdir, target)
-        yield prog, params, step
+        # LoRA runs: the adapters folded into the weights, as the model ran in training
+        yield prog, lora.merged(params, cfg.finetune.lora_scale), step
 
 
 def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:

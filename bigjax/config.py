@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -202,6 +203,8 @@ class ModelConfig:
     norm: str = "rmsnorm"  # one of NORMS: 'rmsnorm' (Llama) or 'layernorm' (GPT-2, with bias)
     mlp: str = "swiglu"  # one of MLPS: 'swiglu' (Llama) or 'gelu' (GPT-2, tanh form)
     use_bias: bool = False  # biases on the attention and MLP projections (GPT-2)
+    # > 0: a classification head [D, num_classes] on the last real token (data.task=classify)
+    num_classes: int = 0
     # Mixture of experts (bigjax/moe.py): 0 = dense MLP; else this many SwiGLU experts of width
     # d_ff per layer, `experts_per_token` (top-k) chosen per token by a learned router.
     num_experts: int = 0
@@ -252,7 +255,11 @@ class DataConfig:
 
     path: str = ""  # a prepared dataset (`bigjax prepare`); '' = the built-in corpus
     mixture: tuple[tuple[str, float], ...] = ()  # (dataset dir, weight) pairs; overrides path
-    packing: str = "concat"  # 'concat' (concat-then-split) or 'first_fit'
+    # What the rows hold: 'lm' (documents, next-token loss everywhere), 'sft' (prompt/response
+    # pairs, loss on responses) or 'classify' (text and label; needs model.num_classes).
+    task: str = "lm"
+    examples: str = ""  # sft/classify: a JSON-lines file of examples (bigjax/data/examples.py)
+    packing: str = "concat"  # 'concat' (concat-then-split), 'first_fit', 'pad' (one per row)
     tokenizer: str = "byte"  # built-in corpus only; prepared datasets carry their own
     batch_size: int = 16  # global batch, in sequences
     seq_len: int = 256
@@ -300,6 +307,23 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Which parameters train: frozen subsets and LoRA adapters (bigjax/lora.py). Combine with
+    checkpoint.init_from to start from a trained or imported model."""
+
+    # Regex over parameter paths (e.g. 'embed/.*|blocks/attn/.*', see `bigjax.checkpoint.
+    # param_layout`): matching parameters get no updates and no optimizer moments.
+    freeze: str = ""
+    lora_rank: int = 0  # > 0: train rank-r adapters on lora_targets, freeze the base model
+    lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
+    lora_targets: str = r"blocks/(attn|mlp)/.*"  # regex over parameter paths (matrices only)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The whole run."""
 
@@ -313,6 +337,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     metrics: MetricsConfig = MetricsConfig()
     eval: EvalConfig = EvalConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @property
     def data_seed(self) -> int:
@@ -607,7 +632,18 @@ def validate(cfg: TrainConfig) -> None:
     _check(0.0 < d.eval_fraction < 1.0, "data.eval_fraction", "must be in (0, 1)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _one_of("data.tokenizer", d.tokenizer, ("byte",))
-    _one_of("data.packing", d.packing, ("concat", "first_fit"))
+    _one_of("data.packing", d.packing, ("concat", "first_fit", "pad"))
+    _one_of("data.task", d.task, ("lm", "sft", "classify"))
+    _check(
+        (d.task == "lm") == (not d.examples),
+        "data.examples",
+        "sft and classify read data.examples (a JSON-lines file); lm reads data.path",
+    )
+    _check(
+        d.task != "classify" or (d.packing == "pad" and m.num_classes >= 2),
+        "data.task",
+        "classify needs data.packing=pad (one example per row) and model.num_classes >= 2",
+    )
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: off)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0: off)")
@@ -617,6 +653,19 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: at the end)")
     _check(cfg.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")
+    f = cfg.finetune
+    _check(f.lora_rank >= 0, "finetune.lora_rank", "must be >= 0 (0: no adapters)")
+    _check(f.lora_alpha > 0, "finetune.lora_alpha", "must be positive")
+    _check(
+        not (f.lora_rank and f.freeze),
+        "finetune.freeze",
+        "with LoRA only the adapters train (the base is frozen); leave freeze empty",
+    )
+    for key in ("freeze", "lora_targets"):
+        try:
+            re.compile(getattr(f, key))
+        except re.error as e:
+            raise ConfigError(f"finetune.{key}: not a regular expression ({e}).") from None
 
 
 def _check(ok: bool, key: str, why: str) -> None:

@@ -19,6 +19,7 @@ from flax import nnx
 
 from bigjax import checkpoint, hf, models, tensorfile
 from bigjax.config import DataConfig, TrainConfig, from_configdict, to_dict
+from bigjax.tree import flatten, unflatten
 
 EXPORT_DTYPES = {
     "float32": np.float32,
@@ -51,7 +52,7 @@ def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> Train
     flat = hf.from_hf(cfg.model, tensorfile.read_dir(src), layout, np.dtype(cfg.model.param_dtype))
     dst.mkdir(parents=True, exist_ok=True)
     meta = {"config": to_dict(cfg), "params": layout, "imported_from": str(src.absolute())}
-    checkpoint.save_params(dst / "checkpoints", hf.unflatten(flat), meta)
+    checkpoint.save_params(dst / "checkpoints", unflatten(flat), meta)
     (dst / "config.json").write_text(json.dumps(meta["config"], indent=2) + "\n")
     return cfg
 
@@ -64,7 +65,7 @@ def export_hf(
     if dtype not in EXPORT_DTYPES:
         raise hf.ConvertError(f"--dtype {dtype!r}: use one of {list(EXPORT_DTYPES)}.")
     config = hf.hf_config(cfg.model, cfg.data.seq_len, dtype)  # raises if not representable
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in hf.flatten(params).items()}
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
     tensors = {
         k: np.ascontiguousarray(v).astype(EXPORT_DTYPES[dtype])
         for k, v in hf.to_hf(cfg.model, flat).items()

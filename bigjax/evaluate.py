@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax import lora
 from bigjax.config import ConfigError
 
 
@@ -124,11 +125,11 @@ def choice_batch(
     return {**out, "positions": positions, "weights": weights}
 
 
-def make_scorer(graphdef: nnx.GraphDef):
+def make_scorer(graphdef: nnx.GraphDef, lora_scale: float = 0.0):
     """Jitted `score(params, batch) -> (sum of choice log-probs [R], choice tokens [R])`."""
 
     def score(params, batch):
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, lora.merged(params, lora_scale))
         logits = model(batch["inputs"], batch["seg"], batch["positions"]).astype(jnp.float32)
         logp = jax.nn.log_softmax(logits, axis=-1)
         target_logp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
@@ -170,3 +171,22 @@ def score_items(
         logps.append(lp[:rows])
         counts.append(n[:rows])
     return accuracy(items, np.concatenate(logps), np.concatenate(counts))
+
+
+def classification_metrics(confusion_CC: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro-averaged precision, recall and F1 from a confusion matrix [true,
+    predicted]. Averages run over the classes that occur (as truth or prediction); a class
+    never predicted has precision 0, as scikit-learn's default (zero_division=0)."""
+    c = np.asarray(confusion_CC, np.float64)
+    tp, true_n, pred_n = np.diag(c), c.sum(1), c.sum(0)
+    seen = (true_n + pred_n) > 0
+    precision = np.divide(tp, pred_n, out=np.zeros_like(tp), where=pred_n > 0)
+    recall = np.divide(tp, true_n, out=np.zeros_like(tp), where=true_n > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {
+        "accuracy": float(tp.sum() / max(c.sum(), 1.0)),
+        "precision": float(precision[seen].mean()) if seen.any() else 0.0,
+        "recall": float(recall[seen].mean()) if seen.any() else 0.0,
+        "f1": float(f1[seen].mean()) if seen.any() else 0.0,
+    }

@@ -368,25 +368,3 @@ def from_hf(
     if set(out) != set(shapes):
         raise ConvertError(f"parameters left unset: {sorted(set(shapes) - set(out))}")
     return out
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested parameter dict -> {"blocks/attn/q_DHK": leaf, ...}."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out |= flatten(v, f"{prefix}{k}/")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        *parents, name = path.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[name] = leaf
-    return out

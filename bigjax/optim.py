@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import optax
 
 from bigjax.config import OptimConfig
+from bigjax.tree import path_name
 
 
 def make_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
@@ -38,8 +42,27 @@ def weight_decay_mask(cfg: OptimConfig):
     return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimConfig, num_steps: int) -> optax.GradientTransformation:
-    """The optimizer chain: optional global-norm clipping, then the named update rule."""
+def make_optimizer(
+    cfg: OptimConfig, num_steps: int, trainable: Callable[[str], bool] | None = None
+) -> optax.GradientTransformation:
+    """The optimizer chain: optional global-norm clipping, then the named update rule.
+
+    `trainable(path)` (fine-tuning) splits the parameters: the rest get zero updates and no
+    optimizer state, and clipping sees only the trainable gradients, so XLA drops the frozen
+    parameters' gradients altogether."""
+    tx = _update_rule(cfg, num_steps)
+    if trainable is None:
+        return tx
+
+    def labels(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "train" if trainable(path_name(path)) else "frozen", params
+        )
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _update_rule(cfg: OptimConfig, num_steps: int) -> optax.GradientTransformation:
     lr = make_schedule(cfg, num_steps)
     mask = weight_decay_mask(cfg)
     if cfg.name == "adamw":

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bigjax import metrics, models, optim
+from bigjax import lora, metrics, models, optim
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.mesh import resolve_shape
 from bigjax.sharding import is_spec
@@ -143,8 +143,8 @@ def analytic(cfg: TrainConfig, target: Target, mfu: float) -> dict[str, Any]:
     cfg = _accelerator_config(cfg)
     mesh_shape = mesh_shape_for(cfg, target)
     _, graph_state = models.abstract(cfg.model, cfg.mesh.rules)
-    tx = optim.make_optimizer(cfg.optim, cfg.num_steps)
-    abstract = abstract_state(graph_state, tx)
+    tx = optim.make_optimizer(cfg.optim, cfg.num_steps, lora.trainable_fn(cfg.finetune))
+    abstract = abstract_state(graph_state, tx, cfg.finetune)
     specs = state_specs(graph_state, abstract, tx, mesh_shape, cfg.mesh.rules)
 
     def per_device(tree: Any, spec_tree: Any) -> float:

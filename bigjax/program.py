@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bigjax import models, optim, step
+from bigjax import lora, models, optim, step
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.sharding import logical_to_spec
 from bigjax.state import Params, TrainState, abstract_state, init_state, state_shardings
@@ -36,7 +36,12 @@ class Program:
     def init(self) -> TrainState:
         """A fresh state, materialised directly in its shardings."""
         return init_state(
-            self.cfg.model, self.cfg.mesh.rules, self.tx, self.cfg.seed, self.shardings
+            self.cfg.model,
+            self.cfg.mesh.rules,
+            self.tx,
+            self.cfg.seed,
+            self.shardings,
+            self.cfg.finetune,
         )
 
     def local_rows(self) -> range:
@@ -51,9 +56,27 @@ class Program:
     def to_global(self, local: dict[str, np.ndarray]) -> step.Batch:
         """Assembles each process's rows into one global batch array (no replication)."""
         return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            k: jax.make_array_from_process_local_data(_for_ndim(self.batch_sharding, v.ndim), v)
             for k, v in local.items()
         }
+
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+
+
+def _for_ndim(batch_sharding: NamedSharding, ndim: int) -> NamedSharding:
+    """The [B, L] batch sharding, or its row part for per-row arrays [B] (class labels)."""
+    if ndim == len(batch_sharding.spec):
+        return batch_sharding
+    return NamedSharding(batch_sharding.mesh, PartitionSpec(*batch_sharding.spec[:ndim]))
+
+
+def batch_shardings(cfg: TrainConfig, batch_sharding: NamedSharding) -> dict[str, NamedSharding]:
+    """Shardings of every array of a batch of this config's task."""
+    out = {k: batch_sharding for k in BATCH_KEYS}
+    if cfg.data.task == "classify":
+        out["labels"] = _for_ndim(batch_sharding, 1)
+    return out
 
 
 def check_program(cfg: TrainConfig, mesh: Mesh) -> None:
@@ -80,9 +103,10 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     check_program(cfg, mesh)
     rules = cfg.mesh.rules
     graphdef, graph_state = models.abstract(cfg.model, rules)
-    tx = optim.make_optimizer(cfg.optim, cfg.num_steps)
+    trainable = lora.trainable_fn(cfg.finetune)
+    tx = optim.make_optimizer(cfg.optim, cfg.num_steps, trainable)
     schedule = optim.make_schedule(cfg.optim, cfg.num_steps)
-    abstract = abstract_state(graph_state, tx)
+    abstract = abstract_state(graph_state, tx, cfg.finetune)
     shardings = state_shardings(graph_state, abstract, tx, mesh, rules)
     spec = logical_to_spec(
         ("act_batch", "act_seq"), rules, dict(mesh.shape), (cfg.data.batch_size, cfg.data.seq_len)
@@ -98,13 +122,16 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
             cfg.seed,
             dropout=cfg.model.dropout > 0,
             skip_nonfinite=cfg.nan_policy == "skip",
+            trainable=trainable or (lambda path: True),
+            lora_scale=cfg.finetune.lora_scale,
         ),
-        in_shardings=(shardings, batch_sharding),
+        in_shardings=(shardings, batch_shardings(cfg, batch_sharding)),
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        step.make_eval_step(graphdef), in_shardings=(shardings.params, batch_sharding)
+        step.make_eval_step(graphdef, cfg.finetune.lora_scale),
+        in_shardings=(shardings.params, batch_shardings(cfg, batch_sharding)),
     )
     return Program(
         cfg,

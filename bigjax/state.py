@@ -11,9 +11,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bigjax import models
-from bigjax.config import ModelConfig
+from bigjax import lora, models
+from bigjax.config import FinetuneConfig, ModelConfig
 from bigjax.sharding import Rules, is_spec, tree_specs
+from bigjax.tree import flatten
 
 Params = dict[str, Any]
 
@@ -27,9 +28,21 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def abstract_state(graph_state: nnx.State, tx: optax.GradientTransformation) -> TrainState:
+def with_adapters(params: Params, finetune: FinetuneConfig, seed: int) -> Params:
+    """The model's parameters plus fresh LoRA adapters under "lora" (when lora_rank > 0)."""
+    if not finetune.lora_rank:
+        return params
+    layout = {path: list(leaf.shape) for path, leaf in flatten(params).items()}
+    dtype = next(iter(flatten(params).values())).dtype
+    key = jax.random.fold_in(jax.random.key(seed), 1)  # not the model's init stream
+    return {**params, "lora": lora.init(layout, finetune, key, dtype)}
+
+
+def abstract_state(
+    graph_state: nnx.State, tx: optax.GradientTransformation, finetune: FinetuneConfig
+) -> TrainState:
     """The TrainState as ShapeDtypeStructs: the init target and the Orbax restore target."""
-    params = nnx.to_pure_dict(graph_state)
+    params = jax.eval_shape(lambda: with_adapters(nnx.to_pure_dict(graph_state), finetune, 0))
     return TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=params,
@@ -47,8 +60,12 @@ def state_specs(
     """PartitionSpecs for a TrainState: params by their logical names, optimizer moments like
     their parameter, anything else (counts, factored moments of another shape) replicated."""
     param_specs = nnx.to_pure_dict(tree_specs(graph_state, mesh_shape, rules))
+    if "lora" in abstract.params:
+        param_specs["lora"] = lora.specs(abstract.params["lora"], param_specs)
 
-    def like_param(leaf: Any, param: Any, spec: PartitionSpec) -> PartitionSpec:
+    def like_param(leaf: Any, param: Any, spec: PartitionSpec) -> Any:
+        if isinstance(leaf, optax.MaskedNode):  # a frozen parameter's (empty) slot: no state
+            return leaf
         return spec if getattr(leaf, "shape", None) == param.shape else PartitionSpec()
 
     opt_specs = optax.tree_map_params(
@@ -58,7 +75,7 @@ def state_specs(
         abstract.params,
         param_specs,
         transform_non_params=lambda _: PartitionSpec(),
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct) or is_spec(x),
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct | optax.MaskedNode) or is_spec(x),
     )
     return TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
 
@@ -81,11 +98,13 @@ def init_state(
     tx: optax.GradientTransformation,
     seed: int,
     shardings: TrainState,
+    finetune: FinetuneConfig,
 ) -> TrainState:
     """Materialises a fresh TrainState directly in its shardings (no host-side full copy)."""
 
     def init() -> TrainState:
         params = nnx.to_pure_dict(nnx.state(models.build(cfg, rules, seed)))
+        params = with_adapters(params, finetune, seed)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     return jax.jit(init, out_shardings=shardings)()

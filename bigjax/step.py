@@ -9,35 +9,55 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from bigjax import lora
 from bigjax.config import OptimConfig
 from bigjax.loss import cross_entropy_sums
 from bigjax.sharding import Rules, constrain
 from bigjax.state import Params, TrainState
+from bigjax.tree import path_name
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions, weights: all [B, L]
 Metrics = dict[str, jax.Array]
 
 
-def _forward(
-    graphdef: nnx.GraphDef,
-    params: Params,
-    batch: Batch,
-    rng: jax.Array | None,
-    with_aux: bool = False,
-) -> jax.Array | tuple[jax.Array, Metrics]:
-    model = nnx.merge(graphdef, params)
-    inputs = (batch["inputs"], batch["segment_ids"], batch["positions"], rng)
-    return model(*inputs, with_aux=with_aux) if with_aux else model(*inputs)
+def _model(graphdef: nnx.GraphDef, params: Params, lora_scale: float) -> nnx.Module:
+    return nnx.merge(graphdef, lora.merged(params, lora_scale))
+
+
+def _inputs(batch: Batch, rng: jax.Array | None) -> tuple:
+    return batch["inputs"], batch["segment_ids"], batch["positions"], rng
+
+
+def _loss_sums(model: nnx.Module, batch: Batch, rng: jax.Array | None) -> Metrics:
+    """Summed losses of one (micro-)batch and the model's auxiliary outputs: over weighted
+    target tokens (language modelling, SFT), or over rows with a class label (classify)."""
+    if "labels" in batch:
+        logits_BC, aux = model.classify(*_inputs(batch, rng), with_aux=True)
+        labels_B = batch["labels"]
+        ones_B1 = jnp.ones((labels_B.shape[0], 1), jnp.float32)
+        nll_sum, z_sq_sum = cross_entropy_sums(logits_BC[:, None], labels_B[:, None], ones_B1)
+        correct = jnp.sum(jnp.argmax(logits_BC, -1) == labels_B).astype(jnp.float32)
+        return {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, "correct": correct, **aux}
+    logits_BLV, aux = model(*_inputs(batch, rng), with_aux=True)
+    nll_sum, z_sq_sum = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"])
+    return {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, **aux}
+
+
+def _loss_weight(batch: Batch) -> jax.Array:
+    """What the summed losses are divided by: target tokens, or rows when classifying."""
+    if "labels" in batch:
+        return jnp.asarray(batch["labels"].shape[0], jnp.float32)
+    return jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
 
 def _split_micro(batch: Batch, num_micro: int, rules: Rules) -> Batch:
     """[B, L] -> [A, B/A, L] taking rows A apart, so every device's shard of the batch feeds
     every micro-batch (a plain reshape would give micro-batch 0 to the first devices only)."""
 
-    def split(x_BL: jax.Array) -> jax.Array:
-        b, length = x_BL.shape
-        x_ABL = x_BL.reshape(b // num_micro, num_micro, length).swapaxes(0, 1)
-        return constrain(x_ABL, (None, "act_batch", "act_seq"), rules)
+    def split(x_BL: jax.Array) -> jax.Array:  # also [B] (class labels)
+        b, *rest = x_BL.shape
+        x_ABL = x_BL.reshape(b // num_micro, num_micro, *rest).swapaxes(0, 1)
+        return constrain(x_ABL, (None, "act_batch", "act_seq")[: x_ABL.ndim], rules)
 
     return jax.tree.map(split, batch)
 
@@ -51,23 +71,23 @@ def make_train_step(
     seed: int,
     dropout: bool,
     skip_nonfinite: bool = False,
+    trainable: Callable[[str], bool] = lambda path: True,
+    lora_scale: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds `train_step(state, batch) -> (state, metrics)`, a pure function of its inputs."""
     base_key = jax.random.key(seed)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         step_key = jax.random.fold_in(base_key, state.step)
-        total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-
+        total_weight = _loss_weight(batch)
         num_micro = cfg.grad_accum_steps
 
         def loss_fn(params: Params, micro: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
-            logits_BLV, aux = _forward(graphdef, params, micro, rng if dropout else None, True)
-            nll_sum, z_sq_sum = cross_entropy_sums(logits_BLV, micro["targets"], micro["weights"])
-            objective = (nll_sum + cfg.z_loss * z_sq_sum) / total_weight
+            sums = _loss_sums(_model(graphdef, params, lora_scale), micro, rng if dropout else None)
+            objective = (sums["nll_sum"] + cfg.z_loss * sums["z_sq_sum"]) / total_weight
             # auxiliary losses (MoE load balancing) are means per micro-batch: average them
-            objective += aux.get("aux_loss", 0.0) / num_micro
-            return objective, {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, **aux}
+            objective += sums.get("aux_loss", 0.0) / num_micro
+            return objective, sums
 
         def accumulate(carry: tuple, micro_and_index: tuple) -> tuple[tuple, None]:
             grads, sums = carry
@@ -88,9 +108,15 @@ def make_train_step(
         sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0), micros)
         nll_sum, z_sq_sum = sums.pop("nll_sum"), sums.pop("z_sq_sum")
+        correct = sums.pop("correct", None)  # classification: rows predicted right
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.tree.norm(grads)
+        # of the trainable gradients only: a frozen one is never computed (XLA drops it)
+        grad_norm = optax.tree.norm(
+            jax.tree_util.tree_map_with_path(
+                lambda p, g: g if trainable(path_name(p)) else jnp.zeros(()), grads
+            )
+        )
         # Checked on device and reported with the metrics (read a step later): no host sync.
         finite = jnp.isfinite(nll_sum) & jnp.isfinite(grad_norm)
         if skip_nonfinite:  # drop the update, keep the old parameters and moments
@@ -107,17 +133,32 @@ def make_train_step(
             "tokens": jnp.sum(batch["weights"]),
             **{k: v / num_micro for k, v in sums.items()},  # per-micro-batch means (MoE)
         }
+        if correct is not None:
+            metrics["accuracy"] = correct / total_weight
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Params, Batch], Metrics]:
+def make_eval_step(
+    graphdef: nnx.GraphDef, lora_scale: float = 0.0
+) -> Callable[[Params, Batch], Metrics]:
     """Builds `eval_step(params, batch) -> {'nll_sum', 'weight_sum'}` (no dropout)."""
 
     def eval_step(params: Params, batch: Batch) -> Metrics:
-        logits_BLV = _forward(graphdef, params, batch, None)
-        nll_sum, _ = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"])
-        return {"nll_sum": nll_sum, "weight_sum": jnp.sum(batch["weights"])}
+        model = _model(graphdef, params, lora_scale)
+        if "labels" not in batch:
+            logits_BLV = model(*_inputs(batch, None))
+            nll_sum, _ = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"])
+            return {"nll_sum": nll_sum, "weight_sum": jnp.sum(batch["weights"])}
+        logits_BC = model.classify(*_inputs(batch, None))
+        classes = logits_BC.shape[-1]
+        ones_B1 = jnp.ones((logits_BC.shape[0], 1), jnp.float32)
+        nll_sum, _ = cross_entropy_sums(logits_BC[:, None], batch["labels"][:, None], ones_B1)
+        truth_BC = jax.nn.one_hot(batch["labels"], classes)
+        predicted_BC = jax.nn.one_hot(jnp.argmax(logits_BC, -1), classes)
+        # confusion [true class, predicted class]: accuracy, precision, recall and F1 from it
+        return {"nll_sum": nll_sum, "weight_sum": _loss_weight(batch),
+                "confusion": truth_BC.T @ predicted_BC}  # fmt: skip
 
     return eval_step

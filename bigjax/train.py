@@ -43,13 +43,17 @@ def run_eval(prog: Program, params: Any) -> dict[str, float]:
     it = pipeline.for_config(
         cfg.data, split="validation", seed=0, rows=prog.local_rows(), shuffle=False, workers=0
     )
-    nll, weight = 0.0, 0.0
+    nll, weight, confusion = 0.0, 0.0, 0.0
     for local in pipeline.take(it, cfg.eval.num_batches):
         out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
         nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight_sum"])
+        confusion = confusion + out.get("confusion", 0.0)
     getattr(it, "close", lambda: None)()
     loss = nll / max(weight, 1.0)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    if cfg.data.task == "classify":  # accuracy and macro precision / recall / F1
+        row.update(evaluate_mc.classification_metrics(confusion))
+    return row
 
 
 @contextlib.contextmanager
@@ -184,7 +188,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             if cfg.eval.choices
             else []
         )
-        scorer = evaluate_mc.make_scorer(prog.graphdef)  # compiled at the first eval, kept
+        scorer = evaluate_mc.make_scorer(prog.graphdef, cfg.finetune.lora_scale)  # compiled once
 
         def evaluate(at_step: int) -> dict[str, float]:
             row = {"step": at_step, **run_eval(prog, state.params)}

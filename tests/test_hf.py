@@ -15,6 +15,7 @@ from bigjax import hf, models, tensorfile
 from bigjax.checkpoint import CheckpointError, param_layout
 from bigjax.cli import main, open_run
 from bigjax.train import train
+from bigjax.tree import flatten
 
 try:
     import torch
@@ -176,7 +177,7 @@ def test_imported_model_fine_tunes_and_refuses_to_resume_as_a_run(tmp_path):
     init = dataclasses.replace(cfg.checkpoint, init_from=str(tmp_path / "imported"))
     train(dataclasses.replace(cfg, checkpoint=init), tmp_path / "tuned")
     with open_run(str(tmp_path / "tuned"), [], "test") as (_, tuned, step):
-        tuned = {k: np.asarray(v) for k, v in hf.flatten(tuned).items()}
+        tuned = {k: np.asarray(v) for k, v in flatten(tuned).items()}
     assert step == 2 and sorted(tuned) == sorted(params)
     for k, v in params.items():
         np.testing.assert_allclose(tuned[k], v, atol=1e-9, err_msg=k)

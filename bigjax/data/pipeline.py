@@ -31,7 +31,7 @@ from grain.experimental import (
 )
 
 from bigjax.config import DataConfig
-from bigjax.data import corpus, dataset
+from bigjax.data import corpus, dataset, examples
 from bigjax.data import tokenizer as tokenizers
 from bigjax.data.corpus import Document
 from bigjax.data.tokenizer import ByteTokenizer
@@ -62,8 +62,28 @@ class SplitLong(FlatMapTransform):
         self.max_fan_out = 1 << 20
 
     def flat_map(self, element: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        tokens = element["tokens"]
-        return [{"tokens": tokens[i : i + self.length]} for i in range(0, len(tokens), self.length)]
+        n, step = len(element["tokens"]), self.length
+        return [{k: v[i : i + step] for k, v in element.items()} for i in range(0, n, step)]
+
+
+@dataclasses.dataclass(frozen=True)
+class PadRow:
+    """One example per row (`data.packing=pad`): truncated or padded to the row length, in
+    the packers' output format (segment 1 on real tokens, 0 on padding)."""
+
+    length: int
+
+    def __call__(self, element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = min(len(element["tokens"]), self.length)
+        out = {"tokens_segment_ids": (np.arange(self.length) < n).astype(np.int32)}
+        out["tokens_positions"] = np.where(out["tokens_segment_ids"] > 0, np.arange(self.length), 0)
+        for key, value in element.items():
+            if value.ndim == 0:  # per-example values (a class label) pass through
+                out[key] = value
+            else:
+                out[key] = np.zeros(self.length, value.dtype)
+                out[key][:n] = value[:n]
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +100,18 @@ class ToModelBatch:
         seg = rows["tokens_segment_ids"]
         tokens = np.where(seg > 0, rows["tokens"], self.pad_id).astype(np.int32)
         same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-        return {
+        if "loss_mask" in rows:  # SFT: loss only where the target is a response token
+            same_doc &= rows["loss_mask"][:, 1:] > 0
+        out = {
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],
             "segment_ids": seg[:, :-1].astype(np.int32),
             "positions": rows["tokens_positions"][:, :-1].astype(np.int32),
             "weights": same_doc.astype(np.float32),
         }
+        if "label" in rows:  # classification: one class per row
+            out["labels"] = rows["label"].astype(np.int32)
+        return out
 
 
 def document_stream(
@@ -119,13 +144,16 @@ class RowStreams:
     seq_len: int
     pad_id: int
     packing: str
+    features: tuple[str, ...] = ("tokens",)  # per-token arrays to pack ('loss_mask' for SFT)
 
     def rows_of(self, row: int) -> grain.IterDataset:
         # No read threads per row stream: parallelism comes from Grain workers (or one
         # prefetch thread), not from B thread pools.
         no_threads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
         docs = self.docs[row :: self.batch_size].to_iter_dataset(no_threads)
-        length = {"tokens": self.seq_len + 1}
+        length = {f: self.seq_len + 1 for f in self.features}
+        if self.packing == "pad":
+            return docs.map(PadRow(self.seq_len + 1))
         if self.packing == "first_fit":
             pieces = FlatMapIterDataset(docs, SplitLong(self.seq_len + 1))
             return FirstFitPackIterDataset(
@@ -332,7 +360,13 @@ def for_config(
     `split` is 'train' or 'validation'."""
     tok = tokenizer_for(cfg)
     shuffle = cfg.shuffle if shuffle is None else shuffle
-    if not sources(cfg):
+    features = ("tokens", "loss_mask") if cfg.task == "sft" else ("tokens",)
+    if cfg.task != "lm":
+        found = examples.load(cfg.examples, cfg.task, split, cfg.eval_fraction)
+        read = examples.Encode(tok, cfg.task, found.classes)
+        source = grain.MapDataset.source(list(found.records))
+        stream = document_stream(source, read, seed=seed, shuffle=shuffle)
+    elif not sources(cfg):
         if builtin_docs is None:
             train_docs, eval_docs = corpus.split_stdlib(cfg.eval_fraction, cfg.seq_len)
             builtin_docs = train_docs if split == "train" else eval_docs
@@ -347,7 +381,7 @@ def for_config(
             weights.append(weight)
         stream = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
     return Batches(
-        RowStreams(stream, cfg.batch_size, cfg.seq_len, tok.pad_id, cfg.packing),
+        RowStreams(stream, cfg.batch_size, cfg.seq_len, tok.pad_id, cfg.packing, features),
         default_rows(cfg.batch_size) if rows is None else rows,
         cfg.num_workers if workers is None else workers,
     )

@@ -149,6 +149,16 @@ class Llama(nnx.Module):
 
         self.blocks = stacked_blocks(rngs)
         # nnx.data: a Param [P, D] for learned positions (GPT-2), None with RoPE.
+        # nnx.data: a Param (a classification head, model.num_classes > 0) or None.
+        head = cfg.num_classes > 0
+        self.cls_head_DC = nnx.data(
+            _param(rngs, dense_init, (cfg.d_model, cfg.num_classes), ("embed", None), pd)
+            if head
+            else None
+        )
+        self.cls_bias_C = nnx.data(
+            nnx.Param(jnp.zeros((cfg.num_classes,), pd), out_sharding=(None,)) if head else None
+        )
         self.pos_table_PD = nnx.data(
             nnx.Param(
                 embed_init(rngs.params(), (cfg.max_positions, cfg.d_model), pd),
@@ -177,6 +187,31 @@ class Llama(nnx.Module):
         """Returns logits [B, L, V] in the compute dtype. `rng` enables dropout. With
         `with_aux`, also {"aux_loss": what to add to the objective, diagnostics...}: for MoE
         the load-balancing loss and the share of dropped assignments, averaged over layers."""
+        x_BLD, aux = self._trunk(tokens_BL, segment_ids_BL, positions_BL, rng)
+        logits_BLV = self._logits(x_BLD)
+        return (logits_BLV, aux) if with_aux else logits_BLV
+
+    def classify(
+        self,
+        tokens_BL: jax.Array,
+        segment_ids_BL: jax.Array,
+        positions_BL: jax.Array,
+        rng: jax.Array | None = None,
+        *,
+        with_aux: bool = False,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """Class logits [B, C] (float32) from the final hidden state of each row's last real
+        token (rows hold one example each, left-aligned: data.packing=pad)."""
+        x_BLD, aux = self._trunk(tokens_BL, segment_ids_BL, positions_BL, rng)
+        last_B = jnp.maximum(jnp.sum(segment_ids_BL > 0, axis=1) - 1, 0)
+        h_BD = jnp.take_along_axis(self.final_norm(x_BLD), last_B[:, None, None], axis=1)[:, 0]
+        logits_BC = h_BD.astype(jnp.float32) @ self.cls_head_DC[...].astype(jnp.float32)
+        logits_BC = logits_BC + self.cls_bias_C[...].astype(jnp.float32)
+        return (logits_BC, aux) if with_aux else logits_BC
+
+    def _trunk(self, tokens_BL, segment_ids_BL, positions_BL, rng) -> tuple[jax.Array, dict]:
+        """Embedding and blocks: the residual stream [B, L, D] before the final norm, and the
+        auxiliary outputs averaged over layers."""
         x_BLD = self._embed(tokens_BL, positions_BL)
         block_def, block_params = nnx.split(self.blocks)
         layer_rngs = None if rng is None else jax.random.split(rng, self.num_layers)
@@ -198,13 +233,10 @@ class Llama(nnx.Module):
                 per_layer.append(aux)
             aux_N = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
-        logits_BLV = self._logits(x_BLD)
-        if not with_aux:
-            return logits_BLV
         aux = {f"moe_{k}": jnp.mean(v) for k, v in aux_N.items()}
         if "moe_balance_loss" in aux:
             aux["aux_loss"] = self.moe_aux_weight * aux["moe_balance_loss"]
-        return logits_BLV, aux
+        return x_BLD, aux
 
     def _embed(self, tokens_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
         x_BLD = self.embed(tokens_BL)
@@ -275,7 +307,8 @@ def param_count(cfg: ModelConfig) -> int:
     per_layer = attention + mlp + 2 * norm
     head = 0 if cfg.tie_embeddings else D * V
     positions = cfg.max_positions * D if cfg.positions == "learned" else 0
-    return V * D + positions + cfg.num_layers * per_layer + norm + head
+    classifier = (D + 1) * cfg.num_classes
+    return V * D + positions + cfg.num_layers * per_layer + norm + head + classifier
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

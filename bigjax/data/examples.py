@@ -1,0 +1,94 @@
+"""Labelled examples for fine-tuning, from a JSON-lines file (`data.examples`).
+
+  sft:      {"prompt": str, "response": str}  -> BOS prompt response EOS, loss on response + EOS
+  classify: {"text": str, "label": str | int} -> BOS text EOS and the class index
+
+Each example is one row (`data.packing=pad`, or packed with its loss mask kept). A record goes
+to the validation split by a hash of its line, so the split does not depend on file order.
+Classes are the sorted distinct labels of the whole file (train and validation alike), so
+both splits and every run on the file number them the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bigjax.data.sources import DataError
+
+FIELDS = {"sft": ("prompt", "response"), "classify": ("text", "label")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """One split's records and the file's class names (classify only)."""
+
+    records: tuple[dict[str, Any], ...]
+    classes: tuple[str, ...]
+
+
+def load(path: str | Path, task: str, split: str, eval_fraction: float) -> Examples:
+    """The records of `split` ('train' or 'validation'); bad lines raise DataError naming
+    the line and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.examples: no such file {str(path)!r} (JSON lines, one per example).")
+    fields = FIELDS[task]
+    records, labels = [], set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not JSON ({e}).") from None
+        if not isinstance(record, dict) or any(f not in record for f in fields):
+            raise DataError(f"{path}:{number}: a {task} example needs the fields {fields}.")
+        if not all(isinstance(record[f], str) for f in fields if f != "label"):
+            raise DataError(f"{path}:{number}: {fields} other than label must be strings.")
+        labels.add(str(record.get("label", "")))
+        digest = hashlib.sha256(line.encode()).digest()
+        held_out = int.from_bytes(digest[:8], "little") / 2**64 < eval_fraction
+        if held_out == (split == "validation"):
+            records.append(record)
+    if not records:
+        raise DataError(
+            f"{path}: the {split} split is empty; add examples or change data.eval_fraction."
+        )
+    classes = tuple(sorted(labels, key=_label_order)) if task == "classify" else ()
+    return Examples(tuple(records), classes)
+
+
+def _label_order(label: str) -> tuple:
+    """Integer labels in numeric order (2 before 10), others alphabetically after them."""
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encode:
+    """A record -> token ids (BOS ... EOS), the loss mask, and the class index (classify)."""
+
+    tokenizer: Any
+    task: str
+    classes: tuple[str, ...]
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        tok = self.tokenizer
+        if self.task == "sft":
+            prompt = [tok.bos_id, *tok.encode(record["prompt"]).tolist()]
+            response = [*tok.encode(record["response"]).tolist(), tok.eos_id]
+            mask = [0] * len(prompt) + [1] * len(response)
+            return {
+                "tokens": np.asarray(prompt + response, np.int32),
+                "loss_mask": np.asarray(mask, np.int32),
+            }
+        text = [tok.bos_id, *tok.encode(record["text"]).tolist(), tok.eos_id]
+        return {
+            "tokens": np.asarray(text, np.int32),
+            "label": np.asarray(self.classes.index(str(record["label"])), np.int32),
+        }
