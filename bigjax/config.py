@@ -144,6 +144,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         use_bias=True,
         tie_embeddings=True,
     ),
+    # An encoder for masked-LM pretraining (data.task=mlm). Pre-norm, unlike the original
+    # BERT's post-norm: the same blocks as the decoders, and stabler without warmup tricks.
+    "bert": dict(
+        causal=False,
+        positions="learned",
+        max_positions=512,
+        norm="layernorm",
+        norm_eps=1e-12,
+        mlp="gelu",
+        use_bias=True,
+        tie_embeddings=True,
+    ),
 }
 POSITIONS = ("rope", "learned")
 ROPE_SCALINGS = ("default", "linear", "llama3")
@@ -203,6 +215,7 @@ class ModelConfig:
     norm: str = "rmsnorm"  # one of NORMS: 'rmsnorm' (Llama) or 'layernorm' (GPT-2, with bias)
     mlp: str = "swiglu"  # one of MLPS: 'swiglu' (Llama) or 'gelu' (GPT-2, tanh form)
     use_bias: bool = False  # biases on the attention and MLP projections (GPT-2)
+    causal: bool = True  # False: bidirectional attention (an encoder: BERT, ViT)
     # > 0: a classification head [D, num_classes] on the last real token (data.task=classify)
     num_classes: int = 0
     # Mixture of experts (bigjax/moe.py): 0 = dense MLP; else this many SwiGLU experts of width
@@ -255,9 +268,11 @@ class DataConfig:
 
     path: str = ""  # a prepared dataset (`bigjax prepare`); '' = the built-in corpus
     mixture: tuple[tuple[str, float], ...] = ()  # (dataset dir, weight) pairs; overrides path
-    # What the rows hold: 'lm' (documents, next-token loss everywhere), 'sft' (prompt/response
-    # pairs, loss on responses) or 'classify' (text and label; needs model.num_classes).
+    # What the rows hold: 'lm' (documents, next-token loss everywhere), 'mlm' (documents,
+    # masked-token loss; an encoder), 'sft' (prompt/response pairs, loss on responses) or
+    # 'classify' (text and label; needs model.num_classes).
     task: str = "lm"
+    mlm_rate: float = 0.15  # task 'mlm': share of real tokens masked (80/10/10, bigjax/mlm.py)
     examples: str = ""  # sft/classify: a JSON-lines file of examples (bigjax/data/examples.py)
     packing: str = "concat"  # 'concat' (concat-then-split), 'first_fit', 'pad' (one per row)
     tokenizer: str = "byte"  # built-in corpus only; prepared datasets carry their own
@@ -633,12 +648,20 @@ def validate(cfg: TrainConfig) -> None:
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _one_of("data.tokenizer", d.tokenizer, ("byte",))
     _one_of("data.packing", d.packing, ("concat", "first_fit", "pad"))
-    _one_of("data.task", d.task, ("lm", "sft", "classify"))
+    _one_of("data.task", d.task, ("lm", "mlm", "sft", "classify"))
     _check(
-        (d.task == "lm") == (not d.examples),
+        (d.task in ("lm", "mlm")) == (not d.examples),
         "data.examples",
-        "sft and classify read data.examples (a JSON-lines file); lm reads data.path",
+        "sft and classify read data.examples (a JSON-lines file); lm and mlm read data.path",
     )
+    _check(
+        (d.task == "mlm") == (not m.causal) or d.task == "classify",
+        "model.causal",
+        f"data.task={d.task!r} needs "
+        + ("a bidirectional encoder" if d.task == "mlm" else "a causal decoder")
+        + f"; set model.causal={d.task != 'mlm'} (model.family=bert is the masked-LM encoder)",
+    )
+    _check(0.0 < d.mlm_rate < 1.0, "data.mlm_rate", "must be in (0, 1)")
     _check(
         d.task != "classify" or (d.packing == "pad" and m.num_classes >= 2),
         "data.task",

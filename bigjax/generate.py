@@ -93,6 +93,9 @@ def make_generate(graphdef: nnx.GraphDef, rules: Rules, s: Sampling):
         model = nnx.merge(graphdef, params)
         b, t = tokens_BT.shape
         total = t + s.max_new_tokens
+        if not model.blocks.attn.causal:
+            raise ValueError("this model is a bidirectional encoder (model.causal=false); "
+                             "only causal decoders generate text.")  # fmt: skip
         if model.pos_table_PD is not None and total > model.pos_table_PD.shape[0]:
             raise ValueError(
                 f"the longest prompt plus max_new_tokens is {total} positions, more than the "

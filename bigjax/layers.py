@@ -181,11 +181,14 @@ class Rope:
         return out.astype(x_BLHK.dtype)
 
 
-def attention_mask(segment_ids_BL: jax.Array) -> jax.Array:
-    """Causal mask that also stops attention across packed documents: [B, 1, L, S] bool."""
+def attention_mask(segment_ids_BL: jax.Array, causal: bool = True) -> jax.Array:
+    """[B, 1, L, S] bool: attention within a packed document only, and (decoders) only to
+    earlier positions. Encoders (causal=False) also keep padding (segment 0) to itself."""
     length = segment_ids_BL.shape[1]
-    causal_LS = jnp.tril(jnp.ones((length, length), dtype=bool))
     same_doc_BLS = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    if not causal:
+        return same_doc_BLS[:, None]
+    causal_LS = jnp.tril(jnp.ones((length, length), dtype=bool))
     return (causal_LS & same_doc_BLS)[:, None]
 
 
@@ -226,12 +229,14 @@ class Attention(nnx.Module):
         rope: Rope | None,
         use_bias: bool,
         impl: str,
+        causal: bool = True,
         rngs: nnx.Rngs,
         param_dtype: jnp.dtype,
         dtype: jnp.dtype,
         rules: Rules,
     ):
         self.rope, self.impl, self.dtype, self.rules = rope, impl, dtype, rules
+        self.causal = causal
         D, H, G, K = d_model, num_heads, num_kv_heads, head_dim
         self.q_DHK = _param(
             rngs, dense_init, (D, H, K), ("embed", "heads", "head_dim"), param_dtype
@@ -280,7 +285,7 @@ class Attention(nnx.Module):
         self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array
     ) -> jax.Array:
         q_BLHK, k_BLGK, v_BLGK = self._qkv(x_BLD, positions_BL)
-        mask_B1LS = attention_mask(segment_ids_BL)
+        mask_B1LS = attention_mask(segment_ids_BL, self.causal)
         if self.impl == "einsum":
             out_BLHK = dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask_B1LS)
         else:  # jax's own: "xla", or "cudnn" (fused flash attention on NVIDIA GPUs)

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bigjax import lora, models, optim, step
+from bigjax import lora, mlm, models, optim, step
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.sharding import logical_to_spec
 from bigjax.state import Params, TrainState, abstract_state, init_state, state_shardings
@@ -98,11 +98,25 @@ def check_program(cfg: TrainConfig, mesh: Mesh) -> None:
         )
 
 
+def mlm_masking(cfg: TrainConfig) -> mlm.Masking:
+    """The mask id is the first id the tokenizer never emits: its vocabulary size."""
+    from bigjax.data import pipeline
+
+    size = pipeline.tokenizer_for(cfg.data).vocab_size
+    if cfg.model.vocab_size <= size:
+        raise ConfigError(
+            f"model.vocab_size: masked LM needs a [MASK] id past the tokenizer's {size} ids; "
+            f"set model.vocab_size > {size}."
+        )
+    return mlm.Masking(mask_id=size, random_below=size, rate=cfg.data.mlm_rate)
+
+
 def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     """Builds the abstract state, shardings and jitted steps for `cfg` on `mesh`."""
     check_program(cfg, mesh)
     rules = cfg.mesh.rules
     graphdef, graph_state = models.abstract(cfg.model, rules)
+    masking = mlm_masking(cfg) if cfg.data.task == "mlm" else None
     trainable = lora.trainable_fn(cfg.finetune)
     tx = optim.make_optimizer(cfg.optim, cfg.num_steps, trainable)
     schedule = optim.make_schedule(cfg.optim, cfg.num_steps)
@@ -124,13 +138,14 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
             skip_nonfinite=cfg.nan_policy == "skip",
             trainable=trainable or (lambda path: True),
             lora_scale=cfg.finetune.lora_scale,
+            masking=masking,
         ),
         in_shardings=(shardings, batch_shardings(cfg, batch_sharding)),
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        step.make_eval_step(graphdef, cfg.finetune.lora_scale),
+        step.make_eval_step(graphdef, cfg.finetune.lora_scale, masking),
         in_shardings=(shardings.params, batch_shardings(cfg, batch_sharding)),
     )
     return Program(

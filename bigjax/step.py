@@ -9,12 +9,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from bigjax import lora
+from bigjax import lora, mlm
 from bigjax.config import OptimConfig
 from bigjax.loss import cross_entropy_sums
 from bigjax.sharding import Rules, constrain
 from bigjax.state import Params, TrainState
 from bigjax.tree import path_name
+
+# A key stream of its own for MLM masks (dropout uses the step key's other folds).
+MLM_STREAM = 0x4D4C4D
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions, weights: all [B, L]
 Metrics = dict[str, jax.Array]
@@ -73,12 +76,15 @@ def make_train_step(
     skip_nonfinite: bool = False,
     trainable: Callable[[str], bool] = lambda path: True,
     lora_scale: float = 0.0,
+    masking: mlm.Masking | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds `train_step(state, batch) -> (state, metrics)`, a pure function of its inputs."""
     base_key = jax.random.key(seed)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         step_key = jax.random.fold_in(base_key, state.step)
+        if masking is not None:  # masked LM: a fresh mask every step
+            batch = mlm.corrupt(batch, jax.random.fold_in(step_key, MLM_STREAM), masking)
         total_weight = _loss_weight(batch)
         num_micro = cfg.grad_accum_steps
 
@@ -141,11 +147,13 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, lora_scale: float = 0.0
+    graphdef: nnx.GraphDef, lora_scale: float = 0.0, masking: mlm.Masking | None = None
 ) -> Callable[[Params, Batch], Metrics]:
     """Builds `eval_step(params, batch) -> {'nll_sum', 'weight_sum'}` (no dropout)."""
 
     def eval_step(params: Params, batch: Batch) -> Metrics:
+        if masking is not None:  # the same mask at every eval: comparable losses
+            batch = mlm.corrupt(batch, jax.random.key(MLM_STREAM), masking)
         model = _model(graphdef, params, lora_scale)
         if "labels" not in batch:
             logits_BLV = model(*_inputs(batch, None))

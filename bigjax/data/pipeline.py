@@ -361,7 +361,7 @@ def for_config(
     tok = tokenizer_for(cfg)
     shuffle = cfg.shuffle if shuffle is None else shuffle
     features = ("tokens", "loss_mask") if cfg.task == "sft" else ("tokens",)
-    if cfg.task != "lm":
+    if cfg.examples:  # sft, classify
         found = examples.load(cfg.examples, cfg.task, split, cfg.eval_fraction)
         read = examples.Encode(tok, cfg.task, found.classes)
         source = grain.MapDataset.source(list(found.records))

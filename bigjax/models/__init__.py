@@ -7,19 +7,17 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from bigjax.config import ModelConfig
+from bigjax.config import FAMILY_DEFAULTS, ModelConfig
 from bigjax.models import llama
 from bigjax.sharding import Rules
 
-# Llama and GPT-2 are presets of one decoder (config.FAMILY_DEFAULTS).
-FAMILIES: dict[str, type[nnx.Module]] = {"llama": llama.Llama, "gpt2": llama.Llama}
+# Every family is a preset of the one decoder's switches (config.FAMILY_DEFAULTS).
+FAMILIES: dict[str, type[nnx.Module]] = {name: llama.Llama for name in FAMILY_DEFAULTS}
 PARAM_COUNT: dict[str, Callable[[ModelConfig], int]] = {
-    "llama": llama.param_count,
-    "gpt2": llama.param_count,
+    name: llama.param_count for name in FAMILY_DEFAULTS
 }
 FLOPS_PER_TOKEN: dict[str, Callable[[ModelConfig, int], float]] = {
-    "llama": llama.train_flops_per_token,
-    "gpt2": llama.train_flops_per_token,
+    name: llama.train_flops_per_token for name in FAMILY_DEFAULTS
 }
 
 

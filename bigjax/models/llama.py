@@ -67,6 +67,7 @@ class Block(nnx.Module):
             rope=rope_of(cfg),
             use_bias=cfg.use_bias,
             impl=cfg.attention,
+            causal=cfg.causal,
             rngs=rngs,
             param_dtype=pd,
             dtype=dt,
@@ -322,5 +323,6 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     if cfg.num_experts:  # active weights: k experts per token, and the router
         mlp = cfg.experts_per_token * 3 * D * F + D * cfg.num_experts
     matmul_weights = cfg.num_layers * (2 * D * H * K + 2 * D * G * K + mlp) + D * V
-    attention = cfg.num_layers * 2 * seq_len * H * K  # (4 L H K) / 2 for the causal mask
+    # 4 L H K per token over all keys; a causal mask halves it
+    attention = cfg.num_layers * (2 if cfg.causal else 4) * seq_len * H * K
     return 3.0 * (2.0 * matmul_weights + attention)

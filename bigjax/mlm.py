@@ -1,0 +1,44 @@
+"""Masked-language-model corruption (BERT), on device inside the jitted step.
+
+Of the real tokens (segment > 0), `rate` are selected; of those 80 % become the mask id, 10 %
+a random token, 10 % stay as they are. The model sees the corrupted row with bidirectional
+attention and is scored on the original tokens at the selected positions only. Doing this on
+device with the step's key costs nothing on the host, leaves the data pipeline (and its
+resumable state) untouched, and gives a new mask every step and every epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Masking:
+    mask_id: int  # an id the tokenizer never emits (its vocab size), below model.vocab_size
+    random_below: int  # random replacements are drawn from [0, random_below): real tokens
+    rate: float = 0.15
+
+
+def corrupt(batch: Batch, key: jax.Array, m: Masking) -> Batch:
+    """The batch with `inputs` corrupted, `targets` = the original tokens and `weights` = 1
+    exactly at the selected positions."""
+    tokens_BL = batch["inputs"]
+    k_select, k_kind, k_random = jax.random.split(key, 3)
+    real_BL = batch["segment_ids"] > 0
+    selected_BL = (jax.random.uniform(k_select, tokens_BL.shape) < m.rate) & real_BL
+    kind_BL = jax.random.uniform(k_kind, tokens_BL.shape)
+    random_BL = jax.random.randint(k_random, tokens_BL.shape, 0, m.random_below, tokens_BL.dtype)
+    corrupted_BL = jnp.where(
+        kind_BL < 0.8, m.mask_id, jnp.where(kind_BL < 0.9, random_BL, tokens_BL)
+    )
+    return {
+        **batch,
+        "inputs": jnp.where(selected_BL, corrupted_BL, tokens_BL),
+        "targets": tokens_BL,
+        "weights": selected_BL.astype(jnp.float32),
+    }
