@@ -144,6 +144,17 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         use_bias=True,
         tie_embeddings=True,
     ),
+    # An image classifier (data.task=images): patches, a class token, learned positions.
+    "vit": dict(
+        causal=False,
+        positions="learned",
+        norm="layernorm",
+        norm_eps=1e-6,
+        mlp="gelu",
+        use_bias=True,
+        tie_embeddings=True,
+        vocab_size=1,  # no token table
+    ),
     # An encoder for masked-LM pretraining (data.task=mlm). Pre-norm, unlike the original
     # BERT's post-norm: the same blocks as the decoders, and stabler without warmup tricks.
     "bert": dict(
@@ -216,6 +227,9 @@ class ModelConfig:
     mlp: str = "swiglu"  # one of MLPS: 'swiglu' (Llama) or 'gelu' (GPT-2, tanh form)
     use_bias: bool = False  # biases on the attention and MLP projections (GPT-2)
     causal: bool = True  # False: bidirectional attention (an encoder: BERT, ViT)
+    image_size: int = 32  # ViT: square images of this many pixels a side
+    patch_size: int = 4  # ViT: square patches, `image_size` divisible by it
+    channels: int = 3  # ViT: 1 (grayscale) or 3 (RGB)
     # > 0: a classification head [D, num_classes] on the last real token (data.task=classify)
     num_classes: int = 0
     # Mixture of experts (bigjax/moe.py): 0 = dense MLP; else this many SwiGLU experts of width
@@ -270,10 +284,13 @@ class DataConfig:
     mixture: tuple[tuple[str, float], ...] = ()  # (dataset dir, weight) pairs; overrides path
     # What the rows hold: 'lm' (documents, next-token loss everywhere), 'mlm' (documents,
     # masked-token loss; an encoder), 'sft' (prompt/response pairs, loss on responses) or
-    # 'classify' (text and label; needs model.num_classes).
+    # 'classify' (text and label; needs model.num_classes) or 'images' (the ViT's labelled
+    # images, bigjax/data/images.py).
     task: str = "lm"
     mlm_rate: float = 0.15  # task 'mlm': share of real tokens masked (80/10/10, bigjax/mlm.py)
     examples: str = ""  # sft/classify: a JSON-lines file of examples (bigjax/data/examples.py)
+    images: str = ""  # task 'images': 'digits' (scikit-learn's) or DIR/<class>/<image files>
+    augment: bool = True  # task 'images': random shifts and contrast on training images
     packing: str = "concat"  # 'concat' (concat-then-split), 'first_fit', 'pad' (one per row)
     tokenizer: str = "byte"  # built-in corpus only; prepared datasets carry their own
     batch_size: int = 16  # global batch, in sequences
@@ -597,7 +614,9 @@ def validate(cfg: TrainConfig) -> None:
     _one_of("model.positions", m.positions, POSITIONS)
     _one_of("model.mlp", m.mlp, MLPS)
     _one_of("model.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
-    if m.positions == "rope":
+    if m.family == "vit":
+        pass  # positions: one per patch and the class token, from the image size
+    elif m.positions == "rope":
         _check(m.dim_per_head % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
     else:
         _check(
@@ -648,14 +667,29 @@ def validate(cfg: TrainConfig) -> None:
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _one_of("data.tokenizer", d.tokenizer, ("byte",))
     _one_of("data.packing", d.packing, ("concat", "first_fit", "pad"))
-    _one_of("data.task", d.task, ("lm", "mlm", "sft", "classify"))
+    _one_of("data.task", d.task, ("lm", "mlm", "sft", "classify", "images"))
     _check(
-        (d.task in ("lm", "mlm")) == (not d.examples),
+        (d.task == "images") == (m.family == "vit") == bool(d.images),
+        "data.task",
+        "model.family=vit trains on data.task=images with data.images set (and only it)",
+    )
+    if m.family == "vit":
+        _check(m.image_size % m.patch_size == 0, "model.patch_size", "must divide image_size")
+        patches = (m.image_size // m.patch_size) ** 2
+        _check(
+            d.seq_len == patches + 1,
+            "data.seq_len",
+            f"a ViT row is its {patches} patches and the class token: set data.seq_len="
+            f"{patches + 1}",
+        )
+        _check(m.num_classes >= 2, "model.num_classes", "a ViT classifies: set >= 2")
+    _check(
+        (d.task in ("lm", "mlm", "images")) == (not d.examples),
         "data.examples",
         "sft and classify read data.examples (a JSON-lines file); lm and mlm read data.path",
     )
     _check(
-        (d.task == "mlm") == (not m.causal) or d.task == "classify",
+        (d.task == "mlm") == (not m.causal) or d.task in ("classify", "images"),
         "model.causal",
         f"data.task={d.task!r} needs "
         + ("a bidirectional encoder" if d.task == "mlm" else "a causal decoder")

@@ -68,14 +68,19 @@ def _for_ndim(batch_sharding: NamedSharding, ndim: int) -> NamedSharding:
     """The [B, L] batch sharding, or its row part for per-row arrays [B] (class labels)."""
     if ndim == len(batch_sharding.spec):
         return batch_sharding
-    return NamedSharding(batch_sharding.mesh, PartitionSpec(*batch_sharding.spec[:ndim]))
+    spec = (*batch_sharding.spec[:1], *(None,) * (ndim - 1))  # rows split, the rest whole
+    return NamedSharding(batch_sharding.mesh, PartitionSpec(*spec[:ndim]))
 
 
 def batch_shardings(cfg: TrainConfig, batch_sharding: NamedSharding) -> dict[str, NamedSharding]:
     """Shardings of every array of a batch of this config's task."""
+    rows = _for_ndim(batch_sharding, 1)
+    if cfg.data.task == "images":  # [B, H, W, C] split on rows like the token batches
+        return {"images": NamedSharding(rows.mesh, PartitionSpec(rows.spec[0], None, None, None)),
+                "labels": rows}  # fmt: skip
     out = {k: batch_sharding for k in BATCH_KEYS}
     if cfg.data.task == "classify":
-        out["labels"] = _for_ndim(batch_sharding, 1)
+        out["labels"] = rows
     return out
 
 
@@ -139,6 +144,7 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
             trainable=trainable or (lambda path: True),
             lora_scale=cfg.finetune.lora_scale,
             masking=masking,
+            seq_len=cfg.data.seq_len,
         ),
         in_shardings=(shardings, batch_shardings(cfg, batch_sharding)),
         out_shardings=(shardings, None),

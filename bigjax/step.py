@@ -28,6 +28,8 @@ def _model(graphdef: nnx.GraphDef, params: Params, lora_scale: float) -> nnx.Mod
 
 
 def _inputs(batch: Batch, rng: jax.Array | None) -> tuple:
+    if "images" in batch:  # the ViT
+        return batch["images"], rng
     return batch["inputs"], batch["segment_ids"], batch["positions"], rng
 
 
@@ -46,6 +48,13 @@ def _loss_sums(model: nnx.Module, batch: Batch, rng: jax.Array | None) -> Metric
     return {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, **aux}
 
 
+def _tokens(batch: Batch, seq_len: int) -> jax.Array:
+    """Tokens trained on: weighted targets, or every patch token of every image (ViT)."""
+    if "images" in batch:
+        return jnp.asarray(batch["images"].shape[0] * seq_len, jnp.float32)
+    return jnp.sum(batch["weights"])
+
+
 def _loss_weight(batch: Batch) -> jax.Array:
     """What the summed losses are divided by: target tokens, or rows when classifying."""
     if "labels" in batch:
@@ -57,10 +66,11 @@ def _split_micro(batch: Batch, num_micro: int, rules: Rules) -> Batch:
     """[B, L] -> [A, B/A, L] taking rows A apart, so every device's shard of the batch feeds
     every micro-batch (a plain reshape would give micro-batch 0 to the first devices only)."""
 
-    def split(x_BL: jax.Array) -> jax.Array:  # also [B] (class labels)
+    def split(x_BL: jax.Array) -> jax.Array:  # also [B] labels and [B, H, W, C] images
         b, *rest = x_BL.shape
         x_ABL = x_BL.reshape(b // num_micro, num_micro, *rest).swapaxes(0, 1)
-        return constrain(x_ABL, (None, "act_batch", "act_seq")[: x_ABL.ndim], rules)
+        names = (None, "act_batch", "act_seq", *(None,) * (x_ABL.ndim - 3))  # images: whole
+        return constrain(x_ABL, names[: x_ABL.ndim], rules)
 
     return jax.tree.map(split, batch)
 
@@ -77,6 +87,7 @@ def make_train_step(
     trainable: Callable[[str], bool] = lambda path: True,
     lora_scale: float = 0.0,
     masking: mlm.Masking | None = None,
+    seq_len: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds `train_step(state, batch) -> (state, metrics)`, a pure function of its inputs."""
     base_key = jax.random.key(seed)
@@ -136,7 +147,7 @@ def make_train_step(
             "finite": finite,
             "param_norm": optax.tree.norm(params),
             "lr": schedule(state.step),
-            "tokens": jnp.sum(batch["weights"]),
+            "tokens": _tokens(batch, seq_len),
             **{k: v / num_micro for k, v in sums.items()},  # per-micro-batch means (MoE)
         }
         if correct is not None:

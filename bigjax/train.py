@@ -41,7 +41,13 @@ def run_eval(prog: Program, params: Any) -> dict[str, float]:
     read in a fixed order so every eval of every run sees the same tokens."""
     cfg = prog.cfg
     it = pipeline.for_config(
-        cfg.data, split="validation", seed=0, rows=prog.local_rows(), shuffle=False, workers=0
+        cfg.data,
+        split="validation",
+        seed=0,
+        rows=prog.local_rows(),
+        shuffle=False,
+        workers=0,
+        image_shape=(cfg.model.image_size, cfg.model.channels),
     )
     nll, weight, confusion = 0.0, 0.0, 0.0
     for local in pipeline.take(it, cfg.eval.num_batches):
@@ -51,7 +57,7 @@ def run_eval(prog: Program, params: Any) -> dict[str, float]:
     getattr(it, "close", lambda: None)()
     loss = nll / max(weight, 1.0)
     row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-    if cfg.data.task == "classify":  # accuracy and macro precision / recall / F1
+    if cfg.data.task in ("classify", "images"):  # accuracy, macro precision / recall / F1
         row.update(evaluate_mc.classification_metrics(confusion))
     return row
 
@@ -112,7 +118,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
     tokenizer = pipeline.tokenizer_for(cfg.data)
-    if cfg.model.vocab_size < tokenizer.vocab_size:
+    if cfg.model.vocab_size < tokenizer.vocab_size and cfg.data.task != "images":
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the {tokenizer.kind} "
             f"tokenizer's {tokenizer.vocab_size} tokens; set it to at least that."
@@ -126,7 +132,11 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
         def new_data_iter() -> Any:
             return pipeline.for_config(
-                cfg.data, split="train", seed=cfg.data_seed, rows=prog.local_rows()
+                cfg.data,
+                split="train",
+                seed=cfg.data_seed,
+                rows=prog.local_rows(),
+                image_shape=(cfg.model.image_size, cfg.model.channels),
             )
 
         data_iter = new_data_iter()
@@ -193,6 +203,8 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         def evaluate(at_step: int) -> dict[str, float]:
             row = {"step": at_step, **run_eval(prog, state.params)}
             text = f"eval @ {at_step}: loss {row['eval_loss']:.4f}, ppl {row['eval_ppl']:.2f}"
+            if "f1" in row:
+                text += f", accuracy {row['accuracy']:.1%}, macro F1 {row['f1']:.3f}"
             if choice_items:
                 start = time.perf_counter()
                 row.update(

@@ -31,7 +31,7 @@ from grain.experimental import (
 )
 
 from bigjax.config import DataConfig
-from bigjax.data import corpus, dataset, examples
+from bigjax.data import corpus, dataset, examples, images
 from bigjax.data import tokenizer as tokenizers
 from bigjax.data.corpus import Document
 from bigjax.data.tokenizer import ByteTokenizer
@@ -114,6 +114,10 @@ class ToModelBatch:
         return out
 
 
+def image_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"images": rows["image"], "labels": rows["label"].astype(np.int32)}
+
+
 def document_stream(
     source: grain.MapDataset, read, *, seed: int, shuffle: bool
 ) -> grain.MapDataset:
@@ -152,6 +156,8 @@ class RowStreams:
         no_threads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
         docs = self.docs[row :: self.batch_size].to_iter_dataset(no_threads)
         length = {f: self.seq_len + 1 for f in self.features}
+        if self.features == ("image",):  # images: one per row, nothing to pack
+            return docs
         if self.packing == "pad":
             return docs.map(PadRow(self.seq_len + 1))
         if self.packing == "first_fit":
@@ -171,7 +177,10 @@ class _RowsIterator(grain.DatasetIterator):
                 it.set_state(start[str(row)])
             iters.append(it)
         super().__init__(iters)
-        self._rows, self._iters, self._to_batch = rows, iters, ToModelBatch(streams.pad_id)
+        self._rows, self._iters = rows, iters
+        self._to_batch = (
+            ToModelBatch(streams.pad_id) if "tokens" in streams.features else image_batch
+        )
 
     def __next__(self) -> dict[str, Any]:
         packed = [next(it) for it in self._iters]
@@ -355,13 +364,23 @@ def for_config(
     shuffle: bool | None = None,
     workers: int | None = None,
     builtin_docs: Sequence[Document] | None = None,
+    image_shape: tuple[int, int] | None = None,
 ) -> Batches:
     """The run's batches: `rows` (default: this process's even share) of each global batch.
     `split` is 'train' or 'validation'."""
     tok = tokenizer_for(cfg)
     shuffle = cfg.shuffle if shuffle is None else shuffle
     features = ("tokens", "loss_mask") if cfg.task == "sft" else ("tokens",)
-    if cfg.examples:  # sft, classify
+    if cfg.task == "images":
+        if image_shape is None:
+            raise ValueError("images need image_shape=(model.image_size, model.channels)")
+        data = images.load(cfg.images, split, cfg.eval_fraction, *image_shape)
+        stream = grain.MapDataset.source(images.Record(data))
+        stream = (stream.shuffle(seed=seed) if shuffle else stream).repeat(None)
+        if split == "train" and cfg.augment:
+            stream = stream.random_map(images.Augment(), seed=seed)
+        features = ("image",)
+    elif cfg.examples:  # sft, classify
         found = examples.load(cfg.examples, cfg.task, split, cfg.eval_fraction)
         read = examples.Encode(tok, cfg.task, found.classes)
         source = grain.MapDataset.source(list(found.records))

@@ -8,17 +8,21 @@ import jax
 from flax import nnx
 
 from bigjax.config import FAMILY_DEFAULTS, ModelConfig
-from bigjax.models import llama
+from bigjax.models import llama, vit
 from bigjax.sharding import Rules
 
 # Every family is a preset of the one decoder's switches (config.FAMILY_DEFAULTS).
+# The ViT has its own module around the same blocks.
 FAMILIES: dict[str, type[nnx.Module]] = {name: llama.Llama for name in FAMILY_DEFAULTS}
+FAMILIES["vit"] = vit.ViT
 PARAM_COUNT: dict[str, Callable[[ModelConfig], int]] = {
     name: llama.param_count for name in FAMILY_DEFAULTS
 }
+PARAM_COUNT["vit"] = vit.param_count
 FLOPS_PER_TOKEN: dict[str, Callable[[ModelConfig, int], float]] = {
     name: llama.train_flops_per_token for name in FAMILY_DEFAULTS
 }
+FLOPS_PER_TOKEN["vit"] = vit.train_flops_per_token
 
 
 def build(cfg: ModelConfig, rules: Rules, seed: int) -> nnx.Module:

@@ -131,6 +131,68 @@ class Block(nnx.Module):
         return x_BTD + h_BTD, k, v
 
 
+def stacked_blocks(cfg: ModelConfig, rules: Rules, rngs: nnx.Rngs) -> Block:
+    """`num_layers` blocks as one module whose params carry a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rules, rngs=rngs)
+
+    return build(rngs)
+
+
+def run_blocks(
+    model: nnx.Module,
+    x_BLD: jax.Array,
+    segment_ids_BL: jax.Array,
+    positions_BL: jax.Array,
+    rng: jax.Array | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`model.blocks` over the residual stream, scanned or unrolled, rematerialised as the
+    model says; returns the stream and the auxiliary outputs averaged over layers."""
+    block_def, block_params = nnx.split(model.blocks)
+    layer_rngs = None if rng is None else jax.random.split(rng, model.num_layers)
+
+    def apply_block(x_BLD: jax.Array, layer: tuple) -> tuple[jax.Array, dict]:
+        params, layer_rng = layer
+        block = nnx.merge(block_def, params)
+        return block(x_BLD, segment_ids_BL, positions_BL, layer_rng)
+
+    if model.remat != "none":
+        apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICY[model.remat])
+    if model.scan_layers:
+        x_BLD, aux_N = jax.lax.scan(apply_block, x_BLD, (block_params, layer_rngs))
+    else:
+        per_layer = []
+        for i in range(model.num_layers):
+            layer = jax.tree.map(lambda a, i=i: a[i], (block_params, layer_rngs))
+            x_BLD, aux = apply_block(x_BLD, layer)
+            per_layer.append(aux)
+        aux_N = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+
+    aux = {f"moe_{k}": jnp.mean(v) for k, v in aux_N.items()}
+    if "moe_balance_loss" in aux:
+        aux["aux_loss"] = model.moe_aux_weight * aux["moe_balance_loss"]
+    return x_BLD, aux
+
+
+def class_head(cfg: ModelConfig, rngs: nnx.Rngs) -> tuple:
+    """(weight [D, C], bias [C]) of a classification head, or (None, None) without classes;
+    as nnx.data, so the attributes are never static."""
+    if cfg.num_classes <= 0:
+        return nnx.data(None), nnx.data(None)
+    pd = jnp.dtype(cfg.param_dtype)
+    w = _param(rngs, dense_init, (cfg.d_model, cfg.num_classes), ("embed", None), pd)
+    b = nnx.Param(jnp.zeros((cfg.num_classes,), pd), out_sharding=(None,))
+    return nnx.data(w), nnx.data(b)
+
+
+def apply_class_head(h_BD: jax.Array, w_DC: nnx.Param, b_C: nnx.Param) -> jax.Array:
+    """Class logits [B, C] in float32."""
+    return h_BD.astype(jnp.float32) @ w_DC[...].astype(jnp.float32) + b_C[...].astype(jnp.float32)
+
+
 class Llama(nnx.Module):
     """Decoder LM. Blocks are stacked on a leading `layers` axis and run by scan (or a loop)."""
 
@@ -143,23 +205,9 @@ class Llama(nnx.Module):
             cfg.vocab_size, cfg.d_model, rngs=rngs, param_dtype=pd, dtype=dt, rules=rules
         )
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def stacked_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rules, rngs=rngs)
-
-        self.blocks = stacked_blocks(rngs)
+        self.blocks = stacked_blocks(cfg, rules, rngs)
+        self.cls_head_DC, self.cls_bias_C = class_head(cfg, rngs)
         # nnx.data: a Param [P, D] for learned positions (GPT-2), None with RoPE.
-        # nnx.data: a Param (a classification head, model.num_classes > 0) or None.
-        head = cfg.num_classes > 0
-        self.cls_head_DC = nnx.data(
-            _param(rngs, dense_init, (cfg.d_model, cfg.num_classes), ("embed", None), pd)
-            if head
-            else None
-        )
-        self.cls_bias_C = nnx.data(
-            nnx.Param(jnp.zeros((cfg.num_classes,), pd), out_sharding=(None,)) if head else None
-        )
         self.pos_table_PD = nnx.data(
             nnx.Param(
                 embed_init(rngs.params(), (cfg.max_positions, cfg.d_model), pd),
@@ -206,38 +254,14 @@ class Llama(nnx.Module):
         x_BLD, aux = self._trunk(tokens_BL, segment_ids_BL, positions_BL, rng)
         last_B = jnp.maximum(jnp.sum(segment_ids_BL > 0, axis=1) - 1, 0)
         h_BD = jnp.take_along_axis(self.final_norm(x_BLD), last_B[:, None, None], axis=1)[:, 0]
-        logits_BC = h_BD.astype(jnp.float32) @ self.cls_head_DC[...].astype(jnp.float32)
-        logits_BC = logits_BC + self.cls_bias_C[...].astype(jnp.float32)
+        logits_BC = apply_class_head(h_BD, self.cls_head_DC, self.cls_bias_C)
         return (logits_BC, aux) if with_aux else logits_BC
 
     def _trunk(self, tokens_BL, segment_ids_BL, positions_BL, rng) -> tuple[jax.Array, dict]:
         """Embedding and blocks: the residual stream [B, L, D] before the final norm, and the
         auxiliary outputs averaged over layers."""
         x_BLD = self._embed(tokens_BL, positions_BL)
-        block_def, block_params = nnx.split(self.blocks)
-        layer_rngs = None if rng is None else jax.random.split(rng, self.num_layers)
-
-        def apply_block(x_BLD: jax.Array, layer: tuple) -> tuple[jax.Array, dict]:
-            params, layer_rng = layer
-            block = nnx.merge(block_def, params)
-            return block(x_BLD, segment_ids_BL, positions_BL, layer_rng)
-
-        if self.remat != "none":
-            apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICY[self.remat])
-        if self.scan_layers:
-            x_BLD, aux_N = jax.lax.scan(apply_block, x_BLD, (block_params, layer_rngs))
-        else:
-            per_layer = []
-            for i in range(self.num_layers):
-                layer = jax.tree.map(lambda a, i=i: a[i], (block_params, layer_rngs))
-                x_BLD, aux = apply_block(x_BLD, layer)
-                per_layer.append(aux)
-            aux_N = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
-
-        aux = {f"moe_{k}": jnp.mean(v) for k, v in aux_N.items()}
-        if "moe_balance_loss" in aux:
-            aux["aux_loss"] = self.moe_aux_weight * aux["moe_balance_loss"]
-        return x_BLD, aux
+        return run_blocks(self, x_BLD, segment_ids_BL, positions_BL, rng)
 
     def _embed(self, tokens_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
         x_BLD = self.embed(tokens_BL)
