@@ -4,6 +4,7 @@
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -224,3 +225,33 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
     capsys.readouterr()
     assert main(["convert", str(tmp_path / "gqa"), str(tmp_path / "v")]) == 2
     assert "num_kv_heads=2" in capsys.readouterr().err
+
+
+def test_finetune_config_starts_from_an_imported_model_with_lora(tmp_path):
+    # An imported GPT-2 (written with bigjax's own writer), fine-tuned with LoRA through the
+    # shipped configs/finetune.py, as a user types it.
+    import subprocess
+    import sys
+
+    gpt2 = {"size": "tiny", "family": "gpt2", "max_positions": 64, "num_kv_heads": 0}
+    cfg = tiny_config(model=gpt2)
+    _, abstract = models.abstract(cfg.model, cfg.mesh.rules)
+    rng = np.random.default_rng(0)
+    params = {
+        p: (rng.normal(size=s) * 0.05).astype(np.float32)
+        for p, s in param_layout(nnx.to_pure_dict(abstract)).items()
+    }
+    tensorfile.write_dir(tmp_path / "hf", hf.to_hf(cfg.model, params), 10**9)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf.hf_config(cfg.model, 64, "float32")))
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
+    r = subprocess.run(
+        [sys.executable, "-m", "bigjax.cli", "train", "--config",
+         f"configs/finetune.py:{tmp_path / 'imported'}", "--workdir", str(tmp_path / "ft"),
+         "--config.num_steps=3", "--config.finetune.lora_rank=4",
+         "--config.data.batch_size=8"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"initialised (params) from {tmp_path / 'imported'}" in r.stdout
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert summary["complete"] and summary["step"] == 3
