@@ -356,6 +356,23 @@ class FinetuneConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD (bigjax/privacy.py): on when noise_multiplier or target_epsilon is set."""
+
+    noise_multiplier: float = 0.0  # sigma; 0 with target_epsilon: calibrated to reach it
+    target_epsilon: float = 0.0  # epsilon after num_steps steps (calibrates sigma)
+    delta: float = 1e-5
+    clip_norm: float = 1.0  # each example's gradient is scaled to at most this norm
+    # Rows per epoch, for the sampling rate batch_size / num_examples; 0: the size of the
+    # train split of data.examples or data.images (language modelling must set it).
+    num_examples: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0 or self.target_epsilon > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The whole run."""
 
@@ -370,6 +387,7 @@ class TrainConfig:
     metrics: MetricsConfig = MetricsConfig()
     eval: EvalConfig = EvalConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @property
     def data_seed(self) -> int:
@@ -710,6 +728,27 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: at the end)")
     _check(cfg.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")
+    p = cfg.privacy
+    _check(p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
+    _check(p.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0")
+    _check(
+        not (p.noise_multiplier and p.target_epsilon),
+        "privacy.target_epsilon",
+        "give the noise multiplier or a target epsilon to calibrate it, not both",
+    )
+    if p.enabled:
+        _check(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)")
+        _check(p.clip_norm > 0, "privacy.clip_norm", "must be positive")
+        _check(
+            p.num_examples > 0 or d.task in ("sft", "classify", "images"),
+            "privacy.num_examples",
+            "DP accounting needs the rows per epoch; set it for language modelling",
+        )
+        _check(
+            p.num_examples == 0 or p.num_examples >= d.batch_size,
+            "privacy.num_examples",
+            f"must be at least data.batch_size={d.batch_size}",
+        )
     f = cfg.finetune
     _check(f.lora_rank >= 0, "finetune.lora_rank", "must be >= 0 (0: no adapters)")
     _check(f.lora_alpha > 0, "finetune.lora_alpha", "must be positive")

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bigjax import lora, mlm, models, optim, step
+from bigjax import lora, mlm, models, optim, privacy, step
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.sharding import logical_to_spec
 from bigjax.state import Params, TrainState, abstract_state, init_state, state_shardings
@@ -32,6 +32,7 @@ class Program:
     batch_sharding: NamedSharding
     train_step: Callable[[TrainState, step.Batch], tuple[TrainState, step.Metrics]]
     eval_step: Callable[[Params, step.Batch], step.Metrics]
+    accounting: privacy.Accounting | None = None  # DP-SGD runs: what epsilon depends on
 
     def init(self) -> TrainState:
         """A fresh state, materialised directly in its shardings."""
@@ -116,12 +117,40 @@ def mlm_masking(cfg: TrainConfig) -> mlm.Masking:
     return mlm.Masking(mask_id=size, random_below=size, rate=cfg.data.mlm_rate)
 
 
+def dp_accounting(cfg: TrainConfig) -> privacy.Accounting:
+    """Sampling rate from the rows per epoch; the noise multiplier given, or calibrated so
+    that the whole run (num_steps) spends exactly the target epsilon."""
+    p = cfg.privacy
+    rows = p.num_examples or _train_rows(cfg)
+    if rows < cfg.data.batch_size:
+        raise ConfigError(f"privacy: {rows} training rows, fewer than data.batch_size.")
+    q = cfg.data.batch_size / rows
+    sigma = p.noise_multiplier or privacy.calibrate_noise(
+        p.target_epsilon, q, cfg.num_steps, p.delta
+    )
+    return privacy.Accounting(noise_multiplier=sigma, sampling_rate=q, delta=p.delta)
+
+
+def _train_rows(cfg: TrainConfig) -> int:
+    """Examples in the train split of data.examples or data.images (one per row)."""
+    from bigjax.data import examples, images
+
+    d, m = cfg.data, cfg.model
+    if d.task == "images":
+        return len(images.load(d.images, "train", d.eval_fraction, m.image_size, m.channels).labels)
+    return len(examples.load(d.examples, d.task, "train", d.eval_fraction).records)
+
+
 def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     """Builds the abstract state, shardings and jitted steps for `cfg` on `mesh`."""
     check_program(cfg, mesh)
     rules = cfg.mesh.rules
     graphdef, graph_state = models.abstract(cfg.model, rules)
     masking = mlm_masking(cfg) if cfg.data.task == "mlm" else None
+    accounting = dp_accounting(cfg) if cfg.privacy.enabled else None
+    noise = (
+        privacy.Noise(accounting.noise_multiplier, cfg.privacy.clip_norm) if accounting else None
+    )
     trainable = lora.trainable_fn(cfg.finetune)
     tx = optim.make_optimizer(cfg.optim, cfg.num_steps, trainable)
     schedule = optim.make_schedule(cfg.optim, cfg.num_steps)
@@ -145,6 +174,7 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
             lora_scale=cfg.finetune.lora_scale,
             masking=masking,
             seq_len=cfg.data.seq_len,
+            dp=noise,
         ),
         in_shardings=(shardings, batch_shardings(cfg, batch_sharding)),
         out_shardings=(shardings, None),
@@ -165,4 +195,5 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
         batch_sharding,
         train_step,
         eval_step,
+        accounting,
     )

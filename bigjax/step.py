@@ -9,15 +9,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from bigjax import lora, mlm
+from bigjax import lora, mlm, privacy
 from bigjax.config import OptimConfig
 from bigjax.loss import cross_entropy_sums
 from bigjax.sharding import Rules, constrain
 from bigjax.state import Params, TrainState
 from bigjax.tree import path_name
 
-# A key stream of its own for MLM masks (dropout uses the step key's other folds).
+# Key streams of their own for MLM masks and DP noise (dropout uses the step key's
+# micro-batch folds 0, 1, ...).
 MLM_STREAM = 0x4D4C4D
+DP_STREAM = 0x4450
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions, weights: all [B, L]
 Metrics = dict[str, jax.Array]
@@ -88,8 +90,10 @@ def make_train_step(
     lora_scale: float = 0.0,
     masking: mlm.Masking | None = None,
     seq_len: int = 0,
+    dp: privacy.Noise | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Builds `train_step(state, batch) -> (state, metrics)`, a pure function of its inputs."""
+    """Builds `train_step(state, batch) -> (state, metrics)`, a pure function of its inputs.
+    With `dp`, DP-SGD: per-row gradients clipped, summed, noised (bigjax/privacy.py)."""
     base_key = jax.random.key(seed)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -106,13 +110,44 @@ def make_train_step(
             objective += sums.get("aux_loss", 0.0) / num_micro
             return objective, sums
 
+        def only_trainable(grads: Params) -> Params:
+            return jax.tree_util.tree_map_with_path(
+                lambda p, g: g if trainable(path_name(p)) else jnp.zeros_like(g), grads
+            )
+
+        def row_grad(row: Batch, rng: jax.Array) -> tuple[Params, Metrics]:
+            """One row's gradient of its own mean loss, clipped (DP-SGD)."""
+            one = jax.tree.map(lambda x: x[None], row)
+
+            def objective(params: Params) -> tuple[jax.Array, Metrics]:
+                sums = _loss_sums(_model(graphdef, params, lora_scale), one, rng)
+                value = (sums["nll_sum"] + cfg.z_loss * sums["z_sq_sum"]) / _loss_weight(one)
+                return value + sums.get("aux_loss", 0.0), sums
+
+            (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+            clipped, norm = privacy.clip(only_trainable(grads), dp.clip_norm)
+            return clipped, {**sums, "dp_clipped": (norm > dp.clip_norm).astype(jnp.float32)}
+
+        def micro_grads(micro: Batch, rng: jax.Array) -> tuple[Params, Metrics]:
+            if dp is None:
+                (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                    state.params, micro, rng
+                )
+                return grads, sums
+            rows = jax.tree.leaves(micro)[0].shape[0]
+            keys = jax.random.split(rng, rows) if dropout else jnp.zeros((rows,))
+            grads, sums = jax.vmap(lambda row, key: row_grad(row, key if dropout else None))(
+                micro, keys
+            )
+            # per-row sums add up to the micro-batch's (aux means: averaged over rows)
+            sums = {k: jnp.mean(v) if k.startswith(("moe_", "aux")) else jnp.sum(v)
+                    for k, v in sums.items()}  # fmt: skip
+            return jax.tree.map(lambda g: jnp.sum(g, axis=0), grads), sums
+
         def accumulate(carry: tuple, micro_and_index: tuple) -> tuple[tuple, None]:
             grads, sums = carry
             micro, index = micro_and_index
-            rng = jax.random.fold_in(step_key, index)
-            (_, m_sums), m_grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, micro, rng
-            )
+            m_grads, m_sums = micro_grads(micro, jax.random.fold_in(step_key, index))
             return (
                 jax.tree.map(jnp.add, grads, m_grads),
                 jax.tree.map(jnp.add, sums, m_sums),
@@ -121,9 +156,15 @@ def make_train_step(
         micros = (_split_micro(batch, num_micro, rules), jnp.arange(num_micro))
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         first_micro = jax.tree.map(lambda x: x[0], micros[0])
-        sums_shape = jax.eval_shape(lambda: loss_fn(state.params, first_micro, step_key)[1])
+        sums_shape = jax.eval_shape(lambda: micro_grads(first_micro, step_key)[1])
         sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0), micros)
+        if dp is not None:  # Gaussian noise on the sum of clipped gradients, then the mean
+            rows = jax.tree.leaves(batch)[0].shape[0]
+            key = jax.random.fold_in(step_key, DP_STREAM)
+            noise = privacy.noise_like(grads, key, dp.noise_multiplier * dp.clip_norm)
+            grads = jax.tree.map(lambda g, n: (g + n) / rows, grads, only_trainable(noise))
+            clipped = sums.pop("dp_clipped") / rows  # the share of rows whose norm was cut
         nll_sum, z_sq_sum = sums.pop("nll_sum"), sums.pop("z_sq_sum")
         correct = sums.pop("correct", None)  # classification: rows predicted right
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -152,6 +193,8 @@ def make_train_step(
         }
         if correct is not None:
             metrics["accuracy"] = correct / total_weight
+        if dp is not None:
+            metrics["dp_clipped"] = clipped
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

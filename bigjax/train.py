@@ -22,7 +22,7 @@ from typing import Any
 import jax
 
 import bigjax
-from bigjax import checkpoint, distributed, metrics, models
+from bigjax import checkpoint, distributed, metrics, models, privacy
 from bigjax import evaluate as evaluate_mc
 from bigjax.config import ConfigError, TrainConfig, to_dict
 from bigjax.data import pipeline
@@ -253,6 +253,9 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 "data_wait_frac": None if first else window.data_wait / elapsed,
                 "skipped_steps": skipped_steps,
             }
+            if prog.accounting is not None:  # the privacy spent so far (dp-accounting, RDP)
+                last["dp_epsilon"] = privacy.epsilon(prog.accounting, done_step)
+                last["dp_noise_multiplier"] = prog.accounting.noise_multiplier
             writers.write(last, metrics.progress_line(last, cfg.num_steps))
             window = Window()
             return finite
