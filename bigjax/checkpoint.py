@@ -134,6 +134,19 @@ def _layout_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]])
     return out
 
 
+def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any) -> None:
+    """A run directory holding only parameters (an imported or compressed model): config.json
+    and a parameters-only checkpoint at step 0, which generate, eval, convert and
+    checkpoint.init_from open like any run."""
+    dst = Path(dst)
+    if (dst / "checkpoints").exists():
+        raise CheckpointError(f"{dst} already holds checkpoints; pick a new directory.")
+    dst.mkdir(parents=True, exist_ok=True)
+    layout = param_layout(params)
+    save_params(dst / "checkpoints", params, {"config": config, "params": layout, **meta})
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     path = Path(manager.directory) / str(step) / "meta" / "metadata"
     try:

@@ -510,6 +510,77 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_convert)
 
 
+def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    with open_run(args.workdir, overrides, "compress") as (prog, params, step):
+        import jax
+        import numpy as np
+
+        from bigjax import checkpoint, compress, tensorfile
+        from bigjax.config import to_dict
+        from bigjax.train import run_eval
+        from bigjax.tree import flatten, unflatten
+
+        flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
+        before = run_eval(prog, params)
+        extra: dict[str, Any] = {}
+        if args.method == "quantize":
+            new, stored = compress.quantize_params(flat, args.bits)
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            tensorfile.write(out / "quantized.safetensors", stored, {"bits": str(args.bits)})
+            extra = {
+                "bits": args.bits,
+                "f32_bytes": sum(v.nbytes for v in flat.values()),
+                "quantized_bytes": (out / "quantized.safetensors").stat().st_size,
+            }
+        else:
+            new = compress.prune_params(flat, args.sparsity, args.pattern)
+            extra = {"pattern": args.pattern, "sparsity": compress.sparsity_report(new)}
+        new_params = jax.device_put(unflatten(new), prog.shardings.params)
+        after = run_eval(prog, new_params)
+        report = {"method": args.method, "step": step, "before": before, "after": after, **extra}
+        checkpoint.write_params_run(
+            Path(args.out), to_dict(prog.cfg), unflatten(new), compressed_from=args.workdir
+        )
+        (Path(args.out) / "compress.json").write_text(json.dumps(report, indent=2) + "\n")
+    delta = after["eval_loss"] - before["eval_loss"]
+    print(
+        f"compress {args.method}: eval loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f} "
+        f"({delta:+.4f}), ppl {before['eval_ppl']:.3f} -> {after['eval_ppl']:.3f}",
+        flush=True,
+    )
+    if args.method == "quantize":
+        ratio = extra["f32_bytes"] / extra["quantized_bytes"]
+        print(
+            f"  size: {extra['f32_bytes'] / 1e6:.2f} MB float32 -> "
+            f"{extra['quantized_bytes'] / 1e6:.2f} MB int{args.bits} ({ratio:.1f}x smaller)",
+            flush=True,
+        )
+    else:
+        print(f"  sparsity of the matrices: {extra['sparsity']['all matrices']:.1%}", flush=True)
+    print(f"  written: {args.out} (a run directory) and {args.out}/compress.json", flush=True)
+    return 0
+
+
+def add_compress_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="int8/int4 weight-only quantization or magnitude pruning, with a report",
+        description="Compresses a run's latest checkpoint and reports held-out loss and "
+        "perplexity before and after (and size on disk, or sparsity). Writes a run directory "
+        "with the compressed weights that generate, eval, convert and fine-tuning "
+        "(checkpoint.init_from, with finetune.keep_sparsity for pruned models) open.",
+    )
+    p.add_argument("method", choices=["quantize", "prune"])
+    p.add_argument("--workdir", required=True, help="the run to compress")
+    p.add_argument("--out", required=True, help="the run directory to write")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="quantize: 8 or 4")
+    p.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured")
+    p.add_argument("--sparsity", type=float, default=0.5, help="prune, unstructured: share")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_compress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bigjax", description="A JAX research framework for scalable pretraining."
@@ -538,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_eval_parser(sub)
     add_convert_parser(sub)
+    add_compress_parser(sub)
     return parser
 
 

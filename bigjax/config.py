@@ -349,10 +349,21 @@ class FinetuneConfig:
     lora_rank: int = 0  # > 0: train rank-r adapters on lora_targets, freeze the base model
     lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
     lora_targets: str = r"blocks/(attn|mlp)/.*"  # regex over parameter paths (matrices only)
+    keep_sparsity: bool = False  # weights that start at exactly 0 (pruned) stay 0
 
     @property
     def lora_scale(self) -> float:
         return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation: the loss mixes the hard next-token loss with the KL divergence
+    to a teacher run's softened predictions (Hinton et al. 2015)."""
+
+    teacher: str = ""  # a run directory (trained, imported or compressed) with the same vocab
+    temperature: float = 2.0  # both distributions are softened by T; the KL is scaled by T^2
+    alpha: float = 0.5  # weight of the distillation term; 1 - alpha on the hard labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +399,7 @@ class TrainConfig:
     eval: EvalConfig = EvalConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    distill: DistillConfig = DistillConfig()
 
     @property
     def data_seed(self) -> int:
@@ -728,6 +740,19 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: at the end)")
     _check(cfg.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")
+    if cfg.distill.teacher:
+        _check(cfg.distill.temperature > 0, "distill.temperature", "must be positive")
+        _check(0 <= cfg.distill.alpha <= 1, "distill.alpha", "must be in [0, 1]")
+        _check(
+            d.task in ("lm", "sft"),
+            "distill.teacher",
+            "distillation matches next-token distributions: data.task lm or sft",
+        )
+        _check(
+            not (cfg.privacy.noise_multiplier or cfg.privacy.target_epsilon),
+            "distill.teacher",
+            "DP-SGD with distillation is not supported; distill first, or train privately",
+        )
     p = cfg.privacy
     _check(p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
     _check(p.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0")

@@ -39,8 +39,6 @@ def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> Train
     settings for the run (nested dict, e.g. {"data": {"seq_len": 512}}); `model.*` comes from
     the Hugging Face config.json."""
     src, dst = Path(src), Path(dst)
-    if (dst / "checkpoints").exists():
-        raise hf.ConvertError(f"{dst} already holds checkpoints; pick a new directory.")
     raw = json.loads((src / "config.json").read_text())
     model = {**config.get("model", {}), **hf.model_fields(raw)}
     data = dict(config.get("data", {}))
@@ -50,10 +48,9 @@ def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> Train
     _, abstract = models.abstract(cfg.model, cfg.mesh.rules)
     layout = checkpoint.param_layout(nnx.to_pure_dict(abstract))
     flat = hf.from_hf(cfg.model, tensorfile.read_dir(src), layout, np.dtype(cfg.model.param_dtype))
-    dst.mkdir(parents=True, exist_ok=True)
-    meta = {"config": to_dict(cfg), "params": layout, "imported_from": str(src.absolute())}
-    checkpoint.save_params(dst / "checkpoints", unflatten(flat), meta)
-    (dst / "config.json").write_text(json.dumps(meta["config"], indent=2) + "\n")
+    checkpoint.write_params_run(
+        dst, to_dict(cfg), unflatten(flat), imported_from=str(src.absolute())
+    )
     return cfg
 
 

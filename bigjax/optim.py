@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from bigjax.config import OptimConfig
@@ -42,8 +43,23 @@ def weight_decay_mask(cfg: OptimConfig):
     return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def keep_zeros() -> optax.GradientTransformation:
+    """Zeroes the update of every parameter that is exactly 0 (a pruned weight), so sparsity
+    survives fine-tuning (weight decay of a zero is zero too)."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        # matrices only: biases and norm offsets may start at zero and must still train
+        keep = lambda u, p: jnp.where(p == 0, 0, u) if p.ndim >= 2 else u  # noqa: E731
+        return jax.tree.map(keep, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
-    cfg: OptimConfig, num_steps: int, trainable: Callable[[str], bool] | None = None
+    cfg: OptimConfig,
+    num_steps: int,
+    trainable: Callable[[str], bool] | None = None,
+    keep_sparsity: bool = False,
 ) -> optax.GradientTransformation:
     """The optimizer chain: optional global-norm clipping, then the named update rule.
 
@@ -51,6 +67,8 @@ def make_optimizer(
     optimizer state, and clipping sees only the trainable gradients, so XLA drops the frozen
     parameters' gradients altogether."""
     tx = _update_rule(cfg, num_steps)
+    if keep_sparsity:
+        tx = optax.chain(tx, keep_zeros())
     if trainable is None:
         return tx
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -14,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bigjax import lora, mlm, models, optim, privacy, step
 from bigjax.config import ConfigError, TrainConfig
-from bigjax.sharding import logical_to_spec
+from bigjax.sharding import logical_to_spec, tree_shardings
 from bigjax.state import Params, TrainState, abstract_state, init_state, state_shardings
 
 
@@ -141,6 +144,53 @@ def _train_rows(cfg: TrainConfig) -> int:
     return len(examples.load(d.examples, d.task, "train", d.eval_fraction).records)
 
 
+@dataclasses.dataclass(frozen=True)
+class WithTeacher:
+    """A jitted distillation step with the teacher's parameters bound as its last argument
+    (an argument, not a constant baked into the program)."""
+
+    step: Callable
+    teacher_params: Params
+
+    def __call__(self, state: TrainState, batch: step.Batch) -> tuple[TrainState, step.Metrics]:
+        return self.step(state, batch, self.teacher_params)
+
+    def lower(self, state: TrainState, batch: step.Batch):
+        return self.step.lower(state, batch, self.teacher_params)
+
+
+def load_teacher(cfg: TrainConfig, mesh: Mesh) -> tuple[step.Teacher, Params, Any]:
+    """The teacher run's program and latest parameters, sharded by this run's rules on this
+    mesh; returns (spec, params, their shardings)."""
+    from bigjax import checkpoint
+    from bigjax.config import from_configdict
+
+    path = Path(cfg.distill.teacher) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"distill.teacher: {path} is missing; pass a run directory.")
+    teacher = from_configdict(json.loads(path.read_text()))
+    if teacher.model.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"distill.teacher: its vocab_size {teacher.model.vocab_size} differs from the "
+            f"student's {cfg.model.vocab_size}; distillation matches token distributions."
+        )
+    if teacher.finetune.lora_rank:
+        raise ConfigError(
+            "distill.teacher: a LoRA run; merge it first (bigjax compress or convert write "
+            "merged weights) and distill from that."
+        )
+    graphdef, graph_state = models.abstract(teacher.model, cfg.mesh.rules)
+    shardings = nnx.to_pure_dict(tree_shardings(graph_state, mesh, cfg.mesh.rules))
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nnx.to_pure_dict(graph_state),
+        shardings,
+    )
+    params, _ = checkpoint.load_params(cfg.distill.teacher, target)
+    spec = step.Teacher(graphdef, cfg.distill.temperature, cfg.distill.alpha)
+    return spec, params, shardings
+
+
 def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     """Builds the abstract state, shardings and jitted steps for `cfg` on `mesh`."""
     check_program(cfg, mesh)
@@ -152,7 +202,7 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
         privacy.Noise(accounting.noise_multiplier, cfg.privacy.clip_norm) if accounting else None
     )
     trainable = lora.trainable_fn(cfg.finetune)
-    tx = optim.make_optimizer(cfg.optim, cfg.num_steps, trainable)
+    tx = optim.make_optimizer(cfg.optim, cfg.num_steps, trainable, cfg.finetune.keep_sparsity)
     schedule = optim.make_schedule(cfg.optim, cfg.num_steps)
     abstract = abstract_state(graph_state, tx, cfg.finetune)
     shardings = state_shardings(graph_state, abstract, tx, mesh, rules)
@@ -160,6 +210,8 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
         ("act_batch", "act_seq"), rules, dict(mesh.shape), (cfg.data.batch_size, cfg.data.seq_len)
     )
     batch_sharding = NamedSharding(mesh, spec)
+    teacher = load_teacher(cfg, mesh) if cfg.distill.teacher else None
+    teacher_shardings = () if teacher is None else (teacher[2],)
     train_step = jax.jit(
         step.make_train_step(
             graphdef,
@@ -175,11 +227,14 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
             masking=masking,
             seq_len=cfg.data.seq_len,
             dp=noise,
+            teacher=None if teacher is None else teacher[0],
         ),
-        in_shardings=(shardings, batch_shardings(cfg, batch_sharding)),
+        in_shardings=(shardings, batch_shardings(cfg, batch_sharding), *teacher_shardings),
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
+    if teacher is not None:
+        train_step = WithTeacher(train_step, teacher[1])
     eval_step = jax.jit(
         step.make_eval_step(graphdef, cfg.finetune.lora_scale, masking),
         in_shardings=(shardings.params, batch_shardings(cfg, batch_sharding)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -35,9 +36,32 @@ def _inputs(batch: Batch, rng: jax.Array | None) -> tuple:
     return batch["inputs"], batch["segment_ids"], batch["positions"], rng
 
 
-def _loss_sums(model: nnx.Module, batch: Batch, rng: jax.Array | None) -> Metrics:
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """Distillation: the teacher's program (its params are the step's third argument)."""
+
+    graphdef: nnx.GraphDef
+    temperature: float
+    alpha: float
+
+
+def _distill_kl_sum(student_BLV, teacher_BLV, weights_BL, temperature) -> jax.Array:
+    """Sum over weighted tokens of T^2 * KL(softmax(teacher / T) || softmax(student / T))."""
+    t = jax.nn.log_softmax(teacher_BLV.astype(jnp.float32) / temperature, axis=-1)
+    s = jax.nn.log_softmax(student_BLV.astype(jnp.float32) / temperature, axis=-1)
+    kl_BL = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+    return temperature**2 * jnp.sum(kl_BL * weights_BL)
+
+
+def _loss_sums(
+    model: nnx.Module,
+    batch: Batch,
+    rng: jax.Array | None,
+    teacher: tuple[Teacher, Params] | None = None,
+) -> Metrics:
     """Summed losses of one (micro-)batch and the model's auxiliary outputs: over weighted
-    target tokens (language modelling, SFT), or over rows with a class label (classify)."""
+    target tokens (language modelling, SFT), or over rows with a class label (classify).
+    With a teacher, also the summed distillation term `distill_sum`."""
     if "labels" in batch:
         logits_BC, aux = model.classify(*_inputs(batch, rng), with_aux=True)
         labels_B = batch["labels"]
@@ -47,7 +71,12 @@ def _loss_sums(model: nnx.Module, batch: Batch, rng: jax.Array | None) -> Metric
         return {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, "correct": correct, **aux}
     logits_BLV, aux = model(*_inputs(batch, rng), with_aux=True)
     nll_sum, z_sq_sum = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"])
-    return {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, **aux}
+    if teacher is None:
+        return {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, **aux}
+    spec, params = teacher
+    teacher_BLV = jax.lax.stop_gradient(nnx.merge(spec.graphdef, params)(*_inputs(batch, None)))
+    kl_sum = _distill_kl_sum(logits_BLV, teacher_BLV, batch["weights"], spec.temperature)
+    return {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, "distill_sum": kl_sum, **aux}
 
 
 def _tokens(batch: Batch, seq_len: int) -> jax.Array:
@@ -91,12 +120,16 @@ def make_train_step(
     masking: mlm.Masking | None = None,
     seq_len: int = 0,
     dp: privacy.Noise | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    teacher: Teacher | None = None,
+) -> Callable[..., tuple[TrainState, Metrics]]:
     """Builds `train_step(state, batch) -> (state, metrics)`, a pure function of its inputs.
     With `dp`, DP-SGD: per-row gradients clipped, summed, noised (bigjax/privacy.py)."""
     base_key = jax.random.key(seed)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def train_step(
+        state: TrainState, batch: Batch, teacher_params: Params | None = None
+    ) -> tuple[TrainState, Metrics]:
+        distill = None if teacher is None else (teacher, teacher_params)
         step_key = jax.random.fold_in(base_key, state.step)
         if masking is not None:  # masked LM: a fresh mask every step
             batch = mlm.corrupt(batch, jax.random.fold_in(step_key, MLM_STREAM), masking)
@@ -104,8 +137,14 @@ def make_train_step(
         num_micro = cfg.grad_accum_steps
 
         def loss_fn(params: Params, micro: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
-            sums = _loss_sums(_model(graphdef, params, lora_scale), micro, rng if dropout else None)
-            objective = (sums["nll_sum"] + cfg.z_loss * sums["z_sq_sum"]) / total_weight
+            model = _model(graphdef, params, lora_scale)
+            sums = _loss_sums(model, micro, rng if dropout else None, distill)
+            hard = (sums["nll_sum"] + cfg.z_loss * sums["z_sq_sum"]) / total_weight
+            if distill is None:
+                objective = hard
+            else:  # the hard loss and the teacher's soft targets, mixed
+                soft = sums["distill_sum"] / total_weight
+                objective = (1 - teacher.alpha) * hard + teacher.alpha * soft
             # auxiliary losses (MoE load balancing) are means per micro-batch: average them
             objective += sums.get("aux_loss", 0.0) / num_micro
             return objective, sums
@@ -167,6 +206,7 @@ def make_train_step(
             clipped = sums.pop("dp_clipped") / rows  # the share of rows whose norm was cut
         nll_sum, z_sq_sum = sums.pop("nll_sum"), sums.pop("z_sq_sum")
         correct = sums.pop("correct", None)  # classification: rows predicted right
+        distill_sum = sums.pop("distill_sum", None)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # of the trainable gradients only: a frozen one is never computed (XLA drops it)
@@ -195,6 +235,8 @@ def make_train_step(
             metrics["accuracy"] = correct / total_weight
         if dp is not None:
             metrics["dp_clipped"] = clipped
+        if distill_sum is not None:  # T^2 * KL(teacher || student) per target token
+            metrics["distill_kl"] = distill_sum / total_weight
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
