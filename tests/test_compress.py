@@ -89,8 +89,12 @@ def test_pruned_run_fine_tunes_and_stays_sparse(trained, tmp_path, capsys):
     assert main([*argv, "--pattern", "2:4"]) == 0
     report = json.loads((out / "compress.json").read_text())
     assert report["sparsity"]["all matrices"] == pytest.approx(0.5)
-    cfg = tiny_config(num_steps=5, data={"seq_len": 64},
-                      finetune={"keep_sparsity": True}, checkpoint={"init_from": str(out)})  # fmt: skip
+    cfg = tiny_config(
+        num_steps=5,
+        data={"seq_len": 64},
+        finetune={"keep_sparsity": True},
+        checkpoint={"init_from": str(out)},
+    )
     train(cfg, tmp_path / "tuned")
     with open_run(str(out), [], "t") as (_, before, _):
         before = {k: np.asarray(v) for k, v in flatten(before).items()}
@@ -104,9 +108,12 @@ def test_pruned_run_fine_tunes_and_stays_sparse(trained, tmp_path, capsys):
 
 def test_distillation_from_a_teacher(trained, tmp_path):
     # A student identical to the teacher has zero KL at its first step...
-    same = tiny_config(num_steps=1, data={"seq_len": 64},
-                       checkpoint={"init_from": str(trained)},
-                       distill={"teacher": str(trained), "alpha": 1.0, "temperature": 2.0})  # fmt: skip
+    same = tiny_config(
+        num_steps=1,
+        data={"seq_len": 64},
+        checkpoint={"init_from": str(trained)},
+        distill={"teacher": str(trained), "alpha": 1.0, "temperature": 2.0},
+    )
     train(same, tmp_path / "copy")
     first = json.loads((tmp_path / "copy" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["distill_kl"] == pytest.approx(0.0, abs=1e-5)
