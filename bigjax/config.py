@@ -290,7 +290,8 @@ class DataConfig:
     mlm_rate: float = 0.15  # task 'mlm': share of real tokens masked (80/10/10, bigjax/mlm.py)
     examples: str = ""  # sft/classify: a JSON-lines file of examples (bigjax/data/examples.py)
     images: str = ""  # task 'images': 'digits' (scikit-learn's) or DIR/<class>/<image files>
-    augment: bool = True  # task 'images': random shifts and contrast on training images
+    augment: bool = True  # task 'images': random crops, brightness, contrast on train images
+    flip: bool = False  # task 'images', with augment: also random horizontal flips
     packing: str = "concat"  # 'concat' (concat-then-split), 'first_fit', 'pad' (one per row)
     tokenizer: str = "byte"  # built-in corpus only; prepared datasets carry their own
     batch_size: int = 16  # global batch, in sequences
@@ -357,6 +358,21 @@ class FinetuneConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RobustConfig:
+    """Adversarial training in embedding space and text corruption (bigjax/robust.py)."""
+
+    adversarial: str = "none"  # 'none', 'fgsm' or 'pgd': train on perturbed embeddings too
+    epsilon: float = 0.01  # L-infinity radius of the perturbation (embeddings are ~1/sqrt(D))
+    pgd_steps: int = 3
+    pgd_step_size: float = 0.005
+    weight: float = 0.5  # objective = (1 - weight) * clean + weight * adversarial
+    eval_attack: str = "none"  # 'fgsm' or 'pgd': also report eval_adv_loss under attack
+    token_dropout: float = 0.0  # share of input tokens replaced by random ones
+    span_mask: float = 0.0  # share of input tokens masked in spans
+    span_length: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation: the loss mixes the hard next-token loss with the KL divergence
     to a teacher run's softened predictions (Hinton et al. 2015)."""
@@ -400,6 +416,7 @@ class TrainConfig:
     finetune: FinetuneConfig = FinetuneConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     distill: DistillConfig = DistillConfig()
+    robust: RobustConfig = RobustConfig()
 
     @property
     def data_seed(self) -> int:
@@ -740,6 +757,25 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: at the end)")
     _check(cfg.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")
+    r = cfg.robust
+    _one_of("robust.adversarial", r.adversarial, ("none", "fgsm", "pgd"))
+    _one_of("robust.eval_attack", r.eval_attack, ("none", "fgsm", "pgd"))
+    _check(r.epsilon > 0 and r.pgd_step_size > 0, "robust.epsilon", "and pgd_step_size > 0")
+    _check(r.pgd_steps >= 1, "robust.pgd_steps", "must be >= 1")
+    _check(0 <= r.weight <= 1, "robust.weight", "must be in [0, 1]")
+    _check(0 <= r.token_dropout < 1 and 0 <= r.span_mask < 1, "robust.token_dropout",
+           "token_dropout and span_mask are shares in [0, 1)")  # fmt: skip
+    _check(r.span_length >= 1, "robust.span_length", "must be >= 1")
+    _check(
+        not (r.token_dropout or r.span_mask) or d.task in ("lm", "sft", "classify"),
+        "robust.token_dropout",
+        "text corruption applies to token inputs (data.task lm, sft or classify)",
+    )
+    _check(
+        r.adversarial == "none" or not (cfg.privacy.noise_multiplier or cfg.privacy.target_epsilon),
+        "robust.adversarial",
+        "adversarial training with DP-SGD is not supported",
+    )
     if cfg.distill.teacher:
         _check(cfg.distill.temperature > 0, "distill.temperature", "must be positive")
         _check(0 <= cfg.distill.alpha <= 1, "distill.alpha", "must be in [0, 1]")

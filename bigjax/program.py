@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bigjax import lora, mlm, models, optim, privacy, step
+from bigjax import lora, mlm, models, optim, privacy, robust, step
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.sharding import logical_to_spec, tree_shardings
 from bigjax.state import Params, TrainState, abstract_state, init_state, state_shardings
@@ -107,11 +107,21 @@ def check_program(cfg: TrainConfig, mesh: Mesh) -> None:
         )
 
 
-def mlm_masking(cfg: TrainConfig) -> mlm.Masking:
-    """The mask id is the first id the tokenizer never emits: its vocabulary size."""
+def _adversary(r: Any, kind: str) -> robust.Adversary | None:
+    if kind == "none":
+        return None
+    return robust.Adversary(kind, r.epsilon, r.pgd_steps, r.pgd_step_size, r.weight)
+
+
+def _tokenizer_size(cfg: TrainConfig) -> int:
     from bigjax.data import pipeline
 
-    size = pipeline.tokenizer_for(cfg.data).vocab_size
+    return pipeline.tokenizer_for(cfg.data).vocab_size
+
+
+def mlm_masking(cfg: TrainConfig) -> mlm.Masking:
+    """The mask id is the first id the tokenizer never emits: its vocabulary size."""
+    size = _tokenizer_size(cfg)
     if cfg.model.vocab_size <= size:
         raise ConfigError(
             f"model.vocab_size: masked LM needs a [MASK] id past the tokenizer's {size} ids; "
@@ -197,6 +207,13 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     rules = cfg.mesh.rules
     graphdef, graph_state = models.abstract(cfg.model, rules)
     masking = mlm_masking(cfg) if cfg.data.task == "mlm" else None
+    r = cfg.robust
+    adversary = _adversary(r, r.adversarial)
+    attack = _adversary(r, r.eval_attack)
+    text_noise = None
+    if r.token_dropout or r.span_mask:
+        size = mlm_masking(cfg).mask_id if r.span_mask else _tokenizer_size(cfg)
+        text_noise = robust.TextNoise(r.token_dropout, r.span_mask, r.span_length, size, size)
     accounting = dp_accounting(cfg) if cfg.privacy.enabled else None
     noise = (
         privacy.Noise(accounting.noise_multiplier, cfg.privacy.clip_norm) if accounting else None
@@ -228,6 +245,9 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
             seq_len=cfg.data.seq_len,
             dp=noise,
             teacher=None if teacher is None else teacher[0],
+            adversary=adversary,
+            text_noise=text_noise,
+            d_model=cfg.model.d_model,
         ),
         in_shardings=(shardings, batch_shardings(cfg, batch_sharding), *teacher_shardings),
         out_shardings=(shardings, None),
@@ -236,7 +256,9 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     if teacher is not None:
         train_step = WithTeacher(train_step, teacher[1])
     eval_step = jax.jit(
-        step.make_eval_step(graphdef, cfg.finetune.lora_scale, masking),
+        step.make_eval_step(
+            graphdef, cfg.finetune.lora_scale, masking, attack, cfg.data.seq_len, cfg.model.d_model
+        ),
         in_shardings=(shardings.params, batch_shardings(cfg, batch_sharding)),
     )
     return Program(

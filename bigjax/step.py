@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from bigjax import lora, mlm, privacy
+from bigjax import lora, mlm, privacy, robust
 from bigjax.config import OptimConfig
 from bigjax.loss import cross_entropy_sums
 from bigjax.sharding import Rules, constrain
@@ -21,6 +21,7 @@ from bigjax.tree import path_name
 # micro-batch folds 0, 1, ...).
 MLM_STREAM = 0x4D4C4D
 DP_STREAM = 0x4450
+TEXT_STREAM = 0x545854
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions, weights: all [B, L]
 Metrics = dict[str, jax.Array]
@@ -58,18 +59,21 @@ def _loss_sums(
     batch: Batch,
     rng: jax.Array | None,
     teacher: tuple[Teacher, Params] | None = None,
+    embed_delta: jax.Array | None = None,
 ) -> Metrics:
     """Summed losses of one (micro-)batch and the model's auxiliary outputs: over weighted
     target tokens (language modelling, SFT), or over rows with a class label (classify).
     With a teacher, also the summed distillation term `distill_sum`."""
     if "labels" in batch:
-        logits_BC, aux = model.classify(*_inputs(batch, rng), with_aux=True)
+        logits_BC, aux = model.classify(
+            *_inputs(batch, rng), with_aux=True, embed_delta=embed_delta
+        )
         labels_B = batch["labels"]
         ones_B1 = jnp.ones((labels_B.shape[0], 1), jnp.float32)
         nll_sum, z_sq_sum = cross_entropy_sums(logits_BC[:, None], labels_B[:, None], ones_B1)
         correct = jnp.sum(jnp.argmax(logits_BC, -1) == labels_B).astype(jnp.float32)
         return {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, "correct": correct, **aux}
-    logits_BLV, aux = model(*_inputs(batch, rng), with_aux=True)
+    logits_BLV, aux = model(*_inputs(batch, rng), with_aux=True, embed_delta=embed_delta)
     nll_sum, z_sq_sum = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"])
     if teacher is None:
         return {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, **aux}
@@ -84,6 +88,26 @@ def _tokens(batch: Batch, seq_len: int) -> jax.Array:
     if "images" in batch:
         return jnp.asarray(batch["images"].shape[0] * seq_len, jnp.float32)
     return jnp.sum(batch["weights"])
+
+
+def _embed_shape(batch: Batch, seq_len: int, d_model: int) -> tuple[int, int, int]:
+    """[B, L, D] of the input embeddings (a ViT's L is its patches plus the class token)."""
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    length = seq_len if "images" in batch else batch["inputs"].shape[1]
+    return rows, length, d_model
+
+
+def _adversarial_sums(
+    model: nnx.Module, batch: Batch, rng, adversary: robust.Adversary, seq_len: int, d_model: int
+) -> Metrics:
+    """Loss sums at the attack's perturbation of the input embeddings."""
+
+    def loss_of(delta: jax.Array) -> jax.Array:
+        sums = _loss_sums(model, batch, rng, None, delta)
+        return sums["nll_sum"] / _loss_weight(batch)
+
+    delta = robust.perturbation(loss_of, _embed_shape(batch, seq_len, d_model), adversary)
+    return _loss_sums(model, batch, rng, None, delta)
 
 
 def _loss_weight(batch: Batch) -> jax.Array:
@@ -121,6 +145,9 @@ def make_train_step(
     seq_len: int = 0,
     dp: privacy.Noise | None = None,
     teacher: Teacher | None = None,
+    adversary: robust.Adversary | None = None,
+    text_noise: robust.TextNoise | None = None,
+    d_model: int = 0,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """Builds `train_step(state, batch) -> (state, metrics)`, a pure function of its inputs.
     With `dp`, DP-SGD: per-row gradients clipped, summed, noised (bigjax/privacy.py)."""
@@ -133,6 +160,10 @@ def make_train_step(
         step_key = jax.random.fold_in(base_key, state.step)
         if masking is not None:  # masked LM: a fresh mask every step
             batch = mlm.corrupt(batch, jax.random.fold_in(step_key, MLM_STREAM), masking)
+        if text_noise is not None:  # token dropout / span masking of the inputs
+            batch = robust.corrupt_text(
+                batch, jax.random.fold_in(step_key, TEXT_STREAM), text_noise
+            )
         total_weight = _loss_weight(batch)
         num_micro = cfg.grad_accum_steps
 
@@ -145,6 +176,13 @@ def make_train_step(
             else:  # the hard loss and the teacher's soft targets, mixed
                 soft = sums["distill_sum"] / total_weight
                 objective = (1 - teacher.alpha) * hard + teacher.alpha * soft
+            if adversary is not None:  # and the loss at the attack's perturbation
+                adv = _adversarial_sums(model, micro, rng if dropout else None, adversary,
+                                        seq_len, d_model)  # fmt: skip
+                objective = (1 - adversary.weight) * objective + adversary.weight * (
+                    adv["nll_sum"] / total_weight
+                )
+                sums = {**sums, "adv_nll_sum": adv["nll_sum"]}
             # auxiliary losses (MoE load balancing) are means per micro-batch: average them
             objective += sums.get("aux_loss", 0.0) / num_micro
             return objective, sums
@@ -207,6 +245,7 @@ def make_train_step(
         nll_sum, z_sq_sum = sums.pop("nll_sum"), sums.pop("z_sq_sum")
         correct = sums.pop("correct", None)  # classification: rows predicted right
         distill_sum = sums.pop("distill_sum", None)
+        adv_nll_sum = sums.pop("adv_nll_sum", None)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # of the trainable gradients only: a frozen one is never computed (XLA drops it)
@@ -237,32 +276,49 @@ def make_train_step(
             metrics["dp_clipped"] = clipped
         if distill_sum is not None:  # T^2 * KL(teacher || student) per target token
             metrics["distill_kl"] = distill_sum / total_weight
+        if adv_nll_sum is not None:  # the loss at the adversarial perturbation
+            metrics["adv_loss"] = adv_nll_sum / total_weight
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, lora_scale: float = 0.0, masking: mlm.Masking | None = None
+    graphdef: nnx.GraphDef,
+    lora_scale: float = 0.0,
+    masking: mlm.Masking | None = None,
+    attack: robust.Adversary | None = None,
+    seq_len: int = 0,
+    d_model: int = 0,
 ) -> Callable[[Params, Batch], Metrics]:
-    """Builds `eval_step(params, batch) -> {'nll_sum', 'weight_sum'}` (no dropout)."""
+    """Builds `eval_step(params, batch) -> {'nll_sum', 'weight_sum'}` (no dropout), plus
+    'adv_nll_sum' under `attack`."""
 
     def eval_step(params: Params, batch: Batch) -> Metrics:
         if masking is not None:  # the same mask at every eval: comparable losses
             batch = mlm.corrupt(batch, jax.random.key(MLM_STREAM), masking)
         model = _model(graphdef, params, lora_scale)
-        if "labels" not in batch:
-            logits_BLV = model(*_inputs(batch, None))
-            nll_sum, _ = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"])
-            return {"nll_sum": nll_sum, "weight_sum": jnp.sum(batch["weights"])}
-        logits_BC = model.classify(*_inputs(batch, None))
-        classes = logits_BC.shape[-1]
-        ones_B1 = jnp.ones((logits_BC.shape[0], 1), jnp.float32)
-        nll_sum, _ = cross_entropy_sums(logits_BC[:, None], batch["labels"][:, None], ones_B1)
-        truth_BC = jax.nn.one_hot(batch["labels"], classes)
-        predicted_BC = jax.nn.one_hot(jnp.argmax(logits_BC, -1), classes)
-        # confusion [true class, predicted class]: accuracy, precision, recall and F1 from it
-        return {"nll_sum": nll_sum, "weight_sum": _loss_weight(batch),
-                "confusion": truth_BC.T @ predicted_BC}  # fmt: skip
+        out = _eval_sums(model, batch)
+        if attack is not None:
+            adv = _adversarial_sums(model, batch, None, attack, seq_len, d_model)
+            out["adv_nll_sum"] = adv["nll_sum"]
+        return out
 
     return eval_step
+
+
+def _eval_sums(model: nnx.Module, batch: Batch) -> Metrics:
+    """Held-out sums: loss and weight, and the confusion matrix when classifying."""
+    if "labels" not in batch:
+        logits_BLV = model(*_inputs(batch, None))
+        nll_sum, _ = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"])
+        return {"nll_sum": nll_sum, "weight_sum": jnp.sum(batch["weights"])}
+    logits_BC = model.classify(*_inputs(batch, None))
+    classes = logits_BC.shape[-1]
+    ones_B1 = jnp.ones((logits_BC.shape[0], 1), jnp.float32)
+    nll_sum, _ = cross_entropy_sums(logits_BC[:, None], batch["labels"][:, None], ones_B1)
+    truth_BC = jax.nn.one_hot(batch["labels"], classes)
+    predicted_BC = jax.nn.one_hot(jnp.argmax(logits_BC, -1), classes)
+    # confusion [true class, predicted class]: accuracy, precision, recall and F1 from it
+    return {"nll_sum": nll_sum, "weight_sum": _loss_weight(batch),
+            "confusion": truth_BC.T @ predicted_BC}  # fmt: skip

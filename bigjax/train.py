@@ -49,14 +49,17 @@ def run_eval(prog: Program, params: Any) -> dict[str, float]:
         workers=0,
         image_shape=(cfg.model.image_size, cfg.model.channels),
     )
-    nll, weight, confusion = 0.0, 0.0, 0.0
+    nll, weight, confusion, adv = 0.0, 0.0, 0.0, 0.0
     for local in pipeline.take(it, cfg.eval.num_batches):
         out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
         nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight_sum"])
         confusion = confusion + out.get("confusion", 0.0)
+        adv = adv + float(out.get("adv_nll_sum", 0.0))
     getattr(it, "close", lambda: None)()
     loss = nll / max(weight, 1.0)
     row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    if cfg.robust.eval_attack != "none":  # the loss under the embedding-space attack
+        row["eval_adv_loss"] = adv / max(weight, 1.0)
     if cfg.data.task in ("classify", "images"):  # accuracy, macro precision / recall / F1
         row.update(evaluate_mc.classification_metrics(confusion))
     return row

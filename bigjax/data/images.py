@@ -97,11 +97,13 @@ def _directory(root: Path, size: int, channels: int) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class Augment(grain.transforms.RandomMap):
-    """A random shift of up to `max_shift` pixels (zero fill) and a contrast jitter of up to
-    `contrast` around the image mean; values stay in [0, 1]."""
+    """A random crop (a shift of up to `max_shift` pixels, zero fill), an optional horizontal
+    flip (not for digits: a flipped 2 is no 2), and colour jitter: contrast around the mean
+    and brightness of up to `contrast`; values stay in [0, 1]."""
 
     max_shift: int = 1
     contrast: float = 0.2
+    flip: bool = False
 
     def random_map(self, element: dict[str, np.ndarray], rng: np.random.Generator) -> dict:
         image = element["image"]
@@ -110,9 +112,12 @@ class Augment(grain.transforms.RandomMap):
         dy, dx = rng.integers(-s, s + 1, size=2)
         padded = np.pad(image, ((s, s), (s, s), (0, 0)))
         shifted = padded[s + dy : s + dy + h, s + dx : s + dx + w]
+        if self.flip and rng.random() < 0.5:
+            shifted = shifted[:, ::-1]
         scale = 1.0 + rng.uniform(-self.contrast, self.contrast)
+        brightness = rng.uniform(-self.contrast, self.contrast) / 2
         mean = shifted.mean()
-        out = np.clip((shifted - mean) * scale + mean, 0.0, 1.0).astype(np.float32)
+        out = np.clip((shifted - mean) * scale + mean + brightness, 0.0, 1.0).astype(np.float32)
         return {**element, "image": out}
 
 

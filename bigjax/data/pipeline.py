@@ -378,7 +378,7 @@ def for_config(
         stream = grain.MapDataset.source(images.Record(data))
         stream = (stream.shuffle(seed=seed) if shuffle else stream).repeat(None)
         if split == "train" and cfg.augment:
-            stream = stream.random_map(images.Augment(), seed=seed)
+            stream = stream.random_map(images.Augment(flip=cfg.flip), seed=seed)
         features = ("image",)
     elif cfg.examples:  # sft, classify
         found = examples.load(cfg.examples, cfg.task, split, cfg.eval_fraction)

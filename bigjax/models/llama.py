@@ -232,11 +232,13 @@ class Llama(nnx.Module):
         rng: jax.Array | None = None,
         *,
         with_aux: bool = False,
+        embed_delta: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Returns logits [B, L, V] in the compute dtype. `rng` enables dropout. With
         `with_aux`, also {"aux_loss": what to add to the objective, diagnostics...}: for MoE
-        the load-balancing loss and the share of dropped assignments, averaged over layers."""
-        x_BLD, aux = self._trunk(tokens_BL, segment_ids_BL, positions_BL, rng)
+        the load-balancing loss and the share of dropped assignments, averaged over layers.
+        `embed_delta` [B, L, D] is added to the input embeddings (adversarial training)."""
+        x_BLD, aux = self._trunk(tokens_BL, segment_ids_BL, positions_BL, rng, embed_delta)
         logits_BLV = self._logits(x_BLD)
         return (logits_BLV, aux) if with_aux else logits_BLV
 
@@ -248,19 +250,24 @@ class Llama(nnx.Module):
         rng: jax.Array | None = None,
         *,
         with_aux: bool = False,
+        embed_delta: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Class logits [B, C] (float32) from the final hidden state of each row's last real
         token (rows hold one example each, left-aligned: data.packing=pad)."""
-        x_BLD, aux = self._trunk(tokens_BL, segment_ids_BL, positions_BL, rng)
+        x_BLD, aux = self._trunk(tokens_BL, segment_ids_BL, positions_BL, rng, embed_delta)
         last_B = jnp.maximum(jnp.sum(segment_ids_BL > 0, axis=1) - 1, 0)
         h_BD = jnp.take_along_axis(self.final_norm(x_BLD), last_B[:, None, None], axis=1)[:, 0]
         logits_BC = apply_class_head(h_BD, self.cls_head_DC, self.cls_bias_C)
         return (logits_BC, aux) if with_aux else logits_BC
 
-    def _trunk(self, tokens_BL, segment_ids_BL, positions_BL, rng) -> tuple[jax.Array, dict]:
+    def _trunk(
+        self, tokens_BL, segment_ids_BL, positions_BL, rng, embed_delta=None
+    ) -> tuple[jax.Array, dict]:
         """Embedding and blocks: the residual stream [B, L, D] before the final norm, and the
         auxiliary outputs averaged over layers."""
         x_BLD = self._embed(tokens_BL, positions_BL)
+        if embed_delta is not None:
+            x_BLD = x_BLD + embed_delta.astype(x_BLD.dtype)
         return run_blocks(self, x_BLD, segment_ids_BL, positions_BL, rng)
 
     def _embed(self, tokens_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:

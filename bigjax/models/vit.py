@@ -61,7 +61,12 @@ class ViT(nnx.Module):
         self.cls_head_DC, self.cls_bias_C = class_head(cfg, rngs)
 
     def classify(
-        self, images_BHWC: jax.Array, rng: jax.Array | None = None, *, with_aux: bool = False
+        self,
+        images_BHWC: jax.Array,
+        rng: jax.Array | None = None,
+        *,
+        with_aux: bool = False,
+        embed_delta: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Class logits [B, C] (float32) for images [B, H, W, C] in [0, 1]."""
         patches_BNP = patchify(images_BHWC.astype(self.dtype), self.patch)
@@ -72,6 +77,8 @@ class ViT(nnx.Module):
         x_BLD = jnp.concatenate([cls_B1D, x_BND], axis=1) + self.pos_table_PD[...].astype(
             self.dtype
         )
+        if embed_delta is not None:  # adversarial training: [B, N + 1, D]
+            x_BLD = x_BLD + embed_delta.astype(x_BLD.dtype)
         x_BLD = constrain(x_BLD, RESIDUAL, self.rules)
         segment_ids_BL = jnp.ones((b, n + 1), jnp.int32)  # one image per row: all attend
         positions_BL = jnp.broadcast_to(jnp.arange(n + 1), (b, n + 1))
