@@ -581,6 +581,56 @@ def add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_compress)
 
 
+def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    with open_run(args.workdir, overrides, "inspect") as (prog, params, step):
+        import numpy as np
+        from flax import nnx
+
+        from bigjax import interpret
+        from bigjax.data import pipeline
+
+        if prog.cfg.model.family == "vit":
+            raise ConfigError("inspect: text models only (attention over a prompt's tokens).")
+        tok = pipeline.tokenizer_for(prog.cfg.data)
+        tokens = np.asarray([tok.bos_id, *tok.encode(args.prompt).tolist()], np.int32)
+        labels = ["<bos>"] + [tok.decode([int(t)]) for t in tokens[1:]]
+        model = nnx.merge(prog.graphdef, params)
+        maps, lens = interpret.attention_and_lens(model, tokens)
+        attr = interpret.attributions(model, tokens, steps=args.ig_steps)
+        table = np.asarray(params["embed"]["table_VD"])
+        rows = np.arange(min(args.embed_tokens, table.shape[0]))
+        proj = interpret.projection(table, rows)
+        names = [repr(tok.decode([int(r)]))[1:-1] or f"#{r}" for r in rows]
+        written = interpret.write_pngs(Path(args.out), labels, maps, lens, attr, proj, names)
+    print(
+        f"inspect: checkpoint step {step}, prompt of {len(tokens)} tokens; predicted next "
+        f"token {tok.decode([attr['target']])!r}; logit lens p(next) after the last layer "
+        f"{lens[-1].mean():.3f} (embeddings {lens[0].mean():.3f})",
+        flush=True,
+    )
+    for path in written:
+        print(f"  {path}", flush=True)
+    return 0
+
+
+def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="attention maps, logit lens, attributions, embedding projections (PNGs)",
+        description="Interprets a trained text model on one prompt: attention maps of every "
+        "layer and head, the logit lens, gradient x input and integrated-gradient "
+        "attributions of the predicted next token, and PCA / t-SNE projections of the token "
+        "embeddings, each written as a PNG.",
+    )
+    p.add_argument("--workdir", required=True, help="the run directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="directory for the PNGs")
+    p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradient steps")
+    p.add_argument("--embed-tokens", type=int, default=259, help="table rows to project")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bigjax", description="A JAX research framework for scalable pretraining."
@@ -610,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_convert_parser(sub)
     add_compress_parser(sub)
+    add_inspect_parser(sub)
     return parser
 
 

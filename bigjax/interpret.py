@@ -1,0 +1,152 @@
+"""`bigjax inspect`: what a trained decoder does with one prompt, as numbers and PNGs.
+
+- attention maps: every layer's and head's attention probabilities over the prompt;
+- logit lens: each layer's residual stream read out through the final norm and head, as the
+  probability it already gives the true next token (nostalgebraist 2020);
+- token attributions for the last position's prediction: gradient x input (summed over the
+  embedding dim) and integrated gradients (Sundararajan et al. 2017) from a zero-embedding
+  baseline, computed through the model's `embed_delta` hook;
+- embedding projection: the token table by PCA, and by t-SNE when scikit-learn is present.
+
+Everything runs on the run's parameters as `open_run` places them (FSDP over this
+machine's devices), so it works on sharded models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bigjax.layers import attention_mask
+
+
+def attention_and_lens(model: nnx.Module, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(attention probs [N, H, L, L], logit-lens p(next token) [N + 1, L - 1]) for one prompt
+    (row 0 of the lens: the embeddings; row i: after layer i)."""
+    t = jnp.asarray(tokens)[None]
+    length = t.shape[1]
+    seg, pos = jnp.ones_like(t), jnp.arange(length)[None]
+    x = model._embed(t, pos)
+    block_def, block_params = nnx.split(model.blocks)
+    maps, lens = [], [_next_token_prob(model, x, t)]
+    for i in range(model.num_layers):
+        block = nnx.merge(block_def, jax.tree.map(lambda a, i=i: a[i], block_params))
+        q, k, _ = block.attn._qkv(block.attn_norm(x), pos)
+        g = k.shape[2]
+        q = q.reshape(*q.shape[:2], g, -1, q.shape[-1])  # [B, L, G, R, K]
+        scores = jnp.einsum("blgrk,bsgk->bgrls", q, k) / np.sqrt(q.shape[-1])
+        mask = attention_mask(seg, block.attn.causal)[:, :, None]
+        probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+        maps.append(np.asarray(probs[0]).reshape(-1, length, length))
+        x, _ = block(x, seg, pos, None)
+        lens.append(_next_token_prob(model, x, t))
+    return np.stack(maps), np.stack(lens)
+
+
+def _next_token_prob(model: nnx.Module, x_BLD: jax.Array, t_BL: jax.Array) -> np.ndarray:
+    logp = jax.nn.log_softmax(model._logits(x_BLD).astype(jnp.float32), axis=-1)
+    return np.exp(np.asarray(jnp.take_along_axis(logp[0, :-1], t_BL[0, 1:, None], -1)[:, 0]))
+
+
+def attributions(model: nnx.Module, tokens: np.ndarray, steps: int = 32) -> dict[str, Any]:
+    """Gradient x input and integrated gradients of log p(the model's top next token at the
+    last position) with respect to each input token's embedding, summed over the dims."""
+    t = jnp.asarray(tokens)[None]
+    seg, pos = jnp.ones_like(t), jnp.arange(t.shape[1])[None]
+    emb = model._embed(t, pos)
+    target = int(jnp.argmax(model(t, seg, pos)[0, -1]))
+
+    def logp_at(scale_delta: jax.Array) -> jax.Array:
+        logits = model(t, seg, pos, embed_delta=scale_delta).astype(jnp.float32)
+        return jax.nn.log_softmax(logits[0, -1])[target]
+
+    # d logp / d x at x = alpha * emb is d logp / d delta at delta = (alpha - 1) * emb
+    grad_x = jax.grad(logp_at)(jnp.zeros_like(emb))
+    gxi = np.asarray(jnp.sum(grad_x * emb, -1)[0])
+    total = jnp.zeros_like(emb)
+    for alpha in (np.arange(steps) + 0.5) / steps:  # midpoint rule on the straight path
+        total = total + jax.grad(lambda d, a=alpha: logp_at(d + (a - 1.0) * emb))(
+            jnp.zeros_like(emb)
+        )
+    ig = np.asarray(jnp.sum(total / steps * emb, -1)[0])
+    # IG's completeness: its sum equals logp(input) - logp(baseline), up to the quadrature
+    completeness = float(logp_at(jnp.zeros_like(emb)) - logp_at(-emb))
+    return {"target": target, "grad_x_input": gxi, "integrated_gradients": ig,
+            "ig_completeness": completeness}  # fmt: skip
+
+
+def projection(table_VD: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """2-D PCA of the chosen rows of the embedding table, and t-SNE when available."""
+    x = np.asarray(table_VD, np.float64)[rows]
+    x = x - x.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    out = {"pca": x @ vt[:2].T}
+    try:
+        from sklearn.manifold import TSNE
+
+        perplexity = min(30.0, max(2.0, (len(rows) - 1) / 3))
+        out["tsne"] = TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(x)
+    except ImportError:
+        pass
+    return out
+
+
+def write_pngs(out: Path, labels: list[str], maps, lens, attr, proj, proj_labels) -> list[Path]:
+    """The figures; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    n_layers, heads = maps.shape[:2]
+    fig, axes = plt.subplots(n_layers, heads, figsize=(2.6 * heads, 2.6 * n_layers), squeeze=False)
+    for i in range(n_layers):
+        for h in range(heads):
+            ax = axes[i][h]
+            ax.imshow(maps[i, h], cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(f"layer {i} head {h}", fontsize=7)
+            # Token labels (queries down, keys across) only where they stay legible.
+            ticks = range(len(labels)) if len(labels) <= 24 else []
+            ax.set_xticks(ticks, [labels[t] for t in ticks], fontsize=5, rotation=90)
+            ax.set_yticks(ticks, [labels[t] for t in ticks], fontsize=5)
+    fig.tight_layout()
+    written.append(_save(fig, out / "attention.png"))
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(labels)), 1 + 0.4 * len(lens)))
+    ax.imshow(lens, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    ax.set_yticks(range(len(lens)), ["embed"] + [f"layer {i}" for i in range(len(lens) - 1)])
+    ax.set_xticks(range(len(labels) - 1), labels[1:], fontsize=7)
+    ax.set_title("logit lens: p(true next token) read out after each layer")
+    written.append(_save(fig, out / "logit_lens.png"))
+
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(labels)), 4), sharex=True)
+    for ax, key in zip(axes, ("grad_x_input", "integrated_gradients"), strict=True):
+        ax.bar(range(len(labels)), attr[key], color="tab:blue")
+        ax.set_title(key.replace("_", " "), fontsize=9)
+    axes[-1].set_xticks(range(len(labels)), labels, fontsize=7)
+    fig.tight_layout()
+    written.append(_save(fig, out / "attributions.png"))
+
+    for name, xy in proj.items():
+        fig, ax = plt.subplots(figsize=(7, 7))
+        ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.5)
+        for (x, y), label in zip(xy, proj_labels, strict=True):
+            ax.annotate(label, (x, y), fontsize=6)
+        ax.set_title(f"token embeddings, {name.upper()}")
+        written.append(_save(fig, out / f"embeddings_{name}.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
