@@ -178,3 +178,24 @@ def test_joining_needs_the_same_spec_and_an_existing_study(tmp_path):
         _study(tmp_path, changed)
     with pytest.raises(ConfigError, match="has no study named 'other'"):
         _study(tmp_path, Sweep("other", TINY), join_only=True, wait_s=0.5)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        p
+        for p in (Path(__file__).resolve().parents[1] / "experiments").glob("*/*.py")
+        if p.name in ("sweep.py", "ablation.py")
+    ),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_every_study_spec_in_experiments_resolves(path, monkeypatch):
+    # A typo in a committed study's keys must fail here, not halfway through its sweep.
+    from bigjax.cli import load_config
+
+    monkeypatch.chdir(path.parents[2])  # specs name configs relative to the repository root
+    sweep = spec.load(path)
+    points = [p for p in sweep.points() if p is not None]
+    assert points
+    for point in points:
+        load_config(sweep.config, cli_overrides(sweep.overrides_for(point)))
