@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigjax.layers import attention_mask
+from bigjax.layers import attention_mask, attention_probs
 
 
 def attention_and_lens(model: nnx.Module, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -36,13 +36,10 @@ def attention_and_lens(model: nnx.Module, tokens: np.ndarray) -> tuple[np.ndarra
     maps, lens = [], [_next_token_prob(model, x, t)]
     for i in range(model.num_layers):
         block = nnx.merge(block_def, jax.tree.map(lambda a, i=i: a[i], block_params))
-        q, k, _ = block.attn._qkv(block.attn_norm(x), pos)
-        g = k.shape[2]
-        q = q.reshape(*q.shape[:2], g, -1, q.shape[-1])  # [B, L, G, R, K]
-        scores = jnp.einsum("blgrk,bsgk->bgrls", q, k) / np.sqrt(q.shape[-1])
-        mask = attention_mask(seg, block.attn.causal)[:, :, None]
-        probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
-        maps.append(np.asarray(probs[0]).reshape(-1, length, length))
+        q_BLHK, k_BLGK, _ = block.attn._qkv(block.attn_norm(x), pos)
+        mask_B1LL = attention_mask(seg, block.attn.causal)
+        probs_BGRLL = attention_probs(q_BLHK, k_BLGK, mask_B1LL)
+        maps.append(np.asarray(probs_BGRLL[0]).reshape(-1, length, length))
         x, _ = block(x, seg, pos, None)
         lens.append(_next_token_prob(model, x, t))
     return np.stack(maps), np.stack(lens)

@@ -204,15 +204,22 @@ def dot_product_attention(
     lower to the same dots. Returns [B, L, H, K].
     """
     b, length, h, k = q_BLHK.shape
+    probs_BGRLS = attention_probs(q_BLHK, k_BSGK, mask_B1LS).astype(v_BSGK.dtype)
+    out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs_BGRLS, v_BSGK)
+    return out_BLGRK.reshape(b, length, h, k)
+
+
+def attention_probs(q_BLHK: jax.Array, k_BSGK: jax.Array, mask_B1LS: jax.Array) -> jax.Array:
+    """The attention weights [B, G, R, L, S] in float32 (query head h = g * R + r); also what
+    `bigjax inspect` draws, so its maps are the model's own."""
+    b, length, h, k = q_BLHK.shape
     g = k_BSGK.shape[2]
     q_BLGRK = (q_BLHK * (1.0 / math.sqrt(k))).reshape(b, length, g, h // g, k)
     scores_BGRLS = jnp.einsum(
         "blgrk,bsgk->bgrls", q_BLGRK, k_BSGK, preferred_element_type=jnp.float32
     )
     masked = jnp.where(mask_B1LS[:, :, None], scores_BGRLS, jnp.finfo(jnp.float32).min)
-    probs_BGRLS = jax.nn.softmax(masked, axis=-1).astype(v_BSGK.dtype)
-    out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs_BGRLS, v_BSGK)
-    return out_BLGRK.reshape(b, length, h, k)
+    return jax.nn.softmax(masked, axis=-1)
 
 
 class Attention(nnx.Module):
