@@ -175,7 +175,9 @@ REMAT_POLICIES = ("none", "full", "save_matmuls")
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+# 'auto': cuDNN flash attention on NVIDIA GPUs, Pallas splash on TPUs, einsum on CPUs
+# (bigjax/attention.py says when each applies).
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
 NORMS = ("rmsnorm", "layernorm")
 WEIGHT_DECAY_MASKS = ("matrices", "all")
 
@@ -244,7 +246,7 @@ class ModelConfig:
     dtype: str = "auto"  # compute dtype; auto: float32 on CPU, bfloat16 on GPU/TPU
     scan_layers: bool = True
     remat: str = "none"  # one of REMAT_POLICIES
-    attention: str = "einsum"  # one of ATTENTION_IMPLS
+    attention: str = "auto"  # one of ATTENTION_IMPLS
 
     @property
     def kv_heads(self) -> int:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigjax.layers import attention_mask, attention_probs
+from bigjax.attention import attention_mask, attention_probs
 
 
 def attention_and_lens(model: nnx.Module, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigjax.attention import attend, dot_product_attention
 from bigjax.sharding import Rules, constrain
 
 # The residual stream [B, L, D] between blocks and sublayers (sequence-parallel on `tensor`).
@@ -26,10 +27,12 @@ dense_init: Initializer = nnx.initializers.variance_scaling(1.0, "fan_in", "trun
 embed_init: Initializer = nnx.initializers.variance_scaling(1.0, "fan_out", "normal")
 
 
-def compute_dtype(name: str) -> jnp.dtype:
-    """'auto' is float32 on CPU (no fast bf16 matmuls there) and bfloat16 on GPU/TPU."""
+def compute_dtype(name: str, platform: str | None = None) -> jnp.dtype:
+    """'auto' is float32 on CPU (no fast bf16 matmuls there) and bfloat16 on GPU/TPU;
+    `platform` defaults to the default backend's."""
     if name == "auto":
-        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+        on_cpu = (platform or jax.default_backend()) == "cpu"
+        return jnp.dtype(jnp.float32 if on_cpu else jnp.bfloat16)
     return jnp.dtype(name)
 
 
@@ -181,50 +184,10 @@ class Rope:
         return out.astype(x_BLHK.dtype)
 
 
-def attention_mask(segment_ids_BL: jax.Array, causal: bool = True) -> jax.Array:
-    """[B, 1, L, S] bool: attention within a packed document only, and (decoders) only to
-    earlier positions. Encoders (causal=False) also keep padding (segment 0) to itself."""
-    length = segment_ids_BL.shape[1]
-    same_doc_BLS = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-    if not causal:
-        return same_doc_BLS[:, None]
-    causal_LS = jnp.tril(jnp.ones((length, length), dtype=bool))
-    return (causal_LS & same_doc_BLS)[:, None]
-
-
-def dot_product_attention(
-    q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mask_B1LS: jax.Array
-) -> jax.Array:
-    """Softmax attention for grouped queries, as two einsums over [B, L, G, R, K] (query head
-    h = g * R + r uses KV head g, the Hugging Face / jax.nn convention; K/V never repeated).
-
-    Scores and softmax run in float32 whatever the compute dtype. On CPU this runs the
-    benchmark step 2-3 % faster than `jax.nn.dot_product_attention`'s XLA path (whose
-    reshapes and transposes XLA:CPU does not fold away, docs/benchmarks.md); on TPU both
-    lower to the same dots. Returns [B, L, H, K].
-    """
-    b, length, h, k = q_BLHK.shape
-    probs_BGRLS = attention_probs(q_BLHK, k_BSGK, mask_B1LS).astype(v_BSGK.dtype)
-    out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs_BGRLS, v_BSGK)
-    return out_BLGRK.reshape(b, length, h, k)
-
-
-def attention_probs(q_BLHK: jax.Array, k_BSGK: jax.Array, mask_B1LS: jax.Array) -> jax.Array:
-    """The attention weights [B, G, R, L, S] in float32 (query head h = g * R + r); also what
-    `bigjax inspect` draws, so its maps are the model's own."""
-    b, length, h, k = q_BLHK.shape
-    g = k_BSGK.shape[2]
-    q_BLGRK = (q_BLHK * (1.0 / math.sqrt(k))).reshape(b, length, g, h // g, k)
-    scores_BGRLS = jnp.einsum(
-        "blgrk,bsgk->bgrls", q_BLGRK, k_BSGK, preferred_element_type=jnp.float32
-    )
-    masked = jnp.where(mask_B1LS[:, :, None], scores_BGRLS, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(masked, axis=-1)
-
-
 class Attention(nnx.Module):
     """Grouped-query self-attention with a segment-aware causal mask, RoPE (`rope`; None for
-    models with learned positions) and optional projection biases (GPT-2)."""
+    models with learned positions) and optional projection biases (GPT-2). `impl` is the
+    training kernel (attention.IMPLS, resolved); cached decoding always uses the einsums."""
 
     def __init__(
         self,
@@ -292,13 +255,9 @@ class Attention(nnx.Module):
         self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array
     ) -> jax.Array:
         q_BLHK, k_BLGK, v_BLGK = self._qkv(x_BLD, positions_BL)
-        mask_B1LS = attention_mask(segment_ids_BL, self.causal)
-        if self.impl == "einsum":
-            out_BLHK = dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask_B1LS)
-        else:  # jax's own: "xla", or "cudnn" (fused flash attention on NVIDIA GPUs)
-            out_BLHK = jax.nn.dot_product_attention(
-                q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, implementation=self.impl
-            )
+        out_BLHK = attend(
+            self.impl, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=self.causal, rules=self.rules
+        )
         return self._out(out_BLHK)
 
     def decode(

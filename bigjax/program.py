@@ -15,8 +15,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bigjax import lora, mlm, models, optim, privacy, robust, step
+from bigjax import attention, lora, mlm, models, optim, privacy, robust, step
 from bigjax.config import ConfigError, TrainConfig
+from bigjax.layers import compute_dtype
 from bigjax.sharding import logical_to_spec, tree_shardings
 from bigjax.state import Params, TrainState, abstract_state, init_state, state_shardings
 
@@ -36,6 +37,7 @@ class Program:
     train_step: Callable[[TrainState, step.Batch], tuple[TrainState, step.Metrics]]
     eval_step: Callable[[Params, step.Batch], step.Metrics]
     accounting: privacy.Accounting | None = None  # DP-SGD runs: what epsilon depends on
+    attention: str = "einsum"  # the training kernel model.attention resolves to on this mesh
 
     def init(self) -> TrainState:
         """A fresh state, materialised directly in its shardings."""
@@ -59,6 +61,8 @@ class Program:
 
     def to_global(self, local: dict[str, np.ndarray]) -> step.Batch:
         """Assembles each process's rows into one global batch array (no replication)."""
+        if self.attention == "cudnn" and "segment_ids" in local:
+            attention.check_segments(local["segment_ids"], attention.CUDNN_MAX_SEGMENTS)
         return {
             k: jax.make_array_from_process_local_data(_for_ndim(self.batch_sharding, v.ndim), v)
             for k, v in local.items()
@@ -100,11 +104,28 @@ def check_program(cfg: TrainConfig, mesh: Mesh) -> None:
             f"be split over {shards} batch shards (mesh axes {axes}); use a multiple of "
             f"{shards * accum}."
         )
-    if cfg.model.attention == "cudnn" and jax.default_backend() != "gpu":
+    if cfg.model.attention == "cudnn" and platform_of(mesh) != "gpu":
         raise ConfigError(
-            f"model.attention: 'cudnn' needs an NVIDIA GPU, this backend is "
-            f"{jax.default_backend()!r}; use model.attention=einsum."
+            f"model.attention: 'cudnn' needs an NVIDIA GPU, these devices are "
+            f"{platform_of(mesh)!r}; use model.attention=auto."
         )
+
+
+def platform_of(mesh: Mesh) -> str:
+    """'cpu', 'gpu' or 'tpu': what the mesh's devices are (TPU for a plan's compile-only
+    topology on a CPU host)."""
+    return mesh.devices.flat[0].platform
+
+
+def attention_kernel(cfg: TrainConfig, mesh: Mesh) -> str:
+    """The kernel model.attention resolves to for training on `mesh` (attention.resolve)."""
+    return attention.resolve(
+        cfg.model.attention,
+        platform_of(mesh),
+        dtype=compute_dtype(cfg.model.dtype, platform_of(mesh)),
+        head_dim=cfg.model.dim_per_head,
+        seq_len=cfg.data.seq_len,
+    )
 
 
 def _adversary(r: Any, kind: str) -> robust.Adversary | None:
@@ -273,4 +294,5 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
         train_step,
         eval_step,
         accounting,
+        attention_kernel(cfg, mesh),
     )

@@ -169,7 +169,7 @@ def test_bf16_compute_keeps_f32_params():
 def test_einsum_attention_equals_jax_attention(heads, kv_heads):
     # bigjax's grouped einsums against jax.nn.dot_product_attention (XLA path), same mask:
     # packed documents plus padding. A wrong head grouping or mask would differ by O(1).
-    from bigjax.layers import attention_mask, dot_product_attention
+    from bigjax.attention import attention_mask, dot_product_attention
 
     keys = jax.random.split(jax.random.key(1), 3)
     B, L, K = 2, 16, 8

@@ -1,0 +1,295 @@
+"""Softmax attention over packed documents, one function per kernel, chosen by `model.attention`.
+
+Every kernel takes q [B, L, H, K], k and v [B, S, G, K] (grouped queries: query head
+h = g * R + r uses KV head g) and the rows' segment ids [B, L] (one id per packed document,
+0 on padding), and returns [B, L, H, K]. Attention never crosses a document, and decoders
+attend only to earlier positions:
+
+  einsum  bigjax's own two einsums under a dense [B, 1, L, S] mask (any backend; the CPU choice)
+  xla     `jax.nn.dot_product_attention`'s XLA path, same mask
+  cudnn   cuDNN's fused flash attention (NVIDIA GPUs): causal masking inside the kernel and the
+          documents as cuDNN's packed sequences (offsets and lengths), so no mask is built
+  splash  the Pallas splash kernel that ships with jax (TPUs): causal mask and segment ids
+          inside the kernel, block-sparse; runs in Pallas' interpreter on other backends
+  auto    the fastest that applies to the devices the model runs on (`resolve`)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from bigjax.config import ATTENTION_IMPLS as IMPLS
+from bigjax.sharding import Rules, logical_to_spec
+
+# cuDNN's packed layout takes a fixed number of documents per row; a row with more is refused
+# before it reaches the device (`check_segments`), never attended wrongly. 64 covers rows of
+# 2048 tokens whose documents average 32 tokens; the cost of a larger bound is small.
+CUDNN_MAX_SEGMENTS = 64
+# Splash tiles: 512 is what its authors tune for on v5e/v5p; smaller rows use one tile.
+SPLASH_BLOCK = 512
+
+
+def resolve(impl: str, platform: str, *, dtype: np.dtype, head_dim: int, seq_len: int) -> str:
+    """The kernel `auto` means on `platform` ('cpu', 'gpu', 'tpu') for this model; other
+    choices are returned unchanged. Falls back to `einsum` where the kernel cannot run:
+    cuDNN needs 16-bit inputs and a head dim that is a multiple of 8 up to 256; splash tiles
+    the sequence in multiples of 128."""
+    if impl != "auto":
+        return impl
+    if platform == "gpu" and np.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= 256:
+        return "cudnn"
+    if platform == "tpu" and seq_len % 128 == 0:
+        return "splash"
+    return "einsum"
+
+
+def attention_mask(segment_ids_BL: jax.Array, causal: bool = True) -> jax.Array:
+    """[B, 1, L, S] bool: attention within a packed document only, and (decoders) only to
+    earlier positions. Encoders (causal=False) also keep padding (segment 0) to itself."""
+    length = segment_ids_BL.shape[1]
+    same_doc_BLS = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    if not causal:
+        return same_doc_BLS[:, None]
+    causal_LS = jnp.tril(jnp.ones((length, length), dtype=bool))
+    return (causal_LS & same_doc_BLS)[:, None]
+
+
+def attention_probs(q_BLHK: jax.Array, k_BSGK: jax.Array, mask_B1LS: jax.Array) -> jax.Array:
+    """The attention weights [B, G, R, L, S] in float32 (query head h = g * R + r); also what
+    `bigjax inspect` draws, so its maps are the model's own."""
+    b, length, h, k = q_BLHK.shape
+    g = k_BSGK.shape[2]
+    q_BLGRK = (q_BLHK * (1.0 / math.sqrt(k))).reshape(b, length, g, h // g, k)
+    scores_BGRLS = jnp.einsum(
+        "blgrk,bsgk->bgrls", q_BLGRK, k_BSGK, preferred_element_type=jnp.float32
+    )
+    masked = jnp.where(mask_B1LS[:, :, None], scores_BGRLS, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(masked, axis=-1)
+
+
+def dot_product_attention(
+    q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mask_B1LS: jax.Array
+) -> jax.Array:
+    """Softmax attention for grouped queries, as two einsums over [B, L, G, R, K] (K/V never
+    repeated). Scores and softmax run in float32 whatever the compute dtype. On CPU this runs
+    the benchmark step 2-3 % faster than `jax.nn.dot_product_attention`'s XLA path (whose
+    reshapes and transposes XLA:CPU does not fold away, docs/benchmarks.md)."""
+    b, length, h, k = q_BLHK.shape
+    probs_BGRLS = attention_probs(q_BLHK, k_BSGK, mask_B1LS).astype(v_BSGK.dtype)
+    out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs_BGRLS, v_BSGK)
+    return out_BLGRK.reshape(b, length, h, k)
+
+
+def attend(
+    impl: str,
+    q_BLHK: jax.Array,
+    k_BLGK: jax.Array,
+    v_BLGK: jax.Array,
+    segment_ids_BL: jax.Array,
+    *,
+    causal: bool,
+    rules: Rules,
+) -> jax.Array:
+    """Self-attention of a packed batch with the kernel `impl`; 'auto' is resolved here, at
+    trace time, for the devices and shapes being traced."""
+    impl = resolve(
+        impl,
+        _platform(),
+        dtype=q_BLHK.dtype,
+        head_dim=q_BLHK.shape[-1],
+        seq_len=q_BLHK.shape[1],
+    )
+    if impl == "einsum":
+        return dot_product_attention(
+            q_BLHK, k_BLGK, v_BLGK, attention_mask(segment_ids_BL, causal)
+        )
+    if impl == "xla":
+        mask_B1LS = attention_mask(segment_ids_BL, causal)
+        return jax.nn.dot_product_attention(
+            q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, implementation="xla"
+        )
+    if impl == "cudnn":
+        return cudnn_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules)
+    if impl == "splash":
+        return splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules)
+    raise ValueError(f"attention kernel {impl!r}: expected one of {IMPLS[1:]}")
+
+
+# --- cuDNN ---------------------------------------------------------------------------------
+
+
+def packed_segments(segment_ids_BL: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """cuDNN's description of packed rows: (lengths [B, M], offsets [B, M + 1]) of each row's
+    runs of equal segment ids (a padding run is a segment of its own, so every position is
+    covered), -1 past the row's last run. Rows with more than M runs must be refused before
+    (`check_segments`): their extra runs would be dropped."""
+    b, length = segment_ids_BL.shape
+    pos_L = jnp.arange(length, dtype=jnp.int32)
+    starts_BL = jnp.concatenate(
+        [jnp.ones((b, 1), bool), segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1
+    )
+    # Run starts in order, then `length` for every slot past the last run.
+    starts_BM1 = jnp.sort(jnp.where(starts_BL, pos_L, length), axis=1)[:, : max_segments + 1]
+    if starts_BM1.shape[1] < max_segments + 1:
+        pad = max_segments + 1 - starts_BM1.shape[1]
+        starts_BM1 = jnp.pad(starts_BM1, ((0, 0), (0, pad)), constant_values=length)
+    runs_B = jnp.sum(starts_BL, axis=1)
+    slot_M1 = jnp.arange(max_segments + 1, dtype=jnp.int32)
+    offsets_BM1 = jnp.where(slot_M1 <= runs_B[:, None], starts_BM1, -1)
+    lengths_BM = offsets_BM1[:, 1:] - offsets_BM1[:, :-1]
+    lengths_BM = jnp.where(slot_M1[1:] <= runs_B[:, None], lengths_BM, -1)
+    return lengths_BM.astype(jnp.int32), offsets_BM1.astype(jnp.int32)
+
+
+def segment_runs(segment_ids_BL: np.ndarray) -> np.ndarray:
+    """Runs of equal segment ids in each row [B] (host side, numpy)."""
+    changes = np.count_nonzero(segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1], axis=1)
+    return changes + 1
+
+
+def check_segments(segment_ids_BL: np.ndarray, max_segments: int) -> None:
+    """Refuses a batch that the cuDNN packed kernel would attend wrongly (host side)."""
+    runs = segment_runs(segment_ids_BL)
+    worst = int(runs.max(initial=0))
+    if worst > max_segments:
+        raise ValueError(
+            f"a packed row holds {worst} documents (padding counted), more than the "
+            f"{max_segments} the cuDNN attention kernel takes per row; use longer documents, "
+            f"a shorter data.seq_len, data.packing=pad, or model.attention=einsum"
+        )
+
+
+def cudnn_attention(
+    q_BLHK: jax.Array,
+    k_BLGK: jax.Array,
+    v_BLGK: jax.Array,
+    segment_ids_BL: jax.Array,
+    *,
+    causal: bool,
+    rules: Rules,
+) -> jax.Array:
+    """cuDNN flash attention with the documents of each row as packed sequences (Hopper and
+    newer). jax's public `dot_product_attention` takes segments only as a dense mask (a bias
+    the kernel reads tile by tile); the packed form keeps masking inside the kernel."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
+    scale = 1.0 / math.sqrt(q_BLHK.shape[-1])
+
+    def local(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL):
+        lengths_BM, offsets_BM1 = packed_segments(segment_ids_BL, CUDNN_MAX_SEGMENTS)
+        return cudnn.dot_product_attention(
+            q_BLHK,
+            k_BLGK,
+            v_BLGK,
+            q_seqlen=lengths_BM,
+            kv_seqlen=lengths_BM,
+            q_offsets=offsets_BM1,
+            kv_offsets=offsets_BM1,
+            scale=scale,
+            mask_type=mask_type,
+        )
+
+    return _per_shard(local, rules, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+
+
+# --- splash (TPU) --------------------------------------------------------------------------
+
+
+def splash_attention(
+    q_BLHK: jax.Array,
+    k_BLGK: jax.Array,
+    v_BLGK: jax.Array,
+    segment_ids_BL: jax.Array,
+    *,
+    causal: bool,
+    rules: Rules,
+) -> jax.Array:
+    """The Pallas splash kernel, one multi-query call per KV head and row, under `shard_map`
+    over the batch and head shards (a Pallas call is opaque to XLA's sharding propagation,
+    which would otherwise gather the whole batch onto every device)."""
+    b, length, h, k = q_BLHK.shape
+    g = k_BLGK.shape[2]
+    # Pallas' interpreter runs the same kernel on CPU/GPU (slowly): for tests, not for speed.
+    kernel = _splash_kernel(length, h // g, causal, interpret=_platform() != "tpu")
+    scale = 1.0 / math.sqrt(k)
+
+    def local(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL):
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+
+        bl, _, hl, _ = q_BLHK.shape
+        gl = k_BLGK.shape[2]
+        q_BGRLK = (q_BLHK * scale).reshape(bl, length, gl, hl // gl, k).transpose(0, 2, 3, 1, 4)
+        k_BGLK, v_BGLK = k_BLGK.transpose(0, 2, 1, 3), v_BLGK.transpose(0, 2, 1, 3)
+
+        def one(q_RLK, k_LK, v_LK, segment_ids_L):
+            ids = splash_attention_kernel.SegmentIds(q=segment_ids_L, kv=segment_ids_L)
+            return kernel(q_RLK, k_LK, v_LK, ids)
+
+        per_head = jax.vmap(one, in_axes=(0, 0, 0, None))
+        out_BGRLK = jax.vmap(per_head)(q_BGRLK, k_BGLK, v_BGLK, segment_ids_BL)
+        return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(bl, length, hl, k)
+
+    return _per_shard(local, rules, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+
+
+def _per_shard(local, rules: Rules, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL) -> jax.Array:
+    """`local` (a kernel XLA cannot partition: a Pallas or cuDNN custom call) on each device's
+    rows and heads under `shard_map`; XLA's propagation would otherwise gather the whole batch
+    onto every device. Outside a mesh, `local` on everything."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+    sizes = dict(mesh.shape)
+    b, _, h, _ = q_BLHK.shape
+    g = k_BLGK.shape[2]
+    batch = logical_to_spec(("act_batch",), rules, sizes, (b,))[0]
+    heads = logical_to_spec(("act_heads",), rules, sizes, (h,))[0]
+    kv_heads = logical_to_spec(("act_kv_heads",), rules, sizes, (g,))[0]
+    if heads != kv_heads:  # a query group split across shards: every head on every shard
+        heads = kv_heads = None
+    q_spec = PartitionSpec(batch, None, heads, None)
+    kv_spec = PartitionSpec(batch, None, kv_heads, None)
+    return jax.shard_map(
+        local,
+        in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(batch, None)),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+
+
+def _platform() -> str:
+    """The platform of the devices being traced for: the mesh's (TPU for a plan's
+    compile-only topology on a CPU host), else the default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
+def _splash_kernel(length: int, group: int, causal: bool, interpret: bool):
+    """A multi-query splash kernel for `group` query heads per KV head."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as sm,
+    )
+
+    block = math.gcd(length, SPLASH_BLOCK)
+    sizes = sk.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    shape = (length, length)
+    mask = sm.MultiHeadMask([sm.CausalMask(shape) if causal else sm.FullMask(shape)] * group)
+    return sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
