@@ -41,7 +41,12 @@ def resolve(impl: str, platform: str, *, dtype: np.dtype, head_dim: int, seq_len
     the sequence in multiples of 128."""
     if impl != "auto":
         return impl
-    if platform == "gpu" and np.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= 256:
+    if (
+        platform == "gpu"
+        and np.dtype(dtype).itemsize == 2
+        and head_dim % 8 == 0
+        and head_dim <= 256
+    ):
         return "cudnn"
     if platform == "tpu" and seq_len % 128 == 0:
         return "splash"
@@ -105,9 +110,7 @@ def attend(
         seq_len=q_BLHK.shape[1],
     )
     if impl == "einsum":
-        return dot_product_attention(
-            q_BLHK, k_BLGK, v_BLGK, attention_mask(segment_ids_BL, causal)
-        )
+        return dot_product_attention(q_BLHK, k_BLGK, v_BLGK, attention_mask(segment_ids_BL, causal))
     if impl == "xla":
         mask_B1LS = attention_mask(segment_ids_BL, causal)
         return jax.nn.dot_product_attention(

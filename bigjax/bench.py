@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from bigjax import metrics, models
+from bigjax import metrics, models, tuning
 from bigjax.config import TrainConfig
 from bigjax.data import pipeline
 from bigjax.layers import compute_dtype
@@ -43,6 +43,7 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
     """Compiles `cfg`'s train step and times it; returns the figures as a JSON-able dict."""
     if settings.steps < 1 or settings.warmup < 0:
         raise ValueError("bench: need at least 1 timed step and no negative warm-up")
+    cfg = tuning.for_devices(cfg, jax.devices())
     mesh = make_mesh(cfg.mesh)
     peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
     with jax.set_mesh(mesh):
@@ -98,6 +99,7 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
             "param_dtype": cfg.model.param_dtype,
         },
         "batch": [cfg.data.batch_size, cfg.data.seq_len],
+        "choices": choices(cfg, prog),
         "mesh": dict(mesh.shape),
         "settings": dataclasses.asdict(settings),
         "compile_s": compile_s,
@@ -111,6 +113,18 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
         "flops_per_step": flops,
         "loop_step_times_s": loop_s,
         "device_step_times_s": device_s,
+    }
+
+
+def choices(cfg: TrainConfig, prog: Any) -> dict[str, Any]:
+    """The speed-relevant settings this run took, and which `platforms` entry chose them."""
+    return {
+        "platforms_entry": cfg.platform or "(none)",
+        "attention": prog.attention,
+        "remat": cfg.model.remat,
+        "scan_layers": cfg.model.scan_layers,
+        "micro_batches": cfg.optim.grad_accum_steps,
+        "compute_dtype": compute_dtype(cfg.model.dtype).name,
     }
 
 
@@ -146,7 +160,7 @@ def render(result: dict[str, Any], baseline: dict[str, Any] | None = None) -> st
         f"{result['batch'][1]}, mesh {result['mesh']}, {m['devices']} {m['device_kind']} "
         f"device(s); median of {result['settings']['steps']} steps"
     )
-    lines = [head]
+    lines = [head, "  choices: " + ", ".join(f"{k} {v}" for k, v in result["choices"].items())]
     for label, key, fmt, higher_is_better in ROWS:
         line = f"  {label:<22}{fmt.format(result[key]):>16}"
         if baseline is not None and key in baseline and baseline[key] and key != "host_overhead_s":

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bigjax.config import ConfigError, TrainConfig, from_configdict, load_python_function
+from bigjax.tuning import without
 
 USAGE_ERROR = 2  # bad config or input: fix the command
 RUN_FAILED = 1  # the run itself failed (non-finite loss, checkpoint I/O)
@@ -31,6 +32,11 @@ def load_config(spec: str, overrides: Sequence[str]) -> TrainConfig:
     for item in overrides:
         key, value = parse_override(item)
         set_path(raw, key, value)
+        if isinstance(raw.get("platforms"), dict):  # what the user sets wins on every platform
+            raw["platforms"] = {
+                k: without(e, key) if isinstance(e, dict) else e
+                for k, e in raw["platforms"].items()
+            }
     return from_configdict(raw)
 
 

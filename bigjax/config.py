@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import re
 import types
 import typing
@@ -419,6 +420,10 @@ class TrainConfig:
     privacy: PrivacyConfig = PrivacyConfig()
     distill: DistillConfig = DistillConfig()
     robust: RobustConfig = RobustConfig()
+    # Per-platform tuning (bigjax/tuning.py): the config file's `platforms` table as JSON
+    # until the devices are known; then '' and `platform` names the entry that was applied.
+    platforms: str = ""
+    platform: str = ""
 
     @property
     def data_seed(self) -> int:
@@ -456,9 +461,45 @@ def from_configdict(cd: Any) -> TrainConfig:
         raw["model"] = _apply_presets(dict(raw["model"]))
     if isinstance(raw.get("mesh"), Mapping) and "rules" in raw["mesh"]:
         raw["mesh"] = {**raw["mesh"], "rules": _merge_rules(raw["mesh"]["rules"])}
+    if isinstance(raw.get("platforms"), Mapping):
+        raw["platforms"] = _platforms_json(raw)
     cfg = _build(TrainConfig, raw, "")
     validate(cfg)
     return cfg
+
+
+MICRO_BATCH = "micro_batch_per_device"  # the one non-config key a platforms entry may hold
+
+
+def merge_groups(base: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+    """`entry`'s values over `base`'s, group by group."""
+    out = dict(base)
+    for key, value in entry.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_groups(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _platforms_json(raw: dict[str, Any]) -> str:
+    """The `platforms` table as JSON, after checking that every entry gives a valid config
+    (a typo fails at load time on every machine, not only on the one it is for)."""
+    table = _to_plain(raw["platforms"])
+    for key, entry in table.items():
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"platforms.{key}: expected a group of config keys, got {entry!r}.")
+        micro = entry.get(MICRO_BATCH, 1)
+        if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
+            raise ConfigError(
+                f"platforms.{key}.{MICRO_BATCH}: expected a positive int, got {micro!r}."
+            )
+        body = {k: v for k, v in entry.items() if k != MICRO_BATCH}
+        try:
+            from_configdict(merge_groups({**raw, "platforms": ""}, body))
+        except ConfigError as e:
+            raise ConfigError(f"platforms.{key}: {e}") from None
+    return json.dumps(table, sort_keys=True)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -19,8 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from bigjax import lora, metrics, models, optim
+from bigjax import attention, lora, metrics, models, optim, tuning
 from bigjax.config import ConfigError, TrainConfig
+from bigjax.layers import compute_dtype
 from bigjax.mesh import resolve_shape
 from bigjax.sharding import is_spec
 from bigjax.state import abstract_state, state_specs
@@ -113,7 +114,9 @@ def _shard_factor(spec: Any, mesh_shape: dict[str, int]) -> int:
     return math.prod(mesh_shape[a] for a in axes)
 
 
-def activation_bytes_per_device(cfg: TrainConfig, mesh_shape: dict[str, int]) -> float:
+def activation_bytes_per_device(
+    cfg: TrainConfig, mesh_shape: dict[str, int], kernel: str = "einsum"
+) -> float:
     """Estimate of what the backward pass keeps per device, for one micro-batch.
 
     Per token and layer, bytes of the compute dtype, as (residual-stream, tensor-sharded):
@@ -121,14 +124,17 @@ def activation_bytes_per_device(cfg: TrainConfig, mesh_shape: dict[str, int]) ->
     output, the SwiGLU branches, the attention probabilities); with save_matmuls the matmul
     outputs ~ (2 D, 2 D + 3 F); with full remat only the layer input (D, 0). The residual part
     is split over `tensor` only with sequence parallelism (`act_res_seq`). Plus f32 logits and
-    their gradient (2 x 4 V per token). XLA's compiled memory analysis is the real answer.
+    their gradient (2 x 4 V per token). A flash kernel (`kernel` cudnn or splash) keeps no
+    probabilities, only their log-normaliser (H L -> H). XLA's compiled memory analysis is the
+    real answer.
     """
     m = cfg.model
     dtype_bytes = np.dtype("float32" if m.dtype == "float32" else "bfloat16").itemsize
     shards = math.prod(mesh_shape[a] for a in ("data", "fsdp"))
     tokens = cfg.data.batch_size * cfg.data.seq_len / cfg.optim.grad_accum_steps / shards
+    probs_per_head = 2 if kernel in ("cudnn", "splash") else cfg.data.seq_len  # f32 lse: 2
     residual, split = {
-        "none": (4 * m.d_model, 6 * m.d_model + 3 * m.d_ff + m.num_heads * cfg.data.seq_len),
+        "none": (4 * m.d_model, 6 * m.d_model + 3 * m.d_ff + m.num_heads * probs_per_head),
         "save_matmuls": (2 * m.d_model, 2 * m.d_model + 3 * m.d_ff),
         "full": (m.d_model, 0),
     }[m.remat]
@@ -138,7 +144,9 @@ def activation_bytes_per_device(cfg: TrainConfig, mesh_shape: dict[str, int]) ->
     return tokens * (m.num_layers * per_layer * dtype_bytes + 8 * m.vocab_size / tensor)
 
 
-def analytic(cfg: TrainConfig, target: Target, mfu: float) -> dict[str, Any]:
+def analytic(
+    cfg: TrainConfig, target: Target, mfu: float, kernel: str = "einsum"
+) -> dict[str, Any]:
     """Parameter, FLOP, memory and time figures from shapes and the sharding rules alone."""
     cfg = _accelerator_config(cfg)
     mesh_shape = mesh_shape_for(cfg, target)
@@ -160,7 +168,7 @@ def analytic(cfg: TrainConfig, target: Target, mfu: float) -> dict[str, Any]:
     flops_per_token = models.FLOPS_PER_TOKEN[cfg.model.family](cfg.model, cfg.data.seq_len)
     params_b = per_device(abstract.params, specs.params)
     opt_b = per_device(abstract.opt_state, specs.opt_state)
-    act_b = activation_bytes_per_device(cfg, mesh_shape)
+    act_b = activation_bytes_per_device(cfg, mesh_shape, kernel)
     # gradients like the params; the accumulation scan carries a second buffer
     grads_b = params_b * (2 if cfg.optim.grad_accum_steps > 1 else 1)
     flops_per_step = flops_per_token * tokens_per_step
@@ -241,7 +249,7 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
             **base,
             "total_bytes_per_device": total,
             "fits": False,
-            "compiler": str(e).splitlines()[0][:300],
+            "compiler": " ".join(line.strip() for line in str(e).splitlines()[:4])[:500],
         }
     mem = executable.memory_analysis()
     total = (
@@ -307,6 +315,8 @@ def render(result: dict[str, Any]) -> str:
         f"  step time @ {a['mfu']:.0%} MFU   {a['step_time_s']:.3f} s "
         f"({a['tokens_per_s']:,.0f} tokens/s)",
     ]
+    if "choices" in result:
+        lines.insert(1, "  choices: " + ", ".join(f"{k} {v}" for k, v in result["choices"].items()))
     c = result.get("compiled")
     if c:
         verdict = "fits" if c["fits"] else "DOES NOT FIT"
@@ -315,6 +325,8 @@ def render(result: dict[str, Any]) -> str:
             f"{gib(c['total_bytes_per_device'])} per device of {gib(c['hbm_per_device'])}: "
             f"{verdict}",
         ]
+        if c.get("compiler"):
+            lines.append(f"  compiler: {c['compiler']}")
     elif result.get("note"):
         lines.append(f"  {result['note']}")
     for s in result.get("suggestions", []):
@@ -323,8 +335,29 @@ def render(result: dict[str, Any]) -> str:
 
 
 def plan(cfg: TrainConfig, target: Target, mfu: float, compile_: bool | None) -> dict[str, Any]:
-    """The analytic plan, plus the compiled one for TPUs when libtpu is available."""
-    result: dict[str, Any] = {"analytic": analytic(cfg, target, mfu)}
+    """The analytic plan, plus the compiled one for TPUs when libtpu is available. The config's
+    `platforms` entry for the target's devices is applied first, as `train` would there."""
+    platform = "tpu" if target.tpu_generation else "gpu"
+    kind = f"TPU {target.tpu_generation}" if target.tpu_generation else target.name
+    cfg = _accelerator_config(tuning.tune(cfg, platform, kind, target.num_devices))
+    m = cfg.model
+    kernel = attention.resolve(
+        m.attention,
+        platform,
+        dtype=compute_dtype(m.dtype, platform),
+        head_dim=m.dim_per_head,
+        seq_len=cfg.data.seq_len,
+    )
+    result: dict[str, Any] = {
+        "analytic": analytic(cfg, target, mfu, kernel),
+        "choices": {
+            "platforms_entry": cfg.platform or "(none)",
+            "attention": kernel,
+            "remat": m.remat,
+            "scan_layers": m.scan_layers,
+            "micro_batches": cfg.optim.grad_accum_steps,
+        },
+    }
     fits = result["analytic"]["total_bytes_per_device_estimate"] <= target.hbm_per_device
     can_compile = bool(target.tpu_generation) and have_libtpu()
     if compile_ and not can_compile:

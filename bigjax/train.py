@@ -22,7 +22,7 @@ from typing import Any
 import jax
 
 import bigjax
-from bigjax import checkpoint, distributed, metrics, models, privacy
+from bigjax import checkpoint, distributed, metrics, models, privacy, tuning
 from bigjax import evaluate as evaluate_mc
 from bigjax.config import ConfigError, TrainConfig, to_dict
 from bigjax.data import pipeline
@@ -116,6 +116,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
     workdir = Path(workdir)
     started = time.perf_counter()
+    cfg = tuning.for_devices(cfg, jax.devices())
     writer_process = jax.process_index() == 0
     if writer_process:
         workdir.mkdir(parents=True, exist_ok=True)

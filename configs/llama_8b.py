@@ -1,4 +1,9 @@
-"""Llama-3-8B-shaped model for a TPU pod slice or GPU cluster: FSDP, full remat, bf16 compute."""
+"""Llama-3-8B-shaped model for a TPU pod slice or GPU cluster: FSDP, bf16 compute.
+
+Attention is `auto` (splash on TPUs, cuDNN on NVIDIA GPUs); `platforms` holds the memory
+policy per kind of device (bigjax/tuning.py). `bigjax plan --config configs/llama_8b.py
+--topology v5p-128` compiles it for that slice (docs/scaling.md).
+"""
 
 import ml_collections
 
@@ -13,4 +18,9 @@ def get_config(arg=None):
     c.checkpoint = dict(every_steps=500, keep=3)
     c.metrics = dict(log_every=10)
     c.eval = dict(every_steps=2000, num_batches=16)
+    c.platforms = dict(
+        # H100/H200 (80/141 GB): one 4096-token row a micro-batch keeps the matmul outputs.
+        gpu=dict(model=dict(remat="save_matmuls"), micro_batch_per_device=1),
+        tpu=dict(model=dict(remat="full")),
+    )
     return c

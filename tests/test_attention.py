@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
+from helpers import corpus_batches, run_steps
 
 from bigjax import attention
 from bigjax.config import DEFAULT_RULES, MeshConfig
 from bigjax.mesh import make_mesh
-from conftest import tiny_config
-from helpers import corpus_batches, run_steps
 
 B, L, K = 8, 128, 16
 
@@ -86,12 +86,13 @@ def test_splash_bf16_within_tolerance():
     out = _attend("splash", q, k, v, seg, True).astype(jnp.float32)
     ref = _attend("einsum", q, k, v, seg, True).astype(jnp.float32)
     np.testing.assert_allclose(out, ref, atol=2e-2)
-    for a, b in zip(_grads("splash", q, k, v, seg, True), _grads("einsum", q, k, v, seg, True)):
+    pairs = zip(
+        _grads("splash", q, k, v, seg, True), _grads("einsum", q, k, v, seg, True), strict=True
+    )
+    for a, b in pairs:
         # gradients sum L terms of such errors: relative to their scale, 5 %
         scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
-        np.testing.assert_allclose(
-            a.astype(jnp.float32), b.astype(jnp.float32), atol=0.05 * scale
-        )
+        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=0.05 * scale)
 
 
 def _mask_from_packed(lengths, offsets, causal):

@@ -1,9 +1,19 @@
-"""Side by side: the same Llama model (d 512, 8 layers, 8 heads, d_ff 2048, vocab 32000, batch
-8 x 256, f32) trained by bigjax, a hand-written pure-JAX step, MaxText and PyTorch, on this
-machine, in alternating runs. See scripts/bench/README.md.
+"""Side by side: the same Llama model trained by bigjax and its peers on this machine, in
+alternating runs. See scripts/bench/README.md.
+
+CPU (the default): d 512, 8 layers, 8 heads, d_ff 2048, vocab 32000, batch 8 x 256, f32;
+bigjax, a hand-written pure-JAX step, MaxText and PyTorch (eager / compile, f32 / bf16).
 
     python scripts/bench/peers.py --reps 3 --out runs/bench_peers \\
         --maxtext-python /path/to/py312-venv/bin/python --torch-python /path/to/venv/bin/python
+
+Accelerator (`--size 125m` or `--size 1b`, shapes in peers/shapes.py): bigjax's shipped
+config as it tunes itself for the device, the same with scanned layers, a plain-JAX step
+with cuDNN attention (peers/plain_jax_gpu.py) and Hugging Face Llama with torch.compile
+(peers/hf_llama.py); MFU of every peer by bigjax's FLOP count against the device's peak.
+
+    python scripts/bench/peers.py --size 1b --reps 3 --steps 10 --warmup 3 \\
+        --torch-python python3 --out runs/bench_peers_1b
 
 Each run is a fresh process that warms up, times --steps steps and reports their median; a rep
 runs every peer once, in an order rotated each rep, so slow drift of the machine (thermal,
@@ -24,6 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent / "peers"))
+from shapes import SHAPES  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 PEERS_DIR = ROOT / "scripts" / "bench" / "peers"
 TOKENS_PER_STEP = 8 * 256
@@ -31,9 +44,18 @@ TOKENS_PER_STEP = 8 * 256
 BIGJAX_ARGS = ["--config", "configs/lm_small.py", "--config.model.vocab_size=32000"]
 
 
-def bigjax_run(args, tmp: Path) -> dict:
+def bigjax_args(args) -> list[str]:
+    if not args.size:
+        return BIGJAX_ARGS
+    s = SHAPES[args.size]
+    return ["--config", s["config"], f"--config.data.batch_size={s['batch']}",
+            f"--config.data.seq_len={s['seq']}", "--config.checkpoint.every_steps=0"]  # fmt: skip
+
+
+def bigjax_run(args, tmp: Path, extra: tuple[str, ...] = ()) -> dict:
     out = tmp / "bigjax.json"
-    cmd = [sys.executable, "-m", "bigjax.cli", "bench", *BIGJAX_ARGS, *args.bigjax_extra]
+    cmd = [sys.executable, "-m", "bigjax.cli", "bench", *bigjax_args(args), *extra]
+    cmd += args.bigjax_extra
     cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--json", str(out)]
     _run(cmd)
     r = json.loads(out.read_text())
@@ -41,6 +63,9 @@ def bigjax_run(args, tmp: Path) -> dict:
         "step_times_s": r["loop_step_times_s"],
         "device_step_times_s": r["device_step_times_s"],
         "compile_s": r["compile_s"],
+        "flops_per_step": r["flops_per_step"],
+        "peak_flops": r["peak_flops"],
+        "choices": r.get("choices"),
     }
 
 
@@ -150,22 +175,7 @@ def machine(args) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", default="runs/bench_peers")
-    parser.add_argument("--maxtext-python", help="python of a Python 3.12 venv with maxtext")
-    parser.add_argument("--maxtext-config", default="", help="MaxText base.yml (default: its own)")
-    # MaxText always wraps layers in jax.checkpoint; this policy saves the most (its fastest).
-    parser.add_argument("--maxtext-remat", default="minimal_with_context")
-    parser.add_argument("--maxtext-extra", nargs="*", default=[], help="more key=value")
-    parser.add_argument("--torch-python", help="python of a venv with torch")
-    parser.add_argument("--bigjax-extra", nargs="*", default=[], help="--config.* overrides")
-    parser.add_argument("--only", nargs="*", help="peer names to run (default: all available)")
-    args = parser.parse_args()
-
+def cpu_peers(args) -> dict:
     peers = {
         "bigjax": bigjax_run,
         "pure-jax": script_run(sys.executable, "pure_jax.py"),
@@ -180,8 +190,54 @@ def main() -> None:
                 flags = [f for f, on in (("--compile", compiled), ("--bf16", bf16)) if on]
                 name = f"torch {'compile' if compiled else 'eager'} {'bf16' if bf16 else 'f32'}"
                 peers[name] = script_run(args.torch_python, "torch_llama.py", *flags)
+    return peers
+
+
+def accelerator_peers(args) -> dict:
+    """bigjax as shipped (its `platforms` entry for this device), bigjax with scanned layers
+    (scan must cost nothing), the plain-JAX floor and Hugging Face + torch.compile."""
+    size = ("--size", args.size)
+    attention = "cudnn" if _has_gpu() else "xla"
+    peers = {
+        "bigjax": bigjax_run,
+        "bigjax scanned": lambda a, tmp: bigjax_run(a, tmp, ("--config.model.scan_layers=true",)),
+        "plain-jax": script_run(
+            sys.executable, "plain_jax_gpu.py", *size, "--attention", attention
+        ),
+    }
+    if args.torch_python:
+        peers["hf torch.compile"] = script_run(args.torch_python, "hf_llama.py", *size)
+    return peers
+
+
+def _has_gpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="runs/bench_peers")
+    parser.add_argument("--maxtext-python", help="python of a Python 3.12 venv with maxtext")
+    parser.add_argument("--maxtext-config", default="", help="MaxText base.yml (default: its own)")
+    # MaxText always wraps layers in jax.checkpoint; this policy saves the most (its fastest).
+    parser.add_argument("--maxtext-remat", default="minimal_with_context")
+    parser.add_argument("--maxtext-extra", nargs="*", default=[], help="more key=value")
+    parser.add_argument("--torch-python", help="python of a venv with torch")
+    parser.add_argument("--bigjax-extra", nargs="*", default=[], help="--config.* overrides")
+    parser.add_argument("--only", nargs="*", help="peer names to run (default: all available)")
+    parser.add_argument("--size", choices=sorted(SHAPES), help="accelerator peers at this shape")
+    args = parser.parse_args()
+    peers = accelerator_peers(args) if args.size else cpu_peers(args)
     if args.only:
         peers = {k: v for k, v in peers.items() if k in args.only}
+    tokens_per_step = (
+        SHAPES[args.size]["batch"] * SHAPES[args.size]["seq"] if args.size else (TOKENS_PER_STEP)
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,22 +259,28 @@ def main() -> None:
         step = statistics.median(r["median_step_s"] for r in rs)
         summary[name] = {
             "step_s": step,
-            "tokens_per_s": TOKENS_PER_STEP / step,
+            "tokens_per_s": tokens_per_step / step,
             "rep_medians_s": [r["median_step_s"] for r in rs],
             "compile_s": statistics.median(r["compile_s"] for r in rs),  # nan: MaxText
         }
     base = summary["bigjax"]["tokens_per_s"] if "bigjax" in summary else None
+    bj = runs.get("bigjax", [{}])[0]
+    if "flops_per_step" in bj:  # MFU of every peer by bigjax's FLOP count and peak
+        for s in summary.values():
+            s["mfu"] = bj["flops_per_step"] / s["step_s"] / bj["peak_flops"]
     result = {"machine": machine(args), "args": vars(args), "summary": summary, "runs": runs}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        "| peer | step (median) | tokens/s | bigjax ÷ peer | per-rep medians (s) |",
-        "|---|---|---|---|---|",
+        "| peer | step (median) | tokens/s | MFU | bigjax ÷ peer | per-rep medians (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, s in sorted(summary.items(), key=lambda kv: kv[1]["step_s"]):
         ratio = f"{base / s['tokens_per_s']:.2f}×" if base else "-"
         reps = ", ".join(f"{x:.3f}" for x in s["rep_medians_s"])
+        mfu = f"{s['mfu']:.1%}" if "mfu" in s else "-"
         lines.append(
-            f"| {name} | {s['step_s']:.3f} s | {s['tokens_per_s']:,.0f} | {ratio} | {reps} |"
+            f"| {name} | {s['step_s']:.3f} s | {s['tokens_per_s']:,.0f} | {mfu} | {ratio} "
+            f"| {reps} |"
         )
     table = "\n".join(lines)
     (out / "results.md").write_text(table + "\n")

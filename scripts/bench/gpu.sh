@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The accelerator measurements of docs/benchmarks.md, on one NVIDIA GPU, as one script:
+#   bash scripts/bench/gpu.sh OUT_DIR [PART ...]     (parts: attention peers125m peers1b stall)
+# Each part runs under its own `timeout` and writes its JSON/markdown under OUT_DIR; with no
+# parts given, all four run (about 20 minutes on an H200). On a machine whose Python has jax
+# with CUDA, torch and transformers but not the rest of bigjax's dependencies, first put
+# their wheels in .whl/ (downloaded elsewhere) and set BIGJAX_WHEELS=.whl: they are
+# installed without network into a scratch directory.
+set -uo pipefail
+out=${1:?usage: gpu.sh OUT_DIR [PART ...]}
+shift
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(attention peers125m peers1b stall)
+mkdir -p "$out"
+if [ -n "${BIGJAX_WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$BIGJAX_WHEELS"/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+python3 -c "import jax; print(jax.__version__, jax.devices())" >> "$out/gpu.txt" 2>&1
+
+for part in "${parts[@]}"; do
+  case $part in
+    attention)
+      timeout 120 python3 scripts/bench/attention_check.py > "$out/attention.jsonl" 2> "$out/attention.err" ;;
+    peers125m)
+      timeout 420 python3 scripts/bench/peers.py --size 125m --reps 3 --steps 10 --warmup 3 \
+        --torch-python python3 --out "$out/peers_125m" > "$out/peers_125m.log" 2>&1 ;;
+    peers1b)
+      timeout 540 python3 scripts/bench/peers.py --size 1b --reps 2 --steps 10 --warmup 3 \
+        --torch-python python3 --out "$out/peers_1b" > "$out/peers_1b.log" 2>&1 ;;
+    stall)
+      timeout 300 python3 scripts/bench/checkpoint_stall.py --config configs/lm_125m.py \
+        --saves 3 --before 5 --after 10 --out "$out/stall" > "$out/stall.log" 2>&1 ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+  echo "$part: exit $?" | tee -a "$out/parts.txt"
+done
