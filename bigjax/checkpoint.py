@@ -10,7 +10,10 @@ tensorstore arrays, the data-iterator state and the metadata are JSON.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from bigjax import integrity
 from bigjax.config import CheckpointConfig
 from bigjax.data.pipeline import DataStateError
 from bigjax.state import TrainState
@@ -27,6 +31,11 @@ from bigjax.tree import path_name
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or restored; the message names it and the fix."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A good checkpoint that this run's config cannot continue (another model shape, batch
+    size): a usage error (exit 2), fixed in the config or with a new workdir."""
 
 
 class DataHandler(ocp.CheckpointHandler):
@@ -76,13 +85,33 @@ def make_manager(directory: Path, cfg: CheckpointConfig) -> ocp.CheckpointManage
             keep_checkpoints_without_metrics=False,
         )
         keep.append(best)
+    directory = Path(directory).absolute()
+    started = time.time()
+
+    def seal_new_steps() -> None:
+        """After each commit (Orbax's background thread): checksums of every step this
+        manager committed that has none yet. Steps from before `started` are never sealed:
+        a step is only vouched for by the process that wrote it."""
+        if jax.process_index() != 0:
+            return
+        for step_dir in directory.iterdir() if directory.is_dir() else ():
+            try:
+                fresh = step_dir.name.isdigit() and step_dir.stat().st_mtime >= started - 1
+                if fresh and not integrity.is_sealed(step_dir):
+                    integrity.seal(step_dir)
+            except FileNotFoundError:  # deleted by the retention policy meanwhile
+                continue
+
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(cfg.every_steps, 1),
         preservation_policy=policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=cfg.async_save,
+        async_options=ocp.AsyncOptions(post_finalization_callback=seal_new_steps),
         create=True,
     )
-    return ocp.CheckpointManager(directory.absolute(), options=options)
+    manager = ocp.CheckpointManager(directory, options=options)
+    manager.seal_new_steps = seal_new_steps  # synchronous saves seal in `save`
+    return manager
 
 
 def save(
@@ -99,15 +128,29 @@ def save(
     A failure of an earlier async save surfaces here (Orbax re-raises it on the next call).
     """
     step = int(jax.device_get(state.step))
+    if not integrity.state_finite((state.params, state.opt_state)):
+        raise CheckpointError(
+            f"step {step}: parameters or optimizer moments are not finite; not saved (the "
+            "last good checkpoint stays the newest). Lower optim.lr or keep optim.clip_norm on."
+        )
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=DataSave(data_iter),
         meta=ocp.args.JsonSave(meta),
     )
+    in_flight = getattr(manager, "bigjax_in_flight", None)
+    try:  # a failure of the previous async save surfaces here: name that step, not this one
+        manager.check_for_errors()
+    except Exception as e:
+        raise _save_error(manager, in_flight, e) from e
     try:
-        return manager.save(step, args=args, force=force, metrics=metrics)
+        manager.bigjax_in_flight = step
+        started = manager.save(step, args=args, force=force, metrics=metrics)
     except Exception as e:
         raise _save_error(manager, step, e) from e
+    if started and not manager._options.enable_async_checkpointing:
+        manager.seal_new_steps()
+    return started
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -115,14 +158,48 @@ def wait(manager: ocp.CheckpointManager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as e:
-        raise _save_error(manager, manager.latest_step(), e) from e
+        raise _save_error(manager, getattr(manager, "bigjax_in_flight", None), e) from e
 
 
 def _save_error(manager: ocp.CheckpointManager, step: int | None, e: Exception) -> CheckpointError:
-    return CheckpointError(
-        f"saving a checkpoint (step {step}) in {manager.directory} failed: "
-        f"{type(e).__name__}: {e}. Check free disk space and write permissions there."
+    """One line: which step, where, why, and the fix (for a full disk, how much it needs)."""
+    directory = Path(manager.directory)
+    cause = f"{type(e).__name__}: {_first_line(e)}"
+    if not _disk_full(e):
+        return CheckpointError(
+            f"saving a checkpoint (step {step}) in {directory} failed ({cause}). Check free "
+            "disk space and write permissions there."
+        )
+    sizes = {s: _tree_bytes(directory / str(s)) for s in manager.all_steps()}
+    need = max(sizes.values(), default=0)
+    free = shutil.disk_usage(directory).free
+    committed = sorted(sizes)
+    text = (
+        f"saving a checkpoint (step {step}) in {directory} failed: no free disk space "
+        f"({free / 2**30:.2f} GiB free; a save needs about {need / 2**30:.2f} GiB, the size of "
+        f"the last one)."
     )
+    if len(committed) > 1:
+        freed = sum(sizes[s] for s in committed[:-1])
+        text += (
+            f" checkpoint.keep=1 would keep only the newest and free {freed / 2**30:.2f} GiB "
+            f"(now {len(committed)} steps are kept); or free space there."
+        )
+    return CheckpointError(text + " Older checkpoints are intact; rerun to resume.")
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or "RESOURCE_EXHAUSTED" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _layout_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]]) -> list[str]:
@@ -163,7 +240,7 @@ def check_layout(manager: ocp.CheckpointManager, step: int, layout: dict[str, li
     mismatched = _layout_mismatch(saved, layout)
     if mismatched:
         shown = "\n  ".join(mismatched[:20]) + ("\n  ..." if len(mismatched) > 20 else "")
-        raise CheckpointError(
+        raise CheckpointMismatch(
             f"checkpoint {manager.directory}/{step} holds another model shape "
             f"({len(mismatched)} parameters differ):\n  {shown}\nUse a new --workdir, or set "
             "the model config the checkpoint was trained with."
@@ -177,18 +254,22 @@ def restore(
     layout: dict[str, list[int]],
     *,
     before: int | None = None,
+    move_corrupt: bool = True,
 ) -> TrainState | None:
-    """Restores the newest loadable checkpoint (older than `before`, if given) into `target`'s
+    """Restores the newest good checkpoint (older than `before`, if given) into `target`'s
     shapes and shardings (resharding if the mesh changed), and the data iterator in place.
 
-    Returns None when there is no checkpoint at all. A checkpoint that fails to load is
-    skipped with a warning naming it; if checkpoints exist but none loads, raises.
+    Returns None when there is no checkpoint at all. A step that fails its checksums, does
+    not load, holds a malformed data state or a non-finite state is skipped with a warning
+    naming it and the reason, and (with `move_corrupt`, never for another run's directory)
+    moved to `<checkpoints>.corrupt/`; if checkpoints exist but none is good, raises.
     """
     steps = sorted((s for s in manager.all_steps() if before is None or s < before), reverse=True)
     if not steps:
         return None
     failures = []
     for step in steps:
+        step_dir = Path(manager.directory) / str(step)
         if _read_meta(manager, step).get("params_only"):
             raise CheckpointError(
                 f"{manager.directory} holds parameters only (an imported model), not a "
@@ -196,30 +277,52 @@ def restore(
                 f"--config.checkpoint.init_from={Path(manager.directory).parent}."
             )
         check_layout(manager, step, layout)
-        try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target),
-                    data=DataRestore(data_iter),
-                ),
-            )
-        except DataStateError as e:  # readable, but this config cannot continue it
-            raise CheckpointError(f"checkpoint {manager.directory}/{step}: {e}") from e
-        except Exception as e:  # corrupt or truncated files: fall back to an older step
-            failures.append(f"{manager.directory}/{step}: {type(e).__name__}: {e}")
+        problem = integrity.verify(step_dir)
+        if problem is None and not integrity.is_sealed(step_dir):
             warnings.warn(
-                f"checkpoint {manager.directory}/{step} is unreadable ({type(e).__name__}: "
-                f"{str(e)[:200]}); falling back to the previous one.",
+                f"checkpoint {step_dir} has no checksums (written before bigjax kept them, or "
+                "its run stopped right after the save); restoring it unverified.",
                 stacklevel=2,
             )
-            continue
-        return restored["state"]
+        restored = None
+        if problem is None:
+            try:
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target),
+                        data=DataRestore(data_iter),
+                    ),
+                )["state"]
+            except DataStateError as e:  # readable, but this config cannot continue it
+                raise CheckpointMismatch(f"checkpoint {step_dir}: {e}") from e
+            except Exception as e:  # corrupt or truncated files, a malformed data state
+                problem = f"unreadable: {type(e).__name__}: {_first_line(e)}"
+        if problem is None and not integrity.state_finite((restored.params, restored.opt_state)):
+            problem = "its parameters or optimizer moments are not finite"
+        if problem is None:
+            return restored
+        failures.append(f"{step_dir}: {problem}")
+        where = ""
+        if move_corrupt:
+            where = f"; moved to {integrity.quarantine(step_dir)}"
+            manager.reload()
+        warnings.warn(
+            f"checkpoint {step_dir} is unreadable or corrupt ({problem}){where}; falling back "
+            "to the previous one.",
+            stacklevel=2,
+        )
     raise CheckpointError(
         "no checkpoint could be restored, refusing to start from scratch over them:\n  "
         + "\n  ".join(failures)
         + "\nMove the checkpoints directory away to start fresh."
     )
+
+
+def _first_line(e: Exception) -> str:
+    """The message of `e` up to its first line break (Orbax appends pages of metadata)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def save_params(directory: Path, params: Any, meta: dict[str, Any]) -> None:
@@ -273,7 +376,7 @@ def init_from(
     manager = ocp.CheckpointManager(source_directory(path).absolute(), options=options)
     try:
         if mode == "full":
-            state = restore(manager, target, data_iter, layout)
+            state = restore(manager, target, data_iter, layout, move_corrupt=False)
         else:
             state = _restore_params(manager, target, layout, fresh)
     finally:

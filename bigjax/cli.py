@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,13 @@ def _join_override_values(argv: Sequence[str]) -> list[str]:
         out.append(item)
         i += 1
     return out
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Strict JSON (non-finite numbers as null), as every file bigjax writes."""
+    from bigjax.metrics import json_text  # imports jax: only once a command has run
+
+    path.write_text(json_text(obj, indent=2) + "\n")
 
 
 def add_debug_flag(p: argparse.ArgumentParser) -> None:
@@ -185,7 +193,7 @@ def cmd_plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     result = plan.plan(cfg, target, args.mfu, args.compile)
     print(plan.render(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(args.json), result)
     return 0
 
 
@@ -232,7 +240,7 @@ def cmd_bench(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     print(bench.render(result, baseline))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(args.json), result)
         print(f"  written to {args.json}")
     return 0
 
@@ -379,7 +387,7 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     for key, value in result.items():
         print(f"  {key:18s} {value:.4f}" if isinstance(value, float) else f"  {key:18s} {value}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(args.json), result)
     return 0
 
 
@@ -548,7 +556,7 @@ def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         checkpoint.write_params_run(
             Path(args.out), to_dict(prog.cfg), unflatten(new), compressed_from=args.workdir
         )
-        (Path(args.out) / "compress.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(Path(args.out) / "compress.json", report)
     delta = after["eval_loss"] - before["eval_loss"]
     print(
         f"compress {args.method}: eval loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f} "
@@ -680,13 +688,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args, overrides)
     except Exception as e:  # one line for what the user can fix; a traceback for the rest
-        from bigjax.checkpoint import CheckpointError
+        from bigjax.checkpoint import CheckpointError, CheckpointMismatch
         from bigjax.data.dataset import EmptySplitError
         from bigjax.data.sources import DataError
         from bigjax.data.tokenizer import TokenizerError
         from bigjax.hf import ConvertError
         from bigjax.metrics import UnknownDeviceError
         from bigjax.report import ReportError
+        from bigjax.runlock import RunLockedError
         from bigjax.tensorfile import TensorFileError
         from bigjax.train import NonFiniteError
 
@@ -700,9 +709,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             ConvertError,
             TensorFileError,
             FileNotFoundError,
+            RunLockedError,
+            CheckpointMismatch,
         )
-        if args.debug or not isinstance(e, (*usage, CheckpointError, NonFiniteError)):
+        if not isinstance(e, (*usage, CheckpointError, NonFiniteError)):
             raise
+        if args.debug:  # the traceback too, and the same exit code
+            traceback.print_exc()
         print(f"bigjax: error: {e}", file=sys.stderr)
         return USAGE_ERROR if isinstance(e, usage) else RUN_FAILED
 

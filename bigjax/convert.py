@@ -9,6 +9,7 @@ Export writes config.json and safetensors (sharded above `max_shard_bytes`) that
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax import checkpoint, hf, models, tensorfile
-from bigjax.config import DataConfig, TrainConfig, from_configdict, to_dict
+from bigjax.config import DataConfig, ModelConfig, TrainConfig, from_configdict, to_dict
 from bigjax.tree import flatten, unflatten
 
 EXPORT_DTYPES = {
@@ -28,10 +29,42 @@ EXPORT_DTYPES = {
 }
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A config.json as a mapping, or a ConvertError naming the file."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise hf.ConvertError(f"{path}: unreadable JSON ({type(e).__name__})") from None
+    if not isinstance(raw, dict):
+        raise hf.ConvertError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def is_hf_dir(path: str | Path) -> bool:
     """A Hugging Face model directory: config.json with a `model_type`."""
     config = Path(path) / "config.json"
-    return config.is_file() and "model_type" in json.loads(config.read_text())
+    return config.is_file() and "model_type" in read_config(config)
+
+
+def check_sizes(m: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype) -> None:
+    """Before anything is allocated: the parameters config.json implies must be what the
+    safetensors headers hold, and fit in this machine's memory (config.json and the weights
+    may come from anywhere; a wrong or hostile layer count must not grow without bound)."""
+    implied = models.PARAM_COUNT[m.family](m)
+    held = sum(v.size for k, v in tensors.items() if k != "lm_head.weight" or not m.tie_embeddings)
+    if implied != held:
+        raise hf.ConvertError(
+            f"config.json implies {implied:,} parameters ({m.num_layers} layers, d_model "
+            f"{m.d_model}, vocab {m.vocab_size}), the safetensors files hold {held:,}: they do "
+            "not belong together."
+        )
+    need = 2 * implied * np.dtype(dtype).itemsize  # the converted copy and the stacked layers
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > available:
+        raise hf.ConvertError(
+            f"converting {implied:,} parameters needs about {need / 2**30:.1f} GiB of memory, "
+            f"{available / 2**30:.1f} GiB are free here."
+        )
 
 
 def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> TrainConfig:
@@ -39,15 +72,23 @@ def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> Train
     settings for the run (nested dict, e.g. {"data": {"seq_len": 512}}); `model.*` comes from
     the Hugging Face config.json."""
     src, dst = Path(src), Path(dst)
-    raw = json.loads((src / "config.json").read_text())
-    model = {**config.get("model", {}), **hf.model_fields(raw)}
+    raw = read_config(src / "config.json")
+    try:
+        fields = hf.model_fields(raw)
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise hf.ConvertError(
+            f"{src / 'config.json'}: a field is missing or malformed ({type(e).__name__}: {e})"
+        ) from None
+    model = {**config.get("model", {}), **fields}
     data = dict(config.get("data", {}))
     if "max_positions" in model and "seq_len" not in data:  # fit the default to the table
         data["seq_len"] = min(DataConfig().seq_len, model["max_positions"])
     cfg = from_configdict({**config, "model": model, "data": data})
+    tensors = tensorfile.read_dir(src)  # headers and memory maps only
+    check_sizes(cfg.model, tensors, np.dtype(cfg.model.param_dtype))
     _, abstract = models.abstract(cfg.model, cfg.mesh.rules)
     layout = checkpoint.param_layout(nnx.to_pure_dict(abstract))
-    flat = hf.from_hf(cfg.model, tensorfile.read_dir(src), layout, np.dtype(cfg.model.param_dtype))
+    flat = hf.from_hf(cfg.model, tensors, layout, np.dtype(cfg.model.param_dtype))
     checkpoint.write_params_run(
         dst, to_dict(cfg), unflatten(flat), imported_from=str(src.absolute())
     )

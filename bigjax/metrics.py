@@ -28,6 +28,23 @@ DATASHEET_PEAK_FLOPS: dict[str, float] = {
 }
 
 
+def finite_json(x: Any) -> Any:
+    """`x` with every NaN or infinity replaced by None: strict JSON has no such numbers, and
+    Python's `NaN` tokens break other readers (jq, JavaScript, pandas' strict mode)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_json(v) for v in x]
+    return x
+
+
+def json_text(x: Any, **kwargs: Any) -> str:
+    """Strict JSON of `x` (non-finite numbers as null); what every file bigjax writes uses."""
+    return json.dumps(finite_json(x), allow_nan=False, **kwargs)
+
+
 class UnknownDeviceError(ValueError):
     """No peak FLOP/s is known for this device kind."""
 
@@ -109,7 +126,7 @@ class Writers:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_text(row) + "\n")
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -255,7 +255,9 @@ def make_train_step(
             )
         )
         # Checked on device and reported with the metrics (read a step later): no host sync.
-        finite = jnp.isfinite(nll_sum) & jnp.isfinite(grad_norm)
+        # The updated parameters too: finite gradients can still overflow them (a huge lr).
+        param_norm = optax.tree.norm(params)
+        finite = jnp.isfinite(nll_sum) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
         if skip_nonfinite:  # drop the update, keep the old parameters and moments
             keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
             params = jax.tree.map(keep, params, state.params)
@@ -265,7 +267,7 @@ def make_train_step(
             "z_loss": z_sq_sum / total_weight,
             "grad_norm": grad_norm,
             "finite": finite,
-            "param_norm": optax.tree.norm(params),
+            "param_norm": param_norm,  # of the update's result, also when it was skipped
             "lr": schedule(state.step),
             "tokens": _tokens(batch, seq_len),
             **{k: v / num_micro for k, v in sums.items()},  # per-micro-batch means (MoE)

@@ -33,6 +33,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+MAX_HEADER = 100 << 20  # the safetensors format's own bound on the JSON header (100 MB)
 
 
 class TensorFileError(ValueError):
@@ -46,18 +47,25 @@ def read(path: str | Path) -> dict[str, np.ndarray]:
     if raw.size < 8:
         raise TensorFileError(f"{path}: too short to be a safetensors file")
     (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
-    if 8 + header_len > raw.size:
+    if header_len > MAX_HEADER or 8 + header_len > raw.size:
         raise TensorFileError(f"{path}: header length {header_len} runs past the file's end")
     try:
         header = json.loads(raw[8 : 8 + header_len].tobytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TensorFileError(f"{path}: unreadable JSON header ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise TensorFileError(f"{path}: unreadable JSON header ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise TensorFileError(f"{path}: the header is a {type(header).__name__}, not a mapping")
     body = raw[8 + header_len :]
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info.get("dtype") not in DTYPES:
+        if not _well_formed(info):
+            raise TensorFileError(
+                f"{path}: tensor {name!r} has a malformed entry (want dtype, shape as a list "
+                "of non-negative ints and two data offsets)"
+            )
+        if info["dtype"] not in DTYPES:
             raise TensorFileError(
                 f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}"
             )
@@ -70,6 +78,19 @@ def read(path: str | Path) -> dict[str, np.ndarray]:
             )
         out[name] = body[start:end].view(dtype).reshape(shape)
     return out
+
+
+def _well_formed(info: object) -> bool:
+    def ints(x: object, n: int | None = None) -> bool:
+        ok = isinstance(x, list) and (n is None or len(x) == n)
+        return ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)
+
+    return (
+        isinstance(info, dict)
+        and isinstance(info.get("dtype"), str)
+        and ints(info.get("shape"))
+        and ints(info.get("data_offsets"), 2)
+    )
 
 
 def write(path: str | Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> int:
@@ -104,9 +125,16 @@ def read_dir(directory: str | Path) -> dict[str, np.ndarray]:
     """Every tensor of a model directory: the shards its index names, or its single file."""
     directory = Path(directory)
     if (directory / INDEX).is_file():
-        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+        weight_map = _weight_map(directory / INDEX)
         out: dict[str, np.ndarray] = {}
+        inside = directory.resolve()
         for shard in sorted(set(weight_map.values())):
+            # The index is data from elsewhere: it names files of this directory, nothing else
+            # (no `../`, no absolute paths, no symlinks out of it).
+            if not (directory / shard).resolve().is_relative_to(inside):
+                raise TensorFileError(
+                    f"{directory / INDEX} names {shard!r}, which lies outside {directory}"
+                )
             if not (directory / shard).is_file():
                 raise TensorFileError(f"{directory / INDEX} names {shard}, which is missing")
             out.update(read(directory / shard))
@@ -124,6 +152,18 @@ def read_dir(directory: str | Path) -> dict[str, np.ndarray]:
         "safetensors (transformers' save_pretrained does by default); .bin/.pt pickles are "
         "never loaded."
     )
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise TensorFileError(f"{path}: not a safetensors index ({type(e).__name__})") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise TensorFileError(f"{path}: its weight_map is not a mapping of names to files")
+    return weight_map
 
 
 def write_dir(

@@ -22,7 +22,16 @@ from typing import Any
 import jax
 
 import bigjax
-from bigjax import checkpoint, distributed, metrics, models, privacy, tuning
+from bigjax import (
+    checkpoint,
+    distributed,
+    integrity,
+    metrics,
+    models,
+    privacy,
+    runlock,
+    tuning,
+)
 from bigjax import evaluate as evaluate_mc
 from bigjax.config import ConfigError, TrainConfig, to_dict
 from bigjax.data import pipeline
@@ -108,7 +117,7 @@ def write_summary(workdir: Path, summary: dict[str, Any], wall_s: float) -> None
     path = workdir / "summary.json"
     before = json.loads(path.read_text()).get("wall_s", 0.0) if path.exists() else 0.0
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**summary, "wall_s": before + wall_s}, indent=2) + "\n")
+    tmp.write_text(metrics.json_text({**summary, "wall_s": before + wall_s}, indent=2) + "\n")
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 
@@ -132,6 +141,15 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
 
     with jax.set_mesh(mesh), stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
+        if writer_process:  # one writer per run; the kernel frees it however this ends
+            lock = runlock.acquire(workdir)
+            cleanup.callback(lock.release)
+            if lock.previous:
+                print(
+                    f"warning: {workdir} was last trained by {runlock.describe(lock.previous)}, "
+                    "which ended without releasing it (killed or crashed); taking it over.",
+                    flush=True,
+                )
         prog = make_program(cfg, mesh)
 
         def new_data_iter() -> Any:
@@ -232,17 +250,27 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             whether the step was finite."""
             nonlocal last, compile_s, window, skipped_steps
             host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            # The device finished this step now and already runs the next: the next window
+            # starts here, not after the logging below (which would shorten it, MFU > 100 %).
+            fetched = time.perf_counter()
             latest.update(host, step=done_step)
             finite = bool(host.pop("finite"))
+            if not finite and cfg.nan_policy == "skip" and writer_process:
+                print(
+                    f"warning: step {done_step} skipped: non-finite loss, gradient or updated "
+                    f"parameters (loss {host['loss']}, grad_norm {host['grad_norm']}, "
+                    f"param_norm {host['param_norm']}); the update was dropped.",
+                    flush=True,
+                )
             skipped_steps += not finite and cfg.nan_policy == "skip"
             window.steps += 1
             window.tokens += host.pop("tokens")
             first = compile_s is None
             if first:  # includes compilation: logged, but kept out of the throughput window
-                compile_s = time.perf_counter() - window.start
+                compile_s = fetched - window.start
             if done_step % cfg.metrics.log_every and done_step != cfg.num_steps and not first:
                 return finite
-            elapsed = time.perf_counter() - window.start
+            elapsed = fetched - window.start
             step_time = None if first else elapsed / window.steps
             last = {
                 "step": done_step,
@@ -261,7 +289,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 last["dp_epsilon"] = privacy.epsilon(prog.accounting, done_step)
                 last["dp_noise_multiplier"] = prog.accounting.noise_multiplier
             writers.write(last, metrics.progress_line(last, cfg.num_steps))
-            window = Window()
+            window = Window(start=fetched)
             return finite
 
         step = start
@@ -293,14 +321,24 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 if not finish_step(*pending):
                     bad_step = step
                 pending = None
+            # Finite loss and gradients can still leave overflowed optimizer moments: never
+            # save those (checked on device, only at saves, which sync anyway).
+            poisoned = bool(
+                save_due and bad_step is None and not integrity.state_finite(state.opt_state)
+            )
+            if poisoned and cfg.nan_policy != "skip":
+                bad_step = step
             if bad_step is not None and cfg.nan_policy != "skip":
                 where = (
-                    f"at step {bad_step} (loss {latest['loss']}, grad_norm {latest['grad_norm']})"
+                    f"at step {bad_step} (loss {latest['loss']}, grad_norm {latest['grad_norm']}, "
+                    f"param_norm {latest['param_norm']})"
                 )
                 if cfg.nan_policy == "error":
                     raise NonFiniteError(
-                        f"non-finite loss or gradient {where}. Lower optim.lr, keep "
-                        "optim.clip_norm on, or set nan_policy=skip or rollback."
+                        f"non-finite loss or gradient {where} (the check covers the updated "
+                        "parameters and, at saves, the optimizer moments); nothing of it was "
+                        "saved. Lower optim.lr, keep optim.clip_norm on, or set "
+                        "nan_policy=skip or rollback."
                     )
                 rollbacks += 1
                 if rollbacks > MAX_ROLLBACKS:
@@ -320,7 +358,9 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 continue
             if eval_due:
                 last_eval = evaluate(step)
-            if save_due:
+            if poisoned:
+                print(f"warning: step {step}: optimizer moments not finite; not saved.", flush=True)
+            elif save_due:
                 saved = checkpoint.save(
                     manager, state, data_iter, meta, metrics=last_eval if eval_due else None
                 )
@@ -361,6 +401,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 "num_params": num_params,
                 "tokens": final_step * tokens_per_step,
                 "flops": final_step * flops_per_step,
+                "skipped_steps": skipped_steps,
             },
             time.perf_counter() - started,
         )

@@ -73,7 +73,10 @@ def _children(pid: int) -> list[int]:
     """Direct child processes of `pid` (Linux /proc)."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended while we looked
+            continue
     return out
 
 

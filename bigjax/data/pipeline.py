@@ -217,6 +217,23 @@ class DataStateError(ValueError):
     """A saved data-iterator state that this run's data config cannot continue."""
 
 
+class MalformedDataState(ValueError):
+    """A saved data-iterator state that is not one this pipeline writes (corrupt, edited)."""
+
+
+def state_shape(x: Any) -> Any:
+    """The structure of an iterator state with its leaves as type names, for comparing a
+    saved state with the one this pipeline writes. Counters must be >= -1 (Grain's -1 marks
+    an empty slice), else the state is not one a pipeline wrote."""
+    if isinstance(x, dict):
+        return {k: state_shape(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):  # a tuple in memory is a list after JSON
+        return [state_shape(v) for v in x]
+    if isinstance(x, int) and not isinstance(x, bool):
+        return "int" if x >= -1 else "negative int"
+    return type(x).__name__
+
+
 class Batches:
     """This process's rows of each global batch, in order; an iterator with get_state,
     set_state and close.
@@ -267,15 +284,28 @@ class Batches:
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Takes this process's rows from a state holding (at least) all of them."""
+        if not isinstance(state, dict):
+            raise MalformedDataState(f"it is a {type(state).__name__}, not a mapping")
         if state.get("batch_size") != self._streams.batch_size:
             raise DataStateError(
                 f"the data state was saved with data.batch_size={state.get('batch_size')}, "
                 f"this run has {self._streams.batch_size}: the data order cannot continue. "
                 "Keep the batch size, or start a new run with checkpoint.init_from."
             )
-        missing = [r for r in self._row_states if r not in state["rows"]]
+        rows = state.get("rows")
+        if not isinstance(rows, dict):
+            raise MalformedDataState(f"its 'rows' is {type(rows).__name__}, not a mapping")
+        missing = [r for r in self._row_states if r not in rows]
         if missing:
-            raise DataStateError(f"the data state has no state for batch rows {missing}")
+            raise MalformedDataState(f"it has no state for batch rows {missing[:8]}")
+        # Every row's state must have the structure of the one a fresh stream writes: a
+        # null or emptied row would silently restart its data order.
+        fresh = iter(self._streams.rows_of(self._rows[0]))
+        want = state_shape(fresh.get_state())
+        for r in self._row_states:
+            got = state_shape(rows[r])
+            if got != want:
+                raise MalformedDataState(f"row {r}'s state {got} is not of the form {want}")
         self.close()
         self._row_states = {r: state["rows"][r] for r in self._row_states}
 

@@ -41,6 +41,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
+from bigjax import runlock
 from bigjax.cli import load_config
 from bigjax.config import ConfigError, to_dict
 from bigjax.metrics import read_jsonl
@@ -333,20 +334,49 @@ class Worker:
         self.log(f"trial {trial.number} {point} -> {run_dir}")
         command = [sys.executable, "-m", "bigjax.cli", "train", "--config", self.spec.config]
         command += ["--workdir", str(run_dir), *cli_overrides(overrides)]
-        with open(run_dir / "train.log", "a") as out:
-            proc = subprocess.Popen(
-                command,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **env},
-                # Its own process group: a terminal's Ctrl-C reaches the sweep only, which
-                # then stops each trial with one SIGTERM (a second signal would abort the
-                # trial's checkpoint save).
-                start_new_session=True,
-                preexec_fn=_die_with_parent(cores),  # noqa: PLW1509 (no threads in the child)
-            )
-            outcome = self.watch(trial, proc, run_dir)
-        self.finish(trial, point, proc.returncode, outcome, run_dir)
+        while True:
+            # A previous attempt's trainer may still run (its worker stalled past the
+            # heartbeat grace and the trial was retried): never start a second one beside it.
+            if not self.wait_for_unlocked(trial, run_dir):
+                outcome, rc = "interrupted", 0
+                break
+            with open(run_dir / "train.log", "a") as out:
+                proc = subprocess.Popen(
+                    command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **env},
+                    # Its own process group: a terminal's Ctrl-C reaches the sweep only, which
+                    # then stops each trial with one SIGTERM (a second signal would abort the
+                    # trial's checkpoint save).
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent(cores),  # noqa: PLW1509 (no threads in child)
+                )
+                outcome = self.watch(trial, proc, run_dir)
+            rc = proc.returncode
+            if not (rc == 2 and runlock.is_locked(run_dir)):  # lost a race for the lock
+                break
+        self.finish(trial, point, rc, outcome, run_dir)
+
+    def wait_for_unlocked(self, trial: optuna.Trial, run_dir: Path) -> bool:
+        """Waits (heartbeating) until no trainer holds `run_dir`; False if asked to stop."""
+        said = False
+        while runlock.is_locked(run_dir):
+            if not said:
+                holder = runlock.describe(runlock.holder(run_dir))
+                self.log(f"trial {trial.number}: waiting for the trainer of an earlier attempt "
+                         f"({holder}) to exit")  # fmt: skip
+                said = True
+            if self.storage.get_heartbeat_interval() is not None:
+                self.storage.record_heartbeat(trial._trial_id)
+            if self.stop.wait(min(self.opts.heartbeat_s, 1.0)):
+                return False
+        return True
+
+    def still_ours(self, trial: optuna.Trial) -> bool:
+        """False once another worker failed this trial as stale (this worker stalled, e.g.
+        Ctrl-Z or a paused VM, past the heartbeat grace) and enqueued its retry."""
+        return self.storage.get_trial(trial._trial_id).state == TrialState.RUNNING
 
     def watch(self, trial: optuna.Trial, proc: subprocess.Popen, run_dir: Path) -> str:
         """Heartbeats, intermediate eval losses for the pruner, stop requests, until the
@@ -355,9 +385,13 @@ class Worker:
         outcome = "done"
         beat = self.storage.get_heartbeat_interval() is not None
         while proc.poll() is None:
-            if beat:
+            if outcome != "taken over" and not self.still_ours(trial):
+                outcome = "taken over"
+                proc.terminate()  # it saves a checkpoint; the retry resumes from it
+                continue
+            if beat and outcome != "taken over":
                 self.storage.record_heartbeat(trial._trial_id)
-            for step, loss in read_evals(run_dir):
+            for step, loss in read_evals(run_dir) if outcome != "taken over" else ():
                 if step not in reported and math.isfinite(loss):
                     trial.report(loss, step)
                     reported.add(step)
@@ -374,6 +408,12 @@ class Worker:
     def finish(
         self, trial: optuna.Trial, point: dict, rc: int, outcome: str, run_dir: Path
     ) -> None:
+        if outcome == "taken over" or not self.still_ours(trial):
+            # Recorded as failed by another worker, which retries it from the checkpoint:
+            # reporting now would be a second result for one trial.
+            self.log(f"trial {trial.number}: this worker stalled and another took the trial "
+                     "over; its retry continues from the checkpoint")  # fmt: skip
+            return
         if outcome == "pruned":
             self.study.tell(trial, state=TrialState.PRUNED)
             self.log(f"trial {trial.number} pruned")
