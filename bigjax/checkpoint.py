@@ -24,7 +24,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from bigjax import integrity
 from bigjax.config import CheckpointConfig
-from bigjax.data.pipeline import DataStateError
+from bigjax.data.pipeline import DataStateError, MalformedDataState
 from bigjax.state import TrainState
 from bigjax.tree import path_name
 
@@ -52,7 +52,10 @@ class DataHandler(ocp.CheckpointHandler):
         if not files:
             raise FileNotFoundError(f"no data-iterator state in {directory}")
         states = [json.loads(f.read_text()) for f in files]
-        if len({s["batch_size"] for s in states}) != 1:
+        for f, state in zip(files, states, strict=True):
+            if not isinstance(state, dict) or not isinstance(state.get("rows"), dict):
+                raise MalformedDataState(f"{f.name} is not a data-iterator state")
+        if len({s.get("batch_size") for s in states}) != 1:
             raise ValueError(f"the data states in {directory} disagree on the batch size")
         rows = {row: s for state in states for row, s in state["rows"].items()}
         args.item.set_state({"batch_size": states[0]["batch_size"], "rows": rows})
@@ -89,9 +92,10 @@ def make_manager(directory: Path, cfg: CheckpointConfig) -> ocp.CheckpointManage
     started = time.time()
 
     def seal_new_steps() -> None:
-        """After each commit (Orbax's background thread): checksums of every step this
-        manager committed that has none yet. Steps from before `started` are never sealed:
-        a step is only vouched for by the process that wrote it."""
+        """Checksums of every step this manager committed that has none yet; runs in Orbax's
+        background thread after each save (off the training loop's path) and in `wait`.
+        Steps from before `started` are never sealed: a step is only vouched for by the
+        process that wrote it."""
         if jax.process_index() != 0:
             return
         for step_dir in directory.iterdir() if directory.is_dir() else ():
@@ -106,7 +110,10 @@ def make_manager(directory: Path, cfg: CheckpointConfig) -> ocp.CheckpointManage
         save_interval_steps=max(cfg.every_steps, 1),
         preservation_policy=policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=cfg.async_save,
-        async_options=ocp.AsyncOptions(post_finalization_callback=seal_new_steps),
+        # (Orbax accepts the callback only for async saves; synchronous ones seal in `save`.)
+        async_options=(
+            ocp.AsyncOptions(post_finalization_callback=seal_new_steps) if cfg.async_save else None
+        ),
         create=True,
     )
     manager = ocp.CheckpointManager(directory, options=options)
@@ -139,8 +146,10 @@ def save(
         meta=ocp.args.JsonSave(meta),
     )
     in_flight = getattr(manager, "bigjax_in_flight", None)
-    try:  # a failure of the previous async save surfaces here: name that step, not this one
-        manager.check_for_errors()
+    # Orbax waits for the previous async save before it starts this one and re-raises its
+    # failure then; waiting here first (no extra wait) names that step, not this one.
+    try:
+        manager.wait_until_finished()
     except Exception as e:
         raise _save_error(manager, in_flight, e) from e
     try:
@@ -159,6 +168,11 @@ def wait(manager: ocp.CheckpointManager) -> None:
         manager.wait_until_finished()
     except Exception as e:
         raise _save_error(manager, getattr(manager, "bigjax_in_flight", None), e) from e
+    # Orbax runs the post-save callback just before it renames the step into place, so
+    # each step is sealed by the next save's callback; the newest one here.
+    seal = getattr(manager, "seal_new_steps", None)
+    if seal is not None:
+        seal()
 
 
 def _save_error(manager: ocp.CheckpointManager, step: int | None, e: Exception) -> CheckpointError:
@@ -176,16 +190,23 @@ def _save_error(manager: ocp.CheckpointManager, step: int | None, e: Exception) 
     committed = sorted(sizes)
     text = (
         f"saving a checkpoint (step {step}) in {directory} failed: no free disk space "
-        f"({free / 2**30:.2f} GiB free; a save needs about {need / 2**30:.2f} GiB, the size of "
-        f"the last one)."
+        f"({_human(free)} free; a save needs about {_human(need)}, the size of the last one)."
     )
     if len(committed) > 1:
         freed = sum(sizes[s] for s in committed[:-1])
         text += (
-            f" checkpoint.keep=1 would keep only the newest and free {freed / 2**30:.2f} GiB "
+            f" checkpoint.keep=1 would keep only the newest and free {_human(freed)} "
             f"(now {len(committed)} steps are kept); or free space there."
         )
     return CheckpointError(text + " Older checkpoints are intact; rerun to resume.")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _disk_full(e: BaseException | None) -> bool:

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
@@ -678,6 +679,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_noise() -> None:
+    """Keeps what libraries print about a failure bigjax reports itself out of the console
+    (`--debug` shows it): Orbax and asyncio log a failed background write with its
+    traceback at ERROR before bigjax's one line names it; and tensorstore's I/O threads,
+    still finishing after a failed save, call into the closed event loop, whose 'Event loop
+    is closed' errors Python prints with a traceback each."""
+    for name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved"
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    previous = sys.excepthook
+
+    previous_unraisable = sys.unraisablehook
+
+    def closed_loop(value: BaseException | None) -> bool:
+        return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+    def hook(kind, value, tb) -> None:
+        if not closed_loop(value):
+            previous(kind, value, tb)
+
+    def unraisable(info) -> None:
+        if not closed_loop(info.exc_value):
+            previous_unraisable(info)
+
+    sys.excepthook = hook
+    sys.unraisablehook = unraisable
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = _join_override_values(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -685,6 +713,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [a for a in argv if a.startswith("--config.")]
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    if not args.debug:
+        quiet_library_noise()
     try:
         return args.run(args, overrides)
     except Exception as e:  # one line for what the user can fix; a traceback for the rest

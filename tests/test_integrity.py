@@ -1,0 +1,365 @@
+"""Nothing corrupts a run silently: one writer per workdir, checksummed checkpoints, no
+non-finite state on disk, validated restores, strict JSON, untrusted convert inputs."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+from helpers import train_cmd
+
+from bigjax import integrity, runlock
+from bigjax.checkpoint import CheckpointError
+from bigjax.metrics import read_jsonl
+from bigjax.train import NonFiniteError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "--config.data.seq_len=64",
+    "--config.data.batch_size=8",
+    "--config.metrics.log_every=1",
+    "--config.metrics.tensorboard=false",
+    "--config.metrics.plot=false",
+    "--config.eval.num_batches=1",
+    "--config.optim.warmup_steps=2",
+]
+
+
+def _run(workdir: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        train_cmd(workdir, *SMALL, *extra),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        timeout=timeout,
+    )
+
+
+def _holder(workdir: Path) -> subprocess.Popen:
+    """Another process holding the workdir's lock, as a live `bigjax train` does."""
+    code = (
+        "import sys, time; from pathlib import Path; from bigjax import runlock; "
+        "runlock.acquire(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(workdir)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_train_on_a_live_workdir_exits_2_naming_the_holder(tmp_path):
+    holder = _holder(tmp_path)
+    try:
+        r = _run(tmp_path, "--config.num_steps=2")
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert f"pid {holder.pid} on " in r.stderr and "in use by another bigjax run" in r.stderr
+        assert not (tmp_path / "checkpoints").exists()  # it wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path):
+    holder = _holder(tmp_path)
+    holder.send_signal(signal.SIGKILL)  # dies holding it: the kernel frees the flock
+    holder.wait()
+    assert not runlock.is_locked(tmp_path)
+    r = _run(tmp_path, "--config.num_steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"last trained by pid {holder.pid}" in r.stdout and "taking it over" in r.stdout
+    assert runlock.holder(tmp_path) is None  # a clean exit leaves no record behind
+
+
+def _flip_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _largest_file(step_dir: Path) -> Path:
+    files = [p for p in step_dir.rglob("*") if p.is_file() and "checksums" not in p.name]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_one_flipped_bit_is_caught_named_moved_aside_and_the_run_goes_on(tmp_path):
+    r = _run(tmp_path, "--config.num_steps=4", "--config.checkpoint.every_steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    step4 = tmp_path / "checkpoints" / "4"
+    assert integrity.is_sealed(step4) and integrity.verify(step4) is None
+    victim = _largest_file(step4)  # the tensor data
+    _flip_bit(victim, victim.stat().st_size // 2)
+    assert str(victim) in integrity.verify(step4)
+
+    # Resumes from step 2, retrains 3-4 and saves step 4 again (no collision), then goes on.
+    r = _run(tmp_path, "--config.num_steps=6", "--config.checkpoint.every_steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checkpoints/4 is unreadable or corrupt" in r.stderr
+    assert str(victim.relative_to(tmp_path / "checkpoints")) in r.stderr  # names the file
+    assert "resuming from step 2" in r.stdout
+    corrupt = list((tmp_path / "checkpoints.corrupt").iterdir())
+    assert [p.name.split("-")[0] for p in corrupt] == ["4"]  # kept for inspection
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    for step in (4, 6):
+        assert integrity.verify(tmp_path / "checkpoints" / str(step)) is None
+    # And the same relaunch again is a plain resume: nothing fails on every relaunch.
+    r = _run(tmp_path, "--config.num_steps=6", "--config.checkpoint.every_steps=2")
+    assert r.returncode == 0 and "already complete" in r.stdout
+
+
+def test_corrupt_final_checkpoint_does_not_fail_every_relaunch(tmp_path):
+    r = _run(tmp_path, "--config.num_steps=4", "--config.checkpoint.every_steps=2")
+    assert r.returncode == 0
+    for f in (tmp_path / "checkpoints" / "4").rglob("*"):
+        if f.is_file() and f.stat().st_size > 64 and "checksums" not in f.name:
+            f.write_bytes(f.read_bytes()[:64])  # truncated, as by a bad copy
+    for _ in range(2):
+        r = _run(tmp_path, "--config.num_steps=4", "--config.checkpoint.every_steps=2")
+        assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _data_state_files(step_dir: Path) -> list[Path]:
+    return sorted((step_dir / "data").glob("process_*-of-*.json"))
+
+
+@pytest.mark.parametrize("rows", ["null rows", "empty rows", "not a mapping"])
+def test_valid_json_but_wrong_data_state_falls_back(tmp_path, rows):
+    r = _run(tmp_path, "--config.num_steps=4", "--config.checkpoint.every_steps=2")
+    assert r.returncode == 0
+    step4 = tmp_path / "checkpoints" / "4"
+    (step4 / integrity.CHECKSUMS).unlink()  # as a checkpoint from before checksums existed
+    for f in _data_state_files(step4):
+        state = json.loads(f.read_text())
+        if rows == "null rows":
+            state["rows"] = {k: None for k in state["rows"]}
+        elif rows == "empty rows":
+            state["rows"] = {k: {} for k in state["rows"]}
+        else:
+            state = [1, 2]
+        f.write_text(json.dumps(state))
+    r = _run(tmp_path, "--config.num_steps=5", "--config.checkpoint.every_steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checkpoints/4 is unreadable or corrupt" in r.stderr and "MalformedDataState" in r.stderr
+    assert "resuming from step 2" in r.stdout
+
+
+def test_unsealed_checkpoints_restore_with_a_warning(tmp_path):
+    # Written before checksums existed, or the run was killed between commit and checksums.
+    r = _run(tmp_path, "--config.num_steps=2", "--config.checkpoint.every_steps=2")
+    (tmp_path / "checkpoints" / "2" / integrity.CHECKSUMS).unlink()
+    r = _run(tmp_path, "--config.num_steps=3", "--config.checkpoint.every_steps=2")
+    assert r.returncode == 0 and "resuming from step 2" in r.stdout
+    assert "no checksums" in r.stderr and "restoring it unverified" in r.stderr
+
+
+HUGE_LR = {"lr": 1e39, "warmup_steps": 0, "schedule": "constant", "clip_norm": 1.0}
+
+
+def test_a_huge_learning_rate_never_saves_a_non_finite_state(tmp_path):
+    # Finite loss and (clipped) gradients, but the updated parameters overflow: step 1's
+    # state is all inf/nan. It must be caught at step 1 and never written.
+    cfg = tiny_config(num_steps=3, optim=HUGE_LR, checkpoint={"every_steps": 1})
+    with pytest.raises(NonFiniteError, match=r"at step 1 .*param_norm (inf|nan)"):
+        train(cfg, tmp_path)
+    assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_restore_never_takes_a_poisoned_checkpoint(tmp_path):
+    # A non-finite step 2 written behind bigjax's guard (with Orbax directly, as an older
+    # bigjax could have): resume (and so `rollback`, which restores the same way) skips it.
+    import jax
+    import orbax.checkpoint as ocp
+
+    from bigjax import checkpoint
+    from bigjax.data import pipeline
+    from bigjax.mesh import make_mesh
+    from bigjax.program import make_program
+
+    cfg = tiny_config(num_steps=1, checkpoint={"every_steps": 1})
+    train(cfg, tmp_path)
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        prog = make_program(cfg, mesh)
+        manager = checkpoint.make_manager(tmp_path / "checkpoints", cfg.checkpoint)
+        data = pipeline.for_config(cfg.data, split="train", seed=0, rows=prog.local_rows())
+        target = checkpoint.restore_target(prog.abstract, prog.shardings)
+        layout = checkpoint.param_layout(prog.abstract.params)
+        state = checkpoint.restore(manager, target, data, layout)
+        nan = jax.tree.map(lambda x: x * np.nan, state.params)
+        bad = state.replace(step=state.step + 1, params=nan)
+        meta = json.loads((tmp_path / "checkpoints" / "1" / "meta" / "metadata").read_text())
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(bad),
+            data=checkpoint.DataSave(data),
+            meta=ocp.args.JsonSave(meta),
+        )
+        manager.save(2, args=args, force=True)
+        manager.wait_until_finished()
+        manager.close()
+        data.close()
+    with pytest.warns(UserWarning, match="checkpoints/2 is unreadable or corrupt .*not finite"):
+        train(tiny_config(num_steps=3, checkpoint={"every_steps": 1}), tmp_path)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3]  # resumed from step 1, the last good one
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints.corrupt").iterdir()] == ["2"]
+
+
+def test_skip_warns_counts_and_writes_strict_json(tmp_path, capsys):
+    cfg = tiny_config(num_steps=6, optim=HUGE_LR, nan_policy="skip")
+    last = train(cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert out.count("skipped: non-finite") == 6 and last["skipped_steps"] == 6
+    summary = json.loads(
+        (tmp_path / "summary.json").read_text(), parse_constant=pytest.fail
+    )  # NaN/Infinity are not JSON: parse_constant is only called for them
+    assert summary["skipped_steps"] == 6
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=pytest.fail)
+
+
+def test_mfu_is_never_above_one_with_every_step_logged(tmp_path):
+    # The throughput window used to restart after the next step was already dispatched, so
+    # every second logged step counted a step's work in less than its time (MFU 108 %).
+    train(tiny_config(num_steps=12, metrics={"log_every": 1}), tmp_path)
+    mfus = [r["mfu"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("mfu") is not None]
+    assert len(mfus) >= 10 and max(mfus) < 1.0
+
+
+def test_disk_full_names_the_step_the_space_and_the_fix(tmp_path):
+    # A real full disk: a 6 MiB tmpfs (needs root, as in CI). Step 2 fits, step 4 does not.
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        r = _run(
+            mount / "run",
+            "--config.num_steps=6",
+            "--config.checkpoint.every_steps=2",
+            "--config.checkpoint.async_save=false",
+            "--config.metrics.log_every=100",
+        )
+        assert r.returncode == 1
+        line = [x for x in r.stderr.splitlines() if x.startswith("bigjax: error:")]
+        assert len(line) == 1, r.stderr[-3000:]
+        assert "no free disk space" in line[0] and "a save needs" in line[0], line
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert (mount / "run" / "checkpoints" / "2").is_dir()  # older checkpoints intact
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+# --------------------------------------------------------------------- untrusted convert input
+
+
+def _hf_dir(tmp_path: Path, **config) -> Path:
+    """A tiny Llama directory in the Hugging Face layout (random weights, real files)."""
+    from bigjax import tensorfile
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "intermediate_size": 32,
+        "vocab_size": 64,
+        "tie_word_embeddings": True,
+        **config,
+    }
+    (d / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+    shapes = {
+        "model.embed_tokens.weight": (64, 16),
+        "model.norm.weight": (16,),
+        "model.layers.0.input_layernorm.weight": (16,),
+        "model.layers.0.post_attention_layernorm.weight": (16,),
+        "model.layers.0.self_attn.q_proj.weight": (16, 16),
+        "model.layers.0.self_attn.k_proj.weight": (16, 16),
+        "model.layers.0.self_attn.v_proj.weight": (16, 16),
+        "model.layers.0.self_attn.o_proj.weight": (16, 16),
+        "model.layers.0.mlp.gate_proj.weight": (32, 16),
+        "model.layers.0.mlp.up_proj.weight": (32, 16),
+        "model.layers.0.mlp.down_proj.weight": (16, 32),
+    }
+    tensors = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    tensorfile.write(d / "model.safetensors", tensors, {"format": "pt"})
+    return d
+
+
+def _convert(src: Path, dst: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bigjax.cli", "convert", str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def test_convert_imports_the_honest_directory(tmp_path):
+    r = _convert(_hf_dir(tmp_path), tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_convert_refuses_a_config_that_disagrees_with_the_weights_before_allocating(tmp_path):
+    src = _hf_dir(tmp_path, num_hidden_layers=1_000_000_000)
+    start = time.perf_counter()
+    r = _convert(src, tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "config.json implies" in r.stderr and "do not belong together" in r.stderr
+    assert time.perf_counter() - start < 60  # it did not try to build a billion layers
+
+
+def test_convert_refuses_a_deeply_nested_header(tmp_path):
+    src = _hf_dir(tmp_path)
+    blob = b"[" * 200_000 + b"]" * 200_000
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob)
+    r = _convert(src, tmp_path / "out")
+    assert r.returncode == 2 and "unreadable JSON header" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_convert_never_reads_files_outside_the_model_directory(tmp_path):
+    src = _hf_dir(tmp_path)
+    secret = tmp_path / "secret.safetensors"
+    (src / "model.safetensors").rename(secret)
+    index = {"weight_map": {"model.norm.weight": "../secret.safetensors"}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    r = _convert(src, tmp_path / "out")
+    assert r.returncode == 2 and "lies outside" in r.stderr
+    (src / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "/etc/passwd"}})
+    )
+    r = _convert(src, tmp_path / "out")
+    assert r.returncode == 2 and "lies outside" in r.stderr
+
+
+def test_a_non_finite_state_is_refused_by_save_itself(tmp_path):
+    # The last guard, below the train loop's checks: checkpoint.save checks on device.
+    import jax
+
+    from bigjax import checkpoint
+    from bigjax.config import CheckpointConfig
+    from bigjax.mesh import make_mesh
+    from bigjax.program import make_program
+
+    cfg = tiny_config()
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        state = make_program(cfg, mesh).init()
+    bad = state.replace(opt_state=jax.tree.map(lambda x: x * np.inf, state.opt_state))
+    manager = checkpoint.make_manager(tmp_path, CheckpointConfig())
+    with pytest.raises(CheckpointError, match="not finite; not saved"):
+        checkpoint.save(manager, bad, None, {}, force=True)
+    manager.close()
