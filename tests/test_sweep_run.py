@@ -276,3 +276,40 @@ def test_ctrl_c_stops_trials_cleanly_and_requeues_them(tmp_path):
     states = sorted(t.state.name for t in load(out, "stop").get_trials())
     assert states == ["COMPLETE", "FAIL"]
     assert "resuming from step" in (run_dir / "train.log").read_text()
+
+
+def test_stalled_worker_never_runs_two_trainers_and_wakes_without_crashing(tmp_path):
+    # Worker A's process is stopped (Ctrl-Z, a paused VM) past the heartbeat grace while its
+    # trainer (its own session) keeps running; worker B fails A's attempt as stale and takes
+    # the retry. B must wait for A's trainer to release the run directory; A, resumed, must
+    # stop its trainer and leave the result to B, without crashing or reporting twice.
+    spec = tmp_path / "sweep.py"
+    write_spec(spec, LONG_SPEC.format(name="stall"))
+    out = tmp_path / "sweep"
+    a = start_until_checkpoint(spec, out, "--heartbeat", "1")
+    (run_dir,) = out.glob("runs/*")
+    a.send_signal(signal.SIGSTOP)
+    try:
+        args = [sys.executable, "-m", "bigjax.cli", "sweep", str(spec), "--dir", str(out)]
+        b = subprocess.Popen(
+            [*args, "--heartbeat", "1"], env=sweep_env(), cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        seen = ""
+        while "waiting for the trainer of an earlier attempt" not in seen:
+            assert time.monotonic() < deadline and b.poll() is None, seen
+            seen += b.stdout.readline()
+        assert (run_dir / "train.log").read_text().count("bigjax ") == 1  # one trainer so far
+    finally:
+        a.send_signal(signal.SIGCONT)
+    a_out, _ = a.communicate(timeout=600)
+    b_out, _ = b.communicate(timeout=600)
+    assert a.returncode == 0, a_out[-3000:]
+    assert "another took the trial over" in a_out and "Cannot tell" not in a_out
+    assert b.returncode == 0, b_out[-3000:]
+    states = sorted(t.state.name for t in load(out, "stall").get_trials())
+    assert states == ["COMPLETE", "FAIL"]  # A's attempt (failed as stale), B's retry
+    log = (run_dir / "train.log").read_text()
+    assert log.count("fresh start") == 1 and "resuming from step" in log
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 400
