@@ -38,5 +38,20 @@ def test_cli_bench_quick_writes_json_and_compares(tmp_path):
     result = json.loads(out.read_text())
     assert result["settings"] == {"warmup": 1, "steps": 5} and result["batch"] == [8, 64]
     assert "MFU" in r.stdout and "host overhead" in r.stdout
+    # which speed choices it took, and from where: lm_tiny has no platforms table
+    assert "choices: platforms_entry (none), attention einsum, remat none" in r.stdout
+    assert result["choices"]["attention"] == "einsum"
     r = subprocess.run([*cmd, "--baseline", str(tmp_path / "missing.json")], **RUN)
     assert r.returncode == 2 and "--baseline: no such file" in r.stderr
+
+
+def test_cli_bench_prints_the_platform_entry_it_applied():
+    cmd = [sys.executable, "-m", "bigjax.cli", "bench", "--config", "configs/lm_small.py"]
+    cmd += ["--config.data.seq_len=32", "--config.data.batch_size=8", "--config.model.d_model=64"]
+    cmd += ["--config.model.num_layers=2", "--steps", "1", "--warmup", "0"]
+    r = subprocess.run(cmd, **RUN)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # on this CPU, lm_small's `cpu` entry: unrolled layers
+    assert "choices: platforms_entry cpu, attention einsum, remat none, scan_layers False" in (
+        r.stdout
+    )
