@@ -17,6 +17,7 @@ attend only to earlier positions:
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -102,13 +103,28 @@ def attend(
 ) -> jax.Array:
     """Self-attention of a packed batch with the kernel `impl`; 'auto' is resolved here, at
     trace time, for the devices and shapes being traced."""
-    impl = resolve(
+    chosen = resolve(
         impl,
         _platform(),
         dtype=q_BLHK.dtype,
         head_dim=q_BLHK.shape[-1],
         seq_len=q_BLHK.shape[1],
     )
+    if impl == "auto" and chosen == "cudnn":
+        # jax checks the GPU, cuDNN version and shapes while tracing; where the packed kernel
+        # is unavailable (pre-Hopper GPUs, an old cuDNN) `auto` must still train.
+        try:
+            return cudnn_attention(
+                q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules
+            )
+        except (NotImplementedError, RuntimeError, ValueError) as e:
+            warnings.warn(
+                f"model.attention=auto: cuDNN flash attention is unavailable here "
+                f"({type(e).__name__}: {str(e).strip()[:200]}); using the einsum path.",
+                stacklevel=2,
+            )
+            chosen = "einsum"
+    impl = chosen
     if impl == "einsum":
         return dot_product_attention(q_BLHK, k_BLGK, v_BLGK, attention_mask(segment_ids_BL, causal))
     if impl == "xla":

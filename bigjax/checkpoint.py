@@ -15,6 +15,7 @@ import json
 import shutil
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,30 @@ def check_layout(manager: ocp.CheckpointManager, step: int, layout: dict[str, li
         )
 
 
+def check_expected(
+    manager: ocp.CheckpointManager, step: int, expect: Mapping[str, Any] | None
+) -> None:
+    """Raises CheckpointMismatch naming each `expect` key whose value the checkpoint's saved
+    config contradicts (a checkpoint without a readable config is not judged here)."""
+    saved = _read_meta(manager, step).get("config")
+    if not expect or not isinstance(saved, dict):
+        return
+    differ = []
+    for dotted, want in expect.items():
+        value: Any = saved
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None and value != want:
+            differ.append(f"{dotted}={value!r} in the checkpoint, {want!r} in this run")
+    if differ:
+        raise CheckpointMismatch(
+            f"checkpoint {manager.directory}/{step} cannot continue with this config: "
+            f"{'; '.join(differ)}. Set it back, or start a new --workdir with "
+            f"--config.checkpoint.init_from={Path(manager.directory).parent} "
+            "--config.checkpoint.init_mode=params (weights only, a fresh optimizer)."
+        )
+
+
 def restore(
     manager: ocp.CheckpointManager,
     target: TrainState,
@@ -276,6 +301,7 @@ def restore(
     *,
     before: int | None = None,
     move_corrupt: bool = True,
+    expect: Mapping[str, Any] | None = None,
 ) -> TrainState | None:
     """Restores the newest good checkpoint (older than `before`, if given) into `target`'s
     shapes and shardings (resharding if the mesh changed), and the data iterator in place.
@@ -284,6 +310,9 @@ def restore(
     not load, holds a malformed data state or a non-finite state is skipped with a warning
     naming it and the reason, and (with `move_corrupt`, never for another run's directory)
     moved to `<checkpoints>.corrupt/`; if checkpoints exist but none is good, raises.
+    `expect` (dotted config key -> value) must match the checkpoint's config: keys whose
+    change makes the saved state unusable (the optimizer) are a CheckpointMismatch, never
+    mistaken for corruption.
     """
     steps = sorted((s for s in manager.all_steps() if before is None or s < before), reverse=True)
     if not steps:
@@ -298,6 +327,7 @@ def restore(
                 f"--config.checkpoint.init_from={Path(manager.directory).parent}."
             )
         check_layout(manager, step, layout)
+        check_expected(manager, step, expect)
         problem = integrity.verify(step_dir)
         if problem is None and not integrity.is_sealed(step_dir):
             warnings.warn(
@@ -318,6 +348,16 @@ def restore(
             except DataStateError as e:  # readable, but this config cannot continue it
                 raise CheckpointMismatch(f"checkpoint {step_dir}: {e}") from e
             except Exception as e:  # corrupt or truncated files, a malformed data state
+                if integrity.is_sealed(step_dir) and not isinstance(e, MalformedDataState):
+                    # Its bytes are the ones written: this run's state is what differs.
+                    raise CheckpointMismatch(
+                        f"checkpoint {step_dir} is intact (its checksums match) but does not "
+                        f"restore into this run's state ({type(e).__name__}: {_first_line(e)}"
+                        "): the config changed what the state holds (optimizer, fine-tuning "
+                        "setup). Set it back, or start a new --workdir with "
+                        f"--config.checkpoint.init_from={Path(manager.directory).parent} "
+                        "--config.checkpoint.init_mode=params."
+                    ) from e
                 problem = f"unreadable: {type(e).__name__}: {_first_line(e)}"
         if problem is None and not integrity.state_finite((restored.params, restored.opt_state)):
             problem = "its parameters or optimizer moments are not finite"

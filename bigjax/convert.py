@@ -53,6 +53,8 @@ def check_sizes(m: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype)
     implied = models.PARAM_COUNT[m.family](m)
     held = sum(v.size for k, v in tensors.items() if k != "lm_head.weight" or not m.tie_embeddings)
     if implied != held:
+        if m.num_layers <= len(tensors):  # few enough layers to list what does not match
+            hf.check_names(m, tensors)
         raise hf.ConvertError(
             f"config.json implies {implied:,} parameters ({m.num_layers} layers, d_model "
             f"{m.d_model}, vocab {m.vocab_size}), the safetensors files hold {held:,}: they do "

@@ -335,11 +335,9 @@ def to_hf(m: ModelConfig, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     return out
 
 
-def from_hf(
-    m: ModelConfig, tensors: Mapping[str, np.ndarray], layout: Mapping[str, list[int]], dtype
-) -> dict[str, np.ndarray]:
-    """Hugging Face tensors -> bigjax parameters (path -> array) of the shapes in `layout`.
-    Every parameter must be filled and every tensor used (tied lm_head copies aside)."""
+def check_names(m: ModelConfig, tensors: Mapping[str, np.ndarray]) -> None:
+    """Every tensor the model needs is there and every tensor has a place (tied lm_head
+    copies aside); raises ConvertError naming the first few that do not."""
     layer, top = RULES[m.family](m)
     names = [t.hf for t in top] + [t.hf.format(i=i) for i in range(m.num_layers) for t in layer]
     missing = [n for n in names if n not in tensors]
@@ -351,6 +349,15 @@ def from_hf(
             f"{len(unused)} tensors of the checkpoint have no place in the model: {unused[:6]}. "
             "Does config.json match the weights?"
         )
+
+
+def from_hf(
+    m: ModelConfig, tensors: Mapping[str, np.ndarray], layout: Mapping[str, list[int]], dtype
+) -> dict[str, np.ndarray]:
+    """Hugging Face tensors -> bigjax parameters (path -> array) of the shapes in `layout`.
+    Every parameter must be filled and every tensor used (tied lm_head copies aside)."""
+    check_names(m, tensors)
+    layer, top = RULES[m.family](m)
     shapes = {k: tuple(v) for k, v in layout.items()}
     out: dict[str, np.ndarray] = {}
     for t in top:

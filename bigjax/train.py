@@ -169,7 +169,8 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         cleanup.callback(manager.close)
         target = checkpoint.restore_target(prog.abstract, prog.shardings)
         layout = checkpoint.param_layout(prog.abstract.params)
-        state = checkpoint.restore(manager, target, data_iter, layout)
+        expect = {"optim.name": cfg.optim.name}  # another optimizer's state cannot continue
+        state = checkpoint.restore(manager, target, data_iter, layout, expect=expect)
         origin = f"resuming from step {int(state.step)}" if state is not None else ""
         if state is None and cfg.checkpoint.init_from:
             state = checkpoint.init_from(
@@ -346,7 +347,10 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 checkpoint.wait(manager)
                 getattr(data_iter, "close", lambda: None)()  # stop its worker processes
                 data_iter = new_data_iter()
-                state = checkpoint.restore(manager, target, data_iter, layout) or prog.init()
+                state = (
+                    checkpoint.restore(manager, target, data_iter, layout, expect=expect)
+                    or prog.init()
+                )
                 step, pending = int(jax.device_get(state.step)), None
                 skip_batches.add(bad_step)
                 writers.truncate_after(step)

@@ -363,3 +363,16 @@ def test_a_non_finite_state_is_refused_by_save_itself(tmp_path):
     with pytest.raises(CheckpointError, match="not finite; not saved"):
         checkpoint.save(manager, bad, None, {}, force=True)
     manager.close()
+
+
+def test_another_optimizer_is_a_config_error_not_corruption(tmp_path):
+    # A changed config must never be taken for a corrupt checkpoint (which would be moved
+    # aside): exit 2 naming the key and the way out, and the checkpoints stay where they are.
+    r = _run(tmp_path, "--config.num_steps=2", "--config.checkpoint.every_steps=2")
+    assert r.returncode == 0
+    r = _run(tmp_path, "--config.num_steps=4", "--config.optim.name=lion")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "optim.name='adamw' in the checkpoint, 'lion' in this run" in r.stderr
+    assert "checkpoint.init_from" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "checkpoints" / "2").is_dir()
+    assert not (tmp_path / "checkpoints.corrupt").exists()
