@@ -11,8 +11,8 @@ save creates the directories and is reported apart). Per save:
   slowdown  how much longer the `--after` steps that follow took than as many undisturbed
             steps (the median step before the save times `--after`): the background write
             competing with training for host cores, memory bandwidth or PCIe.
-Both as a share of the time of the `--after` steps. The modes alternate (async, sync, async,
-sync), so drift of the machine spreads over both.
+Both as a share of the time of the `--after` steps. The modes alternate (async, sync, ...,
+`--rounds` times), so drift of the machine spreads over both.
 """
 
 from __future__ import annotations
@@ -95,11 +95,12 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=3)
     parser.add_argument("--before", type=int, default=5)
     parser.add_argument("--after", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of async, sync")
     args, overrides = parser.parse_known_args()
     cfg = tuning.for_devices(load_config(args.config, overrides), jax.devices())
     out = Path(args.out)
     runs = {"async": [], "sync": []}
-    for mode in ("async", "sync", "async", "sync"):
+    for mode in ("async", "sync") * args.rounds:
         runs[mode] += measure(cfg, mode == "async", out / mode, args)
     summary = {}
     for mode, saves in runs.items():
