@@ -131,6 +131,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             val_fraction=args.val_fraction,
             shard_tokens=args.shard_tokens,
             strict=args.strict,
+            languages=tuple(args.languages or ()),
             workers=args.workers,
         )
     )
@@ -138,7 +139,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
-    from bigjax.data.clean import QualityConfig
+    from bigjax.data.clean import NEAR_THRESHOLD, QualityConfig
 
     p = sub.add_parser(
         "prepare",
@@ -164,7 +165,18 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
         help="stop at the first unusable record instead of skipping and counting it",
     )
     p.add_argument("--invalid-utf8", choices=("repair", "drop"), default="repair")
-    p.add_argument("--near-threshold", type=float, default=0.8, help="MinHash Jaccard threshold")
+    p.add_argument(
+        "--near-threshold",
+        type=float,
+        default=NEAR_THRESHOLD,
+        help="Jaccard of 5-unit shingles above which a document is a near duplicate",
+    )
+    p.add_argument(
+        "--languages",
+        nargs="+",
+        metavar="CODE",
+        help="keep only documents in these languages (ISO 639-1 tags as in the report: zh en)",
+    )
     p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
     for stage in ("normalize", "quality", "exact-dedup", "near-dedup", "pii"):
         p.add_argument(f"--no-{stage}", action="store_true", help=f"switch off {stage}")

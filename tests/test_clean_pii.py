@@ -1,10 +1,13 @@
 """Normalisation, quality filters and personal-data scrubbing on handmade and real text."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from bigjax.data.clean import QualityConfig, normalize, quality_reason
 from bigjax.data.corpus import stdlib_files
-from bigjax.data.pii import iban_valid, luhn_valid, scrub
+from bigjax.data.pii import find, iban_valid, luhn_valid, scrub
 
 
 def test_normalize():
@@ -81,3 +84,84 @@ def test_look_alikes_are_left_alone(text):
 def test_api_key_value_only_is_replaced():
     out, _ = scrub('password: "hunter2hunter2"')
     assert out == 'password: "<SECRET>"'
+
+
+PLANTED = Path(__file__).resolve().parent / "fixtures" / "pii_planted.jsonl"
+
+
+def test_recall_on_the_planted_set_is_at_least_99_percent():
+    """483 items in 27 formats (scripts/data/make_pii_fixture.py): phone numbers of 21 regions
+    in E.164, international, national, RFC 3966 and local layouts, emails, IPv4/IPv6 with
+    ports, brackets, CIDR and zones, cards, IBANs and seven kinds of national id, in sentences
+    of 15 languages. An item counts only if a span of the right type covers all of it."""
+    items = [json.loads(line) for line in PLANTED.read_text().splitlines()]
+    assert len(items) >= 200 and len({i["format"] for i in items}) >= 15
+    missed = []
+    for item in items:
+        start = item["text"].index(item["value"])
+        end = start + len(item["value"])
+        spans = find(item["text"], item["language"])
+        if not any(s <= start and e >= end and k == item["kind"] for s, e, k in spans):
+            missed.append(item["text"])
+    assert len(missed) <= 0.01 * len(items), missed
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "+14155552676",
+        "1-800-555-0199",
+        "+44 7911 123456",
+        "+49 30 12345678",
+        "+33 1 42 68 53 00",
+        "+61 2 9374 4000",
+        "+81 3-1234-5678",
+        "+91 98765 43210",
+        "+55 11 91234-5678",
+    ],
+)
+def test_the_phone_formats_that_used_to_leak(value):
+    out, counts = scrub(f"Call {value} today, or {value}.")
+    assert counts == {"PHONE": 2} and value not in out
+
+
+@pytest.mark.parametrize(
+    "text, kind",
+    [
+        ("connect to 10.0.0.1.", "IPV4"),
+        ("(10.0.0.1)", "IPV4"),
+        ("server 10.0.0.1:8080 and", "IPV4"),
+        ("net 192.168.4.0/24 here", "IPV4"),
+        ("地址10.0.0.1。", "IPV4"),
+        ("[2001:db8::1]:443", "IPV6"),
+        ("fe80::1ff:fe23:4567:890a%eth0.", "IPV6"),
+        ("邮箱zhang.san@example.cn，谢谢", "EMAIL"),
+        ("身份证号11010519491231002X。", "NATIONAL_ID"),
+        ("手机13812345678。", "PHONE"),
+        ("Aadhaar 2345 6789 0124.", "NATIONAL_ID"),
+        ("DNI 12345678Z.", "NATIONAL_ID"),
+        ("SSN 123-45-6789.", "NATIONAL_ID"),
+        ("IBAN GB82WEST12345698765432.", "IBAN"),
+    ],
+)
+def test_personal_data_at_any_punctuation_and_glued_to_cjk(text, kind):
+    out, counts = scrub(text, "zh" if any(ord(c) > 0x3000 for c in text) else "en")
+    assert counts == {kind: 1}, (out, counts)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "version 1.2.3.4.5 and 10.0.0.1.2",
+        "if x == 2147483647: return -2147483648",
+        "t = 1170979200.0; h = 0x7fffffff",
+        "ids = [4386268800, 1234567890]",
+        "x = 0.86057815201978782",
+        "bind(('127.0.0.1', 0)); listen('0.0.0.0')",
+        "a[::1000], b[10::20]",
+        "on 2024-01-15 at 12:30:45",
+        "ISBN 978-3-16-148410-0",
+    ],
+)
+def test_code_and_numbers_are_not_personal_data(text):
+    assert scrub(text) == (text, {})

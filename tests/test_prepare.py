@@ -102,6 +102,7 @@ def test_messy_inputs_are_cleaned_counted_and_scrubbed(messy, tmp_path):
         "EMAIL": 1,
         "IBAN": 0,
         "CREDIT_CARD": 1,
+        "NATIONAL_ID": 0,
         "IPV6": 0,
         "IPV4": 1,
         "PHONE": 1,
@@ -117,7 +118,8 @@ def test_messy_inputs_are_cleaned_counted_and_scrubbed(messy, tmp_path):
     assert all(r[0] == tok.bos_id and r[-1] == tok.eos_id for r in _records(out, "train"))
     joined = "\n".join(texts)
     assert "<EMAIL>" in joined and "jane.doe" not in joined and "4111" not in joined
-    assert "Café on the corner" not in joined and "Caf\ufffd on the corner" in joined
+    # the stray Latin-1 byte is repaired as the Windows-1252 it almost always is
+    assert "Café on the corner" in joined and "\ufffd" not in joined
     assert "    return a + b" in joined  # code indentation survives normalisation
     assert sum(m["splits"][s]["tokens"] for s in m["splits"]) == m["tokens_out"]
 
@@ -145,7 +147,7 @@ def test_same_input_same_flags_byte_identical(tmp_path):
 def test_strict_stops_at_first_bad_record_naming_file_and_line(messy, tmp_path):
     with pytest.raises(DataError, match=r"a\.jsonl:2: malformed json"):
         prepare(_cfg([messy / "a.jsonl"], tmp_path / "ds", strict=True))
-    assert not (tmp_path / "ds").exists() and not (tmp_path / ".ds.partial").exists()
+    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.partial*"))
 
 
 def test_missing_input_and_nothing_left_are_clear_errors(tmp_path):
@@ -159,7 +161,7 @@ def test_missing_input_and_nothing_left_are_clear_errors(tmp_path):
 def test_refuses_to_overwrite_a_foreign_directory(messy, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "important.txt").write_text("keep me")
-    with pytest.raises(DataError, match="not a prepared dataset"):
+    with pytest.raises(DataError, match="not written by bigjax prepare"):
         prepare(_cfg([messy / "notes.md"], tmp_path / "mine"))
     assert (tmp_path / "mine" / "important.txt").exists()
 
@@ -235,4 +237,4 @@ def test_bad_tokenizer_spec_fails_before_any_work(messy, tmp_path):
     ]:
         with pytest.raises((tokenizers.TokenizerError, FileNotFoundError), match=pattern):
             prepare(_cfg([messy / "a.jsonl"], tmp_path / "ds", tokenizer=spec))
-        assert not (tmp_path / ".ds.partial").exists() and not (tmp_path / "ds").exists()
+        assert not list(tmp_path.glob(".ds.partial*")) and not (tmp_path / "ds").exists()

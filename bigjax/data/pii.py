@@ -1,18 +1,35 @@
-"""Personal-data scrubbing: typed placeholders for emails, phones, IPs, cards, IBANs, secrets.
+"""Personal-data scrubbing: typed placeholders for secrets, emails, IBANs, cards, national ids,
+IP addresses and phone numbers, in text of any language.
 
-Numbers that only look like cards or IBANs are left alone: candidates must pass the Luhn or the
-ISO 13616 mod-97 check. Order matters: longer, more specific patterns run first so that, e.g.,
-a card number is not half-eaten by the phone pattern.
+Every detector reports spans on the original text; overlapping spans are settled by the order
+of `PII_TYPES` (the more specific kind wins: a card number is not half-eaten as a phone), then
+all are replaced at once. Numbers are validated, not just matched: cards by Luhn, IBANs by ISO
+13616 mod 97, national ids by their own check digits (python-stdnum), phone numbers by Google's
+libphonenumber metadata (the `phonenumbers` package: every region's numbering plan, with or
+without country code and separators). Boundaries are ASCII-only, so an address glued to
+Chinese text (`邮箱a@b.cn`, `电话13812345678。`) is still one token.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
-PII_TYPES = ("SECRET", "EMAIL", "IBAN", "CREDIT_CARD", "IPV6", "IPV4", "PHONE")
+PII_TYPES = (
+    "SECRET",
+    "EMAIL",
+    "IBAN",
+    "NATIONAL_ID",  # before cards: an 18-digit Chinese id passes Luhn one time in ten
+    "CREDIT_CARD",
+    "IPV6",
+    "IPV4",
+    "PHONE",
+)
+
+Span = tuple[int, int, str]  # [start, end), kind
 
 _SECRET = re.compile(
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----"
@@ -22,24 +39,84 @@ _SECRET = re.compile(
     r"|\bAIza[0-9A-Za-z_-]{35}\b"  # Google API keys
     r"|\b[sr]k_(?:live|test)_[0-9A-Za-z]{16,}\b"  # Stripe keys
     r"|\bsk-[A-Za-z0-9_-]{20,}\b",  # OpenAI-style keys
-    re.DOTALL,
+    re.DOTALL | re.ASCII,
 )
-# key = "value" assignments whose name says secret: only the value is replaced.
+# key = "value" assignments whose name says secret: only the value (group 3) is replaced.
 _SECRET_ASSIGNMENT = re.compile(
     r"""(?i)\b((?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd)"""
-    r"""\s*[:=]\s*)(['"])([^'"\s]{8,})\2"""
+    r"""\s*[:=]\s*)(['"])([^'"\s]{8,})\2""",
+    re.ASCII,
 )
-_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
-_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
-_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
+_EMAIL = re.compile(
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+    r"(?![A-Za-z0-9-])"
+)
+_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?")
+# Not the digits of a float, a hex constant or an identifier.
+# Not the digits of a float, a hex constant, an identifier or a +country phone number.
+_CARD = re.compile(r"(?<![0-9A-Za-z_.+-])[0-9](?:[ -]?[0-9]){12,18}(?![0-9A-Za-z_-])(?![.,][0-9])")
 _IPV4 = re.compile(
-    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
-    r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"
+    # Any punctuation around it, a sentence's full stop included; but not a piece of a longer
+    # dotted number (1.2.3.4.5 is a version, not an address).
+    r"(?<![0-9A-Za-z_])(?<![0-9]\.)(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?![0-9A-Za-z_])(?!\.[0-9])"
 )
-_PHONE = re.compile(
-    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,5}(?![\w])"
+_IPV6 = re.compile(
+    r"(?<![0-9A-Za-z_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}"
+    r"(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9A-Fa-f]{0,4})(?:%[0-9A-Za-z]+)?(?![0-9A-Za-z_.:])"
 )
+# National ids with a check digit (or, for US SSNs, a distinctive written form), as written;
+# each candidate must pass one of the python-stdnum validators of its shape.
+_NATIONAL_IDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"[0-9]{17}[0-9Xx]", ("cn.ric",)),  # China resident identity card
+    (r"[0-9]{6}-[0-9]{7}", ("kr.rrn",)),  # Korea resident registration number
+    (r"[2-9][0-9]{3}[ -]?[0-9]{4}[ -]?[0-9]{4}", ("in_.aadhaar", "jp.in_")),  # Aadhaar, My Number
+    (r"[0-9]{3}\.[0-9]{3}\.[0-9]{3}-[0-9]{2}", ("br.cpf",)),  # Brazil CPF
+    (r"[0-9]{8}-?[A-Z]|[XYZ]-?[0-9]{7}-?[A-Z]", ("es.dni", "es.nie")),  # Spain DNI / NIE
+    (r"[12] ?[0-9]{2} ?[0-9]{2} ?(?:[0-9]{2}|2A|2B) ?[0-9]{3} ?[0-9]{3} ?[0-9]{2}", ("fr.nir",)),
+    (r"[A-Z]{6}[0-9L-V]{2}[A-Z][0-9L-V]{2}[A-Z][0-9L-V]{3}[A-Z]", ("it.codicefiscale",)),
+    (r"(?:[0-9]{2})?[0-9]{6}[-+][0-9]{4}", ("se.personnummer",)),  # Sweden
+    (r"[0-9]{6}[-+ABCDEFUVWXY][0-9]{3}[0-9A-Y]", ("fi.hetu",)),  # Finland
+    (r"[0-9]{11}", ("pl.pesel",)),  # Poland (date and check digit)
+    (r"[0-9]{3}-[0-9]{2}-[0-9]{4}", ("us.ssn",)),  # US social security number
+    (r"[0-9]{3}[ -][0-9]{3}[ -][0-9]{3}", ("ca.sin",)),  # Canada social insurance number
+)
+# Not a piece of a longer grouped number (an invalid card's last 12 digits are no Aadhaar).
+# The cheap look-ahead first: the alternation is tried only where an id can start.
+_NATIONAL_ID = re.compile(
+    r"(?=[0-9A-Z])(?<![0-9A-Za-z+])(?<![0-9][ .-])(?:"
+    + "|".join(p for p, _ in _NATIONAL_IDS)
+    + r")(?![0-9A-Za-z])(?![ .-][0-9])"
+)
+# A run that could hold a phone number: at least 7 digits with phone punctuation between.
+_PHONE_CANDIDATE = re.compile(r"[0-9０-９](?:[\s().\-/]{0,3}[0-9０-９]){6,}")
+
+# Where national (no country code) numbers are looked for, by the document's language.
+# Numbers written with a country code are found whatever the language.
+REGIONS_BY_LANGUAGE: dict[str, tuple[str, ...]] = {
+    "en": ("US", "GB", "IN", "AU", "CA", "ZA", "NG", "IE", "NZ", "PH"),
+    "zh": ("CN", "TW", "HK", "SG"),
+    "ja": ("JP",),
+    "ko": ("KR",),
+    "ar": ("SA", "EG", "AE", "MA"),
+    "hi": ("IN",),
+    "ru": ("RU", "KZ"),
+    "uk": ("UA",),
+    "de": ("DE", "AT", "CH"),
+    "fr": ("FR", "BE", "CA", "CH"),
+    "es": ("ES", "MX", "AR", "CO"),
+    "pt": ("BR", "PT"),
+    "it": ("IT", "CH"),
+    "sv": ("SE", "FI"),
+    "nl": ("NL", "BE"),
+    "pl": ("PL",),
+    "tr": ("TR",),
+    "id": ("ID",),
+    "vi": ("VN",),
+    "th": ("TH",),
+    "fa": ("IR",),
+}
+DEFAULT_REGIONS = ("US", "GB", "IN", "CN")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -60,56 +137,166 @@ def iban_valid(candidate: str) -> bool:
 
 def _is_card(m: re.Match) -> bool:
     digits = re.sub(r"\D", "", m.group())
-    return 13 <= len(digits) <= 19 and luhn_valid(digits)
+    if not (13 <= len(digits) <= 19 and luhn_valid(digits)):
+        return False
+    # Written as cards are: ungrouped, in fours, or Amex/Diners 4-6-5 / 4-6-4 (not a table of
+    # small numbers, not 123456789 123456789).
+    sizes = [len(g) for g in re.split(r"[ -]", m.group())]
+    fours = all(n == 4 for n in sizes[:-1]) and 1 <= sizes[-1] <= 4
+    return len(sizes) == 1 or fours or sizes in ([4, 6, 5], [4, 6, 4])
 
 
 def _is_ipv6(m: re.Match) -> bool:
-    # Three or more colons: slices like a[1::2] or '::' in code are not addresses.
-    if m.group().count(":") < 3:
-        return False
+    address = m.group().split("%")[0]
     try:
-        ipaddress.IPv6Address(m.group())
+        ipaddress.IPv6Address(address)
     except ValueError:
         return False
-    return True
+    # Code slices (a[1::2], b[10::20], a[::1000]) are valid addresses too; real ones have
+    # three or more colons, or hex on both sides with a group of 3+ digits (fe80::1).
+    if address.count(":") >= 3:
+        return True
+    head, _, tail = address.partition("::")
+    return bool(head and tail) and any(len(g) >= 3 for g in address.split(":"))
 
 
-def _is_phone(m: re.Match) -> bool:
-    # A phone number stands alone: not one group of a longer digit run (an invalid card
-    # number, an account number), and at most 15 digits (E.164).
-    before, after = m.string[max(m.start() - 2, 0) : m.start()], m.string[m.end() : m.end() + 2]
-    if re.search(r"\d[ .-]?$", before) or re.match(r"[ .-]?\d", after):
-        return False
-    return 7 <= len(re.sub(r"\D", "", m.group())) <= 15
+def _is_personal_ipv4(m: re.Match) -> bool:
+    # 0.0.0.0, loopback and broadcast name no machine of anyone's; everything else (private
+    # ranges too: they map a network) is scrubbed.
+    address = ipaddress.IPv4Address(m.group())
+    return not (address.is_unspecified or address.is_loopback or m.group() == "255.255.255.255")
 
 
-_RULES: tuple[tuple[str, re.Pattern, Callable[[re.Match], bool] | None], ...] = (
-    ("SECRET", _SECRET, None),
-    ("EMAIL", _EMAIL, None),
-    ("IBAN", _IBAN, lambda m: iban_valid(m.group())),
-    ("CREDIT_CARD", _CARD, _is_card),
-    ("IPV6", _IPV6, _is_ipv6),
-    ("IPV4", _IPV4, None),
-    ("PHONE", _PHONE, _is_phone),
+@functools.cache
+def _validators(names: tuple[str, ...]) -> tuple[Callable[[str], bool], ...]:
+    import importlib
+
+    return tuple(importlib.import_module(f"stdnum.{n}").is_valid for n in names)
+
+
+def _is_national_id(m: re.Match) -> bool:
+    text = m.group()
+    for pattern, names in _NATIONAL_IDS:
+        if re.fullmatch(pattern, text) and any(valid(text) for valid in _validators(names)):
+            return True
+    return False
+
+
+def _regex_spans(
+    kind: str, pattern: re.Pattern, text: str, valid: Callable[[re.Match], bool] | None = None
+) -> Iterator[Span]:
+    for m in pattern.finditer(text):
+        if valid is None or valid(m):
+            yield m.start(), m.end(), kind
+
+
+def _phone_spans(text: str, regions: Sequence[str]) -> Iterator[Span]:
+    """Valid numbers of any region written with a country code, and national numbers of
+    `regions`. Only the stretches that hold a digit run long enough are handed to the
+    matcher: it is slow, and most text has none."""
+    import phonenumbers
+
+    for candidate in _PHONE_CANDIDATE.finditer(text):
+        # The matcher needs the '+' and the brackets around the run.
+        start = max(candidate.start() - 6, 0)
+        end = min(candidate.end() + 2, len(text))
+        window = text[start:end]
+        for region in regions:
+            for match in phonenumbers.PhoneNumberMatcher(
+                window, region, leniency=phonenumbers.Leniency.VALID
+            ):
+                begin, end = start + match.start, start + match.end
+                if _stands_alone(text, begin, end) and (
+                    not match.raw_string.strip("[]()").isdigit()
+                    or _PHONE_CONTEXT.search(text, max(begin - 40, 0), begin)
+                ):
+                    yield begin, end, "PHONE"
+
+
+# A bare run of digits (no '+', no separators) is a phone number only after a word that says
+# so: in code and tables such runs are constants, ids and timestamps (2147483647 is a valid US
+# number). Written with a country code or separators, a number needs no label.
+_PHONE_CONTEXT = re.compile(
+    "|".join(
+        [
+            r"(?i:tel|phone|call|mobile|cell|fax|whatsapp|sms|contact|number|dial|ring)",
+            r"(?i:telefon|téléphone|teléfono|telefone|telefono|numéro|número|nummer|appel)",
+            "телефон|номер|звон|тел",
+            "هاتف|رقم|اتصل|اتصال|جوال",
+            "फोन|फ़ोन|मोबाइल|संपर्क|नंबर",
+            "电话|電話|手机|手機|联系|聯繫|致电|拨打|撥打|号码|號碼|携帯|連絡|番号",
+            "전화|연락|휴대폰|번호",
+            "☎|📞|📱",
+        ]
+    )
 )
 
 
-def scrub(text: str) -> tuple[str, dict[str, int]]:
-    """Replaces personal data with `<TYPE>` placeholders; returns the text and counts per type."""
+# Dates and times (2003-04-11 12:42-0400) and tables of small numbers ("6  7  8  9 10") are
+# runs of digits with separators too.
+_DATE_OR_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{2}:[0-9]{2}")
+
+
+def _other_number(text: str, start: int, end: int) -> bool:
+    """Decimals, dotted quads, dates, and tables of small numbers (a calendar's "27 28 29 30
+    31") that libphonenumber reads as valid numbers of some region."""
+    raw = text[start:end]
+    if re.fullmatch(r"[0-9]+\.[0-9]+|[0-9]{1,3}(?:\.[0-9]{1,3}){3}", raw):
+        return True
+    if re.fullmatch(r"[0-9]{1,2}[./-][0-9]{1,2}[./-][0-9]{2,4}", raw):
+        return True
+    groups = re.findall(r"[0-9]+", raw)
+    if sum(len(g) == 1 for g in groups) > 2 or "  " in raw:
+        return True
+    around = text[max(start - 2, 0) : end + 2]
+    return not raw.startswith("+") and all(len(g) <= 2 for g in groups) and "  " in around
+
+
+_NUMBER_BEFORE = re.compile(r"(?:[0-9A-Za-z_]|[-.][0-9]*|0[xX][0-9A-Fa-f]*)$")
+_NUMBER_AFTER = re.compile(r"[0-9A-Za-z_]|[.,][0-9]")
+
+
+def _stands_alone(text: str, start: int, end: int) -> bool:
+    """Not a piece of a number in code: a negative or hex constant, a float, an exponent, an
+    identifier. (The matcher accepts -2147483648 and 1170979200.0 as US numbers.)"""
+    before = text[max(start - 12, 0) : start]
+    if _DATE_OR_TIME.search(text[max(start - 6, 0) : end + 6]) or _other_number(text, start, end):
+        return False
+    return not _NUMBER_BEFORE.search(before) and not _NUMBER_AFTER.match(text, end)
+
+
+def find(text: str, language: str = "und") -> list[Span]:
+    """Non-overlapping personal-data spans of `text`, sorted by position."""
+    # The language's regions first, then the widest-used national formats whatever the tag (a
+    # short Chinese note may be tagged 'ja'; an English page may quote a UK number).
+    regions = tuple(dict.fromkeys(REGIONS_BY_LANGUAGE.get(language, ()) + DEFAULT_REGIONS))
+    found: list[Span] = [
+        (m.start(3), m.end(3), "SECRET") for m in _SECRET_ASSIGNMENT.finditer(text)
+    ]
+    found += _regex_spans("SECRET", _SECRET, text)
+    found += _regex_spans("EMAIL", _EMAIL, text)
+    found += _regex_spans("IBAN", _IBAN, text, lambda m: iban_valid(m.group()))
+    found += _regex_spans("NATIONAL_ID", _NATIONAL_ID, text, _is_national_id)
+    found += _regex_spans("CREDIT_CARD", _CARD, text, _is_card)
+    found += _regex_spans("IPV6", _IPV6, text, _is_ipv6)
+    found += _regex_spans("IPV4", _IPV4, text, _is_personal_ipv4)
+    found += _phone_spans(text, regions)
+    rank = {kind: i for i, kind in enumerate(PII_TYPES)}
+    taken: list[Span] = []
+    for span in sorted(found, key=lambda s: (rank[s[2]], s[0], -s[1])):
+        if all(span[1] <= t[0] or span[0] >= t[1] for t in taken):
+            taken.append(span)
+    return sorted(taken)
+
+
+def scrub(text: str, language: str = "und") -> tuple[str, dict[str, int]]:
+    """Replaces personal data with `<TYPE>` placeholders; returns the text and counts per type.
+    `language` (ISO 639-1) picks the regions whose national phone formats are recognised."""
     counts: collections.Counter[str] = collections.Counter()
-
-    def assignment(m: re.Match) -> str:
-        counts["SECRET"] += 1
-        return f"{m.group(1)}{m.group(2)}<SECRET>{m.group(2)}"
-
-    text = _SECRET_ASSIGNMENT.sub(assignment, text)
-    for kind, pattern, valid in _RULES:
-
-        def replace(m: re.Match, kind: str = kind, valid=valid) -> str:
-            if valid is not None and not valid(m):
-                return m.group()
-            counts[kind] += 1
-            return f"<{kind}>"
-
-        text = pattern.sub(replace, text)
-    return text, dict(counts)
+    pieces, last = [], 0
+    for start, end, kind in find(text, language):
+        pieces += [text[last:start], f"<{kind}>"]
+        counts[kind] += 1
+        last = end
+    pieces.append(text[last:])
+    return "".join(pieces), dict(counts)

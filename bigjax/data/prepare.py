@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 
 import bigjax
-from bigjax.data import clean, pii
+from bigjax.data import clean, language, output, pii
 from bigjax.data import tokenizer as tokenizers
 from bigjax.data.dataset import SPLITS, ShardWriter
-from bigjax.data.sources import DataError, RawDoc, expand_inputs, file_sha256, read_documents
+from bigjax.data.files import SKIP_REASONS
+from bigjax.data.sources import DataError, FileLog, RawDoc, expand_inputs, read_documents
 
 MINHASH_SEED = 1  # fixed: signatures, and so near-dedup decisions, are reproducible
 MINHASH_SCHEME = "affine32"  # pinned, so a datasketch upgrade cannot change the decisions
@@ -53,12 +54,13 @@ class PrepareConfig:
     quality: clean.QualityConfig | None = clean.QualityConfig()  # None: no quality filters
     exact_dedup: bool = True
     near_dedup: bool = True
-    near_threshold: float = 0.8
+    near_threshold: float = clean.NEAR_THRESHOLD
     num_perm: int = 128
     pii: bool = True
     val_fraction: float = 0.01
     shard_tokens: int = 64 * 2**20
     strict: bool = False
+    languages: tuple[str, ...] = ()  # keep only these language tags (ISO 639-1); () keeps all
     workers: int = 0  # 0: one per CPU core
 
 
@@ -68,36 +70,90 @@ class Cleaned:
 
     text: str
     reason: str | None  # quality filter that dropped it
+    language: str  # ISO 639-1 tag, 'und' when undetermined
     exact_key: bytes
     minhash: np.ndarray | None
     pii_counts: dict[str, int]
+    unicode_repaired: bool
 
 
 def clean_document(text: str, cfg: PrepareConfig) -> Cleaned:
     """All per-document work of pass 1 (runs in a worker process)."""
+    repaired = False
     if cfg.normalize:
-        text = clean.normalize(text)
+        text, repaired = clean.normalize_counted(text)
     reason = clean.quality_reason(text, cfg.quality) if cfg.quality else None
     if not text.strip():
         reason = "empty_after_cleaning"
+    lang = language.identify(text)
+    if reason is None and cfg.languages and lang not in cfg.languages:
+        reason = "language"
     key_text = clean.dedup_key(text)
     exact_key = hashlib.sha256(key_text.encode()).digest()
     signature = None
     if cfg.near_dedup and reason is None:
-        from datasketch import MinHash
-
-        words = key_text.split()
-        shingles = [
-            " ".join(words[i : i + SHINGLE_WORDS])
-            for i in range(max(len(words) - SHINGLE_WORDS + 1, 1))
-        ]
-        m = MinHash(num_perm=cfg.num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME)
-        m.update_batch([s.encode() for s in shingles])
-        signature = m.hashvalues
+        signature = minhash_signature(key_text, cfg.num_perm)
     counts: dict[str, int] = {}
     if cfg.pii and reason is None:
-        text, counts = pii.scrub(text)
-    return Cleaned(text, reason, exact_key, signature, counts)
+        text, counts = pii.scrub(text, lang)
+    return Cleaned(text, reason, lang, exact_key, signature, counts, repaired)
+
+
+def shingles(text: str) -> set[str]:
+    """Overlapping runs of SHINGLE_WORDS units (words; characters in unsegmented scripts)."""
+    units = language.units(text)
+    return {
+        " ".join(units[i : i + SHINGLE_WORDS])
+        for i in range(max(len(units) - SHINGLE_WORDS + 1, 1))
+    }
+
+
+def minhash_signature(key_text: str, num_perm: int) -> np.ndarray:
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME)
+    m.update_batch([s.encode() for s in sorted(shingles(key_text))])
+    return m.hashvalues
+
+
+class NearDuplicates:
+    """The kept documents' MinHash signatures in an LSH index.
+
+    Banding is tuned against misses (16 bands of 8 rows at 0.8: a pair at Jaccard 0.86 is found
+    99.7% of the time instead of 75%); candidates are then verified on their estimated Jaccard,
+    so the extra candidates cost no false removals."""
+
+    def __init__(self, threshold: float, num_perm: int):
+        from datasketch import MinHashLSH
+
+        self.threshold, self.num_perm = threshold, num_perm
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.05, 0.95))
+        self.signatures: list[np.ndarray] = []
+
+    def _minhash(self, signature: np.ndarray):
+        from datasketch import MinHash
+
+        return MinHash(
+            num_perm=self.num_perm, seed=MINHASH_SEED, hashvalues=signature, scheme=MINHASH_SCHEME
+        )
+
+    def match(self, signature: np.ndarray) -> bool:
+        """True if an indexed document's estimated Jaccard with this one is >= threshold."""
+        return any(
+            np.mean(self.signatures[c] == signature) >= self.threshold
+            for c in self.lsh.query(self._minhash(signature))
+        )
+
+    def add(self, signature: np.ndarray) -> None:
+        self.lsh.insert(len(self.signatures), self._minhash(signature), check_duplication=False)
+        self.signatures.append(signature)
+
+    def seen(self, signature: np.ndarray) -> bool:
+        """True if a kept document is a near duplicate; otherwise keeps this one."""
+        if self.match(signature):
+            return True
+        self.add(signature)
+        return False
 
 
 def _windows(items: Iterable, size: int) -> Iterator[list]:
@@ -144,55 +200,47 @@ def _split_of(exact_key: bytes, val_fraction: float) -> str:
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Runs both passes and writes shards, tokenizer/, manifest.json and report.md."""
-    files = expand_inputs(cfg.inputs)
-    tokenizers.parse_spec(cfg.tokenizer)  # a bad spec fails now, not after the cleaning pass
-    final = Path(cfg.output)
-    if final.exists() and any(final.iterdir()) and not (final / "manifest.json").exists():
+    expanded = expand_inputs(cfg.inputs)
+    if unknown := sorted(set(cfg.languages) - set(language.known_tags())):
         raise DataError(
-            f"--output {final}: exists, is not empty and is not a prepared "
-            "dataset; choose a new directory."
+            f"--languages {' '.join(unknown)}: not a tag the language identifier gives; use "
+            f"ISO 639-1 codes as in the report, e.g. zh en ja ar hi ru (all: "
+            f"{' '.join(language.known_tags())})."
         )
-    # Built beside the target and renamed into place at the end: the output directory is
-    # either a complete dataset or absent, never half-written.
-    out = final.parent / f".{final.name}.partial"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    tokenizers.parse_spec(cfg.tokenizer)  # a bad spec fails now, not after the cleaning pass
+    final = output.check_target(cfg.output, expanded.files)
+    log = FileLog()
+    for path, reason in expanded.skipped:
+        log.skip(path, reason)
+    # Built beside the target and swapped into place at the end: the output directory is
+    # either the complete new dataset or the previous one, never half-written.
+    staged = output.staging(final)
     try:
-        manifest = _prepare_into(out, files, cfg)
+        manifest = _prepare_into(staged, expanded.files, log, cfg)
+        output.publish(staged, final, expanded.files)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        output.discard(staged)
         raise
-    if final.exists():
-        shutil.rmtree(final)  # a previous prepare of ours: replaced whole
-    out.rename(final)
     print(
         f"  manifest: {final / 'manifest.json'}\n  report:   {final / 'report.md'}", file=sys.stderr
     )
     return manifest
 
 
-def _prepare_into(out: Path, files: list[Path], cfg: PrepareConfig) -> dict[str, Any]:
+def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig) -> dict[str, Any]:
     work = out / ".work"
     work.mkdir()
     workers = cfg.workers or os.cpu_count() or 1
-    inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
 
     skipped: collections.Counter[str] = collections.Counter()
     filtered: collections.Counter[str] = collections.Counter()
     dedup: collections.Counter[str] = collections.Counter()
     pii_counts: collections.Counter[str] = collections.Counter()
     cleaning: collections.Counter[str] = collections.Counter()
+    languages: collections.Counter[str] = collections.Counter()  # of kept documents
     kept_docs = collections.Counter()
     seen: set[bytes] = set()
-    lsh = None
-    if cfg.near_dedup:
-        from datasketch import MinHash, MinHashLSH
-
-        # Banding tuned against misses (16 bands of 8 rows at 0.8: a pair at Jaccard 0.86 is
-        # found 99.7% of the time instead of 75%); candidates are then verified on their
-        # estimated Jaccard, so the extra candidates cost no false removals.
-        lsh = MinHashLSH(threshold=cfg.near_threshold, num_perm=cfg.num_perm, weights=(0.05, 0.95))
-        signatures: dict[str, np.ndarray] = {}
+    near = NearDuplicates(cfg.near_threshold, cfg.num_perm) if cfg.near_dedup else None
 
     def usable(docs: Iterator[RawDoc]) -> Iterator[RawDoc]:
         for doc in docs:
@@ -216,15 +264,17 @@ def _prepare_into(out: Path, files: list[Path], cfg: PrepareConfig) -> dict[str,
         progress = Progress("clean")
         writers = {s: open(work / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
         raw = usable(
-            read_documents(files, text_field=cfg.text_field, invalid_utf8=cfg.invalid_utf8)
+            read_documents(files, text_field=cfg.text_field, invalid_utf8=cfg.invalid_utf8, log=log)
         )
         for window in _windows(raw, WINDOW):
             texts = [d.text for d in window]
             chunk = max(len(texts) // (4 * workers), 1)
             results = pool.starmap(clean_document, zip(texts, itertools.repeat(cfg)), chunk)
-            for index, (doc, res) in enumerate(zip(window, results, strict=True)):
+            for doc, res in zip(window, results, strict=True):
                 documents_in += 1
                 bytes_in += len(doc.text.encode("utf-8", errors="replace"))
+                if res.unicode_repaired:
+                    cleaning["repaired_unicode"] += 1
                 if res.reason is not None:
                     filtered[res.reason] += 1
                     continue
@@ -233,23 +283,11 @@ def _prepare_into(out: Path, files: list[Path], cfg: PrepareConfig) -> dict[str,
                         dedup["exact"] += 1
                         continue
                     seen.add(res.exact_key)
-                if lsh is not None:
-                    signature = MinHash(
-                        num_perm=cfg.num_perm,
-                        seed=MINHASH_SEED,
-                        hashvalues=res.minhash,
-                        scheme=MINHASH_SCHEME,
-                    )
-                    if any(
-                        np.mean(signatures[c] == res.minhash) >= cfg.near_threshold
-                        for c in lsh.query(signature)
-                    ):
-                        dedup["near"] += 1
-                        continue
-                    key = f"{documents_in}-{index}"
-                    lsh.insert(key, signature, check_duplication=False)
-                    signatures[key] = res.minhash
+                if near is not None and near.seen(res.minhash):
+                    dedup["near"] += 1
+                    continue
                 pii_counts.update(res.pii_counts)
+                languages[res.language] += 1
                 split = _split_of(res.exact_key, cfg.val_fraction)
                 kept_docs[split] += 1
                 writers[split].write(json.dumps({"text": res.text}) + "\n")
@@ -258,6 +296,11 @@ def _prepare_into(out: Path, files: list[Path], cfg: PrepareConfig) -> dict[str,
             f.close()
         clean_seconds = progress.done(documents_in, bytes_in)
 
+        if not log.read:
+            raise DataError(
+                f"no readable input files: {len(log.skipped)} skipped "
+                f"({dict(collections.Counter(r for _, r in log.skipped))}); see the lines above."
+            )
         if sum(kept_docs.values()) == 0:
             raise DataError(
                 f"no documents left after filtering {documents_in} (skipped: {dict(skipped)}, "
@@ -294,7 +337,11 @@ def _prepare_into(out: Path, files: list[Path], cfg: PrepareConfig) -> dict[str,
     shutil.rmtree(work)
     manifest = {
         "bigjax_version": bigjax.__version__,
-        "inputs": inputs,
+        "inputs": log.read,
+        "skipped_files": {
+            "counts": {r: n for r in SKIP_REASONS if (n := sum(x == r for _, x in log.skipped))},
+            "files": [{"path": p, "reason": r} for p, r in log.skipped],
+        },
         "options": {
             k: v
             for k, v in dataclasses.asdict(cfg).items()
@@ -317,6 +364,7 @@ def _prepare_into(out: Path, files: list[Path], cfg: PrepareConfig) -> dict[str,
         "filtered": dict(sorted(filtered.items())),
         "dedup": {"exact": dedup["exact"], "near": dedup["near"]},
         "pii": {kind: pii_counts[kind] for kind in pii.PII_TYPES},
+        "languages": dict(sorted(languages.items(), key=lambda kv: (-kv[1], kv[0]))),
         "splits": splits,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -349,6 +397,11 @@ def render_report(m: dict[str, Any]) -> str:
         for name, s in m["splits"].items()
     )
     kept = m["documents_out"] / max(m["documents_in"], 1)
+    named = m["skipped_files"]["files"]
+    skipped_names = "".join(f"- `{f['path']}`: {f['reason']}\n" for f in named[:50])
+    if len(named) > 50:
+        skipped_names += f"- ... and {len(named) - 50} more (all in manifest.json)\n"
+    skipped_names += "\n" if named else ""
     return (
         f"# Dataset report\n\n"
         f"{len(m['inputs'])} input files, {m['bytes_in'] / 1e6:,.1f} MB of text; "
@@ -357,9 +410,12 @@ def render_report(m: dict[str, Any]) -> str:
         f"Tokenizer: `{tok['spec']}` ({tok['kind']}, vocabulary {tok['vocab_size']:,}; "
         f"BOS {tok['bos_id']}, EOS {tok['eos_id']}, PAD {tok['pad_id']}).\n\n"
         f"## Splits\n\n| split | documents | tokens | shards |\n|---|---|---|---|\n{split_rows}\n"
+        + table("Input files skipped (by reason)", m["skipped_files"]["counts"])
+        + skipped_names
         + table("Skipped records (by reason)", m["skipped"])
         + table("Cleaning", m["cleaning"])
         + table("Quality filters (documents dropped)", m["filtered"])
         + table("Deduplication (documents dropped)", m["dedup"])
         + table("Personal data replaced (by type)", m["pii"])
+        + table("Languages of the kept documents (py3langid)", m["languages"])
     )

@@ -2,20 +2,23 @@
 
 Readers stream: memory stays bounded by one line (JSONL), one batch (Parquet) or one file
 (text). A record that cannot be used is yielded with a `skip` reason, so the caller counts it
-(or, with --strict, stops at it) instead of losing it silently.
+(or, with --strict, stops at it) instead of losing it silently; a file that cannot be read at
+all (vanished, unreadable, not a regular file) is recorded in the `FileLog` with its reason and
+named on stderr, and the run goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import gzip
 import hashlib
 import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
+from bigjax.data import files as filetree
 from bigjax.data.corpus import stdlib_files
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
@@ -35,6 +38,19 @@ class RawDoc:
     repaired_utf8: bool = False
 
 
+@dataclasses.dataclass
+class FileLog:
+    """What happened to each input file: read (with size and SHA-256 of the bytes read), or
+    skipped with a reason."""
+
+    read: list[dict] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def skip(self, path: Path, reason: str) -> None:
+        self.skipped.append((str(path), reason))
+        filetree.log_skip(path, reason)
+
+
 class DataError(ValueError):
     """Input that cannot be prepared; the message names the file (and line) and the fix."""
 
@@ -51,55 +67,75 @@ def _kind(path: Path) -> str:
     raise DataError(f"{path}: unsupported file type; supported: {', '.join(SUPPORTED)}.")
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[Path]:
-    """Globs (recursive `**` allowed) and 'stdlib', sorted within each pattern, de-duplicated."""
-    out: list[Path] = []
+def expand_inputs(patterns: Sequence[str]) -> filetree.Expanded:
+    """Globs (recursive `**` allowed) and 'stdlib': each real file once, sorted within each
+    pattern, plus what matched but cannot be read. A pattern that names nothing at all is an
+    error (a typo, not an odd file)."""
+    explicit = {"stdlib": stdlib_files()} if "stdlib" in patterns else {}
     for pattern in patterns:
-        if pattern == "stdlib":
-            matches = stdlib_files()
-        else:
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
-            matches = [p for p in matches if p.is_file()]
-            if not matches:
-                raise DataError(f"--input {pattern!r}: no such file (nothing matches).")
-        for path in matches:
-            _kind(path)
-            if path not in out:
-                out.append(path)
-    return out
+        if pattern not in explicit and not filetree.matches(pattern):
+            raise DataError(f"--input {pattern!r}: no such file (nothing matches).")
+    expanded = filetree.expand(patterns, explicit)
+    for path in expanded.files:
+        _kind(path)
+    return expanded
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class _Hashing(io.RawIOBase):
+    """A read-only stream that hashes what passes through it (the manifest's SHA-256 is of the
+    bytes actually read, even if the file changes afterwards)."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.raw.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:n])
+        self.size += n
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def _decode(data: bytes, invalid_utf8: str) -> tuple[str | None, bool]:
-    """(text, repaired); text is None when invalid bytes are to be dropped."""
+    """(text, repaired); text is None when invalid bytes are to be dropped.
+
+    A byte that is not UTF-8 is, in practice, almost always Windows-1252 or Latin-1 text pasted
+    into a UTF-8 file ('Caf\\xe9'): repaired as such, not to U+FFFD, so the word survives."""
     try:
         return data.decode("utf-8"), False
     except UnicodeDecodeError:
         if invalid_utf8 == "drop":
             return None, False
-        return data.decode("utf-8", errors="replace"), True
+    pieces, rest = [], data
+    while True:
+        try:
+            pieces.append(rest.decode("utf-8"))
+            return "".join(pieces), True
+        except UnicodeDecodeError as e:
+            pieces.append(rest[: e.start].decode("utf-8"))
+            bad = rest[e.start : e.end]
+            pieces.append(bad.decode("cp1252", errors="replace"))
+            rest = rest[e.end :]
 
 
-def _open_binary(path: Path) -> io.BufferedIOBase:
-    name = path.name.lower()
+def _decompressed(raw: io.BufferedReader, name: str) -> BinaryIO:
     if name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     if name.endswith(".zst"):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    return open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+    return raw
 
 
-def _read_text_file(path: Path, invalid_utf8: str) -> Iterator[RawDoc]:
-    data = path.read_bytes()
+def _read_text_file(path: Path, f: BinaryIO, invalid_utf8: str) -> Iterator[RawDoc]:
+    data = f.read()
     if not data.strip():
         yield RawDoc(str(path), 0, None, "empty_file")
         return
@@ -107,35 +143,39 @@ def _read_text_file(path: Path, invalid_utf8: str) -> Iterator[RawDoc]:
     yield RawDoc(str(path), 0, text, None if text is not None else "invalid_utf8", repaired)
 
 
-def _read_jsonl(path: Path, field: str, invalid_utf8: str) -> Iterator[RawDoc]:
+def _read_jsonl(path: Path, f: BinaryIO, field: str, invalid_utf8: str) -> Iterator[RawDoc]:
     empty = True
-    with _open_binary(path) as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            empty = False
-            line, repaired = _decode(raw, invalid_utf8)
-            if line is None:
-                yield RawDoc(str(path), number, None, "invalid_utf8")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                yield RawDoc(str(path), number, None, "malformed_json")
-                continue
-            text = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                yield RawDoc(str(path), number, None, "missing_field")
-                continue
-            yield RawDoc(str(path), number, text, None, repaired)
+    for number, raw in enumerate(f, start=1):
+        if not raw.strip():
+            continue
+        empty = False
+        line, repaired = _decode(raw, invalid_utf8)
+        if line is None:
+            yield RawDoc(str(path), number, None, "invalid_utf8")
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            yield RawDoc(str(path), number, None, "malformed_json")
+            continue
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            yield RawDoc(str(path), number, None, "missing_field")
+            continue
+        yield RawDoc(str(path), number, text, None, repaired)
     if empty:
         yield RawDoc(str(path), 0, None, "empty_file")
 
 
-def _read_parquet(path: Path, field: str) -> Iterator[RawDoc]:
+def _read_parquet(path: Path, f: BinaryIO, raw: BinaryIO, field: str) -> Iterator[RawDoc]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    # Parquet is read by seeking: hash it whole through `f` first, then let pyarrow read the
+    # same open file (`raw`) again from the start.
+    while f.read(1 << 20):
+        pass
+    raw.seek(0)
+    pf = pq.ParquetFile(raw)
     if field not in pf.schema_arrow.names:
         yield RawDoc(str(path), 0, None, "missing_field")
         return
@@ -151,15 +191,49 @@ def _read_parquet(path: Path, field: str) -> Iterator[RawDoc]:
         yield RawDoc(str(path), 0, None, "empty_file")
 
 
+def _failure(error: Exception) -> str | None:
+    """'corrupt' for damaged compressed or Parquet data, 'unreadable' for I/O errors."""
+    corrupt: tuple[type, ...] = (EOFError, gzip.BadGzipFile)
+    try:
+        import pyarrow
+        import zstandard
+
+        corrupt += (zstandard.ZstdError, pyarrow.ArrowException)
+    except ImportError:
+        pass
+    if isinstance(error, corrupt):
+        return "corrupt"
+    return "unreadable" if isinstance(error, OSError) else None
+
+
 def read_documents(
-    files: Sequence[Path], *, text_field: str, invalid_utf8: str
+    files: Sequence[Path], *, text_field: str, invalid_utf8: str, log: FileLog
 ) -> Iterator[RawDoc]:
-    """Every document of every file, in order."""
+    """Every document of every file, in order; files that cannot be read go to `log`."""
     for path in files:
         kind = _kind(path)
-        if kind == "text":
-            yield from _read_text_file(path, invalid_utf8)
-        elif kind == "jsonl":
-            yield from _read_jsonl(path, text_field, invalid_utf8)
-        else:
-            yield from _read_parquet(path, text_field)
+        try:
+            raw = filetree.open_regular(path)
+        except filetree.Skip as e:
+            log.skip(path, e.reason)
+            continue
+        hashing = _Hashing(raw)
+        try:
+            with io.BufferedReader(hashing) as f:
+                if kind == "text":
+                    yield from _read_text_file(path, f, invalid_utf8)
+                elif kind == "jsonl":
+                    with _decompressed(f, path.name.lower()) as stream:
+                        yield from _read_jsonl(path, stream, text_field, invalid_utf8)
+                else:
+                    yield from _read_parquet(path, f, raw, text_field)
+        except Exception as e:  # noqa: BLE001 - sorted into corrupt / unreadable, or re-raised
+            # Documents read before the error are kept (and were counted); the file is named.
+            reason = _failure(e)
+            if reason is None:
+                raise
+            log.skip(path, reason)
+            continue
+        log.read.append(
+            {"path": str(path), "bytes": hashing.size, "sha256": hashing.digest.hexdigest()}
+        )

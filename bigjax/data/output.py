@@ -1,0 +1,150 @@
+"""Where `bigjax prepare` writes: never over anything it did not write, never half a dataset.
+
+A dataset directory carries a marker file, `.bigjax-dataset`, listing every top-level entry
+bigjax wrote. `--output` must be new, empty, or such a directory holding nothing else; anything
+else is refused before any work, naming the path (a file called manifest.json proves nothing:
+anyone can write one). The dataset is built in a staging directory beside the target and
+swapped into place in one atomic step when complete (Linux `renameat2(RENAME_EXCHANGE)`; two
+renames elsewhere), so a killed prepare leaves the previous dataset as it was.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from bigjax.data.sources import DataError
+
+MARKER = ".bigjax-dataset"
+MARKER_FORMAT = 1
+
+
+class OutputError(DataError):
+    """An --output that bigjax will not write to; the message names the path and the fix."""
+
+
+def _marker(directory: Path) -> dict | None:
+    try:
+        record = json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("bigjax_dataset") != MARKER_FORMAT:
+        return None
+    return record
+
+
+def check_target(output: str, inputs: Sequence[Path]) -> Path:
+    """The absolute target directory, if writing there can destroy nothing of the user's."""
+    final = Path(os.path.abspath(output))
+    if final.is_symlink():
+        raise OutputError(f"--output {output}: is a symbolic link; give the directory itself.")
+    if final.exists() and not final.is_dir():
+        raise OutputError(f"--output {output}: exists and is not a directory.")
+    here = Path.cwd().resolve()
+    real = final.resolve()
+    if real == here or real in here.parents or real == Path(real.anchor):
+        raise OutputError(
+            f"--output {output}: is the current directory or one above it; a dataset is "
+            "written into a directory of its own (e.g. --output data/mine)."
+        )
+    for path in inputs:
+        if real in Path(os.path.abspath(path)).resolve().parents:
+            raise OutputError(f"--output {output}: holds the input {path}; choose another.")
+    if not final.exists() or not any(final.iterdir()):
+        return final
+    record = _marker(final)
+    if record is None:
+        raise OutputError(
+            f"--output {output}: exists, is not empty and was not written by bigjax prepare "
+            f"(no {MARKER} marker); bigjax will not delete it. Choose a new or empty directory."
+        )
+    ours = set(record.get("entries", [])) | {MARKER}
+    foreign = sorted(p.name for p in final.iterdir() if p.name not in ours)
+    if foreign:
+        raise OutputError(
+            f"--output {output}: is a bigjax dataset but also holds {', '.join(foreign[:5])}"
+            f"{' ...' if len(foreign) > 5 else ''}, which bigjax did not write; move "
+            "them out or choose another directory."
+        )
+    return final
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def staging(final: Path) -> Path:
+    """A fresh staging directory beside `final` (same filesystem, so the swap is a rename),
+    marked as partial. Stagings left by killed prepares of this host are removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for old in final.parent.glob(f".{final.name}.partial-*"):
+        record = _marker(old)
+        if record and record.get("host") == host and not _alive(int(record.get("pid", 0))):
+            shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the dataset private to its writer
+    partial = {"bigjax_dataset": MARKER_FORMAT, "partial": True, "pid": os.getpid(), "host": host}
+    (path / MARKER).write_text(json.dumps(partial) + "\n")
+    return path
+
+
+def seal(staged: Path) -> None:
+    """Marks a complete staging directory with the entries bigjax wrote (deterministic: no
+    pid, host or time, so two identical runs give identical bytes)."""
+    entries = sorted(p.name for p in staged.iterdir() if p.name != MARKER)
+    record = {"bigjax_dataset": MARKER_FORMAT, "entries": entries}
+    (staged / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+
+
+@functools.cache
+def _renameat2():
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return getattr(libc, "renameat2", None)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two directories; False where the platform cannot."""
+    fn = _renameat2() if os.name == "posix" else None
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    return False  # EINVAL / ENOSYS: filesystem or kernel without it
+
+
+def publish(staged: Path, final: Path, inputs: Sequence[Path]) -> None:
+    """Moves the complete dataset into place, replacing a previous one of ours."""
+    seal(staged)
+    if not final.exists():
+        os.rename(staged, final)
+        return
+    check_target(str(final), inputs)  # again: the user may have added files meanwhile
+    if _exchange(staged, final):
+        shutil.rmtree(staged)  # now the previous dataset
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    os.rename(final, old / "dataset")
+    os.rename(staged, final)
+    shutil.rmtree(old)
+
+
+def discard(staged: Path) -> None:
+    shutil.rmtree(staged, ignore_errors=True)

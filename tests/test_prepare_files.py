@@ -1,0 +1,210 @@
+"""`bigjax prepare` with the user's files: --output safety and odd input trees, on real files
+(symlink loops, dangling links, FIFOs, truncated archives, a killed run)."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bigjax.data import output
+from bigjax.data.dataset import read_manifest
+from bigjax.data.prepare import PrepareConfig, prepare
+from bigjax.data.sources import DataError, FileLog, read_documents
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (
+    "The harbour was quiet in the early morning, and the fishermen mended their nets while "
+    "the gulls waited on the wall for whatever the boats would bring back from the sea."
+)
+
+
+def _cfg(inputs, out, **kw) -> PrepareConfig:
+    return PrepareConfig(inputs=tuple(map(str, inputs)), output=str(out), workers=1, **kw)
+
+
+def _corpus(d: Path, n: int = 3) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (d / f"doc{i}.txt").write_text(f"Document {i}. " + TEXT.replace("quiet", f"quiet ({i})"))
+    return d
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+# ---- --output: never destroy what bigjax did not write
+
+
+def test_a_foreign_directory_with_a_manifest_is_left_alone(tmp_path):
+    docs = _corpus(tmp_path / "a")
+    v = tmp_path / "v"
+    v.mkdir()
+    (v / "manifest.json").write_text("{}")
+    (v / "thesis.tex").write_text("x")
+    with pytest.raises(DataError, match=r"--output .*v: exists, is not empty and was not written"):
+        prepare(_cfg([docs / "*.txt"], v))
+    assert sorted(p.name for p in v.iterdir()) == ["manifest.json", "thesis.tex"]
+    assert not list(tmp_path.glob(".v.partial*"))
+
+
+def test_current_directory_parents_and_inputs_are_refused(tmp_path, monkeypatch):
+    docs = _corpus(tmp_path / "work" / "raw")
+    (tmp_path / "work" / "keep.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "work")
+    for target in (".", "..", str(tmp_path / "work")):
+        with pytest.raises(DataError, match="current directory or one above"):
+            prepare(_cfg(["raw/*.txt"], target))
+    with pytest.raises(DataError, match="holds the input"):
+        prepare(_cfg(["raw/*.txt"], "raw"))
+    assert (tmp_path / "work" / "keep.txt").read_text() == "mine"
+    assert len(list(docs.iterdir())) == 3
+
+
+def test_output_that_is_a_file_or_symlink_is_refused(tmp_path):
+    docs = _corpus(tmp_path / "a")
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(DataError, match="not a directory"):
+        prepare(_cfg([docs / "*.txt"], tmp_path / "f"))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(DataError, match="symbolic link"):
+        prepare(_cfg([docs / "*.txt"], tmp_path / "link"))
+
+
+def test_a_previous_dataset_is_replaced_but_not_with_the_users_files_in_it(tmp_path):
+    docs = _corpus(tmp_path / "a")
+    out = tmp_path / "ds"
+    out.mkdir()  # empty: fine
+    prepare(_cfg([docs / "doc0.txt"], out))
+    assert json.loads((out / output.MARKER).read_text())["entries"] == [
+        "manifest.json",
+        "report.md",
+        "tokenizer",
+        "train-00000.array_record",
+    ]
+    prepare(_cfg([docs / "*.txt"], out))  # ours: replaced whole
+    assert read_manifest(out)["documents_in"] == 3
+    (out / "notes.md").write_text("my notes about this dataset")
+    with pytest.raises(DataError, match="also holds notes.md"):
+        prepare(_cfg([docs / "doc0.txt"], out))
+    assert (out / "notes.md").exists() and read_manifest(out)["documents_in"] == 3
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # not mkdtemp's private mode
+
+
+def test_a_killed_prepare_leaves_the_previous_dataset_intact(tmp_path):
+    docs = _corpus(tmp_path / "a", n=40)
+    out = tmp_path / "ds"
+    prepare(_cfg([docs / "doc0.txt"], out))
+    before = _tree(out)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bigjax.cli", "prepare", "--input", str(docs / "*.txt")]
+        + ["--output", str(out), "--workers", "1", "--tokenizer", "bpe:300"],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".ds.partial-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "prepare finished before it could be killed"
+    assert _tree(out) == before  # byte for byte
+    assert list(tmp_path.glob(".ds.partial-*"))  # the dead run's staging ...
+    prepare(_cfg([docs / "doc1.txt"], out))
+    assert not list(tmp_path.glob(".ds.partial-*"))  # ... is removed by the next run
+    assert read_manifest(out)["inputs"][0]["path"].endswith("doc1.txt")
+
+
+# ---- odd input trees
+
+
+def test_symlink_loops_read_each_real_file_once(tmp_path):
+    root = _corpus(tmp_path / "c")
+    (root / "sub").mkdir()
+    (root / "sub" / "up").symlink_to("..")  # a loop
+    (root / "sub" / "again").symlink_to(root)  # the same loop, absolute
+    (root / "alias.txt").symlink_to("doc0.txt")  # a second name for one file
+    os.link(root / "doc1.txt", root / "hard.txt")  # and a hard link
+    m = prepare(_cfg([root / "**" / "*.txt", root / "*.txt"], tmp_path / "ds", exact_dedup=False))
+    assert m["documents_in"] == 3 and len(m["inputs"]) == 3
+    assert m["dedup"]["exact"] == 0 and m["skipped_files"]["counts"] == {}
+
+
+def test_fifo_dangling_and_looping_links_are_skipped_counted_and_named(tmp_path, capfd):
+    root = _corpus(tmp_path / "c")
+    os.mkfifo(root / "pipe.txt")
+    (root / "gone.txt").symlink_to("nowhere.txt")
+    (root / "loop1.txt").symlink_to("loop2.txt")
+    (root / "loop2.txt").symlink_to("loop1.txt")
+    with gzip.open(root / "cut.jsonl.gz", "wt") as f:
+        for i in range(200):
+            f.write(json.dumps({"text": f"Line {i}. {TEXT}"}) + "\n")
+    data = (root / "cut.jsonl.gz").read_bytes()
+    (root / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])  # truncated archive
+    m = prepare(_cfg([root / "*"], tmp_path / "ds"))  # a FIFO would hang a plain open
+    assert m["skipped_files"]["counts"] == {
+        "dangling_symlink": 1,
+        "symlink_loop": 2,
+        "not_regular_file": 1,
+        "corrupt": 1,
+    }
+    assert {f["path"] for f in m["skipped_files"]["files"]} == {
+        str(root / n) for n in ("pipe.txt", "gone.txt", "loop1.txt", "loop2.txt", "cut.jsonl.gz")
+    }
+    err = capfd.readouterr().err
+    assert f"skipped {root / 'pipe.txt'}: not regular file" in err
+    assert f"skipped {root / 'cut.jsonl.gz'}: corrupt" in err
+    report = (tmp_path / "ds" / "report.md").read_text()
+    assert "symlink_loop | 2" in report and "pipe.txt`: not_regular_file" in report
+    assert m["documents_in"] > 3  # the archive's lines before the damage are kept
+    # named directly, a FIFO is counted the same way, not "no such file"
+    m = prepare(_cfg([root / "pipe.txt", root / "doc0.txt"], tmp_path / "ds2"))
+    assert m["skipped_files"]["counts"] == {"not_regular_file": 1}
+
+
+def test_a_file_that_vanishes_after_listing_is_skipped(tmp_path):
+    root = _corpus(tmp_path / "c")
+    files = sorted(root.glob("*.txt"))
+    files[1].unlink()  # listed, then gone
+    log = FileLog()
+    docs = list(read_documents(files, text_field="text", invalid_utf8="repair", log=log))
+    assert len(docs) == 2 and log.skipped == [(str(files[1]), "vanished")]
+    assert [r["path"] for r in log.read] == [str(files[0]), str(files[2])]
+
+
+def test_an_unreadable_file_is_skipped(tmp_path):
+    """Permission denied, for real: as root (CI), prepare runs without the capabilities that
+    let root read any file (setpriv drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH)."""
+    root = _corpus(tmp_path / "c")
+    (root / "doc1.txt").chmod(0)
+    command = [sys.executable, "-m", "bigjax.cli", "prepare", "--input", str(root / "*.txt")]
+    command += ["--output", str(tmp_path / "ds"), "--workers", "1"]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    r = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"skipped {root / 'doc1.txt'}: unreadable" in r.stderr
+    m = read_manifest(tmp_path / "ds")
+    assert m["skipped_files"]["counts"] == {"unreadable": 1} and m["documents_in"] == 2
+
+
+def test_only_zero_readable_inputs_fail(tmp_path):
+    root = tmp_path / "c"
+    root.mkdir()
+    os.mkfifo(root / "pipe.txt")
+    (root / "gone.txt").symlink_to("nowhere.txt")
+    with pytest.raises(DataError, match="no readable input files: 2 skipped"):
+        prepare(_cfg([root / "*.txt"], tmp_path / "ds"))
+    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.partial*"))
+    with pytest.raises(DataError, match="no such file"):  # a typo is still an error
+        prepare(_cfg([root / "nothing-*.txt"], tmp_path / "ds"))
