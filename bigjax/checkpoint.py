@@ -233,19 +233,6 @@ def _layout_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]])
     return out
 
 
-def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any) -> None:
-    """A run directory holding only parameters (an imported or compressed model): config.json
-    and a parameters-only checkpoint at step 0, which generate, eval, convert and
-    checkpoint.init_from open like any run."""
-    dst = Path(dst)
-    if (dst / "checkpoints").exists():
-        raise CheckpointError(f"{dst} already holds checkpoints; pick a new directory.")
-    dst.mkdir(parents=True, exist_ok=True)
-    layout = param_layout(params)
-    save_params(dst / "checkpoints", params, {"config": config, "params": layout, **meta})
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     path = Path(manager.directory) / str(step) / "meta" / "metadata"
     try:
@@ -384,24 +371,6 @@ def _first_line(e: Exception) -> str:
     """The message of `e` up to its first line break (Orbax appends pages of metadata)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def save_params(directory: Path, params: Any, meta: dict[str, Any]) -> None:
-    """A parameters-only checkpoint at step 0 (an imported model): what `load_params` and
-    `checkpoint.init_from` read. `meta` must hold the parameter layout under "params"."""
-    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-    manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
-    try:
-        manager.save(
-            0,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"params": params}),
-                meta=ocp.args.JsonSave({**meta, "params_only": True}),
-            ),
-        )
-        manager.wait_until_finished()
-    finally:
-        manager.close()
 
 
 def restore_target(abstract: TrainState, shardings: TrainState) -> TrainState:

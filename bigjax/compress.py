@@ -18,7 +18,9 @@ Embeddings, norms and biases are left alone: what is compressed are the matrices
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -135,3 +137,52 @@ def sparsity_report(flat: Mapping[str, np.ndarray]) -> dict[str, float]:
         zeros, total = zeros + z, total + w.size
     rows["all matrices"] = zeros / max(total, 1)
     return rows
+
+
+def compress_run(
+    workdir: str,
+    overrides: Sequence[str],
+    method: str,
+    out_dir: str,
+    bits: int = 8,
+    sparsity: float = 0.5,
+    pattern: str = "unstructured",
+) -> dict[str, Any]:
+    """Quantizes or prunes a trained run's weights into `out_dir` (a run directory of its own,
+    plus compress.json); returns the report: eval before and after, sizes or sparsity."""
+    from bigjax import trained
+
+    with trained.open_run(workdir, overrides, "compress") as (prog, params, step):
+        import jax
+        import numpy as np
+
+        from bigjax import tensorfile
+        from bigjax.config import to_dict
+        from bigjax.metrics import json_text
+        from bigjax.train import run_eval
+        from bigjax.tree import flatten, unflatten
+
+        flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
+        before = run_eval(prog, params)
+        extra: dict[str, Any] = {}
+        if method == "quantize":
+            new, stored = quantize_params(flat, bits)
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            tensorfile.write(out / "quantized.safetensors", stored, {"bits": str(bits)})
+            extra = {
+                "bits": bits,
+                "f32_bytes": sum(v.nbytes for v in flat.values()),
+                "quantized_bytes": (out / "quantized.safetensors").stat().st_size,
+            }
+        else:
+            new = prune_params(flat, sparsity, pattern)
+            extra = {"pattern": pattern, "sparsity": sparsity_report(new)}
+        new_params = jax.device_put(unflatten(new), prog.shardings.params)
+        after = run_eval(prog, new_params)
+        report = {"method": method, "step": step, "before": before, "after": after, **extra}
+        trained.write_params_run(
+            Path(out_dir), to_dict(prog.cfg), unflatten(new), compressed_from=workdir
+        )
+        (Path(out_dir) / "compress.json").write_text(json_text(report, indent=2) + "\n")
+    return report

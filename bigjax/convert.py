@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from bigjax import checkpoint, hf, models, tensorfile
+from bigjax import checkpoint, hf, models, tensorfile, trained
 from bigjax.config import DataConfig, ModelConfig, TrainConfig, from_configdict, to_dict
 from bigjax.tree import flatten, unflatten
 
@@ -91,9 +91,7 @@ def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> Train
     _, abstract = models.abstract(cfg.model, cfg.mesh.rules)
     layout = checkpoint.param_layout(nnx.to_pure_dict(abstract))
     flat = hf.from_hf(cfg.model, tensors, layout, np.dtype(cfg.model.param_dtype))
-    checkpoint.write_params_run(
-        dst, to_dict(cfg), unflatten(flat), imported_from=str(src.absolute())
-    )
+    trained.write_params_run(dst, to_dict(cfg), unflatten(flat), imported_from=str(src.absolute()))
     return cfg
 
 

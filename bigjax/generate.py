@@ -160,3 +160,28 @@ def generate(
     )
     out_BN, lengths_B = np.asarray(out_BN), np.asarray(lengths_B)
     return [out_BN[i, : lengths_B[i]].tolist() for i in range(len(prompts))]
+
+
+def generate_from_run(
+    workdir: str, overrides: Sequence[str], prompts: Sequence[str], sampling: Sampling
+) -> tuple[list[str], dict[str, float]]:
+    """Continuations of `prompts` by a trained run's latest checkpoint, and the timings."""
+    import time
+
+    from bigjax.data import pipeline
+    from bigjax.trained import open_run
+
+    with open_run(workdir, overrides, "generate") as (prog, params, step):
+        tokenizer = pipeline.tokenizer_for(prog.cfg.data)
+        batch = left_pad([tokenizer.encode(p).tolist() for p in prompts])
+        fn = make_generate(prog.graphdef, prog.cfg.mesh.rules, sampling)
+        inputs = (params, batch["tokens"], batch["valid"], batch["positions"])
+        start = time.perf_counter()
+        compiled = fn.lower(*inputs).compile()
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        out, lengths = jax.device_get(compiled(*inputs))
+        seconds = time.perf_counter() - start
+    texts = [tokenizer.decode(row[:n]) for row, n in zip(out, lengths, strict=True)]
+    stats = {"step": step, "tokens": int(sum(lengths)), "seconds": seconds, "compile": compile_s}
+    return texts, stats

@@ -14,6 +14,7 @@ machine's devices), so it works on sharded models.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,42 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def inspect_run(
+    workdir: str,
+    overrides: Sequence[str],
+    prompt: str,
+    out: str,
+    ig_steps: int,
+    embed_tokens: int,
+) -> tuple[dict[str, Any], list[Path]]:
+    """Attention maps, logit lens, attributions and embedding projections of a trained run on
+    `prompt`, as PNGs in `out`; returns a summary and the files written."""
+    from bigjax.config import ConfigError
+    from bigjax.trained import open_run
+
+    with open_run(workdir, overrides, "inspect") as (prog, params, step):
+        from bigjax.data import pipeline
+
+        if prog.cfg.model.family == "vit":
+            raise ConfigError("inspect: text models only (attention over a prompt's tokens).")
+        tok = pipeline.tokenizer_for(prog.cfg.data)
+        tokens = np.asarray([tok.bos_id, *tok.encode(prompt).tolist()], np.int32)
+        labels = ["<bos>"] + [tok.decode([int(t)]) for t in tokens[1:]]
+        model = nnx.merge(prog.graphdef, params)
+        maps, lens = attention_and_lens(model, tokens)
+        attr = attributions(model, tokens, steps=ig_steps)
+        table = np.asarray(params["embed"]["table_VD"])
+        rows = np.arange(min(embed_tokens, table.shape[0]))
+        proj = projection(table, rows)
+        names = [repr(tok.decode([int(r)]))[1:-1] or f"#{r}" for r in rows]
+        written = write_pngs(Path(out), labels, maps, lens, attr, proj, names)
+    summary = {
+        "step": step,
+        "tokens": len(tokens),
+        "next_token": tok.decode([attr["target"]]),
+        "lens_last": float(lens[-1].mean()),
+        "lens_first": float(lens[0].mean()),
+    }
+    return summary, written

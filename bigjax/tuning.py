@@ -42,19 +42,6 @@ def select(table: Mapping[str, Any], platform: str, device_kind: str) -> str:
     return next((k for k in table if k.lower() == platform.lower()), "")
 
 
-def without(entry: Mapping[str, Any], dotted: str) -> dict[str, Any]:
-    """`entry` less the key `a.b.c` (a command-line override wins over every entry)."""
-    head, _, rest = dotted.partition(".")
-    out = dict(entry)
-    if head in out and not rest:
-        del out[head]
-    elif head in out and isinstance(out[head], Mapping):
-        out[head] = without(out[head], rest)
-    if dotted == "optim.grad_accum_steps":
-        out.pop(MICRO_BATCH, None)
-    return out
-
-
 def tune(cfg: TrainConfig, platform: str, device_kind: str, num_devices: int) -> TrainConfig:
     """`cfg` with the entry of its `platforms` table for these devices applied (and the table
     replaced by the name of the entry used, so config.json says what ran)."""

@@ -10,9 +10,9 @@ from conftest import tiny_config
 from flax import nnx
 
 from bigjax import models
+from bigjax.choices import Item, accuracy, choice_batch, load_items, make_scorer
 from bigjax.config import ConfigError
 from bigjax.data.tokenizer import ByteTokenizer
-from bigjax.evaluate import Item, accuracy, choice_batch, load_items, make_scorer
 
 ITEMS = [
     Item("def f(x):\n    return", (" x", " x + 1", "zz"), 1),
@@ -92,8 +92,8 @@ def test_eval_command_on_a_trained_run(tmp_path, capsys):
 def test_builtin_next_line_task_comes_from_held_out_files():
     from pathlib import Path
 
+    from bigjax.choices import stdlib_next_line
     from bigjax.data import corpus
-    from bigjax.evaluate import stdlib_next_line
 
     items = stdlib_next_line(0.02, 30, seed=1)
     assert len(items) == 30 and items == stdlib_next_line(0.02, 30, seed=1)  # seeded

@@ -217,7 +217,7 @@ def test_classification_head_learns_and_reports_precision_recall_f1(tmp_path):
 def test_classification_metrics_match_scikit_learn():
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-    from bigjax.evaluate import classification_metrics
+    from bigjax.choices import classification_metrics
 
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 4, 200)

@@ -42,8 +42,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from bigjax import runlock
-from bigjax.cli import load_config
-from bigjax.config import ConfigError, to_dict
+from bigjax.config import ConfigError, load_config, to_dict
 from bigjax.metrics import read_jsonl
 from bigjax.sweep import devices
 from bigjax.sweep.spec import Grid, IntUniform, LogUniform, Sweep, Uniform, Value

@@ -45,8 +45,8 @@ def accuracies(workdir: Path) -> dict[str, float]:
     import jax
     from flax import nnx
 
-    from bigjax.cli import open_run
     from bigjax.data import images
+    from bigjax.trained import open_run
 
     with open_run(str(workdir), [], "measure") as (prog, params, _):
         cfg = prog.cfg

@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 
 from bigjax import checkpoint, tuning
-from bigjax.cli import load_config
+from bigjax.config import load_config
 from bigjax.data import pipeline
 from bigjax.mesh import make_mesh
 from bigjax.program import make_program

@@ -1,0 +1,131 @@
+"""The `bigjax` command: the parser, friendly errors, quiet libraries, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from bigjax.cli.common import RUN_FAILED, USAGE_ERROR, add_debug_flag, join_override_values
+from bigjax.cli.data import add_prepare_parser
+from bigjax.cli.models import (
+    add_compress_parser,
+    add_convert_parser,
+    add_eval_parser,
+    add_generate_parser,
+    add_inspect_parser,
+)
+from bigjax.cli.runs import (
+    add_bench_parser,
+    add_plan_parser,
+    add_report_parser,
+    add_sweep_parser,
+    cmd_train,
+)
+from bigjax.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bigjax", description="A JAX research framework for scalable pretraining."
+    )
+    parser.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train",
+        help="train (or resume) a run",
+        description="Train, or resume the run in --workdir. Override any config key with "
+        "--config.KEY=VALUE, e.g. --config.optim.lr=1e-3 --config.mesh.shape=1,-1,1.",
+    )
+    train.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    train.add_argument("--workdir", required=True, help="run directory (created if missing)")
+    # JAX's own names. Automatic on Cloud TPU slices and SLURM; explicit elsewhere.
+    train.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
+    train.add_argument("--num_processes", type=int, help="processes in the job (multi-host)")
+    train.add_argument("--process_id", type=int, help="this process's index (multi-host)")
+    add_debug_flag(train)
+    train.set_defaults(run=cmd_train)
+    add_prepare_parser(sub)
+    add_plan_parser(sub)
+    add_bench_parser(sub)
+    add_sweep_parser(sub)
+    add_report_parser(sub)
+    add_generate_parser(sub)
+    add_eval_parser(sub)
+    add_convert_parser(sub)
+    add_compress_parser(sub)
+    add_inspect_parser(sub)
+    return parser
+
+
+def quiet_library_noise() -> None:
+    """Keeps what libraries print about a failure bigjax reports itself out of the console
+    (`--debug` shows it): Orbax and asyncio log a failed background write with its
+    traceback at ERROR before bigjax's one line names it; and tensorstore's I/O threads,
+    still finishing after a failed save, call into the closed event loop, whose 'Event loop
+    is closed' errors Python prints with a traceback each."""
+    for name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved"
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    previous = sys.excepthook
+
+    previous_unraisable = sys.unraisablehook
+
+    def closed_loop(value: BaseException | None) -> bool:
+        return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+    def hook(kind, value, tb) -> None:
+        if not closed_loop(value):
+            previous(kind, value, tb)
+
+    def unraisable(info) -> None:
+        if not closed_loop(info.exc_value):
+            previous_unraisable(info)
+
+    sys.excepthook = hook
+    sys.unraisablehook = unraisable
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = join_override_values(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args([a for a in argv if not a.startswith("--config.")])
+    overrides = [a for a in argv if a.startswith("--config.")]
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    if not args.debug:
+        quiet_library_noise()
+    try:
+        return args.run(args, overrides)
+    except Exception as e:  # one line for what the user can fix; a traceback for the rest
+        from bigjax.checkpoint import CheckpointError, CheckpointMismatch
+        from bigjax.data.dataset import EmptySplitError
+        from bigjax.data.sources import DataError
+        from bigjax.data.tokenizer import TokenizerError
+        from bigjax.hf import ConvertError
+        from bigjax.metrics import UnknownDeviceError
+        from bigjax.report import ReportError
+        from bigjax.runlock import RunLockedError
+        from bigjax.tensorfile import TensorFileError
+        from bigjax.train import NonFiniteError
+
+        usage = (
+            ConfigError,
+            DataError,
+            TokenizerError,
+            EmptySplitError,
+            UnknownDeviceError,
+            ReportError,
+            ConvertError,
+            TensorFileError,
+            FileNotFoundError,
+            RunLockedError,
+            CheckpointMismatch,
+        )
+        if not isinstance(e, (*usage, CheckpointError, NonFiniteError)):
+            raise
+        if args.debug:  # the traceback too, and the same exit code
+            traceback.print_exc()
+        print(f"bigjax: error: {e}", file=sys.stderr)
+        return USAGE_ERROR if isinstance(e, usage) else RUN_FAILED

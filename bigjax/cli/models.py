@@ -1,0 +1,220 @@
+"""Commands on a trained model: eval, generate, convert, compress, inspect."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bigjax.cli.common import add_debug_flag, write_json
+from bigjax.config import ConfigError
+from bigjax.config.load import parse_override, set_path
+from bigjax.trained import open_run
+
+
+def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from bigjax.evaluate import evaluate_run
+
+    result = evaluate_run(args.workdir, overrides, args.choices)
+    for key, value in result.items():
+        print(f"  {key:18s} {value:.4f}" if isinstance(value, float) else f"  {key:18s} {value}")
+    if args.json:
+        write_json(Path(args.json), result)
+    return 0
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss/perplexity and multiple-choice accuracy of a run",
+        description="Evaluate a run's latest checkpoint: loss and perplexity on the held-out "
+        "split (eval.num_batches batches; override with --config.eval.num_batches=N) and, "
+        "with --choices, multiple-choice accuracy by log-likelihood.",
+    )
+    p.add_argument("--workdir", required=True, help="the run directory")
+    p.add_argument(
+        "--choices",
+        help="multiple choice: 'stdlib' (built-in next-line task) or a JSON-lines file of "
+        "{context, choices: [...], answer: index} (default: the run's eval.choices)",
+    )
+    p.add_argument("--json", help="also write the results here")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_eval)
+
+
+def cmd_generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from bigjax.generate import generate_from_run
+
+    texts, s = generate_from_run(args.workdir, overrides, args.prompt, _sampling(args))
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(f"--- {prompt!r}\n{prompt}{text}", flush=True)
+    print(
+        f"generate: checkpoint step {s['step']}, {len(texts)} prompt(s), {s['tokens']} new "
+        f"tokens in {s['seconds']:.2f} s ({s['tokens'] / s['seconds']:,.0f} tokens/s; "
+        f"compile {s['compile']:.1f} s)",
+        flush=True,
+    )
+    return 0
+
+
+def _sampling(args: argparse.Namespace):
+    from bigjax.generate import Sampling
+
+    try:
+        return Sampling(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop_tokens=tuple(args.stop_token),
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise ConfigError(f"generate: {e}") from None
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a trained run",
+        description="Generate from a run's latest checkpoint: batched prompts, KV-cached "
+        "jitted decoding, greedy (temperature 0) or sampled with top-k / top-p.",
+    )
+    p.add_argument("--workdir", required=True, help="the run directory")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--stop-token", type=int, action="append", default=[], help="token id")
+    p.add_argument("--seed", type=int, default=0)
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_generate)
+
+
+def cmd_convert(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from bigjax import convert
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not (src / "config.json").is_file():
+        raise ConfigError(
+            f"convert: {src} has no config.json; pass a Hugging Face model directory "
+            "(to import) or a bigjax run directory (to export)."
+        )
+    if convert.is_hf_dir(src):
+        raw: dict[str, Any] = {}
+        for item in overrides:
+            set_path(raw, *parse_override(item))
+        cfg = convert.import_hf(src, dst, raw)
+        m = cfg.model
+        print(
+            f"convert: imported {m.family} ({m.num_layers} layers, d_model {m.d_model}) from "
+            f"{src} into the run directory {dst}; fine-tune with "
+            f"--config.checkpoint.init_from={dst}, or run bigjax generate/eval --workdir {dst}.",
+            flush=True,
+        )
+        return 0
+    with open_run(str(src), overrides, "convert") as (prog, params, step):
+        files = convert.export_hf(
+            prog.cfg, params, dst, args.dtype, convert.parse_size(args.max_shard_size)
+        )
+    print(f"convert: exported step {step} of {src} to {dst}: {', '.join(files)}", flush=True)
+    return 0
+
+
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="Hugging Face <-> bigjax (Llama, GPT-2)",
+        description="Converts a Hugging Face model directory (config.json + safetensors, "
+        "sharded or not) into a bigjax run directory, or a bigjax run's latest checkpoint into "
+        "a Hugging Face directory that transformers' from_pretrained loads. The direction "
+        "follows SRC. On import, --config.* sets the new run's other settings.",
+    )
+    p.add_argument("src", help="a Hugging Face model directory, or a bigjax run directory")
+    p.add_argument("dst", help="the directory to write (a run directory on import)")
+    p.add_argument("--dtype", default="float32", help="export: float32, bfloat16 or float16")
+    p.add_argument("--max-shard-size", default="5GB", help="export: shard above this size")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_convert)
+
+
+def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from bigjax.compress import compress_run
+
+    report = compress_run(
+        args.workdir, overrides, args.method, args.out, args.bits, args.sparsity, args.pattern
+    )
+    before, after, extra = report["before"], report["after"], report
+    delta = after["eval_loss"] - before["eval_loss"]
+    print(
+        f"compress {args.method}: eval loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f} "
+        f"({delta:+.4f}), ppl {before['eval_ppl']:.3f} -> {after['eval_ppl']:.3f}",
+        flush=True,
+    )
+    if args.method == "quantize":
+        ratio = extra["f32_bytes"] / extra["quantized_bytes"]
+        print(
+            f"  size: {extra['f32_bytes'] / 1e6:.2f} MB float32 -> "
+            f"{extra['quantized_bytes'] / 1e6:.2f} MB int{args.bits} ({ratio:.1f}x smaller)",
+            flush=True,
+        )
+    else:
+        print(f"  sparsity of the matrices: {extra['sparsity']['all matrices']:.1%}", flush=True)
+    print(f"  written: {args.out} (a run directory) and {args.out}/compress.json", flush=True)
+    return 0
+
+
+def add_compress_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="int8/int4 weight-only quantization or magnitude pruning, with a report",
+        description="Compresses a run's latest checkpoint and reports held-out loss and "
+        "perplexity before and after (and size on disk, or sparsity). Writes a run directory "
+        "with the compressed weights that generate, eval, convert and fine-tuning "
+        "(checkpoint.init_from, with finetune.keep_sparsity for pruned models) open.",
+    )
+    p.add_argument("method", choices=["quantize", "prune"])
+    p.add_argument("--workdir", required=True, help="the run to compress")
+    p.add_argument("--out", required=True, help="the run directory to write")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="quantize: 8 or 4")
+    p.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured")
+    p.add_argument("--sparsity", type=float, default=0.5, help="prune, unstructured: share")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_compress)
+
+
+def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from bigjax.interpret import inspect_run
+
+    s, written = inspect_run(
+        args.workdir, overrides, args.prompt, args.out, args.ig_steps, args.embed_tokens
+    )
+    print(
+        f"inspect: checkpoint step {s['step']}, prompt of {s['tokens']} tokens; predicted next "
+        f"token {s['next_token']!r}; logit lens p(next) after the last layer "
+        f"{s['lens_last']:.3f} (embeddings {s['lens_first']:.3f})",
+        flush=True,
+    )
+    for path in written:
+        print(f"  {path}", flush=True)
+    return 0
+
+
+def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="attention maps, logit lens, attributions, embedding projections (PNGs)",
+        description="Interprets a trained text model on one prompt: attention maps of every "
+        "layer and head, the logit lens, gradient x input and integrated-gradient "
+        "attributions of the predicted next token, and PCA / t-SNE projections of the token "
+        "embeddings, each written as a PNG.",
+    )
+    p.add_argument("--workdir", required=True, help="the run directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="directory for the PNGs")
+    p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradient steps")
+    p.add_argument("--embed-tokens", type=int, default=259, help="table rows to project")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_inspect)

@@ -1,0 +1,175 @@
+"""Commands about runs: train, plan, bench, sweep, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from bigjax.cli.common import add_debug_flag, write_json
+from bigjax.config import ConfigError
+from bigjax.config.load import load_config
+
+
+def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    cfg = load_config(args.config, overrides)
+    from bigjax import distributed  # imports jax: keep `bigjax --help` and config errors fast
+    from bigjax.train import train
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    train(cfg, args.workdir)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from bigjax import plan
+
+    cfg = load_config(args.config, overrides)
+    if bool(args.topology) == bool(args.devices):
+        raise ConfigError("plan: give either --topology (e.g. v5p-128) or --devices N.")
+    target = (
+        plan.parse_topology(args.topology)
+        if args.topology
+        else plan.gpu_target(args.devices, args.device_kind)
+    )
+    result = plan.plan(cfg, target, args.mfu, args.compile)
+    print(plan.render(result))
+    if args.json:
+        write_json(Path(args.json), result)
+    return 0
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="pre-flight: memory, FLOPs and step time for a TPU slice or GPU cluster",
+        description="Parameters, FLOPs, per-device memory and step time for a config on a "
+        "target, without the target. With libtpu installed (pip install 'bigjax[tpu]') the "
+        "train step is compiled ahead of time for the TPU topology on this machine.",
+    )
+    p.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    p.add_argument("--topology", help="Cloud TPU slice: v4-32, v5p-128, v5e-16, v6e-8, ...")
+    p.add_argument("--devices", type=int, help="number of GPUs (instead of --topology)")
+    p.add_argument("--device-kind", default="H100", help="A100, H100 or H200 (with --devices)")
+    p.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the step time")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile for the TPU topology (default: when libtpu is installed)",
+    )
+    p.add_argument("--json", help="also write the plan as JSON here")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_plan)
+
+
+def cmd_bench(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    cfg = load_config(args.config, overrides)
+    from bigjax import bench
+
+    base = bench.QUICK if args.quick else bench.BenchSettings()
+    settings = bench.BenchSettings(
+        warmup=base.warmup if args.warmup is None else args.warmup,
+        steps=base.steps if args.steps is None else args.steps,
+    )
+    baseline = None
+    if args.baseline:
+        path = Path(args.baseline)
+        if not path.is_file():
+            raise ConfigError(f"--baseline: no such file {args.baseline!r} (a bench --json).")
+        baseline = json.loads(path.read_text())
+    result = bench.bench(cfg, settings)
+    print(bench.render(result, baseline))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.json), result)
+        print(f"  written to {args.json}")
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time a config's train step: tokens/s, MFU, compile, data wait, host overhead",
+        description="Compiles the config's train step and times it twice: alone on a "
+        "resident batch (the device floor) and fed by the real pipeline as train runs it. "
+        "Prints medians; --json writes everything, --baseline compares with an earlier --json.",
+    )
+    p.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    p.add_argument("--quick", action="store_true", help="1 warm-up + 5 timed steps")
+    p.add_argument("--warmup", type=int, help="untimed steps before each timing (default 3)")
+    p.add_argument("--steps", type=int, help="timed steps, median reported (default 10)")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--baseline", help="an earlier --json to compare against (ratios)")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_bench)
+
+
+def cmd_sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    if overrides:
+        raise ConfigError("sweep: put config overrides in the spec (its `overrides` field).")
+    from bigjax.sweep import runner, spec  # imports optuna: only for this command
+
+    sweep = spec.load(args.spec)
+    directory = Path(args.dir or f"runs/sweeps/{sweep.name}")
+    opts = runner.Options(
+        directory=directory,
+        storage=args.storage or f"sqlite:///{directory.resolve() / 'study.db'}",
+        workers=args.workers,
+        join_only=args.worker,
+        heartbeat_s=args.heartbeat,
+    )
+    study = runner.run(sweep, opts)
+    print(runner.summary(study), flush=True)
+    print(f"report: bigjax report {directory}", flush=True)
+    return 0
+
+
+def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a sweep or ablation spec (experiments/NAME/sweep.py)",
+        description="Run the trials of a sweep or ablation spec as `bigjax train` processes, "
+        "N at a time, recorded in an Optuna study. Rerun the same command to continue a "
+        "stopped or killed sweep; add --worker on other machines to join it.",
+    )
+    p.add_argument("spec", help="a Python file defining get_sweep()")
+    p.add_argument("--workers", type=int, default=1, help="trials at a time on this machine")
+    p.add_argument("--worker", action="store_true", help="join an existing sweep's study")
+    p.add_argument("--storage", help="study database URL (default: SQLite in the sweep dir)")
+    p.add_argument("--dir", help="sweep directory (default: runs/sweeps/NAME)")
+    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_sweep)
+
+
+def cmd_report(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    if overrides:
+        raise ConfigError("report: takes run or sweep directories, not config overrides.")
+    from bigjax import report
+
+    first = Path(args.paths[0])
+    out = Path(args.out) if args.out else (first / "report" if len(args.paths) == 1 else None)
+    if out is None:
+        raise ConfigError("report: with several directories, say where to write: --out DIR.")
+    text, pngs = report.report(args.paths, out, baseline=args.baseline, fit=args.fit)
+    print(text)
+    print(f"written: {out / 'report.md'} and {len(pngs)} plots in {out}", flush=True)
+    return 0
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="compare runs: markdown table and plots",
+        description="Compare runs (run directories, or sweep directories holding them): "
+        "final and best eval loss per group (mean ± std over seeds), Δ vs the baseline, "
+        "tokens, FLOPs, wall time; loss plots; objective-vs-parameter plots for sweeps.",
+    )
+    p.add_argument("paths", nargs="+", help="run or sweep directories")
+    p.add_argument("--out", help="output directory (default: PATH/report for one path)")
+    p.add_argument("--baseline", default="", help="group to compare with (default: the spec's)")
+    p.add_argument("--fit", default="", choices=["", "scaling"], help="scaling: fit L(C)")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_report)

@@ -1,0 +1,240 @@
+"""The one strict conversion of a ConfigDict (or plain mapping) into a `TrainConfig`, and back."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from bigjax.config.presets import FAMILY_DEFAULTS, MODEL_SIZES
+from bigjax.config.rules import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES
+from bigjax.config.schema import ConfigError, TrainConfig, unknown_choice
+from bigjax.config.validate import validate
+
+
+def load_python_function(path: str | Path, function: str, what: str, hint: str) -> Callable:
+    """Runs a Python file (a config or a sweep spec: Python by design, like big_vision's
+    configs, so only load your own) and returns its top-level `function`."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what}: no such file {str(path)!r}. {hint}")
+    module_spec = importlib.util.spec_from_file_location(f"bigjax_{what}_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, function, None)):
+        raise ConfigError(f"{what}: {path} defines no {function}() function.")
+    return getattr(module, function)
+
+
+def from_configdict(cd: Any) -> TrainConfig:
+    """Converts a ConfigDict (or nested mapping) into a validated `TrainConfig`.
+
+    Raises:
+      ConfigError: on an unknown key, a value of the wrong type or an inconsistent config.
+    """
+    raw = _to_plain(cd)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"get_config() must return a ConfigDict, got {type(cd).__name__}.")
+    raw = dict(raw)
+    if isinstance(raw.get("model"), Mapping):
+        raw["model"] = _apply_presets(dict(raw["model"]))
+    if isinstance(raw.get("mesh"), Mapping) and "rules" in raw["mesh"]:
+        raw["mesh"] = {**raw["mesh"], "rules": _merge_rules(raw["mesh"]["rules"])}
+    if isinstance(raw.get("platforms"), Mapping):
+        raw["platforms"] = _platforms_json(raw)
+    cfg = _build(TrainConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+MICRO_BATCH = "micro_batch_per_device"  # the one non-config key a platforms entry may hold
+
+
+def merge_groups(base: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+    """`entry`'s values over `base`'s, group by group."""
+    out = dict(base)
+    for key, value in entry.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_groups(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _platforms_json(raw: dict[str, Any]) -> str:
+    """The `platforms` table as JSON, after checking that every entry gives a valid config
+    (a typo fails at load time on every machine, not only on the one it is for)."""
+    table = _to_plain(raw["platforms"])
+    for key, entry in table.items():
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"platforms.{key}: expected a group of config keys, got {entry!r}.")
+        micro = entry.get(MICRO_BATCH, 1)
+        if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
+            raise ConfigError(
+                f"platforms.{key}.{MICRO_BATCH}: expected a positive int, got {micro!r}."
+            )
+        body = {k: v for k, v in entry.items() if k != MICRO_BATCH}
+        try:
+            from_configdict(merge_groups({**raw, "platforms": ""}, body))
+        except ConfigError as e:
+            raise ConfigError(f"platforms.{key}: {e}") from None
+    return json.dumps(table, sort_keys=True)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as JSON-ready nested dicts (rules become a mapping)."""
+    out = dataclasses.asdict(cfg)
+    if "mesh" in out:
+        out["mesh"]["rules"] = {name: list(axes) for name, axes in cfg.mesh.rules}
+    if "data" in out:
+        out["data"]["mixture"] = dict(cfg.data.mixture)
+    return out
+
+
+def _to_plain(x: Any) -> Any:
+    if hasattr(x, "to_dict"):
+        x = x.to_dict()
+    if isinstance(x, Mapping):
+        return {k: _to_plain(v) for k, v in x.items()}
+    return x
+
+
+def _apply_presets(model: dict[str, Any]) -> dict[str, Any]:
+    family, size = model.get("family", "llama"), model.get("size", "")
+    if family not in FAMILY_DEFAULTS:
+        raise ConfigError(unknown_choice("model.family", family, FAMILY_DEFAULTS))
+    if size and size not in MODEL_SIZES:
+        raise ConfigError(unknown_choice("model.size", size, MODEL_SIZES))
+    return {**FAMILY_DEFAULTS[family], **MODEL_SIZES.get(size, {}), **model}
+
+
+def _merge_rules(user: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Overlays user rules (a mapping or pairs) on `DEFAULT_RULES`."""
+    if isinstance(user, str):
+        user = _parse_rules_string(user)
+    pairs = list(user.items()) if isinstance(user, Mapping) else list(user)
+    rules = dict(DEFAULT_RULES)
+    for name, axes in pairs:
+        if name not in LOGICAL_AXES:
+            raise ConfigError(unknown_choice("mesh.rules", name, LOGICAL_AXES))
+        if axes is None or axes == "" or axes == "None":
+            axes = ()
+        elif isinstance(axes, str):
+            axes = tuple(a for a in axes.replace("+", ",").split(",") if a)
+        axes = tuple(axes)
+        for axis in axes:
+            if axis not in MESH_AXES:
+                raise ConfigError(
+                    f"mesh.rules.{name}: unknown mesh axis {axis!r}; use any of {MESH_AXES}."
+                )
+        rules[name] = axes
+    return tuple(rules.items())
+
+
+def _parse_mixture(value: Any) -> tuple[tuple[str, float], ...]:
+    """{'dirA': 0.7, 'dirB': 0.3}, [('dirA', 0.7), ...] or 'dirA:0.7,dirB:0.3'."""
+    if isinstance(value, str):
+        pairs = []
+        for item in filter(None, (s.strip() for s in value.split(","))):
+            path, sep, weight = item.rpartition(":")
+            if not sep:
+                raise ConfigError(f"data.mixture: expected PATH:WEIGHT, got {item!r}.")
+            pairs.append((path, weight))
+    else:
+        pairs = list(value.items()) if isinstance(value, Mapping) else list(value)
+    out = []
+    for path, weight in pairs:
+        w = _scalar(float, weight, f"data.mixture[{path}]")
+        if w <= 0:
+            raise ConfigError(f"data.mixture: weight of {path!r} must be positive, got {w}.")
+        out.append((str(path), w))
+    return tuple(out)
+
+
+def _parse_rules_string(text: str) -> dict[str, str]:
+    """'embed=fsdp,mlp=tensor' -> {'embed': 'fsdp', 'mlp': 'tensor'}; '+' joins axes."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise ConfigError(f"mesh.rules: expected name=axis[+axis], got {item!r}.")
+        name, axes = item.split("=", 1)
+        out[name.strip()] = axes.strip()
+    return out
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a group of keys, got {raw!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f" Did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {path!r}.{hint} Valid keys under "
+                f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}."
+            )
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Checks (and, for strings from the command line, parses) one value against its type."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path + ".")
+    if path == "mesh.rules":
+        return value if isinstance(value, tuple) else _merge_rules(value)
+    if path == "data.mixture":
+        return _parse_mixture(value)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a tuple like 1,8,1, got {value!r}.")
+        (elem,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        return tuple(_coerce(elem, v, path) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{path}: unsupported type {tp}.")  # not used by any field
+    return _scalar(tp, value, path)
+
+
+def _scalar(tp: type, value: Any, path: str) -> Any:
+    if isinstance(value, str) and tp is not str:
+        value = _parse_string(tp, value, path)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _parse_string(tp: type, text: str, path: str) -> Any:
+    text = text.strip()
+    try:
+        if tp is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if tp is int:
+            return int(float(text)) if "e" in text.lower() else int(text)
+        if tp is float:
+            return float(text)
+    except ValueError:
+        pass
+    raise ConfigError(f"{path}: expected {tp.__name__}, got {text!r}.")

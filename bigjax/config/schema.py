@@ -1,0 +1,276 @@
+"""The run configuration's schema: frozen dataclasses, one per group, and their choices."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from bigjax.config.rules import DEFAULT_RULES
+
+POSITIONS = ("rope", "learned")
+ROPE_SCALINGS = ("default", "linear", "llama3")
+MLPS = ("swiglu", "gelu")
+REMAT_POLICIES = ("none", "full", "save_matmuls")
+OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+# 'auto': cuDNN flash attention on NVIDIA GPUs, Pallas splash on TPUs, einsum on CPUs
+# (bigjax/attention.py says when each applies).
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
+NORMS = ("rmsnorm", "layernorm")
+WEIGHT_DECAY_MASKS = ("matrices", "all")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or inconsistent; the message names key and fix."""
+
+
+def unknown_choice(key: str, value: str, valid: Any) -> str:
+    valid = list(valid)
+    close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"{key}: unknown value {value!r}.{hint} Valid: {', '.join(map(str, valid))}."
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh and the logical-to-mesh sharding rules.
+
+    `shape` is (data, fsdp, tensor); at most one entry may be -1 (use the remaining devices).
+    `rules` overrides entries of `DEFAULT_RULES`, e.g. `{'embed': None, 'mlp': ('tensor',)}`.
+    """
+
+    shape: tuple[int, ...] = (1, -1, 1)
+    # Multi-slice: (data, fsdp, tensor) across slices (over DCN); `shape` is then the mesh
+    # inside each slice (over ICI) and each mesh axis is dcn_shape * shape long.
+    dcn_shape: tuple[int, ...] = (1, 1, 1)
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder architecture, numerics and memory policy."""
+
+    family: str = "llama"
+    size: str = ""  # a key of MODEL_SIZES, or '' to give every dimension explicitly
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: same as num_heads (no grouping)
+    head_dim: int = 0  # 0: d_model // num_heads
+    d_ff: int = 384
+    vocab_size: int = 512
+    tie_embeddings: bool = False
+    positions: str = "rope"  # one of POSITIONS: 'rope' (Llama) or 'learned' (GPT-2's table)
+    max_positions: int = 0  # rows of the learned position table (>= data.seq_len)
+    rope_theta: float = 10000.0
+    # Context extension, as Hugging Face's rope_type (layers.Rope): 'default', 'linear' or
+    # 'llama3' (Llama 3.1+), with its factors.
+    rope_scaling: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    norm: str = "rmsnorm"  # one of NORMS: 'rmsnorm' (Llama) or 'layernorm' (GPT-2, with bias)
+    mlp: str = "swiglu"  # one of MLPS: 'swiglu' (Llama) or 'gelu' (GPT-2, tanh form)
+    use_bias: bool = False  # biases on the attention and MLP projections (GPT-2)
+    causal: bool = True  # False: bidirectional attention (an encoder: BERT, ViT)
+    image_size: int = 32  # ViT: square images of this many pixels a side
+    patch_size: int = 4  # ViT: square patches, `image_size` divisible by it
+    channels: int = 3  # ViT: 1 (grayscale) or 3 (RGB)
+    # > 0: a classification head [D, num_classes] on the last real token (data.task=classify)
+    num_classes: int = 0
+    # Mixture of experts (bigjax/moe.py): 0 = dense MLP; else this many SwiGLU experts of width
+    # d_ff per layer, `experts_per_token` (top-k) chosen per token by a learned router.
+    num_experts: int = 0
+    experts_per_token: int = 2
+    moe_capacity_factor: float = 1.25  # slots per expert = factor * L * k / E; 0: no drops
+    moe_aux_weight: float = 0.01  # load-balancing loss coefficient
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    param_dtype: str = "float32"
+    dtype: str = "auto"  # compute dtype; auto: float32 on CPU, bfloat16 on GPU/TPU
+    scan_layers: bool = True
+    remat: str = "none"  # one of REMAT_POLICIES
+    attention: str = "auto"  # one of ATTENTION_IMPLS
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer, learning-rate schedule, clipping, weight decay and gradient accumulation."""
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr / peak lr for cosine, linear and wsd
+    decay_fraction: float = 0.2  # wsd: fraction of the steps spent decaying
+    weight_decay: float = 0.1
+    weight_decay_mask: str = "matrices"  # 'matrices': skip norms, biases (ndim < 2); or 'all'
+    clip_norm: float = 1.0  # 0 disables global-norm clipping
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    z_loss: float = 0.0  # coefficient of log(Z)^2, keeps logits from drifting
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (a scan inside the step)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from and how they are batched."""
+
+    path: str = ""  # a prepared dataset (`bigjax prepare`); '' = the built-in corpus
+    mixture: tuple[tuple[str, float], ...] = ()  # (dataset dir, weight) pairs; overrides path
+    # What the rows hold: 'lm' (documents, next-token loss everywhere), 'mlm' (documents,
+    # masked-token loss; an encoder), 'sft' (prompt/response pairs, loss on responses) or
+    # 'classify' (text and label; needs model.num_classes) or 'images' (the ViT's labelled
+    # images, bigjax/data/images.py).
+    task: str = "lm"
+    mlm_rate: float = 0.15  # task 'mlm': share of real tokens masked (80/10/10, bigjax/mlm.py)
+    examples: str = ""  # sft/classify: a JSON-lines file of examples (bigjax/data/examples.py)
+    images: str = ""  # task 'images': 'digits' (scikit-learn's) or DIR/<class>/<image files>
+    augment: bool = True  # task 'images': random crops, brightness, contrast on train images
+    flip: bool = False  # task 'images', with augment: also random horizontal flips
+    packing: str = "concat"  # 'concat' (concat-then-split), 'first_fit', 'pad' (one per row)
+    tokenizer: str = "byte"  # built-in corpus only; prepared datasets carry their own
+    batch_size: int = 16  # global batch, in sequences
+    seq_len: int = 256
+    eval_fraction: float = 0.02  # share of documents held out for eval, chosen by path hash
+    num_workers: int = 0  # Grain prefetch processes; 0 reads in the training process
+    shuffle: bool = True
+    # Seed of the document order; -1: the run's `seed`. Fix it to vary only the initialisation
+    # across seeds (ablations do: every variant and seed then sees the same batches).
+    seed: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing."""
+
+    every_steps: int = 1000
+    keep: int = 3  # newest checkpoints kept
+    keep_every: int = 0  # also keep every N-th step for good (0: off)
+    keep_best: int = 0  # also keep the N lowest eval losses (0: off)
+    async_save: bool = True
+    init_from: str = ""  # another run's workdir (or checkpoints dir) to start from
+    init_mode: str = "params"  # 'params': weights only, fresh optimizer; 'full': whole state
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """What is logged where."""
+
+    log_every: int = 10
+    peak_flops: float = 0.0  # per device; 0: datasheet (TPU/GPU) or measured (CPU)
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out loss and perplexity; optionally multiple-choice accuracy."""
+
+    every_steps: int = 0  # 0: only at the end of the run
+    num_batches: int = 4
+    # Multiple choice by log-likelihood at every eval: a JSON-lines file of {context,
+    # choices, answer}, or 'stdlib' (next line of held-out standard-library files, 4 choices).
+    choices: str = ""
+    choice_items: int = 40  # items of the 'stdlib' task (cost: items x 4 sequences forward)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Which parameters train: frozen subsets and LoRA adapters (bigjax/lora.py). Combine with
+    checkpoint.init_from to start from a trained or imported model."""
+
+    # Regex over parameter paths (e.g. 'embed/.*|blocks/attn/.*', see `bigjax.checkpoint.
+    # param_layout`): matching parameters get no updates and no optimizer moments.
+    freeze: str = ""
+    lora_rank: int = 0  # > 0: train rank-r adapters on lora_targets, freeze the base model
+    lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
+    lora_targets: str = r"blocks/(attn|mlp)/.*"  # regex over parameter paths (matrices only)
+    keep_sparsity: bool = False  # weights that start at exactly 0 (pruned) stay 0
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RobustConfig:
+    """Adversarial training in embedding space and text corruption (bigjax/robust.py)."""
+
+    adversarial: str = "none"  # 'none', 'fgsm' or 'pgd': train on perturbed embeddings too
+    epsilon: float = 0.01  # L-infinity radius of the perturbation (embeddings are ~1/sqrt(D))
+    pgd_steps: int = 3
+    pgd_step_size: float = 0.005
+    weight: float = 0.5  # objective = (1 - weight) * clean + weight * adversarial
+    eval_attack: str = "none"  # 'fgsm' or 'pgd': also report eval_adv_loss under attack
+    token_dropout: float = 0.0  # share of input tokens replaced by random ones
+    span_mask: float = 0.0  # share of input tokens masked in spans
+    span_length: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation: the loss mixes the hard next-token loss with the KL divergence
+    to a teacher run's softened predictions (Hinton et al. 2015)."""
+
+    teacher: str = ""  # a run directory (trained, imported or compressed) with the same vocab
+    temperature: float = 2.0  # both distributions are softened by T; the KL is scaled by T^2
+    alpha: float = 0.5  # weight of the distillation term; 1 - alpha on the hard labels
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD (bigjax/privacy.py): on when noise_multiplier or target_epsilon is set."""
+
+    noise_multiplier: float = 0.0  # sigma; 0 with target_epsilon: calibrated to reach it
+    target_epsilon: float = 0.0  # epsilon after num_steps steps (calibrates sigma)
+    delta: float = 1e-5
+    clip_norm: float = 1.0  # each example's gradient is scaled to at most this norm
+    # Rows per epoch, for the sampling rate batch_size / num_examples; 0: the size of the
+    # train split of data.examples or data.images (language modelling must set it).
+    num_examples: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0 or self.target_epsilon > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The whole run."""
+
+    seed: int = 0
+    num_steps: int = 1000
+    nan_policy: str = "error"  # on a non-finite loss/grad: 'error', 'skip' or 'rollback'
+    mesh: MeshConfig = MeshConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    eval: EvalConfig = EvalConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    distill: DistillConfig = DistillConfig()
+    robust: RobustConfig = RobustConfig()
+    # Per-platform tuning (bigjax/tuning.py): the config file's `platforms` table as JSON
+    # until the devices are known; then '' and `platform` names the entry that was applied.
+    platforms: str = ""
+    platform: str = ""
+
+    @property
+    def data_seed(self) -> int:
+        return self.seed if self.data.seed < 0 else self.data.seed

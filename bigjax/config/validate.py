@@ -1,0 +1,236 @@
+"""Cross-field validation of a converted `TrainConfig`: inconsistent values fail with the fix."""
+
+from __future__ import annotations
+
+import re
+
+from bigjax.config.presets import FAMILY_DEFAULTS
+from bigjax.config.rules import MESH_AXES
+from bigjax.config.schema import (
+    ATTENTION_IMPLS,
+    DTYPES,
+    MLPS,
+    NORMS,
+    OPTIMIZERS,
+    POSITIONS,
+    REMAT_POLICIES,
+    ROPE_SCALINGS,
+    SCHEDULES,
+    WEIGHT_DECAY_MASKS,
+    ConfigError,
+    TrainConfig,
+    unknown_choice,
+)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks that need no devices. Raises ConfigError naming key and fix."""
+    m, o, d = cfg.model, cfg.optim, cfg.data
+    _check(cfg.num_steps > 0, "num_steps", "must be positive")
+    shape = cfg.mesh.shape
+    _check(
+        len(shape) == len(MESH_AXES),
+        "mesh.shape",
+        f"needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}",
+    )
+    _check(sum(s == -1 for s in shape) <= 1, "mesh.shape", f"allows at most one -1, got {shape}")
+    _check(
+        all(s == -1 or s > 0 for s in shape),
+        "mesh.shape",
+        f"entries must be positive or -1, got {shape}",
+    )
+    dcn = cfg.mesh.dcn_shape
+    _check(
+        len(dcn) == len(MESH_AXES) and all(s > 0 for s in dcn),
+        "mesh.dcn_shape",
+        f"needs {len(MESH_AXES)} positive entries {MESH_AXES}, got {dcn}",
+    )
+    _one_of("model.family", m.family, tuple(FAMILY_DEFAULTS))
+    for name in ("d_model", "num_layers", "num_heads", "d_ff", "vocab_size"):
+        _check(getattr(m, name) > 0, f"model.{name}", "must be positive")
+    _check(
+        m.head_dim > 0 or m.d_model % m.num_heads == 0,
+        "model.num_heads",
+        f"{m.num_heads} heads do not divide d_model={m.d_model}; pick a divisor or set "
+        "model.head_dim",
+    )
+    _check(
+        m.kv_heads > 0 and m.num_heads % m.kv_heads == 0,
+        "model.num_kv_heads",
+        f"{m.num_kv_heads} must divide num_heads={m.num_heads}",
+    )
+    _one_of("model.positions", m.positions, POSITIONS)
+    _one_of("model.mlp", m.mlp, MLPS)
+    _one_of("model.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
+    if m.family == "vit":
+        pass  # positions: one per patch and the class token, from the image size
+    elif m.positions == "rope":
+        _check(m.dim_per_head % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
+    else:
+        _check(
+            m.max_positions >= d.seq_len,
+            "model.max_positions",
+            f"the learned position table has {m.max_positions} rows, fewer than "
+            f"data.seq_len={d.seq_len}; set model.max_positions >= {d.seq_len}",
+        )
+    _check(m.rope_factor > 0, "model.rope_factor", "must be positive")
+    _check(m.num_experts >= 0, "model.num_experts", "must be >= 0 (0: dense MLP)")
+    if m.num_experts:
+        _check(m.mlp == "swiglu", "model.mlp", "experts are SwiGLU; set model.mlp=swiglu")
+        _check(not m.use_bias, "model.use_bias", "experts have no biases; set it false")
+        _check(
+            1 <= m.experts_per_token <= m.num_experts,
+            "model.experts_per_token",
+            f"must be in [1, num_experts={m.num_experts}]",
+        )
+        _check(m.moe_capacity_factor >= 0, "model.moe_capacity_factor", "must be >= 0")
+        _check(m.moe_aux_weight >= 0, "model.moe_aux_weight", "must be >= 0")
+    _check(
+        m.rope_scaling != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor,
+        "model.rope_high_freq_factor",
+        "llama3 scaling needs rope_high_freq_factor > rope_low_freq_factor",
+    )
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    _one_of("model.param_dtype", m.param_dtype, DTYPES)
+    _one_of("model.dtype", m.dtype, ("auto", *DTYPES))
+    _one_of("model.remat", m.remat, REMAT_POLICIES)
+    _one_of("model.attention", m.attention, ATTENTION_IMPLS)
+    _one_of("model.norm", m.norm, NORMS)
+    _one_of("optim.name", o.name, OPTIMIZERS)
+    _one_of("optim.schedule", o.schedule, SCHEDULES)
+    _one_of("optim.weight_decay_mask", o.weight_decay_mask, WEIGHT_DECAY_MASKS)
+    _check(o.lr > 0, "optim.lr", "must be positive")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(0.0 < o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in (0, 1]")
+    _check(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
+    _check(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
+    _check(
+        d.batch_size % o.grad_accum_steps == 0,
+        "data.batch_size",
+        f"{d.batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}",
+    )
+    _check(d.batch_size > 0 and d.seq_len > 1, "data.batch_size", "batch_size > 0, seq_len > 1")
+    _check(0.0 < d.eval_fraction < 1.0, "data.eval_fraction", "must be in (0, 1)")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _one_of("data.tokenizer", d.tokenizer, ("byte",))
+    _one_of("data.packing", d.packing, ("concat", "first_fit", "pad"))
+    _one_of("data.task", d.task, ("lm", "mlm", "sft", "classify", "images"))
+    _check(
+        (d.task == "images") == (m.family == "vit") == bool(d.images),
+        "data.task",
+        "model.family=vit trains on data.task=images with data.images set (and only it)",
+    )
+    if m.family == "vit":
+        _check(m.image_size % m.patch_size == 0, "model.patch_size", "must divide image_size")
+        patches = (m.image_size // m.patch_size) ** 2
+        _check(
+            d.seq_len == patches + 1,
+            "data.seq_len",
+            f"a ViT row is its {patches} patches and the class token: set data.seq_len="
+            f"{patches + 1}",
+        )
+        _check(m.num_classes >= 2, "model.num_classes", "a ViT classifies: set >= 2")
+    _check(
+        (d.task in ("lm", "mlm", "images")) == (not d.examples),
+        "data.examples",
+        "sft and classify read data.examples (a JSON-lines file); lm and mlm read data.path",
+    )
+    _check(
+        (d.task == "mlm") == (not m.causal) or d.task in ("classify", "images"),
+        "model.causal",
+        f"data.task={d.task!r} needs "
+        + ("a bidirectional encoder" if d.task == "mlm" else "a causal decoder")
+        + f"; set model.causal={d.task != 'mlm'} (model.family=bert is the masked-LM encoder)",
+    )
+    _check(0.0 < d.mlm_rate < 1.0, "data.mlm_rate", "must be in (0, 1)")
+    _check(
+        d.task != "classify" or (d.packing == "pad" and m.num_classes >= 2),
+        "data.task",
+        "classify needs data.packing=pad (one example per row) and model.num_classes >= 2",
+    )
+    _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: off)")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0: off)")
+    _check(cfg.checkpoint.keep_best >= 0, "checkpoint.keep_best", "must be >= 0 (0: off)")
+    _one_of("checkpoint.init_mode", cfg.checkpoint.init_mode, ("params", "full"))
+    _one_of("nan_policy", cfg.nan_policy, ("error", "skip", "rollback"))
+    _check(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
+    _check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: at the end)")
+    _check(cfg.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")
+    r = cfg.robust
+    _one_of("robust.adversarial", r.adversarial, ("none", "fgsm", "pgd"))
+    _one_of("robust.eval_attack", r.eval_attack, ("none", "fgsm", "pgd"))
+    _check(r.epsilon > 0 and r.pgd_step_size > 0, "robust.epsilon", "and pgd_step_size > 0")
+    _check(r.pgd_steps >= 1, "robust.pgd_steps", "must be >= 1")
+    _check(0 <= r.weight <= 1, "robust.weight", "must be in [0, 1]")
+    _check(0 <= r.token_dropout < 1 and 0 <= r.span_mask < 1, "robust.token_dropout",
+           "token_dropout and span_mask are shares in [0, 1)")  # fmt: skip
+    _check(r.span_length >= 1, "robust.span_length", "must be >= 1")
+    _check(
+        not (r.token_dropout or r.span_mask) or d.task in ("lm", "sft", "classify"),
+        "robust.token_dropout",
+        "text corruption applies to token inputs (data.task lm, sft or classify)",
+    )
+    _check(
+        r.adversarial == "none" or not (cfg.privacy.noise_multiplier or cfg.privacy.target_epsilon),
+        "robust.adversarial",
+        "adversarial training with DP-SGD is not supported",
+    )
+    if cfg.distill.teacher:
+        _check(cfg.distill.temperature > 0, "distill.temperature", "must be positive")
+        _check(0 <= cfg.distill.alpha <= 1, "distill.alpha", "must be in [0, 1]")
+        _check(
+            d.task in ("lm", "sft"),
+            "distill.teacher",
+            "distillation matches next-token distributions: data.task lm or sft",
+        )
+        _check(
+            not (cfg.privacy.noise_multiplier or cfg.privacy.target_epsilon),
+            "distill.teacher",
+            "DP-SGD with distillation is not supported; distill first, or train privately",
+        )
+    p = cfg.privacy
+    _check(p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
+    _check(p.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0")
+    _check(
+        not (p.noise_multiplier and p.target_epsilon),
+        "privacy.target_epsilon",
+        "give the noise multiplier or a target epsilon to calibrate it, not both",
+    )
+    if p.enabled:
+        _check(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)")
+        _check(p.clip_norm > 0, "privacy.clip_norm", "must be positive")
+        _check(
+            p.num_examples > 0 or d.task in ("sft", "classify", "images"),
+            "privacy.num_examples",
+            "DP accounting needs the rows per epoch; set it for language modelling",
+        )
+        _check(
+            p.num_examples == 0 or p.num_examples >= d.batch_size,
+            "privacy.num_examples",
+            f"must be at least data.batch_size={d.batch_size}",
+        )
+    f = cfg.finetune
+    _check(f.lora_rank >= 0, "finetune.lora_rank", "must be >= 0 (0: no adapters)")
+    _check(f.lora_alpha > 0, "finetune.lora_alpha", "must be positive")
+    _check(
+        not (f.lora_rank and f.freeze),
+        "finetune.freeze",
+        "with LoRA only the adapters train (the base is frozen); leave freeze empty",
+    )
+    for key in ("freeze", "lora_targets"):
+        try:
+            re.compile(getattr(f, key))
+        except re.error as e:
+            raise ConfigError(f"finetune.{key}: not a regular expression ({e}).") from None
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}.")
+
+
+def _one_of(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(unknown_choice(key, value, valid))

@@ -1,0 +1,264 @@
+"""The pieces of the training loop that are not the loop: evaluation, stop signals, the host
+side of a finished step (finiteness, throughput, logging), the run summary."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from bigjax import checkpoint, choices, metrics, privacy
+from bigjax.config import TrainConfig
+from bigjax.data import pipeline
+from bigjax.program import Program
+
+MAX_ROLLBACKS = 5
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient under nan_policy='error'."""
+
+
+def run_eval(prog: Program, params: Any) -> dict[str, float]:
+    """Loss and perplexity over the first `eval.num_batches` batches of the held-out split,
+    read in a fixed order so every eval of every run sees the same tokens."""
+    cfg = prog.cfg
+    it = pipeline.for_config(
+        cfg.data,
+        split="validation",
+        seed=0,
+        rows=prog.local_rows(),
+        shuffle=False,
+        workers=0,
+        image_shape=(cfg.model.image_size, cfg.model.channels),
+    )
+    nll, weight, confusion, adv = 0.0, 0.0, 0.0, 0.0
+    for local in pipeline.take(it, cfg.eval.num_batches):
+        out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
+        nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight_sum"])
+        confusion = confusion + out.get("confusion", 0.0)
+        adv = adv + float(out.get("adv_nll_sum", 0.0))
+    getattr(it, "close", lambda: None)()
+    loss = nll / max(weight, 1.0)
+    row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    if cfg.robust.eval_attack != "none":  # the loss under the embedding-space attack
+        row["eval_adv_loss"] = adv / max(weight, 1.0)
+    if cfg.data.task in ("classify", "images"):  # accuracy, macro precision / recall / F1
+        row.update(choices.classification_metrics(confusion))
+    return row
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[dict[str, str]]:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to save and stop after the step
+    in flight, instead of killing it. A second Ctrl-C interrupts at once. Repeated SIGTERMs
+    do not: schedulers resend preemption notices, and PR_SET_PDEATHSIG fires once per
+    reparenting as a dying parent's threads exit, and aborting the checkpoint save they
+    asked for would lose the work they meant to keep. Once a stop was asked the process is on
+    its way out, so SIGTERM stays ignored after the loop: a resent notice can no longer kill
+    it between the final save and exit."""
+    asked: dict[str, str] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        asked.setdefault("signal", signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield asked
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_IGN if asked and s == signal.SIGTERM else handler)
+
+
+@dataclasses.dataclass
+class Window:
+    """Throughput accounting between two logged steps."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    steps: int = 0
+    tokens: float = 0.0
+    data_wait: float = 0.0
+
+
+def write_summary(workdir: Path, summary: dict[str, Any], wall_s: float) -> None:
+    """`summary.json`: where the run stands, for sweeps and `bigjax report`. Wall time adds up
+    over resumes (a run killed with SIGKILL loses that attempt's time)."""
+    path = workdir / "summary.json"
+    before = json.loads(path.read_text()).get("wall_s", 0.0) if path.exists() else 0.0
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(metrics.json_text({**summary, "wall_s": before + wall_s}, indent=2) + "\n")
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+@dataclasses.dataclass
+class StepLog:
+    """Host side of finished steps: finiteness, the throughput window, the logged rows.
+
+    The device runs one step ahead: a step's metrics are fetched when the next step has been
+    dispatched, so `finish` is called one step late (and the window starts at that fetch)."""
+
+    cfg: TrainConfig
+    writers: metrics.Writers
+    flops_per_step: float
+    peak_flops: float
+    accounting: Any  # privacy accounting, or None
+    warn: bool  # this process prints warnings
+    window: Window = dataclasses.field(default_factory=Window)
+    compile_s: float | None = None
+    skipped_steps: int = 0
+    last: dict[str, Any] = dataclasses.field(default_factory=dict)  # the last logged row
+    latest: dict[str, float] = dataclasses.field(default_factory=dict)  # the last finished
+
+    def finish(self, done_step: int, device_metrics: dict[str, jax.Array]) -> bool:
+        """Fetches, checks and (every log_every steps) logs one step; returns whether the step
+        was finite."""
+        cfg = self.cfg
+        host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        # The device finished this step now and already runs the next: the next window
+        # starts here, not after the logging below (which would shorten it, MFU > 100 %).
+        fetched = time.perf_counter()
+        self.latest.update(host, step=done_step)
+        finite = bool(host.pop("finite"))
+        if not finite and cfg.nan_policy == "skip" and self.warn:
+            print(
+                f"warning: step {done_step} skipped: non-finite loss, gradient or updated "
+                f"parameters (loss {host['loss']}, grad_norm {host['grad_norm']}, "
+                f"param_norm {host['param_norm']}); the update was dropped.",
+                flush=True,
+            )
+        self.skipped_steps += not finite and cfg.nan_policy == "skip"
+        window = self.window
+        window.steps += 1
+        window.tokens += host.pop("tokens")
+        first = self.compile_s is None
+        if first:  # includes compilation: logged, but kept out of the throughput window
+            self.compile_s = fetched - window.start
+        if done_step % cfg.metrics.log_every and done_step != cfg.num_steps and not first:
+            return finite
+        elapsed = fetched - window.start
+        step_time = None if first else elapsed / window.steps
+        row = {
+            "step": done_step,
+            **host,
+            "tokens_per_sec": None if first else window.tokens / elapsed,
+            "step_time": step_time,
+            "mfu": None if first else self.flops_per_step / step_time / self.peak_flops,
+            "eta_s": None if first else step_time * (cfg.num_steps - done_step),
+            "compile_s": self.compile_s,
+            # host time blocked on the input pipeline, per step and as a share
+            "data_wait_s": window.data_wait / window.steps,
+            "data_wait_frac": None if first else window.data_wait / elapsed,
+            "skipped_steps": self.skipped_steps,
+        }
+        if self.accounting is not None:  # the privacy spent so far (dp-accounting, RDP)
+            row["dp_epsilon"] = privacy.epsilon(self.accounting, done_step)
+            row["dp_noise_multiplier"] = self.accounting.noise_multiplier
+        self.writers.write(row, metrics.progress_line(row, cfg.num_steps))
+        self.last = row
+        self.window = Window(start=fetched)
+        return finite
+
+
+def restore_or_init(
+    cfg: TrainConfig,
+    prog: Program,
+    manager: Any,
+    target: Any,
+    data_iter: Any,
+    layout: dict[str, list[int]],
+    expect: dict[str, str],
+) -> tuple[Any, str]:
+    """The state to start from, and where it came from: the run's newest loadable checkpoint
+    (resume), else `checkpoint.init_from`, else a fresh initialisation."""
+    state = checkpoint.restore(manager, target, data_iter, layout, expect=expect)
+    if state is not None:
+        return state, f"resuming from step {int(state.step)}"
+    if cfg.checkpoint.init_from:
+        state = checkpoint.init_from(
+            cfg.checkpoint.init_from,
+            cfg.checkpoint.init_mode,
+            target,
+            data_iter,
+            layout,
+            prog.init(),
+        )
+        origin = (
+            f"initialised ({cfg.checkpoint.init_mode}) from "
+            f"{cfg.checkpoint.init_from} at step {int(state.step)}"
+        )
+        return state, origin
+    return prog.init(), "fresh start"
+
+
+def report_done(
+    cfg: TrainConfig,
+    workdir: Path,
+    summary: dict[str, Any],
+    wall_s: float,
+    last_eval: dict[str, float],
+    stop: dict[str, str],
+    start: int,
+) -> None:
+    """summary.json, loss.png and the closing lines of a run."""
+    write_summary(workdir, summary, wall_s)
+    metrics_path = workdir / "metrics.jsonl"
+    if cfg.metrics.plot and metrics_path.exists():
+        metrics.plot_loss(metrics_path, workdir / "loss.png")
+    status = f"eval loss {last_eval['eval_loss']:.4f}" if last_eval else "no eval"
+    if stop:
+        status = f"stopped by {stop['signal']}"
+    elif start == cfg.num_steps:
+        status = "already complete"
+    print(
+        f"done: step {summary['step']}, {status}.\n"
+        f"  metrics:     {metrics_path}\n"
+        f"  plot:        {workdir / 'loss.png'}\n"
+        f"  tensorboard: {workdir / 'tensorboard'}\n"
+        f"  checkpoints: {workdir / 'checkpoints'}",
+        flush=True,
+    )
+
+
+class Evaluator:
+    """Eval loss (and, with eval.choices, multiple-choice accuracy) at a step, logged.
+    The scorer is compiled once, on the first call."""
+
+    def __init__(self, prog: Program, writers: metrics.Writers, tokenizer: Any):
+        cfg = prog.cfg
+        self.prog, self.writers, self.tokenizer = prog, writers, tokenizer
+        self.items = (
+            choices.items_for(cfg.eval.choices, cfg.data.eval_fraction, cfg.eval.choice_items)
+            if cfg.eval.choices
+            else []
+        )
+        self.scorer = choices.make_scorer(prog.graphdef, cfg.finetune.lora_scale)
+
+    def __call__(self, at_step: int, params: Any) -> dict[str, float]:
+        row = {"step": at_step, **run_eval(self.prog, params)}
+        text = f"eval @ {at_step}: loss {row['eval_loss']:.4f}, ppl {row['eval_ppl']:.2f}"
+        if "f1" in row:
+            text += f", accuracy {row['accuracy']:.1%}, macro F1 {row['f1']:.3f}"
+        if self.items:
+            start = time.perf_counter()
+            seq_len = self.prog.cfg.data.seq_len
+            row.update(
+                choices.score_items(self.scorer, params, self.tokenizer, self.items, seq_len)
+            )
+            row["mc_eval_s"] = time.perf_counter() - start
+            text += f", multiple choice {row['mc_accuracy']:.1%}"
+        self.writers.write(row, text)
+        return row

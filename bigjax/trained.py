@@ -1,0 +1,77 @@
+"""Trained run directories for the tools: one opened for use on this machine (eval, generate,
+compress, inspect, export), or one written from parameters alone (import, compress)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from bigjax.config import ConfigError, from_configdict, parse_override, set_path
+
+
+@contextlib.contextmanager
+def open_run(workdir: str, overrides: Sequence[str], command: str) -> Iterator[tuple]:
+    """A trained run, ready to use on this machine: yields (program, params, checkpoint step)
+    inside its mesh. The config is the run's config.json plus overrides; the mesh is FSDP over
+    this machine's devices, whatever mesh the run trained on."""
+    import dataclasses as dc
+
+    config_path = Path(workdir) / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{command}: {workdir} has no config.json; pass a run directory.")
+    raw = json.loads(config_path.read_text())
+    for item in overrides:
+        set_path(raw, *parse_override(item))
+    cfg = from_configdict(raw)
+    cfg = dc.replace(cfg, mesh=dc.replace(cfg.mesh, shape=(1, -1, 1), dcn_shape=(1, 1, 1)))
+    import jax
+
+    from bigjax import checkpoint, lora
+    from bigjax.mesh import make_mesh
+    from bigjax.program import make_program
+
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        prog = make_program(cfg, mesh)
+        target = checkpoint.restore_target(prog.abstract, prog.shardings).params
+        params, step = checkpoint.load_params(workdir, target)
+        # LoRA runs: the adapters folded into the weights, as the model ran in training
+        yield prog, lora.merged(params, cfg.finetune.lora_scale), step
+
+
+def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any) -> None:
+    """A run directory holding only parameters (an imported or compressed model): config.json
+    and a parameters-only checkpoint at step 0, which generate, eval, convert and
+    checkpoint.init_from open like any run."""
+    from bigjax.checkpoint import CheckpointError, param_layout
+
+    dst = Path(dst)
+    if (dst / "checkpoints").exists():
+        raise CheckpointError(f"{dst} already holds checkpoints; pick a new directory.")
+    dst.mkdir(parents=True, exist_ok=True)
+    layout = param_layout(params)
+    save_params(dst / "checkpoints", params, {"config": config, "params": layout, **meta})
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_params(directory: Path, params: Any, meta: dict[str, Any]) -> None:
+    """A parameters-only checkpoint at step 0 (an imported model): what `load_params` and
+    `checkpoint.init_from` read. `meta` must hold the parameter layout under "params"."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    try:
+        manager.save(
+            0,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": params}),
+                meta=ocp.args.JsonSave({**meta, "params_only": True}),
+            ),
+        )
+        manager.wait_until_finished()
+    finally:
+        manager.close()
