@@ -24,8 +24,24 @@ from bigjax.config.schema import (
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Cross-field checks that need no devices. Raises ConfigError naming key and fix."""
-    m, o, d = cfg.model, cfg.optim, cfg.data
+    """Cross-field checks that need no devices, group by group, in this order (the first
+    failure is reported). Raises ConfigError naming key and fix."""
+    for check in (
+        _run_and_mesh,
+        _model,
+        _optim,
+        _data,
+        _checkpoint_and_logging,
+        _robust,
+        _distill,
+        _privacy,
+        _finetune,
+    ):
+        check(cfg)
+
+
+def _run_and_mesh(cfg: TrainConfig) -> None:
+    """The run length and mesh group."""
     _check(cfg.num_steps > 0, "num_steps", "must be positive")
     shape = cfg.mesh.shape
     _check(
@@ -45,6 +61,12 @@ def validate(cfg: TrainConfig) -> None:
         "mesh.dcn_shape",
         f"needs {len(MESH_AXES)} positive entries {MESH_AXES}, got {dcn}",
     )
+
+
+def _model(cfg: TrainConfig) -> None:
+    """The model group."""
+    m = cfg.model
+    d = cfg.data
     _one_of("model.family", m.family, tuple(FAMILY_DEFAULTS))
     for name in ("d_model", "num_layers", "num_heads", "d_ff", "vocab_size"):
         _check(getattr(m, name) > 0, f"model.{name}", "must be positive")
@@ -96,6 +118,12 @@ def validate(cfg: TrainConfig) -> None:
     _one_of("model.remat", m.remat, REMAT_POLICIES)
     _one_of("model.attention", m.attention, ATTENTION_IMPLS)
     _one_of("model.norm", m.norm, NORMS)
+
+
+def _optim(cfg: TrainConfig) -> None:
+    """The optimizer group."""
+    o = cfg.optim
+    d = cfg.data
     _one_of("optim.name", o.name, OPTIMIZERS)
     _one_of("optim.schedule", o.schedule, SCHEDULES)
     _one_of("optim.weight_decay_mask", o.weight_decay_mask, WEIGHT_DECAY_MASKS)
@@ -110,6 +138,12 @@ def validate(cfg: TrainConfig) -> None:
         "data.batch_size",
         f"{d.batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}",
     )
+
+
+def _data(cfg: TrainConfig) -> None:
+    """The data and task group."""
+    m = cfg.model
+    d = cfg.data
     _check(d.batch_size > 0 and d.seq_len > 1, "data.batch_size", "batch_size > 0, seq_len > 1")
     _check(0.0 < d.eval_fraction < 1.0, "data.eval_fraction", "must be in (0, 1)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
@@ -149,6 +183,10 @@ def validate(cfg: TrainConfig) -> None:
         "data.task",
         "classify needs data.packing=pad (one example per row) and model.num_classes >= 2",
     )
+
+
+def _checkpoint_and_logging(cfg: TrainConfig) -> None:
+    """The checkpoints, NaN policy, metrics, eval group."""
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: off)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0: off)")
@@ -158,6 +196,11 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: at the end)")
     _check(cfg.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")
+
+
+def _robust(cfg: TrainConfig) -> None:
+    """The robustness training group."""
+    d = cfg.data
     r = cfg.robust
     _one_of("robust.adversarial", r.adversarial, ("none", "fgsm", "pgd"))
     _one_of("robust.eval_attack", r.eval_attack, ("none", "fgsm", "pgd"))
@@ -177,6 +220,11 @@ def validate(cfg: TrainConfig) -> None:
         "robust.adversarial",
         "adversarial training with DP-SGD is not supported",
     )
+
+
+def _distill(cfg: TrainConfig) -> None:
+    """The distillation group."""
+    d = cfg.data
     if cfg.distill.teacher:
         _check(cfg.distill.temperature > 0, "distill.temperature", "must be positive")
         _check(0 <= cfg.distill.alpha <= 1, "distill.alpha", "must be in [0, 1]")
@@ -190,6 +238,11 @@ def validate(cfg: TrainConfig) -> None:
             "distill.teacher",
             "DP-SGD with distillation is not supported; distill first, or train privately",
         )
+
+
+def _privacy(cfg: TrainConfig) -> None:
+    """The DP-SGD group."""
+    d = cfg.data
     p = cfg.privacy
     _check(p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
     _check(p.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0")
@@ -211,6 +264,10 @@ def validate(cfg: TrainConfig) -> None:
             "privacy.num_examples",
             f"must be at least data.batch_size={d.batch_size}",
         )
+
+
+def _finetune(cfg: TrainConfig) -> None:
+    """The fine-tuning group."""
     f = cfg.finetune
     _check(f.lora_rank >= 0, "finetune.lora_rank", "must be >= 0 (0: no adapters)")
     _check(f.lora_alpha > 0, "finetune.lora_alpha", "must be positive")
