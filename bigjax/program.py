@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bigjax import attention, lora, mlm, models, optim, privacy, robust, step
+from bigjax import attention, lora, mlm, models, objectives, optim, privacy, step
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
 from bigjax.sharding import logical_to_spec, tree_shardings
@@ -128,12 +128,6 @@ def attention_kernel(cfg: TrainConfig, mesh: Mesh) -> str:
     )
 
 
-def _adversary(r: Any, kind: str) -> robust.Adversary | None:
-    if kind == "none":
-        return None
-    return robust.Adversary(kind, r.epsilon, r.pgd_steps, r.pgd_step_size, r.weight)
-
-
 def _tokenizer_size(cfg: TrainConfig) -> int:
     from bigjax.data import pipeline
 
@@ -190,9 +184,9 @@ class WithTeacher:
         return self.step.lower(state, batch, self.teacher_params)
 
 
-def load_teacher(cfg: TrainConfig, mesh: Mesh) -> tuple[step.Teacher, Params, Any]:
+def load_teacher(cfg: TrainConfig, mesh: Mesh) -> tuple[nnx.GraphDef, Params, Any]:
     """The teacher run's program and latest parameters, sharded by this run's rules on this
-    mesh; returns (spec, params, their shardings)."""
+    mesh; returns (graphdef, params, their shardings)."""
     from bigjax import checkpoint
     from bigjax.config import from_configdict
 
@@ -218,8 +212,7 @@ def load_teacher(cfg: TrainConfig, mesh: Mesh) -> tuple[step.Teacher, Params, An
         shardings,
     )
     params, _ = checkpoint.load_params(cfg.distill.teacher, target)
-    spec = step.Teacher(graphdef, cfg.distill.temperature, cfg.distill.alpha)
-    return spec, params, shardings
+    return graphdef, params, shardings
 
 
 def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
@@ -227,18 +220,6 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     check_program(cfg, mesh)
     rules = cfg.mesh.rules
     graphdef, graph_state = models.abstract(cfg.model, rules)
-    masking = mlm_masking(cfg) if cfg.data.task == "mlm" else None
-    r = cfg.robust
-    adversary = _adversary(r, r.adversarial)
-    attack = _adversary(r, r.eval_attack)
-    text_noise = None
-    if r.token_dropout or r.span_mask:
-        size = mlm_masking(cfg).mask_id if r.span_mask else _tokenizer_size(cfg)
-        text_noise = robust.TextNoise(r.token_dropout, r.span_mask, r.span_length, size, size)
-    accounting = dp_accounting(cfg) if cfg.privacy.enabled else None
-    noise = (
-        privacy.Noise(accounting.noise_multiplier, cfg.privacy.clip_norm) if accounting else None
-    )
     trainable = lora.trainable_fn(cfg.finetune)
     tx = optim.make_optimizer(cfg.optim, cfg.num_steps, trainable, cfg.finetune.keep_sparsity)
     schedule = optim.make_schedule(cfg.optim, cfg.num_steps)
@@ -250,6 +231,19 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     batch_sharding = NamedSharding(mesh, spec)
     teacher = load_teacher(cfg, mesh) if cfg.distill.teacher else None
     teacher_shardings = () if teacher is None else (teacher[2],)
+    accounting = dp_accounting(cfg) if cfg.privacy.enabled else None
+    resources = objectives.Resources(
+        masking=mlm_masking(cfg) if cfg.data.task == "mlm" or cfg.robust.span_mask else None,
+        tokenizer_size=_tokenizer_size(cfg)
+        if cfg.robust.token_dropout or cfg.robust.span_mask
+        else 0,
+        noise=None
+        if accounting is None
+        else privacy.Noise(accounting.noise_multiplier, cfg.privacy.clip_norm),
+        teacher=None if teacher is None else teacher[0],
+    )
+    trainable = trainable or (lambda path: True)
+    train_objectives, eval_objectives = objectives.from_config(cfg, graphdef, trainable, resources)
     train_step = jax.jit(
         step.make_train_step(
             graphdef,
@@ -259,16 +253,11 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
             rules,
             cfg.seed,
             dropout=cfg.model.dropout > 0,
+            objectives=train_objectives,
             skip_nonfinite=cfg.nan_policy == "skip",
-            trainable=trainable or (lambda path: True),
+            trainable=trainable,
             lora_scale=cfg.finetune.lora_scale,
-            masking=masking,
             seq_len=cfg.data.seq_len,
-            dp=noise,
-            teacher=None if teacher is None else teacher[0],
-            adversary=adversary,
-            text_noise=text_noise,
-            d_model=cfg.model.d_model,
         ),
         in_shardings=(shardings, batch_shardings(cfg, batch_sharding), *teacher_shardings),
         out_shardings=(shardings, None),
@@ -277,9 +266,7 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     if teacher is not None:
         train_step = WithTeacher(train_step, teacher[1])
     eval_step = jax.jit(
-        step.make_eval_step(
-            graphdef, cfg.finetune.lora_scale, masking, attack, cfg.data.seq_len, cfg.model.d_model
-        ),
+        step.make_eval_step(graphdef, cfg.finetune.lora_scale, eval_objectives),
         in_shardings=(shardings.params, batch_shardings(cfg, batch_sharding)),
     )
     return Program(

@@ -1,0 +1,57 @@
+"""Classification: one label per row, from a text (the class head over the pooled sequence)
+or from an image (the ViT). Loss over rows; accuracy in training, the confusion matrix in
+eval (accuracy, precision, recall, F1)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bigjax.loss import cross_entropy_sums
+from bigjax.objectives.base import Batch, Metrics, Objective, model_inputs
+
+
+class Classify(Objective):
+    extra_batch_keys = ("labels",)
+
+    def inputs(self, batch: Batch, rng) -> tuple:
+        return model_inputs(batch, rng)
+
+    def loss_sums(self, model, batch: Batch, rng, embed_delta=None):
+        logits_BC, aux = model.classify(
+            *self.inputs(batch, rng), with_aux=True, embed_delta=embed_delta
+        )
+        labels_B = batch["labels"]
+        ones_B1 = jnp.ones((labels_B.shape[0], 1), jnp.float32)
+        nll_sum, z_sq_sum = cross_entropy_sums(logits_BC[:, None], labels_B[:, None], ones_B1)
+        correct = jnp.sum(jnp.argmax(logits_BC, -1) == labels_B).astype(jnp.float32)
+        return {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, "correct": correct, **aux}, logits_BC
+
+    def weight(self, batch: Batch) -> jax.Array:
+        return jnp.asarray(batch["labels"].shape[0], jnp.float32)
+
+    def metrics(self, sums: Metrics, total_weight: jax.Array) -> Metrics:
+        return {"accuracy": sums.pop("correct") / total_weight}
+
+    def eval_sums(self, model, batch: Batch, out: Metrics) -> Metrics:
+        logits_BC = model.classify(*self.inputs(batch, None))
+        classes = logits_BC.shape[-1]
+        ones_B1 = jnp.ones((logits_BC.shape[0], 1), jnp.float32)
+        nll_sum, _ = cross_entropy_sums(logits_BC[:, None], batch["labels"][:, None], ones_B1)
+        truth_BC = jax.nn.one_hot(batch["labels"], classes)
+        predicted_BC = jax.nn.one_hot(jnp.argmax(logits_BC, -1), classes)
+        # confusion [true class, predicted class]: accuracy, precision, recall and F1 from it
+        return {"nll_sum": nll_sum, "weight_sum": self.weight(batch),
+                "confusion": truth_BC.T @ predicted_BC}  # fmt: skip
+
+
+class Images(Classify):
+    """The ViT: a batch of images and labels; every patch token counts for throughput."""
+
+    extra_batch_keys = ("images", "labels")
+
+    def inputs(self, batch: Batch, rng) -> tuple:
+        return batch["images"], rng
+
+    def tokens(self, batch: Batch, seq_len: int) -> jax.Array:
+        return jnp.asarray(batch["images"].shape[0] * seq_len, jnp.float32)
