@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -59,6 +60,7 @@ def datasheet_peak(device_kind: str) -> float:
     return DATASHEET_PEAK_FLOPS[max(matches, key=len)]
 
 
+@functools.cache  # the host does not change under a process: measure once (~1 s), not per run
 def measure_cpu_peak(device: jax.Device, n: int = 2048, reps: int = 5) -> float:
     """Best-of-`reps` FLOP/s of a large jitted f32 matmul: the attainable CPU peak."""
     a = jax.device_put(jnp.ones((n, n), jnp.float32), device)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import hashlib
+import itertools
 import os
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 
 from bigjax.config import ConfigError
@@ -31,6 +35,11 @@ class Document:
 
 def stdlib_files() -> list[Path]:
     """Every .py file of the running interpreter's standard library (not site-packages)."""
+    return list(_stdlib_files())
+
+
+@functools.cache  # the interpreter's own sources do not change while it runs; the walk costs ~1 s
+def _stdlib_files() -> tuple[Path, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [
         p
@@ -42,7 +51,7 @@ def stdlib_files() -> list[Path]:
             f"no standard-library sources under {root}: this Python was installed without "
             "them. Install a full CPython (e.g. via pyenv) or use a prepared dataset."
         )
-    return sorted(files)
+    return tuple(sorted(files))
 
 
 def is_held_out(path: Path, root: Path, eval_fraction: float) -> bool:
@@ -51,20 +60,48 @@ def is_held_out(path: Path, root: Path, eval_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
 
 
-def documents(files: list[Path], chunk_bytes: int) -> list[Document]:
-    """Cuts files into chunks of at most `chunk_bytes`, so that a global shuffle of documents
-    mixes the whole corpus into every batch instead of streaming one long file at a time."""
-    out = []
-    for path in files:
-        size = os.path.getsize(path)
-        out.extend(
-            Document(str(path), start, min(start + chunk_bytes, size), size)
-            for start in range(0, size, chunk_bytes)
-        )
-    return out
+@dataclasses.dataclass(frozen=True)
+class Documents(Sequence[Document]):
+    """Files cut into chunks of at most `chunk_bytes`, so that a global shuffle of documents
+    mixes the whole corpus into every batch instead of streaming one long file at a time.
+
+    A sequence computed on access: the stdlib cut at a short row length is ~500k chunks, and
+    building (then pickling to every Grain worker) that many objects cost seconds per run.
+    Holds only each file's path and size; chunk i is found by bisection over the counts."""
+
+    paths: tuple[str, ...]
+    sizes: tuple[int, ...]
+    chunk_bytes: int
+    ends: tuple[int, ...] = dataclasses.field(init=False, repr=False)  # cumulative chunk counts
+
+    def __post_init__(self):
+        counts = (-(-size // self.chunk_bytes) for size in self.sizes)
+        object.__setattr__(self, "ends", tuple(itertools.accumulate(counts)))
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, index):  # type: ignore[override]  # int -> Document, slice -> list
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"document {index} of {len(self)}")
+        index %= len(self)
+        file = bisect.bisect_right(self.ends, index)
+        start = (index - (self.ends[file - 1] if file else 0)) * self.chunk_bytes
+        size = self.sizes[file]
+        return Document(self.paths[file], start, min(start + self.chunk_bytes, size), size)
 
 
-def split_stdlib(eval_fraction: float, chunk_bytes: int) -> tuple[list[Document], list[Document]]:
+def documents(files: Sequence[Path], chunk_bytes: int) -> Documents:
+    """Every file as chunks of at most `chunk_bytes` (empty files give none), in file order."""
+    return Documents(
+        tuple(str(p) for p in files), tuple(os.path.getsize(p) for p in files), chunk_bytes
+    )
+
+
+@functools.cache  # pure in its arguments while the interpreter runs (train and eval both ask)
+def split_stdlib(eval_fraction: float, chunk_bytes: int) -> tuple[Documents, Documents]:
     """(train, eval) documents of the built-in corpus."""
     files = stdlib_files()
     root = Path(sysconfig.get_paths()["stdlib"])

@@ -350,7 +350,7 @@ def make_dataset(
 ) -> Batches:
     """Batches of the built-in corpus (byte ranges of stdlib files)."""
     stream = document_stream(
-        grain.MapDataset.source(list(docs)), ReadTokens(tokenizer), seed=seed, shuffle=shuffle
+        grain.MapDataset.source(docs), ReadTokens(tokenizer), seed=seed, shuffle=shuffle
     )
     streams = RowStreams(stream, batch_size, seq_len, tokenizer.pad_id, packing)
     return Batches(streams, default_rows(batch_size) if rows is None else rows, num_workers)
@@ -419,7 +419,7 @@ def for_config(
         if builtin_docs is None:
             train_docs, eval_docs = corpus.split_stdlib(cfg.eval_fraction, cfg.seq_len)
             builtin_docs = train_docs if split == "train" else eval_docs
-        source = grain.MapDataset.source(list(builtin_docs))
+        source = grain.MapDataset.source(builtin_docs)
         stream = document_stream(source, ReadTokens(tok), seed=seed, shuffle=shuffle)
     else:
         streams, weights = [], []
