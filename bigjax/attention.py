@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -200,7 +202,9 @@ def cudnn_attention(
     mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
     scale = 1.0 / math.sqrt(q_BLHK.shape[-1])
 
-    def local(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL):
+    def local(
+        q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, segment_ids_BL: jax.Array
+    ) -> jax.Array:
         lengths_BM, offsets_BM1 = packed_segments(segment_ids_BL, CUDNN_MAX_SEGMENTS)
         return cudnn.dot_product_attention(
             q_BLHK,
@@ -238,7 +242,9 @@ def splash_attention(
     kernel = _splash_kernel(length, h // g, causal, interpret=_platform() != "tpu")
     scale = 1.0 / math.sqrt(k)
 
-    def local(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL):
+    def local(
+        q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, segment_ids_BL: jax.Array
+    ) -> jax.Array:
         from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
 
         bl, _, hl, _ = q_BLHK.shape
@@ -246,7 +252,9 @@ def splash_attention(
         q_BGRLK = (q_BLHK * scale).reshape(bl, length, gl, hl // gl, k).transpose(0, 2, 3, 1, 4)
         k_BGLK, v_BGLK = k_BLGK.transpose(0, 2, 1, 3), v_BLGK.transpose(0, 2, 1, 3)
 
-        def one(q_RLK, k_LK, v_LK, segment_ids_L):
+        def one(
+            q_RLK: jax.Array, k_LK: jax.Array, v_LK: jax.Array, segment_ids_L: jax.Array
+        ) -> jax.Array:
             ids = splash_attention_kernel.SegmentIds(q=segment_ids_L, kv=segment_ids_L)
             return kernel(q_RLK, k_LK, v_LK, ids)
 
@@ -257,7 +265,17 @@ def splash_attention(
     return _per_shard(local, rules, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
 
 
-def _per_shard(local, rules: Rules, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL) -> jax.Array:
+Kernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]  # q, k, v, ids
+
+
+def _per_shard(
+    local: Kernel,
+    rules: Rules,
+    q_BLHK: jax.Array,
+    k_BLGK: jax.Array,
+    v_BLGK: jax.Array,
+    segment_ids_BL: jax.Array,
+) -> jax.Array:
     """`local` (a kernel XLA cannot partition: a Pallas or cuDNN custom call) on each device's
     rows and heads under `shard_map`; XLA's propagation would otherwise gather the whole batch
     onto every device. Outside a mesh, `local` on everything."""
@@ -289,7 +307,7 @@ def _platform() -> str:
     return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
-def _splash_kernel(length: int, group: int, causal: bool, interpret: bool):
+def _splash_kernel(length: int, group: int, causal: bool, interpret: bool) -> Any:
     """A multi-query splash kernel for `group` query heads per KV head."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk,

@@ -346,9 +346,11 @@ def restore(
                         "--config.checkpoint.init_mode=params."
                     ) from e
                 problem = f"unreadable: {type(e).__name__}: {_first_line(e)}"
-        if problem is None and not integrity.state_finite((restored.params, restored.opt_state)):
+        if restored is not None and not integrity.state_finite(
+            (restored.params, restored.opt_state)
+        ):
             problem = "its parameters or optimizer moments are not finite"
-        if problem is None:
+        if problem is None and restored is not None:
             return restored
         failures.append(f"{step_dir}: {problem}")
         where = ""

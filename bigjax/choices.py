@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from flax import nnx
 
 from bigjax import lora
 from bigjax.config import ConfigError
+from bigjax.models import decoder
+from bigjax.state import Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +127,14 @@ def choice_batch(
     return {**out, "positions": positions, "weights": weights}
 
 
-def make_scorer(graphdef: nnx.GraphDef, lora_scale: float = 0.0):
+Scorer = Callable[[Params, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
+
+
+def make_scorer(graphdef: nnx.GraphDef, lora_scale: float = 0.0) -> Scorer:
     """Jitted `score(params, batch) -> (sum of choice log-probs [R], choice tokens [R])`."""
 
-    def score(params, batch):
-        model = nnx.merge(graphdef, lora.merged(params, lora_scale))
+    def score(params: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        model = decoder(nnx.merge(graphdef, lora.merged(params, lora_scale)))
         logits = model(batch["inputs"], batch["seg"], batch["positions"]).astype(jnp.float32)
         logp = jax.nn.log_softmax(logits, axis=-1)
         target_logp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]

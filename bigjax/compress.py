@@ -158,8 +158,8 @@ def compress_run(
 
         from bigjax import tensorfile
         from bigjax.config import to_dict
+        from bigjax.loop import run_eval
         from bigjax.metrics import json_text
-        from bigjax.train import run_eval
         from bigjax.tree import flatten, unflatten
 
         flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}

@@ -29,7 +29,8 @@ def initialize(
             raise ValueError(
                 "give all of --coordinator_address HOST:PORT --num_processes N --process_id I"
             )
-        if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator_plugin():
+        platforms = jax.config.jax_platforms  # type: ignore[attr-defined]  # set by a flag holder
+        if platforms in (None, "", "cpu") and not _has_accelerator_plugin():
             # CPU-only processes need a collectives backend to talk to each other.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -14,7 +14,7 @@ def evaluate_run(workdir: str, overrides: Sequence[str], choices: str = "") -> d
     with open_run(workdir, overrides, "eval") as (prog, params, step):
         from bigjax import choices as mc
         from bigjax.data import pipeline
-        from bigjax.train import run_eval
+        from bigjax.loop import run_eval
 
         cfg = prog.cfg
         choices = choices or cfg.eval.choices

@@ -77,7 +77,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, np.
     return {"tokens": tokens, "valid": valid, "positions": positions}
 
 
-def decode_mask(slot: jax.Array, num_new: int, valid_BS: jax.Array) -> jax.Array:
+def decode_mask(slot: jax.Array | int, num_new: int, valid_BS: jax.Array) -> jax.Array:
     """[B, 1, T, S]: new token t (cache slot `slot + t`) sees valid slots up to its own."""
     slots_S = jnp.arange(valid_BS.shape[1])
     causal_TS = slots_S[None, :] <= (slot + jnp.arange(num_new))[:, None]

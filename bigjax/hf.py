@@ -312,7 +312,7 @@ def _from_hf(
             out[p.path] = block
         else:
             full = out.setdefault(p.path, np.zeros(shapes[p.path], dtype))
-            index = [slice(None)] * full.ndim
+            index: list[slice | int] = [slice(None)] * full.ndim
             index[p.part[0]] = p.part[1]
             full[tuple(index)] = block
 

@@ -24,9 +24,10 @@ import numpy as np
 from flax import nnx
 
 from bigjax.attention import attention_mask, attention_probs
+from bigjax.models.llama import Llama
 
 
-def attention_and_lens(model: nnx.Module, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def attention_and_lens(model: Llama, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(attention probs [N, H, L, L], logit-lens p(next token) [N + 1, L - 1]) for one prompt
     (row 0 of the lens: the embeddings; row i: after layer i)."""
     t = jnp.asarray(tokens)[None]
@@ -46,12 +47,12 @@ def attention_and_lens(model: nnx.Module, tokens: np.ndarray) -> tuple[np.ndarra
     return np.stack(maps), np.stack(lens)
 
 
-def _next_token_prob(model: nnx.Module, x_BLD: jax.Array, t_BL: jax.Array) -> np.ndarray:
+def _next_token_prob(model: Llama, x_BLD: jax.Array, t_BL: jax.Array) -> np.ndarray:
     logp = jax.nn.log_softmax(model._logits(x_BLD).astype(jnp.float32), axis=-1)
     return np.exp(np.asarray(jnp.take_along_axis(logp[0, :-1], t_BL[0, 1:, None], -1)[:, 0]))
 
 
-def attributions(model: nnx.Module, tokens: np.ndarray, steps: int = 32) -> dict[str, Any]:
+def attributions(model: Llama, tokens: np.ndarray, steps: int = 32) -> dict[str, Any]:
     """Gradient x input and integrated gradients of log p(the model's top next token at the
     last position) with respect to each input token's embedding, summed over the dims."""
     t = jnp.asarray(tokens)[None]

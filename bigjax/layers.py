@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from bigjax.sharding import Rules, constrain
 RESIDUAL = ("act_batch", "act_res_seq", "act_embed")
 
 Initializer = nnx.initializers.Initializer
+Names = tuple[str | None, ...]  # a logical axis name per dim; None: never sharded
 
 # Fan-in scaled truncated normal keeps activations ~unit variance at any width.
 dense_init: Initializer = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -40,7 +42,7 @@ def _param(
     rngs: nnx.Rngs,
     init: Initializer,
     shape: tuple[int, ...],
-    names: tuple[str, ...],
+    names: Names,
     dtype: jnp.dtype,
     fan_in_axes: tuple[int, ...] = (0,),
 ) -> nnx.Param:
@@ -65,7 +67,7 @@ def project(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     return y.reshape(b, length, *w.shape[n_in:])
 
 
-def _bias(use: bool, shape: tuple[int, ...], names: tuple, dtype: jnp.dtype):
+def _bias(use: bool, shape: tuple[int, ...], names: Names, dtype: jnp.dtype) -> nnx.Param | None:
     """A zero-initialised bias Param, or None (as nnx.data: the attribute is never static)."""
     return nnx.data(nnx.Param(jnp.zeros(shape, dtype), out_sharding=names) if use else None)
 
@@ -344,6 +346,6 @@ class GeluMLP(nnx.Module):
         return constrain(out_BLD, RESIDUAL, self.rules)
 
 
-def make_mlp(kind: str, d_model: int, d_ff: int, **kwargs) -> nnx.Module:
+def make_mlp(kind: str, d_model: int, d_ff: int, **kwargs: Any) -> MLP | GeluMLP:
     """'swiglu' (Llama) or 'gelu' (GPT-2, BERT) (config.MLPS)."""
-    return {"swiglu": MLP, "gelu": GeluMLP}[kind](d_model, d_ff, **kwargs)
+    return GeluMLP(d_model, d_ff, **kwargs) if kind == "gelu" else MLP(d_model, d_ff, **kwargs)

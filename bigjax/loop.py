@@ -10,11 +10,12 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from bigjax import checkpoint, choices, metrics, privacy
 from bigjax.config import TrainConfig
@@ -41,11 +42,13 @@ def run_eval(prog: Program, params: Any) -> dict[str, float]:
         workers=0,
         image_shape=(cfg.model.image_size, cfg.model.channels),
     )
-    nll, weight, confusion, adv = 0.0, 0.0, 0.0, 0.0
+    nll, weight, adv = 0.0, 0.0, 0.0
+    confusion = np.zeros((0, 0))  # [true class, predicted class], summed over batches
     for local in pipeline.take(it, cfg.eval.num_batches):
         out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
         nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight_sum"])
-        confusion = confusion + out.get("confusion", 0.0)
+        if "confusion" in out:
+            confusion = out["confusion"] + (confusion if confusion.size else 0.0)
         adv = adv + float(out.get("adv_nll_sum", 0.0))
     getattr(it, "close", lambda: None)()
     loss = nll / max(weight, 1.0)
@@ -150,12 +153,12 @@ class StepLog:
         if done_step % cfg.metrics.log_every and done_step != cfg.num_steps and not first:
             return finite
         elapsed = fetched - window.start
-        step_time = None if first else elapsed / window.steps
+        step_time = elapsed / window.steps
         row = {
             "step": done_step,
             **host,
             "tokens_per_sec": None if first else window.tokens / elapsed,
-            "step_time": step_time,
+            "step_time": None if first else step_time,
             "mfu": None if first else self.flops_per_step / step_time / self.peak_flops,
             "eta_s": None if first else step_time * (cfg.num_steps - done_step),
             "compile_s": self.compile_s,
@@ -180,7 +183,7 @@ def restore_or_init(
     target: Any,
     data_iter: Any,
     layout: dict[str, list[int]],
-    expect: dict[str, str],
+    expect: Mapping[str, str],
 ) -> tuple[Any, str]:
     """The state to start from, and where it came from: the run's newest loadable checkpoint
     (resume), else `checkpoint.init_from`, else a fresh initialisation."""

@@ -62,7 +62,7 @@ def targets(layout: Mapping[str, list[int]], pattern: str) -> dict[str, tuple[in
 
 
 def init(
-    layout: Mapping[str, list[int]], cfg: FinetuneConfig, key: jax.Array, dtype
+    layout: Mapping[str, list[int]], cfg: FinetuneConfig, key: jax.Array, dtype: jnp.dtype
 ) -> dict[str, Any]:
     """Fresh adapters: A ~ N(0, 1/in) (unit-scale x @ A), B = 0."""
     out = {}

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import math
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -58,6 +59,7 @@ def _torus(chips: int, dims: int) -> str:
     4x4x4, ...; 2-D slices 1x1, 1x2, 2x2, 2x4, 4x4, ..."""
     if chips & (chips - 1) or (dims == 3 and chips < 4):
         raise ConfigError(f"--topology: no {dims}-D TPU slice has {chips} chips.")
+    order: Iterator[int]
     if dims == 2:
         shape, order = [1, 1], itertools.cycle([1, 0])
     else:
@@ -223,7 +225,7 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
         platform="tpu",
         num_slices=target.num_slices,
     )
-    devices = list(topo.devices)
+    devices: list[Any] = list(topo.devices)  # TPU devices of a topology (compile-only)
     mesh = make_mesh(cfg.mesh, devices)
     # Built outside the mesh context: setup runs small eager ops, and these TPU devices can
     # only compile. Tracing (inside) needs the mesh for the activation constraints.
@@ -252,6 +254,8 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
             "compiler": " ".join(line.strip() for line in str(e).splitlines()[:4])[:500],
         }
     mem = executable.memory_analysis()
+    if mem is None:
+        raise RuntimeError(f"the TPU compiler gave no memory analysis for {target.tpu_shape}")
     total = (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes

@@ -16,6 +16,7 @@ shuffled fixed-size batches, which is how Opacus and TF Privacy account for them
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ class Accounting:
     delta: float
 
 
-def _event(noise_multiplier: float, q: float, steps: int):
+def _event(noise_multiplier: float, q: float, steps: int) -> Any:  # a dp_accounting.DpEvent
     import dp_accounting
 
     step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier))

@@ -34,7 +34,7 @@ class Program:
     abstract: TrainState
     shardings: TrainState
     batch_sharding: NamedSharding
-    train_step: Callable[[TrainState, step.Batch], tuple[TrainState, step.Metrics]]
+    train_step: jax.stages.Wrapped | WithTeacher  # (state, batch) -> (state, metrics)
     eval_step: Callable[[Params, step.Batch], step.Metrics]
     accounting: privacy.Accounting | None = None  # DP-SGD runs: what epsilon depends on
     attention: str = "einsum"  # the training kernel model.attention resolves to on this mesh
@@ -56,7 +56,7 @@ class Program:
         whose batch axes are replicated across processes."""
         shape = (self.cfg.data.batch_size, self.cfg.data.seq_len)
         index = self.batch_sharding.addressable_devices_indices_map(shape).values()
-        starts = [idx[0].indices(shape[0]) for idx in index]
+        starts = [idx[0].indices(shape[0]) for idx in index if idx is not None]
         return range(min(s[0] for s in starts), max(s[1] for s in starts))
 
     def to_global(self, local: dict[str, np.ndarray]) -> step.Batch:
@@ -174,14 +174,16 @@ class WithTeacher:
     """A jitted distillation step with the teacher's parameters bound as its last argument
     (an argument, not a constant baked into the program)."""
 
-    step: Callable
+    jitted: jax.stages.Wrapped
     teacher_params: Params
 
     def __call__(self, state: TrainState, batch: step.Batch) -> tuple[TrainState, step.Metrics]:
-        return self.step(state, batch, self.teacher_params)
+        return self.jitted(state, batch, self.teacher_params)
 
-    def lower(self, state: TrainState, batch: step.Batch):
-        return self.step.lower(state, batch, self.teacher_params)
+    def lower(
+        self, state: TrainState, batch: step.Batch | dict[str, jax.ShapeDtypeStruct]
+    ) -> jax.stages.Lowered:
+        return self.jitted.lower(state, batch, self.teacher_params)
 
 
 def load_teacher(cfg: TrainConfig, mesh: Mesh) -> tuple[nnx.GraphDef, Params, Any]:
@@ -244,7 +246,7 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     )
     trainable = trainable or (lambda path: True)
     train_objectives, eval_objectives = objectives.from_config(cfg, graphdef, trainable, resources)
-    train_step = jax.jit(
+    jitted = jax.jit(
         step.make_train_step(
             graphdef,
             tx,
@@ -263,8 +265,7 @@ def make_program(cfg: TrainConfig, mesh: Mesh) -> Program:
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
-    if teacher is not None:
-        train_step = WithTeacher(train_step, teacher[1])
+    train_step = jitted if teacher is None else WithTeacher(jitted, teacher[1])
     eval_step = jax.jit(
         step.make_eval_step(graphdef, cfg.finetune.lora_scale, eval_objectives),
         in_shardings=(shardings.params, batch_shardings(cfg, batch_sharding)),

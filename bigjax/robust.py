@@ -42,7 +42,7 @@ def perturbation(
     if a.kind == "fgsm":
         return jax.lax.stop_gradient(a.epsilon * jnp.sign(jax.grad(loss_of_delta)(delta)))
 
-    def pgd_step(_, delta):
+    def pgd_step(_: jax.Array, delta: jax.Array) -> jax.Array:
         step = a.step_size * jnp.sign(jax.grad(loss_of_delta)(delta))
         return jnp.clip(delta + step, -a.epsilon, a.epsilon)
 

@@ -26,7 +26,7 @@ def logical_to_spec(
     used: set[str] = set()
     spec = []
     for name, dim in zip(names, shape, strict=True):
-        axes = []
+        axes: list[str] = []
         for axis in table.get(name, ()) if name else ():
             size = mesh_shape.get(axis, 1)
             if axis in used or size == 1 or dim % (math.prod(mesh_shape[a] for a in axes) * size):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import flax.struct
 import jax
@@ -19,11 +19,15 @@ from bigjax.tree import flatten
 Params = dict[str, Any]
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training and lives on device. No host-side objects."""
+Leaf = TypeVar("Leaf")  # jax.Array; the same tree of ShapeDtypeStructs, specs or shardings
 
-    step: jax.Array
+
+@flax.struct.dataclass
+class TrainState(Generic[Leaf]):
+    """Everything that changes during training and lives on device. No host-side objects.
+    The same tree also carries its shapes, specs or shardings (init and restore targets)."""
+
+    step: Leaf
     params: Params
     opt_state: optax.OptState
 
@@ -40,7 +44,7 @@ def with_adapters(params: Params, finetune: FinetuneConfig, seed: int) -> Params
 
 def abstract_state(
     graph_state: nnx.State, tx: optax.GradientTransformation, finetune: FinetuneConfig
-) -> TrainState:
+) -> TrainState[jax.ShapeDtypeStruct]:
     """The TrainState as ShapeDtypeStructs: the init target and the Orbax restore target."""
     params = jax.eval_shape(lambda: with_adapters(nnx.to_pure_dict(graph_state), finetune, 0))
     return TrainState(
@@ -52,11 +56,11 @@ def abstract_state(
 
 def state_specs(
     graph_state: nnx.State,
-    abstract: TrainState,
+    abstract: TrainState[jax.ShapeDtypeStruct],
     tx: optax.GradientTransformation,
     mesh_shape: dict[str, int],
     rules: Rules,
-) -> TrainState:
+) -> TrainState[PartitionSpec]:
     """PartitionSpecs for a TrainState: params by their logical names, optimizer moments like
     their parameter, anything else (counts, factored moments of another shape) replicated."""
     param_specs = nnx.to_pure_dict(tree_specs(graph_state, mesh_shape, rules))
@@ -82,11 +86,11 @@ def state_specs(
 
 def state_shardings(
     graph_state: nnx.State,
-    abstract: TrainState,
+    abstract: TrainState[jax.ShapeDtypeStruct],
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rules: Rules,
-) -> TrainState:
+) -> TrainState[NamedSharding]:
     """`state_specs` as NamedShardings on `mesh`."""
     specs = state_specs(graph_state, abstract, tx, dict(mesh.shape), rules)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=is_spec)
@@ -97,12 +101,12 @@ def init_state(
     rules: Rules,
     tx: optax.GradientTransformation,
     seed: int,
-    shardings: TrainState,
+    shardings: TrainState[NamedSharding],
     finetune: FinetuneConfig,
-) -> TrainState:
+) -> TrainState[jax.Array]:
     """Materialises a fresh TrainState directly in its shardings (no host-side full copy)."""
 
-    def init() -> TrainState:
+    def init() -> TrainState[jax.Array]:
         params = nnx.to_pure_dict(nnx.state(models.build(cfg, rules, seed)))
         params = with_adapters(params, finetune, seed)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))

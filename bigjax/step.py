@@ -71,18 +71,19 @@ def make_train_step(
 
         def loss_fn(params: Params, micro: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
             model = nnx.merge(graphdef, lora.merged(params, lora_scale))
-            rng = rng if dropout else None
-            sums, outputs = task.loss_sums(model, micro, rng)
+            dropout_rng = rng if dropout else None
+            sums, outputs = task.loss_sums(model, micro, dropout_rng)
             value = (sums["nll_sum"] + cfg.z_loss * sums["z_sq_sum"]) / total_weight
-            ctx = LossContext(model, micro, rng, task, total_weight, extra, outputs)
+            ctx = LossContext(model, micro, dropout_rng, task, total_weight, extra, outputs)
             for o in objectives:  # mixed-in losses: distillation, adversarial
                 value, sums = o.combine(ctx, value, sums)
             # auxiliary losses (MoE load balancing) are means per micro-batch: average them
             return value + sums.get("aux_loss", 0.0) / num_micro, sums
 
         def micro_grads(micro: Batch, rng: jax.Array) -> tuple[Params, Metrics]:
-            if grad_rules:  # DP-SGD's per-row clipping
-                return grad_rules[0].micro_grads(loss_fn, state.params, micro, rng)
+            for rule in grad_rules:  # DP-SGD's per-row clipping
+                if (own := rule.micro_grads(loss_fn, state.params, micro, rng)) is not None:
+                    return own
             (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, micro, rng)
             return grads, sums
 

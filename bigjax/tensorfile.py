@@ -82,8 +82,9 @@ def read(path: str | Path) -> dict[str, np.ndarray]:
 
 def _well_formed(info: object) -> bool:
     def ints(x: object, n: int | None = None) -> bool:
-        ok = isinstance(x, list) and (n is None or len(x) == n)
-        return ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)
+        if not isinstance(x, list) or (n is not None and len(x) != n):
+            return False
+        return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)
 
     return (
         isinstance(info, dict)

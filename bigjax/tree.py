@@ -9,7 +9,7 @@ from typing import Any
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested parameter dict -> {"blocks/attn/q_DHK": leaf, ...}."""
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
             out |= flatten(v, f"{prefix}{k}/")

@@ -104,11 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bigjax.data.sources import DataError
         from bigjax.data.tokenizer import TokenizerError
         from bigjax.hf import ConvertError
+        from bigjax.loop import NonFiniteError
         from bigjax.metrics import UnknownDeviceError
         from bigjax.report import ReportError
         from bigjax.runlock import RunLockedError
         from bigjax.tensorfile import TensorFileError
-        from bigjax.train import NonFiniteError
 
         usage = (
             ConfigError,

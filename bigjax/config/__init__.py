@@ -13,25 +13,25 @@ them imports JAX, so a config error is reported before any heavy import.
 
 from __future__ import annotations
 
-from bigjax.config.convert import (  # noqa: F401
+from bigjax.config.convert import (
     MICRO_BATCH,
     from_configdict,
     load_python_function,
     merge_groups,
     to_dict,
 )
-from bigjax.config.load import load_config, parse_override, set_path, without  # noqa: F401
-from bigjax.config.presets import (  # noqa: F401
+from bigjax.config.load import load_config, parse_override, set_path, without
+from bigjax.config.presets import (
     FAMILY_DEFAULTS,
     LLAMA32_ROPE,
     MODEL_SIZES,
 )
-from bigjax.config.rules import (  # noqa: F401
+from bigjax.config.rules import (
     DEFAULT_RULES,
     LOGICAL_AXES,
     MESH_AXES,
 )
-from bigjax.config.schema import (  # noqa: F401
+from bigjax.config.schema import (
     ATTENTION_IMPLS,
     DTYPES,
     MLPS,
@@ -57,6 +57,49 @@ from bigjax.config.schema import (  # noqa: F401
     TrainConfig,
     unknown_choice,
 )
-from bigjax.config.validate import (  # noqa: F401
+from bigjax.config.validate import (
     validate,
 )
+
+__all__ = [
+    "ATTENTION_IMPLS",
+    "CheckpointConfig",
+    "ConfigError",
+    "DEFAULT_RULES",
+    "DTYPES",
+    "DataConfig",
+    "DistillConfig",
+    "EvalConfig",
+    "FAMILY_DEFAULTS",
+    "FinetuneConfig",
+    "LLAMA32_ROPE",
+    "LOGICAL_AXES",
+    "MESH_AXES",
+    "MICRO_BATCH",
+    "MLPS",
+    "MODEL_SIZES",
+    "MeshConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "NORMS",
+    "OPTIMIZERS",
+    "OptimConfig",
+    "POSITIONS",
+    "PrivacyConfig",
+    "REMAT_POLICIES",
+    "ROPE_SCALINGS",
+    "RobustConfig",
+    "SCHEDULES",
+    "TrainConfig",
+    "WEIGHT_DECAY_MASKS",
+    "from_configdict",
+    "load_config",
+    "load_python_function",
+    "merge_groups",
+    "parse_override",
+    "set_path",
+    "to_dict",
+    "unknown_choice",
+    "validate",
+    "without",
+]

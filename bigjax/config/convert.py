@@ -25,6 +25,8 @@ def load_python_function(path: str | Path, function: str, what: str, hint: str) 
     if not file.is_file():
         raise ConfigError(f"{what}: no such file {str(path)!r}. {hint}")
     module_spec = importlib.util.spec_from_file_location(f"bigjax_{what}_{file.stem}", file)
+    if module_spec is None or module_spec.loader is None:  # not loadable as Python source
+        raise ConfigError(f"{what}: {path} is not a Python file. {hint}")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not callable(getattr(module, function, None)):
@@ -191,7 +193,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     """Checks (and, for strings from the command line, parses) one value against its type."""
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, path + ".")
     if path == "mesh.rules":
         return value if isinstance(value, tuple) else _merge_rules(value)
@@ -205,6 +207,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a tuple like 1,8,1, got {value!r}.")
         (elem,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
         return tuple(_coerce(elem, v, path) for v in value)
+    if origin is typing.Literal:  # a choice field
+        if value not in typing.get_args(tp):
+            raise ConfigError(unknown_choice(path, value, typing.get_args(tp)))
+        return value
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{path}: unsupported type {tp}.")  # not used by any field
     return _scalar(tp, value, path)

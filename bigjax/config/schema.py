@@ -4,22 +4,42 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
+from typing import Any, Literal, get_args
 
 from bigjax.config.rules import DEFAULT_RULES
 
-POSITIONS = ("rope", "learned")
-ROPE_SCALINGS = ("default", "linear", "llama3")
-MLPS = ("swiglu", "gelu")
-REMAT_POLICIES = ("none", "full", "save_matmuls")
-OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
-SCHEDULES = ("cosine", "linear", "wsd", "constant")
-DTYPES = ("float32", "bfloat16", "float16")
+# Choice fields are Literal types: the converter accepts only their values (with a
+# did-you-mean error) and a type checker sees every comparison against them.
+Position = Literal["rope", "learned"]
+RopeScaling = Literal["default", "linear", "llama3"]
+Mlp = Literal["swiglu", "gelu"]
+RematPolicy = Literal["none", "full", "save_matmuls"]
+Optimizer = Literal["adamw", "adafactor", "lion", "sgd"]
+Schedule = Literal["cosine", "linear", "wsd", "constant"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 # 'auto': cuDNN flash attention on NVIDIA GPUs, Pallas splash on TPUs, einsum on CPUs
 # (bigjax/attention.py says when each applies).
-ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
-NORMS = ("rmsnorm", "layernorm")
-WEIGHT_DECAY_MASKS = ("matrices", "all")
+AttentionImpl = Literal["auto", "einsum", "xla", "cudnn", "splash"]
+Norm = Literal["rmsnorm", "layernorm"]
+WeightDecayMask = Literal["matrices", "all"]
+Task = Literal["lm", "mlm", "sft", "classify", "images"]
+Packing = Literal["concat", "first_fit", "pad"]
+BuiltinTokenizer = Literal["byte"]
+InitMode = Literal["params", "full"]
+NanPolicy = Literal["error", "skip", "rollback"]
+Attack = Literal["none", "fgsm", "pgd"]
+
+POSITIONS = get_args(Position)
+ROPE_SCALINGS = get_args(RopeScaling)
+MLPS = get_args(Mlp)
+REMAT_POLICIES = get_args(RematPolicy)
+OPTIMIZERS = get_args(Optimizer)
+SCHEDULES = get_args(Schedule)
+DTYPES = get_args(Dtype)
+ATTENTION_IMPLS = get_args(AttentionImpl)
+NORMS = get_args(Norm)
+WEIGHT_DECAY_MASKS = get_args(WeightDecayMask)
 
 
 class ConfigError(ValueError):
@@ -62,18 +82,18 @@ class ModelConfig:
     d_ff: int = 384
     vocab_size: int = 512
     tie_embeddings: bool = False
-    positions: str = "rope"  # one of POSITIONS: 'rope' (Llama) or 'learned' (GPT-2's table)
+    positions: Position = "rope"  # 'rope' (Llama) or 'learned' (GPT-2's table)
     max_positions: int = 0  # rows of the learned position table (>= data.seq_len)
     rope_theta: float = 10000.0
     # Context extension, as Hugging Face's rope_type (layers.Rope): 'default', 'linear' or
     # 'llama3' (Llama 3.1+), with its factors.
-    rope_scaling: str = "default"
+    rope_scaling: RopeScaling = "default"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_positions: int = 8192
-    norm: str = "rmsnorm"  # one of NORMS: 'rmsnorm' (Llama) or 'layernorm' (GPT-2, with bias)
-    mlp: str = "swiglu"  # one of MLPS: 'swiglu' (Llama) or 'gelu' (GPT-2, tanh form)
+    norm: Norm = "rmsnorm"  # 'rmsnorm' (Llama) or 'layernorm' (GPT-2, with bias)
+    mlp: Mlp = "swiglu"  # 'swiglu' (Llama) or 'gelu' (GPT-2, tanh form)
     use_bias: bool = False  # biases on the attention and MLP projections (GPT-2)
     causal: bool = True  # False: bidirectional attention (an encoder: BERT, ViT)
     image_size: int = 32  # ViT: square images of this many pixels a side
@@ -89,11 +109,11 @@ class ModelConfig:
     moe_aux_weight: float = 0.01  # load-balancing loss coefficient
     norm_eps: float = 1e-6
     dropout: float = 0.0
-    param_dtype: str = "float32"
-    dtype: str = "auto"  # compute dtype; auto: float32 on CPU, bfloat16 on GPU/TPU
+    param_dtype: Dtype = "float32"
+    dtype: ComputeDtype = "auto"  # compute dtype; auto: float32 on CPU, bfloat16 on GPU/TPU
     scan_layers: bool = True
-    remat: str = "none"  # one of REMAT_POLICIES
-    attention: str = "auto"  # one of ATTENTION_IMPLS
+    remat: RematPolicy = "none"
+    attention: AttentionImpl = "auto"
 
     @property
     def kv_heads(self) -> int:
@@ -108,14 +128,16 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer, learning-rate schedule, clipping, weight decay and gradient accumulation."""
 
-    name: str = "adamw"
+    name: Optimizer = "adamw"
     lr: float = 3e-3
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # final lr / peak lr for cosine, linear and wsd
     decay_fraction: float = 0.2  # wsd: fraction of the steps spent decaying
     weight_decay: float = 0.1
-    weight_decay_mask: str = "matrices"  # 'matrices': skip norms, biases (ndim < 2); or 'all'
+    weight_decay_mask: WeightDecayMask = (
+        "matrices"  # 'matrices': skip norms, biases (ndim < 2); or 'all'
+    )
     clip_norm: float = 1.0  # 0 disables global-norm clipping
     b1: float = 0.9
     b2: float = 0.95
@@ -135,14 +157,14 @@ class DataConfig:
     # masked-token loss; an encoder), 'sft' (prompt/response pairs, loss on responses) or
     # 'classify' (text and label; needs model.num_classes) or 'images' (the ViT's labelled
     # images, bigjax/data/images.py).
-    task: str = "lm"
+    task: Task = "lm"
     mlm_rate: float = 0.15  # task 'mlm': share of real tokens masked (80/10/10, bigjax/mlm.py)
     examples: str = ""  # sft/classify: a JSON-lines file of examples (bigjax/data/examples.py)
     images: str = ""  # task 'images': 'digits' (scikit-learn's) or DIR/<class>/<image files>
     augment: bool = True  # task 'images': random crops, brightness, contrast on train images
     flip: bool = False  # task 'images', with augment: also random horizontal flips
-    packing: str = "concat"  # 'concat' (concat-then-split), 'first_fit', 'pad' (one per row)
-    tokenizer: str = "byte"  # built-in corpus only; prepared datasets carry their own
+    packing: Packing = "concat"  # 'concat' (concat-then-split), 'first_fit', 'pad' (one per row)
+    tokenizer: BuiltinTokenizer = "byte"  # built-in corpus only; prepared datasets carry their own
     batch_size: int = 16  # global batch, in sequences
     seq_len: int = 256
     eval_fraction: float = 0.02  # share of documents held out for eval, chosen by path hash
@@ -163,7 +185,7 @@ class CheckpointConfig:
     keep_best: int = 0  # also keep the N lowest eval losses (0: off)
     async_save: bool = True
     init_from: str = ""  # another run's workdir (or checkpoints dir) to start from
-    init_mode: str = "params"  # 'params': weights only, fresh optimizer; 'full': whole state
+    init_mode: InitMode = "params"  # 'params': weights only, fresh optimizer; 'full': whole state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,12 +232,12 @@ class FinetuneConfig:
 class RobustConfig:
     """Adversarial training in embedding space and text corruption (bigjax/robust.py)."""
 
-    adversarial: str = "none"  # 'none', 'fgsm' or 'pgd': train on perturbed embeddings too
+    adversarial: Attack = "none"  # 'none', 'fgsm' or 'pgd': train on perturbed embeddings too
     epsilon: float = 0.01  # L-infinity radius of the perturbation (embeddings are ~1/sqrt(D))
     pgd_steps: int = 3
     pgd_step_size: float = 0.005
     weight: float = 0.5  # objective = (1 - weight) * clean + weight * adversarial
-    eval_attack: str = "none"  # 'fgsm' or 'pgd': also report eval_adv_loss under attack
+    eval_attack: Attack = "none"  # 'fgsm' or 'pgd': also report eval_adv_loss under attack
     token_dropout: float = 0.0  # share of input tokens replaced by random ones
     span_mask: float = 0.0  # share of input tokens masked in spans
     span_length: int = 3
@@ -254,7 +276,7 @@ class TrainConfig:
 
     seed: int = 0
     num_steps: int = 1000
-    nan_policy: str = "error"  # on a non-finite loss/grad: 'error', 'skip' or 'rollback'
+    nan_policy: NanPolicy = "error"  # on a non-finite loss/grad: 'error', 'skip' or 'rollback'
     mesh: MeshConfig = MeshConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import re
 import unicodedata
+from typing import Any, TypedDict
 
 from bigjax.data import language
 
@@ -43,7 +44,7 @@ class QualityConfig:
 
 
 @functools.cache
-def _fixer_config():
+def _fixer_config() -> Any:  # ftfy.TextFixerConfig, imported lazily
     import ftfy
 
     # Only repairs: mojibake, lossy or inconsistent UTF-8, C1 controls, terminal escapes, then
@@ -91,7 +92,16 @@ def effective_length(text: str) -> int:
     return len(text) + 2 * language.unsegmented_chars(text)
 
 
-def quality_stats(text: str) -> dict[str, float | None]:
+class QualityStats(TypedDict):
+    chars: int
+    alpha_frac: float
+    dup_line_frac: float
+    repeated_ngram_frac: float
+    mean_word_len: float | None
+    function_word_frac: float | None
+
+
+def quality_stats(text: str) -> QualityStats:
     """The quantities the filters look at (also used to tune thresholds on a corpus).
     None: the measure does not apply to this text's script."""
     non_ws = sum(1 for c in text if not c.isspace())

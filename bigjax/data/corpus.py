@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import os
 import sysconfig
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,14 +75,18 @@ class Documents(Sequence[Document]):
     chunk_bytes: int
     ends: tuple[int, ...] = dataclasses.field(init=False, repr=False)  # cumulative chunk counts
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         counts = (-(-size // self.chunk_bytes) for size in self.sizes)
         object.__setattr__(self, "ends", tuple(itertools.accumulate(counts)))
 
     def __len__(self) -> int:
         return self.ends[-1] if self.ends else 0
 
-    def __getitem__(self, index):  # type: ignore[override]  # int -> Document, slice -> list
+    @typing.overload
+    def __getitem__(self, index: int) -> Document: ...
+    @typing.overload
+    def __getitem__(self, index: slice) -> list[Document]: ...
+    def __getitem__(self, index: int | slice) -> Document | list[Document]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         if not -len(self) <= index < len(self):

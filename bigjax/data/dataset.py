@@ -48,6 +48,7 @@ class ShardWriter:
             self.shards.append(name)
             # group_size 1: every record is individually addressable for global shuffling.
             self._writer = ArrayRecordWriter(str(self.out / name), "group_size:1")
+        assert self._writer is not None  # opened just above when missing
         self._writer.write(np.asarray(ids).astype(self.dtype).tobytes())
         self.documents += 1
         self.tokens += len(ids)
@@ -58,7 +59,7 @@ class ShardWriter:
             self._writer.close()
         self._writer, self._in_shard = None, 0
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._close_shard()
 
     def summary(self) -> dict[str, Any]:

@@ -17,12 +17,12 @@ import dataclasses
 import errno
 import fnmatch
 import glob
+import io
 import os
 import stat
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 SKIP_REASONS = (
     "vanished",  # listed, then gone before it was read
@@ -167,7 +167,7 @@ def expand(patterns: Sequence[str], explicit: dict[str, list[Path]] | None = Non
     return Expanded(files, skipped)
 
 
-def open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path) -> io.BufferedReader:
     """Opens `path` for reading if, at this moment, it is a readable regular file; raises Skip.
 
     O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever; the type

@@ -82,8 +82,8 @@ def _directory(root: Path, size: int, channels: int) -> tuple:
             if path.suffix.lower() not in SUFFIXES:
                 continue
             try:
-                with Image.open(path) as im:
-                    im = im.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+                with Image.open(path) as file:
+                    im = file.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
                     array = np.asarray(im, np.float32) / 255.0
             except OSError as e:
                 raise DataError(f"{path}: not a readable image ({e}).") from None

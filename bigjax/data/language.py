@@ -20,6 +20,7 @@ import collections
 import functools
 import re
 import unicodedata
+from typing import Any
 
 # Scripts written without spaces between words (code point ranges).
 _UNSEGMENTED = (
@@ -197,7 +198,7 @@ def function_word_frac(text: str) -> float | None:
 
 
 @functools.cache
-def _identifier():
+def _identifier() -> Any:  # py3langid ships no type hints
     # Loaded once per process (0.8 s): the model ships inside py3langid's wheel (npz, no pickle).
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 

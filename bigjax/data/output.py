@@ -20,6 +20,7 @@ import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bigjax.data.sources import DataError
 
@@ -114,7 +115,7 @@ def seal(staged: Path) -> None:
 
 
 @functools.cache
-def _renameat2():
+def _renameat2() -> Any:  # the libc function, or None where libc lacks it
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     return getattr(libc, "renameat2", None)
 

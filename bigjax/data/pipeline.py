@@ -14,7 +14,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,11 @@ def image_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def document_stream(
-    source: grain.MapDataset, read, *, seed: int, shuffle: bool
+    source: grain.MapDataset,
+    read: Callable[[Any], dict[str, np.ndarray]],
+    *,
+    seed: int,
+    shuffle: bool,
 ) -> grain.MapDataset:
     """The global document order: shuffled with a new order each epoch, endless, decoded.
 
@@ -420,7 +424,9 @@ def for_config(
             train_docs, eval_docs = corpus.split_stdlib(cfg.eval_fraction, cfg.seq_len)
             builtin_docs = train_docs if split == "train" else eval_docs
         source = grain.MapDataset.source(builtin_docs)
-        stream = document_stream(source, ReadTokens(tok), seed=seed, shuffle=shuffle)
+        # The built-in corpus is raw bytes: ByteTokenizer (data.tokenizer's only choice) reads
+        # any byte string, valid UTF-8 or not.
+        stream = document_stream(source, ReadTokens(ByteTokenizer()), seed=seed, shuffle=shuffle)
     else:
         streams, weights = [], []
         for i, (path, weight) in enumerate(sources(cfg)):

@@ -238,7 +238,7 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
     pii_counts: collections.Counter[str] = collections.Counter()
     cleaning: collections.Counter[str] = collections.Counter()
     languages: collections.Counter[str] = collections.Counter()  # of kept documents
-    kept_docs = collections.Counter()
+    kept_docs: collections.Counter[str] = collections.Counter()
     seen: set[bytes] = set()
     near = NearDuplicates(cfg.near_threshold, cfg.num_perm) if cfg.near_dedup else None
 
@@ -283,7 +283,7 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
                         dedup["exact"] += 1
                         continue
                     seen.add(res.exact_key)
-                if near is not None and near.seen(res.minhash):
+                if near is not None and res.minhash is not None and near.seen(res.minhash):
                     dedup["near"] += 1
                     continue
                 pii_counts.update(res.pii_counts)

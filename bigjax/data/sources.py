@@ -16,7 +16,10 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 from bigjax.data import files as filetree
 from bigjax.data.corpus import stdlib_files
@@ -85,13 +88,13 @@ class _Hashing(io.RawIOBase):
     """A read-only stream that hashes what passes through it (the manifest's SHA-256 is of the
     bytes actually read, even if the file changes afterwards)."""
 
-    def __init__(self, raw: BinaryIO):
+    def __init__(self, raw: io.BufferedReader):
         self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Buffer) -> int:
         n = self.raw.readinto(buffer)
         self.digest.update(memoryview(buffer)[:n])
         self.size += n
@@ -124,17 +127,18 @@ def _decode(data: bytes, invalid_utf8: str) -> tuple[str | None, bool]:
             rest = rest[e.end :]
 
 
-def _decompressed(raw: io.BufferedReader, name: str) -> BinaryIO:
+def _decompressed(raw: io.BufferedIOBase, name: str) -> io.BufferedIOBase:
     if name.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if name.endswith(".zst"):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+        reader = zstandard.ZstdDecompressor().stream_reader(raw)  # type: ignore[arg-type]
+        return io.BufferedReader(reader)  # zstandard's stubs take IO[bytes], not BufferedIOBase
     return raw
 
 
-def _read_text_file(path: Path, f: BinaryIO, invalid_utf8: str) -> Iterator[RawDoc]:
+def _read_text_file(path: Path, f: io.BufferedIOBase, invalid_utf8: str) -> Iterator[RawDoc]:
     data = f.read()
     if not data.strip():
         yield RawDoc(str(path), 0, None, "empty_file")
@@ -143,7 +147,9 @@ def _read_text_file(path: Path, f: BinaryIO, invalid_utf8: str) -> Iterator[RawD
     yield RawDoc(str(path), 0, text, None if text is not None else "invalid_utf8", repaired)
 
 
-def _read_jsonl(path: Path, f: BinaryIO, field: str, invalid_utf8: str) -> Iterator[RawDoc]:
+def _read_jsonl(
+    path: Path, f: io.BufferedIOBase, field: str, invalid_utf8: str
+) -> Iterator[RawDoc]:
     empty = True
     for number, raw in enumerate(f, start=1):
         if not raw.strip():
@@ -167,7 +173,9 @@ def _read_jsonl(path: Path, f: BinaryIO, field: str, invalid_utf8: str) -> Itera
         yield RawDoc(str(path), 0, None, "empty_file")
 
 
-def _read_parquet(path: Path, f: BinaryIO, raw: BinaryIO, field: str) -> Iterator[RawDoc]:
+def _read_parquet(
+    path: Path, f: io.BufferedIOBase, raw: io.BufferedReader, field: str
+) -> Iterator[RawDoc]:
     import pyarrow.parquet as pq
 
     # Parquet is read by seeking: hash it whole through `f` first, then let pyarrow read the

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,14 +28,20 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer(Protocol):
-    kind: str
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
+    # Read-only: implementations are frozen dataclasses and class constants.
+    @property
+    def kind(self) -> str: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def bos_id(self) -> int: ...
+    @property
+    def eos_id(self) -> int: ...
+    @property
+    def pad_id(self) -> int: ...
 
     def encode(self, text: str) -> np.ndarray: ...
-    def decode(self, ids: np.ndarray) -> str: ...
+    def decode(self, ids: np.ndarray | Sequence[int]) -> str: ...
     def save(self, directory: Path) -> None: ...
 
 
@@ -44,17 +50,17 @@ def encode_document(tok: Tokenizer, text: str) -> np.ndarray:
     return np.concatenate([[tok.bos_id], tok.encode(text), [tok.eos_id]]).astype(np.int32)
 
 
-def _write_config(directory: Path, **fields) -> None:
+def _write_config(directory: Path, **fields: object) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
 
-def _fields_only(self) -> dict:
+def _fields_only(self: Any) -> dict[str, Any]:
     """Pickle state without the lazily built native tokenizer: workers rebuild their own."""
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def _restore_fields(self, state: dict) -> None:
+def _restore_fields(self: Any, state: dict[str, Any]) -> None:
     self.__dict__.update(state)
 
 
@@ -75,7 +81,7 @@ class ByteTokenizer:
     def encode_bytes(self, data: bytes) -> np.ndarray:
         return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
-    def decode(self, ids: np.ndarray) -> str:
+    def decode(self, ids: np.ndarray | Sequence[int]) -> str:
         ids = np.asarray(ids)
         return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")
 
@@ -91,7 +97,7 @@ class HFTokenizer:
     kind: str = "hf"
 
     @functools.cached_property
-    def _tok(self):
+    def _tok(self) -> Any:  # tokenizers.Tokenizer, imported lazily
         from tokenizers import Tokenizer as HFTok
 
         return HFTok.from_str(self.json_text)
@@ -130,7 +136,7 @@ class HFTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
 
-    def decode(self, ids: np.ndarray) -> str:
+    def decode(self, ids: np.ndarray | Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
 
     def save(self, directory: Path) -> None:
@@ -149,7 +155,7 @@ class SentencePieceTokenizer:
     kind: str = "sentencepiece"
 
     @functools.cached_property
-    def _sp(self):
+    def _sp(self) -> Any:  # sentencepiece.SentencePieceProcessor, imported lazily
         import sentencepiece as spm
 
         return spm.SentencePieceProcessor(model_proto=self.model_proto)
@@ -177,7 +183,7 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._sp.encode(text), np.int32)
 
-    def decode(self, ids: np.ndarray) -> str:
+    def decode(self, ids: np.ndarray | Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
     def save(self, directory: Path) -> None:

@@ -13,7 +13,8 @@ from bigjax.sharding import Rules
 
 # Every family is a preset of the one decoder's switches (config.FAMILY_DEFAULTS).
 # The ViT has its own module around the same blocks.
-FAMILIES: dict[str, type[nnx.Module]] = {name: llama.Llama for name in FAMILY_DEFAULTS}
+Model = llama.Llama | vit.ViT
+FAMILIES: dict[str, type[Model]] = {name: llama.Llama for name in FAMILY_DEFAULTS}
 FAMILIES["vit"] = vit.ViT
 PARAM_COUNT: dict[str, Callable[[ModelConfig], int]] = {
     name: llama.param_count for name in FAMILY_DEFAULTS
@@ -25,7 +26,14 @@ FLOPS_PER_TOKEN: dict[str, Callable[[ModelConfig, int], float]] = {
 FLOPS_PER_TOKEN["vit"] = vit.train_flops_per_token
 
 
-def build(cfg: ModelConfig, rules: Rules, seed: int) -> nnx.Module:
+def decoder(model: Model) -> llama.Llama:
+    """The model as the token decoder a text task needs (a ViT reads images)."""
+    if not isinstance(model, llama.Llama):
+        raise TypeError(f"a text task needs the decoder, not {type(model).__name__}")
+    return model
+
+
+def build(cfg: ModelConfig, rules: Rules, seed: int) -> Model:
     """A concrete model (unsharded; callers shard via `state.init_state`)."""
     with nnx.use_eager_sharding(False):
         return FAMILIES[cfg.family](cfg, rules, rngs=nnx.Rngs(params=seed))

@@ -4,6 +4,9 @@ attention) or GPT-2 style (LayerNorm, learned positions, GELU, biases), by confi
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -120,7 +123,13 @@ class Block(nnx.Module):
         return constrain(x_BLD, RESIDUAL, self.rules), aux
 
     def decode(
-        self, x_BTD, positions_BT, cache_k_BSGK, cache_v_BSGK, slot, mask_B1TS
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        cache_k_BSGK: jax.Array,
+        cache_v_BSGK: jax.Array,
+        slot: jax.Array,
+        mask_B1TS: jax.Array,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The block on T new tokens against its KV cache (no dropout)."""
         h_BTD, k, v = self.attn.decode(
@@ -142,8 +151,23 @@ def stacked_blocks(cfg: ModelConfig, rules: Rules, rngs: nnx.Rngs) -> Block:
     return build(rngs)
 
 
+class BlockStack(typing.Protocol):
+    """What `run_blocks` reads of a model (the decoder, the ViT)."""
+
+    @property
+    def blocks(self) -> Block: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def remat(self) -> str: ...
+    @property
+    def scan_layers(self) -> bool: ...
+    @property
+    def moe_aux_weight(self) -> float: ...
+
+
 def run_blocks(
-    model: nnx.Module,
+    model: BlockStack,
     x_BLD: jax.Array,
     segment_ids_BL: jax.Array,
     positions_BL: jax.Array,
@@ -224,6 +248,28 @@ class Llama(nnx.Module):
             else _param(rngs, dense_init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
         )
 
+    @typing.overload
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        segment_ids_BL: jax.Array,
+        positions_BL: jax.Array,
+        rng: jax.Array | None = ...,
+        *,
+        with_aux: Literal[False] = ...,
+        embed_delta: jax.Array | None = ...,
+    ) -> jax.Array: ...
+    @typing.overload
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        segment_ids_BL: jax.Array,
+        positions_BL: jax.Array,
+        rng: jax.Array | None = ...,
+        *,
+        with_aux: Literal[True],
+        embed_delta: jax.Array | None = ...,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
     def __call__(
         self,
         tokens_BL: jax.Array,
@@ -242,6 +288,28 @@ class Llama(nnx.Module):
         logits_BLV = self._logits(x_BLD)
         return (logits_BLV, aux) if with_aux else logits_BLV
 
+    @typing.overload
+    def classify(
+        self,
+        tokens_BL: jax.Array,
+        segment_ids_BL: jax.Array,
+        positions_BL: jax.Array,
+        rng: jax.Array | None = ...,
+        *,
+        with_aux: Literal[False] = ...,
+        embed_delta: jax.Array | None = ...,
+    ) -> jax.Array: ...
+    @typing.overload
+    def classify(
+        self,
+        tokens_BL: jax.Array,
+        segment_ids_BL: jax.Array,
+        positions_BL: jax.Array,
+        rng: jax.Array | None = ...,
+        *,
+        with_aux: Literal[True],
+        embed_delta: jax.Array | None = ...,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
     def classify(
         self,
         tokens_BL: jax.Array,
@@ -261,8 +329,13 @@ class Llama(nnx.Module):
         return (logits_BC, aux) if with_aux else logits_BC
 
     def _trunk(
-        self, tokens_BL, segment_ids_BL, positions_BL, rng, embed_delta=None
-    ) -> tuple[jax.Array, dict]:
+        self,
+        tokens_BL: jax.Array,
+        segment_ids_BL: jax.Array,
+        positions_BL: jax.Array,
+        rng: jax.Array | None,
+        embed_delta: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Embedding and blocks: the residual stream [B, L, D] before the final norm, and the
         auxiliary outputs averaged over layers."""
         x_BLD = self._embed(tokens_BL, positions_BL)

@@ -4,6 +4,8 @@ learned positions, the decoder's blocks run bidirectionally, a head on the class
 from __future__ import annotations
 
 import dataclasses
+import typing
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +62,24 @@ class ViT(nnx.Module):
         self.final_norm = make_norm(cfg.norm, d, eps=cfg.norm_eps, param_dtype=pd)
         self.cls_head_DC, self.cls_bias_C = class_head(cfg, rngs)
 
+    @typing.overload
+    def classify(
+        self,
+        images_BHWC: jax.Array,
+        rng: jax.Array | None = ...,
+        *,
+        with_aux: Literal[False] = ...,
+        embed_delta: jax.Array | None = ...,
+    ) -> jax.Array: ...
+    @typing.overload
+    def classify(
+        self,
+        images_BHWC: jax.Array,
+        rng: jax.Array | None = ...,
+        *,
+        with_aux: Literal[True],
+        embed_delta: jax.Array | None = ...,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
     def classify(
         self,
         images_BHWC: jax.Array,

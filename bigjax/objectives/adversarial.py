@@ -9,6 +9,7 @@ import dataclasses
 import jax
 
 from bigjax import robust
+from bigjax.models import Model
 from bigjax.objectives.base import Batch, LossContext, Metrics, Objective
 
 
@@ -19,7 +20,15 @@ def _embed_shape(batch: Batch, seq_len: int, d_model: int) -> tuple[int, int, in
     return rows, length, d_model
 
 
-def adversarial_sums(task: Objective, model, batch: Batch, rng, adversary, seq_len, d_model):
+def adversarial_sums(
+    task: Objective,
+    model: Model,
+    batch: Batch,
+    rng: jax.Array | None,
+    adversary: robust.Adversary,
+    seq_len: int,
+    d_model: int,
+) -> Metrics:
     """The task's loss sums at the attack's perturbation of the input embeddings."""
 
     def loss_of(delta: jax.Array) -> jax.Array:
@@ -38,7 +47,9 @@ class Adversarial(Objective):
     seq_len: int
     d_model: int
 
-    def combine(self, ctx: LossContext, value: jax.Array, sums: Metrics) -> tuple:
+    def combine(
+        self, ctx: LossContext, value: jax.Array, sums: Metrics
+    ) -> tuple[jax.Array, Metrics]:
         adv = adversarial_sums(
             ctx.task, ctx.model, ctx.batch, ctx.rng, self.adversary, self.seq_len, self.d_model
         )
@@ -59,7 +70,7 @@ class EvalAttack(Objective):
     seq_len: int
     d_model: int
 
-    def eval_sums(self, model, batch: Batch, out: Metrics) -> Metrics:
+    def eval_sums(self, model: Model, batch: Batch, out: Metrics) -> Metrics:
         adv = adversarial_sums(self.task, model, batch, None, self.adversary, self.seq_len,
                                self.d_model)  # fmt: skip
         return {**out, "adv_nll_sum": adv["nll_sum"]}

@@ -14,18 +14,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+
+from bigjax.models import Model
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions, weights: all [B, L]
 Metrics = dict[str, jax.Array]
-Params = Any
+Params = Any  # a pytree of arrays (nnx.State or its pure dict); its structure is the model's
 
 
 @dataclasses.dataclass(frozen=True)
 class LossContext:
     """What a loss hook sees for one micro-batch."""
 
-    model: nnx.Module
+    model: Model
     batch: Batch
     rng: jax.Array | None  # dropout key, None without dropout
     task: Objective  # the run's task: modifiers re-run its loss (adversarial)
@@ -45,7 +46,11 @@ class Objective:
         return batch
 
     def loss_sums(
-        self, model: nnx.Module, batch: Batch, rng: jax.Array | None, embed_delta=None
+        self,
+        model: Model,
+        batch: Batch,
+        rng: jax.Array | None,
+        embed_delta: jax.Array | None = None,
     ) -> tuple[Metrics, jax.Array | None]:
         """The task's summed losses ({'nll_sum', 'z_sq_sum', ...}) and its logits."""
         raise NotImplementedError(f"{type(self).__name__} is not a task")
@@ -58,7 +63,9 @@ class Objective:
         """Tokens trained on, for throughput (the task's)."""
         return jnp.sum(batch["weights"])
 
-    def combine(self, ctx: LossContext, value: jax.Array, sums: Metrics) -> tuple:
+    def combine(
+        self, ctx: LossContext, value: jax.Array, sums: Metrics
+    ) -> tuple[jax.Array, Metrics]:
         """The objective value after this modifier (and its sums to report)."""
         return value, sums
 
@@ -76,7 +83,7 @@ class Objective:
         """Metrics from the sums this objective added (it pops them)."""
         return {}
 
-    def eval_sums(self, model: nnx.Module, batch: Batch, out: Metrics) -> Metrics:
+    def eval_sums(self, model: Model, batch: Batch, out: Metrics) -> Metrics:
         """Held-out sums (the task's), or additions to them (an eval attack's)."""
         return out
 
@@ -93,6 +100,8 @@ def frozen_zeroed(trainable: Callable[[str], bool]) -> Callable[[Params], Params
     return mask
 
 
-def model_inputs(batch: Batch, rng: jax.Array | None) -> tuple:
+def model_inputs(
+    batch: Batch, rng: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """The model's positional inputs for a token batch."""
     return batch["inputs"], batch["segment_ids"], batch["positions"], rng

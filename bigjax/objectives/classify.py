@@ -8,19 +8,30 @@ import jax
 import jax.numpy as jnp
 
 from bigjax.loss import cross_entropy_sums
+from bigjax.models import Model, decoder
+from bigjax.models.vit import ViT
 from bigjax.objectives.base import Batch, Metrics, Objective, model_inputs
 
 
 class Classify(Objective):
-    extra_batch_keys = ("labels",)
+    extra_batch_keys: tuple[str, ...] = ("labels",)
 
-    def inputs(self, batch: Batch, rng) -> tuple:
-        return model_inputs(batch, rng)
-
-    def loss_sums(self, model, batch: Batch, rng, embed_delta=None):
-        logits_BC, aux = model.classify(
-            *self.inputs(batch, rng), with_aux=True, embed_delta=embed_delta
+    def classify(
+        self, model: Model, batch: Batch, rng: jax.Array | None, embed_delta: jax.Array | None
+    ) -> tuple[jax.Array, Metrics]:
+        """(class logits [B, C], auxiliary outputs) of the text classifier."""
+        return decoder(model).classify(
+            *model_inputs(batch, rng), with_aux=True, embed_delta=embed_delta
         )
+
+    def loss_sums(
+        self,
+        model: Model,
+        batch: Batch,
+        rng: jax.Array | None,
+        embed_delta: jax.Array | None = None,
+    ) -> tuple[Metrics, jax.Array | None]:
+        logits_BC, aux = self.classify(model, batch, rng, embed_delta)
         labels_B = batch["labels"]
         ones_B1 = jnp.ones((labels_B.shape[0], 1), jnp.float32)
         nll_sum, z_sq_sum = cross_entropy_sums(logits_BC[:, None], labels_B[:, None], ones_B1)
@@ -33,8 +44,8 @@ class Classify(Objective):
     def metrics(self, sums: Metrics, total_weight: jax.Array) -> Metrics:
         return {"accuracy": sums.pop("correct") / total_weight}
 
-    def eval_sums(self, model, batch: Batch, out: Metrics) -> Metrics:
-        logits_BC = model.classify(*self.inputs(batch, None))
+    def eval_sums(self, model: Model, batch: Batch, out: Metrics) -> Metrics:
+        logits_BC, _ = self.classify(model, batch, None, None)
         classes = logits_BC.shape[-1]
         ones_B1 = jnp.ones((logits_BC.shape[0], 1), jnp.float32)
         nll_sum, _ = cross_entropy_sums(logits_BC[:, None], batch["labels"][:, None], ones_B1)
@@ -50,8 +61,12 @@ class Images(Classify):
 
     extra_batch_keys = ("images", "labels")
 
-    def inputs(self, batch: Batch, rng) -> tuple:
-        return batch["images"], rng
+    def classify(
+        self, model: Model, batch: Batch, rng: jax.Array | None, embed_delta: jax.Array | None
+    ) -> tuple[jax.Array, Metrics]:
+        if not isinstance(model, ViT):
+            raise TypeError(f"image classification needs the ViT, not {type(model).__name__}")
+        return model.classify(batch["images"], rng, with_aux=True, embed_delta=embed_delta)
 
     def tokens(self, batch: Batch, seq_len: int) -> jax.Array:
         return jnp.asarray(batch["images"].shape[0] * seq_len, jnp.float32)

@@ -10,10 +10,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigjax.models import decoder
 from bigjax.objectives.base import LossContext, Metrics, Objective, model_inputs
 
 
-def kl_sum(student_BLV, teacher_BLV, weights_BL, temperature) -> jax.Array:
+def kl_sum(
+    student_BLV: jax.Array, teacher_BLV: jax.Array, weights_BL: jax.Array, temperature: float
+) -> jax.Array:
     """Sum over weighted tokens of T^2 * KL(softmax(teacher / T) || softmax(student / T))."""
     t = jax.nn.log_softmax(teacher_BLV.astype(jnp.float32) / temperature, axis=-1)
     s = jax.nn.log_softmax(student_BLV.astype(jnp.float32) / temperature, axis=-1)
@@ -27,9 +30,12 @@ class Distill(Objective):
     temperature: float
     alpha: float  # share of the soft (teacher) loss
 
-    def combine(self, ctx: LossContext, value: jax.Array, sums: Metrics) -> tuple:
-        teacher = nnx.merge(self.graphdef, ctx.extra)
+    def combine(
+        self, ctx: LossContext, value: jax.Array, sums: Metrics
+    ) -> tuple[jax.Array, Metrics]:
+        teacher = decoder(nnx.merge(self.graphdef, ctx.extra))
         teacher_BLV = jax.lax.stop_gradient(teacher(*model_inputs(ctx.batch, None)))
+        assert ctx.outputs is not None  # the task's logits: the step passes them to modifiers
         kl = kl_sum(ctx.outputs, teacher_BLV, ctx.batch["weights"], self.temperature)
         soft = kl / ctx.total_weight
         value = (1 - self.alpha) * value + self.alpha * soft

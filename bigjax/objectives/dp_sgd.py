@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from bigjax import privacy
+from bigjax.models import Model
 from bigjax.objectives.base import Batch, Metrics, Objective, Params
 
 DP_STREAM = 0x4450  # a key stream of its own for the noise
@@ -20,12 +22,14 @@ DP_STREAM = 0x4450  # a key stream of its own for the noise
 class DPSGD(Objective):
     noise: privacy.Noise
     task: Objective
-    model_of: Callable  # params -> model
+    model_of: Callable[[Params], Model]
     z_loss: float
     dropout: bool
     trainable: Callable[[Params], Params]  # zeroes the gradients of frozen parameters
 
-    def _row_grad(self, params: Params, row: Batch, rng) -> tuple[Params, Metrics]:
+    def _row_grad(
+        self, params: Params, row: Batch, rng: jax.Array | None
+    ) -> tuple[Params, Metrics]:
         """One row's gradient of its own mean loss, clipped."""
         one = jax.tree.map(lambda x: x[None], row)
 
@@ -38,9 +42,13 @@ class DPSGD(Objective):
         clipped, norm = privacy.clip(self.trainable(grads), self.noise.clip_norm)
         return clipped, {**sums, "dp_clipped": (norm > self.noise.clip_norm).astype(jnp.float32)}
 
-    def micro_grads(self, loss_fn, params: Params, micro: Batch, rng) -> tuple[Params, Metrics]:
+    def micro_grads(
+        self, loss_fn: Callable[..., Any], params: Params, micro: Batch, rng: jax.Array | None
+    ) -> tuple[Params, Metrics]:
         rows = jax.tree.leaves(micro)[0].shape[0]
-        keys = jax.random.split(rng, rows) if self.dropout else jnp.zeros((rows,))
+        keys = (
+            jax.random.split(rng, rows) if self.dropout and rng is not None else jnp.zeros((rows,))
+        )
         grads, sums = jax.vmap(
             lambda row, key: self._row_grad(params, row, key if self.dropout else None)
         )(micro, keys)
@@ -49,7 +57,7 @@ class DPSGD(Objective):
                 for k, v in sums.items()}  # fmt: skip
         return jax.tree.map(lambda g: jnp.sum(g, axis=0), grads), sums
 
-    def finalize_grads(self, grads, sums: Metrics, batch: Batch, key) -> Params:
+    def finalize_grads(self, grads: Params, sums: Metrics, batch: Batch, key: jax.Array) -> Params:
         """Gaussian noise on the sum of clipped gradients, then the mean over rows."""
         rows = jax.tree.leaves(batch)[0].shape[0]
         std = self.noise.noise_multiplier * self.noise.clip_norm

@@ -39,6 +39,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy
+from optuna.storages._heartbeat import BaseHeartbeat  # the interface RDB storages implement
 from optuna.trial import TrialState
 
 from bigjax import runlock
@@ -134,22 +135,24 @@ def _pruner(spec: Sweep) -> optuna.pruners.BasePruner:
 def open_study(spec: Sweep, storage: optuna.storages.BaseStorage, opts: Options) -> optuna.Study:
     """Creates the study and enqueues its trials (exactly once: creation is atomic in the
     database), or joins an existing one made from the same spec."""
-    kwargs = {"study_name": spec.name, "storage": storage}
-    kwargs |= {"sampler": _sampler(spec), "pruner": _pruner(spec)}
+    sampler, pruner = _sampler(spec), _pruner(spec)
     study = None
     if not opts.join_only:
         with contextlib.suppress(optuna.exceptions.DuplicatedStudyError):
-            study = optuna.create_study(direction=spec.direction, **kwargs)
+            study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner,
+                                        study_name=spec.name, direction=spec.direction)  # fmt: skip
             points = spec.points()
-            for point in points:
-                study.enqueue_trial(point)
+            for point in points:  # None: a TPE trial (the sampler picks its point at its start)
+                study.enqueue_trial(point)  # type: ignore[arg-type]
             study.set_user_attr("spec", spec_fingerprint(spec))
             study.set_user_attr("enqueued", len(points))
             return study
     deadline = time.monotonic() + (opts.wait_s if opts.join_only else 60.0)
     while True:
         with contextlib.suppress(KeyError):
-            study = optuna.load_study(**kwargs)
+            study = optuna.load_study(
+                study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner
+            )
             if "enqueued" in study.user_attrs:
                 break
         if time.monotonic() > deadline:
@@ -175,7 +178,9 @@ def suggest_point(spec: Sweep, trial: optuna.Trial) -> dict[str, Value]:
         point["variant"] = trial.suggest_categorical("variant", list(spec.variants))
     for key, p in spec.space.items():
         if isinstance(p, Grid):
-            point[key] = trial.suggest_categorical(key, list(p.values))
+            choice = trial.suggest_categorical(key, list(p.values))
+            assert choice is not None  # one of p.values, which hold no None
+            point[key] = choice
         elif isinstance(p, Uniform):
             point[key] = trial.suggest_float(key, p.low, p.high)
         elif isinstance(p, LogUniform):
@@ -225,6 +230,8 @@ class Worker:
     def __init__(self, spec: Sweep, study: optuna.Study, opts: Options):
         self.spec, self.study, self.opts = spec, study, opts
         self.storage = study._storage  # noqa: SLF001 (Optuna exposes no public accessor)
+        assert isinstance(self.storage, BaseHeartbeat)  # RDB (SQLite, PostgreSQL), cached
+        self.heartbeat: BaseHeartbeat = self.storage
         self.study_id = self.storage.get_study_id_from_name(spec.name)
         self.stop = threading.Event()
         self.mine: set[int] = set()  # trial ids running in this process
@@ -366,8 +373,8 @@ class Worker:
                 self.log(f"trial {trial.number}: waiting for the trainer of an earlier attempt "
                          f"({holder}) to exit")  # fmt: skip
                 said = True
-            if self.storage.get_heartbeat_interval() is not None:
-                self.storage.record_heartbeat(trial._trial_id)
+            if self.heartbeat.get_heartbeat_interval() is not None:
+                self.heartbeat.record_heartbeat(trial._trial_id)
             if self.stop.wait(min(self.opts.heartbeat_s, 1.0)):
                 return False
         return True
@@ -382,14 +389,14 @@ class Worker:
         trial process exits. Returns 'done', 'pruned' or 'interrupted'."""
         reported: set[int] = set()
         outcome = "done"
-        beat = self.storage.get_heartbeat_interval() is not None
+        beat = self.heartbeat.get_heartbeat_interval() is not None
         while proc.poll() is None:
             if outcome != "taken over" and not self.still_ours(trial):
                 outcome = "taken over"
                 proc.terminate()  # it saves a checkpoint; the retry resumes from it
                 continue
             if beat and outcome != "taken over":
-                self.storage.record_heartbeat(trial._trial_id)
+                self.heartbeat.record_heartbeat(trial._trial_id)
             for step, loss in read_evals(run_dir) if outcome != "taken over" else ():
                 if step not in reported and math.isfinite(loss):
                     trial.report(loss, step)
@@ -482,7 +489,7 @@ def summary(study: optuna.Study) -> str:
     lines = [", ".join(f"{n.lower()} {c}" for n, c in states.items() if c)]
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    for t in sorted(done, key=lambda t: t.value, reverse=reverse):
+    for t in sorted(done, key=lambda t: float(t.values[0]), reverse=reverse):
         lines.append(f"  trial {t.number:4d}  {t.value:.4f}  {t.params}")
     for t in trials:
         if t.state == TrialState.FAIL and "error" in t.user_attrs:

@@ -13,7 +13,7 @@ import itertools
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class Sweep:
     seeds: tuple[int, ...] = (0,)
     budget: int = 0  # random / tpe: number of parameter points (each run once per seed)
     objective: str = "eval_loss"  # final eval loss, or the best one seen during the run
-    direction: str = "minimize"
+    direction: Literal["minimize", "maximize"] = "minimize"
     pruner: str = "none"  # stop hopeless trials on intermediate eval loss
     sampler_seed: int = 0
 
@@ -111,7 +111,7 @@ class Sweep:
         if self.variants:
             axes["variant"] = tuple(self.variants)
         if self.algorithm == "grid":
-            axes.update({k: p.values for k, p in self.space.items()})
+            axes.update({k: p.values for k, p in self.space.items() if isinstance(p, Grid)})
             combos = [dict(zip(axes, c, strict=True)) for c in itertools.product(*axes.values())]
         elif self.algorithm == "random":
             rng = np.random.default_rng(self.sampler_seed)
