@@ -47,6 +47,7 @@ def _grads(impl, q, k, v, seg, causal):
     return jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "causal", "mesh_shape"),
     [
@@ -77,6 +78,7 @@ def test_splash_equals_einsum(heads, kv_heads, causal, mesh_shape):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_splash_bf16_within_tolerance():
     # bf16 inputs: both paths accumulate in f32 but round the probabilities (einsum) or the
     # partial outputs (splash) to bf16 at different points; bf16 has 8 mantissa bits, so
@@ -141,6 +143,7 @@ def test_auto_picks_the_kernel_for_the_platform():
     assert attention.resolve("xla", "tpu", dtype=bf16, head_dim=64, seq_len=64) == "xla"
 
 
+@pytest.mark.slow
 def test_splash_model_trains_like_einsum():
     # Two train steps of the tiny LM on a (2, 2, 2) mesh: the splash kernel (interpreted)
     # gives the einsum run's losses and gradient norms. f32 throughout; the only difference

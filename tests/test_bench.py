@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import tiny_config
 
 from bigjax import bench, models
@@ -12,6 +13,7 @@ from bigjax import bench, models
 RUN = dict(capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
 
 
+@pytest.mark.slow
 def test_bench_figures_are_consistent():
     cfg = tiny_config(mesh={"shape": (2, 4, 1)})
     r = bench.bench(cfg, bench.BenchSettings(warmup=1, steps=3))
@@ -29,6 +31,7 @@ def test_bench_figures_are_consistent():
     assert table.count("1.000x vs baseline") == 6 and "tokens/s" in table
 
 
+@pytest.mark.slow
 def test_cli_bench_quick_writes_json_and_compares(tmp_path):
     out = tmp_path / "b.json"
     cmd = [sys.executable, "-m", "bigjax.cli", "bench", "--config", "configs/lm_tiny.py"]
@@ -45,6 +48,7 @@ def test_cli_bench_quick_writes_json_and_compares(tmp_path):
     assert r.returncode == 2 and "--baseline: no such file" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_bench_prints_the_platform_entry_it_applied():
     cmd = [sys.executable, "-m", "bigjax.cli", "bench", "--config", "configs/lm_small.py"]
     cmd += ["--config.data.seq_len=32", "--config.data.batch_size=8", "--config.model.d_model=64"]

@@ -61,6 +61,7 @@ def test_magnitude_pruning_patterns():
     assert np.all(survivors >= dropped)  # the larger two survive
 
 
+@pytest.mark.slow
 def test_compress_quantize_reports_loss_and_size(trained, tmp_path, capsys):
     reports = {}
     for bits in (8, 4):
@@ -106,6 +107,7 @@ def test_pruned_run_fine_tunes_and_stays_sparse(trained, tmp_path, capsys):
             assert not np.array_equal(after[k], w), k  # and the rest trained
 
 
+@pytest.mark.slow
 def test_distillation_from_a_teacher(trained, tmp_path):
     # A student identical to the teacher has zero KL at its first step...
     same = tiny_config(

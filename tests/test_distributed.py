@@ -89,6 +89,7 @@ def _killed_after_step_6(run: Path, copy: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _launch(one, steps=8, processes=1)

@@ -20,6 +20,7 @@ ITEMS = [
 ]
 
 
+@pytest.mark.slow
 def test_choice_scores_equal_the_log_likelihood_of_each_choice():
     cfg = tiny_config()
     model = models.build(cfg.model, cfg.mesh.rules, seed=0)
@@ -64,6 +65,7 @@ def test_bad_item_files_name_the_line(tmp_path):
         load_items(bad)
 
 
+@pytest.mark.slow
 def test_eval_command_on_a_trained_run(tmp_path, capsys):
     from bigjax.cli import main
     from bigjax.train import train
@@ -106,6 +108,7 @@ def test_builtin_next_line_task_comes_from_held_out_files():
     assert len({i.answer for i in items}) > 1  # the answer's position varies
 
 
+@pytest.mark.slow
 def test_multiple_choice_runs_inside_training(tmp_path):
     from bigjax.metrics import read_jsonl
     from bigjax.train import train

@@ -34,6 +34,7 @@ def _run(finetune: dict, mesh=(1, 1, 1), steps: int = 3, **groups):
     return run_steps(cfg, batches, devices=devices, mesh_shape=mesh)
 
 
+@pytest.mark.slow
 def test_frozen_parameters_do_not_move_and_have_no_optimizer_state():
     freeze = r"embed/.*|blocks/attn/.*"
     metrics, state, prog = _run({"freeze": freeze})
@@ -52,6 +53,7 @@ def test_frozen_parameters_do_not_move_and_have_no_optimizer_state():
     assert all(np.isfinite(m["loss"]) for m in metrics)
 
 
+@pytest.mark.slow
 def test_lora_starts_at_the_base_model_and_trains_only_the_adapters():
     metrics, state, prog = _run(LORA)
     init = prog.init()
@@ -76,6 +78,7 @@ def test_lora_starts_at_the_base_model_and_trains_only_the_adapters():
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
 
+@pytest.mark.slow
 def test_lora_on_a_sharded_mesh_equals_one_device():
     ref, _, _ = _run(LORA)
     got, state, _ = _run(LORA, mesh=(2, 2, 2))
@@ -87,6 +90,7 @@ def test_lora_on_a_sharded_mesh_equals_one_device():
     assert a.sharding.spec[1] == "fsdp" and a.sharding.spec[2] is None
 
 
+@pytest.mark.slow
 def test_lora_fine_tune_from_a_run_resumes_and_exports_merged(tmp_path):
     base_cfg = tiny_config(num_steps=2)
     train(base_cfg, tmp_path / "base")
@@ -172,6 +176,7 @@ def test_sft_rows_take_the_loss_on_responses_only(tmp_path, packing):
     assert enc["loss_mask"][: 1 + len(_sft_records()[0]["prompt"])].sum() == 0
 
 
+@pytest.mark.slow
 def test_sft_trains_from_a_base_run(tmp_path):
     train(tiny_config(num_steps=2), tmp_path / "base")
     path = _write_jsonl(tmp_path / "sft.jsonl", _sft_records())
@@ -196,6 +201,7 @@ def _classify_records(n: int = 240):
     return out
 
 
+@pytest.mark.slow
 def test_classification_head_learns_and_reports_precision_recall_f1(tmp_path):
     path = _write_jsonl(tmp_path / "cls.jsonl", _classify_records())
     train(tiny_config(num_steps=1), tmp_path / "base")

@@ -27,6 +27,7 @@ def _forward(m, tokens):
     return m(t, jnp.ones_like(t), jnp.arange(len(tokens))[None])[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_prefill_logits_equal_the_forward_pass_despite_left_padding(scan_layers):
     cfg, m, _, _ = _model(scan_layers=scan_layers)
@@ -45,6 +46,7 @@ def test_prefill_logits_equal_the_forward_pass_despite_left_padding(scan_layers)
         np.testing.assert_allclose(logits[i, t - len(prompt) :], ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model",
     [
@@ -73,6 +75,7 @@ def test_sharded_generation_matches_one_device():
     assert got == want
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_rows_and_sampling_is_seeded():
     _, _, graphdef, params = _model()
     greedy = generate(graphdef, params, PROMPTS, Sampling(max_new_tokens=6))
@@ -115,6 +118,7 @@ def test_bad_sampling_settings():
         left_pad([[1], []])
 
 
+@pytest.mark.slow
 def test_generate_command_on_a_trained_run(tmp_path, capsys):
     # A real run (trained in-process on 8 devices, mesh 2x2x2), then `bigjax generate` on its
     # checkpoint: the CLI restores the parameters into this machine's mesh and decodes text.

@@ -89,6 +89,7 @@ def _tokens(vocab: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (2, 48))
 
 
+@pytest.mark.slow
 @needs_torch
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_import_matches_transformers_and_export_round_trips(name, tmp_path, capsys):
@@ -120,6 +121,7 @@ def test_import_matches_transformers_and_export_round_trips(name, tmp_path, caps
         np.testing.assert_array_equal(back[k], v, err_msg=k)
 
 
+@pytest.mark.slow
 @needs_torch
 @pytest.mark.parametrize(
     "family, model",
@@ -154,6 +156,7 @@ def test_trained_run_exports_to_from_pretrained_with_the_same_logits(family, mod
     assert next(bf16.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_imported_model_fine_tunes_and_refuses_to_resume_as_a_run(tmp_path):
     # A GPT-2 checkpoint written with bigjax's own safetensors writer (no torch needed).
     gpt2 = {"size": "tiny", "family": "gpt2", "max_positions": 64, "num_kv_heads": 0}
@@ -227,6 +230,7 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
     assert "num_kv_heads=2" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_finetune_config_starts_from_an_imported_model_with_lora(tmp_path):
     # An imported GPT-2 (written with bigjax's own writer), fine-tuned with LoRA through the
     # shipped configs/finetune.py, as a user types it.

@@ -68,6 +68,7 @@ def test_second_train_on_a_live_workdir_exits_2_naming_the_holder(tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path):
     holder = _holder(tmp_path)
     holder.send_signal(signal.SIGKILL)  # dies holding it: the kernel frees the flock
@@ -90,6 +91,7 @@ def _largest_file(step_dir: Path) -> Path:
     return max(files, key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.slow
 def test_one_flipped_bit_is_caught_named_moved_aside_and_the_run_goes_on(tmp_path):
     r = _run(tmp_path, "--config.num_steps=4", "--config.checkpoint.every_steps=2")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -115,6 +117,7 @@ def test_one_flipped_bit_is_caught_named_moved_aside_and_the_run_goes_on(tmp_pat
     assert r.returncode == 0 and "already complete" in r.stdout
 
 
+@pytest.mark.slow
 def test_corrupt_final_checkpoint_does_not_fail_every_relaunch(tmp_path):
     r = _run(tmp_path, "--config.num_steps=4", "--config.checkpoint.every_steps=2")
     assert r.returncode == 0
@@ -130,6 +133,7 @@ def _data_state_files(step_dir: Path) -> list[Path]:
     return sorted((step_dir / "data").glob("process_*-of-*.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", ["null rows", "empty rows", "not a mapping"])
 def test_valid_json_but_wrong_data_state_falls_back(tmp_path, rows):
     r = _run(tmp_path, "--config.num_steps=4", "--config.checkpoint.every_steps=2")
@@ -151,6 +155,7 @@ def test_valid_json_but_wrong_data_state_falls_back(tmp_path, rows):
     assert "resuming from step 2" in r.stdout
 
 
+@pytest.mark.slow
 def test_unsealed_checkpoints_restore_with_a_warning(tmp_path):
     # Written before checksums existed, or the run was killed between commit and checksums.
     r = _run(tmp_path, "--config.num_steps=2", "--config.checkpoint.every_steps=2")
@@ -163,6 +168,7 @@ def test_unsealed_checkpoints_restore_with_a_warning(tmp_path):
 HUGE_LR = {"lr": 1e39, "warmup_steps": 0, "schedule": "constant", "clip_norm": 1.0}
 
 
+@pytest.mark.slow
 def test_a_huge_learning_rate_never_saves_a_non_finite_state(tmp_path):
     # Finite loss and (clipped) gradients, but the updated parameters overflow: step 1's
     # state is all inf/nan. It must be caught at step 1 and never written.
@@ -172,6 +178,7 @@ def test_a_huge_learning_rate_never_saves_a_non_finite_state(tmp_path):
     assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_restore_never_takes_a_poisoned_checkpoint(tmp_path):
     # A non-finite step 2 written behind bigjax's guard (with Orbax directly, as an older
     # bigjax could have): resume (and so `rollback`, which restores the same way) skips it.
@@ -212,6 +219,7 @@ def test_restore_never_takes_a_poisoned_checkpoint(tmp_path):
     assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints.corrupt").iterdir()] == ["2"]
 
 
+@pytest.mark.slow
 def test_skip_warns_counts_and_writes_strict_json(tmp_path, capsys):
     cfg = tiny_config(num_steps=6, optim=HUGE_LR, nan_policy="skip")
     last = train(cfg, tmp_path)
@@ -225,6 +233,7 @@ def test_skip_warns_counts_and_writes_strict_json(tmp_path, capsys):
         json.loads(line, parse_constant=pytest.fail)
 
 
+@pytest.mark.slow
 def test_mfu_is_never_above_one_with_every_step_logged(tmp_path):
     # The throughput window used to restart after the next step was already dispatched, so
     # every second logged step counted a step's work in less than its time (MFU 108 %).
@@ -233,6 +242,7 @@ def test_mfu_is_never_above_one_with_every_step_logged(tmp_path):
     assert len(mfus) >= 10 and max(mfus) < 1.0
 
 
+@pytest.mark.slow
 def test_disk_full_names_the_step_the_space_and_the_fix(tmp_path):
     # A real full disk: a 6 MiB tmpfs (needs root, as in CI). Step 2 fits, step 4 does not.
     mount = tmp_path / "small"
@@ -365,6 +375,7 @@ def test_a_non_finite_state_is_refused_by_save_itself(tmp_path):
     manager.close()
 
 
+@pytest.mark.slow
 def test_another_optimizer_is_a_config_error_not_corruption(tmp_path):
     # A changed config must never be taken for a corrupt checkpoint (which would be moved
     # aside): exit 2 naming the key and the way out, and the checkpoints stay where they are.

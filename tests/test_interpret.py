@@ -4,6 +4,7 @@ integrated gradients complete, PNGs from a sharded run."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import tiny_config
 
 from bigjax import interpret, models
@@ -32,6 +33,7 @@ def test_attention_maps_are_causal_distributions_and_the_lens_ends_at_the_model(
     np.testing.assert_allclose(lens[-1], p, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_integrated_gradients_add_up_to_the_change_in_log_probability():
     model = _model()
 
@@ -48,6 +50,7 @@ def test_integrated_gradients_add_up_to_the_change_in_log_probability():
     assert attr["grad_x_input"].shape == (len(PROMPT),) and np.abs(attr["grad_x_input"]).sum() > 0
 
 
+@pytest.mark.slow
 def test_inspect_command_on_a_sharded_run_writes_pngs(tmp_path, capsys):
     train(tiny_config(num_steps=3, mesh={"shape": (1, 4, 2)}), tmp_path / "run")
     capsys.readouterr()

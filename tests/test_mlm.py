@@ -61,6 +61,7 @@ def test_encoder_attends_both_ways_within_a_document_only():
     assert jnp.all(g[8:] == 0), "and nothing of the next document"
 
 
+@pytest.mark.slow
 def test_bert_pretrains_with_masked_lm(tmp_path):
     cfg = tiny_config(num_steps=40, model=BERT, data={"task": "mlm", "seq_len": 64},
                       optim={"warmup_steps": 5, "lr": 3e-3})  # fmt: skip

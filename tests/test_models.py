@@ -42,6 +42,7 @@ def test_param_count_matches_formula(size, tie, family):
     assert models.count_params(state) == param_count(cfg.model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "switches",
     [
@@ -113,6 +114,7 @@ def _input_grads(model, tokens, seg, pos, out_t):
     return jnp.linalg.norm(g, axis=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", DECODERS)
 def test_causal_via_gradients(family):
     _, model = _model(family=family)
@@ -132,6 +134,7 @@ def test_no_attention_across_documents(family):
     assert jnp.all(g[:, 6:10] > 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full", "save_matmuls"])
 def test_scan_equals_loop_and_remat_equals_none(remat):
     tokens, seg, pos = _batch()
@@ -165,6 +168,7 @@ def test_bf16_compute_keeps_f32_params():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2), (4, 1)])
 def test_einsum_attention_equals_jax_attention(heads, kv_heads):
     # bigjax's grouped einsums against jax.nn.dot_product_attention (XLA path), same mask:

@@ -43,6 +43,7 @@ def _reference(layer: MoE, x_BLD: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_dropless_routing_equals_a_per_token_reference(top_k):
     layer = _layer(capacity_factor=0.0, top_k=top_k)
@@ -88,6 +89,7 @@ def test_balance_loss_is_one_when_uniform_and_grows_when_skewed():
     assert float(aux2["balance_loss"]) == pytest.approx(float(aux["balance_loss"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_train_step_adds_the_weighted_balance_loss_and_logs_moe_metrics():
     cfg = tiny_config(model={"size": "tiny", **MOE, "moe_aux_weight": 0.5})
     (metrics,), _, _ = run_steps(cfg, corpus_batches(1, 16, 64)[:1], mesh_shape=(1, 1, 1),
@@ -96,6 +98,7 @@ def test_train_step_adds_the_weighted_balance_loss_and_logs_moe_metrics():
     assert float(metrics["aux_loss"]) == pytest.approx(0.5 * float(metrics["moe_balance_loss"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [(1, 4, 2), (2, 2, 2)])
 def test_sharded_moe_training_equals_one_device_with_experts_split(mesh):
     cfg = tiny_config(model={"size": "tiny", **MOE}, optim={"grad_accum_steps": 2})

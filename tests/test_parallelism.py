@@ -45,6 +45,7 @@ def _single_device(cfg, batches):
     return metrics, jax.device_get(state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", COMBINATIONS)
 def test_combination_matches_single_device(name):
     shape, model, optim, rules = COMBINATIONS[name]
@@ -58,6 +59,7 @@ def test_combination_matches_single_device(name):
     assert prog.mesh.shape == dict(zip(MESH_AXES, shape, strict=True))
 
 
+@pytest.mark.slow
 def test_bf16_compute_with_f32_master_weights_matches_single_device():
     cfg = _config({"dtype": "bfloat16"}, {"grad_accum_steps": 2}, {})
     batches = corpus_batches(3, 16, 64)
@@ -81,6 +83,7 @@ def test_bf16_compute_with_f32_master_weights_matches_single_device():
     assert np.linalg.norm(update - ref_update) < 0.05 * np.linalg.norm(ref_update)
 
 
+@pytest.mark.slow
 def test_multi_slice_layout_and_training():
     devices = jax.devices()
     # Two stand-in slices of 4 devices: dcn (2,1,1) x per-slice (1,2,2) = mesh (2,2,2)
@@ -110,6 +113,7 @@ def _compiled(cfg, shape):
         return prog.train_step.lower(state, prog.to_global(batches[0])).compile()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_sequence_parallelism_splits_the_residual_stream(remat):
     with_sp = _compiled(_config({"remat": remat}, {}, {}), (1, 1, 8))

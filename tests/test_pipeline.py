@@ -122,6 +122,7 @@ def test_resume_yields_the_same_batches_with_workers(stdlib_ds):
             np.testing.assert_array_equal(x[key], y[key])
 
 
+@pytest.mark.slow
 def test_train_on_prepared_dataset_uses_its_validation_split(stdlib_ds, tmp_path):
     cfg = tiny_config(
         num_steps=12,

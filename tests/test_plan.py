@@ -42,6 +42,7 @@ def test_bad_topology_names(name):
         plan.parse_topology(name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2), (1, 2, 4)])
 def test_analytic_memory_equals_the_real_shards(shape):
     # The plan's per-device bytes come from the sharding rules alone; the real state on the
@@ -91,6 +92,7 @@ def test_multi_slice_mesh_is_dcn_times_per_slice():
         plan.analytic(cfg, plan.parse_topology("v5p-16"), 0.4)
 
 
+@pytest.mark.slow
 def test_compiles_for_a_real_tpu_topology():
     pytest.importorskip("libtpu", reason="needs the tpu extra: pip install 'bigjax[tpu]'")
     cfg = tiny_config()

@@ -166,6 +166,7 @@ def test_refuses_to_overwrite_a_foreign_directory(messy, tmp_path):
     assert (tmp_path / "mine" / "important.txt").exists()
 
 
+@pytest.mark.slow
 def test_cli_prepare_and_exit_codes(messy, tmp_path):
     def run(*args):
         return subprocess.run(

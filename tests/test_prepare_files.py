@@ -100,6 +100,7 @@ def test_a_previous_dataset_is_replaced_but_not_with_the_users_files_in_it(tmp_p
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # not mkdtemp's private mode
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_leaves_the_previous_dataset_intact(tmp_path):
     docs = _corpus(tmp_path / "a", n=40)
     out = tmp_path / "ds"

@@ -63,6 +63,7 @@ def _reference(prog, batch, clip_norm):
     return flatten(jax.device_get(jax.tree.map(lambda x: x / ROWS, total))), norms
 
 
+@pytest.mark.slow
 def test_per_example_gradients_are_clipped_then_averaged():
     update, metrics, batch, prog = _update(_cfg(noise=0.0 + 1e-12))  # noise ~ 0
     ref, norms = _reference(prog, batch, 0.05)
@@ -83,6 +84,7 @@ def test_per_example_clip_bounds_any_gradient():
             assert float(optax.tree.norm(clipped)) == pytest.approx(float(norm))
 
 
+@pytest.mark.slow
 def test_noise_has_the_calibrated_scale():
     clean, _, _, _ = _update(_cfg(noise=1e-12))
     noisy, _, _, _ = _update(_cfg(noise=2.0))
@@ -91,6 +93,7 @@ def test_noise_has_the_calibrated_scale():
     assert abs(z.std() - 1.0) < 0.01 and abs(z.mean()) < 0.01  # ~500k draws
 
 
+@pytest.mark.slow
 def test_reported_epsilon_equals_dp_accounting(tmp_path):
     import dp_accounting
     from dp_accounting import rdp
@@ -114,6 +117,7 @@ def test_noise_is_calibrated_to_a_target_epsilon():
     assert privacy.epsilon(privacy.Accounting(sigma * 0.9, 0.01, 1e-5), 1000) > 2.0
 
 
+@pytest.mark.slow
 def test_dp_step_on_a_sharded_mesh_equals_one_device():
     cfg = _cfg(noise=1.0, optim={**SGD, "grad_accum_steps": 2})
     one, _, _, _ = _update(cfg)

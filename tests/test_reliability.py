@@ -97,6 +97,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_step_then_relaunch_is_bitwise_identical(uninterrupted, tmp_path):
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -123,6 +124,7 @@ def test_sigkill_at_any_step_then_relaunch_is_bitwise_identical(uninterrupted, t
     assert _params_hash(workdir, 12) == _params_hash(uninterrupted, 12)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path):
     workdir = tmp_path / "preempted"
     proc = subprocess.Popen(
@@ -150,6 +152,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path):
     assert _losses(workdir) == _losses(uninterrupted)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh, devices", [("2,2,2", 8), ("1,4,1", 4), ("2,1,2", 4)])
 def test_resume_on_another_mesh(uninterrupted, tmp_path, mesh, devices):
     workdir = tmp_path / "moved"
@@ -173,6 +176,7 @@ def _train_with_checkpoints(workdir: Path, steps: int, **groups):
     return train(cfg, workdir)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
     _train_with_checkpoints(tmp_path, 8)
     # a save killed mid-write: Orbax's uncommitted temporary directory is never listed
@@ -189,6 +193,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
     assert [r["step"] for r in rows if "loss" in r][-6:] == [5, 6, 7, 8, 9, 10]  # from step 4
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoints_never_become_a_fresh_start(tmp_path):
     _train_with_checkpoints(tmp_path, 4)
     for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
@@ -209,6 +214,7 @@ def test_another_model_shape_lists_the_mismatches(tmp_path):
         _train_with_checkpoints(tmp_path, 8, model={"d_ff": 256})
 
 
+@pytest.mark.slow
 def test_another_batch_size_cannot_continue_the_data_order(tmp_path):
     _train_with_checkpoints(tmp_path, 4)
     with pytest.raises(
@@ -217,6 +223,7 @@ def test_another_batch_size_cannot_continue_the_data_order(tmp_path):
         _train_with_checkpoints(tmp_path, 8, data={"batch_size": 8})
 
 
+@pytest.mark.slow
 def test_failed_async_save_is_a_clear_error(tmp_path):
     # A 256 KiB file-size limit makes every checkpoint write fail as a full disk would
     # (SIGXFSZ ignored, so writes fail with EFBIG instead of killing the process).
@@ -233,12 +240,14 @@ def test_failed_async_save_is_a_clear_error(tmp_path):
 DIVERGE = {"name": "sgd", "lr": 1e4, "clip_norm": 0.0, "warmup_steps": 0, "schedule": "constant"}
 
 
+@pytest.mark.slow
 def test_nan_policy_error_names_the_step(tmp_path):
     with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient at step \d+"):
         train(tiny_config(num_steps=12, optim=DIVERGE), tmp_path)
     assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_nan_policy_skip_drops_updates_and_counts_them(tmp_path):
     last = train(tiny_config(num_steps=8, optim=DIVERGE, nan_policy="skip"), tmp_path)
     assert last["skipped_steps"] > 0
@@ -247,6 +256,7 @@ def test_nan_policy_skip_drops_updates_and_counts_them(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree["params"]))
 
 
+@pytest.mark.slow
 def test_nan_policy_rollback_restores_and_skips_then_gives_up(tmp_path, capsys):
     cfg = tiny_config(
         num_steps=12, optim=DIVERGE, nan_policy="rollback", checkpoint={"every_steps": 1}
@@ -259,6 +269,7 @@ def test_nan_policy_rollback_restores_and_skips_then_gives_up(tmp_path, capsys):
     assert steps == sorted(set(steps))  # replayed steps are logged once
 
 
+@pytest.mark.slow
 def test_init_from_params_and_full_state(tmp_path):
     source = tmp_path / "source"
     train(tiny_config(num_steps=6, checkpoint={"every_steps": 3}), source)
@@ -285,6 +296,7 @@ def test_init_from_params_and_full_state(tmp_path):
     assert last["step"] == 9 and _losses(cont)[-1][0] == 9
 
 
+@pytest.mark.slow
 def test_retention_keeps_latest_every_nth_and_best(tmp_path):
     cfg = tiny_config(
         num_steps=12,

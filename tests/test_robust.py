@@ -24,6 +24,7 @@ def test_attacks_stay_in_the_ball_and_raise_the_loss():
     np.testing.assert_allclose(jnp.abs(fgsm), 0.05)  # one full signed step
 
 
+@pytest.mark.slow
 def test_adversarial_training_logs_a_higher_loss_under_attack_and_shards():
     cfg = tiny_config(robust={"adversarial": "pgd", "epsilon": 0.05, "pgd_steps": 2,
                               "pgd_step_size": 0.03})  # fmt: skip
@@ -36,6 +37,7 @@ def test_adversarial_training_logs_a_higher_loss_under_attack_and_shards():
         assert float(a["adv_loss"]) > float(a["loss"])  # the attack hurts
 
 
+@pytest.mark.slow
 def test_eval_attack_reports_a_robust_loss(tmp_path):
     cfg = tiny_config(num_steps=3, data={"seq_len": 64},
                       robust={"eval_attack": "fgsm", "epsilon": 0.05})  # fmt: skip

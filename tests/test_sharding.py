@@ -36,6 +36,7 @@ def single_device_run():
     return cfg, batches, metrics, jax.device_get(state.params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)])
 def test_sharded_losses_match_single_device(single_device_run, shape):
     cfg, batches, ref_metrics, ref_params = single_device_run

@@ -33,6 +33,7 @@ def _synthetic_batch(B=16, L=64):
     }
 
 
+@pytest.mark.slow
 def test_golden_first_steps():
     cfg = tiny_config(optim={"warmup_steps": 0, "schedule": "constant"})
     metrics, _, _ = run_steps(cfg, [_synthetic_batch()] * 2)
@@ -46,6 +47,7 @@ def test_golden_first_steps():
     assert 6.0 < losses[0] < 7.2 and losses[1] < losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [2, 4])
 def test_grad_accumulation_equals_big_batch(accum):
     batches = corpus_batches(2, 16, 64)
@@ -62,6 +64,7 @@ def test_grad_accumulation_equals_big_batch(accum):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_no_recompilation_after_first_step():
     cfg = tiny_config()
     mesh = make_mesh(cfg.mesh)
@@ -88,6 +91,7 @@ def test_no_recompilation_after_first_step():
     assert int(state.step) == 4
 
 
+@pytest.mark.slow
 def test_dropout_randomness_comes_from_fold_in_step():
     cfg = tiny_config(model={"dropout": 0.5}, optim={"warmup_steps": 0})
     batches = corpus_batches(2, 16, 64)
@@ -102,6 +106,7 @@ def test_dropout_randomness_comes_from_fold_in_step():
     assert float(a[0]["loss"]) != float(d[0]["loss"])  # dropout is really on
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "adafactor", "lion", "sgd"])
 def test_every_optimizer_trains_sharded(name):
     lr = {"adamw": 3e-3, "adafactor": 1e-2, "lion": 3e-4, "sgd": 0.3}[name]

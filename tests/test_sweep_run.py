@@ -56,6 +56,7 @@ def load(directory: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{directory / 'study.db'}")
 
 
+@pytest.mark.slow
 def test_grid_sweep_records_results_failures_and_resumes_without_rerunning(tmp_path):
     spec = write_spec(
         tmp_path / "sweep.py",
@@ -105,6 +106,7 @@ def test_grid_sweep_records_results_failures_and_resumes_without_rerunning(tmp_p
     assert (out / "report" / "objective_vs_optim_lr.png").exists()
 
 
+@pytest.mark.slow
 def test_median_pruner_stops_a_hopeless_trial(tmp_path):
     spec = write_spec(
         tmp_path / "sweep.py",
@@ -113,8 +115,10 @@ def test_median_pruner_stops_a_hopeless_trial(tmp_path):
             return Sweep(
                 name="prune",
                 config=TINY,
-                overrides={**QUICK, "num_steps": 8, "eval.every_steps": 2},
-                # two good learning rates finish first, then one that cannot learn in 8 steps
+                # 60 steps: the worker polls once a second, and a pruned trial must still be
+                # running then (8 steps once took less than a poll).
+                overrides={**QUICK, "num_steps": 60, "eval.every_steps": 2},
+                # two good learning rates finish first, then one that cannot learn in 60 steps
                 space={"optim.lr": Grid((1e-2, 5e-3, 1e-7))},
                 pruner="median",
             )
@@ -128,7 +132,7 @@ def test_median_pruner_stops_a_hopeless_trial(tmp_path):
     hopeless = trials[1e-7]
     assert hopeless.state == TrialState.PRUNED
     summary = json.loads((Path(hopeless.user_attrs["run_dir"]) / "summary.json").read_text())
-    assert summary["step"] < 8  # it was stopped (and saved a checkpoint on its way out)
+    assert summary["step"] < 60  # it was stopped (and saved a checkpoint on its way out)
 
 
 LONG_SPEC = """
@@ -157,6 +161,7 @@ def start_until_checkpoint(spec: Path, out: Path, *extra: str) -> subprocess.Pop
     return proc
 
 
+@pytest.mark.slow
 def test_killed_sweep_continues_and_the_trial_resumes_from_its_checkpoint(tmp_path):
     spec = tmp_path / "sweep.py"
     write_spec(spec, LONG_SPEC.format(name="kill"))
@@ -257,6 +262,7 @@ def test_three_workers_share_a_postgres_study(tmp_path):
     optuna.delete_study(study_name=name, storage=url)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_trials_cleanly_and_requeues_them(tmp_path):
     spec = tmp_path / "sweep.py"
     write_spec(spec, LONG_SPEC.format(name="stop"))
@@ -278,6 +284,7 @@ def test_ctrl_c_stops_trials_cleanly_and_requeues_them(tmp_path):
     assert "resuming from step" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_stalled_worker_never_runs_two_trainers_and_wakes_without_crashing(tmp_path):
     # Worker A's process is stopped (Ctrl-Z, a paused VM) past the heartbeat grace while its
     # trainer (its own session) keeps running; worker B fails A's attempt as stale and takes

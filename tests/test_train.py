@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from conftest import tiny_config
 from helpers import train_cmd
 
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "step_time"}
 
 
+@pytest.mark.slow
 def test_cli_trains_on_builtin_corpus_and_writes_everything(tmp_path):
     workdir = tmp_path / "run"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

@@ -48,6 +48,7 @@ def test_augmentations_are_seeded_shifts_and_contrast():
     assert any(not np.array_equal(x, data.images[i]) for i, x in enumerate(a))
 
 
+@pytest.mark.slow
 def test_vit_learns_digits_and_reports_metrics(tmp_path):
     cfg = tiny_config(num_steps=150, model=VIT, data=DIGITS, eval={"num_batches": 8},
                       optim={"warmup_steps": 10, "lr": 3e-3})  # fmt: skip
@@ -56,6 +57,7 @@ def test_vit_learns_digits_and_reports_metrics(tmp_path):
     assert out["accuracy"] > 0.6 and {"precision", "recall", "f1"} <= set(out)
 
 
+@pytest.mark.slow
 def test_sharded_vit_training_equals_one_device():
     from helpers import run_steps
 
@@ -72,6 +74,7 @@ def test_sharded_vit_training_equals_one_device():
         assert a["accuracy"] == b["accuracy"]
 
 
+@pytest.mark.slow
 def test_vit_on_a_directory_of_images(tmp_path):
     from PIL import Image
 
