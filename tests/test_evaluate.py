@@ -121,3 +121,19 @@ def test_multiple_choice_runs_inside_training(tmp_path):
         # 8 items: accuracy is a multiple of 1/8
         assert r["mc_accuracy"] * 8 == pytest.approx(round(r["mc_accuracy"] * 8))
         assert 0 <= r["mc_accuracy_norm"] <= 1 and r["mc_eval_s"] > 0
+
+
+def test_run_commands_on_a_directory_that_is_not_a_run_exit_2(tmp_path, capsys):
+    from bigjax.cli import main
+
+    out = str(tmp_path / "out")
+    for argv in (
+        ["eval", "--workdir", str(tmp_path)],
+        ["generate", "--workdir", str(tmp_path), "--prompt", "x"],
+        ["inspect", "--workdir", str(tmp_path), "--prompt", "x", "--out", out],
+        ["compress", "quantize", "--workdir", str(tmp_path), "--out", out],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{argv[0]}: {tmp_path} has no config.json; pass a run directory" in err, err
+    assert not (tmp_path / "out").exists()  # nothing written

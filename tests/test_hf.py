@@ -187,6 +187,7 @@ def test_imported_model_fine_tunes_and_refuses_to_resume_as_a_run(tmp_path):
         np.testing.assert_allclose(tuned[k], v, atol=1e-9, err_msg=k)
 
 
+@pytest.mark.slow
 def test_bad_inputs_name_the_problem(tmp_path, capsys):
     # A pickle-only directory: never loaded, and the error says why.
     (tmp_path / "pickled").mkdir()

@@ -52,6 +52,7 @@ def test_sharded_losses_match_single_device(single_device_run, shape):
     assert jax.tree.leaves(state.params)[0].sharding == jax.tree.leaves(prog.shardings.params)[0]
 
 
+@pytest.mark.slow
 def test_fsdp_shards_every_large_parameter_and_moment():
     # vocab 4096 and d_ff 2048 make the embedding, head and MLP weights over 1 MiB each.
     cfg = tiny_config(model={"vocab_size": 4096, "d_ff": 2048})

@@ -69,6 +69,7 @@ def _params_at(workdir: Path, step: int) -> list[np.ndarray]:
     return [np.asarray(x) for x in __import__("jax").tree.leaves(tree["params"])]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     cfg = tiny_config(
         num_steps=8,
