@@ -30,6 +30,7 @@ def test_quality_reasons(text, reason):
     assert quality_reason(text, QualityConfig()) == reason
 
 
+@pytest.mark.slow
 def test_quality_defaults_keep_most_real_code():
     files = stdlib_files()[::10]
     texts = [normalize(p.read_bytes().decode("utf-8", "replace")) for p in files]

@@ -109,6 +109,7 @@ def test_batches_do_not_depend_on_process_or_worker_count(split):
     assert len(rows) == 6 * 8
 
 
+@pytest.mark.slow
 def test_iterator_state_from_two_processes_resumes_in_one_and_back(split):
     docs = split[0][:2000]
     whole = _dataset(docs)
@@ -140,6 +141,7 @@ def test_iterator_state_from_two_processes_resumes_in_one_and_back(split):
         _dataset(docs, batch_size=4).set_state(merged)
 
 
+@pytest.mark.slow
 def test_iterator_resumes_exactly_with_worker_processes(split):
     it = _dataset(split[0], num_workers=2)
     pipeline.take(it, 3)

@@ -66,6 +66,7 @@ def test_greedy_cached_decoding_equals_uncached_argmax(model):
         assert new == expected
 
 
+@pytest.mark.slow
 def test_sharded_generation_matches_one_device():
     cfg, _, graphdef, params = _model()
     want = generate(graphdef, params, PROMPTS, Sampling(max_new_tokens=5))

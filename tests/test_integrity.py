@@ -340,6 +340,7 @@ def test_convert_refuses_a_deeply_nested_header(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_convert_never_reads_files_outside_the_model_directory(tmp_path):
     src = _hf_dir(tmp_path)
     secret = tmp_path / "secret.safetensors"

@@ -87,6 +87,7 @@ def _jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_prepare_keeps_every_fixture_document_and_reports_languages(tmp_path):
     texts = [d for lang in LANGS for d in documents(lang)]
     _jsonl(tmp_path / "multi.jsonl", texts)

@@ -39,6 +39,7 @@ def test_masking_selects_real_tokens_at_the_rate_and_splits_80_10_10():
     assert abs(kept - (0.1 + 0.1 / 259)) < 4 * np.sqrt(0.1 * 0.9 / n)
 
 
+@pytest.mark.slow
 def test_encoder_attends_both_ways_within_a_document_only():
     cfg = tiny_config(model=BERT, data={"task": "mlm"})
     model = models.build(cfg.model, cfg.mesh.rules, seed=0)

@@ -72,6 +72,7 @@ def test_capacity_drops_the_overflow_and_says_how_much():
     assert np.all(np.asarray(out[:, 3:]) == 0.0)
 
 
+@pytest.mark.slow
 def test_balance_loss_is_one_when_uniform_and_grows_when_skewed():
     layer = _layer(capacity_factor=0.0)
     x = jax.random.normal(jax.random.key(3), (2, 12, 32))
@@ -120,6 +121,7 @@ def test_sharded_moe_training_equals_one_device_with_experts_split(mesh):
     del prog
 
 
+@pytest.mark.slow
 def test_cached_generation_equals_uncached_argmax_for_moe():
     cfg = tiny_config(model={"size": "tiny", **MOE, "moe_capacity_factor": 0.0})
     m = models.build(cfg.model, cfg.mesh.rules, seed=0)

@@ -124,6 +124,7 @@ def test_messy_inputs_are_cleaned_counted_and_scrubbed(messy, tmp_path):
     assert sum(m["splits"][s]["tokens"] for s in m["splits"]) == m["tokens_out"]
 
 
+@pytest.mark.slow
 def test_same_input_same_flags_byte_identical(tmp_path):
     inputs = [STDLIB / "json" / "*.py", STDLIB / "email" / "*.py"]
     digests = []
@@ -198,6 +199,7 @@ def test_cli_prepare_and_exit_codes(messy, tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr
 
 
+@pytest.mark.slow
 def test_sentencepiece_and_hf_tokenizer_files(tmp_path):
     import sentencepiece as spm
 

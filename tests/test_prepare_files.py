@@ -141,6 +141,7 @@ def test_symlink_loops_read_each_real_file_once(tmp_path):
     assert m["dedup"]["exact"] == 0 and m["skipped_files"]["counts"] == {}
 
 
+@pytest.mark.slow
 def test_fifo_dangling_and_looping_links_are_skipped_counted_and_named(tmp_path, capfd):
     root = _corpus(tmp_path / "c")
     os.mkfifo(root / "pipe.txt")

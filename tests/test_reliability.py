@@ -204,6 +204,7 @@ def test_unreadable_checkpoints_never_become_a_fresh_start(tmp_path):
             _train_with_checkpoints(tmp_path, 8)
 
 
+@pytest.mark.slow
 def test_another_model_shape_lists_the_mismatches(tmp_path):
     _train_with_checkpoints(tmp_path, 4)
     with pytest.raises(
