@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from bigjax import integrity
+from bigjax import history, integrity
 from bigjax.config import CheckpointConfig
 from bigjax.data.pipeline import DataStateError, MalformedDataState
 from bigjax.state import TrainState
@@ -256,27 +256,25 @@ def check_layout(manager: ocp.CheckpointManager, step: int, layout: dict[str, li
         )
 
 
-def check_expected(
-    manager: ocp.CheckpointManager, step: int, expect: Mapping[str, Any] | None
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+    """The config the checkpoint at `step` was saved under (None if it has no readable one)."""
+    config = _read_meta(manager, step).get("config")
+    return config if isinstance(config, dict) else None
+
+
+def check_config(
+    manager: ocp.CheckpointManager, step: int, config: Mapping[str, Any] | None
 ) -> None:
-    """Raises CheckpointMismatch naming each `expect` key whose value the checkpoint's saved
-    config contradicts (a checkpoint without a readable config is not judged here)."""
-    saved = _read_meta(manager, step).get("config")
-    if not expect or not isinstance(saved, dict):
+    """Raises CheckpointMismatch naming each key of `config` that differs from the
+    checkpoint's saved config in a way the saved state cannot continue (history.UNUSABLE);
+    a checkpoint without a readable config is not judged here."""
+    saved = saved_config(manager, step)
+    if config is None or saved is None:
         return
-    differ = []
-    for dotted, want in expect.items():
-        value: Any = saved
-        for part in dotted.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if value is not None and value != want:
-            differ.append(f"{dotted}={value!r} in the checkpoint, {want!r} in this run")
-    if differ:
+    problem = history.unusable(history.changes(saved, config), str(Path(manager.directory).parent))
+    if problem:
         raise CheckpointMismatch(
-            f"checkpoint {manager.directory}/{step} cannot continue with this config: "
-            f"{'; '.join(differ)}. Set it back, or start a new --workdir with "
-            f"--config.checkpoint.init_from={Path(manager.directory).parent} "
-            "--config.checkpoint.init_mode=params (weights only, a fresh optimizer)."
+            f"checkpoint {manager.directory}/{step} cannot continue with this config: {problem}"
         )
 
 
@@ -288,7 +286,7 @@ def restore(
     *,
     before: int | None = None,
     move_corrupt: bool = True,
-    expect: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> TrainState | None:
     """Restores the newest good checkpoint (older than `before`, if given) into `target`'s
     shapes and shardings (resharding if the mesh changed), and the data iterator in place.
@@ -297,9 +295,9 @@ def restore(
     not load, holds a malformed data state or a non-finite state is skipped with a warning
     naming it and the reason, and (with `move_corrupt`, never for another run's directory)
     moved to `<checkpoints>.corrupt/`; if checkpoints exist but none is good, raises.
-    `expect` (dotted config key -> value) must match the checkpoint's config: keys whose
-    change makes the saved state unusable (the optimizer) are a CheckpointMismatch, never
-    mistaken for corruption.
+    `config` (this run's, as a dict) is checked against the checkpoint's: a change that makes
+    the saved state unusable (another optimizer, model shape, ...) is a CheckpointMismatch,
+    never mistaken for corruption.
     """
     steps = sorted((s for s in manager.all_steps() if before is None or s < before), reverse=True)
     if not steps:
@@ -313,8 +311,8 @@ def restore(
                 "training state to resume: train from it in a new run with "
                 f"--config.checkpoint.init_from={Path(manager.directory).parent}."
             )
+        check_config(manager, step, config)  # first: it names the config keys
         check_layout(manager, step, layout)
-        check_expected(manager, step, expect)
         problem = integrity.verify(step_dir)
         if problem is None and not integrity.is_sealed(step_dir):
             warnings.warn(
@@ -373,13 +371,6 @@ def _first_line(e: Exception) -> str:
     """The message of `e` up to its first line break (Orbax appends pages of metadata)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def restore_target(abstract: TrainState, shardings: TrainState) -> TrainState:
-    """ShapeDtypeStructs carrying the shardings to restore into (resharding if they differ)."""
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
 
 
 def source_directory(path: str) -> Path:

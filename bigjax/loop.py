@@ -183,11 +183,11 @@ def restore_or_init(
     target: Any,
     data_iter: Any,
     layout: dict[str, list[int]],
-    expect: Mapping[str, str],
+    config: Mapping[str, Any],
 ) -> tuple[Any, str]:
     """The state to start from, and where it came from: the run's newest loadable checkpoint
     (resume), else `checkpoint.init_from`, else a fresh initialisation."""
-    state = checkpoint.restore(manager, target, data_iter, layout, expect=expect)
+    state = checkpoint.restore(manager, target, data_iter, layout, config=config)
     if state is not None:
         return state, f"resuming from step {int(state.step)}"
     if cfg.checkpoint.init_from:

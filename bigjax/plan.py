@@ -194,24 +194,6 @@ def analytic(
     }
 
 
-def abstract_step_inputs(prog: Any) -> tuple[Any, dict[str, jax.ShapeDtypeStruct]]:
-    """The train step's (state, batch) as ShapeDtypeStructs with their shardings: enough to
-    lower and compile it without allocating anything."""
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        prog.abstract,
-        prog.shardings,
-    )
-    shape = (prog.cfg.data.batch_size, prog.cfg.data.seq_len)
-    batch = {
-        k: jax.ShapeDtypeStruct(
-            shape, "float32" if k == "weights" else "int32", sharding=prog.batch_sharding
-        )
-        for k in ("inputs", "targets", "segment_ids", "positions", "weights")
-    }
-    return state, batch
-
-
 def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
     """Compiles the real train step for a TPU topology ahead of time (needs libtpu)."""
     from jax.experimental import topologies
@@ -231,7 +213,7 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
     # only compile. Tracing (inside) needs the mesh for the activation constraints.
     prog = make_program(cfg, mesh)
     with jax.set_mesh(mesh):
-        state, batch = abstract_step_inputs(prog)
+        state, batch = prog.abstract_inputs()
         lowered = prog.train_step.lower(state, batch)
     hbm = target.hbm_per_device * target.num_devices / len(devices)
     base = {

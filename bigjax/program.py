@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from bigjax import attention, lora, mlm, models, objectives, optim, privacy, step
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
-from bigjax.sharding import logical_to_spec, tree_shardings
+from bigjax.sharding import logical_to_spec, placed, tree_shardings
 from bigjax.state import Params, TrainState, abstract_state, init_state, state_shardings
 
 
@@ -58,6 +58,18 @@ class Program:
         index = self.batch_sharding.addressable_devices_indices_map(shape).values()
         starts = [idx[0].indices(shape[0]) for idx in index if idx is not None]
         return range(min(s[0] for s in starts), max(s[1] for s in starts))
+
+    def abstract_inputs(self) -> tuple[TrainState, dict[str, jax.ShapeDtypeStruct]]:
+        """The train step's (state, token batch) as sharded ShapeDtypeStructs: enough to lower
+        and compile it ahead of time without allocating anything."""
+        shape = (self.cfg.data.batch_size, self.cfg.data.seq_len)
+        batch = {
+            k: jax.ShapeDtypeStruct(
+                shape, "float32" if k == "weights" else "int32", sharding=self.batch_sharding
+            )
+            for k in BATCH_KEYS
+        }
+        return placed(self.abstract, self.shardings), batch
 
     def to_global(self, local: dict[str, np.ndarray]) -> step.Batch:
         """Assembles each process's rows into one global batch array (no replication)."""
@@ -208,12 +220,9 @@ def load_teacher(cfg: TrainConfig, mesh: Mesh) -> tuple[nnx.GraphDef, Params, An
         )
     graphdef, graph_state = models.abstract(teacher.model, cfg.mesh.rules)
     shardings = nnx.to_pure_dict(tree_shardings(graph_state, mesh, cfg.mesh.rules))
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nnx.to_pure_dict(graph_state),
-        shardings,
+    params, _ = checkpoint.load_params(
+        cfg.distill.teacher, placed(nnx.to_pure_dict(graph_state), shardings)
     )
-    params, _ = checkpoint.load_params(cfg.distill.teacher, target)
     return graphdef, params, shardings
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bigjax import history
 from bigjax.fit import PowerLaw, fit_power_law
 from bigjax.metrics import read_jsonl
 
@@ -297,7 +298,13 @@ def report(
     elif fit:
         raise ReportError(f"report: unknown --fit {fit!r}; the one fit is 'scaling'")
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
-    md += ["## Runs", ""] + [f"- `{r.path}`: {r.group}, seed {r.seed}" for r in runs] + [""]
+    md += ["## Runs", ""]
+    for r in runs:
+        md.append(f"- `{r.path}`: {r.group}, seed {r.seed}")
+        segments = history.segments(r.path, int(r.summary.get("step", 0)))
+        if len(segments) > 1:  # resumed with another config: which one trained which steps
+            md += [f"  - {s}" for s in segments]
+    md.append("")
     text = "\n".join(md)
     (out / "report.md").write_text(text)
     return text, pngs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import jax
 from flax import nnx
@@ -11,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 LogicalNames = Sequence[str | None]
+T = TypeVar("T")
 
 
 def logical_to_spec(
@@ -55,6 +57,14 @@ def tree_shardings(abstract_tree: nnx.State, mesh: Mesh, rules: Rules) -> nnx.St
     """NamedShardings for every leaf of an nnx State whose Variables carry `out_sharding`."""
     specs = tree_specs(abstract_tree, dict(mesh.shape), rules)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=is_spec)
+
+
+def placed(abstract_tree: T, shardings: T) -> T:
+    """ShapeDtypeStructs that carry their shardings: what lowering, compiling ahead of time
+    and an Orbax restore (which reshards to them) need, without allocating an array."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
+    )
 
 
 def is_spec(x: object) -> bool:

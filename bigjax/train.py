@@ -20,6 +20,7 @@ import bigjax
 from bigjax import (
     checkpoint,
     distributed,
+    history,
     integrity,
     metrics,
     models,
@@ -42,6 +43,7 @@ from bigjax.loop import (  # noqa: F401 - re-exported: the tools and tests use t
 )
 from bigjax.mesh import make_mesh
 from bigjax.program import make_program
+from bigjax.sharding import placed
 
 
 def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
@@ -90,16 +92,18 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         cleanup.callback(lambda: getattr(data_iter, "close", lambda: None)())
         manager = checkpoint.make_manager(workdir / "checkpoints", cfg.checkpoint)
         cleanup.callback(manager.close)
-        target = checkpoint.restore_target(prog.abstract, prog.shardings)
+        target = placed(prog.abstract, prog.shardings)
         layout = checkpoint.param_layout(prog.abstract.params)
-        expect = {"optim.name": cfg.optim.name}  # another optimizer's state cannot continue
-        state, origin = restore_or_init(cfg, prog, manager, target, data_iter, layout, expect)
+        config = to_dict(cfg)  # checked against the checkpoint's: some changes cannot resume
+        state, origin = restore_or_init(cfg, prog, manager, target, data_iter, layout, config)
         start = int(jax.device_get(state.step))
+        resumed = origin.startswith("resuming")
+        saved_config = checkpoint.saved_config(manager, start) if resumed else None
 
         num_params = models.count_params(prog.graph_state)
         meta = {
             "bigjax_version": bigjax.__version__,
-            "config": to_dict(cfg),
+            "config": config,
             "mesh": dict(mesh.shape),
             "num_params": num_params,
             "params": layout,
@@ -108,7 +112,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             workdir, enabled=writer_process, tensorboard=cfg.metrics.tensorboard
         )
         if writer_process:
-            (workdir / "config.json").write_text(json.dumps(meta["config"], indent=2) + "\n")
+            (workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             writers.truncate_after(start)
             print(
                 f"bigjax {bigjax.__version__}: {num_params:,} parameters, mesh "
@@ -116,6 +120,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 f"devices ({distributed.describe()}); {origin}",
                 flush=True,
             )
+            history.record(workdir, start, config, saved_config)  # and shows what changed
 
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         flops_per_step = (
@@ -128,7 +133,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
         step = start
         pending = None  # the step dispatched before this one: (step, metrics on device)
-        saved_step = start if origin.startswith("resuming") else -1
+        saved_step = start if resumed else -1
         last_eval: dict[str, float] = {}
         skip_batches: set[int] = set()  # steps whose batch is dropped after a rollback
         rollbacks = 0
@@ -181,7 +186,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 getattr(data_iter, "close", lambda: None)()  # stop its worker processes
                 data_iter = new_data_iter()
                 state = (
-                    checkpoint.restore(manager, target, data_iter, layout, expect=expect)
+                    checkpoint.restore(manager, target, data_iter, layout, config=config)
                     or prog.init()
                 )
                 step, pending = int(jax.device_get(state.step)), None

@@ -32,11 +32,12 @@ def open_run(workdir: str, overrides: Sequence[str], command: str) -> Iterator[t
     from bigjax import checkpoint, lora
     from bigjax.mesh import make_mesh
     from bigjax.program import make_program
+    from bigjax.sharding import placed
 
     mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
         prog = make_program(cfg, mesh)
-        target = checkpoint.restore_target(prog.abstract, prog.shardings).params
+        target = placed(prog.abstract, prog.shardings).params
         params, step = checkpoint.load_params(workdir, target)
         # LoRA runs: the adapters folded into the weights, as the model ran in training
         yield prog, lora.merged(params, cfg.finetune.lora_scale), step

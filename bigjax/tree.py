@@ -7,12 +7,12 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested parameter dict -> {"blocks/attn/q_DHK": leaf, ...}."""
+def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """Nested parameter dict -> {"blocks/attn/q_DHK": leaf, ...} (a config: sep=".")."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
-            out |= flatten(v, f"{prefix}{k}/")
+            out |= flatten(v, f"{prefix}{k}{sep}", sep)
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -112,6 +112,18 @@ def test_cli_bad_config_exits_2_with_one_line():
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_config_error_comes_before_jax_is_imported():
+    # JAX and the libraries under it take seconds to import: a typo must not wait for them.
+    code = (
+        "import sys; from bigjax.cli.main import main; rc = main(['train', '--config', "
+        "'configs/lm_tiny.py', '--workdir', '/tmp/unused', '--config.optim.lrr=1']); "
+        "print(rc, sorted(m for m in ('jax', 'flax', 'orbax', 'grain') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.strip() == "2 []", r.stdout + r.stderr
+    assert "Did you mean optim.lr?" in r.stderr
+
+
 def test_cli_mesh_mismatch_exits_2(tmp_path):
     r = _cli(
         "train",
@@ -134,7 +146,7 @@ def test_cli_debug_shows_traceback():
         "/tmp/unused",
         "--config.nope=1",
     )
-    assert r.returncode != 0 and "Traceback" in r.stderr
+    assert r.returncode == 2 and "Traceback" in r.stderr  # the same exit code as without
 
 
 def test_cli_missing_config_file():
@@ -162,3 +174,14 @@ def test_every_config_key_is_documented():
 
     missing = [k for k in keys(TrainConfig) if f"`{k}`" not in doc]
     assert not missing, f"document these keys in docs/configs.md: {missing}"
+
+
+def test_one_line_errors_are_looked_up_where_they_are_defined():
+    # main() finds these classes in sys.modules by module name: a class moved elsewhere
+    # would turn its one-line error into a traceback.
+    import importlib
+
+    from bigjax.cli.main import _REPORTED
+
+    for module, name, _ in _REPORTED:
+        assert getattr(importlib.import_module(module), name).__module__ == module, name

@@ -189,6 +189,7 @@ def test_restore_never_takes_a_poisoned_checkpoint(tmp_path):
     from bigjax.data import pipeline
     from bigjax.mesh import make_mesh
     from bigjax.program import make_program
+    from bigjax.sharding import placed
 
     cfg = tiny_config(num_steps=1, checkpoint={"every_steps": 1})
     train(cfg, tmp_path)
@@ -197,7 +198,7 @@ def test_restore_never_takes_a_poisoned_checkpoint(tmp_path):
         prog = make_program(cfg, mesh)
         manager = checkpoint.make_manager(tmp_path / "checkpoints", cfg.checkpoint)
         data = pipeline.for_config(cfg.data, split="train", seed=0, rows=prog.local_rows())
-        target = checkpoint.restore_target(prog.abstract, prog.shardings)
+        target = placed(prog.abstract, prog.shardings)
         layout = checkpoint.param_layout(prog.abstract.params)
         state = checkpoint.restore(manager, target, data, layout)
         nan = jax.tree.map(lambda x: x * np.nan, state.params)

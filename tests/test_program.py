@@ -52,16 +52,6 @@ def test_big_configs_trace_on_the_mesh(name):
     mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
         prog = make_program(cfg, mesh)
-        state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            prog.abstract,
-            prog.shardings,
-        )
-        batch = {
-            k: jax.ShapeDtypeStruct(
-                (8, 128), jnp.float32 if k == "weights" else jnp.int32, sharding=prog.batch_sharding
-            )
-            for k in ("inputs", "targets", "segment_ids", "positions", "weights")
-        }
+        state, batch = prog.abstract_inputs()  # batch [8, 128], the overrides above
         text = prog.train_step.lower(state, batch).as_text()
     assert "bf16" in text  # compute in bfloat16 as configured

@@ -72,7 +72,10 @@ def test_grid_sweep_records_results_failures_and_resumes_without_rerunning(tmp_p
     )
     out = tmp_path / "sweep"
     result = sweep(str(spec), "--workers", "2", "--dir", str(out))
-    assert result.returncode == 0, result.stdout + result.stderr
+    # Failed trials make the sweep fail, naming each and why.
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "2 trial(s) failed" in result.stderr and "/no/such/dataset" in result.stderr
+    assert "bigjax report" in result.stdout  # two trials completed: there is a report
     study = load(out, "grid")
     trials = study.get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -93,7 +96,7 @@ def test_grid_sweep_records_results_failures_and_resumes_without_rerunning(tmp_p
 
     before = mtimes()
     again = sweep(str(spec), "--workers", "2", "--dir", str(out))
-    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.returncode == 1 and "2 trial(s) failed" in again.stderr, again.stdout
     assert len(load(out, "grid").get_trials()) == 4  # nothing re-run, failures not retried
     assert mtimes() == before
     assert "fail 2" in again.stdout and "complete 2" in again.stdout
@@ -320,3 +323,20 @@ def test_stalled_worker_never_runs_two_trainers_and_wakes_without_crashing(tmp_p
     log = (run_dir / "train.log").read_text()
     assert log.count("fresh start") == 1 and "resuming from step" in log
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 400
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_every_trial_fails_exits_1_and_suggests_no_report(tmp_path):
+    spec = write_spec(
+        tmp_path / "sweep.py",
+        """
+        def get_sweep():
+            return Sweep(name="doomed", config=TINY, overrides=QUICK,
+                         space={"data.path": Grid(("/no/such/dataset",))})
+        """,
+    )
+    result = sweep(str(spec), "--dir", str(tmp_path / "sweep"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 trial(s) failed" in result.stderr and "/no/such/dataset" in result.stderr
+    assert "train.log" in result.stderr  # where to read the whole story
+    assert "bigjax report" not in result.stdout  # it would only fail: nothing completed

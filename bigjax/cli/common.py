@@ -1,9 +1,14 @@
-"""What every subcommand shares: exit codes, strict JSON output, the --debug flag."""
+"""What every subcommand shares: exit codes, strict JSON output, the --debug and --verbose
+flags, starting JAX quietly."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +43,43 @@ def add_debug_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks on errors"
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show what JAX, libtpu, absl and Orbax log (hidden by default)",
+    )
+
+
+@contextlib.contextmanager
+def native_logs_held(args: argparse.Namespace) -> Iterator[None]:
+    """Holds back what native code writes to file descriptor 2 meanwhile (C++ logging, which
+    bypasses sys.stderr and Python's logging): shown with --verbose, or if the block fails
+    (then it may say why)."""
+    show = getattr(args, "verbose", False)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            show = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if show:
+                captured.seek(0)
+                sys.stderr.write(captured.read().decode(errors="replace"))
+                sys.stderr.flush()
+
+
+def start_jax(args: argparse.Namespace) -> None:
+    """Initialises JAX's backends now, with what they print on the way held back: with libtpu
+    installed, every start on a machine without TPUs logs six lines of 'Failed to find host
+    bounds' / 'E0000 ... INVALID_ARGUMENT' from libtpu's probing."""
+    import jax
+
+    with native_logs_held(args):
+        jax.devices()

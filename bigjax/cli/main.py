@@ -24,7 +24,6 @@ from bigjax.cli.runs import (
     add_sweep_parser,
     cmd_train,
 )
-from bigjax.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bigjax", description="A JAX research framework for scalable pretraining."
     )
     parser.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show what JAX, libtpu, absl and Orbax log"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",
@@ -94,38 +96,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [a for a in argv if a.startswith("--config.")]
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
-    if not args.debug:
+    if not (args.debug or args.verbose):
         quiet_library_noise()
     try:
         return args.run(args, overrides)
     except Exception as e:  # one line for what the user can fix; a traceback for the rest
-        from bigjax.checkpoint import CheckpointError, CheckpointMismatch
-        from bigjax.data.dataset import EmptySplitError
-        from bigjax.data.sources import DataError
-        from bigjax.data.tokenizer import TokenizerError
-        from bigjax.hf import ConvertError
-        from bigjax.loop import NonFiniteError
-        from bigjax.metrics import UnknownDeviceError
-        from bigjax.report import ReportError
-        from bigjax.runlock import RunLockedError
-        from bigjax.tensorfile import TensorFileError
-
-        usage = (
-            ConfigError,
-            DataError,
-            TokenizerError,
-            EmptySplitError,
-            UnknownDeviceError,
-            ReportError,
-            ConvertError,
-            TensorFileError,
-            FileNotFoundError,
-            RunLockedError,
-            CheckpointMismatch,
-        )
-        if not isinstance(e, (*usage, CheckpointError, NonFiniteError)):
+        kind = _error_kind(e)
+        if kind is None:
             raise
         if args.debug:  # the traceback too, and the same exit code
             traceback.print_exc()
         print(f"bigjax: error: {e}", file=sys.stderr)
-        return USAGE_ERROR if isinstance(e, usage) else RUN_FAILED
+        return kind
+
+
+# The errors bigjax reports as one line: (module, class, exit code). Usage errors are fixed by
+# changing the command; the others are a run that failed (non-finite loss, checkpoint I/O).
+_REPORTED = (
+    ("bigjax.config.schema", "ConfigError", USAGE_ERROR),
+    ("builtins", "FileNotFoundError", USAGE_ERROR),
+    ("bigjax.data.sources", "DataError", USAGE_ERROR),
+    ("bigjax.data.tokenizer", "TokenizerError", USAGE_ERROR),
+    ("bigjax.data.dataset", "EmptySplitError", USAGE_ERROR),
+    ("bigjax.metrics", "UnknownDeviceError", USAGE_ERROR),
+    ("bigjax.report", "ReportError", USAGE_ERROR),
+    ("bigjax.hf", "ConvertError", USAGE_ERROR),
+    ("bigjax.tensorfile", "TensorFileError", USAGE_ERROR),
+    ("bigjax.runlock", "RunLockedError", USAGE_ERROR),
+    ("bigjax.checkpoint", "CheckpointMismatch", USAGE_ERROR),
+    ("bigjax.checkpoint", "CheckpointError", RUN_FAILED),
+    ("bigjax.loop", "NonFiniteError", RUN_FAILED),
+)
+
+
+def _error_kind(e: Exception) -> int | None:
+    """The exit code for an error bigjax reports as one line, or None (a traceback). Classes
+    are looked up only in modules already imported: one never imported cannot have raised,
+    and importing it here would make every config typo wait for JAX."""
+    for module, name, code in _REPORTED:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return code
+    return None

@@ -7,13 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bigjax.cli.common import add_debug_flag, write_json
+from bigjax.cli.common import add_debug_flag, start_jax, write_json
 from bigjax.config import ConfigError
 from bigjax.config.load import parse_override, set_path
 from bigjax.trained import open_run
 
 
 def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    start_jax(args)
     from bigjax.evaluate import evaluate_run
 
     result = evaluate_run(args.workdir, overrides, args.choices)
@@ -44,6 +45,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    start_jax(args)
     from bigjax.generate import generate_from_run
 
     texts, s = generate_from_run(args.workdir, overrides, args.prompt, _sampling(args))
@@ -94,6 +96,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_convert(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    start_jax(args)
     from bigjax import convert
 
     src, dst = Path(args.src), Path(args.dst)
@@ -141,6 +144,7 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    start_jax(args)
     from bigjax.compress import compress_run
 
     report = compress_run(
@@ -186,6 +190,7 @@ def add_compress_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    start_jax(args)
     from bigjax.interpret import inspect_run
 
     s, written = inspect_run(

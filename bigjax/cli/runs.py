@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bigjax.cli.common import add_debug_flag, write_json
+from bigjax.cli.common import RUN_FAILED, add_debug_flag, native_logs_held, start_jax, write_json
 from bigjax.config import ConfigError
 from bigjax.config.load import load_config
 
@@ -18,6 +19,7 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from bigjax.train import train
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    start_jax(args)  # after joining the job: JAX must not start its backends before
     train(cfg, args.workdir)
     return 0
 
@@ -33,7 +35,9 @@ def cmd_plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         if args.topology
         else plan.gpu_target(args.devices, args.device_kind)
     )
-    result = plan.plan(cfg, target, args.mfu, args.compile)
+    start_jax(args)
+    with native_logs_held(args):  # compiling for a TPU topology starts libtpu: its logs too
+        result = plan.plan(cfg, target, args.mfu, args.compile)
     print(plan.render(result))
     if args.json:
         write_json(Path(args.json), result)
@@ -66,6 +70,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     cfg = load_config(args.config, overrides)
+    start_jax(args)
     from bigjax import bench
 
     base = bench.QUICK if args.quick else bench.BenchSettings()
@@ -109,7 +114,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     if overrides:
         raise ConfigError("sweep: put config overrides in the spec (its `overrides` field).")
-    from bigjax.sweep import runner, spec  # imports optuna: only for this command
+    from bigjax.sweep import results, runner, spec  # imports optuna: only for this command
 
     sweep = spec.load(args.spec)
     directory = Path(args.dir or f"runs/sweeps/{sweep.name}")
@@ -121,8 +126,17 @@ def cmd_sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         heartbeat_s=args.heartbeat,
     )
     study = runner.run(sweep, opts)
-    print(runner.summary(study), flush=True)
-    print(f"report: bigjax report {directory}", flush=True)
+    print(results.summary(study), flush=True)
+    if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        print(f"report: bigjax report {directory}", flush=True)
+    failed = results.failures(study)
+    if failed:  # the sweep did not do what it was asked: say so in the exit code
+        print(
+            f"bigjax: error: {len(failed)} trial(s) failed:\n  " + "\n  ".join(failed),
+            file=sys.stderr,
+            flush=True,
+        )
+        return RUN_FAILED
     return 0
 
 

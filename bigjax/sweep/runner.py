@@ -44,8 +44,8 @@ from optuna.trial import TrialState
 
 from bigjax import runlock
 from bigjax.config import ConfigError, load_config, to_dict
-from bigjax.metrics import read_jsonl
 from bigjax.sweep import devices
+from bigjax.sweep.results import objective_value, read_evals
 from bigjax.sweep.spec import Grid, IntUniform, LogUniform, Sweep, Uniform, Value
 
 MAX_RETRIES = 2  # re-runs of a trial whose worker died, before it counts as failed
@@ -189,26 +189,6 @@ def suggest_point(spec: Sweep, trial: optuna.Trial) -> dict[str, Value]:
             point[key] = trial.suggest_int(key, p.low, p.high)
     point["seed"] = trial.suggest_categorical("seed", list(spec.seeds))
     return point
-
-
-def read_evals(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, eval_loss) rows of a run's metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    rows = read_jsonl(path) if path.exists() else []
-    return [(int(r["step"]), float(r["eval_loss"])) for r in rows if "eval_loss" in r]
-
-
-def objective_value(run_dir: Path, objective: str) -> float | None:
-    """The trial's objective, or None when the run did not finish with a final eval."""
-    path = run_dir / "summary.json"
-    if not path.exists():
-        return None
-    summary = json.loads(path.read_text())
-    if not summary.get("complete") or summary.get("eval_loss") is None:
-        return None
-    if objective == "best_eval_loss":
-        return min(loss for _, loss in read_evals(run_dir))
-    return float(summary["eval_loss"])
 
 
 def _die_with_parent(cores: list[int] | None):
@@ -480,19 +460,3 @@ def run(spec: Sweep, opts: Options) -> optuna.Study:
     if worker.errors:
         raise worker.errors[0]
     return study
-
-
-def summary(study: optuna.Study) -> str:
-    """A plain-text table of the study's trials, best first."""
-    trials = study.get_trials(deepcopy=False)
-    states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    lines = [", ".join(f"{n.lower()} {c}" for n, c in states.items() if c)]
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    for t in sorted(done, key=lambda t: float(t.values[0]), reverse=reverse):
-        lines.append(f"  trial {t.number:4d}  {t.value:.4f}  {t.params}")
-    for t in trials:
-        if t.state == TrialState.FAIL and "error" in t.user_attrs:
-            last = t.user_attrs["error"].strip().splitlines()[-1]  # bigjax's own error line
-            lines.append(f"  trial {t.number:4d}  FAIL  {t.params}: {last}")
-    return "\n".join(lines)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Cloud TPU lifecycle for bigjax, with gcloud. Every command accepts --dry-run (print, don't run).
+# Cloud TPU lifecycle for bigjax, with gcloud. Every command accepts --dry-run anywhere before
+# `--` (print the gcloud commands, run nothing); `delete` asks first unless --yes.
 #
 #   scripts/tpu/launch.sh create  NAME ZONE ACCELERATOR [RUNTIME]   queued resource, e.g. v5p-128
 #   scripts/tpu/launch.sh install NAME ZONE                         this checkout -> every worker
 #   scripts/tpu/launch.sh run     NAME ZONE -- bigjax train ...     on every worker, in background
 #   scripts/tpu/launch.sh logs    NAME ZONE [WORKER]                follow a worker's log (default 0)
-#   scripts/tpu/launch.sh delete  NAME ZONE
+#   scripts/tpu/launch.sh delete  NAME ZONE [--yes]                 asks before deleting
 #
 # Multi-slice: SLICES=N before any of these creates N slices (nodes NAME-0 .. NAME-(N-1)) in one
 # queued resource and acts on all of them; train with --config.mesh.dcn_shape=N,1,1.
@@ -15,13 +16,38 @@
 # sees (an NFS or GCS FUSE mount): all hosts write the same checkpoints.
 set -euo pipefail
 
-DRY=0
-if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2; }
+
+# Options anywhere before `--` (after it is the command to run, left alone). An unknown option
+# is an error, so that a misspelt --dry-run never runs gcloud for real.
+DRY=0; YES=0; ARGS=()
+while (( $# )); do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --yes) YES=1 ;;
+    --) ARGS+=("$@"); break ;;
+    -*) echo "unknown option $1 (options: --dry-run, --yes; the command to run goes after --)" >&2
+        exit 2 ;;
+    *) ARGS+=("$1") ;;
+  esac
+  shift
+done
+set -- ${ARGS[@]+"${ARGS[@]}"}
+
 run() {  # print, then run unless --dry-run
   printf '+'; printf ' %q' "$@"; printf '\n'
   if [[ $DRY == 0 ]]; then "$@"; fi
 }
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+confirm() {  # confirm QUESTION: go on only with --yes or a typed yes
+  if [[ $DRY == 1 || $YES == 1 ]]; then return 0; fi
+  local answer=""
+  printf '%s [y/N] ' "$1" >&2
+  read -r answer || true
+  if [[ ! "$answer" =~ ^([yY]|[yY][eE][sS])$ ]]; then
+    echo "not confirmed: nothing deleted (--yes skips this question)" >&2
+    exit 1
+  fi
+}
 
 cmd="${1:-}"; shift || true
 [[ $# -ge 2 ]] || usage
@@ -48,11 +74,11 @@ case "$cmd" in
     ;;
   install)
     ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+    TGZ="$(mktemp -d)/bigjax.tgz"
     run tar -C "$ROOT" --exclude=.git --exclude=runs --exclude=data --exclude='.venv' \
-      -czf /tmp/bigjax.tgz .
+      -czf "$TGZ" .
     for node in "${NODES[@]}"; do
-      run gcloud compute tpus tpu-vm scp /tmp/bigjax.tgz "$node:~/bigjax.tgz" --zone "$ZONE" \
-        --worker=all
+      run gcloud compute tpus tpu-vm scp "$TGZ" "$node:~/bigjax.tgz" --zone "$ZONE" --worker=all
     done
     ssh_all "mkdir -p ~/bigjax && tar -C ~/bigjax -xzf ~/bigjax.tgz && \
 python3 -m venv ~/bigjax-venv && ~/bigjax-venv/bin/pip install -q -e ~/bigjax[tpu]"
@@ -69,6 +95,7 @@ python3 -m venv ~/bigjax-venv && ~/bigjax-venv/bin/pip install -q -e ~/bigjax[tp
       --command "tail -n 100 -f ~/bigjax.log"
     ;;
   delete)
+    confirm "Delete queued resource $NAME in $ZONE and its TPU VMs (${NODES[*]})?"
     run gcloud compute tpus queued-resources delete "$NAME" --zone "$ZONE" --force --quiet
     ;;
   *) usage ;;

@@ -1,0 +1,59 @@
+"""Resume tells the truth: changed keys are shown and recorded, unusable ones stop the run."""
+
+import json
+
+import pytest
+from conftest import tiny_config
+
+from bigjax import history
+from bigjax.checkpoint import CheckpointMismatch
+from bigjax.config import to_dict
+from bigjax.report import report
+from bigjax.train import train
+
+
+def test_changes_compare_dotted_keys_and_ignore_keys_one_side_lacks():
+    old = to_dict(tiny_config())
+    new = to_dict(tiny_config(optim={"lr": 1e-3}, mesh={"shape": (2, 2, 2)}))
+    del old["robust"]  # a config written by an older bigjax: nothing to compare against
+    changed = history.changes(old, new)
+    assert changed == {"optim.lr": (0.003, 0.001), "mesh.shape": ([1, -1, 1], [2, 2, 2])}
+    assert history.unusable(changed, "runs/a") is None  # both can resume
+
+
+def test_unusable_changes_name_each_key_and_the_way_out():
+    old = to_dict(tiny_config())
+    new = to_dict(tiny_config(optim={"name": "lion"}, model={"d_model": 64}))
+    problem = history.unusable(history.changes(old, new), "runs/a")
+    assert "optim.name='adamw' in the checkpoint, 'lion' in this run" in problem
+    assert "model.d_model=128 in the checkpoint, 64 in this run" in problem
+    assert "--config.checkpoint.init_from=runs/a" in problem and "new --workdir" in problem
+    for key in ("model.dropout", "model.remat", "optim.schedule", "num_steps", "eval.every_steps"):
+        assert key not in history.UNUSABLE  # how the same state trains on: allowed
+
+
+def test_resume_shows_records_and_reports_what_trained_each_step_range(tmp_path, capsys):
+    ckpt = {"every_steps": 1}
+    train(tiny_config(num_steps=1, checkpoint=ckpt), tmp_path)
+    train(tiny_config(num_steps=2, checkpoint=ckpt, optim={"lr": 1e-3}), tmp_path)
+    out = capsys.readouterr().out
+    assert "config changed since step 1 (config_history.jsonl):" in out
+    assert "  num_steps: 1 -> 2\n" in out and "  optim.lr: 0.003 -> 0.001\n" in out
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 1e-3
+    first, second = history.read(tmp_path)
+    assert first["from_step"] == 0 and first["config"]["optim"]["lr"] == 0.003
+    assert second["from_step"] == 1 and second["changed"]["optim.lr"] == [0.003, 0.001]
+
+    # Unusable: exit 2's error names the key and the way out; nothing is moved or written.
+    with pytest.raises(CheckpointMismatch, match=r"model.d_model=128 in the checkpoint, 64"):
+        train(tiny_config(num_steps=3, checkpoint=ckpt, model={"d_model": 64}), tmp_path)
+    assert not (tmp_path / "checkpoints.corrupt").exists()
+    assert len(history.read(tmp_path)) == 2
+
+    # A resume from step 1 again (step 2 lost) drops the lost segment, records the new one.
+    (tmp_path / "checkpoints" / "2").rename(tmp_path / "step2")
+    train(tiny_config(num_steps=2, checkpoint=ckpt, optim={"lr": 2e-3}), tmp_path)
+    assert [e["from_step"] for e in history.read(tmp_path)] == [0, 1]
+    assert history.read(tmp_path)[1]["changed"]["optim.lr"] == [0.003, 0.002]
+    text, _ = report([tmp_path], tmp_path / "report")
+    assert "steps 0-1: as started" in text and "steps 1-2: num_steps 1 -> 2, optim.lr" in text
