@@ -389,8 +389,8 @@ def init_from(
     data_iter: Any,
     layout: dict[str, list[int]],
     fresh: TrainState,
-) -> TrainState:
-    """State initialised from another run's latest checkpoint.
+) -> tuple[TrainState, int]:
+    """State initialised from another run's latest checkpoint, and that checkpoint's step.
 
     mode 'full': step, parameters and optimizer state (continue or cool down a run; the data
     iterator continues too). 'params': parameters only, with `fresh`'s step 0 and optimizer.
@@ -398,6 +398,7 @@ def init_from(
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     manager = ocp.CheckpointManager(source_directory(path).absolute(), options=options)
     try:
+        source_step = manager.latest_step() or 0
         if mode == "full":
             state = restore(manager, target, data_iter, layout, move_corrupt=False)
         else:
@@ -406,7 +407,7 @@ def init_from(
         manager.close()
     if state is None:
         raise CheckpointError(f"checkpoint.init_from: no checkpoint in {path!r}.")
-    return state
+    return state, source_step
 
 
 def param_layout(abstract_params: Any) -> dict[str, list[int]]:

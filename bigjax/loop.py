@@ -7,18 +7,21 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+import traceback
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from bigjax import checkpoint, choices, metrics, privacy
-from bigjax.config import TrainConfig
+import bigjax
+from bigjax import checkpoint, choices, distributed, lora, metrics, privacy, runlock
+from bigjax.config import TrainConfig, advice
 from bigjax.data import pipeline
 from bigjax.program import Program
 
@@ -176,6 +179,27 @@ class StepLog:
         return finite
 
 
+def keep_only_the_error(workdir: Path) -> Callable[..., bool]:
+    """An exit callback (ExitStack.push) for a run started in an empty workdir: if it fails
+    before its first checkpoint, what it wrote (config, metrics, TensorBoard events, empty
+    checkpoint directories) is removed and error.log says what happened, so a failed launch
+    leaves no half-run behind to mistake for a real one."""
+
+    def on_exit(kind: type | None, error: BaseException | None, tb: Any) -> bool:
+        steps = workdir / "checkpoints"
+        if error is None or (steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())):
+            return False
+        for path in workdir.iterdir():
+            if path.name == runlock.LOCK_NAME:
+                continue  # still held: released (emptied) right after this
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        text = "".join(traceback.format_exception(kind, error, tb))
+        (workdir / "error.log").write_text(f"bigjax: error: {error}\n\n{text}")
+        return False  # the error goes on to the caller
+
+    return on_exit
+
+
 def restore_or_init(
     cfg: TrainConfig,
     prog: Program,
@@ -191,7 +215,7 @@ def restore_or_init(
     if state is not None:
         return state, f"resuming from step {int(state.step)}"
     if cfg.checkpoint.init_from:
-        state = checkpoint.init_from(
+        state, source_step = checkpoint.init_from(
             cfg.checkpoint.init_from,
             cfg.checkpoint.init_mode,
             target,
@@ -199,12 +223,29 @@ def restore_or_init(
             layout,
             prog.init(),
         )
-        origin = (
-            f"initialised ({cfg.checkpoint.init_mode}) from "
-            f"{cfg.checkpoint.init_from} at step {int(state.step)}"
+        what = (
+            f"its whole state: continuing at step {source_step}"
+            if cfg.checkpoint.init_mode == "full"
+            else "its parameters, a fresh optimizer from step 0"
         )
-        return state, origin
+        source = cfg.checkpoint.init_from
+        return state, f"initialised from {source} at its step {source_step} ({what})"
     return prog.init(), "fresh start"
+
+
+def start_banner(prog: Program, num_params: int, origin: str) -> str:
+    """The line a run starts with: the model's size (and what of it trains), the mesh and
+    devices, where the state came from; then a warning per questionable setting."""
+    cfg, mesh = prog.cfg, prog.mesh
+    trainable = lora.count_trainable(prog.abstract.params, lora.trainable_fn(cfg.finetune))
+    share = f" ({trainable:,} trainable)" if trainable != num_params else ""
+    devices = jax.devices()
+    return (
+        f"bigjax {bigjax.__version__}: {num_params:,} parameters{share}, mesh "
+        f"{dict(mesh.shape)} over {len(devices)} {devices[0].platform} devices "
+        f"({distributed.describe()}); {origin}"
+        + "".join(f"\nwarning: {line}" for line in advice(cfg))
+    )
 
 
 def report_done(

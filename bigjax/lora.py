@@ -109,6 +109,12 @@ def _pairs(adapters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {w: {"a": flat[f"{w}/a"], "b": flat[f"{w}/b"]} for w in weights}
 
 
+def count_trainable(params: Mapping[str, Any], trainable: Callable[[str], bool] | None) -> int:
+    """How many of the (abstract or real) parameters train under `trainable`."""
+    flat = flatten(params)
+    return sum(math.prod(x.shape) for k, x in flat.items() if trainable is None or trainable(k))
+
+
 def trainable_fn(cfg: FinetuneConfig) -> Callable[[str], bool] | None:
     """path -> whether it trains: with LoRA only the adapters; otherwise all but what
     `freeze` matches. None when everything trains (the optimizer is then left as it is)."""

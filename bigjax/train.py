@@ -19,7 +19,6 @@ import jax
 import bigjax
 from bigjax import (
     checkpoint,
-    distributed,
     history,
     integrity,
     metrics,
@@ -35,9 +34,11 @@ from bigjax.loop import (  # noqa: F401 - re-exported: the tools and tests use t
     NonFiniteError,
     StepLog,
     Window,
+    keep_only_the_error,
     report_done,
     restore_or_init,
     run_eval,
+    start_banner,
     stop_on_signals,
     write_summary,
 )
@@ -52,8 +53,6 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = tuning.for_devices(cfg, jax.devices())
     writer_process = jax.process_index() == 0
-    if writer_process:
-        workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
     tokenizer = pipeline.tokenizer_for(cfg.data)
     if cfg.model.vocab_size < tokenizer.vocab_size and cfg.data.task != "images":
@@ -67,8 +66,12 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
     with jax.set_mesh(mesh), stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
         if writer_process:  # one writer per run; the kernel frees it however this ends
+            fresh = not workdir.exists() or not any(workdir.iterdir())
+            workdir.mkdir(parents=True, exist_ok=True)
             lock = runlock.acquire(workdir)
             cleanup.callback(lock.release)
+            if fresh:  # failing before its first checkpoint, it leaves only error.log
+                cleanup.push(keep_only_the_error(workdir))
             if lock.previous:
                 print(
                     f"warning: {workdir} was last trained by {runlock.describe(lock.previous)}, "
@@ -114,12 +117,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         if writer_process:
             (workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             writers.truncate_after(start)
-            print(
-                f"bigjax {bigjax.__version__}: {num_params:,} parameters, mesh "
-                f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-                f"devices ({distributed.describe()}); {origin}",
-                flush=True,
-            )
+            print(start_banner(prog, num_params, origin), flush=True)
             history.record(workdir, start, config, saved_config)  # and shows what changed
 
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len

@@ -185,3 +185,11 @@ def test_one_line_errors_are_looked_up_where_they_are_defined():
 
     for module, name, _ in _REPORTED:
         assert getattr(importlib.import_module(module), name).__module__ == module, name
+
+
+def test_a_warmup_longer_than_the_run_is_a_warning_not_an_error():
+    from bigjax.config import advice
+
+    assert advice(tiny_config()) == []
+    (line,) = advice(tiny_config(num_steps=5, optim={"warmup_steps": 10}))
+    assert "optim.warmup_steps=10 is more than num_steps=5" in line

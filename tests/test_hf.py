@@ -4,6 +4,7 @@
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -257,6 +258,7 @@ def test_finetune_config_starts_from_an_imported_model_with_lora(tmp_path):
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"initialised (params) from {tmp_path / 'imported'}" in r.stdout
+    assert f"initialised from {tmp_path / 'imported'} at its step 0 (its parameters" in r.stdout
+    assert re.search(r"[\d,]+ parameters \([\d,]+ trainable\)", r.stdout)  # LoRA: a few
     summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert summary["complete"] and summary["step"] == 3

@@ -37,6 +37,7 @@ def test_resume_shows_records_and_reports_what_trained_each_step_range(tmp_path,
     train(tiny_config(num_steps=1, checkpoint=ckpt), tmp_path)
     train(tiny_config(num_steps=2, checkpoint=ckpt, optim={"lr": 1e-3}), tmp_path)
     out = capsys.readouterr().out
+    assert "warning: optim.warmup_steps=2 is more than num_steps=1" in out  # said, not silent
     assert "config changed since step 1 (config_history.jsonl):" in out
     assert "  num_steps: 1 -> 2\n" in out and "  optim.lr: 0.003 -> 0.001\n" in out
     assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 1e-3

@@ -175,7 +175,10 @@ def test_a_huge_learning_rate_never_saves_a_non_finite_state(tmp_path):
     cfg = tiny_config(num_steps=3, optim=HUGE_LR, checkpoint={"every_steps": 1})
     with pytest.raises(NonFiniteError, match=r"at step 1 .*param_norm (inf|nan)"):
         train(cfg, tmp_path)
-    assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+    # Nothing saved; and a run that failed before its first checkpoint leaves only its error.
+    assert not (tmp_path / "checkpoints").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bigjax.lock", "error.log"]
+    assert "param_norm" in (tmp_path / "error.log").read_text()
 
 
 @pytest.mark.slow

@@ -57,11 +57,10 @@ from bigjax.config.schema import (
     TrainConfig,
     unknown_choice,
 )
-from bigjax.config.validate import (
-    validate,
-)
+from bigjax.config.validate import advice, validate
 
 __all__ = [
+    "advice",
     "ATTENTION_IMPLS",
     "CheckpointConfig",
     "ConfigError",

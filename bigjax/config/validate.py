@@ -266,6 +266,19 @@ def _finetune(cfg: TrainConfig) -> None:
             raise ConfigError(f"finetune.{key}: not a regular expression ({e}).") from None
 
 
+def advice(cfg: TrainConfig) -> list[str]:
+    """Values that are valid but rarely what was meant (train prints each as a warning):
+    a smoke test with num_steps shrunk on the command line must still run, so not errors."""
+    out = []
+    o = cfg.optim
+    if o.warmup_steps > cfg.num_steps:
+        out.append(
+            f"optim.warmup_steps={o.warmup_steps} is more than num_steps={cfg.num_steps}: the "
+            f"warm-up is cut to {cfg.num_steps} steps and no step trains at the peak lr."
+        )
+    return out
+
+
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {why}.")
