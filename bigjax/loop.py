@@ -172,6 +172,7 @@ class StepLog:
         }
         if self.accounting is not None:  # the privacy spent so far (dp-accounting, RDP)
             row["dp_epsilon"] = privacy.epsilon(self.accounting, done_step)
+            row["dp_sigma"] = self.accounting.noise_multiplier
             row["dp_noise_multiplier"] = self.accounting.noise_multiplier
         self.writers.write(row, metrics.progress_line(row, cfg.num_steps))
         self.last = row
@@ -293,9 +294,11 @@ class Evaluator:
 
     def __call__(self, at_step: int, params: Any) -> dict[str, float]:
         row = {"step": at_step, **run_eval(self.prog, params)}
-        text = f"eval @ {at_step}: loss {row['eval_loss']:.4f}, ppl {row['eval_ppl']:.2f}"
-        if "f1" in row:
+        text = f"eval @ {at_step}: loss {row['eval_loss']:.4f}"
+        if "f1" in row:  # a classifier: perplexity would mean nothing
             text += f", accuracy {row['accuracy']:.1%}, macro F1 {row['f1']:.3f}"
+        else:
+            text += f", ppl {row['eval_ppl']:.2f}"
         if self.items:
             start = time.perf_counter()
             seq_len = self.prog.cfg.data.seq_len

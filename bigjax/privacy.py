@@ -8,7 +8,8 @@ Each step, every row's gradient (of its mean token loss) is computed separately 
 over the rows of a micro-batch; `optim.grad_accum_steps` micro-batches bound the memory),
 scaled to norm at most `clip_norm`, summed, and Gaussian noise of standard deviation
 `noise_multiplier * clip_norm` is added once to the sum, which is then divided by the batch
-size (Abadi et al. 2016). Accounting uses Google's `dp-accounting` (RDP) for Poisson
+size (Abadi et al. 2016). Accounting uses Google's `dp-accounting` (RDP, or PLD with
+`privacy.accountant=pld`) for Poisson
 subsampling at rate batch_size / num_examples over the steps taken; bigjax's batches are
 shuffled fixed-size batches, which is how Opacus and TF Privacy account for them too.
 """
@@ -38,6 +39,7 @@ class Accounting:
     noise_multiplier: float
     sampling_rate: float  # batch_size / num_examples
     delta: float
+    accountant: str = "rdp"  # 'rdp' or 'pld' (privacy.accountant)
 
 
 def _event(noise_multiplier: float, q: float, steps: int) -> Any:  # a dp_accounting.DpEvent
@@ -47,25 +49,37 @@ def _event(noise_multiplier: float, q: float, steps: int) -> Any:  # a dp_accoun
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
-def epsilon(a: Accounting, steps: int) -> float:
-    """ε after `steps` steps at δ, by dp-accounting's RDP accountant."""
+def _accountant(kind: str) -> Any:  # a fresh dp_accounting.PrivacyAccountant
+    """RDP: the classic moments-accountant bound. PLD: numerical composition of privacy loss
+    distributions, tighter (at 1,000 steps of q=0.01, sigma=1: epsilon 1.83 vs RDP's 2.10),
+    at a discretisation that errs on the safe side (pessimistic estimates)."""
+    if kind == "pld":
+        from dp_accounting.pld import pld_privacy_accountant
+
+        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
     from dp_accounting import rdp
 
+    return rdp.RdpAccountant()
+
+
+def epsilon(a: Accounting, steps: int) -> float:
+    """ε after `steps` steps at δ, by dp-accounting's RDP or PLD accountant."""
     if steps <= 0:
         return 0.0
-    accountant = rdp.RdpAccountant()
+    accountant = _accountant(a.accountant)
     accountant.compose(_event(a.noise_multiplier, a.sampling_rate, steps))
     return float(accountant.get_epsilon(a.delta))
 
 
-def calibrate_noise(target_epsilon: float, q: float, steps: int, delta: float) -> float:
+def calibrate_noise(
+    target_epsilon: float, q: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
     """The smallest noise multiplier whose ε after `steps` steps is at most `target_epsilon`."""
     import dp_accounting
-    from dp_accounting import rdp
 
     return float(
         dp_accounting.calibrate_dp_mechanism(
-            rdp.RdpAccountant,
+            lambda: _accountant(accountant),
             lambda sigma: _event(sigma, q, steps),
             target_epsilon,
             delta,

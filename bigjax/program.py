@@ -166,9 +166,9 @@ def dp_accounting(cfg: TrainConfig) -> privacy.Accounting:
         raise ConfigError(f"privacy: {rows} training rows, fewer than data.batch_size.")
     q = cfg.data.batch_size / rows
     sigma = p.noise_multiplier or privacy.calibrate_noise(
-        p.target_epsilon, q, cfg.num_steps, p.delta
+        p.target_epsilon, q, cfg.num_steps, p.delta, p.accountant
     )
-    return privacy.Accounting(noise_multiplier=sigma, sampling_rate=q, delta=p.delta)
+    return privacy.Accounting(sigma, q, p.delta, p.accountant)
 
 
 def _train_rows(cfg: TrainConfig) -> int:

@@ -202,7 +202,7 @@ def _classify_records(n: int = 240):
 
 
 @pytest.mark.slow
-def test_classification_head_learns_and_reports_precision_recall_f1(tmp_path):
+def test_classification_head_learns_and_reports_precision_recall_f1(tmp_path, capsys):
     path = _write_jsonl(tmp_path / "cls.jsonl", _classify_records())
     train(tiny_config(num_steps=1), tmp_path / "base")
     cfg = tiny_config(
@@ -218,6 +218,9 @@ def test_classification_head_learns_and_reports_precision_recall_f1(tmp_path):
     # which animal word appears decides the label: a tiny model learns it in 60 steps
     assert out["accuracy"] > 0.9 and out["f1"] > 0.9
     assert {"precision", "recall", "f1", "accuracy"} <= set(out)
+    console = capsys.readouterr().out
+    evals = [line for line in console.splitlines() if line.startswith("eval @ 60")]
+    assert evals and "macro F1" in evals[0] and "ppl" not in evals[0]  # no perplexity
 
 
 def test_classification_metrics_match_scikit_learn():

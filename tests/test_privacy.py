@@ -94,12 +94,14 @@ def test_noise_has_the_calibrated_scale():
 
 
 @pytest.mark.slow
-def test_reported_epsilon_equals_dp_accounting(tmp_path):
+def test_reported_epsilon_equals_dp_accounting(tmp_path, capsys):
     import dp_accounting
     from dp_accounting import rdp
 
     cfg = _cfg(noise=1.1, num_steps=20, metrics={"log_every": 10})
     train(cfg, tmp_path / "dp")
+    out = capsys.readouterr().out
+    assert "step 20/20" in out and "| ε " in out and "(σ 1.1)" in out  # on the console too
     rows = [json.loads(x) for x in (tmp_path / "dp" / "metrics.jsonl").open()]
     logged = {r["step"]: r["dp_epsilon"] for r in rows if "dp_epsilon" in r}
     assert sorted(logged) == [1, 10, 20]
@@ -115,6 +117,20 @@ def test_noise_is_calibrated_to_a_target_epsilon():
     eps = privacy.epsilon(privacy.Accounting(sigma, 0.01, 1e-5), 1000)
     assert 1.98 < eps <= 2.0  # the smallest noise that stays within the budget
     assert privacy.epsilon(privacy.Accounting(sigma * 0.9, 0.01, 1e-5), 1000) > 2.0
+
+
+def test_pld_accounting_is_tighter_than_rdp_and_calibrates_to_less_noise():
+    from dp_accounting.pld import pld_privacy_accountant
+
+    rdp_eps = privacy.epsilon(privacy.Accounting(1.0, 0.01, 1e-5, "rdp"), 1000)
+    pld_eps = privacy.epsilon(privacy.Accounting(1.0, 0.01, 1e-5, "pld"), 1000)
+    direct = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    direct.compose(privacy._event(1.0, 0.01, 1000))
+    assert pld_eps == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
+    assert pld_eps < 0.9 * rdp_eps  # 1.83 vs 2.10: the same noise buys a smaller epsilon
+    sigma_pld = privacy.calibrate_noise(2.0, 0.01, 1000, 1e-5, "pld")
+    assert sigma_pld < privacy.calibrate_noise(2.0, 0.01, 1000, 1e-5, "rdp")
+    assert 1.98 < privacy.epsilon(privacy.Accounting(sigma_pld, 0.01, 1e-5, "pld"), 1000) <= 2.0
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ BuiltinTokenizer = Literal["byte"]
 InitMode = Literal["params", "full"]
 NanPolicy = Literal["error", "skip", "rollback"]
 Attack = Literal["none", "fgsm", "pgd"]
+DpAccountant = Literal["rdp", "pld"]
 
 POSITIONS = get_args(Position)
 ROPE_SCALINGS = get_args(RopeScaling)
@@ -260,6 +261,9 @@ class PrivacyConfig:
     noise_multiplier: float = 0.0  # sigma; 0 with target_epsilon: calibrated to reach it
     target_epsilon: float = 0.0  # epsilon after num_steps steps (calibrates sigma)
     delta: float = 1e-5
+    # How epsilon is computed (bigjax/privacy.py): 'rdp' (Renyi DP, the classic bound) or
+    # 'pld' (privacy loss distributions: tighter, so less noise for the same target epsilon).
+    accountant: DpAccountant = "rdp"
     clip_norm: float = 1.0  # each example's gradient is scaled to at most this norm
     # Rows per epoch, for the sampling rate batch_size / num_examples; 0: the size of the
     # train split of data.examples or data.images (language modelling must set it).
