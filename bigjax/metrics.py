@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from bigjax.config import ConfigError
 
 # Dense bf16 peak FLOP/s per device from vendor datasheets. Longest matching key wins, so
 # "TPU v5 lite" (v5e) is not taken for "TPU v5" (v5p).
@@ -108,16 +111,28 @@ def progress_line(row: dict[str, Any], num_steps: int, width: int = 20) -> str:
 
 
 class Writers:
-    """Console, `metrics.jsonl` and TensorBoard. Only the writing process creates files."""
+    """Console, `metrics.jsonl`, TensorBoard and Weights & Biases. Only the writing process
+    creates files."""
 
-    def __init__(self, workdir: Path, *, enabled: bool, tensorboard: bool):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        enabled: bool,
+        tensorboard: bool,
+        wandb_project: str = "",
+        config: dict[str, Any] | None = None,
+    ):
         self.enabled = enabled
         self.path = workdir / "metrics.jsonl"
         self._tb = None
+        self._wandb = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter  # heavy import, only where it is used
 
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        if enabled and wandb_project:
+            self._wandb = _wandb_run(workdir, wandb_project, config or {})
 
     def truncate_after(self, step: int) -> None:
         """On resume, drops rows logged after the checkpoint, so each step appears once."""
@@ -136,12 +151,45 @@ class Writers:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, row["step"])
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))})
         if console:
             print(console, flush=True)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_run(workdir: Path, project: str, config: dict[str, Any]) -> Any:
+    """A W&B run for this workdir: named after it, with its config, and the same W&B run on
+    every resume (its id kept in wandb/run_id). Entity, mode (`WANDB_MODE=offline`) and key
+    come from W&B's own environment variables. Charts use bigjax's `step` as their x axis:
+    a resume that retrains steps logs them again rather than being refused by W&B's own
+    step counter."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            "metrics.wandb_project needs Weights & Biases: pip install 'bigjax[wandb]'."
+        ) from None
+    id_file = workdir / "wandb" / "run_id"
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(6))  # W&B ids: letters and digits
+    run = wandb.init(
+        project=project,
+        name=workdir.resolve().name,
+        id=id_file.read_text().strip(),
+        resume="allow",
+        dir=str(workdir),
+        config=config,
+        settings=wandb.Settings(silent=True, console="off"),  # bigjax prints its own lines
+    )
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def _step_of(line: str) -> float:

@@ -112,7 +112,11 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             "params": layout,
         }
         writers = metrics.Writers(
-            workdir, enabled=writer_process, tensorboard=cfg.metrics.tensorboard
+            workdir,
+            enabled=writer_process,
+            tensorboard=cfg.metrics.tensorboard,
+            wandb_project=cfg.metrics.wandb_project,
+            config=config,
         )
         if writer_process:
             (workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

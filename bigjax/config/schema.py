@@ -197,6 +197,9 @@ class MetricsConfig:
     peak_flops: float = 0.0  # per device; 0: datasheet (TPU/GPU) or measured (CPU)
     tensorboard: bool = True
     plot: bool = True
+    # Weights & Biases project to log to ('' off; needs the `wandb` extra). Entity, mode and
+    # key: W&B's environment variables (WANDB_ENTITY, WANDB_MODE=offline, WANDB_API_KEY).
+    wandb_project: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
