@@ -262,7 +262,7 @@ def report_done(
     write_summary(workdir, summary, wall_s)
     metrics_path = workdir / "metrics.jsonl"
     if cfg.metrics.plot and metrics_path.exists():
-        metrics.plot_loss(metrics_path, workdir / "loss.png")
+        metrics.plot_loss(metrics_path, workdir / "loss.png", log_scale=cfg.metrics.plot_log_scale)
     status = f"eval loss {last_eval['eval_loss']:.4f}" if last_eval else "no eval"
     if stop:
         status = f"stopped by {stop['signal']}"

@@ -212,25 +212,55 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_loss(metrics_path: Path, png_path: Path) -> None:
-    """Training loss (and eval loss, if any) against step, as a PNG."""
+def smoothed(values: Sequence[float], weight: float) -> list[float]:
+    """Exponential moving average with its start-up bias removed (as TensorBoard's slider):
+    early points are not dragged towards 0."""
+    out, ema = [], 0.0
+    for i, v in enumerate(values, start=1):
+        ema = weight * ema + (1 - weight) * v
+        out.append(ema / (1 - weight**i))
+    return out
+
+
+def plot_loss(metrics_path: Path, png_path: Path, title: str = "", log_scale: bool = True) -> None:
+    """loss.png of a run: see `loss_figure`; titled with the run directory's name."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(
+        read_jsonl(metrics_path), title or metrics_path.parent.resolve().name, log_scale
+    )
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
+def loss_figure(rows: Sequence[dict[str, Any]], title: str, log_scale: bool = True) -> Any:
+    """Training loss (raw, faint, and smoothed) and eval loss against step. On a log axis the
+    first steps' drop from ~ln(vocab) no longer flattens the rest of the run."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    rows = read_jsonl(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
+        steps, losses = zip(*train, strict=True)
+        line = ax.plot(steps, losses, alpha=0.25, linewidth=0.8)[0]
+        # ~20 logged points of memory, whatever log_every and the run's length
+        weight = 1 - 1 / min(20, max(len(losses) / 10, 1))
+        ax.plot(steps, smoothed(losses, weight), color=line.get_color(), label="train loss")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    if log_scale:
+        ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 5, not 5x10^0
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    ax.set_title(title)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("cross-entropy (nats/token)" + (", log scale" if log_scale else ""))
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
+    return fig

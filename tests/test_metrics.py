@@ -1,5 +1,7 @@
 """MFU inputs: peak table, measured CPU peak, FLOP formula vs XLA's cost analysis."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -68,3 +70,29 @@ def test_progress_line_shows_bar_and_eta():
     row = dict(step=50, loss=2.5, tokens_per_sec=1234.5, mfu=0.123, step_time=0.2, eta_s=3725)
     line = metrics.progress_line(row, 100)
     assert "50/100" in line and "#" * 10 in line and "1:02:05" in line and "12.3%" in line
+
+
+def test_smoothing_has_no_start_up_bias_and_follows_a_step():
+    assert metrics.smoothed([5.0, 5.0, 5.0], 0.9) == pytest.approx([5.0, 5.0, 5.0])
+    step = metrics.smoothed([1.0] * 10 + [2.0] * 50, 0.8)
+    assert step[0] == pytest.approx(1.0) and step[9] == pytest.approx(1.0)  # not pulled to 0
+    rising = all(a <= b + 1e-12 for a, b in zip(step, step[1:], strict=False))  # f64 rounding
+    assert rising and step[-1] == pytest.approx(2.0, 1e-4)
+
+
+def test_loss_plot_is_titled_and_log_scaled(tmp_path):
+    import matplotlib.pyplot as plt
+
+    rows = [{"step": s, "loss": 6.0 / s**0.5} for s in range(1, 101)]
+    fig = metrics.loss_figure([*rows, {"step": 100, "eval_loss": 0.7}], "my run")
+    (ax,) = fig.axes
+    assert ax.get_title() == "my run" and ax.get_yscale() == "log"
+    raw, smooth, evals = ax.get_lines()
+    assert raw.get_alpha() < 0.5 and smooth.get_alpha() is None  # the raw curve faint behind
+    assert list(smooth.get_ydata()) == pytest.approx(
+        metrics.smoothed([r["loss"] for r in rows], 0.9)
+    )
+    plt.close(fig)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics.plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 10_000

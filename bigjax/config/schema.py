@@ -197,6 +197,7 @@ class MetricsConfig:
     peak_flops: float = 0.0  # per device; 0: datasheet (TPU/GPU) or measured (CPU)
     tensorboard: bool = True
     plot: bool = True
+    plot_log_scale: bool = True  # loss.png's loss axis: log (the first steps stay in view)
     # Weights & Biases project to log to ('' off; needs the `wandb` extra). Entity, mode and
     # key: W&B's environment variables (WANDB_ENTITY, WANDB_MODE=offline, WANDB_API_KEY).
     wandb_project: str = ""
