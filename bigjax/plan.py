@@ -352,7 +352,11 @@ def plan(cfg: TrainConfig, target: Target, mfu: float, compile_: bool | None) ->
         result["compiled"] = compiled(cfg, target)
         fits = result["compiled"]["fits"]
     elif target.tpu_generation:
-        result["note"] = "install the tpu extra (libtpu) to compile the step for this topology"
+        result["note"] = (
+            "not compiled (--no-compile); the memory above is the analytic estimate"
+            if have_libtpu()
+            else "install the tpu extra (libtpu) to compile the step for this topology"
+        )
     if not fits:
         result["suggestions"] = suggestions(cfg, result["analytic"]["mesh"])
     return result

@@ -108,6 +108,9 @@ def test_compiles_for_a_real_tpu_topology():
     big = tiny_config(model={"vocab_size": 131072}, data={"batch_size": 64, "seq_len": 4096})
     result = plan.plan(big, plan.parse_topology("v5e-4"), 0.4, compile_=None)
     assert not result["compiled"]["fits"] and result["suggestions"]
+    # --no-compile with libtpu installed: says it was not asked for, not to install libtpu
+    note = plan.plan(cfg, plan.parse_topology("v5p-8"), 0.4, compile_=False)["note"]
+    assert "--no-compile" in note and "install" not in note
 
 
 def test_cli_plan(tmp_path):
