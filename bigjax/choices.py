@@ -158,10 +158,11 @@ def accuracy(items: Sequence[Item], logp: np.ndarray, tokens: np.ndarray) -> dic
 
 def score_items(
     scorer: Any, params: Any, tokenizer: Any, items: Sequence[Item], seq_len: int,
-    rows_per_batch: int = 64,
+    rows_per_batch: int = 64, bar: Any = None,
 ) -> dict[str, float]:  # fmt: skip
     """Accuracy (raw and length-normalised) of the model on `items`; `scorer` from
-    `make_scorer`, made once and reused (every batch has the same shape)."""
+    `make_scorer`, made once and reused (every batch has the same shape). `bar` (a
+    progress.Bar) counts the items scored."""
     logps, counts = [], []
     rows_per_batch = max(rows_per_batch, max(len(i.choices) for i in items))
     start = 0
@@ -175,6 +176,8 @@ def score_items(
         lp, n = jax.device_get(scorer(params, batch))
         logps.append(lp[:rows])
         counts.append(n[:rows])
+        if bar is not None:
+            bar.advance(len(chunk))
     return accuracy(items, np.concatenate(logps), np.concatenate(counts))
 
 

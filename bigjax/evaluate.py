@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from bigjax import progress
 from bigjax.trained import open_run
 
 
@@ -21,13 +22,16 @@ def evaluate_run(workdir: str, overrides: Sequence[str], choices: str = "") -> d
         items = (
             mc.items_for(choices, cfg.data.eval_fraction, cfg.eval.choice_items) if choices else []
         )
-        result = {"step": step, **run_eval(prog, params)}
+        bar = progress.Bar("eval: held-out loss", cfg.eval.num_batches, "batches")
+        result = {"step": step, **run_eval(prog, params, bar)}
+        bar.close()
         if items:
             tokenizer = pipeline.tokenizer_for(cfg.data)
+            bar = progress.Bar("eval: multiple choice", len(items), "items")
+            scorer = mc.make_scorer(prog.graphdef)
             result.update(
-                mc.score_items(
-                    mc.make_scorer(prog.graphdef), params, tokenizer, items, cfg.data.seq_len
-                ),
+                mc.score_items(scorer, params, tokenizer, items, cfg.data.seq_len, bar=bar),
                 mc_items=len(items),
             )
+            bar.close()
     return result

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax import progress
 from bigjax.attention import attention_mask, attention_probs
 from bigjax.models.llama import Llama
 
@@ -109,20 +110,24 @@ def write_pngs(out: Path, labels: list[str], maps, lens, attr, proj, proj_labels
     written = []
     n_layers, heads = maps.shape[:2]
     fig, axes = plt.subplots(n_layers, heads, figsize=(2.6 * heads, 2.6 * n_layers), squeeze=False)
+    images = []
     for i in range(n_layers):
         for h in range(heads):
             ax = axes[i][h]
-            ax.imshow(maps[i, h], cmap="viridis", vmin=0, vmax=1)
+            images.append(ax.imshow(maps[i, h], cmap="viridis", vmin=0, vmax=1))
             ax.set_title(f"layer {i} head {h}", fontsize=7)
             # Token labels (queries down, keys across) only where they stay legible.
             ticks = range(len(labels)) if len(labels) <= 24 else []
             ax.set_xticks(ticks, [labels[t] for t in ticks], fontsize=5, rotation=90)
             ax.set_yticks(ticks, [labels[t] for t in ticks], fontsize=5)
+    fig.suptitle("attention weights (rows: query tokens, columns: the keys they attend to)")
     fig.tight_layout()
+    fig.colorbar(images[-1], ax=axes, shrink=0.6, label="attention weight")  # all 0..1
     written.append(_save(fig, out / "attention.png"))
 
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(labels)), 1 + 0.4 * len(lens)))
-    ax.imshow(lens, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    image = ax.imshow(lens, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="p(true next token)")
     ax.set_yticks(range(len(lens)), ["embed"] + [f"layer {i}" for i in range(len(lens) - 1)])
     ax.set_xticks(range(len(labels) - 1), labels[1:], fontsize=7)
     ax.set_title("logit lens: p(true next token) read out after each layer")
@@ -133,6 +138,7 @@ def write_pngs(out: Path, labels: list[str], maps, lens, attr, proj, proj_labels
         ax.bar(range(len(labels)), attr[key], color="tab:blue")
         ax.set_title(key.replace("_", " "), fontsize=9)
     axes[-1].set_xticks(range(len(labels)), labels, fontsize=7)
+    fig.suptitle(f"attribution of the prediction of token {attr['target']} to each input token")
     fig.tight_layout()
     written.append(_save(fig, out / "attributions.png"))
 
@@ -141,9 +147,30 @@ def write_pngs(out: Path, labels: list[str], maps, lens, attr, proj, proj_labels
         ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.5)
         for (x, y), label in zip(xy, proj_labels, strict=True):
             ax.annotate(label, (x, y), fontsize=6)
-        ax.set_title(f"token embeddings, {name.upper()}")
+        ax.set_title(f"token embeddings, {name.upper()} ({len(proj_labels)} rows of the table)")
         written.append(_save(fig, out / f"embeddings_{name}.png"))
     return written
+
+
+def token_label(tok: Any, token_id: int) -> str:
+    """How one token reads on a plot: specials by name (<bos>), text with whitespace and
+    control characters escaped (\\n, and a visible ␣ for a space), a byte that is not a
+    whole UTF-8 character as \\xNN, and ids the tokenizer has no text for as #id."""
+    specials = {tok.bos_id: "<bos>", tok.eos_id: "<eos>", tok.pad_id: "<pad>"}
+    if token_id in specials:
+        return specials[token_id]
+    if token_id >= tok.vocab_size:
+        return f"#{token_id}"  # a row of the table past the vocabulary (padding)
+    if tok.kind == "byte":
+        try:
+            text = bytes([token_id]).decode("utf-8")
+        except UnicodeDecodeError:  # one byte of a multi-byte character
+            return f"\\x{token_id:02x}"
+    else:
+        text = tok.decode([token_id])
+        if not text or "\ufffd" in text:
+            return f"#{token_id}"
+    return "␣" if text == " " else repr(text)[1:-1].replace(" ", "␣")
 
 
 def _save(fig, path: Path) -> Path:
@@ -174,15 +201,21 @@ def inspect_run(
             raise ConfigError("inspect: text models only (attention over a prompt's tokens).")
         tok = pipeline.tokenizer_for(prog.cfg.data)
         tokens = np.asarray([tok.bos_id, *tok.encode(prompt).tolist()], np.int32)
-        labels = ["<bos>"] + [tok.decode([int(t)]) for t in tokens[1:]]
+        labels = [token_label(tok, int(t)) for t in tokens]
         model = nnx.merge(prog.graphdef, params)
+        bar = progress.Bar("inspect", 5, "stages")
         maps, lens = attention_and_lens(model, tokens)
+        bar.advance(note="attention maps and logit lens")
         attr = attributions(model, tokens, steps=ig_steps)
+        bar.advance(note=f"integrated gradients ({ig_steps} steps)")
         table = np.asarray(params["embed"]["table_VD"])
         rows = np.arange(min(embed_tokens, table.shape[0]))
         proj = projection(table, rows)
-        names = [repr(tok.decode([int(r)]))[1:-1] or f"#{r}" for r in rows]
+        bar.advance(note="embedding projections")
+        names = [token_label(tok, int(r)) for r in rows]
         written = write_pngs(Path(out), labels, maps, lens, attr, proj, names)
+        bar.advance(2, note="figures written")
+        bar.close()
     summary = {
         "step": step,
         "tokens": len(tokens),

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 import bigjax
-from bigjax import checkpoint, choices, distributed, lora, metrics, privacy, runlock
+from bigjax import checkpoint, choices, distributed, lora, metrics, privacy, progress, runlock
 from bigjax.config import TrainConfig, advice
 from bigjax.data import pipeline
 from bigjax.program import Program
@@ -32,9 +32,10 @@ class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or gradient under nan_policy='error'."""
 
 
-def run_eval(prog: Program, params: Any) -> dict[str, float]:
+def run_eval(prog: Program, params: Any, bar: progress.Bar | None = None) -> dict[str, float]:
     """Loss and perplexity over the first `eval.num_batches` batches of the held-out split,
-    read in a fixed order so every eval of every run sees the same tokens."""
+    read in a fixed order so every eval of every run sees the same tokens; `bar` counts the
+    batches (`bigjax eval`; a training run's evals print one line instead)."""
     cfg = prog.cfg
     it = pipeline.for_config(
         cfg.data,
@@ -53,6 +54,8 @@ def run_eval(prog: Program, params: Any) -> dict[str, float]:
         if "confusion" in out:
             confusion = out["confusion"] + (confusion if confusion.size else 0.0)
         adv = adv + float(out.get("adv_nll_sum", 0.0))
+        if bar is not None:
+            bar.advance()
     getattr(it, "close", lambda: None)()
     loss = nll / max(weight, 1.0)
     row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

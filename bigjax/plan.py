@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bigjax import attention, lora, metrics, models, optim, tuning
+from bigjax import attention, lora, metrics, models, optim, progress, tuning
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
 from bigjax.mesh import resolve_shape
@@ -349,7 +349,8 @@ def plan(cfg: TrainConfig, target: Target, mfu: float, compile_: bool | None) ->
     if compile_ and not can_compile:
         raise ConfigError("--compile needs a TPU --topology and libtpu: pip install 'bigjax[tpu]'.")
     if can_compile and compile_ is not False:
-        result["compiled"] = compiled(cfg, target)
+        with progress.waiting(f"plan: compiling the train step for {target.name}"):
+            result["compiled"] = compiled(cfg, target)
         fits = result["compiled"]["fits"]
     elif target.tpu_generation:
         result["note"] = (

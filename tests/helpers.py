@@ -4,12 +4,13 @@ from functools import cache
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from bigjax.config import MeshConfig, TrainConfig
 from bigjax.data import corpus, pipeline
 from bigjax.data.tokenizer import ByteTokenizer
 from bigjax.mesh import make_mesh
-from bigjax.program import make_program
+from bigjax.program import Program, make_program
 
 
 @cache
@@ -30,6 +31,15 @@ def corpus_batches(n: int, batch: int, seq_len: int, seed: int = 0) -> tuple[dic
     return out
 
 
+@cache
+def _program(cfg: TrainConfig, mesh: Mesh) -> Program:
+    """One program per (config, mesh) for the whole session: tests that train the same
+    config on the same mesh share its compiled steps instead of compiling them again. A
+    program is pure (its state comes from `init()`, seeded by the config), so sharing it
+    changes no result."""
+    return make_program(cfg, mesh)
+
+
 def run_steps(cfg: TrainConfig, batches, devices=None, mesh_shape=None, mesh=None):
     """Trains on `batches` (on `mesh`, or one made from `mesh_shape` over `devices`); returns
     (per-step metrics as numpy, final state, program)."""
@@ -38,7 +48,7 @@ def run_steps(cfg: TrainConfig, batches, devices=None, mesh_shape=None, mesh=Non
     mesh = make_mesh(mesh_cfg, devices) if mesh is None else mesh
     cfg = TrainConfig(**{**cfg.__dict__, "mesh": mesh_cfg})
     with jax.set_mesh(mesh):
-        prog = make_program(cfg, mesh)
+        prog = _program(cfg, mesh)
         state = prog.init()
         out = []
         for b in batches:

@@ -3,6 +3,7 @@ non-finite state on disk, validated restores, strict JSON, untrusted convert inp
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -41,6 +42,31 @@ def _run(workdir: Path, *extra: str, timeout: float = 600) -> subprocess.Complet
         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
         timeout=timeout,
     )
+
+
+def _trained(tmp_path_factory, *args: str) -> Path:
+    d = tmp_path_factory.mktemp("trained") / "run"
+    r = _run(d, *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory) -> Path:
+    """`bigjax train` of 4 steps with checkpoints 2 and 4, trained once for the tests that
+    damage it: each takes its own copy (`_copy`), as if it had trained it itself."""
+    return _trained(tmp_path_factory, "--config.num_steps=4", "--config.checkpoint.every_steps=2")
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory) -> Path:
+    """The same for 2 steps with one checkpoint, at step 2."""
+    return _trained(tmp_path_factory, "--config.num_steps=2", "--config.checkpoint.every_steps=2")
+
+
+def _copy(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to, dirs_exist_ok=True)
+    return to
 
 
 def _holder(workdir: Path) -> subprocess.Popen:
@@ -92,9 +118,8 @@ def _largest_file(step_dir: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_one_flipped_bit_is_caught_named_moved_aside_and_the_run_goes_on(tmp_path):
-    r = _run(tmp_path, "--config.num_steps=4", "--config.checkpoint.every_steps=2")
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_one_flipped_bit_is_caught_named_moved_aside_and_the_run_goes_on(tmp_path, four_steps):
+    _copy(four_steps, tmp_path)
     step4 = tmp_path / "checkpoints" / "4"
     assert integrity.is_sealed(step4) and integrity.verify(step4) is None
     victim = _largest_file(step4)  # the tensor data
@@ -118,9 +143,8 @@ def test_one_flipped_bit_is_caught_named_moved_aside_and_the_run_goes_on(tmp_pat
 
 
 @pytest.mark.slow
-def test_corrupt_final_checkpoint_does_not_fail_every_relaunch(tmp_path):
-    r = _run(tmp_path, "--config.num_steps=4", "--config.checkpoint.every_steps=2")
-    assert r.returncode == 0
+def test_corrupt_final_checkpoint_does_not_fail_every_relaunch(tmp_path, four_steps):
+    _copy(four_steps, tmp_path)
     for f in (tmp_path / "checkpoints" / "4").rglob("*"):
         if f.is_file() and f.stat().st_size > 64 and "checksums" not in f.name:
             f.write_bytes(f.read_bytes()[:64])  # truncated, as by a bad copy
@@ -135,9 +159,8 @@ def _data_state_files(step_dir: Path) -> list[Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rows", ["null rows", "empty rows", "not a mapping"])
-def test_valid_json_but_wrong_data_state_falls_back(tmp_path, rows):
-    r = _run(tmp_path, "--config.num_steps=4", "--config.checkpoint.every_steps=2")
-    assert r.returncode == 0
+def test_valid_json_but_wrong_data_state_falls_back(tmp_path, rows, four_steps):
+    _copy(four_steps, tmp_path)
     step4 = tmp_path / "checkpoints" / "4"
     (step4 / integrity.CHECKSUMS).unlink()  # as a checkpoint from before checksums existed
     for f in _data_state_files(step4):
@@ -156,9 +179,9 @@ def test_valid_json_but_wrong_data_state_falls_back(tmp_path, rows):
 
 
 @pytest.mark.slow
-def test_unsealed_checkpoints_restore_with_a_warning(tmp_path):
+def test_unsealed_checkpoints_restore_with_a_warning(tmp_path, two_steps):
     # Written before checksums existed, or the run was killed between commit and checksums.
-    r = _run(tmp_path, "--config.num_steps=2", "--config.checkpoint.every_steps=2")
+    _copy(two_steps, tmp_path)
     (tmp_path / "checkpoints" / "2" / integrity.CHECKSUMS).unlink()
     r = _run(tmp_path, "--config.num_steps=3", "--config.checkpoint.every_steps=2")
     assert r.returncode == 0 and "resuming from step 2" in r.stdout
@@ -381,11 +404,10 @@ def test_a_non_finite_state_is_refused_by_save_itself(tmp_path):
 
 
 @pytest.mark.slow
-def test_another_optimizer_is_a_config_error_not_corruption(tmp_path):
+def test_another_optimizer_is_a_config_error_not_corruption(tmp_path, two_steps):
     # A changed config must never be taken for a corrupt checkpoint (which would be moved
     # aside): exit 2 naming the key and the way out, and the checkpoints stay where they are.
-    r = _run(tmp_path, "--config.num_steps=2", "--config.checkpoint.every_steps=2")
-    assert r.returncode == 0
+    _copy(two_steps, tmp_path)
     r = _run(tmp_path, "--config.num_steps=4", "--config.optim.name=lion")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "optim.name='adamw' in the checkpoint, 'lion' in this run" in r.stderr

@@ -62,3 +62,13 @@ def test_inspect_command_on_a_sharded_run_writes_pngs(tmp_path, capsys):
                      "embeddings_pca.png", "embeddings_tsne.png"}  # fmt: skip
     assert all((out / n).stat().st_size > 5000 for n in names)
     assert "predicted next token" in capsys.readouterr().out
+
+
+def test_tokens_are_labelled_readably():
+    from bigjax.data.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    labels = [interpret.token_label(tok, i) for i in (256, 257, 258, 65, 32, 10, 0xE4, 0x80, 300)]
+    # specials by name, a space visible, escapes for control characters and for bytes that
+    # are part of a multi-byte character (never "\ufffd"), ids past the vocabulary by number
+    assert labels == ["<bos>", "<eos>", "<pad>", "A", "␣", "\\n", "\\xe4", "\\x80", "#300"]

@@ -58,15 +58,19 @@ def native_logs_held(args: argparse.Namespace) -> Iterator[None]:
     (then it may say why)."""
     show = getattr(args, "verbose", False)
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved, python_stderr = os.dup(2), sys.stderr
     with tempfile.TemporaryFile(mode="w+b") as captured:
         os.dup2(captured.fileno(), 2)
+        # bigjax's own stderr lines (progress) still reach the terminal meanwhile
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
         try:
             yield
         except BaseException:
             show = True
             raise
         finally:
+            sys.stderr.close()
+            sys.stderr = python_stderr
             os.dup2(saved, 2)
             os.close(saved)
             if show:
