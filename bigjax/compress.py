@@ -156,14 +156,18 @@ def compress_run(
         import jax
         import numpy as np
 
-        from bigjax import tensorfile
+        from bigjax import progress, tensorfile
         from bigjax.config import to_dict
         from bigjax.loop import run_eval
         from bigjax.metrics import json_text
         from bigjax.tree import flatten, unflatten
 
         flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
-        before = run_eval(prog, params)
+        # the work: eval before, compress, eval after (eval.num_batches each), write
+        bar = progress.Bar(f"compress {method}", 2 * prog.cfg.eval.num_batches + 2, "steps")
+        bar.update(0, note="eval before")
+        before = run_eval(prog, params, bar)
+        bar.update(bar.done, note=method)
         extra: dict[str, Any] = {}
         if method == "quantize":
             new, stored = quantize_params(flat, bits)
@@ -179,10 +183,13 @@ def compress_run(
             new = prune_params(flat, sparsity, pattern)
             extra = {"pattern": pattern, "sparsity": sparsity_report(new)}
         new_params = jax.device_put(unflatten(new), prog.shardings.params)
-        after = run_eval(prog, new_params)
+        bar.advance(note="eval after")
+        after = run_eval(prog, new_params, bar)
         report = {"method": method, "step": step, "before": before, "after": after, **extra}
         trained.write_params_run(
             Path(out_dir), to_dict(prog.cfg), unflatten(new), compressed_from=workdir
         )
         (Path(out_dir) / "compress.json").write_text(json_text(report, indent=2) + "\n")
+        bar.advance(note="written")
+        bar.close()
     return report

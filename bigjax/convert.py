@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from bigjax import checkpoint, hf, models, tensorfile, trained
+from bigjax import checkpoint, hf, models, progress, tensorfile, trained
 from bigjax.config import DataConfig, ModelConfig, TrainConfig, from_configdict, to_dict
 from bigjax.tree import flatten, unflatten
 
@@ -86,12 +86,17 @@ def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> Train
     if "max_positions" in model and "seq_len" not in data:  # fit the default to the table
         data["seq_len"] = min(DataConfig().seq_len, model["max_positions"])
     cfg = from_configdict({**config, "model": model, "data": data})
+    bar = progress.Bar("convert: import", 3, "stages")
     tensors = tensorfile.read_dir(src)  # headers and memory maps only
     check_sizes(cfg.model, tensors, np.dtype(cfg.model.param_dtype))
+    bar.advance(note=f"{len(tensors)} tensors found")
     _, abstract = models.abstract(cfg.model, cfg.mesh.rules)
     layout = checkpoint.param_layout(nnx.to_pure_dict(abstract))
     flat = hf.from_hf(cfg.model, tensors, layout, np.dtype(cfg.model.param_dtype))
+    bar.advance(note="converted to bigjax's layout")
     trained.write_params_run(dst, to_dict(cfg), unflatten(flat), imported_from=str(src.absolute()))
+    bar.advance(note="checkpoint written")
+    bar.close()
     return cfg
 
 
@@ -103,14 +108,19 @@ def export_hf(
     if dtype not in EXPORT_DTYPES:
         raise hf.ConvertError(f"--dtype {dtype!r}: use one of {list(EXPORT_DTYPES)}.")
     config = hf.hf_config(cfg.model, cfg.data.seq_len, dtype)  # raises if not representable
+    bar = progress.Bar("convert: export", 3, "stages")
     flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
+    bar.advance(note="gathered to the host")
     tensors = {
         k: np.ascontiguousarray(v).astype(EXPORT_DTYPES[dtype])
         for k, v in hf.to_hf(cfg.model, flat).items()
     }
+    bar.advance(note=f"{len(tensors)} tensors in {dtype}")
     dst = Path(dst)
     files = tensorfile.write_dir(dst, tensors, max_shard_bytes)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    bar.advance(note=f"{len(files)} file(s) written")
+    bar.close()
     return [*files, "config.json"]
 
 

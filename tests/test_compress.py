@@ -69,7 +69,9 @@ def test_compress_quantize_reports_loss_and_size(trained, tmp_path, capsys):
         argv = ["compress", "quantize", "--workdir", str(trained), "--out", str(out)]
         assert main([*argv, "--bits", str(bits)]) == 0
         reports[bits] = json.loads((out / "compress.json").read_text())
-    assert "x smaller" in capsys.readouterr().out
+    out_err = capsys.readouterr()
+    assert "x smaller" in out_err.out
+    assert "compress quantize [####################] 100%" in out_err.err  # its progress
     r8, r4 = reports[8], reports[4]
     assert r8["before"] == r4["before"]
     # int8 barely moves the loss; int4 moves it more (4 bits vs 8 of resolution)

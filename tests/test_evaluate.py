@@ -82,6 +82,9 @@ def test_eval_command_on_a_trained_run(tmp_path, capsys):
     out = tmp_path / "eval.json"
     args = ["eval", "--workdir", str(tmp_path / "run"), "--choices", str(items), "--json", str(out)]
     assert main(args) == 0
+    err = capsys.readouterr().err  # progress, with the amount of work known
+    assert "eval: held-out loss [####################] 100%" in err
+    assert "eval: multiple choice [####################] 100% 2/2 items" in err
     result = json.loads(out.read_text())
     assert result["step"] == 2 and result["mc_items"] == 2
     assert 0.0 <= result["mc_accuracy"] <= 1.0 and 0.0 <= result["mc_accuracy_norm"] <= 1.0

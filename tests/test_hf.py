@@ -103,7 +103,9 @@ def test_import_matches_transformers_and_export_round_trips(name, tmp_path, caps
     assert sharded == (name == "llama-gqa")
 
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
-    assert f"imported {family}" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"imported {family}" in printed.out
+    assert "convert: import [####################] 100% 3/3 stages" in printed.err
     tokens = _tokens(kwargs["vocab_size"])
     ref = _hf_logits(hf_model, tokens)
     got = _bigjax_logits(tmp_path / "run", tokens)

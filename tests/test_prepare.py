@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import sysconfig
@@ -192,7 +193,10 @@ def test_cli_prepare_and_exit_codes(messy, tmp_path):
     assert r.returncode == 0, r.stderr
     m = read_manifest(tmp_path / "ds")
     assert m["dedup"]["near"] == 0 and m["options"]["quality"]["min_chars"] == 10
-    assert "prepare [clean]" in r.stderr and "report.md" in r.stderr
+    assert "report.md" in r.stderr
+    # progress: a bar over the files (their count is known before reading), then the docs
+    assert re.search(r"prepare: clean, dedup, scrub \[#+\] 100% \d+/\d+ files", r.stderr)
+    assert re.search(r"prepare: tokenize \[#+\] 100% [\d,]+/[\d,]+ docs", r.stderr)
     r = run("--input", str(messy / "a.jsonl"), "--output", str(tmp_path / "x"), "--strict")
     assert r.returncode == 2 and "a.jsonl:2" in r.stderr and "Traceback" not in r.stderr
     r = run("--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "y"))

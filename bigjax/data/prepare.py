@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 import bigjax
+from bigjax import progress
 from bigjax.data import clean, language, output, pii
 from bigjax.data import tokenizer as tokenizers
 from bigjax.data.dataset import SPLITS, ShardWriter
@@ -162,37 +162,6 @@ def _windows(items: Iterable, size: int) -> Iterator[list]:
         yield block
 
 
-class Progress:
-    """One status line on stderr, refreshed at most twice a second."""
-
-    def __init__(self, stage: str):
-        self.stage, self.start, self.shown, self.last = stage, time.perf_counter(), 0.0, -1
-        self.tty = sys.stderr.isatty()
-
-    def update(self, docs: int, nbytes: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if docs == self.last or (not force and now - self.shown < (0.5 if self.tty else 10.0)):
-            return
-        self.shown, self.last = now, docs
-        mb = nbytes / 1e6
-        line = (
-            f"prepare [{self.stage}] {docs:,} docs | {mb:,.1f} MB | "
-            f"{mb / max(now - self.start, 1e-9):,.1f} MB/s"
-        )
-        print(
-            ("\r" + line) if self.tty else line,
-            end="" if self.tty else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def done(self, docs: int, nbytes: int) -> float:
-        self.update(docs, nbytes, force=True)
-        if self.tty:
-            print(file=sys.stderr)
-        return time.perf_counter() - self.start
-
-
 def _split_of(exact_key: bytes, val_fraction: float) -> str:
     # Decided by content, so a document lands in the same split whatever the input order.
     return "validation" if int.from_bytes(exact_key[:8], "big") / 2**64 < val_fraction else "train"
@@ -261,7 +230,8 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
     documents_in = bytes_in = 0
     with ctx.Pool(workers) as pool:
         # ---- pass 1: clean, filter, dedup, scrub, split
-        progress = Progress("clean")
+        # Files as the unit: their count is known before reading (documents are not).
+        bar = progress.Bar("prepare: clean, dedup, scrub", len(files), "files")
         writers = {s: open(work / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
         raw = usable(
             read_documents(files, text_field=cfg.text_field, invalid_utf8=cfg.invalid_utf8, log=log)
@@ -291,10 +261,12 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
                 split = _split_of(res.exact_key, cfg.val_fraction)
                 kept_docs[split] += 1
                 writers[split].write(json.dumps({"text": res.text}) + "\n")
-            progress.update(documents_in, bytes_in)
+            done_files = len(log.read) + len(log.skipped)
+            bar.update(done_files, note=f"{documents_in:,} docs, {bytes_in / 1e6:,.1f} MB")
         for f in writers.values():
             f.close()
-        clean_seconds = progress.done(documents_in, bytes_in)
+        bar.update(len(files))
+        clean_seconds = bar.close()
 
         if not log.read:
             raise DataError(
@@ -316,7 +288,7 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
         tok.save(out / "tokenizer")
 
         # ---- pass 2: tokenize into shards
-        progress = Progress("tokenize")
+        bar = progress.Bar("prepare: tokenize", sum(kept_docs.values()), "docs")
         splits: dict[str, Any] = {}
         done_docs = done_bytes = 0
         for split in SPLITS:
@@ -330,9 +302,9 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
                         shards.write(ids)
                     done_docs += len(window)
                     done_bytes += sum(len(t.encode()) for t in window)
-                    progress.update(done_docs, done_bytes)
+                    bar.update(done_docs, note=f"{done_bytes / 1e6:,.1f} MB")
             splits[split] = shards.summary()
-        tokenize_seconds = progress.done(done_docs, done_bytes)
+        tokenize_seconds = bar.close()
 
     shutil.rmtree(work)
     manifest = {
