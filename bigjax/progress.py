@@ -34,6 +34,7 @@ class Bar:
         self.shown = -1e9
         self.done = 0.0
         self.note = ""
+        self.shown_done: float | None = None  # `done` when the line was last written
 
     def line(self) -> str:
         elapsed = time.perf_counter() - self.start
@@ -56,7 +57,7 @@ class Bar:
         now = time.perf_counter()
         if not force and now - self.shown < (0.5 if self.tty else 10.0):
             return
-        self.shown = now
+        self.shown, self.shown_done = now, done
         text = self.line()
         if self.tty:
             self.stream.write("\r" + text + "\x1b[K")  # and clear what a longer line left
@@ -68,8 +69,10 @@ class Bar:
         self.update(self.done + by, note)
 
     def close(self) -> float:
-        """Shows the final state; returns the seconds it took."""
-        self.update(self.done, force=True)
+        """Shows the final state (unless that line is already out); returns the seconds it
+        took."""
+        if self.shown_done != self.done:
+            self.update(self.done, force=True)
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
