@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 from helpers import train_cmd
 
 from bigjax.distributed import should_auto_initialize
@@ -29,7 +30,7 @@ def _launch(workdir: Path, steps: int, processes: int) -> list[subprocess.Comple
     port = _free_port()
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}",
+        "XLA_FLAGS": xla_flags(8 // processes),
         "JAX_PLATFORMS": "cpu",
     }
     flags = lambda i: (  # noqa: E731

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, xla_flags
 from helpers import train_cmd
 
 from bigjax import integrity, runlock
@@ -39,7 +39,7 @@ def _run(workdir: Path, *extra: str, timeout: float = 600) -> subprocess.Complet
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={**os.environ, "XLA_FLAGS": xla_flags()},
         timeout=timeout,
     )
 

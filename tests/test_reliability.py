@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, xla_flags
 from helpers import train_cmd
 
 from bigjax.checkpoint import CheckpointError
@@ -39,7 +39,7 @@ def _cmd(workdir: Path, *extra: str) -> list[str]:
 
 
 def _env(devices: int = 8) -> dict[str, str]:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {**os.environ, "XLA_FLAGS": xla_flags(devices)}
 
 
 def _run(workdir: Path, *extra: str, devices: int = 8, **kw) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import FAST_COMPILE
 from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def write_spec(path: Path, body: str) -> Path:
 
 
 def sweep_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 1 device per trial
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}  # 1 device per trial
     return {**env, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 

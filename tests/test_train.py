@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, xla_flags
 from helpers import train_cmd
 
 from bigjax.metrics import read_jsonl
@@ -22,7 +22,7 @@ ROW_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "step_ti
 @pytest.mark.slow
 def test_cli_trains_on_builtin_corpus_and_writes_everything(tmp_path):
     workdir = tmp_path / "run"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}
     cmd = train_cmd(
         workdir,
         "--config.num_steps=60",
