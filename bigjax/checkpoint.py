@@ -241,8 +241,11 @@ def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
         return {}
 
 
-def check_layout(manager: ocp.CheckpointManager, step: int, layout: dict[str, list[int]]) -> None:
-    """Raises CheckpointError listing every parameter whose name or shape differs."""
+def check_layout(
+    manager: ocp.CheckpointManager, step: int, layout: dict[str, list[int]], why: str = ""
+) -> None:
+    """Raises CheckpointError listing every parameter whose name or shape differs (after
+    `why`, the config keys that changed them, when known)."""
     saved = _read_meta(manager, step).get("params")
     if not isinstance(saved, dict):
         return  # no readable metadata: the restore itself will tell
@@ -251,8 +254,8 @@ def check_layout(manager: ocp.CheckpointManager, step: int, layout: dict[str, li
         shown = "\n  ".join(mismatched[:20]) + ("\n  ..." if len(mismatched) > 20 else "")
         raise CheckpointMismatch(
             f"checkpoint {manager.directory}/{step} holds another model shape "
-            f"({len(mismatched)} parameters differ):\n  {shown}\nUse a new --workdir, or set "
-            "the model config the checkpoint was trained with."
+            f"({len(mismatched)} parameters differ):\n  {shown}\n"
+            + (why or "Use a new --workdir, or set the model config it was trained with.")
         )
 
 
@@ -263,15 +266,21 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | 
 
 
 def check_config(
-    manager: ocp.CheckpointManager, step: int, config: Mapping[str, Any] | None
+    manager: ocp.CheckpointManager,
+    step: int,
+    config: Mapping[str, Any] | None,
+    layout: dict[str, list[int]],
 ) -> None:
-    """Raises CheckpointMismatch naming each key of `config` that differs from the
-    checkpoint's saved config in a way the saved state cannot continue (history.UNUSABLE);
-    a checkpoint without a readable config is not judged here."""
+    """Raises CheckpointMismatch if the checkpoint at `step` cannot continue under `config`:
+    keys whose change makes the saved state unusable (history.UNUSABLE), each named with both
+    values and the way out, and parameters of another shape, each listed. A checkpoint
+    without a readable config is judged by its parameters alone."""
     saved = saved_config(manager, step)
-    if config is None or saved is None:
-        return
-    problem = history.unusable(history.changes(saved, config), str(Path(manager.directory).parent))
+    problem = None
+    if config is not None and saved is not None:
+        changed = history.changes(saved, config)
+        problem = history.unusable(changed, str(Path(manager.directory).parent))
+    check_layout(manager, step, layout, f"The config changed: {problem}" if problem else "")
     if problem:
         raise CheckpointMismatch(
             f"checkpoint {manager.directory}/{step} cannot continue with this config: {problem}"
@@ -311,8 +320,7 @@ def restore(
                 "training state to resume: train from it in a new run with "
                 f"--config.checkpoint.init_from={Path(manager.directory).parent}."
             )
-        check_config(manager, step, config)  # first: it names the config keys
-        check_layout(manager, step, layout)
+        check_config(manager, step, config, layout)
         problem = integrity.verify(step_dir)
         if problem is None and not integrity.is_sealed(step_dir):
             warnings.warn(
