@@ -341,3 +341,26 @@ def test_a_sweep_whose_every_trial_fails_exits_1_and_suggests_no_report(tmp_path
     assert "1 trial(s) failed" in result.stderr and "/no/such/dataset" in result.stderr
     assert "train.log" in result.stderr  # where to read the whole story
     assert "bigjax report" not in result.stdout  # it would only fail: nothing completed
+
+
+def test_failures_are_the_failed_trials_no_retry_completed():
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from bigjax.sweep import results
+
+    study = optuna.create_study()
+    lr = {"optim.lr": FloatDistribution(1e-4, 1e-2)}
+
+    def add(value, state, **attrs):
+        study.add_trial(create_trial(params={"optim.lr": value}, distributions=lr, state=state,
+                                     value=1.0 if state == TrialState.COMPLETE else None,
+                                     user_attrs=attrs))  # fmt: skip
+
+    add(1e-3, TrialState.FAIL, error="exit code 1\nbigjax: error: boom", run_dir="/r/a")
+    add(2e-3, TrialState.FAIL, error="exit code 1\nbigjax: error: retried")
+    add(2e-3, TrialState.COMPLETE)  # its retry completed: not a failure any more
+    add(3e-3, TrialState.FAIL, interrupted=True)  # re-enqueued, not failed
+    (line,) = results.failures(study)
+    assert line == "trial 0 {'optim.lr': 0.001}: bigjax: error: boom (log: /r/a/train.log)"
+    assert "FAIL trial 0" in results.summary(study) and "complete 1" in results.summary(study)
