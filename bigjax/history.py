@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -107,11 +108,27 @@ def describe(changed: Mapping[str, tuple[Any, Any]], limit: int = 20) -> str:
 
 
 def read(workdir: Path) -> list[dict[str, Any]]:
-    """The run's segments, oldest first ([] for a run without a history)."""
+    """The run's segments, oldest first ([] for a run without a history). A line that is not
+    a segment (edited by hand, or from another tool) is skipped with a warning: the history
+    is a record, and a damaged record must not stop a run from resuming."""
     path = Path(workdir) / HISTORY
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            entry = {}
+        if entry is None:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("from_step"), int):
+            out.append(entry)
+        else:
+            bad += 1
+    if bad:
+        warnings.warn(f"{path}: {bad} line(s) that are not config segments skipped", stacklevel=2)
+    return out
 
 
 def record(
@@ -139,16 +156,21 @@ def record(
     return changed
 
 
+def _change(key: str, pair: Any) -> str:
+    if isinstance(pair, list) and len(pair) == 2:
+        return f"{key} {pair[0]!r} -> {pair[1]!r}"
+    return f"{key} changed"
+
+
 def segments(workdir: Path, last_step: int) -> list[str]:
     """One line per segment: `steps A-B: changes` (the first: `steps 0-B: as started`)."""
     entries = read(workdir)
     out = []
     for i, e in enumerate(entries):
         end = entries[i + 1]["from_step"] if i + 1 < len(entries) else last_step
+        changed = e.get("changed") if isinstance(e.get("changed"), dict) else None
         what = (
-            ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in e["changed"].items())
-            if "changed" in e
-            else "as started"
+            ", ".join(_change(k, pair) for k, pair in changed.items()) if changed else "as started"
         )
         out.append(f"steps {e['from_step']}-{end}: {what}")
     return out

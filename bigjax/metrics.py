@@ -179,15 +179,22 @@ def _wandb_run(workdir: Path, project: str, config: dict[str, Any]) -> Any:
     id_file.parent.mkdir(parents=True, exist_ok=True)
     if not id_file.exists():
         id_file.write_text(secrets.token_hex(6))  # W&B ids: letters and digits
-    run = wandb.init(
-        project=project,
-        name=workdir.resolve().name,
-        id=id_file.read_text().strip(),
-        resume="allow",
-        dir=str(workdir),
-        config=config,
-        settings=wandb.Settings(silent=True, console="off"),  # bigjax prints its own lines
-    )
+    try:
+        run = wandb.init(
+            project=project,
+            name=workdir.resolve().name,
+            id=id_file.read_text().strip(),
+            resume="allow",
+            dir=str(workdir),
+            config=config,
+            settings=wandb.Settings(silent=True, console="off"),  # bigjax prints its own lines
+        )
+    except Exception as e:  # not logged in, no network, a bad project name: say so, briefly
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"metrics.wandb_project: W&B could not start ({first}). Log in with `wandb login`, "
+            "or log offline with WANDB_MODE=offline (then `wandb sync`)."
+        ) from e
     run.define_metric("*", step_metric="step")
     return run
 

@@ -58,3 +58,15 @@ def test_resume_shows_records_and_reports_what_trained_each_step_range(tmp_path,
     assert history.read(tmp_path)[1]["changed"]["optim.lr"] == [0.003, 0.002]
     text, _ = report([tmp_path], tmp_path / "report")
     assert "steps 0-1: as started" in text and "steps 1-2: num_steps 1 -> 2, optim.lr" in text
+
+
+def test_a_damaged_history_is_skipped_with_a_warning_not_fatal(tmp_path):
+    good = {"from_step": 0, "config": {}}
+    lines = [json.dumps(good), "{cut short", json.dumps([1, 2]), json.dumps({"from_step": "x"})]
+    (tmp_path / history.HISTORY).write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match="3 line"):
+        assert history.read(tmp_path) == [good]
+    with pytest.warns(UserWarning):
+        history.record(tmp_path, 5, {"a": 1}, {"a": 2})  # rewrites it whole and valid
+    assert [e["from_step"] for e in history.read(tmp_path)] == [0, 5]
+    assert history.segments(tmp_path, 9) == ["steps 0-5: as started", "steps 5-9: a 2 -> 1"]
