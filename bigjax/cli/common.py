@@ -69,7 +69,9 @@ def native_logs_held(args: argparse.Namespace) -> Iterator[None]:
             show = True
             raise
         finally:
-            sys.stderr.close()
+            # Flushed, not closed: a logging handler made meanwhile may hold it, and it
+            # writes to the real stderr (a dup of it) after this block as well.
+            sys.stderr.flush()
             sys.stderr = python_stderr
             os.dup2(saved, 2)
             os.close(saved)
