@@ -175,7 +175,6 @@ class StepLog:
         }
         if self.accounting is not None:  # the privacy spent so far (dp-accounting, RDP)
             row["dp_epsilon"] = privacy.epsilon(self.accounting, done_step)
-            row["dp_sigma"] = self.accounting.noise_multiplier
             row["dp_noise_multiplier"] = self.accounting.noise_multiplier
         self.writers.write(row, metrics.progress_line(row, cfg.num_steps))
         self.last = row
@@ -196,7 +195,7 @@ def keep_only_the_error(workdir: Path) -> Callable[..., bool]:
         for path in workdir.iterdir():
             if path.name == runlock.LOCK_NAME:
                 continue  # still held: released (emptied) right after this
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         text = "".join(traceback.format_exception(kind, error, tb))
         (workdir / "error.log").write_text(f"bigjax: error: {error}\n\n{text}")
         return False  # the error goes on to the caller

@@ -101,7 +101,7 @@ def progress_line(row: dict[str, Any], num_steps: int, width: int = 20) -> str:
     head = f"step {row['step']:>{len(str(num_steps))}}/{num_steps} [{bar}] {done:4.0%} | "
     head += f"loss {row['loss']:.4f}"
     if row.get("dp_epsilon") is not None:  # DP-SGD: the privacy spent so far, and the noise
-        head += f" | ε {row['dp_epsilon']:.3g} (σ {row['dp_sigma']:.3g})"
+        head += f" | ε {row['dp_epsilon']:.3g} (σ {row['dp_noise_multiplier']:.3g})"
     if row.get("step_time") is None:  # the first step of a process: compilation
         return head + f" | compiled in {row.get('compile_s', 0.0):.1f} s"
     return head + (
