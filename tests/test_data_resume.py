@@ -71,7 +71,7 @@ def _joined(parts: list[pipeline.Batches], n: int) -> list[dict[str, np.ndarray]
     got = [pipeline.take(p, n) for p in parts]
     for p in parts:
         p.close()
-    return [{k: np.concatenate([b[k] for b in step]) for k in step[0]} for step in zip(*got)]
+    return [{k: np.concatenate([b[k] for b in step]) for k in step[0]} for step in zip(*got, strict=True)]
 
 
 CASES = [
