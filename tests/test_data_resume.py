@@ -71,7 +71,8 @@ def _joined(parts: list[pipeline.Batches], n: int) -> list[dict[str, np.ndarray]
     got = [pipeline.take(p, n) for p in parts]
     for p in parts:
         p.close()
-    return [{k: np.concatenate([b[k] for b in step]) for k in step[0]} for step in zip(*got, strict=True)]
+    steps = zip(*got, strict=True)
+    return [{k: np.concatenate([b[k] for b in step]) for k in step[0]} for step in steps]
 
 
 CASES = [
