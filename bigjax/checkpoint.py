@@ -92,11 +92,20 @@ def make_manager(directory: Path, cfg: CheckpointConfig) -> ocp.CheckpointManage
     directory = Path(directory).absolute()
     started = time.time()
 
-    def seal_new_steps() -> None:
-        """Checksums of every step this manager committed that has none yet; runs in Orbax's
-        background thread after each save (off the training loop's path) and in `wait`.
-        Steps from before `started` are never sealed: a step is only vouched for by the
-        process that wrote it."""
+    def seal_before_commit() -> None:
+        """Orbax calls this on the primary process in its background thread once every
+        process has written the step, just before the rename that commits it: the checksums
+        go into the staging directory and are committed with the step (off the loop's path).
+        If sealing fails, the step is not committed and the save reports the failure."""
+        step = getattr(manager, "bigjax_in_flight", None)
+        staged = [p for p in directory.glob(f"{step}{STAGING}*") if p.is_dir()]
+        if jax.process_index() == 0 and len(staged) == 1:
+            integrity.seal(staged[0])
+
+    def seal_committed() -> None:
+        """Checksums of committed steps this manager wrote that have none: synchronous saves
+        (Orbax calls back only for async ones), right after their commit. Steps from before
+        `started` are never sealed: a step is only vouched for by the process that wrote it."""
         if jax.process_index() != 0:
             return
         for step_dir in directory.iterdir() if directory.is_dir() else ():
@@ -111,15 +120,21 @@ def make_manager(directory: Path, cfg: CheckpointConfig) -> ocp.CheckpointManage
         save_interval_steps=max(cfg.every_steps, 1),
         preservation_policy=policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=cfg.async_save,
-        # (Orbax accepts the callback only for async saves; synchronous ones seal in `save`.)
         async_options=(
-            ocp.AsyncOptions(post_finalization_callback=seal_new_steps) if cfg.async_save else None
+            ocp.AsyncOptions(post_finalization_callback=seal_before_commit)
+            if cfg.async_save
+            else None
         ),
         create=True,
     )
     manager = ocp.CheckpointManager(directory, options=options)
-    manager.seal_new_steps = seal_new_steps  # synchronous saves seal in `save`
+    manager.seal_committed = seal_committed
     return manager
+
+
+# Orbax writes a step into `<step>.orbax-checkpoint-tmp-<n>` and commits it by renaming that
+# to `<step>` (on local and network filesystems, which are what bigjax checkpoints to).
+STAGING = ".orbax-checkpoint-tmp"
 
 
 def save(
@@ -159,7 +174,7 @@ def save(
     except Exception as e:
         raise _save_error(manager, step, e) from e
     if started and not manager._options.enable_async_checkpointing:
-        manager.seal_new_steps()
+        manager.seal_committed()
     return started
 
 
@@ -169,10 +184,8 @@ def wait(manager: ocp.CheckpointManager) -> None:
         manager.wait_until_finished()
     except Exception as e:
         raise _save_error(manager, getattr(manager, "bigjax_in_flight", None), e) from e
-    # Orbax runs the post-save callback just before it renames the step into place, so
-    # each step is sealed by the next save's callback; the newest one here.
-    seal = getattr(manager, "seal_new_steps", None)
-    if seal is not None:
+    seal = getattr(manager, "seal_committed", None)
+    if seal is not None:  # async steps are sealed before their commit; this is a fallback
         seal()
 
 
@@ -233,7 +246,7 @@ def _layout_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]])
     return out
 
 
-def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     path = Path(manager.directory) / str(step) / "meta" / "metadata"
     try:
         return json.loads(path.read_text())
@@ -246,7 +259,7 @@ def check_layout(
 ) -> None:
     """Raises CheckpointError listing every parameter whose name or shape differs (after
     `why`, the config keys that changed them, when known)."""
-    saved = _read_meta(manager, step).get("params")
+    saved = read_meta(manager, step).get("params")
     if not isinstance(saved, dict):
         return  # no readable metadata: the restore itself will tell
     mismatched = _layout_mismatch(saved, layout)
@@ -261,7 +274,7 @@ def check_layout(
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
     """The config the checkpoint at `step` was saved under (None if it has no readable one)."""
-    config = _read_meta(manager, step).get("config")
+    config = read_meta(manager, step).get("config")
     return config if isinstance(config, dict) else None
 
 
@@ -293,43 +306,39 @@ def restore(
     data_iter: Any,
     layout: dict[str, list[int]],
     *,
-    before: int | None = None,
     move_corrupt: bool = True,
     config: Mapping[str, Any] | None = None,
 ) -> TrainState | None:
-    """Restores the newest good checkpoint (older than `before`, if given) into `target`'s
-    shapes and shardings (resharding if the mesh changed), and the data iterator in place.
+    """Restores the newest good checkpoint into `target`'s shapes and shardings (resharding
+    if the mesh changed), and the data iterator in place.
 
-    Returns None when there is no checkpoint at all. A step that fails its checksums, does
-    not load, holds a malformed data state or a non-finite state is skipped with a warning
-    naming it and the reason, and (with `move_corrupt`, never for another run's directory)
-    moved to `<checkpoints>.corrupt/`; if checkpoints exist but none is good, raises.
+    Returns None when there is no checkpoint and none was ever set aside. A step that fails
+    its checksums, does not load, holds a malformed data state or a non-finite state is
+    skipped with a warning naming it and the reason, and (with `move_corrupt`, never for
+    another run's directory) moved to `<checkpoints>.corrupt/`; if no step is good, or only
+    set-aside steps are left, raises: every relaunch, until the user moves them away.
     `config` (this run's, as a dict) is checked against the checkpoint's: a change that makes
     the saved state unusable (another optimizer, model shape, ...) is a CheckpointMismatch,
     never mistaken for corruption.
     """
-    steps = sorted((s for s in manager.all_steps() if before is None or s < before), reverse=True)
-    if not steps:
-        return None
+    directory = Path(manager.directory)
+    steps = sorted(manager.all_steps(), reverse=True)
     failures = []
     for step in steps:
-        step_dir = Path(manager.directory) / str(step)
-        if _read_meta(manager, step).get("params_only"):
-            raise CheckpointError(
-                f"{manager.directory} holds parameters only (an imported model), not a "
-                "training state to resume: train from it in a new run with "
-                f"--config.checkpoint.init_from={Path(manager.directory).parent}."
-            )
-        check_config(manager, step, config, layout)
+        step_dir = directory / str(step)
+        # Its bytes first: nothing of a step, its metadata included, is read before its
+        # checksums pass, so a flipped bit is never taken for a change of config.
         problem = integrity.verify(step_dir)
-        if problem is None and not integrity.is_sealed(step_dir):
-            warnings.warn(
-                f"checkpoint {step_dir} has no checksums (written before bigjax kept them, or "
-                "its run stopped right after the save); restoring it unverified.",
-                stacklevel=2,
-            )
         restored = None
         if problem is None:
+            warn_if_unsealed(step_dir)
+            if read_meta(manager, step).get("params_only"):
+                raise CheckpointError(
+                    f"{directory} holds parameters only (an imported model), not a training "
+                    "state to resume: train from it in a new run with "
+                    f"--config.checkpoint.init_from={directory.parent}."
+                )
+            check_config(manager, step, config, layout)
             try:
                 restored = manager.restore(
                     step,
@@ -348,7 +357,7 @@ def restore(
                         f"restore into this run's state ({type(e).__name__}: {_first_line(e)}"
                         "): the config changed what the state holds (optimizer, fine-tuning "
                         "setup). Set it back, or start a new --workdir with "
-                        f"--config.checkpoint.init_from={Path(manager.directory).parent} "
+                        f"--config.checkpoint.init_from={directory.parent} "
                         "--config.checkpoint.init_mode=params."
                     ) from e
                 problem = f"unreadable: {type(e).__name__}: {_first_line(e)}"
@@ -368,11 +377,28 @@ def restore(
             "to the previous one.",
             stacklevel=2,
         )
+    aside = integrity.set_aside(directory)
+    if not failures and not aside:
+        return None  # a new run
+    # Starting from scratch here would retrain over the run and truncate its metrics, and an
+    # automatic restarter (SLURM requeue, a sweep's retry) would do it unasked: refuse, on
+    # this relaunch and every later one, until a person moves the set-aside steps away.
+    lines = failures + ([f"set aside earlier as corrupt: {', '.join(aside)}"] if aside else [])
     raise CheckpointError(
-        "no checkpoint could be restored, refusing to start from scratch over them:\n  "
-        + "\n  ".join(failures)
-        + "\nMove the checkpoints directory away to start fresh."
+        f"no checkpoint of {directory} can be restored; refusing to start from scratch over "
+        "them:\n  " + "\n  ".join(lines) + f"\nTo start this run afresh, delete or move away "
+        f"{integrity.aside_dir(directory)} (and {directory}, if it still holds steps)."
     )
+
+
+def warn_if_unsealed(step_dir: Path) -> None:
+    if not integrity.is_sealed(step_dir):
+        warnings.warn(
+            f"checkpoint {step_dir} has no checksums: it was written by a bigjax that did not "
+            "keep them, or by a synchronous save (checkpoint.async_save=false) whose process "
+            "died between its commit and its checksums; using it unverified.",
+            stacklevel=3,
+        )
 
 
 def _first_line(e: Exception) -> str:
@@ -381,107 +407,9 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def source_directory(path: str) -> Path:
-    """A run's workdir or its checkpoints/ directory -> the checkpoints directory."""
-    p = Path(path)
-    directory = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    if not directory.is_dir():
-        raise CheckpointError(f"no such run or checkpoint directory {path!r}.")
-    return directory
-
-
-def init_from(
-    path: str,
-    mode: str,
-    target: TrainState,
-    data_iter: Any,
-    layout: dict[str, list[int]],
-    fresh: TrainState,
-) -> tuple[TrainState, int]:
-    """State initialised from another run's latest checkpoint, and that checkpoint's step.
-
-    mode 'full': step, parameters and optimizer state (continue or cool down a run; the data
-    iterator continues too). 'params': parameters only, with `fresh`'s step 0 and optimizer.
-    """
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    manager = ocp.CheckpointManager(source_directory(path).absolute(), options=options)
-    try:
-        source_step = manager.latest_step() or 0
-        if mode == "full":
-            state = restore(manager, target, data_iter, layout, move_corrupt=False)
-        else:
-            state = _restore_params(manager, target, layout, fresh)
-    finally:
-        manager.close()
-    if state is None:
-        raise CheckpointError(f"checkpoint.init_from: no checkpoint in {path!r}.")
-    return state, source_step
-
-
 def param_layout(abstract_params: Any) -> dict[str, list[int]]:
     """Parameter path -> shape: saved with every checkpoint, checked on every restore."""
     return {
         path_name(path): list(leaf.shape)
         for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)
     }
-
-
-def load_params(path: str, target_params: Any) -> tuple[Any, int]:
-    """The parameters of a run's latest checkpoint, restored into `target_params`'
-    shardings (for generation and evaluation); returns (params, step)."""
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    manager = ocp.CheckpointManager(source_directory(path).absolute(), options=options)
-    try:
-        params = _restore_params_only(manager, target_params, param_layout(target_params))
-        step = manager.latest_step()
-    finally:
-        manager.close()
-    if params is None:
-        raise CheckpointError(f"no checkpoint in {path!r}: train the run first.")
-    return params, step
-
-
-def _restore_params(
-    manager: ocp.CheckpointManager,
-    target: TrainState,
-    layout: dict[str, list[int]],
-    fresh: TrainState,
-) -> TrainState | None:
-    # What fine-tuning adds (LoRA adapters, a classification head) and the source lacks
-    # starts fresh; everything else must be in the checkpoint, with the same shapes.
-    step = manager.latest_step()
-    saved = _read_meta(manager, step).get("params", {}) if step is not None else {}
-    saved_tops = {p.split("/", 1)[0] for p in saved}
-    new = {k for k in target.params if k in FINETUNE_ADDITIONS and k not in saved_tops}
-    base = {k: v for k, v in target.params.items() if k not in new}
-    base_layout = {k: v for k, v in layout.items() if k.split("/", 1)[0] not in new}
-    params = _restore_params_only(manager, base, base_layout)
-    if params is None:
-        return None
-    params = {**params, **{k: fresh.params[k] for k in new}}
-    return TrainState(step=fresh.step, params=params, opt_state=fresh.opt_state)
-
-
-# Parameters a fine-tuning run may add to the model it starts from (checkpoint.init_from).
-FINETUNE_ADDITIONS = ("lora", "cls_head_DC", "cls_bias_C")
-
-
-def _restore_params_only(
-    manager: ocp.CheckpointManager, target_params: Any, layout: dict[str, list[int]]
-) -> Any:
-    step = manager.latest_step()
-    if step is None:
-        return None
-    check_layout(manager, step, layout)
-    item = {"params": target_params}
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=item,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                partial_restore=True,
-            )
-        ),
-    )
-    return restored["state"]["params"]

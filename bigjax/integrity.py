@@ -1,16 +1,23 @@
-"""Checkpoint integrity: checksums of every committed step, verified before a restore;
-corrupt steps moved aside; no non-finite state written or restored.
+"""Checkpoint integrity: checksums of every step, written before its commit and verified
+before anything of it is read; corrupt steps moved aside; no non-finite state written or
+restored.
 
 Orbax's atomic commit guarantees a step is complete when it is listed, not that its bytes
-stay right on disk (a flipped bit, a bad sector, a copy gone wrong). So after each commit the
-primary process writes `bigjax_checksums.json` into the step: size and SHA-256 of every file
-(tensor data, data-iterator states, metadata). A restore verifies them first; a step that
-fails is moved to `<checkpoints>.corrupt/` (kept for inspection, and out of the way of the
-step number, which a retrained run saves again) and the previous step is tried.
+stay right on disk (a flipped bit, a bad sector, a copy gone wrong). So the primary process
+writes `bigjax_checksums.json` into each step (size and SHA-256 of every file: tensor data,
+data-iterator states, metadata) while the step is still Orbax's temporary directory, after
+every file is written and just before Orbax renames it into place: a committed step is a
+sealed step, with no window in which a kill leaves it unverifiable. Orbax's own commit
+bookkeeping, written during that rename (`commit_success.txt`, the commit time in
+`_CHECKPOINT_METADATA`), is the one part not covered. A restore verifies a step before reading
+any of it, its metadata included; a step that fails is moved to `<checkpoints>.corrupt/` (kept
+for inspection, and out of the way of the step number, which a retrained run saves again) and
+the previous step is tried.
 
-A step without the file is one committed before this existed, or by a run killed between the
-commit and the checksums: it is restored with a warning that it could not be verified (a step
-is only ever sealed by the process that wrote it, never blessed after the fact).
+A step without the file was committed by a bigjax that did not keep checksums, or by a
+synchronous save (`checkpoint.async_save=false`, sealed right after its commit) whose process
+died in between: it is restored with a warning that it could not be verified (a step is only
+ever sealed by the process that wrote it, never blessed after the fact).
 """
 
 from __future__ import annotations
@@ -37,24 +44,35 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _files(step_dir: Path) -> list[Path]:
-    # the checksums file and its temporary (a seal killed half-way) are not part of the save
+# Written by Orbax while it commits a step, after the checksums: not covered by them.
+COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
+
+
+def _files(step_dir: Path) -> list[str]:
+    """The files a save wrote, relative to the step: not the checksums file or its temporary
+    (a seal killed half-way), nor Orbax's commit bookkeeping."""
     return sorted(
-        p
+        name
         for p in step_dir.rglob("*")
-        if p.is_file() and not p.name.lstrip(".").startswith(CHECKSUMS)
+        if p.is_file()
+        and not p.name.lstrip(".").startswith(CHECKSUMS)
+        and (name := str(p.relative_to(step_dir))) not in COMMIT_FILES
     )
 
 
 def seal(step_dir: Path) -> None:
-    """Writes the checksums of a committed step (atomically: a reader sees all or none)."""
+    """Writes the checksums of a step whose files are all written (atomically: a reader sees
+    all or none)."""
     step_dir = Path(step_dir)
-    record = {
-        str(p.relative_to(step_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in _files(step_dir)
-    }
+    record = {}
+    for name in _files(step_dir):
+        path = step_dir / name
+        record[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
     tmp = step_dir / f".{CHECKSUMS}.tmp"
-    tmp.write_text(json.dumps({"version": 1, "files": record}, indent=1) + "\n")
+    with tmp.open("w") as f:
+        f.write(json.dumps({"version": 1, "files": record}, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # on disk before Orbax's rename commits the step
     os.replace(tmp, step_dir / CHECKSUMS)
 
 
@@ -68,33 +86,56 @@ def verify(step_dir: Path) -> str | None:
     step_dir = Path(step_dir)
     try:
         record = json.loads((step_dir / CHECKSUMS).read_text())["files"]
-        assert isinstance(record, dict)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or UTF-8
         return f"{step_dir / CHECKSUMS} is unreadable ({type(e).__name__})"
+    if not _well_formed(record):
+        return f"{step_dir / CHECKSUMS} is damaged (not a checksum per file)"
     for name, want in sorted(record.items()):
         path = step_dir / name
         if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != want.get("size"):
-            return f"{path} has {path.stat().st_size} bytes, {want.get('size')} were written"
-        if _sha256(path) != want.get("sha256"):
+        if path.stat().st_size != want["size"]:
+            return f"{path} has {path.stat().st_size} bytes, {want['size']} were written"
+        if _sha256(path) != want["sha256"]:
             return f"{path} does not match its checksum (its bytes changed after the save)"
-    extra = [
-        str(p.relative_to(step_dir))
-        for p in _files(step_dir)
-        if str(p.relative_to(step_dir)) not in record
-    ]  # noqa: E501
+    extra = [name for name in _files(step_dir) if name not in record]
     if extra:
         return f"{step_dir} holds files the save did not write: {', '.join(extra[:3])}"
     return None
 
 
+def _well_formed(record: object) -> bool:
+    """{relative path: {"size": int, "sha256": str}}, as `seal` writes it (older seals also
+    list the commit files; they are then checked like the rest)."""
+    return isinstance(record, dict) and all(
+        isinstance(name, str)
+        and isinstance(want, dict)
+        and isinstance(want.get("size"), int)
+        and isinstance(want.get("sha256"), str)
+        and not Path(name).is_absolute()
+        and ".." not in Path(name).parts
+        for name, want in record.items()
+    )
+
+
+def aside_dir(checkpoints: Path) -> Path:
+    """Where corrupt steps of `checkpoints` are moved: `<checkpoints>.corrupt/`."""
+    checkpoints = Path(checkpoints)
+    return checkpoints.with_name(checkpoints.name + ".corrupt")
+
+
+def set_aside(checkpoints: Path) -> list[str]:
+    """The steps of `checkpoints` moved aside as corrupt (`STEP-TIME` names), oldest first."""
+    aside = aside_dir(checkpoints)
+    return sorted(p.name for p in aside.iterdir()) if aside.is_dir() else []
+
+
 def quarantine(step_dir: Path) -> Path:
     """Moves a corrupt step to `<checkpoints>.corrupt/<step>-<unix time>`; returns where."""
     step_dir = Path(step_dir)
-    aside = step_dir.parent.with_name(step_dir.parent.name + ".corrupt")
+    aside = aside_dir(step_dir.parent)
     aside.mkdir(exist_ok=True)
     dest = aside / f"{step_dir.name}-{int(time.time())}"
     os.replace(step_dir, dest)

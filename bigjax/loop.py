@@ -20,7 +20,17 @@ import jax
 import numpy as np
 
 import bigjax
-from bigjax import checkpoint, choices, distributed, lora, metrics, privacy, progress, runlock
+from bigjax import (
+    checkpoint,
+    choices,
+    distributed,
+    loading,
+    lora,
+    metrics,
+    privacy,
+    progress,
+    runlock,
+)
 from bigjax.config import TrainConfig, advice
 from bigjax.data import pipeline
 from bigjax.program import Program
@@ -218,7 +228,7 @@ def restore_or_init(
     if state is not None:
         return state, f"resuming from step {int(state.step)}"
     if cfg.checkpoint.init_from:
-        state, source_step = checkpoint.init_from(
+        state, source_step = loading.init_from(
             cfg.checkpoint.init_from,
             cfg.checkpoint.init_mode,
             target,

@@ -201,7 +201,7 @@ class WithTeacher:
 def load_teacher(cfg: TrainConfig, mesh: Mesh) -> tuple[nnx.GraphDef, Params, Any]:
     """The teacher run's program and latest parameters, sharded by this run's rules on this
     mesh; returns (graphdef, params, their shardings)."""
-    from bigjax import checkpoint
+    from bigjax import loading
     from bigjax.config import from_configdict
 
     path = Path(cfg.distill.teacher) / "config.json"
@@ -220,7 +220,7 @@ def load_teacher(cfg: TrainConfig, mesh: Mesh) -> tuple[nnx.GraphDef, Params, An
         )
     graphdef, graph_state = models.abstract(teacher.model, cfg.mesh.rules)
     shardings = nnx.to_pure_dict(tree_shardings(graph_state, mesh, cfg.mesh.rules))
-    params, _ = checkpoint.load_params(
+    params, _ = loading.load_params(
         cfg.distill.teacher, placed(nnx.to_pure_dict(graph_state), shardings)
     )
     return graphdef, params, shardings

@@ -29,7 +29,7 @@ def open_run(workdir: str, overrides: Sequence[str], command: str) -> Iterator[t
     cfg = dc.replace(cfg, mesh=dc.replace(cfg.mesh, shape=(1, -1, 1), dcn_shape=(1, 1, 1)))
     import jax
 
-    from bigjax import checkpoint, lora
+    from bigjax import loading, lora
     from bigjax.mesh import make_mesh
     from bigjax.program import make_program
     from bigjax.sharding import placed
@@ -38,7 +38,7 @@ def open_run(workdir: str, overrides: Sequence[str], command: str) -> Iterator[t
     with jax.set_mesh(mesh):
         prog = make_program(cfg, mesh)
         target = placed(prog.abstract, prog.shardings).params
-        params, step = checkpoint.load_params(workdir, target)
+        params, step = loading.load_params(workdir, target)
         # LoRA runs: the adapters folded into the weights, as the model ran in training
         yield prog, lora.merged(params, cfg.finetune.lora_scale), step
 
@@ -76,3 +76,6 @@ def save_params(directory: Path, params: Any, meta: dict[str, Any]) -> None:
         manager.wait_until_finished()
     finally:
         manager.close()
+    from bigjax import integrity
+
+    integrity.seal(Path(directory) / "0")  # committed by the synchronous save: loaders verify
