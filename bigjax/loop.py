@@ -27,6 +27,7 @@ from bigjax import (
     loading,
     lora,
     metrics,
+    models,
     privacy,
     progress,
     runlock,
@@ -190,6 +191,27 @@ class StepLog:
         self.last = row
         self.window = Window(start=fetched)
         return finite
+
+
+def run_summary(
+    cfg: TrainConfig, workdir: Path, step: int, skipped_steps: int, num_params: int
+) -> dict[str, Any]:
+    """What summary.json says of the run at `step`. Its final eval comes from metrics.jsonl,
+    which holds every launch's rows, so a relaunch that trains nothing (the run was complete,
+    or a sweep retried a finished trial) keeps the eval of the launch that made it."""
+    evaluated = metrics.last_logged(workdir / "metrics.jsonl", "eval_loss", step)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops_per_token = models.FLOPS_PER_TOKEN[cfg.model.family](cfg.model, cfg.data.seq_len)
+    return {
+        "step": step,
+        "num_steps": cfg.num_steps,
+        "complete": step >= cfg.num_steps,
+        "eval_loss": evaluated[1] if evaluated and evaluated[0] == step else None,
+        "num_params": num_params,
+        "tokens": step * tokens_per_step,
+        "flops": step * tokens_per_step * flops_per_token,
+        "skipped_steps": skipped_steps,
+    }
 
 
 def keep_only_the_error(workdir: Path) -> Callable[..., bool]:

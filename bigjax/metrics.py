@@ -219,6 +219,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def last_logged(path: Path, key: str, at_most: int) -> tuple[int, Any] | None:
+    """(step, value) of the newest row of a metrics file at or before step `at_most` that
+    holds `key`; None if there is none (or no file)."""
+    rows = read_jsonl(path) if path.is_file() else []
+    found = [(int(r["step"]), r[key]) for r in rows if key in r and int(r["step"]) <= at_most]
+    return max(found, key=lambda x: x[0]) if found else None
+
+
 def smoothed(values: Sequence[float], weight: float) -> list[float]:
     """Exponential moving average with its start-up bias removed (as TensorBoard's slider):
     early points are not dragged towards 0."""

@@ -38,6 +38,7 @@ from bigjax.loop import (  # noqa: F401 - re-exported: the tools and tests use t
     report_done,
     restore_or_init,
     run_eval,
+    run_summary,
     start_banner,
     stop_on_signals,
     write_summary,
@@ -132,6 +133,8 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         evaluator = Evaluator(prog, writers, tokenizer)
 
         log = StepLog(cfg, writers, flops_per_step, peak, prog.accounting, warn=writer_process)
+        # counted over every launch of the run (its rows after `start` were dropped above)
+        log.skipped_steps = (metrics.last_logged(writers.path, "skipped_steps", start) or (0, 0))[1]
 
         step = start
         pending = None  # the step dispatched before this one: (step, metrics on device)
@@ -233,16 +236,6 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         writers.close()
 
     if writer_process:
-        final_eval = last_eval.get("eval_loss") if last_eval.get("step") == final_step else None
-        summary = {
-            "step": final_step,
-            "num_steps": cfg.num_steps,
-            "complete": final_step >= cfg.num_steps,
-            "eval_loss": final_eval,
-            "num_params": num_params,
-            "tokens": final_step * tokens_per_step,
-            "flops": final_step * flops_per_step,
-            "skipped_steps": log.skipped_steps,
-        }
+        summary = run_summary(cfg, workdir, final_step, log.skipped_steps, num_params)
         report_done(cfg, workdir, summary, time.perf_counter() - started, last_eval, stop, start)
     return {**log.last, **last_eval}

@@ -308,6 +308,21 @@ def test_every_loader_verifies_and_takes_the_newest_intact_step(tmp_path, four_s
     assert "no intact checkpoint to load" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_relaunching_a_finished_run_keeps_its_summary_true(tmp_path, two_steps):
+    _copy(two_steps, tmp_path)
+    before = json.loads((tmp_path / "summary.json").read_text())
+    assert before["complete"] and before["eval_loss"] is not None
+    (tmp_path / "summary.json").unlink()  # as if killed between its last save and summary
+    for _ in range(2):
+        r = _run(tmp_path, "--config.num_steps=2", "--config.checkpoint.every_steps=2")
+        assert r.returncode == 0 and "already complete" in r.stdout, r.stderr[-2000:]
+        after = json.loads((tmp_path / "summary.json").read_text())
+        assert {k: v for k, v in after.items() if k != "wall_s"} == {
+            k: v for k, v in before.items() if k != "wall_s"
+        }
+
+
 HUGE_LR = {"lr": 1e39, "warmup_steps": 0, "schedule": "constant", "clip_norm": 1.0}
 
 

@@ -327,6 +327,36 @@ def test_stalled_worker_never_runs_two_trainers_and_wakes_without_crashing(tmp_p
 
 
 @pytest.mark.slow
+def test_a_trial_that_completes_while_its_worker_is_stalled_keeps_its_result(tmp_path):
+    # Worker A stalls past the heartbeat grace; its trainer (its own session) finishes the
+    # trial meanwhile. Worker B fails A's attempt as stale and runs the retry, whose trainer
+    # finds the run complete: the retry must record the run's result, not "no final eval".
+    spec = tmp_path / "sweep.py"
+    write_spec(spec, LONG_SPEC.format(name="done").replace('"num_steps": 400', '"num_steps": 12'))
+    out = tmp_path / "sweep"
+    a = start_until_checkpoint(spec, out, "--heartbeat", "1")
+    (run_dir,) = out.glob("runs/*")
+    a.send_signal(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "summary.json").exists():  # A's trainer completes on its own
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        b = sweep(str(spec), "--dir", str(out), "--heartbeat", "1")
+    finally:
+        a.send_signal(signal.SIGCONT)
+    a_out, _ = a.communicate(timeout=600)
+    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+    assert a.returncode == 0 and "another took the trial over" in a_out, a_out[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    trials = load(out, "done").get_trials()
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"]  # stale A, retry B
+    (done,) = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert done.value == summary["eval_loss"] and summary["complete"]
+    assert "already complete" in (run_dir / "train.log").read_text()  # B's retry ran train
+
+
+@pytest.mark.slow
 def test_a_sweep_whose_every_trial_fails_exits_1_and_suggests_no_report(tmp_path):
     spec = write_spec(
         tmp_path / "sweep.py",
