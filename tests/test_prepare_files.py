@@ -126,6 +126,40 @@ def test_a_killed_prepare_leaves_the_previous_dataset_intact(tmp_path):
     assert read_manifest(out)["inputs"][0]["path"].endswith("doc1.txt")
 
 
+def _prepare_cmd(inputs: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "bigjax.cli", "prepare", "--input", inputs, "--output",
+            str(out), "--workers", "1"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_second_prepare_into_the_same_output_is_refused_naming_the_first(tmp_path):
+    # Two prepares into one new --output used to both exit 0, the later silently replacing
+    # the other's dataset. The first is held (SIGSTOP) while it owns the target.
+    docs = _corpus(tmp_path / "a", n=5)
+    out = tmp_path / "ds"
+    first = subprocess.Popen(_prepare_cmd(str(docs / "doc[0-3].txt"), out), cwd=ROOT)
+    lock = tmp_path / ".ds.lock"
+    deadline = time.time() + 120
+    while not (lock.is_file() and str(first.pid) in lock.read_text()):
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(
+            _prepare_cmd(str(docs / "doc4.txt"), out), cwd=ROOT, capture_output=True, text=True
+        )
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2, second.stderr
+    assert f"another bigjax prepare is writing it (pid {first.pid} on" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.wait(timeout=300) == 0
+    assert read_manifest(out)["documents_in"] == 4  # the first one's dataset, whole
+    # once the first is done, the target is free again: a rerun replaces it as before
+    prepare(_cfg([docs / "doc4.txt"], out))
+    assert read_manifest(out)["documents_in"] == 1
+
+
 # ---- odd input trees
 
 

@@ -122,7 +122,7 @@ _REPORTED = (
     ("bigjax.report", "ReportError", USAGE_ERROR),
     ("bigjax.hf", "ConvertError", USAGE_ERROR),
     ("bigjax.tensorfile", "TensorFileError", USAGE_ERROR),
-    ("bigjax.runlock", "RunLockedError", USAGE_ERROR),
+    ("bigjax.runlock", "LockFileError", USAGE_ERROR),
     ("bigjax.checkpoint", "CheckpointMismatch", USAGE_ERROR),
     ("bigjax.checkpoint", "CheckpointError", RUN_FAILED),
     ("bigjax.loop", "NonFiniteError", RUN_FAILED),

@@ -5,7 +5,9 @@ bigjax wrote. `--output` must be new, empty, or such a directory holding nothing
 else is refused before any work, naming the path (a file called manifest.json proves nothing:
 anyone can write one). The dataset is built in a staging directory beside the target and
 swapped into place in one atomic step when complete (Linux `renameat2(RENAME_EXCHANGE)`; two
-renames elsewhere), so a killed prepare leaves the previous dataset as it was.
+renames elsewhere), so a killed prepare leaves the previous dataset as it was. One prepare
+writes a target at a time: it holds a lock file beside it (`.NAME.lock`) from before its first
+check until the dataset is in place, and a second prepare into the same --output is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bigjax import runlock
 from bigjax.data.sources import DataError
 
 MARKER = ".bigjax-dataset"
@@ -76,6 +79,19 @@ def check_target(output: str, inputs: Sequence[Path]) -> Path:
             "them out or choose another directory."
         )
     return final
+
+
+def lock(final: Path) -> runlock.RunLock:
+    """The lock of target `final` (`.NAME.lock` beside it: the target itself is swapped), or
+    OutputError naming the prepare that holds it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return runlock.take(final.parent / f".{final.name}.lock")
+    except runlock.Held as held:
+        raise OutputError(
+            f"--output {final}: another bigjax prepare is writing it ({held}); wait for it to "
+            "finish, or choose another --output."
+        ) from None
 
 
 def _alive(pid: int) -> bool:

@@ -178,18 +178,23 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         )
     tokenizers.parse_spec(cfg.tokenizer)  # a bad spec fails now, not after the cleaning pass
     final = output.check_target(cfg.output, expanded.files)
-    log = FileLog()
-    for path, reason in expanded.skipped:
-        log.skip(path, reason)
-    # Built beside the target and swapped into place at the end: the output directory is
-    # either the complete new dataset or the previous one, never half-written.
-    staged = output.staging(final)
+    held = output.lock(final)  # one prepare per target: a second one is refused, not raced
     try:
-        manifest = _prepare_into(staged, expanded.files, log, cfg)
-        output.publish(staged, final, expanded.files)
-    except BaseException:
-        output.discard(staged)
-        raise
+        output.check_target(cfg.output, expanded.files)  # again, now that no one else writes
+        log = FileLog()
+        for path, reason in expanded.skipped:
+            log.skip(path, reason)
+        # Built beside the target and swapped into place at the end: the output directory is
+        # either the complete new dataset or the previous one, never half-written.
+        staged = output.staging(final)
+        try:
+            manifest = _prepare_into(staged, expanded.files, log, cfg)
+            output.publish(staged, final, expanded.files)
+        except BaseException:
+            output.discard(staged)
+            raise
+    finally:
+        held.release()
     print(
         f"  manifest: {final / 'manifest.json'}\n  report:   {final / 'report.md'}", file=sys.stderr
     )
