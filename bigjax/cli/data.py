@@ -38,6 +38,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             val_fraction=args.val_fraction,
             shard_tokens=args.shard_tokens,
             strict=args.strict,
+            max_record_bytes=args.max_record_bytes,
             languages=tuple(args.languages or ()),
             workers=args.workers,
         )
@@ -72,6 +73,13 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
         help="stop at the first unusable record instead of skipping and counting it",
     )
     p.add_argument("--invalid-utf8", choices=("repair", "drop"), default="repair")
+    p.add_argument(
+        "--max-record-bytes",
+        type=int,
+        default=32 << 20,
+        help="a longer JSONL line or text file is skipped (counted too_large) as it is read, "
+        "never held in memory (default 32 MiB)",
+    )
     p.add_argument(
         "--near-threshold",
         type=float,

@@ -23,9 +23,9 @@ import multiprocessing
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -37,10 +37,14 @@ from bigjax.data.dataset import SPLITS, ShardWriter
 from bigjax.data.files import SKIP_REASONS
 from bigjax.data.sources import DataError, FileLog, RawDoc, expand_inputs, read_documents
 
+T = TypeVar("T")
 MINHASH_SEED = 1  # fixed: signatures, and so near-dedup decisions, are reproducible
 MINHASH_SCHEME = "affine32"  # pinned, so a datasketch upgrade cannot change the decisions
 SHINGLE_WORDS = 5
-WINDOW = 2048  # documents handed to the worker pool at a time: bounds memory
+# Documents handed to the worker pool at a time, and at most this many characters of text:
+# together they bound memory (a window of long documents holds fewer of them).
+WINDOW = 2048
+WINDOW_CHARS = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,7 @@ class PrepareConfig:
     val_fraction: float = 0.01
     shard_tokens: int = 64 * 2**20
     strict: bool = False
+    max_record_bytes: int = 32 << 20  # longer records are skipped (too_large) while read
     languages: tuple[str, ...] = ()  # keep only these language tags (ISO 639-1); () keeps all
     workers: int = 0  # 0: one per CPU core
 
@@ -156,9 +161,15 @@ class NearDuplicates:
         return False
 
 
-def _windows(items: Iterable, size: int) -> Iterator[list]:
-    it = iter(items)
-    while block := list(itertools.islice(it, size)):
+def _windows(items: Iterable[T], chars: Callable[[T], int]) -> Iterator[list[T]]:
+    block, total = [], 0
+    for item in items:
+        block.append(item)
+        total += chars(item)
+        if len(block) >= WINDOW or total >= WINDOW_CHARS:
+            yield block
+            block, total = [], 0
+    if block:
         yield block
 
 
@@ -239,15 +250,21 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
         bar = progress.Bar("prepare: clean, dedup, scrub", len(files), "files")
         writers = {s: open(work / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
         raw = usable(
-            read_documents(files, text_field=cfg.text_field, invalid_utf8=cfg.invalid_utf8, log=log)
+            read_documents(
+                files,
+                text_field=cfg.text_field,
+                invalid_utf8=cfg.invalid_utf8,
+                log=log,
+                max_record_bytes=cfg.max_record_bytes,
+            )
         )
-        for window in _windows(raw, WINDOW):
-            texts = [d.text for d in window]
+        for window in _windows(raw, lambda d: len(d.text or "")):
+            texts = [d.text or "" for d in window]  # `usable` yields documents with text
             chunk = max(len(texts) // (4 * workers), 1)
             results = pool.starmap(clean_document, zip(texts, itertools.repeat(cfg)), chunk)
-            for doc, res in zip(window, results, strict=True):
+            for text, res in zip(texts, results, strict=True):
                 documents_in += 1
-                bytes_in += len(doc.text.encode("utf-8", errors="replace"))
+                bytes_in += len(text.encode("utf-8", errors="replace"))
                 if res.unicode_repaired:
                     cleaning["repaired_unicode"] += 1
                 if res.reason is not None:
@@ -298,15 +315,15 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
         done_docs = done_bytes = 0
         for split in SPLITS:
             with ShardWriter(out, split, tok.vocab_size, cfg.shard_tokens) as shards:
-                for window in _windows(_read_clean(work / f"{split}.jsonl"), WINDOW):
-                    chunk = max(len(window) // (4 * workers), 1)
+                for block in _windows(_read_clean(work / f"{split}.jsonl"), len):
+                    chunk = max(len(block) // (4 * workers), 1)
                     encoded = pool.starmap(
-                        tokenizers.encode_document, zip(itertools.repeat(tok), window), chunk
+                        tokenizers.encode_document, zip(itertools.repeat(tok), block), chunk
                     )
                     for ids in encoded:
                         shards.write(ids)
-                    done_docs += len(window)
-                    done_bytes += sum(len(t.encode()) for t in window)
+                    done_docs += len(block)
+                    done_bytes += sum(len(t.encode()) for t in block)
                     bar.update(done_docs, note=f"{done_bytes / 1e6:,.1f} MB")
             splits[split] = shards.summary()
         tokenize_seconds = bar.close()

@@ -1,8 +1,11 @@
 """Raw documents from input files: text files, JSONL (plain, gzip, zstd), Parquet, the stdlib.
 
-Readers stream: memory stays bounded by one line (JSONL), one batch (Parquet) or one file
-(text). A record that cannot be used is yielded with a `skip` reason, so the caller counts it
-(or, with --strict, stops at it) instead of losing it silently; a file that cannot be read at
+Readers stream, and no record is held past `max_record_bytes` of its raw bytes: a longer JSONL
+line or text file is read through in chunks and skipped as `too_large` (a 2 GiB line inflated
+from a small .jsonl.gz costs no more memory than a short one). So memory stays bounded by that
+cap (JSONL, text) or one batch (Parquet, whose cells pyarrow reads whole). A record that
+cannot be used is yielded with a `skip` reason, so the caller counts it (or, with --strict,
+stops at it) instead of losing it silently; a file that cannot be read at
 all (vanished, unreadable, not a regular file) is recorded in the `FileLog` with its reason and
 named on stderr, and the run goes on.
 """
@@ -138,8 +141,36 @@ def _decompressed(raw: io.BufferedIOBase, name: str) -> io.BufferedIOBase:
     return raw
 
 
-def _read_text_file(path: Path, f: io.BufferedIOBase, invalid_utf8: str) -> Iterator[RawDoc]:
-    data = f.read()
+CHUNK = 1 << 20  # bytes read at a time while skipping through an over-long record
+
+
+def _read_through(f: io.BufferedIOBase, line: bool) -> None:
+    """Reads (and drops) the rest of the current line, or of the file, a chunk at a time: the
+    bytes still pass through the input's SHA-256, and memory stays at one chunk."""
+    while chunk := (f.readline(CHUNK) if line else f.read(CHUNK)):
+        if line and chunk.endswith(b"\n"):
+            return
+
+
+def _lines(f: io.BufferedIOBase, limit: int) -> Iterator[bytes | None]:
+    """The lines of `f` (with their newline), None in place of each line longer than `limit`
+    bytes, which is never held whole."""
+    while raw := f.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw
+        else:
+            _read_through(f, line=True)
+            yield None
+
+
+def _read_text_file(
+    path: Path, f: io.BufferedIOBase, invalid_utf8: str, limit: int
+) -> Iterator[RawDoc]:
+    data = f.read(limit + 1)
+    if len(data) > limit:
+        _read_through(f, line=False)
+        yield RawDoc(str(path), 0, None, "too_large")
+        return
     if not data.strip():
         yield RawDoc(str(path), 0, None, "empty_file")
         return
@@ -148,10 +179,14 @@ def _read_text_file(path: Path, f: io.BufferedIOBase, invalid_utf8: str) -> Iter
 
 
 def _read_jsonl(
-    path: Path, f: io.BufferedIOBase, field: str, invalid_utf8: str
+    path: Path, f: io.BufferedIOBase, field: str, invalid_utf8: str, limit: int
 ) -> Iterator[RawDoc]:
     empty = True
-    for number, raw in enumerate(f, start=1):
+    for number, raw in enumerate(_lines(f, limit), start=1):
+        if raw is None:
+            empty = False
+            yield RawDoc(str(path), number, None, "too_large")
+            continue
         if not raw.strip():
             continue
         empty = False
@@ -174,7 +209,7 @@ def _read_jsonl(
 
 
 def _read_parquet(
-    path: Path, f: io.BufferedIOBase, raw: io.BufferedReader, field: str
+    path: Path, f: io.BufferedIOBase, raw: io.BufferedReader, field: str, limit: int
 ) -> Iterator[RawDoc]:
     import pyarrow.parquet as pq
 
@@ -191,7 +226,9 @@ def _read_parquet(
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             row += 1
-            if isinstance(value, str):
+            if isinstance(value, str) and len(value) * 4 > limit and len(value.encode()) > limit:
+                yield RawDoc(str(path), row, None, "too_large")
+            elif isinstance(value, str):
                 yield RawDoc(str(path), row, value)
             else:
                 yield RawDoc(str(path), row, None, "missing_field")
@@ -215,9 +252,16 @@ def _failure(error: Exception) -> str | None:
 
 
 def read_documents(
-    files: Sequence[Path], *, text_field: str, invalid_utf8: str, log: FileLog
+    files: Sequence[Path],
+    *,
+    text_field: str,
+    invalid_utf8: str,
+    log: FileLog,
+    max_record_bytes: int = 32 << 20,
 ) -> Iterator[RawDoc]:
-    """Every document of every file, in order; files that cannot be read go to `log`."""
+    """Every document of every file, in order; files that cannot be read go to `log`, records
+    over `max_record_bytes` are skipped as `too_large` without being held."""
+    limit = max_record_bytes
     for path in files:
         kind = _kind(path)
         try:
@@ -229,12 +273,12 @@ def read_documents(
         try:
             with io.BufferedReader(hashing) as f:
                 if kind == "text":
-                    yield from _read_text_file(path, f, invalid_utf8)
+                    yield from _read_text_file(path, f, invalid_utf8, limit)
                 elif kind == "jsonl":
                     with _decompressed(f, path.name.lower()) as stream:
-                        yield from _read_jsonl(path, stream, text_field, invalid_utf8)
+                        yield from _read_jsonl(path, stream, text_field, invalid_utf8, limit)
                 else:
-                    yield from _read_parquet(path, f, raw, text_field)
+                    yield from _read_parquet(path, f, raw, text_field, limit)
         except Exception as e:  # noqa: BLE001 - sorted into corrupt / unreadable, or re-raised
             # Documents read before the error are kept (and were counted); the file is named.
             reason = _failure(e)
