@@ -43,9 +43,10 @@ class TensorFileError(ValueError):
 def read(path: str | Path) -> dict[str, np.ndarray]:
     """All tensors of one file, as read-only arrays backed by a memory map."""
     path = Path(path)
+    size = path.stat().st_size
+    if size < 8:  # (and np.memmap refuses an empty file)
+        raise TensorFileError(f"{path}: too short to be a safetensors file ({size} bytes)")
     raw = np.memmap(path, dtype=np.uint8, mode="r")
-    if raw.size < 8:
-        raise TensorFileError(f"{path}: too short to be a safetensors file")
     (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
     if header_len > MAX_HEADER or 8 + header_len > raw.size:
         raise TensorFileError(f"{path}: header length {header_len} runs past the file's end")
@@ -57,6 +58,7 @@ def read(path: str | Path) -> dict[str, np.ndarray]:
         raise TensorFileError(f"{path}: the header is a {type(header).__name__}, not a mapping")
     body = raw[8 + header_len :]
     out = {}
+    spans = []  # (start, end, name): the data of distinct tensors may not overlap
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -77,7 +79,33 @@ def read(path: str | Path) -> dict[str, np.ndarray]:
                 f"[{start}, {end}) that do not fit its size or the file"
             )
         out[name] = body[start:end].view(dtype).reshape(shape)
+        spans.append((start, end, name))
+    _check_layout(path, sorted(spans), body.size)
     return out
+
+
+def _check_layout(path: Path, spans: list[tuple[int, int, str]], size: int) -> None:
+    """As the format (and its reference reader) requires: tensors' data back to back, in
+    offset order, from the first byte after the header to the file's end. Overlapping ranges
+    would make one tensor's bytes another's; a gap or a tail would hide data no tensor owns."""
+    end = 0
+    for start, stop, name in spans:
+        if start != end:
+            what = (
+                "overlaps the tensor before it"
+                if start < end
+                else f"leaves bytes [{end}, {start}) unowned"
+            )
+            raise TensorFileError(
+                f"{path}: tensor {name!r} at data offsets [{start}, {stop}) {what}; the file is "
+                "malformed (safetensors tensors are stored back to back)"
+            )
+        end = stop
+    if end != size:
+        raise TensorFileError(
+            f"{path}: {size - end} bytes after the last tensor's data belong to no tensor; the "
+            "file is malformed or was appended to"
+        )
 
 
 def _well_formed(info: object) -> bool:
@@ -138,7 +166,18 @@ def read_dir(directory: str | Path) -> dict[str, np.ndarray]:
                 )
             if not (directory / shard).is_file():
                 raise TensorFileError(f"{directory / INDEX} names {shard}, which is missing")
-            out.update(read(directory / shard))
+            for name, array in read(directory / shard).items():
+                # A tensor is read from the one shard the index names for it and must be in
+                # no other: a second copy would make the result depend on the reading order.
+                if weight_map.get(name) != shard:
+                    listed = "does not list it"
+                    if name in weight_map:
+                        listed = f"names {weight_map[name]} for it"
+                    raise TensorFileError(
+                        f"{directory / shard} holds tensor {name!r}, but {INDEX} {listed}; the "
+                        "directory is malformed"
+                    )
+                out[name] = array
         missing = sorted(set(weight_map) - set(out))
         if missing:
             raise TensorFileError(

@@ -502,6 +502,57 @@ def test_convert_refuses_a_deeply_nested_header(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def _header(path: Path) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    return json.loads(path.read_bytes()[8 : 8 + n]), path.read_bytes()[8 + n :]
+
+
+def _write(path: Path, header: dict, body: bytes) -> None:
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + body)
+
+
+def _new(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def test_convert_refuses_malformed_shards_in_one_line(tmp_path, capsys):
+    from bigjax.cli.main import main
+
+    def refused(src: Path, match: str) -> None:
+        assert main(["convert", str(src), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+    # overlapping byte ranges: the last tensor moved 64 bytes into the one before it (the
+    # file shortened to match), so its first bytes are also the other's last
+    src = _hf_dir(_new(tmp_path / "overlap"))
+    header, body = _header(src / "model.safetensors")
+    last = max(header, key=lambda k: header[k]["data_offsets"][0] if k != "__metadata__" else -1)
+    start, end = header[last]["data_offsets"]
+    header[last]["data_offsets"] = [start - 64, end - 64]
+    _write(src / "model.safetensors", header, body[:-64])
+    refused(src, "overlaps the tensor before it")
+    # two indexed shards both holding a tensor: the index decides, and a duplicate is refused
+    from bigjax import tensorfile
+
+    src = _hf_dir(_new(tmp_path / "twice"))
+    tensors = tensorfile.read(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    names = tensorfile.write_dir(src, {k: np.array(v) for k, v in tensors.items()}, 2048)
+    index = json.loads((src / tensorfile.INDEX).read_text())["weight_map"]
+    first, last = names[0], names[-2]  # (names[-1] is the index)
+    moved = next(k for k, shard in index.items() if shard == last)
+    extra = {**tensorfile.read(src / first), moved: tensors[moved]}
+    tensorfile.write(src / first, {k: np.array(v) for k, v in extra.items()}, {"format": "pt"})
+    refused(src, f"holds tensor {moved!r}, but {tensorfile.INDEX} names {last} for it")
+    # an empty file where a shard should be
+    src = _hf_dir(_new(tmp_path / "empty"))
+    (src / "model.safetensors").write_bytes(b"")
+    refused(src, "too short to be a safetensors file (0 bytes)")
+
+
 @pytest.mark.slow
 def test_convert_never_reads_files_outside_the_model_directory(tmp_path):
     src = _hf_dir(tmp_path)
