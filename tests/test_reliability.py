@@ -3,11 +3,15 @@
 import hashlib
 import json
 import os
+import select
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -201,6 +205,74 @@ def test_resume_from_step_1_and_from_a_mid_run_step_is_bitwise(uninterrupted, tm
     assert r.returncode == 0 and f"resuming from step {step}" in r.stdout, r.stderr[-2000:]
     assert _losses(resumed) == [x for x in _losses(uninterrupted) if x[0] > step]
     assert _params_hash(resumed, 12) == _params_hash(uninterrupted, 12)
+
+
+def _on_a_terminal(command: list[str]) -> tuple[subprocess.Popen, Callable[[], None]]:
+    """Starts `command` on a new pseudo-terminal, as its controlling terminal (as a shell in
+    an SSH session runs it); returns the process and a function that hangs the terminal up
+    (closes its master side, as a dropped connection does)."""
+    master, slave = os.openpty()
+    # In the new session, make the terminal on stdin the controlling one, then run `command`.
+    take_tty = "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); " + (
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", take_tty, *command], stdin=slave,
+                            stdout=slave, stderr=slave, cwd=ROOT, env=_env(),
+                            start_new_session=True)  # fmt: skip
+    os.close(slave)
+    stop = threading.Event()
+
+    def drain() -> None:  # a terminal shows what it is sent: unread, a full buffer blocks
+        while not stop.is_set():
+            if select.select([master], [], [], 0.05)[0]:
+                try:
+                    os.read(master, 1 << 16)
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+
+    def hang_up() -> None:
+        stop.set()
+        reader.join()
+        os.close(master)
+
+    return proc, hang_up
+
+
+@pytest.mark.slow
+def test_a_terminal_hangup_saves_and_the_run_resumes_bitwise(uninterrupted, tmp_path):
+    # libtpu ignores SIGHUP from its start-up on; the run then died at its next write to the
+    # dead terminal, losing every step since the last checkpoint. A hangup is now a stop
+    # request like SIGTERM; the Grain worker (same process group) leaves it to the trainer.
+    workdir = tmp_path / "hungup"
+    args = ["--config.num_steps=12", "--config.checkpoint.every_steps=100"]
+    proc, hang_up = _on_a_terminal(_cmd(workdir, *args))
+    _wait_for_step(workdir, proc, 4)
+    hang_up()
+    assert proc.wait(timeout=300) == 0
+    stopped = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert 4 <= stopped < 12  # saved where it stopped, not at a periodic checkpoint
+    r = _run(workdir, *args)
+    assert r.returncode == 0 and f"resuming from step {stopped}" in r.stdout, r.stderr[-2000:]
+    assert _losses(workdir) == _losses(uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_does_not_end_the_run(tmp_path):
+    # `bigjax train ... | head -1`: the reader leaves after one line; every later write to
+    # stdout fails (EPIPE). The run must train to its end anyway.
+    proc = subprocess.Popen(
+        _cmd(tmp_path, "--config.num_steps=4"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().startswith("bigjax ")
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert json.loads((tmp_path / "summary.json").read_text())["complete"]
 
 
 @pytest.mark.slow

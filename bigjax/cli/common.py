@@ -14,6 +14,41 @@ from typing import Any
 
 USAGE_ERROR = 2  # bad config or input: fix the command
 RUN_FAILED = 1  # the run itself failed (non-finite loss, checkpoint I/O)
+INTERRUPTED = 130  # a second Ctrl-C (128 + SIGINT, as a shell reports it)
+
+
+class Console:
+    """sys.stdout or sys.stderr, outliving its reader: once a write or flush fails (the
+    terminal hung up, the pipe's reader exited, the stream was closed or never open), what
+    follows is dropped instead of failing the command. A training run says everything that
+    matters in its files too (metrics.jsonl, summary.json, error.log)."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self._gone = stream is None
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):  # EIO, EPIPE, EBADF; ValueError: a closed file
+                self._gone = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._gone = True
+
+    def isatty(self) -> bool:
+        return not self._gone and self._stream.isatty()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno, buffer, ...
+        if self._stream is None:
+            raise AttributeError(name)
+        return getattr(self._stream, name)
 
 
 def join_override_values(argv: Sequence[str]) -> list[str]:
@@ -62,7 +97,7 @@ def native_logs_held(args: argparse.Namespace) -> Iterator[None]:
     with tempfile.TemporaryFile(mode="w+b") as captured:
         os.dup2(captured.fileno(), 2)
         # bigjax's own stderr lines (progress) still reach the terminal meanwhile
-        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
+        sys.stderr = Console(os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace"))
         try:
             yield
         except BaseException:

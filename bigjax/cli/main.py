@@ -8,7 +8,14 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from bigjax.cli.common import RUN_FAILED, USAGE_ERROR, add_debug_flag, join_override_values
+from bigjax.cli.common import (
+    INTERRUPTED,
+    RUN_FAILED,
+    USAGE_ERROR,
+    Console,
+    add_debug_flag,
+    join_override_values,
+)
 from bigjax.cli.data import add_prepare_parser
 from bigjax.cli.models import (
     add_compress_parser,
@@ -90,6 +97,8 @@ def quiet_library_noise() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if not isinstance(sys.stdout, Console):  # a closed terminal or pipe must not end the run
+        sys.stdout, sys.stderr = Console(sys.stdout), Console(sys.stderr)
     argv = join_override_values(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args([a for a in argv if not a.startswith("--config.")])
@@ -100,6 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_library_noise()
     try:
         return args.run(args, overrides)
+    except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a save, this one for now
+        if args.debug:
+            traceback.print_exc()
+        print(
+            "bigjax: interrupted: stopped at once, without a final save (the checkpoints on "
+            "disk are intact; rerun to resume from the newest).",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     except Exception as e:  # one line for what the user can fix; a traceback for the rest
         kind = _error_kind(e)
         if kind is None:

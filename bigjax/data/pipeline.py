@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -339,8 +340,12 @@ class Batches:
 def exit_with_parent(worker_index: int, worker_count: int) -> None:
     """Runs in each Grain worker: exits when the training process is gone. A trainer killed
     with SIGKILL (OOM killer, a hard preemption) cannot stop its workers, and Grain's would
-    otherwise live on as orphans holding memory."""
+    otherwise live on as orphans holding memory. A terminal's Ctrl-C and hangup reach the
+    whole foreground process group, workers included: they ignore both and leave the stop to
+    the trainer, which saves with their data state and then closes them."""
     del worker_index, worker_count
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
     parent = os.getppid()
 
     def watch() -> None:
