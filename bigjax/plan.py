@@ -18,14 +18,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import numpy as np
 
-from bigjax import attention, lora, metrics, models, optim, progress, tuning
+from bigjax import attention, memory, metrics, models, progress, tuning
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
 from bigjax.mesh import resolve_shape
-from bigjax.sharding import is_spec
-from bigjax.state import abstract_state, state_specs
 
 GiB = 2**30
 
@@ -111,41 +108,6 @@ def _accelerator_config(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
 
 
-def _shard_factor(spec: Any, mesh_shape: dict[str, int]) -> int:
-    axes = [a for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,))]
-    return math.prod(mesh_shape[a] for a in axes)
-
-
-def activation_bytes_per_device(
-    cfg: TrainConfig, mesh_shape: dict[str, int], kernel: str = "einsum"
-) -> float:
-    """Estimate of what the backward pass keeps per device, for one micro-batch.
-
-    Per token and layer, bytes of the compute dtype, as (residual-stream, tensor-sharded):
-    with no remat ~ (4 D, 6 D + 3 F + H L) (norm inputs and residual adds; q/k/v/attention
-    output, the SwiGLU branches, the attention probabilities); with save_matmuls the matmul
-    outputs ~ (2 D, 2 D + 3 F); with full remat only the layer input (D, 0). The residual part
-    is split over `tensor` only with sequence parallelism (`act_res_seq`). Plus f32 logits and
-    their gradient (2 x 4 V per token). A flash kernel (`kernel` cudnn or splash) keeps no
-    probabilities, only their log-normaliser (H L -> H). XLA's compiled memory analysis is the
-    real answer.
-    """
-    m = cfg.model
-    dtype_bytes = np.dtype("float32" if m.dtype == "float32" else "bfloat16").itemsize
-    shards = math.prod(mesh_shape[a] for a in ("data", "fsdp"))
-    tokens = cfg.data.batch_size * cfg.data.seq_len / cfg.optim.grad_accum_steps / shards
-    probs_per_head = 2 if kernel in ("cudnn", "splash") else cfg.data.seq_len  # f32 lse: 2
-    residual, split = {
-        "none": (4 * m.d_model, 6 * m.d_model + 3 * m.d_ff + m.num_heads * probs_per_head),
-        "save_matmuls": (2 * m.d_model, 2 * m.d_model + 3 * m.d_ff),
-        "full": (m.d_model, 0),
-    }[m.remat]
-    tensor = mesh_shape["tensor"]
-    sequence_parallel = "tensor" in (dict(cfg.mesh.rules).get("act_res_seq") or ())
-    per_layer = residual / (tensor if sequence_parallel else 1) + split / tensor
-    return tokens * (m.num_layers * per_layer * dtype_bytes + 8 * m.vocab_size / tensor)
-
-
 def analytic(
     cfg: TrainConfig, target: Target, mfu: float, kernel: str = "einsum"
 ) -> dict[str, Any]:
@@ -153,26 +115,12 @@ def analytic(
     cfg = _accelerator_config(cfg)
     mesh_shape = mesh_shape_for(cfg, target)
     _, graph_state = models.abstract(cfg.model, cfg.mesh.rules)
-    tx = optim.make_optimizer(cfg.optim, cfg.num_steps, lora.trainable_fn(cfg.finetune))
-    abstract = abstract_state(graph_state, tx, cfg.finetune)
-    specs = state_specs(graph_state, abstract, tx, mesh_shape, cfg.mesh.rules)
-
-    def per_device(tree: Any, spec_tree: Any) -> float:
-        leaves = jax.tree.leaves(tree)
-        spec_leaves = jax.tree.leaves(spec_tree, is_leaf=is_spec)
-        return sum(
-            x.size * x.dtype.itemsize / _shard_factor(s, mesh_shape)
-            for x, s in zip(leaves, spec_leaves, strict=True)
-        )
-
     num_params = models.count_params(graph_state)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_per_token = models.FLOPS_PER_TOKEN[cfg.model.family](cfg.model, cfg.data.seq_len)
-    params_b = per_device(abstract.params, specs.params)
-    opt_b = per_device(abstract.opt_state, specs.opt_state)
-    act_b = activation_bytes_per_device(cfg, mesh_shape, kernel)
-    # gradients like the params; the accumulation scan carries a second buffer
-    grads_b = params_b * (2 if cfg.optim.grad_accum_steps > 1 else 1)
+    bytes_ = memory.device_estimate(cfg, mesh_shape, kernel)
+    params_b, opt_b, grads_b = bytes_["parameters"], bytes_["optimizer"], bytes_["gradients"]
+    act_b = bytes_["activations"]
     flops_per_step = flops_per_token * tokens_per_step
     step_s = flops_per_step / (target.peak_per_device * target.num_devices * mfu)
     return {

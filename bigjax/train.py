@@ -21,6 +21,7 @@ from bigjax import (
     checkpoint,
     history,
     integrity,
+    memory,
     metrics,
     models,
     runlock,
@@ -55,6 +56,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     cfg = tuning.for_devices(cfg, jax.devices())
     writer_process = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh)
+    memory.check(cfg, dict(mesh.shape), jax.local_devices())  # before anything is allocated
     tokenizer = pipeline.tokenizer_for(cfg.data)
     if cfg.model.vocab_size < tokenizer.vocab_size and cfg.data.task != "images":
         raise ConfigError(

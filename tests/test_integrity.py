@@ -1,6 +1,7 @@
 """Nothing corrupts a run silently: one writer per workdir, checksummed checkpoints, no
 non-finite state on disk, validated restores, strict JSON, untrusted convert inputs."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -321,6 +322,36 @@ def test_relaunching_a_finished_run_keeps_its_summary_true(tmp_path, two_steps):
         assert {k: v for k, v in after.items() if k != "wall_s"} == {
             k: v for k, v in before.items() if k != "wall_s"
         }
+
+
+@pytest.mark.parametrize(
+    "override, what",
+    [
+        ("--config.data.batch_size=100000000", "input pipeline"),  # rows of the pipeline
+        ("--config.model.num_layers=200000", "devices"),  # a state no host can hold
+    ],
+)
+def test_a_run_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, override, what):
+    # It used to print nothing and grow past 5 GB until the OOM killer came.
+    import psutil
+
+    proc = subprocess.Popen(
+        train_cmd(tmp_path / "run", *SMALL, "--config.num_steps=2", override),
+        cwd=ROOT, env={**os.environ, "XLA_FLAGS": xla_flags()}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    peak = 0
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            peak = max(peak, psutil.Process(proc.pid).memory_info().rss)
+        time.sleep(0.02)
+    out, err = proc.communicate()
+    assert proc.returncode == 2, err[-2000:]
+    (line,) = err.strip().splitlines()
+    assert line.startswith("bigjax: error: memory: this config needs about") and what in line
+    assert "GiB is available" in line and "Lower data.batch_size" in line
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+    assert peak < 2 << 30  # JAX and the libraries loaded (~0.5-1 GiB), nothing of the run
 
 
 HUGE_LR = {"lr": 1e39, "warmup_steps": 0, "schedule": "constant", "clip_norm": 1.0}

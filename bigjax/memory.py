@@ -1,0 +1,164 @@
+"""Memory a run needs, estimated from shapes before anything is built: per device (state,
+gradients, activations) and on the host (the input pipeline, the checkpoint's host copy). A
+config that cannot fit is refused in one line, instead of growing until the kernel's OOM
+killer ends it without a word (`data.batch_size=100000000` once did exactly that)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from bigjax import attention, lora, models, optim
+from bigjax.config import ConfigError, TrainConfig
+from bigjax.layers import compute_dtype
+from bigjax.sharding import is_spec
+from bigjax.state import abstract_state, state_specs
+
+GiB = 2**30
+# Host bytes per global batch row this process packs: Python objects of its packing stream
+# (iterators, Grain datasets) plus, per token, the packed and model arrays, their prefetch
+# copies and first-fit's bins. Measured on the built-in corpus (16-20 KiB a row; 40-160 bytes
+# a token, concat to first_fit), rounded up.
+ROW_BYTES = 20 << 10
+TOKEN_BYTES = 160
+
+
+def activation_bytes_per_device(
+    cfg: TrainConfig, mesh_shape: dict[str, int], kernel: str = "einsum"
+) -> float:
+    """Estimate of what the backward pass keeps per device, for one micro-batch.
+
+    Per token and layer, bytes of the compute dtype, as (residual-stream, tensor-sharded):
+    with no remat ~ (4 D, 6 D + 3 F + H L) (norm inputs and residual adds; q/k/v/attention
+    output, the SwiGLU branches, the attention probabilities); with save_matmuls the matmul
+    outputs ~ (2 D, 2 D + 3 F); with full remat only the layer input (D, 0). The residual part
+    is split over `tensor` only with sequence parallelism (`act_res_seq`). Plus f32 logits and
+    their gradient (2 x 4 V per token). A flash kernel (`kernel` cudnn or splash) keeps no
+    probabilities, only their log-normaliser (H L -> H). XLA's compiled memory analysis is the
+    real answer (`bigjax plan` on a TPU topology).
+    """
+    m = cfg.model
+    dtype_bytes = np.dtype("float32" if m.dtype == "float32" else "bfloat16").itemsize
+    shards = math.prod(mesh_shape[a] for a in ("data", "fsdp"))
+    tokens = cfg.data.batch_size * cfg.data.seq_len / cfg.optim.grad_accum_steps / shards
+    probs_per_head = 2 if kernel in ("cudnn", "splash") else cfg.data.seq_len  # f32 lse: 2
+    residual, split = {
+        "none": (4 * m.d_model, 6 * m.d_model + 3 * m.d_ff + m.num_heads * probs_per_head),
+        "save_matmuls": (2 * m.d_model, 2 * m.d_model + 3 * m.d_ff),
+        "full": (m.d_model, 0),
+    }[m.remat]
+    tensor = mesh_shape["tensor"]
+    sequence_parallel = "tensor" in (dict(cfg.mesh.rules).get("act_res_seq") or ())
+    per_layer = residual / (tensor if sequence_parallel else 1) + split / tensor
+    return tokens * (m.num_layers * per_layer * dtype_bytes + 8 * m.vocab_size / tensor)
+
+
+def _shard_factor(spec: Any, mesh_shape: dict[str, int]) -> int:
+    axes = [a for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,))]
+    return math.prod(mesh_shape[a] for a in axes)
+
+
+def state_bytes_per_device(cfg: TrainConfig, mesh_shape: dict[str, int]) -> tuple[float, float]:
+    """(parameters, optimizer state) bytes per device: exact, from the abstract state and the
+    sharding rules on `mesh_shape` (nothing is allocated)."""
+    _, graph_state = models.abstract(cfg.model, cfg.mesh.rules)
+    tx = optim.make_optimizer(cfg.optim, cfg.num_steps, lora.trainable_fn(cfg.finetune))
+    abstract = abstract_state(graph_state, tx, cfg.finetune)
+    specs = state_specs(graph_state, abstract, tx, mesh_shape, cfg.mesh.rules)
+
+    def per_device(tree: Any, spec_tree: Any) -> float:
+        leaves = jax.tree.leaves(tree)
+        spec_leaves = jax.tree.leaves(spec_tree, is_leaf=is_spec)
+        return sum(
+            x.size * x.dtype.itemsize / _shard_factor(s, mesh_shape)
+            for x, s in zip(leaves, spec_leaves, strict=True)
+        )
+
+    return per_device(abstract.params, specs.params), per_device(
+        abstract.opt_state, specs.opt_state
+    )
+
+
+def device_estimate(cfg: TrainConfig, mesh_shape: dict[str, int], kernel: str) -> dict[str, float]:
+    """Bytes per device: parameters, optimizer, gradients, activations, and their total."""
+    params_b, opt_b = state_bytes_per_device(cfg, mesh_shape)
+    # gradients like the params; the accumulation scan carries a second buffer
+    grads_b = params_b * (2 if cfg.optim.grad_accum_steps > 1 else 1)
+    act_b = activation_bytes_per_device(cfg, mesh_shape, kernel)
+    parts = {"parameters": params_b, "optimizer": opt_b, "gradients": grads_b}
+    return {**parts, "activations": act_b, "total": sum(parts.values()) + act_b}
+
+
+def host_data_bytes(cfg: TrainConfig, rows: int) -> float:
+    """Host bytes of the input pipeline packing `rows` rows of every global batch."""
+    return rows * (ROW_BYTES + TOKEN_BYTES * (cfg.data.seq_len + 1))
+
+
+def available_host_bytes() -> int:
+    """Memory the kernel can give this process now (MemAvailable: free plus reclaimable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_limit(device: jax.Device) -> int | None:
+    """A device's own memory (bytes), or None where it is the host's (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        return None
+    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def check(cfg: TrainConfig, mesh_shape: dict[str, int], devices: Sequence[jax.Device]) -> None:
+    """Raises ConfigError, in one line with the figures and what to change, if the run
+    cannot fit: per device on an accelerator, or all of it in host memory on CPU (where the
+    devices are the host). `devices` are this process's devices."""
+    platform = devices[0].platform
+    m = cfg.model
+    kernel = attention.resolve(
+        m.attention,
+        platform,
+        dtype=compute_dtype(m.dtype, platform),
+        head_dim=m.dim_per_head,
+        seq_len=cfg.data.seq_len,
+    )
+    per_device = device_estimate(cfg, mesh_shape, kernel)
+    rows = cfg.data.batch_size // jax.process_count()
+    host = {
+        "input pipeline": host_data_bytes(cfg, rows),
+        # the async checkpoint copies this process's shards of the state to the host
+        "checkpoint copy": (per_device["parameters"] + per_device["optimizer"]) * len(devices),
+    }
+    limit = device_limit(devices[0])
+    if limit is not None and per_device["total"] > limit:
+        raise ConfigError(_too_big(cfg, f"per device ({devices[0].device_kind})",
+                                   per_device, limit))  # fmt: skip
+    if limit is None:  # CPU: the devices' memory is the host's
+        host = {"devices": per_device["total"] * len(devices), **host}
+    available = available_host_bytes()
+    if sum(host.values()) > available:
+        raise ConfigError(_too_big(cfg, "of host memory", host, available))
+
+
+def _too_big(cfg: TrainConfig, where: str, parts: dict[str, float], have: float) -> str:
+    need = parts.get("total", sum(parts.values()))
+    shown = ", ".join(f"{k} {v / GiB:,.2f}" for k, v in parts.items() if k != "total")
+    return (
+        f"memory: this config needs about {need / GiB:,.1f} GiB {where} ({shown} GiB; "
+        f"data.batch_size={cfg.data.batch_size}, data.seq_len={cfg.data.seq_len}, "
+        f"optim.grad_accum_steps={cfg.optim.grad_accum_steps}) but {have / GiB:,.1f} GiB is "
+        "available. Lower data.batch_size or raise optim.grad_accum_steps (smaller "
+        "micro-batches), set model.remat=full, or shard over more devices; `bigjax plan` "
+        "shows the estimate in full."
+    )
