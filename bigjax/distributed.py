@@ -6,6 +6,8 @@ import os
 
 import jax
 
+from bigjax import platforms
+
 
 def should_auto_initialize(env: dict[str, str]) -> bool:
     """True on a multi-host Cloud TPU slice or a multi-task SLURM job, where
@@ -23,14 +25,15 @@ def initialize(
     coordinator_address: str | None, num_processes: int | None, process_id: int | None
 ) -> None:
     """Starts multi-process JAX before anything touches a device. A no-op for one process."""
+    platforms.choose()  # first: which platforms start decides the collectives below
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
             raise ValueError(
                 "give all of --coordinator_address HOST:PORT --num_processes N --process_id I"
             )
-        platforms = jax.config.jax_platforms  # type: ignore[attr-defined]  # set by a flag holder
-        if platforms in (None, "", "cpu") and not _has_accelerator_plugin():
+        chosen = jax.config.jax_platforms  # type: ignore[attr-defined]  # set by a flag holder
+        if chosen in (None, "", "cpu") and not _has_accelerator_plugin():
             # CPU-only processes need a collectives backend to talk to each other.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -33,7 +33,7 @@ from bigjax import (
     progress,
     runlock,
 )
-from bigjax.config import TrainConfig, advice
+from bigjax.config import ConfigError, TrainConfig, advice
 from bigjax.data import pipeline
 from bigjax.program import Program
 
@@ -144,10 +144,16 @@ def write_summary(workdir: Path, summary: dict[str, Any], wall_s: float) -> None
     """`summary.json`: where the run stands, for sweeps and `bigjax report`. Wall time adds up
     over resumes (a run killed with SIGKILL loses that attempt's time)."""
     path = workdir / "summary.json"
-    before = json.loads(path.read_text()).get("wall_s", 0.0) if path.exists() else 0.0
+    try:
+        before = json.loads(path.read_text()).get("wall_s", 0.0) if path.exists() else 0.0
+    except ValueError:  # damaged: this launch's time is what is known
+        before = 0.0
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(metrics.json_text({**summary, "wall_s": before + wall_s}, indent=2) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    try:
+        tmp.write_text(metrics.json_text({**summary, "wall_s": before + wall_s}, indent=2) + "\n")
+        tmp.replace(path)  # atomic: a reader never sees half a file
+    except OSError as e:
+        raise metrics.unwritable(path, e) from e
 
 
 @dataclasses.dataclass
@@ -250,15 +256,36 @@ def keep_only_the_error(workdir: Path) -> Callable[..., bool]:
         steps = workdir / "checkpoints"
         if error is None or (steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())):
             return False
-        for path in workdir.iterdir():
-            if path.name == runlock.LOCK_NAME:
-                continue  # still held: released (emptied) right after this
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        text = "".join(traceback.format_exception(kind, error, tb))
-        (workdir / "error.log").write_text(f"bigjax: error: {error}\n\n{text}")
+        # Best effort: a directory that became read-only keeps what it holds, and the error
+        # that ended the run is what the user sees, not one of cleaning up after it.
+        with contextlib.suppress(OSError):
+            for path in workdir.iterdir():
+                if path.name == runlock.LOCK_NAME:
+                    continue  # still held: released (emptied) right after this
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            text = "".join(traceback.format_exception(kind, error, tb))
+            (workdir / "error.log").write_text(f"bigjax: error: {error}\n\n{text}")
         return False  # the error goes on to the caller
 
     return on_exit
+
+
+def open_workdir(workdir: Path) -> bool:
+    """Creates the run directory if needed; returns whether it is new (or empty). What cannot
+    be a run directory is a one-line ConfigError."""
+    if workdir.is_symlink() and not workdir.exists():
+        raise ConfigError(
+            f"--workdir {workdir}: a symbolic link to {os.readlink(workdir)}, which does not "
+            "exist; create that directory, or give another --workdir."
+        )
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir}: exists and is not a directory.")
+    try:
+        fresh = not workdir.exists() or not any(workdir.iterdir())
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir}: cannot create or list it ({e.strerror}).") from e
+    return fresh
 
 
 def restore_or_init(

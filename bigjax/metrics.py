@@ -110,6 +110,19 @@ def progress_line(row: dict[str, Any], num_steps: int, width: int = 20) -> str:
     )
 
 
+class WriteError(RuntimeError):
+    """A run file could not be written (the run directory became read-only, a full disk, a
+    read-only remount); the message names the file and the way on."""
+
+
+def unwritable(path: Path, e: OSError) -> WriteError:
+    return WriteError(
+        f"cannot write {path} ({e.strerror or e}): the run directory is no longer writable "
+        "(permissions, a full disk, a read-only remount). Fix that and rerun the same command: "
+        "it resumes from the last checkpoint."
+    )
+
+
 class Writers:
     """Console, `metrics.jsonl`, TensorBoard and Weights & Biases. Only the writing process
     creates files."""
@@ -144,8 +157,11 @@ class Writers:
     def write(self, row: dict[str, Any], console: str | None = None) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json_text(row) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json_text(row) + "\n")
+        except OSError as e:
+            raise unwritable(self.path, e) from e
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from bigjax import attention, memory, metrics, models, progress, tuning
+from bigjax import attention, memory, metrics, models, platforms, progress, tuning
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
 from bigjax.mesh import resolve_shape
@@ -150,11 +150,18 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
     from bigjax.program import make_program
 
     cfg = _accelerator_config(cfg)
-    topo = topologies.get_topology_desc(
-        topology_name=f"{target.tpu_generation}:{target.tpu_shape}",
-        platform="tpu",
-        num_slices=target.num_slices,
-    )
+    platforms.allow_compile_only_libtpu()  # no chips here: a run beside must not block this
+    try:
+        topo = topologies.get_topology_desc(
+            topology_name=f"{target.tpu_generation}:{target.tpu_shape}",
+            platform="tpu",
+            num_slices=target.num_slices,
+        )
+    except jax.errors.JaxRuntimeError as e:  # on a TPU VM whose chips another process drives
+        busy = platforms.busy_error(e)
+        if busy is None:
+            raise
+        raise busy from None
     devices: list[Any] = list(topo.devices)  # TPU devices of a topology (compile-only)
     mesh = make_mesh(cfg.mesh, devices)
     # Built outside the mesh context: setup runs small eager ops, and these TPU devices can

@@ -94,11 +94,13 @@ def waiting(label: str, stream: TextIO | None = None) -> Iterator[None]:
 
     thread = threading.Thread(target=tick, daemon=True)
     thread.start()
+    outcome = "failed after"  # what the error then says is the rest of the story
     try:
         yield
+        outcome = "done in"
     finally:
         stop.set()
         thread.join()
-        text = f"{label}: done in {time.perf_counter() - start:.1f} s"
+        text = f"{label}: {outcome} {time.perf_counter() - start:.1f} s"
         out.write(("\r" + text + "\x1b[K\n") if tty else text + "\n")
         out.flush()

@@ -108,7 +108,10 @@ def take(path: Path) -> RunLock:
             f"{path} is a directory, not bigjax's lock file; remove it (rmdir) and rerun."
         ) from None
     except OSError as e:
-        raise LockFileError(f"cannot open the lock file {path}: {e.strerror}") from None
+        raise LockFileError(
+            f"cannot write the lock file {path} ({e.strerror}): bigjax needs a directory it can "
+            "write to."
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

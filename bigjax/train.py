@@ -36,6 +36,7 @@ from bigjax.loop import (  # noqa: F401 - re-exported: the tools and tests use t
     StepLog,
     Window,
     keep_only_the_error,
+    open_workdir,
     report_done,
     restore_or_init,
     run_eval,
@@ -69,8 +70,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
     with jax.set_mesh(mesh), stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
         if writer_process:  # one writer per run; the kernel frees it however this ends
-            fresh = not workdir.exists() or not any(workdir.iterdir())
-            workdir.mkdir(parents=True, exist_ok=True)
+            fresh = open_workdir(workdir)
             lock = runlock.acquire(workdir)
             cleanup.callback(lock.release)
             if fresh:  # failing before its first checkpoint, it leaves only error.log

@@ -153,3 +153,44 @@ def test_cli_plan(tmp_path):
         timeout=300,
     )
     assert r.returncode == 2 and "topology" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_cpu_run_leaves_libtpu_alone_and_plan_compiles_beside_it(tmp_path):
+    # With the tpu extra, every `bigjax train` on a machine without TPU chips used to start
+    # libtpu and hold its lock file for its whole life, so plan's compile beside it failed.
+    import os
+    import time
+
+    pytest.importorskip("libtpu", reason="needs the tpu extra: pip install 'bigjax[tpu]'")
+    from conftest import xla_flags
+    from helpers import train_cmd
+
+    from bigjax import platforms
+
+    if platforms.has_tpu():
+        pytest.skip("a machine with TPU chips: there, a run drives them and holds the lock")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # JAX picks
+    env["XLA_FLAGS"] = xla_flags()
+    run = tmp_path / "run"
+    args = ["--config.data.seq_len=64", "--config.num_steps=300", "--config.metrics.log_every=1"]
+    trainer = subprocess.Popen(train_cmd(run, *args), cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "metrics.jsonl").exists():  # training: its backends are up
+            assert trainer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "libtpu" not in Path(f"/proc/{trainer.pid}/maps").read_text()
+        assert trainer.pid not in platforms.lockfile_holders()
+        r = subprocess.run(
+            [sys.executable, "-m", "bigjax.cli", "plan", "--config", "configs/lm_tiny.py",
+             "--topology", "v5e-4"], capture_output=True, text=True, cwd=ROOT, env=env,
+            timeout=300,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "compiled for 4 x TPU v5 lite" in r.stdout
+        assert trainer.poll() is None  # and the run went on meanwhile
+    finally:
+        trainer.terminate()
+        trainer.wait(timeout=300)

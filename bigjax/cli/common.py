@@ -122,5 +122,14 @@ def start_jax(args: argparse.Namespace) -> None:
     bounds' / 'E0000 ... INVALID_ARGUMENT' from libtpu's probing."""
     import jax
 
+    from bigjax import platforms
+
+    platforms.choose()  # no libtpu on a machine without TPU chips
     with native_logs_held(args):
-        jax.devices()
+        try:
+            jax.devices()
+        except RuntimeError as e:  # another process drives the TPU: one line, naming it
+            busy = platforms.busy_error(e)
+            if busy is None:
+                raise
+            raise busy from None

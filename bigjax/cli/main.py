@@ -144,6 +144,8 @@ _REPORTED = (
     ("bigjax.checkpoint", "CheckpointMismatch", USAGE_ERROR),
     ("bigjax.checkpoint", "CheckpointError", RUN_FAILED),
     ("bigjax.loop", "NonFiniteError", RUN_FAILED),
+    ("bigjax.metrics", "WriteError", RUN_FAILED),
+    ("bigjax.platforms", "DeviceBusyError", RUN_FAILED),
 )
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import json
+import traceback
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -28,10 +30,36 @@ def load_python_function(path: str | Path, function: str, what: str, hint: str) 
     if module_spec is None or module_spec.loader is None:  # not loadable as Python source
         raise ConfigError(f"{what}: {path} is not a Python file. {hint}")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not callable(getattr(module, function, None)):
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"{what}: {path}, line {e.lineno}: {e.msg}. Fix the file.") from None
+    except Exception as e:
+        raise _user_error(what, file, f"running {path}", e) from e
+    found = getattr(module, function, None)
+    if not callable(found):
         raise ConfigError(f"{what}: {path} defines no {function}() function.")
-    return getattr(module, function)
+
+    @functools.wraps(found)
+    def call(*args: Any) -> Any:
+        try:
+            return found(*args)
+        except ConfigError:
+            raise
+        except Exception as e:  # the user's own code: one line saying where and what
+            shown = ", ".join(repr(a) for a in args)
+            raise _user_error(what, file, f"{function}({shown}) in {path}", e) from e
+
+    return call
+
+
+def _user_error(what: str, file: Path, doing: str, e: Exception) -> ConfigError:
+    """An error raised by a config or spec file's own code, as one line: the file's line that
+    raised it (the innermost frame in that file) and the message."""
+    frames = traceback.extract_tb(e.__traceback__)
+    lines = [f.lineno for f in frames if Path(f.filename).resolve() == file.resolve()]
+    where = f" (line {lines[-1]})" if lines else ""
+    return ConfigError(f"{what}: {doing} raised {type(e).__name__}{where}: {e}")
 
 
 def from_configdict(cd: Any) -> TrainConfig:
