@@ -138,6 +138,7 @@ class Window:
     steps: int = 0
     tokens: float = 0.0
     data_wait: float = 0.0
+    dispatch: float = 0.0  # host time inside the steps' calls (the whole step, if run inline)
 
 
 def write_summary(workdir: Path, summary: dict[str, Any], wall_s: float) -> None:
@@ -172,12 +173,25 @@ class StepLog:
     window: Window = dataclasses.field(default_factory=Window)
     compile_s: float | None = None
     skipped_steps: int = 0
+    peak_doubted: bool = False  # an MFU over 100 % was measured: the peak is wrong
     last: dict[str, Any] = dataclasses.field(default_factory=dict)  # the last logged row
     latest: dict[str, float] = dataclasses.field(default_factory=dict)  # the last finished
 
-    def finish(self, done_step: int, device_metrics: dict[str, jax.Array]) -> bool:
+    def possible_mfu(self, step_time: float) -> float | None:
+        """MFU of a step of `step_time`, or None once one came out above 100 %: no device
+        beats its peak, so that peak is wrong (warned once) and no MFU is logged from it."""
+        mfu = self.flops_per_step / step_time / self.peak_flops
+        if mfu > 1.0 and not self.peak_doubted:
+            self.peak_doubted = True
+            if self.warn:
+                print(_impossible_mfu_warning(mfu, self.peak_flops), flush=True)
+        return None if self.peak_doubted else mfu
+
+    def finish(
+        self, done_step: int, device_metrics: dict[str, jax.Array], dispatch_s: float = 0.0
+    ) -> bool:
         """Fetches, checks and (every log_every steps) logs one step; returns whether the step
-        was finite."""
+        was finite. `dispatch_s`: host time the step's call took."""
         cfg = self.cfg
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         # The device finished this step now and already runs the next: the next window
@@ -196,19 +210,23 @@ class StepLog:
         window = self.window
         window.steps += 1
         window.tokens += host.pop("tokens")
+        window.dispatch += dispatch_s
         first = self.compile_s is None
         if first:  # includes compilation: logged, but kept out of the throughput window
             self.compile_s = fetched - window.start
         if done_step % cfg.metrics.log_every and done_step != cfg.num_steps and not first:
             return finite
-        elapsed = fetched - window.start
+        # A step the backend ran inside its call (inline, not dispatched) had finished before
+        # the previous step's metrics were fetched: at a save, where two fetches follow each
+        # other, the fetch times then bound none of its work. The calls' own time does.
+        elapsed = max(fetched - window.start, window.dispatch)
         step_time = elapsed / window.steps
         row = {
             "step": done_step,
             **host,
             "tokens_per_sec": None if first else window.tokens / elapsed,
             "step_time": None if first else step_time,
-            "mfu": None if first else self.flops_per_step / step_time / self.peak_flops,
+            "mfu": None if first else self.possible_mfu(step_time),
             "eta_s": None if first else step_time * (cfg.num_steps - done_step),
             "compile_s": self.compile_s,
             # host time blocked on the input pipeline, per step and as a share
@@ -244,6 +262,15 @@ def run_summary(
         "flops": step * tokens_per_step * flops_per_token,
         "skipped_steps": skipped_steps,
     }
+
+
+def _impossible_mfu_warning(mfu: float, peak: float) -> str:
+    return (
+        f"warning: measured MFU {mfu:.0%} is impossible, so the peak it divides by is wrong: "
+        f"{peak:.3g} FLOP/s (on CPU measured at start, by a matmul that other processes may "
+        "have slowed). MFU is logged as null from here; set metrics.peak_flops to the "
+        "devices' real peak."
+    )
 
 
 def keep_only_the_error(workdir: Path) -> Callable[..., bool]:

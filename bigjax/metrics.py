@@ -104,8 +104,9 @@ def progress_line(row: dict[str, Any], num_steps: int, width: int = 20) -> str:
         head += f" | ε {row['dp_epsilon']:.3g} (σ {row['dp_noise_multiplier']:.3g})"
     if row.get("step_time") is None:  # the first step of a process: compilation
         return head + f" | compiled in {row.get('compile_s', 0.0):.1f} s"
+    mfu = "-" if row.get("mfu") is None else f"{row['mfu']:.1%}"  # null: the peak is doubted
     return head + (
-        f" | {row['tokens_per_sec']:,.0f} tok/s | mfu {row['mfu']:.1%} | "
+        f" | {row['tokens_per_sec']:,.0f} tok/s | mfu {mfu} | "
         f"{row['step_time']:.3f} s/step | eta {format_duration(row['eta_s'])}"
     )
 

@@ -149,14 +149,15 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 next(data_iter)  # the batch that produced a non-finite step: drop it
             wait_start = time.perf_counter()
             local_batch = next(data_iter)
-            log.window.data_wait += time.perf_counter() - wait_start
+            dispatched = time.perf_counter()
+            log.window.data_wait += dispatched - wait_start
             state, step_metrics = prog.train_step(state, prog.to_global(local_batch))
             step += 1
             bad_step = None
             # Fetch the previous step's metrics only now: the device already has this step.
             if pending is not None and not log.finish(*pending):
                 bad_step = pending[0]
-            pending = (step, step_metrics)
+            pending = (step, step_metrics, time.perf_counter() - dispatched)
             eval_due = step == cfg.num_steps or (
                 cfg.eval.every_steps and step % cfg.eval.every_steps == 0
             )
