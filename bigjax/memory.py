@@ -84,6 +84,19 @@ def state_bytes_per_device(cfg: TrainConfig, mesh_shape: dict[str, int]) -> tupl
     )
 
 
+def attention_kernel(cfg: TrainConfig, platform: str) -> str:
+    """The attention kernel `model.attention` resolves to on `platform` (what it keeps for the
+    backward pass differs: a flash kernel keeps no probabilities)."""
+    m = cfg.model
+    return attention.resolve(
+        m.attention,
+        platform,
+        dtype=compute_dtype(m.dtype, platform),
+        head_dim=m.dim_per_head,
+        seq_len=cfg.data.seq_len,
+    )
+
+
 def device_estimate(cfg: TrainConfig, mesh_shape: dict[str, int], kernel: str) -> dict[str, float]:
     """Bytes per device: parameters, optimizer, gradients, activations, and their total."""
     params_b, opt_b = state_bytes_per_device(cfg, mesh_shape)
@@ -124,16 +137,7 @@ def check(cfg: TrainConfig, mesh_shape: dict[str, int], devices: Sequence[jax.De
     """Raises ConfigError, in one line with the figures and what to change, if the run
     cannot fit: per device on an accelerator, or all of it in host memory on CPU (where the
     devices are the host). `devices` are this process's devices."""
-    platform = devices[0].platform
-    m = cfg.model
-    kernel = attention.resolve(
-        m.attention,
-        platform,
-        dtype=compute_dtype(m.dtype, platform),
-        head_dim=m.dim_per_head,
-        seq_len=cfg.data.seq_len,
-    )
-    per_device = device_estimate(cfg, mesh_shape, kernel)
+    per_device = device_estimate(cfg, mesh_shape, attention_kernel(cfg, devices[0].platform))
     rows = cfg.data.batch_size // jax.process_count()
     host = {
         "input pipeline": host_data_bytes(cfg, rows),

@@ -19,9 +19,8 @@ from typing import Any
 
 import jax
 
-from bigjax import attention, memory, metrics, models, platforms, progress, tuning
+from bigjax import memory, metrics, models, platforms, progress, tuning
 from bigjax.config import ConfigError, TrainConfig
-from bigjax.layers import compute_dtype
 from bigjax.mesh import resolve_shape
 
 GiB = 2**30
@@ -282,13 +281,7 @@ def plan(cfg: TrainConfig, target: Target, mfu: float, compile_: bool | None) ->
     kind = f"TPU {target.tpu_generation}" if target.tpu_generation else target.name
     cfg = _accelerator_config(tuning.tune(cfg, platform, kind, target.num_devices))
     m = cfg.model
-    kernel = attention.resolve(
-        m.attention,
-        platform,
-        dtype=compute_dtype(m.dtype, platform),
-        head_dim=m.dim_per_head,
-        seq_len=cfg.data.seq_len,
-    )
+    kernel = memory.attention_kernel(cfg, platform)
     result: dict[str, Any] = {
         "analytic": analytic(cfg, target, mfu, kernel),
         "choices": {

@@ -58,6 +58,12 @@ def _run(workdir: Path, *extra: str, devices: int = 8, **kw) -> subprocess.Compl
     )
 
 
+def _start(workdir: Path, *extra: str) -> subprocess.Popen:
+    """`bigjax train` in the background, its output readable as text."""
+    return subprocess.Popen(_cmd(workdir, *extra), cwd=ROOT, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
 def _losses(workdir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r]
 
@@ -131,14 +137,7 @@ def test_sigkill_at_any_step_then_relaunch_is_bitwise_identical(uninterrupted, t
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path):
     workdir = tmp_path / "preempted"
-    proc = subprocess.Popen(
-        _cmd(workdir, "--config.num_steps=12", "--config.checkpoint.every_steps=100"),
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start(workdir, "--config.num_steps=12", "--config.checkpoint.every_steps=100")
     _wait_for_step(workdir, proc, 4)
     # SIGTERM keeps coming until the process exits, as from a scheduler that repeats its
     # notice or PR_SET_PDEATHSIG firing per thread of a dying parent: none may abort the save.
@@ -170,14 +169,7 @@ def test_resume_from_step_1_and_from_a_mid_run_step_is_bitwise(uninterrupted, tm
     # Step 1: SIGTERM during the first compile saves step 1 (every row's state is then at a
     # document boundary); the relaunch must continue the same data order.
     first = tmp_path / "first"
-    proc = subprocess.Popen(
-        _cmd(first, "--config.num_steps=12", "--config.checkpoint.every_steps=3"),
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start(first, "--config.num_steps=12", "--config.checkpoint.every_steps=3")
     assert proc.stdout is not None
     banner = proc.stdout.readline()  # printed inside the signal handlers, before compiling
     assert banner.startswith("bigjax "), banner + proc.communicate()[1][-2000:]
@@ -263,10 +255,7 @@ def test_a_terminal_hangup_saves_and_the_run_resumes_bitwise(uninterrupted, tmp_
 def test_a_closed_stdout_does_not_end_the_run(tmp_path):
     # `bigjax train ... | head -1`: the reader leaves after one line; every later write to
     # stdout fails (EPIPE). The run must train to its end anyway.
-    proc = subprocess.Popen(
-        _cmd(tmp_path, "--config.num_steps=4"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = _start(tmp_path, "--config.num_steps=4")
     assert proc.stdout is not None and proc.stdout.readline().startswith("bigjax ")
     proc.stdout.close()
     _, err = proc.communicate(timeout=300)
