@@ -262,6 +262,11 @@ def test_a_closed_stdout_does_not_end_the_run(tmp_path):
     assert proc.returncode == 0, err[-2000:]
     assert "Traceback" not in err and "BrokenPipe" not in err
     assert json.loads((tmp_path / "summary.json").read_text())["complete"]
+    # started with no stdin, stdout or stderr at all (`<&- >&- 2>&-`)
+    closed = tmp_path / "closed"
+    script = f"exec {shlex.join(_cmd(closed, '--config.num_steps=2'))} <&- >&- 2>&-"
+    r = subprocess.run(["bash", "-c", script], cwd=ROOT, env=_env(), timeout=600)
+    assert r.returncode == 0 and json.loads((closed / "summary.json").read_text())["complete"]
 
 
 @pytest.mark.slow

@@ -51,6 +51,20 @@ class Console:
         return getattr(self._stream, name)
 
 
+def standard_descriptors_open() -> None:
+    """Opens /dev/null on any of descriptors 0-2 the command was started without (`2>&-`):
+    else the next file opened gets that number, and native code writing its logs to "stderr"
+    would write them into it (a checkpoint, a metrics file)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+
 def join_override_values(argv: Sequence[str]) -> list[str]:
     """Accepts both '--config.a=1' and '--config.a 1'."""
     out: list[str] = []

@@ -15,6 +15,7 @@ from bigjax.cli.common import (
     Console,
     add_debug_flag,
     join_override_values,
+    standard_descriptors_open,
 )
 from bigjax.cli.data import add_prepare_parser
 from bigjax.cli.models import (
@@ -97,6 +98,7 @@ def quiet_library_noise() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    standard_descriptors_open()
     if not isinstance(sys.stdout, Console):  # a closed terminal or pipe must not end the run
         sys.stdout, sys.stderr = Console(sys.stdout), Console(sys.stderr)
     argv = join_override_values(sys.argv[1:] if argv is None else argv)
