@@ -9,6 +9,7 @@ tensorstore arrays, the data-iterator state and the metadata are JSON.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -121,7 +122,13 @@ def make_manager(directory: Path, cfg: CheckpointConfig) -> ocp.CheckpointManage
         preservation_policy=policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=cfg.async_save,
         async_options=(
-            ocp.AsyncOptions(post_finalization_callback=seal_before_commit)
+            ocp.AsyncOptions(
+                post_finalization_callback=seal_before_commit,
+                # The step's directories are made in `save`, on the loop's thread (a few
+                # mkdirs): made in the background, a directory that cannot be created left
+                # Orbax waiting for a signal that never came, for minutes, then hanging exit.
+                create_directories_asynchronously=False,
+            )
             if cfg.async_save
             else None
         ),
@@ -187,6 +194,15 @@ def wait(manager: ocp.CheckpointManager) -> None:
     seal = getattr(manager, "seal_committed", None)
     if seal is not None:  # async steps are sealed before their commit; this is a fallback
         seal()
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """Lets Orbax finish or abandon its background writes, on the way out. A failure of a save
+    still in flight is not raised here: a run that ends normally has waited for its saves
+    (`wait` reports a failure), and one that ends by an error reports that error, not a save
+    it cut short."""
+    with contextlib.suppress(Exception):
+        manager.close()
 
 
 def _save_error(manager: ocp.CheckpointManager, step: int | None, e: Exception) -> CheckpointError:

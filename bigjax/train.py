@@ -97,7 +97,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         # replaced on rollback) and let Orbax finish or abandon its background writes.
         cleanup.callback(lambda: getattr(data_iter, "close", lambda: None)())
         manager = checkpoint.make_manager(workdir / "checkpoints", cfg.checkpoint)
-        cleanup.callback(manager.close)
+        cleanup.callback(checkpoint.close, manager)
         target = placed(prog.abstract, prog.shardings)
         layout = checkpoint.param_layout(prog.abstract.params)
         config = to_dict(cfg)  # checked against the checkpoint's: some changes cannot resume

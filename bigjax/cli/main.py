@@ -83,7 +83,10 @@ def quiet_library_noise() -> None:
     previous_unraisable = sys.unraisablehook
 
     def closed_loop(value: BaseException | None) -> bool:
-        return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+        # also writes abandoned at exit, finalised while the interpreter shuts down
+        shutting_down = isinstance(value, ImportError) and "shutting down" in str(value)
+        closed = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+        return shutting_down or closed
 
     def hook(kind, value, tb) -> None:
         if not closed_loop(value):
