@@ -429,22 +429,31 @@ def test_skip_warns_counts_and_writes_strict_json(tmp_path, capsys):
 @pytest.mark.slow
 def test_mfu_is_never_above_one_with_every_step_logged(tmp_path):
     # The throughput window used to restart after the next step was already dispatched, so
-    # every second logged step counted a step's work in less than its time (MFU 108 %). Saves
-    # and evals fetch two steps back to back: those windows too (the steps run inline here,
-    # jax_cpu_enable_async_dispatch off, so the fetch times bound none of their work).
+    # every second logged step counted a step's work in less than its time (MFU 108 %).
     cfg = tiny_config(num_steps=12, metrics={"log_every": 1}, checkpoint={"every_steps": 2},
                       eval={"every_steps": 3, "num_batches": 1})  # fmt: skip
-    train(cfg, tmp_path / "async")
-    args = ("--config.num_steps=12", "--config.checkpoint.every_steps=2",
-            "--config.eval.every_steps=3", "--config.metrics.log_every=1")  # fmt: skip
-    r = subprocess.run(train_cmd(tmp_path / "inline", *SMALL, *args), capture_output=True,
-                       text=True, cwd=ROOT, timeout=600, env={**os.environ, "XLA_FLAGS":
-                       xla_flags(1), "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false"})  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    for run in ("inline", "async"):
-        rows = read_jsonl(tmp_path / run / "metrics.jsonl")
-        mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]
-        assert len(mfus) >= 10 and max(mfus) < 1.0, (run, mfus)
+    train(cfg, tmp_path)
+    mfus = [r["mfu"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("mfu") is not None]
+    assert len(mfus) >= 10 and max(mfus) < 1.0
+
+
+def test_a_step_run_inside_its_call_is_timed_by_the_call(tmp_path):
+    # A backend may run a step inline (inside the call that dispatches it): the step then
+    # finished before the previous step's metrics were fetched, and at a save, where two
+    # fetches follow each other, the fetch times bound none of its work (a window of ~0 s,
+    # an MFU in the thousands). The call's own time is a floor for the window.
+    from bigjax import metrics
+    from bigjax.loop import StepLog
+
+    cfg = tiny_config(num_steps=10, metrics={"log_every": 1})
+    writers = metrics.Writers(tmp_path, enabled=True, tensorboard=False)
+    log = StepLog(cfg, writers, flops_per_step=1e9, peak_flops=1e12, accounting=None, warn=True)
+    step = {"loss": 1.0, "grad_norm": 1.0, "param_norm": 1.0, "finite": 1.0, "tokens": 512.0}
+    log.finish(1, step, dispatch_s=2.0)  # compiled in the first call: not a throughput window
+    log.finish(2, step, dispatch_s=0.25)  # ran inline: fetched right after the previous one
+    row = log.last
+    assert row["step"] == 2 and row["step_time"] >= 0.25
+    assert row["mfu"] <= 1e9 / 0.25 / 1e12  # at most what 0.25 s of work allows
 
 
 def test_an_impossible_mfu_is_never_logged_and_says_why(tmp_path, capsys):
