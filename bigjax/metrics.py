@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -63,9 +64,13 @@ def datasheet_peak(device_kind: str) -> float:
     return DATASHEET_PEAK_FLOPS[max(matches, key=len)]
 
 
-@functools.cache  # the host does not change under a process: measure once (~1 s), not per run
-def measure_cpu_peak(device: jax.Device, n: int = 2048, reps: int = 5) -> float:
-    """Best-of-`reps` FLOP/s of a large jitted f32 matmul: the attainable CPU peak."""
+@functools.cache  # the host does not change under a process: measure once, not per run
+def measure_cpu_peak(device: jax.Device, n: int = 0, reps: int = 10) -> float:
+    """Best-of-`reps` FLOP/s of a large jitted f32 matmul: the attainable CPU peak. The matmul
+    (n x n) must keep every core busy: n = 1024 does on a few cores (2 GFLOP, ~10 ms on two:
+    the same rate as 2048 within noise, measured 289 vs 280 GFLOP/s, for an eighth of the
+    ~0.5 s), 2048 beyond 8 cores."""
+    n = n or (1024 if (os.cpu_count() or 1) <= 8 else 2048)
     a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()

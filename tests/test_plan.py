@@ -160,6 +160,7 @@ def test_a_cpu_run_leaves_libtpu_alone_and_plan_compiles_beside_it(tmp_path):
     # With the tpu extra, every `bigjax train` on a machine without TPU chips used to start
     # libtpu and hold its lock file for its whole life, so plan's compile beside it failed.
     import os
+    import signal
     import time
 
     pytest.importorskip("libtpu", reason="needs the tpu extra: pip install 'bigjax[tpu]'")
@@ -183,6 +184,7 @@ def test_a_cpu_run_leaves_libtpu_alone_and_plan_compiles_beside_it(tmp_path):
             time.sleep(0.1)
         assert "libtpu" not in Path(f"/proc/{trainer.pid}/maps").read_text()
         assert trainer.pid not in platforms.lockfile_holders()
+        trainer.send_signal(signal.SIGSTOP)  # alive and holding what it holds, not training
         r = subprocess.run(
             [sys.executable, "-m", "bigjax.cli", "plan", "--config", "configs/lm_tiny.py",
              "--topology", "v5e-4"], capture_output=True, text=True, cwd=ROOT, env=env,
@@ -190,7 +192,7 @@ def test_a_cpu_run_leaves_libtpu_alone_and_plan_compiles_beside_it(tmp_path):
         )  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         assert "compiled for 4 x TPU v5 lite" in r.stdout
-        assert trainer.poll() is None  # and the run went on meanwhile
+        assert trainer.poll() is None
     finally:
-        trainer.terminate()
+        trainer.kill()
         trainer.wait(timeout=300)
