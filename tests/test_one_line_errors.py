@@ -20,7 +20,8 @@ from bigjax.cli.main import main
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "lm_tiny.py")
 SMALL = ["--config.data.seq_len=64", "--config.data.batch_size=8", "--config.eval.num_batches=1",
-         "--config.metrics.log_every=1", "--config.metrics.tensorboard=false"]  # fmt: skip
+         "--config.metrics.log_every=1", "--config.metrics.tensorboard=false",
+         "--config.metrics.plot=false"]  # fmt: skip
 
 
 def _one_line(capsys, *argv: str, code: int = 2) -> str:
