@@ -169,11 +169,13 @@ def generate_from_run(
     import time
 
     from bigjax.data import pipeline
+    from bigjax.data.tokenizer import encode_prompt
     from bigjax.trained import open_run
 
     with open_run(workdir, overrides, "generate") as (prog, params, step):
         tokenizer = pipeline.tokenizer_for(prog.cfg.data)
-        batch = left_pad([tokenizer.encode(p).tolist() for p in prompts])
+        # framed as training framed documents (BOS first), as `bigjax serve` reads prompts
+        batch = left_pad([encode_prompt(tokenizer, p, add_bos=True) for p in prompts])
         fn = make_generate(prog.graphdef, prog.cfg.mesh.rules, sampling)
         inputs = (params, batch["tokens"], batch["valid"], batch["positions"])
         start = time.perf_counter()

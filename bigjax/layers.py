@@ -7,6 +7,7 @@ G kv heads, K head dim, F mlp, V vocab. E.g. `x_BLD`, `logits_BLV`, `q_BLHK`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -272,12 +273,22 @@ class Attention(nnx.Module):
         mask_B1TS: jax.Array,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Attention for T new tokens written into cache slots [slot, slot + T) and attending
-        to the cache under `mask_B1TS`; returns (out, updated k cache, updated v cache)."""
+        to the cache under `mask_B1TS`; returns (out, updated k cache, updated v cache).
+        `slot` is one index for every row, or [B] indices (rows at different lengths, as a
+        serving engine's decode slots are)."""
         q_BTHK, k_BTGK, v_BTGK = self._qkv(x_BTD, positions_BT)
-        k_BSGK = jax.lax.dynamic_update_slice_in_dim(cache_k_BSGK, k_BTGK, slot, axis=1)
-        v_BSGK = jax.lax.dynamic_update_slice_in_dim(cache_v_BSGK, v_BTGK, slot, axis=1)
+        k_BSGK = write_cache(cache_k_BSGK, k_BTGK, slot)
+        v_BSGK = write_cache(cache_v_BSGK, v_BTGK, slot)
         out_BTHK = dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS)
         return self._out(out_BTHK), k_BSGK, v_BSGK
+
+
+def write_cache(cache_BSGK: jax.Array, new_BTGK: jax.Array, slot: jax.Array | int) -> jax.Array:
+    """`new_BTGK` written into the cache at slot `slot` (a scalar), or at `slot[b]` in row b."""
+    if jnp.ndim(slot) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache_BSGK, new_BTGK, slot, axis=1)
+    row = functools.partial(jax.lax.dynamic_update_slice_in_dim, axis=0)
+    return jax.vmap(row)(cache_BSGK, new_BTGK, slot)
 
 
 class MLP(nnx.Module):

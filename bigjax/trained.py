@@ -13,10 +13,13 @@ from bigjax.config import ConfigError, from_configdict, parse_override, set_path
 
 
 @contextlib.contextmanager
-def open_run(workdir: str, overrides: Sequence[str], command: str) -> Iterator[tuple]:
+def open_run(
+    workdir: str, overrides: Sequence[str], command: str, tensor: int = 1
+) -> Iterator[tuple]:
     """A trained run, ready to use on this machine: yields (program, params, checkpoint step)
     inside its mesh. The config is the run's config.json plus overrides; the mesh is FSDP over
-    this machine's devices, whatever mesh the run trained on."""
+    this machine's devices (in groups of `tensor` for tensor parallelism), whatever mesh the
+    run trained on."""
     import dataclasses as dc
 
     config_path = Path(workdir) / "config.json"
@@ -26,7 +29,7 @@ def open_run(workdir: str, overrides: Sequence[str], command: str) -> Iterator[t
     for item in overrides:
         set_path(raw, *parse_override(item))
     cfg = from_configdict(raw)
-    cfg = dc.replace(cfg, mesh=dc.replace(cfg.mesh, shape=(1, -1, 1), dcn_shape=(1, 1, 1)))
+    cfg = dc.replace(cfg, mesh=dc.replace(cfg.mesh, shape=(1, -1, tensor), dcn_shape=(1, 1, 1)))
     import jax
 
     from bigjax import loading, lora

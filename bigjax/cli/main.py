@@ -32,6 +32,7 @@ from bigjax.cli.runs import (
     add_sweep_parser,
     cmd_train,
 )
+from bigjax.cli.serve import add_serve_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     add_compress_parser(sub)
     add_inspect_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -14,10 +14,28 @@ from bigjax.trained import open_run
 
 
 def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from bigjax.cli.serve import needs, run_dir
+
+    workdir = run_dir(args, "eval")
+    if args.tasks:
+        needs("lm_eval", "harness", "eval --tasks")
+    elif args.include_path or args.limit is not None or args.num_fewshot is not None:
+        raise ConfigError("eval: --include-path, --limit and --num-fewshot go with --tasks.")
     start_jax(args)
+    if args.tasks:
+        from bigjax import harness
+        from bigjax.evaluate import harness_run
+
+        tasks = [t for t in args.tasks.split(",") if t]
+        results = harness_run(workdir, overrides, tasks, include_path=args.include_path,
+                              limit=args.limit, num_fewshot=args.num_fewshot)  # fmt: skip
+        print(harness.table(results))
+        if args.json:
+            write_json(Path(args.json), results)
+        return 0
     from bigjax.evaluate import evaluate_run
 
-    result = evaluate_run(args.workdir, overrides, args.choices)
+    result = evaluate_run(workdir, overrides, args.choices)
     for key, value in result.items():
         print(f"  {key:18s} {value:.4f}" if isinstance(value, float) else f"  {key:18s} {value}")
     if args.json:
@@ -26,19 +44,28 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    from bigjax.cli.serve import add_run_argument
+
     p = sub.add_parser(
         "eval",
-        help="held-out loss/perplexity and multiple-choice accuracy of a run",
+        help="held-out loss, multiple choice, and lm-evaluation-harness benchmarks of a run",
         description="Evaluate a run's latest checkpoint: loss and perplexity on the held-out "
         "split (eval.num_batches batches; override with --config.eval.num_batches=N) and, "
-        "with --choices, multiple-choice accuracy by log-likelihood.",
+        "with --choices, multiple-choice accuracy by log-likelihood; or, with --tasks, "
+        "lm-evaluation-harness tasks (hellaswag, arc_easy, ... or your own YAML under "
+        "--include-path) scored in process.",
     )
-    p.add_argument("--workdir", required=True, help="the run directory")
+    add_run_argument(p)
     p.add_argument(
         "--choices",
         help="multiple choice: 'stdlib' (built-in next-line task) or a JSON-lines file of "
         "{context, choices: [...], answer: index} (default: the run's eval.choices)",
     )
+    p.add_argument("--tasks", help="lm-eval tasks, comma-separated (e.g. hellaswag,arc_easy)")
+    p.add_argument("--include-path", default="", help="a directory of lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, help="lm-eval: at most this many documents per task "
+                   "(a fraction if < 1)")  # fmt: skip
+    p.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples per prompt")
     p.add_argument("--json", help="also write the results here")
     add_debug_flag(p)
     p.set_defaults(run=cmd_eval)

@@ -389,6 +389,13 @@ def sources(cfg: DataConfig) -> tuple[tuple[Path, float], ...]:
     return ((Path(cfg.path), 1.0),) if cfg.path else ()
 
 
+def tokenizer_dir(cfg: DataConfig) -> Path | None:
+    """Where the run's tokenizer files are (the first dataset's `tokenizer/`), None for the
+    built-in corpus: other files saved beside the tokenizer (a chat template) are read there."""
+    paths = [p for p, _ in sources(cfg)]
+    return paths[0] / "tokenizer" if paths else None
+
+
 def tokenizer_for(cfg: DataConfig) -> tokenizers.Tokenizer:
     """The built-in corpus's tokenizer, or the one saved in the prepared dataset(s)."""
     paths = [p for p, _ in sources(cfg)]

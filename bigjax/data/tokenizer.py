@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,12 +43,38 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> np.ndarray: ...
     def decode(self, ids: np.ndarray | Sequence[int]) -> str: ...
+    def piece(self, token_id: int) -> str: ...  # a token's own name ('<eos>', '▁the')
     def save(self, directory: Path) -> None: ...
 
 
 def encode_document(tok: Tokenizer, text: str) -> np.ndarray:
     """BOS + tokens + EOS, as int32: the one way documents are framed."""
     return np.concatenate([[tok.bos_id], tok.encode(text), [tok.eos_id]]).astype(np.int32)
+
+
+def special_tokens(tokenizer: Tokenizer) -> dict[str, int]:
+    """The tokenizer's BOS, EOS and PAD by name (what /tokenizer_info reports)."""
+    out: dict[str, int] = {}
+    for token_id in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id):
+        out.setdefault(tokenizer.piece(int(token_id)), int(token_id))
+    return out
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, *, add_bos: bool) -> list[int]:
+    """A prompt's ids, as `generate`, `serve` and `eval --tasks` read prompts: special tokens
+    written out in the text (by their `piece` names) become their ids, as Hugging Face
+    tokenizers read them; with `add_bos`, BOS first, as training framed every document."""
+    specials = special_tokens(tokenizer)
+    ids = [int(tokenizer.bos_id)] if add_bos else []
+    pattern = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))
+    pos = 0
+    for m in re.finditer(pattern, text) if pattern else ():
+        ids += tokenizer.encode(text[pos : m.start()]).tolist() if m.start() > pos else []
+        ids.append(specials[m.group()])
+        pos = m.end()
+    if pos < len(text):
+        ids += tokenizer.encode(text[pos:]).tolist()
+    return ids
 
 
 def _write_config(directory: Path, **fields: object) -> None:
@@ -84,6 +111,12 @@ class ByteTokenizer:
     def decode(self, ids: np.ndarray | Sequence[int]) -> str:
         ids = np.asarray(ids)
         return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")
+
+    def piece(self, token_id: int) -> str:
+        specials = {self.bos_id: "<|bos|>", self.eos_id: "<|endoftext|>", self.pad_id: "<|pad|>"}
+        if token_id >= self.vocab_size:  # a model's vocabulary may be padded past the tokenizer's
+            return f"<|unused_{token_id}|>"
+        return specials.get(token_id) or self.decode([token_id])
 
     def save(self, directory: Path) -> None:
         _write_config(directory, kind=self.kind)
@@ -139,6 +172,9 @@ class HFTokenizer:
     def decode(self, ids: np.ndarray | Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
 
+    def piece(self, token_id: int) -> str:
+        return str(self._tok.id_to_token(token_id))
+
     def save(self, directory: Path) -> None:
         _write_config(directory, kind=self.kind)
         (directory / "tokenizer.json").write_text(self.json_text)
@@ -185,6 +221,9 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: np.ndarray | Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def piece(self, token_id: int) -> str:
+        return str(self._sp.id_to_piece(token_id))
 
     def save(self, directory: Path) -> None:
         _write_config(directory, kind=self.kind)

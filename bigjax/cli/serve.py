@@ -1,0 +1,74 @@
+"""`bigjax serve`: a trained run behind the OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from bigjax.cli.common import add_debug_flag, start_jax
+from bigjax.config import ConfigError
+
+
+def run_dir(args: argparse.Namespace, command: str) -> str:
+    """The run directory, given as RUN or --workdir (the other commands' spelling)."""
+    if bool(args.run_dir) == bool(args.workdir):
+        raise ConfigError(f"{command}: give the run directory once, as RUN or --workdir RUN.")
+    return str(args.run_dir or args.workdir)
+
+
+def needs(module: str, extra: str, command: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{command}: needs the {module} package; pip install 'bigjax[{extra}]'.")
+
+
+def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    for module in ("fastapi", "uvicorn", "prometheus_client", "jinja2"):
+        needs(module, "serve", "serve")
+    workdir = run_dir(args, "serve")
+    from bigjax.serving.server import Options
+
+    opts = Options(
+        host=args.host, port=args.port, api_key=args.api_key, slots=args.slots,
+        max_waiting=args.max_waiting, max_len=args.max_len, model_name=args.served_model_name,
+        tensor=args.tensor, chat_template=args.chat_template,
+        max_body_bytes=args.max_body_mb << 20,
+    )  # fmt: skip
+    start_jax(args)
+    from bigjax.serving.server import serve_run
+
+    return serve_run(workdir, overrides, opts)
+
+
+def add_run_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", nargs="?", metavar="RUN", help="the run directory")
+    p.add_argument("--workdir", help="the run directory (same as RUN)")
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a run over the OpenAI API (completions, chat, streaming, metrics)",
+        description="Serve a run's latest intact checkpoint over an OpenAI-compatible HTTP API "
+        "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /tokenize, "
+        "/detokenize, /tokenizer_info) with continuous batching over --slots decode slots. "
+        "SIGTERM or Ctrl-C stops taking requests, finishes those in flight and exits 0.",
+    )
+    add_run_argument(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    p.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 and tokenizer routes"
+    )
+    p.add_argument("--slots", type=int, default=8, help="sequences decoded at once")
+    p.add_argument("--max-waiting", type=int, default=64, help="queued sequences; more: 429")
+    p.add_argument("--max-len", type=int, default=0, help="prompt + generated tokens per "
+                   "sequence (default: the run's data.seq_len)")  # fmt: skip
+    p.add_argument("--served-model-name", default="", help="default: the run directory's name")
+    p.add_argument("--tensor", type=int, default=1, help="devices per tensor-parallel group")
+    p.add_argument("--chat-template", default="", help="a Jinja chat template file (default: "
+                   "the tokenizer's own, else a plain User:/Assistant: transcript)")  # fmt: skip
+    p.add_argument("--max-body-mb", type=int, default=4, help="larger request bodies: 413")
+    add_debug_flag(p)
+    p.set_defaults(run=cmd_serve)

@@ -1,0 +1,163 @@
+"""lm-evaluation-harness tasks (HellaSwag, ARC, PIQA, LAMBADA, MMLU, your own YAML) scored by
+a bigjax model in process.
+
+`BigjaxLM` is an lm-eval `TemplateLM`: lm-eval builds the requests (few-shot contexts, choice
+continuations, rolling windows) and tokenizes them through `tok_encode`, which reads text as
+`bigjax serve` does; bigjax scores them with `scoring.Scorer` (batched, one compile per
+length bucket) and generates with the serving engine (continuous batching, stop strings cut
+as the server cuts them). So the same task scored here and through lm-eval's
+`local-completions` against `bigjax serve` sees the same token ids.
+
+Nothing is downloaded: tasks whose data lie in local files (`--include-path`) run offline;
+the Hugging Face hub is switched to offline mode before lm-eval is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bigjax.config import ConfigError
+
+
+def _offline() -> None:
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+
+
+def make_lm(
+    graphdef: Any, params: Any, tokenizer: Any, max_len: int, *, rules: Any = (),
+    mesh: Any = None, rows: int = 16, slots: int = 8,
+) -> Any:  # fmt: skip
+    """An lm-eval LM over a model's parameters."""
+    _offline()
+    from lm_eval.api.model import TemplateLM
+
+    from bigjax.data.tokenizer import encode_prompt
+    from bigjax.scoring import Scorer
+    from bigjax.serving import offline
+    from bigjax.serving.engine import Engine, Params
+
+    class BigjaxLM(TemplateLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scorer = Scorer(graphdef, params, max_len, rows=rows)
+            self._engine: Engine | None = None
+
+        @property
+        def eot_token_id(self) -> int:
+            return int(tokenizer.eos_id)
+
+        @property
+        def prefix_token_id(self) -> int:
+            return int(tokenizer.bos_id)  # training framed every document with BOS
+
+        @property
+        def max_length(self) -> int:
+            return max_len
+
+        def tok_encode(self, string: str, **kwargs: Any) -> list[int]:
+            return encode_prompt(tokenizer, string, add_bos=False)
+
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
+                                  **kwargs: Any) -> list[tuple[float, bool]]:  # fmt: skip
+            scored = self.scorer.score([(ctx, cont) for _, ctx, cont in requests])
+            out = [(s.total, s.greedy) for s in scored]
+            for (key, _, _), result in zip(requests, out, strict=True):
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, result)
+            return out
+
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+            pairs, owner = [], []
+            for i, req in enumerate(requests):
+                windows = get_rolling_token_windows(
+                    token_list=self.tok_encode(req.args[0]), prefix_token=self.prefix_token_id,
+                    max_seq_len=max_len, context_len=1,
+                )  # fmt: skip
+                for ctx, cont in map(make_disjoint_window, windows):
+                    pairs.append((ctx, cont))
+                    owner.append(i)
+            totals = [0.0] * len(requests)
+            for i, s in zip(owner, self.scorer.score(pairs), strict=True):
+                totals[i] += s.total
+            return totals
+
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+            if self._engine is None:
+                self._engine = Engine(graphdef, params, rules, slots=slots, max_len=max_len,
+                                      max_waiting=4 * slots, mesh=mesh)  # fmt: skip
+                self._engine.warm_up()
+                self._engine.start()
+            prompts, settings, stops = [], [], []
+            for req in requests:
+                context, kwargs = req.args
+                kwargs = dict(kwargs)
+                until = kwargs.pop("until", None) or []
+                until = [until] if isinstance(until, str) else list(until)
+                budget = int(kwargs.pop("max_gen_toks", 256))
+                budget = min(budget, max_len - 1)
+                ids = self.tok_encode(context)[-(max_len - budget) :] or [self.prefix_token_id]
+                temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+                if not kwargs.pop("do_sample", False):
+                    temperature = 0.0
+                prompts.append(ids)
+                settings.append(Params(max_tokens=budget, temperature=temperature,
+                                       stop_ids=frozenset({self.eot_token_id})))  # fmt: skip
+                stops.append(until)
+            return offline.complete(self._engine, tokenizer, prompts, settings, stops)
+
+        def close(self) -> None:
+            if self._engine is not None:
+                self._engine.stop()
+
+    return BigjaxLM()
+
+
+def evaluate(lm: Any, tasks: Sequence[str], *, include_path: str = "", limit: float | None = None,
+             num_fewshot: int | None = None, seed: int = 1234) -> dict[str, Any]:  # fmt: skip
+    """lm-eval's `simple_evaluate` on `lm`; the results dict lm-eval writes."""
+    _offline()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if include_path and not Path(include_path).is_dir():
+        raise ConfigError(f"eval: --include-path {include_path}: no such directory.")
+    manager = TaskManager(include_path=include_path or None)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise ConfigError(f"eval: unknown task(s) {', '.join(unknown)}; see `lm-eval ls tasks`, "
+                          "or give --include-path with their YAML files.")  # fmt: skip
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+        fewshot_random_seed=seed, log_samples=False, bootstrap_iters=0,
+    )  # fmt: skip
+    if results is None:
+        raise ConfigError("eval: lm-eval returned no results (a non-zero rank?)")
+    return dict(results)
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+    """`task/metric` -> value for every numeric metric lm-eval reported (filters and stderr
+    left out): the numbers a training run logs and a report compares."""
+    out = {}
+    for task, metrics in results.get("results", {}).items():
+        for key, value in metrics.items():
+            name, _, _ = key.partition(",")
+            if isinstance(value, int | float) and not name.endswith("_stderr"):
+                out[f"{task}/{name}"] = float(value)
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    from lm_eval.utils import make_table
+
+    return str(make_table(results))
+
+
+Progress = Callable[[int], None]

@@ -1,0 +1,457 @@
+"""The OpenAI-compatible HTTP API over an engine (FastAPI): completions and chat completions,
+streamed or not, the model list, health, Prometheus metrics and vLLM's tokenizer endpoints.
+
+Every request body is read whole (up to `max_body_bytes`) and validated by the strict models
+of protocol.py before anything is queued; every error is OpenAI's JSON error object with a
+one-line message. Each request's sequences report to one asyncio queue; a client that goes
+away (mid-stream or while waiting) cancels its sequences, which frees their slots at the
+engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from bigjax.data import tokenizer as tokenizers
+from bigjax.serving import bodies, chat, protocol, text
+from bigjax.serving.engine import (
+    Engine,
+    Event,
+    Finished,
+    Params,
+    PromptScored,
+    QueueFull,
+    Sequence_,
+    Token,
+)
+from bigjax.serving.monitor import Monitor
+
+log = logging.getLogger("bigjax.serve")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """What the API serves: one model behind one engine."""
+
+    engine: Engine
+    tokenizer: Any
+    model_name: str
+    max_len: int  # prompt plus generated tokens
+    chat_template: str
+    api_key: str | None = None
+    max_body_bytes: int = 4 << 20
+
+
+def make_app(served: Served, monitor: Monitor) -> FastAPI:
+    app = FastAPI(title="bigjax", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_BodyLimit, max_bytes=served.max_body_bytes)
+    vocab = served.engine.shapes.vocab
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(protocol.error_body(e.message, e.kind, e.status), e.status)
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, e: Exception) -> JSONResponse:
+        # a server bug: still OpenAI's error object (clients parse it), and the log has the
+        # traceback
+        log.exception("serve: request failed")
+        message = f"internal error: {type(e).__name__}: {e}"
+        return JSONResponse(protocol.error_body(message, "server_error", 500), 500)
+
+    def guarded(fn: Callable[[Request], Awaitable[Response]]) -> Callable:
+        async def handler(request: Request) -> Response:
+            _authorize(request, served.api_key)
+            if not served.engine.ready:
+                raise ApiError(503, "the model is still compiling; retry when /health is 200",
+                               "service_unavailable")  # fmt: skip
+            return await fn(request)
+
+        return handler
+
+    @app.get("/health")
+    async def health() -> Response:
+        ok = served.engine.ready
+        return JSONResponse({"status": "ok" if ok else "starting"}, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(monitor.text(), media_type="text/plain; version=0.0.4")
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{
+            "id": served.model_name, "object": "model", "created": _STARTED,
+            "owned_by": "bigjax", "max_model_len": served.max_len,
+        }]})  # fmt: skip
+
+    async def tokenizer_info(request: Request) -> Response:
+        specials = {v: k for k, v in tokenizers.special_tokens(served.tokenizer).items()}
+        tok = served.tokenizer
+        return JSONResponse({
+            "tokenizer_class": type(tok).__name__, "kind": tok.kind,
+            "bos_token": specials[tok.bos_id], "eos_token": specials[tok.eos_id],
+            "pad_token": specials[tok.pad_id], "vocab_size": vocab,
+            "model_max_length": served.max_len, "chat_template": served.chat_template,
+        })  # fmt: skip
+
+    async def tokenize(request: Request) -> Response:
+        req = await _parse(request, protocol.TokenizeRequest)
+        _check_model(req.model, served.model_name)
+        if req.messages is not None:
+            prompt = _chat_prompt(served, req.messages, req.add_generation_prompt)
+        else:
+            prompt = req.prompt or ""
+        ids = tokenizers.encode_prompt(served.tokenizer, prompt, add_bos=req.add_special_tokens)
+        return JSONResponse({"count": len(ids), "max_model_len": served.max_len, "tokens": ids})
+
+    async def detokenize(request: Request) -> Response:
+        req = await _parse(request, protocol.DetokenizeRequest)
+        _check_model(req.model, served.model_name)
+        _check_ids(req.tokens, vocab, "tokens")
+        return JSONResponse({"prompt": served.tokenizer.decode(req.tokens)})
+
+    async def completions(request: Request) -> Response:
+        req = await _parse(request, protocol.CompletionRequest)
+        _check_model(req.model, served.model_name)
+        prompts = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                prompts.append((p, tokenizers.encode_prompt(served.tokenizer, p, add_bos=True)))
+            else:
+                _check_ids(p, vocab, "prompt")
+                prompts.append((served.tokenizer.decode(p), list(p)))
+        job = Job(served, monitor, request, "cmpl", req, req.logprobs)
+        scores = req.echo and req.logprobs is not None
+        for prompt_text, ids in prompts:
+            budget = _budget(len(ids), req.max_tokens, served.max_len)
+            for j in range(req.n):
+                params = _params(req, budget, j, served, echo_scores=scores)
+                prefix = prompt_text if req.echo else ""
+                job.add(ids, params, prefix=prefix, echo=req.echo, first=j == 0)
+        return await job.respond()
+
+    async def chat_completions(request: Request) -> Response:
+        req = await _parse(request, protocol.ChatRequest)
+        _check_model(req.model, served.model_name)
+        prompt = _chat_prompt(served, req.messages, True)
+        ids = tokenizers.encode_prompt(served.tokenizer, prompt, add_bos=True)
+        budget = _budget(len(ids), req.token_budget(), served.max_len)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        job = Job(served, monitor, request, "chatcmpl", req, top)
+        for j in range(req.n):
+            params = _params(req, budget, j, served, echo_scores=False)
+            job.add(ids, params, prefix="", echo=False, first=j == 0)
+        return await job.respond()
+
+    for path, fn, method in (
+        ("/v1/models", models, "GET"),
+        ("/tokenizer_info", tokenizer_info, "GET"),
+        ("/tokenize", tokenize, "POST"),
+        ("/detokenize", detokenize, "POST"),
+        ("/v1/completions", completions, "POST"),
+        ("/v1/chat/completions", chat_completions, "POST"),
+    ):
+        app.add_api_route(path, guarded(fn), methods=[method])
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, _: Exception) -> JSONResponse:
+        return JSONResponse(
+            protocol.error_body(f"no route {request.url.path}", "not_found", 404), 404
+        )
+
+    @app.exception_handler(405)
+    async def _wrong_method(request: Request, _: Exception) -> JSONResponse:
+        message = f"{request.method} is not allowed on {request.url.path}"
+        return JSONResponse(protocol.error_body(message, "invalid_request_error", 405), 405)
+
+    return app
+
+
+_STARTED = int(time.time())
+M = TypeVar("M", bound=BaseModel)
+
+
+# --- one request's sequences ----------------------------------------------------------------
+class Job:
+    """The sequences of one request, their events, the metrics they feed."""
+
+    def __init__(self, served: Served, monitor: Monitor, request: Request, kind: str,
+                 req: Any, top: int | None):  # fmt: skip
+        """`top`: how many top log-probabilities per token (None: no log-probabilities)."""
+        self.served, self.monitor, self.request, self.top = served, monitor, request, top
+        self.stream, self.stream_options = (
+            req.stream,
+            req.stream_options or protocol.StreamOptions(),
+        )
+        self.stop = tuple(req.stop)
+        self.kind = kind
+        self.id = f"{kind}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.arrived = time.perf_counter()
+        self.choices: list[bodies.Choice] = []
+        self.prompt_tokens = 0
+        self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+
+    def add(self, ids: list[int], params: Params, *, prefix: str, echo: bool, first: bool) -> None:
+        """One choice; `first`: the first choice of its prompt (usage counts a prompt once)."""
+        index = len(self.choices)
+
+        def emit(event: Event) -> None:  # on the engine thread
+            self._loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+
+        det = text.Detokenizer(self.served.tokenizer, self.stop, prefix=prefix)
+        choice = bodies.Choice(index, Sequence_(ids, params, emit), det, echo)
+        if echo and not params.prompt_scores:
+            choice.prompt_scored(None)
+        self.choices.append(choice)
+        self.prompt_tokens += len(ids) if first else 0
+
+    async def respond(self) -> Response:
+        try:
+            self.served.engine.submit([c.seq for c in self.choices])
+        except QueueFull as e:
+            self.monitor.rejected.inc()
+            raise ApiError(429, str(e), "rate_limit_exceeded") from None
+        if self.stream:
+            return StreamingResponse(self._sse(), media_type="text/event-stream")
+        try:
+            async for _ in self._pieces():
+                pass
+        finally:
+            self._cancel_unfinished()
+        failed = [c.error for c in self.choices if c.finish_reason == "error"]
+        if failed:
+            raise ApiError(500, f"generation failed: {failed[0]}", "server_error")
+        whole = bodies.chat_choice if self.kind == "chatcmpl" else bodies.completion_choice
+        tok = self.served.tokenizer
+        return JSONResponse({
+            "id": self.id, "object": _OBJECT[self.kind], "created": self.created,
+            "model": self.served.model_name, "usage": self._usage(),
+            "choices": [whole(c, tok, self.top) for c in self.choices],
+        })  # fmt: skip
+
+    async def _pieces(self) -> AsyncIterator[tuple[bodies.Choice, str]]:
+        """(choice, new text) as events arrive, until every choice finished; a client gone
+        for good ends it (the caller cancels what is left)."""
+        open_ = len(self.choices)
+        while open_:
+            try:
+                index, event = await asyncio.wait_for(self.events.get(), 1.0)
+            except TimeoutError:
+                if await self.request.is_disconnected():
+                    return
+                continue
+            c = self.choices[index]
+            if c.finish_reason is not None:
+                continue
+            if isinstance(event, PromptScored):
+                c.prompt_scored(event)
+            elif isinstance(event, Token):
+                self._timing(c)
+                c.token(event)
+                piece = c.det.add(event.id)
+                if c.det.stopped:
+                    c.seq.cancel()
+                    open_ -= 1
+                    self._finished(c, "stop")
+                yield c, piece
+            else:
+                assert isinstance(event, Finished)
+                c.error = event.message
+                open_ -= 1
+                self._finished(c, event.reason)
+                yield c, c.det.flush()
+
+    def _finished(self, c: bodies.Choice, reason: str) -> None:
+        c.finish_reason = reason
+        self.monitor.finished(reason)
+        self.monitor.e2e.observe(time.perf_counter() - self.arrived)
+
+    def _timing(self, c: bodies.Choice) -> None:
+        now = time.perf_counter()
+        if not c.generated:
+            self.monitor.ttft.observe(now - self.arrived)
+            self.monitor.prompt_tokens.inc(len(c.seq.prompt))
+        else:
+            self.monitor.itl.observe(now - c.last_at)
+        self.monitor.generation_tokens.inc()
+        c.last_at = now
+
+    async def _sse(self) -> AsyncIterator[str]:
+        chunk = bodies.chat_chunk if self.kind == "chatcmpl" else bodies.completion_chunk
+        envelope = {"id": self.id, "object": _CHUNK[self.kind], "created": self.created,
+                    "model": self.served.model_name}  # fmt: skip
+        try:
+            async for c, piece in self._pieces():
+                if c.finish_reason == "error":
+                    body = protocol.error_body(f"generation failed: {c.error}", "server_error", 500)
+                    yield f"data: {json.dumps(body)}\n\n"
+                    continue
+                if c.echo and c.streamed == 0:
+                    piece = c.det.prefix + piece
+                if piece or c.finish_reason or (c.streamed == 0 and self.kind == "chatcmpl"):
+                    choice = chunk(c, self.served.tokenizer, self.top, piece)
+                    body = {**envelope, "choices": [choice]}
+                    yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            if self.stream_options.include_usage:
+                body = {**envelope, "choices": [], "usage": self._usage()}
+                yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self._cancel_unfinished()
+
+    def _usage(self) -> dict[str, int]:
+        completion = sum(c.generated for c in self.choices)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}  # fmt: skip
+
+    def _cancel_unfinished(self) -> None:
+        for c in self.choices:
+            if c.finish_reason is None:
+                c.seq.cancel()
+
+
+_OBJECT = {"cmpl": "text_completion", "chatcmpl": "chat.completion"}
+_CHUNK = {"cmpl": "text_completion", "chatcmpl": "chat.completion.chunk"}
+
+
+# --- request pieces -------------------------------------------------------------------------
+async def _parse(request: Request, model: type[M]) -> M:
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise ApiError(400, protocol.one_line(e.errors())) from None
+
+
+def _authorize(request: Request, key: str | None) -> None:
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    # compare_digest: the time taken does not reveal how much of the key was right
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                       "authentication_error")  # fmt: skip
+
+
+def _check_model(name: str | None, served: str) -> None:
+    if name is not None and name != served:
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {served!r}",
+                       "not_found_error")  # fmt: skip
+
+
+def _check_ids(ids: list[int], vocab: int, field: str) -> None:
+    bad = [i for i in ids if i >= vocab]
+    if bad:
+        raise ApiError(
+            400, f"{field}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
+        )
+
+
+def _budget(n: int, max_tokens: int | None, max_len: int) -> int:
+    if n == 0:
+        raise ApiError(400, "prompt: the prompt has no tokens")
+    room = max_len - n
+    if max_tokens is None:
+        if room < 1:
+            raise ApiError(400, f"the prompt is {n} tokens; the model's context is {max_len}")
+        return room
+    if n + max_tokens > max_len:
+        raise ApiError(400, f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) is more "
+                       f"than the model's context ({max_len} tokens); lower max_tokens or "
+                       "shorten the prompt")  # fmt: skip
+    return max_tokens
+
+
+def _params(req: Any, budget: int, j: int, served: Served, *, echo_scores: bool) -> Params:
+    seed = (req.seed + j) % 2**32 if req.seed is not None else int.from_bytes(os.urandom(4))
+    stops = frozenset() if req.ignore_eos else frozenset({served.tokenizer.eos_id})
+    return Params(
+        max_tokens=budget, temperature=req.temperature, top_k=max(req.top_k, 0),
+        top_p=req.top_p, seed=seed, stop_ids=stops, prompt_scores=echo_scores,
+    )  # fmt: skip
+
+
+def _chat_prompt(served: Served, messages: list[protocol.Message], add_generation: bool) -> str:
+    specials = {v: k for k, v in tokenizers.special_tokens(served.tokenizer).items()}
+    tok = served.tokenizer
+    plain = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        return chat.render(
+            served.chat_template,
+            plain,
+            add_generation_prompt=add_generation,
+            bos_token=specials[tok.bos_id],
+            eos_token=specials[tok.eos_id],
+        )
+    except Exception as e:  # noqa: BLE001 - a template's own error (raise_exception) is the reason
+        raise ApiError(400, f"messages: the chat template refused them: {e}") from None
+
+
+# --- the body limit -------------------------------------------------------------------------
+class _BodyLimit:
+    """Refuses a body over `max_bytes` with 413 before the app reads it: by its declared
+    length at once, else as soon as the chunks received pass the limit."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Callable) -> None:
+        message = f"the request body is over {self.max_bytes} bytes"
+        body = json.dumps(protocol.error_body(message, "invalid_request_error", 413)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,49 @@
+"""Chat messages to a prompt: the run's own Jinja chat template when its tokenizer directory
+has one (`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`, as Hugging Face
+saves them), else PLAIN: a documented plain-text template for base models that were never
+trained on a chat format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Base models have no chat format; this one reads as a transcript, which a model pretrained
+# on web text continues naturally, and ends where the assistant speaks next.
+PLAIN = (
+    "{% for m in messages %}"
+    "{% if m['role'] in ('system', 'developer') %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def find_template(tokenizer_dir: Path | None) -> str | None:
+    if tokenizer_dir is None:
+        return None
+    jinja = tokenizer_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config = tokenizer_dir / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text()).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def render(template: str, messages: list[dict[str, Any]], *, add_generation_prompt: bool,
+           bos_token: str = "", eos_token: str = "") -> str:  # fmt: skip
+    """The prompt for `messages`, rendered in a sandbox (templates come with downloaded
+    tokenizers: they must not reach Python objects)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token,
+        eos_token=eos_token,
+    )

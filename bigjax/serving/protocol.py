@@ -1,0 +1,162 @@
+"""The OpenAI API's request bodies as strict pydantic models: an unknown field, a wrong type or
+a value out of range is a 400 naming the field, before anything reaches the engine.
+
+Fields OpenAI defines that this server does not implement (penalties, logit_bias, best_of,
+suffix, tools) are accepted only at their neutral values, so a client that sends the
+defaults works and one that relies on them is told so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_LOGPROBS = 20  # as vLLM; the legacy completions API itself allows 5
+MAX_N = 16  # choices per request
+
+
+class _Strict(BaseModel):
+    # strict: "1" is not an int and 1 is not a bool; forbid: a misspelt field is an error,
+    # not a silently ignored option
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+PromptIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # vLLM's -1 and 0 both keep every token
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    seed: int | None = Field(None, ge=0, lt=2**32)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # vLLM's: generate max_tokens whatever the model says
+    # OpenAI fields kept at their neutral values (see the module docstring)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 16 or any(not s for s in stops):
+            raise ValueError("give at most 16 non-empty stop strings")
+        return stops
+
+    @model_validator(mode="after")
+    def _neutral(self) -> _Sampling:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0.0:
+                raise ValueError(f"{name} is not supported by this server; leave it at 0")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream: true")
+        return self
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | PromptIds | list[PromptIds]
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.best_of not in (None, self.n):
+            raise ValueError("best_of is not supported by this server; leave it out")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 needs echo: true (scoring the prompt)")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt: give at least one prompt")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        p: Any = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        c = self.content
+        return c if isinstance(c, str) else "".join(part.text for part in c)
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class TokenizeRequest(_Strict):
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    tokens: list[Annotated[int, Field(ge=0)]]
+    model: str | None = None
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: int = 400) -> dict:
+    """OpenAI's error object (what its clients parse into an exception)."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def one_line(errors: Sequence[Any]) -> str:
+    """pydantic's validation errors as one line: where, then what."""
+    parts = []
+    for e in errors[:3]:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "; ".join(parts) + more

@@ -1,0 +1,160 @@
+"""`bigjax serve RUN`: a trained run behind the OpenAI-compatible API, on uvicorn.
+
+The listening socket is open before the model compiles (so a deployment's probes reach it),
+/health answers 503 until every program is compiled and run once, then 200. SIGTERM and
+SIGINT stop accepting connections, let every request in flight finish (the engine drains its
+queue and slots), and exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import socket
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from bigjax.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the line printed at start names it)
+    api_key: str | None = None
+    slots: int = 8
+    max_waiting: int = 64
+    max_len: int = 0  # 0: the run's data.seq_len
+    model_name: str = ""  # "": the run directory's name
+    tensor: int = 1  # devices per tensor-parallel group (the KV cache's heads split over them)
+    chat_template: str = ""  # a Jinja file; "": the tokenizer's own, else chat.PLAIN
+    max_body_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("slots", "max_waiting", "tensor", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve: --{name.replace('_', '-')} must be >= 1")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"serve: --port {self.port} is not a port (0..65535)")
+
+
+def serve_run(workdir: str, overrides: Sequence[str], opts: Options) -> int:
+    """Serves until SIGTERM/SIGINT; returns the exit code."""
+    from bigjax import trained
+
+    sock = _listen(opts.host, opts.port)  # before compiling: a taken port fails at once
+    with trained.open_run(workdir, overrides, "serve", tensor=opts.tensor) as (prog, params, step):
+        served, monitor = _build(workdir, prog, params, opts)
+        host, port = sock.getsockname()[:2]
+        print(f"serve: {served.model_name} (checkpoint step {step}) on http://{host}:{port}/v1; "
+              f"{opts.slots} slots, context {served.max_len}; /health is 200 once compiled",
+              flush=True)  # fmt: skip
+        _run_uvicorn(served, monitor, sock)
+    print("serve: stopped after finishing the requests in flight", flush=True)
+    return 0
+
+
+def _build(workdir: str, prog: Any, params: Any, opts: Options) -> tuple[Any, Any]:
+    from bigjax.data import pipeline
+    from bigjax.serving.api import Served
+    from bigjax.serving.engine import Engine
+    from bigjax.serving.monitor import Monitor
+
+    cfg = prog.cfg
+    max_len = opts.max_len or cfg.data.seq_len
+    if cfg.model.positions == "learned" and max_len > cfg.model.max_positions:
+        raise ConfigError(f"serve: --max-len {max_len} is more than the model's "
+                          f"{cfg.model.max_positions} learned positions; lower it.")  # fmt: skip
+    tokenizer = pipeline.tokenizer_for(cfg.data)
+    template = _chat_template(opts.chat_template, pipeline.tokenizer_dir(cfg.data))
+    engine = Engine(prog.graphdef, params, cfg.mesh.rules, slots=opts.slots, max_len=max_len,
+                    max_waiting=opts.max_waiting, mesh=prog.mesh)  # fmt: skip
+    name = opts.model_name or Path(workdir).resolve().name
+    served = Served(engine, tokenizer, name, max_len, template, opts.api_key, opts.max_body_bytes)
+    return served, Monitor(name, engine.counts)
+
+
+def _chat_template(path: str, tokenizer_dir: Path | None) -> str:
+    from bigjax.serving import chat
+
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError(f"serve: --chat-template {path}: no such file.")
+        return Path(path).read_text()
+    return chat.find_template(tokenizer_dir) or chat.PLAIN
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"serve: cannot listen on {host}:{port} ({e.strerror}); pick "
+                          "another --port or stop what holds it.") from None  # fmt: skip
+    sock.listen(2048)
+    return sock
+
+
+def _run_uvicorn(served: Any, monitor: Any, sock: socket.socket) -> None:
+    from bigjax.serving.api import make_app
+
+    app = make_app(served, monitor)
+    engine = served.engine
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        def warm() -> None:
+            try:
+                engine.warm_up()
+                engine.start()
+            except Exception as e:  # noqa: BLE001 - the server cannot serve: say why, stop
+                print(f"serve: the model failed to compile: {type(e).__name__}: {e}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                server.should_exit = True
+
+        threading.Thread(target=warm, name="bigjax-warm-up", daemon=True).start()
+        yield
+        engine.stop()  # every request in flight has been answered by now
+
+    app.router.lifespan_context = lifespan
+    # uvicorn answers each connection's requests itself; its own logs stay quiet (the access
+    # log of a load test would be most of the output)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_keep_alive=30)  # fmt: skip
+    server = _Server(config)
+    server.run(sockets=[sock])
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server with bigjax's signal handling: SIGTERM/SIGINT start the graceful
+    shutdown and the process then exits 0 (uvicorn itself re-raises the signal after its
+    shutdown, which would end the process by the signal instead)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def stop(signum: int, frame: Any) -> None:
+            if self.should_exit and signum == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for requests
+            self.should_exit = True
+
+        for s in previous:
+            signal.signal(s, stop)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -1,0 +1,348 @@
+"""`bigjax serve` as a client sees it: a real server process on loopback, driven by clients
+nobody here wrote (the openai package, httpx, lm-eval's remote tokenizer), with hostile
+input, a full queue, clients that vanish mid-stream, 200 concurrent requests and SIGTERM."""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from conftest import tiny_config, xla_flags
+
+KEY = "sk-bigjax-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from bigjax.train import train
+
+    run = tmp_path_factory.mktemp("serve") / "run"
+    cfg = tiny_config(
+        num_steps=2, data={"batch_size": 8, "seq_len": 128}, checkpoint={"every_steps": 2}
+    )
+    train(cfg, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    """(base URL, process): 4 slots, 8 waiting at most, an API key; one device (fast start)."""
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "bigjax.cli",
+        "serve",
+        str(run_dir),
+        "--port",
+        "0",
+        "--slots",
+        "4",
+        "--max-waiting",
+        "8",
+        "--api-key",
+        KEY,
+        "--max-body-mb",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    line = proc.stdout.readline()
+    match = re.search(r"on (http://[\d.]+:\d+)/v1", line)
+    assert match, line + proc.stdout.read()
+    url = match.group(1)
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{url}/health").status_code != 200:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _metrics(url):
+    text = httpx.get(f"{url}/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name.split("{")[0]] = out.get(name.split("{")[0], 0.0) + float(value)
+    return out
+
+
+def _client(url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+
+
+def test_openai_client_completions_equal_generate_and_stream_the_same_text(server, run_dir):
+    from bigjax.generate import Sampling, generate_from_run
+
+    url, _ = server
+    client = _client(url)
+    prompts = ["def main(", "import os\n", "class A:", "x = [", "#", "for i in", "print(", "if"]
+    want, _ = generate_from_run(str(run_dir), [], prompts, Sampling(max_new_tokens=10))
+    # eight requests at once: each one's greedy text is generate's, batched or not
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        got = list(
+            pool.map(
+                lambda p: client.completions.create(
+                    model="run",
+                    prompt=p,
+                    max_tokens=10,
+                    temperature=0,
+                    extra_body={"ignore_eos": True},
+                ),
+                prompts,
+            )
+        )
+    assert [r.choices[0].text for r in got] == want
+    assert all(
+        r.usage.completion_tokens == 10 and r.choices[0].finish_reason == "length" for r in got
+    )
+    stream = client.completions.create(
+        model="run",
+        prompt=prompts[0],
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == want[0]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_streaming_usage_n_and_stop_strings(server):
+    url, _ = server
+    client = _client(url)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    whole = client.chat.completions.create(
+        model="run", messages=msgs, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and whole.usage.completion_tokens >= 1
+    assert len(choice.logprobs.content) == whole.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 for t in choice.logprobs.content)
+    parts = list(
+        client.chat.completions.create(
+            model="run",
+            messages=msgs,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert (
+        "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
+        == choice.message.content
+    )
+    assert parts[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # n choices, seeded sampling: the same seed gives the same choices
+    a = client.completions.create(
+        model="run", prompt="def", max_tokens=6, n=3, temperature=1.0, seed=5
+    )
+    b = client.completions.create(
+        model="run", prompt="def", max_tokens=6, n=3, temperature=1.0, seed=5
+    )
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    # a stop string: the text ends before it, finish_reason stop
+    long = (
+        client.completions.create(
+            model="run", prompt="def", max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    stop = long[3:5]
+    cut = client.completions.create(
+        model="run",
+        prompt="def",
+        max_tokens=20,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    ).choices[0]
+    assert cut.text == long[: long.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_echo_logprobs_equal_the_scorer(server, run_dir):
+    # the server's log-probabilities are bigjax eval's: the same ids, two code paths
+    from bigjax.scoring import Scorer
+    from bigjax.trained import open_run
+
+    url, _ = server
+    ids = [256, *b"def main():\n    return 1\n"]
+    r = httpx.post(
+        f"{url}/v1/completions",
+        headers=AUTH,
+        json={
+            "prompt": ids,
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": 1,
+            "temperature": 0,
+        },
+    ).json()
+    lp = r["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(ids)
+    with open_run(str(run_dir), [], "eval") as (prog, params, _):
+        (want,) = Scorer(prog.graphdef, params, 128).score([(ids[:1], ids[1:])])
+    # f32; cached attention vs the training forward pass, on different device counts: ~1e-7
+    np.testing.assert_allclose(lp["token_logprobs"][1:], want.logprobs, atol=1e-5, rtol=0)
+    assert lp["text_offset"][:3] == [0, 0, 1]  # BOS is no text; then one character each
+
+
+def test_tokenizer_routes_work_with_lm_evals_remote_tokenizer(server):
+    from lm_eval.utils import RemoteTokenizer, check_remote_tokenizer_support
+
+    url, _ = server
+    assert check_remote_tokenizer_support(f"{url}/v1/completions", auth_token=KEY)
+    tok = RemoteTokenizer(f"{url}/v1/completions", auth_token=KEY)
+    text = "héllo <|endoftext|> wörld"
+    ids = tok.encode(text)
+    assert 257 in ids and tok.decode(ids).replace("\x00", "") == "héllo  wörld"
+    assert tok.eos_token_id == 257 and tok.bos_token_id == 256
+    info = httpx.get(f"{url}/tokenizer_info", headers=AUTH).json()
+    assert info["model_max_length"] == 128 and "Assistant" in info["chat_template"]
+    with_bos = httpx.post(f"{url}/tokenize", headers=AUTH, json={"prompt": "a"}).json()
+    assert with_bos["tokens"] == [256, 97] and with_bos["count"] == 2
+
+
+BAD = [
+    (b"{not json", 400, "Invalid JSON"),
+    (b'{"prompt": "\xff\xfe"}', 400, "Invalid JSON"),  # not UTF-8
+    (b'{"prompt": "x", "temperature": -1}', 400, "temperature"),
+    (b'{"prompt": "x", "frobnicate": 1}', 400, "frobnicate"),
+    (b'{"prompt": "x", "max_tokens": "3"}', 400, "max_tokens"),
+    (b'{"prompt": "x", "max_tokens": 100000}', 400, "context (128 tokens)"),
+    (b'{"prompt": [1, 2, 99999]}', 400, "outside the vocabulary"),
+    (b'{"prompt": [[1, 2], []]}', 400, "prompt"),
+    (b'{"prompt": "x", "n": 0}', 400, "n:"),
+    (b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
+    (b'{"prompt": "x", "logprobs": 99}', 400, "logprobs"),
+    (b'{"prompt": "x", "presence_penalty": 0.5}', 400, "not supported"),
+    (b'{"prompt": "x", "max_tokens": 0}', 400, "echo"),
+    (b'{"prompt": "x", "model": "gpt-4"}', 404, "does not exist"),
+    (b"[1, 2]", 400, "object"),
+    (b"", 400, "Invalid JSON"),
+]
+
+
+@pytest.mark.parametrize("body,status,words", BAD)
+def test_bad_requests_are_one_line_4xx(server, body, status, words):
+    url, _ = server
+    r = httpx.post(
+        f"{url}/v1/completions", headers={**AUTH, "content-type": "application/json"}, content=body
+    )
+    assert r.status_code == status, r.text
+    message = r.json()["error"]["message"]
+    assert words.lower() in message.lower() and "\n" not in message
+
+
+def test_auth_size_routes_and_health(server):
+    url, _ = server
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "x"}).status_code == 401
+    wrong = {"Authorization": "Bearer sk-wrong"}
+    assert httpx.get(f"{url}/v1/models", headers=wrong).status_code == 401
+    models = httpx.get(f"{url}/v1/models", headers=AUTH).json()
+    assert models["data"][0]["id"] == "run" and models["data"][0]["max_model_len"] == 128
+    big = b'{"prompt": "' + b"a" * (2 << 20) + b'"}'  # 2 MB over the 1 MB limit
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, content=big)
+    assert r.status_code == 413 and "over" in r.json()["error"]["message"]
+    assert httpx.get(f"{url}/v1/completions", headers=AUTH).status_code == 405
+    assert httpx.get(f"{url}/v2/nothing", headers=AUTH).status_code == 404
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_a_full_queue_answers_429_and_a_vanished_client_frees_its_slot(server):
+    url, _ = server
+    body = {"prompt": "x", "max_tokens": 100, "ignore_eos": True, "temperature": 0}
+
+    async def burst():
+        async with httpx.AsyncClient(headers=AUTH, timeout=120) as c:
+            return await asyncio.gather(
+                *(c.post(f"{url}/v1/completions", json=body) for _ in range(20))
+            )
+
+    codes = sorted(r.status_code for r in asyncio.run(burst()))
+    # the queue takes 8 (and the 4 slots what the engine moved out of it meanwhile); the rest
+    # are refused at once, never queued without bound
+    assert codes.count(200) >= 8 and set(codes) <= {200, 429} and 429 in codes
+    # a client that reads two chunks of a long stream and hangs up
+    before = _metrics(url)["vllm:generation_tokens_total"]
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/completions",
+        headers=AUTH,
+        json={**body, "stream": True, "max_tokens": 120},
+    ) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 20
+    while _metrics(url)["vllm:num_requests_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    m = _metrics(url)
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+    assert m["vllm:generation_tokens_total"] - before < 120  # it stopped early
+    assert (
+        m["bigjax:requests_rejected_total"] >= 1
+        and m["vllm:time_to_first_token_seconds_count"] >= 8
+    )
+
+
+def test_two_hundred_concurrent_clients(server):
+    import psutil
+
+    url, proc = server
+    body = {"prompt": "def", "max_tokens": 4, "temperature": 0}
+
+    async def wave():
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+        async with httpx.AsyncClient(headers=AUTH, timeout=120, limits=limits) as c:
+            return await asyncio.gather(
+                *(c.post(f"{url}/v1/completions", json=body) for _ in range(200))
+            )
+
+    rss = []
+    for _ in range(3):
+        codes = [r.status_code for r in asyncio.run(wave())]
+        assert set(codes) <= {200, 429} and 200 in codes, sorted(set(codes))
+        rss.append(psutil.Process(proc.pid).memory_info().rss)
+    m = _metrics(url)
+    assert m["vllm:num_requests_running"] == 0 and m["bigjax:decode_slots_in_use"] == 0
+    # flat: a leak per request (a slot, a queue, a task) would grow by every wave's 200
+    assert rss[2] - rss[1] < 16 << 20, [r >> 20 for r in rss]
+
+
+def test_sigterm_finishes_what_is_in_flight_and_exits_0(server):
+    url, proc = server
+    body = {"prompt": "x", "max_tokens": 60, "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", headers=AUTH, json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    last = json.loads(rest[-2][6:])
+    assert last["choices"][0]["finish_reason"] == "length"  # all 60 tokens, not cut short
+    assert proc.wait(timeout=60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health")

@@ -1,0 +1,195 @@
+"""The serving engine: continuous batching gives `generate`'s greedy tokens whatever else is
+decoding, nothing compiles after warm-up, sampling is per request, stop tokens and cancels
+free their slots, the KV cache lies over the tensor axis; and the scorer `eval --tasks` uses
+agrees with the engine's prompt log-probabilities."""
+
+import dataclasses
+import threading
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from bigjax import models
+from bigjax.generate import Sampling, generate
+from bigjax.scoring import Scorer
+from bigjax.serving import engine as E
+from bigjax.serving import programs
+
+# mixed lengths across the 16/32/64 buckets, more prompts than slots: later ones are prefilled
+# into slots freed while the others keep decoding
+PROMPTS = [
+    [5, 17, 42, 99, 3, 250],
+    [7, 8],
+    [300, 1, 2, 3],
+    list(range(1, 30)),
+    [9] * 20,
+    [4],
+    [11, 12, 13],
+    [250] * 40,
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_config()
+    graphdef, params = nnx.split(models.build(cfg.model, cfg.mesh.rules, seed=0))
+    return cfg, graphdef, params
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    """One warmed-up engine with 4 slots for the tests that need no special one."""
+    eng = _engine(tiny)
+    yield eng
+    eng.stop()
+
+
+def _engine(tiny, **kw):
+    cfg, graphdef, params = tiny
+    kw = {"slots": 4, "max_len": 64, "max_waiting": 32, **kw}
+    eng = E.Engine(graphdef, params, cfg.mesh.rules, **kw)
+    eng.warm_up()
+    eng.start()
+    return eng
+
+
+def _run(eng, prompts, params, cancel_after=None):
+    """Token ids and finish reasons per prompt, all submitted at once."""
+    tokens = [[] for _ in prompts]
+    reasons = [None] * len(prompts)
+    done = threading.Semaphore(0)
+    seqs = []
+
+    def sink(i):
+        def emit(ev):
+            if isinstance(ev, E.Token):
+                tokens[i].append(ev.id)
+                if cancel_after is not None and len(tokens[i]) == cancel_after:
+                    seqs[i].cancel()
+            elif isinstance(ev, E.Finished):
+                reasons[i] = ev.reason
+                done.release()
+
+        return emit
+
+    seqs.extend(
+        E.Sequence_(p, q, sink(i)) for i, (p, q) in enumerate(zip(prompts, params, strict=True))
+    )
+    eng.submit(seqs)
+    for _ in prompts:
+        assert done.acquire(timeout=60)
+    return tokens, reasons
+
+
+@pytest.mark.slow
+def test_greedy_tokens_equal_generate_alone_and_among_seven_others(tiny, engine):
+    cfg, graphdef, params = tiny
+    want = [generate(graphdef, params, [p], Sampling(max_new_tokens=12))[0] for p in PROMPTS]
+    together, reasons = _run(engine, PROMPTS, [E.Params(max_tokens=12)] * len(PROMPTS))
+    alone, _ = _run(engine, PROMPTS[3:4], [E.Params(max_tokens=12)])
+    assert engine.counts() == {"running": 0, "waiting": 0, "slots": 4}
+    assert together == want
+    assert alone == want[3:4]
+    assert reasons == ["length"] * len(PROMPTS)
+
+
+@pytest.mark.slow
+def test_nothing_compiles_after_warm_up(tiny):
+    # Each program may be traced once per shape it is warmed up with (a prefill per bucket, one
+    # decode): a retrace while serving (a new prompt length, a weak type) fails the sequence.
+    chex.clear_trace_counter()
+    buckets = E.buckets_for(64)
+
+    def wrap(fn):
+        return chex.assert_max_traces(fn, n=len(buckets) if fn.__name__ == "prefill" else 1)
+
+    eng = _engine(tiny, wrap=wrap)
+    try:
+        for wave in (
+            [PROMPTS[0], PROMPTS[7]],
+            PROMPTS[1:5],
+            [[3] * n for n in (1, 15, 16, 17, 33, 60)],
+        ):
+            params = [E.Params(max_tokens=4, temperature=t) for t in (0.0, 0.7) * 4][: len(wave)]
+            _, reasons = _run(eng, wave, params)
+            assert "error" not in reasons
+    finally:
+        eng.stop()
+
+
+@pytest.mark.slow
+def test_sampling_is_per_request_and_seeded(engine):
+    p = [5, 17, 42]
+    hot = E.Params(max_tokens=10, temperature=1.0, seed=7)
+    other = E.Params(max_tokens=10, temperature=1.0, seed=8)
+    runs, _ = _run(engine, [p, p, p, p], [hot, hot, other, E.Params(max_tokens=10)])
+    top1, _ = _run(engine, [p], [E.Params(max_tokens=10, temperature=1.0, top_k=1, seed=3)])
+    assert runs[0] == runs[1]  # same seed, same tokens, though decoded in different slots
+    assert runs[0] != runs[2]  # another seed
+    assert top1[0] == runs[3]  # top-k 1 is greedy, whatever the temperature
+
+
+@pytest.mark.slow
+def test_stop_tokens_and_cancels_free_their_slots(engine):
+    (greedy,), _ = _run(engine, [[5, 6, 7]], [E.Params(max_tokens=6)])
+    stop = E.Params(max_tokens=6, stop_ids=frozenset({greedy[2]}))
+    (stopped,), (reason,) = _run(engine, [[5, 6, 7]], [stop])
+    long = [E.Params(max_tokens=50)] * 6  # six sequences, four slots: cancels make room
+    toks, reasons = _run(engine, [[1, 2]] * 6, long, cancel_after=3)
+    assert engine.counts()["running"] == 0
+    assert stopped == greedy[: greedy.index(greedy[2]) + 1] and reason == "stop"
+    assert reasons == ["cancelled"] * 6 and all(3 <= len(t) <= 5 for t in toks)
+
+
+def test_per_row_sampling_filters():
+    logits = jax.numpy.log(jax.numpy.asarray([[0.5, 0.3, 0.15, 0.05]] * 3))
+    rows = programs.row_sampling([(1.0, 2, 1.0, s, 0) for s in range(3)])
+    draws = {
+        int(programs.sample_rows(logits, rows._replace(seed=np.full(3, s, np.uint32)))[0])
+        for s in range(60)
+    }
+    assert draws == {0, 1}  # top-k 2 keeps exactly the two most likely
+    rows = programs.row_sampling([(1.0, 0, 0.7, 0, 0)] * 3)
+    draws = {
+        int(programs.sample_rows(logits, rows._replace(seed=np.full(3, s, np.uint32)))[0])
+        for s in range(60)
+    }
+    assert draws == {0, 1}  # top-p 0.7: 0.5 alone is short of it, 0.5 + 0.3 reaches it
+    greedy = programs.row_sampling([(0.0, 0, 1.0, 0, 0)] * 3)
+    assert programs.sample_rows(logits, greedy).tolist() == [0, 0, 0]
+
+
+@pytest.mark.slow
+def test_kv_cache_lies_over_the_tensor_axis(tiny):
+    from bigjax.mesh import make_mesh
+
+    cfg, graphdef, params = tiny
+    mesh = make_mesh(dataclasses.replace(cfg.mesh, shape=(1, 4, 2)))
+    with jax.set_mesh(mesh):
+        eng = E.Engine(
+            graphdef, params, cfg.mesh.rules, slots=2, max_len=32, max_waiting=4, mesh=mesh
+        )
+        spec = eng._slots.cache_k.sharding.spec
+    assert spec[3] == "tensor"  # [N, B, S, G, K]: the kv heads split over the tensor axis
+
+
+@pytest.mark.slow
+def test_prompt_log_probabilities_equal_the_scorer(tiny, engine):
+    # The server's echo log-probabilities (the engine's prefill, cached attention) and
+    # `eval --tasks` (the scorer, the training forward pass) are two code paths for one number.
+    cfg, graphdef, params = tiny
+    got = []
+    seq = E.Sequence_(PROMPTS[3], E.Params(max_tokens=0, prompt_scores=True), got.append)
+    engine.submit([seq])
+    deadline = time.monotonic() + 30
+    while not any(isinstance(e, E.Finished) for e in got) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    scores = next(e for e in got if isinstance(e, E.PromptScored))
+    (want,) = Scorer(graphdef, params, 64).score([(PROMPTS[3][:1], PROMPTS[3][1:])])
+    # f32; the two paths differ only in summation order over masked keys: ~1e-7 per token
+    np.testing.assert_allclose(scores.logprobs, want.logprobs, atol=1e-5, rtol=0)
