@@ -19,7 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax.layers import decode_mask
 from bigjax.sharding import Rules, constrain
+
+__all__ = [  # decode_mask lives in layers (the serving engine uses it too)
+    "Sampling", "decode_mask", "filter_logits", "generate", "generate_from_run", "left_pad",
+    "make_generate", "sample",
+]  # fmt: skip
 
 CACHE_NAMES = (None, "act_batch", None, "act_kv_heads", None)  # [N, B, S, G, K]
 
@@ -75,13 +81,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, np.
         valid[i, length - len(p) :] = True
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
     return {"tokens": tokens, "valid": valid, "positions": positions}
-
-
-def decode_mask(slot: jax.Array | int, num_new: int, valid_BS: jax.Array) -> jax.Array:
-    """[B, 1, T, S]: new token t (cache slot `slot + t`) sees valid slots up to its own."""
-    slots_S = jnp.arange(valid_BS.shape[1])
-    causal_TS = slots_S[None, :] <= (slot + jnp.arange(num_new))[:, None]
-    return (causal_TS[None] & valid_BS[:, None, :])[:, None]
 
 
 def make_generate(graphdef: nnx.GraphDef, rules: Rules, s: Sampling):

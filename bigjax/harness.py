@@ -14,8 +14,9 @@ the Hugging Face hub is switched to offline mode before lm-eval is imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,15 @@ def make_lm(
         def __init__(self) -> None:
             super().__init__()
             self.scorer = Scorer(graphdef, params, max_len, rows=rows)
+            self.params = params
             self._engine: Engine | None = None
+
+        def set_params(self, new: Any) -> None:
+            """Scores the next evaluation with `new` (a training run's current parameters:
+            same shapes, so nothing compiles again)."""
+            self.params = self.scorer.params = new
+            if self._engine is not None:
+                self._engine.params = new
 
         @property
         def eot_token_id(self) -> int:
@@ -89,7 +98,7 @@ def make_lm(
 
         def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
             if self._engine is None:
-                self._engine = Engine(graphdef, params, rules, slots=slots, max_len=max_len,
+                self._engine = Engine(graphdef, self.params, rules, slots=slots, max_len=max_len,
                                       max_waiting=4 * slots, mesh=mesh)  # fmt: skip
                 self._engine.warm_up()
                 self._engine.start()
@@ -118,25 +127,42 @@ def make_lm(
     return BigjaxLM()
 
 
-def evaluate(lm: Any, tasks: Sequence[str], *, include_path: str = "", limit: float | None = None,
-             num_fewshot: int | None = None, seed: int = 1234) -> dict[str, Any]:  # fmt: skip
-    """lm-eval's `simple_evaluate` on `lm`; the results dict lm-eval writes."""
+def task_manager(tasks: Sequence[str], include_path: str = "") -> Any:
+    """lm-eval's task index (built once: indexing every task takes seconds), with `tasks`
+    checked against it."""
     _offline()
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     if include_path and not Path(include_path).is_dir():
-        raise ConfigError(f"eval: --include-path {include_path}: no such directory.")
+        raise ConfigError(f"eval: include path {include_path}: no such directory.")
+    include_path = str(Path(include_path).resolve()) if include_path else ""
     manager = TaskManager(include_path=include_path or None)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
-        raise ConfigError(f"eval: unknown task(s) {', '.join(unknown)}; see `lm-eval ls tasks`, "
-                          "or give --include-path with their YAML files.")  # fmt: skip
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-        fewshot_random_seed=seed, log_samples=False, bootstrap_iters=0,
-    )  # fmt: skip
+        raise ConfigError(
+            f"eval: unknown task(s) {', '.join(unknown)}; see `lm-eval ls tasks`, "
+            "or give the directory of their YAML files (--include-path)."
+        )
+    return manager
+
+
+def evaluate(lm: Any, tasks: Sequence[str], *, include_path: str = "", limit: float | None = None,
+             num_fewshot: int | None = None, seed: int = 1234, manager: Any = None,
+             ) -> dict[str, Any]:  # fmt: skip
+    """lm-eval's `simple_evaluate` on `lm`; the results dict lm-eval writes."""
+    import lm_eval
+
+    manager = manager or task_manager(tasks, include_path)
+    include_path = str(Path(include_path).resolve()) if include_path else ""
+    # relative data_files in the task YAMLs are read from the include directory
+    where = contextlib.chdir(include_path) if include_path else contextlib.nullcontext()
+    with where:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+            num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
+            bootstrap_iters=0,
+        )  # fmt: skip
     if results is None:
         raise ConfigError("eval: lm-eval returned no results (a non-zero rank?)")
     return dict(results)
@@ -158,6 +184,3 @@ def table(results: dict[str, Any]) -> str:
     from lm_eval.utils import make_table
 
     return str(make_table(results))
-
-
-Progress = Callable[[int], None]

@@ -405,6 +405,7 @@ class Evaluator:
             else []
         )
         self.scorer = choices.make_scorer(prog.graphdef, cfg.finetune.lora_scale)
+        self.harness = Harness(prog, tokenizer) if cfg.eval.harness_tasks else None
 
     def __call__(self, at_step: int, params: Any) -> dict[str, float]:
         row = {"step": at_step, **run_eval(self.prog, params)}
@@ -421,5 +422,47 @@ class Evaluator:
             )
             row["mc_eval_s"] = time.perf_counter() - start
             text += f", multiple choice {row['mc_accuracy']:.1%}"
+        if self.harness is not None:
+            scores = self.harness(params)
+            row.update(scores)
+            text += f", {len(scores) - 1} benchmark numbers"
         self.writers.write(row, text)
         return row
+
+
+class Harness:
+    """eval.harness_tasks at each eval: lm-evaluation-harness on the current parameters, as
+    `harness/TASK/METRIC` numbers. The tasks are indexed and the programs compiled once, on
+    the first eval; later evals hand the model new parameters of the same shapes."""
+
+    def __init__(self, prog: Program, tokenizer: Any):
+        import importlib.util
+
+        from bigjax import harness
+
+        e = prog.cfg.eval
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("eval.harness_tasks needs lm-evaluation-harness: "
+                              "pip install 'bigjax[harness]'.")  # fmt: skip
+        self.prog, self.tokenizer = prog, tokenizer
+        self.tasks = [t for t in e.harness_tasks.split(",") if t]
+        self.manager = harness.task_manager(self.tasks, e.harness_include_path)
+        self.lm: Any = None
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        from bigjax import harness
+
+        cfg = self.prog.cfg
+        merged = lora.merged(params, cfg.finetune.lora_scale)
+        if self.lm is None:
+            self.lm = harness.make_lm(self.prog.graphdef, merged, self.tokenizer,
+                                      cfg.data.seq_len, rules=cfg.mesh.rules,
+                                      mesh=self.prog.mesh)  # fmt: skip
+        self.lm.set_params(merged)
+        start = time.perf_counter()
+        results = harness.evaluate(
+            self.lm, self.tasks, include_path=cfg.eval.harness_include_path,
+            limit=cfg.eval.harness_limit or None, manager=self.manager,
+        )  # fmt: skip
+        scores = {f"harness/{k}": v for k, v in harness.headline(results).items()}
+        return {**scores, "harness_eval_s": time.perf_counter() - start}

@@ -38,6 +38,8 @@ class Run:
     tokens_per_step: float
     flops_per_step: float
     summary: dict[str, Any]
+    # the final eval's lm-evaluation-harness numbers ('arc_easy/acc' -> 0.61), if any
+    benchmarks: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def final(self) -> float | None:
@@ -98,7 +100,19 @@ def load_run(path: Path) -> Run:
         tokens_per_step=tokens_per_step,
         flops_per_step=summary.get("flops", 0.0) / steps if steps else 0.0,
         summary=summary,
+        benchmarks=_final_benchmarks(rows, summary),
     )
+
+
+def _final_benchmarks(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, float]:
+    """The harness numbers of a finished run's eval at its last step (a run cut short has
+    none: its numbers would not compare)."""
+    for r in reversed(rows):
+        found = {k[len("harness/") :]: float(v) for k, v in r.items() if k.startswith("harness/")}
+        if found:
+            done = summary.get("complete") and r.get("step") == summary.get("step")
+            return found if done else {}
+    return {}
 
 
 def _fmt(v: Any) -> str:
@@ -162,6 +176,27 @@ def table(runs: list[Run], baseline: str = "") -> str:
             f"| {name} | {seeds} | {_mean_std(finals)} | {_mean_std(bests)} | {d} | "
             f"{tokens:,.0f} | {flops:.3g} | {wall:.0f} s |"
         )
+    return "\n".join(lines)
+
+
+def benchmark_table(runs: list[Run], baseline: str = "") -> str:
+    """Benchmark accuracy per group: mean ± std over seeds, and the difference from the
+    baseline's mean; '' when no run scored benchmarks."""
+    names = sorted({k for r in runs for k in r.benchmarks})
+    if not names:
+        return ""
+    groups = group_runs(runs)
+    lines = ["| group | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for group, g in sorted(groups.items(), key=lambda kv: kv[0] != baseline):
+        cells = []
+        for name in names:
+            xs = [r.benchmarks[name] for r in g if name in r.benchmarks]
+            base = [r.benchmarks[name] for r in groups.get(baseline, []) if name in r.benchmarks]
+            d = ""
+            if xs and base and group != baseline:
+                d = f" ({statistics.mean(xs) - statistics.mean(base):+.4f})"
+            cells.append(_mean_std(xs) + d)
+        lines.append(f"| {group} | {len(g)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -290,6 +325,10 @@ def report(
         baseline = named.pop() if len(named) == 1 else ""
     out.mkdir(parents=True, exist_ok=True)
     md = [f"# Report: {len(runs)} runs", "", table(runs, baseline), ""]
+    benchmarks = benchmark_table(runs, baseline)
+    if benchmarks:
+        md += ["## Benchmarks (lm-evaluation-harness, final eval; Δ vs baseline)", "",
+               benchmarks, ""]  # fmt: skip
     pngs = plot_curves(runs, out) + plot_objective(runs, out)
     if fit == "scaling":
         law, png = scaling_fit(runs, out)

@@ -42,3 +42,15 @@ def tiny_config(**groups) -> TrainConfig:
 @pytest.fixture(scope="session", autouse=True)
 def eight_devices():
     assert jax.device_count() == 8, "tests need 8 fake CPU devices (XLA_FLAGS set too late?)"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A trained tiny run (2 steps, context 128) that the serving and harness tests share."""
+    from bigjax.train import train
+
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    cfg = tiny_config(num_steps=2, data={"batch_size": 8, "seq_len": 128},
+                      checkpoint={"every_steps": 2})  # fmt: skip
+    train(cfg, run)
+    return run

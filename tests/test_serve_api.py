@@ -14,7 +14,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import tiny_config, xla_flags
+from conftest import xla_flags
 
 KEY = "sk-bigjax-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -22,41 +22,27 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from bigjax.train import train
-
-    run = tmp_path_factory.mktemp("serve") / "run"
-    cfg = tiny_config(
-        num_steps=2, data={"batch_size": 8, "seq_len": 128}, checkpoint={"every_steps": 2}
-    )
-    train(cfg, run)
-    return run
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    """(base URL, process): 4 slots, 8 waiting at most, an API key; one device (fast start)."""
+    """(base URL, process): 4 slots, 8 waiting at most, an API key."""
+    flags = ["--slots", "4", "--max-waiting", "8", "--api-key", KEY, "--max-body-mb", "1"]
+    url, proc = start_server(run_dir, *flags)
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def start_server(run_dir, *flags):
+    """`bigjax serve` in a process on one device (a fast start), healthy: (base URL, process)."""
     env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "bigjax.cli",
-        "serve",
-        str(run_dir),
-        "--port",
-        "0",
-        "--slots",
-        "4",
-        "--max-waiting",
-        "8",
-        "--api-key",
-        KEY,
-        "--max-body-mb",
-        "1",
-    ]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    cmd = [sys.executable, "-m", "bigjax.cli", "serve", str(run_dir), "--port", "0", *flags]
+    out = subprocess.PIPE
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()
     match = re.search(r"on (http://[\d.]+:\d+)/v1", line)
     assert match, line + proc.stdout.read()
@@ -65,10 +51,7 @@ def server(run_dir):
     while httpx.get(f"{url}/health").status_code != 200:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.2)
-    yield url, proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
+    return url, proc
 
 
 def _metrics(url):

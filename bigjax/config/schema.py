@@ -213,6 +213,12 @@ class EvalConfig:
     # choices, answer}, or 'stdlib' (next line of held-out standard-library files, 4 choices).
     choices: str = ""
     choice_items: int = 40  # items of the 'stdlib' task (cost: items x 4 sequences forward)
+    # lm-evaluation-harness tasks scored at every eval (comma-separated, e.g.
+    # 'arc_easy,hellaswag'), logged as harness/TASK/METRIC; needs `pip install bigjax[harness]`
+    # and, offline, the tasks' data in local files (harness_include_path: their YAML files)
+    harness_tasks: str = ""
+    harness_include_path: str = ""
+    harness_limit: float = 0.0  # documents per task (a fraction if < 1); 0: all
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigjax.generate import decode_mask
+from bigjax.layers import decode_mask
 from bigjax.sharding import Rules, constrain
 
 TOP_N = 20  # top log-probs computed for every token (vLLM's limit; OpenAI's legacy API: 5)

@@ -1,0 +1,127 @@
+"""lm-evaluation-harness on bigjax: `bigjax eval --tasks` scores multiple-choice, perplexity and
+generation tasks in process, offline, and lm-eval's own `local-completions` client against
+`bigjax serve` gets the same numbers."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_serve_api import start_server
+
+from bigjax.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "harness"
+TASKS = ["bigjax_mc", "bigjax_ppl", "bigjax_gen"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tasks_dir(tmp_path, monkeypatch):
+    # datasets writes its cache under HF_HOME: keep it inside the test
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    shutil.copytree(FIXTURES, tmp_path / "tasks")
+    return tmp_path / "tasks"
+
+
+def _metrics(results):
+    from bigjax.harness import headline
+
+    return headline(results)
+
+
+def test_in_process_and_through_the_server_agree(tiny_run, tasks_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    args = ["eval", str(tiny_run), "--tasks", ",".join(TASKS), "--include-path", str(tasks_dir)]
+    assert main([*args, "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "bigjax_mc" in table and "acc" in table and "exact_match" in table
+    here = _metrics(json.loads(out.read_text()))
+    assert 0.0 <= here["bigjax_mc/acc"] <= 1.0 and here["bigjax_ppl/word_perplexity"] > 1.0
+    assert "bigjax_gen/exact_match" in here
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    url, proc = start_server(tiny_run)
+    try:
+        # lm-eval's own client, tokenizing through the server's /tokenize (remote backend);
+        # max_length 127: one generated token beside each 128-token context
+        model_args = {"base_url": f"{url}/v1/completions", "tokenizer_backend": "remote",
+                      "tokenized_requests": True, "max_length": 127, "model": "run"}  # fmt: skip
+        with pytest.MonkeyPatch.context() as m:
+            m.chdir(tasks_dir)  # relative data_files, as `bigjax eval --include-path` reads them
+            remote = lm_eval.simple_evaluate(
+                model="local-completions", model_args=model_args, tasks=TASKS,
+                task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=False,
+                bootstrap_iters=0, random_seed=1234, numpy_random_seed=1234,
+                torch_random_seed=1234, fewshot_random_seed=1234,
+            )  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait()
+    there = _metrics(remote)
+    assert here["bigjax_mc/acc"] == there["bigjax_mc/acc"]
+    assert here["bigjax_mc/acc_norm"] == there["bigjax_mc/acc_norm"]
+    assert here["bigjax_gen/exact_match"] == there["bigjax_gen/exact_match"]
+    # f32 log-likelihoods of the same ids through two code paths agree to ~1e-6 per token;
+    # perplexity exponentiates a sum of ~100 of them
+    assert here["bigjax_ppl/word_perplexity"] == pytest.approx(
+        there["bigjax_ppl/word_perplexity"], rel=1e-4
+    )
+
+
+def test_unknown_tasks_and_missing_directories_are_one_line(tiny_run, tmp_path, capsys):
+    assert main(["eval", str(tiny_run), "--tasks", "no_such_task_xyz"]) == 2
+    assert "unknown task(s) no_such_task_xyz" in capsys.readouterr().err
+    assert (
+        main(["eval", str(tiny_run), "--tasks", "x", "--include-path", str(tmp_path / "no")]) == 2
+    )
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["eval", str(tiny_run), "--limit", "3"]) == 2
+    assert "go with --tasks" in capsys.readouterr().err
+
+
+def test_benchmarks_during_training_reach_metrics_tensorboard_and_the_report(tasks_dir, tmp_path):
+    from conftest import tiny_config
+
+    from bigjax.metrics import read_jsonl
+    from bigjax.report import report
+    from bigjax.train import train
+
+    cfg = tiny_config(
+        num_steps=2, data={"batch_size": 8, "seq_len": 128},
+        metrics={"log_every": 1, "tensorboard": True, "plot": False},
+        eval={"every_steps": 2, "num_batches": 1, "harness_tasks": "bigjax_mc,bigjax_gen",
+              "harness_include_path": str(tasks_dir), "harness_limit": 4},
+    )  # fmt: skip
+    train(cfg, tmp_path / "run")
+    rows = [
+        r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "harness/bigjax_mc/acc" in r
+    ]
+    assert [r["step"] for r in rows] == [2]
+    assert (
+        0.0 <= rows[0]["harness/bigjax_mc/acc"] <= 1.0
+        and "harness/bigjax_gen/exact_match" in rows[0]
+    )
+    events = list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and b"harness/bigjax_mc/acc" in b"".join(p.read_bytes() for p in events)
+    text, _ = report([tmp_path / "run"], tmp_path / "report")
+    assert "## Benchmarks" in text and "bigjax_mc/acc" in text
+
+
+def test_benchmark_table_means_spreads_and_deltas():
+    from pathlib import Path as P
+
+    from bigjax.report import Run, benchmark_table
+
+    def run(group, seed, acc):
+        return Run(P(group), group, seed, {}, "", [], [], 0.0, 0.0, {}, {"arc/acc": acc})
+
+    runs = [run("base", 0, 0.5), run("base", 1, 0.6), run("wide", 0, 0.7), run("wide", 1, 0.9)]
+    table = benchmark_table(runs, baseline="base").splitlines()
+    assert table[0] == "| group | seeds | arc/acc |"
+    assert table[2] == "| base | 2 | 0.5500 ± 0.0707 |"  # std over seeds: sqrt(0.005)
+    assert table[3] == "| wide | 2 | 0.8000 ± 0.1414 (+0.2500) |"
+    assert benchmark_table([]) == ""
