@@ -11,7 +11,7 @@ from test_serve_api import start_server
 
 from bigjax.cli import main
 
-FIXTURES = Path(__file__).parent / "fixtures" / "harness"
+FIXTURES = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 TASKS = ["bigjax_mc", "bigjax_ppl", "bigjax_gen"]
 pytestmark = pytest.mark.slow
 

@@ -43,9 +43,11 @@ def start_server(run_dir, *flags):
     cmd = [sys.executable, "-m", "bigjax.cli", "serve", str(run_dir), "--port", "0", *flags]
     out = subprocess.PIPE
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    line = proc.stdout.readline()
-    match = re.search(r"on (http://[\d.]+:\d+)/v1", line)
-    assert match, line + proc.stdout.read()
+    seen = ""
+    while not (match := re.search(r"serve: .* on (http://[\d.]+:\d+)/v1", seen)):
+        line = proc.stdout.readline()
+        assert line, seen
+        seen += line
     url = match.group(1)
     deadline = time.monotonic() + 120
     while httpx.get(f"{url}/health").status_code != 200:
@@ -329,3 +331,41 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(server):
     assert proc.wait(timeout=60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
+
+
+def test_two_processes_serve_as_one(run_dir):
+    # a multi-host mesh on localhost: process 0 serves HTTP and schedules, process 1 makes the
+    # same program calls (broadcast by process 0); greedy text equals one process's generate
+    import concurrent.futures as cf
+    import socket
+
+    from bigjax.generate import Sampling, generate_from_run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hosts = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2"]
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "bigjax.cli", "serve", str(run_dir), *hosts, "--process_id", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url, leader = start_server(run_dir, *hosts, "--process_id", "0")
+    try:
+        prompts = ["def main(", "import", "class B:"]
+        want, _ = generate_from_run(str(run_dir), [], prompts, Sampling(max_new_tokens=8))
+        body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+        def ask(p):
+            r = httpx.post(f"{url}/v1/completions", json={**body, "prompt": p}, timeout=60)
+            return r.json()["choices"][0]["text"]
+
+        with cf.ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(ask, prompts)) == want
+        leader.send_signal(signal.SIGTERM)
+        assert leader.wait(timeout=60) == 0
+        assert follower.wait(timeout=60) == 0, follower.stderr.read()[-2000:]
+    finally:
+        for p in (leader, follower):
+            if p.poll() is None:
+                p.kill()

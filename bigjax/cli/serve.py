@@ -35,6 +35,9 @@ def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         tensor=args.tensor, chat_template=args.chat_template,
         max_body_bytes=args.max_body_mb << 20,
     )  # fmt: skip
+    from bigjax import distributed
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     start_jax(args)
     from bigjax.serving.server import serve_run
 
@@ -70,5 +73,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-template", default="", help="a Jinja chat template file (default: "
                    "the tokenizer's own, else a plain User:/Assistant: transcript)")  # fmt: skip
     p.add_argument("--max-body-mb", type=int, default=4, help="larger request bodies: 413")
+    # as `bigjax train`: automatic on Cloud TPU slices and SLURM, explicit elsewhere
+    p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
+    p.add_argument("--num_processes", type=int, help="processes in the job (multi-host)")
+    p.add_argument("--process_id", type=int, help="this process's index; 0 serves HTTP")
     add_debug_flag(p)
     p.set_defaults(run=cmd_serve)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax.scoring import length_buckets
+from bigjax.serving import hosts
 from bigjax.serving import programs as pg
 from bigjax.sharding import Rules
 
@@ -117,6 +118,8 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.ready = False
+        # several processes: process 0 broadcasts each call before making it (hosts.py)
+        self._wire = hosts.Wire(max_len, slots) if jax.process_count() > 1 else None
 
     # --- the HTTP side ----------------------------------------------------------------------
     def submit(self, seqs: Sequence[Sequence_]) -> None:
@@ -171,6 +174,30 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._wire is not None:
+            with self._in_mesh():
+                hosts.broadcast(self._wire, hosts.Call(hosts.STOP))
+
+    def follow(self) -> None:
+        """On every process but 0: makes the calls process 0 broadcasts, until it stops."""
+        assert self._wire is not None, "follow() is for multi-process serving"
+        with self._in_mesh():
+            while (call := hosts.broadcast(self._wire, None)).kind != hosts.STOP:
+                self._execute(call)
+
+    def _issue(self, call: hosts.Call) -> tuple[pg.Emitted, Any]:
+        if self._wire is not None:
+            hosts.broadcast(self._wire, call)
+        return self._execute(call)
+
+    def _execute(self, c: hosts.Call) -> tuple[pg.Emitted, Any]:
+        if c.kind == hosts.PREFILL:
+            self._slots, out, scores = self._prefill(
+                self.params, self._slots, c.tokens_T, np.int32(c.n), np.int32(c.row), c.sampling
+            )
+            return out, scores
+        self._slots, out = self._decode(self.params, self._slots, c.active_B, c.sampling)
+        return out, None
 
     # --- the engine thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -189,6 +216,10 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - reported to every sequence, engine goes on
                 log.exception("serve: engine step failed")
                 self._fail_all(f"{type(e).__name__}: {e}")
+                if self._wire is not None:  # the other processes' slots differ now: stop
+                    with self._wake:
+                        self._stopping, self.ready = True, False
+                    return
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -219,9 +250,7 @@ class Engine:
         tokens_T = np.zeros((self.bucket(n),), np.int32)
         tokens_T[:n] = seq.prompt
         sampling = pg.row_sampling([(p.temperature, p.top_k, p.top_p, p.seed, 0)])
-        self._slots, out, scores = self._prefill(
-            self.params, self._slots, tokens_T, np.int32(n), np.int32(row), sampling
-        )
+        out, scores = self._issue(hosts.Call(hosts.PREFILL, tokens_T, n, row, sampling=sampling))
         self._rows[row] = seq
         if p.prompt_scores:
             logp, ids, top = jax.device_get(scores)
@@ -241,7 +270,9 @@ class Engine:
         for s in self._rows:
             p = s.params if s is not None else Params(max_tokens=1)
             rows.append((p.temperature, p.top_k, p.top_p, p.seed, s.generated if s else 0))
-        self._slots, out = self._decode(self.params, self._slots, active, pg.row_sampling(rows))
+        out, _ = self._issue(
+            hosts.Call(hosts.DECODE, active_B=active, sampling=pg.row_sampling(rows))
+        )
         out = jax.device_get(out)
         for row in range(b):
             if active[row]:

@@ -175,7 +175,7 @@ def make_prefill(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
             slots.length_B.at[row].set(n),
             slots.last_B.at[row].set(out.token_B[0]),
         )
-        return slots, out, scores
+        return slots, replicated(out), replicated(scores)
 
     return prefill
 
@@ -208,9 +208,15 @@ def make_decode(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
             slots.length_B + active_B.astype(jnp.int32),
             jnp.where(active_B, out.token_B, slots.last_B),
         )
-        return slots, out
+        return slots, replicated(out)
 
     return decode
+
+
+def replicated(tree: Any) -> Any:
+    """What the host reads back, whole on every device: with several processes each reads
+    its own copy (a value split over other hosts' devices cannot be fetched)."""
+    return jax.tree.map(lambda x: constrain(x, (None,) * x.ndim, ()), tree)
 
 
 def row_sampling(rows: list[tuple[float, int, float, int, int]]) -> RowSampling:

@@ -45,9 +45,18 @@ class Options:
 
 
 def serve_run(workdir: str, overrides: Sequence[str], opts: Options) -> int:
-    """Serves until SIGTERM/SIGINT; returns the exit code."""
+    """Serves until SIGTERM/SIGINT; returns the exit code. With several processes (a
+    multi-host mesh) process 0 serves HTTP and the others follow its engine (hosts.py)."""
+    import jax
+
     from bigjax import trained
 
+    if jax.process_index() != 0:
+        with trained.open_run(workdir, overrides, "serve", tensor=opts.tensor) as (prog, params, _):
+            served, _ = _build(workdir, prog, params, opts)
+            served.engine.warm_up()
+            served.engine.follow()
+        return 0
     sock = _listen(opts.host, opts.port)  # before compiling: a taken port fails at once
     with trained.open_run(workdir, overrides, "serve", tensor=opts.tensor) as (prog, params, step):
         served, monitor = _build(workdir, prog, params, opts)

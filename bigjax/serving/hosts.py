@@ -1,0 +1,88 @@
+"""Serving across hosts: process 0 schedules, every process runs the same programs.
+
+On a multi-host mesh every program call is a collective: all processes must make the same
+calls, with the same inputs, in the same order. Process 0's engine decides each call (which
+prompt goes into which slot, which slots decode, with what sampling) and broadcasts it before
+making it; the other processes receive each call and make it too, until process 0 says stop.
+A call travels as two fixed-shape arrays (so the broadcast compiles once): ints [kind, bucket,
+n, row, top_k, seed, tokens (max_len), active (B), top_k (B), seed (B), step (B)] and floats
+[temperature, top_p, temperature (B), top_p (B)].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from bigjax.serving import programs as pg
+
+PREFILL, DECODE, STOP = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    kind: int
+    tokens_T: np.ndarray | None = None  # PREFILL: the prompt, right-padded to its bucket
+    n: int = 0
+    row: int = 0
+    active_B: np.ndarray | None = None  # DECODE
+    sampling: pg.RowSampling | None = None  # [1] for PREFILL, [B] for DECODE
+
+
+@dataclasses.dataclass(frozen=True)
+class Wire:
+    """Packs calls into the two broadcast arrays and back."""
+
+    max_len: int
+    slots: int
+
+    def pack(self, c: Call) -> tuple[np.ndarray, np.ndarray]:
+        s, b = self.max_len, self.slots
+        ints = np.zeros(6 + s + 4 * b, np.int32)
+        floats = np.zeros(2 + 2 * b, np.float32)
+        ints[0] = c.kind
+        p = c.sampling
+        if c.kind == PREFILL and c.tokens_T is not None and p is not None:
+            ints[1:6] = (len(c.tokens_T), c.n, c.row, int(p.top_k[0]), _i32(p.seed)[0])
+            ints[6 : 6 + len(c.tokens_T)] = c.tokens_T
+            floats[0:2] = (float(p.temperature[0]), float(p.top_p[0]))
+        elif c.kind == DECODE and c.active_B is not None and p is not None:
+            o = 6 + s
+            ints[o : o + b] = c.active_B
+            ints[o + b : o + 2 * b] = p.top_k
+            ints[o + 2 * b : o + 3 * b] = _i32(p.seed)
+            ints[o + 3 * b : o + 4 * b] = p.step
+            floats[2 : 2 + b], floats[2 + b :] = p.temperature, p.top_p
+        return ints, floats
+
+    def unpack(self, ints: np.ndarray, floats: np.ndarray) -> Call:
+        s, b = self.max_len, self.slots
+        kind = int(ints[0])
+        if kind == PREFILL:
+            bucket, n, row, top_k, seed = (int(x) for x in ints[1:6])
+            sampling = pg.row_sampling([(float(floats[0]), top_k, float(floats[1]),
+                                         seed & 0xFFFFFFFF, 0)])  # fmt: skip
+            return Call(PREFILL, ints[6 : 6 + bucket].copy(), n, row, sampling=sampling)
+        if kind == DECODE:
+            o = 6 + s
+            sampling = pg.RowSampling(
+                floats[2 : 2 + b].copy(), ints[o + b : o + 2 * b].copy(), floats[2 + b :].copy(),
+                ints[o + 2 * b : o + 3 * b].view(np.uint32).copy(), ints[o + 3 * b :].copy(),
+            )  # fmt: skip
+            return Call(DECODE, active_B=ints[o : o + b].astype(bool), sampling=sampling)
+        return Call(STOP)
+
+
+def _i32(x: Any) -> np.ndarray:
+    return np.asarray(x, np.uint32).view(np.int32)
+
+
+def broadcast(wire: Wire, call: Call | None) -> Call:
+    """Process 0 passes its call and gets it back; the others pass None and get process 0's."""
+    from jax.experimental import multihost_utils
+
+    ints, floats = wire.pack(call or Call(STOP))
+    ints, floats = multihost_utils.broadcast_one_to_all((ints, floats))
+    return wire.unpack(np.asarray(ints), np.asarray(floats))
