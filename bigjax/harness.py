@@ -136,6 +136,10 @@ def task_manager(tasks: Sequence[str], include_path: str = "") -> Any:
     if include_path and not Path(include_path).is_dir():
         raise ConfigError(f"eval: include path {include_path}: no such directory.")
     include_path = str(Path(include_path).resolve()) if include_path else ""
+    if include_path:  # indexing lm-eval's own thousands of tasks takes seconds: only if needed
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if all(manager.match_tasks([t]) for t in tasks):
+            return manager
     manager = TaskManager(include_path=include_path or None)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:

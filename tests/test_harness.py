@@ -54,7 +54,8 @@ def test_in_process_and_through_the_server_agree(tiny_run, tasks_dir, tmp_path, 
             m.chdir(tasks_dir)  # relative data_files, as `bigjax eval --include-path` reads them
             remote = lm_eval.simple_evaluate(
                 model="local-completions", model_args=model_args, tasks=TASKS,
-                task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=False,
+                task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+                log_samples=False,
                 bootstrap_iters=0, random_seed=1234, numpy_random_seed=1234,
                 torch_random_seed=1234, fewshot_random_seed=1234,
             )  # fmt: skip

@@ -249,7 +249,7 @@ def test_auth_size_routes_and_health(server):
     assert httpx.get(f"{url}/v1/models", headers=wrong).status_code == 401
     models = httpx.get(f"{url}/v1/models", headers=AUTH).json()
     assert models["data"][0]["id"] == "run" and models["data"][0]["max_model_len"] == 128
-    big = b'{"prompt": "' + b"a" * (2 << 20) + b'"}'  # 2 MB over the 1 MB limit
+    big = b'{"prompt": "' + b"a" * (10 << 20) + b'"}'  # 10 MB, over the 1 MB limit
     r = httpx.post(f"{url}/v1/completions", headers=AUTH, content=big)
     assert r.status_code == 413 and "over" in r.json()["error"]["message"]
     assert httpx.get(f"{url}/v1/completions", headers=AUTH).status_code == 405
@@ -317,6 +317,43 @@ def test_two_hundred_concurrent_clients(server):
     assert rss[2] - rss[1] < 16 << 20, [r >> 20 for r in rss]
 
 
+def test_two_processes_serve_as_one(run_dir, server):
+    # a multi-host mesh on localhost: process 0 serves HTTP and schedules, process 1 makes the
+    # same program calls (broadcast by process 0); greedy text equals one process's
+    import concurrent.futures as cf
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hosts = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2"]
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "bigjax.cli", "serve", str(run_dir), *hosts, "--process_id", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url, leader = start_server(run_dir, *hosts, "--process_id", "0")
+    try:
+        prompts = ["def main(", "import", "class B:"]
+        body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+        def ask(base, p):
+            r = httpx.post(f"{base}/v1/completions", json={**body, "prompt": p}, headers=AUTH,
+                           timeout=60)  # fmt: skip
+            return r.json()["choices"][0]["text"]
+
+        want = [ask(server[0], p) for p in prompts]
+        with cf.ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(lambda p: ask(url, p), prompts)) == want
+        leader.send_signal(signal.SIGTERM)
+        assert leader.wait(timeout=60) == 0
+        assert follower.wait(timeout=60) == 0, follower.stderr.read()[-2000:]
+    finally:
+        for p in (leader, follower):
+            if p.poll() is None:
+                p.kill()
+
+
 def test_sigterm_finishes_what_is_in_flight_and_exits_0(server):
     url, proc = server
     body = {"prompt": "x", "max_tokens": 60, "ignore_eos": True, "temperature": 0, "stream": True}
@@ -331,41 +368,3 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(server):
     assert proc.wait(timeout=60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
-
-
-def test_two_processes_serve_as_one(run_dir):
-    # a multi-host mesh on localhost: process 0 serves HTTP and schedules, process 1 makes the
-    # same program calls (broadcast by process 0); greedy text equals one process's generate
-    import concurrent.futures as cf
-    import socket
-
-    from bigjax.generate import Sampling, generate_from_run
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    hosts = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2"]
-    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "bigjax.cli", "serve", str(run_dir), *hosts, "--process_id", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    url, leader = start_server(run_dir, *hosts, "--process_id", "0")
-    try:
-        prompts = ["def main(", "import", "class B:"]
-        want, _ = generate_from_run(str(run_dir), [], prompts, Sampling(max_new_tokens=8))
-        body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
-
-        def ask(p):
-            r = httpx.post(f"{url}/v1/completions", json={**body, "prompt": p}, timeout=60)
-            return r.json()["choices"][0]["text"]
-
-        with cf.ThreadPoolExecutor(3) as pool:
-            assert list(pool.map(ask, prompts)) == want
-        leader.send_signal(signal.SIGTERM)
-        assert leader.wait(timeout=60) == 0
-        assert follower.wait(timeout=60) == 0, follower.stderr.read()[-2000:]
-    finally:
-        for p in (leader, follower):
-            if p.poll() is None:
-                p.kill()

@@ -193,3 +193,30 @@ def test_prompt_log_probabilities_equal_the_scorer(tiny, engine):
     (want,) = Scorer(graphdef, params, 64).score([(PROMPTS[3][:1], PROMPTS[3][1:])])
     # f32; the two paths differ only in summation order over masked keys: ~1e-7 per token
     np.testing.assert_allclose(scores.logprobs, want.logprobs, atol=1e-5, rtol=0)
+
+
+def test_prompts_and_special_tokens_read_alike_for_every_tokenizer_kind(tmp_path):
+    # what /tokenize, /tokenizer_info and prompts rely on, for byte, BPE and SentencePiece
+    import sysconfig
+    from pathlib import Path
+
+    import sentencepiece as spm
+
+    from bigjax.data import tokenizer as tk
+
+    corpus = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text().splitlines()
+    sp = tmp_path / "sp"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_prefix=str(sp), vocab_size=300, pad_id=3,
+        minloglevel=2,
+    )  # fmt: skip
+    kinds = [tk.ByteTokenizer(), tk.train_bpe(corpus, 320),
+             tk.SentencePieceTokenizer((tmp_path / "sp.model").read_bytes())]  # fmt: skip
+    for tok in kinds:
+        names = tk.special_tokens(tok)
+        assert sorted(names.values()) == sorted({tok.bos_id, tok.eos_id, tok.pad_id}), tok.kind
+        eos = next(k for k, v in names.items() if v == tok.eos_id)
+        ids = tk.encode_prompt(tok, f"def f(x):{eos} return x", add_bos=True)
+        want = [tok.bos_id, *tok.encode("def f(x):"), tok.eos_id, *tok.encode(" return x")]
+        assert ids == want, tok.kind
+        assert tk.encode_prompt(tok, "return x", add_bos=False) == tok.encode("return x").tolist()
