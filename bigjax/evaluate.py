@@ -39,7 +39,7 @@ def evaluate_run(workdir: str, overrides: Sequence[str], choices: str = "") -> d
 
 def harness_run(workdir: str, overrides: Sequence[str], tasks: Sequence[str], *,
                 include_path: str = "", limit: float | None = None,
-                num_fewshot: int | None = None, rows: int = 16) -> dict[str, Any]:  # fmt: skip
+                num_fewshot: int | None = None) -> dict[str, Any]:  # fmt: skip
     """lm-evaluation-harness `tasks` on the run's latest intact checkpoint (lm-eval's results
     dict, with the checkpoint step under "bigjax_step")."""
     from bigjax import harness
@@ -49,7 +49,7 @@ def harness_run(workdir: str, overrides: Sequence[str], tasks: Sequence[str], *,
 
         tokenizer = pipeline.tokenizer_for(prog.cfg.data)
         lm = harness.make_lm(prog.graphdef, params, tokenizer, prog.cfg.data.seq_len,
-                             rules=prog.cfg.mesh.rules, mesh=prog.mesh, rows=rows)  # fmt: skip
+                             rules=prog.cfg.mesh.rules, mesh=prog.mesh)  # fmt: skip
         try:
             results = harness.evaluate(lm, tasks, include_path=include_path, limit=limit,
                                        num_fewshot=num_fewshot)  # fmt: skip

@@ -30,7 +30,7 @@ def _offline() -> None:
 
 def make_lm(
     graphdef: Any, params: Any, tokenizer: Any, max_len: int, *, rules: Any = (),
-    mesh: Any = None, rows: int = 16, slots: int = 8,
+    mesh: Any = None, tokens: int = 8192, slots: int = 8,
 ) -> Any:  # fmt: skip
     """An lm-eval LM over a model's parameters."""
     _offline()
@@ -44,7 +44,7 @@ def make_lm(
     class BigjaxLM(TemplateLM):
         def __init__(self) -> None:
             super().__init__()
-            self.scorer = Scorer(graphdef, params, max_len, rows=rows)
+            self.scorer = Scorer(graphdef, params, max_len, tokens=tokens)
             self.params = params
             self._engine: Engine | None = None
 

@@ -144,7 +144,8 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
         for prompt_text, ids in prompts:
             budget = _budget(len(ids), req.max_tokens, served.max_len)
             for j in range(req.n):
-                params = _params(req, budget, j, served, echo_scores=scores)
+                params = _params(req, budget, j, served, echo_scores=scores,
+                                 top=req.logprobs is not None)  # fmt: skip
                 prefix = prompt_text if req.echo else ""
                 job.add(ids, params, prefix=prefix, echo=req.echo, first=j == 0)
         return await job.respond()
@@ -158,7 +159,7 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
         top = (req.top_logprobs or 0) if req.logprobs else None
         job = Job(served, monitor, request, "chatcmpl", req, top)
         for j in range(req.n):
-            params = _params(req, budget, j, served, echo_scores=False)
+            params = _params(req, budget, j, served, echo_scores=False, top=top is not None)
             job.add(ids, params, prefix="", echo=False, first=j == 0)
         return await job.respond()
 
@@ -384,12 +385,13 @@ def _budget(n: int, max_tokens: int | None, max_len: int) -> int:
     return max_tokens
 
 
-def _params(req: Any, budget: int, j: int, served: Served, *, echo_scores: bool) -> Params:
+def _params(req: Any, budget: int, j: int, served: Served, *, echo_scores: bool,
+            top: bool) -> Params:  # fmt: skip
     seed = (req.seed + j) % 2**32 if req.seed is not None else int.from_bytes(os.urandom(4))
     stops = frozenset() if req.ignore_eos else frozenset({served.tokenizer.eos_id})
     return Params(
         max_tokens=budget, temperature=req.temperature, top_k=max(req.top_k, 0),
-        top_p=req.top_p, seed=seed, stop_ids=stops, prompt_scores=echo_scores,
+        top_p=req.top_p, seed=seed, stop_ids=stops, prompt_scores=echo_scores, top=top,
     )  # fmt: skip
 
 
