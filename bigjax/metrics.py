@@ -7,6 +7,7 @@ import json
 import math
 import os
 import secrets
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -147,9 +148,7 @@ class Writers:
         self._tb = None
         self._wandb = None
         if enabled and tensorboard:
-            from tensorboardX import SummaryWriter  # heavy import, only where it is used
-
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            self._tb = _summary_writer()(str(workdir / "tensorboard"))
         if enabled and wandb_project:
             self._wandb = _wandb_run(workdir, wandb_project, config or {})
 
@@ -301,3 +300,21 @@ def loss_figure(rows: Sequence[dict[str, Any]], title: str, log_scale: bool = Tr
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def _summary_writer() -> Any:
+    """tensorboardX's SummaryWriter, imported only where it is used. Its module imports torch
+    whenever torch is installed, only to accept torch tensors (bigjax logs floats): ~1 s and
+    ~200 MB a process. `import torch` is made to fail while the module loads, unless torch is
+    already loaded."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    finally:
+        del sys.modules["torch"]
