@@ -166,6 +166,13 @@ def test_chat_streaming_usage_n_and_stop_strings(server):
         extra_body={"ignore_eos": True},
     ).choices[0]
     assert cut.text == long[: long.index(stop)] and cut.finish_reason == "stop"
+    # a top_k past int32 keeps every token (and fails nothing decoding beside it)
+    plain = {"prompt": "def", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    texts = [
+        httpx.post(f"{url}/v1/completions", headers=AUTH, json=body, timeout=60).json()
+        for body in (plain, {**plain, "top_k": 10**20})
+    ]
+    assert texts[0]["choices"][0]["text"] == texts[1]["choices"][0]["text"]
 
 
 def test_echo_logprobs_equal_the_scorer(server, run_dir):
@@ -226,6 +233,7 @@ BAD = [
     (b'{"prompt": "x", "presence_penalty": 0.5}', 400, "not supported"),
     (b'{"prompt": "x", "max_tokens": 0}', 400, "echo"),
     (b'{"prompt": "x", "model": "gpt-4"}', 404, "does not exist"),
+    (b'{"prompt": ["a", "b", "c"], "n": 4}', 400, "queues at most 8"),  # 12 > the queue
     (b"[1, 2]", 400, "object"),
     (b"", 400, "Invalid JSON"),
 ]

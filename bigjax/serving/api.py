@@ -228,6 +228,13 @@ class Job:
         self.prompt_tokens += len(ids) if first else 0
 
     async def respond(self) -> Response:
+        limit = self.served.engine.max_waiting
+        if len(self.choices) > limit:  # could never be queued: a 429 would ask for retries
+            raise ApiError(
+                400,
+                f"this request asks for {len(self.choices)} sequences (prompts x "
+                f"n); the server queues at most {limit}: send fewer per request",
+            )
         try:
             self.served.engine.submit([c.seq for c in self.choices])
         except QueueFull as e:
@@ -390,7 +397,10 @@ def _params(req: Any, budget: int, j: int, served: Served, *, echo_scores: bool,
     seed = (req.seed + j) % 2**32 if req.seed is not None else int.from_bytes(os.urandom(4))
     stops = frozenset() if req.ignore_eos else frozenset({served.tokenizer.eos_id})
     return Params(
-        max_tokens=budget, temperature=req.temperature, top_k=max(req.top_k, 0),
+        # top_k past the vocabulary keeps every token: clamped, so no value reaches the
+        # engine's int32 arrays that could fail the step every other sequence shares
+        max_tokens=budget, temperature=req.temperature,
+        top_k=min(max(req.top_k, 0), served.engine.shapes.vocab),
         top_p=req.top_p, seed=seed, stop_ids=stops, prompt_scores=echo_scores, top=top,
     )  # fmt: skip
 

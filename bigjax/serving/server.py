@@ -144,7 +144,7 @@ def _run_uvicorn(served: Any, monitor: Any, sock: socket.socket) -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's Server with bigjax's signal handling: SIGTERM/SIGINT start the graceful
+    """uvicorn's Server with bigjax's signal handling: SIGTERM/SIGINT/SIGHUP start the graceful
     shutdown and the process then exits 0 (uvicorn itself re-raises the signal after its
     shutdown, which would end the process by the signal instead)."""
 
@@ -153,7 +153,12 @@ class _Server(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        # a closed terminal (SIGHUP) drains too, as it stops a training run; under nohup the
+        # hangup stays ignored
+        wanted = [signal.SIGINT, signal.SIGTERM]
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            wanted.append(signal.SIGHUP)
+        previous = {s: signal.getsignal(s) for s in wanted}
 
         def stop(signum: int, frame: Any) -> None:
             if self.should_exit and signum == signal.SIGINT:
