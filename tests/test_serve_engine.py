@@ -9,6 +9,7 @@ import time
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -148,19 +149,19 @@ def test_stop_tokens_and_cancels_free_their_slots(engine):
 
 def test_per_row_sampling_filters():
     logits = jax.numpy.log(jax.numpy.asarray([[0.5, 0.3, 0.15, 0.05]] * 3))
-    rows = programs.row_sampling([(1.0, 2, 1.0, s, 0) for s in range(3)])
+    rows = programs.row_sampling([(1.0, 2, 1.0, s, 0, False) for s in range(3)])
     draws = {
         int(programs.sample_rows(logits, rows._replace(seed=np.full(3, s, np.uint32)))[0])
         for s in range(60)
     }
     assert draws == {0, 1}  # top-k 2 keeps exactly the two most likely
-    rows = programs.row_sampling([(1.0, 0, 0.7, 0, 0)] * 3)
+    rows = programs.row_sampling([(1.0, 0, 0.7, 0, 0, False)] * 3)
     draws = {
         int(programs.sample_rows(logits, rows._replace(seed=np.full(3, s, np.uint32)))[0])
         for s in range(60)
     }
     assert draws == {0, 1}  # top-p 0.7: 0.5 alone is short of it, 0.5 + 0.3 reaches it
-    greedy = programs.row_sampling([(0.0, 0, 1.0, 0, 0)] * 3)
+    greedy = programs.row_sampling([(0.0, 0, 1.0, 0, 0, False)] * 3)
     assert programs.sample_rows(logits, greedy).tolist() == [0, 0, 0]
 
 
@@ -195,6 +196,49 @@ def test_prompt_log_probabilities_equal_the_scorer(tiny, engine):
     np.testing.assert_allclose(scores.logprobs, want.logprobs, atol=1e-5, rtol=0)
 
 
+def test_packed_scoring_equals_each_sequence_scored_alone(tiny):
+    # Many pairs share rows (segment ids, restarted positions) in rows sized to the longest
+    # sequence; pairs with one context share its forward pass (a tree mask); each pair alone
+    # is one plain causal sequence. Lengths cross every bucket up to the context (64) and past
+    # it (cut from the left); one context's six choices overflow a row and split. A packing,
+    # position or mask slip moves a score onto another sequence's tokens. The reference is
+    # the training forward pass on each sequence alone.
+    _, graphdef, params = tiny
+    model = nnx.merge(graphdef, params)
+
+    def alone(ctx, cont):
+        seq = (ctx + cont)[-65:]
+        n = min(len(cont), len(seq) - 1)
+        logits = model(jnp.asarray([seq[:-1]]), jnp.ones((1, len(seq) - 1), jnp.int32),
+                       jnp.arange(len(seq) - 1)[None])[0]  # fmt: skip
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        targets = jnp.asarray(seq[1:])
+        lp = jnp.take_along_axis(logp, targets[:, None], -1)[-n:, 0]
+        return np.asarray(lp), bool((jnp.argmax(logp, -1) == targets)[-n:].all())
+
+    rng = np.random.default_rng(0)
+    ids = lambda n: [int(x) for x in rng.integers(1, 500, size=n)]  # noqa: E731
+    shared = ids(12)
+    pairs = [
+        (ids(c), ids(n))
+        for c, n in [(1, 1), (3, 5), (20, 2), (0, 9), (40, 30), (7, 1), (63, 1), (2, 14)]
+    ]
+    pairs += [(shared, ids(n)) for n in (1, 4, 9, 1, 30, 12)]  # 12 + 57 > a 64-token row
+    pairs += [(shared[:5], ids(3)), (shared[:5], ids(3))]  # another context
+    pairs += [pairs[9], pairs[1]]  # asked twice: scored once, so equal to the bit
+    scorer = Scorer(graphdef, params, 64, tokens=256)  # 4 rows of 64: several batches
+    together = scorer.score(pairs)
+    assert [len(s.logprobs) for s in together[:8]] == [1, 5, 2, 8, 30, 1, 1, 14]
+    assert [len(s.logprobs) for s in together[8:]] == [1, 4, 9, 1, 30, 12, 3, 3, 4, 5]
+    assert together[-2] == together[9] and together[-1] == together[1]
+    for got, pair in zip(together, pairs, strict=True):
+        want, greedy = alone(*pair)
+        # f32; the passes differ only in which masked keys are summed: ~1e-7 per token
+        np.testing.assert_allclose(got.logprobs, want, atol=1e-5, rtol=0)
+        assert got.greedy == greedy
+    assert [scorer.row_length(n) for n in (5, 20, 40, 64)] == [32, 32, 64, 64]
+
+
 def test_prompts_and_special_tokens_read_alike_for_every_tokenizer_kind(tmp_path):
     # what /tokenize, /tokenizer_info and prompts rely on, for byte, BPE and SentencePiece
     import sysconfig
@@ -220,3 +264,27 @@ def test_prompts_and_special_tokens_read_alike_for_every_tokenizer_kind(tmp_path
         want = [tok.bos_id, *tok.encode("def f(x):"), tok.eos_id, *tok.encode(" return x")]
         assert ids == want, tok.kind
         assert tk.encode_prompt(tok, "return x", add_bos=False) == tok.encode("return x").tolist()
+
+
+def test_calls_cross_the_wire_between_hosts_unchanged():
+    # What process 0 broadcasts to the others: every field of a prefill and a decode call
+    # (a shifted column would give another host other sampling, and its programs diverge).
+    from bigjax.serving import hosts
+
+    wire = hosts.Wire(max_len=32, slots=3)
+    one = programs.row_sampling([(0.7, 40, 0.9, 2**32 - 3, 0, True)])
+    prefill = hosts.Call(hosts.PREFILL, np.arange(1, 17, dtype=np.int32), 5, 2, sampling=one)
+    decode = hosts.Call(
+        hosts.DECODE, active_B=np.array([True, False, True]),
+        sampling=programs.row_sampling(
+            [(0.0, 0, 1.0, 7, 3, False), (1.5, 5, 0.5, 2**31, 9, True), (0.2, 1, 0.1, 1, 0, False)]
+        ),
+    )  # fmt: skip
+    for call in (prefill, decode, hosts.Call(hosts.STOP)):
+        got = wire.unpack(*wire.pack(call))
+        assert (got.kind, got.n, got.row) == (call.kind, call.n, call.row)
+        for a, b in ((got.tokens_T, call.tokens_T), (got.active_B, call.active_B)):
+            assert (a is None and b is None) or np.array_equal(a, b)
+        if call.sampling is not None:
+            for name, a, b in zip(call.sampling._fields, got.sampling, call.sampling, strict=True):
+                assert a.dtype == b.dtype and np.array_equal(a, b), name

@@ -139,13 +139,16 @@ def test_median_pruner_stops_a_hopeless_trial(tmp_path):
     assert summary["step"] < 60  # it was stopped (and saved a checkpoint on its way out)
 
 
+# A trial that must still be running when the test signals it: steps of 2 x 32 tokens
+# (~10 ms each here, a fifth of QUICK's) and a checkpoint every 50 steps (a save costs ~10
+# steps): the signal comes ~0.5 s after the first checkpoint, and `steps` leaves seconds more.
 LONG_SPEC = """
 def get_sweep():
     return Sweep(
         name={name!r},
         config=TINY,
-        overrides={{**QUICK, "num_steps": 400, "eval.every_steps": 400,
-                   "checkpoint.every_steps": 5}},
+        overrides={{**QUICK, "num_steps": {steps}, "eval.every_steps": {steps},
+                   "data.batch_size": 2, "data.seq_len": 32, "checkpoint.every_steps": 50}},
         space={{"optim.lr": Grid((3e-3,))}},
     )
 """
@@ -168,7 +171,7 @@ def start_until_checkpoint(spec: Path, out: Path, *extra: str) -> subprocess.Pop
 @pytest.mark.slow
 def test_killed_sweep_continues_and_the_trial_resumes_from_its_checkpoint(tmp_path):
     spec = tmp_path / "sweep.py"
-    write_spec(spec, LONG_SPEC.format(name="kill"))
+    write_spec(spec, LONG_SPEC.format(name="kill", steps=600))
     out = tmp_path / "sweep"
     proc = start_until_checkpoint(spec, out, "--heartbeat", "1")
     proc.send_signal(signal.SIGKILL)  # no clean-up at all: heartbeats stop
@@ -187,7 +190,7 @@ def test_killed_sweep_continues_and_the_trial_resumes_from_its_checkpoint(tmp_pa
     assert states == ["COMPLETE", "FAIL"]  # the dead worker's attempt, then its retry
     log = (run_dir / "train.log").read_text()
     assert log.count("fresh start") == 1 and "resuming from step" in log
-    assert json.loads((run_dir / "summary.json").read_text())["step"] == 400
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 600
 
 
 needs_postgres = pytest.mark.skipif(
@@ -269,7 +272,7 @@ def test_three_workers_share_a_postgres_study(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_trials_cleanly_and_requeues_them(tmp_path):
     spec = tmp_path / "sweep.py"
-    write_spec(spec, LONG_SPEC.format(name="stop"))
+    write_spec(spec, LONG_SPEC.format(name="stop", steps=600))
     out = tmp_path / "sweep"
     proc = start_until_checkpoint(spec, out)
     proc.send_signal(signal.SIGINT)
@@ -295,7 +298,7 @@ def test_stalled_worker_never_runs_two_trainers_and_wakes_without_crashing(tmp_p
     # the retry. B must wait for A's trainer to release the run directory; A, resumed, must
     # stop its trainer and leave the result to B, without crashing or reporting twice.
     spec = tmp_path / "sweep.py"
-    write_spec(spec, LONG_SPEC.format(name="stall"))
+    write_spec(spec, LONG_SPEC.format(name="stall", steps=1500))
     out = tmp_path / "sweep"
     a = start_until_checkpoint(spec, out, "--heartbeat", "1")
     (run_dir,) = out.glob("runs/*")
@@ -323,7 +326,7 @@ def test_stalled_worker_never_runs_two_trainers_and_wakes_without_crashing(tmp_p
     assert states == ["COMPLETE", "FAIL"]  # A's attempt (failed as stale), B's retry
     log = (run_dir / "train.log").read_text()
     assert log.count("fresh start") == 1 and "resuming from step" in log
-    assert json.loads((run_dir / "summary.json").read_text())["step"] == 400
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 1500
 
 
 @pytest.mark.slow
@@ -332,7 +335,7 @@ def test_a_trial_that_completes_while_its_worker_is_stalled_keeps_its_result(tmp
     # trial meanwhile. Worker B fails A's attempt as stale and runs the retry, whose trainer
     # finds the run complete: the retry must record the run's result, not "no final eval".
     spec = tmp_path / "sweep.py"
-    write_spec(spec, LONG_SPEC.format(name="done").replace('"num_steps": 400', '"num_steps": 12'))
+    write_spec(spec, LONG_SPEC.format(name="done", steps=120))
     out = tmp_path / "sweep"
     a = start_until_checkpoint(spec, out, "--heartbeat", "1")
     (run_dir,) = out.glob("runs/*")

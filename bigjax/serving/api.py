@@ -260,35 +260,44 @@ class Job:
 
     async def _pieces(self) -> AsyncIterator[tuple[bodies.Choice, str]]:
         """(choice, new text) as events arrive, until every choice finished; a client gone
-        for good ends it (the caller cancels what is left)."""
+        for good ends it (the caller cancels what is left). Events already waiting are taken
+        together, one piece per choice: a stream that falls behind the engine (many slots
+        decoding, a slow client) catches up in fewer, longer chunks instead of one per token."""
         open_ = len(self.choices)
         while open_:
             try:
-                index, event = await asyncio.wait_for(self.events.get(), 1.0)
+                events = [await asyncio.wait_for(self.events.get(), 1.0)]
             except TimeoutError:
                 if await self.request.is_disconnected():
                     return
                 continue
-            c = self.choices[index]
-            if c.finish_reason is not None:
-                continue
-            if isinstance(event, PromptScored):
-                c.prompt_scored(event)
-            elif isinstance(event, Token):
-                self._timing(c)
-                c.token(event)
-                piece = c.det.add(event.id)
-                if c.det.stopped:
-                    c.seq.cancel()
+            while not self.events.empty():
+                events.append(self.events.get_nowait())
+            pieces: dict[int, str] = {}  # choice index -> its new text, in arrival order
+            for index, event in events:
+                c = self.choices[index]
+                if c.finish_reason is not None:
+                    continue
+                if isinstance(event, PromptScored):
+                    c.prompt_scored(event)
+                    continue
+                if isinstance(event, Token):
+                    self._timing(c)
+                    c.token(event)
+                    piece = c.det.add(event.id)
+                    if c.det.stopped:
+                        c.seq.cancel()
+                        open_ -= 1
+                        self._finished(c, "stop")
+                else:
+                    assert isinstance(event, Finished)
+                    c.error = event.message
                     open_ -= 1
-                    self._finished(c, "stop")
-                yield c, piece
-            else:
-                assert isinstance(event, Finished)
-                c.error = event.message
-                open_ -= 1
-                self._finished(c, event.reason)
-                yield c, c.det.flush()
+                    self._finished(c, event.reason)
+                    piece = c.det.flush()
+                pieces[index] = pieces.get(index, "") + piece
+            for index, piece in pieces.items():
+                yield self.choices[index], piece
 
     def _finished(self, c: bodies.Choice, reason: str) -> None:
         c.finish_reason = reason

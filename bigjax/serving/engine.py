@@ -157,9 +157,9 @@ class Engine:
         for t in self.buckets:
             self._slots, *_ = self._prefill(
                 self.params, self._slots, np.zeros((t,), np.int32), np.int32(1), np.int32(0),
-                pg.row_sampling([(0.0, 0, 1.0, 0, 0)]),
+                pg.row_sampling([(0.0, 0, 1.0, 0, 0, True)]),
             )  # fmt: skip
-        rows = pg.row_sampling([(0.0, 0, 1.0, 0, 0)] * b)
+        rows = pg.row_sampling([(0.0, 0, 1.0, 0, 0, True)] * b)
         self._slots, out = self._decode(self.params, self._slots, np.zeros((b,), bool), rows)
         jax.block_until_ready(out)
         self.ready = True
@@ -250,19 +250,19 @@ class Engine:
         n, p = len(seq.prompt), seq.params
         tokens_T = np.zeros((self.bucket(n),), np.int32)
         tokens_T[:n] = seq.prompt
-        sampling = pg.row_sampling([(p.temperature, p.top_k, p.top_p, p.seed, 0)])
+        sampling = pg.row_sampling([(p.temperature, p.top_k, p.top_p, p.seed, 0, p.top)])
         out, scores = self._issue(hosts.Call(hosts.PREFILL, tokens_T, n, row, sampling=sampling))
         self._rows[row] = seq
         if p.prompt_scores:
             logp, ids, top = jax.device_get(scores)
             seq.emit(PromptScored(
                 tuple(float(x) for x in logp[: n - 1]),
-                tuple(_top(ids[t], top[t]) for t in range(n - 1)),
+                tuple(_top(ids[t], top[t]) if p.top else () for t in range(n - 1)),
             ))  # fmt: skip
         if p.max_tokens == 0:
             self._finish(row, "length")
             return
-        self._emit_token(row, jax.device_get(out), 0)
+        self._emit_token(row, _fetch(out, p.top), 0)
 
     def _decode_all(self) -> None:
         b = len(self._rows)
@@ -270,11 +270,10 @@ class Engine:
         rows = []
         for s in self._rows:
             p = s.params if s is not None else Params(max_tokens=1)
-            rows.append((p.temperature, p.top_k, p.top_p, p.seed, s.generated if s else 0))
-        out, _ = self._issue(
-            hosts.Call(hosts.DECODE, active_B=active, sampling=pg.row_sampling(rows))
-        )
-        out = jax.device_get(out)
+            rows.append((p.temperature, p.top_k, p.top_p, p.seed, s.generated if s else 0, p.top))
+        sampling = pg.row_sampling(rows)
+        out, _ = self._issue(hosts.Call(hosts.DECODE, active_B=active, sampling=sampling))
+        out = _fetch(out, bool(sampling.top.any()))
         for row in range(b):
             if active[row]:
                 self._emit_token(row, out, row)
@@ -304,6 +303,15 @@ class Engine:
             self._finish(row, "error", message)
         # the donated slots may be gone: start from empty ones
         self._slots = jax.jit(lambda: pg.empty_slots(self.shapes, self.rules))()
+
+
+def _fetch(out: pg.Emitted, top: bool) -> pg.Emitted:
+    """The step's output on the host; the alternatives only when a row asked for them (each
+    array fetched is a device-to-host transfer per step)."""
+    if top:
+        return jax.device_get(out)
+    token_B, logprob_B = jax.device_get((out.token_B, out.logprob_B))
+    return pg.Emitted(token_B, logprob_B, None, None)  # type: ignore[arg-type]
 
 
 def _top(ids: Any, logprobs: Any) -> tuple[tuple[int, float], ...]:

@@ -5,8 +5,8 @@ calls, with the same inputs, in the same order. Process 0's engine decides each 
 prompt goes into which slot, which slots decode, with what sampling) and broadcasts it before
 making it; the other processes receive each call and make it too, until process 0 says stop.
 A call travels as two fixed-shape arrays (so the broadcast compiles once): ints [kind, bucket,
-n, row, top_k, seed, tokens (max_len), active (B), top_k (B), seed (B), step (B)] and floats
-[temperature, top_p, temperature (B), top_p (B)].
+n, row, top_k, seed, top, tokens (max_len), active (B), top_k (B), seed (B), step (B),
+top (B)] and floats [temperature, top_p, temperature (B), top_p (B)].
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from bigjax.serving import programs as pg
 
 PREFILL, DECODE, STOP = 1, 2, 3
+HEADER = 7  # kind, bucket, n, row, top_k, seed, top
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,20 +41,19 @@ class Wire:
 
     def pack(self, c: Call) -> tuple[np.ndarray, np.ndarray]:
         s, b = self.max_len, self.slots
-        ints = np.zeros(6 + s + 4 * b, np.int32)
+        ints = np.zeros(HEADER + s + 5 * b, np.int32)
         floats = np.zeros(2 + 2 * b, np.float32)
         ints[0] = c.kind
         p = c.sampling
         if c.kind == PREFILL and c.tokens_T is not None and p is not None:
-            ints[1:6] = (len(c.tokens_T), c.n, c.row, int(p.top_k[0]), _i32(p.seed)[0])
-            ints[6 : 6 + len(c.tokens_T)] = c.tokens_T
+            ints[1:HEADER] = (len(c.tokens_T), c.n, c.row, int(p.top_k[0]), _i32(p.seed)[0],
+                              int(p.top[0]))  # fmt: skip
+            ints[HEADER : HEADER + len(c.tokens_T)] = c.tokens_T
             floats[0:2] = (float(p.temperature[0]), float(p.top_p[0]))
         elif c.kind == DECODE and c.active_B is not None and p is not None:
-            o = 6 + s
-            ints[o : o + b] = c.active_B
-            ints[o + b : o + 2 * b] = p.top_k
-            ints[o + 2 * b : o + 3 * b] = _i32(p.seed)
-            ints[o + 3 * b : o + 4 * b] = p.step
+            o = HEADER + s
+            for i, column in enumerate((c.active_B, p.top_k, _i32(p.seed), p.step, p.top)):
+                ints[o + i * b : o + (i + 1) * b] = column
             floats[2 : 2 + b], floats[2 + b :] = p.temperature, p.top_p
         return ints, floats
 
@@ -61,17 +61,19 @@ class Wire:
         s, b = self.max_len, self.slots
         kind = int(ints[0])
         if kind == PREFILL:
-            bucket, n, row, top_k, seed = (int(x) for x in ints[1:6])
+            bucket, n, row, top_k, seed, top = (int(x) for x in ints[1:HEADER])
             sampling = pg.row_sampling([(float(floats[0]), top_k, float(floats[1]),
-                                         seed & 0xFFFFFFFF, 0)])  # fmt: skip
-            return Call(PREFILL, ints[6 : 6 + bucket].copy(), n, row, sampling=sampling)
+                                         seed & 0xFFFFFFFF, 0, bool(top))])  # fmt: skip
+            return Call(PREFILL, ints[HEADER : HEADER + bucket].copy(), n, row, sampling=sampling)
         if kind == DECODE:
-            o = 6 + s
+            o = HEADER + s
+            columns = [ints[o + i * b : o + (i + 1) * b].copy() for i in range(5)]
+            active_B, top_k_B, seed_B, step_B, top_B = columns
             sampling = pg.RowSampling(
-                floats[2 : 2 + b].copy(), ints[o + b : o + 2 * b].copy(), floats[2 + b :].copy(),
-                ints[o + 2 * b : o + 3 * b].view(np.uint32).copy(), ints[o + 3 * b :].copy(),
+                floats[2 : 2 + b].copy(), top_k_B, floats[2 + b :].copy(),
+                seed_B.view(np.uint32), step_B, top_B.astype(bool),
             )  # fmt: skip
-            return Call(DECODE, active_B=ints[o : o + b].astype(bool), sampling=sampling)
+            return Call(DECODE, active_B=active_B.astype(bool), sampling=sampling)
         return Call(STOP)
 
 

@@ -51,6 +51,7 @@ class RowSampling(NamedTuple):
     top_p: jax.Array | np.ndarray  # float32; 1 keeps all
     seed: jax.Array | np.ndarray  # uint32
     step: jax.Array | np.ndarray  # int32: tokens this row has sampled (the rng's fold-in)
+    top: jax.Array | np.ndarray  # bool: the row reports its TOP_N most likely tokens
 
 
 class Emitted(NamedTuple):
@@ -93,7 +94,14 @@ def empty_slots(s: Shapes, rules: Rules) -> Slots:
 def sample_rows(logits_BV: jax.Array, p: RowSampling) -> jax.Array:
     """One token per row under that row's own parameters: top-k, then top-p over what top-k
     kept (as `generate.filter_logits`), then a draw from the row's key; greedy where the
-    temperature is 0."""
+    temperature is 0. A step where every row is greedy skips the sort and the draws (a
+    `cond`): for a small model they cost a fifth of the decode step."""
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    sample = lambda: jnp.where(p.temperature > 0, _draw_rows(logits_BV, p), greedy_B)  # noqa: E731
+    return jax.lax.cond(jnp.any(p.temperature > 0), sample, lambda: greedy_B)
+
+
+def _draw_rows(logits_BV: jax.Array, p: RowSampling) -> jax.Array:
     logits_BV = logits_BV.astype(jnp.float32)
     vocab = logits_BV.shape[-1]
     scaled_BV = logits_BV / jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
@@ -111,19 +119,29 @@ def sample_rows(logits_BV: jax.Array, p: RowSampling) -> jax.Array:
         key = jax.random.fold_in(jax.random.key(seed), step)
         return jax.random.categorical(key, row_V)
 
-    drawn_B = jax.vmap(draw)(p.seed, p.step, filtered_BV)
-    return jnp.where(p.temperature > 0, drawn_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+    return jax.vmap(draw)(p.seed, p.step, filtered_BV).astype(jnp.int32)
 
 
-def top_logprobs(logp_XV: jax.Array) -> tuple[jax.Array, jax.Array]:
-    values, ids = jax.lax.top_k(logp_XV, min(TOP_N, logp_XV.shape[-1]))
-    return ids.astype(jnp.int32), values
+def top_logprobs(logp_XV: jax.Array, wanted: jax.Array | np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """The TOP_N most likely ids and their log-probabilities per row, or zeros when no row
+    wants them (a `cond`: most requests ask for none, and a top-k is not free)."""
+    n = min(TOP_N, logp_XV.shape[-1])
+
+    def top() -> tuple[jax.Array, jax.Array]:
+        values, ids = jax.lax.top_k(logp_XV, n)
+        return ids.astype(jnp.int32), values
+
+    def none() -> tuple[jax.Array, jax.Array]:
+        shape = (*logp_XV.shape[:-1], n)
+        return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, logp_XV.dtype)
+
+    return jax.lax.cond(jnp.any(wanted), top, none)
 
 
 def emitted(logits_BV: jax.Array, p: RowSampling) -> Emitted:
     logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     token_B = sample_rows(logits_BV, p)
-    ids, values = top_logprobs(logp_BV)
+    ids, values = top_logprobs(logp_BV, p.top)
     return Emitted(token_B, jnp.take_along_axis(logp_BV, token_B[:, None], -1)[:, 0], ids, values)
 
 
@@ -158,7 +176,7 @@ def make_prefill(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
         next_T = jnp.concatenate([tokens_T[1:], jnp.zeros((1,), tokens_T.dtype)])
         prompt_logp_T = jnp.take_along_axis(logp_TV, next_T[:, None], -1)[:, 0]
         prompt_logp_T = jnp.where(jnp.arange(t) < n - 1, prompt_logp_T, 0.0)
-        scores = PromptScores(prompt_logp_T, *top_logprobs(logp_TV))
+        scores = PromptScores(prompt_logp_T, *top_logprobs(logp_TV, p.top))
         out = emitted(jax.lax.dynamic_slice_in_dim(logits_TV, n - 1, 1), p)
 
         def put(cache: jax.Array, new_N1TGK: jax.Array) -> jax.Array:
@@ -197,7 +215,7 @@ def make_decode(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
         valid_BS = slots.valid_BS.at[jnp.arange(b), pos_B].set(True)
         logits_B1V, cache_k, cache_v = model.decode(
             slots.last_B[:, None], pos_B[:, None], slots.cache_k, slots.cache_v, pos_B,
-            valid_BS[:, None, None, :],
+            valid_BS[:, None, None, :], unroll=True,
         )  # fmt: skip
         out = emitted(logits_B1V[:, 0], p)
         valid_BS = jnp.where(active_B[:, None], valid_BS, slots.valid_BS)
@@ -219,13 +237,15 @@ def replicated(tree: Any) -> Any:
     return jax.tree.map(lambda x: constrain(x, (None,) * x.ndim, ()), tree)
 
 
-def row_sampling(rows: list[tuple[float, int, float, int, int]]) -> RowSampling:
-    """Host arrays for the programs from (temperature, top_k, top_p, seed, step) per row."""
-    t, k, p, seed, step = zip(*rows, strict=True) if rows else ((),) * 5
+def row_sampling(rows: list[tuple[float, int, float, int, int, bool]]) -> RowSampling:
+    """Host arrays for the programs from (temperature, top_k, top_p, seed, step, top) per
+    row."""
+    t, k, p, seed, step, top = zip(*rows, strict=True) if rows else ((),) * 6
     return RowSampling(
         np.asarray(t, np.float32),
         np.asarray(k, np.int32),
         np.asarray(p, np.float32),
         np.asarray(seed, np.uint32),
         np.asarray(step, np.int32),
+        np.asarray(top, bool),
     )

@@ -81,7 +81,10 @@ def write_tasks(out: Path, items: int) -> None:
     with (out / "mc.jsonl").open("w") as f:
         for _ in range(items):
             i = rng.randrange(len(lines) - 1)
-            choices = [lines[i + 1], *rng.sample(lines, 3)]
+            # four different lines: two equal choices would tie, and each harness breaks a
+            # tie its own way
+            others = [x for x in dict.fromkeys(rng.sample(lines, 8)) if x != lines[i + 1]]
+            choices = [lines[i + 1], *others[:3]]
             f.write(
                 json.dumps({"context": lines[i] + "\n", "choices": choices, "answer": 0}) + "\n"
             )
