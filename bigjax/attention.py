@@ -185,6 +185,25 @@ def check_segments(segment_ids_BL: np.ndarray, max_segments: int) -> None:
         )
 
 
+# jax's cuDNN kernel takes packed sequences (offsets and lengths) only in jax._src: the public
+# `jax.nn.dot_product_attention` takes documents as a dense mask. The private module is used
+# only on the jax versions it is known on (the newest pinned here, and the first with it);
+# elsewhere `auto` falls back to the XLA path with a warning (`attend`).
+CUDNN_JAX = ((0, 7), (0, 11))  # first and last minor versions, inclusive
+
+
+def packed_cudnn_kernel(version: str) -> Any:
+    """jax's `fused_attention_stablehlo` module on a jax it is known on, else None."""
+    major_minor = tuple(int(x) for x in version.split(".")[:2])
+    if not CUDNN_JAX[0] <= major_minor <= CUDNN_JAX[1]:
+        return None
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo
+    except ImportError:  # moved or renamed in a release between the two
+        return None
+    return fused_attention_stablehlo
+
+
 def cudnn_attention(
     q_BLHK: jax.Array,
     k_BLGK: jax.Array,
@@ -197,8 +216,13 @@ def cudnn_attention(
     """cuDNN flash attention with the documents of each row as packed sequences (Hopper and
     newer). jax's public `dot_product_attention` takes segments only as a dense mask (a bias
     the kernel reads tile by tile); the packed form keeps masking inside the kernel."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
-
+    cudnn = packed_cudnn_kernel(jax.__version__)
+    if cudnn is None:
+        raise NotImplementedError(
+            f"attention='cudnn' needs jax's packed-sequence cuDNN kernel, known on jax "
+            f"{'.'.join(map(str, CUDNN_JAX[0]))} to {'.'.join(map(str, CUDNN_JAX[1]))}.x; this is "
+            f"jax {jax.__version__}: use attention='xla' or 'auto'"
+        )
     mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
     scale = 1.0 / math.sqrt(q_BLHK.shape[-1])
 

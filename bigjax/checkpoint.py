@@ -27,15 +27,16 @@ from orbax.checkpoint import checkpoint_managers as policies
 from bigjax import history, integrity
 from bigjax.config import CheckpointConfig
 from bigjax.data.pipeline import DataStateError, MalformedDataState
+from bigjax.errors import RunFailed, UsageError
 from bigjax.state import TrainState
 from bigjax.tree import path_name
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunFailed, RuntimeError):
     """A checkpoint could not be saved or restored; the message names it and the fix."""
 
 
-class CheckpointMismatch(CheckpointError):
+class CheckpointMismatch(UsageError, CheckpointError):
     """A good checkpoint that this run's config cannot continue (another model shape, batch
     size): a usage error (exit 2), fixed in the config or with a new workdir."""
 
@@ -76,7 +77,7 @@ class DataRestore(ocp.args.CheckpointArgs):
     item: Any
 
 
-def make_manager(directory: Path, cfg: CheckpointConfig) -> ocp.CheckpointManager:
+def _preservation(cfg: CheckpointConfig) -> policies.AnyPreservationPolicy:
     """Keeps the newest `keep`, every `keep_every`-th step, and the `keep_best` lowest eval
     losses: a step is deleted only when no rule wants it."""
     keep = [policies.LatestN(cfg.keep)]
@@ -90,53 +91,7 @@ def make_manager(directory: Path, cfg: CheckpointConfig) -> ocp.CheckpointManage
             keep_checkpoints_without_metrics=False,
         )
         keep.append(best)
-    directory = Path(directory).absolute()
-    started = time.time()
-
-    def seal_before_commit() -> None:
-        """Orbax calls this on the primary process in its background thread once every
-        process has written the step, just before the rename that commits it: the checksums
-        go into the staging directory and are committed with the step (off the loop's path).
-        If sealing fails, the step is not committed and the save reports the failure."""
-        step = getattr(manager, "bigjax_in_flight", None)
-        staged = [p for p in directory.glob(f"{step}{STAGING}*") if p.is_dir()]
-        if jax.process_index() == 0 and len(staged) == 1:
-            integrity.seal(staged[0])
-
-    def seal_committed() -> None:
-        """Checksums of committed steps this manager wrote that have none: synchronous saves
-        (Orbax calls back only for async ones), right after their commit. Steps from before
-        `started` are never sealed: a step is only vouched for by the process that wrote it."""
-        if jax.process_index() != 0:
-            return
-        for step_dir in directory.iterdir() if directory.is_dir() else ():
-            try:
-                fresh = step_dir.name.isdigit() and step_dir.stat().st_mtime >= started - 1
-                if fresh and not integrity.is_sealed(step_dir):
-                    integrity.seal(step_dir)
-            except FileNotFoundError:  # deleted by the retention policy meanwhile
-                continue
-
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(cfg.every_steps, 1),
-        preservation_policy=policies.AnyPreservationPolicy(keep),
-        enable_async_checkpointing=cfg.async_save,
-        async_options=(
-            ocp.AsyncOptions(
-                post_finalization_callback=seal_before_commit,
-                # The step's directories are made in `save`, on the loop's thread (a few
-                # mkdirs): made in the background, a directory that cannot be created left
-                # Orbax waiting for a signal that never came, for minutes, then hanging exit.
-                create_directories_asynchronously=False,
-            )
-            if cfg.async_save
-            else None
-        ),
-        create=True,
-    )
-    manager = ocp.CheckpointManager(directory, options=options)
-    manager.seal_committed = seal_committed
-    return manager
+    return policies.AnyPreservationPolicy(keep)
 
 
 # Orbax writes a step into `<step>.orbax-checkpoint-tmp-<n>` and commits it by renaming that
@@ -144,65 +99,122 @@ def make_manager(directory: Path, cfg: CheckpointConfig) -> ocp.CheckpointManage
 STAGING = ".orbax-checkpoint-tmp"
 
 
-def save(
-    manager: ocp.CheckpointManager,
-    state: TrainState,
-    data_iter: Any,
-    meta: dict[str, Any],
-    *,
-    force: bool = False,
-    metrics: dict[str, float] | None = None,
-) -> bool:
-    """Starts a (possibly async) save at `state.step`; returns whether one was started.
+class Checkpointer:
+    """One run's saves: owns Orbax's CheckpointManager (retention, async writes), the step
+    being written, and sealing (checksums committed with each step, `integrity`). Restores
+    read `self.manager` through the functions below."""
 
-    A failure of an earlier async save surfaces here (Orbax re-raises it on the next call).
-    """
-    step = int(jax.device_get(state.step))
-    if not integrity.state_finite((state.params, state.opt_state)):
-        raise CheckpointError(
-            f"step {step}: parameters or optimizer moments are not finite; not saved (the "
-            "last good checkpoint stays the newest). Lower optim.lr or keep optim.clip_norm on."
+    def __init__(self, directory: Path, cfg: CheckpointConfig):
+        self.directory = Path(directory).absolute()
+        self.every_steps = cfg.every_steps
+        self.async_save = cfg.async_save
+        self.in_flight: int | None = None  # the step of the last save started
+        self._started = time.time()
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=1,  # `due` decides; Orbax saves what it is asked to
+            preservation_policy=_preservation(cfg),
+            enable_async_checkpointing=cfg.async_save,
+            async_options=(
+                ocp.AsyncOptions(
+                    post_finalization_callback=self._seal_before_commit,
+                    # The step's directories are made in `save`, on the loop's thread (a few
+                    # mkdirs): made in the background, a directory that cannot be created
+                    # left Orbax waiting for a signal that never came, for minutes, then
+                    # hanging exit.
+                    create_directories_asynchronously=False,
+                )
+                if cfg.async_save
+                else None
+            ),
+            create=True,
         )
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=DataSave(data_iter),
-        meta=ocp.args.JsonSave(meta),
-    )
-    in_flight = getattr(manager, "bigjax_in_flight", None)
-    # Orbax waits for the previous async save before it starts this one and re-raises its
-    # failure then; waiting here first (no extra wait) names that step, not this one.
-    try:
-        manager.wait_until_finished()
-    except Exception as e:
-        raise _save_error(manager, in_flight, e) from e
-    try:
-        manager.bigjax_in_flight = step
-        started = manager.save(step, args=args, force=force, metrics=metrics)
-    except Exception as e:
-        raise _save_error(manager, step, e) from e
-    if started and not manager._options.enable_async_checkpointing:
-        manager.seal_committed()
-    return started
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
+    def due(self, step: int) -> bool:
+        """Whether `step` is a regular save (every `checkpoint.every_steps`; 0: only the
+        final step and stops, which the loop forces)."""
+        return bool(self.every_steps) and step % self.every_steps == 0
 
-def wait(manager: ocp.CheckpointManager) -> None:
-    """Blocks until pending async saves are committed; raises CheckpointError if one failed."""
-    try:
-        manager.wait_until_finished()
-    except Exception as e:
-        raise _save_error(manager, getattr(manager, "bigjax_in_flight", None), e) from e
-    seal = getattr(manager, "seal_committed", None)
-    if seal is not None:  # async steps are sealed before their commit; this is a fallback
-        seal()
+    def save(
+        self,
+        state: TrainState,
+        data_iter: Any,
+        meta: dict[str, Any],
+        *,
+        force: bool = False,
+        metrics: dict[str, float] | None = None,
+    ) -> bool:
+        """Starts a (possibly async) save at `state.step`; returns whether one was started.
 
+        A failure of an earlier async save surfaces here (Orbax re-raises it on the next
+        call)."""
+        step = int(jax.device_get(state.step))
+        if not integrity.state_finite((state.params, state.opt_state)):
+            raise CheckpointError(
+                f"step {step}: parameters or optimizer moments are not finite; not saved (the "
+                "last good checkpoint stays the newest). Lower optim.lr or keep "
+                "optim.clip_norm on."
+            )
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=DataSave(data_iter),
+            meta=ocp.args.JsonSave(meta),
+        )
+        # Orbax waits for the previous async save before it starts this one and re-raises its
+        # failure then; waiting here first (no extra wait) names that step, not this one.
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise _save_error(self.manager, self.in_flight, e) from e
+        try:
+            self.in_flight = step
+            started = self.manager.save(step, args=args, force=force, metrics=metrics)
+        except Exception as e:
+            raise _save_error(self.manager, step, e) from e
+        if started and not self.async_save:
+            self._seal_committed()
+        return started
 
-def close(manager: ocp.CheckpointManager) -> None:
-    """Lets Orbax finish or abandon its background writes, on the way out. A failure of a save
-    still in flight is not raised here: a run that ends normally has waited for its saves
-    (`wait` reports a failure), and one that ends by an error reports that error, not a save
-    it cut short."""
-    with contextlib.suppress(Exception):
-        manager.close()
+    def wait(self) -> None:
+        """Blocks until pending async saves are committed; raises CheckpointError if one
+        failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise _save_error(self.manager, self.in_flight, e) from e
+        self._seal_committed()  # async steps are sealed before their commit; a fallback
+
+    def close(self) -> None:
+        """Lets Orbax finish or abandon its background writes, on the way out. A failure of a
+        save still in flight is not raised here: a run that ends normally has waited for its
+        saves (`wait` reports a failure), and one that ends by an error reports that error,
+        not a save it cut short."""
+        with contextlib.suppress(Exception):
+            self.manager.close()
+
+    def _seal_before_commit(self) -> None:
+        """Orbax calls this on the primary process in its background thread once every
+        process has written the step, just before the rename that commits it: the checksums
+        go into the staging directory and are committed with the step (off the loop's path).
+        If sealing fails, the step is not committed and the save reports the failure."""
+        staged = [p for p in self.directory.glob(f"{self.in_flight}{STAGING}*") if p.is_dir()]
+        if jax.process_index() == 0 and len(staged) == 1:
+            integrity.seal(staged[0])
+
+    def _seal_committed(self) -> None:
+        """Checksums of committed steps this run wrote that have none: synchronous saves
+        (Orbax calls back only for async ones), right after their commit. Steps from before
+        this run started are never sealed: a step is only vouched for by the process that
+        wrote it."""
+        if jax.process_index() != 0:
+            return
+        for step_dir in self.directory.iterdir() if self.directory.is_dir() else ():
+            try:
+                fresh = step_dir.name.isdigit() and step_dir.stat().st_mtime >= self._started - 1
+                if fresh and not integrity.is_sealed(step_dir):
+                    integrity.seal(step_dir)
+            except FileNotFoundError:  # deleted by the retention policy meanwhile
+                continue
 
 
 def _save_error(manager: ocp.CheckpointManager, step: int | None, e: Exception) -> CheckpointError:

@@ -73,11 +73,6 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     return flat[0::2] | (flat[1::2] << 4)
 
 
-def unpack_int4(packed: np.ndarray, size: int) -> np.ndarray:
-    nibbles = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1)[:size].astype(np.int8)
-    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
-
-
 def quantize_params(
     flat: Mapping[str, np.ndarray], bits: int
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from bigjax.config import ModelConfig
+from bigjax.errors import UsageError
 
 FAMILIES = ("llama", "gpt2")
 
 
-class ConvertError(ValueError):
+class ConvertError(UsageError, ValueError):
     """A model that cannot be converted; the message names what differs and the fix."""
 
 

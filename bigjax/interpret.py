@@ -34,12 +34,12 @@ def attention_and_lens(model: Llama, tokens: np.ndarray) -> tuple[np.ndarray, np
     t = jnp.asarray(tokens)[None]
     length = t.shape[1]
     seg, pos = jnp.ones_like(t), jnp.arange(length)[None]
-    x = model._embed(t, pos)
+    x = model.input_embeddings(t, pos)
     block_def, block_params = nnx.split(model.blocks)
     maps, lens = [], [_next_token_prob(model, x, t)]
     for i in range(model.num_layers):
         block = nnx.merge(block_def, jax.tree.map(lambda a, i=i: a[i], block_params))
-        q_BLHK, k_BLGK, _ = block.attn._qkv(block.attn_norm(x), pos)
+        q_BLHK, k_BLGK, _ = block.attn.qkv(block.attn_norm(x), pos)
         mask_B1LL = attention_mask(seg, block.attn.causal)
         probs_BGRLL = attention_probs(q_BLHK, k_BLGK, mask_B1LL)
         maps.append(np.asarray(probs_BGRLL[0]).reshape(-1, length, length))
@@ -49,7 +49,7 @@ def attention_and_lens(model: Llama, tokens: np.ndarray) -> tuple[np.ndarray, np
 
 
 def _next_token_prob(model: Llama, x_BLD: jax.Array, t_BL: jax.Array) -> np.ndarray:
-    logp = jax.nn.log_softmax(model._logits(x_BLD).astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(model.logits(x_BLD).astype(jnp.float32), axis=-1)
     return np.exp(np.asarray(jnp.take_along_axis(logp[0, :-1], t_BL[0, 1:, None], -1)[:, 0]))
 
 
@@ -58,7 +58,7 @@ def attributions(model: Llama, tokens: np.ndarray, steps: int = 32) -> dict[str,
     last position) with respect to each input token's embedding, summed over the dims."""
     t = jnp.asarray(tokens)[None]
     seg, pos = jnp.ones_like(t), jnp.arange(t.shape[1])[None]
-    emb = model._embed(t, pos)
+    emb = model.input_embeddings(t, pos)
     target = int(jnp.argmax(model(t, seg, pos)[0, -1]))
     graphdef, params = nnx.split(model)
 

@@ -231,7 +231,7 @@ class Attention(nnx.Module):
         self.kv_bias_GCK = _bias(use_bias, (G, 2, K), ("kv_heads", None, "head_dim"), param_dtype)
         self.o_bias_D = _bias(use_bias, (D,), ("norm",), param_dtype)
 
-    def _qkv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, ...]:
+    def qkv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, ...]:
         """Projections and RoPE: q [B, L, H, K], k and v [B, L, G, K]."""
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
         act = lambda t, heads: constrain(  # noqa: E731
@@ -257,7 +257,7 @@ class Attention(nnx.Module):
     def __call__(
         self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array
     ) -> jax.Array:
-        q_BLHK, k_BLGK, v_BLGK = self._qkv(x_BLD, positions_BL)
+        q_BLHK, k_BLGK, v_BLGK = self.qkv(x_BLD, positions_BL)
         out_BLHK = attend(
             self.impl, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=self.causal, rules=self.rules
         )
@@ -276,7 +276,7 @@ class Attention(nnx.Module):
         to the cache under `mask_B1TS`; returns (out, updated k cache, updated v cache).
         `slot` is one index for every row, or [B] indices (rows at different lengths, as a
         serving engine's decode slots are)."""
-        q_BTHK, k_BTGK, v_BTGK = self._qkv(x_BTD, positions_BT)
+        q_BTHK, k_BTGK, v_BTGK = self.qkv(x_BTD, positions_BT)
         k_BSGK = write_cache(cache_k_BSGK, k_BTGK, slot)
         v_BSGK = write_cache(cache_v_BSGK, v_BTGK, slot)
         out_BTHK = dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bigjax.config import ConfigError
+from bigjax.errors import RunFailed, UsageError
 
 # Dense bf16 peak FLOP/s per device from vendor datasheets. Longest matching key wins, so
 # "TPU v5 lite" (v5e) is not taken for "TPU v5" (v5p).
@@ -51,7 +52,7 @@ def json_text(x: Any, **kwargs: Any) -> str:
     return json.dumps(finite_json(x), allow_nan=False, **kwargs)
 
 
-class UnknownDeviceError(ValueError):
+class UnknownDeviceError(UsageError, ValueError):
     """No peak FLOP/s is known for this device kind."""
 
 
@@ -117,7 +118,7 @@ def progress_line(row: dict[str, Any], num_steps: int, width: int = 20) -> str:
     )
 
 
-class WriteError(RuntimeError):
+class WriteError(RunFailed, RuntimeError):
     """A run file could not be written (the run directory became read-only, a full disk, a
     read-only remount); the message names the file and the way on."""
 

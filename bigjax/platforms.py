@@ -17,12 +17,14 @@ from pathlib import Path
 
 import jax
 
+from bigjax.errors import RunFailed
+
 GOOGLE_PCI_VENDOR = "0x1ae0"
 NOT_ACCELERATORS = ("0x01", "0x02")  # PCI classes of Google's disks and NICs (gVNIC)
 LIBTPU_LOCKFILE = Path("/tmp/libtpu_lockfile")
 
 
-class DeviceBusyError(RuntimeError):
+class DeviceBusyError(RunFailed, RuntimeError):
     """The accelerator is held by another process; the message names it."""
 
 

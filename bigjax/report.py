@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from bigjax import history
+from bigjax.errors import UsageError
 from bigjax.fit import PowerLaw, fit_power_law
 from bigjax.metrics import read_jsonl
 
 
-class ReportError(ValueError):
+class ReportError(UsageError, ValueError):
     """Nothing to report, or inputs that cannot be compared; the message says which."""
 
 

@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bigjax.errors import UsageError
+
 LOCK_NAME = ".bigjax.lock"
 
 
-class LockFileError(RuntimeError):
+class LockFileError(UsageError, RuntimeError):
     """A lock path that cannot be a lock file (a directory, unwritable); the message says so."""
 
 

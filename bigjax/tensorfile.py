@@ -19,6 +19,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from bigjax.errors import UsageError
+
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -36,7 +38,7 @@ SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 MAX_HEADER = 100 << 20  # the safetensors format's own bound on the JSON header (100 MB)
 
 
-class TensorFileError(ValueError):
+class TensorFileError(UsageError, ValueError):
     """A malformed or missing safetensors file; the message names the file."""
 
 

@@ -35,6 +35,7 @@ from bigjax.loop import (  # noqa: F401 - re-exported: the tools and tests use t
     NonFiniteError,
     StepLog,
     Window,
+    interrupt_if_asked,
     keep_only_the_error,
     open_workdir,
     report_done,
@@ -96,15 +97,15 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         # Whatever happens below, stop the Grain workers (of the current iterator: it is
         # replaced on rollback) and let Orbax finish or abandon its background writes.
         cleanup.callback(lambda: getattr(data_iter, "close", lambda: None)())
-        manager = checkpoint.make_manager(workdir / "checkpoints", cfg.checkpoint)
-        cleanup.callback(checkpoint.close, manager)
+        saves = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+        cleanup.callback(saves.close)
         target = placed(prog.abstract, prog.shardings)
         layout = checkpoint.param_layout(prog.abstract.params)
         config = to_dict(cfg)  # checked against the checkpoint's: some changes cannot resume
-        state, origin = restore_or_init(cfg, prog, manager, target, data_iter, layout, config)
+        state, origin = restore_or_init(cfg, prog, saves.manager, target, data_iter, layout, config)
         start = int(jax.device_get(state.step))
         resumed = origin.startswith("resuming")
-        saved_config = checkpoint.saved_config(manager, start) if resumed else None
+        saved_config = checkpoint.saved_config(saves.manager, start) if resumed else None
 
         num_params = models.count_params(prog.graph_state)
         meta = {
@@ -145,6 +146,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         skip_batches: set[int] = set()  # steps whose batch is dropped after a rollback
         rollbacks = 0
         while step < cfg.num_steps:
+            interrupt_if_asked(stop)
             if step + 1 in skip_batches:
                 next(data_iter)  # the batch that produced a non-finite step: drop it
             wait_start = time.perf_counter()
@@ -161,7 +163,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             eval_due = step == cfg.num_steps or (
                 cfg.eval.every_steps and step % cfg.eval.every_steps == 0
             )
-            save_due = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+            save_due = saves.due(step)
             if bad_step is None and (eval_due or save_due or stop):
                 # Finish this step first: rows stay in step order and no non-finite state is
                 # ever evaluated or saved (eval and save sync on it anyway).
@@ -190,11 +192,11 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 rollbacks += 1
                 if rollbacks > MAX_ROLLBACKS:
                     raise NonFiniteError(f"gave up after {MAX_ROLLBACKS} rollbacks; last {where}.")
-                checkpoint.wait(manager)
+                saves.wait()
                 getattr(data_iter, "close", lambda: None)()  # stop its worker processes
                 data_iter = new_data_iter()
                 state = (
-                    checkpoint.restore(manager, target, data_iter, layout, config=config)
+                    checkpoint.restore(saves.manager, target, data_iter, layout, config=config)
                     or prog.init()
                 )
                 step, pending = int(jax.device_get(state.step)), None
@@ -211,9 +213,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             if poisoned:
                 print(f"warning: step {step}: optimizer moments not finite; not saved.", flush=True)
             elif save_due:
-                saved = checkpoint.save(
-                    manager, state, data_iter, meta, metrics=last_eval if eval_due else None
-                )
+                saved = saves.save(state, data_iter, meta, metrics=last_eval if eval_due else None)
                 saved_step = step if saved else saved_step
             if stop:
                 print(
@@ -225,17 +225,17 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         if pending is not None:
             log.finish(*pending)
 
+        interrupt_if_asked(stop)
         final_step = int(jax.device_get(state.step))
         if saved_step != final_step:
-            checkpoint.save(
-                manager,
+            saves.save(
                 state,
                 data_iter,
                 meta,
                 force=True,
                 metrics=last_eval if last_eval.get("step") == final_step else None,
             )
-        checkpoint.wait(manager)
+        saves.wait()
         writers.close()
 
     if writer_process:

@@ -1,7 +1,9 @@
 """Shared test helpers: real corpus batches and running a few steps on a given mesh."""
 
+from collections.abc import Sequence
 from functools import cache
 
+import grain
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -13,11 +15,33 @@ from bigjax.mesh import make_mesh
 from bigjax.program import Program, make_program
 
 
+def make_dataset(
+    docs: Sequence[corpus.Document],
+    *,
+    tokenizer: ByteTokenizer,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    num_workers: int,
+    rows: Sequence[int] | None = None,
+    packing: str = "concat",
+) -> pipeline.Batches:
+    """Batches of the built-in corpus (byte ranges of stdlib files), from the pipeline's own
+    stages (what `train` builds from a config, without one)."""
+    stream = pipeline.document_stream(
+        grain.MapDataset.source(docs), pipeline.ReadTokens(tokenizer), seed=seed, shuffle=shuffle
+    )
+    streams = pipeline.RowStreams(stream, batch_size, seq_len, tokenizer.pad_id, packing)
+    chosen = pipeline.default_rows(batch_size) if rows is None else rows
+    return pipeline.Batches(streams, chosen, num_workers)
+
+
 @cache
 def corpus_batches(n: int, batch: int, seq_len: int, seed: int = 0) -> tuple[dict, ...]:
     """The first `n` global batches of the built-in corpus (real text, fixed order)."""
     train_docs, _ = corpus.split_stdlib(0.02, seq_len)
-    ds = pipeline.make_dataset(
+    ds = make_dataset(
         train_docs,
         tokenizer=ByteTokenizer(),
         seq_len=seq_len,

@@ -129,6 +129,21 @@ def test_rows_over_the_cudnn_bound_are_refused():
         attention.check_segments(np.concatenate([seg[:, :-1], seg[:, :1] + 20], 1), 8)
 
 
+def test_the_private_cudnn_kernel_is_used_only_on_known_jax_versions(monkeypatch):
+    # jax's packed cuDNN kernel lives in jax._src. On the jax pinned here it must load (a
+    # GPU run would otherwise lose it without notice); on versions outside the known range,
+    # or where the module is gone, the kernel is refused by name and `auto` falls back.
+    import jax
+
+    assert attention.packed_cudnn_kernel(jax.__version__) is not None
+    assert attention.packed_cudnn_kernel("0.6.2") is None
+    assert attention.packed_cudnn_kernel("1.0.0") is None
+    monkeypatch.setattr(jax, "__version__", "0.99.0")  # a release it is not known on
+    q, seg = jnp.zeros((1, 8, 2, 4)), jnp.ones((1, 8), jnp.int32)
+    with pytest.raises(NotImplementedError, match="known on jax 0.7 to 0.11.x.*'xla'"):
+        attention.cudnn_attention(q, q, q, seg, causal=True, rules=())
+
+
 def test_auto_picks_the_kernel_for_the_platform():
     bf16, f32 = np.dtype(jnp.bfloat16), np.dtype(np.float32)
     pick = lambda platform, dtype=bf16, head_dim=64, seq=2048: attention.resolve(  # noqa: E731

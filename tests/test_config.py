@@ -176,15 +176,23 @@ def test_every_config_key_is_documented():
     assert not missing, f"document these keys in docs/configs.md: {missing}"
 
 
-def test_one_line_errors_are_looked_up_where_they_are_defined():
-    # main() finds these classes in sys.modules by module name: a class moved elsewhere
-    # would turn its one-line error into a traceback.
-    import importlib
+def test_one_line_errors_are_classified_by_class_with_their_exit_codes():
+    # main() reports these as one line with these exit codes because each class joins one of
+    # the two kinds in bigjax.errors (by subclassing, not by name: a renamed or moved class
+    # keeps its kind); anything else is a bug and keeps its traceback.
+    from bigjax import checkpoint, errors, hf, loop, metrics, platforms, report, runlock, tensorfile
+    from bigjax import config as cfg_module
+    from bigjax.data import dataset, sources, tokenizer
 
-    from bigjax.cli.main import _REPORTED
-
-    for module, name, _ in _REPORTED:
-        assert getattr(importlib.import_module(module), name).__module__ == module, name
+    usage = [cfg_module.ConfigError, sources.DataError, tokenizer.TokenizerError,
+             dataset.EmptySplitError, metrics.UnknownDeviceError, report.ReportError,
+             hf.ConvertError, tensorfile.TensorFileError, runlock.LockFileError,
+             checkpoint.CheckpointMismatch, FileNotFoundError]  # fmt: skip
+    failed = [checkpoint.CheckpointError, loop.NonFiniteError, metrics.WriteError,
+              platforms.DeviceBusyError]  # fmt: skip
+    assert [errors.exit_code(cls("x")) for cls in usage] == [2] * len(usage)
+    assert [errors.exit_code(cls("x")) for cls in failed] == [1] * len(failed)
+    assert errors.exit_code(ValueError("x")) is None and errors.exit_code(KeyError("x")) is None
 
 
 def test_a_warmup_longer_than_the_run_is_a_warning_not_an_error():

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_dataset
 
 from bigjax.data import corpus, pipeline
 from bigjax.data.tokenizer import ByteTokenizer, encode_document
@@ -26,7 +27,7 @@ def _dataset(docs, **kw):
         shuffle=True,
         num_workers=0,
     )
-    return pipeline.make_dataset(docs, **{**args, **kw})
+    return make_dataset(docs, **{**args, **kw})
 
 
 def test_tokenizer_round_trip_including_invalid_utf8():

@@ -379,7 +379,7 @@ def test_restore_never_takes_a_poisoned_checkpoint(tmp_path):
     mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
         prog = make_program(cfg, mesh)
-        manager = checkpoint.make_manager(tmp_path / "checkpoints", cfg.checkpoint)
+        manager = checkpoint.Checkpointer(tmp_path / "checkpoints", cfg.checkpoint).manager
         data = pipeline.for_config(cfg.data, split="train", seed=0, rows=prog.local_rows())
         target = placed(prog.abstract, prog.shardings)
         layout = checkpoint.param_layout(prog.abstract.params)
@@ -637,10 +637,10 @@ def test_a_non_finite_state_is_refused_by_save_itself(tmp_path):
     with jax.set_mesh(mesh):
         state = make_program(cfg, mesh).init()
     bad = state.replace(opt_state=jax.tree.map(lambda x: x * np.inf, state.opt_state))
-    manager = checkpoint.make_manager(tmp_path, CheckpointConfig())
+    saves = checkpoint.Checkpointer(tmp_path, CheckpointConfig())
     with pytest.raises(CheckpointError, match="not finite; not saved"):
-        checkpoint.save(manager, bad, None, {}, force=True)
-    manager.close()
+        saves.save(bad, None, {}, force=True)
+    saves.close()
 
 
 @pytest.mark.slow

@@ -143,7 +143,7 @@ def _study(tmp_path, sweep, **opts):
         directory=tmp_path, storage=f"sqlite:///{tmp_path / 'study.db'}", **opts
     )
     storage = runner.make_storage(options.storage, options.heartbeat_s)
-    return runner, options, runner.open_study(sweep, storage, options)
+    return runner, options, storage, runner.open_study(sweep, storage, options)
 
 
 def test_tpe_slots_get_their_points_from_the_sampler(tmp_path):
@@ -157,8 +157,8 @@ def test_tpe_slots_get_their_points_from_the_sampler(tmp_path):
         budget=3,
         seeds=(5, 6),
     )
-    runner, options, study = _study(tmp_path, sweep)
-    worker = runner.Worker(sweep, study, options)
+    runner, options, storage, study = _study(tmp_path, sweep)
+    worker = runner.Worker(sweep, study, storage, options)
     points = []
     while (trial := worker.pop()) is not None:
         points.append(runner.suggest_point(sweep, trial))
@@ -172,7 +172,7 @@ def test_tpe_slots_get_their_points_from_the_sampler(tmp_path):
 
 def test_joining_needs_the_same_spec_and_an_existing_study(tmp_path):
     sweep = Sweep("s", TINY, space={"optim.lr": Grid((1e-3,))})
-    runner, _, _ = _study(tmp_path, sweep)
+    runner, _, _, _ = _study(tmp_path, sweep)
     changed = Sweep("s", TINY, space={"optim.lr": Grid((1e-3, 2e-3))})
     with pytest.raises(ConfigError, match="made from a different spec"):
         _study(tmp_path, changed)

@@ -12,8 +12,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-USAGE_ERROR = 2  # bad config or input: fix the command
-RUN_FAILED = 1  # the run itself failed (non-finite loss, checkpoint I/O)
+from bigjax.errors import RUN_FAILED as RUN_FAILED
+from bigjax.errors import USAGE_ERROR as USAGE_ERROR
+
 INTERRUPTED = 130  # a second Ctrl-C (128 + SIGINT, as a shell reports it)
 
 

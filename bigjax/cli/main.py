@@ -8,10 +8,9 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from bigjax import errors
 from bigjax.cli.common import (
     INTERRUPTED,
-    RUN_FAILED,
-    USAGE_ERROR,
     Console,
     add_debug_flag,
     join_override_values,
@@ -126,42 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return INTERRUPTED
     except Exception as e:  # one line for what the user can fix; a traceback for the rest
-        kind = _error_kind(e)
+        kind = errors.exit_code(e)
         if kind is None:
             raise
         if args.debug:  # the traceback too, and the same exit code
             traceback.print_exc()
         print(f"bigjax: error: {e}", file=sys.stderr)
         return kind
-
-
-# The errors bigjax reports as one line: (module, class, exit code). Usage errors are fixed by
-# changing the command; the others are a run that failed (non-finite loss, checkpoint I/O).
-_REPORTED = (
-    ("bigjax.config.schema", "ConfigError", USAGE_ERROR),
-    ("builtins", "FileNotFoundError", USAGE_ERROR),
-    ("bigjax.data.sources", "DataError", USAGE_ERROR),
-    ("bigjax.data.tokenizer", "TokenizerError", USAGE_ERROR),
-    ("bigjax.data.dataset", "EmptySplitError", USAGE_ERROR),
-    ("bigjax.metrics", "UnknownDeviceError", USAGE_ERROR),
-    ("bigjax.report", "ReportError", USAGE_ERROR),
-    ("bigjax.hf", "ConvertError", USAGE_ERROR),
-    ("bigjax.tensorfile", "TensorFileError", USAGE_ERROR),
-    ("bigjax.runlock", "LockFileError", USAGE_ERROR),
-    ("bigjax.checkpoint", "CheckpointMismatch", USAGE_ERROR),
-    ("bigjax.checkpoint", "CheckpointError", RUN_FAILED),
-    ("bigjax.loop", "NonFiniteError", RUN_FAILED),
-    ("bigjax.metrics", "WriteError", RUN_FAILED),
-    ("bigjax.platforms", "DeviceBusyError", RUN_FAILED),
-)
-
-
-def _error_kind(e: Exception) -> int | None:
-    """The exit code for an error bigjax reports as one line, or None (a traceback). Classes
-    are looked up only in modules already imported: one never imported cannot have raised,
-    and importing it here would make every config typo wait for JAX."""
-    for module, name, code in _REPORTED:
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(e, cls):
-            return code
-    return None

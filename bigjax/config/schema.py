@@ -7,6 +7,7 @@ import difflib
 from typing import Any, Literal, get_args
 
 from bigjax.config.rules import DEFAULT_RULES
+from bigjax.errors import UsageError
 
 # Choice fields are Literal types: the converter accepts only their values (with a
 # did-you-mean error) and a type checker sees every comparison against them.
@@ -43,7 +44,7 @@ NORMS = get_args(Norm)
 WEIGHT_DECAY_MASKS = get_args(WeightDecayMask)
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config value is unknown, mistyped or inconsistent; the message names key and fix."""
 
 

@@ -14,11 +14,12 @@ import grain
 import numpy as np
 
 from bigjax.data import tokenizer as tokenizers
+from bigjax.errors import UsageError
 
 SPLITS = ("train", "validation")
 
 
-class EmptySplitError(ValueError):
+class EmptySplitError(UsageError, ValueError):
     """A prepared dataset has no documents in a split that training needs."""
 
 

@@ -362,26 +362,6 @@ def default_rows(batch_size: int) -> range:
     return range(jax.process_index() * per, (jax.process_index() + 1) * per)
 
 
-def make_dataset(
-    docs: Sequence[Document],
-    *,
-    tokenizer: ByteTokenizer,
-    seq_len: int,
-    batch_size: int,
-    seed: int,
-    shuffle: bool,
-    num_workers: int,
-    rows: Sequence[int] | None = None,
-    packing: str = "concat",
-) -> Batches:
-    """Batches of the built-in corpus (byte ranges of stdlib files)."""
-    stream = document_stream(
-        grain.MapDataset.source(docs), ReadTokens(tokenizer), seed=seed, shuffle=shuffle
-    )
-    streams = RowStreams(stream, batch_size, seq_len, tokenizer.pad_id, packing)
-    return Batches(streams, default_rows(batch_size) if rows is None else rows, num_workers)
-
-
 def sources(cfg: DataConfig) -> tuple[tuple[Path, float], ...]:
     """(dataset dir, weight) of every prepared dataset the config reads; () for the stdlib."""
     if cfg.mixture:

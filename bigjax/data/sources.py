@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 from bigjax.data import files as filetree
 from bigjax.data.corpus import stdlib_files
+from bigjax.errors import UsageError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -57,7 +58,7 @@ class FileLog:
         filetree.log_skip(path, reason)
 
 
-class DataError(ValueError):
+class DataError(UsageError, ValueError):
     """Input that cannot be prepared; the message names the file (and line) and the fix."""
 
 

@@ -18,13 +18,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bigjax.errors import UsageError
+
 CONFIG_FILE = "tokenizer_config.json"
 BOS_CANDIDATES = ("<bos>", "<s>", "<|begin_of_text|>", "[CLS]", "<|endoftext|>")
 EOS_CANDIDATES = ("<eos>", "</s>", "<|end_of_text|>", "<|eot_id|>", "[SEP]", "<|endoftext|>")
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UsageError, ValueError):
     """A tokenizer spec or file that cannot be used; the message says what to pass instead."""
 
 

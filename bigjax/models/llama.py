@@ -285,7 +285,7 @@ class Llama(nnx.Module):
         the load-balancing loss and the share of dropped assignments, averaged over layers.
         `embed_delta` [B, L, D] is added to the input embeddings (adversarial training)."""
         x_BLD, aux = self._trunk(tokens_BL, segment_ids_BL, positions_BL, rng, embed_delta)
-        logits_BLV = self._logits(x_BLD)
+        logits_BLV = self.logits(x_BLD)
         return (logits_BLV, aux) if with_aux else logits_BLV
 
     @typing.overload
@@ -338,19 +338,21 @@ class Llama(nnx.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Embedding and blocks: the residual stream [B, L, D] before the final norm, and the
         auxiliary outputs averaged over layers."""
-        x_BLD = self._embed(tokens_BL, positions_BL)
+        x_BLD = self.input_embeddings(tokens_BL, positions_BL)
         if embed_delta is not None:
             x_BLD = x_BLD + embed_delta.astype(x_BLD.dtype)
         return run_blocks(self, x_BLD, segment_ids_BL, positions_BL, rng)
 
-    def _embed(self, tokens_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
+    def input_embeddings(self, tokens_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
+        """What the first block reads: token embeddings, plus learned positions if any."""
         x_BLD = self.embed(tokens_BL)
         if self.pos_table_PD is None:
             return x_BLD
         pos_BLD = jnp.take(self.pos_table_PD[...].astype(self.dtype), positions_BL, axis=0)
         return constrain(x_BLD + pos_BLD, RESIDUAL, self.rules)
 
-    def _logits(self, x_BLD: jax.Array) -> jax.Array:
+    def logits(self, x_BLD: jax.Array) -> jax.Array:
+        """Logits [B, L, V] from the last block's output (the final norm, then the head)."""
         x_BLD = self.final_norm(x_BLD)
         if self.lm_head_DV is None:
             return self.embed.attend(x_BLD)
@@ -374,7 +376,7 @@ class Llama(nnx.Module):
         `unroll`: the layers as a Python loop even when stacked for a scan. A scan passes
         each layer's whole cache through its stacked inputs and outputs (copies); unrolled,
         a one-token step writes in place: 1.3x faster decode at 8 slots on a CPU."""
-        x_BTD = self._embed(tokens_BT, positions_BT)
+        x_BTD = self.input_embeddings(tokens_BT, positions_BT)
         block_def, block_params = nnx.split(self.blocks)
 
         def apply_block(x_BTD: jax.Array, layer: tuple) -> tuple[jax.Array, tuple]:
@@ -395,7 +397,7 @@ class Llama(nnx.Module):
                 ks.append(k)
                 vs.append(v)
             k_NBSGK, v_NBSGK = jnp.stack(ks), jnp.stack(vs)
-        return self._logits(x_BTD), k_NBSGK, v_NBSGK
+        return self.logits(x_BTD), k_NBSGK, v_NBSGK
 
 
 def _dims(cfg: ModelConfig) -> tuple[int, int, int, int, int, int]:

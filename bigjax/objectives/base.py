@@ -38,9 +38,6 @@ class LossContext:
 class Objective:
     """Hooks of the train and eval steps, in the order they run."""
 
-    # What the batch holds besides the token arrays (the task's extra keys, e.g. labels).
-    extra_batch_keys: tuple[str, ...] = ()
-
     def corrupt(self, batch: Batch, key: jax.Array, train: bool) -> Batch:
         """Per-step corruption of the inputs (a fresh key every train step)."""
         return batch

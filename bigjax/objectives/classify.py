@@ -14,8 +14,6 @@ from bigjax.objectives.base import Batch, Metrics, Objective, model_inputs
 
 
 class Classify(Objective):
-    extra_batch_keys: tuple[str, ...] = ("labels",)
-
     def classify(
         self, model: Model, batch: Batch, rng: jax.Array | None, embed_delta: jax.Array | None
     ) -> tuple[jax.Array, Metrics]:
@@ -58,8 +56,6 @@ class Classify(Objective):
 
 class Images(Classify):
     """The ViT: a batch of images and labels; every patch token counts for throughput."""
-
-    extra_batch_keys = ("images", "labels")
 
     def classify(
         self, model: Model, batch: Batch, rng: jax.Array | None, embed_delta: jax.Array | None

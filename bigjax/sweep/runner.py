@@ -39,7 +39,6 @@ from typing import Any
 
 import optuna
 import sqlalchemy
-from optuna.storages._heartbeat import BaseHeartbeat  # the interface RDB storages implement
 from optuna.trial import TrialState
 
 from bigjax import runlock
@@ -207,14 +206,16 @@ def _die_with_parent(cores: list[int] | None):
 class Worker:
     """Runs trials of one study in this process, `opts.workers` at a time."""
 
-    def __init__(self, spec: Sweep, study: optuna.Study, opts: Options):
-        self.spec, self.study, self.opts = spec, study, opts
-        self.storage = study._storage  # noqa: SLF001 (Optuna exposes no public accessor)
-        assert isinstance(self.storage, BaseHeartbeat)  # RDB (SQLite, PostgreSQL), cached
-        self.heartbeat: BaseHeartbeat = self.storage
+    def __init__(
+        self, spec: Sweep, study: optuna.Study, storage: optuna.storages.RDBStorage, opts: Options
+    ):
+        """`storage`: the database `study` was opened on (its claims and heartbeats go
+        straight to it; Optuna's Study exposes no storage of its own)."""
+        self.spec, self.study, self.storage, self.opts = spec, study, storage, opts
         self.study_id = self.storage.get_study_id_from_name(spec.name)
         self.stop = threading.Event()
-        self.mine: set[int] = set()  # trial ids running in this process
+        self.mine: set[int] = set()  # numbers of the trials running in this process
+        self.ids: dict[int, int] = {}  # trial number -> the storage's trial id
         self.lock = threading.Lock()
         self.pop_lock = threading.Lock()
         self.log_lock = threading.Lock()
@@ -245,21 +246,32 @@ class Worker:
     def pop(self) -> optuna.Trial | None:
         """Claims one waiting trial: only one worker anywhere gets it."""
         with self.claiming():
-            for frozen in self.storage.get_all_trials(
-                self.study_id, deepcopy=False, states=(TrialState.WAITING,)
-            ):
-                if self.storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+            # listed through the study (its cache then knows the trial `optuna.Trial` reads)
+            for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                trial_id = self.trial_id(frozen.number)
+                if self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
                     with self.lock:
-                        self.mine.add(frozen._trial_id)
-                    return optuna.Trial(self.study, frozen._trial_id)
+                        self.mine.add(frozen.number)
+                    return optuna.Trial(self.study, trial_id)
         return None
+
+    def trial_id(self, number: int) -> int:
+        """The storage's id of this study's trial `number` (what its calls take); ids never
+        change, so each is asked for once."""
+        with self.lock:
+            known = self.ids.get(number)
+        if known is None:
+            known = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+            with self.lock:
+                self.ids[number] = known
+        return known
 
     def others_running(self) -> bool:
         running = self.storage.get_all_trials(
             self.study_id, deepcopy=False, states=(TrialState.RUNNING,)
         )
         with self.lock:
-            return any(t._trial_id not in self.mine for t in running)
+            return any(t.number not in self.mine for t in running)
 
     def loop(self, slot: int) -> None:
         try:
@@ -282,7 +294,7 @@ class Worker:
                     raise
                 finally:
                     with self.lock:
-                        self.mine.discard(trial._trial_id)
+                        self.mine.discard(trial.number)
                 continue
             # Nothing waiting: a trial of a dead worker may come back (re-enqueued once its
             # heartbeat is stale); wait for the others' trials to finish or fail.
@@ -353,8 +365,8 @@ class Worker:
                 self.log(f"trial {trial.number}: waiting for the trainer of an earlier attempt "
                          f"({holder}) to exit")  # fmt: skip
                 said = True
-            if self.heartbeat.get_heartbeat_interval() is not None:
-                self.heartbeat.record_heartbeat(trial._trial_id)
+            if self.storage.get_heartbeat_interval() is not None:
+                self.storage.record_heartbeat(self.trial_id(trial.number))
             if self.stop.wait(min(self.opts.heartbeat_s, 1.0)):
                 return False
         return True
@@ -362,21 +374,21 @@ class Worker:
     def still_ours(self, trial: optuna.Trial) -> bool:
         """False once another worker failed this trial as stale (this worker stalled, e.g.
         Ctrl-Z or a paused VM, past the heartbeat grace) and enqueued its retry."""
-        return self.storage.get_trial(trial._trial_id).state == TrialState.RUNNING
+        return self.storage.get_trial(self.trial_id(trial.number)).state == TrialState.RUNNING
 
     def watch(self, trial: optuna.Trial, proc: subprocess.Popen, run_dir: Path) -> str:
         """Heartbeats, intermediate eval losses for the pruner, stop requests, until the
         trial process exits. Returns 'done', 'pruned' or 'interrupted'."""
         reported: set[int] = set()
         outcome = "done"
-        beat = self.heartbeat.get_heartbeat_interval() is not None
+        beat = self.storage.get_heartbeat_interval() is not None
         while proc.poll() is None:
             if outcome != "taken over" and not self.still_ours(trial):
                 outcome = "taken over"
                 proc.terminate()  # it saves a checkpoint; the retry resumes from it
                 continue
             if beat and outcome != "taken over":
-                self.heartbeat.record_heartbeat(trial._trial_id)
+                self.storage.record_heartbeat(self.trial_id(trial.number))
             for step, loss in read_evals(run_dir) if outcome != "taken over" else ():
                 if step not in reported and math.isfinite(loss):
                     trial.report(loss, step)
@@ -446,7 +458,7 @@ def run(spec: Sweep, opts: Options) -> optuna.Study:
     opts.directory.mkdir(parents=True, exist_ok=True)
     storage = make_storage(opts.storage, opts.heartbeat_s)
     study = open_study(spec, storage, opts)
-    worker = Worker(spec, study, opts)
+    worker = Worker(spec, study, storage, opts)
     threads = [
         threading.Thread(target=worker.loop, args=(slot,), name=f"slot{slot}", daemon=True)
         for slot in range(opts.workers)
