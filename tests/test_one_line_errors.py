@@ -146,14 +146,21 @@ def test_a_second_ctrl_c_lost_in_a_callback_still_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # the handler runs here, inside __del__
 
-    with loop.stop_on_signals() as asked:
-        os.kill(os.getpid(), signal.SIGINT)  # the first: save and stop after the step
-        time.sleep(0.05)
-        assert asked == {"signal": "SIGINT"}
-        Swallows()
-        gc.collect()
-        with pytest.raises(KeyboardInterrupt):
-            loop.interrupt_if_asked(asked)
+    # a run that was asked to stop leaves SIGTERM and SIGHUP ignored on its way out; this is
+    # pytest's process, whose later tests start worker pools that must still die by SIGTERM
+    kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        with loop.stop_on_signals() as asked:
+            os.kill(os.getpid(), signal.SIGINT)  # the first: save and stop after the step
+            time.sleep(0.05)
+            assert asked == {"signal": "SIGINT"}
+            Swallows()
+            gc.collect()
+            with pytest.raises(KeyboardInterrupt):
+                loop.interrupt_if_asked(asked)
+    finally:
+        for s, handler in kept.items():
+            signal.signal(s, handler)
 
 
 def test_a_tpu_another_process_drives_is_named_in_one_line(tmp_path):

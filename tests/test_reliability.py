@@ -242,11 +242,12 @@ def test_a_terminal_hangup_saves_and_the_run_resumes_bitwise(uninterrupted, tmp_
     workdir = tmp_path / "hungup"
     args = ["--config.num_steps=12", "--config.checkpoint.every_steps=100", WORKER]
     proc, hang_up = _on_a_terminal(_cmd(workdir, *args))
-    _wait_for_step(workdir, proc, 4)
+    # at step 2: on a loaded machine the run once finished its 12 steps before the hangup
+    _wait_for_step(workdir, proc, 2)
     hang_up()
     assert proc.wait(timeout=300) == 0
     stopped = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert 4 <= stopped < 12  # saved where it stopped, not at a periodic checkpoint
+    assert 2 <= stopped < 12  # saved where it stopped, not at a periodic checkpoint
     r = _run(workdir, *args)
     assert r.returncode == 0 and f"resuming from step {stopped}" in r.stdout, r.stderr[-2000:]
     assert _losses(workdir) == _losses(uninterrupted)

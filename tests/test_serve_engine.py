@@ -149,20 +149,19 @@ def test_stop_tokens_and_cancels_free_their_slots(engine):
 
 def test_per_row_sampling_filters():
     logits = jax.numpy.log(jax.numpy.asarray([[0.5, 0.3, 0.15, 0.05]] * 3))
+    sample_rows = jax.jit(programs.sample_rows)  # compiled once: eager, each `cond` compiles
     rows = programs.row_sampling([(1.0, 2, 1.0, s, 0, False) for s in range(3)])
     draws = {
-        int(programs.sample_rows(logits, rows._replace(seed=np.full(3, s, np.uint32)))[0])
-        for s in range(60)
+        int(sample_rows(logits, rows._replace(seed=np.full(3, s, np.uint32)))[0]) for s in range(60)
     }
     assert draws == {0, 1}  # top-k 2 keeps exactly the two most likely
     rows = programs.row_sampling([(1.0, 0, 0.7, 0, 0, False)] * 3)
     draws = {
-        int(programs.sample_rows(logits, rows._replace(seed=np.full(3, s, np.uint32)))[0])
-        for s in range(60)
+        int(sample_rows(logits, rows._replace(seed=np.full(3, s, np.uint32)))[0]) for s in range(60)
     }
     assert draws == {0, 1}  # top-p 0.7: 0.5 alone is short of it, 0.5 + 0.3 reaches it
     greedy = programs.row_sampling([(0.0, 0, 1.0, 0, 0, False)] * 3)
-    assert programs.sample_rows(logits, greedy).tolist() == [0, 0, 0]
+    assert sample_rows(logits, greedy).tolist() == [0, 0, 0]
 
 
 @pytest.mark.slow
