@@ -42,19 +42,25 @@ def length_buckets(max_len: int, smallest: int = 32) -> tuple[int, ...]:
     return (*out, max_len)
 
 
-def make_score_fn(graphdef: nnx.GraphDef) -> Callable:
-    """Jitted `score(params, Rows) -> (target log-prob [B, L], target is argmax [B, L])`."""
+def make_score_fn(graphdef: nnx.GraphDef, shared: bool) -> Callable:
+    """Jitted `score(params, Rows) -> (target log-prob [B, L], target is argmax [B, L])`.
+    `shared`: some rows hold contexts shared by several continuations, run through the
+    cached-attention path under a dense tree mask; without, the training forward pass (the
+    backend's attention kernel, segment ids: no [L, L] mask for long perplexity windows)."""
 
     def score(params: Any, rows: Rows) -> tuple[jax.Array, jax.Array]:
         model = decoder(nnx.merge(graphdef, params))
-        b, length = rows.inputs_BL.shape
-        _, _, g, _, k = model.blocks.attn.kv_DGCK.shape  # stacked: [N, D, G, 2, K]
-        # the cache is only where this one pass writes its keys and values (slot 0)
-        zeros = jnp.zeros((model.num_layers, b, length, g, k), model.dtype)
-        logits_BLV, _, _ = model.decode(
-            jnp.asarray(rows.inputs_BL), jnp.asarray(rows.positions_BL), zeros, zeros,
-            jnp.int32(0), tree_mask(rows),
-        )  # fmt: skip
+        inputs_BL, positions_BL = jnp.asarray(rows.inputs_BL), jnp.asarray(rows.positions_BL)
+        if shared:
+            b, length = rows.inputs_BL.shape
+            _, _, g, _, k = model.blocks.attn.kv_DGCK.shape  # stacked: [N, D, G, 2, K]
+            # the cache is only where this one pass writes its keys and values (slot 0)
+            zeros = jnp.zeros((model.num_layers, b, length, g, k), model.dtype)
+            logits_BLV, _, _ = model.decode(
+                inputs_BL, positions_BL, zeros, zeros, jnp.int32(0), tree_mask(rows)
+            )
+        else:
+            logits_BLV = model(inputs_BL, jnp.asarray(rows.seg_BL), positions_BL)
         logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
         target_BL = jnp.take_along_axis(logp_BLV, rows.targets_BL[..., None], axis=-1)[..., 0]
         return target_BL, jnp.argmax(logp_BLV, axis=-1) == rows.targets_BL
@@ -113,7 +119,7 @@ class Scorer:
     def __init__(self, graphdef: nnx.GraphDef, params: Any, max_len: int, tokens: int = 8192):
         """`tokens` per batch bounds the logits held at once: tokens x vocabulary floats."""
         self.params, self.max_len, self.tokens = params, max_len, tokens
-        self._score = make_score_fn(graphdef)
+        self._score = {shared: make_score_fn(graphdef, shared) for shared in (False, True)}
 
     def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[Scored]:
         """One Scored per pair, in order. A context may be empty only if the continuation has
@@ -126,12 +132,13 @@ class Scorer:
         groups = self._groups(keys, row_len)
         rows_per_batch = max(1, self.tokens // row_len)
         packed = pack([len(g) for g in groups], row_len)
+        shared = any(len(g.branches) > 1 for g in groups)  # one program for the whole call
         out: list[Scored | None] = [None] * len(keys)
         for start in range(0, len(packed), rows_per_batch):
             batch = [
                 [(groups[i], o) for i, o in row] for row in packed[start : start + rows_per_batch]
             ]
-            logp, greedy = self._run(batch, (rows_per_batch, row_len))
+            logp, greedy = self._run(batch, (rows_per_batch, row_len), shared)
             for r, row in enumerate(batch):
                 for group, offset in row:
                     end = offset + len(group.trunk)
@@ -184,7 +191,7 @@ class Scorer:
         return next(b for b in length_buckets(self.max_len) if b >= min(longest, self.max_len))
 
     def _run(
-        self, rows: list[list[tuple[Group, int]]], shape: tuple[int, int]
+        self, rows: list[list[tuple[Group, int]]], shape: tuple[int, int], shared: bool
     ) -> tuple[np.ndarray, ...]:
         a = Rows(*(np.zeros(shape, np.int32) for _ in range(5)))
         for r, row in enumerate(rows):
@@ -201,7 +208,7 @@ class Scorer:
                     a.positions_BL[r, o : o + n] = np.arange(t, t + n)
                     a.branch_BL[r, o : o + n] = b
                     o += n
-        logp, greedy = self._score(self.params, a)
+        logp, greedy = self._score[shared](self.params, a)
         return tuple(jax.device_get((logp, greedy)))
 
 

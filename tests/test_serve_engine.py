@@ -230,6 +230,10 @@ def test_packed_scoring_equals_each_sequence_scored_alone(tiny):
     assert [len(s.logprobs) for s in together[:8]] == [1, 5, 2, 8, 30, 1, 1, 14]
     assert [len(s.logprobs) for s in together[8:]] == [1, 4, 9, 1, 30, 12, 3, 3, 4, 5]
     assert together[-2] == together[9] and together[-1] == together[1]
+    # no context shared: the training forward pass (the backend's kernel, no [L, L] mask)
+    singles = pairs[:8]
+    for got, pair in zip(scorer.score(singles), singles, strict=True):
+        np.testing.assert_allclose(got.logprobs, alone(*pair)[0], atol=1e-5, rtol=0)
     for got, pair in zip(together, pairs, strict=True):
         want, greedy = alone(*pair)
         # f32; the passes differ only in which masked keys are summed: ~1e-7 per token
