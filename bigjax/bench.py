@@ -22,11 +22,11 @@ from typing import Any
 
 import jax
 
-from bigjax import metrics, models, tuning
+from bigjax import metrics, models
 from bigjax.config import TrainConfig
 from bigjax.data import pipeline
 from bigjax.layers import compute_dtype
-from bigjax.mesh import make_mesh
+from bigjax.mesh import for_run
 from bigjax.program import make_program
 
 
@@ -43,14 +43,17 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
     """Compiles `cfg`'s train step and times it; returns the figures as a JSON-able dict."""
     if settings.steps < 1 or settings.warmup < 0:
         raise ValueError("bench: need at least 1 timed step and no negative warm-up")
-    cfg = tuning.for_devices(cfg, jax.devices())
-    mesh = make_mesh(cfg.mesh)
+    cfg, mesh = for_run(cfg)
     peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
     with jax.set_mesh(mesh):
         prog = make_program(cfg, mesh)
         state = prog.init()
         data = pipeline.for_config(
-            cfg.data, split="train", seed=cfg.data_seed, rows=prog.local_rows()
+            cfg.data,
+            split="train",
+            seed=cfg.data_seed,
+            rows=prog.local_rows(),
+            tokenizer=prog.resources.tokenizer,
         )
         try:
             resident = prog.to_global(next(data))

@@ -36,6 +36,10 @@ class CheckpointError(RunFailed, RuntimeError):
     """A checkpoint could not be saved or restored; the message names it and the fix."""
 
 
+class NonFiniteState(CheckpointError):
+    """A state with non-finite parameters or optimizer moments was refused by `save`."""
+
+
 class CheckpointMismatch(UsageError, CheckpointError):
     """A good checkpoint that this run's config cannot continue (another model shape, batch
     size): a usage error (exit 2), fixed in the config or with a new workdir."""
@@ -106,12 +110,11 @@ class Checkpointer:
 
     def __init__(self, directory: Path, cfg: CheckpointConfig):
         self.directory = Path(directory).absolute()
-        self.every_steps = cfg.every_steps
         self.async_save = cfg.async_save
         self.in_flight: int | None = None  # the step of the last save started
         self._started = time.time()
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=1,  # `due` decides; Orbax saves what it is asked to
+            save_interval_steps=1,  # the loop decides; Orbax saves what it is asked to
             preservation_policy=_preservation(cfg),
             enable_async_checkpointing=cfg.async_save,
             async_options=(
@@ -130,11 +133,6 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def due(self, step: int) -> bool:
-        """Whether `step` is a regular save (every `checkpoint.every_steps`; 0: only the
-        final step and stops, which the loop forces)."""
-        return bool(self.every_steps) and step % self.every_steps == 0
-
     def save(
         self,
         state: TrainState,
@@ -150,7 +148,7 @@ class Checkpointer:
         call)."""
         step = int(jax.device_get(state.step))
         if not integrity.state_finite((state.params, state.opt_state)):
-            raise CheckpointError(
+            raise NonFiniteState(
                 f"step {step}: parameters or optimizer moments are not finite; not saved (the "
                 "last good checkpoint stays the newest). Lower optim.lr or keep "
                 "optim.clip_norm on."

@@ -153,7 +153,7 @@ def compress_run(
 
         from bigjax import progress, tensorfile
         from bigjax.config import to_dict
-        from bigjax.loop import run_eval
+        from bigjax.evals import run_eval
         from bigjax.metrics import json_text
         from bigjax.tree import flatten, unflatten
 

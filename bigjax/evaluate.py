@@ -14,8 +14,7 @@ def evaluate_run(workdir: str, overrides: Sequence[str], choices: str = "") -> d
     eval.choices): a JSONL path or 'stdlib'."""
     with open_run(workdir, overrides, "eval") as (prog, params, step):
         from bigjax import choices as mc
-        from bigjax.data import pipeline
-        from bigjax.loop import run_eval
+        from bigjax.evals import run_eval
 
         cfg = prog.cfg
         choices = choices or cfg.eval.choices
@@ -26,7 +25,7 @@ def evaluate_run(workdir: str, overrides: Sequence[str], choices: str = "") -> d
         result = {"step": step, **run_eval(prog, params, bar)}
         bar.close()
         if items:
-            tokenizer = pipeline.tokenizer_for(cfg.data)
+            tokenizer = prog.resources.tokenizer
             bar = progress.Bar("eval: multiple choice", len(items), "items")
             scorer = mc.make_scorer(prog.graphdef)
             result.update(
@@ -45,9 +44,7 @@ def harness_run(workdir: str, overrides: Sequence[str], tasks: Sequence[str], *,
     from bigjax import harness
 
     with open_run(workdir, overrides, "eval") as (prog, params, step):
-        from bigjax.data import pipeline
-
-        tokenizer = pipeline.tokenizer_for(prog.cfg.data)
+        tokenizer = prog.resources.tokenizer
         lm = harness.make_lm(prog.graphdef, params, tokenizer, prog.cfg.data.seq_len,
                              rules=prog.cfg.mesh.rules, mesh=prog.mesh)  # fmt: skip
         try:

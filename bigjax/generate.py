@@ -167,12 +167,11 @@ def generate_from_run(
     """Continuations of `prompts` by a trained run's latest checkpoint, and the timings."""
     import time
 
-    from bigjax.data import pipeline
     from bigjax.data.tokenizer import encode_prompt
     from bigjax.trained import open_run
 
     with open_run(workdir, overrides, "generate") as (prog, params, step):
-        tokenizer = pipeline.tokenizer_for(prog.cfg.data)
+        tokenizer = prog.resources.tokenizer
         # framed as training framed documents (BOS first), as `bigjax serve` reads prompts
         batch = left_pad([encode_prompt(tokenizer, p, add_bos=True) for p in prompts])
         fn = make_generate(prog.graphdef, prog.cfg.mesh.rules, sampling)

@@ -195,11 +195,9 @@ def inspect_run(
     from bigjax.trained import open_run
 
     with open_run(workdir, overrides, "inspect") as (prog, params, step):
-        from bigjax.data import pipeline
-
         if prog.cfg.model.family == "vit":
             raise ConfigError("inspect: text models only (attention over a prompt's tokens).")
-        tok = pipeline.tokenizer_for(prog.cfg.data)
+        tok = prog.resources.tokenizer
         tokens = np.asarray([tok.bos_id, *tok.encode(prompt).tolist()], np.int32)
         labels = [token_label(tok, int(t)) for t in tokens]
         model = nnx.merge(prog.graphdef, params)

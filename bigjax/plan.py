@@ -145,7 +145,7 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
     """Compiles the real train step for a TPU topology ahead of time (needs libtpu)."""
     from jax.experimental import topologies
 
-    from bigjax.mesh import make_mesh
+    from bigjax.mesh import for_run
     from bigjax.program import make_program
 
     cfg = _accelerator_config(cfg)
@@ -162,7 +162,7 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
             raise
         raise busy from None
     devices: list[Any] = list(topo.devices)  # TPU devices of a topology (compile-only)
-    mesh = make_mesh(cfg.mesh, devices)
+    cfg, mesh = for_run(cfg, devices)
     # Built outside the mesh context: setup runs small eager ops, and these TPU devices can
     # only compile. Tracing (inside) needs the mesh for the activation constraints.
     prog = make_program(cfg, mesh)

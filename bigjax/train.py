@@ -1,5 +1,11 @@
 """train(cfg, workdir): the one function that wires config, mesh, model, data and loop together.
 
+Setup, in order: the config tuned for these devices and its mesh -> the resources it names
+(tokenizer, teacher, example counts; read once) -> the program (task and objective, abstract
+state, shardings, the jitted steps: `make_program`) -> the run directory -> the data -> the
+state, restored or initialised. Then the loop: a step, its metrics read one step late, evals
+and saves when due, the NaN policy on a non-finite step.
+
 Where the state comes from, in order of precedence:
   1. the newest loadable checkpoint in `workdir/checkpoints` (resume: exact, same data order);
   2. `checkpoint.init_from` (another run: 'params' or 'full' state), only when 1 has none;
@@ -9,139 +15,58 @@ Where the state comes from, in order of precedence:
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 
-import bigjax
-from bigjax import (
-    checkpoint,
-    history,
-    integrity,
-    memory,
-    metrics,
-    models,
-    runlock,
-    tuning,
-)
-from bigjax.config import ConfigError, TrainConfig, to_dict
+from bigjax import checkpoint, memory, metrics, resources
+from bigjax.config import TrainConfig
 from bigjax.data import pipeline
-from bigjax.loop import (  # noqa: F401 - re-exported: the tools and tests use train.X
-    MAX_ROLLBACKS,
-    Evaluator,
-    NonFiniteError,
-    StepLog,
-    Window,
-    interrupt_if_asked,
-    keep_only_the_error,
-    open_workdir,
-    report_done,
-    restore_or_init,
-    run_eval,
-    run_summary,
-    start_banner,
-    stop_on_signals,
-    write_summary,
-)
-from bigjax.mesh import make_mesh
+from bigjax.evals import Evaluator
+from bigjax.loop import NonFiniteError, StepLog, every, nan_verdict, restore_or_init
+from bigjax.mesh import for_run
 from bigjax.program import make_program
-from bigjax.sharding import placed
+from bigjax.rundir import RunDir
+from bigjax.signals import interrupt_if_asked, stop_on_signals
+
+__all__ = ["NonFiniteError", "train"]
 
 
 def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
-    workdir = Path(workdir)
     started = time.perf_counter()
-    cfg = tuning.for_devices(cfg, jax.devices())
-    writer_process = jax.process_index() == 0
-    mesh = make_mesh(cfg.mesh)
+    cfg, mesh = for_run(cfg)
     memory.check(cfg, dict(mesh.shape), jax.local_devices())  # before anything is allocated
-    tokenizer = pipeline.tokenizer_for(cfg.data)
-    if cfg.model.vocab_size < tokenizer.vocab_size and cfg.data.task != "images":
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the {tokenizer.kind} "
-            f"tokenizer's {tokenizer.vocab_size} tokens; set it to at least that."
-        )
-
     # Measured before the mesh is set: on CPU it runs a matmul on one device.
     peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
 
     with jax.set_mesh(mesh), stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
-        if writer_process:  # one writer per run; the kernel frees it however this ends
-            fresh = open_workdir(workdir)
-            lock = runlock.acquire(workdir)
-            cleanup.callback(lock.release)
-            if fresh:  # failing before its first checkpoint, it leaves only error.log
-                cleanup.push(keep_only_the_error(workdir))
-            if lock.previous:
-                print(
-                    f"warning: {workdir} was last trained by {runlock.describe(lock.previous)}, "
-                    "which ended without releasing it (killed or crashed); taking it over.",
-                    flush=True,
-                )
-        prog = make_program(cfg, mesh)
+        run = RunDir.open(Path(workdir), cfg, cleanup)  # lock, writers; one writer process
+        res = resources.load(cfg, mesh)
+        prog = make_program(cfg, mesh, res)
 
-        def new_data_iter() -> Any:
-            return pipeline.for_config(
-                cfg.data,
-                split="train",
-                seed=cfg.data_seed,
-                rows=prog.local_rows(),
-                image_shape=(cfg.model.image_size, cfg.model.channels),
-            )
+        def new_data_iter() -> pipeline.Batches:
+            shape = (cfg.model.image_size, cfg.model.channels)
+            return pipeline.for_config(cfg.data, split="train", seed=cfg.data_seed,
+                                       rows=prog.local_rows(), tokenizer=res.tokenizer,
+                                       image_shape=shape)  # fmt: skip
 
         data_iter = new_data_iter()
         # Whatever happens below, stop the Grain workers (of the current iterator: it is
         # replaced on rollback) and let Orbax finish or abandon its background writes.
-        cleanup.callback(lambda: getattr(data_iter, "close", lambda: None)())
-        saves = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+        cleanup.callback(lambda: data_iter.close())
+        saves = checkpoint.Checkpointer(run.workdir / "checkpoints", cfg.checkpoint)
         cleanup.callback(saves.close)
-        target = placed(prog.abstract, prog.shardings)
-        layout = checkpoint.param_layout(prog.abstract.params)
-        config = to_dict(cfg)  # checked against the checkpoint's: some changes cannot resume
-        state, origin = restore_or_init(cfg, prog, saves.manager, target, data_iter, layout, config)
+        state, origin = restore_or_init(prog, saves, data_iter, run.config)
         start = int(jax.device_get(state.step))
-        resumed = origin.startswith("resuming")
-        saved_config = checkpoint.saved_config(saves.manager, start) if resumed else None
+        meta = run.begin(prog, saves, start, origin)
+        evaluator = Evaluator(prog, run.writers)
+        log = StepLog.resumed(prog, run, peak, start)
 
-        num_params = models.count_params(prog.graph_state)
-        meta = {
-            "bigjax_version": bigjax.__version__,
-            "config": config,
-            "mesh": dict(mesh.shape),
-            "num_params": num_params,
-            "params": layout,
-        }
-        writers = metrics.Writers(
-            workdir,
-            enabled=writer_process,
-            tensorboard=cfg.metrics.tensorboard,
-            wandb_project=cfg.metrics.wandb_project,
-            config=config,
-        )
-        if writer_process:
-            (workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            writers.truncate_after(start)
-            print(start_banner(prog, num_params, origin), flush=True)
-            history.record(workdir, start, config, saved_config)  # and shows what changed
-
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        flops_per_step = (
-            models.FLOPS_PER_TOKEN[cfg.model.family](cfg.model, cfg.data.seq_len) * tokens_per_step
-        )
-
-        evaluator = Evaluator(prog, writers, tokenizer)
-
-        log = StepLog(cfg, writers, flops_per_step, peak, prog.accounting, warn=writer_process)
-        # counted over every launch of the run (its rows after `start` were dropped above)
-        log.skipped_steps = (metrics.last_logged(writers.path, "skipped_steps", start) or (0, 0))[1]
-
-        step = start
-        pending = None  # the step dispatched before this one: (step, metrics on device)
-        saved_step = start if resumed else -1
+        step, pending = start, None  # pending: the step dispatched before this one
+        saved_step = start if origin.startswith("resuming") else -1
         last_eval: dict[str, float] = {}
         skip_batches: set[int] = set()  # steps whose batch is dropped after a rollback
         rollbacks = 0
@@ -160,85 +85,54 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             if pending is not None and not log.finish(*pending):
                 bad_step = pending[0]
             pending = (step, step_metrics, time.perf_counter() - dispatched)
-            eval_due = step == cfg.num_steps or (
-                cfg.eval.every_steps and step % cfg.eval.every_steps == 0
-            )
-            save_due = saves.due(step)
-            if bad_step is None and (eval_due or save_due or stop):
+            final = step == cfg.num_steps
+            eval_due = final or every(step, cfg.eval.every_steps)
+            save_due = final or bool(stop) or every(step, cfg.checkpoint.every_steps)
+            if bad_step is None and (eval_due or save_due):
                 # Finish this step first: rows stay in step order and no non-finite state is
                 # ever evaluated or saved (eval and save sync on it anyway).
-                if not log.finish(*pending):
-                    bad_step = step
+                bad_step = None if log.finish(*pending) else step
                 pending = None
-            # Finite loss and gradients can still leave overflowed optimizer moments: never
-            # save those (checked on device, only at saves, which sync anyway).
-            poisoned = bool(
-                save_due and bad_step is None and not integrity.state_finite(state.opt_state)
-            )
-            if poisoned and cfg.nan_policy != "skip":
-                bad_step = step
+            if bad_step is None and eval_due:
+                last_eval = evaluator(step, state.params)
+            if bad_step is None and save_due:
+                try:
+                    saves.save(state, data_iter, meta, force=final or bool(stop),
+                               metrics=last_eval if eval_due else None)  # fmt: skip
+                    saved_step = step
+                except checkpoint.NonFiniteState:
+                    # finite loss and gradients, overflowed optimizer moments: never saved
+                    bad_step = None if cfg.nan_policy == "skip" else step
+                    print(f"warning: step {step}: optimizer moments not finite; not saved.",
+                          flush=True)  # fmt: skip
             if bad_step is not None and cfg.nan_policy != "skip":
-                where = (
-                    f"at step {bad_step} (loss {log.latest['loss']}, grad_norm "
-                    f"{log.latest['grad_norm']}, param_norm {log.latest['param_norm']})"
-                )
-                if cfg.nan_policy == "error":
-                    raise NonFiniteError(
-                        f"non-finite loss or gradient {where} (the check covers the updated "
-                        "parameters and, at saves, the optimizer moments); nothing of it was "
-                        "saved. Lower optim.lr, keep optim.clip_norm on, or set "
-                        "nan_policy=skip or rollback."
-                    )
                 rollbacks += 1
-                if rollbacks > MAX_ROLLBACKS:
-                    raise NonFiniteError(f"gave up after {MAX_ROLLBACKS} rollbacks; last {where}.")
+                nan_verdict(cfg.nan_policy, bad_step, log.latest, rollbacks)  # raises, or:
                 saves.wait()
-                getattr(data_iter, "close", lambda: None)()  # stop its worker processes
+                data_iter.close()  # stop its worker processes
                 data_iter = new_data_iter()
-                state = (
-                    checkpoint.restore(saves.manager, target, data_iter, layout, config=config)
-                    or prog.init()
-                )
+                restored = checkpoint.restore(saves.manager, prog.target(), data_iter,
+                                              prog.layout(), config=run.config)  # fmt: skip
+                state = restored or prog.init()
                 step, pending = int(jax.device_get(state.step)), None
                 skip_batches.add(bad_step)
-                writers.truncate_after(step)
-                print(
-                    f"non-finite step {bad_step}: rolled back to step {step}; its batch "
-                    "will be skipped",
-                    flush=True,
-                )
+                run.writers.truncate_after(step)
+                print(f"non-finite step {bad_step}: rolled back to step {step}; its batch "
+                      "will be skipped", flush=True)  # fmt: skip
                 continue
-            if eval_due:
-                last_eval = evaluator(step, state.params)
-            if poisoned:
-                print(f"warning: step {step}: optimizer moments not finite; not saved.", flush=True)
-            elif save_due:
-                saved = saves.save(state, data_iter, meta, metrics=last_eval if eval_due else None)
-                saved_step = step if saved else saved_step
             if stop:
-                print(
-                    f"received {stop['signal']}: saving step {step} and stopping; run the "
-                    "same command to resume.",
-                    flush=True,
-                )
+                print(f"received {stop['signal']}: saving step {step} and stopping; run the "
+                      "same command to resume.", flush=True)  # fmt: skip
                 break
         if pending is not None:
             log.finish(*pending)
 
         interrupt_if_asked(stop)
         final_step = int(jax.device_get(state.step))
-        if saved_step != final_step:
-            saves.save(
-                state,
-                data_iter,
-                meta,
-                force=True,
-                metrics=last_eval if last_eval.get("step") == final_step else None,
-            )
+        if saved_step != final_step:  # a relaunch of a complete run saves nothing new
+            saves.save(state, data_iter, meta, force=True)
         saves.wait()
-        writers.close()
+        run.writers.close()
 
-    if writer_process:
-        summary = run_summary(cfg, workdir, final_step, log.skipped_steps, num_params)
-        report_done(cfg, workdir, summary, time.perf_counter() - started, last_eval, stop, start)
+    run.end(final_step, log.skipped_steps, time.perf_counter() - started, last_eval, stop, start)
     return {**log.last, **last_eval}

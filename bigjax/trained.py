@@ -33,14 +33,13 @@ def open_run(
     import jax
 
     from bigjax import loading, lora
-    from bigjax.mesh import make_mesh
+    from bigjax.mesh import for_run
     from bigjax.program import make_program
-    from bigjax.sharding import placed
 
-    mesh = make_mesh(cfg.mesh)
+    cfg, mesh = for_run(cfg)
     with jax.set_mesh(mesh):
         prog = make_program(cfg, mesh)
-        target = placed(prog.abstract, prog.shardings).params
+        target = prog.target().params
         params, step = loading.load_params(workdir, target)
         # LoRA runs: the adapters folded into the weights, as the model ran in training
         yield prog, lora.merged(params, cfg.finetune.lora_scale), step

@@ -172,7 +172,7 @@ def test_sft_rows_take_the_loss_on_responses_only(tmp_path, packing):
             assert picked[-1] == tok.eos_id
             assert tok.decode(picked[:-1]) in responses
     # and the loss mask is what Encode says: BOS + prompt unweighted
-    enc = examples.Encode(tok, "sft", ())(_sft_records()[0])
+    enc = examples.Encode(tok, ())(_sft_records()[0])
     assert enc["loss_mask"][: 1 + len(_sft_records()[0]["prompt"])].sum() == 0
 
 

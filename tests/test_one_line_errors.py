@@ -139,7 +139,7 @@ def test_a_second_ctrl_c_lost_in_a_callback_still_interrupts():
     # Here the second signal lands in a __del__, every time; the loop must still stop.
     import gc
 
-    from bigjax import loop
+    from bigjax import signals
 
     class Swallows:
         def __del__(self):
@@ -150,14 +150,14 @@ def test_a_second_ctrl_c_lost_in_a_callback_still_interrupts():
     # pytest's process, whose later tests start worker pools that must still die by SIGTERM
     kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        with loop.stop_on_signals() as asked:
+        with signals.stop_on_signals() as asked:
             os.kill(os.getpid(), signal.SIGINT)  # the first: save and stop after the step
             time.sleep(0.05)
             assert asked == {"signal": "SIGINT"}
             Swallows()
             gc.collect()
             with pytest.raises(KeyboardInterrupt):
-                loop.interrupt_if_asked(asked)
+                signals.interrupt_if_asked(asked)
     finally:
         for s, handler in kept.items():
             signal.signal(s, handler)

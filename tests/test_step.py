@@ -81,7 +81,7 @@ def test_no_recompilation_after_first_step():
         )
         counted = jax.jit(
             chex.assert_max_traces(fn, n=1),
-            in_shardings=(prog.shardings, prog.batch_sharding),
+            in_shardings=(prog.shardings, prog.batch_shardings),
             out_shardings=(prog.shardings, None),
             donate_argnums=0,
         )

@@ -94,3 +94,19 @@ def test_resume_continues_exactly(tmp_path):
     assert losses(resumed) == losses(full)  # same data order and randomness: bitwise
     for a, b in zip(_params_at(full, 8), _params_at(resumed, 8), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_the_tokenizer_is_loaded_once_per_run_however_many_evals(tmp_path, monkeypatch):
+    # resources.load reads it; the train data, every eval's held-out batches and the
+    # multiple-choice scorer take that one (it used to be read again at every eval).
+    from bigjax.data import pipeline
+
+    loads = []
+    real = pipeline.tokenizer_for
+    monkeypatch.setattr(pipeline, "tokenizer_for", lambda cfg: loads.append(cfg) or real(cfg))
+    evals = {"every_steps": 1, "num_batches": 1, "choices": "stdlib", "choice_items": 4}
+    out = train(tiny_config(num_steps=3, eval=evals), tmp_path)
+    assert len(loads) == 1
+    assert "mc_accuracy" in out  # the scorer ran, with that tokenizer
+    assert len([r for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval_loss" in r]) == 3

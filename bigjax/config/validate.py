@@ -198,11 +198,6 @@ def _robust(cfg: TrainConfig) -> None:
         "robust.token_dropout",
         "text corruption applies to token inputs (data.task lm, sft or classify)",
     )
-    _check(
-        r.adversarial == "none" or not (cfg.privacy.noise_multiplier or cfg.privacy.target_epsilon),
-        "robust.adversarial",
-        "adversarial training with DP-SGD is not supported",
-    )
 
 
 def _distill(cfg: TrainConfig) -> None:
@@ -215,11 +210,6 @@ def _distill(cfg: TrainConfig) -> None:
             d.task in ("lm", "sft"),
             "distill.teacher",
             "distillation matches next-token distributions: data.task lm or sft",
-        )
-        _check(
-            not (cfg.privacy.noise_multiplier or cfg.privacy.target_epsilon),
-            "distill.teacher",
-            "DP-SGD with distillation is not supported; distill first, or train privately",
         )
 
 

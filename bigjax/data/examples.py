@@ -21,7 +21,8 @@ import numpy as np
 
 from bigjax.data.sources import DataError
 
-FIELDS = {"sft": ("prompt", "response"), "classify": ("text", "label")}
+# The record formats a task can read (its `examples` in bigjax/tasks.py): their fields.
+FIELDS = {"prompt_response": ("prompt", "response"), "text_label": ("text", "label")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +33,13 @@ class Examples:
     classes: tuple[str, ...]
 
 
-def load(path: str | Path, task: str, split: str, eval_fraction: float) -> Examples:
-    """The records of `split` ('train' or 'validation'); bad lines raise DataError naming
-    the line and the fix."""
+def load(path: str | Path, form: str, split: str, eval_fraction: float) -> Examples:
+    """The records of `split` ('train' or 'validation') of a file in record format `form`
+    (FIELDS); bad lines raise DataError naming the line and the fix."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data.examples: no such file {str(path)!r} (JSON lines, one per example).")
-    fields = FIELDS[task]
+    fields = FIELDS[form]
     records, labels = [], set()
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -48,7 +49,7 @@ def load(path: str | Path, task: str, split: str, eval_fraction: float) -> Examp
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: not JSON ({e}).") from None
         if not isinstance(record, dict) or any(f not in record for f in fields):
-            raise DataError(f"{path}:{number}: a {task} example needs the fields {fields}.")
+            raise DataError(f"{path}:{number}: an example needs the fields {fields}.")
         if not all(isinstance(record[f], str) for f in fields if f != "label"):
             raise DataError(f"{path}:{number}: {fields} other than label must be strings.")
         labels.add(str(record.get("label", "")))
@@ -60,7 +61,7 @@ def load(path: str | Path, task: str, split: str, eval_fraction: float) -> Examp
         raise DataError(
             f"{path}: the {split} split is empty; add examples or change data.eval_fraction."
         )
-    classes = tuple(sorted(labels, key=_label_order)) if task == "classify" else ()
+    classes = tuple(sorted(labels, key=_label_order)) if "label" in fields else ()
     return Examples(tuple(records), classes)
 
 
@@ -74,12 +75,11 @@ class Encode:
     """A record -> token ids (BOS ... EOS), the loss mask, and the class index (classify)."""
 
     tokenizer: Any
-    task: str
-    classes: tuple[str, ...]
+    classes: tuple[str, ...]  # () for prompt/response pairs
 
     def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         tok = self.tokenizer
-        if self.task == "sft":
+        if not self.classes:  # a prompt/response pair (a labelled file has its classes)
             prompt = [tok.bos_id, *tok.encode(record["prompt"]).tolist()]
             response = [*tok.encode(record["response"]).tolist(), tok.eos_id]
             mask = [0] * len(prompt) + [1] * len(response)

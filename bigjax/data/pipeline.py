@@ -36,6 +36,7 @@ from bigjax.data import corpus, dataset, examples, images
 from bigjax.data import tokenizer as tokenizers
 from bigjax.data.corpus import Document
 from bigjax.data.tokenizer import ByteTokenizer
+from bigjax.tasks import TASKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,13 +409,15 @@ def for_config(
     workers: int | None = None,
     builtin_docs: Sequence[Document] | None = None,
     image_shape: tuple[int, int] | None = None,
+    tokenizer: tokenizers.Tokenizer | None = None,
 ) -> Batches:
     """The run's batches: `rows` (default: this process's even share) of each global batch.
-    `split` is 'train' or 'validation'."""
-    tok = tokenizer_for(cfg)
+    `split` is 'train' or 'validation'. `tokenizer`: the run's, already loaded (a training run
+    loads it once); read from the config when not given."""
+    task = TASKS[cfg.task]
+    tok = tokenizer_for(cfg) if tokenizer is None else tokenizer
     shuffle = cfg.shuffle if shuffle is None else shuffle
-    features = ("tokens", "loss_mask") if cfg.task == "sft" else ("tokens",)
-    if cfg.task == "images":
+    if task.source == "images":
         if image_shape is None:
             raise ValueError("images need image_shape=(model.image_size, model.channels)")
         data = images.load(cfg.images, split, cfg.eval_fraction, *image_shape)
@@ -422,12 +425,11 @@ def for_config(
         stream = (stream.shuffle(seed=seed) if shuffle else stream).repeat(None)
         if split == "train" and cfg.augment:
             stream = stream.random_map(images.Augment(flip=cfg.flip), seed=seed)
-        features = ("image",)
-    elif cfg.examples:  # sft, classify
-        found = examples.load(cfg.examples, cfg.task, split, cfg.eval_fraction)
-        read = examples.Encode(tok, cfg.task, found.classes)
+    elif task.source == "examples":
+        found = examples.load(cfg.examples, task.examples, split, cfg.eval_fraction)
         source = grain.MapDataset.source(list(found.records))
-        stream = document_stream(source, read, seed=seed, shuffle=shuffle)
+        stream = document_stream(source, examples.Encode(tok, found.classes), seed=seed,
+                                 shuffle=shuffle)  # fmt: skip
     elif not sources(cfg):
         if builtin_docs is None:
             train_docs, eval_docs = corpus.split_stdlib(cfg.eval_fraction, cfg.seq_len)
@@ -445,7 +447,9 @@ def for_config(
             weights.append(weight)
         stream = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
     return Batches(
-        RowStreams(stream, cfg.batch_size, cfg.seq_len, tok.pad_id, cfg.packing, features),
+        RowStreams(
+            stream, cfg.batch_size, cfg.seq_len, tok.pad_id, cfg.packing, task.row_features
+        ),  # fmt: skip
         default_rows(cfg.batch_size) if rows is None else rows,
         cfg.num_workers if workers is None else workers,
     )

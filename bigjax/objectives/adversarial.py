@@ -1,16 +1,26 @@
-"""Adversarial training (and evaluation) in embedding space: the task's loss at an FGSM or PGD
+"""Adversarial training (and evaluation) in embedding space: the loss at an FGSM or PGD
 perturbation of the input embeddings, |delta| <= epsilon, mixed into the objective (training)
-or reported beside the clean loss (eval attack)."""
+or reported beside the clean loss (eval attack). The attack maximises the wrapped loss's
+`nll_sum`: the task's, whatever else the loss mixes in."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 
 from bigjax import robust
 from bigjax.models import Model
-from bigjax.objectives.base import Batch, LossContext, Metrics, Objective
+from bigjax.objectives.base import (
+    PER_WEIGHT,
+    Batch,
+    EvalFn,
+    Inputs,
+    LossFn,
+    Metrics,
+    Modifier,
+)
 
 
 def _embed_shape(batch: Batch, seq_len: int, d_model: int) -> tuple[int, int, int]:
@@ -20,57 +30,49 @@ def _embed_shape(batch: Batch, seq_len: int, d_model: int) -> tuple[int, int, in
     return rows, length, d_model
 
 
-def adversarial_sums(
-    task: Objective,
-    model: Model,
-    batch: Batch,
-    rng: jax.Array | None,
-    adversary: robust.Adversary,
-    seq_len: int,
-    d_model: int,
-) -> Metrics:
-    """The task's loss sums at the attack's perturbation of the input embeddings."""
-
-    def loss_of(delta: jax.Array) -> jax.Array:
-        sums, _ = task.loss_sums(model, batch, rng, delta)
-        return sums["nll_sum"] / task.weight(batch)
-
-    delta = robust.perturbation(loss_of, _embed_shape(batch, seq_len, d_model), adversary)
-    return task.loss_sums(model, batch, rng, delta)[0]
-
-
 @dataclasses.dataclass(frozen=True)
-class Adversarial(Objective):
-    """Training: (1 - weight) * objective + weight * loss at the perturbation."""
-
+class Attack:
     adversary: robust.Adversary
     seq_len: int
     d_model: int
+    weight_of: Callable[[Batch], jax.Array]  # the task's denominator (`Task.weight`)
 
-    def combine(
-        self, ctx: LossContext, value: jax.Array, sums: Metrics
-    ) -> tuple[jax.Array, Metrics]:
-        adv = adversarial_sums(
-            ctx.task, ctx.model, ctx.batch, ctx.rng, self.adversary, self.seq_len, self.d_model
-        )
-        w = self.adversary.weight
-        value = (1 - w) * value + w * (adv["nll_sum"] / ctx.total_weight)
-        return value, {**sums, "adv_nll_sum": adv["nll_sum"]}
+    def nll_sum(self, loss: LossFn, model: Model, x: Inputs) -> jax.Array:
+        """`loss`'s nll_sum at the attack's perturbation of x's input embeddings."""
 
-    def metrics(self, sums: Metrics, total_weight: jax.Array) -> Metrics:
-        return {"adv_loss": sums.pop("adv_nll_sum") / total_weight}
+        def loss_of(delta: jax.Array) -> jax.Array:
+            _, sums, _ = loss(model, dataclasses.replace(x, embed_delta=delta))
+            return sums["nll_sum"] / self.weight_of(x.batch)
+
+        shape = _embed_shape(x.batch, self.seq_len, self.d_model)
+        delta = robust.perturbation(loss_of, shape, self.adversary)
+        return loss(model, dataclasses.replace(x, embed_delta=delta))[1]["nll_sum"]
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalAttack(Objective):
-    """Eval: the held-out loss under the attack, as 'adv_nll_sum'."""
+def adversarial(attack: Attack) -> Modifier:
+    """Training: (1 - weight) * loss + weight * nll at the perturbation, per total weight."""
 
-    task: Objective
-    adversary: robust.Adversary
-    seq_len: int
-    d_model: int
+    def wrap(inner: LossFn) -> LossFn:
+        def loss(model: Model, x: Inputs) -> tuple[jax.Array, Metrics, jax.Array]:
+            value, sums, logits = inner(model, x)
+            adv = attack.nll_sum(inner, model, x)
+            w = attack.adversary.weight
+            value = (1 - w) * value + w * (adv / x.total_weight)
+            return value, {**sums, f"{PER_WEIGHT}adv_loss": adv}, logits
 
-    def eval_sums(self, model: Model, batch: Batch, out: Metrics) -> Metrics:
-        adv = adversarial_sums(self.task, model, batch, None, self.adversary, self.seq_len,
-                               self.d_model)  # fmt: skip
-        return {**out, "adv_nll_sum": adv["nll_sum"]}
+        return loss
+
+    return wrap
+
+
+def eval_attack(attack: Attack, clean: LossFn) -> Callable[[EvalFn], EvalFn]:
+    """Eval: the held-out sums plus the nll under the attack, as 'adv_nll_sum'."""
+
+    def wrap(inner: EvalFn) -> EvalFn:
+        def sums(model: Model, batch: Batch) -> Metrics:
+            x = Inputs(batch, None, attack.weight_of(batch))
+            return {**inner(model, batch), "adv_nll_sum": attack.nll_sum(clean, model, x)}
+
+        return sums
+
+    return wrap

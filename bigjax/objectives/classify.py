@@ -10,10 +10,10 @@ import jax.numpy as jnp
 from bigjax.loss import cross_entropy_sums
 from bigjax.models import Model, decoder
 from bigjax.models.vit import ViT
-from bigjax.objectives.base import Batch, Metrics, Objective, model_inputs
+from bigjax.objectives.base import PER_WEIGHT, Batch, Metrics, model_inputs
 
 
-class Classify(Objective):
+class Classify:
     def classify(
         self, model: Model, batch: Batch, rng: jax.Array | None, embed_delta: jax.Array | None
     ) -> tuple[jax.Array, Metrics]:
@@ -22,27 +22,24 @@ class Classify(Objective):
             *model_inputs(batch, rng), with_aux=True, embed_delta=embed_delta
         )
 
-    def loss_sums(
-        self,
-        model: Model,
-        batch: Batch,
-        rng: jax.Array | None,
-        embed_delta: jax.Array | None = None,
-    ) -> tuple[Metrics, jax.Array | None]:
+    def sums(
+        self, model: Model, batch: Batch, rng: jax.Array | None, embed_delta: jax.Array | None
+    ) -> tuple[Metrics, jax.Array]:
         logits_BC, aux = self.classify(model, batch, rng, embed_delta)
         labels_B = batch["labels"]
         ones_B1 = jnp.ones((labels_B.shape[0], 1), jnp.float32)
         nll_sum, z_sq_sum = cross_entropy_sums(logits_BC[:, None], labels_B[:, None], ones_B1)
         correct = jnp.sum(jnp.argmax(logits_BC, -1) == labels_B).astype(jnp.float32)
-        return {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, "correct": correct, **aux}, logits_BC
+        sums = {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, f"{PER_WEIGHT}accuracy": correct}
+        return {**sums, **aux}, logits_BC
 
     def weight(self, batch: Batch) -> jax.Array:
         return jnp.asarray(batch["labels"].shape[0], jnp.float32)
 
-    def metrics(self, sums: Metrics, total_weight: jax.Array) -> Metrics:
-        return {"accuracy": sums.pop("correct") / total_weight}
+    def tokens(self, batch: Batch, seq_len: int) -> jax.Array:
+        return jnp.sum(batch["weights"])
 
-    def eval_sums(self, model: Model, batch: Batch, out: Metrics) -> Metrics:
+    def eval_sums(self, model: Model, batch: Batch) -> Metrics:
         logits_BC, _ = self.classify(model, batch, None, None)
         classes = logits_BC.shape[-1]
         ones_B1 = jnp.ones((logits_BC.shape[0], 1), jnp.float32)

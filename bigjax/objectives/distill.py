@@ -1,17 +1,15 @@
-"""Distillation: the task's loss mixed with T^2 * KL(teacher || student) of the next-token
+"""Distillation: the wrapped loss mixed with T^2 * KL(teacher || student) of the next-token
 distributions at temperature T. The teacher's parameters are the step's extra input (an
 argument of the jitted step, not a constant baked into the program)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.models import decoder
-from bigjax.objectives.base import LossContext, Metrics, Objective, model_inputs
+from bigjax.models import Model, decoder
+from bigjax.objectives.base import PER_WEIGHT, Inputs, LossFn, Metrics, Modifier, model_inputs
 
 
 def kl_sum(
@@ -24,23 +22,19 @@ def kl_sum(
     return temperature**2 * jnp.sum(kl_BL * weights_BL)
 
 
-@dataclasses.dataclass(frozen=True)
-class Distill(Objective):
-    graphdef: nnx.GraphDef  # the teacher's program
-    temperature: float
-    alpha: float  # share of the soft (teacher) loss
+def distill(teacher: nnx.GraphDef, temperature: float, alpha: float) -> Modifier:
+    """(1 - alpha) * loss + alpha * the soft loss, both per total weight."""
 
-    def combine(
-        self, ctx: LossContext, value: jax.Array, sums: Metrics
-    ) -> tuple[jax.Array, Metrics]:
-        teacher = decoder(nnx.merge(self.graphdef, ctx.extra))
-        teacher_BLV = jax.lax.stop_gradient(teacher(*model_inputs(ctx.batch, None)))
-        assert ctx.outputs is not None  # the task's logits: the step passes them to modifiers
-        kl = kl_sum(ctx.outputs, teacher_BLV, ctx.batch["weights"], self.temperature)
-        soft = kl / ctx.total_weight
-        value = (1 - self.alpha) * value + self.alpha * soft
-        return value, {**sums, "distill_sum": kl}
+    def wrap(inner: LossFn) -> LossFn:
+        def loss(model: Model, x: Inputs) -> tuple[jax.Array, Metrics, jax.Array]:
+            value, sums, logits_BLV = inner(model, x)
+            t_model = decoder(nnx.merge(teacher, x.extra))
+            teacher_BLV = jax.lax.stop_gradient(t_model(*model_inputs(x.batch, None)))
+            kl = kl_sum(logits_BLV, teacher_BLV, x.batch["weights"], temperature)
+            value = (1 - alpha) * value + alpha * (kl / x.total_weight)
+            # T^2 * KL(teacher || student) per target token
+            return value, {**sums, f"{PER_WEIGHT}distill_kl": kl}, logits_BLV
 
-    def metrics(self, sums: Metrics, total_weight: jax.Array) -> Metrics:
-        # T^2 * KL(teacher || student) per target token
-        return {"distill_kl": sums.pop("distill_sum") / total_weight}
+        return loss
+
+    return wrap

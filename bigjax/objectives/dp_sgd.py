@@ -1,69 +1,70 @@
-"""DP-SGD: every row's gradient of its own mean loss clipped to `clip_norm`, summed, and the
-sum noised with N(0, (noise_multiplier * clip_norm)^2) before the mean (bigjax/privacy.py has
-the clipping, the noise and the accountant)."""
+"""DP-SGD, a gradient rule over whatever loss it is given: every row's gradient of its own
+mean loss (the loss with the row's own weight as its denominator) clipped to `clip_norm`,
+summed, and the sum noised with N(0, (noise_multiplier * clip_norm)^2) before the mean
+(bigjax/privacy.py has the clipping, the noise and the accountant). Distillation and
+adversarial training compose with it: their losses are per row like any other."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from bigjax import privacy
-from bigjax.models import Model
-from bigjax.objectives.base import Batch, Metrics, Objective, Params
+from bigjax.objectives.base import (
+    PER_ROW,
+    PER_WEIGHT,
+    Batch,
+    GradRule,
+    Inputs,
+    Metrics,
+    ParamLoss,
+    Params,
+)
 
 DP_STREAM = 0x4450  # a key stream of its own for the noise
+CLIPPED = f"{PER_ROW}dp_clipped"  # the share of rows whose gradient norm was cut
 
 
-@dataclasses.dataclass(frozen=True)
-class DPSGD(Objective):
-    noise: privacy.Noise
-    task: Objective
-    model_of: Callable[[Params], Model]
-    z_loss: float
-    dropout: bool
-    trainable: Callable[[Params], Params]  # zeroes the gradients of frozen parameters
+def dp_sgd(
+    noise: privacy.Noise,
+    weight_of: Callable[[Batch], jax.Array],
+    trainable: Callable[[Params], Params],
+    dropout: bool,
+) -> GradRule:
+    """`weight_of`: the task's denominator; `trainable` zeroes frozen parameters' gradients."""
 
-    def _row_grad(
-        self, params: Params, row: Batch, rng: jax.Array | None
-    ) -> tuple[Params, Metrics]:
+    def row_grad(objective: ParamLoss, params: Params, x: Inputs) -> tuple[Params, Metrics]:
         """One row's gradient of its own mean loss, clipped."""
-        one = jax.tree.map(lambda x: x[None], row)
+        (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params, x)
+        clipped, norm = privacy.clip(trainable(grads), noise.clip_norm)
+        return clipped, {**sums, CLIPPED: (norm > noise.clip_norm).astype(jnp.float32)}
 
-        def objective(p: Params) -> tuple[jax.Array, Metrics]:
-            sums, _ = self.task.loss_sums(self.model_of(p), one, rng)
-            value = (sums["nll_sum"] + self.z_loss * sums["z_sq_sum"]) / self.task.weight(one)
-            return value + sums.get("aux_loss", 0.0), sums
-
-        (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        clipped, norm = privacy.clip(self.trainable(grads), self.noise.clip_norm)
-        return clipped, {**sums, "dp_clipped": (norm > self.noise.clip_norm).astype(jnp.float32)}
-
-    def micro_grads(
-        self, loss_fn: Callable[..., Any], params: Params, micro: Batch, rng: jax.Array | None
-    ) -> tuple[Params, Metrics]:
-        rows = jax.tree.leaves(micro)[0].shape[0]
+    def micro(objective: ParamLoss, params: Params, x: Inputs) -> tuple[Params, Metrics]:
+        rows = jax.tree.leaves(x.batch)[0].shape[0]
         keys = (
-            jax.random.split(rng, rows) if self.dropout and rng is not None else jnp.zeros((rows,))
+            jax.random.split(x.rng, rows) if dropout and x.rng is not None else jnp.zeros((rows,))
         )
-        grads, sums = jax.vmap(
-            lambda row, key: self._row_grad(params, row, key if self.dropout else None)
-        )(micro, keys)
-        # per-row sums add up to the micro-batch's (aux means: averaged over rows)
-        sums = {k: jnp.mean(v) if k.startswith(("moe_", "aux")) else jnp.sum(v)
-                for k, v in sums.items()}  # fmt: skip
+
+        def one(row: Batch, key: jax.Array) -> tuple[Params, Metrics]:
+            row = jax.tree.map(lambda v: v[None], row)
+            rng = key if dropout else None
+            row_x = dataclasses.replace(x, batch=row, rng=rng, total_weight=weight_of(row),
+                                        aux_divisor=1)  # fmt: skip
+            return row_grad(objective, params, row_x)
+
+        grads, sums = jax.vmap(one)(x.batch, keys)
+        # per-row sums add up to the micro-batch's (the model's means: averaged over rows)
+        summed = ("nll_sum", "z_sq_sum", PER_WEIGHT, PER_ROW)
+        sums = {k: jnp.sum(v) if k.startswith(summed) else jnp.mean(v) for k, v in sums.items()}
         return jax.tree.map(lambda g: jnp.sum(g, axis=0), grads), sums
 
-    def finalize_grads(self, grads: Params, sums: Metrics, batch: Batch, key: jax.Array) -> Params:
+    def finish(grads: Params, key: jax.Array, rows: int) -> Params:
         """Gaussian noise on the sum of clipped gradients, then the mean over rows."""
-        rows = jax.tree.leaves(batch)[0].shape[0]
-        std = self.noise.noise_multiplier * self.noise.clip_norm
-        noise = privacy.noise_like(grads, jax.random.fold_in(key, DP_STREAM), std)
-        sums["dp_clipped"] = sums["dp_clipped"] / rows  # the share of rows whose norm was cut
-        return jax.tree.map(lambda g, n: (g + n) / rows, grads, self.trainable(noise))
+        std = noise.noise_multiplier * noise.clip_norm
+        noise_tree = privacy.noise_like(grads, jax.random.fold_in(key, DP_STREAM), std)
+        return jax.tree.map(lambda g, n: (g + n) / rows, grads, trainable(noise_tree))
 
-    def metrics(self, sums: Metrics, total_weight: jax.Array) -> Metrics:
-        return {"dp_clipped": sums.pop("dp_clipped")}
+    return GradRule(micro, finish)

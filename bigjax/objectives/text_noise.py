@@ -3,21 +3,18 @@ the inputs, afresh every train step (targets and weights unchanged; eval sees cl
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 
 from bigjax import robust
-from bigjax.objectives.base import Batch, Objective
+from bigjax.objectives.base import Batch, Corrupt
 
 TEXT_STREAM = 0x545854  # a key stream of its own
 
 
-@dataclasses.dataclass(frozen=True)
-class TextNoise(Objective):
-    noise: robust.TextNoise
-
-    def corrupt(self, batch: Batch, key: jax.Array, train: bool) -> Batch:
+def text_noise(noise: robust.TextNoise) -> Corrupt:
+    def corrupt(batch: Batch, key: jax.Array, train: bool) -> Batch:
         if not train:
             return batch
-        return robust.corrupt_text(batch, jax.random.fold_in(key, TEXT_STREAM), self.noise)
+        return robust.corrupt_text(batch, jax.random.fold_in(key, TEXT_STREAM), noise)
+
+    return corrupt

@@ -80,7 +80,7 @@ def _build(workdir: str, prog: Any, params: Any, opts: Options) -> tuple[Any, An
     if cfg.model.positions == "learned" and max_len > cfg.model.max_positions:
         raise ConfigError(f"serve: --max-len {max_len} is more than the model's "
                           f"{cfg.model.max_positions} learned positions; lower it.")  # fmt: skip
-    tokenizer = pipeline.tokenizer_for(cfg.data)
+    tokenizer = prog.resources.tokenizer
     template = _chat_template(opts.chat_template, pipeline.tokenizer_dir(cfg.data))
     engine = Engine(prog.graphdef, params, cfg.mesh.rules, slots=opts.slots, max_len=max_len,
                     max_waiting=opts.max_waiting, mesh=prog.mesh)  # fmt: skip
