@@ -27,7 +27,7 @@ from bigjax.config import TrainConfig
 from bigjax.data import pipeline
 from bigjax.layers import compute_dtype
 from bigjax.mesh import for_run
-from bigjax.program import make_program
+from bigjax.program import for_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
     cfg, mesh = for_run(cfg)
     peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
     with jax.set_mesh(mesh):
-        prog = make_program(cfg, mesh)
+        prog = for_config(cfg, mesh)
         state = prog.init()
         data = pipeline.for_config(
             cfg.data,

@@ -273,11 +273,13 @@ def _layout_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]])
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    path = Path(manager.directory) / str(step) / "meta" / "metadata"
+    """The step's `meta` item (config, parameter layout, versions), read through Orbax alone;
+    {} if it has none that is readable (the restore of the state then says what is wrong)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # missing, unreadable or not JSON: whatever Orbax raises for it
         return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def check_layout(

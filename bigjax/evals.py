@@ -60,11 +60,7 @@ class Evaluator:
     def __init__(self, prog: Program, writers: metrics.Writers):
         cfg, tokenizer = prog.cfg, prog.resources.tokenizer
         self.prog, self.writers, self.tokenizer = prog, writers, tokenizer
-        self.items = (
-            choices.items_for(cfg.eval.choices, cfg.data.eval_fraction, cfg.eval.choice_items)
-            if cfg.eval.choices
-            else []
-        )
+        self.items = prog.resources.choice_items  # read with the run's other resources
         self.scorer = choices.make_scorer(prog.graphdef, cfg.finetune.lora_scale)
         self.harness = Harness(prog, tokenizer) if cfg.eval.harness_tasks else None
 

@@ -153,12 +153,13 @@ class Rope:
         interpolated smoothly.
     """
 
-    theta: float = 10000.0
-    scaling: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_positions: int = 8192
+    # every field from the model config (rope_*: bigjax/config/schema.py has the defaults)
+    theta: float
+    scaling: str
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_positions: int
 
     def inv_freq(self, head_dim: int) -> jax.Array:
         """Angular frequency of each of the head_dim / 2 rotated pairs, float32 [K/2]."""
@@ -298,9 +299,8 @@ def decode_mask(slot: jax.Array | int, num_new: int, valid_BS: jax.Array) -> jax
     return (causal_TS[None] & valid_BS[:, None, :])[:, None]
 
 
-class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up as one [D, F, 2] weight
-    (one matmul; measured 1.4x faster fwd+bwd than two on a CPU, docs/benchmarks.md)."""
+class FeedForward(nnx.Module):
+    """What both feed-forward blocks take; each makes its own weights (`make`)."""
 
     def __init__(
         self,
@@ -314,6 +314,21 @@ class MLP(nnx.Module):
         rules: Rules,
     ):
         self.dtype, self.rules = dtype, rules
+        self.make(d_model, d_ff, use_bias, rngs, param_dtype)
+
+    def make(
+        self, d_model: int, d_ff: int, use_bias: bool, rngs: nnx.Rngs, param_dtype: jnp.dtype
+    ) -> None:
+        raise NotImplementedError
+
+
+class MLP(FeedForward):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up as one [D, F, 2] weight
+    (one matmul; measured 1.4x faster fwd+bwd than two on a CPU, docs/benchmarks.md)."""
+
+    def make(
+        self, d_model: int, d_ff: int, use_bias: bool, rngs: nnx.Rngs, param_dtype: jnp.dtype
+    ) -> None:
         self.gate_up_DFC = _param(
             rngs, dense_init, (d_model, d_ff, 2), ("embed", "mlp", None), param_dtype
         )
@@ -334,21 +349,12 @@ class MLP(nnx.Module):
         return constrain(out_BLD, RESIDUAL, self.rules)
 
 
-class GeluMLP(nnx.Module):
+class GeluMLP(FeedForward):
     """GPT-2 / BERT feed-forward: down(gelu(up(x))), GELU in its tanh form (HF `gelu_new`)."""
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        *,
-        use_bias: bool,
-        rngs: nnx.Rngs,
-        param_dtype: jnp.dtype,
-        dtype: jnp.dtype,
-        rules: Rules,
-    ):
-        self.dtype, self.rules = dtype, rules
+    def make(
+        self, d_model: int, d_ff: int, use_bias: bool, rngs: nnx.Rngs, param_dtype: jnp.dtype
+    ) -> None:
         self.up_DF = _param(rngs, dense_init, (d_model, d_ff), ("embed", "mlp"), param_dtype)
         self.down_FD = _param(rngs, dense_init, (d_ff, d_model), ("mlp", "embed"), param_dtype)
         self.up_bias_F = _bias(use_bias, (d_ff,), ("mlp",), param_dtype)

@@ -178,7 +178,7 @@ def restore_or_init(
     """The state to start from, and where it came from: the run's newest loadable checkpoint
     (resume), else `checkpoint.init_from`, else a fresh initialisation."""
     cfg, target = prog.cfg, prog.target()
-    state = checkpoint.restore(saves.manager, target, data_iter, prog.layout(), config=config)
+    state = checkpoint.restore(saves.manager, target, data_iter, prog.layout, config=config)
     if state is not None:
         return state, f"resuming from step {int(state.step)}"
     if cfg.checkpoint.init_from:
@@ -187,7 +187,7 @@ def restore_or_init(
             cfg.checkpoint.init_mode,
             target,
             data_iter,
-            prog.layout(),
+            prog.layout,
             prog.init(),
         )
         what = (

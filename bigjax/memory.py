@@ -12,12 +12,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bigjax import attention, lora, models, optim
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
 from bigjax.sharding import is_spec
-from bigjax.state import abstract_state, state_specs
+from bigjax.state import TrainState, abstract_state, state_specs
 
 GiB = 2**30
 # Host bytes per global batch row this process packs: Python objects of its packing stream
@@ -63,13 +64,24 @@ def _shard_factor(spec: Any, mesh_shape: dict[str, int]) -> int:
     return math.prod(mesh_shape[a] for a in axes)
 
 
-def state_bytes_per_device(cfg: TrainConfig, mesh_shape: dict[str, int]) -> tuple[float, float]:
-    """(parameters, optimizer state) bytes per device: exact, from the abstract state and the
-    sharding rules on `mesh_shape` (nothing is allocated)."""
+def planned_state_bytes(cfg: TrainConfig, mesh_shape: dict[str, int]) -> tuple[float, float]:
+    """`state_bytes_per_device` of the state `cfg` would build on a mesh of `mesh_shape` (one
+    that need not exist here: `bigjax plan`)."""
     _, graph_state = models.abstract(cfg.model, cfg.mesh.rules)
     tx = optim.make_optimizer(cfg.optim, cfg.num_steps, lora.trainable_fn(cfg.finetune))
     abstract = abstract_state(graph_state, tx, cfg.finetune)
-    specs = state_specs(graph_state, abstract, tx, mesh_shape, cfg.mesh.rules)
+    return state_bytes_per_device(
+        abstract, state_specs(graph_state, abstract, tx, mesh_shape, cfg.mesh.rules), mesh_shape
+    )
+
+
+def state_bytes_per_device(
+    abstract: TrainState[jax.ShapeDtypeStruct],
+    specs: TrainState[PartitionSpec],
+    mesh_shape: dict[str, int],
+) -> tuple[float, float]:
+    """(parameters, optimizer state) bytes per device: exact, from the abstract state and its
+    shardings' specs on `mesh_shape` (nothing is allocated)."""
 
     def per_device(tree: Any, spec_tree: Any) -> float:
         leaves = jax.tree.leaves(tree)
@@ -97,9 +109,12 @@ def attention_kernel(cfg: TrainConfig, platform: str) -> str:
     )
 
 
-def device_estimate(cfg: TrainConfig, mesh_shape: dict[str, int], kernel: str) -> dict[str, float]:
-    """Bytes per device: parameters, optimizer, gradients, activations, and their total."""
-    params_b, opt_b = state_bytes_per_device(cfg, mesh_shape)
+def device_estimate(
+    cfg: TrainConfig, mesh_shape: dict[str, int], kernel: str, state_bytes: tuple[float, float]
+) -> dict[str, float]:
+    """Bytes per device: parameters, optimizer, gradients, activations, and their total, for
+    a state of `state_bytes` (parameters, optimizer) per device."""
+    params_b, opt_b = state_bytes
     # gradients like the params; the accumulation scan carries a second buffer
     grads_b = params_b * (2 if cfg.optim.grad_accum_steps > 1 else 1)
     act_b = activation_bytes_per_device(cfg, mesh_shape, kernel)
@@ -133,11 +148,21 @@ def device_limit(device: jax.Device) -> int | None:
     return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
-def check(cfg: TrainConfig, mesh_shape: dict[str, int], devices: Sequence[jax.Device]) -> None:
+def check(
+    cfg: TrainConfig,
+    abstract: TrainState[jax.ShapeDtypeStruct],
+    shardings: TrainState[NamedSharding],
+    kernel: str,
+    devices: Sequence[jax.Device],
+) -> None:
     """Raises ConfigError, in one line with the figures and what to change, if the run
     cannot fit: per device on an accelerator, or all of it in host memory on CPU (where the
-    devices are the host). `devices` are this process's devices."""
-    per_device = device_estimate(cfg, mesh_shape, attention_kernel(cfg, devices[0].platform))
+    devices are the host). `abstract` and `shardings`: the state's; `kernel`: the attention
+    kernel it trains with; `devices`: this process's."""
+    mesh_shape = dict(jax.tree.leaves(shardings)[0].mesh.shape)
+    specs = jax.tree.map(lambda s: s.spec, shardings)
+    state_bytes = state_bytes_per_device(abstract, specs, mesh_shape)
+    per_device = device_estimate(cfg, mesh_shape, kernel, state_bytes)
     rows = cfg.data.batch_size // jax.process_count()
     host = {
         "input pipeline": host_data_bytes(cfg, rows),

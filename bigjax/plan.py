@@ -117,7 +117,8 @@ def analytic(
     num_params = models.count_params(graph_state)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_per_token = models.FLOPS_PER_TOKEN[cfg.model.family](cfg.model, cfg.data.seq_len)
-    bytes_ = memory.device_estimate(cfg, mesh_shape, kernel)
+    state_bytes = memory.planned_state_bytes(cfg, mesh_shape)
+    bytes_ = memory.device_estimate(cfg, mesh_shape, kernel, state_bytes)
     params_b, opt_b, grads_b = bytes_["parameters"], bytes_["optimizer"], bytes_["gradients"]
     act_b = bytes_["activations"]
     flops_per_step = flops_per_token * tokens_per_step
@@ -146,7 +147,7 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
     from jax.experimental import topologies
 
     from bigjax.mesh import for_run
-    from bigjax.program import make_program
+    from bigjax.program import for_config
 
     cfg = _accelerator_config(cfg)
     platforms.allow_compile_only_libtpu()  # no chips here: a run beside must not block this
@@ -165,7 +166,7 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
     cfg, mesh = for_run(cfg, devices)
     # Built outside the mesh context: setup runs small eager ops, and these TPU devices can
     # only compile. Tracing (inside) needs the mesh for the activation constraints.
-    prog = make_program(cfg, mesh)
+    prog = for_config(cfg, mesh)
     with jax.set_mesh(mesh):
         state, batch = prog.abstract_inputs()
         lowered = prog.train_step.lower(state, batch)

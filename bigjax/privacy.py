@@ -25,14 +25,6 @@ import optax
 
 
 @dataclasses.dataclass(frozen=True)
-class Noise:
-    """What the train step needs."""
-
-    noise_multiplier: float
-    clip_norm: float
-
-
-@dataclasses.dataclass(frozen=True)
 class Accounting:
     """What ε depends on."""
 

@@ -22,21 +22,36 @@ from bigjax.tasks import task_of
 
 
 @dataclasses.dataclass(frozen=True)
-class Program:
-    """Everything `train` needs to run steps; built once, before any array exists."""
+class Shapes:
+    """The run's abstract state, its shardings and its batch's: from the config alone, with no
+    FLOPs and no file read (the memory check runs on them before anything is allocated)."""
 
-    cfg: TrainConfig
     mesh: Mesh
     graphdef: nnx.GraphDef
     graph_state: nnx.State  # abstract, with logical-axis metadata
     tx: optax.GradientTransformation
+    schedule: optax.Schedule
     abstract: TrainState
     shardings: TrainState
     batch_shardings: dict[str, NamedSharding]  # every field of the task's batch
+    attention: str  # the training kernel model.attention resolves to on this mesh
+    layout: dict[str, list[int]]  # the parameters' shapes by path, as checkpoints record them
+    num_params: int  # the model's (adapters not counted)
+    num_trainable: int  # what trains (LoRA adapters and unfrozen parameters)
+
+    def target(self) -> TrainState:
+        """The abstract state placed in its shardings: what a restore fills."""
+        return placed(self.abstract, self.shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Program(Shapes):
+    """Everything `train` needs to run steps; built once, before any array exists."""
+
+    cfg: TrainConfig
     train_step: jax.stages.Wrapped | WithTeacher  # (state, batch) -> (state, metrics)
     eval_step: Callable[[Params, step.Batch], step.Metrics]
     resources: Resources  # the tokenizer, DP accounting and teacher the step was built with
-    attention: str = "einsum"  # the training kernel model.attention resolves to on this mesh
 
     def init(self) -> TrainState:
         """A fresh state, materialised directly in its shardings."""
@@ -48,14 +63,6 @@ class Program:
             self.shardings,
             self.cfg.finetune,
         )
-
-    def target(self) -> TrainState:
-        """The abstract state placed in its shardings: what a restore fills."""
-        return placed(self.abstract, self.shardings)
-
-    def layout(self) -> dict[str, list[int]]:
-        """The parameters' shapes by path, as checkpoints record them."""
-        return checkpoint.param_layout(self.abstract.params)
 
     def local_rows(self) -> range:
         """The global batch rows this process's devices hold: the rows its data pipeline
@@ -151,29 +158,43 @@ class WithTeacher:
         return self.jitted.lower(state, batch, self.teacher_params)
 
 
-def make_program(cfg: TrainConfig, mesh: Mesh, res: Resources | None = None) -> Program:
-    """Builds the abstract state, shardings and jitted steps for `cfg` on `mesh` from the
-    run's resources (read here when not given: `resources.load`); reads no file itself."""
+def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
+    """Checks the config against the mesh and builds its abstract state and shardings."""
     check_program(cfg, mesh)
-    res = resources.load(cfg, mesh) if res is None else res
-    rules = cfg.mesh.rules
-    graphdef, graph_state = models.abstract(cfg.model, rules)
+    graphdef, graph_state = models.abstract(cfg.model, cfg.mesh.rules)
+    num_params = models.count_params(graph_state)
     trainable = lora.trainable_fn(cfg.finetune)
     tx = optim.make_optimizer(cfg.optim, cfg.num_steps, trainable, cfg.finetune.keep_sparsity)
     schedule = optim.make_schedule(cfg.optim, cfg.num_steps)
     abstract = abstract_state(graph_state, tx, cfg.finetune)
-    shardings = state_shardings(graph_state, abstract, tx, mesh, rules)
-    batch = batch_shardings(cfg, mesh)
-    teacher_shardings = () if res.teacher is None else (res.teacher.shardings,)
-    trainable = trainable or (lambda path: True)
+    shardings = state_shardings(graph_state, abstract, tx, mesh, cfg.mesh.rules)
+    return Shapes(
+        mesh, graphdef, graph_state, tx, schedule, abstract, shardings,
+        batch_shardings(cfg, mesh), attention_kernel(cfg, mesh),
+        checkpoint.param_layout(abstract.params), num_params,
+        lora.count_trainable(abstract.params, trainable),
+    )  # fmt: skip
+
+
+def for_config(cfg: TrainConfig, mesh: Mesh) -> Program:
+    """The program of `cfg` on `mesh`, its resources loaded here (the tools' one call; a
+    training run loads them itself, once)."""
+    return make_program(cfg, shapes(cfg, mesh), resources.load(cfg, mesh))
+
+
+def make_program(cfg: TrainConfig, s: Shapes, res: Resources) -> Program:
+    """The jitted train and eval steps for `cfg` on the shapes `s`, built from the run's
+    resources; reads no file."""
+    trainable = lora.trainable_fn(cfg.finetune) or (lambda path: True)
     objective = objectives.build(cfg, res, trainable)
+    teacher_shardings = () if res.teacher is None else (res.teacher.shardings,)
     jitted = jax.jit(
         step.make_train_step(
-            graphdef,
-            tx,
-            schedule,
+            s.graphdef,
+            s.tx,
+            s.schedule,
             cfg.optim,
-            rules,
+            cfg.mesh.rules,
             cfg.seed,
             dropout=cfg.model.dropout > 0,
             objective=objective,
@@ -182,26 +203,14 @@ def make_program(cfg: TrainConfig, mesh: Mesh, res: Resources | None = None) -> 
             lora_scale=cfg.finetune.lora_scale,
             seq_len=cfg.data.seq_len,
         ),
-        in_shardings=(shardings, batch, *teacher_shardings),
-        out_shardings=(shardings, None),
+        in_shardings=(s.shardings, s.batch_shardings, *teacher_shardings),
+        out_shardings=(s.shardings, None),
         donate_argnums=0,
     )
     train_step = jitted if res.teacher is None else WithTeacher(jitted, res.teacher.params)
     eval_step = jax.jit(
-        step.make_eval_step(graphdef, cfg.finetune.lora_scale, objective),
-        in_shardings=(shardings.params, batch),
+        step.make_eval_step(s.graphdef, cfg.finetune.lora_scale, objective),
+        in_shardings=(s.shardings.params, s.batch_shardings),
     )
-    return Program(
-        cfg,
-        mesh,
-        graphdef,
-        graph_state,
-        tx,
-        abstract,
-        shardings,
-        batch,
-        train_step,
-        eval_step,
-        res,
-        attention_kernel(cfg, mesh),
-    )
+    built = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
+    return Program(**built, cfg=cfg, train_step=train_step, eval_step=eval_step, resources=res)

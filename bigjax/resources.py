@@ -15,7 +15,7 @@ from pathlib import Path
 from flax import nnx
 from jax.sharding import Mesh
 
-from bigjax import loading, models, privacy
+from bigjax import choices, loading, models, privacy
 from bigjax.config import ConfigError, TrainConfig, from_configdict
 from bigjax.data import examples, images, pipeline
 from bigjax.data import tokenizer as tokenizers
@@ -38,6 +38,7 @@ class Resources:
     tokenizer: tokenizers.Tokenizer
     accounting: privacy.Accounting | None = None  # DP-SGD runs: what epsilon depends on
     teacher: Teacher | None = None
+    choice_items: tuple[choices.Item, ...] = ()  # eval.choices: multiple-choice questions
 
 
 def load(cfg: TrainConfig, mesh: Mesh) -> Resources:
@@ -58,7 +59,11 @@ def load(cfg: TrainConfig, mesh: Mesh) -> Resources:
         )
     accounting = _accounting(cfg) if cfg.privacy.enabled else None
     teacher = _teacher(cfg, mesh) if cfg.distill.teacher else None
-    return Resources(tokenizer, accounting, teacher)
+    e = cfg.eval
+    items = (
+        choices.items_for(e.choices, cfg.data.eval_fraction, e.choice_items) if e.choices else []
+    )
+    return Resources(tokenizer, accounting, teacher, tuple(items))
 
 
 def _accounting(cfg: TrainConfig) -> privacy.Accounting:

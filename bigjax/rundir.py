@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 import bigjax
-from bigjax import checkpoint, distributed, history, lora, metrics, models, runlock
+from bigjax import checkpoint, distributed, history, metrics, models, runlock
 from bigjax.config import ConfigError, TrainConfig, advice, to_dict
 from bigjax.program import Program
 
@@ -61,7 +61,7 @@ class RunDir:
         config history, prints the banner; returns the metadata every checkpoint carries."""
         resumed = origin.startswith("resuming")
         saved_config = checkpoint.saved_config(saves.manager, start) if resumed else None
-        self.num_params = models.count_params(prog.graph_state)
+        self.num_params = prog.num_params
         m = self.cfg.metrics
         self.writers = metrics.Writers(
             self.workdir,
@@ -80,7 +80,7 @@ class RunDir:
             "config": self.config,
             "mesh": dict(prog.mesh.shape),
             "num_params": self.num_params,
-            "params": prog.layout(),
+            "params": prog.layout,
         }
 
     def end(
@@ -103,7 +103,7 @@ def start_banner(prog: Program, num_params: int, origin: str) -> str:
     """The line a run starts with: the model's size (and what of it trains), the mesh and
     devices, where the state came from; then a warning per questionable setting."""
     cfg, mesh = prog.cfg, prog.mesh
-    trainable = lora.count_trainable(prog.abstract.params, lora.trainable_fn(cfg.finetune))
+    trainable = prog.num_trainable
     share = f" ({trainable:,} trainable)" if trainable != num_params else ""
     devices = jax.devices()
     return (

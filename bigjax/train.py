@@ -21,13 +21,12 @@ from typing import Any
 
 import jax
 
-from bigjax import checkpoint, memory, metrics, resources
+from bigjax import checkpoint, memory, metrics, program, resources
 from bigjax.config import TrainConfig
 from bigjax.data import pipeline
 from bigjax.evals import Evaluator
 from bigjax.loop import NonFiniteError, StepLog, every, nan_verdict, restore_or_init
 from bigjax.mesh import for_run
-from bigjax.program import make_program
 from bigjax.rundir import RunDir
 from bigjax.signals import interrupt_if_asked, stop_on_signals
 
@@ -38,14 +37,15 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
     started = time.perf_counter()
     cfg, mesh = for_run(cfg)
-    memory.check(cfg, dict(mesh.shape), jax.local_devices())  # before anything is allocated
+    s = program.shapes(cfg, mesh)  # the abstract state and its shardings: no FLOPs, no file
+    memory.check(cfg, s.abstract, s.shardings, s.attention, jax.local_devices())
     # Measured before the mesh is set: on CPU it runs a matmul on one device.
     peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
 
     with jax.set_mesh(mesh), stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
         run = RunDir.open(Path(workdir), cfg, cleanup)  # lock, writers; one writer process
         res = resources.load(cfg, mesh)
-        prog = make_program(cfg, mesh, res)
+        prog = program.make_program(cfg, s, res)  # the objective and the jitted steps
 
         def new_data_iter() -> pipeline.Batches:
             shape = (cfg.model.image_size, cfg.model.channels)
@@ -112,7 +112,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 data_iter.close()  # stop its worker processes
                 data_iter = new_data_iter()
                 restored = checkpoint.restore(saves.manager, prog.target(), data_iter,
-                                              prog.layout(), config=run.config)  # fmt: skip
+                                              prog.layout, config=run.config)  # fmt: skip
                 state = restored or prog.init()
                 step, pending = int(jax.device_get(state.step)), None
                 skip_batches.add(bad_step)

@@ -34,11 +34,11 @@ def open_run(
 
     from bigjax import loading, lora
     from bigjax.mesh import for_run
-    from bigjax.program import make_program
+    from bigjax.program import for_config
 
     cfg, mesh = for_run(cfg)
     with jax.set_mesh(mesh):
-        prog = make_program(cfg, mesh)
+        prog = for_config(cfg, mesh)
         target = prog.target().params
         params, step = loading.load_params(workdir, target)
         # LoRA runs: the adapters folded into the weights, as the model ran in training

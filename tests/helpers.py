@@ -12,7 +12,7 @@ from bigjax.config import MeshConfig, TrainConfig
 from bigjax.data import corpus, pipeline
 from bigjax.data.tokenizer import ByteTokenizer
 from bigjax.mesh import make_mesh
-from bigjax.program import Program, make_program
+from bigjax.program import Program, for_config
 
 
 def make_dataset(
@@ -61,7 +61,7 @@ def _program(cfg: TrainConfig, mesh: Mesh) -> Program:
     config on the same mesh share its compiled steps instead of compiling them again. A
     program is pure (its state comes from `init()`, seeded by the config), so sharing it
     changes no result."""
-    return make_program(cfg, mesh)
+    return for_config(cfg, mesh)
 
 
 def run_steps(cfg: TrainConfig, batches, devices=None, mesh_shape=None, mesh=None):

@@ -371,14 +371,14 @@ def test_restore_never_takes_a_poisoned_checkpoint(tmp_path):
     from bigjax import checkpoint
     from bigjax.data import pipeline
     from bigjax.mesh import make_mesh
-    from bigjax.program import make_program
+    from bigjax.program import for_config
     from bigjax.sharding import placed
 
     cfg = tiny_config(num_steps=1, checkpoint={"every_steps": 1})
     train(cfg, tmp_path)
     mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        prog = make_program(cfg, mesh)
+        prog = for_config(cfg, mesh)
         manager = checkpoint.Checkpointer(tmp_path / "checkpoints", cfg.checkpoint).manager
         data = pipeline.for_config(cfg.data, split="train", seed=0, rows=prog.local_rows())
         target = placed(prog.abstract, prog.shardings)
@@ -630,12 +630,12 @@ def test_a_non_finite_state_is_refused_by_save_itself(tmp_path):
     from bigjax import checkpoint
     from bigjax.config import CheckpointConfig
     from bigjax.mesh import make_mesh
-    from bigjax.program import make_program
+    from bigjax.program import for_config
 
     cfg = tiny_config()
     mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        state = make_program(cfg, mesh).init()
+        state = for_config(cfg, mesh).init()
     bad = state.replace(opt_state=jax.tree.map(lambda x: x * np.inf, state.opt_state))
     saves = checkpoint.Checkpointer(tmp_path, CheckpointConfig())
     with pytest.raises(CheckpointError, match="not finite; not saved"):

@@ -85,7 +85,7 @@ def test_mlm_config_errors():
         from_configdict({"model": {"family": "bert"}, "data": {"task": "lm"}})
     cfg = tiny_config(model={**BERT, "vocab_size": 259}, data={"task": "mlm"})
     from bigjax.mesh import make_mesh
-    from bigjax.program import make_program
+    from bigjax.program import for_config
 
     with pytest.raises(ConfigError, match="vocab_size > 259"):
-        make_program(cfg, make_mesh(cfg.mesh))
+        for_config(cfg, make_mesh(cfg.mesh))

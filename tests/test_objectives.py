@@ -17,7 +17,7 @@ from bigjax.data.tokenizer import ByteTokenizer
 from bigjax.mesh import make_mesh
 from bigjax.objectives import PER_WEIGHT, Inputs, LossFn
 from bigjax.objectives.distill import kl_sum
-from bigjax.program import make_program
+from bigjax.program import make_program, shapes
 from bigjax.resources import Resources, Teacher
 from bigjax.tree import flatten
 
@@ -44,7 +44,7 @@ def _program(cfg, with_teacher=False):
         teacher = _teacher(cfg, mesh) if with_teacher else None
         accounting = privacy.Accounting(DP["noise_multiplier"], ROWS / 1000, 1e-5)
         res = Resources(ByteTokenizer(), accounting if cfg.privacy.enabled else None, teacher)
-        return make_program(cfg, mesh, res), mesh
+        return make_program(cfg, shapes(cfg, mesh), res), mesh
 
 
 def _dp_update(cfg, with_teacher=False):

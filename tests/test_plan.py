@@ -11,7 +11,7 @@ from conftest import tiny_config
 from bigjax import plan
 from bigjax.config import ConfigError, MeshConfig
 from bigjax.mesh import make_mesh
-from bigjax.program import make_program
+from bigjax.program import for_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_analytic_memory_equals_the_real_shards(shape):
     a = plan.analytic(cfg, target, mfu=0.5)
     mesh = make_mesh(MeshConfig(shape=shape, rules=cfg.mesh.rules))
     with jax.set_mesh(mesh):
-        state = make_program(cfg, mesh).init()
+        state = for_config(cfg, mesh).init()
 
     def on_device0(tree):
         return sum(

@@ -12,7 +12,7 @@ from bigjax.config import ConfigError
 from bigjax.layers import compute_dtype
 from bigjax.mesh import make_mesh
 from bigjax.metrics import Writers, read_jsonl
-from bigjax.program import check_program, make_program
+from bigjax.program import check_program, for_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_big_configs_trace_on_the_mesh(name):
     )
     mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        prog = make_program(cfg, mesh)
+        prog = for_config(cfg, mesh)
         state, batch = prog.abstract_inputs()  # batch [8, 128], the overrides above
         text = prog.train_step.lower(state, batch).as_text()
     assert "bf16" in text  # compute in bfloat16 as configured

@@ -13,7 +13,7 @@ from bigjax import step
 from bigjax.config import OptimConfig
 from bigjax.mesh import make_mesh
 from bigjax.optim import make_optimizer, make_schedule
-from bigjax.program import make_program
+from bigjax.program import for_config
 
 # lm_tiny's loss on a fixed synthetic batch (numpy seed 0) at init and after one AdamW step
 # (seed 0, lr 3e-3, no warmup). Only the model, init, loss and optimizer code decide these
@@ -69,7 +69,7 @@ def test_no_recompilation_after_first_step():
     cfg = tiny_config()
     mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        prog = make_program(cfg, mesh)
+        prog = for_config(cfg, mesh)
         fn = step.make_train_step(
             prog.graphdef,
             prog.tx,

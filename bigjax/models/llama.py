@@ -5,7 +5,6 @@ attention) or GPT-2 style (LayerNorm, learned positions, GELU, biases), by confi
 from __future__ import annotations
 
 import typing
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -248,85 +247,46 @@ class Llama(nnx.Module):
             else _param(rngs, dense_init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
         )
 
-    @typing.overload
-    def __call__(
-        self,
-        tokens_BL: jax.Array,
-        segment_ids_BL: jax.Array,
-        positions_BL: jax.Array,
-        rng: jax.Array | None = ...,
-        *,
-        with_aux: Literal[False] = ...,
-        embed_delta: jax.Array | None = ...,
-    ) -> jax.Array: ...
-    @typing.overload
-    def __call__(
-        self,
-        tokens_BL: jax.Array,
-        segment_ids_BL: jax.Array,
-        positions_BL: jax.Array,
-        rng: jax.Array | None = ...,
-        *,
-        with_aux: Literal[True],
-        embed_delta: jax.Array | None = ...,
-    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
     def __call__(
         self,
         tokens_BL: jax.Array,
         segment_ids_BL: jax.Array,
         positions_BL: jax.Array,
         rng: jax.Array | None = None,
-        *,
-        with_aux: bool = False,
         embed_delta: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
-        """Returns logits [B, L, V] in the compute dtype. `rng` enables dropout. With
-        `with_aux`, also {"aux_loss": what to add to the objective, diagnostics...}: for MoE
-        the load-balancing loss and the share of dropped assignments, averaged over layers.
-        `embed_delta` [B, L, D] is added to the input embeddings (adversarial training)."""
-        x_BLD, aux = self._trunk(tokens_BL, segment_ids_BL, positions_BL, rng, embed_delta)
-        logits_BLV = self.logits(x_BLD)
-        return (logits_BLV, aux) if with_aux else logits_BLV
+    ) -> jax.Array:
+        """Logits [B, L, V] in the compute dtype. `rng` enables dropout; `embed_delta`
+        [B, L, D] is added to the input embeddings (adversarial training)."""
+        return self.logits_and_aux(tokens_BL, segment_ids_BL, positions_BL, rng, embed_delta)[0]
 
-    @typing.overload
-    def classify(
+    def logits_and_aux(
         self,
         tokens_BL: jax.Array,
         segment_ids_BL: jax.Array,
         positions_BL: jax.Array,
-        rng: jax.Array | None = ...,
-        *,
-        with_aux: Literal[False] = ...,
-        embed_delta: jax.Array | None = ...,
-    ) -> jax.Array: ...
-    @typing.overload
-    def classify(
-        self,
-        tokens_BL: jax.Array,
-        segment_ids_BL: jax.Array,
-        positions_BL: jax.Array,
-        rng: jax.Array | None = ...,
-        *,
-        with_aux: Literal[True],
-        embed_delta: jax.Array | None = ...,
-    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+        rng: jax.Array | None = None,
+        embed_delta: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The logits and {"aux_loss": what to add to the objective, diagnostics...}: for MoE
+        the load-balancing loss and the share of dropped assignments, averaged over layers."""
+        x_BLD, aux = self._trunk(tokens_BL, segment_ids_BL, positions_BL, rng, embed_delta)
+        return self.logits(x_BLD), aux
+
     def classify(
         self,
         tokens_BL: jax.Array,
         segment_ids_BL: jax.Array,
         positions_BL: jax.Array,
         rng: jax.Array | None = None,
-        *,
-        with_aux: bool = False,
         embed_delta: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Class logits [B, C] (float32) from the final hidden state of each row's last real
-        token (rows hold one example each, left-aligned: data.packing=pad)."""
+        token (rows hold one example each, left-aligned: data.packing=pad), and the auxiliary
+        outputs (as `logits_and_aux`'s)."""
         x_BLD, aux = self._trunk(tokens_BL, segment_ids_BL, positions_BL, rng, embed_delta)
         last_B = jnp.maximum(jnp.sum(segment_ids_BL > 0, axis=1) - 1, 0)
         h_BD = jnp.take_along_axis(self.final_norm(x_BLD), last_B[:, None, None], axis=1)[:, 0]
-        logits_BC = apply_class_head(h_BD, self.cls_head_DC, self.cls_bias_C)
-        return (logits_BC, aux) if with_aux else logits_BC
+        return apply_class_head(h_BD, self.cls_head_DC, self.cls_bias_C), aux
 
     def _trunk(
         self,

@@ -4,8 +4,6 @@ learned positions, the decoder's blocks run bidirectionally, a head on the class
 from __future__ import annotations
 
 import dataclasses
-import typing
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -62,33 +60,14 @@ class ViT(nnx.Module):
         self.final_norm = make_norm(cfg.norm, d, eps=cfg.norm_eps, param_dtype=pd)
         self.cls_head_DC, self.cls_bias_C = class_head(cfg, rngs)
 
-    @typing.overload
-    def classify(
-        self,
-        images_BHWC: jax.Array,
-        rng: jax.Array | None = ...,
-        *,
-        with_aux: Literal[False] = ...,
-        embed_delta: jax.Array | None = ...,
-    ) -> jax.Array: ...
-    @typing.overload
-    def classify(
-        self,
-        images_BHWC: jax.Array,
-        rng: jax.Array | None = ...,
-        *,
-        with_aux: Literal[True],
-        embed_delta: jax.Array | None = ...,
-    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
     def classify(
         self,
         images_BHWC: jax.Array,
         rng: jax.Array | None = None,
-        *,
-        with_aux: bool = False,
         embed_delta: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
-        """Class logits [B, C] (float32) for images [B, H, W, C] in [0, 1]."""
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Class logits [B, C] (float32) for images [B, H, W, C] in [0, 1], and the auxiliary
+        outputs (MoE's)."""
         patches_BNP = patchify(images_BHWC.astype(self.dtype), self.patch)
         x_BND = project(patches_BNP, self.patch_PD[...].astype(self.dtype), 1)
         x_BND = x_BND + self.patch_bias_D[...].astype(self.dtype)
@@ -103,10 +82,8 @@ class ViT(nnx.Module):
         segment_ids_BL = jnp.ones((b, n + 1), jnp.int32)  # one image per row: all attend
         positions_BL = jnp.broadcast_to(jnp.arange(n + 1), (b, n + 1))
         x_BLD, aux = run_blocks(self, x_BLD, segment_ids_BL, positions_BL, rng)
-        logits_BC = apply_class_head(
-            self.final_norm(x_BLD[:, 0]), self.cls_head_DC, self.cls_bias_C
-        )
-        return (logits_BC, aux) if with_aux else logits_BC
+        h_BD = self.final_norm(x_BLD[:, 0])  # the class token's final state
+        return apply_class_head(h_BD, self.cls_head_DC, self.cls_bias_C), aux
 
 
 def param_count(cfg: ModelConfig) -> int:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bigjax import mlm, privacy, robust
 from bigjax.config import TrainConfig
-from bigjax.objectives.adversarial import Attack, adversarial, eval_attack
+from bigjax.objectives.adversarial import Attack, adversarial_for, eval_attack_for
 from bigjax.objectives.base import (
     PER_ROW,
     PER_WEIGHT,
@@ -27,60 +26,40 @@ from bigjax.objectives.base import (
     Metrics,
     Modifier,
     Objective,
+    Setup,
     Task,
-    frozen_zeroed,
     task_loss,
 )
 from bigjax.objectives.classify import Classify, Images
-from bigjax.objectives.distill import distill
-from bigjax.objectives.dp_sgd import dp_sgd
-from bigjax.objectives.next_token import NextToken, masking
-from bigjax.objectives.text_noise import text_noise
+from bigjax.objectives.distill import distill_for
+from bigjax.objectives.dp_sgd import dp_sgd_for
+from bigjax.objectives.next_token import NextToken, masking_for
+from bigjax.objectives.text_noise import text_noise_for
 from bigjax.resources import Resources
 from bigjax.tasks import task_of
 
 LOSSES: dict[str, Task] = {"next_token": NextToken(), "classify": Classify(), "images": Images()}
-
-
-def _attack(cfg: TrainConfig, kind: str, task: Task) -> Attack | None:
-    r = cfg.robust
-    if kind == "none":
-        return None
-    adversary = robust.Adversary(kind, r.epsilon, r.pgd_steps, r.pgd_step_size, r.weight)
-    return Attack(adversary, cfg.data.seq_len, cfg.model.d_model, task.weight)
+# The plug-ins, in the order they apply. Each reads its own config group and returns its
+# piece, or None when the config does not ask for it; a new one is its module and a line here.
+CORRUPTIONS: tuple[Callable[[Setup], Corrupt | None], ...] = (masking_for, text_noise_for)
+MODIFIERS: tuple[Callable[[Setup], Modifier | None], ...] = (distill_for, adversarial_for)
+GRAD_RULES: tuple[Callable[[Setup], GradRule | None], ...] = (dp_sgd_for,)
+EVAL_MODIFIERS = (eval_attack_for,)
 
 
 def build(cfg: TrainConfig, resources: Resources, trainable: Callable[[str], bool]) -> Objective:
     """The objective `cfg` asks for; `trainable(path)` says which parameters train."""
-    declared = task_of(cfg)
-    task = LOSSES[declared.loss]
-    size, r = resources.tokenizer.vocab_size, cfg.robust
-    corrupt: list[Corrupt] = []
-    if declared.masked:  # [MASK] is the first id the tokenizer never emits: its size
-        corrupt.append(
-            masking(mlm.Masking(mask_id=size, random_below=size, rate=cfg.data.mlm_rate))
-        )
-    if r.token_dropout or r.span_mask:
-        corrupt.append(text_noise(robust.TextNoise(r.token_dropout, r.span_mask, r.span_length,
-                                                   size, size)))  # fmt: skip
-    clean = task_loss(task, cfg.optim.z_loss)
-    modifiers: list[Modifier] = []
-    if resources.teacher is not None:
-        modifiers.append(distill(resources.teacher.graphdef, cfg.distill.temperature,
-                                 cfg.distill.alpha))  # fmt: skip
-    if attack := _attack(cfg, r.adversarial, task):
-        modifiers.append(adversarial(attack))
-    loss = clean
-    for modify in modifiers:
-        loss = modify(loss)
-    grads = PLAIN
-    if resources.accounting is not None:
-        noise = privacy.Noise(resources.accounting.noise_multiplier, cfg.privacy.clip_norm)
-        grads = dp_sgd(noise, task.weight, frozen_zeroed(trainable), cfg.model.dropout > 0)
+    task = LOSSES[task_of(cfg).loss]
+    setup = Setup(cfg, resources, task, trainable)
+    corrupt = tuple(c for make in CORRUPTIONS if (c := make(setup)) is not None)
+    clean = loss = task_loss(task, cfg.optim.z_loss)
+    for make_modifier in MODIFIERS:  # each wraps the loss so far
+        loss = wrap(loss) if (wrap := make_modifier(setup)) is not None else loss
+    rules = [g for make in GRAD_RULES if (g := make(setup)) is not None]
     evaluate: EvalFn = task.eval_sums
-    if attack := _attack(cfg, r.eval_attack, task):
-        evaluate = eval_attack(attack, clean)(evaluate)
-    return Objective(task, loss, evaluate, tuple(corrupt), grads)
+    for make_eval in EVAL_MODIFIERS:  # an eval attack scores the clean loss under attack
+        evaluate = add(evaluate) if (add := make_eval(setup, clean)) is not None else evaluate
+    return Objective(task, loss, evaluate, corrupt, rules[0] if rules else PLAIN)
 
 
 __all__ = [
@@ -100,6 +79,7 @@ __all__ = [
     "Metrics",
     "Modifier",
     "NextToken",
+    "Setup",
     "Objective",
     "Task",
     "build",

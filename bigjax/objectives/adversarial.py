@@ -20,6 +20,7 @@ from bigjax.objectives.base import (
     LossFn,
     Metrics,
     Modifier,
+    Setup,
 )
 
 
@@ -47,6 +48,25 @@ class Attack:
         shape = _embed_shape(x.batch, self.seq_len, self.d_model)
         delta = robust.perturbation(loss_of, shape, self.adversary)
         return loss(model, dataclasses.replace(x, embed_delta=delta))[1]["nll_sum"]
+
+
+def attack_for(setup: Setup, kind: str) -> Attack | None:
+    """The attack robust.adversarial (training) or robust.eval_attack names, if any."""
+    cfg, r = setup.cfg, setup.cfg.robust
+    if kind == "none":
+        return None
+    adversary = robust.Adversary(kind, r.epsilon, r.pgd_steps, r.pgd_step_size, r.weight)
+    return Attack(adversary, cfg.data.seq_len, cfg.model.d_model, setup.task.weight)
+
+
+def adversarial_for(setup: Setup) -> Modifier | None:
+    attack = attack_for(setup, setup.cfg.robust.adversarial)
+    return None if attack is None else adversarial(attack)
+
+
+def eval_attack_for(setup: Setup, clean: LossFn) -> Callable[[EvalFn], EvalFn] | None:
+    attack = attack_for(setup, setup.cfg.robust.eval_attack)
+    return None if attack is None else eval_attack(attack, clean)
 
 
 def adversarial(attack: Attack) -> Modifier:

@@ -23,7 +23,9 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+from bigjax.config import TrainConfig
 from bigjax.models import Model
+from bigjax.resources import Resources
 
 Batch = dict[str, jax.Array]  # the task's fields (bigjax/tasks.py)
 Metrics = dict[str, jax.Array]
@@ -109,6 +111,17 @@ class Objective:
     eval: EvalFn  # task.eval_sums, or wrapped by an eval attack
     corrupt: tuple[Corrupt, ...] = ()  # in order, every train and eval step
     grads: GradRule = PLAIN
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a piece of an objective is chosen from: the config, the run's resources, the
+    task's loss and which parameters train."""
+
+    cfg: TrainConfig
+    resources: Resources
+    task: Task
+    trainable: Callable[[str], bool]
 
 
 def frozen_zeroed(trainable: Callable[[str], bool]) -> Callable[[Params], Params]:

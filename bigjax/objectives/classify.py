@@ -18,9 +18,7 @@ class Classify:
         self, model: Model, batch: Batch, rng: jax.Array | None, embed_delta: jax.Array | None
     ) -> tuple[jax.Array, Metrics]:
         """(class logits [B, C], auxiliary outputs) of the text classifier."""
-        return decoder(model).classify(
-            *model_inputs(batch, rng), with_aux=True, embed_delta=embed_delta
-        )
+        return decoder(model).classify(*model_inputs(batch, rng), embed_delta=embed_delta)
 
     def sums(
         self, model: Model, batch: Batch, rng: jax.Array | None, embed_delta: jax.Array | None
@@ -59,7 +57,7 @@ class Images(Classify):
     ) -> tuple[jax.Array, Metrics]:
         if not isinstance(model, ViT):
             raise TypeError(f"image classification needs the ViT, not {type(model).__name__}")
-        return model.classify(batch["images"], rng, with_aux=True, embed_delta=embed_delta)
+        return model.classify(batch["images"], rng, embed_delta=embed_delta)
 
     def tokens(self, batch: Batch, seq_len: int) -> jax.Array:
         return jnp.asarray(batch["images"].shape[0] * seq_len, jnp.float32)

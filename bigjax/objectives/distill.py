@@ -9,7 +9,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax.models import Model, decoder
-from bigjax.objectives.base import PER_WEIGHT, Inputs, LossFn, Metrics, Modifier, model_inputs
+from bigjax.objectives.base import (
+    PER_WEIGHT,
+    Inputs,
+    LossFn,
+    Metrics,
+    Modifier,
+    Setup,
+    model_inputs,
+)
 
 
 def kl_sum(
@@ -20,6 +28,11 @@ def kl_sum(
     s = jax.nn.log_softmax(student_BLV.astype(jnp.float32) / temperature, axis=-1)
     kl_BL = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
     return temperature**2 * jnp.sum(kl_BL * weights_BL)
+
+
+def distill_for(setup: Setup) -> Modifier | None:
+    teacher, d = setup.resources.teacher, setup.cfg.distill
+    return None if teacher is None else distill(teacher.graphdef, d.temperature, d.alpha)
 
 
 def distill(teacher: nnx.GraphDef, temperature: float, alpha: float) -> Modifier:

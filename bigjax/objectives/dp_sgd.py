@@ -22,14 +22,26 @@ from bigjax.objectives.base import (
     Metrics,
     ParamLoss,
     Params,
+    Setup,
+    frozen_zeroed,
 )
 
 DP_STREAM = 0x4450  # a key stream of its own for the noise
 CLIPPED = f"{PER_ROW}dp_clipped"  # the share of rows whose gradient norm was cut
 
 
+def dp_sgd_for(setup: Setup) -> GradRule | None:
+    accounting, cfg = setup.resources.accounting, setup.cfg
+    if accounting is None:
+        return None
+    zero_frozen = frozen_zeroed(setup.trainable)
+    return dp_sgd(accounting.noise_multiplier, cfg.privacy.clip_norm, setup.task.weight,
+                  zero_frozen, cfg.model.dropout > 0)  # fmt: skip
+
+
 def dp_sgd(
-    noise: privacy.Noise,
+    noise_multiplier: float,
+    clip_norm: float,
     weight_of: Callable[[Batch], jax.Array],
     trainable: Callable[[Params], Params],
     dropout: bool,
@@ -39,8 +51,8 @@ def dp_sgd(
     def row_grad(objective: ParamLoss, params: Params, x: Inputs) -> tuple[Params, Metrics]:
         """One row's gradient of its own mean loss, clipped."""
         (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params, x)
-        clipped, norm = privacy.clip(trainable(grads), noise.clip_norm)
-        return clipped, {**sums, CLIPPED: (norm > noise.clip_norm).astype(jnp.float32)}
+        clipped, norm = privacy.clip(trainable(grads), clip_norm)
+        return clipped, {**sums, CLIPPED: (norm > clip_norm).astype(jnp.float32)}
 
     def micro(objective: ParamLoss, params: Params, x: Inputs) -> tuple[Params, Metrics]:
         rows = jax.tree.leaves(x.batch)[0].shape[0]
@@ -63,7 +75,7 @@ def dp_sgd(
 
     def finish(grads: Params, key: jax.Array, rows: int) -> Params:
         """Gaussian noise on the sum of clipped gradients, then the mean over rows."""
-        std = noise.noise_multiplier * noise.clip_norm
+        std = noise_multiplier * clip_norm
         noise_tree = privacy.noise_like(grads, jax.random.fold_in(key, DP_STREAM), std)
         return jax.tree.map(lambda g, n: (g + n) / rows, grads, trainable(noise_tree))
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from bigjax import mlm
 from bigjax.loss import cross_entropy_sums
 from bigjax.models import Model, decoder
-from bigjax.objectives.base import Batch, Corrupt, Metrics, model_inputs
+from bigjax.objectives.base import Batch, Corrupt, Metrics, Setup, model_inputs
+from bigjax.tasks import task_of
 
 MLM_STREAM = 0x4D4C4D  # a key stream of its own for the masks
 
@@ -18,9 +19,7 @@ class NextToken:
     def sums(
         self, model: Model, batch: Batch, rng: jax.Array | None, embed_delta: jax.Array | None
     ) -> tuple[Metrics, jax.Array]:
-        logits_BLV, aux = decoder(model)(
-            *model_inputs(batch, rng), with_aux=True, embed_delta=embed_delta
-        )
+        logits_BLV, aux = decoder(model).logits_and_aux(*model_inputs(batch, rng), embed_delta)
         nll_sum, z_sq_sum = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"])
         return {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, **aux}, logits_BLV
 
@@ -34,6 +33,14 @@ class NextToken:
         logits_BLV = decoder(model)(*model_inputs(batch, None))
         nll_sum, _ = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"])
         return {"nll_sum": nll_sum, "weight_sum": jnp.sum(batch["weights"])}
+
+
+def masking_for(setup: Setup) -> Corrupt | None:
+    """A masked-LM task's masking; [MASK] is the first id the tokenizer never emits."""
+    if not task_of(setup.cfg).masked:
+        return None
+    size = setup.resources.tokenizer.vocab_size
+    return masking(mlm.Masking(mask_id=size, random_below=size, rate=setup.cfg.data.mlm_rate))
 
 
 def masking(m: mlm.Masking) -> Corrupt:

@@ -6,9 +6,17 @@ from __future__ import annotations
 import jax
 
 from bigjax import robust
-from bigjax.objectives.base import Batch, Corrupt
+from bigjax.objectives.base import Batch, Corrupt, Setup
 
 TEXT_STREAM = 0x545854  # a key stream of its own
+
+
+def text_noise_for(setup: Setup) -> Corrupt | None:
+    """robust.token_dropout and span_mask; [MASK] and the random ids as masked LM's."""
+    r, size = setup.cfg.robust, setup.resources.tokenizer.vocab_size
+    if not (r.token_dropout or r.span_mask):
+        return None
+    return text_noise(robust.TextNoise(r.token_dropout, r.span_mask, r.span_length, size, size))
 
 
 def text_noise(noise: robust.TextNoise) -> Corrupt:

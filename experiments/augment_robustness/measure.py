@@ -53,7 +53,7 @@ def accuracies(workdir: Path) -> dict[str, float]:
         data = images.load(cfg.data.images, "validation", cfg.data.eval_fraction,
                            cfg.model.image_size, cfg.model.channels)  # fmt: skip
         model = nnx.merge(prog.graphdef, params)
-        predict = jax.jit(lambda x: model.classify(x).argmax(-1))
+        predict = jax.jit(lambda x: model.classify(x)[0].argmax(-1))
         out = {}
         for name, copies in perturbations(data.images).items():
             scores = [

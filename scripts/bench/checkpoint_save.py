@@ -21,14 +21,14 @@ import jax
 from bigjax import checkpoint
 from bigjax.config import CheckpointConfig, from_configdict
 from bigjax.mesh import make_mesh
-from bigjax.program import make_program
+from bigjax.program import for_config
 
 
 def measure(cfg, async_save: bool, directory: Path, saves: int) -> dict:
     shutil.rmtree(directory, ignore_errors=True)
     mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        prog = make_program(cfg, mesh)
+        prog = for_config(cfg, mesh)
         state = prog.init()
         ckpt_cfg = CheckpointConfig(every_steps=1, keep=2, async_save=async_save)
         manager = checkpoint.make_manager(directory, ckpt_cfg)

@@ -31,7 +31,7 @@ from bigjax import checkpoint, tuning
 from bigjax.config import load_config
 from bigjax.data import pipeline
 from bigjax.mesh import make_mesh
-from bigjax.program import make_program
+from bigjax.program import for_config
 
 
 def measure(cfg, async_save: bool, directory: Path, args) -> list[dict]:
@@ -43,7 +43,7 @@ def measure(cfg, async_save: bool, directory: Path, args) -> list[dict]:
     mesh = make_mesh(cfg.mesh)
     saves = []
     with jax.set_mesh(mesh):
-        prog = make_program(cfg, mesh)
+        prog = for_config(cfg, mesh)
         state = prog.init()
         data = pipeline.for_config(cfg.data, split="train", seed=0, rows=prog.local_rows())
         manager = checkpoint.make_manager(directory, cfg.checkpoint)

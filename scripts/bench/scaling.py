@@ -27,7 +27,7 @@ import jax  # noqa: E402
 from bigjax.config import from_configdict  # noqa: E402
 from bigjax.mesh import make_mesh  # noqa: E402
 from bigjax.plan import abstract_step_inputs  # noqa: E402
-from bigjax.program import make_program  # noqa: E402
+from bigjax.program import for_config  # noqa: E402
 
 GiB = 2**30
 
@@ -35,7 +35,7 @@ GiB = 2**30
 def compile_step(raw: dict, devices: int) -> tuple[jax.stages.Compiled, float]:
     cfg = from_configdict(raw)
     mesh = make_mesh(cfg.mesh, jax.devices()[:devices])
-    prog = make_program(cfg, mesh)
+    prog = for_config(cfg, mesh)
     with jax.set_mesh(mesh):
         state, batch = abstract_step_inputs(prog)
         start = time.perf_counter()
