@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -192,7 +193,7 @@ def check_segments(segment_ids_BL: np.ndarray, max_segments: int) -> None:
 CUDNN_JAX = ((0, 7), (0, 11))  # first and last minor versions, inclusive
 
 
-def packed_cudnn_kernel(version: str) -> Any:
+def packed_cudnn_kernel(version: str) -> ModuleType | None:
     """jax's `fused_attention_stablehlo` module on a jax it is known on, else None."""
     major_minor = tuple(int(x) for x in version.split(".")[:2])
     if not CUDNN_JAX[0] <= major_minor <= CUDNN_JAX[1]:

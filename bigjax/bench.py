@@ -26,8 +26,8 @@ from bigjax import metrics, models
 from bigjax.config import TrainConfig
 from bigjax.data import pipeline
 from bigjax.layers import compute_dtype
-from bigjax.mesh import for_run
 from bigjax.program import for_config
+from bigjax.tuning import for_run
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,10 +26,10 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from bigjax import history, integrity
 from bigjax.config import CheckpointConfig
-from bigjax.data.pipeline import DataStateError, MalformedDataState
+from bigjax.data.pipeline import Batches, DataStateError, MalformedDataState
 from bigjax.errors import RunFailed, UsageError
 from bigjax.state import TrainState
-from bigjax.tree import path_name
+from bigjax.tree import Params, path_name
 
 
 class CheckpointError(RunFailed, RuntimeError):
@@ -136,7 +136,7 @@ class Checkpointer:
     def save(
         self,
         state: TrainState,
-        data_iter: Any,
+        data_iter: Batches | None,
         meta: dict[str, Any],
         *,
         force: bool = False,
@@ -309,7 +309,7 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | 
 def check_config(
     manager: ocp.CheckpointManager,
     step: int,
-    config: Mapping[str, Any] | None,
+    config: Mapping[str, object] | None,
     layout: dict[str, list[int]],
 ) -> None:
     """Raises CheckpointMismatch if the checkpoint at `step` cannot continue under `config`:
@@ -331,11 +331,11 @@ def check_config(
 def restore(
     manager: ocp.CheckpointManager,
     target: TrainState,
-    data_iter: Any,
+    data_iter: Batches | None,
     layout: dict[str, list[int]],
     *,
     move_corrupt: bool = True,
-    config: Mapping[str, Any] | None = None,
+    config: Mapping[str, object] | None = None,
 ) -> TrainState | None:
     """Restores the newest good checkpoint into `target`'s shapes and shardings (resharding
     if the mesh changed), and the data iterator in place.
@@ -435,7 +435,7 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def param_layout(abstract_params: Any) -> dict[str, list[int]]:
+def param_layout(abstract_params: Params) -> dict[str, list[int]]:
     """Parameter path -> shape: saved with every checkpoint, checked on every restore."""
     return {
         path_name(path): list(leaf.shape)

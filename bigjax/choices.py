@@ -13,17 +13,17 @@ import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigjax import lora
+from bigjax import lora, progress
 from bigjax.config import ConfigError
+from bigjax.data.tokenizer import Tokenizer
 from bigjax.models import decoder
-from bigjax.state import Params
+from bigjax.tree import Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +101,7 @@ def items_for(choices: str, eval_fraction: float, num_items: int) -> list[Item]:
 
 
 def choice_batch(
-    tokenizer: Any, items: Sequence[Item], seq_len: int, min_rows: int = 0
+    tokenizer: Tokenizer, items: Sequence[Item], seq_len: int, min_rows: int = 0
 ) -> dict[str, np.ndarray]:
     """Rows of context + choice tokens, right-padded to `seq_len` (long contexts are cut from
     the left), with weights on the choice's tokens; padded with empty rows up to `min_rows`.
@@ -127,7 +127,7 @@ def choice_batch(
     return {**out, "positions": positions, "weights": weights}
 
 
-Scorer = Callable[[Params, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
+Scorer = Callable[[Params, dict[str, np.ndarray]], tuple[jax.Array, jax.Array]]
 
 
 def make_scorer(graphdef: nnx.GraphDef, lora_scale: float = 0.0) -> Scorer:
@@ -157,8 +157,8 @@ def accuracy(items: Sequence[Item], logp: np.ndarray, tokens: np.ndarray) -> dic
 
 
 def score_items(
-    scorer: Any, params: Any, tokenizer: Any, items: Sequence[Item], seq_len: int,
-    rows_per_batch: int = 64, bar: Any = None,
+    scorer: Scorer, params: Params, tokenizer: Tokenizer, items: Sequence[Item], seq_len: int,
+    rows_per_batch: int = 64, bar: progress.Bar | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Accuracy (raw and length-normalised) of the model on `items`; `scorer` from
     `make_scorer`, made once and reused (every batch has the same shape). `bar` (a

@@ -13,11 +13,13 @@ import numpy as np
 from bigjax import choices, lora, metrics, progress
 from bigjax.config import ConfigError
 from bigjax.data import pipeline
+from bigjax.data.tokenizer import Tokenizer
 from bigjax.program import Program
 from bigjax.tasks import task_of
+from bigjax.tree import Params
 
 
-def run_eval(prog: Program, params: Any, bar: progress.Bar | None = None) -> dict[str, float]:
+def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None) -> dict[str, float]:
     """Loss and perplexity (or, for a classifier, accuracy and macro F1) over the first
     `eval.num_batches` batches of the held-out split, read in a fixed order so every eval of
     every run sees the same tokens; `bar` counts the batches (`bigjax eval`; a training run's
@@ -64,7 +66,7 @@ class Evaluator:
         self.scorer = choices.make_scorer(prog.graphdef, cfg.finetune.lora_scale)
         self.harness = Harness(prog, tokenizer) if cfg.eval.harness_tasks else None
 
-    def __call__(self, at_step: int, params: Any) -> dict[str, float]:
+    def __call__(self, at_step: int, params: Params) -> dict[str, float]:
         row = {"step": at_step, **run_eval(self.prog, params)}
         text = f"eval @ {at_step}: loss {row['eval_loss']:.4f}"
         if "f1" in row:  # a classifier: perplexity would mean nothing
@@ -92,7 +94,7 @@ class Harness:
     `harness/TASK/METRIC` numbers. The tasks are indexed and the programs compiled once, on
     the first eval; later evals hand the model new parameters of the same shapes."""
 
-    def __init__(self, prog: Program, tokenizer: Any):
+    def __init__(self, prog: Program, tokenizer: Tokenizer):
         import importlib.util
 
         from bigjax import harness
@@ -106,7 +108,7 @@ class Harness:
         self.manager = harness.task_manager(self.tasks, e.harness_include_path)
         self.lm: Any = None
 
-    def __call__(self, params: Any) -> dict[str, float]:
+    def __call__(self, params: Params) -> dict[str, float]:
         from bigjax import harness
 
         cfg = self.prog.cfg

@@ -18,9 +18,19 @@ import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from flax import nnx
+from jax.sharding import Mesh
+
+from bigjax import tree
 from bigjax.config import ConfigError
+from bigjax.data.tokenizer import Tokenizer
+from bigjax.sharding import Rules
+
+if TYPE_CHECKING:  # lm-eval is an extra, imported when a harness runs
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.tasks import TaskManager
 
 
 def _offline() -> None:
@@ -29,9 +39,9 @@ def _offline() -> None:
 
 
 def make_lm(
-    graphdef: Any, params: Any, tokenizer: Any, max_len: int, *, rules: Any = (),
-    mesh: Any = None, tokens: int = 8192, slots: int = 8,
-) -> Any:  # fmt: skip
+    graphdef: nnx.GraphDef, params: tree.Params, tokenizer: Tokenizer, max_len: int, *,
+    rules: Rules = (), mesh: Mesh | None = None, tokens: int = 8192, slots: int = 8,
+) -> TemplateLM:  # fmt: skip
     """An lm-eval LM over a model's parameters."""
     _offline()
     from lm_eval.api.model import TemplateLM
@@ -48,7 +58,7 @@ def make_lm(
             self.params = params
             self._engine: Engine | None = None
 
-        def set_params(self, new: Any) -> None:
+        def set_params(self, new: tree.Params) -> None:
             """Scores the next evaluation with `new` (a training run's current parameters:
             same shapes, so nothing compiles again)."""
             self.params = self.scorer.params = new
@@ -127,7 +137,7 @@ def make_lm(
     return BigjaxLM()
 
 
-def task_manager(tasks: Sequence[str], include_path: str = "") -> Any:
+def task_manager(tasks: Sequence[str], include_path: str = "") -> TaskManager:
     """lm-eval's task index (built once: indexing every task takes seconds), with `tasks`
     checked against it."""
     _offline()
@@ -150,8 +160,9 @@ def task_manager(tasks: Sequence[str], include_path: str = "") -> Any:
     return manager
 
 
-def evaluate(lm: Any, tasks: Sequence[str], *, include_path: str = "", limit: float | None = None,
-             num_fewshot: int | None = None, seed: int = 1234, manager: Any = None,
+def evaluate(lm: TemplateLM, tasks: Sequence[str], *, include_path: str = "",
+             limit: float | None = None, num_fewshot: int | None = None, seed: int = 1234,
+             manager: TaskManager | None = None,
              ) -> dict[str, Any]:  # fmt: skip
     """lm-eval's `simple_evaluate` on `lm`; the results dict lm-eval writes."""
     import lm_eval

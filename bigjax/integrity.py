@@ -27,7 +27,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +146,7 @@ def _all_finite(leaves: list[jax.Array]) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def state_finite(tree: Any) -> bool:
+def state_finite(tree: object) -> bool:
     """Whether every floating-point array of `tree` (parameters, optimizer moments) is
     finite; one device reduction and one scalar read."""
     leaves = [

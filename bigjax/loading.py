@@ -20,7 +20,9 @@ from bigjax.checkpoint import (
     restore,
     warn_if_unsealed,
 )
+from bigjax.data.pipeline import Batches
 from bigjax.state import TrainState
+from bigjax.tree import Params
 
 
 def source_directory(path: str) -> Path:
@@ -36,7 +38,7 @@ def init_from(
     path: str,
     mode: str,
     target: TrainState,
-    data_iter: Any,
+    data_iter: Batches | None,
     layout: dict[str, list[int]],
     fresh: TrainState,
 ) -> tuple[TrainState, int]:
@@ -88,7 +90,7 @@ def newest_intact(manager: ocp.CheckpointManager) -> int | None:
     return None
 
 
-def load_params(path: str, target_params: Any) -> tuple[Any, int]:
+def load_params(path: str, target_params: Params) -> tuple[Params, int]:
     """The parameters of a run's newest intact checkpoint, restored into `target_params`'
     shardings (for generation, evaluation, export); returns (params, step)."""
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)

@@ -19,9 +19,11 @@ from bigjax import (
     privacy,
 )
 from bigjax.config import TrainConfig
+from bigjax.data.pipeline import Batches
 from bigjax.errors import RunFailed
 from bigjax.program import Program
 from bigjax.rundir import RunDir
+from bigjax.state import TrainState
 
 MAX_ROLLBACKS = 5
 
@@ -173,8 +175,8 @@ def _impossible_mfu_warning(mfu: float, peak: float) -> str:
 
 
 def restore_or_init(
-    prog: Program, saves: checkpoint.Checkpointer, data_iter: Any, config: Mapping[str, Any]
-) -> tuple[Any, str]:
+    prog: Program, saves: checkpoint.Checkpointer, data_iter: Batches, config: Mapping[str, object]
+) -> tuple[TrainState, str]:
     """The state to start from, and where it came from: the run's newest loadable checkpoint
     (resume), else `checkpoint.init_from`, else a fresh initialisation."""
     cfg, target = prog.cfg, prog.target()

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from bigjax.config import ConfigError, FinetuneConfig
-from bigjax.tree import flatten, unflatten
+from bigjax.tree import Params, flatten, unflatten
 
 # Leading input axes of each weight family (the rest are outputs); biases and norms are never
 # adapted. Expert weights of MoE layers are not adapted either (their leading axis is E).
@@ -63,7 +63,7 @@ def targets(layout: Mapping[str, list[int]], pattern: str) -> dict[str, tuple[in
 
 def init(
     layout: Mapping[str, list[int]], cfg: FinetuneConfig, key: jax.Array, dtype: jnp.dtype
-) -> dict[str, Any]:
+) -> Params:
     """Fresh adapters: A ~ N(0, 1/in) (unit-scale x @ A), B = 0."""
     out = {}
     for i, (path, (lead, n_in, n_out)) in enumerate(targets(layout, cfg.lora_targets).items()):
@@ -76,7 +76,7 @@ def init(
     return unflatten(out)
 
 
-def specs(adapters: Mapping[str, Any], base_specs: Mapping[str, Any]) -> dict[str, Any]:
+def specs(adapters: Params, base_specs: Params) -> Params:
     """PartitionSpecs of adapters: A's input dim and B's output dim follow the first input /
     output axis of the weight they adapt (the rank dim is small and replicated)."""
     flat_base = flatten(base_specs)
@@ -90,7 +90,7 @@ def specs(adapters: Mapping[str, Any], base_specs: Mapping[str, Any]) -> dict[st
     return unflatten(out)
 
 
-def merged(params: dict[str, Any], scale: float) -> dict[str, Any]:
+def merged(params: Params, scale: float) -> Params:
     """The parameters with adapters folded in: W + scale * A @ B (no "lora" key left)."""
     if "lora" not in params:
         return params
@@ -109,7 +109,7 @@ def _pairs(adapters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {w: {"a": flat[f"{w}/a"], "b": flat[f"{w}/b"]} for w in weights}
 
 
-def count_trainable(params: Mapping[str, Any], trainable: Callable[[str], bool] | None) -> int:
+def count_trainable(params: Params, trainable: Callable[[str], bool] | None) -> int:
     """How many of the (abstract or real) parameters train under `trainable`."""
     flat = flatten(params)
     return sum(math.prod(x.shape) for k, x in flat.items() if trainable is None or trainable(k))

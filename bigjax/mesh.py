@@ -10,8 +10,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from bigjax import tuning
-from bigjax.config import MESH_AXES, ConfigError, MeshConfig, TrainConfig
+from bigjax.config import MESH_AXES, ConfigError, MeshConfig
 
 
 def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -86,13 +85,3 @@ def hybrid_device_array(
         block = tuple(slice(c * i, (c + 1) * i) for c, i in zip(coords, per_slice, strict=True))
         out[block] = mesh_utils.create_device_mesh(per_slice, list(group))
     return out
-
-
-def for_run(
-    cfg: TrainConfig, devices: Sequence[jax.Device] | None = None
-) -> tuple[TrainConfig, Mesh]:
-    """The config tuned for these devices (its `platforms` entry, bigjax/tuning.py) and its
-    mesh over them: how every command (train, bench, plan, eval, serve) builds its mesh."""
-    devices = list(jax.devices() if devices is None else devices)
-    cfg = tuning.for_devices(cfg, devices)
-    return cfg, make_mesh(cfg.mesh, devices)

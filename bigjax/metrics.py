@@ -9,9 +9,9 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,12 @@ DATASHEET_PEAK_FLOPS: dict[str, float] = {
     "H100": 989e12,
     "H200": 989e12,
 }
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
+    from matplotlib.figure import Figure
+
+# A logged row: step, metric values (None where not measured yet, e.g. MFU at compilation).
+Row = Mapping[str, float | None]
 
 
 def finite_json(x: Any) -> Any:
@@ -102,8 +108,8 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def progress_line(row: dict[str, Any], num_steps: int, width: int = 20) -> str:
-    done = row["step"] / num_steps
+def progress_line(row: Row, num_steps: int, width: int = 20) -> str:
+    done = (row["step"] or 0) / num_steps
     bar = "#" * int(done * width) + "-" * (width - int(done * width))
     head = f"step {row['step']:>{len(str(num_steps))}}/{num_steps} [{bar}] {done:4.0%} | "
     head += f"loss {row['loss']:.4f}"
@@ -114,7 +120,7 @@ def progress_line(row: dict[str, Any], num_steps: int, width: int = 20) -> str:
     mfu = "-" if row.get("mfu") is None else f"{row['mfu']:.1%}"  # null: the peak is doubted
     return head + (
         f" | {row['tokens_per_sec']:,.0f} tok/s | mfu {mfu} | "
-        f"{row['step_time']:.3f} s/step | eta {format_duration(row['eta_s'])}"
+        f"{row['step_time']:.3f} s/step | eta {format_duration(row['eta_s'] or 0.0)}"
     )
 
 
@@ -160,7 +166,7 @@ class Writers:
         kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
-    def write(self, row: dict[str, Any], console: str | None = None) -> None:
+    def write(self, row: Row, console: str | None = None) -> None:
         if not self.enabled:
             return
         try:
@@ -270,7 +276,7 @@ def plot_loss(metrics_path: Path, png_path: Path, title: str = "", log_scale: bo
     plt.close(fig)
 
 
-def loss_figure(rows: Sequence[dict[str, Any]], title: str, log_scale: bool = True) -> Any:
+def loss_figure(rows: Sequence[Row], title: str, log_scale: bool = True) -> Figure:
     """Training loss (raw, faint, and smoothed) and eval loss against step. On a log axis the
     first steps' drop from ~ln(vocab) no longer flattens the rest of the run."""
     import matplotlib

@@ -36,7 +36,7 @@ def make_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
     return optax.join_schedules([warm, after], [warmup])
 
 
-def weight_decay_mask(cfg: OptimConfig) -> Callable[[Any], Any] | None:
+def weight_decay_mask(cfg: OptimConfig) -> Callable[[optax.Params], optax.Params] | None:
     """Decays only matrices by default: norms' scales and biases (ndim < 2) stay undecayed."""
     if cfg.weight_decay_mask == "all":
         return None

@@ -146,8 +146,8 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
     """Compiles the real train step for a TPU topology ahead of time (needs libtpu)."""
     from jax.experimental import topologies
 
-    from bigjax.mesh import for_run
     from bigjax.program import for_config
+    from bigjax.tuning import for_run
 
     cfg = _accelerator_config(cfg)
     platforms.allow_compile_only_libtpu()  # no chips here: a run beside must not block this

@@ -17,8 +17,9 @@ from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
 from bigjax.resources import Resources
 from bigjax.sharding import logical_to_spec, placed
-from bigjax.state import Params, TrainState, abstract_state, init_state, state_shardings
+from bigjax.state import TrainState, abstract_state, init_state, state_shardings
 from bigjax.tasks import task_of
+from bigjax.tree import Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Shapes:
     layout: dict[str, list[int]]  # the parameters' shapes by path, as checkpoints record them
     num_params: int  # the model's (adapters not counted)
     num_trainable: int  # what trains (LoRA adapters and unfrozen parameters)
+    trainable: Callable[[str], bool]  # by parameter path (finetune.freeze, LoRA)
 
     def target(self) -> TrainState:
         """The abstract state placed in its shardings: what a restore fills."""
@@ -172,7 +174,7 @@ def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
         mesh, graphdef, graph_state, tx, schedule, abstract, shardings,
         batch_shardings(cfg, mesh), attention_kernel(cfg, mesh),
         checkpoint.param_layout(abstract.params), num_params,
-        lora.count_trainable(abstract.params, trainable),
+        lora.count_trainable(abstract.params, trainable), trainable or (lambda path: True),
     )  # fmt: skip
 
 
@@ -185,8 +187,7 @@ def for_config(cfg: TrainConfig, mesh: Mesh) -> Program:
 def make_program(cfg: TrainConfig, s: Shapes, res: Resources) -> Program:
     """The jitted train and eval steps for `cfg` on the shapes `s`, built from the run's
     resources; reads no file."""
-    trainable = lora.trainable_fn(cfg.finetune) or (lambda path: True)
-    objective = objectives.build(cfg, res, trainable)
+    objective = objectives.build(cfg, res, s.trainable)
     teacher_shardings = () if res.teacher is None else (res.teacher.shardings,)
     jitted = jax.jit(
         step.make_train_step(
@@ -199,7 +200,7 @@ def make_program(cfg: TrainConfig, s: Shapes, res: Resources) -> Program:
             dropout=cfg.model.dropout > 0,
             objective=objective,
             skip_nonfinite=cfg.nan_policy == "skip",
-            trainable=trainable,
+            trainable=s.trainable,
             lora_scale=cfg.finetune.lora_scale,
             seq_len=cfg.data.seq_len,
         ),

@@ -20,8 +20,8 @@ from bigjax.config import ConfigError, TrainConfig, from_configdict
 from bigjax.data import examples, images, pipeline
 from bigjax.data import tokenizer as tokenizers
 from bigjax.sharding import placed, tree_shardings
-from bigjax.state import Params
 from bigjax.tasks import task_of
+from bigjax.tree import Params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,9 @@ from bigjax import checkpoint, distributed, history, metrics, models, runlock
 from bigjax.config import ConfigError, TrainConfig, advice, to_dict
 from bigjax.program import Program
 
+# summary.json: counts, the final eval loss (None before one), whether the run is complete
+Summary = dict[str, int | float | bool | None]
+
 
 @dataclasses.dataclass
 class RunDir:
@@ -117,7 +120,7 @@ def start_banner(prog: Program, num_params: int, origin: str) -> str:
 def report_done(
     cfg: TrainConfig,
     workdir: Path,
-    summary: dict[str, Any],
+    summary: Summary,
     wall_s: float,
     last_eval: dict[str, float],
     stop: dict[str, str],
@@ -143,7 +146,7 @@ def report_done(
     )
 
 
-def write_summary(workdir: Path, summary: dict[str, Any], wall_s: float) -> None:
+def write_summary(workdir: Path, summary: Summary, wall_s: float) -> None:
     """`summary.json`: where the run stands, for sweeps and `bigjax report`. Wall time adds up
     over resumes (a run killed with SIGKILL loses that attempt's time)."""
     path = workdir / "summary.json"
@@ -161,7 +164,7 @@ def write_summary(workdir: Path, summary: dict[str, Any], wall_s: float) -> None
 
 def run_summary(
     cfg: TrainConfig, workdir: Path, step: int, skipped_steps: int, num_params: int
-) -> dict[str, Any]:
+) -> Summary:
     """What summary.json says of the run at `step`. Its final eval comes from metrics.jsonl,
     which holds every launch's rows, so a relaunch that trains nothing (the run was complete,
     or a sweep retried a finished trial) keeps the eval of the launch that made it."""

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax.models import decoder
+from bigjax.tree import Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,7 @@ class Scorer:
     multiple-choice items in 2,048-token rows would spend most of the forward pass on pairs
     the mask throws away."""
 
-    def __init__(self, graphdef: nnx.GraphDef, params: Any, max_len: int, tokens: int = 8192):
+    def __init__(self, graphdef: nnx.GraphDef, params: Params, max_len: int, tokens: int = 8192):
         """`tokens` per batch bounds the logits held at once: tokens x vocabulary floats."""
         self.params, self.max_len, self.tokens = params, max_len, tokens
         self._score = {shared: make_score_fn(graphdef, shared) for shared in (False, True)}

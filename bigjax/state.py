@@ -14,10 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from bigjax import lora, models
 from bigjax.config import FinetuneConfig, ModelConfig
 from bigjax.sharding import Rules, is_spec, tree_specs
-from bigjax.tree import flatten
-
-Params = dict[str, Any]
-
+from bigjax.tree import Params, flatten
 
 Leaf = TypeVar("Leaf")  # jax.Array; the same tree of ShapeDtypeStructs, specs or shardings
 

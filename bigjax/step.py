@@ -28,8 +28,8 @@ from bigjax.objectives import (
     task_loss,
 )
 from bigjax.sharding import Rules, constrain
-from bigjax.state import Params, TrainState
-from bigjax.tree import path_name
+from bigjax.state import TrainState
+from bigjax.tree import Params, path_name
 
 __all__ = ["Batch", "Metrics", "make_eval_step", "make_train_step", "next_token"]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 
@@ -26,14 +25,14 @@ from bigjax.config import TrainConfig
 from bigjax.data import pipeline
 from bigjax.evals import Evaluator
 from bigjax.loop import NonFiniteError, StepLog, every, nan_verdict, restore_or_init
-from bigjax.mesh import for_run
 from bigjax.rundir import RunDir
 from bigjax.signals import interrupt_if_asked, stop_on_signals
+from bigjax.tuning import for_run
 
 __all__ = ["NonFiniteError", "train"]
 
 
-def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
+def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
     started = time.perf_counter()
     cfg, mesh = for_run(cfg)

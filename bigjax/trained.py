@@ -33,8 +33,8 @@ def open_run(
     import jax
 
     from bigjax import loading, lora
-    from bigjax.mesh import for_run
     from bigjax.program import for_config
+    from bigjax.tuning import for_run
 
     cfg, mesh = for_run(cfg)
     with jax.set_mesh(mesh):

@@ -6,8 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# A parameter tree (nnx's pure dict: nested dicts by module path, arrays at the leaves), or a
+# tree of the same structure (gradients, ShapeDtypeStructs, PartitionSpecs, shardings).
+Params = dict[str, Any]
 
-def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
+
+def flatten(tree: Mapping[str, object], prefix: str = "", sep: str = "/") -> Params:
     """Nested parameter dict -> {"blocks/attn/q_DHK": leaf, ...} (a config: sep=".")."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
@@ -18,7 +22,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[s
     return out
 
 
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+def unflatten(flat: Mapping[str, object]) -> Params:
     out: dict[str, Any] = {}
     for path, leaf in flat.items():
         *parents, name = path.split("/")

@@ -23,6 +23,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+from jax.sharding import Mesh
+
 from bigjax.config import (
     MESH_AXES,
     MICRO_BATCH,
@@ -31,9 +34,10 @@ from bigjax.config import (
     merge_groups,
     to_dict,
 )
+from bigjax.mesh import make_mesh
 
 
-def select(table: Mapping[str, Any], platform: str, device_kind: str) -> str:
+def select(table: Mapping[str, object], platform: str, device_kind: str) -> str:
     """The key of `table` that applies to these devices, or '' if none does."""
     kind = device_kind.lower()
     by_kind = [k for k in table if k.lower() not in ("cpu", "gpu", "tpu") and k.lower() in kind]
@@ -80,7 +84,17 @@ def accumulation(raw: dict[str, Any], micro: int, num_devices: int) -> int:
     return accum
 
 
-def for_devices(cfg: TrainConfig, devices: Sequence[Any]) -> TrainConfig:
+def for_devices(cfg: TrainConfig, devices: Sequence[jax.Device]) -> TrainConfig:
     """`tune` for these (jax) devices: their platform, kind and count."""
     first = devices[0]
     return tune(cfg, first.platform, first.device_kind, len(devices))
+
+
+def for_run(
+    cfg: TrainConfig, devices: Sequence[jax.Device] | None = None
+) -> tuple[TrainConfig, Mesh]:
+    """The config tuned for these devices (its `platforms` entry) and its
+    mesh over them: how every command (train, bench, plan, eval, serve) builds its mesh."""
+    devices = list(jax.devices() if devices is None else devices)
+    cfg = for_devices(cfg, devices)
+    return cfg, make_mesh(cfg.mesh, devices)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Literal, get_args
+from collections.abc import Iterable
+from typing import Literal, get_args
 
 from bigjax.config.rules import DEFAULT_RULES
 from bigjax.errors import UsageError
@@ -48,11 +49,11 @@ class ConfigError(UsageError, ValueError):
     """A config value is unknown, mistyped or inconsistent; the message names key and fix."""
 
 
-def unknown_choice(key: str, value: str, valid: Any) -> str:
-    valid = list(valid)
-    close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.6)
+def unknown_choice(key: str, value: str, valid: Iterable[object]) -> str:
+    names = [str(v) for v in valid]
+    close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"{key}: unknown value {value!r}.{hint} Valid: {', '.join(map(str, valid))}."
+    return f"{key}: unknown value {value!r}.{hint} Valid: {', '.join(names)}."
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,9 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from bigjax import tree
 from bigjax.scoring import length_buckets
 from bigjax.serving import hosts
 from bigjax.serving import programs as pg
@@ -94,14 +96,14 @@ class Engine:
     def __init__(
         self,
         graphdef: nnx.GraphDef,
-        params: Any,
+        params: tree.Params,
         rules: Rules,
         *,
         slots: int,
         max_len: int,
         max_waiting: int,
         buckets: Sequence[int] | None = None,
-        mesh: Any = None,
+        mesh: Mesh | None = None,
         wrap: Callable[[Callable], Callable] = lambda f: f,
     ):
         """`mesh`: the mesh the programs are traced under (the engine's threads set it);

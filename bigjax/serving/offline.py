@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Callable, Sequence
-from typing import Any
 
+from bigjax.data.tokenizer import Tokenizer
 from bigjax.serving import text
 from bigjax.serving.engine import Engine, Event, Finished, Params, Sequence_, Token
 
 
 def complete(
-    engine: Engine, tokenizer: Any, prompts: Sequence[Sequence[int]], params: Sequence[Params],
-    stops: Sequence[Sequence[str]],
+    engine: Engine, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
+    params: Sequence[Params], stops: Sequence[Sequence[str]],
 ) -> list[str]:  # fmt: skip
     """The generated text of each prompt; submitted in waves that fit the engine's queue."""
     events: queue.Queue[tuple[int, Event]] = queue.Queue()

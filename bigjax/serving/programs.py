@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax import tree
 from bigjax.layers import decode_mask
 from bigjax.sharding import Rules, constrain
+
+T = TypeVar("T")
 
 TOP_N = 20  # top log-probs computed for every token (vLLM's limit; OpenAI's legacy API: 5)
 # [N layers, B slots, S positions, G kv heads, K]: the slots are replicated over data and
@@ -74,7 +77,7 @@ class Shapes:
     dtype: Any
 
 
-def shapes_of(graphdef: nnx.GraphDef, params: Any, slots: int, max_len: int) -> Shapes:
+def shapes_of(graphdef: nnx.GraphDef, params: tree.Params, slots: int, max_len: int) -> Shapes:
     model = nnx.merge(graphdef, params)
     if not model.blocks.attn.causal:
         raise ValueError("this model is a bidirectional encoder (model.causal=false); "
@@ -231,10 +234,10 @@ def make_decode(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
     return decode
 
 
-def replicated(tree: Any) -> Any:
+def replicated(arrays: T) -> T:
     """What the host reads back, whole on every device: with several processes each reads
     its own copy (a value split over other hosts' devices cannot be fetched)."""
-    return jax.tree.map(lambda x: constrain(x, (None,) * x.ndim, ()), tree)
+    return jax.tree.map(lambda x: constrain(x, (None,) * x.ndim, ()), arrays)
 
 
 def row_sampling(rows: list[tuple[float, int, float, int, int, bool]]) -> RowSampling:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+
+from bigjax.data.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole character
 
 
-def token_string(tokenizer: Any, token_id: int) -> str:
+def token_string(tokenizer: Tokenizer, token_id: int) -> str:
     """One token as text; a token that is not text on its own (one byte of a multi-byte
     character) is written `bytes:\\xe2\\x82` as vLLM does, so no two ids share a string."""
     text = tokenizer.decode([token_id])
@@ -21,13 +22,13 @@ def token_string(tokenizer: Any, token_id: int) -> str:
     return f"bytes:{_escaped(raw)}" if REPLACEMENT in text and raw else text
 
 
-def token_bytes(tokenizer: Any, token_id: int) -> list[int]:
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
     """The UTF-8 bytes of one token (chat logprobs' `bytes` field)."""
     raw = _token_bytes(tokenizer, token_id)
     return list(raw if raw is not None else tokenizer.decode([token_id]).encode())
 
 
-def _token_bytes(tokenizer: Any, token_id: int) -> bytes | None:
+def _token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes | None:
     if getattr(tokenizer, "kind", "") == "byte":
         return bytes([token_id]) if token_id < 256 else b""
     return None
@@ -42,7 +43,7 @@ class Detokenizer:
     """Text of a growing list of ids, handed out in pieces that end on whole characters and
     never include a stop string or the start of one."""
 
-    tokenizer: Any
+    tokenizer: Tokenizer
     stop: Sequence[str] = ()
     prefix: str = ""  # text before the first generated token (echo), not searched for stops
     ids: list[int] = dataclasses.field(default_factory=list)
