@@ -96,10 +96,28 @@ class RunDir:
         start: int,
     ) -> None:
         """summary.json, loss.png and the closing lines (the writer process)."""
-        if self.writer:
-            summary = run_summary(self.cfg, self.workdir, final_step, skipped_steps,
-                                  self.num_params)  # fmt: skip
-            report_done(self.cfg, self.workdir, summary, wall_s, last_eval, stop, start)
+        if not self.writer:
+            return
+        cfg, workdir = self.cfg, self.workdir
+        write_summary(workdir, run_summary(cfg, workdir, final_step, skipped_steps,
+                                           self.num_params), wall_s)  # fmt: skip
+        metrics_path = workdir / "metrics.jsonl"
+        if cfg.metrics.plot and metrics_path.exists():
+            metrics.plot_loss(metrics_path, workdir / "loss.png",
+                              log_scale=cfg.metrics.plot_log_scale)  # fmt: skip
+        status = f"eval loss {last_eval['eval_loss']:.4f}" if last_eval else "no eval"
+        if stop:
+            status = f"stopped by {stop['signal']}"
+        elif start == cfg.num_steps:
+            status = "already complete"
+        print(
+            f"done: step {final_step}, {status}.\n"
+            f"  metrics:     {metrics_path}\n"
+            f"  plot:        {workdir / 'loss.png'}\n"
+            f"  tensorboard: {workdir / 'tensorboard'}\n"
+            f"  checkpoints: {workdir / 'checkpoints'}",
+            flush=True,
+        )
 
 
 def start_banner(prog: Program, num_params: int, origin: str) -> str:
@@ -114,35 +132,6 @@ def start_banner(prog: Program, num_params: int, origin: str) -> str:
         f"{dict(mesh.shape)} over {len(devices)} {devices[0].platform} devices "
         f"({distributed.describe()}); {origin}"
         + "".join(f"\nwarning: {line}" for line in advice(cfg))
-    )
-
-
-def report_done(
-    cfg: TrainConfig,
-    workdir: Path,
-    summary: Summary,
-    wall_s: float,
-    last_eval: dict[str, float],
-    stop: dict[str, str],
-    start: int,
-) -> None:
-    """summary.json, loss.png and the closing lines of a run."""
-    write_summary(workdir, summary, wall_s)
-    metrics_path = workdir / "metrics.jsonl"
-    if cfg.metrics.plot and metrics_path.exists():
-        metrics.plot_loss(metrics_path, workdir / "loss.png", log_scale=cfg.metrics.plot_log_scale)
-    status = f"eval loss {last_eval['eval_loss']:.4f}" if last_eval else "no eval"
-    if stop:
-        status = f"stopped by {stop['signal']}"
-    elif start == cfg.num_steps:
-        status = "already complete"
-    print(
-        f"done: step {summary['step']}, {status}.\n"
-        f"  metrics:     {metrics_path}\n"
-        f"  plot:        {workdir / 'loss.png'}\n"
-        f"  tensorboard: {workdir / 'tensorboard'}\n"
-        f"  checkpoints: {workdir / 'checkpoints'}",
-        flush=True,
     )
 
 

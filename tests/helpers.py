@@ -96,3 +96,21 @@ def train_cmd(workdir, *extra: str, config: str = "configs/lm_tiny.py") -> list[
         str(workdir),
         *extra,
     ]
+
+
+def clipped_mean(row_grad, params, rows: int, clip_norm: float):
+    """DP-SGD by hand: `row_grad(params, i)` of each row alone, clipped to `clip_norm`, then
+    the mean; returns (the flat mean gradient, the rows' raw norms)."""
+    import jax.numpy as jnp
+    import optax
+
+    from bigjax.tree import flatten
+
+    total, norms = None, []
+    for i in range(rows):
+        g = row_grad(params, i)
+        n = float(optax.tree.norm(g))
+        norms.append(n)
+        g = jax.tree.map(lambda x, n=n: x * min(1.0, clip_norm / n), g)
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    return flatten(jax.device_get(jax.tree.map(lambda x: x / rows, total))), norms

@@ -10,7 +10,7 @@ import optax
 import pytest
 from conftest import tiny_config
 from flax import nnx
-from helpers import corpus_batches
+from helpers import clipped_mean, corpus_batches
 
 from bigjax import models, objectives, privacy, step
 from bigjax.data.tokenizer import ByteTokenizer
@@ -66,15 +66,7 @@ def _row_reference(prog, batch, row_loss):
         row = {k: jax.lax.dynamic_slice_in_dim(jnp.asarray(v), i, 1) for k, v in batch.items()}
         return row_loss(nnx.merge(prog.graphdef, p), row)
 
-    grad = jax.jit(jax.grad(loss_of))
-    total, norms = None, []
-    for i in range(ROWS):
-        g = grad(params, i)
-        n = float(optax.tree.norm(g))
-        norms.append(n)
-        g = jax.tree.map(lambda x, n=n: x * min(1.0, CLIP / n), g)
-        total = g if total is None else jax.tree.map(jnp.add, total, g)
-    return flatten(jax.device_get(jax.tree.map(lambda x: x / ROWS, total))), norms
+    return clipped_mean(jax.jit(jax.grad(loss_of)), params, ROWS, CLIP)
 
 
 def _nll(logits, row):

@@ -10,7 +10,7 @@ import optax
 import pytest
 from conftest import tiny_config
 from flax import nnx
-from helpers import corpus_batches, run_steps
+from helpers import clipped_mean, corpus_batches, run_steps
 
 from bigjax import privacy
 from bigjax.train import train
@@ -53,15 +53,8 @@ def _reference(prog, batch, clip_norm):
         nll = -jnp.take_along_axis(logp, take("targets")[..., None], -1)[..., 0]
         return jnp.sum(nll * take("weights")) / jnp.maximum(jnp.sum(take("weights")), 1.0)
 
-    row_grad = jax.jit(jax.grad(row_loss))  # one row at a time, compiled once for all rows
-    total, norms = None, []
-    for i in range(ROWS):
-        g = row_grad(params, i)
-        n = float(optax.tree.norm(g))
-        norms.append(n)
-        g = jax.tree.map(lambda x, n=n: x * min(1.0, clip_norm / n), g)
-        total = g if total is None else jax.tree.map(jnp.add, total, g)
-    return flatten(jax.device_get(jax.tree.map(lambda x: x / ROWS, total))), norms
+    # one row at a time, compiled once for all rows
+    return clipped_mean(jax.jit(jax.grad(row_loss)), params, ROWS, clip_norm)
 
 
 @pytest.mark.slow
