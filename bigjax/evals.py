@@ -63,7 +63,7 @@ class Evaluator:
         cfg, tokenizer = prog.cfg, prog.resources.tokenizer
         self.prog, self.writers, self.tokenizer = prog, writers, tokenizer
         self.items = prog.resources.choice_items  # read with the run's other resources
-        self.scorer = choices.make_scorer(prog.graphdef, cfg.finetune.lora_scale)
+        self.scorer: choices.Scorer | None = None  # made at the first eval that scores items
         self.harness = Harness(prog, tokenizer) if cfg.eval.harness_tasks else None
 
     def __call__(self, at_step: int, params: Params) -> dict[str, float]:
@@ -75,7 +75,10 @@ class Evaluator:
             text += f", ppl {row['eval_ppl']:.2f}"
         if self.items:
             start = time.perf_counter()
-            seq_len = self.prog.cfg.data.seq_len
+            cfg = self.prog.cfg
+            if self.scorer is None:
+                self.scorer = choices.make_scorer(self.prog.graphdef, cfg.finetune.lora_scale)
+            seq_len = cfg.data.seq_len
             row.update(
                 choices.score_items(self.scorer, params, self.tokenizer, self.items, seq_len)
             )
