@@ -157,7 +157,9 @@ def test_sft_rows_take_the_loss_on_responses_only(tmp_path, packing):
     path = _write_jsonl(tmp_path / "sft.jsonl", _sft_records())
     cfg = tiny_config(data={"task": "sft", "examples": path, "packing": packing,
                             "batch_size": 8, "seq_len": 64})  # fmt: skip
-    it = pipeline.for_config(cfg.data, split="train", seed=0, workers=0)
+    it = pipeline.for_config(
+        cfg.data, split="train", seed=0, workers=0, tokenizer=pipeline.tokenizer_for(cfg.data)
+    )
     batch = next(it)
     it.close()
     tok = ByteTokenizer()

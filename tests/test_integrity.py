@@ -380,7 +380,13 @@ def test_restore_never_takes_a_poisoned_checkpoint(tmp_path):
     with jax.set_mesh(mesh):
         prog = for_config(cfg, mesh)
         manager = checkpoint.Checkpointer(tmp_path / "checkpoints", cfg.checkpoint).manager
-        data = pipeline.for_config(cfg.data, split="train", seed=0, rows=prog.local_rows())
+        data = pipeline.for_config(
+            cfg.data,
+            split="train",
+            seed=0,
+            rows=prog.local_rows(),
+            tokenizer=prog.resources.tokenizer,
+        )
         target = placed(prog.abstract, prog.shardings)
         layout = checkpoint.param_layout(prog.abstract.params)
         state = checkpoint.restore(manager, target, data, layout)

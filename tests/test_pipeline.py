@@ -34,7 +34,8 @@ def stdlib_ds(tmp_path_factory) -> Path:
 
 
 def _batches(cfg: DataConfig, n: int, split="train", **kw) -> list[dict]:
-    it = iter(pipeline.for_config(cfg, split=split, seed=0, **kw))
+    tok = pipeline.tokenizer_for(cfg)
+    it = iter(pipeline.for_config(cfg, split=split, seed=0, tokenizer=tok, **kw))
     out = pipeline.take(it, n)
     getattr(it, "close", lambda: None)()
     return out
@@ -107,13 +108,14 @@ def test_mixture_of_different_tokenizers_is_refused(stdlib_ds, tmp_path):
 
 def test_resume_yields_the_same_batches_with_workers(stdlib_ds):
     cfg = DataConfig(path=str(stdlib_ds), batch_size=8, seq_len=64, num_workers=2)
-    ds = pipeline.for_config(cfg, split="train", seed=3)
+    tok = pipeline.tokenizer_for(cfg)
+    ds = pipeline.for_config(cfg, split="train", seed=3, tokenizer=tok)
     it = iter(ds)
     pipeline.take(it, 5)
     state = it.get_state()
     expected = pipeline.take(it, 4)
     it.close()
-    resumed = iter(pipeline.for_config(cfg, split="train", seed=3))
+    resumed = iter(pipeline.for_config(cfg, split="train", seed=3, tokenizer=tok))
     resumed.set_state(state)
     got = pipeline.take(resumed, 4)
     resumed.close()

@@ -64,7 +64,14 @@ def test_sharded_vit_training_equals_one_device():
     from bigjax.data import pipeline
 
     cfg = tiny_config(model=VIT, data={**DIGITS, "augment": False})
-    it = pipeline.for_config(cfg.data, split="train", seed=0, workers=0, image_shape=(8, 1))
+    it = pipeline.for_config(
+        cfg.data,
+        split="train",
+        seed=0,
+        workers=0,
+        image_shape=(8, 1),
+        tokenizer=pipeline.tokenizer_for(cfg.data),
+    )
     batches = [next(it) for _ in range(3)]
     it.close()
     ref, _, _ = run_steps(cfg, batches, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])

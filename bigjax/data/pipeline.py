@@ -409,13 +409,13 @@ def for_config(
     workers: int | None = None,
     builtin_docs: Sequence[Document] | None = None,
     image_shape: tuple[int, int] | None = None,
-    tokenizer: tokenizers.Tokenizer | None = None,
+    tokenizer: tokenizers.Tokenizer,
 ) -> Batches:
     """The run's batches: `rows` (default: this process's even share) of each global batch.
-    `split` is 'train' or 'validation'. `tokenizer`: the run's, already loaded (a training run
-    loads it once); read from the config when not given."""
+    `split` is 'train' or 'validation'. `tokenizer`: the run's, already loaded (`tokenizer_for`;
+    a training run loads it once, with its other resources)."""
     task = TASKS[cfg.task]
-    tok = tokenizer_for(cfg) if tokenizer is None else tokenizer
+    tok = tokenizer
     shuffle = cfg.shuffle if shuffle is None else shuffle
     if task.source == "images":
         if image_shape is None:

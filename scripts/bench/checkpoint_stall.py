@@ -45,7 +45,13 @@ def measure(cfg, async_save: bool, directory: Path, args) -> list[dict]:
     with jax.set_mesh(mesh):
         prog = for_config(cfg, mesh)
         state = prog.init()
-        data = pipeline.for_config(cfg.data, split="train", seed=0, rows=prog.local_rows())
+        data = pipeline.for_config(
+            cfg.data,
+            split="train",
+            seed=0,
+            rows=prog.local_rows(),
+            tokenizer=prog.resources.tokenizer,
+        )
         manager = checkpoint.make_manager(directory, cfg.checkpoint)
         step = prog.train_step.lower(state, prog.to_global(next(data))).compile()
 
