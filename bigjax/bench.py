@@ -24,7 +24,6 @@ import jax
 
 from bigjax import metrics, models
 from bigjax.config import TrainConfig
-from bigjax.data import pipeline
 from bigjax.layers import compute_dtype
 from bigjax.program import for_config
 from bigjax.tuning import for_run
@@ -48,13 +47,7 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
     with jax.set_mesh(mesh):
         prog = for_config(cfg, mesh)
         state = prog.init()
-        data = pipeline.for_config(
-            cfg.data,
-            split="train",
-            seed=cfg.data_seed,
-            rows=prog.local_rows(),
-            tokenizer=prog.resources.tokenizer,
-        )
+        data = prog.batches("train", cfg.data_seed)
         try:
             resident = prog.to_global(next(data))
             start = time.perf_counter()

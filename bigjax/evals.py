@@ -25,16 +25,7 @@ def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None) -> 
     every run sees the same tokens; `bar` counts the batches (`bigjax eval`; a training run's
     evals print one line instead)."""
     cfg = prog.cfg
-    it = pipeline.for_config(
-        cfg.data,
-        split="validation",
-        seed=0,
-        rows=prog.local_rows(),
-        shuffle=False,
-        workers=0,
-        image_shape=(cfg.model.image_size, cfg.model.channels),
-        tokenizer=prog.resources.tokenizer,
-    )
+    it = prog.batches("validation", seed=0, shuffle=False, workers=0)
     nll, weight, adv = 0.0, 0.0, 0.0
     confusion = np.zeros((0, 0))  # [true class, predicted class], summed over batches
     for local in pipeline.take(it, cfg.eval.num_batches):

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from bigjax import attention, checkpoint, lora, models, objectives, optim, resources, step
 from bigjax.config import ConfigError, TrainConfig
+from bigjax.data import pipeline
 from bigjax.layers import compute_dtype
 from bigjax.resources import Resources
 from bigjax.sharding import logical_to_spec, placed
@@ -64,6 +65,23 @@ class Program(Shapes):
             self.cfg.seed,
             self.shardings,
             self.cfg.finetune,
+        )
+
+    def batches(
+        self, split: str, seed: int, shuffle: bool | None = None, workers: int | None = None
+    ) -> pipeline.Batches:
+        """This process's rows of the task's batches of `split`, read with the run's
+        tokenizer (`shuffle` and `workers` default to the config's)."""
+        m = self.cfg.model
+        return pipeline.for_config(
+            self.cfg.data,
+            split=split,
+            seed=seed,
+            rows=self.local_rows(),
+            shuffle=shuffle,
+            workers=workers,
+            image_shape=(m.image_size, m.channels),
+            tokenizer=self.resources.tokenizer,
         )
 
     def local_rows(self) -> range:

@@ -47,10 +47,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
         prog = program.make_program(cfg, s, res)  # the objective and the jitted steps
 
         def new_data_iter() -> pipeline.Batches:
-            shape = (cfg.model.image_size, cfg.model.channels)
-            return pipeline.for_config(cfg.data, split="train", seed=cfg.data_seed,
-                                       rows=prog.local_rows(), tokenizer=res.tokenizer,
-                                       image_shape=shape)  # fmt: skip
+            return prog.batches("train", cfg.data_seed)
 
         data_iter = new_data_iter()
         # Whatever happens below, stop the Grain workers (of the current iterator: it is

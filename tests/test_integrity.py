@@ -369,7 +369,6 @@ def test_restore_never_takes_a_poisoned_checkpoint(tmp_path):
     import orbax.checkpoint as ocp
 
     from bigjax import checkpoint
-    from bigjax.data import pipeline
     from bigjax.mesh import make_mesh
     from bigjax.program import for_config
     from bigjax.sharding import placed
@@ -380,13 +379,7 @@ def test_restore_never_takes_a_poisoned_checkpoint(tmp_path):
     with jax.set_mesh(mesh):
         prog = for_config(cfg, mesh)
         manager = checkpoint.Checkpointer(tmp_path / "checkpoints", cfg.checkpoint).manager
-        data = pipeline.for_config(
-            cfg.data,
-            split="train",
-            seed=0,
-            rows=prog.local_rows(),
-            tokenizer=prog.resources.tokenizer,
-        )
+        data = prog.batches("train", seed=0)
         target = placed(prog.abstract, prog.shardings)
         layout = checkpoint.param_layout(prog.abstract.params)
         state = checkpoint.restore(manager, target, data, layout)

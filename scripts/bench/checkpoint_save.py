@@ -31,7 +31,7 @@ def measure(cfg, async_save: bool, directory: Path, saves: int) -> dict:
         prog = for_config(cfg, mesh)
         state = prog.init()
         ckpt_cfg = CheckpointConfig(every_steps=1, keep=2, async_save=async_save)
-        manager = checkpoint.make_manager(directory, ckpt_cfg)
+        manager = checkpoint.Checkpointer(directory, ckpt_cfg).manager
         blocked = []
         for _ in range(saves):
             state = state.replace(step=state.step + 1)

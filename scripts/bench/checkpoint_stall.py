@@ -29,7 +29,6 @@ import jax
 
 from bigjax import checkpoint, tuning
 from bigjax.config import load_config
-from bigjax.data import pipeline
 from bigjax.mesh import make_mesh
 from bigjax.program import for_config
 
@@ -45,14 +44,8 @@ def measure(cfg, async_save: bool, directory: Path, args) -> list[dict]:
     with jax.set_mesh(mesh):
         prog = for_config(cfg, mesh)
         state = prog.init()
-        data = pipeline.for_config(
-            cfg.data,
-            split="train",
-            seed=0,
-            rows=prog.local_rows(),
-            tokenizer=prog.resources.tokenizer,
-        )
-        manager = checkpoint.make_manager(directory, cfg.checkpoint)
+        data = prog.batches("train", seed=0)
+        ckpt = checkpoint.Checkpointer(directory, cfg.checkpoint)
         step = prog.train_step.lower(state, prog.to_global(next(data))).compile()
 
         def timed_steps(n: int) -> list[float]:
@@ -69,7 +62,7 @@ def measure(cfg, async_save: bool, directory: Path, args) -> list[dict]:
         for i in range(args.saves):
             before = timed_steps(args.before)
             start = time.perf_counter()
-            checkpoint.save(manager, state, data, {"bench": True}, force=True)
+            ckpt.save(state, data, {"bench": True}, force=True)
             blocked = time.perf_counter() - start
             after = timed_steps(args.after)
             base = statistics.median(before) * args.after
@@ -88,8 +81,8 @@ def measure(cfg, async_save: bool, directory: Path, args) -> list[dict]:
                 f"{sum(after):.2f} s vs {base:.2f} s",
                 flush=True,
             )
-        manager.wait_until_finished()
-        manager.close()
+        ckpt.wait()
+        ckpt.close()
         data.close()
     return saves
 
