@@ -66,6 +66,9 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
         last_eval: dict[str, float] = {}
         skip_batches: set[int] = set()  # steps whose batch is dropped after a rollback
         rollbacks = 0
+        # nan_policy=skip drops a non-finite update on device (the log warns and counts it):
+        # such a step is not bad here, and evals and saves go on as due
+        skip = cfg.nan_policy == "skip"
         while step < cfg.num_steps:
             interrupt_if_asked(stop)
             if step + 1 in skip_batches:
@@ -78,7 +81,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
             step += 1
             bad_step = None
             # Fetch the previous step's metrics only now: the device already has this step.
-            if pending is not None and not log.finish(*pending):
+            if pending is not None and not log.finish(*pending) and not skip:
                 bad_step = pending[0]
             pending = (step, step_metrics, time.perf_counter() - dispatched)
             final = step == cfg.num_steps
@@ -87,7 +90,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
             if bad_step is None and (eval_due or save_due):
                 # Finish this step first: rows stay in step order and no non-finite state is
                 # ever evaluated or saved (eval and save sync on it anyway).
-                bad_step = None if log.finish(*pending) else step
+                bad_step = None if log.finish(*pending) or skip else step
                 pending = None
             if bad_step is None and eval_due:
                 last_eval = evaluator(step, state.params)
@@ -98,10 +101,10 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
                     saved_step = step
                 except checkpoint.NonFiniteState:
                     # finite loss and gradients, overflowed optimizer moments: never saved
-                    bad_step = None if cfg.nan_policy == "skip" else step
+                    bad_step = None if skip else step
                     print(f"warning: step {step}: optimizer moments not finite; not saved.",
                           flush=True)  # fmt: skip
-            if bad_step is not None and cfg.nan_policy != "skip":
+            if bad_step is not None:
                 rollbacks += 1
                 nan_verdict(cfg.nan_policy, bad_step, log.latest, rollbacks)  # raises, or:
                 saves.wait()

@@ -377,6 +377,7 @@ def test_nan_policy_error_names_the_step(tmp_path):
 def test_nan_policy_skip_drops_updates_and_counts_them(tmp_path):
     last = train(tiny_config(num_steps=8, optim=DIVERGE, nan_policy="skip"), tmp_path)
     assert last["skipped_steps"] > 0
+    assert "eval_loss" in last  # a skipped last step is still evaluated (its update dropped)
     with ocp.StandardCheckpointer() as ckpt:
         tree = ckpt.restore(tmp_path.absolute() / "checkpoints" / "8" / "state")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree["params"]))
