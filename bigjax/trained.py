@@ -33,12 +33,17 @@ def open_run(
     import jax
 
     from bigjax import loading, lora
-    from bigjax.program import for_config
+    from bigjax.data import pipeline
+    from bigjax.program import make_program, shapes
+    from bigjax.resources import Resources
     from bigjax.tuning import for_run
 
     cfg, mesh = for_run(cfg)
     with jax.set_mesh(mesh):
-        prog = for_config(cfg, mesh)
+        # The tokenizer is all a trained model needs: a run's teacher, DP accounting and
+        # choice items are for training it (a served distilled run must not need its teacher)
+        res = Resources(pipeline.tokenizer_for(cfg.data))
+        prog = make_program(cfg, shapes(cfg, mesh), res)
         target = prog.target().params
         params, step = loading.load_params(workdir, target)
         # LoRA runs: the adapters folded into the weights, as the model ran in training

@@ -127,6 +127,12 @@ def test_distillation_from_a_teacher(trained, tmp_path):
     train(same, tmp_path / "copy")
     first = json.loads((tmp_path / "copy" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["distill_kl"] == pytest.approx(0.0, abs=1e-5)
+    # A distilled run opens for the tools without its teacher (moved or deleted since).
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    config["distill"]["teacher"] = str(tmp_path / "gone")
+    (tmp_path / "copy" / "config.json").write_text(json.dumps(config))
+    with open_run(str(tmp_path / "copy"), [], "eval") as (prog, params, step):
+        assert step == 1 and prog.resources.teacher is None
     # ...and a smaller fresh student moves towards the teacher.
     small = dataclasses.replace(
         same, num_steps=30, checkpoint=dataclasses.replace(same.checkpoint, init_from="")
