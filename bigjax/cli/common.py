@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,31 @@ def join_override_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Strict JSON (non-finite numbers as null), as every file bigjax writes."""
+def write_json(path: str | Path | None, obj: Any) -> None:
+    """Strict JSON (non-finite numbers as null), as every file bigjax writes; nothing when
+    `path` is None (a command's `--json` not given)."""
+    if path is None:
+        return
     from bigjax.metrics import json_text  # imports jax: only once a command has run
 
-    path.write_text(json_text(obj, indent=2) + "\n")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json_text(obj, indent=2) + "\n")
+
+
+def add_command(
+    sub: argparse._SubParsersAction, run: Callable[..., int], config: bool = False
+) -> argparse.ArgumentParser:
+    """The parser of the subcommand `run` implements (`cmd_NAME` is `bigjax NAME`), with the
+    shared --debug and --verbose flags, and --config when the command reads one. The help is
+    `run`'s docstring: its first line in `bigjax --help`, the rest as the command's own."""
+    summary, _, description = inspect.cleandoc(run.__doc__ or "").partition("\n\n")
+    name = run.__name__.removeprefix("cmd_")
+    p = sub.add_parser(name, help=summary, description=" ".join(description.split()))
+    if config:
+        p.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    add_debug_flag(p)
+    p.set_defaults(run=run)
+    return p
 
 
 def add_debug_flag(p: argparse.ArgumentParser) -> None:

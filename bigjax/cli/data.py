@@ -6,11 +6,16 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 
-from bigjax.cli.common import add_debug_flag
+from bigjax.cli.common import add_command
 from bigjax.config import ConfigError
 
 
 def cmd_prepare(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """clean, deduplicate, scrub and tokenize a corpus
+
+    Turn raw text (.txt/.md/.py files, .jsonl[.gz|.zst], .parquet, or 'stdlib') into a
+    prepared dataset: ArrayRecord token shards, tokenizer/, manifest.json and report.md.
+    """
     if overrides:
         raise ConfigError("prepare takes no --config.* overrides; see bigjax prepare --help.")
     from bigjax.data.clean import QualityConfig
@@ -49,13 +54,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     from bigjax.data.clean import NEAR_THRESHOLD, QualityConfig
 
-    p = sub.add_parser(
-        "prepare",
-        help="clean, deduplicate, scrub and tokenize a corpus",
-        description="Turn raw text (.txt/.md/.py files, .jsonl[.gz|.zst], .parquet, or "
-        "'stdlib') into a prepared dataset: ArrayRecord token shards, tokenizer/, "
-        "manifest.json and report.md.",
-    )
+    p = add_command(sub, cmd_prepare)
     p.add_argument("--input", nargs="+", required=True, help="globs, or 'stdlib'")
     p.add_argument("--output", required=True, help="dataset directory to create")
     p.add_argument(
@@ -103,5 +102,3 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
             default=f.default,
             help=f"quality filter (default {f.default})",
         )
-    add_debug_flag(p)
-    p.set_defaults(run=cmd_prepare)

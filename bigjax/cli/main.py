@@ -12,7 +12,6 @@ from bigjax import errors
 from bigjax.cli.common import (
     INTERRUPTED,
     Console,
-    add_debug_flag,
     join_override_values,
     standard_descriptors_open,
 )
@@ -29,7 +28,7 @@ from bigjax.cli.runs import (
     add_plan_parser,
     add_report_parser,
     add_sweep_parser,
-    cmd_train,
+    add_train_parser,
 )
 from bigjax.cli.serve import add_serve_parser
 
@@ -43,20 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose", action="store_true", help="show what JAX, libtpu, absl and Orbax log"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser(
-        "train",
-        help="train (or resume) a run",
-        description="Train, or resume the run in --workdir. Override any config key with "
-        "--config.KEY=VALUE, e.g. --config.optim.lr=1e-3 --config.mesh.shape=1,-1,1.",
-    )
-    train.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
-    train.add_argument("--workdir", required=True, help="run directory (created if missing)")
-    # JAX's own names. Automatic on Cloud TPU slices and SLURM; explicit elsewhere.
-    train.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
-    train.add_argument("--num_processes", type=int, help="processes in the job (multi-host)")
-    train.add_argument("--process_id", type=int, help="this process's index (multi-host)")
-    add_debug_flag(train)
-    train.set_defaults(run=cmd_train)
+    add_train_parser(sub)
     add_prepare_parser(sub)
     add_plan_parser(sub)
     add_bench_parser(sub)

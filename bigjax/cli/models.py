@@ -7,13 +7,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bigjax.cli.common import add_debug_flag, start_jax, write_json
+from bigjax.cli.common import add_command, start_jax, write_json
 from bigjax.config import ConfigError
 from bigjax.config.load import parse_override, set_path
 from bigjax.trained import open_run
 
 
 def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """held-out loss, multiple choice, and lm-evaluation-harness benchmarks of a run
+
+    Evaluate a run's latest checkpoint: loss and perplexity on the held-out split
+    (eval.num_batches batches; override with --config.eval.num_batches=N) and, with
+    --choices, multiple-choice accuracy by log-likelihood; or, with --tasks, lm-evaluation-
+    harness tasks (hellaswag, arc_easy, ... or your own YAML under --include-path) scored
+    in process.
+    """
     from bigjax.cli.serve import needs, run_dir
 
     workdir = run_dir(args, "eval")
@@ -30,31 +38,21 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         results = harness_run(workdir, overrides, tasks, include_path=args.include_path,
                               limit=args.limit, num_fewshot=args.num_fewshot)  # fmt: skip
         print(harness.table(results))
-        if args.json:
-            write_json(Path(args.json), results)
+        write_json(args.json, results)
         return 0
     from bigjax.evaluate import evaluate_run
 
     result = evaluate_run(workdir, overrides, args.choices)
     for key, value in result.items():
         print(f"  {key:18s} {value:.4f}" if isinstance(value, float) else f"  {key:18s} {value}")
-    if args.json:
-        write_json(Path(args.json), result)
+    write_json(args.json, result)
     return 0
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     from bigjax.cli.serve import add_run_argument
 
-    p = sub.add_parser(
-        "eval",
-        help="held-out loss, multiple choice, and lm-evaluation-harness benchmarks of a run",
-        description="Evaluate a run's latest checkpoint: loss and perplexity on the held-out "
-        "split (eval.num_batches batches; override with --config.eval.num_batches=N) and, "
-        "with --choices, multiple-choice accuracy by log-likelihood; or, with --tasks, "
-        "lm-evaluation-harness tasks (hellaswag, arc_easy, ... or your own YAML under "
-        "--include-path) scored in process.",
-    )
+    p = add_command(sub, cmd_eval)
     add_run_argument(p)
     p.add_argument(
         "--choices",
@@ -67,11 +65,14 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    "(a fraction if < 1)")  # fmt: skip
     p.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples per prompt")
     p.add_argument("--json", help="also write the results here")
-    add_debug_flag(p)
-    p.set_defaults(run=cmd_eval)
 
 
 def cmd_generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """sample text from a trained run
+
+    Generate from a run's latest checkpoint: batched prompts, KV-cached jitted decoding,
+    greedy (temperature 0) or sampled with top-k / top-p.
+    """
     start_jax(args)
     from bigjax.generate import generate_from_run
 
@@ -104,12 +105,7 @@ def _sampling(args: argparse.Namespace):
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="sample text from a trained run",
-        description="Generate from a run's latest checkpoint: batched prompts, KV-cached "
-        "jitted decoding, greedy (temperature 0) or sampled with top-k / top-p.",
-    )
+    p = add_command(sub, cmd_generate)
     p.add_argument("--workdir", required=True, help="the run directory")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -118,11 +114,16 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
     p.add_argument("--stop-token", type=int, action="append", default=[], help="token id")
     p.add_argument("--seed", type=int, default=0)
-    add_debug_flag(p)
-    p.set_defaults(run=cmd_generate)
 
 
 def cmd_convert(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """Hugging Face <-> bigjax (Llama, GPT-2)
+
+    Converts a Hugging Face model directory (config.json + safetensors, sharded or not)
+    into a bigjax run directory, or a bigjax run's latest checkpoint into a Hugging Face
+    directory that transformers' from_pretrained loads. The direction follows SRC. On
+    import, --config.* sets the new run's other settings.
+    """
     start_jax(args)
     from bigjax import convert
 
@@ -154,23 +155,21 @@ def cmd_convert(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="Hugging Face <-> bigjax (Llama, GPT-2)",
-        description="Converts a Hugging Face model directory (config.json + safetensors, "
-        "sharded or not) into a bigjax run directory, or a bigjax run's latest checkpoint into "
-        "a Hugging Face directory that transformers' from_pretrained loads. The direction "
-        "follows SRC. On import, --config.* sets the new run's other settings.",
-    )
+    p = add_command(sub, cmd_convert)
     p.add_argument("src", help="a Hugging Face model directory, or a bigjax run directory")
     p.add_argument("dst", help="the directory to write (a run directory on import)")
     p.add_argument("--dtype", default="float32", help="export: float32, bfloat16 or float16")
     p.add_argument("--max-shard-size", default="5GB", help="export: shard above this size")
-    add_debug_flag(p)
-    p.set_defaults(run=cmd_convert)
 
 
 def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """int8/int4 weight-only quantization or magnitude pruning, with a report
+
+    Compresses a run's latest checkpoint and reports held-out loss and perplexity before
+    and after (and size on disk, or sparsity). Writes a run directory with the compressed
+    weights that generate, eval, convert and fine-tuning (checkpoint.init_from, with
+    finetune.keep_sparsity for pruned models) open.
+    """
     start_jax(args)
     from bigjax.compress import compress_run
 
@@ -198,25 +197,22 @@ def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def add_compress_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "compress",
-        help="int8/int4 weight-only quantization or magnitude pruning, with a report",
-        description="Compresses a run's latest checkpoint and reports held-out loss and "
-        "perplexity before and after (and size on disk, or sparsity). Writes a run directory "
-        "with the compressed weights that generate, eval, convert and fine-tuning "
-        "(checkpoint.init_from, with finetune.keep_sparsity for pruned models) open.",
-    )
+    p = add_command(sub, cmd_compress)
     p.add_argument("method", choices=["quantize", "prune"])
     p.add_argument("--workdir", required=True, help="the run to compress")
     p.add_argument("--out", required=True, help="the run directory to write")
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="quantize: 8 or 4")
     p.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured")
     p.add_argument("--sparsity", type=float, default=0.5, help="prune, unstructured: share")
-    add_debug_flag(p)
-    p.set_defaults(run=cmd_compress)
 
 
 def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """attention maps, logit lens, attributions, embedding projections (PNGs)
+
+    Interprets a trained text model on one prompt: attention maps of every layer and head,
+    the logit lens, gradient x input and integrated-gradient attributions of the predicted
+    next token, and PCA / t-SNE projections of the token embeddings, each written as a PNG.
+    """
     start_jax(args)
     from bigjax.interpret import inspect_run
 
@@ -235,18 +231,9 @@ def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="attention maps, logit lens, attributions, embedding projections (PNGs)",
-        description="Interprets a trained text model on one prompt: attention maps of every "
-        "layer and head, the logit lens, gradient x input and integrated-gradient "
-        "attributions of the predicted next token, and PCA / t-SNE projections of the token "
-        "embeddings, each written as a PNG.",
-    )
+    p = add_command(sub, cmd_inspect)
     p.add_argument("--workdir", required=True, help="the run directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="directory for the PNGs")
     p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradient steps")
     p.add_argument("--embed-tokens", type=int, default=259, help="table rows to project")
-    add_debug_flag(p)
-    p.set_defaults(run=cmd_inspect)

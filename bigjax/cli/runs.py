@@ -8,12 +8,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bigjax.cli.common import RUN_FAILED, add_debug_flag, native_logs_held, start_jax, write_json
+from bigjax.cli.common import RUN_FAILED, add_command, native_logs_held, start_jax, write_json
 from bigjax.config import ConfigError
 from bigjax.config.load import load_config
 
 
 def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """train (or resume) a run
+
+    Train, or resume the run in --workdir. Override any config key with --config.KEY=VALUE,
+    e.g. --config.optim.lr=1e-3 --config.mesh.shape=1,-1,1.
+    """
     cfg = load_config(args.config, overrides)
     from bigjax import distributed  # imports jax: keep `bigjax --help` and config errors fast
     from bigjax.train import train
@@ -24,7 +29,22 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, cmd_train, config=True)
+    p.add_argument("--workdir", required=True, help="run directory (created if missing)")
+    # JAX's own names. Automatic on Cloud TPU slices and SLURM; explicit elsewhere.
+    p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
+    p.add_argument("--num_processes", type=int, help="processes in the job (multi-host)")
+    p.add_argument("--process_id", type=int, help="this process's index (multi-host)")
+
+
 def cmd_plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """pre-flight: memory, FLOPs and step time for a TPU slice or GPU cluster
+
+    Parameters, FLOPs, per-device memory and step time for a config on a target, without
+    the target. With libtpu installed (pip install 'bigjax[tpu]') the train step is
+    compiled ahead of time for the TPU topology on this machine.
+    """
     from bigjax import plan
 
     cfg = load_config(args.config, overrides)
@@ -39,20 +59,12 @@ def cmd_plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     with native_logs_held(args):  # compiling for a TPU topology starts libtpu: its logs too
         result = plan.plan(cfg, target, args.mfu, args.compile)
     print(plan.render(result))
-    if args.json:
-        write_json(Path(args.json), result)
+    write_json(args.json, result)
     return 0
 
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "plan",
-        help="pre-flight: memory, FLOPs and step time for a TPU slice or GPU cluster",
-        description="Parameters, FLOPs, per-device memory and step time for a config on a "
-        "target, without the target. With libtpu installed (pip install 'bigjax[tpu]') the "
-        "train step is compiled ahead of time for the TPU topology on this machine.",
-    )
-    p.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    p = add_command(sub, cmd_plan, config=True)
     p.add_argument("--topology", help="Cloud TPU slice: v4-32, v5p-128, v5e-16, v6e-8, ...")
     p.add_argument("--devices", type=int, help="number of GPUs (instead of --topology)")
     p.add_argument("--device-kind", default="H100", help="A100, H100 or H200 (with --devices)")
@@ -64,11 +76,15 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         help="compile for the TPU topology (default: when libtpu is installed)",
     )
     p.add_argument("--json", help="also write the plan as JSON here")
-    add_debug_flag(p)
-    p.set_defaults(run=cmd_plan)
 
 
 def cmd_bench(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """time a config's train step: tokens/s, MFU, compile, data wait, host overhead
+
+    Compiles the config's train step and times it twice: alone on a resident batch (the
+    device floor) and fed by the real pipeline as train runs it. Prints medians; --json
+    writes everything, --baseline compares with an earlier --json.
+    """
     cfg = load_config(args.config, overrides)
     start_jax(args)
     from bigjax import bench
@@ -86,32 +102,28 @@ def cmd_bench(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         baseline = json.loads(path.read_text())
     result = bench.bench(cfg, settings)
     print(bench.render(result, baseline))
+    write_json(args.json, result)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.json), result)
         print(f"  written to {args.json}")
     return 0
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="time a config's train step: tokens/s, MFU, compile, data wait, host overhead",
-        description="Compiles the config's train step and times it twice: alone on a "
-        "resident batch (the device floor) and fed by the real pipeline as train runs it. "
-        "Prints medians; --json writes everything, --baseline compares with an earlier --json.",
-    )
-    p.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    p = add_command(sub, cmd_bench, config=True)
     p.add_argument("--quick", action="store_true", help="1 warm-up + 5 timed steps")
     p.add_argument("--warmup", type=int, help="untimed steps before each timing (default 3)")
     p.add_argument("--steps", type=int, help="timed steps, median reported (default 10)")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--baseline", help="an earlier --json to compare against (ratios)")
-    add_debug_flag(p)
-    p.set_defaults(run=cmd_bench)
 
 
 def cmd_sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """run a sweep or ablation spec (experiments/NAME/sweep.py)
+
+    Run the trials of a sweep or ablation spec as `bigjax train` processes, N at a time,
+    recorded in an Optuna study. Rerun the same command to continue a stopped or killed
+    sweep; add --worker on other machines to join it.
+    """
     if overrides:
         raise ConfigError("sweep: put config overrides in the spec (its `overrides` field).")
     from bigjax.sweep import results, runner, spec  # imports optuna: only for this command
@@ -141,24 +153,22 @@ def cmd_sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "sweep",
-        help="run a sweep or ablation spec (experiments/NAME/sweep.py)",
-        description="Run the trials of a sweep or ablation spec as `bigjax train` processes, "
-        "N at a time, recorded in an Optuna study. Rerun the same command to continue a "
-        "stopped or killed sweep; add --worker on other machines to join it.",
-    )
+    p = add_command(sub, cmd_sweep)
     p.add_argument("spec", help="a Python file defining get_sweep()")
     p.add_argument("--workers", type=int, default=1, help="trials at a time on this machine")
     p.add_argument("--worker", action="store_true", help="join an existing sweep's study")
     p.add_argument("--storage", help="study database URL (default: SQLite in the sweep dir)")
     p.add_argument("--dir", help="sweep directory (default: runs/sweeps/NAME)")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
-    add_debug_flag(p)
-    p.set_defaults(run=cmd_sweep)
 
 
 def cmd_report(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """compare runs: markdown table and plots
+
+    Compare runs (run directories, or sweep directories holding them): final and best eval
+    loss per group (mean ± std over seeds), Δ vs the baseline, tokens, FLOPs, wall time;
+    loss plots; objective-vs-parameter plots for sweeps.
+    """
     if overrides:
         raise ConfigError("report: takes run or sweep directories, not config overrides.")
     from bigjax import report
@@ -174,16 +184,8 @@ def cmd_report(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report",
-        help="compare runs: markdown table and plots",
-        description="Compare runs (run directories, or sweep directories holding them): "
-        "final and best eval loss per group (mean ± std over seeds), Δ vs the baseline, "
-        "tokens, FLOPs, wall time; loss plots; objective-vs-parameter plots for sweeps.",
-    )
+    p = add_command(sub, cmd_report)
     p.add_argument("paths", nargs="+", help="run or sweep directories")
     p.add_argument("--out", help="output directory (default: PATH/report for one path)")
     p.add_argument("--baseline", default="", help="group to compare with (default: the spec's)")
     p.add_argument("--fit", default="", choices=["", "scaling"], help="scaling: fit L(C)")
-    add_debug_flag(p)
-    p.set_defaults(run=cmd_report)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from bigjax.cli.common import add_debug_flag, start_jax
+from bigjax.cli.common import add_command, start_jax
 from bigjax.config import ConfigError
 
 
@@ -24,6 +24,13 @@ def needs(module: str, extra: str, command: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """serve a run over the OpenAI API (completions, chat, streaming, metrics)
+
+    Serve a run's latest intact checkpoint over an OpenAI-compatible HTTP API
+    (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /tokenize,
+    /detokenize, /tokenizer_info) with continuous batching over --slots decode slots.
+    SIGTERM or Ctrl-C stops taking requests, finishes those in flight and exits 0.
+    """
     for module in ("fastapi", "uvicorn", "prometheus_client", "jinja2"):
         needs(module, "serve", "serve")
     workdir = run_dir(args, "serve")
@@ -50,14 +57,7 @@ def add_run_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="serve a run over the OpenAI API (completions, chat, streaming, metrics)",
-        description="Serve a run's latest intact checkpoint over an OpenAI-compatible HTTP API "
-        "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /tokenize, "
-        "/detokenize, /tokenizer_info) with continuous batching over --slots decode slots. "
-        "SIGTERM or Ctrl-C stops taking requests, finishes those in flight and exits 0.",
-    )
+    p = add_command(sub, cmd_serve)
     add_run_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
@@ -77,5 +77,3 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
     p.add_argument("--num_processes", type=int, help="processes in the job (multi-host)")
     p.add_argument("--process_id", type=int, help="this process's index; 0 serves HTTP")
-    add_debug_flag(p)
-    p.set_defaults(run=cmd_serve)
