@@ -25,10 +25,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
+from bigjax import context
 from bigjax.config import ATTENTION_IMPLS as IMPLS
-from bigjax.sharding import Rules, logical_to_spec
+from bigjax.sharding import Rules, attention_specs
 
 # cuDNN's packed layout takes a fixed number of documents per row; a row with more is refused
 # before it reaches the device (`check_segments`), never attended wrongly. 64 covers rows of
@@ -106,12 +107,13 @@ def attend(
 ) -> jax.Array:
     """Self-attention of a packed batch with the kernel `impl`; 'auto' is resolved here, at
     trace time, for the devices and shapes being traced."""
+    num_parts = context.parts(rules, _mesh_sizes(), q_BLHK.shape[1])
     chosen = resolve(
         impl,
         _platform(),
         dtype=q_BLHK.dtype,
         head_dim=q_BLHK.shape[-1],
-        seq_len=q_BLHK.shape[1],
+        seq_len=q_BLHK.shape[1] // num_parts,  # what one device's kernel tiles
     )
     if impl == "auto" and chosen == "cudnn":
         # jax checks the GPU, cuDNN version and shapes while tracing; where the packed kernel
@@ -128,6 +130,8 @@ def attend(
             )
             chosen = "einsum"
     impl = chosen
+    if num_parts > 1:
+        return _context_attention(impl, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, rules)
     if impl == "einsum":
         return dot_product_attention(q_BLHK, k_BLGK, v_BLGK, attention_mask(segment_ids_BL, causal))
     if impl == "xla":
@@ -140,6 +144,33 @@ def attend(
     if impl == "splash":
         return splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules)
     raise ValueError(f"attention kernel {impl!r}: expected one of {IMPLS[1:]}")
+
+
+def _context_attention(
+    impl: str,
+    q_BLHK: jax.Array,
+    k_BLGK: jax.Array,
+    v_BLGK: jax.Array,
+    segment_ids_BL: jax.Array,
+    causal: bool,
+    rules: Rules,
+) -> jax.Array:
+    """Attention of a sequence split over the context axis (bigjax/context.py): splash on
+    TPU; elsewhere two einsums under the chunk's mask (cuDNN's packed kernel cannot take a
+    shard's places in the row: on GPU the context path is XLA's, unmeasured)."""
+    if impl == "splash":
+        return splash_context_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, rules)
+
+    def inner(shard: context.Shard) -> jax.Array:
+        mask_B1QL = context.mask(shard, causal)
+        return dot_product_attention(shard.q_BQHK, shard.k_BLGK, shard.v_BLGK, mask_B1QL)
+
+    return context.attend(inner, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules)
+
+
+def _mesh_sizes() -> dict[str, int]:
+    mesh = jax.sharding.get_abstract_mesh()
+    return {} if mesh.empty else dict(mesh.shape)
 
 
 # --- cuDNN ---------------------------------------------------------------------------------
@@ -270,24 +301,78 @@ def splash_attention(
     def local(
         q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, segment_ids_BL: jax.Array
     ) -> jax.Array:
-        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
-
-        bl, _, hl, _ = q_BLHK.shape
-        gl = k_BLGK.shape[2]
-        q_BGRLK = (q_BLHK * scale).reshape(bl, length, gl, hl // gl, k).transpose(0, 2, 3, 1, 4)
-        k_BGLK, v_BGLK = k_BLGK.transpose(0, 2, 1, 3), v_BLGK.transpose(0, 2, 1, 3)
-
-        def one(
-            q_RLK: jax.Array, k_LK: jax.Array, v_LK: jax.Array, segment_ids_L: jax.Array
-        ) -> jax.Array:
-            ids = splash_attention_kernel.SegmentIds(q=segment_ids_L, kv=segment_ids_L)
-            return kernel(q_RLK, k_LK, v_LK, ids)
-
-        per_head = jax.vmap(one, in_axes=(0, 0, 0, None))
-        out_BGRLK = jax.vmap(per_head)(q_BGRLK, k_BGLK, v_BGLK, segment_ids_BL)
-        return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(bl, length, hl, k)
+        return _splash_rows(kernel, scale, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, segment_ids_BL)
 
     return _per_shard(local, rules, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+
+
+def _splash_rows(
+    kernel: Any,
+    scale: float,
+    q_BQHK: jax.Array,
+    k_BLGK: jax.Array,
+    v_BLGK: jax.Array,
+    q_ids_BQ: jax.Array,
+    kv_ids_BL: jax.Array,
+) -> jax.Array:
+    """A multi-query splash `kernel` on every row and KV head of one device's arrays."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+
+    b, q_len, h, k = q_BQHK.shape
+    g = k_BLGK.shape[2]
+    q_BGRQK = (q_BQHK * scale).reshape(b, q_len, g, h // g, k).transpose(0, 2, 3, 1, 4)
+    k_BGLK, v_BGLK = k_BLGK.transpose(0, 2, 1, 3), v_BLGK.transpose(0, 2, 1, 3)
+
+    def one(
+        q_RQK: jax.Array, k_LK: jax.Array, v_LK: jax.Array, q_ids_Q: jax.Array, kv_ids_L: jax.Array
+    ) -> jax.Array:
+        return kernel(q_RQK, k_LK, v_LK, splash_attention_kernel.SegmentIds(q=q_ids_Q, kv=kv_ids_L))
+
+    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))
+    out_BGRQK = jax.vmap(per_head)(q_BGRQK, k_BGLK, v_BGLK, q_ids_BQ, kv_ids_BL)
+    return out_BGRQK.transpose(0, 3, 1, 2, 4).reshape(b, q_len, h, k)
+
+
+def splash_context_attention(
+    q_BLHK: jax.Array,
+    k_BLGK: jax.Array,
+    v_BLGK: jax.Array,
+    segment_ids_BL: jax.Array,
+    causal: bool,
+    rules: Rules,
+) -> jax.Array:
+    """Splash over a context-sharded batch: one kernel whose mask is the whole [L, L] one
+    with the queries in load-balanced order, split by query shard (splash's q_seq_shards:
+    each device holds the block-sparsity of its own queries, and fully masked blocks of the
+    gathered keys are skipped)."""
+    b, length, h, k = q_BLHK.shape
+    g = k_BLGK.shape[2]
+    mesh = jax.sharding.get_abstract_mesh()
+    num_parts = dict(mesh.shape)[context.AXIS]
+    kernel = _splash_kernel(
+        length,
+        h // g,
+        causal,
+        interpret=_platform() != "tpu",
+        num_parts=num_parts,
+    )
+    scale = 1.0 / math.sqrt(k)
+
+    def inner(shard: context.Shard, *sharded: Any) -> jax.Array:
+        return _splash_rows(
+            sharded[0] if sharded else kernel, scale, shard.q_BQHK, shard.k_BLGK, shard.v_BLGK,
+            shard.q_ids_BQ, shard.kv_ids_BL,
+        )  # fmt: skip
+
+    if not causal:  # one mask for every shard (`_splash_kernel`)
+        return context.attend(
+            inner, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules
+        )
+    spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(None, context.AXIS)))
+    return context.attend(
+        inner, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules,
+        extra=(kernel,), extra_specs=(spec,),
+    )  # fmt: skip
 
 
 Kernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]  # q, k, v, ids
@@ -307,14 +392,9 @@ def _per_shard(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
-    sizes = dict(mesh.shape)
-    b, _, h, _ = q_BLHK.shape
-    g = k_BLGK.shape[2]
-    batch = logical_to_spec(("act_batch",), rules, sizes, (b,))[0]
-    heads = logical_to_spec(("act_heads",), rules, sizes, (h,))[0]
-    kv_heads = logical_to_spec(("act_kv_heads",), rules, sizes, (g,))[0]
-    if heads != kv_heads:  # a query group split across shards: every head on every shard
-        heads = kv_heads = None
+    batch, heads, kv_heads = attention_specs(
+        rules, dict(mesh.shape), q_BLHK.shape[0], q_BLHK.shape[2], k_BLGK.shape[2]
+    )
     q_spec = PartitionSpec(batch, None, heads, None)
     kv_spec = PartitionSpec(batch, None, kv_heads, None)
     return jax.shard_map(
@@ -332,8 +412,12 @@ def _platform() -> str:
     return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
-def _splash_kernel(length: int, group: int, causal: bool, interpret: bool) -> Any:
-    """A multi-query splash kernel for `group` query heads per KV head."""
+def _splash_kernel(
+    length: int, group: int, causal: bool, interpret: bool, num_parts: int = 1
+) -> Any:
+    """A multi-query splash kernel for `group` query heads per KV head; with `num_parts` > 1
+    (context parallelism) the queries are in load-balanced order and its mask is split into
+    that many query shards."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk,
     )
@@ -341,7 +425,7 @@ def _splash_kernel(length: int, group: int, causal: bool, interpret: bool) -> An
         splash_attention_mask as sm,
     )
 
-    block = math.gcd(length, SPLASH_BLOCK)
+    block = math.gcd(length // num_parts, SPLASH_BLOCK)
     sizes = sk.BlockSizes(
         block_q=block,
         block_kv=block,
@@ -352,6 +436,19 @@ def _splash_kernel(length: int, group: int, causal: bool, interpret: bool) -> An
         block_q_dq=block,
         block_kv_dq=block,
     )
-    shape = (length, length)
-    mask = sm.MultiHeadMask([sm.CausalMask(shape) if causal else sm.FullMask(shape)] * group)
-    return sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
+    if not causal:  # every shard's queries see the whole row: one mask for all
+        mask = sm.MultiHeadMask([sm.FullMask((length // num_parts, length))] * group)
+        return sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
+    one = sm.CausalMask((length, length))
+    if num_parts == 1:
+        mask = sm.MultiHeadMask([one] * group)
+        return sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
+    # A query's place in the row, not its index in the balanced row, decides what it sees.
+    one.q_sequence = context.chunk_order(length, num_parts).astype(np.int32)
+    return sk.make_splash_mqa(
+        mask=sm.MultiHeadMask([one] * group),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=num_parts,
+        interpret=interpret,
+    )

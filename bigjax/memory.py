@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bigjax import attention, lora, models, optim
+from bigjax import attention, context, lora, models, optim
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
 from bigjax.sharding import is_spec
@@ -40,13 +40,20 @@ def activation_bytes_per_device(
     outputs ~ (2 D, 2 D + 3 F); with full remat only the layer input (D, 0). The residual part
     is split over `tensor` only with sequence parallelism (`act_res_seq`). Plus f32 logits and
     their gradient (2 x 4 V per token). A flash kernel (`kernel` cudnn or splash) keeps no
-    probabilities, only their log-normaliser (H L -> H). XLA's compiled memory analysis is the
-    real answer (`bigjax plan` on a TPU topology).
+    probabilities, only their log-normaliser (H L -> H). With context parallelism the tokens
+    are 1/C of each row, plus one layer's gathered keys and values. XLA's compiled memory
+    analysis is the real answer (`bigjax plan` on a TPU topology).
     """
     m = cfg.model
     dtype_bytes = np.dtype("float32" if m.dtype == "float32" else "bfloat16").itemsize
     shards = math.prod(mesh_shape[a] for a in ("data", "fsdp"))
-    tokens = cfg.data.batch_size * cfg.data.seq_len / cfg.optim.grad_accum_steps / shards
+    rows = cfg.data.batch_size / cfg.optim.grad_accum_steps / shards
+    # Context parallelism: a device holds 1/C of each row's tokens, and while one layer
+    # attends, the keys and values of its rows gathered whole.
+    num_parts = context.parts(cfg.mesh.rules, mesh_shape, cfg.data.seq_len)
+    tokens = rows * cfg.data.seq_len / num_parts
+    kv_dim = m.num_kv_heads * m.dim_per_head
+    gathered = 0 if num_parts == 1 else rows * cfg.data.seq_len * 2 * kv_dim * dtype_bytes
     probs_per_head = 2 if kernel in ("cudnn", "splash") else cfg.data.seq_len  # f32 lse: 2
     residual, split = {
         "none": (4 * m.d_model, 6 * m.d_model + 3 * m.d_ff + m.num_heads * probs_per_head),
@@ -56,7 +63,7 @@ def activation_bytes_per_device(
     tensor = mesh_shape["tensor"]
     sequence_parallel = "tensor" in (dict(cfg.mesh.rules).get("act_res_seq") or ())
     per_layer = residual / (tensor if sequence_parallel else 1) + split / tensor
-    return tokens * (m.num_layers * per_layer * dtype_bytes + 8 * m.vocab_size / tensor)
+    return tokens * (m.num_layers * per_layer * dtype_bytes + 8 * m.vocab_size / tensor) + gathered
 
 
 def _shard_factor(spec: Any, mesh_shape: dict[str, int]) -> int:

@@ -1,7 +1,8 @@
-"""Builds the device mesh ('data', 'fsdp', 'tensor') from a MeshConfig."""
+"""Builds the device mesh ('data', 'stage', 'fsdp', 'context', 'tensor') from a MeshConfig."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -10,7 +11,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from bigjax.config import MESH_AXES, ConfigError, MeshConfig
+from bigjax.config import MESH_AXES, ConfigError, MeshConfig, full_mesh_shape
 
 
 def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -45,6 +46,9 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     """
     devices = list(jax.devices() if devices is None else devices)
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    cfg = dataclasses.replace(
+        cfg, shape=full_mesh_shape(cfg.shape), dcn_shape=full_mesh_shape(cfg.dcn_shape)
+    )
     if math.prod(cfg.dcn_shape) == 1:
         shape = resolve_shape(cfg.shape, len(devices))
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
@@ -53,7 +57,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
         raise ConfigError(
             f"mesh.dcn_shape: {tuple(cfg.dcn_shape)} needs {math.prod(cfg.dcn_shape)} slices, "
             f"found {len(groups)} (TPU slices, or processes where devices have no slice). "
-            "Set it to the number of slices, or (1, 1, 1) on one slice."
+            "Set it to the number of slices (e.g. 2,1,1), or 1,1,1 on one slice."
         )
     per_slice = resolve_shape(cfg.shape, len(groups[0]))
     return Mesh(hybrid_device_array(per_slice, cfg.dcn_shape, groups), MESH_AXES, axis_types)

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 
 from bigjax import memory, metrics, models, platforms, progress, tuning
-from bigjax.config import ConfigError, TrainConfig
+from bigjax.config import MESH_AXES, ConfigError, TrainConfig
 from bigjax.mesh import resolve_shape
 
 GiB = 2**30
@@ -91,7 +91,7 @@ def mesh_shape_for(cfg: TrainConfig, target: Target) -> dict[str, int]:
         )
     per_slice = resolve_shape(cfg.mesh.shape, target.num_devices // target.num_slices)
     sizes = (i * d for i, d in zip(per_slice, cfg.mesh.dcn_shape, strict=True))
-    return dict(zip(("data", "fsdp", "tensor"), sizes, strict=True))
+    return dict(zip(MESH_AXES, sizes, strict=True))
 
 
 def gpu_target(devices: int, kind: str) -> Target:

@@ -12,8 +12,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from bigjax import attention, checkpoint, lora, models, objectives, optim, resources, step
-from bigjax.config import ConfigError, TrainConfig
+from bigjax import attention, checkpoint, context, lora, models, objectives, optim, resources, step
+from bigjax.config import ConfigError, TrainConfig, check_mesh_axes
 from bigjax.data import pipeline
 from bigjax.layers import compute_dtype
 from bigjax.resources import Resources
@@ -105,12 +105,27 @@ class Program(Shapes):
         return self.target(), batch
 
     def to_global(self, local: dict[str, np.ndarray]) -> step.Batch:
-        """Assembles each process's rows into one global batch array (no replication)."""
+        """Assembles each process's rows into one global batch array (no replication), the
+        sequences in load-balanced order when they are split over the context axis."""
         if self.attention == "cudnn" and "segment_ids" in local:
             attention.check_segments(local["segment_ids"], attention.CUDNN_MAX_SEGMENTS)
+        fields = task_of(self.cfg).fields
+        seq_dims = {k: f.dims.index("seq") for k, f in fields.items() if "seq" in f.dims}
+        num_parts = context.parts(self.cfg.mesh.rules, dict(self.mesh.shape), self.cfg.data.seq_len)
+        if num_parts == 1:
+            return {
+                k: jax.make_array_from_process_local_data(self.batch_shardings[k], v)
+                for k, v in local.items()
+            }
+        # Balanced; a context axis that spans processes gets each its part of the sequence.
+        shapes = task_of(self.cfg).shapes(self.cfg)
         return {
-            k: jax.make_array_from_process_local_data(self.batch_shardings[k], v)
-            for k, v in local.items()
+            k: jax.make_array_from_process_local_data(
+                self.batch_shardings[k],
+                context.process_part(v, self.batch_shardings[k], shapes[k]),
+                shapes[k],
+            )
+            for k, v in context.balance(local, seq_dims, num_parts).items()
         }
 
 
@@ -127,6 +142,7 @@ def batch_shardings(cfg: TrainConfig, mesh: Mesh) -> dict[str, NamedSharding]:
 
 def check_program(cfg: TrainConfig, mesh: Mesh) -> None:
     """Checks that need the mesh and backend. Raises ConfigError naming the key and fix."""
+    check_mesh_axes(cfg, dict(mesh.shape))
     axes = dict(cfg.mesh.rules).get("act_batch", ())
     shards = math.prod(mesh.shape[a] for a in axes)
     accum = cfg.optim.grad_accum_steps
@@ -157,7 +173,7 @@ def attention_kernel(cfg: TrainConfig, mesh: Mesh) -> str:
         platform_of(mesh),
         dtype=compute_dtype(cfg.model.dtype, platform_of(mesh)),
         head_dim=cfg.model.dim_per_head,
-        seq_len=cfg.data.seq_len,
+        seq_len=cfg.data.seq_len // context.parts(cfg.mesh.rules, mesh.shape, cfg.data.seq_len),
     )
 
 

@@ -39,6 +39,20 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def attention_specs(
+    rules: Rules, mesh_shape: dict[str, int], batch: int, heads: int, kv_heads: int
+) -> tuple[object, object, object]:
+    """The mesh axes (PartitionSpec entries) of an attention's batch, query heads and KV
+    heads. Where they differ a query group would be split across shards: then every head is
+    on every shard."""
+    batch_axes = logical_to_spec(("act_batch",), rules, mesh_shape, (batch,))[0]
+    head_axes = logical_to_spec(("act_heads",), rules, mesh_shape, (heads,))[0]
+    kv_head_axes = logical_to_spec(("act_kv_heads",), rules, mesh_shape, (kv_heads,))[0]
+    if head_axes != kv_head_axes:
+        return batch_axes, None, None
+    return batch_axes, head_axes, kv_head_axes
+
+
 def tree_specs(abstract_tree: nnx.State, mesh_shape: dict[str, int], rules: Rules) -> nnx.State:
     """PartitionSpecs for every leaf of an nnx State whose Variables carry `out_sharding`.
 

@@ -9,7 +9,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bigjax.config import ConfigError, from_configdict, parse_override, set_path
+from bigjax.config import (
+    ConfigError,
+    from_configdict,
+    full_mesh_shape,
+    parse_override,
+    set_path,
+)
 
 
 @contextlib.contextmanager
@@ -29,7 +35,10 @@ def open_run(
     for item in overrides:
         set_path(raw, *parse_override(item))
     cfg = from_configdict(raw)
-    cfg = dc.replace(cfg, mesh=dc.replace(cfg.mesh, shape=(1, -1, tensor), dcn_shape=(1, 1, 1)))
+    one_slice = dc.replace(
+        cfg.mesh, shape=full_mesh_shape((1, -1, tensor)), dcn_shape=full_mesh_shape((1, 1, 1))
+    )
+    cfg = dc.replace(cfg, mesh=one_slice)
     import jax
 
     from bigjax import loading, lora

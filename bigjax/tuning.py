@@ -31,6 +31,7 @@ from bigjax.config import (
     MICRO_BATCH,
     TrainConfig,
     from_configdict,
+    full_mesh_shape,
     merge_groups,
     to_dict,
 )
@@ -68,8 +69,8 @@ def accumulation(raw: dict[str, Any], micro: int, num_devices: int) -> int:
     """Micro-batches per step so that each batch shard holds ~`micro` rows (at least one
     micro-batch; always a divisor of the batch that the shards divide)."""
     mesh = raw["mesh"]
-    shape = [int(s) for s in mesh["shape"]]
-    dcn = [int(s) for s in mesh.get("dcn_shape", (1,) * len(shape))]
+    shape = list(full_mesh_shape(tuple(int(s) for s in mesh["shape"])))
+    dcn = list(full_mesh_shape(tuple(int(s) for s in mesh.get("dcn_shape", (1,) * 3))))
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1) * math.prod(dcn)
         shape[shape.index(-1)] = max(num_devices // known, 1)

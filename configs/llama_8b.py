@@ -3,6 +3,10 @@
 Attention is `auto` (splash on TPUs, cuDNN on NVIDIA GPUs); `platforms` holds the memory
 policy per kind of device (bigjax/tuning.py). `bigjax plan --config configs/llama_8b.py
 --topology v5p-128` compiles it for that slice (docs/scaling.md).
+
+`configs/llama_8b.py:128k` trains on 131072-token rows: each row's sequence split over 8
+context devices (16384 tokens each, causal load balanced), FSDP over the rest; one row of
+131072 tokens on one device does not fit a v5p (plan: docs/scaling.md, "Long sequences").
 """
 
 import ml_collections
@@ -23,4 +27,9 @@ def get_config(arg=None):
         gpu=dict(model=dict(remat="save_matmuls"), micro_batch_per_device=1),
         tpu=dict(model=dict(remat="full")),
     )
+    if arg == "128k":
+        c.mesh = dict(shape=(1, 1, -1, 8, 1))  # (data, stage, fsdp, context, tensor)
+        c.data = dict(batch_size=16, seq_len=131072)  # 2M tokens a step
+    elif arg:
+        raise ValueError(f"configs/llama_8b.py: unknown argument {arg!r}; use 128k or none")
     return c

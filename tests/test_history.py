@@ -17,7 +17,10 @@ def test_changes_compare_dotted_keys_and_ignore_keys_one_side_lacks():
     new = to_dict(tiny_config(optim={"lr": 1e-3}, mesh={"shape": (2, 2, 2)}))
     del old["robust"]  # a config written by an older bigjax: nothing to compare against
     changed = history.changes(old, new)
-    assert changed == {"optim.lr": (0.003, 0.001), "mesh.shape": ([1, -1, 1], [2, 2, 2])}
+    assert changed == {
+        "optim.lr": (0.003, 0.001),
+        "mesh.shape": ([1, 1, -1, 1, 1], [2, 1, 2, 1, 2]),
+    }
     assert history.unusable(changed, "runs/a") is None  # both can resume
 
 

@@ -8,7 +8,7 @@ from conftest import tiny_config
 from helpers import corpus_batches, run_steps
 from jax.sharding import AxisType, Mesh
 
-from bigjax.config import MESH_AXES, ConfigError, MeshConfig
+from bigjax.config import MESH_AXES, ConfigError, MeshConfig, full_mesh_shape
 from bigjax.mesh import granules, hybrid_device_array, make_mesh
 
 NO_SP = {"act_res_seq": None}
@@ -56,7 +56,7 @@ def test_combination_matches_single_device(name):
     # over 3 optimizer steps stays far below 1e-5 on the loss and 1e-4 on the parameters,
     # while a wrong shard, a lost micro-batch or a missed all-reduce moves them by > 1e-3.
     _assert_same_training((metrics, state), _single_device(cfg, batches), 1e-5, 1e-4, 1e-5)
-    assert prog.mesh.shape == dict(zip(MESH_AXES, shape, strict=True))
+    assert prog.mesh.shape == dict(zip(MESH_AXES, full_mesh_shape(shape), strict=True))
 
 
 @pytest.mark.slow
@@ -87,12 +87,14 @@ def test_bf16_compute_with_f32_master_weights_matches_single_device():
 def test_multi_slice_layout_and_training():
     devices = jax.devices()
     # Two stand-in slices of 4 devices: dcn (2,1,1) x per-slice (1,2,2) = mesh (2,2,2)
-    array = hybrid_device_array((1, 2, 2), (2, 1, 1), [devices[:4], devices[4:]])
-    assert array.shape == (2, 2, 2)
+    # (data, fsdp, tensor; stage and context 1)
+    per_slice, dcn = full_mesh_shape((1, 2, 2)), full_mesh_shape((2, 1, 1))
+    array = hybrid_device_array(per_slice, dcn, [devices[:4], devices[4:]])
+    assert array.shape == (2, 1, 2, 1, 2)
     # only the data axis (the DCN one) crosses slices: each data index is one whole slice
     assert {d.id for d in array[0].flat} == {0, 1, 2, 3}
     assert {d.id for d in array[1].flat} == {4, 5, 6, 7}
-    mesh = Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    mesh = Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     cfg = tiny_config()
     batches = corpus_batches(3, 16, 64)
     metrics, state, _ = run_steps(cfg, batches, mesh=mesh)
@@ -102,7 +104,7 @@ def test_multi_slice_layout_and_training():
 def test_dcn_shape_must_match_the_slices():
     # one process, no TPU slices: one granule
     assert len(granules(jax.devices())) == 1
-    with pytest.raises(ConfigError, match=r"dcn_shape: \(2, 1, 1\) needs 2 slices, found 1"):
+    with pytest.raises(ConfigError, match=r"dcn_shape: \(2, 1, 1, 1, 1\) needs 2 slices, found 1"):
         make_mesh(MeshConfig(shape=(1, -1, 1), dcn_shape=(2, 1, 1)))
 
 

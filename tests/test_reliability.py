@@ -448,4 +448,10 @@ def test_checkpoints_hold_no_pickles(uninterrupted):
         head = f.read_bytes()[:2]
         assert not (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5), f
     meta = json.loads((uninterrupted / "checkpoints" / "12" / "meta" / "metadata").read_text())
-    assert meta["config"]["num_steps"] == 12 and meta["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert meta["config"]["num_steps"] == 12 and meta["mesh"] == {
+        "data": 1,
+        "stage": 1,
+        "fsdp": 8,
+        "context": 1,
+        "tensor": 1,
+    }

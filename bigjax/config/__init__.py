@@ -30,6 +30,7 @@ from bigjax.config.rules import (
     DEFAULT_RULES,
     LOGICAL_AXES,
     MESH_AXES,
+    full_mesh_shape,
 )
 from bigjax.config.schema import (
     ATTENTION_IMPLS,
@@ -57,7 +58,7 @@ from bigjax.config.schema import (
     TrainConfig,
     unknown_choice,
 )
-from bigjax.config.validate import advice, validate
+from bigjax.config.validate import advice, check_mesh_axes, validate
 
 __all__ = [
     "advice",
@@ -74,6 +75,7 @@ __all__ = [
     "LLAMA32_ROPE",
     "LOGICAL_AXES",
     "MESH_AXES",
+    "full_mesh_shape",
     "MICRO_BATCH",
     "MLPS",
     "MODEL_SIZES",
@@ -100,5 +102,6 @@ __all__ = [
     "to_dict",
     "unknown_choice",
     "validate",
+    "check_mesh_axes",
     "without",
 ]

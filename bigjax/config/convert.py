@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bigjax.config.presets import FAMILY_DEFAULTS, MODEL_SIZES
-from bigjax.config.rules import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES
+from bigjax.config.rules import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES, full_mesh_shape
 from bigjax.config.schema import ConfigError, TrainConfig, unknown_choice
 from bigjax.config.validate import validate
 
@@ -79,6 +79,12 @@ def from_configdict(cd: Any) -> TrainConfig:
     if isinstance(raw.get("platforms"), Mapping):
         raw["platforms"] = _platforms_json(raw)
     cfg = _build(TrainConfig, raw, "")
+    mesh = dataclasses.replace(
+        cfg.mesh,
+        shape=full_mesh_shape(cfg.mesh.shape),
+        dcn_shape=full_mesh_shape(cfg.mesh.dcn_shape),
+    )
+    cfg = dataclasses.replace(cfg, mesh=mesh)
     validate(cfg)
     return cfg
 

@@ -62,6 +62,39 @@ def _run_and_mesh(cfg: TrainConfig) -> None:
         "mesh.dcn_shape",
         f"needs {len(MESH_AXES)} positive entries {MESH_AXES}, got {dcn}",
     )
+    sizes = {a: s * d for a, s, d in zip(MESH_AXES, shape, dcn, strict=True) if s != -1}
+    check_mesh_axes(cfg, sizes)
+
+
+def check_mesh_axes(cfg: TrainConfig, sizes: dict[str, int]) -> None:
+    """What the context and stage axes need of the rest of the config, for the axis sizes
+    known (a -1 entry is checked once the devices resolve it). Raises ConfigError."""
+    rules = dict(cfg.mesh.rules)
+    context = sizes.get("context", 1)
+    if context > 1:
+        _check(
+            "context" in rules.get("act_seq", ()),
+            "mesh.rules.act_seq",
+            f"must include 'context' when the context axis is {context} (the context "
+            "devices would each compute the whole sequence); set act_seq=context",
+        )
+        _check(
+            cfg.data.task not in ("classify", "images"),
+            "mesh.shape",
+            f"context {context} splits each row's sequence, which data.task={cfg.data.task} "
+            "does not have or reads by index; use context 1",
+        )
+        _check(
+            cfg.data.seq_len % (2 * context) == 0,
+            "data.seq_len",
+            f"{cfg.data.seq_len} cannot be cut into 2 x context = {2 * context} equal chunks "
+            f"(causal load balancing); use a multiple of {2 * context}",
+        )
+    _check(
+        sizes.get("stage", 1) == 1,
+        "mesh.shape",
+        f"stage {sizes.get('stage')}: pipeline stages are not built yet; use stage 1",
+    )
 
 
 def _model(cfg: TrainConfig) -> None:
