@@ -88,21 +88,6 @@ def balance(
     return out
 
 
-def process_part(
-    rows: np.ndarray, sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]
-) -> np.ndarray:
-    """This process's rows cut to the part of every other dim its devices hold: the whole
-    sequence where the context axis stays inside the process, its share where it spans
-    processes (jax's process-local assembly takes each process's own block)."""
-    indices = sharding.addressable_devices_indices_map(global_shape).values()
-    regions = [i for i in indices if i is not None]
-    index = [slice(None)]
-    for dim in range(1, rows.ndim):
-        spans = [r[dim].indices(global_shape[dim]) for r in regions]
-        index.append(slice(min(s[0] for s in spans), max(s[1] for s in spans)))
-    return rows[tuple(index)]
-
-
 def attend(
     inner: Inner,
     q_BLHK: jax.Array,

@@ -112,19 +112,11 @@ class Program(Shapes):
         fields = task_of(self.cfg).fields
         seq_dims = {k: f.dims.index("seq") for k, f in fields.items() if "seq" in f.dims}
         num_parts = context.parts(self.cfg.mesh.rules, dict(self.mesh.shape), self.cfg.data.seq_len)
-        if num_parts == 1:
-            return {
-                k: jax.make_array_from_process_local_data(self.batch_shardings[k], v)
-                for k, v in local.items()
-            }
-        # Balanced; a context axis that spans processes gets each its part of the sequence.
+        # The global shapes given: a context axis across processes leaves each process
+        # the whole sequence of its rows, from which jax takes its devices' parts.
         shapes = task_of(self.cfg).shapes(self.cfg)
         return {
-            k: jax.make_array_from_process_local_data(
-                self.batch_shardings[k],
-                context.process_part(v, self.batch_shardings[k], shapes[k]),
-                shapes[k],
-            )
+            k: jax.make_array_from_process_local_data(self.batch_shardings[k], v, shapes[k])
             for k, v in context.balance(local, seq_dims, num_parts).items()
         }
 

@@ -106,7 +106,8 @@ def _packed_batches(n, rows, length):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "shape",
-    [(1, 1, 1, 2, 1), (1, 1, 1, 4, 1), (1, 1, 2, 2, 2), (2, 1, 1, 4, 1), (1, 1, 2, 4, 1)],
+    # (data, stage, fsdp, context, tensor): context 2 and 4 alone, with fsdp, with tensor
+    [(1, 1, 1, 2, 1), (1, 1, 1, 4, 1), (1, 1, 2, 2, 2), (1, 1, 2, 4, 1)],
 )
 def test_training_over_context_matches_one_device(shape):
     cfg = tiny_config(optim={"grad_accum_steps": 2}, data={"batch_size": 8, "seq_len": 128})

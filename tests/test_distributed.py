@@ -4,6 +4,7 @@ import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir: Path, steps: int, processes: int) -> list[subprocess.CompletedProcess]:
-    """`processes` x (8 / processes) CPU devices train the same config on a (2, 2, 2) mesh;
-    with 2 processes it is built as 2 slices (processes stand in for slices on CPU): the data
-    axis over DCN, (1, 2, 2) inside each."""
+def _launch(
+    workdir: Path, steps: int, processes: int, mesh: Sequence[str] = ()
+) -> list[subprocess.CompletedProcess]:
+    """`processes` x (8 / processes) CPU devices train the same config on a (2, 2, 2) mesh
+    (or `mesh`'s overrides); with 2 processes it is built as 2 slices (processes stand in for
+    slices on CPU): the data axis over DCN, (1, 2, 2) inside each."""
     port = _free_port()
     env = {
         **os.environ,
@@ -46,9 +49,12 @@ def _launch(workdir: Path, steps: int, processes: int) -> list[subprocess.Comple
                 f"--config.num_steps={steps}",
                 "--config.data.seq_len=64",
                 *(
-                    ["--config.mesh.shape=(1,2,2)", "--config.mesh.dcn_shape=(2,1,1)"]
-                    if processes == 2
-                    else ["--config.mesh.shape=(2,2,2)"]
+                    mesh
+                    or (
+                        ["--config.mesh.shape=(1,2,2)", "--config.mesh.dcn_shape=(2,1,1)"]
+                        if processes == 2
+                        else ["--config.mesh.shape=(2,2,2)"]
+                    )
                 ),
                 "--config.checkpoint.every_steps=3",
                 "--config.metrics.log_every=1",
@@ -126,3 +132,17 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path):
 )
 def test_auto_initialize_only_where_jax_can_find_the_coordinator(env, expected):
     assert should_auto_initialize(env) is expected
+
+
+@pytest.mark.slow
+def test_a_context_axis_across_processes_trains_like_one_process(tmp_path):
+    # context 4 = 2 slices (processes) x 2 inside each, fsdp 2: every process holds all rows
+    # but only its half of each row's (balanced) sequence, and the keys and values of a row
+    # are gathered across the processes.
+    one = ["--config.mesh.shape=(1,1,2,4,1)"]
+    two = ["--config.mesh.shape=(1,1,2,2,1)", "--config.mesh.dcn_shape=(1,1,1,2,1)"]
+    _launch(tmp_path / "one", steps=3, processes=1, mesh=one)
+    _launch(tmp_path / "two", steps=3, processes=2, mesh=two)
+    ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert list(got) == [1, 2, 3]
+    np.testing.assert_allclose(list(got.values()), list(ref.values()), rtol=RTOL)
