@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from bigjax import metrics, models
+from bigjax import metrics, models, stages
 from bigjax.config import TrainConfig
 from bigjax.layers import compute_dtype
 from bigjax.program import for_config
@@ -97,6 +97,9 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
         "batch": [cfg.data.batch_size, cfg.data.seq_len],
         "choices": choices(cfg, prog),
         "mesh": dict(mesh.shape),
+        "pipeline": stages.schedule(
+            cfg.mesh.rules, mesh.shape, cfg.model.num_layers, cfg.model.pipeline_microbatches
+        ),
         "settings": dataclasses.asdict(settings),
         "compile_s": compile_s,
         "step_time_s": step_s,
@@ -159,6 +162,8 @@ def render(result: dict[str, Any], baseline: dict[str, Any] | None = None) -> st
         f"device(s); median of {result['settings']['steps']} steps"
     )
     lines = [head, "  choices: " + ", ".join(f"{k} {v}" for k, v in result["choices"].items())]
+    if result.get("pipeline"):
+        lines.append(f"  pipeline: {stages.describe(result['pipeline'])}")
     for label, key, fmt, higher_is_better in ROWS:
         line = f"  {label:<22}{fmt.format(result[key]):>16}"
         if baseline is not None and key in baseline and baseline[key] and key != "host_overhead_s":

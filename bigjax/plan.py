@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from bigjax import memory, metrics, models, platforms, progress, tuning
+from bigjax import memory, metrics, models, platforms, progress, stages, tuning
 from bigjax.config import MESH_AXES, ConfigError, TrainConfig
 from bigjax.mesh import resolve_shape
 
@@ -122,7 +122,11 @@ def analytic(
     params_b, opt_b, grads_b = bytes_["parameters"], bytes_["optimizer"], bytes_["gradients"]
     act_b = bytes_["activations"]
     flops_per_step = flops_per_token * tokens_per_step
-    step_s = flops_per_step / (target.peak_per_device * target.num_devices * mfu)
+    pipeline = stages.schedule(
+        cfg.mesh.rules, mesh_shape, cfg.model.num_layers, cfg.model.pipeline_microbatches
+    )
+    busy = 1.0 - (pipeline["bubble"] if pipeline else 0.0)  # stages idle in the bubble
+    step_s = flops_per_step / (target.peak_per_device * target.num_devices * mfu * busy)
     return {
         "target": target.name,
         "devices": target.num_devices,
@@ -139,6 +143,7 @@ def analytic(
         "mfu": mfu,
         "step_time_s": step_s,
         "tokens_per_s": tokens_per_step / step_s,
+        "pipeline": pipeline,
     }
 
 
@@ -256,6 +261,8 @@ def render(result: dict[str, Any]) -> str:
         f"  step time @ {a['mfu']:.0%} MFU   {a['step_time_s']:.3f} s "
         f"({a['tokens_per_s']:,.0f} tokens/s)",
     ]
+    if a.get("pipeline"):
+        lines.insert(-1, f"  pipeline              {stages.describe(a['pipeline'])}")
     if "choices" in result:
         lines.insert(1, "  choices: " + ", ".join(f"{k} {v}" for k, v in result["choices"].items()))
     c = result.get("compiled")

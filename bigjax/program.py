@@ -12,7 +12,18 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from bigjax import attention, checkpoint, context, lora, models, objectives, optim, resources, step
+from bigjax import (
+    attention,
+    checkpoint,
+    context,
+    lora,
+    models,
+    objectives,
+    optim,
+    resources,
+    stages,
+    step,
+)
 from bigjax.config import ConfigError, TrainConfig, check_mesh_axes
 from bigjax.data import pipeline
 from bigjax.layers import compute_dtype
@@ -138,12 +149,15 @@ def check_program(cfg: TrainConfig, mesh: Mesh) -> None:
     axes = dict(cfg.mesh.rules).get("act_batch", ())
     shards = math.prod(mesh.shape[a] for a in axes)
     accum = cfg.optim.grad_accum_steps
+    num_stages = stages.num_stages(cfg.mesh.rules, mesh.shape, cfg.model.num_layers)
+    if num_stages > 1:  # each pipeline micro-batch is split over the batch shards too
+        accum *= stages.microbatches(cfg.model.pipeline_microbatches, num_stages)
     # An indivisible batch would silently be replicated (every device computing all of it).
     if (cfg.data.batch_size // accum) % shards:
         raise ConfigError(
-            f"data.batch_size: {cfg.data.batch_size} sequences in {accum} micro-batches cannot "
-            f"be split over {shards} batch shards (mesh axes {axes}); use a multiple of "
-            f"{shards * accum}."
+            f"data.batch_size: {cfg.data.batch_size} sequences in {accum} (pipeline) "
+            f"micro-batches cannot be split over {shards} batch shards (mesh axes {axes}); "
+            f"use a multiple of {shards * accum}."
         )
     if cfg.model.attention == "cudnn" and platform_of(mesh) != "gpu":
         raise ConfigError(

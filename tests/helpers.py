@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from bigjax.config import MeshConfig, TrainConfig
+from bigjax.config import ConfigError, MeshConfig, TrainConfig
 from bigjax.data import corpus, pipeline
 from bigjax.data.tokenizer import ByteTokenizer
 from bigjax.mesh import make_mesh
@@ -114,3 +114,41 @@ def clipped_mean(row_grad, params, rows: int, clip_norm: float):
         g = jax.tree.map(lambda x, n=n: x * min(1.0, clip_norm / n), g)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     return flatten(jax.device_get(jax.tree.map(lambda x: x / rows, total))), norms
+
+
+def losses_by_step(run) -> dict[int, float]:
+    """{step: loss} from a run directory's metrics.jsonl."""
+    from bigjax.metrics import read_jsonl
+
+    return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
+
+
+def assert_same_losses(run, ref, steps, rtol: float) -> None:
+    """`run` logged every step of `steps` with `ref`'s losses within `rtol`."""
+    import numpy as np
+
+    got, want = losses_by_step(run), losses_by_step(ref)
+    assert sorted(got) == sorted(want) == list(steps)
+    np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=rtol)
+
+
+def assert_one_line_config_error(groups: dict, message: str) -> None:
+    """The config of `groups` is refused with one line matching `message` (a regex)."""
+    import pytest
+    from conftest import tiny_config
+
+    with pytest.raises(ConfigError, match=message) as e:
+        tiny_config(**groups)
+    assert "\n" not in str(e.value)
+
+
+def train_tiny(run, steps: int, mesh_shape, **groups) -> None:
+    """`bigjax.train` of a tiny config on `mesh_shape` into `run`, a checkpoint every 2 steps
+    (a later call with more steps resumes it)."""
+    from conftest import tiny_config
+
+    from bigjax.train import train
+
+    cfg = tiny_config(num_steps=steps, mesh={"shape": mesh_shape},
+                      checkpoint={"every_steps": 2}, **groups)  # fmt: skip
+    train(cfg, run)

@@ -55,7 +55,8 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("heads", ("tensor",)),
     ("kv_heads", ("tensor",)),
     ("head_dim", ()),
-    ("layers", ()),
+    # Pipeline parallelism: the stacked layers split into contiguous stages (bigjax/stages.py).
+    ("layers", ("stage",)),
     ("norm", ()),
     ("table_vocab", ("fsdp", "context", "tensor")),
     ("table_embed", ()),

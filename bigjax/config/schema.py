@@ -116,6 +116,10 @@ class ModelConfig:
     param_dtype: Dtype = "float32"
     dtype: ComputeDtype = "auto"  # compute dtype; auto: float32 on CPU, bfloat16 on GPU/TPU
     scan_layers: bool = True
+    # With a mesh `stage` axis > 1: micro-batches in flight in the pipeline, each step's
+    # (accumulation) micro-batch cut into this many (0: as many as stages). More shrink the
+    # bubble, (stages - 1) / (micro-batches + stages - 1), at smaller matmuls.
+    pipeline_microbatches: int = 0
     remat: RematPolicy = "none"
     attention: AttentionImpl = "auto"
 

@@ -90,11 +90,34 @@ def check_mesh_axes(cfg: TrainConfig, sizes: dict[str, int]) -> None:
             f"{cfg.data.seq_len} cannot be cut into 2 x context = {2 * context} equal chunks "
             f"(causal load balancing); use a multiple of {2 * context}",
         )
-    _check(
-        sizes.get("stage", 1) == 1,
-        "mesh.shape",
-        f"stage {sizes.get('stage')}: pipeline stages are not built yet; use stage 1",
-    )
+    _check(cfg.model.pipeline_microbatches >= 0, "model.pipeline_microbatches", "must be >= 0")
+    stages = sizes.get("stage", 1)
+    if stages > 1:
+        _check(
+            cfg.model.num_layers % stages == 0,
+            "model.num_layers",
+            f"{cfg.model.num_layers} layers cannot be split into {stages} equal pipeline "
+            f"stages; use a multiple of {stages} layers or another stage count",
+        )
+        _check(
+            "stage" in rules.get("layers", ()),
+            "mesh.rules.layers",
+            f"must include 'stage' when the stage axis is {stages}; set layers=stage",
+        )
+        _check(
+            context == 1,
+            "mesh.shape",
+            f"stage {stages} with context {context}: pipeline stages and context "
+            "parallelism together are not supported yet; use one of them",
+        )
+        micro = cfg.model.pipeline_microbatches or stages
+        rows = cfg.data.batch_size // max(cfg.optim.grad_accum_steps, 1)
+        _check(
+            rows % micro == 0,
+            "model.pipeline_microbatches",
+            f"{micro} pipeline micro-batches do not divide the {rows} rows of each step's "
+            "micro-batch (data.batch_size / optim.grad_accum_steps); use a divisor",
+        )
 
 
 def _model(cfg: TrainConfig) -> None:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigjax import stages
 from bigjax.config import ModelConfig
 from bigjax.layers import (
     RESIDUAL,
@@ -163,6 +164,10 @@ class BlockStack(typing.Protocol):
     def scan_layers(self) -> bool: ...
     @property
     def moe_aux_weight(self) -> float: ...
+    @property
+    def rules(self) -> Rules: ...
+    @property
+    def pipeline_microbatches(self) -> int: ...
 
 
 def run_blocks(
@@ -173,28 +178,46 @@ def run_blocks(
     rng: jax.Array | None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`model.blocks` over the residual stream, scanned or unrolled, rematerialised as the
-    model says; returns the stream and the auxiliary outputs averaged over layers."""
+    model says, in pipeline stages where the mesh has them (bigjax/stages.py); returns the
+    stream and the auxiliary outputs averaged over layers."""
     block_def, block_params = nnx.split(model.blocks)
     layer_rngs = None if rng is None else jax.random.split(rng, model.num_layers)
 
-    def apply_block(x_BLD: jax.Array, layer: tuple) -> tuple[jax.Array, dict]:
-        params, layer_rng = layer
-        block = nnx.merge(block_def, params)
-        return block(x_BLD, segment_ids_BL, positions_BL, layer_rng)
+    def layers(
+        params: nnx.State,
+        x_BLD: jax.Array,
+        segment_ids_BL: jax.Array,
+        positions_BL: jax.Array,
+        rngs_N: jax.Array | None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        def apply_block(x_BLD: jax.Array, layer: tuple) -> tuple[jax.Array, dict]:
+            params, layer_rng = layer
+            block = nnx.merge(block_def, params)
+            return block(x_BLD, segment_ids_BL, positions_BL, layer_rng)
 
-    if model.remat != "none":
-        apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICY[model.remat])
-    if model.scan_layers:
-        x_BLD, aux_N = jax.lax.scan(apply_block, x_BLD, (block_params, layer_rngs))
-    else:
+        if model.remat != "none":
+            apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICY[model.remat])
+        if model.scan_layers:
+            return jax.lax.scan(apply_block, x_BLD, (params, rngs_N))
         per_layer = []
-        for i in range(model.num_layers):
-            layer = jax.tree.map(lambda a, i=i: a[i], (block_params, layer_rngs))
-            x_BLD, aux = apply_block(x_BLD, layer)
+        for i in range(jax.tree.leaves(params)[0].shape[0]):
+            x_BLD, aux = apply_block(x_BLD, jax.tree.map(lambda a, i=i: a[i], (params, rngs_N)))
             per_layer.append(aux)
-        aux_N = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        return x_BLD, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
-    aux = {f"moe_{k}": jnp.mean(v) for k, v in aux_N.items()}
+    mesh = jax.sharding.get_abstract_mesh()
+    num_stages = 1 if mesh.empty else stages.num_stages(model.rules, mesh.shape, model.num_layers)
+    if num_stages > 1:
+        num_micro = stages.microbatches(model.pipeline_microbatches, num_stages)
+        x_BLD, means = stages.run(
+            layers, block_params, x_BLD, segment_ids_BL, positions_BL, layer_rngs,
+            stages=num_stages, num_micro=num_micro, rules=model.rules,
+        )  # fmt: skip
+    else:
+        x_BLD, aux_N = layers(block_params, x_BLD, segment_ids_BL, positions_BL, layer_rngs)
+        means = {k: jnp.mean(v) for k, v in aux_N.items()}
+
+    aux = {f"moe_{k}": v for k, v in means.items()}
     if "moe_balance_loss" in aux:
         aux["aux_loss"] = model.moe_aux_weight * aux["moe_balance_loss"]
     return x_BLD, aux
@@ -223,6 +246,7 @@ class Llama(nnx.Module):
         pd, dt = jnp.dtype(cfg.param_dtype), compute_dtype(cfg.dtype)
         self.num_layers, self.scan_layers, self.remat = cfg.num_layers, cfg.scan_layers, cfg.remat
         self.moe_aux_weight = cfg.moe_aux_weight
+        self.pipeline_microbatches = cfg.pipeline_microbatches
         self.dtype, self.rules = dt, rules
         self.embed = Embed(
             cfg.vocab_size, cfg.d_model, rngs=rngs, param_dtype=pd, dtype=dt, rules=rules
