@@ -98,7 +98,11 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
         "choices": choices(cfg, prog),
         "mesh": dict(mesh.shape),
         "pipeline": stages.schedule(
-            cfg.mesh.rules, mesh.shape, cfg.model.num_layers, cfg.model.pipeline_microbatches
+            cfg.mesh.rules,
+            mesh.shape,
+            cfg.model.num_layers,
+            cfg.model.pipeline_microbatches,
+            cfg.model.pipeline_interleave,
         ),
         "settings": dataclasses.asdict(settings),
         "compile_s": compile_s,

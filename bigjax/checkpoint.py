@@ -16,7 +16,7 @@ import json
 import shutil
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from bigjax import history, integrity
+from bigjax import history, integrity, stages
 from bigjax.config import CheckpointConfig
 from bigjax.data.pipeline import Batches, DataStateError, MalformedDataState
 from bigjax.errors import RunFailed, UsageError
@@ -336,6 +336,7 @@ def restore(
     *,
     move_corrupt: bool = True,
     config: Mapping[str, object] | None = None,
+    layer_order: Sequence[int] | None = None,
 ) -> TrainState | None:
     """Restores the newest good checkpoint into `target`'s shapes and shardings (resharding
     if the mesh changed), and the data iterator in place.
@@ -347,7 +348,8 @@ def restore(
     set-aside steps are left, raises: every relaunch, until the user moves them away.
     `config` (this run's, as a dict) is checked against the checkpoint's: a change that makes
     the saved state unusable (another optimizer, model shape, ...) is a CheckpointMismatch,
-    never mistaken for corruption.
+    never mistaken for corruption. The stacked layers come back in `layer_order` (the run's,
+    bigjax/stages.py; None: the model's), whatever order the checkpoint recorded.
     """
     directory = Path(manager.directory)
     steps = sorted(manager.all_steps(), reverse=True)
@@ -394,7 +396,8 @@ def restore(
         ):
             problem = "its parameters or optimizer moments are not finite"
         if problem is None and restored is not None:
-            return restored
+            saved_order = read_meta(manager, step).get("layer_order")
+            return stages.reorder(restored, saved_order, layer_order)
         failures.append(f"{step_dir}: {problem}")
         where = ""
         if move_corrupt:

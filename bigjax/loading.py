@@ -5,13 +5,14 @@ verifies a step's checksums first and takes the newest intact step."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from bigjax import integrity
+from bigjax import integrity, stages
 from bigjax.checkpoint import (
     CheckpointError,
     check_layout,
@@ -41,6 +42,7 @@ def init_from(
     data_iter: Batches | None,
     layout: dict[str, list[int]],
     fresh: TrainState,
+    layer_order: Sequence[int] | None = None,
 ) -> tuple[TrainState, int]:
     """State initialised from another run's newest intact checkpoint, and that checkpoint's
     step.
@@ -53,11 +55,13 @@ def init_from(
     state: TrainState | None
     try:
         if mode == "full":
-            state = restore(manager, target, data_iter, layout, move_corrupt=False)
+            state = restore(
+                manager, target, data_iter, layout, move_corrupt=False, layer_order=layer_order
+            )
             source_step = 0 if state is None else int(jax.device_get(state.step))
         else:
             source_step = newest_intact(manager) or 0
-            state = _restore_params(manager, source_step, target, layout, fresh)
+            state = _restore_params(manager, source_step, target, layout, fresh, layer_order)
     finally:
         manager.close()
     if state is None:
@@ -90,16 +94,20 @@ def newest_intact(manager: ocp.CheckpointManager) -> int | None:
     return None
 
 
-def load_params(path: str, target_params: Params) -> tuple[Params, int]:
+def load_params(
+    path: str, target_params: Params, layer_order: Sequence[int] | None = None
+) -> tuple[Params, int]:
     """The parameters of a run's newest intact checkpoint, restored into `target_params`'
-    shardings (for generation, evaluation, export); returns (params, step)."""
+    shardings (for generation, evaluation, export), the stacked layers in `layer_order`
+    (None: the model's); returns (params, step)."""
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     manager = ocp.CheckpointManager(source_directory(path).absolute(), options=options)
     try:
         step = newest_intact(manager)
         if step is None:
             raise CheckpointError(f"no checkpoint in {path!r}: train the run first.")
-        params = _restore_params_only(manager, step, target_params, param_layout(target_params))
+        layout = param_layout(target_params)
+        params = _restore_params_only(manager, step, target_params, layout, layer_order)
     finally:
         manager.close()
     return params, step
@@ -111,6 +119,7 @@ def _restore_params(
     target: TrainState,
     layout: dict[str, list[int]],
     fresh: TrainState,
+    layer_order: Sequence[int] | None,
 ) -> TrainState | None:
     # What fine-tuning adds (LoRA adapters, a classification head) and the source lacks
     # starts fresh; everything else must be in the checkpoint, with the same shapes.
@@ -121,7 +130,7 @@ def _restore_params(
     new = {k for k in target.params if k in FINETUNE_ADDITIONS and k not in saved_tops}
     base = {k: v for k, v in target.params.items() if k not in new}
     base_layout = {k: v for k, v in layout.items() if k.split("/", 1)[0] not in new}
-    params = _restore_params_only(manager, step, base, base_layout)
+    params = _restore_params_only(manager, step, base, base_layout, layer_order)
     params = {**params, **{k: fresh.params[k] for k in new}}
     return TrainState(step=fresh.step, params=params, opt_state=fresh.opt_state)
 
@@ -131,9 +140,14 @@ FINETUNE_ADDITIONS = ("lora", "cls_head_DC", "cls_bias_C")
 
 
 def _restore_params_only(
-    manager: ocp.CheckpointManager, step: int, target_params: Any, layout: dict[str, list[int]]
+    manager: ocp.CheckpointManager,
+    step: int,
+    target_params: Any,
+    layout: dict[str, list[int]],
+    layer_order: Sequence[int] | None,
 ) -> Any:
-    """The parameters of `step`, which the caller verified (`newest_intact`)."""
+    """The parameters of `step`, which the caller verified (`newest_intact`), the stacked
+    layers in `layer_order`."""
     check_layout(manager, step, layout)
     item = {"params": target_params}
     restored = manager.restore(
@@ -146,4 +160,5 @@ def _restore_params_only(
             )
         ),
     )
-    return restored["state"]["params"]
+    saved_order = read_meta(manager, step).get("layer_order")
+    return stages.reorder(restored["state"]["params"], saved_order, layer_order)

@@ -180,7 +180,9 @@ def restore_or_init(
     """The state to start from, and where it came from: the run's newest loadable checkpoint
     (resume), else `checkpoint.init_from`, else a fresh initialisation."""
     cfg, target = prog.cfg, prog.target()
-    state = checkpoint.restore(saves.manager, target, data_iter, prog.layout, config=config)
+    state = checkpoint.restore(
+        saves.manager, target, data_iter, prog.layout, config=config, layer_order=prog.layer_order
+    )
     if state is not None:
         return state, f"resuming from step {int(state.step)}"
     if cfg.checkpoint.init_from:
@@ -191,6 +193,7 @@ def restore_or_init(
             data_iter,
             prog.layout,
             prog.init(),
+            prog.layer_order,
         )
         what = (
             f"its whole state: continuing at step {source_step}"

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bigjax import attention, context, lora, models, optim
+from bigjax import attention, context, lora, models, optim, stages
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
 from bigjax.sharding import is_spec
@@ -63,7 +63,15 @@ def activation_bytes_per_device(
     tensor = mesh_shape["tensor"]
     sequence_parallel = "tensor" in (dict(cfg.mesh.rules).get("act_res_seq") or ())
     per_layer = residual / (tensor if sequence_parallel else 1) + split / tensor
-    return tokens * (m.num_layers * per_layer * dtype_bytes + 8 * m.vocab_size / tensor) + gathered
+    # Pipeline stages: a device keeps its N/S layers' activations for every tick it works,
+    # (V M + S - 1) ticks of 1/(V M) of the rows each (bigjax/stages.py).
+    layers = float(m.num_layers)
+    pipeline = stages.schedule(
+        cfg.mesh.rules, mesh_shape, m.num_layers, m.pipeline_microbatches, m.pipeline_interleave
+    )
+    if pipeline:
+        layers = m.num_layers / pipeline["stages"] / (1 - pipeline["bubble"])
+    return tokens * (layers * per_layer * dtype_bytes + 8 * m.vocab_size / tensor) + gathered
 
 
 def _shard_factor(spec: Any, mesh_shape: dict[str, int]) -> int:

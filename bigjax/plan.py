@@ -122,8 +122,9 @@ def analytic(
     params_b, opt_b, grads_b = bytes_["parameters"], bytes_["optimizer"], bytes_["gradients"]
     act_b = bytes_["activations"]
     flops_per_step = flops_per_token * tokens_per_step
+    m = cfg.model
     pipeline = stages.schedule(
-        cfg.mesh.rules, mesh_shape, cfg.model.num_layers, cfg.model.pipeline_microbatches
+        cfg.mesh.rules, mesh_shape, m.num_layers, m.pipeline_microbatches, m.pipeline_interleave
     )
     busy = 1.0 - (pipeline["bubble"] if pipeline else 0.0)  # stages idle in the bubble
     step_s = flops_per_step / (target.peak_per_device * target.num_devices * mfu * busy)

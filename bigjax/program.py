@@ -52,6 +52,7 @@ class Shapes:
     num_params: int  # the model's (adapters not counted)
     num_trainable: int  # what trains (LoRA adapters and unfrozen parameters)
     trainable: Callable[[str], bool]  # by parameter path (finetune.freeze, LoRA)
+    layer_order: list[int]  # the stacked layers' order in memory (bigjax/stages.py)
 
     def target(self) -> TrainState:
         """The abstract state placed in its shardings: what a restore fills."""
@@ -76,6 +77,7 @@ class Program(Shapes):
             self.cfg.seed,
             self.shardings,
             self.cfg.finetune,
+            self.layer_order,
         )
 
     def batches(
@@ -215,6 +217,8 @@ def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
         batch_shardings(cfg, mesh), attention_kernel(cfg, mesh),
         checkpoint.param_layout(abstract.params), num_params,
         lora.count_trainable(abstract.params, trainable), trainable or (lambda path: True),
+        stages.order_for(cfg.model.num_layers, cfg.model.pipeline_interleave, cfg.mesh.rules,
+                         mesh.shape),
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from flax import nnx
 from jax.sharding import Mesh
 
-from bigjax import choices, loading, models, privacy
+from bigjax import choices, loading, models, privacy, stages
 from bigjax.config import ConfigError, TrainConfig, from_configdict
 from bigjax.data import examples, images, pipeline
 from bigjax.data import tokenizer as tokenizers
@@ -107,7 +107,10 @@ def _teacher(cfg: TrainConfig, mesh: Mesh) -> Teacher:
         )
     graphdef, graph_state = models.abstract(teacher.model, cfg.mesh.rules)
     shardings = nnx.to_pure_dict(tree_shardings(graph_state, mesh, cfg.mesh.rules))
+    order = stages.order_for(
+        teacher.model.num_layers, teacher.model.pipeline_interleave, cfg.mesh.rules, mesh.shape
+    )
     params, _ = loading.load_params(
-        cfg.distill.teacher, placed(nnx.to_pure_dict(graph_state), shardings)
+        cfg.distill.teacher, placed(nnx.to_pure_dict(graph_state), shardings), order
     )
     return Teacher(graphdef, params, shardings)

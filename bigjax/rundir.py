@@ -84,6 +84,12 @@ class RunDir:
             "mesh": dict(prog.mesh.shape),
             "num_params": self.num_params,
             "params": prog.layout,
+            # the stacked layers' order in memory, when not the model's (interleaved stages)
+            **(
+                {"layer_order": prog.layer_order}
+                if prog.layer_order != sorted(prog.layer_order)
+                else {}
+            ),  # fmt: skip
         }
 
     def end(

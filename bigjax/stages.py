@@ -15,14 +15,26 @@ schedule: all forwards, then all backwards, each stage's layers rematerialised a
 
 The bubble (ticks a stage idles) is (S - 1) / (M + S - 1) of the step: `plan` and `bench`
 report it; more micro-batches shrink it.
+
+Interleaving (`model.pipeline_interleave` = V > 1, the circular schedule): the layers are cut
+into V S chunks and chunk r S + s runs on stage s, so a micro-batch goes round the ring of
+stages V times, each visit 1/V of a stage's layers; the bubble shrinks to
+(S - 1) / (V M + S - 1) at V times the permutes. Stage s must then hold the chunks s, S + s,
+2S + s, ...: not a contiguous block of the stacked layers. So a run with V > 1 keeps its
+stacked layers in stage-major order in memory (`layer_order`: slot p holds layer
+order[p]), permuted once at init; each checkpoint records its order, and a restore into a
+run with another order permutes once (`reorder`), so checkpoints still move between any
+meshes, stages, interleaving or none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bigjax.sharding import Rules, constrain, logical_to_spec
 
@@ -41,34 +53,118 @@ def num_stages(rules: Rules, mesh_shape: Mapping[str, int], num_layers: int) -> 
     return mesh_shape.get(AXIS, 1) if AXIS in axes else 1
 
 
+def layer_order(num_layers: int, stages: int, interleave: int) -> list[int]:
+    """The canonical layer held at each slot of the stacked layers in memory: stage-major
+    (stage s's chunks r S + s, r = 0..V-1, side by side) for V > 1, else the identity."""
+    if stages == 1 or interleave == 1:
+        return list(range(num_layers))
+    chunk = num_layers // (stages * interleave)
+    return [
+        (r * stages + s) * chunk + i
+        for s in range(stages)
+        for r in range(interleave)
+        for i in range(chunk)
+    ]
+
+
+def order_for(
+    num_layers: int, interleave: int, rules: Rules, mesh_shape: Mapping[str, int]
+) -> list[int]:
+    """`layer_order` of a model of `num_layers` on a mesh of `mesh_shape`."""
+    return layer_order(num_layers, num_stages(rules, mesh_shape, num_layers), interleave)
+
+
+T = typing.TypeVar("T")
+
+
+def take_layers(tree: T, index: Sequence[int]) -> T:
+    """`tree` with slot p of its stacked layers taken from slot index[p]: every leaf under a
+    `blocks` path whose leading dim is the layer count (parameters, their optimizer moments,
+    LoRA adapters)."""
+    count, index_N = len(index), np.asarray(index)
+
+    def one(path: tuple, leaf: jax.Array) -> jax.Array:
+        stacked = "blocks" in jax.tree_util.keystr(path) and leaf.ndim and leaf.shape[0] == count
+        return jnp.take(leaf, index_N, axis=0) if stacked else leaf
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def reorder(tree: T, saved: Sequence[int] | None, wanted: Sequence[int] | None) -> T:
+    """`tree` (parameters, a TrainState) read with its stacked layers in `saved` order, with
+    them in `wanted` order instead (None: the identity), each leaf kept in its sharding:
+    once, when a checkpoint moves to a run with another order."""
+    known = saved if saved is not None else wanted
+    if known is None:
+        return tree
+    identity = list(range(len(known)))
+    saved = identity if saved is None else list(saved)
+    wanted = identity if wanted is None else list(wanted)
+    if saved == wanted:
+        return tree
+    index = np.argsort(saved)[np.asarray(wanted)]  # the slot in `saved` of each wanted layer
+    shardings = jax.tree.map(lambda x: x.sharding, tree)
+    return jax.jit(lambda t: take_layers(t, index), out_shardings=shardings)(tree)
+
+
 def microbatches(requested: int, stages: int) -> int:
     """Pipeline micro-batches for `model.pipeline_microbatches` (0: as many as stages)."""
     return requested or stages
 
 
-def bubble_fraction(stages: int, num_micro: int) -> float:
-    """The share of each stage's ticks spent idle: (S - 1) / (M + S - 1)."""
-    return (stages - 1) / (num_micro + stages - 1)
+def bubble_fraction(stages: int, num_micro: int, interleave: int = 1) -> float:
+    """The share of each stage's ticks spent idle: (S - 1) / (V M + S - 1) when M is a
+    multiple of S (or V = 1)."""
+    return 1.0 - interleave * num_micro / len(ticks(stages, num_micro, interleave).fresh)
 
 
 def schedule(
-    rules: Rules, mesh_shape: Mapping[str, int], num_layers: int, requested: int
+    rules: Rules, mesh_shape: Mapping[str, int], num_layers: int, requested: int, interleave: int
 ) -> dict[str, float] | None:
-    """{stages, microbatches, bubble} of the pipeline a config runs on a mesh of
+    """{stages, microbatches, interleave, bubble} of the pipeline a config runs on a mesh of
     `mesh_shape` (None without stages): what `plan` and `bench` report."""
     count = num_stages(rules, mesh_shape, num_layers)
     if count == 1:
         return None
     micro = microbatches(requested, count)
-    return {"stages": count, "microbatches": micro, "bubble": bubble_fraction(count, micro)}
+    bubble = bubble_fraction(count, micro, interleave)
+    return {"stages": count, "microbatches": micro, "interleave": interleave, "bubble": bubble}
 
 
 def describe(pipeline: Mapping[str, float]) -> str:
-    """One line for a person: stages, micro-batches and the bubble."""
+    """One line for a person: stages, micro-batches, laps and the bubble."""
     return (
-        f"{pipeline['stages']:g} stages x {pipeline['microbatches']:g} micro-batches: bubble "
-        f"{pipeline['bubble']:.1%} of each step, (S - 1) / (M + S - 1)"
+        f"{pipeline['stages']:g} stages x {pipeline['microbatches']:g} micro-batches, "
+        f"interleave {pipeline['interleave']:g}: bubble {pipeline['bubble']:.1%} of each step, "
+        "(S - 1) / (V M + S - 1)"
     )
+
+
+class Ticks(typing.NamedTuple):
+    """The static schedule: per tick and stage, the micro-batch, the lap (repeat) and whether
+    it is real work; per tick whether stage 0 takes a fresh micro-batch; per micro-batch the
+    tick it leaves the last stage for good."""
+
+    micro: np.ndarray  # [T, S] (clipped to a valid index where idle)
+    lap: np.ndarray  # [T, S]
+    working: np.ndarray  # [T, S] bool
+    fresh: np.ndarray  # [T] bool
+    finish: np.ndarray  # [M]
+
+
+def ticks(stages: int, num_micro: int, interleave: int) -> Ticks:
+    """Micro-batch m (group g = m // S, i = m % S) enters stage 0 at tick g V S + i and goes
+    round the ring V times, one stage a tick: stage s at tick t works on the micro-batch and
+    lap that t - s gives, so no stage ever holds two."""
+    done = [(m // stages) * interleave * stages + m % stages + interleave * stages - 1
+            for m in range(num_micro)]  # fmt: skip
+    count = max(done) + 1
+    u = np.arange(count)[:, None] - np.arange(stages)[None, :]
+    micro = (u // (interleave * stages)) * stages + u % stages
+    working = (u >= 0) & (micro < num_micro)
+    lap = (u // stages) % interleave
+    fresh = working[:, 0] & (lap[:, 0] == 0)
+    return Ticks(np.clip(micro, 0, num_micro - 1), lap, working, fresh, np.asarray(done)[:count])
 
 
 def run(
@@ -81,13 +177,15 @@ def run(
     *,
     stages: int,
     num_micro: int,
+    interleave: int,
     rules: Rules,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`layers` over all the stacked layers of `params`, pipelined over `stages` with
-    `num_micro` micro-batches; returns the stream and each auxiliary output averaged over
-    layers and micro-batches."""
+    """`layers` over all the stacked layers of `params` (in `layer_order`), pipelined over
+    `stages` with `num_micro` micro-batches and `interleave` laps; returns the stream and
+    each auxiliary output averaged over layers and micro-batches."""
     rows = x_BLD.shape[0]
     per_micro = rows // num_micro
+    plan = ticks(stages, num_micro, interleave)
 
     def micro(a: jax.Array) -> jax.Array:
         # Micro-batch m is rows m, m + M, m + 2M, ...: each batch shard keeps its own rows.
@@ -98,35 +196,51 @@ def run(
         micro(segment_ids_BL),
         micro(positions_BL),
     )
-    by_stage = lambda a: a.reshape(stages, a.shape[0] // stages, *a.shape[1:])  # noqa: E731
+    # [S, V, layers per chunk, ...]: stage s's slots hold its chunks of each lap in turn.
+    by_stage = lambda a: a.reshape(stages, interleave, -1, *a.shape[1:])  # noqa: E731
     stage_params = jax.tree.map(by_stage, params)
     stage_rngs = None if rngs_N is None else by_stage(rngs_N)
     names = (AXIS, "act_batch", "act_res_seq", "act_embed")
-    stage_layers = jax.vmap(
-        layers, in_axes=(0, 0, 0, 0, None if stage_rngs is None else 0), spmd_axis_name=AXIS
+
+    def stage_layers(
+        params_V: object,
+        x_bLD: jax.Array,
+        segment_ids_bL: jax.Array,
+        positions_bL: jax.Array,
+        rngs_V: jax.Array | None,
+        lap: jax.Array,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        chunk = jax.tree.map(lambda a: a[lap], params_V)
+        return layers(
+            chunk, x_bLD, segment_ids_bL, positions_bL, None if rngs_V is None else rngs_V[lap]
+        )
+
+    all_stages = jax.vmap(
+        stage_layers,
+        in_axes=(0, 0, 0, 0, None if stage_rngs is None else 0, 0),
+        spmd_axis_name=AXIS,
     )
 
     def tick(
-        buffer_SbLD: jax.Array, t: jax.Array
+        buffer_SbLD: jax.Array, schedule: tuple[jax.Array, ...]
     ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
-        micro_S = t - jnp.arange(stages)  # the micro-batch at each stage this tick
-        working_S = (micro_S >= 0) & (micro_S < num_micro)
-        index_S = jnp.clip(micro_S, 0, num_micro - 1)
-        buffer_SbLD = buffer_SbLD.at[0].set(x_MbLD[jnp.minimum(t, num_micro - 1)])
-        buffer_SbLD = constrain(buffer_SbLD, names, rules)
-        out_SbLD, aux_Sn = stage_layers(
-            stage_params, buffer_SbLD, segment_ids_MbL[index_S], positions_MbL[index_S], stage_rngs
-        )
+        micro_S, lap_S, working_S, fresh = schedule
+        first_bLD = jnp.where(fresh, x_MbLD[micro_S[0]], buffer_SbLD[0])
+        buffer_SbLD = constrain(buffer_SbLD.at[0].set(first_bLD), names, rules)
+        out_SbLD, aux_Sn = all_stages(
+            stage_params, buffer_SbLD, segment_ids_MbL[micro_S], positions_MbL[micro_S],
+            stage_rngs, lap_S,
+        )  # fmt: skip
         aux = {
             k: jnp.sum(jnp.where(working_S, jnp.mean(v, axis=1), 0.0)) for k, v in aux_Sn.items()
         }
-        # The last stage's micro-batch leaves; the rest move one stage on.
+        # The last stage's micro-batch goes round again or leaves; the rest move one stage on.
         return jnp.roll(out_SbLD, 1, axis=0), (out_SbLD[stages - 1], aux)
 
     buffer = jnp.zeros((stages, *x_MbLD.shape[1:]), x_BLD.dtype)
-    ticks = jnp.arange(num_micro + stages - 1)
-    _, (out_TbLD, aux_T) = jax.lax.scan(tick, buffer, ticks)
-    out_MbLD = out_TbLD[stages - 1 :]  # tick t finishes micro-batch t - (S - 1)
+    schedule = tuple(jnp.asarray(a) for a in (plan.micro, plan.lap, plan.working, plan.fresh))
+    _, (out_TbLD, aux_T) = jax.lax.scan(tick, buffer, schedule)
+    out_MbLD = out_TbLD[plan.finish]
     x_BLD = jnp.swapaxes(out_MbLD, 0, 1).reshape(x_BLD.shape)
-    aux = {k: jnp.sum(v) / (num_micro * stages) for k, v in aux_T.items()}
+    aux = {k: jnp.sum(v) / (num_micro * stages * interleave) for k, v in aux_T.items()}
     return constrain(x_BLD, ("act_batch", "act_res_seq", "act_embed"), rules), aux

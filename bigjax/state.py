@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
 import flax.struct
@@ -11,7 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bigjax import lora, models
+from bigjax import lora, models, stages
 from bigjax.config import FinetuneConfig, ModelConfig
 from bigjax.sharding import Rules, is_spec, tree_specs
 from bigjax.tree import Params, flatten
@@ -100,12 +101,16 @@ def init_state(
     seed: int,
     shardings: TrainState[NamedSharding],
     finetune: FinetuneConfig,
+    layer_order: Sequence[int] | None = None,
 ) -> TrainState[jax.Array]:
-    """Materialises a fresh TrainState directly in its shardings (no host-side full copy)."""
+    """Materialises a fresh TrainState directly in its shardings (no host-side full copy),
+    its stacked layers in `layer_order` (bigjax/stages.py; None: as built)."""
 
     def init() -> TrainState[jax.Array]:
         params = nnx.to_pure_dict(nnx.state(models.build(cfg, rules, seed)))
         params = with_adapters(params, finetune, seed)
+        if layer_order is not None and list(layer_order) != sorted(layer_order):
+            params = stages.take_layers(params, layer_order)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     return jax.jit(init, out_shardings=shardings)()

@@ -54,7 +54,7 @@ def open_run(
         res = Resources(pipeline.tokenizer_for(cfg.data))
         prog = make_program(cfg, shapes(cfg, mesh), res)
         target = prog.target().params
-        params, step = loading.load_params(workdir, target)
+        params, step = loading.load_params(workdir, target, prog.layer_order)
         # LoRA runs: the adapters folded into the weights, as the model ran in training
         yield prog, lora.merged(params, cfg.finetune.lora_scale), step
 

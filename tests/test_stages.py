@@ -21,7 +21,7 @@ from bigjax import stages
 
 def _config(**model):
     return tiny_config(
-        model={"num_layers": 4, "pipeline_microbatches": 4, **model},
+        model={"num_layers": 8, "pipeline_microbatches": 4, **model},
         optim={"grad_accum_steps": 2},
         data={"batch_size": 16, "seq_len": 64},
     )
@@ -34,18 +34,36 @@ def test_bubble_fraction():
     assert stages.microbatches(0, 4) == 4 and stages.microbatches(8, 4) == 8
 
 
+def test_interleaved_layers_sit_stage_major():
+    # 8 layers, 2 stages, 2 laps: chunks of 2; stage 0 runs chunks 0 and 2, stage 1 chunks
+    # 1 and 3, each stage's slots side by side
+    assert stages.layer_order(8, 2, 2) == [0, 1, 4, 5, 2, 3, 6, 7]
+    assert stages.layer_order(8, 4, 1) == list(range(8))
+    schedule = stages.ticks(2, 4, 2)
+    assert len(schedule.fresh) == 2 * 4 + 2 - 1  # V M + S - 1 ticks
+    # never two micro-batches on one stage; each does every (stage, lap) exactly once
+    done = {(int(m), s, int(lap))
+            for t in range(len(schedule.fresh)) for s in range(2)
+            if schedule.working[t, s]
+            for m, lap in [(schedule.micro[t, s], schedule.lap[t, s])]}  # fmt: skip
+    assert done == {(m, s, lap) for m in range(4) for s in range(2) for lap in range(2)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "shape",
+    ("shape", "interleave"),
     # (data, stage, fsdp, context, tensor): 2 and 4 stages alone, with fsdp + tensor inside
-    # each stage, with tensor 4
-    [(1, 2, 1, 1, 1), (1, 4, 1, 1, 1), (1, 2, 2, 1, 2), (1, 2, 1, 1, 4)],
-)
-def test_pipelined_training_matches_one_device(shape):
-    cfg = _config()
+    # each stage, with tensor 4; interleaved (circular) with 2 and 4 laps
+    [((1, 2, 1, 1, 1), 1), ((1, 4, 1, 1, 1), 1), ((1, 2, 2, 1, 2), 1), ((1, 2, 1, 1, 4), 1),
+     ((1, 4, 1, 1, 1), 2), ((1, 2, 2, 1, 2), 2), ((1, 2, 1, 1, 1), 4)],
+)  # fmt: skip
+def test_pipelined_training_matches_one_device(shape, interleave):
+    cfg = _config(pipeline_interleave=interleave)
     batches = corpus_batches(3, 16, 64)
     got, state, prog = run_steps(cfg, batches, jax.devices()[: math.prod(shape)], shape)
     ref, ref_state, _ = run_steps(cfg, batches, jax.devices()[:1], (1, 1, 1))
+    # the stacked layers back in the model's order for the comparison
+    state = state.replace(params=stages.take_layers(state.params, np.argsort(prog.layer_order)))
     # f32; the same sums in another order (micro-batches of 2 rows, sharded reductions):
     # ~1e-7 relative per op. A stage applied twice or skipped, a micro-batch lost in the
     # bubble or a wrong roll moves the loss by > 1e-2.
@@ -68,14 +86,19 @@ def test_pipelined_training_matches_one_device(shape):
 
 @pytest.mark.slow
 def test_checkpoints_move_between_meshes_with_and_without_stages(tmp_path):
-    groups = {"model": {"num_layers": 4, "pipeline_microbatches": 2},
-              "data": {"batch_size": 8, "seq_len": 64}}  # fmt: skip
-    train_tiny(tmp_path / "ref", 4, (1, 1, -1, 1, 1), **groups)
-    # written with 2 stages, resumed with none; written without, resumed with 4 stages
-    for run, first, then in (("staged", 2, 1), ("flat", 1, 4)):
-        train_tiny(tmp_path / run, 2, (1, first, -1, 1, 1), **groups)
-        train_tiny(tmp_path / run, 4, (1, then, -1, 1, 1), **groups)
-    for run in ("staged", "flat"):
+    def groups(laps):
+        return {"model": {"num_layers": 8, "pipeline_microbatches": 4, "pipeline_interleave": laps},
+                "data": {"batch_size": 16, "seq_len": 64}}  # fmt: skip
+
+    train_tiny(tmp_path / "ref", 4, (1, 1, -1, 1, 1), **groups(1))
+    # written with 2 stages, resumed with none; written without, resumed with 4 stages;
+    # written interleaved (stage-major layers), resumed with none, and resumed interleaved
+    moves = {"staged": ((2, 1), (1, 1)), "flat": ((1, 1), (4, 1)),
+             "circular": ((2, 2), (1, 1)), "into_circular": ((1, 1), (2, 2))}  # fmt: skip
+    for run, ((first, laps), (then, laps_then)) in moves.items():
+        train_tiny(tmp_path / run, 2, (1, first, -1, 1, 1), **groups(laps))
+        train_tiny(tmp_path / run, 4, (1, then, -1, 1, 1), **groups(laps_then))
+    for run in moves:
         # same data order and state across the move; f32 sums in another order only
         assert_same_losses(tmp_path / run, tmp_path / "ref", (1, 2, 3, 4), rtol=1e-5)
 

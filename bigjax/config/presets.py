@@ -18,7 +18,7 @@ LLAMA32_ROPE = dict(
     rope_original_max_positions=8192,
 )
 
-# Named model sizes (the 1b/3b/8b rows are Llama 3.2 1B, 3.2 3B and 3 8B).
+# Named model sizes (the 1b/3b/8b/70b rows are Llama 3.2 1B, 3.2 3B, 3 8B and 3 70B).
 # Setting `model.size` fills these; any dimension set explicitly in the config wins.
 SIZE_FIELDS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff", "vocab_size")
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -32,6 +32,7 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
         ("1b",     (2048,  16, 32,  8,  8192, 128256), {"tie_embeddings": True, **LLAMA32_ROPE}),
         ("3b",     (3072,  28, 24,  8,  8192, 128256), {"tie_embeddings": True, **LLAMA32_ROPE}),
         ("8b",     (4096,  32, 32,  8, 14336, 128256), {"rope_theta": 500000.0}),
+        ("70b",    (8192,  80, 64,  8, 28672, 128256), {"rope_theta": 500000.0}),
     )
 }  # fmt: skip
 

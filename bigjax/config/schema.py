@@ -120,6 +120,9 @@ class ModelConfig:
     # (accumulation) micro-batch cut into this many (0: as many as stages). More shrink the
     # bubble, (stages - 1) / (micro-batches + stages - 1), at smaller matmuls.
     pipeline_microbatches: int = 0
+    # Laps of the circular (interleaved) schedule: each stage holds this many chunks of the
+    # layers, and the bubble shrinks to (stages - 1) / (laps x micro-batches + stages - 1).
+    pipeline_interleave: int = 1
     remat: RematPolicy = "none"
     attention: AttentionImpl = "auto"
 

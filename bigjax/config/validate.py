@@ -91,13 +91,16 @@ def check_mesh_axes(cfg: TrainConfig, sizes: dict[str, int]) -> None:
             f"(causal load balancing); use a multiple of {2 * context}",
         )
     _check(cfg.model.pipeline_microbatches >= 0, "model.pipeline_microbatches", "must be >= 0")
+    _check(cfg.model.pipeline_interleave >= 1, "model.pipeline_interleave", "must be >= 1")
     stages = sizes.get("stage", 1)
     if stages > 1:
+        laps = cfg.model.pipeline_interleave
         _check(
-            cfg.model.num_layers % stages == 0,
+            cfg.model.num_layers % (stages * laps) == 0,
             "model.num_layers",
-            f"{cfg.model.num_layers} layers cannot be split into {stages} equal pipeline "
-            f"stages; use a multiple of {stages} layers or another stage count",
+            f"{cfg.model.num_layers} layers cannot be split into {stages} pipeline stages x "
+            f"{laps} laps (model.pipeline_interleave) of equal chunks; use a multiple of "
+            f"{stages * laps} layers, or other stage or lap counts",
         )
         _check(
             "stage" in rules.get("layers", ()),
@@ -117,6 +120,12 @@ def check_mesh_axes(cfg: TrainConfig, sizes: dict[str, int]) -> None:
             "model.pipeline_microbatches",
             f"{micro} pipeline micro-batches do not divide the {rows} rows of each step's "
             "micro-batch (data.batch_size / optim.grad_accum_steps); use a divisor",
+        )
+        _check(
+            laps == 1 or micro % stages == 0,
+            "model.pipeline_microbatches",
+            f"the interleaved schedule moves micro-batches in groups of the {stages} stages: "
+            f"use a multiple of {stages} (got {micro})",
         )
 
 

@@ -168,6 +168,8 @@ class BlockStack(typing.Protocol):
     def rules(self) -> Rules: ...
     @property
     def pipeline_microbatches(self) -> int: ...
+    @property
+    def pipeline_interleave(self) -> int: ...
 
 
 def run_blocks(
@@ -211,7 +213,8 @@ def run_blocks(
         num_micro = stages.microbatches(model.pipeline_microbatches, num_stages)
         x_BLD, means = stages.run(
             layers, block_params, x_BLD, segment_ids_BL, positions_BL, layer_rngs,
-            stages=num_stages, num_micro=num_micro, rules=model.rules,
+            stages=num_stages, num_micro=num_micro, interleave=model.pipeline_interleave,
+            rules=model.rules,
         )  # fmt: skip
     else:
         x_BLD, aux_N = layers(block_params, x_BLD, segment_ids_BL, positions_BL, layer_rngs)
@@ -247,6 +250,7 @@ class Llama(nnx.Module):
         self.num_layers, self.scan_layers, self.remat = cfg.num_layers, cfg.scan_layers, cfg.remat
         self.moe_aux_weight = cfg.moe_aux_weight
         self.pipeline_microbatches = cfg.pipeline_microbatches
+        self.pipeline_interleave = cfg.pipeline_interleave
         self.dtype, self.rules = dt, rules
         self.embed = Embed(
             cfg.vocab_size, cfg.d_model, rngs=rngs, param_dtype=pd, dtype=dt, rules=rules

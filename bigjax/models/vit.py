@@ -41,6 +41,7 @@ class ViT(nnx.Module):
         pd, dt = jnp.dtype(cfg.param_dtype), compute_dtype(cfg.dtype)
         self.num_layers, self.scan_layers, self.remat = cfg.num_layers, cfg.scan_layers, cfg.remat
         self.pipeline_microbatches = cfg.pipeline_microbatches
+        self.pipeline_interleave = cfg.pipeline_interleave
         self.moe_aux_weight, self.patch, self.dtype, self.rules = (
             cfg.moe_aux_weight,
             cfg.patch_size,
