@@ -100,6 +100,11 @@ def reorder(tree: T, saved: Sequence[int] | None, wanted: Sequence[int] | None) 
     identity = list(range(len(known)))
     saved = identity if saved is None else list(saved)
     wanted = identity if wanted is None else list(wanted)
+    if sorted(saved) != identity or sorted(wanted) != identity or len(saved) != len(wanted):
+        raise ValueError(
+            f"layer order {saved} of the checkpoint cannot become {wanted}: not the same "
+            "layers (its metadata is damaged, or the model changed its layer count)"
+        )
     if saved == wanted:
         return tree
     index = np.argsort(saved)[np.asarray(wanted)]  # the slot in `saved` of each wanted layer
