@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bigjax import context
 from bigjax.config import ATTENTION_IMPLS as IMPLS
-from bigjax.sharding import Rules, attention_specs
+from bigjax.sharding import Rules, attention_specs, trace_platform
 
 # cuDNN's packed layout takes a fixed number of documents per row; a row with more is refused
 # before it reaches the device (`check_segments`), never attended wrongly. 64 covers rows of
@@ -110,7 +110,7 @@ def attend(
     num_parts = context.parts(rules, _mesh_sizes(), q_BLHK.shape[1])
     chosen = resolve(
         impl,
-        _platform(),
+        trace_platform(),
         dtype=q_BLHK.dtype,
         head_dim=q_BLHK.shape[-1],
         seq_len=q_BLHK.shape[1] // num_parts,  # what one device's kernel tiles
@@ -295,7 +295,7 @@ def splash_attention(
     b, length, h, k = q_BLHK.shape
     g = k_BLGK.shape[2]
     # Pallas' interpreter runs the same kernel on CPU/GPU (slowly): for tests, not for speed.
-    kernel = _splash_kernel(length, h // g, causal, interpret=_platform() != "tpu")
+    kernel = _splash_kernel(length, h // g, causal, interpret=trace_platform() != "tpu")
     scale = 1.0 / math.sqrt(k)
 
     def local(
@@ -353,7 +353,7 @@ def splash_context_attention(
         length,
         h // g,
         causal,
-        interpret=_platform() != "tpu",
+        interpret=trace_platform() != "tpu",
         num_parts=num_parts,
     )
     scale = 1.0 / math.sqrt(k)
@@ -403,13 +403,6 @@ def _per_shard(
         out_specs=q_spec,
         check_vma=False,
     )(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
-
-
-def _platform() -> str:
-    """The platform of the devices being traced for: the mesh's (TPU for a plan's
-    compile-only topology on a CPU host), else the default backend's."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
 def _splash_kernel(

@@ -1,4 +1,5 @@
-"""Hugging Face <-> bigjax for the Llama and GPT-2 families: config.json and safetensors weights.
+"""Hugging Face <-> bigjax for the Llama (and Mixtral) and GPT-2 families: config.json and
+safetensors weights.
 
 Each family is a table of `Tensor` rules. One Hugging Face tensor is the concatenation, along its
 output axis, of pieces of bigjax parameters: GPT-2's fused `c_attn` is bigjax's q plus both halves
@@ -19,7 +20,7 @@ import numpy as np
 from bigjax.config import ModelConfig
 from bigjax.errors import UsageError
 
-FAMILIES = ("llama", "gpt2")
+FAMILIES = ("llama", "gpt2")  # a Llama with experts is transformers' Mixtral
 
 
 class ConvertError(UsageError, ValueError):
@@ -32,7 +33,15 @@ class Piece:
 
     path: str  # under blocks/ for per-layer tensors, e.g. "attn/kv_DGCK"
     part: tuple[int, int] | None = None  # (axis, index) into a fused parameter (one layer)
-    n_in: int = 1  # leading input axes; 0 for vectors (biases, norm scales)
+    n_in: int = 1  # leading input axes (after taking the parts); 0 for vectors
+    expert: int | None = None  # index into the leading [E] axis of an MoE parameter
+
+    @property
+    def taken(self) -> dict[int, int]:
+        """axis -> index of the one layer's array that this piece takes."""
+        return ({} if self.part is None else {self.part[0]: self.part[1]}) | (
+            {} if self.expert is None else {0: self.expert}
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +70,7 @@ def _llama_rules(m: ModelConfig) -> tuple[list[Tensor], list[Tensor]]:
         _t(L + "self_attn.k_proj.weight", "linear", Piece("attn/kv_DGCK", (2, 0))),
         _t(L + "self_attn.v_proj.weight", "linear", Piece("attn/kv_DGCK", (2, 1))),
         _t(L + "self_attn.o_proj.weight", "linear", Piece("attn/o_HKD", n_in=2)),
-        _t(L + "mlp.gate_proj.weight", "linear", Piece("mlp/gate_up_DFC", (2, 0))),
-        _t(L + "mlp.up_proj.weight", "linear", Piece("mlp/gate_up_DFC", (2, 1))),
-        _t(L + "mlp.down_proj.weight", "linear", "mlp/down_FD"),
+        *(_mixtral_experts(L, m.num_experts) if m.num_experts else _swiglu(L)),
         _t(L + "input_layernorm.weight", "vector", _vec("attn_norm/scale")),
         _t(L + "post_attention_layernorm.weight", "vector", _vec("mlp_norm/scale")),
     ]
@@ -84,6 +91,28 @@ def _llama_rules(m: ModelConfig) -> tuple[list[Tensor], list[Tensor]]:
     if not m.tie_embeddings:
         top.append(_t("lm_head.weight", "linear", "lm_head_DV"))
     return layer, top
+
+
+def _swiglu(L: str) -> list[Tensor]:
+    return [
+        _t(L + "mlp.gate_proj.weight", "linear", Piece("mlp/gate_up_DFC", (2, 0))),
+        _t(L + "mlp.up_proj.weight", "linear", Piece("mlp/gate_up_DFC", (2, 1))),
+        _t(L + "mlp.down_proj.weight", "linear", "mlp/down_FD"),
+    ]
+
+
+def _mixtral_experts(L: str, num_experts: int) -> list[Tensor]:
+    """Mixtral as saved on the Hub: the router [E, D] and each expert's w1 (gate), w3 (up)
+    and w2 (down), slices of the stacked [E, D, F, 2] / [E, F, D] parameters."""
+    X = L + "block_sparse_moe."
+    tensors = [_t(X + "gate.weight", "linear", "mlp/router_DE")]
+    for e in range(num_experts):
+        tensors += [
+            _t(X + f"experts.{e}.w1.weight", "linear", Piece("mlp/gate_up_EDFC", (3, 0), 1, e)),
+            _t(X + f"experts.{e}.w3.weight", "linear", Piece("mlp/gate_up_EDFC", (3, 1), 1, e)),
+            _t(X + f"experts.{e}.w2.weight", "linear", Piece("mlp/down_EFD", None, 1, e)),
+        ]
+    return tensors
 
 
 def _gpt2_rules(m: ModelConfig) -> tuple[list[Tensor], list[Tensor]]:
@@ -133,9 +162,10 @@ def _require(m: ModelConfig, family: str, **expected: Any) -> None:
         if getattr(m, k) != v
     ]
     if wrong:
+        how = f" (model.family={family!r} sets them)" if family in FAMILIES else ""
         raise ConvertError(
             f"this model has no Hugging Face {family} equivalent: {', '.join(wrong)}. Train "
-            f"with those settings (model.family={family!r} sets them) to export it."
+            f"with those settings{how} to export it."
         )
 
 
@@ -156,6 +186,7 @@ def hf_config(m: ModelConfig, seq_len: int, dtype: str) -> dict[str, Any]:
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
+            **_mixtral_config(m),
             "hidden_size": m.d_model,
             "intermediate_size": m.d_ff,
             "num_hidden_layers": m.num_layers,
@@ -200,6 +231,27 @@ def hf_config(m: ModelConfig, seq_len: int, dtype: str) -> dict[str, Any]:
     raise ConvertError(f"model.family={m.family!r} has no Hugging Face export; use {FAMILIES}.")
 
 
+def _mixtral_config(m: ModelConfig) -> dict[str, Any]:
+    """config.json's Mixtral fields (and name) for a Llama with experts; {} without."""
+    if not m.num_experts:
+        return {}
+    _require(m, "mixtral", moe_gating="softmax", moe_shared_experts=0, moe_route_scale=1.0,
+             moe_bias_rate=0.0)  # fmt: skip
+    if m.experts_per_token == 1:
+        raise ConvertError(
+            "Mixtral renormalises the top-k weights, so its k=1 gate is always 1 and bigjax's "
+            "(Switch) is the raw probability: export needs model.experts_per_token >= 2."
+        )
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": m.num_experts,
+        "num_experts_per_tok": m.experts_per_token,
+        "router_aux_loss_coef": m.moe_aux_weight,
+        "sliding_window": None,
+    }
+
+
 def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     """RoPE settings from transformers >= 5 (`rope_parameters`) or older (`rope_theta` +
     `rope_scaling`) config.json files."""
@@ -221,6 +273,24 @@ def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
 def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     """`model.*` config fields for a Hugging Face config.json."""
     kind = hf.get("model_type")
+    if kind == "mixtral":
+        if hf.get("sliding_window"):
+            raise ConvertError(
+                f"sliding_window={hf['sliding_window']}: bigjax attends to the "
+                "whole sequence; only Mixtral configs without a window import."
+            )
+        if hf.get("num_experts_per_tok", 2) < 2:
+            raise ConvertError(
+                "Mixtral with one expert per token (its gate is always 1) has no "
+                "bigjax equivalent; bigjax's k=1 gate is the raw probability."
+            )
+        fields = model_fields({**hf, "model_type": "llama", "mlp_bias": False})
+        return fields | {
+            "num_experts": hf.get("num_local_experts", 8),
+            "experts_per_token": hf.get("num_experts_per_tok", 2),
+            "moe_dispatch": "dropless",  # Mixtral drops no token
+            "moe_aux_weight": float(hf.get("router_aux_loss_coef", 0.001)),
+        }
     if kind == "llama":
         if hf.get("hidden_act", "silu") != "silu":
             raise ConvertError(f"hidden_act={hf['hidden_act']!r}: bigjax's SwiGLU uses silu.")
@@ -272,11 +342,13 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _piece(array: np.ndarray, p: Piece) -> np.ndarray:
-    return array if p.part is None else np.take(array, p.part[1], axis=p.part[0])
+    for axis, index in sorted(p.taken.items(), reverse=True):  # later axes first
+        array = np.take(array, index, axis=axis)
+    return array
 
 
 def _piece_shape(shape: tuple[int, ...], p: Piece) -> tuple[int, ...]:
-    return shape if p.part is None else shape[: p.part[0]] + shape[p.part[0] + 1 :]
+    return tuple(n for axis, n in enumerate(shape) if axis not in p.taken)
 
 
 def _to_hf(t: Tensor, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -309,12 +381,13 @@ def _from_hf(
         t.pieces, piece_shapes, np.split(m, np.cumsum(widths)[:-1], axis=1), strict=True
     ):
         block = np.asarray(block, dtype).reshape(s)
-        if p.part is None:
+        if not p.taken:
             out[p.path] = block
         else:
             full = out.setdefault(p.path, np.zeros(shapes[p.path], dtype))
             index: list[slice | int] = [slice(None)] * full.ndim
-            index[p.part[0]] = p.part[1]
+            for axis, i in p.taken.items():
+                index[axis] = i
             full[tuple(index)] = block
 
 

@@ -83,7 +83,8 @@ def planned_state_bytes(cfg: TrainConfig, mesh_shape: dict[str, int]) -> tuple[f
     """`state_bytes_per_device` of the state `cfg` would build on a mesh of `mesh_shape` (one
     that need not exist here: `bigjax plan`)."""
     _, graph_state = models.abstract(cfg.model, cfg.mesh.rules)
-    tx = optim.make_optimizer(cfg.optim, cfg.num_steps, lora.trainable_fn(cfg.finetune))
+    tx = optim.make_optimizer(cfg.optim, cfg.num_steps, lora.trainable_fn(cfg.finetune),
+                              router_bias_rate=cfg.model.moe_bias_rate)  # fmt: skip
     abstract = abstract_state(graph_state, tx, cfg.finetune)
     return state_bytes_per_device(
         abstract, state_specs(graph_state, abstract, tx, mesh_shape, cfg.mesh.rules), mesh_shape

@@ -1,50 +1,80 @@
-"""Mixture of experts: a top-k routed set of SwiGLU experts in place of the dense MLP.
+"""Mixture of experts: top-k routed SwiGLU experts (and optional shared ones) in place of the
+dense MLP.
 
-Token choice with per-expert capacity (GShard / Switch Transformer): each token picks its top-k
-experts by router probability; each expert takes at most C tokens of a sequence, first choices
-before second choices, earlier tokens before later ones; a token over capacity skips that
-expert (its residual stream passes on), and the fraction dropped is reported. Dispatch and
-combine are one-hot einsums, so the layer is plain dense algebra that GSPMD shards any way the
-rules say: expert weights [E, ...] carry the logical axis `experts` (default: split over the
-`fsdp` mesh axis, i.e. expert parallelism across the data-parallel devices).
+Routing (`Routing`): the router scores each token's experts by softmax (Mixtral, Switch) or
+sigmoid (DeepSeek-V3) of its logits and picks the top k. With `bias_rate` > 0 the pick uses
+scores + a per-expert bias that is not learned by gradient descent but nudged after every
+step towards balance (DeepSeek-V3's auxiliary-loss-free balancing): b_e -= rate * sign(load_e
+- 1/E), applied by the optimizer (bigjax/optim.py) to the "gradient" this layer gives the bias,
+the load imbalance. The gates (mixing weights) are the unbiased scores of the chosen experts,
+renormalised to sum to 1 (softmax with k > 1, or sigmoid) and scaled by `route_scale`.
 
-The load-balancing loss is Switch's E * sum_e f_e * P_e (f_e: share of top-k assignments to
-expert e, P_e: mean router probability of e), 1.0 when balanced, averaged over layers and
-scaled by `model.moe_aux_weight` into the objective.
+Dispatch:
+- `capacity` (GShard / Switch): each expert takes at most C tokens of a sequence, first
+  choices before second choices, earlier tokens before later ones; a token over capacity skips
+  that expert and the fraction dropped is reported. One-hot einsums of size L x E x C: plain
+  dense algebra that GSPMD shards any way the rules say.
+- `dropless`: every assignment through its expert by grouped matmuls, with expert parallelism
+  by all-to-all (bigjax/experts.py). Memory grows with k, not E x C.
+
+Auxiliary losses: Switch's balance loss E * sum_e f_e * P_e (f_e: share of assignments to e,
+P_e: mean router probability of e; 1.0 when balanced) scaled by `model.moe_aux_weight`, and
+the router z-loss mean(logsumexp(logits)^2) (ST-MoE) scaled by `z_weight`; the layer reports
+its load (E * max_e f_e: 1 balanced, E collapsed onto one expert; E * min_e f_e: 0 when an
+expert is dead) so the metrics show collapse per layer.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.layers import RESIDUAL, _param, dense_init, project
+from bigjax import experts
+from bigjax.config.schema import MoEDispatch, MoEGating
+from bigjax.layers import MLP, RESIDUAL, _param, dense_init, project
 from bigjax.sharding import Rules, constrain
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How tokens pick and reach their experts (ModelConfig's `moe_*` keys)."""
+
+    num_experts: int
+    top_k: int
+    capacity_factor: float = 1.25
+    dispatch: MoEDispatch = "capacity"
+    gating: MoEGating = "softmax"
+    shared_experts: int = 0  # always-on experts of the same width: one SwiGLU S x F wide
+    route_scale: float = 1.0
+    bias_rate: float = 0.0
+    z_weight: float = 0.0
+    exchange_factor: float = 0.0
+
+
 class MoE(nnx.Module):
-    """E SwiGLU experts [E, D, F, 2] / [E, F, D] and a router [D, E]."""
+    """E SwiGLU experts [E, D, F, 2] / [E, F, D], a router [D, E] (and its balancing bias
+    [E]), and shared experts as one SwiGLU [D, S x F, 2]."""
 
     def __init__(
         self,
         d_model: int,
         d_ff: int,
-        num_experts: int,
-        top_k: int,
-        capacity_factor: float,
+        routing: Routing,
         *,
         rngs: nnx.Rngs,
         param_dtype: jnp.dtype,
         dtype: jnp.dtype,
         rules: Rules,
     ):
-        self.top_k, self.capacity_factor = top_k, capacity_factor
-        self.dtype, self.rules = dtype, rules
-        E, D, F = num_experts, d_model, d_ff
+        self.routing, self.dtype, self.rules = routing, dtype, rules
+        E, D, F = routing.num_experts, d_model, d_ff
         self.router_DE = _param(rngs, dense_init, (D, E), ("embed", None), param_dtype)
+        if routing.bias_rate > 0:
+            self.router_bias_E = nnx.Param(jnp.zeros((E,), jnp.float32), out_sharding=(None,))
         self.gate_up_EDFC = _param(
             rngs,
             dense_init,
@@ -56,29 +86,106 @@ class MoE(nnx.Module):
         self.down_EFD = _param(
             rngs, dense_init, (E, F, D), ("experts", "mlp", "embed"), param_dtype, fan_in_axes=(1,)
         )
+        if routing.shared_experts:
+            self.shared = MLP(D, routing.shared_experts * F, use_bias=False, rngs=rngs,
+                              param_dtype=param_dtype, dtype=dtype, rules=rules)  # fmt: skip
+
+    @property
+    def top_k(self) -> int:
+        return self.routing.top_k
 
     def capacity(self, length: int) -> int:
         """Slots per expert per sequence; capacity_factor 0: every token fits (no drops)."""
-        e = self.router_DE.shape[-1]
-        if self.capacity_factor <= 0:
+        e, factor = self.routing.num_experts, self.routing.capacity_factor
+        if factor <= 0:
             return length
-        return min(length, max(1, math.ceil(self.capacity_factor * length * self.top_k / e)))
+        return min(length, max(1, math.ceil(factor * length * self.top_k / e)))
 
     def __call__(
         self, x_BLD: jax.Array, valid_BL: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Returns (out [B, L, D], {"balance_loss", "dropped"}); `valid_BL` masks padding."""
-        b, length, _ = x_BLD.shape
-        e, k, c = self.router_DE.shape[-1], self.top_k, self.capacity(length)
+        """Returns (out [B, L, D], auxiliary outputs); `valid_BL` masks padding."""
+        r = self.routing
         x_BLD = constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
         logits_BLE = project(x_BLD.astype(jnp.float32), self.router_DE[...].astype(jnp.float32), 1)
-        probs_BLE = jax.nn.softmax(logits_BLE, axis=-1)
-        top_p_BLK, top_e_BLK = jax.lax.top_k(probs_BLE, k)
-        # k > 1: the chosen experts' weights renormalised to sum to 1 (Mixtral); k = 1 keeps
-        # the raw probability, else the router would get no gradient (Switch).
-        weights_BLK = top_p_BLK / jnp.sum(top_p_BLK, -1, keepdims=True) if k > 1 else top_p_BLK
+        probs_BLE = (
+            jax.nn.softmax(logits_BLE, axis=-1)
+            if r.gating == "softmax"
+            else jax.nn.sigmoid(logits_BLE)
+        )
+        top_p_BLK, top_e_BLK = self._choose(probs_BLE)
+        # softmax, k > 1: the chosen experts' weights renormalised to sum to 1 (Mixtral); k = 1
+        # keeps the raw probability, else the router would get no gradient (Switch). Sigmoid
+        # scores are independent, so they are always renormalised (DeepSeek-V3).
+        renorm = r.top_k > 1 or r.gating == "sigmoid"
+        weights_BLK = top_p_BLK / jnp.sum(top_p_BLK, -1, keepdims=True) if renorm else top_p_BLK
+        if r.route_scale != 1.0:
+            weights_BLK = weights_BLK * r.route_scale
 
         valid_BL = valid_BL.astype(jnp.float32)
+        n = jnp.maximum(jnp.sum(valid_BL), 1.0)
+        if r.dispatch == "dropless":
+            out_BLD, dropped = experts.dropless(
+                x_BLD.astype(self.dtype), top_e_BLK, weights_BLK * valid_BL[..., None],
+                self.gate_up_EDFC[...].astype(self.dtype), self.down_EFD[...].astype(self.dtype),
+                rules=self.rules, exchange_factor=r.exchange_factor,
+            )  # fmt: skip
+            # padding rows are routed too (their weight is 0): their assignments' drops count
+            dropped_share = dropped / (x_BLD.shape[0] * x_BLD.shape[1] * r.top_k)
+        else:
+            out_BLD, dropped_share = self._capacity(x_BLD, top_e_BLK, weights_BLK, valid_BL, n)
+        if r.shared_experts:
+            out_BLD = out_BLD + self.shared(x_BLD)
+
+        choice_BLE = jnp.sum(jax.nn.one_hot(top_e_BLK, r.num_experts), axis=2)
+        share_E = jnp.sum(choice_BLE * valid_BL[..., None], axis=(0, 1)) / (n * r.top_k)
+        mean_prob_E = jnp.sum(probs_BLE * valid_BL[..., None], axis=(0, 1)) / n
+        aux = {
+            "balance_loss": r.num_experts * jnp.sum(share_E * mean_prob_E),
+            "dropped": dropped_share,
+            "load_max": r.num_experts * jnp.max(share_E),
+            "load_min": r.num_experts * jnp.min(share_E),
+        }
+        router_loss = self._router_loss(logits_BLE, valid_BL, n, share_E)
+        if router_loss is not None:
+            aux["router_loss"] = router_loss
+        return constrain(out_BLD, RESIDUAL, self.rules), aux
+
+    def _choose(self, probs_BLE: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(scores [B, L, K], experts [B, L, K]) of each token's top k; the balancing bias
+        moves the choice, never the scores."""
+        if self.routing.bias_rate <= 0:
+            return jax.lax.top_k(probs_BLE, self.top_k)
+        bias_E = jax.lax.stop_gradient(self.router_bias_E[...])
+        _, top_e_BLK = jax.lax.top_k(probs_BLE + bias_E, self.top_k)
+        return jnp.take_along_axis(probs_BLE, top_e_BLK, axis=-1), top_e_BLK
+
+    def _router_loss(
+        self, logits_BLE: jax.Array, valid_BL: jax.Array, n: jax.Array, share_E: jax.Array
+    ) -> jax.Array | None:
+        """z-loss, plus the balancing bias's signal: a term worth 0 whose gradient is the
+        load imbalance, which the optimizer turns into the bias's sign step."""
+        r, terms = self.routing, []
+        if r.z_weight > 0:
+            z_BL = jax.nn.logsumexp(logits_BLE, axis=-1)
+            terms.append(r.z_weight * jnp.sum(jnp.square(z_BL) * valid_BL) / n)
+        if r.bias_rate > 0:
+            bias_E = self.router_bias_E[...]
+            imbalance_E = jax.lax.stop_gradient(share_E - 1.0 / r.num_experts)
+            terms.append(jnp.sum((bias_E - jax.lax.stop_gradient(bias_E)) * imbalance_E))
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def _capacity(
+        self,
+        x_BLD: jax.Array,
+        top_e_BLK: jax.Array,
+        weights_BLK: jax.Array,
+        valid_BL: jax.Array,
+        n: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Token-choice dispatch with per-sequence capacity, as one-hot einsums."""
+        b, length, _ = x_BLD.shape
+        e, k, c = self.routing.num_experts, self.top_k, self.capacity(length)
         choice_BLKE = jax.nn.one_hot(top_e_BLK, e) * valid_BL[:, :, None, None]
         # Slot of each assignment in its expert: count in priority order (all first choices of
         # the sequence, then all second choices, ...).
@@ -99,12 +206,4 @@ class MoE(nnx.Module):
         h_BECF = jax.nn.silu(h_BECFC[..., 0]) * h_BECFC[..., 1]
         y_BECD = jnp.einsum("becf,efd->becd", h_BECF, self.down_EFD[...].astype(dt))
         out_BLD = jnp.einsum("blec,becd->bld", combine_BLEC.astype(dt), y_BECD)
-
-        n = jnp.maximum(jnp.sum(valid_BL), 1.0)
-        share_E = jnp.sum(choice_BLKE, axis=(0, 1, 2)) / (n * k)
-        mean_prob_E = jnp.sum(probs_BLE * valid_BL[..., None], axis=(0, 1)) / n
-        aux = {
-            "balance_loss": e * jnp.sum(share_E * mean_prob_E),
-            "dropped": 1.0 - jnp.sum(kept_BLKE) / (n * k),
-        }
-        return constrain(out_BLD, RESIDUAL, self.rules), aux
+        return out_BLD, 1.0 - jnp.sum(kept_BLKE) / (n * k)

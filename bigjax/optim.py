@@ -60,13 +60,18 @@ def make_optimizer(
     num_steps: int,
     trainable: Callable[[str], bool] | None = None,
     keep_sparsity: bool = False,
+    router_bias_rate: float = 0.0,
 ) -> optax.GradientTransformation:
     """The optimizer chain: optional global-norm clipping, then the named update rule.
 
     `trainable(path)` (fine-tuning) splits the parameters: the rest get zero updates and no
     optimizer state, and clipping sees only the trainable gradients, so XLA drops the frozen
-    parameters' gradients altogether."""
+    parameters' gradients altogether. `router_bias_rate` > 0: MoE balancing biases move by
+    that much against the sign of their "gradient" (the load imbalance, bigjax/moe.py),
+    outside clipping, decay and the learning-rate schedule, as DeepSeek-V3 updates them."""
     tx = _update_rule(cfg, num_steps)
+    if router_bias_rate > 0:
+        tx = _with_router_bias(tx, router_bias_rate)
     if keep_sparsity:
         tx = optax.chain(tx, keep_zeros())
     if trainable is None:
@@ -78,6 +83,22 @@ def make_optimizer(
         )
 
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _with_router_bias(
+    tx: optax.GradientTransformation, rate: float
+) -> optax.GradientTransformation:
+    """`tx` for every parameter but the MoE routers' balancing biases: those take
+    -rate * sign(imbalance); sign is unchanged by accumulation's and loss weights' scales."""
+
+    def labels(params: Any) -> Any:
+        is_bias = lambda path: path_name(path).endswith("router_bias_E")  # noqa: E731
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "bias" if is_bias(path) else "rest", params
+        )
+
+    bias = optax.chain(optax.scale_by_sign(), optax.scale(-rate))
+    return optax.multi_transform({"rest": tx, "bias": bias}, labels)
 
 
 def _update_rule(cfg: OptimConfig, num_steps: int) -> optax.GradientTransformation:

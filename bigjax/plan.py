@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from bigjax import memory, metrics, models, platforms, progress, stages, tuning
+from bigjax import experts, memory, metrics, models, platforms, progress, stages, tuning
 from bigjax.config import MESH_AXES, ConfigError, TrainConfig
 from bigjax.mesh import resolve_shape
 
@@ -145,7 +146,20 @@ def analytic(
         "step_time_s": step_s,
         "tokens_per_s": tokens_per_step / step_s,
         "pipeline": pipeline,
+        "experts": _experts(cfg, mesh_shape),
     }
+
+
+def _experts(cfg: TrainConfig, mesh_shape: dict[str, int]) -> dict[str, float] | None:
+    """A dropless MoE's expert parallelism and all-to-all per micro-batch, or None."""
+    m = cfg.model
+    if not m.num_experts or m.moe_dispatch != "dropless":
+        return None
+    rows = cfg.data.batch_size // max(cfg.optim.grad_accum_steps, 1)
+    return experts.exchange_plan(
+        cfg.mesh.rules, mesh_shape, (rows, cfg.data.seq_len), m.num_experts,
+        m.experts_per_token, m.d_model, jnp.dtype(m.dtype).itemsize, m.moe_exchange_factor,
+    )  # fmt: skip
 
 
 def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
@@ -264,6 +278,8 @@ def render(result: dict[str, Any]) -> str:
     ]
     if a.get("pipeline"):
         lines.insert(-1, f"  pipeline              {stages.describe(a['pipeline'])}")
+    if a.get("experts"):
+        lines.insert(-1, f"  experts               {experts.describe(a['experts'])}")
     if "choices" in result:
         lines.insert(1, "  choices: " + ", ".join(f"{k} {v}" for k, v in result["choices"].items()))
     c = result.get("compiled")

@@ -208,7 +208,8 @@ def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
     graphdef, graph_state = models.abstract(cfg.model, cfg.mesh.rules)
     num_params = models.count_params(graph_state)
     trainable = lora.trainable_fn(cfg.finetune)
-    tx = optim.make_optimizer(cfg.optim, cfg.num_steps, trainable, cfg.finetune.keep_sparsity)
+    tx = optim.make_optimizer(cfg.optim, cfg.num_steps, trainable, cfg.finetune.keep_sparsity,
+                              cfg.model.moe_bias_rate)  # fmt: skip
     schedule = optim.make_schedule(cfg.optim, cfg.num_steps)
     abstract = abstract_state(graph_state, tx, cfg.finetune)
     shardings = state_shardings(graph_state, abstract, tx, mesh, cfg.mesh.rules)

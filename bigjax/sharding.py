@@ -95,3 +95,10 @@ def constrain(x: jax.Array, names: LogicalNames, rules: Rules) -> jax.Array:
         return x
     spec = logical_to_spec(names, rules, dict(mesh.shape), x.shape)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def trace_platform() -> str:
+    """The platform of the devices being traced for: the mesh's (TPU for a plan's
+    compile-only topology on a CPU host), else the default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform

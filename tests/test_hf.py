@@ -51,6 +51,10 @@ SHAPES = {
                                        num_key_value_heads=1, vocab_size=272, rms_norm_eps=1e-5,
                                        rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                         "rope_theta": 10000.0})),
+    # transformers' Mixtral: 4 experts, 2 a token (imported as a dropless Llama MoE)
+    "mixtral": ("mixtral", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=280,
+                                num_local_experts=4, num_experts_per_tok=2)),
     "gpt2-tied": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=128)),
     "gpt2-untied": ("gpt2", dict(n_embd=48, n_layer=3, n_head=3, n_inner=100, vocab_size=259,
                                  n_positions=64, tie_word_embeddings=False)),
@@ -63,6 +67,8 @@ def _hf_model(family: str, kwargs: dict, seed: int = 0):
     torch.manual_seed(seed)
     if family == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
+    elif family == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**kwargs))
     else:
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kwargs))
     with torch.no_grad():
@@ -104,7 +110,7 @@ def test_import_matches_transformers_and_export_round_trips(name, tmp_path, caps
 
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
     printed = capsys.readouterr()
-    assert f"imported {family}" in printed.out
+    assert f"imported {'llama' if family == 'mixtral' else family}" in printed.out
     assert "convert: import [####################] 100% 3/3 stages" in printed.err
     tokens = _tokens(kwargs["vocab_size"])
     ref = _hf_logits(hf_model, tokens)
@@ -116,9 +122,8 @@ def test_import_matches_transformers_and_export_round_trips(name, tmp_path, caps
     # Export the imported run: every tensor comes back bit for bit, under transformers' names.
     assert main(["convert", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
     back = tensorfile.read_dir(tmp_path / "back")
-    original = {k: v.numpy() for k, v in hf_model.state_dict().items()}
-    if hf_model.config.tie_word_embeddings:
-        original.pop("lm_head.weight")  # a view of the embedding; not saved when tied
+    # as saved (Mixtral: the Hub's per-expert tensors; tied lm_head: not saved)
+    original = tensorfile.read_dir(tmp_path / "hf")
     assert sorted(back) == sorted(original)
     for k, v in original.items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)
@@ -132,6 +137,9 @@ def test_import_matches_transformers_and_export_round_trips(name, tmp_path, caps
         ("llama", dict(num_kv_heads=2, rope_scaling="llama3", rope_factor=4.0,
                        rope_original_max_positions=16)),
         ("gpt2", dict(family="gpt2", num_kv_heads=0, max_positions=96, tie_embeddings=False)),
+        # trained dropless with 4 experts: exported as Mixtral
+        ("mixtral", dict(num_kv_heads=2, num_experts=4, experts_per_token=2,
+                         moe_dispatch="dropless")),
     ],
 )  # fmt: skip
 def test_trained_run_exports_to_from_pretrained_with_the_same_logits(family, model, tmp_path):
@@ -143,9 +151,9 @@ def test_trained_run_exports_to_from_pretrained_with_the_same_logits(family, mod
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # really sharded
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
-    assert type(hf_model).__name__ == (
-        "LlamaForCausalLM" if family == "llama" else "GPT2LMHeadModel"
-    )
+    names = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel",
+             "mixtral": "MixtralForCausalLM"}  # fmt: skip
+    assert type(hf_model).__name__ == names[family]
     tokens = _tokens(cfg.model.vocab_size)
     ref = _hf_logits(hf_model.eval(), tokens)
     got = _bigjax_logits(tmp_path / "run", tokens)

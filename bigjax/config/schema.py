@@ -15,6 +15,8 @@ from bigjax.errors import UsageError
 Position = Literal["rope", "learned"]
 RopeScaling = Literal["default", "linear", "llama3"]
 Mlp = Literal["swiglu", "gelu"]
+MoEDispatch = Literal["capacity", "dropless"]
+MoEGating = Literal["softmax", "sigmoid"]
 RematPolicy = Literal["none", "full", "save_matmuls"]
 Optimizer = Literal["adamw", "adafactor", "lion", "sgd"]
 Schedule = Literal["cosine", "linear", "wsd", "constant"]
@@ -111,6 +113,19 @@ class ModelConfig:
     experts_per_token: int = 2
     moe_capacity_factor: float = 1.25  # slots per expert = factor * L * k / E; 0: no drops
     moe_aux_weight: float = 0.01  # load-balancing loss coefficient
+    # 'capacity' (one-hot dispatch, drops over capacity) or 'dropless' (grouped matmuls,
+    # expert parallelism by all-to-all over the `experts` rule's mesh axes: bigjax/experts.py)
+    moe_dispatch: MoEDispatch = "capacity"
+    moe_gating: MoEGating = "softmax"  # router scores: 'softmax' (Mixtral) or 'sigmoid' (DS-V3)
+    moe_shared_experts: int = 0  # always-on experts of width d_ff beside the routed ones
+    moe_route_scale: float = 1.0  # the gates' scale (DeepSeek's routed_scaling_factor)
+    # > 0: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the choice,
+    # moved by this much per step against the load imbalance (0.001 in DeepSeek-V3)
+    moe_bias_rate: float = 0.0
+    moe_z_weight: float = 0.0  # router z-loss coefficient (ST-MoE: 0.001)
+    # dropless with experts split over devices: all-to-all buffer rows per destination as a
+    # multiple of the balanced share; 0: every assignment fits (no drops, EP x the memory)
+    moe_exchange_factor: float = 0.0
     norm_eps: float = 1e-6
     dropout: float = 0.0
     param_dtype: Dtype = "float32"

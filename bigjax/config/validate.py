@@ -90,6 +90,15 @@ def check_mesh_axes(cfg: TrainConfig, sizes: dict[str, int]) -> None:
             f"{cfg.data.seq_len} cannot be cut into 2 x context = {2 * context} equal chunks "
             f"(causal load balancing); use a multiple of {2 * context}",
         )
+    if cfg.model.num_experts and cfg.model.moe_dispatch == "dropless":
+        token_axes = set(rules.get("act_batch", ())) | set(rules.get("act_seq", ()))
+        split = [a for a in rules.get("experts", ()) if sizes.get(a, 1) > 1]
+        _check(
+            all(a in token_axes for a in split),
+            "mesh.rules.experts",
+            f"dropless experts are exchanged over the axes that split them ({split}), which "
+            "must also split the tokens: map experts to axes of act_batch or act_seq",
+        )
     _check(cfg.model.pipeline_microbatches >= 0, "model.pipeline_microbatches", "must be >= 0")
     _check(cfg.model.pipeline_interleave >= 1, "model.pipeline_interleave", "must be >= 1")
     stages = sizes.get("stage", 1)
@@ -170,6 +179,17 @@ def _model(cfg: TrainConfig) -> None:
         )
         _check(m.moe_capacity_factor >= 0, "model.moe_capacity_factor", "must be >= 0")
         _check(m.moe_aux_weight >= 0, "model.moe_aux_weight", "must be >= 0")
+        _check(m.moe_shared_experts >= 0, "model.moe_shared_experts", "must be >= 0")
+        _check(m.moe_route_scale > 0, "model.moe_route_scale", "must be positive")
+        _check(m.moe_bias_rate >= 0, "model.moe_bias_rate", "must be >= 0 (0: no bias)")
+        _check(m.moe_z_weight >= 0, "model.moe_z_weight", "must be >= 0")
+        _check(m.moe_exchange_factor >= 0, "model.moe_exchange_factor", "must be >= 0")
+        _check(
+            not (m.moe_bias_rate > 0 and cfg.privacy.enabled),
+            "model.moe_bias_rate",
+            "the balancing bias follows the sign of the batch's load, which DP-SGD's clipping "
+            "and noise would scramble; use moe_aux_weight for balance with privacy",
+        )
     _check(
         m.rope_scaling != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor,
         "model.rope_high_freq_factor",

@@ -4,6 +4,7 @@ attention) or GPT-2 style (LayerNorm, learned positions, GELU, biases), by confi
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 
 import jax
@@ -25,7 +26,7 @@ from bigjax.layers import (
     make_norm,
     project,
 )
-from bigjax.moe import MoE
+from bigjax.moe import MoE, Routing
 from bigjax.sharding import Rules, constrain
 
 REMAT_POLICY = {
@@ -81,9 +82,7 @@ class Block(nnx.Module):
             MoE(
                 cfg.d_model,
                 cfg.d_ff,
-                cfg.num_experts,
-                cfg.experts_per_token,
-                cfg.moe_capacity_factor,
+                routing_of(cfg),
                 rngs=rngs,
                 param_dtype=pd,
                 dtype=dt,
@@ -138,6 +137,14 @@ class Block(nnx.Module):
         x_BTD = x_BTD + h_BTD
         h_BTD, _ = self._mlp(self.mlp_norm(x_BTD), jnp.ones(x_BTD.shape[:2], bool))
         return x_BTD + h_BTD, k, v
+
+
+def routing_of(cfg: ModelConfig) -> Routing:
+    """The MoE layer's routing: each of its fields is the model config's `moe_<field>`."""
+    keys = [f.name for f in dataclasses.fields(Routing) if hasattr(cfg, f"moe_{f.name}")]
+    return Routing(
+        cfg.num_experts, cfg.experts_per_token, **{k: getattr(cfg, f"moe_{k}") for k in keys}
+    )
 
 
 def stacked_blocks(cfg: ModelConfig, rules: Rules, rngs: nnx.Rngs) -> Block:
@@ -216,14 +223,24 @@ def run_blocks(
             stages=num_stages, num_micro=num_micro, interleave=model.pipeline_interleave,
             rules=model.rules,
         )  # fmt: skip
+        per_layer = {}  # the pipeline reports the means over layers only
     else:
         x_BLD, aux_N = layers(block_params, x_BLD, segment_ids_BL, positions_BL, layer_rngs)
         means = {k: jnp.mean(v) for k, v in aux_N.items()}
+        # each layer's expert load too (TensorBoard groups them): collapse shows per layer
+        per_layer = {
+            f"moe_{k}/layer_{i}": v[i]
+            for k, v in aux_N.items()
+            if k.startswith("load_")
+            for i in range(v.shape[0])
+        }
 
     aux = {f"moe_{k}": v for k, v in means.items()}
     if "moe_balance_loss" in aux:
         aux["aux_loss"] = model.moe_aux_weight * aux["moe_balance_loss"]
-    return x_BLD, aux
+    if "moe_router_loss" in aux:  # z-loss and the balancing bias's signal
+        aux["aux_loss"] = aux["aux_loss"] + aux["moe_router_loss"]
+    return x_BLD, {**aux, **per_layer}
 
 
 def class_head(cfg: ModelConfig, rngs: nnx.Rngs) -> tuple:
@@ -401,8 +418,9 @@ def param_count(cfg: ModelConfig) -> int:
     if cfg.use_bias:
         attention += H * K + 2 * G * K + D
         mlp += (2 if cfg.mlp == "swiglu" else 1) * F + D
-    if cfg.num_experts:  # E experts (no biases) and the router
-        mlp = cfg.num_experts * 3 * D * F + D * cfg.num_experts
+    if cfg.num_experts:  # E routed and S shared experts (no biases), the router, its bias
+        mlp = (cfg.num_experts + cfg.moe_shared_experts) * 3 * D * F + D * cfg.num_experts
+        mlp += cfg.num_experts if cfg.moe_bias_rate > 0 else 0
     norm = 2 * D if cfg.norm == "layernorm" else D  # scale (and bias)
     per_layer = attention + mlp + 2 * norm
     head = 0 if cfg.tie_embeddings else D * V
@@ -419,8 +437,8 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """
     D, F, V, H, G, K = _dims(cfg)
     mlp = (3 if cfg.mlp == "swiglu" else 2) * D * F
-    if cfg.num_experts:  # active weights: k experts per token, and the router
-        mlp = cfg.experts_per_token * 3 * D * F + D * cfg.num_experts
+    if cfg.num_experts:  # active weights: k routed and the shared experts, and the router
+        mlp = (cfg.experts_per_token + cfg.moe_shared_experts) * 3 * D * F + D * cfg.num_experts
     matmul_weights = cfg.num_layers * (2 * D * H * K + 2 * D * G * K + mlp) + D * V
     # 4 L H K per token over all keys; a causal mask halves it
     attention = cfg.num_layers * (2 if cfg.causal else 4) * seq_len * H * K

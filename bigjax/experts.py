@@ -1,0 +1,287 @@
+"""Dropless expert computation: every routed (token, expert) pair through its expert, with
+grouped matrix multiplications, and expert parallelism by all-to-all.
+
+Tokens are sorted by expert and each expert's rows multiplied in one `jax.lax.ragged_dot`
+(XLA's grouped GEMM: megablox-style kernels on TPU/GPU), so memory and FLOPs grow with the
+k assignments per token, not with E x capacity as in the one-hot dispatch.
+
+Expert parallelism: the expert weights [E, ...] are split over the mesh axes of the `experts`
+rule (the EP group, default `fsdp`), which must also split the tokens. Under `shard_map`
+each device routes its own tokens, sends every assignment to the device holding its expert
+(`all_to_all` over the EP group), runs its E/EP local experts on what it received, and sends
+the results back. The exchange uses fixed-size buffers: by default each destination's slot
+holds all of a device's assignments (the worst case: dropless whatever the routing);
+`exchange_factor` f < EP sizes it f x the balanced share instead (less memory and traffic;
+assignments over it are dropped and counted). `ragged_all_to_all` would send only what is
+routed, but XLA:CPU does not implement it, so it could not be tested here.
+
+Tensor parallelism inside: the expert width F is split over the `mlp` rule's axes; the down
+projection's partial sums are reduced over them (psum).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from bigjax.sharding import Rules, logical_to_spec, trace_platform
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The mesh axes of one dropless MoE call: tokens' batch and sequence dims, the EP group
+    (expert dim of the weights) and the expert width (tensor parallel)."""
+
+    batch: object
+    seq: object
+    ep: tuple[str, ...]
+    mlp: object
+    ep_size: int
+
+    @property
+    def tokens(self) -> PartitionSpec:
+        return PartitionSpec(self.batch, self.seq, None)
+
+
+def _axes(entry: object) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)  # type: ignore[arg-type]
+
+
+def layout(
+    rules: Rules, sizes: dict[str, int], shape_BLD: tuple[int, ...], e: int, f: int
+) -> Layout:
+    """The layout on a mesh of `sizes` for tokens [B, L, D] and E experts of width F."""
+    batch, seq, _ = logical_to_spec(("act_batch", "act_seq", None), rules, sizes, shape_BLD)
+    token_axes = set(_axes(batch)) | set(_axes(seq))
+    ep = _axes(logical_to_spec(("experts",), rules, sizes, (e,))[0])
+    outside = [a for a in ep if a not in token_axes]
+    if outside:  # config.validate names this before a step is built
+        raise ValueError(
+            f"mesh axes {outside} split the experts but not the tokens; map `experts` to axes "
+            "of `act_batch`/`act_seq` in mesh.rules"
+        )
+    mlp = logical_to_spec(("mlp",), rules, sizes, (f,))[0]
+    return Layout(batch, seq, ep, mlp, math.prod(sizes[a] for a in ep))
+
+
+def grouped_swiglu(
+    x_AD: jax.Array, expert_A: jax.Array, gate_up_EDFC: jax.Array, down_EFD: jax.Array
+) -> jax.Array:
+    """Rows [A, D] through the SwiGLU expert `expert_A` names (ids >= E: no expert, output 0),
+    as two grouped matmuls over the rows sorted by expert."""
+    e, d, f, _ = gate_up_EDFC.shape
+    order_A = jnp.argsort(expert_A, stable=True)
+    sizes_E = jnp.bincount(expert_A, length=e).astype(jnp.int32)  # ids >= E are not counted
+    matmul = jax.lax.ragged_dot if trace_platform() == "tpu" else tiled_grouped_matmul
+    h_AFC = matmul(x_AD[order_A], gate_up_EDFC.reshape(e, d, f * 2), sizes_E)
+    h_AFC = h_AFC.reshape(-1, f, 2)
+    y_AD = matmul(jax.nn.silu(h_AFC[..., 0]) * h_AFC[..., 1], down_EFD, sizes_E)
+    return jnp.zeros_like(y_AD).at[order_A].set(y_AD)  # back in row order
+
+
+def tiled_grouped_matmul(
+    x_AK: jax.Array, w_EKN: jax.Array, sizes_E: jax.Array, tile: int = 128
+) -> jax.Array:
+    """`ragged_dot` (rows sorted by group, `sizes_E` rows each; rows past them get 0) as a
+    scan over (row tile, group) pieces, megablox's schedule in plain JAX.
+
+    XLA:CPU (and, by its decomposition, any backend without a native ragged dot) turns
+    `ragged_dot` into a dense product masked per group, [E, A, K] in memory: 7.7 GiB for one
+    64-expert layer of 4096 tokens (docs/scaling.md). The row tiles and group ends cut the
+    rows into at most tiles + E - 1 pieces, each inside one tile and one group; the scan
+    multiplies each piece's tile by its group's weight, so memory is one tile's product and
+    the work (tiles + E) x tile rows, not E x A."""
+    x_AK, w_EKN = jnp.asarray(x_AK), jnp.asarray(w_EKN)
+    a, k = x_AK.shape
+    e, _, n = w_EKN.shape
+    tile = min(tile, a)
+    x_TRK = jnp.pad(x_AK, ((0, -a % tile), (0, 0))).reshape(-1, tile, k)
+    num_tiles = x_TRK.shape[0]
+    ends_E = jnp.cumsum(sizes_E)
+    # every piece starts at a tile start or a group end; sorted, each piece runs to the next
+    starts_P = jnp.sort(jnp.concatenate([jnp.arange(num_tiles) * tile, ends_E]))
+    stops_P = jnp.concatenate([starts_P[1:], jnp.full((1,), num_tiles * tile)])
+    rows_R = jnp.arange(tile)
+
+    def piece(out_TRN: jax.Array, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        start, stop = bounds
+        t = jnp.minimum(start // tile, num_tiles - 1)
+        g = jnp.searchsorted(ends_E, start, side="right")  # the group holding row `start`
+        index_R = t * tile + rows_R
+        inside_R = (index_R >= start) & (index_R < stop) & (g < e)
+        y_RN = x_TRK[t] @ w_EKN[jnp.minimum(g, e - 1)]
+        return out_TRN.at[t].add(jnp.where(inside_R[:, None], y_RN, 0)), None
+
+    out_TRN = jnp.zeros((num_tiles, tile, n), jnp.result_type(x_AK, w_EKN))
+    out_TRN, _ = jax.lax.scan(piece, out_TRN, (starts_P, stops_P))
+    return out_TRN.reshape(-1, n)[:a]
+
+
+def dropless(
+    x_BLD: jax.Array,
+    expert_BLK: jax.Array,
+    weight_BLK: jax.Array,
+    gate_up_EDFC: jax.Array,
+    down_EFD: jax.Array,
+    *,
+    rules: Rules,
+    exchange_factor: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """sum_k weight * expert_k(x) per token: (out [B, L, D], assignments dropped at the
+    exchange: 0 unless `exchange_factor` bounds it). Runs under `shard_map` on a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    e, _, f, _ = gate_up_EDFC.shape
+    if mesh.empty:
+        out_BLD, dropped = _local(x_BLD, expert_BLK, weight_BLK, gate_up_EDFC, down_EFD,
+                                  (), 1, (), exchange_factor)  # fmt: skip
+        return out_BLD, dropped
+    lay = layout(rules, dict(mesh.shape), x_BLD.shape, e, f)
+    ep_spec = None if not lay.ep else lay.ep[0] if len(lay.ep) == 1 else lay.ep
+    token_axes = _axes(lay.batch) + _axes(lay.seq)
+
+    def local(
+        x_BLD: jax.Array,
+        expert_BLK: jax.Array,
+        weight_BLK: jax.Array,
+        gate_up_EDFC: jax.Array,
+        down_EFD: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        out_BLD, dropped = _local(x_BLD, expert_BLK, weight_BLK, gate_up_EDFC, down_EFD,
+                                  lay.ep, lay.ep_size, _axes(lay.mlp), exchange_factor)  # fmt: skip
+        return out_BLD, jax.lax.psum(dropped, token_axes) if token_axes else dropped
+
+    return jax.shard_map(
+        local,
+        in_specs=(
+            lay.tokens,
+            lay.tokens,
+            lay.tokens,
+            PartitionSpec(ep_spec, None, lay.mlp, None),
+            PartitionSpec(ep_spec, lay.mlp, None),
+        ),
+        out_specs=(lay.tokens, PartitionSpec()),
+        check_vma=False,
+    )(x_BLD, expert_BLK, weight_BLK, gate_up_EDFC, down_EFD)
+
+
+def _local(
+    x_BLD: jax.Array,
+    expert_BLK: jax.Array,
+    weight_BLK: jax.Array,
+    gate_up_EDFC: jax.Array,
+    down_EFD: jax.Array,
+    ep: tuple[str, ...],
+    ep_size: int,
+    mlp: tuple[str, ...],
+    exchange_factor: float,
+) -> tuple[jax.Array, jax.Array]:
+    """One device's tokens through the experts (its local ones, after the exchange)."""
+    b, length, d = x_BLD.shape
+    k = expert_BLK.shape[-1]
+    x_TD = x_BLD.reshape(b * length, d)
+    expert_A = expert_BLK.reshape(-1)  # assignment a = token a // k, its (a % k)-th choice
+    token_A = jnp.arange(expert_A.shape[0]) // k
+    if ep_size == 1:
+        y_AD = grouped_swiglu(x_TD[token_A], expert_A, gate_up_EDFC, down_EFD)
+        dropped = jnp.zeros((), jnp.float32)
+    else:
+        y_AD, dropped = _exchanged(x_TD[token_A], expert_A, gate_up_EDFC, down_EFD, ep,
+                                   ep_size, exchange_factor)  # fmt: skip
+    if mlp:  # the down projection's partial sums over the expert width's shards
+        y_AD = jax.lax.psum(y_AD, mlp)
+    y_TKD = y_AD.reshape(b * length, k, d)
+    out_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_BLK.reshape(-1, k).astype(y_TKD.dtype))
+    return out_TD.reshape(b, length, d), dropped
+
+
+def exchange_slots(assignments: int, ep_size: int, exchange_factor: float) -> int:
+    """Rows per destination in the all-to-all buffers: every assignment (dropless) unless
+    `exchange_factor` sizes it as a multiple of the balanced share."""
+    if exchange_factor <= 0 or exchange_factor >= ep_size:
+        return assignments
+    return max(1, math.ceil(exchange_factor * assignments / ep_size))
+
+
+def _exchanged(
+    x_AD: jax.Array,
+    expert_A: jax.Array,
+    gate_up_EDFC: jax.Array,
+    down_EFD: jax.Array,
+    ep: tuple[str, ...],
+    ep_size: int,
+    exchange_factor: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Assignments to the devices of their experts and the results back (all-to-all)."""
+    a, d = x_AD.shape
+    local_e = gate_up_EDFC.shape[0]  # experts on this device: E / EP
+    slots = exchange_slots(a, ep_size, exchange_factor)
+    dest_A = expert_A // local_e
+    # Each assignment's slot in its destination's buffer: its rank among those going there.
+    order_A = jnp.argsort(dest_A, stable=True)
+    counts_P = jnp.bincount(dest_A, length=ep_size)
+    starts_P = jnp.cumsum(counts_P) - counts_P
+    slot_A = jnp.zeros_like(dest_A).at[order_A].set(jnp.arange(a) - starts_P[dest_A[order_A]])
+    kept_A = slot_A < slots
+    # Dropped assignments go to an out-of-range row, which the scatter drops.
+    row_A = jnp.where(kept_A, dest_A * slots + slot_A, ep_size * slots)
+    send_RD = jnp.zeros((ep_size * slots, d), x_AD.dtype).at[row_A].set(x_AD, mode="drop")
+    no_expert = local_e  # id of an empty slot: the grouped matmul leaves its row 0
+    send_R = jnp.full((ep_size * slots,), no_expert, expert_A.dtype)
+    send_R = send_R.at[row_A].set(expert_A % local_e, mode="drop")
+
+    def swap(x: jax.Array) -> jax.Array:  # [EP * slots, ...]: block p to device p
+        blocks = x.reshape(ep_size, slots, *x.shape[1:])
+        return jax.lax.all_to_all(blocks, ep, 0, 0, tiled=True).reshape(x.shape)
+
+    y_RD = grouped_swiglu(swap(send_RD), swap(send_R), gate_up_EDFC, down_EFD)
+    back_RD = swap(y_RD)
+    y_AD = jnp.where(kept_A[:, None], back_RD[jnp.minimum(row_A, ep_size * slots - 1)], 0)
+    return y_AD, jnp.sum(~kept_A).astype(jnp.float32)
+
+
+def exchange_plan(
+    rules: Rules,
+    sizes: dict[str, int],
+    tokens_BL: tuple[int, int],
+    num_experts: int,
+    top_k: int,
+    d_model: int,
+    dtype_bytes: int,
+    exchange_factor: float,
+) -> dict[str, float]:
+    """Experts per device and the all-to-all of one dropless MoE layer for a micro-batch of
+    `tokens_BL` (rows, length) on a mesh of `sizes`: what `plan` reports."""
+    batch, seq = logical_to_spec(("act_batch", "act_seq"), rules, sizes, tokens_BL)
+    token_devices = math.prod(sizes[a] for a in _axes(batch) + _axes(seq))
+    ep = math.prod(sizes[a] for a in _axes(logical_to_spec(("experts",), rules, sizes,
+                                                          (num_experts,))[0]))  # fmt: skip
+    assignments = tokens_BL[0] * tokens_BL[1] // token_devices * top_k
+    slots = exchange_slots(assignments, ep, exchange_factor) if ep > 1 else 0
+    buffer = ep * slots * d_model * dtype_bytes  # one direction's send (= receive) buffer
+    return {
+        "experts_per_device": num_experts // ep,
+        "num_experts": num_experts,
+        "ep": ep,
+        "assignments_per_device": assignments,
+        "buffer_bytes": buffer,
+        # dispatch and combine, each sending all but the own block; backward the same again
+        "all_to_all_bytes_per_layer": 2 * buffer * (ep - 1) / ep,
+    }
+
+
+def describe(p: dict[str, float]) -> str:
+    """One line of `exchange_plan` for `plan`'s report."""
+    mib = 2**20
+    if p["ep"] == 1:
+        return f"{p['num_experts']} experts on every device (no expert parallelism)"
+    return (
+        f"{p['experts_per_device']} of {p['num_experts']} experts per device (EP {p['ep']}); "
+        f"all-to-all {p['all_to_all_bytes_per_layer'] / mib:,.0f} MiB per layer forward "
+        f"(as much backward), buffers {p['buffer_bytes'] / mib:,.0f} MiB"
+    )
