@@ -6,7 +6,8 @@ Tokens are sorted by expert and each expert's rows multiplied in one `jax.lax.ra
 k assignments per token, not with E x capacity as in the one-hot dispatch.
 
 Expert parallelism: the expert weights [E, ...] are split over the mesh axes of the `experts`
-rule (the EP group, default `fsdp`), which must also split the tokens. Under `shard_map`
+rule (the EP group, default `fsdp`), which must also split the tokens (where a batch has too
+few rows to split, as one generated sequence, the experts are gathered instead). Under `shard_map`
 each device routes its own tokens, sends every assignment to the device holding its expert
 (`all_to_all` over the EP group), runs its E/EP local experts on what it received, and sends
 the results back. The exchange uses fixed-size buffers: by default each destination's slot
@@ -59,13 +60,11 @@ def layout(
     """The layout on a mesh of `sizes` for tokens [B, L, D] and E experts of width F."""
     batch, seq, _ = logical_to_spec(("act_batch", "act_seq", None), rules, sizes, shape_BLD)
     token_axes = set(_axes(batch)) | set(_axes(seq))
+    # Only axes that split the tokens can exchange them; over any other (rows too few to
+    # split, e.g. one generated sequence) the experts are gathered and each device computes
+    # all of them for its tokens. config.validate refuses rules that would always do so.
     ep = _axes(logical_to_spec(("experts",), rules, sizes, (e,))[0])
-    outside = [a for a in ep if a not in token_axes]
-    if outside:  # config.validate names this before a step is built
-        raise ValueError(
-            f"mesh axes {outside} split the experts but not the tokens; map `experts` to axes "
-            "of `act_batch`/`act_seq` in mesh.rules"
-        )
+    ep = tuple(a for a in ep if a in token_axes)
     mlp = logical_to_spec(("mlp",), rules, sizes, (f,))[0]
     return Layout(batch, seq, ep, mlp, math.prod(sizes[a] for a in ep))
 
@@ -136,6 +135,7 @@ def dropless(
     """sum_k weight * expert_k(x) per token: (out [B, L, D], assignments dropped at the
     exchange: 0 unless `exchange_factor` bounds it). Runs under `shard_map` on a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
+    x_BLD, expert_BLK, weight_BLK = map(jnp.asarray, (x_BLD, expert_BLK, weight_BLK))
     e, _, f, _ = gate_up_EDFC.shape
     if mesh.empty:
         out_BLD, dropped = _local(x_BLD, expert_BLK, weight_BLK, gate_up_EDFC, down_EFD,

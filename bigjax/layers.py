@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigjax import fp8 as fp8_ops
 from bigjax.attention import attend, dot_product_attention
 from bigjax.sharding import Rules, constrain
 
@@ -54,7 +55,7 @@ def _param(
     return nnx.Param(matrix.reshape(shape), out_sharding=names)
 
 
-def project(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, n_in: int, fp8: bool = False) -> jax.Array:
     """x [B, L, *in] @ w [*in, *out] -> [B, L, *out], as one 2-D matmul [B*L, in] @ [in, out].
 
     XLA:CPU runs the 2-D form and its gradients much faster than the same einsum over [B, L]
@@ -64,7 +65,8 @@ def project(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     """
     b, length = x.shape[:2]
     n = math.prod(w.shape[:n_in])
-    y = x.reshape(b * length, n) @ w.reshape(n, -1)
+    matmul = fp8_ops.matmul if fp8 else jnp.matmul  # bigjax/fp8.py: training's projections
+    y = matmul(x.reshape(b * length, n), w.reshape(n, -1))
     return y.reshape(b, length, *w.shape[n_in:])
 
 
@@ -208,9 +210,10 @@ class Attention(nnx.Module):
         param_dtype: jnp.dtype,
         dtype: jnp.dtype,
         rules: Rules,
+        fp8: bool = False,
     ):
         self.rope, self.impl, self.dtype, self.rules = rope, impl, dtype, rules
-        self.causal = causal
+        self.causal, self.fp8 = causal, fp8
         D, H, G, K = d_model, num_heads, num_kv_heads, head_dim
         self.q_DHK = _param(
             rngs, dense_init, (D, H, K), ("embed", "heads", "head_dim"), param_dtype
@@ -232,16 +235,19 @@ class Attention(nnx.Module):
         self.kv_bias_GCK = _bias(use_bias, (G, 2, K), ("kv_heads", None, "head_dim"), param_dtype)
         self.o_bias_D = _bias(use_bias, (D,), ("norm",), param_dtype)
 
-    def qkv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, ...]:
-        """Projections and RoPE: q [B, L, H, K], k and v [B, L, G, K]."""
+    def qkv(
+        self, x_BLD: jax.Array, positions_BL: jax.Array, fp8: bool = False
+    ) -> tuple[jax.Array, ...]:
+        """Projections (in fp8 if asked) and RoPE: q [B, L, H, K], k and v [B, L, G, K]."""
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
         act = lambda t, heads: constrain(  # noqa: E731
             t, ("act_batch", "act_seq", heads, None), self.rules
         )
         # the residual stream may be sequence-sharded: gather it once, before the projections
         x_BLD = constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
-        q_BLHK = add_bias(project(x_BLD, w(self.q_DHK), 1), self.q_bias_HK, self.dtype)
-        kv_BLGCK = add_bias(project(x_BLD, w(self.kv_DGCK), 1), self.kv_bias_GCK, self.dtype)
+        q_BLHK = add_bias(project(x_BLD, w(self.q_DHK), 1, fp8), self.q_bias_HK, self.dtype)
+        kv_BLGCK = project(x_BLD, w(self.kv_DGCK), 1, fp8)
+        kv_BLGCK = add_bias(kv_BLGCK, self.kv_bias_GCK, self.dtype)
         q_BLHK = act(q_BLHK, "act_heads")
         k_BLGK = act(kv_BLGCK[:, :, :, 0], "act_kv_heads")
         v_BLGK = act(kv_BLGCK[:, :, :, 1], "act_kv_heads")
@@ -249,20 +255,20 @@ class Attention(nnx.Module):
             q_BLHK, k_BLGK = self.rope(q_BLHK, positions_BL), self.rope(k_BLGK, positions_BL)
         return q_BLHK, k_BLGK, v_BLGK
 
-    def _out(self, out_BLHK: jax.Array) -> jax.Array:
+    def _out(self, out_BLHK: jax.Array, fp8: bool = False) -> jax.Array:
         out_BLHK = constrain(out_BLHK, ("act_batch", "act_seq", "act_heads", None), self.rules)
-        out_BLD = project(out_BLHK, self.o_HKD[...].astype(self.dtype), 2)
+        out_BLD = project(out_BLHK, self.o_HKD[...].astype(self.dtype), 2, fp8)
         out_BLD = add_bias(out_BLD, self.o_bias_D, self.dtype)
         return constrain(out_BLD, RESIDUAL, self.rules)  # reduce-scatter, not all-reduce
 
     def __call__(
         self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array
     ) -> jax.Array:
-        q_BLHK, k_BLGK, v_BLGK = self.qkv(x_BLD, positions_BL)
+        q_BLHK, k_BLGK, v_BLGK = self.qkv(x_BLD, positions_BL, self.fp8)
         out_BLHK = attend(
             self.impl, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=self.causal, rules=self.rules
         )
-        return self._out(out_BLHK)
+        return self._out(out_BLHK, self.fp8)
 
     def decode(
         self,
@@ -312,8 +318,9 @@ class FeedForward(nnx.Module):
         param_dtype: jnp.dtype,
         dtype: jnp.dtype,
         rules: Rules,
+        fp8: bool = False,
     ):
-        self.dtype, self.rules = dtype, rules
+        self.dtype, self.rules, self.fp8 = dtype, rules, fp8
         self.make(d_model, d_ff, use_bias, rngs, param_dtype)
 
     def make(
@@ -336,15 +343,16 @@ class MLP(FeedForward):
         self.gate_up_bias_FC = _bias(use_bias, (d_ff, 2), ("mlp", None), param_dtype)
         self.down_bias_D = _bias(use_bias, (d_model,), ("norm",), param_dtype)
 
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, decode: bool = False) -> jax.Array:
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        fp8 = self.fp8 and not decode  # cached decoding: one row's scale never mixes others'
         names_BLF = ("act_batch", "act_seq", "act_mlp")
         x_BLD = constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
-        gate_up_BLFC = project(x_BLD, w(self.gate_up_DFC), 1)
+        gate_up_BLFC = project(x_BLD, w(self.gate_up_DFC), 1, fp8)
         gate_up_BLFC = add_bias(gate_up_BLFC, self.gate_up_bias_FC, self.dtype)
         gate_BLF = constrain(gate_up_BLFC[..., 0], names_BLF, self.rules)
         up_BLF = constrain(gate_up_BLFC[..., 1], names_BLF, self.rules)
-        out_BLD = project(jax.nn.silu(gate_BLF) * up_BLF, w(self.down_FD), 1)
+        out_BLD = project(jax.nn.silu(gate_BLF) * up_BLF, w(self.down_FD), 1, fp8)
         out_BLD = add_bias(out_BLD, self.down_bias_D, self.dtype)
         return constrain(out_BLD, RESIDUAL, self.rules)
 
@@ -360,12 +368,13 @@ class GeluMLP(FeedForward):
         self.up_bias_F = _bias(use_bias, (d_ff,), ("mlp",), param_dtype)
         self.down_bias_D = _bias(use_bias, (d_model,), ("norm",), param_dtype)
 
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, decode: bool = False) -> jax.Array:
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        fp8 = self.fp8 and not decode
         x_BLD = constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
-        up_BLF = add_bias(project(x_BLD, w(self.up_DF), 1), self.up_bias_F, self.dtype)
+        up_BLF = add_bias(project(x_BLD, w(self.up_DF), 1, fp8), self.up_bias_F, self.dtype)
         up_BLF = constrain(up_BLF, ("act_batch", "act_seq", "act_mlp"), self.rules)
-        out_BLD = project(jax.nn.gelu(up_BLF, approximate=True), w(self.down_FD), 1)
+        out_BLD = project(jax.nn.gelu(up_BLF, approximate=True), w(self.down_FD), 1, fp8)
         out_BLD = add_bias(out_BLD, self.down_bias_D, self.dtype)
         return constrain(out_BLD, RESIDUAL, self.rules)
 

@@ -34,6 +34,11 @@ DATASHEET_PEAK_FLOPS: dict[str, float] = {
     "H200": 989e12,
 }
 
+# Dense fp8 peak FLOP/s where the device has fp8 matrix units (2x its bf16 rate); devices not
+# listed run fp8 matmuls no faster than bf16 (`plan` says so). MFU stays against the bf16
+# peak in every run, fp8 or not (as torchtitan reports it): fp8's gain shows as higher MFU.
+DATASHEET_FP8_PEAK_FLOPS: dict[str, float] = {"H100": 1979e12, "H200": 1979e12}
+
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
     from matplotlib.figure import Figure
 

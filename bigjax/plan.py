@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from bigjax import experts, memory, metrics, models, platforms, progress, stages, tuning
-from bigjax.config import MESH_AXES, ConfigError, TrainConfig
+from bigjax.config import MESH_AXES, ConfigError, ModelConfig, TrainConfig
 from bigjax.mesh import resolve_shape
 
 GiB = 2**30
@@ -49,6 +49,7 @@ class Target:
     tpu_generation: str = ""  # set for TPUs: enables the ahead-of-time compile
     tpu_shape: str = ""  # e.g. '4x4x4', one slice
     num_slices: int = 1  # multi-slice: slices joined over DCN (`mesh.dcn_shape`)
+    fp8_peak_per_device: float = 0.0  # 0: no fp8 matrix units (fp8 runs at the bf16 rate)
 
 
 def _torus(chips: int, dims: int) -> str:
@@ -98,7 +99,9 @@ def mesh_shape_for(cfg: TrainConfig, target: Target) -> dict[str, int]:
 def gpu_target(devices: int, kind: str) -> Target:
     if kind not in GPU_HBM:
         raise ConfigError(f"--device-kind {kind!r}: known kinds are {', '.join(GPU_HBM)}.")
-    return Target(f"{devices}x {kind}", devices, GPU_HBM[kind], metrics.datasheet_peak(kind))
+    fp8 = metrics.DATASHEET_FP8_PEAK_FLOPS.get(kind, 0.0)
+    return Target(f"{devices}x {kind}", devices, GPU_HBM[kind], metrics.datasheet_peak(kind),
+                  fp8_peak_per_device=fp8)  # fmt: skip
 
 
 def _accelerator_config(cfg: TrainConfig) -> TrainConfig:
@@ -128,7 +131,10 @@ def analytic(
         cfg.mesh.rules, mesh_shape, m.num_layers, m.pipeline_microbatches, m.pipeline_interleave
     )
     busy = 1.0 - (pipeline["bubble"] if pipeline else 0.0)  # stages idle in the bubble
-    step_s = flops_per_step / (target.peak_per_device * target.num_devices * mfu * busy)
+    fp8_step = _fp8_flops_per_token(m) * tokens_per_step
+    fp8_peak = target.fp8_peak_per_device or target.peak_per_device
+    device_s = (flops_per_step - fp8_step) / target.peak_per_device + fp8_step / fp8_peak
+    step_s = device_s / (target.num_devices * mfu * busy)
     return {
         "target": target.name,
         "devices": target.num_devices,
@@ -147,7 +153,23 @@ def analytic(
         "tokens_per_s": tokens_per_step / step_s,
         "pipeline": pipeline,
         "experts": _experts(cfg, mesh_shape),
+        "fp8": None
+        if not fp8_step
+        else {
+            "share": fp8_step / flops_per_step,
+            "peak_per_device": target.fp8_peak_per_device,
+        },
     }
+
+
+def _fp8_flops_per_token(m: ModelConfig) -> float:
+    """Training FLOPs per token in fp8 matmuls: the dense projections of attention and the
+    MLP (forward + both backward products: 6 per weight), 0 unless matmul_precision=fp8."""
+    if m.matmul_precision != "fp8":
+        return 0.0
+    D, F, H, G, K = m.d_model, m.d_ff, m.num_heads, m.kv_heads, m.dim_per_head
+    mlp = 0 if m.num_experts else (3 if m.mlp == "swiglu" else 2) * D * F
+    return 6.0 * m.num_layers * (2 * D * H * K + 2 * D * G * K + mlp)
 
 
 def _experts(cfg: TrainConfig, mesh_shape: dict[str, int]) -> dict[str, float] | None:
@@ -280,6 +302,14 @@ def render(result: dict[str, Any]) -> str:
         lines.insert(-1, f"  pipeline              {stages.describe(a['pipeline'])}")
     if a.get("experts"):
         lines.insert(-1, f"  experts               {experts.describe(a['experts'])}")
+    if a.get("fp8"):
+        f = a["fp8"]
+        rate = (
+            f"at {f['peak_per_device'] / 1e12:,.0f} TFLOP/s a device"
+            if f["peak_per_device"]
+            else "at the bf16 rate: no fp8 matrix units on this device"
+        )
+        lines.insert(-1, f"  fp8                   {f['share']:.0%} of the FLOPs in fp8, {rate}")
     if "choices" in result:
         lines.insert(1, "  choices: " + ", ".join(f"{k} {v}" for k, v in result["choices"].items()))
     c = result.get("compiled")

@@ -17,6 +17,7 @@ RopeScaling = Literal["default", "linear", "llama3"]
 Mlp = Literal["swiglu", "gelu"]
 MoEDispatch = Literal["capacity", "dropless"]
 MoEGating = Literal["softmax", "sigmoid"]
+MatmulPrecision = Literal["default", "fp8"]
 RematPolicy = Literal["none", "full", "save_matmuls"]
 Optimizer = Literal["adamw", "adafactor", "lion", "sgd"]
 Schedule = Literal["cosine", "linear", "wsd", "constant"]
@@ -140,6 +141,9 @@ class ModelConfig:
     pipeline_interleave: int = 1
     remat: RematPolicy = "none"
     attention: AttentionImpl = "auto"
+    # 'fp8': attention's and the MLP's projections in float8 (e4m3 forward, e5m2 gradients,
+    # per-tensor dynamic scaling: bigjax/fp8.py); parameters stay in param_dtype
+    matmul_precision: MatmulPrecision = "default"
 
     @property
     def kv_heads(self) -> int:

@@ -76,6 +76,7 @@ class Block(nnx.Module):
             param_dtype=pd,
             dtype=dt,
             rules=rules,
+            fp8=cfg.matmul_precision == "fp8",
         )
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.mlp = (
@@ -98,14 +99,17 @@ class Block(nnx.Module):
                 param_dtype=pd,
                 dtype=dt,
                 rules=rules,
+                fp8=cfg.matmul_precision == "fp8",
             )
         )
 
-    def _mlp(self, x_BLD: jax.Array, valid_BL: jax.Array) -> tuple[jax.Array, dict]:
+    def _mlp(
+        self, x_BLD: jax.Array, valid_BL: jax.Array, decode: bool = False
+    ) -> tuple[jax.Array, dict]:
         """The feed-forward sublayer and its auxiliary outputs (MoE: balance and drops)."""
         if isinstance(self.mlp, MoE):
             return self.mlp(x_BLD, valid_BL)
-        return self.mlp(x_BLD), {}
+        return self.mlp(x_BLD, decode), {}
 
     def __call__(
         self,
@@ -135,7 +139,7 @@ class Block(nnx.Module):
             self.attn_norm(x_BTD), positions_BT, cache_k_BSGK, cache_v_BSGK, slot, mask_B1TS
         )
         x_BTD = x_BTD + h_BTD
-        h_BTD, _ = self._mlp(self.mlp_norm(x_BTD), jnp.ones(x_BTD.shape[:2], bool))
+        h_BTD, _ = self._mlp(self.mlp_norm(x_BTD), jnp.ones(x_BTD.shape[:2], bool), decode=True)
         return x_BTD + h_BTD, k, v
 
 

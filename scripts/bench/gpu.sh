@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator measurements of docs/benchmarks.md, on one NVIDIA GPU, as one script:
-#   bash scripts/bench/gpu.sh OUT_DIR [PART ...]     (parts: attention peers125m peers1b stall)
+#   bash scripts/bench/gpu.sh OUT_DIR [PART ...]  (parts: attention peers125m peers1b stall fp8)
 # Each part runs under its own `timeout` and writes its JSON/markdown under OUT_DIR; with no
-# parts given, all four run (about 20 minutes on an H200). On a machine whose Python has jax
+# parts given, all five run (about 24 minutes on an H200). On a machine whose Python has jax
 # with CUDA, torch and transformers but not the rest of bigjax's dependencies, first put
 # their wheels in .whl/ (downloaded elsewhere) and set BIGJAX_WHEELS=.whl: they are
 # installed without network into a scratch directory.
@@ -10,7 +10,7 @@ set -uo pipefail
 out=${1:?usage: gpu.sh OUT_DIR [PART ...]}
 shift
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(attention peers125m peers1b stall)
+[ ${#parts[@]} -eq 0 ] && parts=(attention peers125m peers1b stall fp8)
 mkdir -p "$out"
 if [ -n "${BIGJAX_WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$BIGJAX_WHEELS"/*.whl
@@ -33,6 +33,15 @@ for part in "${parts[@]}"; do
     stall)
       timeout 300 python3 scripts/bench/checkpoint_stall.py --config configs/lm_125m.py \
         --saves 3 --before 5 --after 10 --out "$out/stall" > "$out/stall.log" 2>&1 ;;
+    fp8)  # llama_1b, bf16 then fp8 projections, alternated twice; each bench prints tokens/s
+      # and MFU (against the bf16 peak), --baseline gives the fp8/bf16 ratios
+      for rep in 1 2; do
+        timeout 150 python3 -m bigjax.cli bench --config configs/llama_1b.py --steps 10 \
+          --json "$out/fp8_bf16_$rep.json" > "$out/fp8_bf16_$rep.log" 2>&1
+        timeout 150 python3 -m bigjax.cli bench --config configs/llama_1b.py --steps 10 \
+          --config.model.matmul_precision=fp8 --json "$out/fp8_fp8_$rep.json" \
+          --baseline "$out/fp8_bf16_$rep.json" > "$out/fp8_fp8_$rep.log" 2>&1
+      done ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
   echo "$part: exit $?" | tee -a "$out/parts.txt"
