@@ -82,6 +82,11 @@ class Evaluator:
         self.writers.write(row, text)
         return row
 
+    def close(self) -> None:
+        """Stops what the evals started (the benchmarks' generation engine and its thread)."""
+        if self.harness is not None:
+            self.harness.close()
+
 
 class Harness:
     """eval.harness_tasks at each eval: lm-evaluation-harness on the current parameters, as
@@ -119,3 +124,7 @@ class Harness:
         )  # fmt: skip
         scores = {f"harness/{k}": v for k, v in harness.headline(results).items()}
         return {**scores, "harness_eval_s": time.perf_counter() - start}
+
+    def close(self) -> None:
+        if self.lm is not None:
+            self.lm.close()

@@ -59,6 +59,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
         start = int(jax.device_get(state.step))
         meta = run.begin(prog, saves, start, origin)
         evaluator = Evaluator(prog, run.writers)
+        cleanup.callback(evaluator.close)  # a benchmark's engine thread must not outlive it
         log = StepLog.resumed(prog, run, peak, start)
 
         step, pending = start, None  # pending: the step dispatched before this one

@@ -4,6 +4,7 @@ generation tasks in process, offline, and lm-eval's own `local-completions` clie
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,8 @@ def test_benchmarks_during_training_reach_metrics_tensorboard_and_the_report(tas
               "harness_include_path": str(tasks_dir), "harness_limit": 4},
     )  # fmt: skip
     train(cfg, tmp_path / "run")
+    # the generation benchmark's engine is stopped with the run: no thread outlives it
+    assert not [t for t in threading.enumerate() if t.name == "bigjax-engine"]
     rows = [
         r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "harness/bigjax_mc/acc" in r
     ]
