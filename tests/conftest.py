@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices, forced before JAX initialises its backends."""
 
+import gc
 import os
 
 # Tests compile far more than they run (a few steps of a tiny model per program), so XLA's
@@ -48,6 +49,21 @@ def tiny_config(**groups) -> TrainConfig:
 @pytest.fixture(scope="session", autouse=True)
 def eight_devices():
     assert jax.device_count() == 8, "tests need 8 fake CPU devices (XLA_FLAGS set too late?)"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """Frees each test module's compiled programs when it ends. Every XLA:CPU executable maps
+    its code into the process; held for the whole session (jit caches, helpers' shared
+    programs), the suite's thousands of them reached the kernel's limit on memory maps
+    (vm.max_map_count, 65530 here: 10,889 maps after test_parallelism.py alone), and XLA then
+    crashed with a segmentation fault inside a later compile."""
+    yield
+    from helpers import _program
+
+    _program.cache_clear()
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
