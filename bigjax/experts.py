@@ -6,8 +6,9 @@ Tokens are sorted by expert and each expert's rows multiplied in one `jax.lax.ra
 k assignments per token, not with E x capacity as in the one-hot dispatch.
 
 Expert parallelism: the expert weights [E, ...] are split over the mesh axes of the `experts`
-rule (the EP group, default `fsdp`), which must also split the tokens (where a batch has too
-few rows to split, as one generated sequence, the experts are gathered instead). Under `shard_map`
+rule (the EP group: by default the `expert` axis, then `fsdp` while E divides), which must
+also split the tokens (where a batch has too few rows to split, as one generated sequence,
+the experts are gathered instead). Under `shard_map`
 each device routes its own tokens, sends every assignment to the device holding its expert
 (`all_to_all` over the EP group), runs its E/EP local experts on what it received, and sends
 the results back. The exchange uses fixed-size buffers: by default each destination's slot
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -254,13 +256,12 @@ def exchange_plan(
     d_model: int,
     dtype_bytes: int,
     exchange_factor: float,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Experts per device and the all-to-all of one dropless MoE layer for a micro-batch of
     `tokens_BL` (rows, length) on a mesh of `sizes`: what `plan` reports."""
-    batch, seq = logical_to_spec(("act_batch", "act_seq"), rules, sizes, tokens_BL)
-    token_devices = math.prod(sizes[a] for a in _axes(batch) + _axes(seq))
-    ep = math.prod(sizes[a] for a in _axes(logical_to_spec(("experts",), rules, sizes,
-                                                          (num_experts,))[0]))  # fmt: skip
+    lay = layout(rules, sizes, (*tokens_BL, d_model), num_experts, 1)
+    token_devices = math.prod(sizes[a] for a in _axes(lay.batch) + _axes(lay.seq))
+    ep = lay.ep_size
     assignments = tokens_BL[0] * tokens_BL[1] // token_devices * top_k
     slots = exchange_slots(assignments, ep, exchange_factor) if ep > 1 else 0
     buffer = ep * slots * d_model * dtype_bytes  # one direction's send (= receive) buffer
@@ -268,6 +269,7 @@ def exchange_plan(
         "experts_per_device": num_experts // ep,
         "num_experts": num_experts,
         "ep": ep,
+        "ep_axes": " x ".join(f"{a} {sizes[a]}" for a in lay.ep),
         "assignments_per_device": assignments,
         "buffer_bytes": buffer,
         # dispatch and combine, each sending all but the own block; backward the same again
@@ -275,13 +277,14 @@ def exchange_plan(
     }
 
 
-def describe(p: dict[str, float]) -> str:
+def describe(p: dict[str, Any]) -> str:
     """One line of `exchange_plan` for `plan`'s report."""
     mib = 2**20
     if p["ep"] == 1:
         return f"{p['num_experts']} experts on every device (no expert parallelism)"
     return (
-        f"{p['experts_per_device']} of {p['num_experts']} experts per device (EP {p['ep']}); "
+        f"{p['experts_per_device']} of {p['num_experts']} experts per device (EP {p['ep']}: "
+        f"{p['ep_axes']}); "
         f"all-to-all {p['all_to_all_bytes_per_layer'] / mib:,.0f} MiB per layer forward "
         f"(as much backward), buffers {p['buffer_bytes'] / mib:,.0f} MiB"
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bigjax import tree
+from bigjax.config import full_mesh_shape
 
 HISTORY = "config_history.jsonl"
 
@@ -85,8 +86,17 @@ def changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, t
     """Every dotted key whose value differs: {key: (saved, current)}. Keys only one side has
     (a config written by another bigjax version) are not compared: their value on the other
     side is unknown."""
-    a, b = flat(as_json(saved)), flat(as_json(current))
+    a, b = (_full_mesh(flat(as_json(c))) for c in (saved, current))
     return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
+
+
+def _full_mesh(flat_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Mesh shapes of an older layout (five or three entries) over every axis, so that the
+    same mesh written before the `expert` axis is not a change."""
+    for key in ("mesh.shape", "mesh.dcn_shape"):
+        if isinstance(flat_cfg.get(key), list):
+            flat_cfg[key] = list(full_mesh_shape(tuple(flat_cfg[key])))
+    return flat_cfg
 
 
 def unusable(changed: Mapping[str, tuple[Any, Any]], run: str) -> str | None:

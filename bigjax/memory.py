@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bigjax import attention, context, lora, models, optim, stages
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
-from bigjax.sharding import is_spec
+from bigjax.sharding import batch_shards, is_spec
 from bigjax.state import TrainState, abstract_state, state_specs
 
 GiB = 2**30
@@ -46,8 +46,8 @@ def activation_bytes_per_device(
     """
     m = cfg.model
     dtype_bytes = np.dtype("float32" if m.dtype == "float32" else "bfloat16").itemsize
-    shards = math.prod(mesh_shape[a] for a in ("data", "fsdp"))
-    rows = cfg.data.batch_size / cfg.optim.grad_accum_steps / shards
+    micro = cfg.data.batch_size // cfg.optim.grad_accum_steps
+    rows = micro / batch_shards(cfg.mesh.rules, mesh_shape, micro)
     # Context parallelism: a device holds 1/C of each row's tokens, and while one layer
     # attends, the keys and values of its rows gathered whole.
     num_parts = context.parts(cfg.mesh.rules, mesh_shape, cfg.data.seq_len)

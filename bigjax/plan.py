@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from bigjax import experts, memory, metrics, models, platforms, progress, stages, tuning
 from bigjax.config import MESH_AXES, ConfigError, ModelConfig, TrainConfig
 from bigjax.mesh import resolve_shape
+from bigjax.sharding import batch_shards
 
 GiB = 2**30
 
@@ -262,8 +263,7 @@ def suggestions(cfg: TrainConfig, mesh_shape: dict[str, int]) -> list[str]:
     if cfg.model.remat != "full":
         out.append("recompute activations in the backward pass: --config.model.remat=full")
     micro = cfg.data.batch_size // cfg.optim.grad_accum_steps
-    shards = mesh_shape["data"] * mesh_shape["fsdp"]
-    if micro // shards > 1:
+    if micro // batch_shards(cfg.mesh.rules, mesh_shape, micro) > 1:
         out.append(
             f"smaller micro-batches: --config.optim.grad_accum_steps="
             f"{cfg.optim.grad_accum_steps * 2}"

@@ -39,6 +39,13 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def batch_shards(rules: Rules, mesh_shape: dict[str, int], rows: int) -> int:
+    """How many shards a batch of `rows` is split into (the `act_batch` axes that divide it)."""
+    axes = logical_to_spec(("act_batch",), rules, mesh_shape, (rows,))[0]
+    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh_shape[a] for a in names)
+
+
 def attention_specs(
     rules: Rules, mesh_shape: dict[str, int], batch: int, heads: int, kv_heads: int
 ) -> tuple[object, object, object]:

@@ -17,8 +17,8 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.num_steps = 50000
-    # (data, stage, fsdp, context, tensor) inside each slice; the stage axis across slices
-    c.mesh = dict(shape=(1, 1, -1, 1, 1), dcn_shape=(1, 2, 1, 1, 1))
+    # (data, stage, fsdp, context, tensor, expert) inside each slice; stages across slices
+    c.mesh = dict(shape=(1, 1, -1, 1, 1, 1), dcn_shape=(1, 2, 1, 1, 1, 1))
     c.model = dict(
         size="70b",
         dtype="bfloat16",

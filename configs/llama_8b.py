@@ -28,7 +28,7 @@ def get_config(arg=None):
         tpu=dict(model=dict(remat="full")),
     )
     if arg == "128k":
-        c.mesh = dict(shape=(1, 1, -1, 8, 1))  # (data, stage, fsdp, context, tensor)
+        c.mesh = dict(shape=(1, 1, -1, 8, 1, 1))  # (data, stage, fsdp, context, tensor, expert)
         c.data = dict(batch_size=16, seq_len=131072)  # 2M tokens a step
     elif arg:
         raise ValueError(f"configs/llama_8b.py: unknown argument {arg!r}; use 128k or none")

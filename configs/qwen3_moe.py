@@ -2,7 +2,8 @@
 
 48 layers of 128 fine-grained SwiGLU experts (width 768), 8 routed per token (3.3 B of the
 30.5 B parameters active a token); the experts are split over the FSDP devices (the
-`experts -> fsdp` rule: 4 a chip on v5p-64) and tokens reach them by all-to-all
+`experts` rule takes `fsdp` while the expert axis is 1: 4 a chip on v5p-64, the least memory
+of the layouts in docs/scaling.md) and tokens reach them by all-to-all
 (bigjax/experts.py). The exchange buffers hold 2x a balanced share
 (`moe_exchange_factor`): the balance loss keeps the load near even, and an assignment over
 2x is dropped and counted (`moe_dropped`); the worst-case buffers (factor 0) would take
@@ -16,7 +17,7 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.num_steps = 50000
-    c.mesh = dict(shape=(1, 1, -1, 1, 1))  # (data, stage, fsdp, context, tensor)
+    c.mesh = dict(shape=(1, 1, -1, 1, 1, 1))  # (data, stage, fsdp, context, tensor, expert)
     c.model = dict(
         # Qwen3-30B-A3B's dimensions and routing (without its q/k norms)
         d_model=2048,

@@ -24,7 +24,7 @@ def test_bench_figures_are_consistent():
     assert r["mfu"] == flops / r["step_time_s"] / r["peak_flops"]
     assert r["host_overhead_s"] == max(0.0, r["step_time_s"] - r["device_step_s"])  # never < 0
     assert 0 <= r["data_wait_s"] < r["step_time_s"] and r["compile_s"] > 0
-    assert r["mesh"] == {"data": 2, "stage": 1, "fsdp": 4, "context": 1, "tensor": 1}
+    assert r["mesh"] == {"data": 2, "stage": 1, "fsdp": 4, "context": 1, "tensor": 1, "expert": 1}
     json.dumps(r)  # JSON-able as it is
     # compared with itself every ratio is exactly 1
     table = bench.render(r, baseline=r)

@@ -23,7 +23,7 @@ def test_defaults_and_size_preset():
 @pytest.mark.parametrize("text", ["1,8,1", "(1,8,1)", "[1, 8, 1]"])
 def test_mesh_shape_strings(text):
     # three entries are (data, fsdp, tensor): stage and context are 1
-    assert from_configdict({"mesh": {"shape": text}}).mesh.shape == (1, 1, 8, 1, 1)
+    assert from_configdict({"mesh": {"shape": text}}).mesh.shape == (1, 1, 8, 1, 1, 1)
 
 
 def test_unknown_key_suggests_close_match():
@@ -76,7 +76,7 @@ def test_load_config_with_arg_and_overrides(tmp_path):
             "--config.model.tie_embeddings=true",
         ],
     )
-    assert cfg.num_steps == 7 and cfg.optim.lr == 1e-3 and cfg.mesh.shape == (2, 1, 2, 1, 2)
+    assert cfg.num_steps == 7 and cfg.optim.lr == 1e-3 and cfg.mesh.shape == (2, 1, 2, 1, 2, 1)
     assert cfg.model.tie_embeddings is True
 
 

@@ -149,7 +149,7 @@ def test_resume_onto_another_context_size(tmp_path):
          "mesh.rules.act_seq: must include 'context'"),
         ({"mesh": {"shape": (1, 1, 1, 2, 1)}, "data": {"task": "classify"}},
          "data.task=classify"),
-        ({"mesh": {"shape": (1, 1, -1, 1)}}, "mesh.shape: needs 5 entries"),
+        ({"mesh": {"shape": (1, 1, -1, 1)}}, "mesh.shape: needs 6 entries"),
     ],
 )  # fmt: skip
 def test_impossible_combinations_are_named_in_one_line(groups, message):
@@ -158,6 +158,16 @@ def test_impossible_combinations_are_named_in_one_line(groups, message):
 
 def test_three_entry_mesh_shapes_still_mean_data_fsdp_tensor():
     cfg = tiny_config(mesh={"shape": (2, -1, 1)})
-    assert cfg.mesh.shape == (2, 1, -1, 1, 1)
+    assert cfg.mesh.shape == (2, 1, -1, 1, 1, 1)
     mesh = make_mesh(cfg.mesh)
-    assert dict(mesh.shape) == {"data": 2, "stage": 1, "fsdp": 4, "context": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "stage": 1, "fsdp": 4, "context": 1, "tensor": 1,
+                                "expert": 1}  # fmt: skip
+
+
+def test_five_entry_mesh_shapes_are_the_layout_before_expert():
+    # (data, stage, fsdp, context, tensor): what configs and run directories wrote before the
+    # expert axis; the run restores onto the same mesh, expert 1
+    cfg = tiny_config(mesh={"shape": (2, 1, -1, 2, 1), "dcn_shape": (1, 1, 1, 1, 1)})
+    assert cfg.mesh.shape == (2, 1, -1, 2, 1, 1) and cfg.mesh.dcn_shape == (1,) * 6
+    sizes = dict(make_mesh(cfg.mesh).shape)
+    assert (sizes["data"], sizes["fsdp"], sizes["context"], sizes["expert"]) == (2, 2, 2, 1)

@@ -19,9 +19,13 @@ def test_changes_compare_dotted_keys_and_ignore_keys_one_side_lacks():
     changed = history.changes(old, new)
     assert changed == {
         "optim.lr": (0.003, 0.001),
-        "mesh.shape": ([1, 1, -1, 1, 1], [2, 1, 2, 1, 2]),
+        "mesh.shape": ([1, 1, -1, 1, 1, 1], [2, 1, 2, 1, 2, 1]),
     }
     assert history.unusable(changed, "runs/a") is None  # both can resume
+    # the same mesh as a run from before the expert axis wrote it is no change
+    old["mesh"]["shape"], old["mesh"]["dcn_shape"] = [1, 1, -1, 1, 1], [1, 1, 1, 1, 1]
+    assert "mesh.shape" not in history.changes(old, to_dict(tiny_config()))
+    assert "mesh.dcn_shape" not in history.changes(old, to_dict(tiny_config()))
 
 
 def test_unusable_changes_name_each_key_and_the_way_out():

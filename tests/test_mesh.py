@@ -30,7 +30,8 @@ def test_resolve_shape_errors(shape, n):
 
 def test_make_mesh_uses_all_devices_with_auto_axes():
     mesh = make_mesh(MeshConfig(shape=(2, -1, 2)))
-    assert dict(mesh.shape) == {"data": 2, "stage": 1, "fsdp": 2, "context": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "stage": 1, "fsdp": 2, "context": 1, "tensor": 2,
+                                "expert": 1}  # fmt: skip
     assert mesh.devices.size == jax.device_count()
     assert all(t == AxisType.Auto for t in mesh.axis_types)
 

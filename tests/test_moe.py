@@ -13,7 +13,7 @@ from flax import nnx
 from helpers import assert_one_line_config_error, corpus_batches, run_steps
 
 from bigjax import experts, models
-from bigjax.config import DEFAULT_RULES, MeshConfig, OptimConfig
+from bigjax.config import DEFAULT_RULES, MESH_AXES, MeshConfig, OptimConfig, full_mesh_shape
 from bigjax.generate import Sampling, generate
 from bigjax.mesh import make_mesh
 from bigjax.moe import MoE, Routing
@@ -124,7 +124,8 @@ def test_train_step_adds_the_weighted_balance_loss_and_logs_moe_metrics():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [(1, 4, 2), (2, 2, 2)])
+# FSDP 4 with tensor 2 (data 2 beside the EP group: the dropless training test below)
+@pytest.mark.parametrize("mesh", [(1, 4, 2)])
 def test_sharded_moe_training_equals_one_device_with_experts_split(mesh):
     cfg = tiny_config(model={"size": "tiny", **MOE}, optim={"grad_accum_steps": 2})
     batches = corpus_batches(3, 16, 64)
@@ -241,15 +242,22 @@ def _expert_weights(num_experts, d, f, seed=0):
 
 @pytest.mark.parametrize(
     "shape, experts_over",
-    # (data, stage, fsdp, context, tensor): experts split over fsdp (the EP group) 2, 4, 8;
-    # with tensor-split experts, data parallel beside, and tokens split over context; an EP
-    # group other than the FSDP one (over data, FSDP beside it) and one of two axes
-    [((1, 1, 2, 1, 1), ("fsdp",)), ((1, 1, 4, 1, 1), ("fsdp",)), ((1, 1, 8, 1, 1), ("fsdp",)),
+    # (data, stage, fsdp, context, tensor, expert), and the default `experts` rule (None:
+    # the expert axis, then fsdp while E divides): EP over the expert axis 2 and 8; expert 4
+    # alone with fsdp 2 beside (2-D: E over expert, embed over fsdp) and under the default
+    # rule (EP 8 over both); with data and tensor. Experts split over fsdp 2, 4, 8; with
+    # tensor-split experts, data parallel beside, and tokens split over context; an EP group
+    # over data (FSDP beside it) and one of two axes.
+    [((1, 1, 1, 1, 1, 2), None), ((1, 1, 1, 1, 1, 8), None), ((1, 1, 2, 1, 1, 4), ("expert",)),
+     ((1, 1, 2, 1, 1, 4), None), ((2, 1, 1, 1, 2, 2), None),
+     ((1, 1, 2, 1, 1), ("fsdp",)), ((1, 1, 4, 1, 1), ("fsdp",)), ((1, 1, 8, 1, 1), ("fsdp",)),
      ((2, 1, 2, 1, 2), ("fsdp",)), ((1, 1, 2, 2, 2), ("fsdp",)), ((4, 1, 2, 1, 1), ("data",)),
      ((2, 1, 2, 1, 2), ("data", "fsdp"))],
 )  # fmt: skip
 def test_expert_parallel_dropless_equals_one_device(shape, experts_over):
-    rules = tuple((dict(DEFAULT_RULES) | {"experts": experts_over}).items())
+    rules = DEFAULT_RULES
+    if experts_over:
+        rules = tuple((dict(DEFAULT_RULES) | {"experts": experts_over}).items())
     b, length, d, e, f, k = 8, 16, 32, 8, 24, 2
     x = np.asarray(jax.random.normal(jax.random.key(0), (b, length, d)))
     chosen = _skewed(x, e, k)
@@ -296,10 +304,16 @@ DROPLESS = dict(num_experts=8, experts_per_token=2, moe_dispatch="dropless", d_f
 
 
 @pytest.mark.slow
-# EP 8; EP 2 with data 2 and tensor 2; EP 4 inside each of 2 pipeline stages
-@pytest.mark.parametrize("shape", [(1, 1, 8, 1, 1), (2, 1, 2, 1, 2), (1, 2, 4, 1, 1)])
-def test_dropless_training_on_expert_parallel_meshes_equals_one_device(shape):
-    cfg = tiny_config(model={"size": "tiny", **DROPLESS}, optim={"grad_accum_steps": 2})
+# EP 4 over the expert axis with fsdp 2 beside, E over `expert` and embed over `fsdp` (2-D);
+# EP 2 over fsdp with data 2 and tensor 2; EP 4 over fsdp inside each of 2 pipeline stages
+@pytest.mark.parametrize(
+    ("shape", "experts_over"),
+    [((1, 1, 2, 1, 1, 4), ("expert",)), ((2, 1, 2, 1, 2), ("fsdp",)), ((1, 2, 4, 1, 1), None)],
+)  # fmt: skip
+def test_dropless_training_on_expert_parallel_meshes_equals_one_device(shape, experts_over):
+    rules = {"experts": experts_over} if experts_over else {}
+    cfg = tiny_config(model={"size": "tiny", **DROPLESS}, optim={"grad_accum_steps": 2},
+                      mesh={"rules": rules})  # fmt: skip
     batches = corpus_batches(3, 16, 64)
     # Balance statistics are per micro-batch (max, f_e * P_e are not linear in the rows): 2
     # stages cut each of the 2 micro-batches in 2, the rows 4 accumulation micro-batches hold
@@ -322,11 +336,16 @@ def test_dropless_training_on_expert_parallel_meshes_equals_one_device(shape):
     bias = np.asarray(state.params["blocks"]["mlp"]["router_bias_E"])
     steps = np.round(np.abs(bias) / 0.01, 4)
     assert np.all(steps == np.round(steps)) and np.all(steps <= 3)
-    # experts really split: E / (fsdp) of them per device, and an all-to-all in the step
-    fsdp = shape[2]
+    # experts really split: E / EP of them per device (embed over fsdp where the experts are
+    # over the expert axis alone), and an all-to-all in the step
+    sizes = dict(zip(MESH_AXES, full_mesh_shape(shape), strict=True))
+    ep_axes = tuple(a for a in experts_over or ("expert", "fsdp") if sizes[a] > 1)
     w = state.params["blocks"]["mlp"]["gate_up_EDFC"]
-    assert w.addressable_shards[0].data.shape[1] == 8 // fsdp
-    assert w.addressable_shards[0].data.shape[0] == 2 // shape[1]  # layers over stages
+    layers, experts_spec, embed_spec = w.sharding.spec[:3]
+    assert (layers, experts_spec) == ("stage" if sizes["stage"] > 1 else None, ep_axes[0])
+    assert embed_spec == ("fsdp" if experts_over == ("expert",) else None)
+    ep = math.prod(sizes[a] for a in ep_axes)
+    assert w.addressable_shards[0].data.shape[1] == 8 // ep
     state_in, batch_in = prog.abstract_inputs()
     with jax.set_mesh(prog.mesh):
         hlo = prog.train_step.lower(state_in, batch_in).compile().as_text()
@@ -407,3 +426,27 @@ def test_too_few_rows_to_split_gather_the_experts_instead():
         assert experts.layout(DEFAULT_RULES, {"fsdp": 8}, (b, length, d), e, f).ep == ()
         out, _ = jax.jit(run)()
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)  # f32, the same sums
+
+
+@pytest.mark.parametrize(
+    ("experts_over", "ep", "axes"),
+    [(None, 8, "expert 4 x fsdp 2"), (("expert",), 4, "expert 4"), (("fsdp",), 2, "fsdp 2")],
+)
+def test_plan_reports_experts_per_device_and_the_all_to_all(experts_over, ep, axes):
+    from bigjax import plan
+
+    rules = {"experts": experts_over} if experts_over else {}
+    cfg = tiny_config(model={"size": "tiny", **DROPLESS},
+                      mesh={"shape": (1, 1, 2, 1, 1, 4), "rules": rules})  # fmt: skip
+    target = plan.Target("8 chips", 8, 16 * plan.GiB, 1e14)
+    result = plan.plan(cfg, target, 0.4, compile_=False)
+    p = result["analytic"]["experts"]
+    assert (p["ep"], p["ep_axes"], p["experts_per_device"]) == (ep, axes, 8 // ep)
+    # 16 rows x 64 tokens over the 8 devices that split the batch, 2 choices each
+    assert p["assignments_per_device"] == 16 * 64 // 8 * 2
+    # default buffers: a slot per destination for every assignment, bf16 rows of d_model;
+    # dispatch and combine each send all but the device's own block
+    buffer = ep * 256 * cfg.model.d_model * 2
+    assert p["buffer_bytes"] == buffer
+    assert p["all_to_all_bytes_per_layer"] == 2 * buffer * (ep - 1) / ep
+    assert f"{8 // ep} of 8 experts per device (EP {ep}: {axes})" in plan.render(result)

@@ -104,7 +104,9 @@ def test_multi_slice_layout_and_training():
 def test_dcn_shape_must_match_the_slices():
     # one process, no TPU slices: one granule
     assert len(granules(jax.devices())) == 1
-    with pytest.raises(ConfigError, match=r"dcn_shape: \(2, 1, 1, 1, 1\) needs 2 slices, found 1"):
+    with pytest.raises(
+        ConfigError, match=r"dcn_shape: \(2, 1, 1, 1, 1, 1\) needs 2 slices, found 1"
+    ):
         make_mesh(MeshConfig(shape=(1, -1, 1), dcn_shape=(2, 1, 1)))
 
 

@@ -86,10 +86,10 @@ def test_does_not_fit_gives_suggestions():
 def test_multi_slice_mesh_is_dcn_times_per_slice():
     cfg = tiny_config(mesh={"shape": (1, -1, 2), "dcn_shape": (2, 1, 1)})
     target = plan.parse_topology("2xv5p-16")  # 2 slices of 8 chips
-    mesh = {"data": 2, "stage": 1, "fsdp": 4, "context": 1, "tensor": 2}
+    mesh = {"data": 2, "stage": 1, "fsdp": 4, "context": 1, "tensor": 2, "expert": 1}
     assert plan.analytic(cfg, target, 0.4)["mesh"] == mesh
     with pytest.raises(
-        ConfigError, match=r"dcn_shape: \(2, 1, 1, 1, 1\) spans 2 slices but v5p-16 has 1"
+        ConfigError, match=r"dcn_shape: \(2, 1, 1, 1, 1, 1\) spans 2 slices but v5p-16 has 1"
     ):
         plan.analytic(cfg, plan.parse_topology("v5p-16"), 0.4)
 

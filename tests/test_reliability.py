@@ -454,4 +454,5 @@ def test_checkpoints_hold_no_pickles(uninterrupted):
         "fsdp": 8,
         "context": 1,
         "tensor": 1,
+        "expert": 1,
     }

@@ -37,7 +37,11 @@ def single_device_run():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)])
+# (data, fsdp, tensor), and a dense model on the expert axis (data 2, tensor 2, expert 2):
+# outside a MoE's experts the expert devices split the batch and the weights like FSDP
+@pytest.mark.parametrize(
+    "shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8), (2, 1, 1, 1, 2, 2)]
+)
 def test_sharded_losses_match_single_device(single_device_run, shape):
     cfg, batches, ref_metrics, ref_params = single_device_run
     metrics, state, prog = run_steps(cfg, batches, mesh_shape=shape)
@@ -50,6 +54,8 @@ def test_sharded_losses_match_single_device(single_device_run, shape):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
     # the state really is laid out as the program says
     assert jax.tree.leaves(state.params)[0].sharding == jax.tree.leaves(prog.shardings.params)[0]
+    if len(shape) == 6:  # the expert axis shards the weights' embed dim
+        assert state.params["blocks"]["attn"]["q_DHK"].sharding.spec[1] == "expert"
 
 
 @pytest.mark.slow

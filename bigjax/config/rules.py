@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 # Mesh axes, outermost (slowest, DCN-friendly) first: data parallel, pipeline stages, FSDP,
-# context (the sequence split over devices) and tensor parallel.
-MESH_AXES = ("data", "stage", "fsdp", "context", "tensor")
-# The axes of a three-entry `mesh.shape` (the layout before `stage` and `context`): still
-# accepted, read as (data, fsdp, tensor) with the other axes 1.
-SHORT_MESH_AXES = ("data", "fsdp", "tensor")
+# context (the sequence split over devices), tensor parallel and expert parallel. `expert` is
+# innermost, as in MaxText: its all-to-all runs twice per MoE layer, over the nearest devices.
+MESH_AXES = ("data", "stage", "fsdp", "context", "tensor", "expert")
+# Shorter `mesh.shape`s of earlier layouts, still accepted with the missing axes 1: three
+# entries (data, fsdp, tensor), from before `stage` and `context`; five, from before `expert`.
+OLDER_MESH_AXES = (("data", "fsdp", "tensor"), ("data", "stage", "fsdp", "context", "tensor"))
 
 
 def full_mesh_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """`shape` over every mesh axis: a three-entry (data, fsdp, tensor) shape gets stage and
-    context 1; any other length is returned as it is (validation names it)."""
-    if len(shape) != len(SHORT_MESH_AXES):
-        return tuple(shape)
-    sizes = dict(zip(SHORT_MESH_AXES, shape, strict=True))
-    return tuple(sizes.get(axis, 1) for axis in MESH_AXES)
+    """`shape` over every mesh axis: a three- or five-entry shape of an older layout gets 1 for
+    the axes it lacks; any other length is returned as it is (validation names it)."""
+    for axes in OLDER_MESH_AXES:
+        if len(shape) == len(axes):
+            sizes = dict(zip(axes, shape, strict=True))
+            return tuple(sizes.get(axis, 1) for axis in MESH_AXES)
+    return tuple(shape)
 
 
 # Logical axis names used by the layers. Weights first, then activations.
@@ -50,7 +52,7 @@ LOGICAL_AXES = (
 # rematerialisation in the compiled step).
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("vocab", ("tensor",)),
-    ("embed", ("fsdp", "context")),
+    ("embed", ("fsdp", "context", "expert")),
     ("mlp", ("tensor",)),
     ("heads", ("tensor",)),
     ("kv_heads", ("tensor",)),
@@ -58,13 +60,17 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Pipeline parallelism: the stacked layers split into contiguous stages (bigjax/stages.py).
     ("layers", ("stage",)),
     ("norm", ()),
-    ("table_vocab", ("fsdp", "context", "tensor")),
+    ("table_vocab", ("fsdp", "context", "tensor", "expert")),
     ("table_embed", ()),
-    # MoE expert weights [E, ...]: expert parallelism over the data-parallel (fsdp) devices.
-    # Used first on the array, so their embed dim is then not fsdp-sharded (one mesh axis per
-    # array); an E that fsdp does not divide falls back to plain FSDP on embed.
-    ("experts", ("fsdp",)),
-    ("act_batch", ("data", "fsdp")),
+    # MoE expert weights [E, ...]: expert parallelism over `expert`, then over the FSDP devices
+    # while E divides (bigjax/experts.py exchanges tokens over both). An axis E takes is not
+    # used again on the array (one mesh axis per array), so their embed dim is FSDP-sharded
+    # only over what is left: `experts: expert` alone keeps E over `expert` and embed over
+    # `fsdp` (2-D). An E that no axis divides falls back to plain FSDP on embed.
+    ("experts", ("expert", "fsdp")),
+    # The `expert` devices are data parallel everywhere outside the experts (MaxText's choice):
+    # they split the batch and, like FSDP, the weights' embed dim.
+    ("act_batch", ("data", "fsdp", "expert")),
     # Context parallelism: every activation's sequence is split over `context` (attention
     # gathers keys and values across it: bigjax/context.py).
     ("act_seq", ("context",)),

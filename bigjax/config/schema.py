@@ -63,15 +63,16 @@ def unknown_choice(key: str, value: str, valid: Iterable[object]) -> str:
 class MeshConfig:
     """Device mesh and the logical-to-mesh sharding rules.
 
-    `shape` is (data, stage, fsdp, context, tensor); at most one entry may be -1 (use the
-    remaining devices). Three entries are read as (data, fsdp, tensor), stage and context 1.
+    `shape` is (data, stage, fsdp, context, tensor, expert); at most one entry may be -1 (use
+    the remaining devices). Shapes of older layouts are read with the missing axes 1: five
+    entries (data, stage, fsdp, context, tensor) and three (data, fsdp, tensor).
     `rules` overrides entries of `DEFAULT_RULES`, e.g. `{'embed': None, 'mlp': ('tensor',)}`.
     """
 
-    shape: tuple[int, ...] = (1, 1, -1, 1, 1)
+    shape: tuple[int, ...] = (1, 1, -1, 1, 1, 1)
     # Multi-slice: the same axes across slices (over DCN); `shape` is then the mesh inside
     # each slice (over ICI) and each mesh axis is dcn_shape * shape long.
-    dcn_shape: tuple[int, ...] = (1, 1, 1, 1, 1)
+    dcn_shape: tuple[int, ...] = (1, 1, 1, 1, 1, 1)
     rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES
 
 

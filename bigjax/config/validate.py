@@ -48,7 +48,8 @@ def _run_and_mesh(cfg: TrainConfig) -> None:
     _check(
         len(shape) == len(MESH_AXES),
         "mesh.shape",
-        f"needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}",
+        f"needs {len(MESH_AXES)} entries {MESH_AXES} (or 5 without expert, or 3: data, fsdp, "
+        f"tensor), got {shape}",
     )
     _check(sum(s == -1 for s in shape) <= 1, "mesh.shape", f"allows at most one -1, got {shape}")
     _check(
