@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from bigjax import fp8 as fp8_ops
 from bigjax.sharding import Rules, logical_to_spec, trace_platform
 
 
@@ -48,6 +49,18 @@ class Layout:
     @property
     def tokens(self) -> PartitionSpec:
         return PartitionSpec(self.batch, self.seq, None)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """How one device computes its part: the EP group's axes and size, the expert width's
+    axes (tensor parallel), the exchange buffers' factor, fp8 or not."""
+
+    ep: tuple[str, ...] = ()
+    ep_size: int = 1
+    mlp: tuple[str, ...] = ()
+    factor: float = 0.0
+    fp8: bool = False
 
 
 def _axes(entry: object) -> tuple[str, ...]:
@@ -72,22 +85,136 @@ def layout(
 
 
 def grouped_swiglu(
-    x_AD: jax.Array, expert_A: jax.Array, gate_up_EDFC: jax.Array, down_EFD: jax.Array
+    x_AD: jax.Array,
+    expert_A: jax.Array,
+    gate_up_EDFC: jax.Array,
+    down_EFD: jax.Array,
+    fp8: bool = False,
 ) -> jax.Array:
     """Rows [A, D] through the SwiGLU expert `expert_A` names (ids >= E: no expert, output 0),
-    as two grouped matmuls over the rows sorted by expert."""
+    as two grouped matmuls over the rows sorted by expert (in fp8 if asked)."""
     e, d, f, _ = gate_up_EDFC.shape
     order_A = jnp.argsort(expert_A, stable=True)
     sizes_E = jnp.bincount(expert_A, length=e).astype(jnp.int32)  # ids >= E are not counted
-    matmul = jax.lax.ragged_dot if trace_platform() == "tpu" else tiled_grouped_matmul
+    matmul = fp8_grouped_matmul if fp8 else grouped_matmul
     h_AFC = matmul(x_AD[order_A], gate_up_EDFC.reshape(e, d, f * 2), sizes_E)
     h_AFC = h_AFC.reshape(-1, f, 2)
     y_AD = matmul(jax.nn.silu(h_AFC[..., 0]) * h_AFC[..., 1], down_EFD, sizes_E)
     return jnp.zeros_like(y_AD).at[order_A].set(y_AD)  # back in row order
 
 
+def grouped_matmul(
+    x_AK: jax.Array,
+    w_EKN: jax.Array,
+    sizes_E: jax.Array,
+    out_dtype: jnp.dtype | None = None,
+    ragged: bool | None = None,
+) -> jax.Array:
+    """Rows sorted by group (`sizes_E` each) times their group's weight: XLA's `ragged_dot`
+    (`ragged`; default: on TPU), else the tiled scan."""
+    if trace_platform() == "tpu" if ragged is None else ragged:
+        return jax.lax.ragged_dot(x_AK, w_EKN, sizes_E, preferred_element_type=out_dtype)
+    return tiled_grouped_matmul(x_AK, w_EKN, sizes_E, out_dtype=out_dtype)
+
+
+def grouped_weight_grad(
+    x_AK: jax.Array, g_AN: jax.Array, sizes_E: jax.Array, ragged: bool | None = None
+) -> jax.Array:
+    """[E, K, N] f32: each group's rows of x transposed times theirs of g (the weight
+    gradient of `grouped_matmul`): `ragged_dot_general` over the ragged contracting dim
+    (`ragged`; default: on TPU), else a tiled scan."""
+    if trace_platform() == "tpu" if ragged is None else ragged:
+        dims = jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(([0], [0]), ([], [])),
+            lhs_ragged_dimensions=[0],
+            rhs_group_dimensions=[],
+        )
+        return jax.lax.ragged_dot_general(
+            x_AK, g_AN, sizes_E, dims, preferred_element_type=jnp.float32
+        )
+    return _tiled_weight_grad(x_AK, g_AN, sizes_E)
+
+
+def _pieces(a: int, tile: int, sizes_E: jax.Array) -> tuple[int, jax.Array, jax.Array, jax.Array]:
+    """(tiles, piece starts, piece stops, group ends): the row tiles and group ends cut the
+    rows into at most tiles + E - 1 pieces, each inside one tile and one group."""
+    num_tiles = -(-a // tile)
+    ends_E = jnp.cumsum(sizes_E)
+    # every piece starts at a tile start or a group end; sorted, each piece runs to the next
+    starts_P = jnp.sort(jnp.concatenate([jnp.arange(num_tiles) * tile, ends_E]))
+    stops_P = jnp.concatenate([starts_P[1:], jnp.full((1,), num_tiles * tile)])
+    return num_tiles, starts_P, stops_P, ends_E
+
+
+def _piece_rows(
+    start: jax.Array, stop: jax.Array, tile: int, num_tiles: int, ends_E: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(tile, group, rows of the tile inside the piece [R]) of the piece [start, stop)."""
+    t = jnp.minimum(start // tile, num_tiles - 1)
+    g = jnp.searchsorted(ends_E, start, side="right")  # the group holding row `start`
+    index_R = t * tile + jnp.arange(tile)
+    return t, g, (index_R >= start) & (index_R < stop) & (g < ends_E.shape[0])
+
+
+def _tiles(x_AK: jax.Array, tile: int) -> jax.Array:
+    return jnp.pad(x_AK, ((0, -x_AK.shape[0] % tile), (0, 0))).reshape(-1, tile, x_AK.shape[1])
+
+
+def _tiled_weight_grad(
+    x_AK: jax.Array, g_AN: jax.Array, sizes_E: jax.Array, tile: int = 128
+) -> jax.Array:
+    """`grouped_weight_grad` as a scan over (row tile, group) pieces: one [K, N] product a
+    piece, added to its group's gradient."""
+    a, k = x_AK.shape
+    e, n = sizes_E.shape[0], g_AN.shape[1]
+    tile = min(tile, a)
+    num_tiles, starts_P, stops_P, ends_E = _pieces(a, tile, sizes_E)
+    x_TRK, g_TRN = _tiles(x_AK, tile), _tiles(g_AN, tile)
+
+    def piece(dw_EKN: jax.Array, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        t, g, inside_R = _piece_rows(*bounds, tile, num_tiles, ends_E)
+        x_RK = jnp.where(inside_R[:, None], x_TRK[t], jnp.zeros((), x_TRK.dtype))
+        dw_KN = jnp.einsum("rk,rn->kn", x_RK, g_TRN[t], preferred_element_type=jnp.float32)
+        return dw_EKN.at[jnp.minimum(g, e - 1)].add(jnp.where(g < e, dw_KN, 0.0)), None
+
+    dw_EKN, _ = jax.lax.scan(piece, jnp.zeros((e, k, n), jnp.float32), (starts_P, stops_P))
+    return dw_EKN
+
+
+@jax.custom_vjp
+def fp8_grouped_matmul(x_AK: jax.Array, w_EKN: jax.Array, sizes_E: jax.Array) -> jax.Array:
+    """`grouped_matmul` in fp8 (bigjax/fp8.py's recipe: e4m3 operands forward, e5m2
+    gradients, one scale a tensor, f32 accumulation), in x's dtype."""
+    return _fp8_grouped_forward(x_AK, w_EKN, sizes_E)[0]
+
+
+def _fp8_grouped_forward(
+    x_AK: jax.Array, w_EKN: jax.Array, sizes_E: jax.Array
+) -> tuple[jax.Array, tuple]:
+    xq, x_factor = fp8_ops.quantize(x_AK, fp8_ops.E4M3)
+    wq, w_factor = fp8_ops.quantize(w_EKN, fp8_ops.E4M3)
+    y_AN = grouped_matmul(xq, wq, sizes_E, jnp.float32) * (x_factor * w_factor)
+    saved = (xq, x_factor, wq, w_factor, sizes_E, jnp.zeros((0,), w_EKN.dtype))
+    return y_AN.astype(x_AK.dtype), saved
+
+
+def _fp8_grouped_backward(saved: tuple, g_AN: jax.Array) -> tuple:
+    xq, x_factor, wq, w_factor, sizes_E, w_dtype = saved
+    gq, g_factor = fp8_ops.quantize(g_AN, fp8_ops.E5M2)
+    dx_AK = grouped_matmul(gq, wq.swapaxes(1, 2), sizes_E, jnp.float32) * (g_factor * w_factor)
+    dw_EKN = grouped_weight_grad(xq, gq, sizes_E) * (x_factor * g_factor)
+    return dx_AK.astype(g_AN.dtype), dw_EKN.astype(w_dtype.dtype), None
+
+
+fp8_grouped_matmul.defvjp(_fp8_grouped_forward, _fp8_grouped_backward)
+
+
 def tiled_grouped_matmul(
-    x_AK: jax.Array, w_EKN: jax.Array, sizes_E: jax.Array, tile: int = 128
+    x_AK: jax.Array,
+    w_EKN: jax.Array,
+    sizes_E: jax.Array,
+    tile: int = 128,
+    out_dtype: jnp.dtype | None = None,
 ) -> jax.Array:
     """`ragged_dot` (rows sorted by group, `sizes_E` rows each; rows past them get 0) as a
     scan over (row tile, group) pieces, megablox's schedule in plain JAX.
@@ -99,27 +226,20 @@ def tiled_grouped_matmul(
     multiplies each piece's tile by its group's weight, so memory is one tile's product and
     the work (tiles + E) x tile rows, not E x A."""
     x_AK, w_EKN = jnp.asarray(x_AK), jnp.asarray(w_EKN)
-    a, k = x_AK.shape
+    a = x_AK.shape[0]
     e, _, n = w_EKN.shape
+    out_dtype = out_dtype or jnp.result_type(x_AK, w_EKN)
     tile = min(tile, a)
-    x_TRK = jnp.pad(x_AK, ((0, -a % tile), (0, 0))).reshape(-1, tile, k)
-    num_tiles = x_TRK.shape[0]
-    ends_E = jnp.cumsum(sizes_E)
-    # every piece starts at a tile start or a group end; sorted, each piece runs to the next
-    starts_P = jnp.sort(jnp.concatenate([jnp.arange(num_tiles) * tile, ends_E]))
-    stops_P = jnp.concatenate([starts_P[1:], jnp.full((1,), num_tiles * tile)])
-    rows_R = jnp.arange(tile)
+    num_tiles, starts_P, stops_P, ends_E = _pieces(a, tile, sizes_E)
+    x_TRK = _tiles(x_AK, tile)
 
     def piece(out_TRN: jax.Array, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
-        start, stop = bounds
-        t = jnp.minimum(start // tile, num_tiles - 1)
-        g = jnp.searchsorted(ends_E, start, side="right")  # the group holding row `start`
-        index_R = t * tile + rows_R
-        inside_R = (index_R >= start) & (index_R < stop) & (g < e)
-        y_RN = x_TRK[t] @ w_EKN[jnp.minimum(g, e - 1)]
+        t, g, inside_R = _piece_rows(*bounds, tile, num_tiles, ends_E)
+        w_KN = w_EKN[jnp.minimum(g, e - 1)]
+        y_RN = jnp.einsum("rk,kn->rn", x_TRK[t], w_KN, preferred_element_type=out_dtype)
         return out_TRN.at[t].add(jnp.where(inside_R[:, None], y_RN, 0)), None
 
-    out_TRN = jnp.zeros((num_tiles, tile, n), jnp.result_type(x_AK, w_EKN))
+    out_TRN = jnp.zeros((num_tiles, tile, n), out_dtype)
     out_TRN, _ = jax.lax.scan(piece, out_TRN, (starts_P, stops_P))
     return out_TRN.reshape(-1, n)[:a]
 
@@ -133,17 +253,19 @@ def dropless(
     *,
     rules: Rules,
     exchange_factor: float = 0.0,
+    fp8: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """sum_k weight * expert_k(x) per token: (out [B, L, D], assignments dropped at the
-    exchange: 0 unless `exchange_factor` bounds it). Runs under `shard_map` on a mesh."""
+    exchange: 0 unless `exchange_factor` bounds it). Runs under `shard_map` on a mesh. In
+    fp8 each device scales what it multiplies (its rows, its experts) by their own maximum."""
     mesh = jax.sharding.get_abstract_mesh()
     x_BLD, expert_BLK, weight_BLK = map(jnp.asarray, (x_BLD, expert_BLK, weight_BLK))
     e, _, f, _ = gate_up_EDFC.shape
     if mesh.empty:
-        out_BLD, dropped = _local(x_BLD, expert_BLK, weight_BLK, gate_up_EDFC, down_EFD,
-                                  (), 1, (), exchange_factor)  # fmt: skip
-        return out_BLD, dropped
+        how = Exchange(factor=exchange_factor, fp8=fp8)
+        return _local(x_BLD, expert_BLK, weight_BLK, gate_up_EDFC, down_EFD, how)
     lay = layout(rules, dict(mesh.shape), x_BLD.shape, e, f)
+    how = Exchange(lay.ep, lay.ep_size, _axes(lay.mlp), exchange_factor, fp8)
     ep_spec = None if not lay.ep else lay.ep[0] if len(lay.ep) == 1 else lay.ep
     token_axes = _axes(lay.batch) + _axes(lay.seq)
 
@@ -154,8 +276,7 @@ def dropless(
         gate_up_EDFC: jax.Array,
         down_EFD: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
-        out_BLD, dropped = _local(x_BLD, expert_BLK, weight_BLK, gate_up_EDFC, down_EFD,
-                                  lay.ep, lay.ep_size, _axes(lay.mlp), exchange_factor)  # fmt: skip
+        out_BLD, dropped = _local(x_BLD, expert_BLK, weight_BLK, gate_up_EDFC, down_EFD, how)
         return out_BLD, jax.lax.psum(dropped, token_axes) if token_axes else dropped
 
     return jax.shard_map(
@@ -178,10 +299,7 @@ def _local(
     weight_BLK: jax.Array,
     gate_up_EDFC: jax.Array,
     down_EFD: jax.Array,
-    ep: tuple[str, ...],
-    ep_size: int,
-    mlp: tuple[str, ...],
-    exchange_factor: float,
+    how: Exchange,
 ) -> tuple[jax.Array, jax.Array]:
     """One device's tokens through the experts (its local ones, after the exchange)."""
     b, length, d = x_BLD.shape
@@ -189,14 +307,13 @@ def _local(
     x_TD = x_BLD.reshape(b * length, d)
     expert_A = expert_BLK.reshape(-1)  # assignment a = token a // k, its (a % k)-th choice
     token_A = jnp.arange(expert_A.shape[0]) // k
-    if ep_size == 1:
-        y_AD = grouped_swiglu(x_TD[token_A], expert_A, gate_up_EDFC, down_EFD)
+    if how.ep_size == 1:
+        y_AD = grouped_swiglu(x_TD[token_A], expert_A, gate_up_EDFC, down_EFD, how.fp8)
         dropped = jnp.zeros((), jnp.float32)
     else:
-        y_AD, dropped = _exchanged(x_TD[token_A], expert_A, gate_up_EDFC, down_EFD, ep,
-                                   ep_size, exchange_factor)  # fmt: skip
-    if mlp:  # the down projection's partial sums over the expert width's shards
-        y_AD = jax.lax.psum(y_AD, mlp)
+        y_AD, dropped = _exchanged(x_TD[token_A], expert_A, gate_up_EDFC, down_EFD, how)
+    if how.mlp:  # the down projection's partial sums over the expert width's shards
+        y_AD = jax.lax.psum(y_AD, how.mlp)
     y_TKD = y_AD.reshape(b * length, k, d)
     out_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_BLK.reshape(-1, k).astype(y_TKD.dtype))
     return out_TD.reshape(b, length, d), dropped
@@ -215,14 +332,13 @@ def _exchanged(
     expert_A: jax.Array,
     gate_up_EDFC: jax.Array,
     down_EFD: jax.Array,
-    ep: tuple[str, ...],
-    ep_size: int,
-    exchange_factor: float,
+    how: Exchange,
 ) -> tuple[jax.Array, jax.Array]:
     """Assignments to the devices of their experts and the results back (all-to-all)."""
+    ep, ep_size = how.ep, how.ep_size
     a, d = x_AD.shape
     local_e = gate_up_EDFC.shape[0]  # experts on this device: E / EP
-    slots = exchange_slots(a, ep_size, exchange_factor)
+    slots = exchange_slots(a, ep_size, how.factor)
     dest_A = expert_A // local_e
     # Each assignment's slot in its destination's buffer: its rank among those going there.
     order_A = jnp.argsort(dest_A, stable=True)
@@ -241,7 +357,7 @@ def _exchanged(
         blocks = x.reshape(ep_size, slots, *x.shape[1:])
         return jax.lax.all_to_all(blocks, ep, 0, 0, tiled=True).reshape(x.shape)
 
-    y_RD = grouped_swiglu(swap(send_RD), swap(send_R), gate_up_EDFC, down_EFD)
+    y_RD = grouped_swiglu(swap(send_RD), swap(send_R), gate_up_EDFC, down_EFD, how.fp8)
     back_RD = swap(y_RD)
     y_AD = jnp.where(kept_A[:, None], back_RD[jnp.minimum(row_A, ep_size * slots - 1)], 0)
     return y_AD, jnp.sum(~kept_A).astype(jnp.float32)

@@ -10,12 +10,15 @@ in a separate variable collection and updated by a special gradient rule): it ne
 so checkpoints, the optimizer and resumption are untouched, and the one extra reduction per
 operand (its amax, a cross-device max when sharded) fuses into the quantising pass.
 
-Applied by the layers to the dense projections of attention and the MLP only: never to
-norms, softmax, the router, the embedding, the LM head or the loss. Parameters stay in
+Applied by the layers to the dense projections of attention and the MLP and to a MoE's
+experts (bigjax/experts.py has the grouped product): never to norms, softmax, the router,
+the embedding, the LM head or the loss. Parameters stay in
 `model.param_dtype`; only the operands of the product are fp8, inside the step.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,32 +41,40 @@ def dequantize(q: jax.Array, factor: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return (q.astype(jnp.float32) * factor).astype(dtype)
 
 
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-    dims = (((contract[0],), (contract[1],)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` in fp8 (e4m3 operands, f32 accumulation), in x's dtype. Every
+    index of an operand must appear in the other operand or the output (a product, batched or
+    not: the two gradients are then einsums of the same kind)."""
+    return _forward(spec, x, w)[0]
+
+
 def matmul(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array:
-    """x [M, K] @ w [K, N] in fp8 (e4m3 operands, f32 accumulation), in x's dtype."""
-    return _forward(x_MK, w_KN)[0]
+    """x [M, K] @ w [K, N] in fp8."""
+    return einsum("mk,kn->mn", x_MK, w_KN)
 
 
-def _forward(x_MK: jax.Array, w_KN: jax.Array) -> tuple[jax.Array, tuple]:
-    xq, x_factor = quantize(x_MK, E4M3)
-    wq, w_factor = quantize(w_KN, E4M3)
-    y_MN = (_dot(xq, wq, (1, 0)) * (x_factor * w_factor)).astype(x_MK.dtype)
+def _forward(spec: str, x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple]:
+    xq, x_factor = quantize(x, E4M3)
+    wq, w_factor = quantize(w, E4M3)
+    y = (_einsum(spec, xq, wq) * (x_factor * w_factor)).astype(x.dtype)
     # the fp8 operands are what the backward needs: a quarter of f32's bytes to keep (and
     # an empty array that carries w's dtype: residuals must be arrays)
-    return y_MN, (xq, x_factor, wq, w_factor, jnp.zeros((0,), w_KN.dtype))
+    return y, (xq, x_factor, wq, w_factor, jnp.zeros((0,), w.dtype))
 
 
-def _backward(saved: tuple, g_MN: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _backward(spec: str, saved: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     xq, x_factor, wq, w_factor, w_dtype = saved
-    gq, g_factor = quantize(g_MN, E5M2)
-    dx_MK = (_dot(gq, wq, (1, 1)) * (g_factor * w_factor)).astype(g_MN.dtype)  # y's = x's
-    dw_KN = (_dot(xq, gq, (0, 0)) * (x_factor * g_factor)).astype(w_dtype.dtype)
-    return dx_MK, dw_KN
+    x_idx, rest = spec.split(",")
+    w_idx, out_idx = rest.split("->")
+    gq, g_factor = quantize(g, E5M2)
+    dx = _einsum(f"{out_idx},{w_idx}->{x_idx}", gq, wq) * (g_factor * w_factor)
+    dw = _einsum(f"{x_idx},{out_idx}->{w_idx}", xq, gq) * (x_factor * g_factor)
+    return dx.astype(g.dtype), dw.astype(w_dtype.dtype)  # y's dtype is x's
 
 
-matmul.defvjp(_forward, _backward)
+einsum.defvjp(_forward, _backward)

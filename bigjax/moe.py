@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax import experts
+from bigjax import fp8 as fp8_ops
 from bigjax.config.schema import MoEDispatch, MoEGating
 from bigjax.layers import MLP, RESIDUAL, _param, dense_init, project
 from bigjax.sharding import Rules, constrain
@@ -69,8 +70,9 @@ class MoE(nnx.Module):
         param_dtype: jnp.dtype,
         dtype: jnp.dtype,
         rules: Rules,
+        fp8: bool = False,
     ):
-        self.routing, self.dtype, self.rules = routing, dtype, rules
+        self.routing, self.dtype, self.rules, self.fp8 = routing, dtype, rules, fp8
         E, D, F = routing.num_experts, d_model, d_ff
         self.router_DE = _param(rngs, dense_init, (D, E), ("embed", None), param_dtype)
         if routing.bias_rate > 0:
@@ -88,7 +90,8 @@ class MoE(nnx.Module):
         )
         if routing.shared_experts:
             self.shared = MLP(D, routing.shared_experts * F, use_bias=False, rngs=rngs,
-                              param_dtype=param_dtype, dtype=dtype, rules=rules)  # fmt: skip
+                              param_dtype=param_dtype, dtype=dtype, rules=rules,
+                              fp8=fp8)  # fmt: skip
 
     @property
     def top_k(self) -> int:
@@ -102,10 +105,12 @@ class MoE(nnx.Module):
         return min(length, max(1, math.ceil(factor * length * self.top_k / e)))
 
     def __call__(
-        self, x_BLD: jax.Array, valid_BL: jax.Array
+        self, x_BLD: jax.Array, valid_BL: jax.Array, decode: bool = False
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Returns (out [B, L, D], auxiliary outputs); `valid_BL` masks padding."""
+        """Returns (out [B, L, D], auxiliary outputs); `valid_BL` masks padding. The experts'
+        matmuls are in fp8 if asked, except in cached decoding (as the MLP's)."""
         r = self.routing
+        fp8 = self.fp8 and not decode
         x_BLD = constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
         logits_BLE = project(x_BLD.astype(jnp.float32), self.router_DE[...].astype(jnp.float32), 1)
         probs_BLE = (
@@ -128,14 +133,14 @@ class MoE(nnx.Module):
             out_BLD, dropped = experts.dropless(
                 x_BLD.astype(self.dtype), top_e_BLK, weights_BLK * valid_BL[..., None],
                 self.gate_up_EDFC[...].astype(self.dtype), self.down_EFD[...].astype(self.dtype),
-                rules=self.rules, exchange_factor=r.exchange_factor,
+                rules=self.rules, exchange_factor=r.exchange_factor, fp8=fp8,
             )  # fmt: skip
             # padding rows are routed too (their weight is 0): their assignments' drops count
             dropped_share = dropped / (x_BLD.shape[0] * x_BLD.shape[1] * r.top_k)
         else:
-            out_BLD, dropped_share = self._capacity(x_BLD, top_e_BLK, weights_BLK, valid_BL, n)
+            out_BLD, dropped_share = self._capacity(x_BLD, top_e_BLK, weights_BLK, valid_BL, n, fp8)
         if r.shared_experts:
-            out_BLD = out_BLD + self.shared(x_BLD)
+            out_BLD = out_BLD + self.shared(x_BLD, decode)
 
         choice_BLE = jnp.sum(jax.nn.one_hot(top_e_BLK, r.num_experts), axis=2)
         share_E = jnp.sum(choice_BLE * valid_BL[..., None], axis=(0, 1)) / (n * r.top_k)
@@ -182,8 +187,10 @@ class MoE(nnx.Module):
         weights_BLK: jax.Array,
         valid_BL: jax.Array,
         n: jax.Array,
+        fp8: bool = False,
     ) -> tuple[jax.Array, jax.Array]:
-        """Token-choice dispatch with per-sequence capacity, as one-hot einsums."""
+        """Token-choice dispatch with per-sequence capacity, as one-hot einsums (the experts'
+        products in fp8 if asked; dispatch and combine, exact selections, never)."""
         b, length, _ = x_BLD.shape
         e, k, c = self.routing.num_experts, self.top_k, self.capacity(length)
         choice_BLKE = jax.nn.one_hot(top_e_BLK, e) * valid_BL[:, :, None, None]
@@ -201,9 +208,10 @@ class MoE(nnx.Module):
         combine_BLEC = jnp.einsum("blke,blkc,blk->blec", kept_BLKE, slot_onehot_BLKC, weights_BLK)
 
         dt = self.dtype
+        product = fp8_ops.einsum if fp8 else jnp.einsum
         x_BECD = jnp.einsum("blec,bld->becd", dispatch_BLEC.astype(dt), x_BLD.astype(dt))
-        h_BECFC = jnp.einsum("becd,edfz->becfz", x_BECD, self.gate_up_EDFC[...].astype(dt))
+        h_BECFC = product("becd,edfz->becfz", x_BECD, self.gate_up_EDFC[...].astype(dt))
         h_BECF = jax.nn.silu(h_BECFC[..., 0]) * h_BECFC[..., 1]
-        y_BECD = jnp.einsum("becf,efd->becd", h_BECF, self.down_EFD[...].astype(dt))
+        y_BECD = product("becf,efd->becd", h_BECF, self.down_EFD[...].astype(dt))
         out_BLD = jnp.einsum("blec,becd->bld", combine_BLEC.astype(dt), y_BECD)
         return out_BLD, 1.0 - jnp.sum(kept_BLKE) / (n * k)

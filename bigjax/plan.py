@@ -165,11 +165,14 @@ def analytic(
 
 def _fp8_flops_per_token(m: ModelConfig) -> float:
     """Training FLOPs per token in fp8 matmuls: the dense projections of attention and the
-    MLP (forward + both backward products: 6 per weight), 0 unless matmul_precision=fp8."""
+    MLP, or a MoE's active experts (routed and shared; not the router), forward + both
+    backward products: 6 per weight; 0 unless matmul_precision=fp8."""
     if m.matmul_precision != "fp8":
         return 0.0
     D, F, H, G, K = m.d_model, m.d_ff, m.num_heads, m.kv_heads, m.dim_per_head
-    mlp = 0 if m.num_experts else (3 if m.mlp == "swiglu" else 2) * D * F
+    mlp = (3 if m.mlp == "swiglu" else 2) * D * F
+    if m.num_experts:
+        mlp = (m.experts_per_token + m.moe_shared_experts) * 3 * D * F
     return 6.0 * m.num_layers * (2 * D * H * K + 2 * D * G * K + mlp)
 
 

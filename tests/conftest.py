@@ -9,10 +9,15 @@ import os
 # same at either level); steps run ~1.7x slower, which only a benchmark would notice. Eigen's
 # thread pool (tiny matmuls gain nothing from it, its idle threads spin) and LLVM's expensive
 # passes off too: test_step plus a resume test 101.5 -> 90.8 CPU-seconds, golden losses equal.
+# XLA:CPU's newer fusion emitters off as well (the classic elemental emitter compiles faster;
+# steps run ~1.25x slower): test_reliability + test_integrity + test_step 387.6 -> 275.8
+# CPU-seconds, test_moe 108.4 -> 59.2, golden losses bitwise equal (docs/benchmarks.md).
+# A jaxlib that drops one of these flags stops at its first computation, naming the flag.
 FAST_COMPILE = " ".join([
     "--xla_backend_optimization_level=0",
     "--xla_cpu_multi_thread_eigen=false",
     "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",
 ])  # fmt: skip
 
 

@@ -245,11 +245,11 @@ def _expert_weights(num_experts, d, f, seed=0):
     # (data, stage, fsdp, context, tensor, expert), and the default `experts` rule (None:
     # the expert axis, then fsdp while E divides): EP over the expert axis 2 and 8; expert 4
     # alone with fsdp 2 beside (2-D: E over expert, embed over fsdp) and under the default
-    # rule (EP 8 over both); with data and tensor. Experts split over fsdp 2, 4, 8; with
-    # tensor-split experts, data parallel beside, and tokens split over context; an EP group
-    # over data (FSDP beside it) and one of two axes.
+    # rule (EP 8 over both); with data and tensor; with context 2. Experts split over fsdp
+    # 2, 4, 8; with tensor-split experts, data parallel beside, and tokens split over
+    # context; an EP group over data (FSDP beside it) and one of two axes.
     [((1, 1, 1, 1, 1, 2), None), ((1, 1, 1, 1, 1, 8), None), ((1, 1, 2, 1, 1, 4), ("expert",)),
-     ((1, 1, 2, 1, 1, 4), None), ((2, 1, 1, 1, 2, 2), None),
+     ((1, 1, 2, 1, 1, 4), None), ((2, 1, 1, 1, 2, 2), None), ((1, 1, 1, 2, 1, 4), None),
      ((1, 1, 2, 1, 1), ("fsdp",)), ((1, 1, 4, 1, 1), ("fsdp",)), ((1, 1, 8, 1, 1), ("fsdp",)),
      ((2, 1, 2, 1, 2), ("fsdp",)), ((1, 1, 2, 2, 2), ("fsdp",)), ((4, 1, 2, 1, 1), ("data",)),
      ((2, 1, 2, 1, 2), ("data", "fsdp"))],

@@ -90,7 +90,7 @@ def test_multi_slice_layout_and_training():
     # (data, fsdp, tensor; stage and context 1)
     per_slice, dcn = full_mesh_shape((1, 2, 2)), full_mesh_shape((2, 1, 1))
     array = hybrid_device_array(per_slice, dcn, [devices[:4], devices[4:]])
-    assert array.shape == (2, 1, 2, 1, 2)
+    assert array.shape == (2, 1, 2, 1, 2, 1)
     # only the data axis (the DCN one) crosses slices: each data index is one whole slice
     assert {d.id for d in array[0].flat} == {0, 1, 2, 3}
     assert {d.id for d in array[1].flat} == {4, 5, 6, 7}

@@ -54,7 +54,7 @@ def test_cli_trains_on_builtin_corpus_and_writes_everything(tmp_path):
     assert eval_rows[-1]["eval_loss"] < eval_rows[0]["eval_loss"]
 
     config = json.loads((workdir / "config.json").read_text())
-    assert config["num_steps"] == 60 and config["mesh"]["shape"] == [2, 1, 2, 1, 2]
+    assert config["num_steps"] == 60 and config["mesh"]["shape"] == [2, 1, 2, 1, 2, 1]
     assert (workdir / "loss.png").stat().st_size > 10_000
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [

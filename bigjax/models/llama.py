@@ -88,6 +88,7 @@ class Block(nnx.Module):
                 param_dtype=pd,
                 dtype=dt,
                 rules=rules,
+                fp8=cfg.matmul_precision == "fp8",
             )
             if cfg.num_experts
             else make_mlp(
@@ -108,7 +109,7 @@ class Block(nnx.Module):
     ) -> tuple[jax.Array, dict]:
         """The feed-forward sublayer and its auxiliary outputs (MoE: balance and drops)."""
         if isinstance(self.mlp, MoE):
-            return self.mlp(x_BLD, valid_BL)
+            return self.mlp(x_BLD, valid_BL, decode)
         return self.mlp(x_BLD, decode), {}
 
     def __call__(

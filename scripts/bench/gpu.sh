@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator measurements of docs/benchmarks.md, on one NVIDIA GPU, as one script:
-#   bash scripts/bench/gpu.sh OUT_DIR [PART ...]  (parts: attention peers125m peers1b stall fp8)
+#   bash scripts/bench/gpu.sh OUT_DIR [PART ...]  (parts: attention peers125m peers1b stall fp8 moe)
 # Each part runs under its own `timeout` and writes its JSON/markdown under OUT_DIR; with no
-# parts given, all five run (about 24 minutes on an H200). On a machine whose Python has jax
+# parts given, all six run (about 26 minutes on an H200). On a machine whose Python has jax
 # with CUDA, torch and transformers but not the rest of bigjax's dependencies, first put
 # their wheels in .whl/ (downloaded elsewhere) and set BIGJAX_WHEELS=.whl: they are
 # installed without network into a scratch directory.
@@ -10,7 +10,7 @@ set -uo pipefail
 out=${1:?usage: gpu.sh OUT_DIR [PART ...]}
 shift
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(attention peers125m peers1b stall fp8)
+[ ${#parts[@]} -eq 0 ] && parts=(attention peers125m peers1b stall fp8 moe)
 mkdir -p "$out"
 if [ -n "${BIGJAX_WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$BIGJAX_WHEELS"/*.whl
@@ -42,6 +42,8 @@ for part in "${parts[@]}"; do
           --config.model.matmul_precision=fp8 --json "$out/fp8_fp8_$rep.json" \
           --baseline "$out/fp8_bf16_$rep.json" > "$out/fp8_fp8_$rep.log" 2>&1
       done ;;
+    moe)  # a Qwen3-30B-A3B layer: ragged_dot against the tiled scan, bf16 and fp8, the layer
+      timeout 300 python3 scripts/bench/moe_speed.py > "$out/moe.log" 2>&1 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
   echo "$part: exit $?" | tee -a "$out/parts.txt"
