@@ -123,7 +123,7 @@ def main() -> None:
         if "ms" not in r:
             print(f"| {r['case']} | {r['error']} | | |")
             continue
-        tflops = f"{r['tflops']:.1f}" if "tflops" in r else ""
+        tflops = f"{r['tflops']:.3g}" if "tflops" in r else ""
         ratio = f"{r['ms'] / base:.2f}" if base else ""  # type: ignore[operator]
         print(f"| {r['case']} | {r['ms']:.2f} | {tflops} | {ratio} |")
 
