@@ -2,6 +2,9 @@
 
 import gc
 import os
+import re
+import subprocess
+import sys
 
 # Tests compile far more than they run (a few steps of a tiny model per program), so XLA's
 # CPU backend compiles at LLVM optimisation level 0: a 2-step `bigjax train` takes 9.6 instead
@@ -12,13 +15,29 @@ import os
 # XLA:CPU's newer fusion emitters off as well (the classic elemental emitter compiles faster;
 # steps run ~1.25x slower): test_reliability + test_integrity + test_step 387.6 -> 275.8
 # CPU-seconds, test_moe 108.4 -> 59.2, golden losses bitwise equal (docs/benchmarks.md).
-# A jaxlib that drops one of these flags stops at its first computation, naming the flag.
-FAST_COMPILE = " ".join([
+_FAST_COMPILE_FLAGS = [
     "--xla_backend_optimization_level=0",
     "--xla_cpu_multi_thread_eigen=false",
     "--xla_llvm_disable_expensive_passes=true",
     "--xla_cpu_use_fusion_emitters=false",
-])  # fmt: skip
+]
+
+
+def _known_to_xla(flags: list[str]) -> list[str]:
+    """`flags` less those this jaxlib does not know: XLA aborts a process on an unknown flag
+    (these are debug options, and a jaxlib may drop one), so one probe process names them."""
+    probe = [sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"]
+    for _ in flags:
+        env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+        err = subprocess.run(probe, env=env, capture_output=True, text=True).stderr
+        unknown = re.findall(r"Unknown flags? in XLA_FLAGS: (.*)", err)
+        if not unknown:
+            return flags
+        flags = [f for f in flags if f not in unknown[0].split()]
+    return flags
+
+
+FAST_COMPILE = " ".join(_known_to_xla(_FAST_COMPILE_FLAGS))
 
 
 def xla_flags(devices: int = 8) -> str:
