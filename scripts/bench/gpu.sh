@@ -5,8 +5,10 @@
 # parts given, all six run (about 26 minutes on an H200). On a machine whose Python has jax
 # with CUDA, torch and transformers but not the rest of bigjax's dependencies, first put
 # their wheels in .whl/ (downloaded elsewhere) and set BIGJAX_WHEELS=.whl: they are
-# installed without network into a scratch directory.
+# installed without network into a scratch directory. REPS=1 halves the peers and fp8 parts
+# (one rep each) for a short lease.
 set -uo pipefail
+reps=${REPS:-2}
 out=${1:?usage: gpu.sh OUT_DIR [PART ...]}
 shift
 parts=("$@")
@@ -19,6 +21,7 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 python3 -c "import jax; print(jax.__version__, jax.devices())" >> "$out/gpu.txt" 2>&1
+python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda.*|flax|optax|orbax-checkpoint|torch|transformers|nvidia-cudnn.*) ' >> "$out/gpu.txt"
 
 for part in "${parts[@]}"; do
   case $part in
@@ -28,18 +31,19 @@ for part in "${parts[@]}"; do
       timeout 420 python3 scripts/bench/peers.py --size 125m --reps 3 --steps 10 --warmup 3 \
         --torch-python python3 --out "$out/peers_125m" > "$out/peers_125m.log" 2>&1 ;;
     peers1b)
-      timeout 540 python3 scripts/bench/peers.py --size 1b --reps 2 --steps 10 --warmup 3 \
+      timeout 540 python3 scripts/bench/peers.py --size 1b --reps "$reps" --steps 10 --warmup 3 \
         --torch-python python3 --out "$out/peers_1b" > "$out/peers_1b.log" 2>&1 ;;
     stall)
       timeout 300 python3 scripts/bench/checkpoint_stall.py --config configs/lm_125m.py \
         --saves 3 --before 5 --after 10 --out "$out/stall" > "$out/stall.log" 2>&1 ;;
-    fp8)  # llama_1b, bf16 then fp8 projections, alternated twice; each bench prints tokens/s
-      # and MFU (against the bf16 peak), --baseline gives the fp8/bf16 ratios
-      for rep in 1 2; do
+    fp8)  # llama_1b at one device's micro-batch (8 x 2048, as peers1b), bf16 then fp8
+      # projections, alternated; each bench prints tokens/s and MFU (against the bf16 peak),
+      # --baseline gives the fp8/bf16 ratios
+      for rep in $(seq "$reps"); do
         timeout 150 python3 -m bigjax.cli bench --config configs/llama_1b.py --steps 10 \
-          --json "$out/fp8_bf16_$rep.json" > "$out/fp8_bf16_$rep.log" 2>&1
+          --config.data.batch_size=8 --json "$out/fp8_bf16_$rep.json" > "$out/fp8_bf16_$rep.log" 2>&1
         timeout 150 python3 -m bigjax.cli bench --config configs/llama_1b.py --steps 10 \
-          --config.model.matmul_precision=fp8 --json "$out/fp8_fp8_$rep.json" \
+          --config.data.batch_size=8 --config.model.matmul_precision=fp8 --json "$out/fp8_fp8_$rep.json" \
           --baseline "$out/fp8_bf16_$rep.json" > "$out/fp8_fp8_$rep.log" 2>&1
       done ;;
     moe)  # a Qwen3-30B-A3B layer: ragged_dot against the tiled scan, bf16 and fp8, the layer
