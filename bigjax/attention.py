@@ -179,8 +179,11 @@ def _mesh_sizes() -> dict[str, int]:
 def packed_segments(segment_ids_BL: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
     """cuDNN's description of packed rows: (lengths [B, M], offsets [B, M + 1]) of each row's
     runs of equal segment ids (a padding run is a segment of its own, so every position is
-    covered), -1 past the row's last run. Rows with more than M runs must be refused before
-    (`check_segments`): their extra runs would be dropped."""
+    covered), -1 past the row's last run. The offsets are starts only, no end entry: jax
+    concatenates every row's non-negative offsets into one list aligned with the lengths, so
+    an end entry would shift each later row's segments by one (measured on an H200: NaN).
+    Rows with more than M runs must be refused before (`check_segments`): their extra runs
+    would be dropped."""
     b, length = segment_ids_BL.shape
     pos_L = jnp.arange(length, dtype=jnp.int32)
     starts_BL = jnp.concatenate(
@@ -193,9 +196,9 @@ def packed_segments(segment_ids_BL: jax.Array, max_segments: int) -> tuple[jax.A
         starts_BM1 = jnp.pad(starts_BM1, ((0, 0), (0, pad)), constant_values=length)
     runs_B = jnp.sum(starts_BL, axis=1)
     slot_M1 = jnp.arange(max_segments + 1, dtype=jnp.int32)
-    offsets_BM1 = jnp.where(slot_M1 <= runs_B[:, None], starts_BM1, -1)
-    lengths_BM = offsets_BM1[:, 1:] - offsets_BM1[:, :-1]
-    lengths_BM = jnp.where(slot_M1[1:] <= runs_B[:, None], lengths_BM, -1)
+    lengths_BM = starts_BM1[:, 1:] - starts_BM1[:, :-1]
+    lengths_BM = jnp.where(slot_M1[:-1] < runs_B[:, None], lengths_BM, -1)
+    offsets_BM1 = jnp.where(slot_M1 < runs_B[:, None], starts_BM1, -1)
     return lengths_BM.astype(jnp.int32), offsets_BM1.astype(jnp.int32)
 
 

@@ -76,7 +76,7 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
                 if i >= loop_warmup:
                     loop_s.append(time.perf_counter() - start)
                     wait_s.append(got_batch - start)
-            jax.device_get(pending)
+            last = jax.device_get(pending)
         finally:
             data.close()
 
@@ -116,6 +116,9 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
         "mfu": flops / step_s / peak,
         "peak_flops": peak,
         "flops_per_step": flops,
+        # The last timed step's loss: a kernel that runs fast on wrong numbers shows here (the
+        # timings of a NaN step are not a result).
+        "loss": float(last["loss"]),
         "loop_step_times_s": loop_s,
         "device_step_times_s": device_s,
     }
@@ -154,6 +157,7 @@ ROWS = (
     ("host overhead / step", "host_overhead_s", "{:.4f} s", False),
     ("data wait / step", "data_wait_s", "{:.4f} s", False),
     ("compile", "compile_s", "{:.1f} s", False),
+    ("loss (last step)", "loss", "{:.4f}", None),
 )
 
 
@@ -169,8 +173,11 @@ def render(result: dict[str, Any], baseline: dict[str, Any] | None = None) -> st
     if result.get("pipeline"):
         lines.append(f"  pipeline: {stages.describe(result['pipeline'])}")
     for label, key, fmt, higher_is_better in ROWS:
+        if key not in result:  # a result written before the row existed
+            continue
         line = f"  {label:<22}{fmt.format(result[key]):>16}"
-        if baseline is not None and key in baseline and baseline[key] and key != "host_overhead_s":
+        compared = higher_is_better is not None and key != "host_overhead_s"
+        if compared and baseline is not None and baseline.get(key):
             ratio = result[key] / baseline[key]
             line += f"   {ratio if higher_is_better else 1 / ratio:.3f}x vs baseline"
         lines.append(line)

@@ -97,29 +97,40 @@ def test_splash_bf16_within_tolerance():
         np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=0.05 * scale)
 
 
-def _mask_from_packed(lengths, offsets, causal):
-    """The [B, L, L] attention pattern cuDNN's packed layout describes."""
-    mask = np.zeros((B, L, L), bool)
-    for b in range(B):
-        for start, n in zip(offsets[b], lengths[b], strict=False):
-            if n < 0:
-                break
-            block = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
-            mask[b, start : start + n, start : start + n] = block
-    return mask
+def _mask_from_cudnn_segments(lengths, offsets, causal, heads=2, head_dim=4):
+    """The [B, L, L] attention pattern cuDNN is handed: jax's own conversion of the per-row
+    (lengths, offsets) into cuDNN's one list of segments over the flattened batch, offsets
+    in elements (tokens x heads x head_dim), read back into blocks."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    q = jnp.zeros((B, L, heads, head_dim))
+    seqlen, _, offset, _ = cudnn._fix_seqlen_offsets(
+        jnp.asarray(lengths), jnp.asarray(lengths), jnp.asarray(offsets), jnp.asarray(offsets),
+        q, q,
+    )  # fmt: skip
+    mask = np.zeros((B * L, B * L), bool)
+    for n, start in zip(np.asarray(seqlen).ravel(), np.asarray(offset).ravel(), strict=False):
+        if n <= 0:
+            continue
+        start //= heads * head_dim
+        block = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
+        mask[start : start + n, start : start + n] = block
+    return np.stack([mask[b * L : (b + 1) * L, b * L : (b + 1) * L] for b in range(B)])
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_packed_segments_describe_the_mask(causal):
-    # cuDNN itself needs a GPU; what bigjax hands it (per-row document lengths and offsets)
-    # must describe exactly the einsum path's mask, padding run included.
+    # cuDNN itself needs a GPU; what it is handed (bigjax's per-row document lengths and
+    # offsets, as jax flattens them over the batch) must describe exactly the einsum path's
+    # mask, padding run included, in every row (an end offset per row once shifted every
+    # later row's documents: NaN on an H200).
     seg = _segments()
     lengths, offsets = map(np.asarray, attention.packed_segments(seg, max_segments=10))
     assert lengths.shape == (B, 10) and offsets.shape == (B, 11)
-    assert list(offsets[0][:5]) == [0, 40, 90, 120, 128] and offsets[0][5] == -1
+    assert list(offsets[0][:4]) == [0, 40, 90, 120] and offsets[0][4] == -1
     assert list(lengths[0][:4]) == [40, 50, 30, 8] and lengths[0][4] == -1
     expected = np.asarray(attention.attention_mask(seg, causal))[:, 0]
-    np.testing.assert_array_equal(_mask_from_packed(lengths, offsets, causal), expected)
+    np.testing.assert_array_equal(_mask_from_cudnn_segments(lengths, offsets, causal), expected)
 
 
 def test_rows_over_the_cudnn_bound_are_refused():

@@ -72,7 +72,14 @@ def test_a_bad_entry_fails_at_load_on_any_machine():
         from_configdict({"platforms": {"gpu": {"micro_batch_per_device": 0}}})
 
 
-@pytest.mark.parametrize("name", ["llama_1b", "llama_8b", "lm_small", "lm_125m"])
+TUNED = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if "platforms" in p.read_text())
+
+
+def test_the_tuned_configs_are_found():
+    assert {"llama_1b", "llama_8b", "lm_small", "lm_125m", "qwen3_moe"} <= set(TUNED)
+
+
+@pytest.mark.parametrize("name", TUNED)
 def test_shipped_configs_tune_on_every_platform(name):
     cfg = load_config(str(ROOT / "configs" / f"{name}.py"), [])
     assert cfg.model.attention == "auto"  # the kernel follows the device, never hard-coded
@@ -80,6 +87,14 @@ def test_shipped_configs_tune_on_every_platform(name):
         tuned = tuning.tune(cfg, platform, kind, n)
         assert cfg.data.batch_size % tuned.optim.grad_accum_steps == 0
         assert json.loads(cfg.platforms).get(tuned.platform, {}) is not None
+
+
+def test_the_moe_config_takes_the_capacity_dispatch_on_gpus():
+    # Measured on an H200: the dropless scan of small kernels 299 ms a layer, capacity 7.2 ms;
+    # TPUs keep dropless (ragged_dot) as the config says.
+    cfg = load_config(str(ROOT / "configs" / "qwen3_moe.py"), [])
+    assert tuning.tune(cfg, "gpu", "NVIDIA H200", 8).model.moe_dispatch == "capacity"
+    assert tuning.tune(cfg, "tpu", "TPU v5p", 64).model.moe_dispatch == "dropless"
 
 
 def test_tuning_here_records_the_entry(tmp_path):

@@ -59,6 +59,12 @@ def grouped_cases(a: argparse.Namespace, dtype: jnp.dtype) -> dict[str, Callable
         "grouped, tiled scan": timed(
             lambda x, w: experts.grouped_matmul(x, w, sizes, ragged=False)
         ),
+        **{
+            f"grouped, tiled scan, tile {t}": timed(
+                lambda x, w, t=t: experts.tiled_grouped_matmul(x, w, sizes, tile=t)
+            )
+            for t in a.tiles
+        },
         "grouped fp8, this platform's path": timed(
             lambda x, w: experts.fp8_grouped_matmul(x, w, sizes)
         ),
@@ -98,6 +104,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--tiles", type=int, nargs="*", default=[], help="more row tiles of the scan")
     a = p.parse_args()
     dtype = jnp.dtype(a.dtype)
     device = jax.devices()[0]
