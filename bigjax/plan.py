@@ -228,11 +228,9 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         # XLA:TPU refuses to compile a program that cannot fit: that is the answer.
-        needed = re.search(r"\(([\d.]+)G\)", str(e))
-        total = float(needed.group(1)) * 1e9 if needed else float("nan")
         return {
             **base,
-            "total_bytes_per_device": total,
+            "total_bytes_per_device": hbm_needed(str(e)),
             "fits": False,
             "compiler": " ".join(line.strip() for line in str(e).splitlines()[:4])[:500],
         }
@@ -253,6 +251,17 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
         "total_bytes_per_device": total,
         "fits": total <= hbm,
     }
+
+
+def hbm_needed(message: str) -> float:
+    """Bytes per device an XLA:TPU out-of-memory error says the program needs: its "Used
+    96.10G of 95.74G hbm" (its breakdown that follows holds other "(43.05G)" figures), else
+    the "(99.2G)" of older messages; NaN when the message gives neither."""
+    for pattern in (r"Used ([\d.]+)G of", r"\(([\d.]+)G\)"):
+        found = re.search(pattern, message)
+        if found:
+            return float(found.group(1)) * 1e9
+    return float("nan")
 
 
 def suggestions(cfg: TrainConfig, mesh_shape: dict[str, int]) -> list[str]:

@@ -41,7 +41,8 @@ from bigjax.sharding import Rules, constrain, logical_to_spec
 AXIS = "stage"
 
 # (stacked params [n, ...], x [b, L, D], segment ids [b, L], positions [b, L], layer rngs
-#  [n, ...] or None) -> (x, {name: per-layer value [n]})
+#  [n, ...] or None, lap=None) -> (x, {name: per-layer value [n]}); with `lap`, the params
+#  are a stage's chunks of every lap [V, n, ...] and the layers run chunk `lap`.
 Layers = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -215,14 +216,14 @@ def run(
         rngs_V: jax.Array | None,
         lap: jax.Array,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        # The weights a tick slices by its lap are kept per tick for the backward (a scan
-        # residual that depends on the tick): T copies of a stage's shard. Without laps the
-        # slice is static, loop-invariant, kept once (compiled temporaries on 8 CPU devices:
-        # 652 -> 332 MiB against 202 unpipelined; docs/scaling.md, "Deep models").
-        chunk = jax.tree.map(lambda a: a[0] if interleave == 1 else a[lap], params_V)
-        return layers(
-            chunk, x_bLD, segment_ids_bL, positions_bL, None if rngs_V is None else rngs_V[lap]
-        )
+        # The chunk of layers this tick's lap names is sliced inside each layer's remat region
+        # (`layers(..., lap=)`): a slice taken here would be a per-tick residual of the scan,
+        # T copies of a stage's weight shard (compiled temporaries on 8 CPU devices,
+        # interleave 2: 556 -> 268 MiB against 202 unpipelined; docs/scaling.md).
+        # Without laps the index is static: the slice is loop-invariant wherever it is taken.
+        chunk: jax.Array | int = lap if interleave > 1 else 0
+        rngs = None if rngs_V is None else rngs_V[chunk]
+        return layers(params_V, x_bLD, segment_ids_bL, positions_bL, rngs, lap=chunk)
 
     all_stages = jax.vmap(
         stage_layers,
@@ -244,7 +245,10 @@ def run(
             k: jnp.sum(jnp.where(working_S, jnp.mean(v, axis=1), 0.0)) for k, v in aux_Sn.items()
         }
         # The last stage's micro-batch goes round again or leaves; the rest move one stage on.
-        return jnp.roll(out_SbLD, 1, axis=0), (out_SbLD[stages - 1], aux)
+        # The last stage's output, kept per tick, stays split over the batch shards (left to
+        # propagation, XLA:TPU kept it whole on every FSDP device: 36 GiB at 70 B).
+        last_bLD = constrain(out_SbLD[stages - 1], names[1:], rules)
+        return jnp.roll(out_SbLD, 1, axis=0), (last_bLD, aux)
 
     buffer = jnp.zeros((stages, *x_MbLD.shape[1:]), x_BLD.dtype)
     schedule = tuple(jnp.asarray(a) for a in (plan.micro, plan.lap, plan.working, plan.fresh))

@@ -7,8 +7,8 @@ through the pipeline as 2 micro-batches on the interleaved (circular) schedule w
 the bubble is (2 - 1) / (2 x 2 + 2 - 1) = 20 % of the step, and only activations (one
 micro-batch's residual stream per tick) cross the slow network, never weights or
 gradients. `bigjax plan --config configs/llama_70b.py --topology 2xv5p-128` compiles it for
-the two slices: 93.2 GiB a device of 95 (docs/scaling.md, "Deep models", for the larger
-batches that do not fit yet).
+the two slices: 48.1 GiB a device of 95, what FSDP across the slices needs (docs/scaling.md,
+"Deep models", for the other layouts: 4 pipeline micro-batches per step also fit).
 """
 
 import ml_collections
