@@ -9,6 +9,7 @@ attend only to earlier positions:
   xla     `jax.nn.dot_product_attention`'s XLA path, same mask
   cudnn   cuDNN's fused flash attention (NVIDIA GPUs): causal masking inside the kernel and the
           documents as cuDNN's packed sequences (offsets and lengths), so no mask is built
+          (under context parallelism the shard's mask, as a bias: `context_inner`)
   splash  the Pallas splash kernel that ships with jax (TPUs): causal mask and segment ids
           inside the kernel, block-sparse; runs in Pallas' interpreter on other backends
   auto    the fastest that applies to the devices the model runs on (`resolve`)
@@ -16,6 +17,7 @@ attend only to earlier positions:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -33,8 +35,13 @@ from bigjax.sharding import Rules, attention_specs, trace_platform
 
 # cuDNN's packed layout takes a fixed number of documents per row; a row with more is refused
 # before it reaches the device (`check_segments`), never attended wrongly. 64 covers rows of
-# 2048 tokens whose documents average 32 tokens; the cost of a larger bound is small.
+# 2048 tokens whose documents average 32 tokens.
 CUDNN_MAX_SEGMENTS = 64
+# But the bound costs time: cuDNN's backward pre-pass (dO . O per query) launches one block
+# row per row and slot, so at 64 slots it took 1.27 ms a layer against 0.07 ms for one
+# document per row (H200, 8 x 2048, 32 heads: 20 of bigjax's 267 ms step). The kernel is
+# compiled for each bound here and a batch takes the smallest its rows fit (`lax.cond`).
+CUDNN_SEGMENT_BOUNDS = (8, CUDNN_MAX_SEGMENTS)
 # Splash tiles: 512 is what its authors tune for on v5e/v5p; smaller rows use one tile.
 SPLASH_BLOCK = 512
 
@@ -115,13 +122,27 @@ def attend(
         head_dim=q_BLHK.shape[-1],
         seq_len=q_BLHK.shape[1] // num_parts,  # what one device's kernel tiles
     )
-    if impl == "auto" and chosen == "cudnn":
-        # jax checks the GPU, cuDNN version and shapes while tracing; where the packed kernel
-        # is unavailable (pre-Hopper GPUs, an old cuDNN) `auto` must still train.
-        try:
-            return cudnn_attention(
-                q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules
+
+    def run(impl: str) -> jax.Array:
+        if num_parts > 1:
+            return _context_attention(impl, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, rules)
+        if impl in ("einsum", "xla"):
+            mask_B1LS = attention_mask(segment_ids_BL, causal)
+            if impl == "einsum":
+                return dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask_B1LS)
+            return jax.nn.dot_product_attention(
+                q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, implementation="xla"
             )
+        kernel = {"cudnn": cudnn_attention, "splash": splash_attention}.get(impl)
+        if kernel is None:
+            raise ValueError(f"attention kernel {impl!r}: expected one of {IMPLS[1:]}")
+        return kernel(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules)
+
+    if impl == "auto" and chosen == "cudnn":
+        # jax checks the GPU, cuDNN version and shapes while tracing; where the kernel is
+        # unavailable (pre-Hopper GPUs, an old cuDNN) `auto` must still train.
+        try:
+            return run("cudnn")
         except (NotImplementedError, RuntimeError, ValueError) as e:
             warnings.warn(
                 f"model.attention=auto: cuDNN flash attention is unavailable here "
@@ -129,21 +150,7 @@ def attend(
                 stacklevel=2,
             )
             chosen = "einsum"
-    impl = chosen
-    if num_parts > 1:
-        return _context_attention(impl, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, rules)
-    if impl == "einsum":
-        return dot_product_attention(q_BLHK, k_BLGK, v_BLGK, attention_mask(segment_ids_BL, causal))
-    if impl == "xla":
-        mask_B1LS = attention_mask(segment_ids_BL, causal)
-        return jax.nn.dot_product_attention(
-            q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, implementation="xla"
-        )
-    if impl == "cudnn":
-        return cudnn_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules)
-    if impl == "splash":
-        return splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules)
-    raise ValueError(f"attention kernel {impl!r}: expected one of {IMPLS[1:]}")
+    return run(chosen)
 
 
 def _context_attention(
@@ -156,16 +163,27 @@ def _context_attention(
     rules: Rules,
 ) -> jax.Array:
     """Attention of a sequence split over the context axis (bigjax/context.py): splash on
-    TPU; elsewhere two einsums under the chunk's mask (cuDNN's packed kernel cannot take a
-    shard's places in the row: on GPU the context path is XLA's, unmeasured)."""
+    TPU; elsewhere `context_inner`'s kernel on each device's shard."""
     if impl == "splash":
         return splash_context_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, rules)
-
-    def inner(shard: context.Shard) -> jax.Array:
-        mask_B1QL = context.mask(shard, causal)
-        return dot_product_attention(shard.q_BQHK, shard.k_BLGK, shard.v_BLGK, mask_B1QL)
-
+    inner = functools.partial(context_inner, impl, causal=causal)
     return context.attend(inner, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules)
+
+
+def context_inner(impl: str, shard: context.Shard, *, causal: bool) -> jax.Array:
+    """One device's attention under context parallelism: its queries against its rows' whole
+    keys, under the shard's mask (documents and places in the row). With 'cudnn' the mask
+    goes to cuDNN's flash kernel through jax's public API, as a [B, 1, Q, L] additive bias
+    read tile by tile: the packed-sequence form cannot say that a shard's queries start
+    inside a document (its causal masks align each document's first query with its first
+    key), so the kernel computes the whole Q x L rectangle, masked tiles too, but never
+    stores scores or probabilities. Other kernels: two einsums under the mask."""
+    mask_B1QL = context.mask(shard, causal)
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(
+            shard.q_BQHK, shard.k_BLGK, shard.v_BLGK, mask=mask_B1QL, implementation="cudnn"
+        )
+    return dot_product_attention(shard.q_BQHK, shard.k_BLGK, shard.v_BLGK, mask_B1QL)
 
 
 def _mesh_sizes() -> dict[str, int]:
@@ -261,23 +279,36 @@ def cudnn_attention(
     mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
     scale = 1.0 / math.sqrt(q_BLHK.shape[-1])
 
+    def bounded(max_segments: int) -> Kernel:
+        def kernel(
+            q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, segment_ids_BL: jax.Array
+        ) -> jax.Array:
+            lengths_BM, offsets_BM1 = packed_segments(segment_ids_BL, max_segments)
+            # self-attention: queries and keys are packed alike
+            packed = {"q_seqlen": lengths_BM, "kv_seqlen": lengths_BM}
+            packed |= {"q_offsets": offsets_BM1, "kv_offsets": offsets_BM1}
+            return cudnn.dot_product_attention(
+                q_BLHK, k_BLGK, v_BLGK, **packed, scale=scale, mask_type=mask_type
+            )
+
+        return kernel
+
     def local(
         q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, segment_ids_BL: jax.Array
     ) -> jax.Array:
-        lengths_BM, offsets_BM1 = packed_segments(segment_ids_BL, CUDNN_MAX_SEGMENTS)
-        return cudnn.dot_product_attention(
-            q_BLHK,
-            k_BLGK,
-            v_BLGK,
-            q_seqlen=lengths_BM,
-            kv_seqlen=lengths_BM,
-            q_offsets=offsets_BM1,
-            kv_offsets=offsets_BM1,
-            scale=scale,
-            mask_type=mask_type,
-        )
+        bound = segment_bound(segment_ids_BL, CUDNN_SEGMENT_BOUNDS)
+        kernels = [bounded(m) for m in CUDNN_SEGMENT_BOUNDS]
+        return jax.lax.switch(bound, kernels, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
 
     return _per_shard(local, rules, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+
+
+def segment_bound(segment_ids_BL: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
+    """Index of the smallest of `bounds` (ascending) that every row's runs of equal segment
+    ids fit (the last where none does: such rows are refused on the host before)."""
+    runs_B = 1 + jnp.sum(segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1], axis=1)
+    worst = jnp.max(runs_B)
+    return jnp.minimum(jnp.sum(worst > jnp.asarray(bounds)), len(bounds) - 1)
 
 
 # --- splash (TPU) --------------------------------------------------------------------------

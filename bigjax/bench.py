@@ -33,9 +33,13 @@ from bigjax.tuning import for_run
 class BenchSettings:
     warmup: int = 3  # untimed steps before each timing (caches, allocator, prefetch buffers)
     steps: int = 10  # timed steps per timing; the median is reported
+    # Where to write a profiler trace of 3 device steps after the timings (TensorBoard /
+    # XProf reads it); None: no trace. After, not during: tracing slows the steps it records.
+    profile: str | None = None
 
 
 QUICK = BenchSettings(warmup=1, steps=5)
+PROFILED_STEPS = 3
 
 
 def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[str, Any]:
@@ -61,6 +65,11 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
                 jax.block_until_ready((state, out))
                 if i >= settings.warmup:
                     device_s.append(time.perf_counter() - start)
+            if settings.profile:
+                with jax.profiler.trace(settings.profile):
+                    for _ in range(PROFILED_STEPS):
+                        state, out = step(state, resident)
+                    jax.block_until_ready((state, out))
 
             # At least one untimed iteration, so that every timed one waits for a step.
             loop_warmup = max(settings.warmup, 1)

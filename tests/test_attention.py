@@ -136,6 +136,26 @@ def test_cudnn_packed_segments_describe_the_mask(causal):
     np.testing.assert_array_equal(_mask_from_cudnn_segments(lengths, offsets, causal), expected)
 
 
+def test_cudnn_takes_the_smallest_segment_bound_the_rows_fit():
+    # cuDNN's backward costs time in proportion to the bound (docs/benchmarks.md): a batch
+    # must take the smallest bound its worst row fits, never one its rows overflow.
+    def rows(*runs, length=128):
+        return jnp.asarray([np.repeat(np.arange(1, n + 1), -(-length // n))[:length] for n in runs])
+
+    bound = lambda seg: int(attention.segment_bound(seg, (8, 64)))  # noqa: E731
+    assert bound(rows(1, 1)) == 0
+    assert bound(rows(1, 8, 3)) == 0
+    assert bound(rows(1, 9, 3)) == 1  # one row over 8 moves the whole batch up
+    assert bound(rows(64, 2)) == 1
+    assert bound(rows(65, 2)) == 1  # over every bound: the last (the host refuses such rows)
+    padded = np.array(rows(7))  # a padding run counts as a run of its own
+    padded[0, -5:] = 0
+    assert bound(jnp.asarray(padded)) == 0
+    padded = np.array(rows(8))
+    padded[0, -5:] = 0
+    assert bound(jnp.asarray(padded)) == 1
+
+
 def test_rows_over_the_cudnn_bound_are_refused():
     seg = np.asarray(_segments())
     attention.check_segments(seg, max_segments=8)  # the worst row holds exactly 8 runs

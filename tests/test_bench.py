@@ -1,5 +1,6 @@
 """`bigjax bench`: the figures are consistent with each other and the CLI writes and compares."""
 
+import gzip
 import json
 import subprocess
 import sys
@@ -14,9 +15,14 @@ RUN = dict(capture_output=True, text=True, cwd=Path(__file__).resolve().parents[
 
 
 @pytest.mark.slow
-def test_bench_figures_are_consistent():
+def test_bench_figures_are_consistent(tmp_path):
     cfg = tiny_config(mesh={"shape": (2, 4, 1)})
-    r = bench.bench(cfg, bench.BenchSettings(warmup=1, steps=3))
+    r = bench.bench(cfg, bench.BenchSettings(warmup=1, steps=3, profile=str(tmp_path / "trace")))
+    # the trace holds the profiled steps of the compiled train step (what XProf shows)
+    (trace,) = (tmp_path / "trace").glob("plugins/profile/*/*.trace.json.gz")
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    steps = [e for e in events if e.get("ph") == "X" and "jit(train_step)" in e["name"]]
+    assert len(steps) >= bench.PROFILED_STEPS
     assert len(r["loop_step_times_s"]) == 3 and len(r["device_step_times_s"]) == 3
     tokens = 16 * 64
     assert r["tokens_per_s"] == tokens / r["step_time_s"]
@@ -39,7 +45,8 @@ def test_cli_bench_quick_writes_json_and_compares(tmp_path):
     r = subprocess.run([*cmd, "--quick", "--json", str(out)], **RUN)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["settings"] == {"warmup": 1, "steps": 5} and result["batch"] == [8, 64]
+    assert result["settings"] == {"warmup": 1, "steps": 5, "profile": None}
+    assert result["batch"] == [8, 64]
     assert "MFU" in r.stdout and "host overhead" in r.stdout
     # which speed choices it took, and from where: lm_tiny has no platforms table
     assert "choices: platforms_entry (none), attention einsum, remat none" in r.stdout

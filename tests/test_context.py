@@ -89,6 +89,37 @@ def test_einsum_attention_over_context_matches_one_device(causal, parts):
     _attention_case("einsum", causal, parts, 256)
 
 
+def test_auto_on_a_gpu_takes_cudnn_inside_the_context_path(monkeypatch):
+    # On a GPU `auto` is cuDNN; under context parallelism it must run on each device's
+    # shard of queries against the gathered keys (it once ran the unsplit kernel, which
+    # gathers the whole sequence onto every context device). cuDNN needs a GPU
+    # (scripts/bench/context_check.py checks it there): here jax's XLA path stands in for
+    # the kernel call, to see what the context path hands it.
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def recording(q, k, v, *, mask, implementation):
+        calls.append((implementation, q.shape, k.shape, mask.shape))
+        return real(q, k, v, mask=mask, implementation="xla")
+
+    monkeypatch.setattr(attention, "trace_platform", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    rng = np.random.default_rng(2)
+    b, length, h, g, k, parts = 2, 64, 4, 2, 16, 4
+    q, kk, v = (jnp.asarray(rng.normal(size=(b, length, n, k)), jnp.bfloat16) for n in (h, g, g))
+    segment_ids = jnp.asarray(_short_documents(b, length)[0])
+    order = context.chunk_order(length, parts)
+    with jax.set_mesh(_mesh((1, 1, 1, parts, 1))):
+        step = jax.jit(lambda *a: attention.attend("auto", *a, causal=True, rules=DEFAULT_RULES))
+        got = step(*(x[:, order] for x in (q, kk, v, segment_ids)))
+    assert calls == [("cudnn", (b, length // parts, h, k), (b, length, g, k),
+                      (b, 1, length // parts, length))]  # fmt: skip
+    f32 = [x.astype(jnp.float32) for x in (q, kk, v)]
+    want = attention.dot_product_attention(*f32, attention.attention_mask(segment_ids, True))
+    # bf16 inputs and output: a few bf16 ulps (2^-8) of values ~1; a wrong mask is ~1e-1 off
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want[:, order]), atol=3e-2)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("parts", [2, 4])

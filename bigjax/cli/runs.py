@@ -93,6 +93,7 @@ def cmd_bench(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     settings = bench.BenchSettings(
         warmup=base.warmup if args.warmup is None else args.warmup,
         steps=base.steps if args.steps is None else args.steps,
+        profile=args.profile,
     )
     baseline = None
     if args.baseline:
@@ -115,6 +116,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="timed steps, median reported (default 10)")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--baseline", help="an earlier --json to compare against (ratios)")
+    p.add_argument("--profile", help="write a profiler trace of 3 device steps to this folder")
 
 
 def cmd_sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:

@@ -26,14 +26,15 @@ from bigjax.config import DEFAULT_RULES
 OUT_ATOL, GRAD_REL = 2e-2, 5e-2
 
 
-def packed_rows(batch: int, seq: int, seed: int = 0) -> np.ndarray:
-    """Rows of documents of random lengths (8..seq/2 tokens), the last row's tail padding."""
+def packed_rows(batch: int, seq: int, seed: int = 0, longest: int = 0) -> np.ndarray:
+    """Rows of documents of random lengths (8..`longest` tokens, default seq/2), the last
+    row's tail padding; at most as many documents as cuDNN's bound takes."""
     rng = np.random.default_rng(seed)
     seg = np.zeros((batch, seq), np.int32)
     for b in range(batch):
         pos, doc = 0, 1
         while pos < seq and doc < attention.CUDNN_MAX_SEGMENTS - 1:
-            n = int(rng.integers(8, seq // 2))
+            n = int(rng.integers(8, longest or seq // 2))
             seg[b, pos : pos + n] = doc
             pos, doc = pos + n, doc + 1
     seg[-1, -seq // 8 :] = 0
@@ -59,7 +60,18 @@ def main() -> None:
     kk = jax.random.normal(keys[1], (b, length, g, k), jnp.bfloat16)
     v = jax.random.normal(keys[2], (b, length, g, k), jnp.bfloat16)
     dout = jax.random.normal(keys[3], (b, length, h, k), jnp.bfloat16)
-    seg = jnp.asarray(packed_rows(b, length))
+    failed = False
+    layouts = (("few documents", length), ("long documents", 0), ("short documents", 64))
+    for layout, longest in layouts:
+        seg = jnp.asarray(packed_rows(b, length, longest=longest))
+        runs = int(attention.segment_runs(np.asarray(seg)).max())
+        failed |= check(impls, q, kk, v, dout, seg, {"layout": layout, "max_runs": runs})
+    sys.exit(1 if failed else 0)
+
+
+def check(impls, q, kk, v, dout, seg, about) -> bool:
+    """Each kernel against the einsum path on one layout of documents; True if one fails."""
+    backend = jax.default_backend()
 
     def fwd_bwd(impl):
         def f(q, kk, v):
@@ -90,11 +102,11 @@ def main() -> None:
         ]
         ok = out_err <= OUT_ATOL and max(grad_err) <= GRAD_REL
         failed |= not ok
-        record = {"impl": impl, "backend": backend, "out_max_abs_err": out_err,
+        record = {"impl": impl, "backend": backend, **about, "out_max_abs_err": out_err,
                   "grad_max_rel_err": grad_err, "ok": ok,
                   "fwd_bwd_median_s": float(np.median(times))}  # fmt: skip
         print(json.dumps(record), flush=True)
-    sys.exit(1 if failed else 0)
+    return failed
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator measurements of docs/benchmarks.md, on one NVIDIA GPU, as one script:
-#   bash scripts/bench/gpu.sh OUT_DIR [PART ...]  (parts: attention peers125m peers1b stall fp8 moe)
+#   bash scripts/bench/gpu.sh OUT_DIR [PART ...]
+# (parts: attention peers125m peers1b stall fp8 moe, and context profile, run when named)
 # Each part runs under its own `timeout` and writes its JSON/markdown under OUT_DIR; with no
 # parts given, all six run (about 26 minutes on an H200). On a machine whose Python has jax
 # with CUDA, torch and transformers but not the rest of bigjax's dependencies, first put
@@ -27,6 +28,13 @@ for part in "${parts[@]}"; do
   case $part in
     attention)
       timeout 120 python3 scripts/bench/attention_check.py > "$out/attention.jsonl" 2> "$out/attention.err" ;;
+    context)  # the kernel under context parallelism, shard by shard, against one device
+      timeout 240 python3 scripts/bench/context_check.py > "$out/context.jsonl" 2> "$out/context.err" ;;
+    profile)  # traces of 3 llama_1b steps (8 x 2048): bigjax's and the plain-JAX peer's
+      timeout 150 python3 -m bigjax.cli bench --config configs/llama_1b.py --warmup 2 --steps 3 \
+        --config.data.batch_size=8 --profile "$out/profile_bigjax" > "$out/profile_bigjax.log" 2>&1
+      timeout 120 python3 scripts/bench/peers/plain_jax_gpu.py --size 1b --warmup 2 --steps 3 \
+        --profile "$out/profile_plain" > "$out/profile_plain.log" 2>&1 ;;
     peers125m)
       timeout 420 python3 scripts/bench/peers.py --size 125m --reps 3 --steps 10 --warmup 3 \
         --torch-python python3 --out "$out/peers_125m" > "$out/peers_125m.log" 2>&1 ;;

@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--attention", default="cudnn", help="cudnn (GPU) or xla")
+    parser.add_argument("--profile", help="write a profiler trace of 3 steps to this folder")
     args = parser.parse_args()
     s = SHAPES[args.size]
     tx = optax.chain(
@@ -139,6 +140,11 @@ def main() -> None:
         jax.block_until_ready((state, loss))
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
+    if args.profile:  # after the timings: tracing slows the steps it records
+        with jax.profiler.trace(args.profile):
+            for _ in range(3):
+                state, loss = compiled(state, batch)
+            jax.block_until_ready((state, loss))
     record = {"peer": "plain-jax", "step_times_s": times, "compile_s": compile_s,
               "tokens_per_step": s["batch"] * s["seq"], "loss": float(loss)}  # fmt: skip
     print(json.dumps(record))
