@@ -40,7 +40,7 @@ CUDNN_MAX_SEGMENTS = 64
 # But the bound costs time: cuDNN's backward pre-pass (dO . O per query) launches one block
 # row per row and slot, so at 64 slots it took 1.27 ms a layer against 0.07 ms for one
 # document per row (H200, 8 x 2048, 32 heads: 20 of bigjax's 267 ms step). The kernel is
-# compiled for each bound here and a batch takes the smallest its rows fit (`lax.cond`).
+# compiled for each bound here and a batch takes the smallest its rows fit (`lax.switch`).
 CUDNN_SEGMENT_BOUNDS = (8, CUDNN_MAX_SEGMENTS)
 # Splash tiles: 512 is what its authors tune for on v5e/v5p; smaller rows use one tile.
 SPLASH_BLOCK = 512
