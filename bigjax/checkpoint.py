@@ -1,10 +1,10 @@
 """Orbax checkpoints: train state + data-iterator state + run metadata, saved asynchronously.
 
 Integrity comes from Orbax's atomic commit: a step is written to a temporary directory and
-renamed into place when complete, so a save killed mid-write is never listed. On top of that,
-`restore` falls back past a checkpoint that fails to load (warning with its path), and never
-turns an unreadable directory into a silent fresh start. Nothing here unpickles: the state is
-tensorstore arrays, the data-iterator state and the metadata are JSON.
+renamed into place when complete, so a save killed mid-write is never listed; each committed
+step is then sealed with checksums (bigjax/integrity.py). This module writes; reading a
+checkpoint back (resume, `init_from`, the tools' loaders) is bigjax/loading.py. Nothing here
+unpickles: the state is tensorstore arrays, the data-iterator state and the metadata are JSON.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import errno
 import json
 import shutil
 import time
-import warnings
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,9 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from bigjax import history, integrity, stages
+from bigjax import integrity
 from bigjax.config import CheckpointConfig
-from bigjax.data.pipeline import Batches, DataStateError, MalformedDataState
+from bigjax.data.pipeline import Batches, MalformedDataState
 from bigjax.errors import RunFailed, UsageError
 from bigjax.state import TrainState
 from bigjax.tree import Params, path_name
@@ -218,7 +216,7 @@ class Checkpointer:
 def _save_error(manager: ocp.CheckpointManager, step: int | None, e: Exception) -> CheckpointError:
     """One line: which step, where, why, and the fix (for a full disk, how much it needs)."""
     directory = Path(manager.directory)
-    cause = f"{type(e).__name__}: {_first_line(e)}"
+    cause = f"{type(e).__name__}: {first_line(e)}"
     if not _disk_full(e):
         return CheckpointError(
             f"saving a checkpoint (step {step}) in {directory} failed ({cause}). Check free "
@@ -263,176 +261,7 @@ def _tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _layout_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]]) -> list[str]:
-    out = []
-    for name in sorted(saved.keys() | current.keys()):
-        a, b = saved.get(name), current.get(name)
-        if a != b:
-            out.append(f"{name}: checkpoint {a or 'missing'} vs model {b or 'missing'}")
-    return out
-
-
-def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The step's `meta` item (config, parameter layout, versions), read through Orbax alone;
-    {} if it has none that is readable (the restore of the state then says what is wrong)."""
-    try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception:  # missing, unreadable or not JSON: whatever Orbax raises for it
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def check_layout(
-    manager: ocp.CheckpointManager, step: int, layout: dict[str, list[int]], why: str = ""
-) -> None:
-    """Raises CheckpointError listing every parameter whose name or shape differs (after
-    `why`, the config keys that changed them, when known)."""
-    saved = read_meta(manager, step).get("params")
-    if not isinstance(saved, dict):
-        return  # no readable metadata: the restore itself will tell
-    mismatched = _layout_mismatch(saved, layout)
-    if mismatched:
-        shown = "\n  ".join(mismatched[:20]) + ("\n  ..." if len(mismatched) > 20 else "")
-        raise CheckpointMismatch(
-            f"checkpoint {manager.directory}/{step} holds another model shape "
-            f"({len(mismatched)} parameters differ):\n  {shown}\n"
-            + (why or "Use a new --workdir, or set the model config it was trained with.")
-        )
-
-
-def saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
-    """The config the checkpoint at `step` was saved under (None if it has no readable one)."""
-    config = read_meta(manager, step).get("config")
-    return config if isinstance(config, dict) else None
-
-
-def check_config(
-    manager: ocp.CheckpointManager,
-    step: int,
-    config: Mapping[str, object] | None,
-    layout: dict[str, list[int]],
-) -> None:
-    """Raises CheckpointMismatch if the checkpoint at `step` cannot continue under `config`:
-    keys whose change makes the saved state unusable (history.UNUSABLE), each named with both
-    values and the way out, and parameters of another shape, each listed. A checkpoint
-    without a readable config is judged by its parameters alone."""
-    saved = saved_config(manager, step)
-    problem = None
-    if config is not None and saved is not None:
-        changed = history.changes(saved, config)
-        problem = history.unusable(changed, str(Path(manager.directory).parent))
-    check_layout(manager, step, layout, f"The config changed: {problem}" if problem else "")
-    if problem:
-        raise CheckpointMismatch(
-            f"checkpoint {manager.directory}/{step} cannot continue with this config: {problem}"
-        )
-
-
-def restore(
-    manager: ocp.CheckpointManager,
-    target: TrainState,
-    data_iter: Batches | None,
-    layout: dict[str, list[int]],
-    *,
-    move_corrupt: bool = True,
-    config: Mapping[str, object] | None = None,
-    layer_order: Sequence[int] | None = None,
-) -> TrainState | None:
-    """Restores the newest good checkpoint into `target`'s shapes and shardings (resharding
-    if the mesh changed), and the data iterator in place.
-
-    Returns None when there is no checkpoint and none was ever set aside. A step that fails
-    its checksums, does not load, holds a malformed data state or a non-finite state is
-    skipped with a warning naming it and the reason, and (with `move_corrupt`, never for
-    another run's directory) moved to `<checkpoints>.corrupt/`; if no step is good, or only
-    set-aside steps are left, raises: every relaunch, until the user moves them away.
-    `config` (this run's, as a dict) is checked against the checkpoint's: a change that makes
-    the saved state unusable (another optimizer, model shape, ...) is a CheckpointMismatch,
-    never mistaken for corruption. The stacked layers come back in `layer_order` (the run's,
-    bigjax/stages.py; None: the model's), whatever order the checkpoint recorded.
-    """
-    directory = Path(manager.directory)
-    steps = sorted(manager.all_steps(), reverse=True)
-    failures = []
-    for step in steps:
-        step_dir = directory / str(step)
-        # Its bytes first: nothing of a step, its metadata included, is read before its
-        # checksums pass, so a flipped bit is never taken for a change of config.
-        problem = integrity.verify(step_dir)
-        restored = None
-        if problem is None:
-            warn_if_unsealed(step_dir)
-            if read_meta(manager, step).get("params_only"):
-                raise CheckpointError(
-                    f"{directory} holds parameters only (an imported model), not a training "
-                    "state to resume: train from it in a new run with "
-                    f"--config.checkpoint.init_from={directory.parent}."
-                )
-            check_config(manager, step, config, layout)
-            try:
-                restored = manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target),
-                        data=DataRestore(data_iter),
-                    ),
-                )["state"]
-            except DataStateError as e:  # readable, but this config cannot continue it
-                raise CheckpointMismatch(f"checkpoint {step_dir}: {e}") from e
-            except Exception as e:  # corrupt or truncated files, a malformed data state
-                if integrity.is_sealed(step_dir) and not isinstance(e, MalformedDataState):
-                    # Its bytes are the ones written: this run's state is what differs.
-                    raise CheckpointMismatch(
-                        f"checkpoint {step_dir} is intact (its checksums match) but does not "
-                        f"restore into this run's state ({type(e).__name__}: {_first_line(e)}"
-                        "): the config changed what the state holds (optimizer, fine-tuning "
-                        "setup). Set it back, or start a new --workdir with "
-                        f"--config.checkpoint.init_from={directory.parent} "
-                        "--config.checkpoint.init_mode=params."
-                    ) from e
-                problem = f"unreadable: {type(e).__name__}: {_first_line(e)}"
-        if restored is not None and not integrity.state_finite(
-            (restored.params, restored.opt_state)
-        ):
-            problem = "its parameters or optimizer moments are not finite"
-        if problem is None and restored is not None:
-            saved_order = read_meta(manager, step).get("layer_order")
-            return stages.reorder(restored, saved_order, layer_order)
-        failures.append(f"{step_dir}: {problem}")
-        where = ""
-        if move_corrupt:
-            where = f"; moved to {integrity.quarantine(step_dir)}"
-            manager.reload()
-        warnings.warn(
-            f"checkpoint {step_dir} is unreadable or corrupt ({problem}){where}; falling back "
-            "to the previous one.",
-            stacklevel=2,
-        )
-    aside = integrity.set_aside(directory)
-    if not failures and not aside:
-        return None  # a new run
-    # Starting from scratch here would retrain over the run and truncate its metrics, and an
-    # automatic restarter (SLURM requeue, a sweep's retry) would do it unasked: refuse, on
-    # this relaunch and every later one, until a person moves the set-aside steps away.
-    lines = failures + ([f"set aside earlier as corrupt: {', '.join(aside)}"] if aside else [])
-    raise CheckpointError(
-        f"no checkpoint of {directory} can be restored; refusing to start from scratch over "
-        "them:\n  " + "\n  ".join(lines) + f"\nTo start this run afresh, delete or move away "
-        f"{integrity.aside_dir(directory)} (and {directory}, if it still holds steps)."
-    )
-
-
-def warn_if_unsealed(step_dir: Path) -> None:
-    if not integrity.is_sealed(step_dir):
-        warnings.warn(
-            f"checkpoint {step_dir} has no checksums: it was written by a bigjax that did not "
-            "keep them, or by a synchronous save (checkpoint.async_save=false) whose process "
-            "died between its commit and its checksums; using it unverified.",
-            stacklevel=3,
-        )
-
-
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     """The message of `e` up to its first line break (Orbax appends pages of metadata)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

@@ -95,9 +95,9 @@ def stdlib_next_line(eval_fraction: float, num_items: int, seed: int = 0) -> lis
 
 def items_for(choices: str, eval_fraction: float, num_items: int) -> list[Item]:
     """`eval.choices`: 'stdlib' (the built-in task) or a JSON-lines file."""
-    if choices == "stdlib":
-        return stdlib_next_line(eval_fraction, num_items)
-    return load_items(choices)
+    if choices != "stdlib":
+        return load_items(choices)
+    return stdlib_next_line(eval_fraction, num_items)
 
 
 def choice_batch(

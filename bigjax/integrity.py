@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -103,6 +104,19 @@ def verify(step_dir: Path) -> str | None:
     if extra:
         return f"{step_dir} holds files the save did not write: {', '.join(extra[:3])}"
     return None
+
+
+def checked(step_dir: Path) -> str | None:
+    """`verify`, warning when the step has no checksums (it is then used unverified)."""
+    problem = verify(step_dir)
+    if problem is None and not is_sealed(step_dir):
+        warnings.warn(
+            f"checkpoint {step_dir} has no checksums: it was written by a bigjax that did not "
+            "keep them, or by a synchronous save (checkpoint.async_save=false) whose process "
+            "died between its commit and its checksums; using it unverified.",
+            stacklevel=3,
+        )
+    return problem
 
 
 def _well_formed(record: object) -> bool:

@@ -1,29 +1,189 @@
-"""Reading other runs' checkpoints, never writing them: the parameters the tools and a
-teacher load, and the state a new run starts from (`checkpoint.init_from`). Every loader
-verifies a step's checksums first and takes the newest intact step."""
+"""Reading checkpoints back, never writing them (bigjax/checkpoint.py writes): a run's own
+resume (`restore`: falls back past a step that fails to load, warning with its path, and never
+turns an unreadable directory into a silent fresh start), the state a new run starts from
+(`checkpoint.init_from`) and the parameters the tools and a teacher load. Every reader verifies
+a step's checksums before it reads anything of it."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from bigjax import integrity, stages
+from bigjax import history, integrity, stages
 from bigjax.checkpoint import (
     CheckpointError,
-    check_layout,
+    CheckpointMismatch,
+    DataRestore,
+    first_line,
     param_layout,
-    read_meta,
-    restore,
-    warn_if_unsealed,
 )
-from bigjax.data.pipeline import Batches
+from bigjax.config import CheckpointConfig
+from bigjax.data.pipeline import Batches, DataStateError, MalformedDataState
 from bigjax.state import TrainState
 from bigjax.tree import Params
+
+
+def _layout_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]]) -> list[str]:
+    out = []
+    for name in sorted(saved.keys() | current.keys()):
+        a, b = saved.get(name), current.get(name)
+        if a != b:
+            out.append(f"{name}: checkpoint {a or 'missing'} vs model {b or 'missing'}")
+    return out
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The step's `meta` item (config, parameter layout, versions), read through Orbax alone;
+    {} if it has none that is readable (the restore of the state then says what is wrong)."""
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # missing, unreadable or not JSON: whatever Orbax raises for it
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def check_layout(
+    manager: ocp.CheckpointManager, step: int, layout: dict[str, list[int]], why: str = ""
+) -> None:
+    """Raises CheckpointError listing every parameter whose name or shape differs (after
+    `why`, the config keys that changed them, when known)."""
+    saved = read_meta(manager, step).get("params")
+    if not isinstance(saved, dict):
+        return  # no readable metadata: the restore itself will tell
+    mismatched = _layout_mismatch(saved, layout)
+    if mismatched:
+        shown = "\n  ".join(mismatched[:20]) + ("\n  ..." if len(mismatched) > 20 else "")
+        raise CheckpointMismatch(
+            f"checkpoint {manager.directory}/{step} holds another model shape "
+            f"({len(mismatched)} parameters differ):\n  {shown}\n"
+            + (why or "Use a new --workdir, or set the model config it was trained with.")
+        )
+
+
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+    """The config the checkpoint at `step` was saved under (None if it has no readable one)."""
+    config = read_meta(manager, step).get("config")
+    return config if isinstance(config, dict) else None
+
+
+def check_config(
+    manager: ocp.CheckpointManager,
+    step: int,
+    config: Mapping[str, object] | None,
+    layout: dict[str, list[int]],
+) -> None:
+    """Raises CheckpointMismatch if the checkpoint at `step` cannot continue under `config`:
+    keys whose change makes the saved state unusable (history.UNUSABLE), each named with both
+    values and the way out, and parameters of another shape, each listed. A checkpoint
+    without a readable config is judged by its parameters alone."""
+    saved = saved_config(manager, step)
+    problem = None
+    if config is not None and saved is not None:
+        changed = history.changes(saved, config)
+        problem = history.unusable(changed, str(Path(manager.directory).parent))
+    check_layout(manager, step, layout, f"The config changed: {problem}" if problem else "")
+    if problem:
+        raise CheckpointMismatch(
+            f"checkpoint {manager.directory}/{step} cannot continue with this config: {problem}"
+        )
+
+
+def restore(
+    manager: ocp.CheckpointManager,
+    target: TrainState,
+    data_iter: Batches | None,
+    layout: dict[str, list[int]],
+    *,
+    move_corrupt: bool = True,
+    config: Mapping[str, object] | None = None,
+    layer_order: Sequence[int] | None = None,
+) -> TrainState | None:
+    """Restores the newest good checkpoint into `target`'s shapes and shardings (resharding
+    if the mesh changed), and the data iterator in place.
+
+    Returns None when there is no checkpoint and none was ever set aside. A step that fails
+    its checksums, does not load, holds a malformed data state or a non-finite state is
+    skipped with a warning naming it and the reason, and (with `move_corrupt`, never for
+    another run's directory) moved to `<checkpoints>.corrupt/`; if no step is good, or only
+    set-aside steps are left, raises: every relaunch, until the user moves them away.
+    `config` (this run's, as a dict) is checked against the checkpoint's: a change that makes
+    the saved state unusable (another optimizer, model shape, ...) is a CheckpointMismatch,
+    never mistaken for corruption. The stacked layers come back in `layer_order` (the run's,
+    bigjax/stages.py; None: the model's), whatever order the checkpoint recorded.
+    """
+    directory = Path(manager.directory)
+    steps = sorted(manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+        step_dir = directory / str(step)
+        # Its bytes first: nothing of a step, its metadata included, is read before its
+        # checksums pass, so a flipped bit is never taken for a change of config.
+        problem, sealed = integrity.checked(step_dir), integrity.is_sealed(step_dir)
+        restored = None
+        if problem is None:
+            if read_meta(manager, step).get("params_only"):
+                raise CheckpointError(
+                    f"{directory} holds parameters only (an imported model), not a training "
+                    "state to resume: train from it in a new run with "
+                    f"--config.checkpoint.init_from={directory.parent}."
+                )
+            check_config(manager, step, config, layout)
+            try:
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target),
+                        data=DataRestore(data_iter),
+                    ),
+                )["state"]
+            except DataStateError as e:  # readable, but this config cannot continue it
+                raise CheckpointMismatch(f"checkpoint {step_dir}: {e}") from e
+            except Exception as e:  # corrupt or truncated files, a malformed data state
+                if sealed and not isinstance(e, MalformedDataState):
+                    # Its bytes are the ones written: this run's state is what differs.
+                    raise CheckpointMismatch(
+                        f"checkpoint {step_dir} is intact (its checksums match) but does not "
+                        f"restore into this run's state ({type(e).__name__}: {first_line(e)}"
+                        "): the config changed what the state holds (optimizer, fine-tuning "
+                        "setup). Set it back, or start a new --workdir with "
+                        f"--config.checkpoint.init_from={directory.parent} "
+                        "--config.checkpoint.init_mode=params."
+                    ) from e
+                problem = f"unreadable: {type(e).__name__}: {first_line(e)}"
+        if restored is not None and not integrity.state_finite(
+            (restored.params, restored.opt_state)
+        ):
+            problem = "its parameters or optimizer moments are not finite"
+        if problem is None and restored is not None:
+            saved_order = read_meta(manager, step).get("layer_order")
+            return stages.reorder(restored, saved_order, layer_order)
+        failures.append(f"{step_dir}: {problem}")
+        where = ""
+        if move_corrupt:
+            where = f"; moved to {integrity.quarantine(step_dir)}"
+            manager.reload()
+        warnings.warn(
+            f"checkpoint {step_dir} is unreadable or corrupt ({problem}){where}; falling back "
+            "to the previous one.",
+            stacklevel=2,
+        )
+    aside = integrity.set_aside(directory)
+    if not failures and not aside:
+        return None  # a new run
+    # Starting from scratch here would retrain over the run and truncate its metrics, and an
+    # automatic restarter (SLURM requeue, a sweep's retry) would do it unasked: refuse, on
+    # this relaunch and every later one, until a person moves the set-aside steps away.
+    lines = failures + ([f"set aside earlier as corrupt: {', '.join(aside)}"] if aside else [])
+    raise CheckpointError(
+        f"no checkpoint of {directory} can be restored; refusing to start from scratch over "
+        "them:\n  " + "\n  ".join(lines) + f"\nTo start this run afresh, delete or move away "
+        f"{integrity.aside_dir(directory)} (and {directory}, if it still holds steps)."
+    )
 
 
 def source_directory(path: str) -> Path:
@@ -69,6 +229,37 @@ def init_from(
     return state, source_step
 
 
+def start_state(
+    manager: ocp.CheckpointManager,
+    target: TrainState,
+    data_iter: Batches,
+    layout: dict[str, list[int]],
+    layer_order: Sequence[int],
+    config: Mapping[str, object],
+    source: CheckpointConfig,
+    fresh: Callable[[], TrainState],
+) -> tuple[TrainState, str]:
+    """The state a run starts or rolls back to, and where it came from: its newest loadable
+    checkpoint in `manager` (resume), else `source.init_from` (another run), else `fresh()`.
+    The data iterator is put where that state left it. One path for both, so a rollback
+    before the first save starts where the run started (a fine-tuning run's init_from
+    weights, not a random init) and the stacked layers come back in the run's order."""
+    state = restore(manager, target, data_iter, layout, config=config, layer_order=layer_order)
+    if state is not None:
+        return state, f"resuming from step {int(state.step)}"
+    if not source.init_from:
+        return fresh(), "fresh start"
+    state, source_step = init_from(
+        source.init_from, source.init_mode, target, data_iter, layout, fresh(), layer_order
+    )
+    what = (
+        f"its whole state: continuing at step {source_step}"
+        if source.init_mode == "full"
+        else "its parameters, a fresh optimizer from step 0"
+    )
+    return state, f"initialised from {source.init_from} at its step {source_step} ({what})"
+
+
 def newest_intact(manager: ocp.CheckpointManager) -> int | None:
     """The newest step whose checksums pass, for loaders that only read (eval, generate,
     export, init_from, a teacher): a corrupt step is skipped with a warning naming the file,
@@ -77,9 +268,8 @@ def newest_intact(manager: ocp.CheckpointManager) -> int | None:
     directory = Path(manager.directory)
     failures = []
     for step in sorted(manager.all_steps(), reverse=True):
-        problem = integrity.verify(directory / str(step))
+        problem = integrity.checked(directory / str(step))
         if problem is None:
-            warn_if_unsealed(directory / str(step))
             return step
         failures.append(f"{directory / str(step)}: {problem}")
         warnings.warn(

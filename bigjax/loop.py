@@ -1,6 +1,6 @@
-"""The training loop's own pieces (bigjax/train.py runs the loop): where the state starts
-from, the NaN policy, when something every N steps is due, and the host side of a finished
-step (finiteness, throughput, logging)."""
+"""The training loop's own pieces (bigjax/train.py runs the loop): the NaN policy, when
+something every N steps is due, and the host side of a finished step (finiteness, throughput,
+logging)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,11 @@ from typing import Any
 
 import jax
 
-from bigjax import (
-    checkpoint,
-    loading,
-    metrics,
-    models,
-    privacy,
-)
+from bigjax import metrics, models, privacy
 from bigjax.config import TrainConfig
-from bigjax.data.pipeline import Batches
 from bigjax.errors import RunFailed
 from bigjax.program import Program
 from bigjax.rundir import RunDir
-from bigjax.state import TrainState
 
 MAX_ROLLBACKS = 5
 
@@ -172,34 +164,3 @@ def _impossible_mfu_warning(mfu: float, peak: float) -> str:
         "have slowed). MFU is logged as null from here; set metrics.peak_flops to the "
         "devices' real peak."
     )
-
-
-def restore_or_init(
-    prog: Program, saves: checkpoint.Checkpointer, data_iter: Batches, config: Mapping[str, object]
-) -> tuple[TrainState, str]:
-    """The state to start from, and where it came from: the run's newest loadable checkpoint
-    (resume), else `checkpoint.init_from`, else a fresh initialisation."""
-    cfg, target = prog.cfg, prog.target()
-    state = checkpoint.restore(
-        saves.manager, target, data_iter, prog.layout, config=config, layer_order=prog.layer_order
-    )
-    if state is not None:
-        return state, f"resuming from step {int(state.step)}"
-    if cfg.checkpoint.init_from:
-        state, source_step = loading.init_from(
-            cfg.checkpoint.init_from,
-            cfg.checkpoint.init_mode,
-            target,
-            data_iter,
-            prog.layout,
-            prog.init(),
-            prog.layer_order,
-        )
-        what = (
-            f"its whole state: continuing at step {source_step}"
-            if cfg.checkpoint.init_mode == "full"
-            else "its parameters, a fresh optimizer from step 0"
-        )
-        source = cfg.checkpoint.init_from
-        return state, f"initialised from {source} at its step {source_step} ({what})"
-    return prog.init(), "fresh start"

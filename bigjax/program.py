@@ -46,17 +46,20 @@ class Shapes:
     schedule: optax.Schedule
     abstract: TrainState
     shardings: TrainState
-    batch_shardings: dict[str, NamedSharding]  # every field of the task's batch
+    batch: dict[str, jax.ShapeDtypeStruct]  # the task's global batch, sharded, by field
+    seq_dims: dict[str, int]  # the sequence dim of each field that has one
+    context_parts: int  # how many pieces the context axis cuts each sequence into
     attention: str  # the training kernel model.attention resolves to on this mesh
     layout: dict[str, list[int]]  # the parameters' shapes by path, as checkpoints record them
     num_params: int  # the model's (adapters not counted)
     num_trainable: int  # what trains (LoRA adapters and unfrozen parameters)
     trainable: Callable[[str], bool]  # by parameter path (finetune.freeze, LoRA)
     layer_order: list[int]  # the stacked layers' order in memory (bigjax/stages.py)
+    target: TrainState  # the abstract state placed in its shardings: what a restore fills
 
-    def target(self) -> TrainState:
-        """The abstract state placed in its shardings: what a restore fills."""
-        return placed(self.abstract, self.shardings)
+    @property
+    def batch_shardings(self) -> dict[str, NamedSharding]:
+        return {k: v.sharding for k, v in self.batch.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,46 +104,44 @@ class Program(Shapes):
         """The global batch rows this process's devices hold: the rows its data pipeline
         packs. Derived from the batch sharding, so it is right for any mesh, including one
         whose batch axes are replicated across processes."""
-        key, shape = next(iter(task_of(self.cfg).shapes(self.cfg).items()))
-        index = self.batch_shardings[key].addressable_devices_indices_map(shape).values()
-        starts = [idx[0].indices(shape[0]) for idx in index if idx is not None]
+        first = next(iter(self.batch.values()))
+        index = first.sharding.addressable_devices_indices_map(first.shape).values()
+        starts = [idx[0].indices(first.shape[0]) for idx in index if idx is not None]
         return range(min(s[0] for s in starts), max(s[1] for s in starts))
 
     def abstract_inputs(self) -> tuple[TrainState, dict[str, jax.ShapeDtypeStruct]]:
         """The train step's (state, batch) as sharded ShapeDtypeStructs, the batch as the
         task declares it: enough to lower and compile the step ahead of time without
         allocating anything."""
-        task = task_of(self.cfg)
-        batch = {
-            k: jax.ShapeDtypeStruct(shape, task.fields[k].dtype, sharding=self.batch_shardings[k])
-            for k, shape in task.shapes(self.cfg).items()
-        }
-        return self.target(), batch
+        return self.target, dict(self.batch)
 
     def to_global(self, local: dict[str, np.ndarray]) -> step.Batch:
         """Assembles each process's rows into one global batch array (no replication), the
         sequences in load-balanced order when they are split over the context axis."""
         if self.attention == "cudnn" and "segment_ids" in local:
             attention.check_segments(local["segment_ids"], attention.CUDNN_MAX_SEGMENTS)
-        fields = task_of(self.cfg).fields
-        seq_dims = {k: f.dims.index("seq") for k, f in fields.items() if "seq" in f.dims}
-        num_parts = context.parts(self.cfg.mesh.rules, dict(self.mesh.shape), self.cfg.data.seq_len)
         # The global shapes given: a context axis across processes leaves each process
         # the whole sequence of its rows, from which jax takes its devices' parts.
-        shapes = task_of(self.cfg).shapes(self.cfg)
         return {
-            k: jax.make_array_from_process_local_data(self.batch_shardings[k], v, shapes[k])
-            for k, v in context.balance(local, seq_dims, num_parts).items()
+            k: jax.make_array_from_process_local_data(
+                self.batch[k].sharding, v, self.batch[k].shape
+            )
+            for k, v in context.balance(local, self.seq_dims, self.context_parts).items()
         }
 
 
-def batch_shardings(cfg: TrainConfig, mesh: Mesh) -> dict[str, NamedSharding]:
-    """Shardings of every field of a batch of this config's task, from its logical names."""
+def batch(cfg: TrainConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """Every field of a global batch of this config's task: its shape, dtype and sharding
+    (from the field's logical names)."""
     task, mesh_shape = task_of(cfg), dict(mesh.shape)
     return {
-        k: NamedSharding(
-            mesh, logical_to_spec(task.fields[k].axes, cfg.mesh.rules, mesh_shape, shape)
-        )  # fmt: skip
+        k: jax.ShapeDtypeStruct(
+            shape,
+            task.fields[k].dtype,
+            sharding=NamedSharding(
+                mesh, logical_to_spec(task.fields[k].axes, cfg.mesh.rules, mesh_shape, shape)
+            ),
+        )
         for k, shape in task.shapes(cfg).items()
     }
 
@@ -174,14 +175,15 @@ def platform_of(mesh: Mesh) -> str:
     return mesh.devices.flat[0].platform
 
 
-def attention_kernel(cfg: TrainConfig, mesh: Mesh) -> str:
-    """The kernel model.attention resolves to for training on `mesh` (attention.resolve)."""
+def attention_kernel(cfg: TrainConfig, mesh: Mesh, context_parts: int) -> str:
+    """The kernel model.attention resolves to for training on `mesh` (attention.resolve),
+    for sequences cut into `context_parts` pieces."""
     return attention.resolve(
         cfg.model.attention,
         platform_of(mesh),
         dtype=compute_dtype(cfg.model.dtype, platform_of(mesh)),
         head_dim=cfg.model.dim_per_head,
-        seq_len=cfg.data.seq_len // context.parts(cfg.mesh.rules, mesh.shape, cfg.data.seq_len),
+        seq_len=cfg.data.seq_len // context_parts,
     )
 
 
@@ -213,13 +215,17 @@ def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
     schedule = optim.make_schedule(cfg.optim, cfg.num_steps)
     abstract = abstract_state(graph_state, tx, cfg.finetune)
     shardings = state_shardings(graph_state, abstract, tx, mesh, cfg.mesh.rules)
+    parts = context.parts(cfg.mesh.rules, mesh.shape, cfg.data.seq_len)
+    fields = task_of(cfg).fields
     return Shapes(
-        mesh, graphdef, graph_state, tx, schedule, abstract, shardings,
-        batch_shardings(cfg, mesh), attention_kernel(cfg, mesh),
-        checkpoint.param_layout(abstract.params), num_params,
-        lora.count_trainable(abstract.params, trainable), trainable or (lambda path: True),
+        mesh, graphdef, graph_state, tx, schedule, abstract, shardings, batch(cfg, mesh),
+        {k: f.dims.index("seq") for k, f in fields.items() if "seq" in f.dims}, parts,
+        attention_kernel(cfg, mesh, parts), checkpoint.param_layout(abstract.params),
+        num_params, lora.count_trainable(abstract.params, trainable),
+        trainable or (lambda path: True),
         stages.order_for(cfg.model.num_layers, cfg.model.pipeline_interleave, cfg.mesh.rules,
                          mesh.shape),
+        placed(abstract, shardings),
     )  # fmt: skip
 
 

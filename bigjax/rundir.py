@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 import bigjax
-from bigjax import checkpoint, distributed, history, metrics, models, runlock
+from bigjax import checkpoint, distributed, history, loading, metrics, models, runlock
 from bigjax.config import ConfigError, TrainConfig, advice, to_dict
 from bigjax.program import Program
 
@@ -63,7 +63,7 @@ class RunDir:
         """Opens the writers (dropping rows after `start`), writes config.json and the
         config history, prints the banner; returns the metadata every checkpoint carries."""
         resumed = origin.startswith("resuming")
-        saved_config = checkpoint.saved_config(saves.manager, start) if resumed else None
+        saved_config = loading.saved_config(saves.manager, start) if resumed else None
         self.num_params = prog.num_params
         m = self.cfg.metrics
         self.writers = metrics.Writers(
@@ -105,8 +105,8 @@ class RunDir:
         if not self.writer:
             return
         cfg, workdir = self.cfg, self.workdir
-        write_summary(workdir, run_summary(cfg, workdir, final_step, skipped_steps,
-                                           self.num_params), wall_s)  # fmt: skip
+        summary = run_summary(cfg, workdir, final_step, skipped_steps, self.num_params)
+        write_summary(workdir, summary, wall_s)
         metrics_path = workdir / "metrics.jsonl"
         if cfg.metrics.plot and metrics_path.exists():
             metrics.plot_loss(metrics_path, workdir / "loss.png",

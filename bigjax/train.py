@@ -20,13 +20,14 @@ from pathlib import Path
 
 import jax
 
-from bigjax import checkpoint, memory, metrics, program, resources
+from bigjax import checkpoint, loading, memory, metrics, program, resources
 from bigjax.config import TrainConfig
 from bigjax.data import pipeline
 from bigjax.evals import Evaluator
-from bigjax.loop import NonFiniteError, StepLog, every, nan_verdict, restore_or_init
+from bigjax.loop import NonFiniteError, StepLog, every, nan_verdict
 from bigjax.rundir import RunDir
 from bigjax.signals import interrupt_if_asked, stop_on_signals
+from bigjax.state import TrainState
 from bigjax.tuning import for_run
 
 __all__ = ["NonFiniteError", "train"]
@@ -46,16 +47,25 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
         res = resources.load(cfg, mesh)
         prog = program.make_program(cfg, s, res)  # the objective and the jitted steps
 
-        def new_data_iter() -> pipeline.Batches:
-            return prog.batches("train", cfg.data_seed)
+        saves = checkpoint.Checkpointer(run.workdir / "checkpoints", cfg.checkpoint)
+        cleanup.callback(saves.close)
 
-        data_iter = new_data_iter()
+        def restore_or_init() -> tuple[TrainState, pipeline.Batches, str]:
+            """The state to start (or roll back) from, and the data iterator at its step."""
+            data = prog.batches("train", cfg.data_seed)
+            try:
+                state, origin = loading.start_state(saves.manager, prog.target, data,
+                                                    prog.layout, prog.layer_order, run.config,
+                                                    cfg.checkpoint, prog.init)  # fmt: skip
+            except BaseException:
+                data.close()  # its Grain workers: the caller never gets to close it
+                raise
+            return state, data, origin
+
+        state, data_iter, origin = restore_or_init()
         # Whatever happens below, stop the Grain workers (of the current iterator: it is
         # replaced on rollback) and let Orbax finish or abandon its background writes.
         cleanup.callback(lambda: data_iter.close())
-        saves = checkpoint.Checkpointer(run.workdir / "checkpoints", cfg.checkpoint)
-        cleanup.callback(saves.close)
-        state, origin = restore_or_init(prog, saves, data_iter, run.config)
         start = int(jax.device_get(state.step))
         meta = run.begin(prog, saves, start, origin)
         evaluator = Evaluator(prog, run.writers)
@@ -110,10 +120,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
                 nan_verdict(cfg.nan_policy, bad_step, log.latest, rollbacks)  # raises, or:
                 saves.wait()
                 data_iter.close()  # stop its worker processes
-                data_iter = new_data_iter()
-                restored = checkpoint.restore(saves.manager, prog.target(), data_iter,
-                                              prog.layout, config=run.config)  # fmt: skip
-                state = restored or prog.init()
+                state, data_iter, _ = restore_or_init()
                 step, pending = int(jax.device_get(state.step)), None
                 skip_batches.add(bad_step)
                 run.writers.truncate_after(step)

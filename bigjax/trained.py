@@ -53,7 +53,7 @@ def open_run(
         # choice items are for training it (a served distilled run must not need its teacher)
         res = Resources(pipeline.tokenizer_for(cfg.data))
         prog = make_program(cfg, shapes(cfg, mesh), res)
-        target = prog.target().params
+        target = prog.target.params
         params, step = loading.load_params(workdir, target, prog.layer_order)
         # LoRA runs: the adapters folded into the weights, as the model ran in training
         yield prog, lora.merged(params, cfg.finetune.lora_scale), step

@@ -368,7 +368,7 @@ def test_restore_never_takes_a_poisoned_checkpoint(tmp_path):
     import jax
     import orbax.checkpoint as ocp
 
-    from bigjax import checkpoint
+    from bigjax import checkpoint, loading
     from bigjax.mesh import make_mesh
     from bigjax.program import for_config
     from bigjax.sharding import placed
@@ -382,7 +382,7 @@ def test_restore_never_takes_a_poisoned_checkpoint(tmp_path):
         data = prog.batches("train", seed=0)
         target = placed(prog.abstract, prog.shardings)
         layout = checkpoint.param_layout(prog.abstract.params)
-        state = checkpoint.restore(manager, target, data, layout)
+        state = loading.restore(manager, target, data, layout)
         nan = jax.tree.map(lambda x: x * np.nan, state.params)
         bad = state.replace(step=state.step + 1, params=nan)
         meta = json.loads((tmp_path / "checkpoints" / "1" / "meta" / "metadata").read_text())

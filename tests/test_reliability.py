@@ -397,6 +397,35 @@ def test_nan_policy_rollback_restores_and_skips_then_gives_up(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_rollback_before_the_first_save_restarts_from_init_from(tmp_path, capsys):
+    # A fine-tuning run that diverges before its first save must roll back to the weights it
+    # started from, not to a random init (which would silently train from scratch).
+    source = tmp_path / "source"
+    train(tiny_config(num_steps=30, optim={"lr": 3e-3}, checkpoint={"every_steps": 30}), source)
+    rows = [r for r in read_jsonl(source / "metrics.jsonl") if "loss" in r]
+    random_loss, trained_loss = rows[0]["loss"], rows[-1]["loss"]
+    assert random_loss - trained_loss > 1.0  # the two starts are far apart to begin with
+    cfg = tiny_config(
+        num_steps=4,
+        optim=DIVERGE,
+        nan_policy="rollback",
+        checkpoint={"every_steps": 100, "init_from": str(source), "init_mode": "params"},
+    )
+    with pytest.raises(NonFiniteError, match="gave up after 5 rollbacks"):
+        train(cfg, tmp_path / "finetune")
+    out = capsys.readouterr().out
+    assert out.count("rolled back to step 0") == 5
+    # Step 1's loss is the starting weights' (before their update): on the first try and
+    # after every rollback it is the source's trained loss (within 0.5 of it: another
+    # batch), never the random init's. (The run leaves no metrics file: it failed before
+    # its first checkpoint; the progress lines are what it printed.)
+    firsts = [float(line.split("| loss ")[1].split()[0]) for line in out.splitlines()
+              if line.startswith("step 1/4 ")]  # fmt: skip
+    assert len(firsts) == 6, out
+    assert all(abs(x - trained_loss) < 0.5 for x in firsts), (firsts, trained_loss, random_loss)
+
+
+@pytest.mark.slow
 def test_init_from_params_and_full_state(tmp_path):
     source = tmp_path / "source"
     train(tiny_config(num_steps=6, checkpoint={"every_steps": 3}), source)

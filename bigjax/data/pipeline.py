@@ -36,7 +36,7 @@ from bigjax.data import corpus, dataset, examples, images
 from bigjax.data import tokenizer as tokenizers
 from bigjax.data.corpus import Document
 from bigjax.data.tokenizer import ByteTokenizer
-from bigjax.tasks import TASKS
+from bigjax.tasks import TASKS, Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,44 +415,84 @@ def for_config(
     `split` is 'train' or 'validation'. `tokenizer`: the run's, already loaded (`tokenizer_for`;
     a training run loads it once, with its other resources)."""
     task = TASKS[cfg.task]
-    tok = tokenizer
     shuffle = cfg.shuffle if shuffle is None else shuffle
-    if task.source == "images":
-        if image_shape is None:
-            raise ValueError("images need image_shape=(model.image_size, model.channels)")
-        data = images.load(cfg.images, split, cfg.eval_fraction, *image_shape)
-        stream = grain.MapDataset.source(images.Record(data))
-        stream = (stream.shuffle(seed=seed) if shuffle else stream).repeat(None)
-        if split == "train" and cfg.augment:
-            stream = stream.random_map(images.Augment(flip=cfg.flip), seed=seed)
-    elif task.source == "examples":
-        found = examples.load(cfg.examples, task.examples, split, cfg.eval_fraction)
-        source = grain.MapDataset.source(list(found.records))
-        stream = document_stream(source, examples.Encode(tok, found.classes), seed=seed,
-                                 shuffle=shuffle)  # fmt: skip
-    elif not sources(cfg):
-        if builtin_docs is None:
-            train_docs, eval_docs = corpus.split_stdlib(cfg.eval_fraction, cfg.seq_len)
-            builtin_docs = train_docs if split == "train" else eval_docs
-        source = grain.MapDataset.source(builtin_docs)
-        # The built-in corpus is raw bytes: ByteTokenizer (data.tokenizer's only choice) reads
-        # any byte string, valid UTF-8 or not.
-        stream = document_stream(source, ReadTokens(ByteTokenizer()), seed=seed, shuffle=shuffle)
-    else:
-        streams, weights = [], []
-        for i, (path, weight) in enumerate(sources(cfg)):
-            source, info = dataset.split_source(path, split)
-            read = dataset.DecodeTokens(info["dtype"])
-            streams.append(document_stream(source, read, seed=seed + i, shuffle=shuffle))
-            weights.append(weight)
-        stream = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
+    stream = STREAMS[task.source](
+        cfg, task, tokenizer, Where(split, seed, shuffle, image_shape, builtin_docs)
+    )
     return Batches(
         RowStreams(
-            stream, cfg.batch_size, cfg.seq_len, tok.pad_id, cfg.packing, task.row_features
+            stream, cfg.batch_size, cfg.seq_len, tokenizer.pad_id, cfg.packing, task.row_features
         ),  # fmt: skip
         default_rows(cfg.batch_size) if rows is None else rows,
         cfg.num_workers if workers is None else workers,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Where:
+    """Which split a stream reads, in which order, and what its caller hands it."""
+
+    split: str  # 'train' or 'validation'
+    seed: int
+    shuffle: bool
+    image_shape: tuple[int, int] | None  # images: (model.image_size, model.channels)
+    builtin_docs: Sequence[Document] | None  # the built-in corpus's documents, if given
+
+
+def image_stream(
+    cfg: DataConfig, task: Task, tok: tokenizers.Tokenizer, where: Where
+) -> grain.MapDataset:
+    """data.images, one record an image, augmented in training when data.augment says so."""
+    if where.image_shape is None:
+        raise ValueError("images need image_shape=(model.image_size, model.channels)")
+    data = images.load(cfg.images, where.split, cfg.eval_fraction, *where.image_shape)
+    stream = grain.MapDataset.source(images.Record(data))
+    stream = (stream.shuffle(seed=where.seed) if where.shuffle else stream).repeat(None)
+    if where.split == "train" and cfg.augment:
+        stream = stream.random_map(images.Augment(flip=cfg.flip), seed=where.seed)
+    return stream
+
+
+def example_stream(
+    cfg: DataConfig, task: Task, tok: tokenizers.Tokenizer, where: Where
+) -> grain.MapDataset:
+    """data.examples (JSONL records in the task's format), encoded with the run's tokenizer."""
+    found = examples.load(cfg.examples, task.examples, where.split, cfg.eval_fraction)
+    source = grain.MapDataset.source(list(found.records))
+    return document_stream(source, examples.Encode(tok, found.classes), seed=where.seed,
+                           shuffle=where.shuffle)  # fmt: skip
+
+
+def document_streams(
+    cfg: DataConfig, task: Task, tok: tokenizers.Tokenizer, where: Where
+) -> grain.MapDataset:
+    """The built-in corpus (or `builtin_docs`), else the prepared datasets of data.path or
+    data.mixture, mixed by their weights."""
+    if not sources(cfg):
+        docs = where.builtin_docs
+        if docs is None:
+            train_docs, eval_docs = corpus.split_stdlib(cfg.eval_fraction, cfg.seq_len)
+            docs = train_docs if where.split == "train" else eval_docs
+        # The built-in corpus is raw bytes: ByteTokenizer (data.tokenizer's only choice) reads
+        # any byte string, valid UTF-8 or not.
+        return document_stream(grain.MapDataset.source(docs), ReadTokens(ByteTokenizer()),
+                               seed=where.seed, shuffle=where.shuffle)  # fmt: skip
+    streams, weights = [], []
+    for i, (path, weight) in enumerate(sources(cfg)):
+        source, info = dataset.split_source(path, where.split)
+        read = dataset.DecodeTokens(info["dtype"])
+        streams.append(document_stream(source, read, seed=where.seed + i, shuffle=where.shuffle))
+        weights.append(weight)
+    return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
+
+
+# A task's `source` -> what reads its records into a stream of rows' features. A new kind of
+# data is one function here and its name in the tasks that read it (bigjax/tasks.py).
+STREAMS: dict[str, Callable[[DataConfig, Task, tokenizers.Tokenizer, Where], grain.MapDataset]] = {
+    "images": image_stream,
+    "examples": example_stream,
+    "documents": document_streams,
+}
 
 
 def take(iterator: Iterator, n: int) -> list:
