@@ -124,8 +124,15 @@ def attend(
     )
 
     def run(impl: str) -> jax.Array:
-        if num_parts > 1:
-            return _context_attention(impl, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, rules)
+        if num_parts > 1:  # the sequence is split over the context axis (bigjax/context.py)
+            if impl == "splash":
+                return splash_context_attention(
+                    q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, rules
+                )  # fmt: skip
+            # elsewhere `context_inner`'s kernel on each device's shard
+            inner = functools.partial(context_inner, impl, causal=causal)
+            return context.attend(inner, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL,
+                                  causal=causal, rules=rules)  # fmt: skip
         if impl in ("einsum", "xla"):
             mask_B1LS = attention_mask(segment_ids_BL, causal)
             if impl == "einsum":
@@ -151,23 +158,6 @@ def attend(
             )
             chosen = "einsum"
     return run(chosen)
-
-
-def _context_attention(
-    impl: str,
-    q_BLHK: jax.Array,
-    k_BLGK: jax.Array,
-    v_BLGK: jax.Array,
-    segment_ids_BL: jax.Array,
-    causal: bool,
-    rules: Rules,
-) -> jax.Array:
-    """Attention of a sequence split over the context axis (bigjax/context.py): splash on
-    TPU; elsewhere `context_inner`'s kernel on each device's shard."""
-    if impl == "splash":
-        return splash_context_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, rules)
-    inner = functools.partial(context_inner, impl, causal=causal)
-    return context.attend(inner, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules)
 
 
 def context_inner(impl: str, shard: context.Shard, *, causal: bool) -> jax.Array:

@@ -93,6 +93,38 @@ def check_config(
         )
 
 
+def start_state(
+    manager: ocp.CheckpointManager,
+    target: TrainState,
+    data_iter: Batches,
+    layout: dict[str, list[int]],
+    *,
+    layer_order: Sequence[int],
+    config: Mapping[str, object],
+    source: CheckpointConfig,
+    fresh: Callable[[], TrainState],
+) -> tuple[TrainState, str]:
+    """The state a run starts or rolls back to, and where it came from: its newest loadable
+    checkpoint in `manager` (resume), else `source.init_from` (another run), else `fresh()`.
+    The data iterator is put where that state left it. One path for both, so a rollback
+    before the first save starts where the run started (a fine-tuning run's init_from
+    weights, not a random init) and the stacked layers come back in the run's order."""
+    state = restore(manager, target, data_iter, layout, config=config, layer_order=layer_order)
+    if state is not None:
+        return state, f"resuming from step {int(state.step)}"
+    if not source.init_from:
+        return fresh(), "fresh start"
+    state, source_step = init_from(
+        source.init_from, source.init_mode, target, data_iter, layout, fresh(), layer_order
+    )
+    what = (
+        f"its whole state: continuing at step {source_step}"
+        if source.init_mode == "full"
+        else "its parameters, a fresh optimizer from step 0"
+    )
+    return state, f"initialised from {source.init_from} at its step {source_step} ({what})"
+
+
 def restore(
     manager: ocp.CheckpointManager,
     target: TrainState,
@@ -227,37 +259,6 @@ def init_from(
     if state is None:
         raise CheckpointError(f"checkpoint.init_from: no checkpoint in {path!r}.")
     return state, source_step
-
-
-def start_state(
-    manager: ocp.CheckpointManager,
-    target: TrainState,
-    data_iter: Batches,
-    layout: dict[str, list[int]],
-    layer_order: Sequence[int],
-    config: Mapping[str, object],
-    source: CheckpointConfig,
-    fresh: Callable[[], TrainState],
-) -> tuple[TrainState, str]:
-    """The state a run starts or rolls back to, and where it came from: its newest loadable
-    checkpoint in `manager` (resume), else `source.init_from` (another run), else `fresh()`.
-    The data iterator is put where that state left it. One path for both, so a rollback
-    before the first save starts where the run started (a fine-tuning run's init_from
-    weights, not a random init) and the stacked layers come back in the run's order."""
-    state = restore(manager, target, data_iter, layout, config=config, layer_order=layer_order)
-    if state is not None:
-        return state, f"resuming from step {int(state.step)}"
-    if not source.init_from:
-        return fresh(), "fresh start"
-    state, source_step = init_from(
-        source.init_from, source.init_mode, target, data_iter, layout, fresh(), layer_order
-    )
-    what = (
-        f"its whole state: continuing at step {source_step}"
-        if source.init_mode == "full"
-        else "its parameters, a fresh optimizer from step 0"
-    )
-    return state, f"initialised from {source.init_from} at its step {source_step} ({what})"
 
 
 def newest_intact(manager: ocp.CheckpointManager) -> int | None:

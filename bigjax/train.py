@@ -54,9 +54,10 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
             """The state to start (or roll back) from, and the data iterator at its step."""
             data = prog.batches("train", cfg.data_seed)
             try:
-                state, origin = loading.start_state(saves.manager, prog.target, data,
-                                                    prog.layout, prog.layer_order, run.config,
-                                                    cfg.checkpoint, prog.init)  # fmt: skip
+                state, origin = loading.start_state(
+                    saves.manager, prog.target, data, prog.layout, layer_order=prog.layer_order,
+                    config=run.config, source=cfg.checkpoint, fresh=prog.init,
+                )  # fmt: skip
             except BaseException:
                 data.close()  # its Grain workers: the caller never gets to close it
                 raise

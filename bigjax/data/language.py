@@ -124,25 +124,26 @@ _FUNCTION_WORDS: dict[str, tuple[str, frozenset[str]]] = {
 }
 
 
+# Code point ranges (inclusive) of the writing systems with a stopword list.
+_SCRIPTS = (
+    ("latin", ((0, 0x24F), (0x1E00, 0x1EFF))),
+    ("cyrillic", ((0x400, 0x52F),)),
+    ("arabic", ((0x600, 0x6FF), (0x750, 0x77F), (0xFB50, 0xFEFF))),
+    ("devanagari", ((0x900, 0x97F),)),
+    ("greek", ((0x370, 0x3FF),)),
+    ("hebrew", ((0x590, 0x5FF),)),
+    ("hangul", ((0xAC00, 0xD7AF), (0x1100, 0x11FF), (0x3130, 0x318F))),
+    ("thai", ((0xE00, 0xE7F),)),
+)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # called per letter of every document; letters repeat
 def _script_of(ch: str) -> str | None:
     """The writing system of one letter, by code point; None for scripts without a list."""
     o = ord(ch)
-    if o < 0x250 or 0x1E00 <= o <= 0x1EFF:
-        return "latin"
-    if 0x400 <= o <= 0x52F:
-        return "cyrillic"
-    if 0x600 <= o <= 0x6FF or 0x750 <= o <= 0x77F or 0xFB50 <= o <= 0xFEFF:
-        return "arabic"
-    if 0x900 <= o <= 0x97F:
-        return "devanagari"
-    if 0x370 <= o <= 0x3FF:
-        return "greek"
-    if 0x590 <= o <= 0x5FF:
-        return "hebrew"
-    if 0xAC00 <= o <= 0xD7AF or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F:
-        return "hangul"
-    if 0xE00 <= o <= 0xE7F:
-        return "thai"
+    for script, ranges in _SCRIPTS:
+        if any(lo <= o <= hi for lo, hi in ranges):
+            return script
     if _UNSEGMENTED_CHAR.match(ch):
         return "han_kana" if o >= 0x3040 else None
     return None
