@@ -242,9 +242,15 @@ def test_a_terminal_hangup_saves_and_the_run_resumes_bitwise(uninterrupted, tmp_
     workdir = tmp_path / "hungup"
     args = ["--config.num_steps=12", "--config.checkpoint.every_steps=100", WORKER]
     proc, hang_up = _on_a_terminal(_cmd(workdir, *args))
-    # at step 2: on a loaded machine the run once finished its 12 steps before the hangup
     _wait_for_step(workdir, proc, 2)
-    hang_up()
+    # Held while the terminal hangs up: on a loaded machine the run once trained on to its
+    # 12th step before the hangup reached it. The kernel's hangup sends SIGHUP and then
+    # SIGCONT, so the trainer resumes with the stop request already pending.
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        hang_up()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
     assert proc.wait(timeout=300) == 0
     stopped = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert 2 <= stopped < 12  # saved where it stopped, not at a periodic checkpoint
