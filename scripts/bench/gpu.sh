@@ -41,9 +41,9 @@ for part in "${parts[@]}"; do
     peers1b)
       timeout 540 python3 scripts/bench/peers.py --size 1b --reps "$reps" --steps 10 --warmup 3 \
         --torch-python python3 --out "$out/peers_1b" > "$out/peers_1b.log" 2>&1 ;;
-    stall)
+    stall)  # saves 60 steps (~7 s on an H200) apart: more than one ~1 GB write takes
       timeout 300 python3 scripts/bench/checkpoint_stall.py --config configs/lm_125m.py \
-        --saves 3 --before 5 --after 10 --out "$out/stall" > "$out/stall.log" 2>&1 ;;
+        --saves 3 --before 5 --after 60 --out "$out/stall" > "$out/stall.log" 2>&1 ;;
     fp8)  # llama_1b at one device's micro-batch (8 x 2048, as peers1b), bf16 then fp8
       # projections, alternated; each bench prints tokens/s and MFU (against the bf16 peak),
       # --baseline gives the fp8/bf16 ratios
