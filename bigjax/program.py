@@ -130,22 +130,6 @@ class Program(Shapes):
         }
 
 
-def batch(cfg: TrainConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """Every field of a global batch of this config's task: its shape, dtype and sharding
-    (from the field's logical names)."""
-    task, mesh_shape = task_of(cfg), dict(mesh.shape)
-    return {
-        k: jax.ShapeDtypeStruct(
-            shape,
-            task.fields[k].dtype,
-            sharding=NamedSharding(
-                mesh, logical_to_spec(task.fields[k].axes, cfg.mesh.rules, mesh_shape, shape)
-            ),
-        )
-        for k, shape in task.shapes(cfg).items()
-    }
-
-
 def check_program(cfg: TrainConfig, mesh: Mesh) -> None:
     """Checks that need the mesh and backend. Raises ConfigError naming the key and fix."""
     check_mesh_axes(cfg, dict(mesh.shape))
@@ -175,18 +159,6 @@ def platform_of(mesh: Mesh) -> str:
     return mesh.devices.flat[0].platform
 
 
-def attention_kernel(cfg: TrainConfig, mesh: Mesh, context_parts: int) -> str:
-    """The kernel model.attention resolves to for training on `mesh` (attention.resolve),
-    for sequences cut into `context_parts` pieces."""
-    return attention.resolve(
-        cfg.model.attention,
-        platform_of(mesh),
-        dtype=compute_dtype(cfg.model.dtype, platform_of(mesh)),
-        head_dim=cfg.model.dim_per_head,
-        seq_len=cfg.data.seq_len // context_parts,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class WithTeacher:
     """A jitted distillation step with the teacher's parameters bound as its last argument
@@ -205,28 +177,51 @@ class WithTeacher:
 
 
 def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
-    """Checks the config against the mesh and builds its abstract state and shardings."""
+    """Checks the config against the mesh and builds its abstract state and shardings, its
+    batch's, and what the mesh makes of it (the attention kernel, the layers' order)."""
+    platform = platform_of(mesh)
     check_program(cfg, mesh)
-    graphdef, graph_state = models.abstract(cfg.model, cfg.mesh.rules)
+    rules, m = cfg.mesh.rules, cfg.model
+    # The model, what of it trains, the optimizer: the abstract state and its shardings.
+    graphdef, graph_state = models.abstract(m, rules)
     num_params = models.count_params(graph_state)
     trainable = lora.trainable_fn(cfg.finetune)
     tx = optim.make_optimizer(cfg.optim, cfg.num_steps, trainable, cfg.finetune.keep_sparsity,
-                              cfg.model.moe_bias_rate)  # fmt: skip
+                              m.moe_bias_rate)  # fmt: skip
     schedule = optim.make_schedule(cfg.optim, cfg.num_steps)
     abstract = abstract_state(graph_state, tx, cfg.finetune)
-    shardings = state_shardings(graph_state, abstract, tx, mesh, cfg.mesh.rules)
-    parts = context.parts(cfg.mesh.rules, mesh.shape, cfg.data.seq_len)
-    fields = task_of(cfg).fields
+    shardings = state_shardings(graph_state, abstract, tx, mesh, rules)
+    # The task's batch: every field's global shape, dtype and sharding (its logical names).
+    task, mesh_shape = task_of(cfg), dict(mesh.shape)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, task.fields[k].dtype, sharding=NamedSharding(
+            mesh, logical_to_spec(task.fields[k].axes, rules, mesh_shape, shape)))
+        for k, shape in task.shapes(cfg).items()
+    }  # fmt: skip
+    # The context axis cuts each sequence into `parts`; one device's kernel sees one part.
+    parts = context.parts(rules, mesh.shape, cfg.data.seq_len)
+    dtype = compute_dtype(m.dtype, platform)
+    kernel = attention.resolve(m.attention, platform, dtype=dtype, head_dim=m.dim_per_head,
+                               seq_len=cfg.data.seq_len // parts)  # fmt: skip
     return Shapes(
-        mesh, graphdef, graph_state, tx, schedule, abstract, shardings, batch(cfg, mesh),
-        {k: f.dims.index("seq") for k, f in fields.items() if "seq" in f.dims}, parts,
-        attention_kernel(cfg, mesh, parts), checkpoint.param_layout(abstract.params),
-        num_params, lora.count_trainable(abstract.params, trainable),
-        trainable or (lambda path: True),
-        stages.order_for(cfg.model.num_layers, cfg.model.pipeline_interleave, cfg.mesh.rules,
-                         mesh.shape),
-        placed(abstract, shardings),
-    )  # fmt: skip
+        mesh=mesh,
+        graphdef=graphdef,
+        graph_state=graph_state,
+        tx=tx,
+        schedule=schedule,
+        abstract=abstract,
+        shardings=shardings,
+        batch=batch,
+        seq_dims={k: f.dims.index("seq") for k, f in task.fields.items() if "seq" in f.dims},
+        context_parts=parts,
+        attention=kernel,
+        layout=checkpoint.param_layout(abstract.params),
+        num_params=num_params,
+        num_trainable=lora.count_trainable(abstract.params, trainable),
+        trainable=trainable or (lambda path: True),
+        layer_order=stages.order_for(m.num_layers, m.pipeline_interleave, rules, mesh.shape),
+        target=placed(abstract, shardings),
+    )
 
 
 def for_config(cfg: TrainConfig, mesh: Mesh) -> Program:
