@@ -205,9 +205,12 @@ def _on_a_terminal(command: list[str]) -> tuple[subprocess.Popen, Callable[[], N
     an SSH session runs it); returns the process and a function that hangs the terminal up
     (closes its master side, as a dropped connection does)."""
     master, slave = os.openpty()
-    # In the new session, make the terminal on stdin the controlling one, then run `command`.
-    take_tty = "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); " + (
-        "os.execv(sys.argv[1], sys.argv[1:])"
+    # In the new session, make the terminal on stdin the controlling one, then run `command`
+    # with SIGHUP at its default, as a login shell has it: pytest itself may run under nohup
+    # (SIGHUP ignored, inherited), and bigjax keeps an ignored SIGHUP ignored, as it should.
+    take_tty = (
+        "import fcntl, os, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "signal.signal(signal.SIGHUP, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
     )
     proc = subprocess.Popen([sys.executable, "-c", take_tty, *command], stdin=slave,
                             stdout=slave, stderr=slave, cwd=ROOT, env=_env(),
@@ -243,14 +246,7 @@ def test_a_terminal_hangup_saves_and_the_run_resumes_bitwise(uninterrupted, tmp_
     args = ["--config.num_steps=12", "--config.checkpoint.every_steps=100", WORKER]
     proc, hang_up = _on_a_terminal(_cmd(workdir, *args))
     _wait_for_step(workdir, proc, 2)
-    # Held while the terminal hangs up: on a loaded machine the run once trained on to its
-    # 12th step before the hangup reached it. The kernel's hangup sends SIGHUP and then
-    # SIGCONT, so the trainer resumes with the stop request already pending.
-    os.kill(proc.pid, signal.SIGSTOP)
-    try:
-        hang_up()
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
+    hang_up()
     assert proc.wait(timeout=300) == 0
     stopped = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert 2 <= stopped < 12  # saved where it stopped, not at a periodic checkpoint
