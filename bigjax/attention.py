@@ -17,6 +17,7 @@ attend only to earlier positions:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -31,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bigjax import context
 from bigjax.config import ATTENTION_IMPLS as IMPLS
-from bigjax.sharding import Rules, attention_specs, trace_platform
+from bigjax.sharding import CONTEXT_AXIS, Rules, attention_specs, context_parts, trace_platform
 
 # cuDNN's packed layout takes a fixed number of documents per row; a row with more is refused
 # before it reaches the device (`check_segments`), never attended wrongly. 64 covers rows of
@@ -114,7 +115,7 @@ def attend(
 ) -> jax.Array:
     """Self-attention of a packed batch with the kernel `impl`; 'auto' is resolved here, at
     trace time, for the devices and shapes being traced."""
-    num_parts = context.parts(rules, _mesh_sizes(), q_BLHK.shape[1])
+    num_parts = context_parts(rules, _mesh_sizes(), q_BLHK.shape[1])
     chosen = resolve(
         impl,
         trace_platform(),
@@ -372,7 +373,7 @@ def splash_context_attention(
     b, length, h, k = q_BLHK.shape
     g = k_BLGK.shape[2]
     mesh = jax.sharding.get_abstract_mesh()
-    num_parts = dict(mesh.shape)[context.AXIS]
+    num_parts = dict(mesh.shape)[CONTEXT_AXIS]
     kernel = _splash_kernel(
         length,
         h // g,
@@ -392,7 +393,7 @@ def splash_context_attention(
         return context.attend(
             inner, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules
         )
-    spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(None, context.AXIS)))
+    spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(None, CONTEXT_AXIS)))
     return context.attend(
         inner, q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=causal, rules=rules,
         extra=(kernel,), extra_specs=(spec,),
@@ -442,17 +443,12 @@ def _splash_kernel(
         splash_attention_mask as sm,
     )
 
+    # One block size for every tile of the forward and both backward kernels (each of
+    # BlockSizes' `block_*` fields): the shard's length is a multiple of it.
     block = math.gcd(length // num_parts, SPLASH_BLOCK)
-    sizes = sk.BlockSizes(
-        block_q=block,
-        block_kv=block,
-        block_kv_compute=block,
-        block_q_dkv=block,
-        block_kv_dkv=block,
-        block_kv_dkv_compute=block,
-        block_q_dq=block,
-        block_kv_dq=block,
-    )
+    tiles = [f.name for f in dataclasses.fields(sk.BlockSizes) if f.name.startswith("block_")]
+    blocks: dict[str, Any] = dict.fromkeys(tiles, block)
+    sizes = sk.BlockSizes(**blocks)
     if not causal:  # every shard's queries see the whole row: one mask for all
         mask = sm.MultiHeadMask([sm.FullMask((length // num_parts, length))] * group)
         return sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)

@@ -26,6 +26,7 @@ from bigjax import metrics, models, stages
 from bigjax.config import TrainConfig
 from bigjax.layers import compute_dtype
 from bigjax.program import for_config
+from bigjax.sharding import num_stages
 from bigjax.tuning import for_run
 
 
@@ -107,9 +108,7 @@ def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[s
         "choices": choices(cfg, prog),
         "mesh": dict(mesh.shape),
         "pipeline": stages.schedule(
-            cfg.mesh.rules,
-            mesh.shape,
-            cfg.model.num_layers,
+            num_stages(cfg.mesh.rules, mesh.shape, cfg.model.num_layers),
             cfg.model.pipeline_microbatches,
             cfg.model.pipeline_interleave,
         ),

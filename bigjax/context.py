@@ -31,9 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from bigjax.sharding import Rules, attention_specs, logical_to_spec
-
-AXIS = "context"
+from bigjax.sharding import CONTEXT_AXIS as AXIS
+from bigjax.sharding import Rules, attention_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +50,6 @@ class Shard:
 
 
 Inner = Callable[..., jax.Array]  # (Shard, *extra) -> out [B, Q, H, K]
-
-
-def parts(rules: Rules, mesh_shape: Mapping[str, int], seq_len: int) -> int:
-    """Into how many shards `rules` split a sequence of `seq_len` on a mesh of `mesh_shape`
-    over the context axis (1: not split)."""
-    spec = logical_to_spec(("act_seq",), rules, dict(mesh_shape), (seq_len,))[0]
-    axes = spec if isinstance(spec, tuple) else (spec,)
-    return mesh_shape.get(AXIS, 1) if AXIS in axes else 1
 
 
 def chunk_order(seq_len: int, num_parts: int) -> np.ndarray:

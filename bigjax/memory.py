@@ -14,10 +14,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bigjax import attention, context, lora, models, optim, stages
+from bigjax import attention, lora, models, optim, stages
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
-from bigjax.sharding import batch_shards, is_spec
+from bigjax.sharding import batch_shards, context_parts, is_spec, num_stages
 from bigjax.state import TrainState, abstract_state, state_specs
 
 GiB = 2**30
@@ -50,7 +50,7 @@ def activation_bytes_per_device(
     rows = micro / batch_shards(cfg.mesh.rules, mesh_shape, micro)
     # Context parallelism: a device holds 1/C of each row's tokens, and while one layer
     # attends, the keys and values of its rows gathered whole.
-    num_parts = context.parts(cfg.mesh.rules, mesh_shape, cfg.data.seq_len)
+    num_parts = context_parts(cfg.mesh.rules, mesh_shape, cfg.data.seq_len)
     tokens = rows * cfg.data.seq_len / num_parts
     kv_dim = m.num_kv_heads * m.dim_per_head
     gathered = 0 if num_parts == 1 else rows * cfg.data.seq_len * 2 * kv_dim * dtype_bytes
@@ -67,7 +67,9 @@ def activation_bytes_per_device(
     # (V M + S - 1) ticks of 1/(V M) of the rows each (bigjax/stages.py).
     layers = float(m.num_layers)
     pipeline = stages.schedule(
-        cfg.mesh.rules, mesh_shape, m.num_layers, m.pipeline_microbatches, m.pipeline_interleave
+        num_stages(cfg.mesh.rules, mesh_shape, m.num_layers),
+        m.pipeline_microbatches,
+        m.pipeline_interleave,
     )
     if pipeline:
         layers = m.num_layers / pipeline["stages"] / (1 - pipeline["bubble"])

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from bigjax import experts, memory, metrics, models, platforms, progress, stages, tuning
 from bigjax.config import MESH_AXES, ConfigError, ModelConfig, TrainConfig
 from bigjax.mesh import resolve_shape
-from bigjax.sharding import batch_shards
+from bigjax.sharding import batch_shards, num_stages
 
 GiB = 2**30
 
@@ -129,7 +129,9 @@ def analytic(
     flops_per_step = flops_per_token * tokens_per_step
     m = cfg.model
     pipeline = stages.schedule(
-        cfg.mesh.rules, mesh_shape, m.num_layers, m.pipeline_microbatches, m.pipeline_interleave
+        num_stages(cfg.mesh.rules, mesh_shape, m.num_layers),
+        m.pipeline_microbatches,
+        m.pipeline_interleave,
     )
     busy = 1.0 - (pipeline["bubble"] if pipeline else 0.0)  # stages idle in the bubble
     fp8_step = _fp8_flops_per_token(m) * tokens_per_step

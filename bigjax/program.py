@@ -28,7 +28,7 @@ from bigjax.config import ConfigError, TrainConfig, check_mesh_axes
 from bigjax.data import pipeline
 from bigjax.layers import compute_dtype
 from bigjax.resources import Resources
-from bigjax.sharding import logical_to_spec, placed
+from bigjax.sharding import context_parts, logical_to_spec, num_stages, placed
 from bigjax.state import TrainState, abstract_state, init_state, state_shardings
 from bigjax.tasks import task_of
 from bigjax.tree import Params
@@ -136,9 +136,9 @@ def check_program(cfg: TrainConfig, mesh: Mesh) -> None:
     axes = dict(cfg.mesh.rules).get("act_batch", ())
     shards = math.prod(mesh.shape[a] for a in axes)
     accum = cfg.optim.grad_accum_steps
-    num_stages = stages.num_stages(cfg.mesh.rules, mesh.shape, cfg.model.num_layers)
-    if num_stages > 1:  # each pipeline micro-batch is split over the batch shards too
-        accum *= stages.microbatches(cfg.model.pipeline_microbatches, num_stages)
+    count = num_stages(cfg.mesh.rules, mesh.shape, cfg.model.num_layers)
+    if count > 1:  # each pipeline micro-batch is split over the batch shards too
+        accum *= stages.microbatches(cfg.model.pipeline_microbatches, count)
     # An indivisible batch would silently be replicated (every device computing all of it).
     if (cfg.data.batch_size // accum) % shards:
         raise ConfigError(
@@ -182,6 +182,8 @@ def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
     platform = platform_of(mesh)
     check_program(cfg, mesh)
     rules, m = cfg.mesh.rules, cfg.model
+    # The context axis cuts each sequence into `parts`; one device's kernel sees one part.
+    parts = context_parts(rules, mesh.shape, cfg.data.seq_len)
     # The model, what of it trains, the optimizer: the abstract state and its shardings.
     graphdef, graph_state = models.abstract(m, rules)
     num_params = models.count_params(graph_state)
@@ -198,8 +200,6 @@ def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
             mesh, logical_to_spec(task.fields[k].axes, rules, mesh_shape, shape)))
         for k, shape in task.shapes(cfg).items()
     }  # fmt: skip
-    # The context axis cuts each sequence into `parts`; one device's kernel sees one part.
-    parts = context.parts(rules, mesh.shape, cfg.data.seq_len)
     dtype = compute_dtype(m.dtype, platform)
     kernel = attention.resolve(m.attention, platform, dtype=dtype, head_dim=m.dim_per_head,
                                seq_len=cfg.data.seq_len // parts)  # fmt: skip
@@ -219,7 +219,9 @@ def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
         num_params=num_params,
         num_trainable=lora.count_trainable(abstract.params, trainable),
         trainable=trainable or (lambda path: True),
-        layer_order=stages.order_for(m.num_layers, m.pipeline_interleave, rules, mesh.shape),
+        layer_order=stages.layer_order(
+            m.num_layers, num_stages(rules, mesh.shape, m.num_layers), m.pipeline_interleave
+        ),
         target=placed(abstract, shardings),
     )
 

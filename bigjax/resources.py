@@ -19,7 +19,7 @@ from bigjax import choices, loading, models, privacy, stages
 from bigjax.config import ConfigError, TrainConfig, from_configdict
 from bigjax.data import examples, images, pipeline
 from bigjax.data import tokenizer as tokenizers
-from bigjax.sharding import placed, tree_shardings
+from bigjax.sharding import num_stages, placed, tree_shardings
 from bigjax.tasks import task_of
 from bigjax.tree import Params
 
@@ -107,8 +107,9 @@ def _teacher(cfg: TrainConfig, mesh: Mesh) -> Teacher:
         )
     graphdef, graph_state = models.abstract(teacher.model, cfg.mesh.rules)
     shardings = nnx.to_pure_dict(tree_shardings(graph_state, mesh, cfg.mesh.rules))
-    order = stages.order_for(
-        teacher.model.num_layers, teacher.model.pipeline_interleave, cfg.mesh.rules, mesh.shape
+    t = teacher.model
+    order = stages.layer_order(
+        t.num_layers, num_stages(cfg.mesh.rules, mesh.shape, t.num_layers), t.pipeline_interleave
     )
     params, _ = loading.load_params(
         cfg.distill.teacher, placed(nnx.to_pure_dict(graph_state), shardings), order

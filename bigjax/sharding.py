@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 import jax
@@ -13,6 +13,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 LogicalNames = Sequence[str | None]
 T = TypeVar("T")
+STAGE_AXIS = "stage"  # the mesh axis of pipeline stages (bigjax/stages.py)
+CONTEXT_AXIS = "context"  # the mesh axis of context parallelism (bigjax/context.py)
 
 
 def logical_to_spec(
@@ -39,11 +41,32 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def batch_shards(rules: Rules, mesh_shape: dict[str, int], rows: int) -> int:
+# What the mesh cuts: a batch into shards, the stacked layers into pipeline stages, a sequence
+# into context parts. Each is asked of the rules for one dim, so a mesh axis that does not
+# divide the dim cuts nothing, as in every array's spec.
+
+
+def _axes(name: str, rules: Rules, mesh_shape: Mapping[str, int], dim: int) -> tuple[str, ...]:
+    """The mesh axes a dim of logical name `name` and size `dim` is split over."""
+    spec = logical_to_spec((name,), rules, dict(mesh_shape), (dim,))[0]
+    return () if spec is None else (spec,) if isinstance(spec, str) else spec
+
+
+def batch_shards(rules: Rules, mesh_shape: Mapping[str, int], rows: int) -> int:
     """How many shards a batch of `rows` is split into (the `act_batch` axes that divide it)."""
-    axes = logical_to_spec(("act_batch",), rules, mesh_shape, (rows,))[0]
-    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh_shape[a] for a in names)
+    return math.prod(mesh_shape[a] for a in _axes("act_batch", rules, mesh_shape, rows))
+
+
+def num_stages(rules: Rules, mesh_shape: Mapping[str, int], num_layers: int) -> int:
+    """Into how many pipeline stages `num_layers` stacked layers are split (1: no pipeline)."""
+    cut = STAGE_AXIS in _axes("layers", rules, mesh_shape, num_layers)
+    return mesh_shape[STAGE_AXIS] if cut else 1
+
+
+def context_parts(rules: Rules, mesh_shape: Mapping[str, int], seq_len: int) -> int:
+    """Into how many parts the context axis splits a sequence of `seq_len` (1: not split)."""
+    cut = CONTEXT_AXIS in _axes("act_seq", rules, mesh_shape, seq_len)
+    return mesh_shape[CONTEXT_AXIS] if cut else 1
 
 
 def attention_specs(

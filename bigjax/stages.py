@@ -36,22 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigjax.sharding import Rules, constrain, logical_to_spec
-
-AXIS = "stage"
+from bigjax.sharding import STAGE_AXIS as AXIS
+from bigjax.sharding import Rules, constrain
 
 # (stacked params [n, ...], x [b, L, D], segment ids [b, L], positions [b, L], layer rngs
 #  [n, ...] or None, lap=None) -> (x, {name: per-layer value [n]}); with `lap`, the params
 #  are a stage's chunks of every lap [V, n, ...] and the layers run chunk `lap`.
 Layers = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-
-
-def num_stages(rules: Rules, mesh_shape: Mapping[str, int], num_layers: int) -> int:
-    """Into how many stages `rules` split `num_layers` stacked layers on a mesh of
-    `mesh_shape` (1: no pipeline)."""
-    spec = logical_to_spec(("layers",), rules, dict(mesh_shape), (num_layers,))[0]
-    axes = spec if isinstance(spec, tuple) else (spec,)
-    return mesh_shape.get(AXIS, 1) if AXIS in axes else 1
 
 
 def layer_order(num_layers: int, stages: int, interleave: int) -> list[int]:
@@ -66,13 +57,6 @@ def layer_order(num_layers: int, stages: int, interleave: int) -> list[int]:
         for r in range(interleave)
         for i in range(chunk)
     ]
-
-
-def order_for(
-    num_layers: int, interleave: int, rules: Rules, mesh_shape: Mapping[str, int]
-) -> list[int]:
-    """`layer_order` of a model of `num_layers` on a mesh of `mesh_shape`."""
-    return layer_order(num_layers, num_stages(rules, mesh_shape, num_layers), interleave)
 
 
 T = typing.TypeVar("T")
@@ -124,17 +108,15 @@ def bubble_fraction(stages: int, num_micro: int, interleave: int = 1) -> float:
     return 1.0 - interleave * num_micro / len(ticks(stages, num_micro, interleave).fresh)
 
 
-def schedule(
-    rules: Rules, mesh_shape: Mapping[str, int], num_layers: int, requested: int, interleave: int
-) -> dict[str, float] | None:
-    """{stages, microbatches, interleave, bubble} of the pipeline a config runs on a mesh of
-    `mesh_shape` (None without stages): what `plan` and `bench` report."""
-    count = num_stages(rules, mesh_shape, num_layers)
-    if count == 1:
+def schedule(stages: int, requested: int, interleave: int) -> dict[str, float] | None:
+    """{stages, microbatches, interleave, bubble} of a pipeline of `stages` stages with
+    `model.pipeline_microbatches` = `requested` (None without stages): what `plan`, `bench`
+    and the memory estimate read."""
+    if stages == 1:
         return None
-    micro = microbatches(requested, count)
-    bubble = bubble_fraction(count, micro, interleave)
-    return {"stages": count, "microbatches": micro, "interleave": interleave, "bubble": bubble}
+    micro = microbatches(requested, stages)
+    bubble = bubble_fraction(stages, micro, interleave)
+    return {"stages": stages, "microbatches": micro, "interleave": interleave, "bubble": bubble}
 
 
 def describe(pipeline: Mapping[str, float]) -> str:

@@ -27,7 +27,7 @@ from bigjax.layers import (
     project,
 )
 from bigjax.moe import MoE, Routing
-from bigjax.sharding import Rules, constrain
+from bigjax.sharding import Rules, constrain, num_stages
 
 REMAT_POLICY = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -236,12 +236,12 @@ def run_blocks(
         return x_BLD, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
     mesh = jax.sharding.get_abstract_mesh()
-    num_stages = 1 if mesh.empty else stages.num_stages(model.rules, mesh.shape, model.num_layers)
-    if num_stages > 1:
-        num_micro = stages.microbatches(model.pipeline_microbatches, num_stages)
+    count = 1 if mesh.empty else num_stages(model.rules, mesh.shape, model.num_layers)
+    if count > 1:
+        num_micro = stages.microbatches(model.pipeline_microbatches, count)
         x_BLD, means = stages.run(
             layers, block_params, x_BLD, segment_ids_BL, positions_BL, layer_rngs,
-            stages=num_stages, num_micro=num_micro, interleave=model.pipeline_interleave,
+            stages=count, num_micro=num_micro, interleave=model.pipeline_interleave,
             rules=model.rules,
         )  # fmt: skip
         per_layer = {}  # the pipeline reports the means over layers only
