@@ -428,6 +428,33 @@ def test_a_rollback_before_the_first_save_restarts_from_init_from(tmp_path, caps
 
 
 @pytest.mark.slow
+def test_a_rollback_restores_interleaved_pipeline_layers_in_the_runs_order(tmp_path, capsys):
+    # 2 stages x 2 laps keep the stacked layers stage-major in memory (bigjax/stages.py); the
+    # rollback's restore must put them back in that order, not the model's. The lr warms up
+    # into divergence: steps 1-2 are finite and saved, step 3's loss is huge but finite, step
+    # 4 is not, so every rollback returns to step 2 and replays step 3 on the same batch.
+    warmup_into_divergence = {**DIVERGE, "warmup_steps": 8}
+    cfg = tiny_config(
+        num_steps=8,
+        mesh={"shape": (1, 2, -1, 1, 1)},
+        model={"num_layers": 8, "pipeline_microbatches": 4, "pipeline_interleave": 2},
+        optim=warmup_into_divergence,
+        nan_policy="rollback",
+        checkpoint={"every_steps": 2},
+    )
+    with pytest.raises(NonFiniteError, match="gave up after 5 rollbacks"):
+        train(cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert out.count("rolled back to step 2") == 5, out
+    # Step 3's loss is state 2's on batch 3: the same to the last bit on the first try and
+    # after every rollback (same program, inputs and devices). Layers restored in another
+    # order would be another model, whose loss on that batch differs.
+    replays = [line.split("| loss ")[1].split()[0] for line in out.splitlines()
+               if line.startswith("step 3/8 ")]  # fmt: skip
+    assert len(replays) == 6 and len(set(replays)) == 1, replays
+
+
+@pytest.mark.slow
 def test_init_from_params_and_full_state(tmp_path):
     source = tmp_path / "source"
     train(tiny_config(num_steps=6, checkpoint={"every_steps": 3}), source)
