@@ -46,11 +46,13 @@ def activation_bytes_per_device(
     """
     m = cfg.model
     dtype_bytes = np.dtype("float32" if m.dtype == "float32" else "bfloat16").itemsize
-    micro = cfg.data.batch_size // cfg.optim.grad_accum_steps
-    rows = micro / batch_shards(cfg.mesh.rules, mesh_shape, micro)
+    micro, rules = cfg.data.batch_size // cfg.optim.grad_accum_steps, cfg.mesh.rules
+    # what the mesh cuts: the micro-batch's rows, each row's tokens, the layers
+    rows = micro / batch_shards(rules, mesh_shape, micro)
+    num_parts = context_parts(rules, mesh_shape, cfg.data.seq_len)
+    stage_count = num_stages(rules, mesh_shape, m.num_layers)
     # Context parallelism: a device holds 1/C of each row's tokens, and while one layer
     # attends, the keys and values of its rows gathered whole.
-    num_parts = context_parts(cfg.mesh.rules, mesh_shape, cfg.data.seq_len)
     tokens = rows * cfg.data.seq_len / num_parts
     kv_dim = m.num_kv_heads * m.dim_per_head
     gathered = 0 if num_parts == 1 else rows * cfg.data.seq_len * 2 * kv_dim * dtype_bytes
@@ -61,16 +63,12 @@ def activation_bytes_per_device(
         "full": (m.d_model, 0),
     }[m.remat]
     tensor = mesh_shape["tensor"]
-    sequence_parallel = "tensor" in (dict(cfg.mesh.rules).get("act_res_seq") or ())
+    sequence_parallel = "tensor" in (dict(rules).get("act_res_seq") or ())
     per_layer = residual / (tensor if sequence_parallel else 1) + split / tensor
     # Pipeline stages: a device keeps its N/S layers' activations for every tick it works,
     # (V M + S - 1) ticks of 1/(V M) of the rows each (bigjax/stages.py).
     layers = float(m.num_layers)
-    pipeline = stages.schedule(
-        num_stages(cfg.mesh.rules, mesh_shape, m.num_layers),
-        m.pipeline_microbatches,
-        m.pipeline_interleave,
-    )
+    pipeline = stages.schedule(stage_count, m.pipeline_microbatches, m.pipeline_interleave)
     if pipeline:
         layers = m.num_layers / pipeline["stages"] / (1 - pipeline["bubble"])
     return tokens * (layers * per_layer * dtype_bytes + 8 * m.vocab_size / tensor) + gathered

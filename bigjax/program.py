@@ -182,7 +182,9 @@ def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
     platform = platform_of(mesh)
     check_program(cfg, mesh)
     rules, m = cfg.mesh.rules, cfg.model
-    # The context axis cuts each sequence into `parts`; one device's kernel sees one part.
+    # What the mesh cuts: the stacked layers into stages (the layers' order in memory
+    # follows), each sequence into context parts (one device's kernel sees one part).
+    count = num_stages(rules, mesh.shape, m.num_layers)
     parts = context_parts(rules, mesh.shape, cfg.data.seq_len)
     # The model, what of it trains, the optimizer: the abstract state and its shardings.
     graphdef, graph_state = models.abstract(m, rules)
@@ -219,9 +221,7 @@ def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
         num_params=num_params,
         num_trainable=lora.count_trainable(abstract.params, trainable),
         trainable=trainable or (lambda path: True),
-        layer_order=stages.layer_order(
-            m.num_layers, num_stages(rules, mesh.shape, m.num_layers), m.pipeline_interleave
-        ),
+        layer_order=stages.layer_order(m.num_layers, count, m.pipeline_interleave),
         target=placed(abstract, shardings),
     )
 

@@ -105,12 +105,12 @@ def _teacher(cfg: TrainConfig, mesh: Mesh) -> Teacher:
             "distill.teacher: a LoRA run; merge it first (bigjax compress or convert write "
             "merged weights) and distill from that."
         )
-    graphdef, graph_state = models.abstract(teacher.model, cfg.mesh.rules)
-    shardings = nnx.to_pure_dict(tree_shardings(graph_state, mesh, cfg.mesh.rules))
-    t = teacher.model
-    order = stages.layer_order(
-        t.num_layers, num_stages(cfg.mesh.rules, mesh.shape, t.num_layers), t.pipeline_interleave
-    )
+    t, rules = teacher.model, cfg.mesh.rules
+    graphdef, graph_state = models.abstract(t, rules)
+    # the teacher's layers, stacked in the order this mesh's stages keep them
+    shardings = nnx.to_pure_dict(tree_shardings(graph_state, mesh, rules))
+    count = num_stages(rules, mesh.shape, t.num_layers)
+    order = stages.layer_order(t.num_layers, count, t.pipeline_interleave)
     params, _ = loading.load_params(
         cfg.distill.teacher, placed(nnx.to_pure_dict(graph_state), shardings), order
     )
