@@ -265,6 +265,32 @@ def test_auth_size_routes_and_health(server):
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
 
 
+def test_oversized_bodies_get_their_413_under_concurrency(server):
+    # 32 clients at once each upload 3 MB (the limit is 1 MB). Answering before the upload
+    # is read and closing made the kernel reset connections, and the reset dropped the 413
+    # before the client read it: most of them saw a connection error instead.
+    import openai
+
+    url, _ = server
+    big = b'{"prompt": "' + b"a" * (3 << 20) + b'"}'
+
+    async def burst():
+        async with httpx.AsyncClient(headers=AUTH, timeout=120) as c:
+            return await asyncio.gather(
+                *(c.post(f"{url}/v1/completions", content=big) for _ in range(32)),
+                return_exceptions=True,
+            )
+
+    answers = asyncio.run(burst())
+    assert [getattr(a, "status_code", repr(a)) for a in answers] == [413] * 32
+    with pytest.raises(openai.APIStatusError) as refused:  # not a connection error, retried
+        _client(url).completions.create(model="run", prompt="a" * (3 << 20), max_tokens=1)
+    assert refused.value.status_code == 413
+    long_name = httpx.post(f"{url}/v1/completions", headers=AUTH,
+                           json={"model": "m" * 100_000, "prompt": "x"})  # fmt: skip
+    assert long_name.status_code == 404 and len(long_name.json()["error"]["message"]) < 300
+
+
 def test_a_full_queue_answers_429_and_a_vanished_client_frees_its_slot(server):
     url, _ = server
     body = {"prompt": "x", "max_tokens": 100, "ignore_eos": True, "temperature": 0}

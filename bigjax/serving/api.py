@@ -374,7 +374,8 @@ def _authorize(request: Request, key: str | None) -> None:
 
 def _check_model(name: str | None, served: str) -> None:
     if name is not None and name != served:
-        raise ApiError(404, f"the model {name!r} does not exist; this server serves {served!r}",
+        shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"
+        raise ApiError(404, f"the model {shown} does not exist; this server serves {served!r}",
                        "not_found_error")  # fmt: skip
 
 
@@ -431,6 +432,14 @@ def _chat_prompt(served: Served, messages: list[protocol.Message], add_generatio
 
 
 # --- the body limit -------------------------------------------------------------------------
+# A refused upload is read on (and dropped) before the 413, up to these bounds: a server that
+# answers and closes with the client's bytes unread makes the kernel reset the connection, and
+# the reset can drop the 413 before the client reads it (it then sees a connection error, and
+# the openai package retries the same body). Past the bounds the answer goes out regardless.
+DRAIN_BYTES = 64 << 20
+DRAIN_SECONDS = 10.0
+
+
 class _BodyLimit:
     """Refuses a body over `max_bytes` with 413 before the app reads it: by its declared
     length at once, else as soon as the chunks received pass the limit."""
@@ -441,8 +450,12 @@ class _BodyLimit:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_bytes:
+            # a client waiting for `100 Continue` has sent none of it: nothing to read
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                await _drain(receive)
             return await self._refuse(send)
         chunks, size, more = [], 0, True
         while more:
@@ -452,6 +465,8 @@ class _BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
+                if message.get("more_body", False):
+                    await _drain(receive)
                 return await self._refuse(send)
             more = message.get("more_body", False)
         body, replayed = b"".join(chunks), False
@@ -476,3 +491,20 @@ class _BodyLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+async def _drain(receive: Callable) -> None:
+    """Reads and drops the rest of a request body, within DRAIN_BYTES and DRAIN_SECONDS."""
+
+    async def read() -> None:
+        size = 0
+        while size <= DRAIN_BYTES:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(read(), DRAIN_SECONDS)
+    except TimeoutError:
+        pass  # a client that trickles its bytes gets its 413 now
