@@ -5,6 +5,7 @@ import contextlib
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -271,6 +272,9 @@ def test_fifo_dangling_and_looping_links_are_skipped_counted_and_named(tmp_path,
     err = capfd.readouterr().err
     assert f"skipped {root / 'pipe.txt'}: not regular file" in err
     assert f"skipped {root / 'cut.jsonl.gz'}: corrupt" in err
+    # the progress counts the files skipped at listing among the done, not past the total
+    counts = [(int(a), int(b)) for a, b in re.findall(r"(\d+)/(\d+) files", err)]
+    assert counts and all(a <= b for a, b in counts) and counts[-1][0] == counts[-1][1], counts
     report = (tmp_path / "ds" / "report.md").read_text()
     assert "symlink_loop | 2" in report and "pipe.txt`: not_regular_file" in report
     assert m["documents_in"] > 3  # the archive's lines before the damage are kept

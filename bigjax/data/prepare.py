@@ -246,8 +246,10 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
     documents_in = bytes_in = 0
     with ctx.Pool(workers) as pool:
         # ---- pass 1: clean, filter, dedup, scrub, split
-        # Files as the unit: their count is known before reading (documents are not).
-        bar = progress.Bar("prepare: clean, dedup, scrub", len(files), "files")
+        # Files as the unit: their count is known before reading (documents are not). Those
+        # the listing skipped (a dangling link, a FIFO) are in the log already: counted done.
+        total_files = len(files) + len(log.skipped)
+        bar = progress.Bar("prepare: clean, dedup, scrub", total_files, "files")
         writers = {s: open(work / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
         raw = usable(
             read_documents(
@@ -287,7 +289,7 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
             bar.update(done_files, note=f"{documents_in:,} docs, {bytes_in / 1e6:,.1f} MB")
         for f in writers.values():
             f.close()
-        bar.update(len(files))
+        bar.update(total_files)
         clean_seconds = bar.close()
 
         if not log.read:
