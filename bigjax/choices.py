@@ -39,16 +39,16 @@ def load_items(path: str | Path) -> list[Item]:
     if not file.is_file():
         raise ConfigError(f"multiple choice: no such file {str(path)!r} (JSON lines).")
     items = []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
+    for n, line in enumerate(file.read_bytes().splitlines(), 1):  # as bytes: see examples.py
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
+            raw = json.loads(line.decode("utf-8"))
             item = Item(str(raw["context"]), tuple(map(str, raw["choices"])), int(raw["answer"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:  # not UTF-8, not JSON: ValueErrors
             raise ConfigError(
                 f"multiple choice: {path} line {n} is not an item "
-                '{"context": str, "choices": [str, ...], "answer": int}: ' + f"{e!r}"
+                '{"context": str, "choices": [str, ...], "answer": int}: ' + f"{e!r}"[:200]
             ) from None
         if len(item.choices) < 2 or not 0 <= item.answer < len(item.choices):
             raise ConfigError(

@@ -63,6 +63,12 @@ def test_bad_item_files_name_the_line(tmp_path):
     bad.write_text('{"context": "a", "choices": ["x", "y"], "answer": 2}\n')
     with pytest.raises(ConfigError, match="line 1: need >= 2 choices and 0 <= answer < 2"):
         load_items(bad)
+    bad.write_bytes(b'{"context": "caf\xe9", "choices": ["x", "y"], "answer": 0}\n')
+    with pytest.raises(ConfigError, match="line 1 is not an item .*UnicodeDecodeError"):
+        load_items(bad)
+    # U+2028 inside a string is valid JSON: one item, not a line cut in two
+    bad.write_text('{"context": "a\u2028b", "choices": ["x\u0085", "y"], "answer": 1}\n')
+    assert load_items(bad) == [Item("a\u2028b", ("x\u0085", "y"), 1)]
 
 
 @pytest.mark.slow

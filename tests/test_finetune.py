@@ -149,6 +149,26 @@ def _sft_records(n: int = 64):
     ]
 
 
+def test_examples_with_line_separators_inside_strings_load_whole(tmp_path):
+    # JSON lets U+2028, U+2029 and U+0085 stand unescaped in a string (ensure_ascii=False
+    # writers do so); cut at them as text lines, such a record read as two broken ones.
+    import json
+
+    from bigjax.data import examples
+    from bigjax.data.sources import DataError
+
+    odd = ["line\u2028separator", "para\u2029graph", "next\u0085line", "plain"]
+    records = [{"prompt": f"{t} {i}", "response": f" {t}"} for i in range(40) for t in odd]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    train, val = (examples.load(path, "prompt_response", s, 0.25).records for s in ("train", "validation"))
+    assert sorted(map(json.dumps, train + val)) == sorted(map(json.dumps, records))
+    assert 0 < len(val) < len(records)  # the split still takes each record by its line
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(DataError, match=r"sft.jsonl:2: not UTF-8 \(byte 15\)"):
+        examples.load(path, "prompt_response", "train", 0.0)
+
+
 @pytest.mark.parametrize("packing", ["pad", "first_fit"])
 def test_sft_rows_take_the_loss_on_responses_only(tmp_path, packing):
     from bigjax.data import examples, pipeline

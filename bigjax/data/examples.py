@@ -41,11 +41,18 @@ def load(path: str | Path, form: str, split: str, eval_fraction: float) -> Examp
         raise DataError(f"data.examples: no such file {str(path)!r} (JSON lines, one per example).")
     fields = FIELDS[form]
     records, labels = [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    # Split as bytes: a JSON string may hold U+2028 or U+0085 unescaped, where text's
+    # splitlines would cut the record in two.
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         try:
+            line = raw.decode("utf-8")
             record = json.loads(line)
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}:{number}: not UTF-8 (byte {e.start}); save it as UTF-8."
+            ) from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: not JSON ({e}).") from None
         if not isinstance(record, dict) or any(f not in record for f in fields):
