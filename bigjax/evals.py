@@ -105,6 +105,7 @@ class Harness:
         self.prog, self.tokenizer = prog, tokenizer
         self.tasks = [t for t in e.harness_tasks.split(",") if t]
         self.manager = harness.task_manager(self.tasks, e.harness_include_path)
+        harness.check_data(self.tasks, self.manager, e.harness_include_path)
         self.lm: Any = None
 
     def __call__(self, params: Params) -> dict[str, float]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -168,10 +168,7 @@ def evaluate(lm: TemplateLM, tasks: Sequence[str], *, include_path: str = "",
     import lm_eval
 
     manager = manager or task_manager(tasks, include_path)
-    include_path = str(Path(include_path).resolve()) if include_path else ""
-    # relative data_files in the task YAMLs are read from the include directory
-    where = contextlib.chdir(include_path) if include_path else contextlib.nullcontext()
-    with where:
+    with _task_data(include_path):
         results = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
             num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
@@ -181,6 +178,33 @@ def evaluate(lm: TemplateLM, tasks: Sequence[str], *, include_path: str = "",
     if results is None:
         raise ConfigError("eval: lm-eval returned no results (a non-zero rank?)")
     return dict(results)
+
+
+def check_data(tasks: Sequence[str], manager: TaskManager, include_path: str = "") -> None:
+    """Loads the tasks and their datasets once, so that a training run whose eval needs a
+    dataset this (offline) machine lacks is refused at its start, not at its first eval."""
+    from lm_eval.tasks import get_task_dict
+
+    with _task_data(include_path):
+        get_task_dict(list(tasks), manager)
+
+
+@contextlib.contextmanager
+def _task_data(include_path: str) -> Iterator[None]:
+    """Where lm-eval reads task data: relative data_files in the task YAMLs from the include
+    directory. A dataset that offline `datasets` cannot find is a one-line error."""
+    include_path = str(Path(include_path).resolve()) if include_path else ""
+    where = contextlib.chdir(include_path) if include_path else contextlib.nullcontext()
+    try:
+        with where:
+            yield
+    except ConnectionError as e:  # `datasets` in offline mode, the dataset not cached
+        raise ConfigError(
+            f"eval: a task's dataset is not on this machine ({e}); bigjax evaluates "
+            "offline: load it once where there is network (datasets.load_dataset) and "
+            "copy the Hugging Face cache here (HF_HOME), or use tasks whose YAML reads "
+            "local files (--include-path)."
+        ) from None
 
 
 def headline(results: dict[str, Any]) -> dict[str, float]:

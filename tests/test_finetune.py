@@ -161,7 +161,10 @@ def test_examples_with_line_separators_inside_strings_load_whole(tmp_path):
     records = [{"prompt": f"{t} {i}", "response": f" {t}"} for i in range(40) for t in odd]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    train, val = (examples.load(path, "prompt_response", s, 0.25).records for s in ("train", "validation"))
+    split = {
+        s: examples.load(path, "prompt_response", s, 0.25).records for s in ("train", "validation")
+    }
+    train, val = split["train"], split["validation"]
     assert sorted(map(json.dumps, train + val)) == sorted(map(json.dumps, records))
     assert 0 < len(val) < len(records)  # the split still takes each record by its line
     path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "x"}\n')

@@ -115,6 +115,43 @@ def test_benchmarks_during_training_reach_metrics_tensorboard_and_the_report(tas
     assert "## Benchmarks" in text and "bigjax_mc/acc" in text
 
 
+def test_a_benchmark_whose_dataset_is_not_here_is_refused_before_training(
+    tasks_dir, tmp_path, capsys
+):
+    # offline, a Hub dataset that was never cached: one line, and a training run that asks
+    # for it stops before its first step, not at its first eval
+    from conftest import tiny_config
+
+    from bigjax.config import ConfigError
+    from bigjax.train import train
+
+    yaml = (tasks_dir / "bigjax_mc.yaml").read_text()
+    remote = yaml.replace("task: bigjax_mc", "task: bigjax_remote").replace(
+        "dataset_path: json", "dataset_path: no-such-org/no-such-dataset"
+    )
+    (tasks_dir / "bigjax_remote.yaml").write_text(remote)
+    cfg = tiny_config(
+        num_steps=2,
+        data={"batch_size": 8, "seq_len": 128},
+        eval={"every_steps": 2, "harness_tasks": "bigjax_remote",
+              "harness_include_path": str(tasks_dir)},
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="dataset is not on this machine .*no-such-dataset"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )
+    assert "step 1/2" not in capsys.readouterr().out
+    run = tmp_path / "tiny"
+    train(tiny_config(num_steps=1), run)
+    code = main(["eval", str(run), "--tasks", "bigjax_remote", "--include-path", str(tasks_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and "dataset is not on this machine" in err and "Traceback" not in err
+    for flag, value in (("--limit", "-3"), ("--limit", "nan"), ("--num-fewshot", "-1")):
+        assert main(["eval", str(run), "--tasks", "bigjax_mc", flag, value]) == 2
+        assert f"eval: {flag} " in capsys.readouterr().err
+
+
 def test_benchmark_table_means_spreads_and_deltas():
     from pathlib import Path as P
 

@@ -29,6 +29,11 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         needs("lm_eval", "harness", "eval --tasks")
     elif args.include_path or args.limit is not None or args.num_fewshot is not None:
         raise ConfigError("eval: --include-path, --limit and --num-fewshot go with --tasks.")
+    if args.limit is not None and not args.limit > 0:  # NaN too
+        raise ConfigError(f"eval: --limit {args.limit}: give a count of documents per task "
+                          "(>= 1) or a fraction of them (between 0 and 1).")  # fmt: skip
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ConfigError(f"eval: --num-fewshot {args.num_fewshot}: give 0 or more examples.")
     start_jax(args)
     if args.tasks:
         from bigjax import harness
