@@ -168,8 +168,11 @@ class Writers:
         """On resume, drops rows logged after the checkpoint, so each step appears once."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        lines = self.path.read_bytes().splitlines()  # bytes: a damaged line is dropped, below
+        # rewritten beside and renamed over: a kill here leaves the old file or the new one
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(b"".join(line + b"\n" for line in lines if _step_of(line) <= step))
+        tmp.replace(self.path)
 
     def write(self, row: Row, console: str | None = None) -> None:
         if not self.enabled:
@@ -232,23 +235,27 @@ def _wandb_run(workdir: Path, project: str, config: dict[str, Any]) -> Any:
     return run
 
 
-def _step_of(line: str) -> float:
-    """The step of a JSONL row; a row cut short by a kill counts as after any checkpoint."""
+def _step_of(line: bytes) -> float:
+    """The step of a JSONL row; a row cut short by a kill, or damaged on disk (not UTF-8,
+    not JSON, no step), counts as after any checkpoint."""
     try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
         return math.inf
+    return step if isinstance(step, int | float) else math.inf
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a metrics file; a line cut short by a kill (or still being written while
-    a sweep reads it) is skipped."""
+    a sweep reads it), or damaged on disk (not UTF-8, not a JSON object), is skipped."""
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)  # bytes: UTF-8 decoded by json; a bad byte is a ValueError
+        except ValueError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 

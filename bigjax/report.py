@@ -73,12 +73,8 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
 
 def load_run(path: Path) -> Run:
     rows = read_jsonl(path / "metrics.jsonl")
-    config_path = path / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    trial_path = path / "trial.json"
-    trial = json.loads(trial_path.read_text()) if trial_path.exists() else {}
-    summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    config, trial, summary = (_json_object(path / n) for n in ("config.json", "trial.json",
+                                                               "summary.json"))  # fmt: skip
     point = dict(trial.get("point", {}))
     seed = int(point.pop("seed", config.get("seed", 0)))
     if "variant" in point and len(point) == 1:
@@ -103,6 +99,21 @@ def load_run(path: Path) -> Run:
         summary=summary,
         benchmarks=_final_benchmarks(rows, summary),
     )
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A run's JSON file as a dict ({} if the run has none); a damaged one is named."""
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ReportError(f"report: {path} is unreadable ({e}); restore it or leave that run "
+                          "out of the report.") from None  # fmt: skip
+    if not isinstance(value, dict):
+        raise ReportError(f"report: {path} holds no JSON object; restore it or leave that run "
+                          "out of the report.")  # fmt: skip
+    return value
 
 
 def _final_benchmarks(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, float]:

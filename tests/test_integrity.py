@@ -144,6 +144,32 @@ def test_one_flipped_bit_is_caught_named_moved_aside_and_the_run_goes_on(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_damaged_metrics_file_neither_stops_a_resume_nor_the_report(tmp_path, four_steps):
+    # A flipped bit that leaves a byte no UTF-8 reader takes, a stray value and a torn line:
+    # the resume rewrites the file without them (step 3's row is lost with its damage) and
+    # `bigjax report` reads it; both used to stop with a UnicodeDecodeError traceback.
+    from bigjax.report import ReportError, load_run, report
+
+    _copy(four_steps, tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    third = next(i for i, line in enumerate(lines) if line.startswith(b'{"step": 3,'))
+    lines[third] = lines[third].replace(b'"loss"', b'"lo\xf3s"', 1)
+    metrics.write_bytes(b"".join(lines) + b"7\n" + b'{"step": 4, "lo')
+    r = _run(tmp_path, "--config.num_steps=6", "--config.checkpoint.every_steps=2")
+    assert r.returncode == 0 and "resuming from step 4" in r.stdout, r.stderr[-2000:]
+    steps = [row["step"] for row in read_jsonl(metrics) if "loss" in row]
+    assert steps == [1, 2, 4, 5, 6]
+    assert metrics.read_bytes().decode("utf-8")  # the damage is gone, the file whole
+    assert [step for step, _ in load_run(tmp_path).train] == [1, 2, 4, 5, 6]
+    text, _ = report([tmp_path], tmp_path / "report")
+    assert tmp_path.name in text
+    (tmp_path / "summary.json").write_bytes(b'{"step": \xf6}')  # damaged: named, one line
+    with pytest.raises(ReportError, match=r"summary.json is unreadable .*leave that run out"):
+        report([tmp_path], tmp_path / "report")
+
+
+@pytest.mark.slow
 def test_corrupt_final_checkpoint_does_not_fail_every_relaunch(tmp_path, four_steps):
     _copy(four_steps, tmp_path)
     for f in (tmp_path / "checkpoints" / "4").rglob("*"):
