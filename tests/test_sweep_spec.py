@@ -199,3 +199,30 @@ def test_every_study_spec_in_experiments_resolves(path, monkeypatch):
     assert points
     for point in points:
         load_config(sweep.config, cli_overrides(sweep.overrides_for(point)))
+
+
+@pytest.mark.parametrize(
+    ("space", "variants", "words"),
+    [
+        ({"optim.lr": Grid((1e-3,)), "optim.nope": Grid((1, 2))}, {}, "unknown config key"),
+        ({"optim.lr": Grid((1e-3, 3e-3, "fast"))}, {}, "optim.lr: expected float, got 'fast'"),
+        ({"optim.lr": LogUniform(1e-4, 1e-2)}, {"a": {}, "b": {"model.nope": 1}}, "model.nope"),
+    ],
+)
+def test_a_bad_key_or_value_refuses_the_sweep_before_it_starts(
+    tmp_path, capsys, space, variants, words
+):
+    # checked once, axis by axis, in the parent: not once per trial, each a failed process
+    from bigjax.cli import main
+    from bigjax.sweep.runner import check_values
+
+    algorithm = "grid" if all(isinstance(p, Grid) for p in space.values()) else "random"
+    sweep = Sweep("bad", TINY, space=space, variants=variants, algorithm=algorithm, budget=2)
+    with pytest.raises(ConfigError, match=words):
+        check_values(sweep)
+    check_values(Sweep("good", TINY, space={"optim.lr": Grid((1e-3, 3e-3))}))
+    file = tmp_path / "sweep.py"
+    file.write_text(f"from bigjax.sweep import *\ndef get_sweep():\n    return {sweep!r}\n")
+    assert main(["sweep", str(file), "--dir", str(tmp_path / "out")]) == 2
+    assert "sweep spec: the trial {" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -78,6 +78,20 @@ def cli_overrides(overrides: Mapping[str, Any]) -> list[str]:
     return [f"--config.{k}={fmt(v)}" for k, v in overrides.items()]
 
 
+def check_values(spec: Sweep) -> None:
+    """Loads the config with each value of each axis (the others at their first; a range at
+    both ends): an unknown key or a value of the wrong type is refused in one line before the
+    study starts, not once per trial. What fails only in combination fails its trials."""
+    axes = {k: p.values if isinstance(p, Grid) else (p.low, p.high) for k, p in spec.space.items()}
+    axes.update({"variant": tuple(spec.variants)} if spec.variants else {})
+    first = {k: values[0] for k, values in axes.items()}
+    for point in [first] + [{**first, k: v} for k, vs in axes.items() for v in vs[1:]]:
+        try:
+            load_config(spec.config, cli_overrides(spec.overrides_for(point)))
+        except ConfigError as e:
+            raise ConfigError(f"sweep spec: the trial {point}: {e}") from None
+
+
 def spec_fingerprint(spec: Sweep) -> str:
     text = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -455,6 +469,7 @@ def run(spec: Sweep, opts: Options) -> optuna.Study:
         devices.trial_env(0, opts.workers)
     except ValueError as e:
         raise ConfigError(f"sweep: {e}") from None
+    check_values(spec)
     opts.directory.mkdir(parents=True, exist_ok=True)
     storage = make_storage(opts.storage, opts.heartbeat_s)
     study = open_study(spec, storage, opts)
