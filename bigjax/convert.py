@@ -3,13 +3,18 @@
 Import writes a run directory (config.json and a parameters-only checkpoint at step 0) that
 `bigjax generate`, `bigjax eval` and fine-tuning (`checkpoint.init_from`) open like any run.
 Export writes config.json and safetensors (sharded above `max_shard_bytes`) that transformers'
-`from_pretrained` loads. The tensor mapping lives in `bigjax.hf`.
+`from_pretrained` loads, as one directory swapped into place when complete (bigjax/dirswap.py):
+an export into an earlier one replaces its weights whole (a stale `model.safetensors` beside
+new shards would be what transformers loads) and keeps the files a user put beside them (a
+tokenizer, a README). The tensor mapping lives in `bigjax.hf`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ from flax import nnx
 
 from bigjax import checkpoint, hf, models, progress, tensorfile, trained
 from bigjax.config import DataConfig, ModelConfig, TrainConfig, from_configdict, to_dict
+from bigjax.dirswap import staging_dir, swap_in
 from bigjax.tree import flatten, unflatten
 
 EXPORT_DTYPES = {
@@ -27,6 +33,8 @@ EXPORT_DTYPES = {
     "bfloat16": ml_dtypes.bfloat16,
     "float16": np.float16,
 }
+# What an export writes; in a directory exported into before, these are the earlier export's.
+EXPORTED = re.compile(r"config\.json|model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -107,6 +115,8 @@ def export_hf(
     returns the files written."""
     if dtype not in EXPORT_DTYPES:
         raise hf.ConvertError(f"--dtype {dtype!r}: use one of {list(EXPORT_DTYPES)}.")
+    dst = Path(dst)
+    carried = _carried(dst)  # before any work: a target that is no export is refused
     config = hf.hf_config(cfg.model, cfg.data.seq_len, dtype)  # raises if not representable
     bar = progress.Bar("convert: export", 3, "stages")
     flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
@@ -116,12 +126,35 @@ def export_hf(
         for k, v in hf.to_hf(cfg.model, flat).items()
     }
     bar.advance(note=f"{len(tensors)} tensors in {dtype}")
-    dst = Path(dst)
-    files = tensorfile.write_dir(dst, tensors, max_shard_bytes)
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    staged = staging_dir(dst)
+    try:
+        files = tensorfile.write_dir(staged, tensors, max_shard_bytes)
+        (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for path in carried:
+            shutil.copy2(path, staged / path.name)
+        swap_in(staged, dst)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     bar.advance(note=f"{len(files)} file(s) written")
     bar.close()
     return [*files, "config.json"]
+
+
+def _carried(dst: Path) -> list[Path]:
+    """The files a user put beside an earlier export in `dst`, which the new one keeps; an
+    earlier export's own files are replaced, not kept."""
+    if not dst.exists():
+        return []
+    if not dst.is_dir():
+        raise hf.ConvertError(f"convert: {dst} is a file; pass a directory to export into.")
+    entries = list(dst.iterdir())
+    if folders := sorted(p.name for p in entries if p.is_dir()):
+        raise hf.ConvertError(
+            f"convert: {dst} holds folders ({', '.join(folders[:3])}), so it is no earlier "
+            "export; export into a new directory."
+        )
+    return [p for p in entries if not EXPORTED.fullmatch(p.name)]
 
 
 def parse_size(text: str) -> int:

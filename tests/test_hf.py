@@ -167,6 +167,36 @@ def test_trained_run_exports_to_from_pretrained_with_the_same_logits(family, mod
     assert next(bf16.parameters()).dtype == torch.bfloat16
 
 
+@needs_torch
+@pytest.mark.slow
+def test_an_export_into_an_earlier_one_replaces_its_weights_whole(tmp_path, capsys):
+    # Run a exported as one file, then run b (another model) sharded into the same directory:
+    # a.safetensors left beside b's shards was what transformers loaded, silently a's weights.
+    for name, steps in (("a", 1), ("b", 3)):
+        train(tiny_config(num_steps=steps, optim={"lr": 1e-2}), tmp_path / name)
+    out = tmp_path / "hf"
+    assert main(["convert", str(tmp_path / "a"), str(out)]) == 0
+    (out / "tokenizer.json").write_text("{}")  # what a user puts beside an export: kept
+    assert main(["convert", str(tmp_path / "b"), str(out), "--max-shard-size", "300KB"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" not in names and "tokenizer.json" in names
+    assert names - {"tokenizer.json"} == {"config.json", "model.safetensors.index.json"} | set(
+        json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()
+    )
+    tokens = _tokens(tiny_config().model.vocab_size)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    got = _hf_logits(hf_model.eval(), tokens)
+    assert np.abs(got - _bigjax_logits(tmp_path / "b", tokens)).max() <= 1e-4  # b's, as above
+    assert np.abs(got - _bigjax_logits(tmp_path / "a", tokens)).max() > 1e-2
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+    # a directory that is no export (it holds folders: a run) is refused, untouched
+    assert main(["convert", str(tmp_path / "b"), str(tmp_path / "a")]) == 2
+    assert "holds folders (checkpoints" in capsys.readouterr().err
+    assert (tmp_path / "a" / "checkpoints").is_dir() and not (
+        tmp_path / "a" / "model.safetensors"
+    ).exists()
+
+
 @pytest.mark.slow
 def test_imported_model_fine_tunes_and_refuses_to_resume_as_a_run(tmp_path):
     # A GPT-2 checkpoint written with bigjax's own safetensors writer (no torch needed).

@@ -4,28 +4,24 @@ A dataset directory carries a marker file, `.bigjax-dataset`, listing every top-
 bigjax wrote. `--output` must be new, empty, or such a directory holding nothing else; anything
 else is refused before any work, naming the path (a file called manifest.json proves nothing:
 anyone can write one). The dataset is built in a staging directory beside the target and
-swapped into place in one atomic step when complete (Linux `renameat2(RENAME_EXCHANGE)`; two
-renames elsewhere), so a killed prepare leaves the previous dataset as it was. One prepare
+swapped into place in one step when complete (bigjax/dirswap.py), so a killed prepare leaves
+the previous dataset as it was. One prepare
 writes a target at a time: it holds a lock file beside it (`.NAME.lock`) from before its first
 check until the dataset is in place, and a second prepare into the same --output is refused.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import json
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from bigjax import runlock
 from bigjax.data.sources import DataError
+from bigjax.dirswap import staging_dir, swap_in
 
 MARKER = ".bigjax-dataset"
 MARKER_FORMAT = 1
@@ -107,16 +103,12 @@ def _alive(pid: int) -> bool:
 def staging(final: Path) -> Path:
     """A fresh staging directory beside `final` (same filesystem, so the swap is a rename),
     marked as partial. Stagings left by killed prepares of this host are removed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
     for old in final.parent.glob(f".{final.name}.partial-*"):
         record = _marker(old)
         if record and record.get("host") == host and not _alive(int(record.get("pid", 0))):
             shutil.rmtree(old, ignore_errors=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the dataset private to its writer
+    path = staging_dir(final)
     partial = {"bigjax_dataset": MARKER_FORMAT, "partial": True, "pid": os.getpid(), "host": host}
     (path / MARKER).write_text(json.dumps(partial) + "\n")
     return path
@@ -130,37 +122,12 @@ def seal(staged: Path) -> None:
     (staged / MARKER).write_text(json.dumps(record, indent=2) + "\n")
 
 
-@functools.cache
-def _renameat2() -> Any:  # the libc function, or None where libc lacks it
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    return getattr(libc, "renameat2", None)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swaps two directories; False where the platform cannot."""
-    fn = _renameat2() if os.name == "posix" else None
-    if fn is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    return False  # EINVAL / ENOSYS: filesystem or kernel without it
-
-
 def publish(staged: Path, final: Path, inputs: Sequence[Path]) -> None:
     """Moves the complete dataset into place, replacing a previous one of ours."""
     seal(staged)
-    if not final.exists():
-        os.rename(staged, final)
-        return
-    check_target(str(final), inputs)  # again: the user may have added files meanwhile
-    if _exchange(staged, final):
-        shutil.rmtree(staged)  # now the previous dataset
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-    os.rename(final, old / "dataset")
-    os.rename(staged, final)
-    shutil.rmtree(old)
+    if final.exists():
+        check_target(str(final), inputs)  # again: the user may have added files meanwhile
+    swap_in(staged, final)
 
 
 def discard(staged: Path) -> None:
