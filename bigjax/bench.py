@@ -23,7 +23,7 @@ from typing import Any
 import jax
 
 from bigjax import metrics, models, stages
-from bigjax.config import TrainConfig
+from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
 from bigjax.program import for_config
 from bigjax.sharding import num_stages
@@ -46,7 +46,8 @@ PROFILED_STEPS = 3
 def bench(cfg: TrainConfig, settings: BenchSettings = BenchSettings()) -> dict[str, Any]:
     """Compiles `cfg`'s train step and times it; returns the figures as a JSON-able dict."""
     if settings.steps < 1 or settings.warmup < 0:
-        raise ValueError("bench: need at least 1 timed step and no negative warm-up")
+        raise ConfigError(f"bench: --steps {settings.steps} --warmup {settings.warmup}: time at "
+                          "least 1 step, after 0 or more warm-up steps.")  # fmt: skip
     cfg, mesh = for_run(cfg)
     peak = metrics.total_peak_flops(jax.devices(), cfg.metrics.peak_flops)
     with jax.set_mesh(mesh):

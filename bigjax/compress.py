@@ -146,7 +146,12 @@ def compress_run(
     """Quantizes or prunes a trained run's weights into `out_dir` (a run directory of its own,
     plus compress.json); returns the report: eval before and after, sizes or sparsity."""
     from bigjax import trained
+    from bigjax.config import ConfigError
 
+    if method == "prune" and pattern == "unstructured" and not 0 <= sparsity < 1:  # NaN too
+        raise ConfigError(f"compress prune: --sparsity {sparsity}: the share of each matrix "
+                          "set to zero, from 0 up to (not including) 1.")  # fmt: skip
+    trained.check_new_run_dir(Path(out_dir))  # before the evals, not after
     with trained.open_run(workdir, overrides, "compress") as (prog, params, step):
         import jax
         import numpy as np

@@ -82,6 +82,7 @@ def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> Train
     settings for the run (nested dict, e.g. {"data": {"seq_len": 512}}); `model.*` comes from
     the Hugging Face config.json."""
     src, dst = Path(src), Path(dst)
+    trained.check_new_run_dir(dst)  # before the weights are read
     raw = read_config(src / "config.json")
     try:
         fields = hf.model_fields(raw)

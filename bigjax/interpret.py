@@ -194,6 +194,11 @@ def inspect_run(
     from bigjax.config import ConfigError
     from bigjax.trained import open_run
 
+    if ig_steps < 1 or embed_tokens < 3:  # t-SNE needs more rows than its perplexity (2)
+        raise ConfigError(f"inspect: --ig-steps {ig_steps} --embed-tokens {embed_tokens}: use "
+                          "1 or more steps and 3 or more rows.")  # fmt: skip
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"inspect: --out {out} is a file; pass a directory for the PNGs.")
     with open_run(workdir, overrides, "inspect") as (prog, params, step):
         if prog.cfg.model.family == "vit":
             raise ConfigError("inspect: text models only (attention over a prompt's tokens).")

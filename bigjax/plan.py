@@ -56,7 +56,7 @@ class Target:
 def _torus(chips: int, dims: int) -> str:
     """Cloud TPU's slice shape for `chips` chips: 3-D slices grow 2x2x1, 2x2x2, 2x2x4, 2x4x4,
     4x4x4, ...; 2-D slices 1x1, 1x2, 2x2, 2x4, 4x4, ..."""
-    if chips & (chips - 1) or (dims == 3 and chips < 4):
+    if chips < 1 or chips & (chips - 1) or (dims == 3 and chips < 4):
         raise ConfigError(f"--topology: no {dims}-D TPU slice has {chips} chips.")
     order: Iterator[int]
     if dims == 2:
@@ -79,7 +79,11 @@ def parse_topology(name: str) -> Target:
         )
     slices = int(m.group(1) or 1)
     gen = "v5e" if m.group(2) == "v5litepod" else m.group(2)
-    chips = int(m.group(3)) // CORES_PER_CHIP_IN_NAME[gen]
+    per_chip = CORES_PER_CHIP_IN_NAME[gen]
+    if int(m.group(3)) % per_chip:  # v5p-9 is no slice, not a v5p-8
+        raise ConfigError(f"--topology {name!r}: {gen} names count TensorCores, {per_chip} a "
+                          f"chip; use a multiple of {per_chip} ({gen}-8 is 4 chips).")  # fmt: skip
+    chips = int(m.group(3)) // per_chip
     hbm, peak, dims = TPU_CHIPS[gen]
     return Target(name, chips * slices, hbm, peak, gen, _torus(chips, dims), slices)
 

@@ -63,15 +63,22 @@ def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any
     """A run directory holding only parameters (an imported or compressed model): config.json
     and a parameters-only checkpoint at step 0, which generate, eval, convert and
     checkpoint.init_from open like any run."""
-    from bigjax.checkpoint import CheckpointError, param_layout
+    from bigjax.checkpoint import param_layout
 
     dst = Path(dst)
-    if (dst / "checkpoints").exists():
-        raise CheckpointError(f"{dst} already holds checkpoints; pick a new directory.")
+    check_new_run_dir(dst)
     dst.mkdir(parents=True, exist_ok=True)
     layout = param_layout(params)
     save_params(dst / "checkpoints", params, {"config": config, "params": layout, **meta})
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def check_new_run_dir(dst: Path) -> None:
+    """Raises if `dst` cannot become a new run directory (callers check before their work)."""
+    if dst.exists() and not dst.is_dir():
+        raise ConfigError(f"{dst} is a file; pick a directory for the new run.")
+    if (dst / "checkpoints").exists():
+        raise ConfigError(f"{dst} already holds checkpoints; pick a new directory.")
 
 
 def save_params(directory: Path, params: Any, meta: dict[str, Any]) -> None:

@@ -53,6 +53,39 @@ def test_a_config_file_with_a_syntax_error_or_that_raises(tmp_path, capsys):
     assert "get_sweep() in" in err and "ZeroDivisionError (line 2)" in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["compress", "prune", "--sparsity", "1.5"], "--sparsity 1.5: the share"),
+        (["compress", "prune", "--sparsity", "nan"], "--sparsity nan: the share"),
+        (["compress", "quantize", "--out", "FILE"], "is a file; pick a directory"),
+        (["inspect", "--prompt", "x", "--ig-steps", "0"], "--ig-steps 0 --embed-tokens 259"),
+        (["inspect", "--prompt", "x", "--embed-tokens", "-5"], "--embed-tokens -5: use"),
+        (["inspect", "--prompt", "x", "--out", "FILE"], "is a file; pass a directory"),
+        (["prepare", "--input", "stdlib", "--val-fraction", "2"], "--val-fraction 2.0: must"),
+        (["prepare", "--input", "stdlib", "--workers", "-1"], "--workers -1: must be 0"),
+        (["plan", "--config", TINY, "--topology", "v5p-9"], "v5p names count TensorCores"),
+        (["plan", "--config", TINY, "--topology", "v5e-0"], "no 2-D TPU slice has 0 chips"),
+        (["bench", "--config", TINY, "--steps", "0"], "--steps 0 --warmup 3: time at least"),
+    ],
+)
+def test_out_of_range_flags_are_one_line_before_any_work(tmp_path, capsys, argv, words):
+    # each was a traceback or, worse, accepted (v5p-9 planned as a v5p-8; --val-fraction 2
+    # put every document in validation); all are refused before a run is opened or read
+    file = tmp_path / "a.txt"
+    file.write_text("x")
+    argv = [str(file) if a == "FILE" else a for a in argv]
+    command, out = argv[0], str(tmp_path / "out")
+    if command in ("compress", "inspect"):
+        argv += ["--workdir", str(tmp_path / "no_run")] + (
+            [] if "--out" in argv else ["--out", out]
+        )
+    elif command == "prepare":
+        argv += ["--output", out]
+    assert words in _one_line(capsys, *argv)
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_directories_that_cannot_be_one(tmp_path, capsys):
     args = ["--config", TINY, *SMALL, "--config.num_steps=1"]
     dangling = tmp_path / "dangling"

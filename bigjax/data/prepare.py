@@ -68,6 +68,20 @@ class PrepareConfig:
     languages: tuple[str, ...] = ()  # keep only these language tags (ISO 639-1); () keeps all
     workers: int = 0  # 0: one per CPU core
 
+    def __post_init__(self) -> None:
+        # Refused before any work: --val-fraction 2 used to put every document in validation.
+        bounds = {
+            "val-fraction": (self.val_fraction, 0 <= self.val_fraction < 1, "from 0 up to 1"),
+            "near-threshold": (self.near_threshold, 0 < self.near_threshold <= 1, "in (0, 1]"),
+            "workers": (self.workers, self.workers >= 0, "0 (every core) or more"),
+            "num-perm": (self.num_perm, self.num_perm >= 1, "1 or more"),
+            "shard-tokens": (self.shard_tokens, self.shard_tokens >= 1, "1 or more"),
+            "max-record-bytes": (self.max_record_bytes, self.max_record_bytes >= 1, "1 or more"),
+        }
+        for flag, (value, ok, want) in bounds.items():
+            if not ok:  # NaN fails every comparison: refused too
+                raise DataError(f"prepare: --{flag} {value}: must be {want}.")
+
 
 @dataclasses.dataclass(frozen=True)
 class Cleaned:
