@@ -38,6 +38,11 @@ def test_unknown_key_suggests_close_match():
     [
         ({"optim": {"lr": "fast"}}, r"optim.lr: expected float"),
         ({"num_steps": 1.5}, r"num_steps: expected int"),
+        # no setting means an infinity: inf trained to a NaN at step 1; 1e999 steps was an
+        # OverflowError traceback
+        ({"optim": {"lr": "inf"}}, r"optim.lr: expected a finite number, got inf"),
+        ({"optim": {"lr": float("nan")}}, r"optim.lr: expected a finite number, got nan"),
+        ({"num_steps": "1e999"}, r"num_steps: expected int, got '1e999'"),
         ({"model": {"d_model": 128, "num_heads": 3}}, r"model.num_heads: 3 heads do not divide"),
         ({"model": {"num_heads": 4, "num_kv_heads": 3}}, r"model.num_kv_heads"),
         ({"mesh": {"shape": (-1, -1, 1)}}, r"at most one -1"),

@@ -7,6 +7,7 @@ import difflib
 import functools
 import importlib.util
 import json
+import math
 import traceback
 import types
 import typing
@@ -259,6 +260,8 @@ def _scalar(tp: type, value: Any, path: str) -> Any:
         value = int(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}.")
+    if isinstance(value, float) and not math.isfinite(value):  # no setting means inf or NaN
+        raise ConfigError(f"{path}: expected a finite number, got {value!r}.")
     return value
 
 
@@ -275,6 +278,6 @@ def _parse_string(tp: type, text: str, path: str) -> Any:
             return int(float(text)) if "e" in text.lower() else int(text)
         if tp is float:
             return float(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: int('1e999'), an infinity
         pass
     raise ConfigError(f"{path}: expected {tp.__name__}, got {text!r}.")
