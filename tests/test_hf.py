@@ -189,6 +189,11 @@ def test_an_export_into_an_earlier_one_replaces_its_weights_whole(tmp_path, caps
     assert np.abs(got - _bigjax_logits(tmp_path / "b", tokens)).max() <= 1e-4  # b's, as above
     assert np.abs(got - _bigjax_logits(tmp_path / "a", tokens)).max() > 1e-2
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+    # through a link to the export directory (say, on another disk): the link stays a link
+    (tmp_path / "link").symlink_to(out)
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "link")]) == 0
+    assert (tmp_path / "link").is_symlink() and (out / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name]
     # a directory that is no export (it holds folders: a run) is refused, untouched
     assert main(["convert", str(tmp_path / "b"), str(tmp_path / "a")]) == 2
     assert "holds folders (checkpoints" in capsys.readouterr().err
