@@ -116,9 +116,7 @@ def export_hf(
     returns the files written."""
     if dtype not in EXPORT_DTYPES:
         raise hf.ConvertError(f"--dtype {dtype!r}: use one of {list(EXPORT_DTYPES)}.")
-    # the real directory: a link to it stays a link (and another filesystem stays the one
-    # swapped on), instead of being replaced by the staged directory
-    dst = Path(dst).resolve()
+    dst = Path(dst)
     carried = _carried(dst)  # before any work: a target that is no export is refused
     config = hf.hf_config(cfg.model, cfg.data.seq_len, dtype)  # raises if not representable
     bar = progress.Bar("convert: export", 3, "stages")

@@ -4,7 +4,8 @@ a mix (a dataset from `bigjax prepare`, a Hugging Face export).
 
 The swap is Linux's `renameat2(RENAME_EXCHANGE)`; where the kernel or filesystem lacks it, two
 renames (the previous directory aside, the new one in), between which the target is briefly
-absent but nothing is lost.
+absent but nothing is lost. A target that is a link is followed: the directory it points to
+is the one replaced (the staging beside it, on its filesystem), and the link stays a link.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 def staging_dir(final: Path) -> Path:
     """A fresh, empty directory beside `final` (the same filesystem, so the swap is a rename),
     with the permissions a new directory gets here (not mkdtemp's private 0700)."""
+    final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     umask = os.umask(0)
@@ -33,6 +35,7 @@ def staging_dir(final: Path) -> Path:
 def swap_in(staged: Path, final: Path) -> None:
     """Puts the complete directory `staged` at `final`; the previous `final`, if any, is
     removed once the new one is in place."""
+    final = final.resolve()
     if not final.exists():
         os.rename(staged, final)
         return
