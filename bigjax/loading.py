@@ -6,6 +6,8 @@ a step's checksums before it reads anything of it."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -13,8 +15,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
 
-from bigjax import history, integrity, stages
+from bigjax import history, integrity, models, stages
 from bigjax.checkpoint import (
     CheckpointError,
     CheckpointMismatch,
@@ -22,8 +26,9 @@ from bigjax.checkpoint import (
     first_line,
     param_layout,
 )
-from bigjax.config import CheckpointConfig
+from bigjax.config import CheckpointConfig, ConfigError, from_configdict
 from bigjax.data.pipeline import Batches, DataStateError, MalformedDataState
+from bigjax.sharding import Rules, num_stages, placed, tree_shardings
 from bigjax.state import TrainState
 from bigjax.tree import Params
 
@@ -302,6 +307,43 @@ def load_params(
     finally:
         manager.close()
     return params, step
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A distillation teacher: its program, its latest parameters and their shardings."""
+
+    graphdef: nnx.GraphDef
+    params: Params
+    shardings: Params  # the same tree, of NamedShardings
+
+
+def teacher(run_dir: str, vocab_size: int, rules: Rules, mesh: Mesh) -> Teacher:
+    """The teacher run's program and latest parameters, sharded by the student's rules on
+    its mesh; refused when it cannot teach a student of `vocab_size` tokens."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"distill.teacher: {path} is missing; pass a run directory.")
+    cfg = from_configdict(json.loads(path.read_text()))
+    if cfg.model.vocab_size != vocab_size:
+        raise ConfigError(
+            f"distill.teacher: its vocab_size {cfg.model.vocab_size} differs from the "
+            f"student's {vocab_size}; distillation matches token distributions."
+        )
+    if cfg.finetune.lora_rank:
+        raise ConfigError(
+            "distill.teacher: a LoRA run; merge it first (bigjax compress or convert write "
+            "merged weights) and distill from that."
+        )
+    m = cfg.model
+    graphdef, graph_state = models.abstract(m, rules)
+    shardings = nnx.to_pure_dict(tree_shardings(graph_state, mesh, rules))
+    target = placed(nnx.to_pure_dict(graph_state), shardings)
+    count = num_stages(rules, mesh.shape, m.num_layers)
+    # the teacher's layers, stacked in the order this mesh's stages keep them
+    order = stages.layer_order(m.num_layers, count, m.pipeline_interleave)
+    params, _ = load_params(run_dir, target, order)
+    return Teacher(graphdef, params, shardings)
 
 
 def _restore_params(

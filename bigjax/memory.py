@@ -186,24 +186,22 @@ def check(
         "checkpoint copy": (per_device["parameters"] + per_device["optimizer"]) * len(devices),
     }
     limit = device_limit(devices[0])
-    if limit is not None and per_device["total"] > limit:
-        raise ConfigError(_too_big(cfg, f"per device ({devices[0].device_kind})",
-                                   per_device, limit))  # fmt: skip
+    budgets = (
+        [] if limit is None else [(f"per device ({devices[0].device_kind})", per_device, limit)]
+    )
     if limit is None:  # CPU: the devices' memory is the host's
         host = {"devices": per_device["total"] * len(devices), **host}
-    available = available_host_bytes()
-    if sum(host.values()) > available:
-        raise ConfigError(_too_big(cfg, "of host memory", host, available))
-
-
-def _too_big(cfg: TrainConfig, where: str, parts: dict[str, float], have: float) -> str:
-    need = parts.get("total", sum(parts.values()))
-    shown = ", ".join(f"{k} {v / GiB:,.2f}" for k, v in parts.items() if k != "total")
-    return (
-        f"memory: this config needs about {need / GiB:,.1f} GiB {where} ({shown} GiB; "
-        f"data.batch_size={cfg.data.batch_size}, data.seq_len={cfg.data.seq_len}, "
-        f"optim.grad_accum_steps={cfg.optim.grad_accum_steps}) but {have / GiB:,.1f} GiB is "
-        "available. Lower data.batch_size or raise optim.grad_accum_steps (smaller "
-        "micro-batches), set model.remat=full, or shard over more devices; `bigjax plan` "
-        "shows the estimate in full."
-    )
+    budgets.append(("of host memory", host, available_host_bytes()))
+    for where, parts, have in budgets:
+        need = parts.get("total", sum(parts.values()))
+        if need <= have:
+            continue
+        shown = ", ".join(f"{k} {v / GiB:,.2f}" for k, v in parts.items() if k != "total")
+        raise ConfigError(
+            f"memory: this config needs about {need / GiB:,.1f} GiB {where} ({shown} GiB; "
+            f"data.batch_size={cfg.data.batch_size}, data.seq_len={cfg.data.seq_len}, "
+            f"optim.grad_accum_steps={cfg.optim.grad_accum_steps}) but {have / GiB:,.1f} GiB "
+            "is available. Lower data.batch_size or raise optim.grad_accum_steps (smaller "
+            "micro-batches), set model.remat=full, or shard over more devices; `bigjax plan` "
+            "shows the estimate in full."
+        )

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bigjax.config import ConfigError, PrivacyConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class Accounting:
@@ -61,6 +63,18 @@ def epsilon(a: Accounting, steps: int) -> float:
     accountant = _accountant(a.accountant)
     accountant.compose(_event(a.noise_multiplier, a.sampling_rate, steps))
     return float(accountant.get_epsilon(a.delta))
+
+
+def accounting(p: PrivacyConfig, batch_size: int, num_steps: int, rows: int) -> Accounting:
+    """A run's accounting: the sampling rate from the `rows` per epoch; the noise multiplier
+    given, or calibrated so that the whole run (num_steps) spends exactly the target epsilon."""
+    if rows < batch_size:
+        raise ConfigError(f"privacy: {rows} training rows, fewer than data.batch_size.")
+    q = batch_size / rows
+    sigma = p.noise_multiplier or calibrate_noise(
+        p.target_epsilon, q, num_steps, p.delta, p.accountant
+    )
+    return Accounting(sigma, q, p.delta, p.accountant)
 
 
 def calibrate_noise(

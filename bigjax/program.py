@@ -51,8 +51,6 @@ class Shapes:
     context_parts: int  # how many pieces the context axis cuts each sequence into
     attention: str  # the training kernel model.attention resolves to on this mesh
     layout: dict[str, list[int]]  # the parameters' shapes by path, as checkpoints record them
-    num_params: int  # the model's (adapters not counted)
-    num_trainable: int  # what trains (LoRA adapters and unfrozen parameters)
     trainable: Callable[[str], bool]  # by parameter path (finetune.freeze, LoRA)
     layer_order: list[int]  # the stacked layers' order in memory (bigjax/stages.py)
     target: TrainState  # the abstract state placed in its shardings: what a restore fills
@@ -60,6 +58,16 @@ class Shapes:
     @property
     def batch_shardings(self) -> dict[str, NamedSharding]:
         return {k: v.sharding for k, v in self.batch.items()}
+
+    @property
+    def num_params(self) -> int:
+        """The model's parameters (adapters not counted)."""
+        return models.count_params(self.graph_state)
+
+    @property
+    def num_trainable(self) -> int:
+        """What trains: LoRA adapters and unfrozen parameters."""
+        return lora.count_trainable(self.abstract.params, self.trainable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +196,6 @@ def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
     parts = context_parts(rules, mesh.shape, cfg.data.seq_len)
     # The model, what of it trains, the optimizer: the abstract state and its shardings.
     graphdef, graph_state = models.abstract(m, rules)
-    num_params = models.count_params(graph_state)
     trainable = lora.trainable_fn(cfg.finetune)
     tx = optim.make_optimizer(cfg.optim, cfg.num_steps, trainable, cfg.finetune.keep_sparsity,
                               m.moe_bias_rate)  # fmt: skip
@@ -218,8 +225,6 @@ def shapes(cfg: TrainConfig, mesh: Mesh) -> Shapes:
         context_parts=parts,
         attention=kernel,
         layout=checkpoint.param_layout(abstract.params),
-        num_params=num_params,
-        num_trainable=lora.count_trainable(abstract.params, trainable),
         trainable=trainable or (lambda path: True),
         layer_order=stages.layer_order(m.num_layers, count, m.pipeline_interleave),
         target=placed(abstract, shardings),

@@ -17,6 +17,7 @@ from flax import nnx
 
 from bigjax import lora
 from bigjax.config import OptimConfig
+from bigjax.models import Model
 from bigjax.objectives import (
     PER_ROW,
     PER_WEIGHT,
@@ -38,6 +39,11 @@ def next_token(z_loss: float = 0.0) -> Objective:
     """Plain language modelling: the objective of a run that asks for nothing else."""
     task = NextToken()
     return Objective(task, task_loss(task, z_loss), task.eval_sums)
+
+
+def _model(graphdef: nnx.GraphDef, params: Params, lora_scale: float) -> Model:
+    """The model of `params`, LoRA adapters merged into their weights."""
+    return nnx.merge(graphdef, lora.merged(params, lora_scale))
 
 
 def _split_micro(batch: Batch, num_micro: int, rules: Rules) -> Batch:
@@ -75,7 +81,7 @@ def make_train_step(
     num_micro = cfg.grad_accum_steps
 
     def param_loss(params: Params, x: Inputs) -> tuple[jax.Array, Metrics]:
-        value, sums, _ = o.loss(nnx.merge(graphdef, lora.merged(params, lora_scale)), x)
+        value, sums, _ = o.loss(_model(graphdef, params, lora_scale), x)
         # auxiliary losses (MoE load balancing) are means per micro-batch: averaged over them
         return value + sums.get("aux_loss", 0.0) / x.aux_divisor, sums
 
@@ -163,6 +169,6 @@ def make_eval_step(
     def eval_step(params: Params, batch: Batch) -> Metrics:
         for corrupt in o.corrupt:
             batch = corrupt(batch, jax.random.key(0), False)
-        return o.eval(nnx.merge(graphdef, lora.merged(params, lora_scale)), batch)
+        return o.eval(_model(graphdef, params, lora_scale), batch)
 
     return eval_step

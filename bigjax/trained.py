@@ -42,7 +42,7 @@ def open_run(
     import jax
 
     from bigjax import loading, lora
-    from bigjax.data import pipeline
+    from bigjax.data import dataset
     from bigjax.program import make_program, shapes
     from bigjax.resources import Resources
     from bigjax.tuning import for_run
@@ -51,7 +51,7 @@ def open_run(
     with jax.set_mesh(mesh):
         # The tokenizer is all a trained model needs: a run's teacher, DP accounting and
         # choice items are for training it (a served distilled run must not need its teacher)
-        res = Resources(pipeline.tokenizer_for(cfg.data))
+        res = Resources(dataset.tokenizer_for(cfg.data))
         prog = make_program(cfg, shapes(cfg, mesh), res)
         target = prog.target.params
         params, step = loading.load_params(workdir, target, prog.layer_order)

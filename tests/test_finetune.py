@@ -174,14 +174,14 @@ def test_examples_with_line_separators_inside_strings_load_whole(tmp_path):
 
 @pytest.mark.parametrize("packing", ["pad", "first_fit"])
 def test_sft_rows_take_the_loss_on_responses_only(tmp_path, packing):
-    from bigjax.data import examples, pipeline
+    from bigjax.data import dataset, examples, pipeline
     from bigjax.data.tokenizer import ByteTokenizer
 
     path = _write_jsonl(tmp_path / "sft.jsonl", _sft_records())
     cfg = tiny_config(data={"task": "sft", "examples": path, "packing": packing,
                             "batch_size": 8, "seq_len": 64})  # fmt: skip
     it = pipeline.for_config(
-        cfg.data, split="train", seed=0, workers=0, tokenizer=pipeline.tokenizer_for(cfg.data)
+        cfg.data, split="train", seed=0, workers=0, tokenizer=dataset.tokenizer_for(cfg.data)
     )
     batch = next(it)
     it.close()

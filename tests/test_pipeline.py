@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_config
 
 from bigjax.config import DataConfig
-from bigjax.data import pipeline
+from bigjax.data import dataset, pipeline
 from bigjax.data.dataset import EmptySplitError
 from bigjax.data.prepare import PrepareConfig, prepare
 from bigjax.metrics import read_jsonl
@@ -34,7 +34,7 @@ def stdlib_ds(tmp_path_factory) -> Path:
 
 
 def _batches(cfg: DataConfig, n: int, split="train", **kw) -> list[dict]:
-    tok = pipeline.tokenizer_for(cfg)
+    tok = dataset.tokenizer_for(cfg)
     it = iter(pipeline.for_config(cfg, split=split, seed=0, tokenizer=tok, **kw))
     out = pipeline.take(it, n)
     getattr(it, "close", lambda: None)()
@@ -103,12 +103,12 @@ def test_mixture_of_different_tokenizers_is_refused(stdlib_ds, tmp_path):
     )
     cfg = DataConfig(mixture=((str(stdlib_ds), 1.0), (str(other), 1.0)))
     with pytest.raises(ValueError, match="different tokenizers"):
-        pipeline.tokenizer_for(cfg)
+        dataset.tokenizer_for(cfg)
 
 
 def test_resume_yields_the_same_batches_with_workers(stdlib_ds):
     cfg = DataConfig(path=str(stdlib_ds), batch_size=8, seq_len=64, num_workers=2)
-    tok = pipeline.tokenizer_for(cfg)
+    tok = dataset.tokenizer_for(cfg)
     ds = pipeline.for_config(cfg, split="train", seed=3, tokenizer=tok)
     it = iter(ds)
     pipeline.take(it, 5)

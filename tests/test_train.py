@@ -100,11 +100,11 @@ def test_resume_continues_exactly(tmp_path):
 def test_the_tokenizer_is_loaded_once_per_run_however_many_evals(tmp_path, monkeypatch):
     # resources.load reads it; the train data, every eval's held-out batches and the
     # multiple-choice scorer take that one (it used to be read again at every eval).
-    from bigjax.data import pipeline
+    from bigjax.data import dataset
 
     loads = []
-    real = pipeline.tokenizer_for
-    monkeypatch.setattr(pipeline, "tokenizer_for", lambda cfg: loads.append(cfg) or real(cfg))
+    real = dataset.tokenizer_for
+    monkeypatch.setattr(dataset, "tokenizer_for", lambda cfg: loads.append(cfg) or real(cfg))
     evals = {"every_steps": 1, "num_batches": 1, "choices": "stdlib", "choice_items": 4}
     out = train(tiny_config(num_steps=3, eval=evals), tmp_path)
     assert len(loads) == 1

@@ -61,7 +61,7 @@ def test_vit_learns_digits_and_reports_metrics(tmp_path):
 def test_sharded_vit_training_equals_one_device():
     from helpers import run_steps
 
-    from bigjax.data import pipeline
+    from bigjax.data import dataset, pipeline
 
     cfg = tiny_config(model=VIT, data={**DIGITS, "augment": False})
     it = pipeline.for_config(
@@ -70,7 +70,7 @@ def test_sharded_vit_training_equals_one_device():
         seed=0,
         workers=0,
         image_shape=(8, 1),
-        tokenizer=pipeline.tokenizer_for(cfg.data),
+        tokenizer=dataset.tokenizer_for(cfg.data),
     )
     batches = [next(it) for _ in range(3)]
     it.close()

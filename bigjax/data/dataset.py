@@ -13,6 +13,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from bigjax.config import DataConfig
 from bigjax.data import tokenizer as tokenizers
 from bigjax.errors import UsageError
 
@@ -107,3 +108,39 @@ def split_source(path: Path, split: str) -> tuple[grain.MapDataset, dict[str, An
 def load_tokenizer(path: Path) -> tokenizers.Tokenizer:
     read_manifest(path)
     return tokenizers.load(path / "tokenizer")
+
+
+def sources(cfg: DataConfig) -> tuple[tuple[Path, float], ...]:
+    """(dataset dir, weight) of every prepared dataset the config reads; () for the stdlib."""
+    if cfg.mixture:
+        return tuple((Path(p), w) for p, w in cfg.mixture)
+    return ((Path(cfg.path), 1.0),) if cfg.path else ()
+
+
+def tokenizer_dir(cfg: DataConfig) -> Path | None:
+    """Where the run's tokenizer files are (the first dataset's `tokenizer/`), None for the
+    built-in corpus: other files saved beside the tokenizer (a chat template) are read there."""
+    paths = [p for p, _ in sources(cfg)]
+    return paths[0] / "tokenizer" if paths else None
+
+
+def tokenizer_for(cfg: DataConfig) -> tokenizers.Tokenizer:
+    """The built-in corpus's tokenizer, or the one saved in the prepared dataset(s)."""
+    paths = [p for p, _ in sources(cfg)]
+    if not paths:
+        return tokenizers.TOKENIZERS[cfg.tokenizer]()
+    for p in paths:
+        read_manifest(p)  # a clear error when a path is not a prepared dataset
+
+    def fingerprint(path: Path) -> tuple:
+        return tuple((f.name, f.read_bytes()) for f in sorted((path / "tokenizer").iterdir()))
+
+    if len({fingerprint(p) for p in paths}) > 1:
+        raise tokenizers.TokenizerError(
+            f"data.mixture: datasets {[str(p) for p in paths]} were prepared with different "
+            "tokenizers; prepare them with the same --tokenizer (e.g. hf:PATH of one of them)."
+        )
+    for path in paths:  # fail now, not at the first eval after hours of training
+        for split in SPLITS:
+            split_source(path, split)
+    return load_tokenizer(paths[0])

@@ -16,7 +16,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -363,42 +362,6 @@ def default_rows(batch_size: int) -> range:
     return range(jax.process_index() * per, (jax.process_index() + 1) * per)
 
 
-def sources(cfg: DataConfig) -> tuple[tuple[Path, float], ...]:
-    """(dataset dir, weight) of every prepared dataset the config reads; () for the stdlib."""
-    if cfg.mixture:
-        return tuple((Path(p), w) for p, w in cfg.mixture)
-    return ((Path(cfg.path), 1.0),) if cfg.path else ()
-
-
-def tokenizer_dir(cfg: DataConfig) -> Path | None:
-    """Where the run's tokenizer files are (the first dataset's `tokenizer/`), None for the
-    built-in corpus: other files saved beside the tokenizer (a chat template) are read there."""
-    paths = [p for p, _ in sources(cfg)]
-    return paths[0] / "tokenizer" if paths else None
-
-
-def tokenizer_for(cfg: DataConfig) -> tokenizers.Tokenizer:
-    """The built-in corpus's tokenizer, or the one saved in the prepared dataset(s)."""
-    paths = [p for p, _ in sources(cfg)]
-    if not paths:
-        return tokenizers.TOKENIZERS[cfg.tokenizer]()
-    for p in paths:
-        dataset.read_manifest(p)  # a clear error when a path is not a prepared dataset
-
-    def fingerprint(path: Path) -> tuple:
-        return tuple((f.name, f.read_bytes()) for f in sorted((path / "tokenizer").iterdir()))
-
-    if len({fingerprint(p) for p in paths}) > 1:
-        raise tokenizers.TokenizerError(
-            f"data.mixture: datasets {[str(p) for p in paths]} were prepared with different "
-            "tokenizers; prepare them with the same --tokenizer (e.g. hf:PATH of one of them)."
-        )
-    for path in paths:  # fail now, not at the first eval after hours of training
-        for split in dataset.SPLITS:
-            dataset.split_source(path, split)
-    return dataset.load_tokenizer(paths[0])
-
-
 def for_config(
     cfg: DataConfig,
     *,
@@ -412,8 +375,8 @@ def for_config(
     tokenizer: tokenizers.Tokenizer,
 ) -> Batches:
     """The run's batches: `rows` (default: this process's even share) of each global batch.
-    `split` is 'train' or 'validation'. `tokenizer`: the run's, already loaded (`tokenizer_for`;
-    a training run loads it once, with its other resources)."""
+    `split` is 'train' or 'validation'. `tokenizer`: the run's, already loaded
+    (`dataset.tokenizer_for`; a training run loads it once, with its other resources)."""
     task = TASKS[cfg.task]
     shuffle = cfg.shuffle if shuffle is None else shuffle
     stream = STREAMS[task.source](
@@ -468,7 +431,7 @@ def document_streams(
 ) -> grain.MapDataset:
     """The built-in corpus (or `builtin_docs`), else the prepared datasets of data.path or
     data.mixture, mixed by their weights."""
-    if not sources(cfg):
+    if not dataset.sources(cfg):
         docs = where.builtin_docs
         if docs is None:
             train_docs, eval_docs = corpus.split_stdlib(cfg.eval_fraction, cfg.seq_len)
@@ -478,7 +441,7 @@ def document_streams(
         return document_stream(grain.MapDataset.source(docs), ReadTokens(ByteTokenizer()),
                                seed=where.seed, shuffle=where.shuffle)  # fmt: skip
     streams, weights = [], []
-    for i, (path, weight) in enumerate(sources(cfg)):
+    for i, (path, weight) in enumerate(dataset.sources(cfg)):
         source, info = dataset.split_source(path, where.split)
         read = dataset.DecodeTokens(info["dtype"])
         streams.append(document_stream(source, read, seed=where.seed + i, shuffle=where.shuffle))

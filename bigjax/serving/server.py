@@ -70,7 +70,7 @@ def serve_run(workdir: str, overrides: Sequence[str], opts: Options) -> int:
 
 
 def _build(workdir: str, prog: Any, params: Any, opts: Options) -> tuple[Any, Any]:
-    from bigjax.data import pipeline
+    from bigjax.data import dataset
     from bigjax.serving.api import Served
     from bigjax.serving.engine import Engine
     from bigjax.serving.monitor import Monitor
@@ -81,7 +81,7 @@ def _build(workdir: str, prog: Any, params: Any, opts: Options) -> tuple[Any, An
         raise ConfigError(f"serve: --max-len {max_len} is more than the model's "
                           f"{cfg.model.max_positions} learned positions; lower it.")  # fmt: skip
     tokenizer = prog.resources.tokenizer
-    template = _chat_template(opts.chat_template, pipeline.tokenizer_dir(cfg.data))
+    template = _chat_template(opts.chat_template, dataset.tokenizer_dir(cfg.data))
     engine = Engine(prog.graphdef, params, cfg.mesh.rules, slots=opts.slots, max_len=max_len,
                     max_waiting=opts.max_waiting, mesh=prog.mesh)  # fmt: skip
     name = opts.model_name or Path(workdir).resolve().name

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bigjax.config import DataConfig
-from bigjax.data import pipeline
+from bigjax.data import dataset, pipeline
 from bigjax.data.dataset import read_manifest
 from bigjax.metrics import read_jsonl
 
@@ -56,9 +56,7 @@ def bench_prepare(out: Path, tokenizer: str, reps: int) -> dict:
 
 def bench_pipeline(ds: Path, batch: int, seq_len: int, workers: int, steps: int) -> dict:
     cfg = DataConfig(path=str(ds), batch_size=batch, seq_len=seq_len, num_workers=workers)
-    it = iter(
-        pipeline.for_config(cfg, split="train", seed=0, tokenizer=pipeline.tokenizer_for(cfg))
-    )
+    it = iter(pipeline.for_config(cfg, split="train", seed=0, tokenizer=dataset.tokenizer_for(cfg)))
     pipeline.take(it, 5)  # workers up, buffers full
     start = time.perf_counter()
     pipeline.take(it, steps)
