@@ -15,6 +15,7 @@ import ctypes.util
 import functools
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,24 @@ from typing import Any
 
 def staging_dir(final: Path) -> Path:
     """A fresh, empty directory beside `final` (the same filesystem, so the swap is a rename),
-    with the permissions a new directory gets here (not mkdtemp's private 0700)."""
+    with the permissions a new directory gets here (not mkdtemp's private 0700). Its name
+    carries this host and process; stagings beside `final` left by dead processes of this
+    host (a killed prepare or export) are removed first."""
     final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    host = socket.gethostname()
+    prefix = f".{final.name}.partial-"
+    for old in final.parent.iterdir():  # not glob: a name may hold `[` or `*`
+        owner = old.name.removeprefix(prefix).rsplit("-", 2)  # host, pid, mkdtemp's suffix
+        if (
+            old.name.startswith(prefix)
+            and len(owner) == 3
+            and owner[0] == host
+            and owner[1].isdigit()
+            and not _alive(int(owner[1]))
+        ):
+            shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{host}-{os.getpid()}-", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)
     path.chmod(0o777 & ~umask)
@@ -46,6 +61,16 @@ def swap_in(staged: Path, final: Path) -> None:
     os.rename(final, old / final.name)
     os.rename(staged, final)
     shutil.rmtree(old)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
 
 
 @functools.cache

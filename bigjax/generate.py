@@ -165,6 +165,7 @@ def generate_from_run(
     workdir: str, overrides: Sequence[str], prompts: Sequence[str], sampling: Sampling
 ) -> tuple[list[str], dict[str, float]]:
     """Continuations of `prompts` by a trained run's latest checkpoint, and the timings."""
+    import sys
     import time
 
     from bigjax.data.tokenizer import encode_prompt
@@ -173,7 +174,14 @@ def generate_from_run(
     with open_run(workdir, overrides, "generate") as (prog, params, step):
         tokenizer = prog.resources.tokenizer
         # framed as training framed documents (BOS first), as `bigjax serve` reads prompts
-        batch = left_pad([encode_prompt(tokenizer, p, add_bos=True) for p in prompts])
+        encoded = [encode_prompt(tokenizer, p, add_bos=True) for p in prompts]
+        longest, trained = max(map(len, encoded)), prog.cfg.data.seq_len
+        if longest + sampling.max_new_tokens > trained:  # `serve` refuses this; here a warning
+            print(f"warning: a prompt of {longest} tokens plus {sampling.max_new_tokens} new "
+                  f"tokens is past the {trained} positions this run trained on "
+                  "(data.seq_len); the text there is the model extrapolating.",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        batch = left_pad(encoded)
         fn = make_generate(prog.graphdef, prog.cfg.mesh.rules, sampling)
         inputs = (params, batch["tokens"], batch["valid"], batch["positions"])
         start = time.perf_counter()

@@ -134,6 +134,11 @@ def test_generate_command_on_a_trained_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "--- 'def f(x):'" in out and "--- 'import'" in out
     assert "checkpoint step 3, 2 prompt(s), 14 new tokens" in out  # no stop token: 2 x 7
+    assert "warning" not in capsys.readouterr().err
+    # past the positions the run trained on: generated, with a warning (serve refuses it)
+    long = "x = 1\n" * cfg.data.seq_len
+    assert main([*args, "--prompt", long]) == 0
+    assert "past the 64 positions this run trained on" in capsys.readouterr().err
 
     assert main(["generate", "--workdir", str(tmp_path), "--prompt", "x"]) == 2
     assert "has no config.json" in capsys.readouterr().err

@@ -90,24 +90,10 @@ def lock(final: Path) -> runlock.RunLock:
         ) from None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def staging(final: Path) -> Path:
     """A fresh staging directory beside `final` (same filesystem, so the swap is a rename),
-    marked as partial. Stagings left by killed prepares of this host are removed."""
+    marked as partial (stagings left by killed prepares of this host are removed there)."""
     host = socket.gethostname()
-    for old in final.parent.glob(f".{final.name}.partial-*"):
-        record = _marker(old)
-        if record and record.get("host") == host and not _alive(int(record.get("pid", 0))):
-            shutil.rmtree(old, ignore_errors=True)
     path = staging_dir(final)
     partial = {"bigjax_dataset": MARKER_FORMAT, "partial": True, "pid": os.getpid(), "host": host}
     (path / MARKER).write_text(json.dumps(partial) + "\n")
