@@ -108,6 +108,9 @@ class Checkpointer:
 
     def __init__(self, directory: Path, cfg: CheckpointConfig):
         self.directory = Path(directory).absolute()
+        if self.directory.exists() and not self.directory.is_dir():  # found now, not at a save
+            raise CheckpointError(f"{self.directory} is a file, not a directory of checkpoints; "
+                                  "move it away and run again.")  # fmt: skip
         self.async_save = cfg.async_save
         self.in_flight: int | None = None  # the step of the last save started
         self._started = time.time()

@@ -99,6 +99,16 @@ def test_run_directories_that_cannot_be_one(tmp_path, capsys):
     (run / runlock.LOCK_NAME).mkdir(parents=True)
     err = _one_line(capsys, "train", *args, "--workdir", str(run))
     assert "is a directory, not bigjax's lock file" in err
+    # a file where the checkpoints go: refused before step 1 (it used to fail at the first save)
+    other = tmp_path / "other"
+    (other / "checkpoints").parent.mkdir()
+    (other / "checkpoints").write_text("x")
+    err = _one_line(capsys, "train", *args, "--workdir", str(other), code=1)
+    assert "checkpoints is a file, not a directory of checkpoints" in err
+    assert (
+        not (other / "metrics.jsonl").exists()
+        or "loss" not in (other / "metrics.jsonl").read_text()
+    )
 
 
 def test_damaged_lock_records_and_seals_are_read_as_damaged(tmp_path):

@@ -6,9 +6,14 @@ A record is one document's token ids (BOS ... EOS) as little-endian uint16 (voca
 
 from __future__ import annotations
 
+import bisect
+import functools
+import hashlib
+import itertools
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grain
 import numpy as np
@@ -18,10 +23,59 @@ from bigjax.data import tokenizer as tokenizers
 from bigjax.errors import UsageError
 
 SPLITS = ("train", "validation")
+T = TypeVar("T")
 
 
 class EmptySplitError(UsageError, ValueError):
     """A prepared dataset has no documents in a split that training needs."""
+
+
+class DamagedDatasetError(UsageError, ValueError):
+    """A dataset that does not read back as prepare wrote it: a truncated shard or a flipped
+    bit (every ArrayRecord chunk carries a hash checked on each read; the manifest records the
+    tokenizer files' hashes), or a manifest that is no longer one."""
+
+
+class Shards:
+    """The records of a split's shards, in order, as one random-access source (Grain's
+    `RandomAccessDataSource`); a shard that cannot be read is an error naming it and the fix,
+    raised where the damaged record is read (at the start for a truncated shard)."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = [str(p) for p in paths]
+        self._sources = [_checked(p, functools.partial(grain.sources.ArrayRecordDataSource, [p]))
+                         for p in self.paths]  # fmt: skip
+        self._starts = list(itertools.accumulate((len(s) for s in self._sources), initial=0))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> bytes:
+        shard = bisect.bisect_right(self._starts, index) - 1
+        record = index - self._starts[shard]
+        return _checked(self.paths[shard], lambda: self._sources[shard][record], record)
+
+
+def _checked(path: str, read: Callable[[], T], record: int | None = None) -> T:
+    try:
+        return read()
+    except RuntimeError as e:  # riegeli: "Corrupted Riegeli/records file: ...", a short file
+        where = "" if record is None else f" (record {record})"
+        raise DamagedDatasetError(
+            f"{path}{where} is damaged: {str(e).splitlines()[0][:200]}. {CHANGED}"
+        ) from None
+
+
+CHANGED = (
+    "The dataset changed on disk after it was prepared; restore the file or run `bigjax "
+    "prepare` again (a run resumes from its last checkpoint once its data reads)."
+)
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of each file in `directory`, by name (the tokenizer's, kept in the manifest)."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(directory.iterdir()) if f.is_file()}  # fmt: skip
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -80,7 +134,21 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"data.path {str(path)!r} is not a prepared dataset (no manifest.json). Make one "
             "with: bigjax prepare --input 'raw/*.jsonl' --output DIR"
         )
-    return json.loads(manifest.read_text())
+    try:
+        info = json.loads(manifest.read_bytes())
+        hashes = info["tokenizer"].get("sha256", {})  # absent before hashes were recorded
+        if not isinstance(hashes, dict) or not all(isinstance(h, str) for h in hashes.values()):
+            raise TypeError("tokenizer.sha256 is not a mapping of file names to hashes")
+        for split in SPLITS:
+            shards, dtype = info["splits"][split]["shards"], info["splits"][split]["dtype"]
+            if not isinstance(shards, list) or not all(Path(s).name == s for s in shards):
+                raise TypeError(f"splits.{split}.shards is not a list of file names")
+            np.dtype(dtype)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, UTF-8, odd fields
+        raise DamagedDatasetError(
+            f"{manifest} is damaged ({type(e).__name__}: {e}). {CHANGED}"
+        ) from None
+    return info
 
 
 class DecodeTokens(grain.transforms.Map):
@@ -101,12 +169,19 @@ def split_source(path: Path, split: str) -> tuple[grain.MapDataset, dict[str, An
             f"{path}: the {split} split is empty; prepare with a larger --val-fraction or more "
             "data."
         )
-    source = grain.sources.ArrayRecordDataSource([str(path / s) for s in info["shards"]])
-    return grain.MapDataset.source(source), info
+    return grain.MapDataset.source(Shards([path / s for s in info["shards"]])), info
 
 
 def load_tokenizer(path: Path) -> tokenizers.Tokenizer:
-    read_manifest(path)
+    """The tokenizer a dataset was prepared with, its files checked against the manifest's
+    hashes (datasets prepared before the hashes were recorded are read unchecked)."""
+    recorded = read_manifest(path)["tokenizer"].get("sha256")
+    if recorded is not None and (found := file_hashes(path / "tokenizer")) != recorded:
+        changed = sorted(
+            k for k in recorded.keys() | found.keys() if recorded.get(k) != found.get(k)
+        )
+        raise DamagedDatasetError(f"{path / 'tokenizer'}: {', '.join(changed)} differ from what "
+                                  f"prepare wrote. {CHANGED}")  # fmt: skip
     return tokenizers.load(path / "tokenizer")
 
 

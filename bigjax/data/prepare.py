@@ -33,7 +33,7 @@ import bigjax
 from bigjax import progress
 from bigjax.data import clean, language, output, pii
 from bigjax.data import tokenizer as tokenizers
-from bigjax.data.dataset import SPLITS, ShardWriter
+from bigjax.data.dataset import SPLITS, ShardWriter, file_hashes
 from bigjax.data.files import SKIP_REASONS
 from bigjax.data.sources import DataError, FileLog, RawDoc, expand_inputs, read_documents
 
@@ -364,6 +364,7 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
             "bos_id": tok.bos_id,
             "eos_id": tok.eos_id,
             "pad_id": tok.pad_id,
+            "sha256": file_hashes(out / "tokenizer"),  # checked whenever a run loads it
         },
         "documents_in": documents_in,
         "documents_out": sum(kept_docs.values()),
