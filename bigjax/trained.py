@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bigjax import history
 from bigjax.config import (
     ConfigError,
     from_configdict,
@@ -23,15 +25,25 @@ def open_run(
     workdir: str, overrides: Sequence[str], command: str, tensor: int = 1
 ) -> Iterator[tuple]:
     """A trained run, ready to use on this machine: yields (program, params, checkpoint step)
-    inside its mesh. The config is the run's config.json plus overrides; the mesh is FSDP over
-    this machine's devices (in groups of `tensor` for tensor parallelism), whatever mesh the
-    run trained on."""
+    inside its mesh. The config is the one its newest intact checkpoint was saved with (checked
+    with it by its checksums; config.json, for a checkpoint without one), plus overrides; the
+    mesh is FSDP over this machine's devices (in groups of `tensor` for tensor parallelism),
+    whatever mesh the run trained on."""
     import dataclasses as dc
+
+    from bigjax import loading
 
     config_path = Path(workdir) / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{command}: {workdir} has no config.json; pass a run directory.")
-    raw = json.loads(config_path.read_text())
+    step, saved = loading.newest_with_config(workdir)
+    raw = saved or _read_config(config_path)
+    # config.json differs: a resume that has not saved yet, or the file edited or damaged
+    if saved and (changed := _differences(saved, config_path)):
+        shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+        print(f"note: {config_path} differs from the config checkpoint step {step} was saved "
+              f"with ({shown}); using the checkpoint's (set keys with --config.KEY=VALUE).",
+              file=sys.stderr, flush=True)  # fmt: skip
     for item in overrides:
         set_path(raw, *parse_override(item))
     cfg = from_configdict(raw)
@@ -41,7 +53,7 @@ def open_run(
     cfg = dc.replace(cfg, mesh=one_slice)
     import jax
 
-    from bigjax import loading, lora
+    from bigjax import lora
     from bigjax.data import dataset
     from bigjax.program import make_program, shapes
     from bigjax.resources import Resources
@@ -54,9 +66,30 @@ def open_run(
         res = Resources(dataset.tokenizer_for(cfg.data))
         prog = make_program(cfg, shapes(cfg, mesh), res)
         target = prog.target.params
-        params, step = loading.load_params(workdir, target, prog.layer_order)
+        params, step = loading.load_params(workdir, target, prog.layer_order, step)
         # LoRA runs: the adapters folded into the weights, as the model ran in training
         yield prog, lora.merged(params, cfg.finetune.lora_scale), step
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A run's config.json, or a one-line error naming it when it is damaged."""
+    try:
+        raw = json.loads(path.read_bytes())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        return raw
+    except ValueError as e:  # JSON or UTF-8
+        raise ConfigError(f"{path} is damaged ({e}) and its checkpoint has no config of its "
+                          "own; restore the file.") from None  # fmt: skip
+
+
+def _differences(saved: dict[str, Any], path: Path) -> list[str]:
+    """The keys in which config.json differs from the checkpoint's config (['unreadable'] for a
+    damaged file)."""
+    try:
+        return list(history.changes(saved, _read_config(path)))
+    except ConfigError:
+        return ["unreadable"]
 
 
 def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any) -> None:

@@ -679,3 +679,28 @@ def test_another_optimizer_is_a_config_error_not_corruption(tmp_path, two_steps)
     assert "checkpoint.init_from" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "checkpoints" / "2").is_dir()
     assert not (tmp_path / "checkpoints.corrupt").exists()
+
+
+@pytest.mark.slow
+def test_the_tools_use_the_config_their_checkpoint_was_saved_with(tiny_run, tmp_path, capsys):
+    # config.json is a plain file beside the checksummed checkpoints: a flipped digit that
+    # still parses (rope_theta) used to change the model `eval`, `generate` and `serve` ran,
+    # silently; a flipped byte that does not parse was a JSONDecodeError traceback.
+    from bigjax.evaluate import evaluate_run
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    expected = evaluate_run(str(run), [])["eval_loss"]
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["rope_theta"] *= 3
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert evaluate_run(str(run), [])["eval_loss"] == expected  # bitwise: the same program
+    assert "differs from the config checkpoint step 2 was saved with (model.rope_theta)" in (
+        capsys.readouterr().err
+    )
+    (run / "config.json").write_bytes(b"\xff{ damaged")
+    assert evaluate_run(str(run), [])["eval_loss"] == expected
+    assert "(unreadable)" in capsys.readouterr().err
+    # an override is the way to change a key for a tool, and it is applied
+    changed = evaluate_run(str(run), ["--config.model.rope_theta=30000.0"])["eval_loss"]
+    assert changed != expected
