@@ -290,15 +290,11 @@ def newest_intact(manager: ocp.CheckpointManager) -> int | None:
     return None
 
 
-def _reader(path: str) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    return ocp.CheckpointManager(source_directory(path).absolute(), options=options)
-
-
 def newest_with_config(path: str) -> tuple[int, dict[str, Any] | None]:
     """A run's newest intact step and the config it was saved with (verified with it by its
     checksums; None for a checkpoint without one)."""
-    manager = _reader(path)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    manager = ocp.CheckpointManager(source_directory(path).absolute(), options=options)
     try:
         step = newest_intact(manager)
         if step is None:
@@ -317,7 +313,8 @@ def load_params(
     """The parameters of a run's newest intact checkpoint (or of `step`, one the caller has
     found intact), restored into `target_params`' shardings (for generation, evaluation,
     export), the stacked layers in `layer_order` (None: the model's); returns (params, step)."""
-    manager = _reader(path)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    manager = ocp.CheckpointManager(source_directory(path).absolute(), options=options)
     try:
         step = newest_intact(manager) if step is None else step
         if step is None:
