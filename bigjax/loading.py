@@ -290,18 +290,40 @@ def newest_intact(manager: ocp.CheckpointManager) -> int | None:
     return None
 
 
-def newest_with_config(path: str) -> tuple[int, dict[str, Any] | None]:
-    """A run's newest intact step and the config it was saved with (verified with it by its
-    checksums; None for a checkpoint without one)."""
+def run_config(run_dir: str) -> tuple[int, dict[str, Any], list[str]]:
+    """A trained run's newest intact step, the config that step was saved with (verified with
+    it by its checksums; the run's config.json for a checkpoint without one), and the keys in
+    which config.json differs from it (['unreadable'] for a damaged file): config.json is a
+    plain file beside the checkpoints, and a flipped digit that still parses would change the
+    model silently."""
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    manager = ocp.CheckpointManager(source_directory(path).absolute(), options=options)
+    manager = ocp.CheckpointManager(source_directory(run_dir).absolute(), options=options)
     try:
         step = newest_intact(manager)
         if step is None:
-            raise CheckpointError(f"no checkpoint in {path!r}: train the run first.")
-        return step, saved_config(manager, step)
+            raise CheckpointError(f"no checkpoint in {run_dir!r}: train the run first.")
+        saved = saved_config(manager, step)
     finally:
         manager.close()
+    path = Path(run_dir) / "config.json"
+    if saved is None:
+        return step, _read_config(path), []
+    try:
+        return step, saved, list(history.changes(saved, _read_config(path)))
+    except ConfigError:
+        return step, saved, ["unreadable"]
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A run's config.json, or a one-line error naming it when it is damaged."""
+    try:
+        raw = json.loads(path.read_bytes())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        return raw
+    except ValueError as e:  # JSON or UTF-8
+        raise ConfigError(f"{path} is damaged ({e}) and its checkpoint has no config of its "
+                          "own; restore the file.") from None  # fmt: skip
 
 
 def load_params(
@@ -341,7 +363,8 @@ def teacher(run_dir: str, vocab_size: int, rules: Rules, mesh: Mesh) -> Teacher:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"distill.teacher: {path} is missing; pass a run directory.")
-    cfg = from_configdict(json.loads(path.read_text()))
+    step, config, _ = run_config(run_dir)
+    cfg = from_configdict(config)
     if cfg.model.vocab_size != vocab_size:
         raise ConfigError(
             f"distill.teacher: its vocab_size {cfg.model.vocab_size} differs from the "
@@ -359,7 +382,7 @@ def teacher(run_dir: str, vocab_size: int, rules: Rules, mesh: Mesh) -> Teacher:
     count = num_stages(rules, mesh.shape, m.num_layers)
     # the teacher's layers, stacked in the order this mesh's stages keep them
     order = stages.layer_order(m.num_layers, count, m.pipeline_interleave)
-    params, _ = load_params(run_dir, target, order)
+    params, _ = load_params(run_dir, target, order, step)
     return Teacher(graphdef, params, shardings)
 
 

@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bigjax import history
 from bigjax.config import (
     ConfigError,
     from_configdict,
@@ -36,10 +35,8 @@ def open_run(
     config_path = Path(workdir) / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{command}: {workdir} has no config.json; pass a run directory.")
-    step, saved = loading.newest_with_config(workdir)
-    raw = saved or _read_config(config_path)
-    # config.json differs: a resume that has not saved yet, or the file edited or damaged
-    if saved and (changed := _differences(saved, config_path)):
+    step, raw, changed = loading.run_config(workdir)
+    if changed:  # a resume that has not saved yet, or config.json edited or damaged
         shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
         print(f"note: {config_path} differs from the config checkpoint step {step} was saved "
               f"with ({shown}); using the checkpoint's (set keys with --config.KEY=VALUE).",
@@ -69,27 +66,6 @@ def open_run(
         params, step = loading.load_params(workdir, target, prog.layer_order, step)
         # LoRA runs: the adapters folded into the weights, as the model ran in training
         yield prog, lora.merged(params, cfg.finetune.lora_scale), step
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    """A run's config.json, or a one-line error naming it when it is damaged."""
-    try:
-        raw = json.loads(path.read_bytes())
-        if not isinstance(raw, dict):
-            raise ValueError("not a JSON object")
-        return raw
-    except ValueError as e:  # JSON or UTF-8
-        raise ConfigError(f"{path} is damaged ({e}) and its checkpoint has no config of its "
-                          "own; restore the file.") from None  # fmt: skip
-
-
-def _differences(saved: dict[str, Any], path: Path) -> list[str]:
-    """The keys in which config.json differs from the checkpoint's config (['unreadable'] for a
-    damaged file)."""
-    try:
-        return list(history.changes(saved, _read_config(path)))
-    except ConfigError:
-        return ["unreadable"]
 
 
 def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any) -> None:
