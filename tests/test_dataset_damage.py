@@ -90,11 +90,12 @@ def _edited(manifest: bytes, change) -> bytes:
         lambda m: m[: len(m) // 2],  # cut
         lambda m: m.replace(b'"splits"', b'"splitz"'),
         lambda m: m.replace(b'"train-00000', b'"../train-00000'),  # a path out of the dataset
+        lambda m: _edited(m, lambda d: d["splits"]["train"].update(shards=[".."])),
         lambda m: m.replace(b'"<u2"', b'"<q9"'),
         lambda m: _edited(m, lambda d: d["tokenizer"].update(sha256=["not", "a", "mapping"])),
         lambda m: b"[]",
     ],
-    ids=["utf8", "cut", "key", "path", "dtype", "hashes", "list"],
+    ids=["utf8", "cut", "key", "path", "parent", "dtype", "hashes", "list"],
 )
 def test_a_damaged_manifest_is_one_error_naming_it(prepared, tmp_path, edit):
     ds = _copy(prepared, tmp_path)
@@ -106,6 +107,8 @@ def test_a_damaged_manifest_is_one_error_naming_it(prepared, tmp_path, edit):
 
 def test_a_changed_tokenizer_file_is_refused_by_train_in_one_line(prepared, tmp_path):
     ds = _copy(prepared, tmp_path)
+    # a file the user adds beside the tokenizer (a chat template for serving) is no damage
+    (ds / "tokenizer" / "chat_template.jinja").write_text("{{ messages }}")
     assert load_tokenizer(ds).vocab_size == 300  # as prepared: read
     tok = ds / "tokenizer" / "tokenizer.json"
     data = bytearray(tok.read_bytes())

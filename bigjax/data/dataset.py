@@ -141,7 +141,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
             raise TypeError("tokenizer.sha256 is not a mapping of file names to hashes")
         for split in SPLITS:
             shards, dtype = info["splits"][split]["shards"], info["splits"][split]["dtype"]
-            if not isinstance(shards, list) or not all(Path(s).name == s for s in shards):
+            plain = lambda s: Path(s).name == s and s not in ("", "..")  # noqa: E731
+            if not isinstance(shards, list) or not all(map(plain, shards)):
                 raise TypeError(f"splits.{split}.shards is not a list of file names")
             np.dtype(dtype)
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, UTF-8, odd fields
@@ -173,13 +174,12 @@ def split_source(path: Path, split: str) -> tuple[grain.MapDataset, dict[str, An
 
 
 def load_tokenizer(path: Path) -> tokenizers.Tokenizer:
-    """The tokenizer a dataset was prepared with, its files checked against the manifest's
-    hashes (datasets prepared before the hashes were recorded are read unchecked)."""
-    recorded = read_manifest(path)["tokenizer"].get("sha256")
-    if recorded is not None and (found := file_hashes(path / "tokenizer")) != recorded:
-        changed = sorted(
-            k for k in recorded.keys() | found.keys() if recorded.get(k) != found.get(k)
-        )
+    """The tokenizer a dataset was prepared with, the files prepare wrote checked against the
+    manifest's hashes (datasets prepared before the hashes were recorded are read unchecked)."""
+    recorded = read_manifest(path)["tokenizer"].get("sha256") or {}
+    found = file_hashes(path / "tokenizer")
+    # only what prepare wrote: a file added beside it (a chat template for serving) is the user's
+    if changed := sorted(k for k in recorded if found.get(k) != recorded[k]):
         raise DamagedDatasetError(f"{path / 'tokenizer'}: {', '.join(changed)} differ from what "
                                   f"prepare wrote. {CHANGED}")  # fmt: skip
     return tokenizers.load(path / "tokenizer")
@@ -207,10 +207,7 @@ def tokenizer_for(cfg: DataConfig) -> tokenizers.Tokenizer:
     for p in paths:
         read_manifest(p)  # a clear error when a path is not a prepared dataset
 
-    def fingerprint(path: Path) -> tuple:
-        return tuple((f.name, f.read_bytes()) for f in sorted((path / "tokenizer").iterdir()))
-
-    if len({fingerprint(p) for p in paths}) > 1:
+    if len({tuple(file_hashes(p / "tokenizer").items()) for p in paths}) > 1:
         raise tokenizers.TokenizerError(
             f"data.mixture: datasets {[str(p) for p in paths]} were prepared with different "
             "tokenizers; prepare them with the same --tokenizer (e.g. hf:PATH of one of them)."
