@@ -25,9 +25,9 @@ import jax
 from bigjax import metrics, models, stages
 from bigjax.config import ConfigError, TrainConfig
 from bigjax.layers import compute_dtype
+from bigjax.mesh import for_run
 from bigjax.program import for_config
 from bigjax.sharding import num_stages
-from bigjax.tuning import for_run
 
 
 @dataclasses.dataclass(frozen=True)

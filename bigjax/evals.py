@@ -1,22 +1,45 @@
 """Evaluation during and after training: the held-out loss (or a classifier's accuracy and
-F1), multiple-choice accuracy and lm-evaluation-harness benchmarks, logged at a step."""
+F1), multiple-choice accuracy and lm-evaluation-harness benchmarks, logged at a step.
+
+lm-evaluation-harness tasks (HellaSwag, ARC, PIQA, LAMBADA, MMLU, your own YAML) are scored by
+a bigjax model in process. `make_lm` gives lm-eval a `TemplateLM`: lm-eval builds the requests
+(few-shot contexts, choice continuations, rolling windows) and tokenizes them through
+`tok_encode`, which reads text as `bigjax serve` does; bigjax scores them with
+`scoring.Scorer` (batched, one compile per length bucket) and generates with the serving
+engine (continuous batching, stop strings cut as the server cuts them). So the same task
+scored here and through lm-eval's `local-completions` against `bigjax serve` sees the same
+token ids. Nothing is downloaded: tasks whose data lie in local files (`--include-path`) run
+offline; the Hugging Face hub is switched to offline mode before lm-eval is imported.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
+import os
 import time
-from typing import Any
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 
-from bigjax import choices, lora, metrics, progress
+from bigjax import choices, lora, metrics, progress, tree
 from bigjax.config import ConfigError
 from bigjax.data import pipeline
 from bigjax.data.tokenizer import Tokenizer
 from bigjax.program import Program
+from bigjax.sharding import Rules
 from bigjax.tasks import task_of
 from bigjax.tree import Params
+
+if TYPE_CHECKING:  # lm-eval is an extra, imported when a harness runs
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.tasks import TaskManager
 
 
 def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None) -> dict[str, float]:
@@ -94,38 +117,224 @@ class Harness:
     the first eval; later evals hand the model new parameters of the same shapes."""
 
     def __init__(self, prog: Program, tokenizer: Tokenizer):
-        import importlib.util
-
-        from bigjax import harness
-
         e = prog.cfg.eval
         if importlib.util.find_spec("lm_eval") is None:
             raise ConfigError("eval.harness_tasks needs lm-evaluation-harness: "
                               "pip install 'bigjax[harness]'.")  # fmt: skip
         self.prog, self.tokenizer = prog, tokenizer
         self.tasks = [t for t in e.harness_tasks.split(",") if t]
-        self.manager = harness.task_manager(self.tasks, e.harness_include_path)
-        harness.check_data(self.tasks, self.manager, e.harness_include_path)
+        self.manager = task_manager(self.tasks, e.harness_include_path)
+        check_data(self.tasks, self.manager, e.harness_include_path)
         self.lm: Any = None
 
     def __call__(self, params: Params) -> dict[str, float]:
-        from bigjax import harness
-
         cfg = self.prog.cfg
         merged = lora.merged(params, cfg.finetune.lora_scale)
         if self.lm is None:
-            self.lm = harness.make_lm(self.prog.graphdef, merged, self.tokenizer,
+            self.lm = make_lm(self.prog.graphdef, merged, self.tokenizer,
                                       cfg.data.seq_len, rules=cfg.mesh.rules,
                                       mesh=self.prog.mesh)  # fmt: skip
         self.lm.set_params(merged)
         start = time.perf_counter()
-        results = harness.evaluate(
+        results = evaluate(
             self.lm, self.tasks, include_path=cfg.eval.harness_include_path,
             limit=cfg.eval.harness_limit or None, manager=self.manager,
         )  # fmt: skip
-        scores = {f"harness/{k}": v for k, v in harness.headline(results).items()}
+        scores = {f"harness/{k}": v for k, v in headline(results).items()}
         return {**scores, "harness_eval_s": time.perf_counter() - start}
 
     def close(self) -> None:
         if self.lm is not None:
             self.lm.close()
+
+
+def _offline() -> None:
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+
+
+def make_lm(
+    graphdef: nnx.GraphDef, params: tree.Params, tokenizer: Tokenizer, max_len: int, *,
+    rules: Rules = (), mesh: Mesh | None = None, tokens: int = 8192, slots: int = 8,
+) -> TemplateLM:  # fmt: skip
+    """An lm-eval LM over a model's parameters."""
+    _offline()
+    from lm_eval.api.model import TemplateLM
+
+    from bigjax.data.tokenizer import encode_prompt
+    from bigjax.scoring import Scorer
+    from bigjax.serving import offline
+    from bigjax.serving.engine import Engine, Params
+
+    class BigjaxLM(TemplateLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scorer = Scorer(graphdef, params, max_len, tokens=tokens)
+            self.params = params
+            self._engine: Engine | None = None
+
+        def set_params(self, new: tree.Params) -> None:
+            """Scores the next evaluation with `new` (a training run's current parameters:
+            same shapes, so nothing compiles again)."""
+            self.params = self.scorer.params = new
+            if self._engine is not None:
+                self._engine.params = new
+
+        @property
+        def eot_token_id(self) -> int:
+            return int(tokenizer.eos_id)
+
+        @property
+        def prefix_token_id(self) -> int:
+            return int(tokenizer.bos_id)  # training framed every document with BOS
+
+        @property
+        def max_length(self) -> int:
+            return max_len
+
+        def tok_encode(self, string: str, **kwargs: Any) -> list[int]:
+            return encode_prompt(tokenizer, string, add_bos=False)
+
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
+                                  **kwargs: Any) -> list[tuple[float, bool]]:  # fmt: skip
+            scored = self.scorer.score([(ctx, cont) for _, ctx, cont in requests])
+            out = [(s.total, s.greedy) for s in scored]
+            for (key, _, _), result in zip(requests, out, strict=True):
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, result)
+            return out
+
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+            pairs, owner = [], []
+            for i, req in enumerate(requests):
+                windows = get_rolling_token_windows(
+                    token_list=self.tok_encode(req.args[0]), prefix_token=self.prefix_token_id,
+                    max_seq_len=max_len, context_len=1,
+                )  # fmt: skip
+                for ctx, cont in map(make_disjoint_window, windows):
+                    pairs.append((ctx, cont))
+                    owner.append(i)
+            totals = [0.0] * len(requests)
+            for i, s in zip(owner, self.scorer.score(pairs), strict=True):
+                totals[i] += s.total
+            return totals
+
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+            if self._engine is None:
+                self._engine = Engine(graphdef, self.params, rules, slots=slots, max_len=max_len,
+                                      max_waiting=4 * slots, mesh=mesh)  # fmt: skip
+                self._engine.warm_up()
+                self._engine.start()
+            prompts, settings, stops = [], [], []
+            for req in requests:
+                context, kwargs = req.args
+                kwargs = dict(kwargs)
+                until = kwargs.pop("until", None) or []
+                until = [until] if isinstance(until, str) else list(until)
+                budget = int(kwargs.pop("max_gen_toks", 256))
+                budget = min(budget, max_len - 1)
+                ids = self.tok_encode(context)[-(max_len - budget) :] or [self.prefix_token_id]
+                temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+                if not kwargs.pop("do_sample", False):
+                    temperature = 0.0
+                prompts.append(ids)
+                settings.append(Params(max_tokens=budget, temperature=temperature,
+                                       stop_ids=frozenset({self.eot_token_id})))  # fmt: skip
+                stops.append(until)
+            return offline.complete(self._engine, tokenizer, prompts, settings, stops)
+
+        def close(self) -> None:
+            if self._engine is not None:
+                self._engine.stop()
+
+    return BigjaxLM()
+
+
+def task_manager(tasks: Sequence[str], include_path: str = "") -> TaskManager:
+    """lm-eval's task index (built once: indexing every task takes seconds), with `tasks`
+    checked against it."""
+    _offline()
+    from lm_eval.tasks import TaskManager
+
+    if include_path and not Path(include_path).is_dir():
+        raise ConfigError(f"eval: include path {include_path}: no such directory.")
+    include_path = str(Path(include_path).resolve()) if include_path else ""
+    if include_path:  # indexing lm-eval's own thousands of tasks takes seconds: only if needed
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if all(manager.match_tasks([t]) for t in tasks):
+            return manager
+    manager = TaskManager(include_path=include_path or None)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise ConfigError(
+            f"eval: unknown task(s) {', '.join(unknown)}; see `lm-eval ls tasks`, "
+            "or give the directory of their YAML files (--include-path)."
+        )
+    return manager
+
+
+def evaluate(lm: TemplateLM, tasks: Sequence[str], *, include_path: str = "",
+             limit: float | None = None, num_fewshot: int | None = None, seed: int = 1234,
+             manager: TaskManager | None = None,
+             ) -> dict[str, Any]:  # fmt: skip
+    """lm-eval's `simple_evaluate` on `lm`; the results dict lm-eval writes."""
+    import lm_eval
+
+    manager = manager or task_manager(tasks, include_path)
+    with _task_data(include_path):
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+            num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
+            bootstrap_iters=0,
+        )  # fmt: skip
+    if results is None:
+        raise ConfigError("eval: lm-eval returned no results (a non-zero rank?)")
+    return dict(results)
+
+
+def check_data(tasks: Sequence[str], manager: TaskManager, include_path: str = "") -> None:
+    """Loads the tasks and their datasets once, so that a training run whose eval needs a
+    dataset this (offline) machine lacks is refused at its start, not at its first eval."""
+    from lm_eval.tasks import get_task_dict
+
+    with _task_data(include_path):
+        get_task_dict(list(tasks), manager)
+
+
+@contextlib.contextmanager
+def _task_data(include_path: str) -> Iterator[None]:
+    """Where lm-eval reads task data: relative data_files in the task YAMLs from the include
+    directory. A dataset that offline `datasets` cannot find is a one-line error."""
+    include_path = str(Path(include_path).resolve()) if include_path else ""
+    where = contextlib.chdir(include_path) if include_path else contextlib.nullcontext()
+    try:
+        with where:
+            yield
+    except ConnectionError as e:  # `datasets` in offline mode, the dataset not cached
+        raise ConfigError(
+            f"eval: a task's dataset is not on this machine ({e}); bigjax evaluates "
+            "offline: load it once where there is network (datasets.load_dataset) and "
+            "copy the Hugging Face cache here (HF_HOME), or use tasks whose YAML reads "
+            "local files (--include-path)."
+        ) from None
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+    """`task/metric` -> value for every numeric metric lm-eval reported (filters and stderr
+    left out): the numbers a training run logs and a report compares."""
+    out = {}
+    for task, numbers in results.get("results", {}).items():
+        for key, value in numbers.items():
+            name, _, _ = key.partition(",")
+            if isinstance(value, int | float) and not name.endswith("_stderr"):
+                out[f"{task}/{name}"] = float(value)
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    from lm_eval.utils import make_table
+
+    return str(make_table(results))

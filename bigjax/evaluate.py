@@ -41,15 +41,15 @@ def harness_run(workdir: str, overrides: Sequence[str], tasks: Sequence[str], *,
                 num_fewshot: int | None = None) -> dict[str, Any]:  # fmt: skip
     """lm-evaluation-harness `tasks` on the run's latest intact checkpoint (lm-eval's results
     dict, with the checkpoint step under "bigjax_step")."""
-    from bigjax import harness
+    from bigjax import evals
 
     with open_run(workdir, overrides, "eval") as (prog, params, step):
         tokenizer = prog.resources.tokenizer
-        lm = harness.make_lm(prog.graphdef, params, tokenizer, prog.cfg.data.seq_len,
-                             rules=prog.cfg.mesh.rules, mesh=prog.mesh)  # fmt: skip
+        lm = evals.make_lm(prog.graphdef, params, tokenizer, prog.cfg.data.seq_len,
+                           rules=prog.cfg.mesh.rules, mesh=prog.mesh)  # fmt: skip
         try:
-            results = harness.evaluate(lm, tasks, include_path=include_path, limit=limit,
-                                       num_fewshot=num_fewshot)  # fmt: skip
+            results = evals.evaluate(lm, tasks, include_path=include_path, limit=limit,
+                                     num_fewshot=num_fewshot)  # fmt: skip
         finally:
             lm.close()
     return {**results, "bigjax_step": step}

@@ -20,9 +20,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bigjax import experts, memory, metrics, models, platforms, progress, stages, tuning
+from bigjax import experts, memory, metrics, models, platforms, progress, stages
 from bigjax.config import MESH_AXES, ConfigError, ModelConfig, TrainConfig
-from bigjax.mesh import resolve_shape
+from bigjax.mesh import resolve_shape, tune
 from bigjax.sharding import batch_shards, num_stages
 
 GiB = 2**30
@@ -198,8 +198,8 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
     """Compiles the real train step for a TPU topology ahead of time (needs libtpu)."""
     from jax.experimental import topologies
 
+    from bigjax.mesh import for_run
     from bigjax.program import for_config
-    from bigjax.tuning import for_run
 
     cfg = _accelerator_config(cfg)
     platforms.allow_compile_only_libtpu()  # no chips here: a run beside must not block this
@@ -352,7 +352,7 @@ def plan(cfg: TrainConfig, target: Target, mfu: float, compile_: bool | None) ->
     `platforms` entry for the target's devices is applied first, as `train` would there."""
     platform = "tpu" if target.tpu_generation else "gpu"
     kind = f"TPU {target.tpu_generation}" if target.tpu_generation else target.name
-    cfg = _accelerator_config(tuning.tune(cfg, platform, kind, target.num_devices))
+    cfg = _accelerator_config(tune(cfg, platform, kind, target.num_devices))
     m = cfg.model
     kernel = memory.attention_kernel(cfg, platform)
     result: dict[str, Any] = {

@@ -25,10 +25,10 @@ from bigjax.config import TrainConfig
 from bigjax.data import pipeline
 from bigjax.evals import Evaluator
 from bigjax.loop import NonFiniteError, StepLog, every, nan_verdict
+from bigjax.mesh import for_run
 from bigjax.rundir import RunDir
 from bigjax.signals import interrupt_if_asked, stop_on_signals
 from bigjax.state import TrainState
-from bigjax.tuning import for_run
 
 __all__ = ["NonFiniteError", "train"]
 

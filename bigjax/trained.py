@@ -52,9 +52,9 @@ def open_run(
 
     from bigjax import lora
     from bigjax.data import dataset
+    from bigjax.mesh import for_run
     from bigjax.program import make_program, shapes
     from bigjax.resources import Resources
-    from bigjax.tuning import for_run
 
     cfg, mesh = for_run(cfg)
     with jax.set_mesh(mesh):

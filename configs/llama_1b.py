@@ -2,7 +2,7 @@
 devices. Pass `:tp` to also use 2-way tensor parallelism (e.g. `configs/llama_1b.py:tp`).
 
 Attention is `auto` (cuDNN flash attention on NVIDIA GPUs, splash on TPUs). `platforms` holds
-what runs fastest on each kind of device (bigjax/tuning.py); the global batch of 64 x 2048 is
+what runs fastest on each kind of device (bigjax/mesh.py); the global batch of 64 x 2048 is
 the same everywhere, only its micro-batching differs. Measured on one H200 (docs/benchmarks.md):
 no remat and unrolled layers; 8 rows of 2048 per device fit in its 141 GB.
 """

@@ -1,7 +1,7 @@
 """Llama-3-8B-shaped model for a TPU pod slice or GPU cluster: FSDP, bf16 compute.
 
 Attention is `auto` (splash on TPUs, cuDNN on NVIDIA GPUs); `platforms` holds the memory
-policy per kind of device (bigjax/tuning.py). `bigjax plan --config configs/llama_8b.py
+policy per kind of device (bigjax/mesh.py). `bigjax plan --config configs/llama_8b.py
 --topology v5p-128` compiles it for that slice (docs/scaling.md).
 
 `configs/llama_8b.py:128k` trains on 131072-token rows: each row's sequence split over 8

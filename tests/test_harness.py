@@ -27,7 +27,7 @@ def tasks_dir(tmp_path, monkeypatch):
 
 
 def _metrics(results):
-    from bigjax.harness import headline
+    from bigjax.evals import headline
 
     return headline(results)
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from bigjax import tuning
 from bigjax.cli import load_config
 from bigjax.config import ConfigError, from_configdict
+from bigjax.mesh import for_devices, select, tune
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = {
@@ -23,11 +23,11 @@ def _cfg(**extra):
 
 
 def test_device_kind_beats_platform_and_none_applies_elsewhere():
-    assert tuning.select(TABLE, "gpu", "NVIDIA H100 80GB HBM3") == "H100"
-    assert tuning.select(TABLE, "gpu", "NVIDIA H200") == "gpu"
-    assert tuning.select(TABLE, "tpu", "TPU v5p") == "tpu"
-    assert tuning.select(TABLE, "cpu", "cpu") == ""
-    cpu = tuning.tune(_cfg(), "cpu", "cpu", 8)
+    assert select(TABLE, "gpu", "NVIDIA H100 80GB HBM3") == "H100"
+    assert select(TABLE, "gpu", "NVIDIA H200") == "gpu"
+    assert select(TABLE, "tpu", "TPU v5p") == "tpu"
+    assert select(TABLE, "cpu", "cpu") == ""
+    cpu = tune(_cfg(), "cpu", "cpu", 8)
     assert (cpu.platform, cpu.platforms, cpu.model.remat) == ("", "", "none")
     assert cpu.model.scan_layers  # untouched
 
@@ -42,7 +42,7 @@ def test_device_kind_beats_platform_and_none_applies_elsewhere():
     ],
 )
 def test_micro_batch_per_device_sets_accumulation(devices, mesh, accum):
-    cfg = tuning.tune(_cfg(mesh={"shape": mesh}), "gpu", "NVIDIA H200", devices)
+    cfg = tune(_cfg(mesh={"shape": mesh}), "gpu", "NVIDIA H200", devices)
     assert cfg.platform == "gpu" and cfg.model.remat == "none" and not cfg.model.scan_layers
     assert cfg.optim.grad_accum_steps == accum
     assert cfg.data.batch_size == 64  # the experiment is unchanged
@@ -58,7 +58,7 @@ def test_command_line_wins_over_every_entry(tmp_path):
         "    return c\n"
     )
     cfg = load_config(str(path), ["--config.model.remat=full", "--config.optim.grad_accum_steps=2"])
-    on_gpu = tuning.tune(cfg, "gpu", "NVIDIA H200", 1)
+    on_gpu = tune(cfg, "gpu", "NVIDIA H200", 1)
     assert on_gpu.model.remat == "full" and on_gpu.optim.grad_accum_steps == 2
     assert not on_gpu.model.scan_layers  # what the user did not set still comes from the entry
 
@@ -84,7 +84,7 @@ def test_shipped_configs_tune_on_every_platform(name):
     cfg = load_config(str(ROOT / "configs" / f"{name}.py"), [])
     assert cfg.model.attention == "auto"  # the kernel follows the device, never hard-coded
     for platform, kind, n in (("gpu", "NVIDIA H200", 1), ("tpu", "TPU v5p", 64), ("cpu", "cpu", 1)):
-        tuned = tuning.tune(cfg, platform, kind, n)
+        tuned = tune(cfg, platform, kind, n)
         assert cfg.data.batch_size % tuned.optim.grad_accum_steps == 0
         assert json.loads(cfg.platforms).get(tuned.platform, {}) is not None
 
@@ -93,10 +93,10 @@ def test_the_moe_config_takes_the_capacity_dispatch_on_gpus():
     # Measured on an H200: the dropless scan of small kernels 299 ms a layer, capacity 7.2 ms;
     # TPUs keep dropless (ragged_dot) as the config says.
     cfg = load_config(str(ROOT / "configs" / "qwen3_moe.py"), [])
-    assert tuning.tune(cfg, "gpu", "NVIDIA H200", 8).model.moe_dispatch == "capacity"
-    assert tuning.tune(cfg, "tpu", "TPU v5p", 64).model.moe_dispatch == "dropless"
+    assert tune(cfg, "gpu", "NVIDIA H200", 8).model.moe_dispatch == "capacity"
+    assert tune(cfg, "tpu", "TPU v5p", 64).model.moe_dispatch == "dropless"
 
 
 def test_tuning_here_records_the_entry(tmp_path):
-    cfg = tuning.for_devices(load_config(str(ROOT / "configs" / "lm_small.py"), []), jax.devices())
+    cfg = for_devices(load_config(str(ROOT / "configs" / "lm_small.py"), []), jax.devices())
     assert cfg.platform == "cpu" and not cfg.model.scan_layers

@@ -36,13 +36,13 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         raise ConfigError(f"eval: --num-fewshot {args.num_fewshot}: give 0 or more examples.")
     start_jax(args)
     if args.tasks:
-        from bigjax import harness
+        from bigjax import evals
         from bigjax.evaluate import harness_run
 
         tasks = [t for t in args.tasks.split(",") if t]
         results = harness_run(workdir, overrides, tasks, include_path=args.include_path,
                               limit=args.limit, num_fewshot=args.num_fewshot)  # fmt: skip
-        print(harness.table(results))
+        print(evals.table(results))
         write_json(args.json, results)
         return 0
     from bigjax.evaluate import evaluate_run

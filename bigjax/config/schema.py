@@ -332,7 +332,7 @@ class TrainConfig:
     privacy: PrivacyConfig = PrivacyConfig()
     distill: DistillConfig = DistillConfig()
     robust: RobustConfig = RobustConfig()
-    # Per-platform tuning (bigjax/tuning.py): the config file's `platforms` table as JSON
+    # Per-platform tuning (bigjax/mesh.py): the config file's `platforms` table as JSON
     # until the devices are known; then '' and `platform` names the entry that was applied.
     platforms: str = ""
     platform: str = ""

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import jax
 
-from bigjax import checkpoint, tuning
+from bigjax import checkpoint
 from bigjax.config import load_config
-from bigjax.mesh import make_mesh
+from bigjax.mesh import for_devices, make_mesh
 from bigjax.program import for_config
 
 
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--after", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of async, sync")
     args, overrides = parser.parse_known_args()
-    cfg = tuning.for_devices(load_config(args.config, overrides), jax.devices())
+    cfg = for_devices(load_config(args.config, overrides), jax.devices())
     out = Path(args.out)
     runs = {"async": [], "sync": []}
     for mode in ("async", "sync") * args.rounds:
