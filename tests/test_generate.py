@@ -142,5 +142,13 @@ def test_generate_command_on_a_trained_run(tmp_path, capsys):
 
     assert main(["generate", "--workdir", str(tmp_path), "--prompt", "x"]) == 2
     assert "has no config.json" in capsys.readouterr().err
+    # the run given as RUN, as eval and serve take it: the same text as --workdir RUN
+    run, one = str(tmp_path / "run"), ["--max-new-tokens", "7", "--prompt", "import"]
+    assert main(["generate", run, *one]) == 0 and main(["generate", "--workdir", run, *one]) == 0
+    positional, flag = capsys.readouterr().out.split("--- 'import'")[1:]
+    assert positional.split("generate:")[0] == flag.split("generate:")[0]  # greedy: same text
+    for twice_or_none in ([run, "--workdir", run], []):
+        assert main(["generate", *twice_or_none, "--prompt", "x"]) == 2
+        assert "give the run directory once" in capsys.readouterr().err
     assert main([*args, "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err

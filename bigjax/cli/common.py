@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bigjax.config import ConfigError
 from bigjax.errors import RUN_FAILED as RUN_FAILED
 from bigjax.errors import USAGE_ERROR as USAGE_ERROR
 
@@ -169,3 +170,22 @@ def start_jax(args: argparse.Namespace) -> None:
             if busy is None:
                 raise
             raise busy from None
+
+
+def run_dir(args: argparse.Namespace, command: str) -> str:
+    """The run directory, given as RUN or as --workdir RUN (train's spelling)."""
+    if bool(args.run_dir) == bool(args.workdir):
+        raise ConfigError(f"{command}: give the run directory once, as RUN or --workdir RUN.")
+    return str(args.run_dir or args.workdir)
+
+
+def needs(module: str, extra: str, command: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{command}: needs the {module} package; pip install 'bigjax[{extra}]'.")
+
+
+def add_run_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", nargs="?", metavar="RUN", help="the run directory")
+    p.add_argument("--workdir", help="the run directory (same as RUN)")

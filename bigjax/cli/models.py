@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bigjax.cli.common import add_command, start_jax, write_json
+from bigjax.cli.common import add_command, add_run_argument, needs, run_dir, start_jax, write_json
 from bigjax.config import ConfigError
 from bigjax.config.load import parse_override, set_path
 from bigjax.trained import open_run
@@ -22,8 +22,6 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     harness tasks (hellaswag, arc_easy, ... or your own YAML under --include-path) scored
     in process.
     """
-    from bigjax.cli.serve import needs, run_dir
-
     workdir = run_dir(args, "eval")
     if args.tasks:
         needs("lm_eval", "harness", "eval --tasks")
@@ -55,8 +53,6 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    from bigjax.cli.serve import add_run_argument
-
     p = add_command(sub, cmd_eval)
     add_run_argument(p)
     p.add_argument(
@@ -78,10 +74,11 @@ def cmd_generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     Generate from a run's latest checkpoint: batched prompts, KV-cached jitted decoding,
     greedy (temperature 0) or sampled with top-k / top-p.
     """
+    workdir = run_dir(args, "generate")
     start_jax(args)
     from bigjax.generate import generate_from_run
 
-    texts, s = generate_from_run(args.workdir, overrides, args.prompt, _sampling(args))
+    texts, s = generate_from_run(workdir, overrides, args.prompt, _sampling(args))
     for prompt, text in zip(args.prompt, texts, strict=True):
         print(f"--- {prompt!r}\n{prompt}{text}", flush=True)
     print(
@@ -111,7 +108,7 @@ def _sampling(args: argparse.Namespace):
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, cmd_generate)
-    p.add_argument("--workdir", required=True, help="the run directory")
+    add_run_argument(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -147,7 +144,7 @@ def cmd_convert(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         print(
             f"convert: imported {m.family} ({m.num_layers} layers, d_model {m.d_model}) from "
             f"{src} into the run directory {dst}; fine-tune with "
-            f"--config.checkpoint.init_from={dst}, or run bigjax generate/eval --workdir {dst}.",
+            f"--config.checkpoint.init_from={dst}, or run bigjax generate/eval {dst}.",
             flush=True,
         )
         return 0
@@ -175,11 +172,12 @@ def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     weights that generate, eval, convert and fine-tuning (checkpoint.init_from, with
     finetune.keep_sparsity for pruned models) open.
     """
+    workdir = run_dir(args, "compress")
     start_jax(args)
     from bigjax.compress import compress_run
 
     report = compress_run(
-        args.workdir, overrides, args.method, args.out, args.bits, args.sparsity, args.pattern
+        workdir, overrides, args.method, args.out, args.bits, args.sparsity, args.pattern
     )
     before, after, extra = report["before"], report["after"], report
     delta = after["eval_loss"] - before["eval_loss"]
@@ -204,7 +202,7 @@ def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, cmd_compress)
     p.add_argument("method", choices=["quantize", "prune"])
-    p.add_argument("--workdir", required=True, help="the run to compress")
+    add_run_argument(p)
     p.add_argument("--out", required=True, help="the run directory to write")
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="quantize: 8 or 4")
     p.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured")
@@ -218,11 +216,12 @@ def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     the logit lens, gradient x input and integrated-gradient attributions of the predicted
     next token, and PCA / t-SNE projections of the token embeddings, each written as a PNG.
     """
+    workdir = run_dir(args, "inspect")
     start_jax(args)
     from bigjax.interpret import inspect_run
 
     s, written = inspect_run(
-        args.workdir, overrides, args.prompt, args.out, args.ig_steps, args.embed_tokens
+        workdir, overrides, args.prompt, args.out, args.ig_steps, args.embed_tokens
     )
     print(
         f"inspect: checkpoint step {s['step']}, prompt of {s['tokens']} tokens; predicted next "
@@ -237,7 +236,7 @@ def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, cmd_inspect)
-    p.add_argument("--workdir", required=True, help="the run directory")
+    add_run_argument(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="directory for the PNGs")
     p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradient steps")

@@ -5,22 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from bigjax.cli.common import add_command, start_jax
-from bigjax.config import ConfigError
-
-
-def run_dir(args: argparse.Namespace, command: str) -> str:
-    """The run directory, given as RUN or --workdir (the other commands' spelling)."""
-    if bool(args.run_dir) == bool(args.workdir):
-        raise ConfigError(f"{command}: give the run directory once, as RUN or --workdir RUN.")
-    return str(args.run_dir or args.workdir)
-
-
-def needs(module: str, extra: str, command: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"{command}: needs the {module} package; pip install 'bigjax[{extra}]'.")
+from bigjax.cli.common import add_command, add_run_argument, needs, run_dir, start_jax
 
 
 def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -49,11 +34,6 @@ def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from bigjax.serving.server import serve_run
 
     return serve_run(workdir, overrides, opts)
-
-
-def add_run_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", nargs="?", metavar="RUN", help="the run directory")
-    p.add_argument("--workdir", help="the run directory (same as RUN)")
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
