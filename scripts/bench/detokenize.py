@@ -1,0 +1,89 @@
+"""Streaming detokenization: the host time per generated token, side by side.
+
+    python scripts/bench/detokenize.py [--lengths 256,2048,8192] [--runs 5]
+
+What `bigjax serve` spends on the host for each token of each sequence, turning ids into the
+text a client reads. Peers, in one process, on the same ids:
+  bigjax          serving.text.Detokenizer: a window of ids decoded per token, stop strings
+  decode-all      decoding the whole list at every token (bigjax's detokenizer before the
+                  window; what a naive streamer does)
+  DecodeStream    Hugging Face tokenizers' own incremental decoder (Rust; no stop strings),
+                  for the BPE tokenizer only
+Ids: standard-library text encoded by a byte tokenizer and by a BPE tokenizer of 4,096 ids
+trained on it, cut to each length. The table is the median over --runs of microseconds per
+token over the whole sequence, and each peer's time over bigjax's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sysconfig
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bigjax.data import tokenizer as tk
+from bigjax.serving.text import Detokenizer
+
+
+def bigjax_stream(tok: tk.Tokenizer, ids: list[int]) -> str:
+    det = Detokenizer(tok, stop=("\n\n\n\n\n",))
+    return "".join(det.add(i) for i in ids) + det.flush()
+
+
+def decode_all(tok: tk.Tokenizer, ids: list[int]) -> str:
+    sent = ""
+    for n in range(1, len(ids) + 1):
+        text = tok.decode(ids[:n]).rstrip("\ufffd")
+        sent += text[len(sent) :]
+    return tok.decode(ids)
+
+
+def decode_stream(tok: tk.Tokenizer, ids: list[int]) -> str:
+    from tokenizers.decoders import DecodeStream
+
+    stream, hf = DecodeStream(skip_special_tokens=False), tok._tok  # type: ignore[attr-defined]
+    return "".join(piece or "" for i in ids if (piece := stream.step(hf, i)) is not None)
+
+
+def per_token_us(fn: Callable[[tk.Tokenizer, list[int]], str], tok: tk.Tokenizer,
+                 ids: list[int]) -> float:  # fmt: skip
+    start = time.perf_counter()
+    fn(tok, ids)
+    return (time.perf_counter() - start) / len(ids) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", default="256,2048,8192")
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    lengths = [int(n) for n in args.lengths.split(",")]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "".join((stdlib / f).read_text() for f in ("textwrap.py", "json/decoder.py"))
+    text = (text * (1 + 40_000 // len(text)))[: max(lengths) * 8]
+    tokenizers = {"byte": tk.ByteTokenizer(), "bpe": tk.train_bpe([text], 4096)}
+    print("| tokenizer | tokens | bigjax µs/token | decode-all | DecodeStream |")
+    print("|---|---|---|---|---|")
+    for name, tok in tokenizers.items():
+        all_ids = [int(i) for i in tok.encode(text)]
+        for n in lengths:
+            ids = all_ids[:n]
+            peers = {"bigjax": bigjax_stream, "decode-all": decode_all}
+            if name == "bpe":
+                peers["DecodeStream"] = decode_stream
+            for fn in peers.values():  # every peer writes the same text
+                assert fn(tok, ids) == tok.decode(ids), fn.__name__
+            times: dict[str, list[float]] = {p: [] for p in peers}
+            for _ in range(args.runs):  # peers alternate within each run
+                for p, fn in peers.items():
+                    times[p].append(per_token_us(fn, tok, ids))
+            med = {p: statistics.median(t) for p, t in times.items()}
+            cells = [f"{med[p]:.1f} ({med[p] / med['bigjax']:.2f}x)" if p in med else "-"
+                     for p in ("decode-all", "DecodeStream")]  # fmt: skip
+            print(f"| {name} | {n} | {med['bigjax']:.1f} | {cells[0]} | {cells[1]} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

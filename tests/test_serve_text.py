@@ -1,0 +1,97 @@
+"""The text a client reads: incremental detokenization against decoding everything at once,
+for every tokenizer kind, with characters split across tokens, invalid bytes and stops."""
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bigjax.data import tokenizer as tk
+from bigjax.serving.text import Detokenizer
+
+TEXT = "naïve café — 日本語の文 🙂👍🏽 Ελληνικά\nprint(f'{x!r}')\n\n  indented\tend"
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    import sentencepiece as spm
+
+    corpus = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text().splitlines()
+    corpus.append(TEXT)
+    sp = tmp_path_factory.mktemp("sp") / "sp"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_prefix=str(sp), vocab_size=400, pad_id=3,
+        minloglevel=2, byte_fallback=True, character_coverage=1.0,
+    )  # fmt: skip
+    return [tk.ByteTokenizer(), tk.train_bpe(corpus, 320),
+            tk.SentencePieceTokenizer(Path(f"{sp}.model").read_bytes())]  # fmt: skip
+
+
+class Counting:
+    """A tokenizer that counts the ids it is asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded_ids = tokenizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids):
+        self.decoded_ids += len(ids)
+        return self.tokenizer.decode(ids)
+
+
+def _streamed(tokenizer, ids, stop=()):
+    """Every piece `add` and `flush` hand out, and the detokenizer."""
+    det = Detokenizer(tokenizer, stop)
+    pieces = [det.add(int(i)) for i in ids]
+    return [*pieces, det.flush()], det
+
+
+def _sequences(tokenizer, rng):
+    text_ids = [int(i) for i in tokenizer.encode(TEXT * 3)]
+    random_ids = rng.integers(0, tokenizer.vocab_size, 300).tolist()  # invalid bytes too
+    return [text_ids, random_ids, text_ids[::2]]  # every other id: characters cut apart
+
+
+def test_pieces_join_to_the_whole_decode_and_end_on_whole_characters(tokenizers):
+    rng = np.random.default_rng(0)
+    for tok in tokenizers:
+        for ids in _sequences(tok, rng):
+            whole = tok.decode(ids)
+            pieces, det = _streamed(tok, ids)
+            assert "".join(pieces) == whole == det.text(), tok.kind
+            sent = ""
+            for i, piece in enumerate(pieces[:-1]):
+                sent += piece
+                # nothing of a character still arriving is sent: what was sent is what the
+                # first i + 1 ids decode to, less a tail of replacement characters
+                assert tok.decode(ids[: i + 1]).startswith(sent), (tok.kind, i)
+                assert whole.startswith(sent)
+
+
+def test_the_text_ends_before_the_first_stop_string(tokenizers):
+    rng = np.random.default_rng(1)
+    for tok in tokenizers:
+        for ids in _sequences(tok, rng):
+            whole = tok.decode(ids)
+            for _ in range(8):
+                at = int(rng.integers(0, max(len(whole) - 4, 1)))
+                stops = (whole[at : at + int(rng.integers(1, 5))], "\x00never\x00")
+                cut = min(i for s in stops if (i := whole.find(s)) >= 0)
+                pieces, det = _streamed(tok, ids, stops)
+                assert "".join(pieces) == whole[:cut] == det.text(), (tok.kind, stops)
+                assert det.stopped
+
+
+def test_decoding_is_linear_in_the_length(tokenizers):
+    # Decoding the whole list at every token costs n^2 / 2 ids (2 million here); the
+    # window costs a few ids a token. The bound (8 per token) leaves room for the windows
+    # that wait for a character's last byte.
+    for tok in tokenizers:
+        ids = [int(i) for i in tok.encode(TEXT * 40)][:2000]
+        counting = Counting(tok)
+        pieces, _ = _streamed(counting, ids, stop=("\x00never",))
+        assert "".join(pieces) == tok.decode(ids)
+        assert counting.decoded_ids <= 8 * len(ids), (tok.kind, counting.decoded_ids)
