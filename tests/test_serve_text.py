@@ -95,3 +95,25 @@ def test_decoding_is_linear_in_the_length(tokenizers):
         pieces, _ = _streamed(counting, ids, stop=("\x00never",))
         assert "".join(pieces) == tok.decode(ids)
         assert counting.decoded_ids <= 8 * len(ids), (tok.kind, counting.decoded_ids)
+
+
+class Pieces:
+    """A tokenizer whose ids stand for byte strings, several characters each (as BPE merges)."""
+
+    kind = "pieces"
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_a_stop_string_before_a_cut_character_at_the_end_is_honoured():
+    # The last token ends inside a character, so its text is held until the sequence ends;
+    # the stop string before that cut must still end the text there.
+    tok = Pieces({0: b"ab", 1: b"cSTOP\xe2\x82"})
+    pieces, det = _streamed(tok, [0, 1], stop=("STOP",))
+    assert "".join(pieces) == "abc" == det.text() and det.stopped
+    pieces, det = _streamed(tok, [0, 1])  # no stop: the cut character as the decoder writes it
+    assert "".join(pieces) == "abcSTOP\ufffd" == det.text()
