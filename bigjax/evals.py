@@ -131,9 +131,8 @@ class Harness:
         cfg = self.prog.cfg
         merged = lora.merged(params, cfg.finetune.lora_scale)
         if self.lm is None:
-            self.lm = make_lm(self.prog.graphdef, merged, self.tokenizer,
-                                      cfg.data.seq_len, rules=cfg.mesh.rules,
-                                      mesh=self.prog.mesh)  # fmt: skip
+            self.lm = make_lm(self.prog.graphdef, merged, self.tokenizer, cfg.data.seq_len,
+                              rules=cfg.mesh.rules, mesh=self.prog.mesh)  # fmt: skip
         self.lm.set_params(merged)
         start = time.perf_counter()
         results = evaluate(
