@@ -117,3 +117,23 @@ def test_a_stop_string_before_a_cut_character_at_the_end_is_honoured():
     assert "".join(pieces) == "abc" == det.text() and det.stopped
     pieces, det = _streamed(tok, [0, 1])  # no stop: the cut character as the decoder writes it
     assert "".join(pieces) == "abcSTOP\ufffd" == det.text()
+
+
+def test_text_offsets_are_where_each_token_starts(tokenizers):
+    # a completion's `text_offset` with echo and logprobs, read as a stream reads it (in
+    # chunks as tokens arrive): token i starts where the text of the tokens before it ends
+    from bigjax.serving.bodies import Choice
+
+    rng = np.random.default_rng(2)
+    for tok in tokenizers:
+        for ids in _sequences(tok, rng):
+            want = [len(tok.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
+            choice = Choice(index=0, seq=None, det=None, echo=True, ids=list(ids))
+            got = []
+            for end in range(0, len(ids) + 7, 7):
+                got += choice.offsets_upto(tok, min(end, len(ids)))[len(got) :]
+            assert got == want, tok.kind
+        counting = Counting(tok)
+        ids = [int(i) for i in tok.encode(TEXT * 40)][:2000]
+        Choice(index=0, seq=None, det=None, echo=True, ids=ids).offsets_upto(counting, len(ids))
+        assert counting.decoded_ids <= 8 * len(ids), (tok.kind, counting.decoded_ids)

@@ -59,6 +59,7 @@ class Detokenizer:
     decoded: str = ""  # the text of ids[:read], ending on a whole character
     start: int = 0  # the window decoded at each id: ids[start:], its text past ids[start:read]
     read: int = 0
+    pending: str = ""  # the window's text while a character in it is still arriving
 
     def add(self, token_id: int) -> str:
         """Adds one generated id; returns the text that may be sent now ('' if none)."""
@@ -77,14 +78,20 @@ class Detokenizer:
         """Everything handed out so far."""
         return self.decoded[: self.sent]
 
+    def length(self) -> int:
+        """Characters in the text of all ids so far, less a character still arriving (what
+        `len(decode(ids).rstrip(REPLACEMENT))` counts): a token's `text_offset`."""
+        return len(self.decoded) + len(self.pending.rstrip(REPLACEMENT))
+
     def _decode(self, final: bool) -> None:
         """Moves the window's new text into `decoded` once it ends on a whole character (a
         character still arriving decodes to a trailing replacement character); at the end
         of the sequence whatever it holds."""
         before = self.tokenizer.decode(self.ids[self.start : self.read])
         after = self.tokenizer.decode(self.ids[self.start :])
+        self.pending = after[len(before) :]
         if final or (len(after) > len(before) and not after.endswith(REPLACEMENT)):
-            self.decoded += after[len(before) :]
+            self.decoded, self.pending = self.decoded + self.pending, ""
             self.start, self.read = self.read, len(self.ids)
 
     def _release(self, final: bool) -> str:

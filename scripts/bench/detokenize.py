@@ -11,7 +11,9 @@ text a client reads. Peers, in one process, on the same ids:
                   for the BPE tokenizer only
 Ids: standard-library text encoded by a byte tokenizer and by a BPE tokenizer of 4,096 ids
 trained on it, cut to each length. The table is the median over --runs of microseconds per
-token over the whole sequence, and each peer's time over bigjax's.
+token over the whole sequence, and each peer's time over bigjax's. Then the same for the
+`text_offset` field (where each token starts in the text) of an echoed prompt, computed
+incrementally against a decode per token.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ def decode_stream(tok: tk.Tokenizer, ids: list[int]) -> str:
 
     stream, hf = DecodeStream(skip_special_tokens=False), tok._tok  # type: ignore[attr-defined]
     return "".join(piece or "" for i in ids if (piece := stream.step(hf, i)) is not None)
+
+
+def offsets_bigjax(tok: tk.Tokenizer, ids: list[int]) -> list[int]:
+    from bigjax.serving.bodies import Choice
+
+    choice = Choice(index=0, seq=None, det=None, echo=True, ids=ids)  # type: ignore[arg-type]
+    return choice.offsets_upto(tok, len(ids))
+
+
+def offsets_decode_all(tok: tk.Tokenizer, ids: list[int]) -> list[int]:
+    return [len(tok.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
 
 
 def per_token_us(fn: Callable[[tk.Tokenizer, list[int]], str], tok: tk.Tokenizer,
@@ -83,6 +96,20 @@ def main() -> None:
             cells = [f"{med[p]:.1f} ({med[p] / med['bigjax']:.2f}x)" if p in med else "-"
                      for p in ("decode-all", "DecodeStream")]  # fmt: skip
             print(f"| {name} | {n} | {med['bigjax']:.1f} | {cells[0]} | {cells[1]} |", flush=True)
+    print("\n`text_offset` of an echoed prompt (completions with logprobs), µs per token:\n")
+    print("| tokenizer | tokens | bigjax | decode-all |\n|---|---|---|---|")
+    for name, tok in tokenizers.items():
+        all_ids = [int(i) for i in tok.encode(text)]
+        for n in lengths:
+            ids = all_ids[:n]
+            assert offsets_bigjax(tok, ids) == offsets_decode_all(tok, ids)
+            pair = {"bigjax": offsets_bigjax, "decode-all": offsets_decode_all}
+            times = {p: [] for p in pair}
+            for _ in range(args.runs):
+                for p, fn in pair.items():
+                    times[p].append(per_token_us(fn, tok, ids))  # type: ignore[arg-type]
+            b, d = (statistics.median(times[p]) for p in pair)
+            print(f"| {name} | {n} | {b:.1f} | {d:.1f} ({d / b:.2f}x) |", flush=True)
 
 
 if __name__ == "__main__":
