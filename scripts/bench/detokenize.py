@@ -60,11 +60,20 @@ def offsets_decode_all(tok: tk.Tokenizer, ids: list[int]) -> list[int]:
     return [len(tok.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
 
 
-def per_token_us(fn: Callable[[tk.Tokenizer, list[int]], str], tok: tk.Tokenizer,
-                 ids: list[int]) -> float:  # fmt: skip
+def per_token_us(fn: Callable, tok: tk.Tokenizer, ids: list[int]) -> float:
     start = time.perf_counter()
     fn(tok, ids)
     return (time.perf_counter() - start) / len(ids) * 1e6
+
+
+def medians(peers: dict[str, Callable], tok: tk.Tokenizer, ids: list[int],
+            runs: int) -> dict[str, float]:  # fmt: skip
+    """Each peer's median µs per token over `runs`, the peers alternating within each run."""
+    times: dict[str, list[float]] = {p: [] for p in peers}
+    for _ in range(runs):
+        for p, fn in peers.items():
+            times[p].append(per_token_us(fn, tok, ids))
+    return {p: statistics.median(t) for p, t in times.items()}
 
 
 def main() -> None:
@@ -77,39 +86,30 @@ def main() -> None:
     text = "".join((stdlib / f).read_text() for f in ("textwrap.py", "json/decoder.py"))
     text = (text * (1 + 40_000 // len(text)))[: max(lengths) * 8]
     tokenizers = {"byte": tk.ByteTokenizer(), "bpe": tk.train_bpe([text], 4096)}
+    cases = [(name, tok, [int(i) for i in tok.encode(text)][:n])
+             for name, tok in tokenizers.items() for n in lengths]  # fmt: skip
     print("| tokenizer | tokens | bigjax µs/token | decode-all | DecodeStream |")
     print("|---|---|---|---|---|")
-    for name, tok in tokenizers.items():
-        all_ids = [int(i) for i in tok.encode(text)]
-        for n in lengths:
-            ids = all_ids[:n]
-            peers = {"bigjax": bigjax_stream, "decode-all": decode_all}
-            if name == "bpe":
-                peers["DecodeStream"] = decode_stream
-            for fn in peers.values():  # every peer writes the same text
-                assert fn(tok, ids) == tok.decode(ids), fn.__name__
-            times: dict[str, list[float]] = {p: [] for p in peers}
-            for _ in range(args.runs):  # peers alternate within each run
-                for p, fn in peers.items():
-                    times[p].append(per_token_us(fn, tok, ids))
-            med = {p: statistics.median(t) for p, t in times.items()}
-            cells = [f"{med[p]:.1f} ({med[p] / med['bigjax']:.2f}x)" if p in med else "-"
-                     for p in ("decode-all", "DecodeStream")]  # fmt: skip
-            print(f"| {name} | {n} | {med['bigjax']:.1f} | {cells[0]} | {cells[1]} |", flush=True)
+    for name, tok, ids in cases:
+        peers: dict[str, Callable] = {"bigjax": bigjax_stream, "decode-all": decode_all}
+        if name == "bpe":
+            peers["DecodeStream"] = decode_stream
+        for fn in peers.values():  # every peer writes the same text
+            assert fn(tok, ids) == tok.decode(ids), fn.__name__
+        med = medians(peers, tok, ids, args.runs)
+        cells = [f"{med[p]:.1f} ({med[p] / med['bigjax']:.2f}x)" if p in med else "-"
+                 for p in ("decode-all", "DecodeStream")]  # fmt: skip
+        print(
+            f"| {name} | {len(ids)} | {med['bigjax']:.1f} | {cells[0]} | {cells[1]} |", flush=True
+        )
     print("\n`text_offset` of an echoed prompt (completions with logprobs), µs per token:\n")
     print("| tokenizer | tokens | bigjax | decode-all |\n|---|---|---|---|")
-    for name, tok in tokenizers.items():
-        all_ids = [int(i) for i in tok.encode(text)]
-        for n in lengths:
-            ids = all_ids[:n]
-            assert offsets_bigjax(tok, ids) == offsets_decode_all(tok, ids)
-            pair = {"bigjax": offsets_bigjax, "decode-all": offsets_decode_all}
-            times = {p: [] for p in pair}
-            for _ in range(args.runs):
-                for p, fn in pair.items():
-                    times[p].append(per_token_us(fn, tok, ids))  # type: ignore[arg-type]
-            b, d = (statistics.median(times[p]) for p in pair)
-            print(f"| {name} | {n} | {b:.1f} | {d:.1f} ({d / b:.2f}x) |", flush=True)
+    for name, tok, ids in cases:
+        assert offsets_bigjax(tok, ids) == offsets_decode_all(tok, ids)
+        med = medians({"bigjax": offsets_bigjax, "decode-all": offsets_decode_all}, tok, ids,
+                      args.runs)  # fmt: skip
+        b, d = med["bigjax"], med["decode-all"]
+        print(f"| {name} | {len(ids)} | {b:.1f} | {d:.1f} ({d / b:.2f}x) |", flush=True)
 
 
 if __name__ == "__main__":
