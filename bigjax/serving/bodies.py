@@ -48,17 +48,17 @@ class Choice:
     def text(self) -> str:
         return self.det.prefix + self.det.text() if self.echo else self.det.text()
 
-    def offsets_upto(self, tokenizer: Any, n: int) -> list[int]:
-        """Character offsets of the first n tokens in the text (extended as tokens arrive):
+    def text_offsets(self, tokenizer: Any, start: int, end: int) -> list[int]:
+        """Character offsets of tokens [start, end) in the text (extended as tokens arrive):
         token i starts where the text of the tokens before it ends, read incrementally (a
         whole decode per token made an echoed 8k-token prompt cost seconds of host time)."""
         if self.read_to is None:
             self.read_to = text.Detokenizer(tokenizer)
-        while len(self.offsets) < n:
+        while len(self.offsets) < end:
             if self.offsets:
                 self.read_to.add(self.ids[len(self.offsets) - 1])
             self.offsets.append(self.read_to.length())
-        return self.offsets[:n]
+        return self.offsets[start:end]
 
 
 def _top_dict(tokenizer: Any, top: Top, k: int, chosen: int, lp: float) -> dict[str, float]:
@@ -78,7 +78,7 @@ def completion_logprobs(c: Choice, tokenizer: Any, k: int, start: int, end: int)
         "tokens": [text.token_string(tokenizer, i) for i in ids],
         "token_logprobs": c.logprobs[start:end],
         "top_logprobs": tops,
-        "text_offset": c.offsets_upto(tokenizer, end)[start:end],
+        "text_offset": c.text_offsets(tokenizer, start, end),
     }
 
 

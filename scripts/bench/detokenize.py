@@ -53,7 +53,7 @@ def offsets_bigjax(tok: tk.Tokenizer, ids: list[int]) -> list[int]:
     from bigjax.serving.bodies import Choice
 
     choice = Choice(index=0, seq=None, det=None, echo=True, ids=ids)  # type: ignore[arg-type]
-    return choice.offsets_upto(tok, len(ids))
+    return choice.text_offsets(tok, 0, len(ids))
 
 
 def offsets_decode_all(tok: tk.Tokenizer, ids: list[int]) -> list[int]:
