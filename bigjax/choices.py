@@ -9,6 +9,7 @@ choice's tokens, so one forward pass scores all choices of many items.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
@@ -39,12 +40,14 @@ def load_items(path: str | Path) -> list[Item]:
     if not file.is_file():
         raise ConfigError(f"multiple choice: no such file {str(path)!r} (JSON lines).")
     items = []
-    for n, line in enumerate(file.read_bytes().splitlines(), 1):  # as bytes: see examples.py
+    lines = (
+        file.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines()
+    )  # as bytes: see examples.py
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            raw = json.loads(line.decode("utf-8"))
-            item = Item(str(raw["context"]), tuple(map(str, raw["choices"])), int(raw["answer"]))
+            item = _item(json.loads(line.decode("utf-8")))
         except (KeyError, TypeError, ValueError) as e:  # not UTF-8, not JSON: ValueErrors
             raise ConfigError(
                 f"multiple choice: {path} line {n} is not an item "
@@ -53,12 +56,27 @@ def load_items(path: str | Path) -> list[Item]:
         if len(item.choices) < 2 or not 0 <= item.answer < len(item.choices):
             raise ConfigError(
                 f"multiple choice: {path} line {n}: need >= 2 choices and 0 <= answer < "
-                f"{len(item.choices)}, got answer {item.answer}."
+                f"{len(item.choices)}, got {len(item.choices)} choices and answer {item.answer}."
             )
         items.append(item)
     if not items:
         raise ConfigError(f"multiple choice: {path} holds no items.")
     return items
+
+
+def _item(raw: object) -> Item:
+    """A parsed line as an Item, its types as written: a number is not coerced into a string
+    nor a string split into choices (a wrong file would score silently)."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"a JSON {type(raw).__name__}, not an object")
+    context, options, answer = raw["context"], raw["choices"], raw["answer"]
+    if not isinstance(context, str):
+        raise TypeError(f"context is {context!r}, not a string")
+    if not isinstance(options, list) or not all(isinstance(c, str) for c in options):
+        raise TypeError(f"choices is {options!r}, not a list of strings")
+    if isinstance(answer, bool) or not isinstance(answer, int):  # JSON true is no index
+        raise TypeError(f"answer is {answer!r}, not an integer index into choices")
+    return Item(context, tuple(options), answer)
 
 
 def stdlib_next_line(eval_fraction: float, num_items: int, seed: int = 0) -> list[Item]:

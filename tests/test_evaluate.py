@@ -1,6 +1,7 @@
 """Multiple-choice scoring by log-likelihood, and the `bigjax eval` command."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,37 @@ def test_bad_item_files_name_the_line(tmp_path):
     # U+2028 inside a string is valid JSON: one item, not a line cut in two
     bad.write_text('{"context": "a\u2028b", "choices": ["x\u0085", "y"], "answer": 1}\n')
     assert load_items(bad) == [Item("a\u2028b", ("x\u0085", "y"), 1)]
+
+
+@pytest.mark.parametrize(
+    "line, named",
+    [
+        ('{"context": 5, "choices": ["x", "y"], "answer": 0}', "context is 5"),
+        ('{"context": "a", "choices": "xy", "answer": 0}', "choices is 'xy'"),
+        ('{"context": "a", "choices": ["x", 2], "answer": 0}', "not a list of strings"),
+        ('{"context": "a", "choices": ["x", "y"], "answer": true}', "answer is True"),
+        ('{"context": "a", "choices": ["x", "y"], "answer": 1.0}', "answer is 1.0"),
+        ('{"context": "a", "choices": ["x", "y"], "answer": "1"}', "answer is '1'"),
+        ('["a", ["x", "y"], 0]', "a JSON list"),
+    ],
+)
+def test_items_keep_their_json_types(tmp_path, line, named):
+    # Coerced, each of these scored without a word: a string split into one-letter choices,
+    # true taken as index 1, a number as the context.
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"context": "a", "choices": ["x", "y"], "answer": 0}\n' + line + "\n")
+    with pytest.raises(ConfigError, match=f"line 2 is not an item .*{re.escape(named)}"):
+        load_items(path)
+    few = '{"context": "a", "choices": ["x"], "answer": 0}\n'
+    path.write_text(few)
+    with pytest.raises(ConfigError, match="line 1: .*got 1 choices and answer 0"):
+        load_items(path)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_item(tmp_path):
+    path = tmp_path / "bom.jsonl"  # as Windows editors save UTF-8
+    path.write_bytes(b'\xef\xbb\xbf{"context": "a", "choices": ["x", "y"], "answer": 1}\n')
+    assert load_items(path) == [Item("a", ("x", "y"), 1)]
 
 
 @pytest.mark.slow

@@ -172,6 +172,21 @@ def test_examples_with_line_separators_inside_strings_load_whole(tmp_path):
         examples.load(path, "prompt_response", "train", 0.0)
 
 
+def test_labels_are_strings_or_integers_and_a_bom_is_not_data(tmp_path):
+    from bigjax.data import examples
+    from bigjax.data.sources import DataError
+
+    path = tmp_path / "cls.jsonl"
+    good = '{"text": "a", "label": "pos"}\n{"text": "b", "label": 3}\n'
+    path.write_bytes(b"\xef\xbb\xbf" + good.encode())  # as Windows editors save UTF-8
+    assert examples.load(path, "text_label", "train", 0.0).classes == ("3", "pos")
+    # each of these would have been a class of its own ("None", "True", "1.5", "[1]")
+    for label in ("null", "true", "1.5", "[1]"):
+        path.write_text(good + '{"text": "c", "label": ' + label + "}\n")
+        with pytest.raises(DataError, match=r"cls.jsonl:3: label is .*use a string or an integer"):
+            examples.load(path, "text_label", "train", 0.0)
+
+
 @pytest.mark.parametrize("packing", ["pad", "first_fit"])
 def test_sft_rows_take_the_loss_on_responses_only(tmp_path, packing):
     from bigjax.data import dataset, examples, pipeline

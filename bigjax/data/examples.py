@@ -11,6 +11,7 @@ both splits and every run on the file number them the same.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -43,7 +44,8 @@ def load(path: str | Path, form: str, split: str, eval_fraction: float) -> Examp
     records, labels = [], set()
     # Split as bytes: a JSON string may hold U+2028 or U+0085 unescaped, where text's
     # splitlines would cut the record in two.
-    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+    lines = path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines()  # a BOM: not data
+    for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
@@ -59,7 +61,10 @@ def load(path: str | Path, form: str, split: str, eval_fraction: float) -> Examp
             raise DataError(f"{path}:{number}: an example needs the fields {fields}.")
         if not all(isinstance(record[f], str) for f in fields if f != "label"):
             raise DataError(f"{path}:{number}: {fields} other than label must be strings.")
-        labels.add(str(record.get("label", "")))
+        label = record.get("label", "")
+        if isinstance(label, bool) or not isinstance(label, (str, int)):  # not a class name
+            raise DataError(f"{path}:{number}: label is {label!r}; use a string or an integer.")
+        labels.add(str(label))
         digest = hashlib.sha256(line.encode()).digest()
         held_out = int.from_bytes(digest[:8], "little") / 2**64 < eval_fraction
         if held_out == (split == "validation"):
