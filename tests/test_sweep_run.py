@@ -154,15 +154,21 @@ def get_sweep():
 """
 
 
-def start_until_checkpoint(spec: Path, out: Path, *extra: str) -> subprocess.Popen:
-    """Starts a one-trial sweep and returns once its trial has saved a checkpoint."""
+def newest_step(out: Path) -> int:
+    steps = [int(p.name) for p in out.glob("runs/*/checkpoints/*") if p.name.isdigit()]
+    return max(steps, default=-1)
+
+
+def start_until_checkpoint(spec: Path, out: Path, *extra: str, past: int = -1) -> subprocess.Popen:
+    """Starts a one-trial sweep and returns once its trial has saved a checkpoint after step
+    `past`."""
     args = [sys.executable, "-m", "bigjax.cli", "sweep", str(spec), "--dir", str(out), *extra]
     proc = subprocess.Popen(
         args, env=sweep_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while not [p for p in out.glob("runs/*/checkpoints/*") if p.name.isdigit()]:
+    while newest_step(out) <= past:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.5)
     return proc
@@ -170,27 +176,107 @@ def start_until_checkpoint(spec: Path, out: Path, *extra: str) -> subprocess.Pop
 
 @pytest.mark.slow
 def test_killed_sweep_continues_and_the_trial_resumes_from_its_checkpoint(tmp_path):
+    from bigjax.sweep.runner import MAX_RETRIES
+
     spec = tmp_path / "sweep.py"
     write_spec(spec, LONG_SPEC.format(name="kill", steps=600))
     out = tmp_path / "sweep"
-    proc = start_until_checkpoint(spec, out, "--heartbeat", "1")
-    proc.send_signal(signal.SIGKILL)  # no clean-up at all: heartbeats stop
-    proc.wait()
-    # The trial process notices its parent died (SIGTERM), saves and exits on its own.
-    (run_dir,) = out.glob("runs/*")
-    deadline = time.monotonic() + 120
-    while "done: step" not in (run_dir / "train.log").read_text():
-        assert time.monotonic() < deadline, (run_dir / "train.log").read_text()
-        time.sleep(0.5)
+    # Killed more often than a trial that saves nothing is retried (a preempted machine): each
+    # attempt saved a new checkpoint, so none of the deaths counts against the trial.
+    kills, step = MAX_RETRIES + 1, -1
+    for kill in range(1, kills + 1):
+        proc = start_until_checkpoint(spec, out, "--heartbeat", "1", past=step)
+        proc.send_signal(signal.SIGKILL)  # no clean-up at all: heartbeats stop
+        proc.wait()
+        # The trial process notices its parent died (SIGTERM), saves and exits on its own.
+        (run_dir,) = out.glob("runs/*")
+        deadline = time.monotonic() + 120
+        while (run_dir / "train.log").read_text().count("done: step") < kill:
+            assert time.monotonic() < deadline, (run_dir / "train.log").read_text()
+            time.sleep(0.5)
+        step = newest_step(out)  # its save on SIGTERM included: the next attempt goes past it
 
     result = sweep(str(spec), "--dir", str(out), "--heartbeat", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     trials = load(out, "kill").get_trials()
     states = sorted(t.state.name for t in trials)
-    assert states == ["COMPLETE", "FAIL"]  # the dead worker's attempt, then its retry
+    assert states == ["COMPLETE"] + ["FAIL"] * kills  # each dead worker's attempt, a retry
     log = (run_dir / "train.log").read_text()
     assert log.count("fresh start") == 1 and "resuming from step" in log
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 600
+
+
+def test_a_trial_is_retried_while_it_progresses_and_given_up_with_the_reason(tmp_path):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from bigjax.sweep import results, runner
+
+    study = optuna.create_study()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    first = create_trial(
+        state=TrialState.FAIL,  # as fail_stale_trials hands it over: its worker died
+        params={"optim.lr": 1e-3},
+        distributions={"optim.lr": FloatDistribution(1e-4, 1e-2)},
+        user_attrs={"run_dir": str(tmp_path / "run"), "start_step": -1},
+    )
+    attempt = first
+    # Each attempt's worker dies; between deaths the trial saves these checkpoints (none, or
+    # one Orbax is still writing, is no progress).
+    saved = [None, "50", "100", "150.orbax-checkpoint-tmp-7", None, None]
+    for name in saved:
+        if name:
+            (checkpoints / name).mkdir()
+        runner.retry_stale(study, attempt)
+        attempt = study.trials[-1]
+    states = [t.state for t in study.trials]
+    # deaths without a new checkpoint in a row: 1, 0, 0, 1, 2, 3; the third is given up
+    assert states == [TrialState.WAITING] * 5 + [TrialState.FAIL]
+    assert [t.system_attrs["stalled_attempts"] for t in study.trials] == [1, 0, 0, 1, 2, 3]
+    assert study.trials[-1].params == {"optim.lr": 1e-3}  # the same point throughout
+    (line,) = results.failures(study)  # listed: the command exits 1 naming it
+    assert "died 3 times in a row without the trial saving a checkpoint past step 100" in line
+
+
+@pytest.mark.slow
+def test_a_stale_trial_is_retried_once_however_many_workers_fail_it(tmp_path):
+    # Found by killing a 2-worker SQLite sweep at random moments: both worker threads failed
+    # the same stale trial (SQLite has no row locks) and each enqueued a retry: one point ran
+    # twice, and its retries ran out twice as fast.
+    import threading
+
+    from bigjax.sweep import runner
+    from bigjax.sweep.spec import Grid, Sweep
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    points = tuple(1e-3 * (i + 1) for i in range(8))
+    spec = Sweep(name="stale", config=TINY, space={"optim.lr": Grid(points)})
+    opts = runner.Options(directory=tmp_path, storage=url, workers=2, heartbeat_s=1.0)
+    workers = []
+    for _ in range(8):  # as 8 processes: a database connection each
+        storage = runner.make_storage(url, opts.heartbeat_s)
+        workers.append(runner.Worker(spec, runner.open_study(spec, storage, opts), storage, opts))
+    for _ in points:
+        trial = workers[0].pop()
+        workers[0].storage.record_heartbeat(trial._trial_id)
+    time.sleep(4.5)  # past the grace of 3 s (SQLite keeps whole seconds): all are stale
+    start = threading.Barrier(len(workers))
+
+    def fail(worker):
+        start.wait()
+        worker.fail_stale()
+
+    threads = [threading.Thread(target=fail, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    trials = load(tmp_path, "stale").get_trials()
+    waiting = [t.params or t.system_attrs["fixed_params"] for t in trials
+               if t.state == TrialState.WAITING]  # fmt: skip
+    assert len(trials) == 2 * len(points)  # the failed attempts, one retry each
+    assert sorted(p["optim.lr"] for p in waiting) == list(points)
 
 
 needs_postgres = pytest.mark.skipif(

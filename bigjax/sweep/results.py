@@ -18,6 +18,14 @@ def read_evals(run_dir: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["eval_loss"])) for r in rows if "eval_loss" in r]
 
 
+def saved_step(run_dir: Path) -> int:
+    """The newest committed checkpoint step of a run directory, -1 without one: where a retry
+    of its trial resumes. Orbax names a committed step by its number alone (one it is still
+    writing has a suffix)."""
+    steps = [int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
+    return max(steps, default=-1)
+
+
 def objective_value(run_dir: Path, objective: str) -> float | None:
     """The trial's objective, or None when the run did not finish with a final eval."""
     path = run_dir / "summary.json"
