@@ -176,7 +176,7 @@ def start_until_checkpoint(spec: Path, out: Path, *extra: str, past: int = -1) -
 
 @pytest.mark.slow
 def test_killed_sweep_continues_and_the_trial_resumes_from_its_checkpoint(tmp_path):
-    from bigjax.sweep.runner import MAX_RETRIES
+    from bigjax.sweep.database import MAX_RETRIES
 
     spec = tmp_path / "sweep.py"
     write_spec(spec, LONG_SPEC.format(name="kill", steps=600))
@@ -210,7 +210,7 @@ def test_a_trial_is_retried_while_it_progresses_and_given_up_with_the_reason(tmp
     from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial
 
-    from bigjax.sweep import results, runner
+    from bigjax.sweep import database, results
 
     study = optuna.create_study()
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -228,7 +228,7 @@ def test_a_trial_is_retried_while_it_progresses_and_given_up_with_the_reason(tmp
     for name in saved:
         if name:
             (checkpoints / name).mkdir()
-        runner.retry_stale(study, attempt)
+        database.retry_stale(study, attempt)
         attempt = study.trials[-1]
     states = [t.state for t in study.trials]
     # deaths without a new checkpoint in a row: 1, 0, 0, 1, 2, 3; the third is given up
@@ -246,7 +246,7 @@ def test_a_stale_trial_is_retried_once_however_many_workers_fail_it(tmp_path):
     # twice, and its retries ran out twice as fast.
     import threading
 
-    from bigjax.sweep import runner
+    from bigjax.sweep import database, runner
     from bigjax.sweep.spec import Grid, Sweep
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -255,7 +255,7 @@ def test_a_stale_trial_is_retried_once_however_many_workers_fail_it(tmp_path):
     opts = runner.Options(directory=tmp_path, storage=url, workers=2, heartbeat_s=1.0)
     workers = []
     for _ in range(8):  # as 8 processes: a database connection each
-        storage = runner.make_storage(url, opts.heartbeat_s)
+        storage = database.make_storage(url, opts.heartbeat_s)
         workers.append(runner.Worker(spec, runner.open_study(spec, storage, opts), storage, opts))
     for _ in points:
         trial = workers[0].pop()
@@ -304,7 +304,7 @@ def test_workers_racing_to_create_the_tables_all_start():
         conn.execute(f"CREATE DATABASE {fresh}")
     try:
         fresh_url = url.rsplit("/", 1)[0] + "/" + fresh
-        code = f"from bigjax.sweep.runner import make_storage; make_storage({fresh_url!r}, 10)"
+        code = f"from bigjax.sweep.database import make_storage; make_storage({fresh_url!r}, 10)"
         procs = [
             subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
             for _ in range(4)

@@ -137,12 +137,12 @@ def test_config_hash_follows_the_resolved_config():
 
 
 def _study(tmp_path, sweep, **opts):
-    from bigjax.sweep import runner
+    from bigjax.sweep import database, runner
 
     options = runner.Options(
         directory=tmp_path, storage=f"sqlite:///{tmp_path / 'study.db'}", **opts
     )
-    storage = runner.make_storage(options.storage, options.heartbeat_s)
+    storage = database.make_storage(options.storage, options.heartbeat_s)
     return runner, options, storage, runner.open_study(sweep, storage, options)
 
 

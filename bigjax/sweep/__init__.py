@@ -1,4 +1,5 @@
-"""Sweeps and ablations: specs (`spec`), device splitting (`devices`), the runner (`runner`).
+"""Sweeps and ablations: specs (`spec`), device splitting (`devices`), the runner (`runner`)
+and its study's database (`database`).
 
 Spec files import from here:
 

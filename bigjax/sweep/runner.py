@@ -12,8 +12,8 @@ Failure handling:
   - a trial whose sweep process died (kill -9, a lost machine) stops sending heartbeats; any
     live worker marks it failed and re-enqueues it, and it resumes from its last checkpoint.
     It is retried as long as its attempts save new checkpoints (a sweep may be preempted any
-    number of times); after MAX_RETRIES attempts in a row that saved none (a trial that takes
-    its machine down with it) it fails for good, with the reason, like a crashed trial;
+    number of times); after a few attempts in a row that saved none (a trial that takes its
+    machine down with it) it fails for good, with the reason (`database.retry_stale`);
   - Ctrl-C / SIGTERM stops the running trials (they checkpoint) and re-enqueues them: rerun
     the same command to continue.
 """
@@ -28,28 +28,25 @@ import hashlib
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from bigjax import runlock
 from bigjax.config import ConfigError, load_config, to_dict
 from bigjax.sweep import devices
+from bigjax.sweep.database import experimental_ok, make_storage
 from bigjax.sweep.results import objective_value, read_evals, saved_step
 from bigjax.sweep.spec import Grid, IntUniform, LogUniform, Sweep, Uniform, Value
 
-MAX_RETRIES = 2  # re-runs of a trial whose worker died with no new checkpoint, before it fails
 ERROR_TAIL_LINES = 20
 
 
@@ -97,69 +94,6 @@ def check_values(spec: Sweep) -> None:
 def spec_fingerprint(spec: Sweep) -> str:
     text = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-@contextlib.contextmanager
-def _stable_enough() -> Iterator[None]:
-    """Heartbeats and their retry callback are marked experimental (since Optuna 2.8/2.9);
-    bigjax relies on them on purpose and tests them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
-
-
-def make_storage(url: str, heartbeat_s: float, attempts: int = 5) -> optuna.storages.RDBStorage:
-    """Opens the study database, creating Optuna's tables if needed. Workers that start
-    together on a fresh database race to create the tables (PostgreSQL: a duplicate
-    `CREATE TYPE`); the losers retry, and then find them."""
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    for attempt in range(attempts):
-        try:
-            with _stable_enough():
-                return optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs=engine_kwargs,
-                    heartbeat_interval=max(1, int(heartbeat_s)),
-                    grace_period=max(3, int(3 * heartbeat_s)),
-                    heartbeat_stale_trial_callback=retry_stale,
-                )
-        except sqlalchemy.exc.DBAPIError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5 + random.random())  # jitter: the racers do not collide again
-    raise AssertionError("unreachable")
-
-
-def retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Optuna's callback for a trial whose worker died (failed when its heartbeat went stale):
-    enqueues its retry, which resumes from the trial's checkpoint, unless MAX_RETRIES attempts
-    in a row saved no new checkpoint; then records why it was given up, as a failed trial
-    whose `error` the summary and the exit code report (no silent hole in the sweep)."""
-    run_dir = trial.user_attrs.get("run_dir")
-    step = saved_step(Path(run_dir)) if run_dir else -1
-    progressed = step > trial.user_attrs.get("start_step", -1)  # -1 if it died before starting
-    stalled = 0 if progressed else trial.system_attrs.get("stalled_attempts", 0) + 1
-    history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    attrs = {**trial.system_attrs, "failed_trial": trial.number, "retry_history": history,
-             "stalled_attempts": stalled}  # fmt: skip
-    user_attrs = {**trial.user_attrs, "start_step": step}  # what the retry must get past
-    if stalled <= MAX_RETRIES:
-        state = TrialState.WAITING
-    else:
-        state = TrialState.FAIL
-        user_attrs["error"] = (
-            f"bigjax: error: its sweep worker died {stalled} times in a row without the trial "
-            f"saving a checkpoint past step {step}; not retried again"
-        )
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=state,
-            params=trial.params,
-            distributions=trial.distributions,
-            user_attrs=user_attrs,
-            system_attrs=attrs,
-        )
-    )
 
 
 def _sampler(spec: Sweep) -> optuna.samplers.BaseSampler:
@@ -353,7 +287,7 @@ class Worker:
         """Fails the trials whose heartbeat went stale, each retried once (`retry_stale`).
         Claimed, as a pop is: on SQLite two workers could both fail one stale trial and each
         enqueue a retry of it (found by killing a 2-worker sweep: one point ran twice)."""
-        with self.claiming(), _stable_enough():
+        with self.claiming(), experimental_ok():
             optuna.storages.fail_stale_trials(self.study)
 
     def _waiting(self) -> bool:
