@@ -40,9 +40,8 @@ def load_items(path: str | Path) -> list[Item]:
     if not file.is_file():
         raise ConfigError(f"multiple choice: no such file {str(path)!r} (JSON lines).")
     items = []
-    lines = (
-        file.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines()
-    )  # as bytes: see examples.py
+    # Split as bytes (see data/examples.py); a UTF-8 byte-order mark is not data.
+    lines = file.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
