@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -42,10 +43,18 @@ def stop_on_signals() -> Iterator[dict[str, str]]:
             detach_terminal()
         asked.setdefault("signal", signal.Signals(signum).name)
 
+    def unraisable(report: Any) -> None:
+        # the second Ctrl-C swallowed by a callback: `interrupt_if_asked` raises it again, so
+        # the traceback Python would print is noise before the one-line "interrupted"
+        if not (isinstance(report.exc_value, KeyboardInterrupt) and "now" in asked):
+            previous_hook(report)
+
     previous = {s: signal.signal(s, handle) for s in signals}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield asked
     finally:
+        sys.unraisablehook = previous_hook
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_IGN if asked and s != signal.SIGINT else handler)
 
@@ -55,7 +64,8 @@ def interrupt_if_asked(asked: dict[str, str]) -> None:
     exception is raised wherever the main thread is, and where that is a callback run by the
     interpreter (jax's garbage-collection hook, a weakref finaliser), Python prints "Exception
     ignored" and goes on: the run then saved and exited 0 as if asked once (seen in the
-    second-Ctrl-C test, about 1 run in 20). The loop calls this before each step and save."""
+    second-Ctrl-C test, about 1 run in 20). The loop calls this before each step and save;
+    `stop_on_signals` keeps the swallowed one's traceback off the terminal."""
     if "now" in asked:
         raise KeyboardInterrupt
 

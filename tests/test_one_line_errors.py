@@ -174,12 +174,13 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
     assert "Traceback" not in err and "bigjax: interrupted" in err
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the point
-def test_a_second_ctrl_c_lost_in_a_callback_still_interrupts():
+def test_a_second_ctrl_c_lost_in_a_callback_still_interrupts_without_a_traceback():
     # The second Ctrl-C's KeyboardInterrupt is raised wherever the main thread is; inside a
     # callback the interpreter runs (jax's gc hook, a __del__) Python prints "Exception
-    # ignored" and goes on, and the run once saved and exited 0 (the test above, ~1 in 20).
-    # Here the second signal lands in a __del__, every time; the loop must still stop.
+    # ignored" with a traceback and goes on, and the run once saved and exited 0 (the test
+    # above, ~1 in 20). Here the second signal lands in a __del__, every time; the loop must
+    # still stop, and nothing but the one line may reach the terminal. Other exceptions a
+    # callback swallows are still reported.
     import gc
 
     from bigjax import signals
@@ -189,9 +190,19 @@ def test_a_second_ctrl_c_lost_in_a_callback_still_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # the handler runs here, inside __del__
 
+    class Fails:
+        def __del__(self):
+            raise ValueError("a callback's own error")
+
+    reported: list[BaseException | None] = []
     # a run that was asked to stop leaves SIGTERM and SIGHUP ignored on its way out; this is
     # pytest's process, whose later tests start worker pools that must still die by SIGTERM
     kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+
+    def record(report) -> None:
+        reported.append(report.exc_value)
+
+    kept_hook, sys.unraisablehook = sys.unraisablehook, record
     try:
         with signals.stop_on_signals() as asked:
             os.kill(os.getpid(), signal.SIGINT)  # the first: save and stop after the step
@@ -199,9 +210,18 @@ def test_a_second_ctrl_c_lost_in_a_callback_still_interrupts():
             assert asked == {"signal": "SIGINT"}
             Swallows()
             gc.collect()
+            assert reported == []
+            Fails()
+            gc.collect()
+            assert [type(e) for e in reported] == [ValueError]
             with pytest.raises(KeyboardInterrupt):
                 signals.interrupt_if_asked(asked)
+        assert sys.unraisablehook is record  # the hook it found is back
+        Fails()
+        gc.collect()
+        assert [type(e) for e in reported] == [ValueError, ValueError]
     finally:
+        sys.unraisablehook = kept_hook
         for s, handler in kept.items():
             signal.signal(s, handler)
 
