@@ -247,16 +247,33 @@ def _step_of(line: bytes) -> float:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a metrics file; a line cut short by a kill (or still being written while
-    a sweep reads it), or damaged on disk (not UTF-8, not a JSON object), is skipped."""
+    a sweep reads it), or damaged on disk (not UTF-8, not a JSON object, no integer step: every
+    row bigjax writes has one), is skipped."""
     rows = []
     for line in path.read_bytes().splitlines():
         try:
             row = json.loads(line)  # bytes: UTF-8 decoded by json; a bad byte is a ValueError
         except ValueError:
             continue
-        if isinstance(row, dict):
+        if isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 0:
             rows.append(row)
     return rows
+
+
+def metric_value(value: Any) -> float | None:
+    """A metric as `json_text` wrote it: a number, or null for a non-finite one (NaN here: a
+    diverged eval reads as nan, not as missing); None for anything else (damaged)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def curve(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(step, value) of the `read_jsonl` rows that hold `key`; a damaged value is skipped."""
+    points = ((r["step"], metric_value(r[key])) for r in rows if key in r)
+    return [(step, v) for step, v in points if v is not None]
 
 
 def last_logged(path: Path, key: str, at_most: int) -> tuple[int, Any] | None:
@@ -296,8 +313,10 @@ def loss_figure(rows: Sequence[Row], title: str, log_scale: bool = True) -> Figu
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    # a non-finite loss (null in the file) is a gap: it has no place on the axis
+    train, evals = (
+        [p for p in curve(rows, k) if math.isfinite(p[1])] for k in ("loss", "eval_loss")
+    )
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
         steps, losses = zip(*train, strict=True)

@@ -15,12 +15,12 @@ import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from bigjax import history
 from bigjax.errors import UsageError
 from bigjax.fit import PowerLaw, fit_power_law
-from bigjax.metrics import read_jsonl
+from bigjax.metrics import curve, metric_value, read_jsonl
 
 
 class ReportError(UsageError, ValueError):
@@ -50,55 +50,92 @@ class Run:
 
     @property
     def best(self) -> float | None:
-        return min((loss for _, loss in self.evals), default=None)
+        return min((loss for _, loss in self.evals if not math.isnan(loss)), default=None)
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run directories (those holding metrics.jsonl) at or below the given paths."""
+    """Run directories (those holding metrics.jsonl) at or below the given paths; each path
+    must hold at least one (a mistyped one would silently drop out of the comparison)."""
     found: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
             raise ReportError(f"report: no such directory {str(p)!r}")
-        if (p / "metrics.jsonl").exists():
-            found.append(p)
-        else:
-            found.extend(sorted(m.parent for m in p.glob("**/metrics.jsonl")))
-    if not found:
-        raise ReportError(
-            f"report: no runs under {', '.join(map(str, paths))} (a run directory holds "
-            "metrics.jsonl: pass run directories or a sweep directory)"
-        )
+        runs = [p] if (p / "metrics.jsonl").is_file() else sorted(
+            m.parent for m in p.glob("**/metrics.jsonl") if m.is_file()
+        )  # fmt: skip
+        if not runs:
+            raise ReportError(
+                f"report: no runs under {p} (a run directory holds metrics.jsonl: pass run "
+                "directories or a sweep directory)"
+            )
+        found += runs
     return sorted(set(found))
 
 
 def load_run(path: Path) -> Run:
-    rows = read_jsonl(path / "metrics.jsonl")
+    """A run as its files describe it. metrics.jsonl is read as `read_jsonl` reads it (a
+    damaged line is skipped) and a damaged value in a row is skipped with it; a field of the
+    wrong type in summary.json, config.json or trial.json is named, as an unreadable file is:
+    a report must not average what a damaged file says."""
+    try:
+        rows = read_jsonl(path / "metrics.jsonl")
+    except OSError as e:
+        raise ReportError(f"report: {path / 'metrics.jsonl'} is unreadable ({e.strerror}); "
+                          "leave that run out of the report.") from None  # fmt: skip
     config, trial, summary = (_json_object(path / n) for n in ("config.json", "trial.json",
                                                                "summary.json"))  # fmt: skip
-    point = dict(trial.get("point", {}))
-    seed = int(point.pop("seed", config.get("seed", 0)))
+    point: dict[str, Any] = dict(_get(trial, "point", {}, path / "trial.json"))
+    seed = (_get(point, "seed", 0, path / "trial.json") if "seed" in point
+            else _get(config, "seed", 0, path / "config.json"))  # fmt: skip
+    point.pop("seed", None)
     if "variant" in point and len(point) == 1:
         group = str(point["variant"])
     elif point:
         group = ", ".join(f"{k}={_fmt(v)}" for k, v in point.items())
     else:
         group = path.name
-    data = config.get("data", {})
-    tokens_per_step = float(data.get("batch_size", 0) * data.get("seq_len", 0))
-    steps = summary.get("step") or 0
+    data: dict[str, Any] = _get(config, "data", {}, path / "config.json")
+    batch, seq = (_get(data, k, 0, path / "config.json") for k in ("batch_size", "seq_len"))
+    summary = {k: _get(summary, k, default, path / "summary.json") for k, default in SUMMARY}
+    steps = summary["step"]
     return Run(
         path=path,
         group=group,
         seed=seed,
         point=point,
-        baseline=str(trial.get("baseline", "")),
-        train=[(int(r["step"]), float(r["loss"])) for r in rows if "loss" in r],
-        evals=[(int(r["step"]), float(r["eval_loss"])) for r in rows if "eval_loss" in r],
-        tokens_per_step=tokens_per_step,
-        flops_per_step=summary.get("flops", 0.0) / steps if steps else 0.0,
+        baseline=_get(trial, "baseline", "", path / "trial.json"),
+        train=curve(rows, "loss"),
+        evals=curve(rows, "eval_loss"),
+        tokens_per_step=float(batch * seq),
+        flops_per_step=summary["flops"] / steps if steps else 0.0,
         summary=summary,
         benchmarks=_final_benchmarks(rows, summary),
     )
+
+
+# what the report reads of summary.json, with the value of a run that has none
+SUMMARY = (("step", 0), ("complete", False), ("tokens", 0.0), ("flops", 0.0), ("wall_s", 0.0))
+T = TypeVar("T")
+
+
+def _get(doc: dict[str, Any], key: str, default: T, path: Path) -> T:
+    """doc[key] (`default` if absent), which must have the default's type: any number where
+    it is a float (null is a non-finite number, as bigjax writes one); `type(...) is`, as
+    JSON has no subclasses and a bool must not pass for an int."""
+    value: Any = doc.get(key, default)
+    if isinstance(default, float):
+        if value is None:
+            return cast(T, math.nan)
+        if type(value) in (int, float):
+            return cast(T, float(value))
+    elif type(value) is type(default):
+        return value
+    kind = "a number" if isinstance(default, float) else f"a JSON {_JSON[type(default)]}"
+    raise ReportError(f"report: {path}: {key!r} is {value!r}, not {kind}; restore the file or "
+                      "leave that run out of the report.")  # fmt: skip
+
+
+_JSON = {int: "integer", bool: "boolean", str: "string", dict: "object"}
 
 
 def _json_object(path: Path) -> dict[str, Any]:
@@ -120,10 +157,12 @@ def _final_benchmarks(rows: list[dict[str, Any]], summary: dict[str, Any]) -> di
     """The harness numbers of a finished run's eval at its last step (a run cut short has
     none: its numbers would not compare)."""
     for r in reversed(rows):
-        found = {k[len("harness/") :]: float(v) for k, v in r.items() if k.startswith("harness/")}
+        found = {
+            k[len("harness/") :]: metric_value(v) for k, v in r.items() if k.startswith("harness/")
+        }
         if found:
-            done = summary.get("complete") and r.get("step") == summary.get("step")
-            return found if done else {}
+            done = summary["complete"] and r["step"] == summary["step"]
+            return {k: v for k, v in found.items() if v is not None} if done else {}
     return {}
 
 
@@ -172,16 +211,17 @@ def table(runs: list[Run], baseline: str = "") -> str:
 
     def order(name: str) -> tuple:
         finals = [r.final for r in groups[name] if r.final is not None]
-        return (name != baseline, statistics.mean(finals) if finals else math.inf)
+        mean = statistics.mean(finals) if finals else math.nan
+        return (name != baseline, math.inf if math.isnan(mean) else mean)
 
     for name in sorted(groups, key=order):
         g = groups[name]
         finals = [r.final for r in g if r.final is not None]
         bests = [r.best for r in g if r.best is not None]
         d = "(baseline)" if name == baseline else delta(g, groups[baseline]) if baseline else "—"
-        tokens = statistics.mean(r.summary.get("tokens", 0) for r in g)
-        flops = statistics.mean(r.summary.get("flops", 0) for r in g)
-        wall = statistics.mean(r.summary.get("wall_s", 0) for r in g)
+        tokens = statistics.mean(r.summary["tokens"] for r in g)
+        flops = statistics.mean(r.summary["flops"] for r in g)
+        wall = statistics.mean(r.summary["wall_s"] for r in g)
         incomplete = sum(r.final is None for r in g)
         seeds = f"{len(g)}" + (f" ({incomplete} unfinished)" if incomplete else "")
         lines.append(
@@ -352,7 +392,7 @@ def report(
     md += ["## Runs", ""]
     for r in runs:
         md.append(f"- `{r.path}`: {r.group}, seed {r.seed}")
-        segments = history.segments(r.path, int(r.summary.get("step", 0)))
+        segments = history.segments(r.path, r.summary["step"])
         if len(segments) > 1:  # resumed with another config: which one trained which steps
             md += [f"  - {s}" for s in segments]
     md.append("")

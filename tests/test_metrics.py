@@ -96,3 +96,17 @@ def test_loss_plot_is_titled_and_log_scaled(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     metrics.plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 10_000
+
+
+def test_a_non_finite_loss_is_a_gap_in_the_plot():
+    # bigjax writes a non-finite loss as null; the smoothing used to fail on None (at the end
+    # of a run that had resumed past such a row), and a NaN would poison every later point
+    import matplotlib.pyplot as plt
+
+    rows = [{"step": s, "loss": 2.0} for s in range(1, 11)]
+    rows[4]["loss"] = None
+    fig = metrics.loss_figure([*rows, {"step": 10, "eval_loss": None}], "gap")
+    raw, smooth = fig.axes[0].get_lines()  # no eval line: its one point was not finite
+    assert list(raw.get_xdata()) == [1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert list(smooth.get_ydata()) == pytest.approx([2.0] * 9)
+    plt.close(fig)

@@ -117,3 +117,57 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "--baseline 'nope' is not one of the groups" in capsys.readouterr().err
     assert main(["report", str(tmp_path), "--fit", "scaling"]) == 2
     assert "at least 3 sizes" in capsys.readouterr().err
+
+
+def test_a_diverged_run_shows_nan_and_damaged_values_are_skipped(tmp_path):
+    # bigjax writes a non-finite number as null: the report used to stop on float(None)
+    d = _fake_run(tmp_path, "diverged", group="d", seed=0, final=2.0)
+    with (d / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 100, "loss": null}\n{"step": 100, "eval_loss": null}\n')
+        f.write('{"step": "x", "loss": 1.0}\n{"step": true, "loss": 1.0}\n')  # not a step
+        f.write('{"step": 7.5, "loss": 1.0}\n{"step": 60, "loss": "1.0"}\n')  # nor a loss
+    run = report.load_run(d)
+    assert [s for s, _ in run.train] == [10, 50, 100, 100]
+    assert np.isnan(run.train[-1][1]) and np.isnan(run.final)
+    assert run.best == pytest.approx(1.9)  # the best finite eval
+    _fake_run(tmp_path, "fine", group="f", seed=0, final=2.5)
+    text, _ = report.report([tmp_path], tmp_path / "out")
+    rows = [
+        line for line in text.splitlines() if line.startswith("| d |") or line.startswith("| f |")
+    ]
+    assert rows[0].startswith("| f |") and "| nan | 1.9000 |" in rows[1]  # nan sorts last
+
+
+@pytest.mark.parametrize(
+    "name, damage, words",
+    [
+        ("summary.json", {"wall_s": "abc"}, "'wall_s' is 'abc', not a number"),
+        ("summary.json", {"step": "100"}, "'step' is '100', not a JSON integer"),
+        ("summary.json", {"complete": "no"}, "'complete' is 'no', not a JSON boolean"),
+        ("config.json", {"seed": "abc"}, "'seed' is 'abc', not a JSON integer"),
+        ("config.json", {"data": {"batch_size": 4.5}}, "'batch_size' is 4.5, not a JSON integer"),
+        ("trial.json", {"point": {"seed": True}}, "'seed' is True, not a JSON integer"),
+        ("trial.json", {"point": [1]}, "'point' is [1], not a JSON object"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_named_with_its_file(tmp_path, capsys, name, damage, words):
+    # A string for wall time, a "no" for complete (truthy: the run counted as finished), a
+    # string seed: each used to stop with a traceback or be averaged as written
+    d = _fake_run(tmp_path, "a", group="g", seed=0, final=2.0)
+    if name == "config.json":
+        (d / "trial.json").unlink()  # a plain run: its seed is the config's
+    doc = json.loads((d / name).read_text())
+    (d / name).write_text(json.dumps({**doc, **damage}))
+    assert main(["report", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert f"{d / name}: {words}; restore the file or leave that run out" in err, err
+
+
+def test_every_path_must_hold_a_run(tmp_path, capsys):
+    # a mistyped (or empty) directory among several used to drop out of the comparison
+    # silently; a directory named metrics.jsonl is no run
+    _fake_run(tmp_path / "runs", "a", group="g", seed=0, final=2.0)
+    (tmp_path / "empty" / "metrics.jsonl").mkdir(parents=True)
+    out = ["--out", str(tmp_path / "out")]
+    assert main(["report", str(tmp_path / "runs"), str(tmp_path / "empty"), *out]) == 2
+    assert f"no runs under {tmp_path / 'empty'} (a run directory" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 PostgreSQL server, started by .ci/run), and the sweep process is killed and rerun."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -483,3 +484,20 @@ def test_failures_are_the_failed_trials_no_retry_completed():
     (line,) = results.failures(study)
     assert line == "trial 0 {'optim.lr': 0.001}: bigjax: error: boom (log: /r/a/train.log)"
     assert "FAIL trial 0" in results.summary(study) and "complete 1" in results.summary(study)
+
+
+def test_a_non_finite_eval_is_not_reported_and_not_the_best(tmp_path):
+    # A trial whose eval overflowed at step 10 (bigjax writes a non-finite number as null)
+    # and recovered: reading it used to raise TypeError in the worker thread, ending the sweep
+    from bigjax.sweep import results
+
+    rows = [{"step": 10, "eval_loss": None}, {"step": 20, "eval_loss": 3.5},
+            {"step": 30, "eval_loss": 3.0}, {"step": 40, "eval_loss": 3.25}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "summary.json").write_text(json.dumps({"complete": True, "eval_loss": 3.25}))
+    evals = results.read_evals(tmp_path)
+    assert [s for s, _ in evals] == [10, 20, 30, 40] and math.isnan(evals[0][1])
+    assert results.objective_value(tmp_path, "best_eval_loss") == 3.0
+    assert results.objective_value(tmp_path, "eval_loss") == 3.25
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "eval_loss": null}\n')
+    assert results.objective_value(tmp_path, "best_eval_loss") is None  # no finite eval

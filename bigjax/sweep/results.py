@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
-from bigjax.metrics import read_jsonl
+from bigjax.metrics import curve, read_jsonl
 
 
 def read_evals(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, eval_loss) rows of a run's metrics.jsonl."""
+    """(step, eval_loss) rows of a run's metrics.jsonl; a non-finite eval (written as null)
+    is NaN, which the pruner is not told of."""
     path = run_dir / "metrics.jsonl"
-    rows = read_jsonl(path) if path.exists() else []
-    return [(int(r["step"]), float(r["eval_loss"])) for r in rows if "eval_loss" in r]
+    return curve(read_jsonl(path), "eval_loss") if path.is_file() else []
 
 
 def saved_step(run_dir: Path) -> int:
@@ -35,7 +36,7 @@ def objective_value(run_dir: Path, objective: str) -> float | None:
     if not summary.get("complete") or summary.get("eval_loss") is None:
         return None
     if objective == "best_eval_loss":
-        return min(loss for _, loss in read_evals(run_dir))
+        return min((loss for _, loss in read_evals(run_dir) if math.isfinite(loss)), default=None)
     return float(summary["eval_loss"])
 
 
