@@ -270,6 +270,18 @@ def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _flag(hf: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A boolean field of config.json: true, false, or absent or null (transformers' default).
+    Anything else is refused: `bool("false")` is True, and a tied head read from a string
+    would silently drop the trained output layer."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    raise ConvertError(f"config.json: {key}={value!r}, expected true or false (a JSON boolean).")
+
+
 def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     """`model.*` config fields for a Hugging Face config.json."""
     kind = hf.get("model_type")
@@ -294,7 +306,7 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "llama":
         if hf.get("hidden_act", "silu") != "silu":
             raise ConvertError(f"hidden_act={hf['hidden_act']!r}: bigjax's SwiGLU uses silu.")
-        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+        if _flag(hf, "attention_bias", False) != _flag(hf, "mlp_bias", False):
             raise ConvertError("attention_bias and mlp_bias differ; bigjax has one use_bias.")
         heads = hf["num_attention_heads"]
         return {
@@ -307,17 +319,19 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
             "d_ff": hf["intermediate_size"],
             "vocab_size": hf["vocab_size"],
             "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-            "use_bias": bool(hf.get("attention_bias", False)),
-            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "use_bias": _flag(hf, "attention_bias", False),
+            "tie_embeddings": _flag(hf, "tie_word_embeddings", False),
             **_rope_fields(hf),
         }
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ConvertError(f"activation_function={act!r}: bigjax's GPT-2 uses tanh GELU.")
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+        if _flag(hf, "scale_attn_by_inverse_layer_idx", False) or _flag(
+            hf, "reorder_and_upcast_attn", False
+        ):
             raise ConvertError("GPT-2 attention variants (inverse layer scaling) unsupported.")
-        if hf.get("scale_attn_weights", True) is False:
+        if not _flag(hf, "scale_attn_weights", True):
             raise ConvertError("scale_attn_weights=false is not supported.")
         return {
             "family": "gpt2",
@@ -330,7 +344,7 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
             "vocab_size": hf["vocab_size"],
             "max_positions": hf["n_positions"],
             "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
-            "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+            "tie_embeddings": _flag(hf, "tie_word_embeddings", True),
         }
     raise ConvertError(
         f"model_type={kind!r} is not supported; bigjax converts {FAMILIES} (config.json's "

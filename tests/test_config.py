@@ -49,6 +49,15 @@ def test_unknown_key_suggests_close_match():
         ({"mesh": {"rules": {"embedd": "fsdp"}}}, r"Did you mean 'embed'"),
         ({"mesh": {"rules": {"embed": "fsdpp"}}}, r"unknown mesh axis 'fsdpp'"),
         ({"data": {"batch_size": 10}, "optim": {"grad_accum_steps": 4}}, r"not divisible"),
+        # each trained (or imported) a model whose every output was NaN
+        ({"model": {"norm_eps": 0.0}}, r"model.norm_eps: must be positive"),
+        ({"model": {"norm_eps": -1.0}}, r"model.norm_eps: must be positive"),
+        ({"model": {"rope_theta": 0.0}}, r"model.rope_theta: must be > 1"),
+        ({"model": {"rope_scaling": "llama3", "rope_low_freq_factor": 0.0}}, r"> 0"),
+        (
+            {"model": {"rope_scaling": "llama3", "rope_original_max_positions": 0}},
+            r"model.rope_original_max_positions: llama3",
+        ),  # fmt: skip
     ],
 )
 def test_bad_values_name_the_key(raw, pattern):

@@ -234,6 +234,22 @@ def test_imported_model_fine_tunes_and_refuses_to_resume_as_a_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "family, field, value",
+    [("llama", "tie_word_embeddings", "false"), ("llama", "attention_bias", 0),
+     ("gpt2", "tie_word_embeddings", "true"), ("gpt2", "scale_attn_weights", "false")],
+)  # fmt: skip
+def test_a_flag_that_is_not_a_json_boolean_is_refused(family, field, value):
+    # bool("false") is True: a tied head read from a string imported the run without its
+    # trained output layer, with no error
+    gpt2 = {"family": "gpt2", "max_positions": 64, "num_kv_heads": 0}
+    m = tiny_config(model=gpt2 if family == "gpt2" else {}).model
+    config = hf.hf_config(m, 64, "float32")
+    assert hf.model_fields({**config, field: None})  # absent or null: transformers' default
+    with pytest.raises(hf.ConvertError, match=f"{field}={value!r}, expected true or false"):
+        hf.model_fields({**config, field: value})
+
+
 def test_bad_inputs_name_the_problem(tmp_path, capsys):
     # A pickle-only directory: never loaded, and the error says why.
     (tmp_path / "pickled").mkdir()

@@ -169,6 +169,11 @@ def _model(cfg: TrainConfig) -> None:
             f"data.seq_len={d.seq_len}; set model.max_positions >= {d.seq_len}",
         )
     _check(m.rope_factor > 0, "model.rope_factor", "must be positive")
+    # RoPE's wavelengths are powers of theta: 0 makes them infinite, and at or below 1 they
+    # no longer grow along the head dimension
+    _check(m.rope_theta > 1, "model.rope_theta", "must be > 1 (10000 is the usual base)")
+    # a norm divides by sqrt(variance + eps): at 0 or below, a constant row divides by zero
+    _check(m.norm_eps > 0, "model.norm_eps", "must be positive (1e-6 or 1e-5 are usual)")
     _check(m.num_experts >= 0, "model.num_experts", "must be >= 0 (0: dense MLP)")
     if m.num_experts:
         _check(m.mlp == "swiglu", "model.mlp", "experts are SwiGLU; set model.mlp=swiglu")
@@ -192,9 +197,14 @@ def _model(cfg: TrainConfig) -> None:
             "and noise would scramble; use moe_aux_weight for balance with privacy",
         )
     _check(
-        m.rope_scaling != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor,
+        m.rope_scaling != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor > 0,
         "model.rope_high_freq_factor",
-        "llama3 scaling needs rope_high_freq_factor > rope_low_freq_factor",
+        "llama3 scaling needs rope_high_freq_factor > rope_low_freq_factor > 0",
+    )
+    _check(
+        m.rope_scaling != "llama3" or m.rope_original_max_positions > 0,
+        "model.rope_original_max_positions",
+        "llama3 scaling divides the original context by the frequency factors: must be positive",
     )
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
 
