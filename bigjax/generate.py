@@ -12,6 +12,7 @@ every row has hit a stop token.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax.errors import UsageError
 from bigjax.layers import decode_mask
 from bigjax.sharding import Rules, constrain
 
@@ -42,8 +44,11 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        # `not (t >= 0)`: a NaN temperature compares false both ways, and sampled NUL bytes
+        if not (0 <= self.temperature < math.inf) or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("need a finite temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if not -(2**63) <= self.seed < 2**63:  # what a PRNG key takes
+            raise ValueError(f"seed {self.seed} is outside [-2**63, 2**63)")
 
 
 def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -175,6 +180,12 @@ def generate_from_run(
         tokenizer = prog.resources.tokenizer
         # framed as training framed documents (BOS first), as `bigjax serve` reads prompts
         encoded = [encode_prompt(tokenizer, p, add_bos=True) for p in prompts]
+        vocab = prog.cfg.model.vocab_size
+        if outside := [t for t in sampling.stop_tokens if not 0 <= t < vocab]:
+            raise UsageError(
+                f"generate: stop token(s) {outside} are not token ids of this run (0 to "
+                f"{vocab - 1}): one is never emitted, so nothing would stop"
+            )
         longest, trained = max(map(len, encoded)), prog.cfg.data.seq_len
         if longest + sampling.max_new_tokens > trained:  # `serve` refuses this; here a warning
             print(f"warning: a prompt of {longest} tokens plus {sampling.max_new_tokens} new "

@@ -102,6 +102,8 @@ def mesh_shape_for(cfg: TrainConfig, target: Target) -> dict[str, int]:
 
 
 def gpu_target(devices: int, kind: str) -> Target:
+    if devices < 1:  # -8 planned a negative memory and step time
+        raise ConfigError(f"--devices {devices}: give the number of GPUs, 1 or more.")
     if kind not in GPU_HBM:
         raise ConfigError(f"--device-kind {kind!r}: known kinds are {', '.join(GPU_HBM)}.")
     fp8 = metrics.DATASHEET_FP8_PEAK_FLOPS.get(kind, 0.0)
@@ -350,6 +352,8 @@ def render(result: dict[str, Any]) -> str:
 def plan(cfg: TrainConfig, target: Target, mfu: float, compile_: bool | None) -> dict[str, Any]:
     """The analytic plan, plus the compiled one for TPUs when libtpu is available. The config's
     `platforms` entry for the target's devices is applied first, as `train` would there."""
+    if not 0 < mfu <= 1:  # NaN too; 0 divided the step time by zero
+        raise ConfigError(f"plan: --mfu {mfu}: give the share of peak assumed, in (0, 1].")
     platform = "tpu" if target.tpu_generation else "gpu"
     kind = f"TPU {target.tpu_generation}" if target.tpu_generation else target.name
     cfg = _accelerator_config(tune(cfg, platform, kind, target.num_devices))

@@ -152,3 +152,10 @@ def test_generate_command_on_a_trained_run(tmp_path, capsys):
         assert "give the run directory once" in capsys.readouterr().err
     assert main([*args, "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+    # a stop token no run emits stopped nothing, silently; a prompt from a terminal that is
+    # not UTF-8 (Python's argv holds its bytes as lone surrogates) was a UnicodeEncodeError
+    assert main([*args, "--prompt", "x", "--stop-token", str(cfg.model.vocab_size)]) == 2
+    assert f"stop token(s) [{cfg.model.vocab_size}] are not token ids" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):  # argparse's own usage error
+        main([*args, "--prompt", "caf\udce9"])
+    assert "--prompt: not UTF-8 text (byte b'\\xe9' at character 3)" in capsys.readouterr().err

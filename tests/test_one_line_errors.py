@@ -67,6 +67,21 @@ def test_a_config_file_with_a_syntax_error_or_that_raises(tmp_path, capsys):
         (["plan", "--config", TINY, "--topology", "v5p-9"], "v5p names count TensorCores"),
         (["plan", "--config", TINY, "--topology", "v5e-0"], "no 2-D TPU slice has 0 chips"),
         (["bench", "--config", TINY, "--steps", "0"], "--steps 0 --warmup 3: time at least"),
+        # silently unused (a quantized run "pruned" to nothing asked), a NaN temperature that
+        # sampled NUL bytes, a seed past int64, minus eight GPUs planned, a division by zero
+        (["compress", "quantize", "--sparsity", "0.3"], "--sparsity go(es) with `compress prune`"),
+        (["compress", "prune", "--bits", "4"], "--bits go(es) with `compress quantize`"),
+        (["compress", "prune", "--pattern", "2:4", "--sparsity", "0.3"], "keeps 2 weights of"),
+        (["generate", "--prompt", "x", "--temperature", "nan"], "need a finite temperature"),
+        (["generate", "--prompt", "x", "--seed", str(2**64)], "is outside [-2**63, 2**63)"),
+        (["eval", "--tasks", " , ,"], "--tasks ' , ,' names no task"),
+        (["plan", "--config", TINY, "--devices", "0"], "--devices 0: give the number of GPUs"),
+        (["plan", "--config", TINY, "--devices", "-8"], "--devices -8: give the number of GPUs"),
+        (["plan", "--config", TINY, "--devices", "8", "--mfu", "0"], "--mfu 0.0: give the share"),
+        (["plan", "--config", TINY, "--devices", "8", "--mfu", "nan"], "--mfu nan: give the"),
+        (["serve", "--max-len", "-5"], "--max-len -5: give tokens per sequence"),
+        # written into the source run's own checkpoints directory
+        (["compress", "quantize", "--out", "INSIDE"], "is inside the run it compresses"),
     ],
 )
 def test_out_of_range_flags_are_one_line_before_any_work(tmp_path, capsys, argv, words):
@@ -74,12 +89,15 @@ def test_out_of_range_flags_are_one_line_before_any_work(tmp_path, capsys, argv,
     # put every document in validation); all are refused before a run is opened or read
     file = tmp_path / "a.txt"
     file.write_text("x")
-    argv = [str(file) if a == "FILE" else a for a in argv]
+    inside = str(tmp_path / "no_run" / "checkpoints")
+    argv = [{"FILE": str(file), "INSIDE": inside}.get(a, a) for a in argv]
     command, out = argv[0], str(tmp_path / "out")
     if command in ("compress", "inspect"):
         argv += ["--workdir", str(tmp_path / "no_run")] + (
             [] if "--out" in argv else ["--out", out]
         )
+    elif command in ("generate", "eval", "serve"):
+        argv += ["--workdir", str(tmp_path / "no_run")]
     elif command == "prepare":
         argv += ["--output", out]
     assert words in _one_line(capsys, *argv)

@@ -402,3 +402,14 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(server):
     assert proc.wait(timeout=60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
+
+
+def test_a_kv_cache_that_cannot_fit_is_one_line(tiny_run, capsys):
+    # allocated whole at start: it was XLA's out-of-memory traceback
+    from bigjax.cli import main
+
+    assert main(["serve", str(tiny_run), "--port", "0", "--max-len", str(10**9)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the KV cache of 8 slots x 1,000,000,000 tokens needs" in err and "lower --max-len" in err
+    )

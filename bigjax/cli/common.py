@@ -68,6 +68,20 @@ def standard_descriptors_open() -> None:
                 os.close(devnull)
 
 
+def utf8_text(value: str) -> str:
+    """An argument that is text for a tokenizer. Python hands bytes of argv that are not
+    UTF-8 (a terminal in Latin-1, say) over as lone surrogates, which no tokenizer encodes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = value.encode("utf-8", "surrogateescape")[len(value[: e.start].encode()) :][:1]
+        raise argparse.ArgumentTypeError(
+            f"not UTF-8 text (byte {byte!r} at character {e.start}): set the terminal's "
+            "encoding to UTF-8"
+        ) from None
+    return value
+
+
 def join_override_values(argv: Sequence[str]) -> list[str]:
     """Accepts both '--config.a=1' and '--config.a 1'."""
     out: list[str] = []

@@ -7,7 +7,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bigjax.cli.common import add_command, add_run_argument, needs, run_dir, start_jax, write_json
+from bigjax.cli.common import (
+    add_command,
+    add_run_argument,
+    needs,
+    run_dir,
+    start_jax,
+    utf8_text,
+    write_json,
+)
 from bigjax.config import ConfigError
 from bigjax.config.load import parse_override, set_path
 from bigjax.trained import open_run
@@ -23,6 +31,10 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     in process.
     """
     workdir = run_dir(args, "eval")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks is not None and not tasks:  # lm-eval's own error: a traceback from inside it
+        raise ConfigError(f"eval: --tasks {args.tasks!r} names no task; give lm-eval task names, "
+                          "comma-separated (e.g. arc_easy,hellaswag).")  # fmt: skip
     if args.tasks:
         needs("lm_eval", "harness", "eval --tasks")
     elif args.include_path or args.limit is not None or args.num_fewshot is not None:
@@ -37,7 +49,6 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         from bigjax import evals
         from bigjax.evaluate import harness_run
 
-        tasks = [t for t in args.tasks.split(",") if t]
         results = harness_run(workdir, overrides, tasks, include_path=args.include_path,
                               limit=args.limit, num_fewshot=args.num_fewshot)  # fmt: skip
         print(evals.table(results))
@@ -109,7 +120,9 @@ def _sampling(args: argparse.Namespace):
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, cmd_generate)
     add_run_argument(p)
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument(
+        "--prompt", action="append", required=True, type=utf8_text, help="repeat for a batch"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
@@ -173,12 +186,21 @@ def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     finetune.keep_sparsity for pruned models) open.
     """
     workdir = run_dir(args, "compress")
+    given = {"--bits": args.bits, "--pattern": args.pattern, "--sparsity": args.sparsity}
+    other = {"quantize": "prune", "prune": "quantize"}[args.method]
+    if stray := [f for f in FLAGS_OF[other] if given[f] is not None]:  # else silently unused
+        raise ConfigError(f"compress {args.method}: {' and '.join(stray)} go(es) with "
+                          f"`compress {other}`; drop it.")  # fmt: skip
+    if args.pattern == "2:4" and args.sparsity not in (None, 0.5):
+        raise ConfigError(f"compress prune: --pattern 2:4 keeps 2 weights of every 4 (sparsity "
+                          f"0.5), not --sparsity {args.sparsity}; drop --sparsity.")  # fmt: skip
     start_jax(args)
     from bigjax.compress import compress_run
 
     report = compress_run(
-        workdir, overrides, args.method, args.out, args.bits, args.sparsity, args.pattern
-    )
+        workdir, overrides, args.method, args.out, args.bits or 8,
+        0.5 if args.sparsity is None else args.sparsity, args.pattern or "unstructured",
+    )  # fmt: skip
     before, after, extra = report["before"], report["after"], report
     delta = after["eval_loss"] - before["eval_loss"]
     print(
@@ -204,9 +226,14 @@ def add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("method", choices=["quantize", "prune"])
     add_run_argument(p)
     p.add_argument("--out", required=True, help="the run directory to write")
-    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="quantize: 8 or 4")
-    p.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured")
-    p.add_argument("--sparsity", type=float, default=0.5, help="prune, unstructured: share")
+    p.add_argument("--bits", type=int, choices=[8, 4], help="quantize: 8 (default) or 4")
+    p.add_argument(
+        "--pattern", choices=["unstructured", "2:4"], help="prune (default: unstructured)"
+    )
+    p.add_argument("--sparsity", type=float, help="prune, unstructured: share (default 0.5)")
+
+
+FLAGS_OF = {"quantize": ("--bits",), "prune": ("--pattern", "--sparsity")}
 
 
 def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -237,7 +264,7 @@ def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, cmd_inspect)
     add_run_argument(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, type=utf8_text)
     p.add_argument("--out", required=True, help="directory for the PNGs")
     p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradient steps")
     p.add_argument("--embed-tokens", type=int, default=259, help="table rows to project")

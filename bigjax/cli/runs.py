@@ -48,7 +48,7 @@ def cmd_plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from bigjax import plan
 
     cfg = load_config(args.config, overrides)
-    if bool(args.topology) == bool(args.devices):
+    if (args.topology is None) == (args.devices is None):  # --devices 0 is given, and wrong
         raise ConfigError("plan: give either --topology (e.g. v5p-128) or --devices N.")
     target = (
         plan.parse_topology(args.topology)

@@ -40,6 +40,9 @@ class Options:
         for name in ("slots", "max_waiting", "tensor", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve: --{name.replace('_', '-')} must be >= 1")
+        if self.max_len < 0:
+            raise ConfigError(f"serve: --max-len {self.max_len}: give tokens per sequence, or 0 "
+                              "for the run's data.seq_len")  # fmt: skip
         if not 0 <= self.port < 65536:
             raise ConfigError(f"serve: --port {self.port} is not a port (0..65535)")
 
@@ -71,6 +74,7 @@ def serve_run(workdir: str, overrides: Sequence[str], opts: Options) -> int:
 
 def _build(workdir: str, prog: Any, params: Any, opts: Options) -> tuple[Any, Any]:
     from bigjax.data import dataset
+    from bigjax.serving import programs as pg
     from bigjax.serving.api import Served
     from bigjax.serving.engine import Engine
     from bigjax.serving.monitor import Monitor
@@ -80,6 +84,7 @@ def _build(workdir: str, prog: Any, params: Any, opts: Options) -> tuple[Any, An
     if cfg.model.positions == "learned" and max_len > cfg.model.max_positions:
         raise ConfigError(f"serve: --max-len {max_len} is more than the model's "
                           f"{cfg.model.max_positions} learned positions; lower it.")  # fmt: skip
+    _check_cache(pg.shapes_of(prog.graphdef, params, opts.slots, max_len), prog.mesh)
     tokenizer = prog.resources.tokenizer
     template = _chat_template(opts.chat_template, dataset.tokenizer_dir(cfg.data))
     engine = Engine(prog.graphdef, params, cfg.mesh.rules, slots=opts.slots, max_len=max_len,
@@ -87,6 +92,28 @@ def _build(workdir: str, prog: Any, params: Any, opts: Options) -> tuple[Any, An
     name = opts.model_name or Path(workdir).resolve().name
     served = Served(engine, tokenizer, name, max_len, template, opts.api_key, opts.max_body_bytes)
     return served, Monitor(name, engine.counts)
+
+
+def _check_cache(s: Any, mesh: Any) -> None:
+    """The KV cache is allocated whole at start: one that cannot fit even spread evenly over
+    the devices is refused in one line (it was XLA's out-of-memory traceback)."""
+    import jax
+    import numpy as np
+
+    from bigjax import memory
+
+    need = 2 * s.layers * s.slots * s.max_len * s.kv_heads * s.head_dim
+    need *= np.dtype(s.dtype).itemsize
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    limit = memory.device_limit(local[0])
+    have = limit * len(local) if limit else memory.available_host_bytes()
+    if need > have:
+        raise ConfigError(
+            f"serve: the KV cache of {s.slots} slots x {s.max_len:,} tokens needs "
+            f"{need / memory.GiB:,.1f} GiB, {have / memory.GiB:,.1f} GiB "
+            f"{'on the devices' if limit else 'of host memory are free'}; lower --max-len or "
+            "--slots."
+        )
 
 
 def _chat_template(path: str, tokenizer_dir: Path | None) -> str:
