@@ -87,6 +87,19 @@ def test_ladder_scales_steps_with_parameters():
         ({"pruner": "hyperband"}, "pruner must be one of"),
         ({"baseline": "nope"}, "baseline must be a variant"),
         ({"seeds": ()}, "at least one seed"),
+        # each ran one point twice (the same run directory), or failed deep inside the runner
+        # or Optuna: a TypeError, an OverflowError drawing from an infinite range
+        ({"seeds": (0, 0)}, r"seeds must be distinct \(got \(0, 0\)\)"),
+        ({"seeds": (True,)}, "seeds must be a tuple of ints"),
+        ({"seeds": 0}, "seeds must be a tuple of ints"),
+        ({"space": {"optim.lr": Grid((1e-3, 1e-3))}}, "must be distinct values"),
+        ({"space": {"optim.lr": Grid(([1e-3],))}}, "a tuple-valued key takes a string"),
+        ({"algorithm": "random", "budget": 2, "space": {"x": Uniform(0, math.inf)}}, "finite"),
+        ({"algorithm": "random", "budget": 2, "space": {"x": IntUniform(0.5, 3)}}, "int bounds"),
+        ({"algorithm": "random", "budget": 2.5, "space": {"x": Uniform(0, 1)}}, "budget must be"),
+        ({"space": {"x": Grid((1,))}, "overrides": {"x": 2}}, r"not both \(also in overrides"),
+        ({"space": {"x": Grid((1,))}, "variants": {"v": {"x": 2}}}, r"not both \(also in v\)"),
+        ({"variants": ["a", "b"]}, "variants must be a mapping"),
     ],
 )
 def test_bad_specs_say_what_to_fix(kwargs, message):

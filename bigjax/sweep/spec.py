@@ -81,6 +81,7 @@ class Sweep:
     sampler_seed: int = 0
 
     def __post_init__(self) -> None:
+        self._check_types()
         _check(self.algorithm in ALGORITHMS, "algorithm", f"one of {ALGORITHMS}")
         _check(self.pruner in PRUNERS, "pruner", f"one of {PRUNERS}")
         _check(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}")
@@ -103,6 +104,40 @@ class Sweep:
                 _check(len(p.values) > 0, f"space[{key!r}]", "at least one value")
             else:
                 _check(False, f"space[{key!r}]", "Grid, Choice, Uniform, LogUniform or IntUniform")
+        # the point is applied last: a swept key also fixed elsewhere would silently be swept
+        for where, fixed in [("overrides", self.overrides), *self.variants.items()]:
+            both = sorted(set(fixed) & set(self.space))
+            _check(not both, f"space {both}", f"swept or fixed, not both (also in {where})")
+
+    def _check_types(self) -> None:
+        """What a spec file can get wrong that would otherwise fail deep inside the runner or
+        Optuna, or run one point twice (a repeated seed or value is the same trial, with the
+        same run directory)."""
+        _check(isinstance(self.space, Mapping), "space", "a mapping of config key -> Grid, ...")
+        _check(isinstance(self.overrides, Mapping), "overrides", "a mapping of config key -> value")
+        _check(
+            isinstance(self.variants, Mapping)
+            and all(isinstance(v, Mapping) for v in self.variants.values()),
+            "variants", "a mapping of name -> a mapping of overrides",
+        )  # fmt: skip
+        seeds = self.seeds
+        _check(isinstance(seeds, tuple | list) and all(type(x) is int for x in seeds),
+               "seeds", "a tuple of ints")  # fmt: skip
+        _check(len(set(seeds)) == len(seeds), "seeds", f"distinct (got {tuple(seeds)})")
+        for field in ("budget", "sampler_seed"):
+            _check(type(getattr(self, field)) is int, field, "an int")
+        for key, p in self.space.items():
+            if isinstance(p, Grid):
+                _check(all(type(v) in (bool, int, float, str) for v in p.values),
+                       f"space[{key!r}]", "values that are bools, ints, floats or strings (a "
+                       "tuple-valued key takes a string: '1,8,1')")  # fmt: skip
+                _check(len(set(p.values)) == len(p.values), f"space[{key!r}]",
+                       f"distinct values (got {p.values})")  # fmt: skip
+            elif isinstance(p, Uniform | LogUniform | IntUniform):
+                kind = int if isinstance(p, IntUniform) else (int, float)
+                ok = all(isinstance(x, kind) and not isinstance(x, bool) for x in (p.low, p.high))
+                _check(ok and all(math.isfinite(x) for x in (p.low, p.high)), f"space[{key!r}]",
+                       f"finite {'int' if kind is int else 'number'} bounds")  # fmt: skip
 
     def points(self) -> list[dict[str, Value] | None]:
         """The trials, each a parameter point (including `seed` and `variant`), or None for a
