@@ -189,10 +189,12 @@ def compress_run(
         bar.advance(note="eval after")
         after = run_eval(prog, new_params, bar)
         report = {"method": method, "step": step, "before": before, "after": after, **extra}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        # before the checkpoints, which are renamed in last: they make the directory a run
+        trained.write_text(Path(out_dir) / "compress.json", json_text(report, indent=2) + "\n")
         trained.write_params_run(
             Path(out_dir), to_dict(prog.cfg), unflatten(new), compressed_from=workdir
         )
-        (Path(out_dir) / "compress.json").write_text(json_text(report, indent=2) + "\n")
         bar.advance(note="written")
         bar.close()
     return report

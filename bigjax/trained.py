@@ -72,14 +72,32 @@ def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any
     """A run directory holding only parameters (an imported or compressed model): config.json
     and a parameters-only checkpoint at step 0, which generate, eval, convert and
     checkpoint.init_from open like any run."""
+    import shutil
+
     from bigjax.checkpoint import param_layout
+    from bigjax.dirswap import staging_dir
 
     dst = Path(dst)
     check_new_run_dir(dst)
     dst.mkdir(parents=True, exist_ok=True)
     layout = param_layout(params)
-    save_params(dst / "checkpoints", params, {"config": config, "params": layout, **meta})
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # Written beside its place, then renamed in last: a kill at any point leaves no
+    # `checkpoints` (the run can be written again) or a complete, sealed one with its config.
+    staged = staging_dir(dst / "checkpoints")
+    try:
+        save_params(staged, params, {"config": config, "params": layout, **meta})
+        write_text(dst / "config.json", json.dumps(config, indent=2) + "\n")
+        staged.rename(dst / "checkpoints")
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """A whole file or none: written beside, then renamed over."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def check_new_run_dir(dst: Path) -> None:

@@ -3,6 +3,8 @@ keeping it through fine-tuning), the `bigjax compress` report, knowledge distill
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -76,7 +78,7 @@ def test_compress_quantize_reports_loss_and_size(trained, tmp_path, capsys):
         assert main([*argv, "--bits", str(bits)]) == 0
         reports[bits] = json.loads((out / "compress.json").read_text())
     out_err = capsys.readouterr()
-    assert "x smaller" in out_err.out
+    assert "MB int8 (" in out_err.out and "MB int4 (" in out_err.out and "x smaller" in out_err.out
     assert "compress quantize [####################] 100%" in out_err.err  # its progress
     r8, r4 = reports[8], reports[4]
     assert r8["before"] == r4["before"]
@@ -145,3 +147,33 @@ def test_distillation_from_a_teacher(trained, tmp_path):
     ]
     kl = [r["distill_kl"] for r in rows if "distill_kl" in r]
     assert kl[-1] < 0.5 * kl[0]
+
+
+@pytest.mark.parametrize("kill_in", ["seal", "config"])
+def test_a_params_run_killed_while_written_is_no_run_and_can_be_written_again(tmp_path, kill_in):
+    # (compress and convert's import write these.) The checkpoint used to be committed in
+    # place first: a kill after it left a run with unverified weights and no config.json,
+    # which every later write refused ("already holds checkpoints"). SIGKILL in the sealing
+    # of the checksums, or in writing config.json, just before the rename that commits.
+    dst = tmp_path / "out"
+    script = f"""
+import os, signal, numpy as np
+from pathlib import Path
+from bigjax import integrity, trained
+die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
+if {kill_in!r} == "seal":
+    integrity.seal = die
+else:
+    trained.write_text = die
+trained.write_params_run(Path({str(dst)!r}), {{"a": 1}}, {{"w": np.ones((2, 2), np.float32)}})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (dst / "checkpoints").exists()  # no run: a rerun may write it
+    assert any(p.name.startswith(".checkpoints.partial-") for p in dst.iterdir())  # the staging
+    from bigjax import integrity, trained
+
+    trained.write_params_run(dst, {"a": 1}, {"w": np.full((2, 2), 3.0, np.float32)})
+    assert sorted(p.name for p in dst.iterdir()) == ["checkpoints", "config.json"]  # cleaned
+    assert json.loads((dst / "config.json").read_text()) == {"a": 1}
+    assert (dst / "checkpoints" / "0" / integrity.CHECKSUMS).is_file()  # sealed, then committed

@@ -212,7 +212,7 @@ def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         ratio = extra["f32_bytes"] / extra["quantized_bytes"]
         print(
             f"  size: {extra['f32_bytes'] / 1e6:.2f} MB float32 -> "
-            f"{extra['quantized_bytes'] / 1e6:.2f} MB int{args.bits} ({ratio:.1f}x smaller)",
+            f"{extra['quantized_bytes'] / 1e6:.2f} MB int{extra['bits']} ({ratio:.1f}x smaller)",
             flush=True,
         )
     else:
