@@ -204,6 +204,12 @@ def inspect_run(
             raise ConfigError("inspect: text models only (attention over a prompt's tokens).")
         tok = prog.resources.tokenizer
         tokens = np.asarray([tok.bos_id, *tok.encode(prompt).tolist()], np.int32)
+        # the lens scores each next token of the prompt: it needs one; past the positions the
+        # run trained on the maps show extrapolation (and an L x L figure nobody can read)
+        most = prog.cfg.data.seq_len - 1  # data.seq_len, with BOS
+        if not 1 <= len(tokens) - 1 <= most:
+            raise ConfigError(f"inspect: the prompt is {len(tokens) - 1} tokens; give 1 to "
+                              f"{most} (the run's data.seq_len, with BOS).")  # fmt: skip
         labels = [token_label(tok, int(t)) for t in tokens]
         model = nnx.merge(prog.graphdef, params)
         bar = progress.Bar("inspect", 5, "stages")

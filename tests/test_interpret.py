@@ -62,6 +62,12 @@ def test_inspect_command_on_a_sharded_run_writes_pngs(tmp_path, capsys):
                      "embeddings_pca.png", "embeddings_tsne.png"}  # fmt: skip
     assert all((out / n).stat().st_size > 5000 for n in names)
     assert "predicted next token" in capsys.readouterr().out
+    # an empty prompt drew an empty logit lens (NaN summary, "Mean of empty slice"); one past
+    # the trained positions ran for minutes towards an unreadable L x L figure
+    seq = tiny_config().data.seq_len
+    for prompt, n in [("", 0), ("x" * seq, seq)]:
+        assert main([*argv[:-2], prompt, "--out", str(tmp_path / "no")]) == 2
+        assert f"the prompt is {n} tokens; give 1 to {seq - 1}" in capsys.readouterr().err
 
 
 def test_tokens_are_labelled_readably():
