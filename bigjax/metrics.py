@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -260,7 +260,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def metric_value(value: Any) -> float | None:
+def metric_value(value: object) -> float | None:
     """A metric as `json_text` wrote it: a number, or null for a non-finite one (NaN here: a
     diverged eval reads as nan, not as missing); None for anything else (damaged)."""
     if value is None:
@@ -270,9 +270,10 @@ def metric_value(value: Any) -> float | None:
     return None
 
 
-def curve(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
-    """(step, value) of the `read_jsonl` rows that hold `key`; a damaged value is skipped."""
-    points = ((r["step"], metric_value(r[key])) for r in rows if key in r)
+def curve(rows: Sequence[Mapping[str, object]], key: str) -> list[tuple[int, float]]:
+    """(step, value) of the `read_jsonl` rows that hold `key` (each has an int step); a
+    damaged value is skipped."""
+    points = ((cast(int, r["step"]), metric_value(r[key])) for r in rows if key in r)
     return [(step, v) for step, v in points if v is not None]
 
 
