@@ -92,6 +92,10 @@ def test_compress_quantize_reports_loss_and_size(trained, tmp_path, capsys):
     # the output is a run: bigjax eval on it gives the reported loss
     assert main(["eval", "--workdir", str(tmp_path / "int8")]) == 0
     assert f"{r8['after']['eval_loss']:.4f}" in capsys.readouterr().out
+    # an output inside the run compressed was written into its checkpoints directory
+    inside = trained / "checkpoints" / "int8"
+    assert main(["compress", "quantize", "--workdir", str(trained), "--out", str(inside)]) == 2
+    assert "is inside the run it compresses" in capsys.readouterr().err and not inside.exists()
 
 
 def test_pruned_run_fine_tunes_and_stays_sparse(trained, tmp_path, capsys):
