@@ -74,6 +74,7 @@ def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any
     checkpoint.init_from open like any run."""
     import shutil
 
+    from bigjax import runlock
     from bigjax.checkpoint import param_layout
     from bigjax.dirswap import staging_dir
 
@@ -81,16 +82,23 @@ def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any
     check_new_run_dir(dst)
     dst.mkdir(parents=True, exist_ok=True)
     layout = param_layout(params)
-    # Written beside its place, then renamed in last: a kill at any point leaves no
-    # `checkpoints` (the run can be written again) or a complete, sealed one with its config.
-    staged = staging_dir(dst / "checkpoints")
+    # One writer, as for a training run: a second import or compress into `dst` (or a run
+    # training there) is refused, and the check is repeated now that no other can finish.
+    lock = runlock.acquire(dst)
     try:
-        save_params(staged, params, {"config": config, "params": layout, **meta})
-        write_text(dst / "config.json", json.dumps(config, indent=2) + "\n")
-        staged.rename(dst / "checkpoints")
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        check_new_run_dir(dst)
+        # Written beside its place, then renamed in last: a kill at any point leaves no
+        # `checkpoints` (the run can be written again) or a complete, sealed one with its config.
+        staged = staging_dir(dst / "checkpoints")
+        try:
+            save_params(staged, params, {"config": config, "params": layout, **meta})
+            write_text(dst / "config.json", json.dumps(config, indent=2) + "\n")
+            staged.rename(dst / "checkpoints")
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+    finally:
+        lock.release()
 
 
 def write_text(path: Path, text: str) -> None:

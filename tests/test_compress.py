@@ -175,9 +175,27 @@ trained.write_params_run(Path({str(dst)!r}), {{"a": 1}}, {{"w": np.ones((2, 2), 
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (dst / "checkpoints").exists()  # no run: a rerun may write it
     assert any(p.name.startswith(".checkpoints.partial-") for p in dst.iterdir())  # the staging
-    from bigjax import integrity, trained
+    from bigjax import integrity, runlock, trained
 
     trained.write_params_run(dst, {"a": 1}, {"w": np.full((2, 2), 3.0, np.float32)})
-    assert sorted(p.name for p in dst.iterdir()) == ["checkpoints", "config.json"]  # cleaned
+    names = sorted(p.name for p in dst.iterdir() if p.name != runlock.LOCK_NAME)
+    assert names == ["checkpoints", "config.json"]  # the dead writer's staging removed
     assert json.loads((dst / "config.json").read_text()) == {"a": 1}
     assert (dst / "checkpoints" / "0" / integrity.CHECKSUMS).is_file()  # sealed, then committed
+
+
+def test_a_second_writer_of_a_params_run_is_refused(tmp_path):
+    # two imports or compressions into one directory both passed the "no checkpoints yet"
+    # check, and the later one's config.json could land beside the earlier one's weights
+    from bigjax import runlock, trained
+
+    (tmp_path / "out").mkdir()
+    held = runlock.acquire(tmp_path / "out")  # another writer, still writing
+    try:
+        with pytest.raises(runlock.RunLockedError, match="is in use by another bigjax run"):
+            trained.write_params_run(tmp_path / "out", {"a": 1}, {"w": np.ones(2, np.float32)})
+    finally:
+        held.release()
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    trained.write_params_run(tmp_path / "out", {"a": 1}, {"w": np.ones(2, np.float32)})
+    assert (tmp_path / "out" / "checkpoints" / "0").is_dir()

@@ -49,6 +49,9 @@ def test_unknown_key_suggests_close_match():
         ({"mesh": {"rules": {"embedd": "fsdp"}}}, r"Did you mean 'embed'"),
         ({"mesh": {"rules": {"embed": "fsdpp"}}}, r"unknown mesh axis 'fsdpp'"),
         ({"data": {"batch_size": 10}, "optim": {"grad_accum_steps": 4}}, r"not divisible"),
+        # an OverflowError traceback deep in JAX (a sweep's seeds pass through here too)
+        ({"seed": 2**70}, r"seed: 1180591620717411303424 does not fit a 64-bit integer"),
+        ({"data": {"seed": str(-(2**64))}}, r"data.seed: -18446744073709551616 does not fit"),
         # each trained (or imported) a model whose every output was NaN
         ({"model": {"norm_eps": 0.0}}, r"model.norm_eps: must be positive"),
         ({"model": {"norm_eps": -1.0}}, r"model.norm_eps: must be positive"),

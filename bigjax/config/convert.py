@@ -262,6 +262,8 @@ def _scalar(tp: type, value: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}.")
     if isinstance(value, float) and not math.isfinite(value):  # no setting means inf or NaN
         raise ConfigError(f"{path}: expected a finite number, got {value!r}.")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:  # a 2**70 seed: OverflowError
+        raise ConfigError(f"{path}: {value} does not fit a 64-bit integer.")
     return value
 
 
