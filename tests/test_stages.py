@@ -143,6 +143,9 @@ def test_checkpoints_move_between_meshes_with_and_without_stages(tmp_path):
         ({"mesh": {"shape": (1, 2, 1, 2, 1)}}, "stage 2 with context 2"),
         ({"mesh": {"shape": (1, 2, 1, 1, 1)}, "model": {"pipeline_microbatches": 3}},
          "model.pipeline_microbatches: 3 pipeline micro-batches do not divide the 16 rows"),
+        ({"mesh": {"shape": (1, 2, 1, 1, 1)},
+          "privacy": {"noise_multiplier": 0.5, "num_examples": 1000}},
+         "mesh.shape: stage 2 with DP-SGD"),
     ],
 )  # fmt: skip
 def test_impossible_stage_combinations_are_named_in_one_line(groups, message):

@@ -123,6 +123,13 @@ def check_mesh_axes(cfg: TrainConfig, sizes: dict[str, int]) -> None:
             f"stage {stages} with context {context}: pipeline stages and context "
             "parallelism together are not supported yet; use one of them",
         )
+        _check(
+            not cfg.privacy.enabled,
+            "mesh.shape",
+            f"stage {stages} with DP-SGD (privacy): its gradient is taken one row at a time, "
+            "which a pipeline cannot cut into micro-batches; use stage 1 (fsdp or tensor split "
+            "the model instead)",
+        )
         micro = cfg.model.pipeline_microbatches or stages
         rows = cfg.data.batch_size // max(cfg.optim.grad_accum_steps, 1)
         _check(
