@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from bigjax.sharding import CONTEXT_AXIS as AXIS
-from bigjax.sharding import Rules, attention_specs
+from bigjax.sharding import Rules, attention_specs, context_parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,33 @@ def balance(
             else np.take(array, chunk_order(array.shape[dim], num_parts), axis=dim)
         )
     return out
+
+
+def _parts(x_BL: jax.Array, rules: Rules) -> int:
+    """Into how many parts the mesh being traced for cuts dim 1 of `x_BL` (1: outside one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else context_parts(rules, dict(mesh.shape), x_BL.shape[1])
+
+
+def in_balanced_order(x_BL: jax.Array, rules: Rules) -> jax.Array:
+    """`x_BL`, made for the row's own order of places (a random draw per token, masked
+    spans), moved to the order the step's batch holds each sequence in: load-balanced when
+    the mesh's context axis splits it (`balance`). What is drawn for a token then does not
+    depend on the mesh: the same masks on any context size, and a span covers neighbours in
+    the row, not in the balanced order. Outside a mesh, or with one part, `x_BL` itself."""
+    parts = _parts(x_BL, rules)
+    if parts == 1:
+        return x_BL
+    return jnp.take(x_BL, chunk_order(x_BL.shape[1], parts), axis=1)
+
+
+def in_row_order(x_BL: jax.Array, rules: Rules) -> jax.Array:
+    """The inverse of `in_balanced_order`: a step's `x_BL` with dim 1 in the row's order,
+    for what counts along the row (MoE capacity: earlier tokens first)."""
+    parts = _parts(x_BL, rules)
+    if parts == 1:
+        return x_BL
+    return jnp.take(x_BL, np.argsort(chunk_order(x_BL.shape[1], parts)), axis=1)
 
 
 def attend(

@@ -14,6 +14,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from bigjax.context import in_balanced_order
+from bigjax.sharding import Rules
+
 Batch = dict[str, jax.Array]
 
 
@@ -24,15 +27,20 @@ class Masking:
     rate: float = 0.15
 
 
-def corrupt(batch: Batch, key: jax.Array, m: Masking) -> Batch:
+def corrupt(batch: Batch, key: jax.Array, m: Masking, rules: Rules = ()) -> Batch:
     """The batch with `inputs` corrupted, `targets` = the original tokens and `weights` = 1
-    exactly at the selected positions."""
+    exactly at the selected positions. `rules`: the run's sharding rules; each token's draws
+    are the same on any mesh (`context.in_balanced_order`)."""
     tokens_BL = batch["inputs"]
     k_select, k_kind, k_random = jax.random.split(key, 3)
     real_BL = batch["segment_ids"] > 0
-    selected_BL = (jax.random.uniform(k_select, tokens_BL.shape) < m.rate) & real_BL
-    kind_BL = jax.random.uniform(k_kind, tokens_BL.shape)
-    random_BL = jax.random.randint(k_random, tokens_BL.shape, 0, m.random_below, tokens_BL.dtype)
+    shape = tokens_BL.shape
+    select_BL = in_balanced_order(jax.random.uniform(k_select, shape), rules)
+    selected_BL = (select_BL < m.rate) & real_BL
+    kind_BL = in_balanced_order(jax.random.uniform(k_kind, shape), rules)
+    random_BL = in_balanced_order(
+        jax.random.randint(k_random, shape, 0, m.random_below, tokens_BL.dtype), rules
+    )
     corrupted_BL = jnp.where(
         kind_BL < 0.8, m.mask_id, jnp.where(kind_BL < 0.9, random_BL, tokens_BL)
     )

@@ -36,6 +36,7 @@ from flax import nnx
 from bigjax import experts
 from bigjax import fp8 as fp8_ops
 from bigjax.config.schema import MoEDispatch, MoEGating
+from bigjax.context import in_balanced_order, in_row_order
 from bigjax.layers import MLP, RESIDUAL, _param, dense_init, project
 from bigjax.sharding import Rules, constrain
 
@@ -195,12 +196,13 @@ class MoE(nnx.Module):
         e, k, c = self.routing.num_experts, self.top_k, self.capacity(length)
         choice_BLKE = jax.nn.one_hot(top_e_BLK, e) * valid_BL[:, :, None, None]
         # Slot of each assignment in its expert: count in priority order (all first choices of
-        # the sequence, then all second choices, ...).
-        order_BKLE = choice_BLKE.transpose(0, 2, 1, 3)
+        # the sequence, then all second choices, ...), along the row's order of tokens on any
+        # mesh (a context axis holds each sequence load-balanced: bigjax/context.py).
+        order_BKLE = in_row_order(choice_BLKE, self.rules).transpose(0, 2, 1, 3)
         slot_BKLE = jnp.cumsum(order_BKLE.reshape(b, k * length, e), axis=1).reshape(
             order_BKLE.shape
         )
-        slot_BLKE = slot_BKLE.transpose(0, 2, 1, 3) - 1.0
+        slot_BLKE = in_balanced_order(slot_BKLE.transpose(0, 2, 1, 3), self.rules) - 1.0
         kept_BLKE = choice_BLKE * (slot_BLKE < c)
         slot_BLK = jnp.sum(slot_BLKE * kept_BLKE, axis=-1).astype(jnp.int32)
         slot_onehot_BLKC = jax.nn.one_hot(slot_BLK, c)

@@ -22,6 +22,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from bigjax.context import in_balanced_order
+from bigjax.sharding import Rules
+
 Batch = dict[str, jax.Array]
 
 
@@ -58,20 +61,26 @@ class TextNoise:
     random_below: int
 
 
-def corrupt_text(batch: Batch, key: jax.Array, t: TextNoise) -> Batch:
-    """The batch with its inputs corrupted (targets, weights unchanged)."""
+def corrupt_text(batch: Batch, key: jax.Array, t: TextNoise, rules: Rules = ()) -> Batch:
+    """The batch with its inputs corrupted (targets, weights unchanged). `rules`: the run's
+    sharding rules; draws and spans are made in the row's order, the same on any mesh
+    (`context.in_balanced_order`)."""
     tokens_BL = batch["inputs"]
     real_BL = batch["segment_ids"] > 0
     k_drop, k_random, k_span = jax.random.split(key, 3)
-    dropped_BL = (jax.random.uniform(k_drop, tokens_BL.shape) < t.token_dropout) & real_BL
-    random_BL = jax.random.randint(k_random, tokens_BL.shape, 0, t.random_below, tokens_BL.dtype)
+    shape = tokens_BL.shape
+    drop_BL = in_balanced_order(jax.random.uniform(k_drop, shape), rules)
+    dropped_BL = (drop_BL < t.token_dropout) & real_BL
+    random_BL = in_balanced_order(
+        jax.random.randint(k_random, shape, 0, t.random_below, tokens_BL.dtype), rules
+    )
     out_BL = jnp.where(dropped_BL, random_BL, tokens_BL)
     if t.span_mask > 0:
-        starts_BL = jax.random.uniform(k_span, tokens_BL.shape) < t.span_mask / t.span_length
+        starts_BL = jax.random.uniform(k_span, shape) < t.span_mask / t.span_length
         covered_BL = jnp.zeros_like(starts_BL)
         for shift in range(t.span_length):  # a span covers its start and the next length-1
             covered_BL = (
                 covered_BL | jnp.pad(starts_BL, ((0, 0), (shift, 0)))[:, : starts_BL.shape[1]]
             )
-        out_BL = jnp.where(covered_BL & real_BL, t.mask_id, out_BL)
+        out_BL = jnp.where(in_balanced_order(covered_BL, rules) & real_BL, t.mask_id, out_BL)
     return {**batch, "inputs": out_BL}

@@ -10,6 +10,7 @@ from bigjax import mlm
 from bigjax.loss import cross_entropy_sums
 from bigjax.models import Model, decoder
 from bigjax.objectives.base import Batch, Corrupt, Metrics, Setup, model_inputs
+from bigjax.sharding import Rules
 from bigjax.tasks import task_of
 
 MLM_STREAM = 0x4D4C4D  # a key stream of its own for the masks
@@ -40,15 +41,16 @@ def masking_for(setup: Setup) -> Corrupt | None:
     if not task_of(setup.cfg).masked:
         return None
     size = setup.resources.tokenizer.vocab_size
-    return masking(mlm.Masking(mask_id=size, random_below=size, rate=setup.cfg.data.mlm_rate))
+    m = mlm.Masking(mask_id=size, random_below=size, rate=setup.cfg.data.mlm_rate)
+    return masking(m, setup.cfg.mesh.rules)
 
 
-def masking(m: mlm.Masking) -> Corrupt:
+def masking(m: mlm.Masking, rules: Rules = ()) -> Corrupt:
     """Masked LM's inputs: masked afresh every train step (BERT's 80/10/10), with the same
-    mask at every eval (comparable losses)."""
+    mask at every eval (comparable losses), on any mesh (`rules`: the run's)."""
 
     def corrupt(batch: Batch, key: jax.Array, train: bool) -> Batch:
         key = jax.random.fold_in(key, MLM_STREAM) if train else jax.random.key(MLM_STREAM)
-        return mlm.corrupt(batch, key, m)
+        return mlm.corrupt(batch, key, m, rules)
 
     return corrupt
