@@ -14,6 +14,7 @@ Where the state comes from, in order of precedence:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 from pathlib import Path
@@ -76,15 +77,16 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
         step, pending = start, None  # pending: the step dispatched before this one
         saved_step = start if origin.startswith("resuming") else -1
         last_eval: dict[str, float] = {}
-        skip_batches: set[int] = set()  # steps whose batch is dropped after a rollback
+        # batches dropped before a step: one for each rollback its non-finite result caused
+        skip_batches: collections.Counter[int] = collections.Counter()
         rollbacks = 0
         # nan_policy=skip drops a non-finite update on device (the log warns and counts it):
         # such a step is not bad here, and evals and saves go on as due
         skip = cfg.nan_policy == "skip"
         while step < cfg.num_steps:
             interrupt_if_asked(stop)
-            if step + 1 in skip_batches:
-                next(data_iter)  # the batch that produced a non-finite step: drop it
+            for _ in range(skip_batches[step + 1]):
+                next(data_iter)  # the batches that produced a non-finite step: dropped
             wait_start = time.perf_counter()
             local_batch = next(data_iter)
             dispatched = time.perf_counter()
@@ -123,7 +125,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
                 data_iter.close()  # stop its worker processes
                 state, data_iter, _ = restore_or_init()
                 step, pending = int(jax.device_get(state.step)), None
-                skip_batches.add(bad_step)
+                skip_batches[bad_step] += 1  # failed there again: its new batch goes too
                 run.writers.truncate_after(step)
                 print(f"non-finite step {bad_step}: rolled back to step {step}; its batch "
                       "will be skipped", flush=True)  # fmt: skip

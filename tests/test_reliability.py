@@ -398,6 +398,21 @@ def test_nan_policy_rollback_restores_and_skips_then_gives_up(tmp_path, capsys):
     assert steps == sorted(set(steps))  # replayed steps are logged once
 
 
+def test_each_rollback_at_a_step_skips_one_more_batch(tmp_path, capsys):
+    # lr 1e30 overflows the parameters in step 1's update while its loss (the init's, on
+    # that step's batch) stays finite: step 1 fails on every batch. Each rollback must drop
+    # the batch that failed last, so the six tries see six batches (the init's losses on
+    # them differ in the 3rd decimal); dropping only the first one, tries 2-6 all replayed
+    # batch 2 (losses 6.6066, then 6.6139 five times) and the rollbacks were wasted.
+    cfg = tiny_config(num_steps=2, optim={**DIVERGE, "lr": 1e30}, nan_policy="rollback",
+                      checkpoint={"every_steps": 100})  # fmt: skip
+    with pytest.raises(NonFiniteError, match="gave up after 5 rollbacks; last at step 1"):
+        train(cfg, tmp_path)
+    firsts = [line.split("| loss ")[1].split()[0] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("step 1/2 ")]  # fmt: skip
+    assert len(firsts) == 6 and len(set(firsts)) == 6, firsts
+
+
 @pytest.mark.slow
 def test_a_rollback_before_the_first_save_restarts_from_init_from(tmp_path, capsys):
     # A fine-tuning run that diverges before its first save must roll back to the weights it
