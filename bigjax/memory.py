@@ -71,6 +71,7 @@ def activation_bytes_per_device(
     pipeline = stages.schedule(stage_count, m.pipeline_microbatches, m.pipeline_interleave)
     if pipeline:
         layers = m.num_layers / pipeline["stages"] / (1 - pipeline["bubble"])
+        gathered /= pipeline["microbatches"]  # a layer attends one pipeline micro-batch
     return tokens * (layers * per_layer * dtype_bytes + 8 * m.vocab_size / tensor) + gathered
 
 

@@ -140,7 +140,6 @@ def test_checkpoints_move_between_meshes_with_and_without_stages(tmp_path):
          "model.num_layers: 2 layers cannot be split into 4"),
         ({"mesh": {"shape": (1, 2, 1, 1, 1), "rules": {"layers": None}}},
          "mesh.rules.layers: must include 'stage'"),
-        ({"mesh": {"shape": (1, 2, 1, 2, 1)}}, "stage 2 with context 2"),
         ({"mesh": {"shape": (1, 2, 1, 1, 1)}, "model": {"pipeline_microbatches": 3}},
          "model.pipeline_microbatches: 3 pipeline micro-batches do not divide the 16 rows"),
         ({"mesh": {"shape": (1, 2, 1, 1, 1)},

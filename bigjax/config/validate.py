@@ -118,12 +118,6 @@ def check_mesh_axes(cfg: TrainConfig, sizes: dict[str, int]) -> None:
             f"must include 'stage' when the stage axis is {stages}; set layers=stage",
         )
         _check(
-            context == 1,
-            "mesh.shape",
-            f"stage {stages} with context {context}: pipeline stages and context "
-            "parallelism together are not supported yet; use one of them",
-        )
-        _check(
             not cfg.privacy.enabled,
             "mesh.shape",
             f"stage {stages} with DP-SGD (privacy): its gradient is taken one row at a time, "
