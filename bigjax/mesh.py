@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -123,7 +124,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     )
     if math.prod(cfg.dcn_shape) == 1:
         shape = resolve_shape(cfg.shape, len(devices))
-        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+        return Mesh(device_grid(shape, devices), MESH_AXES, axis_types)
     groups = granules(devices)
     if len(groups) != math.prod(cfg.dcn_shape):
         raise ConfigError(
@@ -182,5 +183,48 @@ def hybrid_device_array(
     out = np.empty([i * d for i, d in zip(per_slice, dcn_shape, strict=True)], dtype=object)
     for group, coords in zip(groups, np.ndindex(*dcn_shape), strict=True):
         block = tuple(slice(c * i, (c + 1) * i) for c, i in zip(coords, per_slice, strict=True))
-        out[block] = mesh_utils.create_device_mesh(per_slice, list(group))
+        out[block] = device_grid(per_slice, group)
     return out
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+    """`devices` (one slice) as an array of `shape`, laid over their physical topology.
+
+    On a TPU torus each mesh axis is first sought as a product of whole physical axes (its
+    rings then close over the wraparound links). Sizes that are not (data 2 x fsdp 32 on a
+    4x4x4 v5p-128, context 8 there) are laid with physical axes split, as `jax.make_mesh`
+    does on v5e: correct, but collectives along a split axis lose the wraparound links, so
+    it is said once as a warning instead of refused. GPUs and CPUs have no torus: any shape.
+    """
+    try:
+        return mesh_utils.create_device_mesh(shape, list(devices))
+    except NotImplementedError:  # jax: no assignment of whole physical axes
+        pass
+    try:
+        grid = mesh_utils.create_device_mesh(shape, list(devices), allow_split_physical_axes=True)
+    except (NotImplementedError, ValueError) as e:
+        raise ConfigError(
+            f"mesh.shape: {_named(shape)} cannot be laid over {_torus(devices)} ({e}); use "
+            "axis sizes that multiply its sides"
+        ) from None
+    warnings.warn(
+        f"mesh.shape: {_named(shape)} is not made of whole axes of {_torus(devices)}: some "
+        "mesh axes split a physical axis, so their collectives lose its wraparound links "
+        "(slower rings); sizes that multiply whole sides avoid it.",
+        stacklevel=2,
+    )
+    return grid
+
+
+def _named(shape: Sequence[int]) -> str:
+    """The axes of `shape` other than 1, as 'data 2 x fsdp 32'."""
+    return " x ".join(f"{a} {n}" for a, n in zip(MESH_AXES, shape, strict=True) if n > 1) or "1"
+
+
+def _torus(devices: Sequence[jax.Device]) -> str:
+    """'this slice's 4x4x4 TPU torus', from the chips' coordinates."""
+    coords = np.array([getattr(d, "coords", ()) for d in devices])
+    if coords.ndim != 2 or coords.shape[1] == 0:
+        return f"these {len(devices)} devices"
+    sides = "x".join(str(n) for n in coords.max(axis=0) - coords.min(axis=0) + 1)
+    return f"this slice's {sides} TPU torus ({len(devices)} devices)"
