@@ -16,6 +16,7 @@ from typing import Any
 from bigjax.config import ConfigError
 from bigjax.errors import RUN_FAILED as RUN_FAILED
 from bigjax.errors import USAGE_ERROR as USAGE_ERROR
+from bigjax.errors import UsageError
 
 INTERRUPTED = 130  # a second Ctrl-C (128 + SIGINT, as a shell reports it)
 
@@ -141,7 +142,8 @@ def add_debug_flag(p: argparse.ArgumentParser) -> None:
 def native_logs_held(args: argparse.Namespace) -> Iterator[None]:
     """Holds back what native code writes to file descriptor 2 meanwhile (C++ logging, which
     bypasses sys.stderr and Python's logging): shown with --verbose, or if the block fails
-    (then it may say why)."""
+    (then it may say why), unless the failure is a usage error: its one line says why, and
+    libtpu's start-up probing has nothing to add to a config the user must fix."""
     show = getattr(args, "verbose", False)
     sys.stderr.flush()
     saved, python_stderr = os.dup(2), sys.stderr
@@ -151,6 +153,8 @@ def native_logs_held(args: argparse.Namespace) -> Iterator[None]:
         sys.stderr = Console(os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace"))
         try:
             yield
+        except UsageError:
+            raise
         except BaseException:
             show = True
             raise
