@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -113,8 +114,49 @@ def grouped_matmul(
     """Rows sorted by group (`sizes_E` each) times their group's weight: XLA's `ragged_dot`
     (`ragged`; default: on TPU), else the tiled scan."""
     if trace_platform() == "tpu" if ragged is None else ragged:
-        return jax.lax.ragged_dot(x_AK, w_EKN, sizes_E, preferred_element_type=out_dtype)
+        return _ragged_matmul(x_AK, w_EKN, sizes_E, out_dtype)
     return tiled_grouped_matmul(x_AK, w_EKN, sizes_E, out_dtype=out_dtype)
+
+
+def _per_element(f: Any) -> Any:
+    """`f` under `vmap` as one call per element of the mapped axis instead of its batching
+    rule, which gives a ragged dot batch dimensions: XLA:TPU compiles none ("Failed to create
+    RaggedConvSpec"). The pipeline's vmap over stages reaches the experts inside their
+    `shard_map`, where each device holds one stage: one call, as without stages."""
+    g = jax.custom_batching.custom_vmap(f)
+
+    @g.def_vmap
+    def rule(axis_size: int, in_batched: list[bool], *args: jax.Array) -> tuple[jax.Array, bool]:
+        one = lambda i: g(*(a[i] if b else a for a, b in zip(args, in_batched, strict=True)))  # noqa: E731
+        return jnp.stack([one(i) for i in range(axis_size)]), True
+
+    return g
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ragged_matmul(
+    x_AK: jax.Array, w_EKN: jax.Array, sizes_E: jax.Array, out_dtype: Any
+) -> jax.Array:
+    """`ragged_dot`, its gradient ragged dots too, each one call per element under `vmap`
+    (`_per_element`: the batching rules of ragged_dot's own derivatives would batch them)."""
+    dot = partial(jax.lax.ragged_dot, preferred_element_type=out_dtype)
+    return _per_element(dot)(x_AK, w_EKN, sizes_E)
+
+
+def _ragged_forward(
+    x_AK: jax.Array, w_EKN: jax.Array, sizes_E: jax.Array, out_dtype: Any
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    return _ragged_matmul(x_AK, w_EKN, sizes_E, out_dtype), (x_AK, w_EKN, sizes_E)
+
+
+def _ragged_backward(_: Any, saved: tuple, g_AN: jax.Array) -> tuple:
+    x_AK, w_EKN, sizes_E = saved
+    dx_AK = _ragged_matmul(g_AN, w_EKN.swapaxes(1, 2), sizes_E, x_AK.dtype)
+    dw_EKN = grouped_weight_grad(x_AK, g_AN, sizes_E, ragged=True)
+    return dx_AK, dw_EKN.astype(w_EKN.dtype), None
+
+
+_ragged_matmul.defvjp(_ragged_forward, _ragged_backward)
 
 
 def grouped_weight_grad(
@@ -129,9 +171,9 @@ def grouped_weight_grad(
             lhs_ragged_dimensions=[0],
             rhs_group_dimensions=[],
         )
-        return jax.lax.ragged_dot_general(
-            x_AK, g_AN, sizes_E, dims, preferred_element_type=jnp.float32
-        )
+        dot = partial(jax.lax.ragged_dot_general, ragged_dot_dimension_numbers=dims,
+                      preferred_element_type=jnp.float32)  # fmt: skip
+        return _per_element(dot)(x_AK, g_AN, sizes_E)
     return _tiled_weight_grad(x_AK, g_AN, sizes_E)
 
 

@@ -418,6 +418,28 @@ def test_tiled_grouped_matmul_equals_ragged_dot(rows, groups, tile):
     assert np.all(np.asarray(both(tiled)[0])[-3:] == 0.0)
 
 
+def test_the_ragged_path_under_vmap_equals_ragged_dot_per_element():
+    # TPUs run `ragged_dot`; under the pipeline's vmap over stages its batching rule made
+    # ragged dots with batch dimensions, which XLA:TPU does not compile, so bigjax's ragged
+    # path (forward, and its own backward) runs one call per element: the same values and
+    # gradients as jax's ragged_dot and its autodiff, element by element (the compile for a
+    # TPU: tests/test_plan.py).
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 40, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(2, 5, 8, 6)), jnp.float32)
+    sizes = jnp.asarray([rng.multinomial(37, np.ones(5) / 5) for _ in range(2)], jnp.int32)
+
+    def loss(f, x, w):
+        return jnp.sum(jax.vmap(f)(x, w, sizes) ** 2)
+
+    ours = lambda x, w, s: experts.grouped_matmul(x, w, s, ragged=True)  # noqa: E731
+    got = jax.value_and_grad(lambda x, w: loss(ours, x, w), argnums=(0, 1))(x, w)
+    want = jax.value_and_grad(lambda x, w: loss(jax.lax.ragged_dot, x, w), argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        # f32, the same products summed in the same or another order: ~1e-7 relative
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_too_few_rows_to_split_gather_the_experts_instead():
     """One sequence on 8 EP devices (as generation has): the tokens cannot be exchanged, so
     every device computes every expert for them; same result as one device."""

@@ -279,3 +279,17 @@ def test_a_config_error_in_the_tpu_compile_is_one_line_without_libtpus_logs():
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("bigjax: error: data.batch_size: 4 sequences"), r.stderr
     assert [line for line in lines[:-1] if not line.startswith("plan: compiling")] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["default", "fp8"])
+def test_dropless_experts_in_pipeline_stages_compile_for_tpu(precision):
+    # The pipeline's vmap over stages batched each expert's ragged_dot (and its gradients):
+    # XLA:TPU compiles no ragged dot with batch dimensions ("Failed to create
+    # RaggedConvSpec"), a traceback at plan and at train on TPUs. 2 stages x 2 experts.
+    pytest.importorskip("libtpu", reason="needs the tpu extra: pip install 'bigjax[tpu]'")
+    model = {"num_layers": 4, "num_experts": 8, "moe_dispatch": "dropless",
+             "matmul_precision": precision}  # fmt: skip
+    cfg = tiny_config(model=model, data={"batch_size": 32}, mesh={"shape": (1, 2, 1, 1, 1, 2)})
+    compiled = plan.plan(cfg, plan.parse_topology("v5p-8"), 0.4, compile_=True)["compiled"]
+    assert compiled["compiled_devices"] == 4 and compiled["fits"]
