@@ -205,11 +205,16 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
 
     cfg = _accelerator_config(cfg)
     platforms.allow_compile_only_libtpu()  # no chips here: a run beside must not block this
+    two_cores = CORES_PER_CHIP_IN_NAME[target.tpu_generation] == 2
+    megacore = {"chip_config_name": "megacore"} if two_cores else {}
     try:
         topo = topologies.get_topology_desc(
             topology_name=f"{target.tpu_generation}:{target.tpu_shape}",
             platform="tpu",
             num_slices=target.num_slices,
+            # one device per chip, as a v4 or v5p VM runs (megacore); libtpu's v4 default is
+            # a device per TensorCore, which jax refuses to lay a mesh over
+            **megacore,
         )
     except jax.errors.JaxRuntimeError as e:  # on a TPU VM whose chips another process drives
         busy = platforms.busy_error(e)

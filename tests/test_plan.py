@@ -293,3 +293,13 @@ def test_dropless_experts_in_pipeline_stages_compile_for_tpu(precision):
     cfg = tiny_config(model=model, data={"batch_size": 32}, mesh={"shape": (1, 2, 1, 1, 1, 2)})
     compiled = plan.plan(cfg, plan.parse_topology("v5p-8"), 0.4, compile_=True)["compiled"]
     assert compiled["compiled_devices"] == 4 and compiled["fits"]
+
+
+@pytest.mark.slow
+def test_a_v4_slice_compiles_one_device_per_chip():
+    # A v4 VM runs one jax device per chip (megacore); libtpu's compile-only v4 topology
+    # defaults to one per TensorCore, on which jax refuses to lay a mesh (an AssertionError
+    # traceback at `plan --topology v4-16`).
+    pytest.importorskip("libtpu", reason="needs the tpu extra: pip install 'bigjax[tpu]'")
+    compiled = plan.plan(tiny_config(), plan.parse_topology("v4-16"), 0.4, compile_=True)
+    assert compiled["compiled"]["compiled_devices"] == 8 and compiled["compiled"]["fits"]
