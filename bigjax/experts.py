@@ -122,13 +122,20 @@ def _per_element(f: Any) -> Any:
     """`f` under `vmap` as one call per element of the mapped axis instead of its batching
     rule, which gives a ragged dot batch dimensions: XLA:TPU compiles none ("Failed to create
     RaggedConvSpec"). The pipeline's vmap over stages reaches the experts inside their
-    `shard_map`, where each device holds one stage: one call, as without stages."""
+    `shard_map`, where each device holds one stage: one call, as without stages; a longer
+    axis (DP-SGD's vmap over rows) is a `lax.map`, one traced call whatever its length."""
     g = jax.custom_batching.custom_vmap(f)
 
     @g.def_vmap
     def rule(axis_size: int, in_batched: list[bool], *args: jax.Array) -> tuple[jax.Array, bool]:
-        one = lambda i: g(*(a[i] if b else a for a, b in zip(args, in_batched, strict=True)))  # noqa: E731
-        return jnp.stack([one(i) for i in range(axis_size)]), True
+        def one(mapped: list[jax.Array]) -> jax.Array:
+            each = iter(mapped)
+            return g(*(next(each) if b else a for a, b in zip(args, in_batched, strict=True)))
+
+        mapped = [a for a, b in zip(args, in_batched, strict=True) if b]
+        if axis_size == 1:
+            return one([a[0] for a in mapped])[None], True
+        return jax.lax.map(one, mapped), True
 
     return g
 

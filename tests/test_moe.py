@@ -418,16 +418,17 @@ def test_tiled_grouped_matmul_equals_ragged_dot(rows, groups, tile):
     assert np.all(np.asarray(both(tiled)[0])[-3:] == 0.0)
 
 
-def test_the_ragged_path_under_vmap_equals_ragged_dot_per_element():
+@pytest.mark.parametrize("batch", [1, 2])  # one stage a device (the pipeline), or a map
+def test_the_ragged_path_under_vmap_equals_ragged_dot_per_element(batch):
     # TPUs run `ragged_dot`; under the pipeline's vmap over stages its batching rule made
     # ragged dots with batch dimensions, which XLA:TPU does not compile, so bigjax's ragged
     # path (forward, and its own backward) runs one call per element: the same values and
     # gradients as jax's ragged_dot and its autodiff, element by element (the compile for a
     # TPU: tests/test_plan.py).
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 40, 8)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(2, 5, 8, 6)), jnp.float32)
-    sizes = jnp.asarray([rng.multinomial(37, np.ones(5) / 5) for _ in range(2)], jnp.int32)
+    x = jnp.asarray(rng.normal(size=(batch, 40, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(batch, 5, 8, 6)), jnp.float32)
+    sizes = jnp.asarray([rng.multinomial(37, np.ones(5) / 5) for _ in range(batch)], jnp.int32)
 
     def loss(f, x, w):
         return jnp.sum(jax.vmap(f)(x, w, sizes) ** 2)

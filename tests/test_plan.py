@@ -288,9 +288,9 @@ def test_dropless_experts_in_pipeline_stages_compile_for_tpu(precision):
     # XLA:TPU compiles no ragged dot with batch dimensions ("Failed to create
     # RaggedConvSpec"), a traceback at plan and at train on TPUs. 2 stages x 2 experts.
     pytest.importorskip("libtpu", reason="needs the tpu extra: pip install 'bigjax[tpu]'")
-    model = {"num_layers": 4, "num_experts": 8, "moe_dispatch": "dropless",
+    model = {"num_layers": 2, "num_experts": 4, "moe_dispatch": "dropless",
              "matmul_precision": precision}  # fmt: skip
-    cfg = tiny_config(model=model, data={"batch_size": 32}, mesh={"shape": (1, 2, 1, 1, 1, 2)})
+    cfg = tiny_config(model=model, data={"batch_size": 8}, mesh={"shape": (1, 2, 1, 1, 1, 2)})
     compiled = plan.plan(cfg, plan.parse_topology("v5p-8"), 0.4, compile_=True)["compiled"]
     assert compiled["compiled_devices"] == 4 and compiled["fits"]
 
