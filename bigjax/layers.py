@@ -17,7 +17,7 @@ from flax import nnx
 
 from bigjax import fp8 as fp8_ops
 from bigjax.attention import attend, dot_product_attention
-from bigjax.sharding import Rules, constrain
+from bigjax.sharding import CONTEXT_AXIS, Rules, constrain
 
 # The residual stream [B, L, D] between blocks and sublayers (sequence-parallel on `tensor`).
 RESIDUAL = ("act_batch", "act_res_seq", "act_embed")
@@ -56,18 +56,32 @@ def _param(
 
 
 def project(x: jax.Array, w: jax.Array, n_in: int, fp8: bool = False) -> jax.Array:
-    """x [B, L, *in] @ w [*in, *out] -> [B, L, *out], as one 2-D matmul [B*L, in] @ [in, out].
-
-    XLA:CPU runs the 2-D form and its gradients much faster than the same einsum over [B, L]
-    (measured 1.2x on the MLP, 1.9x on the 32k-vocab head, fwd+bwd); on TPU/GPU it is the
-    same dot. Merging dims keeps shardings when only the leading merged dim is sharded, which
-    is why fused weights put their small "which projection" axis last.
-    """
+    """x [B, L, *in] @ w [*in, *out] -> [B, L, *out]: a contraction over `in` with B and L as
+    they are, or, where `_rows_merged`, one 2-D matmul [B*L, in] @ [in, out]."""
     b, length = x.shape[:2]
     n = math.prod(w.shape[:n_in])
-    matmul = fp8_ops.matmul if fp8 else jnp.matmul  # bigjax/fp8.py: training's projections
-    y = matmul(x.reshape(b * length, n), w.reshape(n, -1))
+    w_NO = w.reshape(n, -1)
+    if _rows_merged():
+        matmul = fp8_ops.matmul if fp8 else jnp.matmul  # bigjax/fp8.py: training's projections
+        y = matmul(x.reshape(b * length, n), w_NO)
+    else:
+        x_BLN = x.reshape(b, length, n)
+        y = fp8_ops.einsum("bln,no->blo", x_BLN, w_NO) if fp8 else jnp.matmul(x_BLN, w_NO)
     return y.reshape(b, length, *w.shape[n_in:])
+
+
+def _rows_merged() -> bool:
+    """Whether `project` merges [B, L] into one dim of rows: unless the sequence is split over
+    `context`. XLA:CPU runs that 2-D matmul and its gradients much faster than the same
+    contraction over [B, L] (measured 1.2x on the MLP, 1.9x on the 32k-vocab head,
+    fwd+bwd); XLA:TPU and GPU make the same dot of either. But a merged dim keeps only the
+    sharding of its leading part, B: with L split too, XLA all-gathered every projection's
+    input and saved activations over the whole sequence (811 against 494 MiB of the step's
+    temporaries at context 4 on a v5p compile: docs/scaling.md), the memory context
+    parallelism is there to save. Merging weights' dims keeps their shardings for the same
+    reason: fused weights put their small "which projection" axis last."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.shape.get(CONTEXT_AXIS, 1) == 1
 
 
 def _bias(use: bool, shape: tuple[int, ...], names: Names, dtype: jnp.dtype) -> nnx.Param | None:

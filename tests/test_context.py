@@ -2,6 +2,7 @@
 with causal load balancing and packed documents that cross the chunk boundaries."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from helpers import (
 from bigjax import attention, context, stages
 from bigjax.config import DEFAULT_RULES, MeshConfig
 from bigjax.mesh import make_mesh
+from bigjax.program import for_config
 
 
 def _short_documents(rows: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -159,6 +161,56 @@ def test_training_over_context_matches_one_device(shape):
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     assert prog.train_step._cache_size() == 1  # no recompile across steps
+
+
+@pytest.mark.parametrize(
+    ("shape", "model"),
+    # (data, stage, fsdp, context, tensor): context alone, and beside fsdp with a scanned
+    # swiglu model; a gelu MLP unscanned and with tied embeddings
+    [((1, 1, 1, 4, 1), {}), ((1, 1, 2, 2, 1), {}),
+     ((1, 1, 1, 4, 1), {"mlp": "gelu", "scan_layers": False, "tie_embeddings": True})],
+)  # fmt: skip
+def test_no_activation_is_gathered_over_the_whole_sequence(shape, model):
+    # Context parallelism keeps 1/C of each row's tokens per device; only attention's keys,
+    # values and segment ids are gathered over `context` (inside its shard_map). Projections
+    # that merged [B, L] into one dim of rows lost L's sharding, and XLA all-gathered their
+    # inputs and saved activations over the whole sequence, forward and backward (on a v5p
+    # compile at context 4: 1.6x the step's temporary memory).
+    seq_len, rows = 80, 8  # a length no weight dim has (d_model 128, d_ff 384, vocab 512)
+    cfg = tiny_config(model=model, data={"batch_size": rows, "seq_len": seq_len},
+                      mesh={"shape": shape})  # fmt: skip
+    mesh = _mesh(shape)
+    with jax.set_mesh(mesh):
+        prog = for_config(cfg, mesh)
+        hlo = prog.train_step.lower(*prog.abstract_inputs()).compile().as_text()
+    # "%name = f32[8,80,384]{2,0,1} all-gather(...)": the gathered shape, [rows, L, ...]
+    gathered = re.compile(rf"= \S*\[\d+,{seq_len}[,\]]\S* all-gather(-start)?\(")
+    whole_rows = [line for line in hlo.splitlines() if gathered.search(line)]
+    assert whole_rows, "attention gathers its keys and values over context"
+    outside_attention = [g for g in whole_rows if "shard_map" not in g]
+    assert outside_attention == [], outside_attention[:3]
+
+
+# capacity 1.25 * L * 2 / 4: 80 slots at 128 tokens; 70 at 112, which context 4 does not divide
+@pytest.mark.parametrize("seq_len", [128, 112])
+def test_capacity_experts_split_their_slots_over_context(seq_len):
+    # Capacity MoE's [B, E, C, D] slots have no sequence dim: XLA ran every expert on every
+    # slot on each context device and all-reduced the products (2.8x FSDP's temporary
+    # memory here; 3.3x on a v5p compile). Split like the sequence, each device runs its
+    # share of the slots, as FSDP's batch split does. XLA's own accounting (deterministic
+    # for a jaxlib); the bound leaves room for its scheduling between versions.
+    def temp_mib(shape):
+        model = {"num_experts": 4, "experts_per_token": 2}
+        cfg = tiny_config(model=model, data={"batch_size": 8, "seq_len": seq_len},
+                          mesh={"shape": shape})  # fmt: skip
+        mesh = _mesh(shape)
+        with jax.set_mesh(mesh):
+            prog = for_config(cfg, mesh)
+            compiled = prog.train_step.lower(*prog.abstract_inputs()).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+    context, fsdp = temp_mib((1, 1, 1, 4, 1, 1)), temp_mib((1, 1, 4, 1, 1, 1))
+    assert context < 1.25 * fsdp, (context, fsdp)
 
 
 @pytest.mark.slow
