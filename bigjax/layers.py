@@ -76,12 +76,29 @@ def _rows_merged() -> bool:
     contraction over [B, L] (measured 1.2x on the MLP, 1.9x on the 32k-vocab head,
     fwd+bwd); XLA:TPU and GPU make the same dot of either. But a merged dim keeps only the
     sharding of its leading part, B: with L split too, XLA all-gathered every projection's
-    input and saved activations over the whole sequence (811 against 494 MiB of the step's
+    input and saved activations over the whole sequence (811 against 497 MiB of the step's
     temporaries at context 4 on a v5p compile: docs/scaling.md), the memory context
     parallelism is there to save. Merging weights' dims keeps their shardings for the same
     reason: fused weights put their small "which projection" axis last."""
     mesh = jax.sharding.get_abstract_mesh()
     return mesh.empty or mesh.shape.get(CONTEXT_AXIS, 1) == 1
+
+
+def _for_compute(p: nnx.Param, dtype: jnp.dtype, rules: Rules) -> jax.Array:
+    """A weight in `dtype`, and with the sequence split over `context` gathered whole on its
+    FSDP dim (`embed`) before its product, as FSDP means. Left to itself XLA could instead
+    gather the activations over the whole sequence and contract `embed` in parts: it did so
+    under context x tensor, so that llama_8b at 131072 tokens on fsdp 8 x context 8 x
+    tensor 2 compiled to 54.90 GiB a device, 11.59 with the weights gathered (v5p-256,
+    docs/scaling.md). Without a context axis XLA gathers the weights anyway; the program is
+    left as it was."""
+    w = p[...].astype(dtype)
+    names = p.get_metadata().get("out_sharding")
+    if _rows_merged() or names is None:
+        return w
+    # inside a scan over stacked layers the value has lost the leading `layers` dim
+    whole = tuple(None if name == "embed" else name for name in names[len(names) - w.ndim :])
+    return constrain(w, whole, rules)
 
 
 def _bias(use: bool, shape: tuple[int, ...], names: Names, dtype: jnp.dtype) -> nnx.Param | None:
@@ -253,7 +270,7 @@ class Attention(nnx.Module):
         self, x_BLD: jax.Array, positions_BL: jax.Array, fp8: bool = False
     ) -> tuple[jax.Array, ...]:
         """Projections (in fp8 if asked) and RoPE: q [B, L, H, K], k and v [B, L, G, K]."""
-        w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        w = lambda p: _for_compute(p, self.dtype, self.rules)  # noqa: E731
         act = lambda t, heads: constrain(  # noqa: E731
             t, ("act_batch", "act_seq", heads, None), self.rules
         )
@@ -271,7 +288,7 @@ class Attention(nnx.Module):
 
     def _out(self, out_BLHK: jax.Array, fp8: bool = False) -> jax.Array:
         out_BLHK = constrain(out_BLHK, ("act_batch", "act_seq", "act_heads", None), self.rules)
-        out_BLD = project(out_BLHK, self.o_HKD[...].astype(self.dtype), 2, fp8)
+        out_BLD = project(out_BLHK, _for_compute(self.o_HKD, self.dtype, self.rules), 2, fp8)
         out_BLD = add_bias(out_BLD, self.o_bias_D, self.dtype)
         return constrain(out_BLD, RESIDUAL, self.rules)  # reduce-scatter, not all-reduce
 
@@ -358,7 +375,7 @@ class MLP(FeedForward):
         self.down_bias_D = _bias(use_bias, (d_model,), ("norm",), param_dtype)
 
     def __call__(self, x_BLD: jax.Array, decode: bool = False) -> jax.Array:
-        w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        w = lambda p: _for_compute(p, self.dtype, self.rules)  # noqa: E731
         fp8 = self.fp8 and not decode  # cached decoding: one row's scale never mixes others'
         names_BLF = ("act_batch", "act_seq", "act_mlp")
         x_BLD = constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
@@ -383,7 +400,7 @@ class GeluMLP(FeedForward):
         self.down_bias_D = _bias(use_bias, (d_model,), ("norm",), param_dtype)
 
     def __call__(self, x_BLD: jax.Array, decode: bool = False) -> jax.Array:
-        w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        w = lambda p: _for_compute(p, self.dtype, self.rules)  # noqa: E731
         fp8 = self.fp8 and not decode
         x_BLD = constrain(x_BLD, ("act_batch", "act_seq", "act_embed"), self.rules)
         up_BLF = add_bias(project(x_BLD, w(self.up_DF), 1, fp8), self.up_bias_F, self.dtype)
