@@ -32,7 +32,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bigjax import context
 from bigjax.config import ATTENTION_IMPLS as IMPLS
-from bigjax.sharding import CONTEXT_AXIS, Rules, attention_specs, context_parts, trace_platform
+from bigjax.sharding import (
+    CONTEXT_AXIS,
+    Rules,
+    attention_specs,
+    context_parts,
+    mesh_sizes,
+    trace_platform,
+)
 
 # cuDNN's packed layout takes a fixed number of documents per row; a row with more is refused
 # before it reaches the device (`check_segments`), never attended wrongly. 64 covers rows of
@@ -115,7 +122,7 @@ def attend(
 ) -> jax.Array:
     """Self-attention of a packed batch with the kernel `impl`; 'auto' is resolved here, at
     trace time, for the devices and shapes being traced."""
-    num_parts = context_parts(rules, _mesh_sizes(), q_BLHK.shape[1])
+    num_parts = context_parts(rules, mesh_sizes(), q_BLHK.shape[1])
     chosen = resolve(
         impl,
         trace_platform(),
@@ -175,11 +182,6 @@ def context_inner(impl: str, shard: context.Shard, *, causal: bool) -> jax.Array
             shard.q_BQHK, shard.k_BLGK, shard.v_BLGK, mask=mask_B1QL, implementation="cudnn"
         )
     return dot_product_attention(shard.q_BQHK, shard.k_BLGK, shard.v_BLGK, mask_B1QL)
-
-
-def _mesh_sizes() -> dict[str, int]:
-    mesh = jax.sharding.get_abstract_mesh()
-    return {} if mesh.empty else dict(mesh.shape)
 
 
 # --- cuDNN ---------------------------------------------------------------------------------

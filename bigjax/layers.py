@@ -17,7 +17,7 @@ from flax import nnx
 
 from bigjax import fp8 as fp8_ops
 from bigjax.attention import attend, dot_product_attention
-from bigjax.sharding import CONTEXT_AXIS, Rules, constrain
+from bigjax.sharding import CONTEXT_AXIS, Rules, constrain, mesh_sizes
 
 # The residual stream [B, L, D] between blocks and sublayers (sequence-parallel on `tensor`).
 RESIDUAL = ("act_batch", "act_res_seq", "act_embed")
@@ -80,8 +80,7 @@ def _rows_merged() -> bool:
     temporaries at context 4 on a v5p compile: docs/scaling.md), the memory context
     parallelism is there to save. Merging weights' dims keeps their shardings for the same
     reason: fused weights put their small "which projection" axis last."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or mesh.shape.get(CONTEXT_AXIS, 1) == 1
+    return mesh_sizes().get(CONTEXT_AXIS, 1) == 1
 
 
 def _for_compute(p: nnx.Param, dtype: jnp.dtype, rules: Rules) -> jax.Array:

@@ -38,7 +38,7 @@ from bigjax import fp8 as fp8_ops
 from bigjax.config.schema import MoEDispatch, MoEGating
 from bigjax.context import in_balanced_order, in_row_order
 from bigjax.layers import MLP, RESIDUAL, _param, dense_init, project
-from bigjax.sharding import CONTEXT_AXIS, Rules, constrain, logical_to_spec
+from bigjax.sharding import CONTEXT_AXIS, Rules, constrain, logical_to_spec, mesh_sizes
 
 
 @dataclass(frozen=True)
@@ -224,8 +224,7 @@ class MoE(nnx.Module):
 
 def _split_width(slots: int) -> int:
     """`slots` rounded up to a multiple of the mesh's context axis (1 outside a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    parts = 1 if mesh.empty else mesh.shape.get(CONTEXT_AXIS, 1)
+    parts = mesh_sizes().get(CONTEXT_AXIS, 1)
     return -(-slots // parts) * parts
 
 
@@ -237,10 +236,10 @@ def _slots_split(x_BECD: jax.Array, rules: Rules) -> jax.Array:
     3.3x the temporary memory of FSDP 4). Their count is padded to a multiple of the
     context axis (`_split_width`), so the split always applies. The other dims stay XLA's
     to choose (the experts' own axes, the batch)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    sizes = mesh_sizes()
+    if not sizes:
         return x_BECD
-    slots = logical_to_spec(("act_seq",), rules, dict(mesh.shape), (x_BECD.shape[2],))[0]
+    slots = logical_to_spec(("act_seq",), rules, sizes, (x_BECD.shape[2],))[0]
     if slots is None:
         return x_BECD
     free = jax.sharding.PartitionSpec.UNCONSTRAINED

@@ -127,6 +127,12 @@ def constrain(x: jax.Array, names: LogicalNames, rules: Rules) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def mesh_sizes() -> dict[str, int]:
+    """The axis sizes of the mesh being traced under (`jax.set_mesh`); {} outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return {} if mesh.empty else dict(mesh.shape)
+
+
 def trace_platform() -> str:
     """The platform of the devices being traced for: the mesh's (TPU for a plan's
     compile-only topology on a CPU host), else the default backend's."""
