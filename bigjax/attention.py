@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bigjax import context
 from bigjax.config import ATTENTION_IMPLS as IMPLS
+from bigjax.errors import BigjaxWarning
 from bigjax.sharding import (
     CONTEXT_AXIS,
     Rules,
@@ -162,6 +163,7 @@ def attend(
             warnings.warn(
                 f"model.attention=auto: cuDNN flash attention is unavailable here "
                 f"({type(e).__name__}: {str(e).strip()[:200]}); using the einsum path.",
+                category=BigjaxWarning,
                 stacklevel=2,
             )
             chosen = "einsum"

@@ -19,6 +19,12 @@ class RunFailed(Exception):
     exit_code = RUN_FAILED
 
 
+class BigjaxWarning(UserWarning):
+    """What bigjax warns about (a checkpoint skipped as corrupt, a damaged history line, a
+    mesh that splits a torus axis): the command line prints these as one line,
+    `bigjax: warning: ...`, and other libraries' warnings in Python's own form."""
+
+
 def exit_code(e: BaseException) -> int | None:
     """The exit code of an error reported as one line, or None (a bug: its traceback)."""
     if isinstance(e, UsageError | RunFailed):

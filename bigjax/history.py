@@ -21,6 +21,7 @@ from typing import Any
 
 from bigjax import tree
 from bigjax.config import full_mesh_shape
+from bigjax.errors import BigjaxWarning
 
 HISTORY = "config_history.jsonl"
 
@@ -137,7 +138,11 @@ def read(workdir: Path) -> list[dict[str, Any]]:
         else:
             bad += 1
     if bad:
-        warnings.warn(f"{path}: {bad} line(s) that are not config segments skipped", stacklevel=2)
+        warnings.warn(
+            f"{path}: {bad} line(s) that are not config segments skipped",
+            category=BigjaxWarning,
+            stacklevel=2,
+        )
     return out
 
 

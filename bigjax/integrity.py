@@ -32,6 +32,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from bigjax.errors import BigjaxWarning
+
 CHECKSUMS = "bigjax_checksums.json"
 CHUNK = 1 << 22
 
@@ -114,6 +116,7 @@ def checked(step_dir: Path) -> str | None:
             f"checkpoint {step_dir} has no checksums: it was written by a bigjax that did not "
             "keep them, or by a synchronous save (checkpoint.async_save=false) whose process "
             "died between its commit and its checksums; using it unverified.",
+            category=BigjaxWarning,
             stacklevel=3,
         )
     return problem

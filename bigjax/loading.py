@@ -28,6 +28,7 @@ from bigjax.checkpoint import (
 )
 from bigjax.config import CheckpointConfig, ConfigError, from_configdict
 from bigjax.data.pipeline import Batches, DataStateError, MalformedDataState
+from bigjax.errors import BigjaxWarning
 from bigjax.sharding import Rules, num_stages, placed, tree_shardings
 from bigjax.state import TrainState
 from bigjax.tree import Params
@@ -207,6 +208,7 @@ def restore(
         warnings.warn(
             f"checkpoint {step_dir} is unreadable or corrupt ({problem}){where}; falling back "
             "to the previous one.",
+            category=BigjaxWarning,
             stacklevel=2,
         )
     aside = integrity.set_aside(directory)
@@ -280,6 +282,7 @@ def newest_intact(manager: ocp.CheckpointManager) -> int | None:
         failures.append(f"{directory / str(step)}: {problem}")
         warnings.warn(
             f"checkpoint {directory / str(step)} is corrupt ({problem}); using an older step.",
+            category=BigjaxWarning,
             stacklevel=2,
         )
     if failures:

@@ -45,6 +45,7 @@ from bigjax.config import (
     merge_groups,
     to_dict,
 )
+from bigjax.errors import BigjaxWarning
 
 
 def for_run(
@@ -211,6 +212,7 @@ def device_grid(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarr
         f"mesh.shape: {_named(shape)} is not made of whole axes of {_torus(devices)}: some "
         "mesh axes split a physical axis, so their collectives lose its wraparound links "
         "(slower rings); sizes that multiply whole sides avoid it.",
+        category=BigjaxWarning,
         stacklevel=2,
     )
     return grid

@@ -302,7 +302,8 @@ def plot_curves(runs: list[Run], out: Path) -> list[Path]:
         if axis != "step":
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # runs stopped before their first eval: none
+            ax.legend(fontsize=7)
         written.append(_save(fig, out / f"loss_vs_{axis}.png"))
     return written
 

@@ -101,6 +101,69 @@ def test_out_of_range_flags_are_one_line_before_any_work(tmp_path, capsys, argv,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["eval", "--json", "FILE/o.json"], "FILE is a file, not a directory"),
+        (["eval", "--json", "DIR"], "--json DIR is a directory; give a file's path"),
+        (["eval", "--json", "LINK/o.json"], "LINK is a link to"),
+        (["plan", "--config", TINY, "--devices", "8", "--json", "FILE/p.json"], "FILE is a file"),
+        (["bench", "--config", TINY, "--json", "FILE/b.json"], "FILE is a file, not a directory"),
+        (["report", "DIR", "--out", "FILE/r"], "FILE is a file, not a directory"),
+        (["report", "DIR", "--out", "FILE"], "--out FILE is a file; pass a directory"),
+        (["inspect", "--prompt", "x", "--out", "FILE/x"], "FILE is a file, not a directory"),
+        (["compress", "quantize", "--out", "FILE/c"], "FILE is a file, not a directory"),
+        (["convert", "DIR", "FILE/h"], "DST FILE/h: FILE is a file, not a directory"),
+        (["prepare", "--input", "stdlib", "--output", "FILE/d"], "cannot create it (FILE is a"),
+        (["sweep", str(ROOT / "experiments/lr_sweep/sweep.py"), "--dir", "FILE/s"], "FILE is a"),
+    ],
+)
+def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, capsys, argv, words):
+    # each was a traceback from mkdir or open, after the eval, compile or bench had run
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    names = {"FILE": tmp_path / "file", "DIR": tmp_path / "dir", "LINK": tmp_path / "link"}
+    for name, path in names.items():
+        argv = [a.replace(name, str(path)) if a.startswith(name) else a for a in argv]
+        words = words.replace(name, str(path))
+    if argv[0] in ("eval", "inspect", "compress"):
+        argv += ["--workdir", str(tmp_path / "no_run")]  # never reached: the output is first
+    assert words in _one_line(capsys, *argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file", "link"]
+
+
+def test_an_output_in_a_read_only_directory_is_refused_before_the_eval(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    command = [sys.executable, "-m", "bigjax.cli", "eval", str(tmp_path / "no_run"), "--json",
+               str(ro / "out.json")]  # fmt: skip
+    r = subprocess.run(_without_root_powers(command), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "cannot write there (no permission, or a read-only file system)" in r.stderr
+
+
+def test_warnings_are_one_line_and_only_bigjax_s_own(tmp_path):
+    # Python's form added the file, line and source text of the warn call; a run stopped
+    # before its first eval made report's plots warn from matplotlib about an empty legend
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 5.0 - s, "tokens_per_step": 64, "flops_per_step": 1e6}
+            for s in (1, 2)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "config_history.jsonl").write_text("{cut short\n")
+    command = [sys.executable, "-m", "bigjax.cli", "report", str(run), "--out", str(tmp_path / "r")]
+    err = subprocess.run(command, capture_output=True, text=True, cwd=ROOT).stderr
+    assert err.splitlines() == [
+        f"bigjax: warning: {run / 'config_history.jsonl'}: 1 line(s) that are not config "
+        "segments skipped"
+    ], err
+    debug = subprocess.run([*command[:3], "--debug", *command[3:]], capture_output=True,
+                           text=True, cwd=ROOT).stderr  # fmt: skip
+    assert "history.py:" in debug and "BigjaxWarning: " in debug  # Python's form, whole
+
+
 def test_run_directories_that_cannot_be_one(tmp_path, capsys):
     args = ["--config", TINY, *SMALL, "--config.num_steps=1"]
     dangling = tmp_path / "dangling"

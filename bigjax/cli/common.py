@@ -109,6 +109,43 @@ def write_json(path: str | Path | None, obj: Any) -> None:
     Path(path).write_text(json_text(obj, indent=2) + "\n")
 
 
+def check_output(command: str, flag: str, text: str | None, kind: str) -> None:
+    """Refuses, before any work, a path a command will write (`kind` "file" or "dir") that
+    cannot be written: a file where a folder must be, a folder where the file goes, a
+    dangling link on the way, no write permission, a read-only file system. Without it a
+    long eval or compile ran first and then failed with a traceback at the write. None (a
+    flag not given) passes."""
+    if text is None:
+        return
+    where = f"{command}: {flag} {text}"
+    try:
+        problem = _output_problem(Path(text), kind)
+    except OSError as e:  # a folder on the way that cannot be listed
+        problem = f": cannot reach it ({e.strerror})."
+    if problem:
+        raise ConfigError(where + problem)
+
+
+def _output_problem(path: Path, kind: str) -> str | None:
+    if kind == "file" and path.is_dir():
+        return " is a directory; give a file's path."
+    if kind == "dir" and path.exists() and not path.is_dir():
+        return " is a file; pass a directory."
+    parent = path if kind == "dir" else path.parent
+    while not parent.exists():  # the nearest that exists: what is missing below it is created
+        if parent.is_symlink():
+            return f": {parent} is a link to {os.readlink(parent)}, which does not exist."
+        parent = parent.parent
+    if not parent.is_dir():
+        return f": {parent} is a file, not a directory."
+    # os.access: a read-only file system says no even to root
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+        path.is_file() and not os.access(path, os.W_OK)
+    ):
+        return ": cannot write there (no permission, or a read-only file system)."
+    return None
+
+
 def add_command(
     sub: argparse._SubParsersAction, run: Callable[..., int], config: bool = False
 ) -> argparse.ArgumentParser:

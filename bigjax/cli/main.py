@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from bigjax import errors
 from bigjax.cli.common import (
@@ -87,6 +89,29 @@ def quiet_library_noise() -> None:
     sys.unraisablehook = unraisable
 
 
+@contextlib.contextmanager
+def one_line_warnings(on: bool) -> Iterator[None]:
+    """bigjax's own warnings (`BigjaxWarning`) as one line while a command runs, like its
+    errors (`bigjax: warning: ...`): Python's default adds the file, line and source text of
+    the `warnings.warn` call, which tells a user nothing. Other libraries' warnings keep
+    Python's form, which names them; `--debug` and `--verbose` keep it for all."""
+    if not on:
+        yield
+        return
+    default = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if issubclass(category, errors.BigjaxWarning):
+            return f"bigjax: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     standard_descriptors_open()
     if not isinstance(sys.stdout, Console):  # a closed terminal or pipe must not end the run
@@ -100,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.debug or args.verbose):
         quiet_library_noise()
     try:
-        return args.run(args, overrides)
+        with one_line_warnings(not (args.debug or args.verbose)):
+            return args.run(args, overrides)
     except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a save, this one for now
         if args.debug:
             traceback.print_exc()

@@ -10,6 +10,7 @@ from typing import Any
 from bigjax.cli.common import (
     add_command,
     add_run_argument,
+    check_output,
     needs,
     run_dir,
     start_jax,
@@ -31,6 +32,7 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     in process.
     """
     workdir = run_dir(args, "eval")
+    check_output("eval", "--json", args.json, "file")
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if args.tasks is not None and not tasks:  # lm-eval's own error: a traceback from inside it
         raise ConfigError(f"eval: --tasks {args.tasks!r} names no task; give lm-eval task names, "
@@ -139,6 +141,7 @@ def cmd_convert(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     directory that transformers' from_pretrained loads. The direction follows SRC. On
     import, --config.* sets the new run's other settings.
     """
+    check_output("convert", "DST", args.dst, "dir")
     start_jax(args)
     from bigjax import convert
 
@@ -186,6 +189,8 @@ def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     finetune.keep_sparsity for pruned models) open.
     """
     workdir = run_dir(args, "compress")
+    if not Path(args.out).is_file():  # a file: compress's own message, naming a new run
+        check_output("compress", "--out", args.out, "dir")
     given = {"--bits": args.bits, "--pattern": args.pattern, "--sparsity": args.sparsity}
     other = {"quantize": "prune", "prune": "quantize"}[args.method]
     if stray := [f for f in FLAGS_OF[other] if given[f] is not None]:  # else silently unused
@@ -244,6 +249,7 @@ def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     next token, and PCA / t-SNE projections of the token embeddings, each written as a PNG.
     """
     workdir = run_dir(args, "inspect")
+    check_output("inspect", "--out", args.out, "dir")
     start_jax(args)
     from bigjax.interpret import inspect_run
 

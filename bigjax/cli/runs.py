@@ -8,7 +8,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bigjax.cli.common import RUN_FAILED, add_command, native_logs_held, start_jax, write_json
+from bigjax.cli.common import (
+    RUN_FAILED,
+    add_command,
+    check_output,
+    native_logs_held,
+    start_jax,
+    write_json,
+)
 from bigjax.config import ConfigError
 from bigjax.config.load import load_config
 
@@ -48,6 +55,7 @@ def cmd_plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from bigjax import plan
 
     cfg = load_config(args.config, overrides)
+    check_output("plan", "--json", args.json, "file")
     if (args.topology is None) == (args.devices is None):  # --devices 0 is given, and wrong
         raise ConfigError("plan: give either --topology (e.g. v5p-128) or --devices N.")
     target = (
@@ -86,6 +94,7 @@ def cmd_bench(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     writes everything, --baseline compares with an earlier --json.
     """
     cfg = load_config(args.config, overrides)
+    check_output("bench", "--json", args.json, "file")
     start_jax(args)
     from bigjax import bench
 
@@ -132,6 +141,7 @@ def cmd_sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
     sweep = spec.load(args.spec)
     directory = Path(args.dir or f"runs/sweeps/{sweep.name}")
+    check_output("sweep", "--dir", str(directory), "dir")
     opts = runner.Options(
         directory=directory,
         storage=args.storage or f"sqlite:///{directory.resolve() / 'study.db'}",
@@ -179,6 +189,7 @@ def cmd_report(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     out = Path(args.out) if args.out else (first / "report" if len(args.paths) == 1 else None)
     if out is None:
         raise ConfigError("report: with several directories, say where to write: --out DIR.")
+    check_output("report", "--out", str(out), "dir")
     text, pngs = report.report(args.paths, out, baseline=args.baseline, fit=args.fit)
     print(text)
     print(f"written: {out / 'report.md'} and {len(pngs)} plots in {out}", flush=True)

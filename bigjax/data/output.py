@@ -80,14 +80,18 @@ def check_target(output: str, inputs: Sequence[Path]) -> Path:
 def lock(final: Path) -> runlock.RunLock:
     """The lock of target `final` (`.NAME.lock` beside it: the target itself is swapped), or
     OutputError naming the prepare that holds it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         return runlock.take(final.parent / f".{final.name}.lock")
     except runlock.Held as held:
         raise OutputError(
             f"--output {final}: another bigjax prepare is writing it ({held}); wait for it to "
             "finish, or choose another --output."
         ) from None
+    except OSError as e:  # a file on the way, no permission, a read-only file system
+        files = [p for p in final.parents if p.exists() and not p.is_dir()]
+        why = f"{files[0]} is a file" if files else f"{e.strerror}: {e.filename}"
+        raise OutputError(f"--output {final}: cannot create it ({why}).") from None
 
 
 def staging(final: Path) -> Path:
