@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import shutil
 import time
@@ -22,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from bigjax import integrity
+from bigjax import errors, integrity
 from bigjax.config import CheckpointConfig
 from bigjax.data.pipeline import Batches, MalformedDataState
 from bigjax.errors import RunFailed, UsageError
@@ -113,6 +112,7 @@ class Checkpointer:
                                   "move it away and run again.")  # fmt: skip
         self.async_save = cfg.async_save
         self.in_flight: int | None = None  # the step of the last save started
+        self.state_bytes = 0  # of the last state saved: a first save's size, if it fails
         self._started = time.time()
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1,  # the loop decides; Orbax saves what it is asked to
@@ -154,6 +154,7 @@ class Checkpointer:
                 "last good checkpoint stays the newest). Lower optim.lr or keep "
                 "optim.clip_norm on."
             )
+        self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=DataSave(data_iter),
@@ -164,12 +165,12 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise _save_error(self.manager, self.in_flight, e) from e
+            raise _save_error(self.manager, self.in_flight, e, self.state_bytes) from e
         try:
             self.in_flight = step
             started = self.manager.save(step, args=args, force=force, metrics=metrics)
         except Exception as e:
-            raise _save_error(self.manager, step, e) from e
+            raise _save_error(self.manager, step, e, self.state_bytes) from e
         if started and not self.async_save:
             self._seal_committed()
         return started
@@ -180,7 +181,7 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise _save_error(self.manager, self.in_flight, e) from e
+            raise _save_error(self.manager, self.in_flight, e, self.state_bytes) from e
         self._seal_committed()  # async steps are sealed before their commit; a fallback
 
     def close(self) -> None:
@@ -216,8 +217,11 @@ class Checkpointer:
                 continue
 
 
-def _save_error(manager: ocp.CheckpointManager, step: int | None, e: Exception) -> CheckpointError:
-    """One line: which step, where, why, and the fix (for a full disk, how much it needs)."""
+def _save_error(
+    manager: ocp.CheckpointManager, step: int | None, e: Exception, state_bytes: int
+) -> CheckpointError:
+    """One line: which step, where, why, and the fix (for a full disk, how much it needs: the
+    last checkpoint's size, or the state's before the first)."""
     directory = Path(manager.directory)
     cause = f"{type(e).__name__}: {first_line(e)}"
     if not _disk_full(e):
@@ -227,11 +231,12 @@ def _save_error(manager: ocp.CheckpointManager, step: int | None, e: Exception) 
         )
     sizes = {s: _tree_bytes(directory / str(s)) for s in manager.all_steps()}
     need = max(sizes.values(), default=0)
+    what = "the size of the last one" if need else "the size of the state"
     free = shutil.disk_usage(directory).free
     committed = sorted(sizes)
     text = (
         f"saving a checkpoint (step {step}) in {directory} failed: no free disk space "
-        f"({_human(free)} free; a save needs about {_human(need)}, the size of the last one)."
+        f"({_human(free)} free; a save needs about {_human(need or state_bytes)}, {what})."
     )
     if len(committed) > 1:
         freed = sum(sizes[s] for s in committed[:-1])
@@ -239,6 +244,8 @@ def _save_error(manager: ocp.CheckpointManager, step: int | None, e: Exception) 
             f" checkpoint.keep=1 would keep only the newest and free {_human(freed)} "
             f"(now {len(committed)} steps are kept); or free space there."
         )
+    if not committed:  # a failed first save: there is nothing to resume from
+        return CheckpointError(text + " No checkpoint was written; free space there and rerun.")
     return CheckpointError(text + " Older checkpoints are intact; rerun to resume.")
 
 
@@ -251,13 +258,8 @@ def _human(n: float) -> str:
 
 
 def _disk_full(e: BaseException | None) -> bool:
-    while e is not None:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(e) or "RESOURCE_EXHAUSTED" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    # in a save, tensorstore's RESOURCE_EXHAUSTED is the disk (elsewhere it can be memory)
+    return errors.disk_full(e, (*errors.FULL_DISK, "RESOURCE_EXHAUSTED"))
 
 
 def _tree_bytes(path: Path) -> int:

@@ -134,8 +134,9 @@ def export_hf(
         for path in carried:
             shutil.copy2(path, staged / path.name)
         swap_in(staged, dst)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staged, ignore_errors=True)
+        e.add_note(f"writing {dst}")  # for the one-line error of a full disk
         raise
     bar.advance(note=f"{len(files)} file(s) written")
     bar.close()

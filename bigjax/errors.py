@@ -1,7 +1,9 @@
 """The errors bigjax reports as one line (`bigjax: error: ...`, `--debug` for the traceback)
 instead of a traceback. An error class joins by subclassing one of the two kinds below, so the
 command line catches them by class, with no list of names that a rename could silently leave
-behind. This module imports nothing: every layer may raise these."""
+behind. This module imports nothing of bigjax's: every layer may raise these."""
+
+import errno
 
 USAGE_ERROR = 2  # bad config or input: fix the command
 RUN_FAILED = 1  # the run itself failed (non-finite loss, checkpoint I/O)
@@ -25,10 +27,43 @@ class BigjaxWarning(UserWarning):
     `bigjax: warning: ...`, and other libraries' warnings in Python's own form."""
 
 
+# as tensorstore and SQLite (a sweep's study) word them
+FULL_DISK = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+
+
 def exit_code(e: BaseException) -> int | None:
     """The exit code of an error reported as one line, or None (a bug: its traceback)."""
     if isinstance(e, UsageError | RunFailed):
         return e.exit_code
     if isinstance(e, FileNotFoundError):  # a path the user gave
         return USAGE_ERROR
+    if disk_full(e):  # a write of any command, from Python, Orbax or tensorstore
+        return RUN_FAILED
     return None
+
+
+def one_line(e: BaseException) -> str:
+    """The line `bigjax: error: ` is followed by, for an error `exit_code` accepts."""
+    if isinstance(e, UsageError | RunFailed | FileNotFoundError) or not disk_full(e):
+        return str(e)
+    # where: the file, or the output a command's staging noted on the error in flight
+    notes = [n for n in getattr(e, "__notes__", []) if n.startswith("writing ")]
+    where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+    where = f" {notes[0]}" if notes else where
+    first = (str(e).strip().splitlines() or [""])[0]
+    return (
+        f"no space left on the device{where}; free space there, or write elsewhere, and rerun "
+        f"({type(e).__name__}: {first})."
+    )
+
+
+def disk_full(e: BaseException | None, texts: tuple[str, ...] = FULL_DISK) -> bool:
+    """Whether `e`, or an error it was raised from, is a full disk or quota: an OSError's
+    errno, or the words of libraries that raise their own types (Orbax, tensorstore)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(e) for t in texts):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -94,8 +94,9 @@ def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any
             save_params(staged, params, {"config": config, "params": layout, **meta})
             write_text(dst / "config.json", json.dumps(config, indent=2) + "\n")
             staged.rename(dst / "checkpoints")
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(staged, ignore_errors=True)
+            e.add_note(f"writing {dst}")  # for the one-line error of a full disk
             raise
     finally:
         lock.release()

@@ -2,6 +2,7 @@
 config files, odd run directories, damaged lock files and seals, a directory that turns
 read-only mid-run, a second Ctrl-C, a TPU another process drives."""
 
+import errno
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import pytest
 from conftest import xla_flags
 from helpers import train_cmd
 
-from bigjax import integrity, platforms, runlock
+from bigjax import errors, integrity, platforms, runlock
 from bigjax.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +163,46 @@ def test_warnings_are_one_line_and_only_bigjax_s_own(tmp_path):
     debug = subprocess.run([*command[:3], "--debug", *command[3:]], capture_output=True,
                            text=True, cwd=ROOT).stderr  # fmt: skip
     assert "history.py:" in debug and "BigjaxWarning: " in debug  # Python's form, whole
+
+
+def test_a_full_disk_is_told_from_other_errors_that_look_like_it():
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert errors.exit_code(full) == errors.RUN_FAILED
+    wrapped = ValueError("RESOURCE_EXHAUSTED: Failed writing ...: No space left on device")
+    assert errors.disk_full(wrapped)  # Orbax and tensorstore raise their own types
+    try:
+        raise RuntimeError("save failed") from OSError(errno.EDQUOT, "Disk quota exceeded")
+    except RuntimeError as e:
+        assert errors.disk_full(e)  # through the cause
+    # an accelerator out of memory is not a full disk: still a traceback (exit_code None)
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
+    assert not errors.disk_full(oom) and errors.exit_code(oom) is None
+    assert errors.exit_code(OSError(errno.EIO, "Input/output error")) is None
+    full.add_note("writing data/mine")  # what a command's staging adds on the way out
+    assert errors.one_line(full).startswith("no space left on the device writing data/mine;")
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_tools_is_one_line_naming_the_output(tmp_path, capsys, tiny_run):
+    # A real full disk: a 64 KiB tmpfs (needs root, as in CI). Each was a traceback (an
+    # OSError, or Orbax's ValueError for compress); each stages its output, so nothing is left.
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        for argv, out in [
+            (["prepare", "--input", "stdlib", "--workers", "1", "--output"], mount / "ds"),
+            (["convert", str(tiny_run)], mount / "hf"),
+            (["compress", "quantize", str(tiny_run), "--out"], mount / "c"),
+        ]:
+            assert main([*argv, str(out)]) == 1
+            err = capsys.readouterr().err  # a progress bar's line, then the error's
+            assert "Traceback" not in err and err.count("bigjax: error: ") == 1, err
+            assert f"error: no space left on the device writing {out}; free space" in err, err
+            assert not (out / "checkpoints").exists() and not (out / "config.json").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
 
 
 def test_run_directories_that_cannot_be_one(tmp_path, capsys):

@@ -142,5 +142,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if args.debug:  # the traceback too, and the same exit code
             traceback.print_exc()
-        print(f"bigjax: error: {e}", file=sys.stderr)
+        print(f"bigjax: error: {errors.one_line(e)}", file=sys.stderr)
         return kind

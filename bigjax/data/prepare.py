@@ -215,8 +215,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         try:
             manifest = _prepare_into(staged, expanded.files, log, cfg)
             output.publish(staged, final, expanded.files)
-        except BaseException:
+        except BaseException as e:
             output.discard(staged)
+            e.add_note(f"writing {final}")  # for the one-line error of a full disk
             raise
     finally:
         held.release()
