@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import shutil
 import time
@@ -40,6 +41,27 @@ class NonFiniteState(CheckpointError):
 class CheckpointMismatch(UsageError, CheckpointError):
     """A good checkpoint that this run's config cannot continue (another model shape, batch
     size): a usage error (exit 2), fixed in the config or with a new workdir."""
+
+
+class UnreadablePath(UsageError, CheckpointError):
+    """A checkpoint directory whose path Orbax could write but not read back."""
+
+
+def check_path(directory: Path) -> Path:
+    """`directory`, if Orbax can read checkpoints back from it. Orbax finds a checkpoint's
+    parts with glob patterns built from its whole path (its local-file paths glob unescaped),
+    so a folder named like `run[1]` (`[1]` is a character class: it matches `run1`, not
+    itself) was saved but never restored, the error blaming the config. `*` and `?` match
+    themselves, and are left alone."""
+    for part in Path(directory).absolute().parts:
+        if not fnmatch.fnmatchcase(part, part):
+            raise UnreadablePath(
+                f"{directory}: Orbax could save checkpoints here but not restore them: it "
+                f"reads them back through glob patterns built from the path, and in {part!r} "
+                "the brackets are a pattern that does not match the name. Rename that folder "
+                "(no [ ]) or choose another directory."
+            )
+    return directory
 
 
 class DataHandler(ocp.CheckpointHandler):
@@ -106,7 +128,7 @@ class Checkpointer:
     read `self.manager` through the functions below."""
 
     def __init__(self, directory: Path, cfg: CheckpointConfig):
-        self.directory = Path(directory).absolute()
+        self.directory = check_path(Path(directory).absolute())
         if self.directory.exists() and not self.directory.is_dir():  # found now, not at a save
             raise CheckpointError(f"{self.directory} is a file, not a directory of checkpoints; "
                                   "move it away and run again.")  # fmt: skip

@@ -23,6 +23,7 @@ from bigjax.checkpoint import (
     CheckpointError,
     CheckpointMismatch,
     DataRestore,
+    check_path,
     first_line,
     param_layout,
 )
@@ -231,7 +232,7 @@ def source_directory(path: str) -> Path:
     directory = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     if not directory.is_dir():
         raise CheckpointError(f"no such run or checkpoint directory {path!r}.")
-    return directory
+    return check_path(directory)
 
 
 def init_from(

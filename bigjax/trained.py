@@ -111,6 +111,9 @@ def write_text(path: Path, text: str) -> None:
 
 def check_new_run_dir(dst: Path) -> None:
     """Raises if `dst` cannot become a new run directory (callers check before their work)."""
+    from bigjax.checkpoint import check_path
+
+    check_path(dst)
     if dst.exists() and not dst.is_dir():
         raise ConfigError(f"{dst} is a file; pick a directory for the new run.")
     if (dst / "checkpoints").exists():
@@ -122,8 +125,10 @@ def save_params(directory: Path, params: Any, meta: dict[str, Any]) -> None:
     `checkpoint.init_from` read. `meta` must hold the parameter layout under "params"."""
     import orbax.checkpoint as ocp
 
+    from bigjax.checkpoint import check_path
+
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-    manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    manager = ocp.CheckpointManager(check_path(Path(directory).absolute()), options=options)
     try:
         manager.save(
             0,

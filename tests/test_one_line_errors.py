@@ -5,6 +5,7 @@ read-only mid-run, a second Ctrl-C, a TPU another process drives."""
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,6 +229,22 @@ def test_run_directories_that_cannot_be_one(tmp_path, capsys):
         not (other / "metrics.jsonl").exists()
         or "loss" not in (other / "metrics.jsonl").read_text()
     )
+
+
+def test_a_folder_orbax_could_not_read_back_is_refused_before_a_step(tmp_path, capsys):
+    # Orbax globs a checkpoint's parts with patterns built from its path: in `run[1]` the
+    # brackets match `run1`, so the save worked and every restore failed, blaming the config
+    from bigjax.checkpoint import UnreadablePath, check_path
+
+    for fine in ("a b", "ü", "p%20q", "h#", "s*", "q?", "a[b", "[", "x]"):
+        assert check_path(tmp_path / fine / "checkpoints") == tmp_path / fine / "checkpoints"
+    for bad in ("run[1]", "[ab]", "a[!b]c"):
+        with pytest.raises(UnreadablePath, match=re.escape(repr(bad))):
+            check_path(tmp_path / bad / "checkpoints")
+    args = ["--config", TINY, *SMALL, "--config.num_steps=1"]
+    err = _one_line(capsys, "train", *args, "--workdir", str(tmp_path / "run[1]"))
+    assert "could save checkpoints here but not restore them" in err and "(no [ ])" in err
+    assert not (tmp_path / "run[1]" / "checkpoints").exists()
 
 
 def test_damaged_lock_records_and_seals_are_read_as_damaged(tmp_path):

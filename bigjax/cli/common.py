@@ -104,9 +104,10 @@ def write_json(path: str | Path | None, obj: Any) -> None:
     if path is None:
         return
     from bigjax.metrics import json_text  # imports jax: only once a command has run
+    from bigjax.trained import write_text
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json_text(obj, indent=2) + "\n")
+    write_text(Path(path), json_text(obj, indent=2) + "\n")  # whole or not at all
 
 
 def check_output(command: str, flag: str, text: str | None, kind: str) -> None:
