@@ -16,6 +16,7 @@ import pytest
 
 from bigjax.data import output
 from bigjax.data.dataset import read_manifest
+from bigjax.data.files import matches
 from bigjax.data.prepare import PrepareConfig, prepare
 from bigjax.data.sources import DataError, FileLog, read_documents
 
@@ -245,6 +246,16 @@ def test_symlink_loops_read_each_real_file_once(tmp_path):
     m = prepare(_cfg([root / "**" / "*.txt", root / "*.txt"], tmp_path / "ds", exact_dedup=False))
     assert m["documents_in"] == 3 and len(m["inputs"]) == 3
     assert m["dedup"]["exact"] == 0 and m["skipped_files"]["counts"] == {}
+
+
+def test_a_folder_named_like_a_glob_class_is_found_by_its_name(tmp_path):
+    # `in[1]/*.txt` matched only `in1` (glob's class), so an existing `in[1]` named nothing
+    for name in ("in[1]", "in1", "in2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.txt").write_text("x")
+    found = sorted(p.parent.name for p in matches(f"{tmp_path}/in[1]/*.txt"))
+    assert found == ["in1", "in[1]"]  # the class still matches `in1`
+    assert [p.parent.name for p in matches(f"{tmp_path}/in[2]/*.txt")] == ["in2"]
 
 
 @pytest.mark.slow

@@ -8,7 +8,9 @@ matches but cannot be read is returned with a reason instead of being dropped si
 anything that is not a regular file at the moment it is opened.
 
 Glob semantics follow `glob.glob(..., recursive=True)`: `*`, `?` and `[...]` within one path
-component, `**` for any depth; names starting with '.' match only patterns that do.
+component, `**` for any depth; names starting with '.' match only patterns that do. One
+addition: a component also matches a name equal to it, so an existing folder named `data[1]`
+is found by its own name (glob's `[1]` matches only `data1`).
 """
 
 from __future__ import annotations
@@ -100,7 +102,9 @@ def _walk(directory: Path, segments: Sequence[str], seen_dirs: set) -> Iterator[
         names = [
             e.name
             for e in _entries(directory)
-            if fnmatch.fnmatchcase(e.name, segment) and not _hidden(e.name, segment)
+            # `run[1]` names itself too where it exists: a class, `[1]`, matches only `1`
+            if (fnmatch.fnmatchcase(e.name, segment) or e.name == segment)
+            and not _hidden(e.name, segment)
         ]
     else:
         names = [segment] if os.path.lexists(directory / segment) else []

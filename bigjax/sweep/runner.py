@@ -443,6 +443,9 @@ def run(spec: Sweep, opts: Options) -> optuna.Study:
     except ValueError as e:
         raise ConfigError(f"sweep: {e}") from None
     check_values(spec)
+    from bigjax.checkpoint import check_path  # imports jax: only once a sweep starts
+
+    check_path(opts.directory / "trial" / "checkpoints")  # every trial's run is in there
     opts.directory.mkdir(parents=True, exist_ok=True)
     storage = make_storage(opts.storage, opts.heartbeat_s)
     study = open_study(spec, storage, opts)
