@@ -62,6 +62,14 @@ def _files(step_dir: Path) -> list[str]:
     )
 
 
+def _litter(name: str) -> bool:
+    """A hidden file the save did not write: what desktops and file systems leave in folders
+    (.DS_Store, ._AppleDouble, NFS's .nfsXXXX, .fuse_hidden*, an editor's swap file). It is
+    no part of the checkpoint (nothing restored reads it, and every file the save wrote is
+    still checked), and treating it as damage moved a good step aside and lost its steps."""
+    return any(part.startswith(".") for part in Path(name).parts)
+
+
 def seal(step_dir: Path) -> None:
     """Writes the checksums of a step whose files are all written (atomically: a reader sees
     all or none)."""
@@ -102,7 +110,7 @@ def verify(step_dir: Path) -> str | None:
             return f"{path} has {path.stat().st_size} bytes, {want['size']} were written"
         if _sha256(path) != want["sha256"]:
             return f"{path} does not match its checksum (its bytes changed after the save)"
-    extra = [name for name in _files(step_dir) if name not in record]
+    extra = [name for name in _files(step_dir) if name not in record and not _litter(name)]
     if extra:
         return f"{step_dir} holds files the save did not write: {', '.join(extra[:3])}"
     return None

@@ -169,6 +169,17 @@ def test_a_damaged_metrics_file_neither_stops_a_resume_nor_the_report(tmp_path, 
         report([tmp_path], tmp_path / "report")
 
 
+def test_hidden_litter_is_not_damage_but_another_file_is(tmp_path, four_steps):
+    # a Finder's .DS_Store or NFS's .nfsXXXX in a step made bigjax move it aside as corrupt
+    _copy(four_steps, tmp_path)
+    step4 = tmp_path / "checkpoints" / "4"
+    for litter in (".DS_Store", "state/._manifest.ocdbt", ".nfs0000000001a2b3c4", "data/.x.swp"):
+        (step4 / litter).write_text("not part of the checkpoint")
+    assert integrity.verify(step4) is None
+    (step4 / "notes.txt").write_text("mine")  # a visible file: the step was changed
+    assert "holds files the save did not write: notes.txt" in integrity.verify(step4)
+
+
 @pytest.mark.slow
 def test_corrupt_final_checkpoint_does_not_fail_every_relaunch(tmp_path, four_steps):
     _copy(four_steps, tmp_path)
