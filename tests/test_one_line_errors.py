@@ -146,6 +146,14 @@ def test_an_output_in_a_read_only_directory_is_refused_before_the_eval(tmp_path)
     assert "cannot write there (no permission, or a read-only file system)" in r.stderr
 
 
+def test_a_bench_baseline_that_is_no_bench_result_is_one_line_before_the_bench(tmp_path, capsys):
+    # not JSON was a JSONDecodeError traceback
+    for text, words in [("[1,2", "not JSON (Expecting"), ('{"a": 1}', "not a bench result")]:
+        (tmp_path / "b.json").write_text(text)
+        argv = ["bench", "--config", TINY, "--baseline", str(tmp_path / "b.json")]
+        assert words in _one_line(capsys, *argv)
+
+
 def test_warnings_are_one_line_and_only_bigjax_s_own(tmp_path):
     # Python's form added the file, line and source text of the warn call; a run stopped
     # before its first eval made report's plots warn from matplotlib about an empty legend

@@ -137,3 +137,26 @@ def test_text_offsets_are_where_each_token_starts(tokenizers):
         ids = [int(i) for i in tok.encode(TEXT * 40)][:2000]
         Choice(index=0, seq=None, det=None, echo=True, ids=ids).text_offsets(counting, 0, len(ids))
         assert counting.decoded_ids <= 8 * len(ids), (tok.kind, counting.decoded_ids)
+
+
+def test_a_chat_template_jinja_cannot_parse_is_refused_at_start(tmp_path):
+    # it served, and then every chat request was a 400 blaming the client's messages
+    from bigjax.config import ConfigError
+    from bigjax.serving import chat
+    from bigjax.serving.server import _chat_template
+
+    assert chat.syntax_error(chat.PLAIN) is None
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}\n{{ m.content ")
+    with pytest.raises(ConfigError, match=r"bad.jinja has a Jinja syntax error \(line 2: unexp"):
+        _chat_template(str(bad), None)
+    bad.write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(ConfigError, match="bad.jinja: not UTF-8 text"):
+        _chat_template(str(bad), None)
+    tokenizer_dir = tmp_path / "tokenizer"  # a run's own template, as Hugging Face saves it
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "tokenizer_config.json").write_text('{"chat_template": "{% if %}"}')
+    with pytest.raises(ConfigError, match="the chat template in .*tokenizer has a Jinja syntax"):
+        _chat_template("", tokenizer_dir)
+    (tokenizer_dir / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    assert _chat_template("", tokenizer_dir) == "{{ messages }}"

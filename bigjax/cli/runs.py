@@ -109,7 +109,14 @@ def cmd_bench(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         path = Path(args.baseline)
         if not path.is_file():
             raise ConfigError(f"--baseline: no such file {args.baseline!r} (a bench --json).")
-        baseline = json.loads(path.read_text())
+        try:
+            baseline = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ConfigError(f"--baseline {args.baseline}: not JSON ({e}); give a file that "
+                              "bench --json wrote.") from None  # fmt: skip
+        if not isinstance(baseline, dict) or "tokens_per_s" not in baseline:
+            raise ConfigError(f"--baseline {args.baseline}: not a bench result (no "
+                              "tokens_per_s); give a file that bench --json wrote.")  # fmt: skip
     result = bench.bench(cfg, settings)
     print(bench.render(result, baseline))
     write_json(args.json, result)

@@ -38,12 +38,31 @@ def render(template: str, messages: list[dict[str, Any]], *, add_generation_prom
            bos_token: str = "", eos_token: str = "") -> str:  # fmt: skip
     """The prompt for `messages`, rendered in a sandbox (templates come with downloaded
     tokenizers: they must not reach Python objects)."""
+    return (
+        _sandbox()
+        .from_string(template)
+        .render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+        )
+    )
+
+
+def syntax_error(template: str) -> str | None:
+    """None for a template Jinja can parse, else where and why it cannot: checked when the
+    server starts, so a broken template is not a 400 that blames every client's messages."""
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        _sandbox().parse(template)
+    except TemplateSyntaxError as e:
+        return f"line {e.lineno}: {str(e.message).rstrip('.')}"
+    return None
+
+
+def _sandbox() -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(
-        messages=messages,
-        add_generation_prompt=add_generation_prompt,
-        bos_token=bos_token,
-        eos_token=eos_token,
-    )
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)

@@ -122,8 +122,18 @@ def _chat_template(path: str, tokenizer_dir: Path | None) -> str:
     if path:
         if not Path(path).is_file():
             raise ConfigError(f"serve: --chat-template {path}: no such file.")
-        return Path(path).read_text()
-    return chat.find_template(tokenizer_dir) or chat.PLAIN
+        try:
+            template = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"serve: --chat-template {path}: not UTF-8 text ({e.reason} at "
+                              f"byte {e.start}).") from None  # fmt: skip
+    else:
+        template = chat.find_template(tokenizer_dir) or chat.PLAIN
+    if problem := chat.syntax_error(template):
+        where = f"--chat-template {path}" if path else f"the chat template in {tokenizer_dir}"
+        raise ConfigError(f"serve: {where} has a Jinja syntax error ({problem}); fix it, or "
+                          "pass --chat-template FILE.")  # fmt: skip
+    return template
 
 
 def _listen(host: str, port: int) -> socket.socket:
