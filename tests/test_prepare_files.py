@@ -248,6 +248,27 @@ def test_symlink_loops_read_each_real_file_once(tmp_path):
     assert m["dedup"]["exact"] == 0 and m["skipped_files"]["counts"] == {}
 
 
+def test_a_byte_order_mark_is_not_text_nor_a_malformed_record(tmp_path):
+    # Windows tools (and pandas' utf-8-sig) start files with one: the first JSON line was
+    # skipped as malformed, and a text file's document began with U+FEFF
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "first"}\n{"text": "second"}\n')
+    with gzip.open(tmp_path / "b.jsonl.gz", "wb") as f:
+        f.write(bom + b'{"text": "zipped"}\n')
+    (tmp_path / "c.txt").write_bytes(bom + "café".encode())
+    (tmp_path / "d.txt").write_bytes(bom + b" \n")  # only a mark: an empty file
+    files = sorted(tmp_path.iterdir())
+    log = FileLog()
+    docs = list(read_documents(files, text_field="text", invalid_utf8="strict", log=log))
+    assert [(d.text, d.skip) for d in docs] == [
+        ("first", None),
+        ("second", None),
+        ("zipped", None),
+        ("café", None),
+        (None, "empty_file"),
+    ]
+
+
 def test_a_folder_named_like_a_glob_class_is_found_by_its_name(tmp_path):
     # `in[1]/*.txt` matched only `in1` (glob's class), so an existing `in[1]` named nothing
     for name in ("in[1]", "in1", "in2"):

@@ -12,6 +12,7 @@ named on stderr, and the run goes on.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import hashlib
@@ -172,6 +173,7 @@ def _read_text_file(
         _read_through(f, line=False)
         yield RawDoc(str(path), 0, None, "too_large")
         return
+    data = data.removeprefix(codecs.BOM_UTF8)  # a byte-order mark (Windows tools): not text
     if not data.strip():
         yield RawDoc(str(path), 0, None, "empty_file")
         return
@@ -188,6 +190,8 @@ def _read_jsonl(
             empty = False
             yield RawDoc(str(path), number, None, "too_large")
             continue
+        if number == 1:  # a byte-order mark: the first record was dropped as malformed
+            raw = raw.removeprefix(codecs.BOM_UTF8)
         if not raw.strip():
             continue
         empty = False
