@@ -1,6 +1,7 @@
 """`bigjax prepare` with the user's files: --output safety and odd input trees, on real files
 (symlink loops, dangling links, FIFOs, truncated archives, a killed run)."""
 
+import codecs
 import contextlib
 import gzip
 import json
@@ -267,6 +268,24 @@ def test_a_byte_order_mark_is_not_text_nor_a_malformed_record(tmp_path):
         ("café", None),
         (None, "empty_file"),
     ]
+
+
+def test_utf16_and_utf32_files_are_read_as_their_text(tmp_path):
+    # Notepad's "Unicode" (UTF-16 with a mark): a text file was read as UTF-8 (mojibake with
+    # NULs, kept with --no-quality) and every line of a JSONL file was malformed
+    text = "中文的文档 and English, ∑ 😀"
+    (tmp_path / "a.txt").write_bytes(text.encode("utf-16"))  # little-endian, with its mark
+    (tmp_path / "b.txt").write_bytes(text.encode("utf-32"))
+    lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in (text, "二"))
+    (tmp_path / "c.jsonl").write_bytes(codecs.BOM_UTF16_BE + lines.encode("utf-16-be"))
+    with gzip.open(tmp_path / "d.jsonl.gz", "wb") as f:
+        f.write(lines.encode("utf-16"))
+    files = sorted(tmp_path.iterdir())
+    docs = list(read_documents(files, text_field="text", invalid_utf8="strict", log=FileLog()))
+    assert [(Path(d.source).name, d.text, d.skip) for d in docs] == [
+        ("a.txt", text, None), ("b.txt", text, None), ("c.jsonl", text, None),
+        ("c.jsonl", "二", None), ("d.jsonl.gz", text, None), ("d.jsonl.gz", "二", None),
+    ]  # fmt: skip
 
 
 def test_a_folder_named_like_a_glob_class_is_found_by_its_name(tmp_path):

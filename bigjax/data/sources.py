@@ -20,7 +20,7 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -144,6 +144,54 @@ def _decompressed(raw: io.BufferedIOBase, name: str) -> io.BufferedIOBase:
 
 
 CHUNK = 1 << 20  # bytes read at a time while skipping through an over-long record
+
+# Longest first: UTF-32-LE's mark starts with UTF-16-LE's.
+_WIDE_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _as_utf8(f: io.BufferedIOBase) -> io.BufferedIOBase:
+    """`f`, or, for a file that starts with a UTF-16 or UTF-32 byte-order mark (what Windows
+    Notepad saves as "Unicode"), its text re-encoded as UTF-8 as it is read. Read as UTF-8,
+    such a text file was NUL-riddled mojibake and every line of such a JSONL file malformed.
+    Code units that do not decode become U+FFFD (`--invalid-utf8` is about UTF-8)."""
+    head = f.peek(4)[:4]  # type: ignore[attr-defined]  # BufferedReader and GzipFile peek
+    for mark, encoding in _WIDE_MARKS:
+        if head.startswith(mark):
+            return io.BufferedReader(_Utf8(f, encoding))
+    return f
+
+
+class _Utf8(io.RawIOBase):
+    """A UTF-16 or UTF-32 byte stream as UTF-8 bytes, a chunk of text at a time."""
+
+    def __init__(self, f: io.BufferedIOBase, encoding: str):
+        # newline="": lines are split later, on the UTF-8 bytes, as for every other file
+        self._text = io.TextIOWrapper(f, encoding=encoding, errors="replace", newline="")  # type: ignore[type-var]
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = self._text.read(CHUNK // 4)
+            if not chunk:
+                return 0
+            self._pending = chunk.encode("utf-8")
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._text.detach()  # the caller closes the file it opened
+        super().close()
 
 
 def _read_through(f: io.BufferedIOBase, line: bool) -> None:
@@ -278,10 +326,12 @@ def read_documents(
         try:
             with io.BufferedReader(hashing) as f:
                 if kind == "text":
-                    yield from _read_text_file(path, f, invalid_utf8, limit)
+                    yield from _read_text_file(path, _as_utf8(f), invalid_utf8, limit)
                 elif kind == "jsonl":
                     with _decompressed(f, path.name.lower()) as stream:
-                        yield from _read_jsonl(path, stream, text_field, invalid_utf8, limit)
+                        yield from _read_jsonl(
+                            path, _as_utf8(stream), text_field, invalid_utf8, limit
+                        )
                 else:
                     yield from _read_parquet(path, f, raw, text_field, limit)
         except Exception as e:  # noqa: BLE001 - sorted into corrupt / unreadable, or re-raised
