@@ -55,6 +55,20 @@ def test_a_config_file_with_a_syntax_error_or_that_raises(tmp_path, capsys):
     assert "get_sweep() in" in err and "ZeroDivisionError (line 2)" in err
 
 
+def test_config_files_that_are_not_configs(tmp_path, capsys):
+    # a UTF-16 file said "line None"; sys.exit(3) in a config ended bigjax with code 3 and no
+    # word; a get_config() returning an int was a TypeError traceback
+    cases = [
+        ("def get_config(arg=None):\n    return {}\n".encode("utf-16"), "null bytes. Fix"),
+        (b"import sys\nsys.exit(3)\n", "raised SystemExit (line 2): 3"),
+        (b"def get_config(arg=None):\n    return 5\n", "returned int; return an ml_coll"),
+    ]
+    for i, (source, words) in enumerate(cases):
+        (tmp_path / f"c{i}.py").write_bytes(source)
+        err = _one_line(capsys, "plan", "--config", str(tmp_path / f"c{i}.py"), "--devices", "8")
+        assert words in err and "line None" not in err
+
+
 @pytest.mark.parametrize(
     ("argv", "words"),
     [

@@ -33,9 +33,10 @@ def load_python_function(path: str | Path, function: str, what: str, hint: str) 
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except SyntaxError as e:
-        raise ConfigError(f"{what}: {path}, line {e.lineno}: {e.msg}. Fix the file.") from None
-    except Exception as e:
+    except SyntaxError as e:  # no line for a file Python cannot read at all (UTF-16: NULs)
+        line = f", line {e.lineno}" if e.lineno else ""
+        raise ConfigError(f"{what}: {path}{line}: {e.msg}. Fix the file.") from None
+    except (Exception, SystemExit) as e:  # SystemExit: a sys.exit() in the file ended bigjax
         raise _user_error(what, file, f"running {path}", e) from e
     found = getattr(module, function, None)
     if not callable(found):
@@ -47,14 +48,14 @@ def load_python_function(path: str | Path, function: str, what: str, hint: str) 
             return found(*args)
         except ConfigError:
             raise
-        except Exception as e:  # the user's own code: one line saying where and what
+        except (Exception, SystemExit) as e:  # the user's own code: one line, where and what
             shown = ", ".join(repr(a) for a in args)
             raise _user_error(what, file, f"{function}({shown}) in {path}", e) from e
 
     return call
 
 
-def _user_error(what: str, file: Path, doing: str, e: Exception) -> ConfigError:
+def _user_error(what: str, file: Path, doing: str, e: BaseException) -> ConfigError:
     """An error raised by a config or spec file's own code, as one line: the file's line that
     raised it (the innermost frame in that file) and the message."""
     frames = traceback.extract_tb(e.__traceback__)

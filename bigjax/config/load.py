@@ -19,6 +19,9 @@ def load_config(spec: str, overrides: Sequence[str]) -> TrainConfig:
         path, "get_config", "--config", "Configs live in configs/*.py."
     )
     cd = get_config(arg or None)
+    if not (hasattr(cd, "to_dict") or isinstance(cd, Mapping)):
+        raise ConfigError(f"--config: get_config() in {path} returned {type(cd).__name__}; "
+                          "return an ml_collections.ConfigDict or a dict.")  # fmt: skip
     raw = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
     for item in overrides:
         key, value = parse_override(item)
