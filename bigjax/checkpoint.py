@@ -14,7 +14,6 @@ import dataclasses
 import fnmatch
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +134,7 @@ class Checkpointer:
         self.async_save = cfg.async_save
         self.in_flight: int | None = None  # the step of the last save started
         self.state_bytes = 0  # of the last state saved: a first save's size, if it fails
-        self._started = time.time()
+        self._ours: set[int] = set()  # the steps this run saved: the only ones it may seal
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1,  # the loop decides; Orbax saves what it is asked to
             preservation_policy=_preservation(cfg),
@@ -193,6 +192,8 @@ class Checkpointer:
             started = self.manager.save(step, args=args, force=force, metrics=metrics)
         except Exception as e:
             raise _save_error(self.manager, step, e, self.state_bytes) from e
+        if started:
+            self._ours.add(step)
         if started and not self.async_save:
             self._seal_committed()
         return started
@@ -227,16 +228,20 @@ class Checkpointer:
         """Checksums of committed steps this run wrote that have none: synchronous saves
         (Orbax calls back only for async ones), right after their commit. Steps from before
         this run started are never sealed: a step is only vouched for by the process that
-        wrote it."""
+        wrote it. Which steps those are is recorded, not read from modification times (on a
+        network file system those are the server's clock: 2 s behind, a step went unsealed)."""
         if jax.process_index() != 0:
             return
-        for step_dir in self.directory.iterdir() if self.directory.is_dir() else ():
+        for step in sorted(self._ours):
+            step_dir = self.directory / str(step)
             try:
-                fresh = step_dir.name.isdigit() and step_dir.stat().st_mtime >= self._started - 1
-                if fresh and not integrity.is_sealed(step_dir):
+                if not step_dir.is_dir():
+                    continue  # not committed, or deleted by the retention policy
+                if not integrity.is_sealed(step_dir):
                     integrity.seal(step_dir)
+                self._ours.discard(step)  # sealed: nothing left to do for it
             except FileNotFoundError:  # deleted by the retention policy meanwhile
-                continue
+                self._ours.discard(step)
 
 
 def _save_error(

@@ -679,6 +679,36 @@ def test_a_non_finite_state_is_refused_by_save_itself(tmp_path):
     saves.close()
 
 
+def test_a_synchronous_save_is_sealed_whatever_the_file_server_s_clock(tmp_path, monkeypatch):
+    # steps this run wrote were told by their modification time; on a network file system
+    # that is the server's clock, and a server 10 s behind left every synchronous save unsealed
+    import time
+
+    import jax
+
+    from bigjax import checkpoint
+    from bigjax.config import CheckpointConfig
+    from bigjax.mesh import make_mesh
+    from bigjax.program import for_config
+
+    cfg = tiny_config()
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        prog = for_config(cfg, mesh)
+        state, data = prog.init(), prog.batches("train", 0)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 10)  # this host 10 s ahead
+    saves = checkpoint.Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+    monkeypatch.setattr(time, "time", real)
+    try:
+        assert saves.save(state, data, {}, force=True)
+        saves.wait()
+    finally:
+        saves.close()
+        data.close()
+    assert integrity.is_sealed(tmp_path / "0") and integrity.verify(tmp_path / "0") is None
+
+
 @pytest.mark.slow
 def test_another_optimizer_is_a_config_error_not_corruption(tmp_path, two_steps):
     # A changed config must never be taken for a corrupt checkpoint (which would be moved
