@@ -162,6 +162,9 @@ def quarantine(step_dir: Path) -> Path:
     aside = aside_dir(step_dir.parent)
     aside.mkdir(exist_ok=True)
     dest = aside / f"{step_dir.name}-{int(time.time())}"
+    n = 1
+    while dest.exists():  # the same step moved aside twice in one second: keep both
+        dest, n = aside / f"{step_dir.name}-{int(time.time())}-{n}", n + 1
     os.replace(step_dir, dest)
     return dest
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
@@ -162,7 +163,7 @@ def restore(
         step_dir = directory / str(step)
         # Its bytes first: nothing of a step, its metadata included, is read before its
         # checksums pass, so a flipped bit is never taken for a change of config.
-        problem, sealed = integrity.checked(step_dir), integrity.is_sealed(step_dir)
+        problem, sealed = _agreed(integrity.checked(step_dir)), integrity.is_sealed(step_dir)
         restored = None
         if problem is None:
             if read_meta(manager, step).get("params_only"):
@@ -198,13 +199,18 @@ def restore(
             (restored.params, restored.opt_state)
         ):
             problem = "its parameters or optimizer moments are not finite"
+        problem = _agreed(problem)  # every process returns this step, or falls back, together
         if problem is None and restored is not None:
             saved_order = read_meta(manager, step).get("layer_order")
             return stages.reorder(restored, saved_order, layer_order)
         failures.append(f"{step_dir}: {problem}")
         where = ""
-        if move_corrupt:
-            where = f"; moved to {integrity.quarantine(step_dir)}"
+        if move_corrupt:  # by one process: the others would find it gone and fail
+            if jax.process_index() == 0:
+                where = f"; moved to {integrity.quarantine(step_dir)}"
+            else:
+                where = f"; moved to {integrity.aside_dir(directory)} by process 0"
+            _together(f"bigjax: step {step} moved aside")  # before anyone lists the steps again
             manager.reload()
         warnings.warn(
             f"checkpoint {step_dir} is unreadable or corrupt ({problem}){where}; falling back "
@@ -224,6 +230,29 @@ def restore(
         "them:\n  " + "\n  ".join(lines) + f"\nTo start this run afresh, delete or move away "
         f"{integrity.aside_dir(directory)} (and {directory}, if it still holds steps)."
     )
+
+
+def _agreed(problem: str | None) -> str | None:
+    """A step's verdict, the same on every process. They restore it together, so a step one
+    process finds damaged is damaged for all, and all fall back to the same step; alone,
+    each process judged for itself and moved the step aside, and the slower one failed on
+    the step the other had moved (the job then aborted in jax's shutdown barrier)."""
+    if jax.process_count() == 1:
+        return problem
+    from jax.experimental import multihost_utils
+
+    damaged = multihost_utils.process_allgather(np.int32(problem is not None))
+    if problem is None and damaged.any():
+        return f"damaged as process {int(np.argmax(damaged))} read it"
+    return problem
+
+
+def _together(name: str) -> None:
+    """Waits for every process (a no-op alone)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def source_directory(path: str) -> Path:

@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def _launch(
-    workdir: Path, steps: int, processes: int, mesh: Sequence[str] = ()
+    workdir: Path, steps: int, processes: int, mesh: Sequence[str] = (), extra: Sequence[str] = ()
 ) -> list[subprocess.CompletedProcess]:
     """`processes` x (8 / processes) CPU devices train the same config on a (2, 2, 2) mesh
     (or `mesh`'s overrides); with 2 processes it is built as 2 slices (processes stand in for
@@ -60,6 +60,7 @@ def _launch(
                 "--config.metrics.log_every=1",
                 "--config.metrics.tensorboard=false",
                 "--config.eval.num_batches=1",
+                *extra,
                 *flags(i),
             ),
             cwd=ROOT,
@@ -118,6 +119,28 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path):
         got = _losses(resumed)
         assert list(got) == list(range(1, 9))
         np.testing.assert_allclose([got[7], got[8]], [ref[7], ref[8]], rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_a_corrupt_step_is_moved_aside_once_and_every_process_falls_back(tmp_path):
+    # Each process judged the step and moved it aside itself: the slower one failed on the
+    # step the other had moved, and the job aborted in jax's shutdown barrier.
+    keep = ["--config.checkpoint.keep=3"]  # steps 3 and 6 are there when 8 is lost
+    _launch(tmp_path / "full", steps=8, processes=2, extra=keep)
+    ref = _losses(tmp_path / "full")
+    run = _killed_after_step_6(tmp_path / "full", tmp_path / "run")
+    step6 = run / "checkpoints" / "6"
+    victim = max((p for p in step6.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 1
+    victim.write_bytes(bytes(data))
+    out = _launch(run, steps=8, processes=2, extra=keep)  # asserts both processes exit 0
+    assert "resuming from step 3" in out[0].stdout  # only process 0 logs
+    assert all("checkpoints/6 is unreadable or corrupt" in r.stderr for r in out)
+    assert [p.name.split("-")[0] for p in (run / "checkpoints.corrupt").iterdir()] == ["6"]
+    got = _losses(run)
+    assert list(got) == list(range(1, 9))
+    np.testing.assert_allclose(list(got.values()), list(ref.values()), rtol=RTOL)  # exact resume
 
 
 @pytest.mark.parametrize(
