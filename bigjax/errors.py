@@ -60,7 +60,9 @@ def one_line(e: BaseException) -> str:
 def disk_full(e: BaseException | None, texts: tuple[str, ...] = FULL_DISK) -> bool:
     """Whether `e`, or an error it was raised from, is a full disk or quota: an OSError's
     errno, or the words of libraries that raise their own types (Orbax, tensorstore)."""
-    while e is not None:
+    seen: set[int] = set()  # `raise e from e` makes the chain a loop
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if any(t in str(e) for t in texts):

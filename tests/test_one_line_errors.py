@@ -201,6 +201,9 @@ def test_a_full_disk_is_told_from_other_errors_that_look_like_it():
     oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
     assert not errors.disk_full(oom) and errors.exit_code(oom) is None
     assert errors.exit_code(OSError(errno.EIO, "Input/output error")) is None
+    looped = RuntimeError("x")
+    looped.__cause__ = looped  # what `raise e from e` leaves: the walk must end
+    assert not errors.disk_full(looped)
     full.add_note("writing data/mine")  # what a command's staging adds on the way out
     assert errors.one_line(full).startswith("no space left on the device writing data/mine;")
 
