@@ -163,7 +163,10 @@ def restore(
         step_dir = directory / str(step)
         # Its bytes first: nothing of a step, its metadata included, is read before its
         # checksums pass, so a flipped bit is never taken for a change of config.
-        problem, sealed = _agreed(integrity.checked(step_dir)), integrity.is_sealed(step_dir)
+        # each process hashes its share of the files, and all take the shared verdict
+        share = (jax.process_index(), jax.process_count())
+        problem = _agreed(integrity.checked(step_dir, share))
+        sealed = integrity.is_sealed(step_dir)
         restored = None
         if problem is None:
             if read_meta(manager, step).get("params_only"):
@@ -236,7 +239,9 @@ def _agreed(problem: str | None) -> str | None:
     """A step's verdict, the same on every process. They restore it together, so a step one
     process finds damaged is damaged for all, and all fall back to the same step; alone,
     each process judged for itself and moved the step aside, and the slower one failed on
-    the step the other had moved (the job then aborted in jax's shutdown barrier)."""
+    the step the other had moved (the job then aborted in jax's shutdown barrier). Shared,
+    it also lets each process hash only its share of the files: a pod's checkpoint is read
+    once, not once per host."""
     if jax.process_count() == 1:
         return problem
     from jax.experimental import multihost_utils

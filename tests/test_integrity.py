@@ -169,6 +169,23 @@ def test_a_damaged_metrics_file_neither_stops_a_resume_nor_the_report(tmp_path, 
         report([tmp_path], tmp_path / "report")
 
 
+def test_processes_share_the_hashing_and_one_of_them_finds_each_flip(tmp_path, four_steps):
+    # every process hashed every file of the step: a pod's checkpoint read once per host;
+    # each now hashes 1/n of the files, and `loading` shares the verdict
+    _copy(four_steps, tmp_path)
+    step4 = tmp_path / "checkpoints" / "4"
+    victim = _largest_file(step4)
+    _flip_bit(victim, victim.stat().st_size // 2)
+    alone = integrity.verify(step4)
+    assert alone is not None and str(victim) in alone
+    for n in (2, 3):
+        found = [integrity.verify(step4, (i, n)) for i in range(n)]
+        assert sorted(f is None for f in found) == [False] + [True] * (n - 1)  # exactly one
+    blind = found.index(None)  # a share that does not hash the flipped file
+    (step4 / "state" / "extra").write_text("x")  # a check with no reading: every share does it
+    assert "holds files the save did not write: state/extra" in integrity.verify(step4, (blind, 3))
+
+
 def test_hidden_litter_is_not_damage_but_another_file_is(tmp_path, four_steps):
     # a Finder's .DS_Store or NFS's .nfsXXXX in a step made bigjax move it aside as corrupt
     _copy(four_steps, tmp_path)
