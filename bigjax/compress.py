@@ -145,60 +145,58 @@ def compress_run(
 ) -> dict[str, Any]:
     """Quantizes or prunes a trained run's weights into `out_dir` (a run directory of its own,
     plus compress.json); returns the report: eval before and after, sizes or sparsity."""
-    from bigjax import trained
+    from bigjax import errors, trained
     from bigjax.config import ConfigError
 
     if method == "prune" and pattern == "unstructured" and not 0 <= sparsity < 1:  # NaN too
         raise ConfigError(f"compress prune: --sparsity {sparsity}: the share of each matrix "
                           "set to zero, from 0 up to (not including) 1.")  # fmt: skip
     trained.check_new_run_dir(Path(out_dir))  # before the evals, not after
-    try:  # its only writes are into out_dir: a full disk's one-line error names it
-        with trained.open_run(workdir, overrides, "compress") as (prog, params, step):
-            if Path(out_dir).resolve().is_relative_to(Path(workdir).resolve()):  # a run, it is
-                raise ConfigError(f"compress: --out {out_dir} is inside the run it compresses; "
-                                  "pick a directory outside it.")  # fmt: skip
-            import jax
-            import numpy as np
+    run = trained.open_run(workdir, overrides, "compress")
+    # its only writes are into out_dir: a full disk's one-line error names it
+    with errors.writing(out_dir), run as (prog, params, step):
+        if Path(out_dir).resolve().is_relative_to(Path(workdir).resolve()):  # a run, it is
+            raise ConfigError(f"compress: --out {out_dir} is inside the run it compresses; "
+                              "pick a directory outside it.")  # fmt: skip
+        import jax
+        import numpy as np
 
-            from bigjax import progress, tensorfile
-            from bigjax.config import to_dict
-            from bigjax.evals import run_eval
-            from bigjax.metrics import json_text
-            from bigjax.tree import flatten, unflatten
+        from bigjax import progress, tensorfile
+        from bigjax.config import to_dict
+        from bigjax.evals import run_eval
+        from bigjax.metrics import json_text
+        from bigjax.tree import flatten, unflatten
 
-            flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
-            # the work: eval before, compress, eval after (eval.num_batches each), write
-            bar = progress.Bar(f"compress {method}", 2 * prog.cfg.eval.num_batches + 2, "steps")
-            bar.update(0, note="eval before")
-            before = run_eval(prog, params, bar)
-            bar.update(bar.done, note=method)
-            extra: dict[str, Any] = {}
-            if method == "quantize":
-                new, stored = quantize_params(flat, bits)
-                out = Path(out_dir)
-                out.mkdir(parents=True, exist_ok=True)
-                tensorfile.write(out / "quantized.safetensors", stored, {"bits": str(bits)})
-                extra = {
-                    "bits": bits,
-                    "f32_bytes": sum(v.nbytes for v in flat.values()),
-                    "quantized_bytes": (out / "quantized.safetensors").stat().st_size,
-                }
-            else:
-                new = prune_params(flat, sparsity, pattern)
-                extra = {"pattern": pattern, "sparsity": sparsity_report(new)}
-            new_params = jax.device_put(unflatten(new), prog.shardings.params)
-            bar.advance(note="eval after")
-            after = run_eval(prog, new_params, bar)
-            report = {"method": method, "step": step, "before": before, "after": after, **extra}
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            # before the checkpoints, which are renamed in last: they make the directory a run
-            trained.write_text(Path(out_dir) / "compress.json", json_text(report, indent=2) + "\n")
-            trained.write_params_run(
-                Path(out_dir), to_dict(prog.cfg), unflatten(new), compressed_from=workdir
-            )
-            bar.advance(note="written")
-            bar.close()
-    except BaseException as e:
-        e.add_note(f"writing {out_dir}")
-        raise
+        flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
+        # the work: eval before, compress, eval after (eval.num_batches each), write
+        bar = progress.Bar(f"compress {method}", 2 * prog.cfg.eval.num_batches + 2, "steps")
+        bar.update(0, note="eval before")
+        before = run_eval(prog, params, bar)
+        bar.update(bar.done, note=method)
+        extra: dict[str, Any] = {}
+        if method == "quantize":
+            new, stored = quantize_params(flat, bits)
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            tensorfile.write(out / "quantized.safetensors", stored, {"bits": str(bits)})
+            extra = {
+                "bits": bits,
+                "f32_bytes": sum(v.nbytes for v in flat.values()),
+                "quantized_bytes": (out / "quantized.safetensors").stat().st_size,
+            }
+        else:
+            new = prune_params(flat, sparsity, pattern)
+            extra = {"pattern": pattern, "sparsity": sparsity_report(new)}
+        new_params = jax.device_put(unflatten(new), prog.shardings.params)
+        bar.advance(note="eval after")
+        after = run_eval(prog, new_params, bar)
+        report = {"method": method, "step": step, "before": before, "after": after, **extra}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        # before the checkpoints, which are renamed in last: they make the directory a run
+        trained.write_text(Path(out_dir) / "compress.json", json_text(report, indent=2) + "\n")
+        trained.write_params_run(
+            Path(out_dir), to_dict(prog.cfg), unflatten(new), compressed_from=workdir
+        )
+        bar.advance(note="written")
+        bar.close()
     return report

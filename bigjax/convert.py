@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from bigjax import checkpoint, hf, models, progress, tensorfile, trained
+from bigjax import checkpoint, errors, hf, models, progress, tensorfile, trained
 from bigjax.config import DataConfig, ModelConfig, TrainConfig, from_configdict, to_dict
 from bigjax.dirswap import staging_dir, swap_in
 from bigjax.tree import flatten, unflatten
@@ -136,7 +136,7 @@ def export_hf(
         swap_in(staged, dst)
     except BaseException as e:
         shutil.rmtree(staged, ignore_errors=True)
-        e.add_note(f"writing {dst}")  # for the one-line error of a full disk
+        errors.note_writing(e, dst)
         raise
     bar.advance(note=f"{len(files)} file(s) written")
     bar.close()

@@ -3,7 +3,9 @@ instead of a traceback. An error class joins by subclassing one of the two kinds
 command line catches them by class, with no list of names that a rename could silently leave
 behind. This module imports nothing of bigjax's: every layer may raise these."""
 
+import contextlib
 import errno
+from collections.abc import Iterator
 
 USAGE_ERROR = 2  # bad config or input: fix the command
 RUN_FAILED = 1  # the run itself failed (non-finite loss, checkpoint I/O)
@@ -29,6 +31,7 @@ class BigjaxWarning(UserWarning):
 
 # as tensorstore and SQLite (a sweep's study) word them
 FULL_DISK = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+_WRITING = "writing "  # the note a command leaves on an error: where it was writing
 
 
 def exit_code(e: BaseException) -> int | None:
@@ -46,15 +49,31 @@ def one_line(e: BaseException) -> str:
     """The line `bigjax: error: ` is followed by, for an error `exit_code` accepts."""
     if isinstance(e, UsageError | RunFailed | FileNotFoundError) or not disk_full(e):
         return str(e)
-    # where: the file, or the output a command's staging noted on the error in flight
-    notes = [n for n in getattr(e, "__notes__", []) if n.startswith("writing ")]
-    where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+    # where: the output a command noted on the error in flight (`writing`), or the file
+    notes = [n for n in getattr(e, "__notes__", []) if n.startswith(_WRITING)]
+    where = f" {_WRITING}{e.filename}" if isinstance(e, OSError) and e.filename else ""
     where = f" {notes[0]}" if notes else where
     first = (str(e).strip().splitlines() or [""])[0]
     return (
         f"no space left on the device{where}; free space there, or write elsewhere, and rerun "
         f"({type(e).__name__}: {first})."
     )
+
+
+def note_writing(e: BaseException, output: object) -> None:
+    """Notes on `e`, in flight, the output a command was writing, so that a full disk's one
+    line names it (Python's ENOSPC from a write names no file)."""
+    e.add_note(f"{_WRITING}{output}")
+
+
+@contextlib.contextmanager
+def writing(output: object) -> Iterator[None]:
+    """`note_writing` on any error raised inside."""
+    try:
+        yield
+    except BaseException as e:
+        note_writing(e, output)
+        raise
 
 
 def disk_full(e: BaseException | None, texts: tuple[str, ...] = FULL_DISK) -> bool:

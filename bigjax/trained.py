@@ -74,7 +74,7 @@ def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any
     checkpoint.init_from open like any run."""
     import shutil
 
-    from bigjax import runlock
+    from bigjax import errors, runlock
     from bigjax.checkpoint import param_layout
     from bigjax.dirswap import staging_dir
 
@@ -96,7 +96,7 @@ def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any
             staged.rename(dst / "checkpoints")
         except BaseException as e:
             shutil.rmtree(staged, ignore_errors=True)
-            e.add_note(f"writing {dst}")  # for the one-line error of a full disk
+            errors.note_writing(e, dst)
             raise
     finally:
         lock.release()

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 import bigjax
-from bigjax import progress
+from bigjax import errors, progress
 from bigjax.data import clean, language, output, pii
 from bigjax.data import tokenizer as tokenizers
 from bigjax.data.dataset import SPLITS, ShardWriter, file_hashes
@@ -217,7 +217,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             output.publish(staged, final, expanded.files)
         except BaseException as e:
             output.discard(staged)
-            e.add_note(f"writing {final}")  # for the one-line error of a full disk
+            errors.note_writing(e, final)
             raise
     finally:
         held.release()

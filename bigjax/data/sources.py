@@ -20,7 +20,7 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -172,20 +172,21 @@ class _Utf8(io.RawIOBase):
     def __init__(self, f: io.BufferedIOBase, encoding: str):
         # newline="": lines are split later, on the UTF-8 bytes, as for every other file
         self._text = io.TextIOWrapper(f, encoding=encoding, errors="replace", newline="")  # type: ignore[type-var]
-        self._pending = b""
+        self._pending, self._at = b"", 0  # UTF-8 of the last chunk read, and how far given
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending:
+    def readinto(self, buffer: Buffer) -> int:
+        while self._at == len(self._pending):
             chunk = self._text.read(CHUNK // 4)
             if not chunk:
                 return 0
-            self._pending = chunk.encode("utf-8")
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
+            self._pending, self._at = chunk.encode("utf-8"), 0
+        out = memoryview(buffer).cast("B")
+        n = min(len(out), len(self._pending) - self._at)
+        out[:n] = self._pending[self._at : self._at + n]  # an offset: no copy of the rest
+        self._at += n
         return n
 
     def close(self) -> None:
