@@ -175,6 +175,54 @@ def test_chat_streaming_usage_n_and_stop_strings(server):
     assert texts[0]["choices"][0]["text"] == texts[1]["choices"][0]["text"]
 
 
+def test_a_reply_sent_back_as_history_nulls_and_neutral_openai_fields_are_served(server):
+    """What clients send besides the fields that matter: the last reply's `model_dump()` as
+    the next turn (nulls for refusal, audio, tool_calls ...), None for what they did not set,
+    and OpenAI's fields at their defaults; the same greedy text as without them. What the
+    server cannot do (tools, JSON modes, images) is refused saying so."""
+    import openai
+
+    url, _ = server
+    client = _client(url)
+    msgs = [{"role": "user", "content": "Hi"}]
+    reply = client.chat.completions.create(model="run", messages=msgs, max_tokens=4, temperature=0)
+    history = [*msgs, reply.choices[0].message.model_dump(), {"role": "user", "content": "And?"}]
+    assert history[1]["refusal"] is None and history[1]["tool_calls"] is None
+    plain = client.chat.completions.create(
+        model="run", messages=history, max_tokens=6, temperature=0
+    )
+    padded = client.chat.completions.create(
+        model="run",
+        messages=history,
+        max_tokens=6,
+        temperature=0,
+        top_p=None,
+        n=None,
+        presence_penalty=None,
+        seed=None,
+        response_format={"type": "text"},
+        tools=[],
+        tool_choice="none",
+        parallel_tool_calls=False,
+        store=False,
+        metadata={"user": "a"},
+        service_tier="auto",
+        modalities=["text"],
+    )
+    assert padded.choices[0].message.content == plain.choices[0].message.content
+    refused = [
+        ({"response_format": {"type": "json_object"}}, "constrained decoding"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "function calling"),
+        ({"tool_choice": "required"}, "function calling"),
+        ({"messages": [*msgs, {"role": "tool", "tool_call_id": "1", "content": "4"}]}, "tool"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text parts"),
+    ]
+    for extra, words in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**{"model": "run", "messages": msgs, **extra})
+        assert words in e.value.body["message"], (extra, e.value.body)
+
+
 def test_echo_logprobs_equal_the_scorer(server, run_dir):
     # the server's log-probabilities are bigjax eval's: the same ids, two code paths
     from bigjax.scoring import Scorer

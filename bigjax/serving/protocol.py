@@ -2,14 +2,18 @@
 a value out of range is a 400 naming the field, before anything reaches the engine.
 
 Fields OpenAI defines that this server does not implement (penalties, logit_bias, best_of,
-suffix, tools) are accepted only at their neutral values, so a client that sends the
-defaults works and one that relies on them is told so.
+suffix, tools, response formats) are accepted only at their neutral values, so a client that
+sends the defaults works and one that relies on them is told so. A null is "not given" for a
+field that has no null of its own, as in OpenAI's API: clients that serialise every field
+(`message.model_dump()` sent back as the next turn's history) send nulls for what they did
+not set.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +25,18 @@ class _Strict(BaseModel):
     # strict: "1" is not an int and 1 is not a bool; forbid: a misspelt field is an error,
     # not a silently ignored option
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or _nullable(cls, k)}
+
+
+def _nullable(model: type[BaseModel], name: str) -> bool:
+    field = model.model_fields.get(name)
+    return field is not None and types.NoneType in get_args(field.annotation)
 
 
 class StreamOptions(_Strict):
@@ -105,9 +121,38 @@ class Message(_Strict):
     content: str | list[TextPart]
     name: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        # said plainly, before pydantic's union errors name every alternative it tried
+        if not isinstance(data, dict):
+            return data
+        if (
+            data.get("role") in ("tool", "function")
+            or data.get("tool_calls")
+            or data.get("function_call")
+        ):
+            raise ValueError("tool and function calls are not supported by this server")
+        parts = data.get("content")
+        for part in parts if isinstance(parts, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise ValueError(
+                    f"content parts of type {kind!r} are not supported; "
+                    "this model reads text parts only"
+                )
+        return data
+
     def text(self) -> str:
         c = self.content
         return c if isinstance(c, str) else "".join(part.text for part in c)
+
+
+class ResponseFormat(BaseModel):
+    # only {"type": "text"} is served; the others' schema fields are allowed so that the
+    # refusal names the format, not a field of it
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
 
 
 class ChatRequest(_Sampling):
@@ -116,11 +161,33 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # OpenAI chat fields kept at their neutral values (see the module docstring)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    modalities: list[str] | None = None
+    # what OpenAI keeps for its own dashboards and billing; nothing is kept here either way
+    store: bool = False
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
 
     @model_validator(mode="after")
     def _logprobs(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ValueError(
+                f"response_format {self.response_format.type!r} is not supported "
+                "by this server (it has no constrained decoding); leave it out"
+            )
+        if self.tools or self.tool_choice not in (None, "none", "auto"):
+            raise ValueError(
+                "tools (function calling) are not supported by this server; "
+                "leave tools and tool_choice out"
+            )
+        if self.modalities not in (None, ["text"]):
+            raise ValueError("modalities: this server answers text only; leave it out")
         return self
 
     def token_budget(self) -> int | None:
