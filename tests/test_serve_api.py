@@ -203,11 +203,14 @@ def test_a_reply_sent_back_as_history_nulls_and_neutral_openai_fields_are_served
         response_format={"type": "text"},
         tools=[],
         tool_choice="none",
-        parallel_tool_calls=False,
-        store=False,
-        metadata={"user": "a"},
-        service_tier="auto",
-        modalities=["text"],
+        # newer than the oldest openai package the project supports: sent as raw fields
+        extra_body={
+            "parallel_tool_calls": False,
+            "store": False,
+            "metadata": {"user": "a"},
+            "service_tier": "auto",
+            "modalities": ["text"],
+        },
     )
     assert padded.choices[0].message.content == plain.choices[0].message.content
     refused = [
