@@ -226,6 +226,65 @@ def test_a_reply_sent_back_as_history_nulls_and_neutral_openai_fields_are_served
         assert words in e.value.body["message"], (extra, e.value.body)
 
 
+def test_the_responses_api_through_the_openai_client(server):
+    """`client.responses`: the same greedy text as chat for the same conversation, whole and
+    streamed; every object and event valid against the openai package's own (strict) types,
+    events numbered in order; a reply's output sent back as history; what a stateless,
+    text-only server cannot do refused saying so."""
+    import openai
+    import pydantic
+    from openai.types.responses import Response, ResponseStreamEvent
+
+    url, _ = server
+    client = _client(url)
+    convo = {"instructions": "Be brief.", "input": [{"role": "user", "content": "Hi"}]}
+    chat = client.chat.completions.create(
+        model="run",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    raw = httpx.post(
+        f"{url}/v1/responses",
+        headers=AUTH,
+        json={**convo, "model": "run", "max_output_tokens": 8, "temperature": 0},
+    )
+    whole = Response.model_validate(raw.json())  # validated, not constructed: every field
+    assert whole.output_text == chat.choices[0].message.content
+    assert whole.status == "incomplete" and whole.incomplete_details.reason == "max_output_tokens"
+    assert whole.usage.input_tokens == chat.usage.prompt_tokens
+    assert whole.usage.output_tokens == chat.usage.completion_tokens == 8
+
+    body = {**convo, "model": "run", "max_output_tokens": 8, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/responses", headers=AUTH, json=body) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    events = [pydantic.TypeAdapter(ResponseStreamEvent).validate_json(line[6:]) for line in lines]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == whole.output_text == events[-1].response.output_text
+    with client.responses.stream(model="run", max_output_tokens=8, temperature=0, **convo) as s:
+        assert [e for e in s][-1].response.output_text == whole.output_text
+
+    history = [*convo["input"], *(item.model_dump() for item in whole.output)]
+    again = client.responses.create(
+        model="run", input=[*history, {"role": "user", "content": "More?"}], max_output_tokens=4
+    )
+    assert again.usage.input_tokens > whole.usage.input_tokens
+    refused = [
+        ({"previous_response_id": "resp_1"}, "whole conversation"),
+        ({"text": {"format": {"type": "json_object"}}}, "constrained decoding"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "function calling"),
+        ({"input": [{"type": "function_call_output", "call_id": "1", "output": "4"}]}, "tools"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "text parts"),
+        ({"reasoning": {"effort": "high"}}, "reason"),
+    ]
+    for extra, words in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(**{"model": "run", "input": "Hi", **extra})
+        assert words in e.value.body["message"], (extra, e.value.body)
+
+
 def test_echo_logprobs_equal_the_scorer(server, run_dir):
     # the server's log-probabilities are bigjax eval's: the same ids, two code paths
     from bigjax.scoring import Scorer

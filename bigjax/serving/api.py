@@ -1,5 +1,6 @@
-"""The OpenAI-compatible HTTP API over an engine (FastAPI): completions and chat completions,
-streamed or not, the model list, health, Prometheus metrics and vLLM's tokenizer endpoints.
+"""The OpenAI-compatible HTTP API over an engine (FastAPI): completions, chat completions and
+responses, streamed or not, the model list, health, Prometheus metrics and vLLM's tokenizer
+endpoints.
 
 Every request body is read whole (up to `max_body_bytes`) and validated by the strict models
 of protocol.py before anything is queued; every error is OpenAI's JSON error object with a
@@ -26,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from bigjax.data import tokenizer as tokenizers
-from bigjax.serving import bodies, chat, protocol, text
+from bigjax.serving import bodies, chat, protocol, responses, text
 from bigjax.serving.engine import (
     Engine,
     Event,
@@ -164,6 +165,17 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
             job.add(ids, params, prefix="", echo=False, first=j == 0)
         return await job.respond()
 
+    async def responses(request: Request) -> Response:
+        req = await _parse(request, protocol.ResponsesRequest)
+        _check_model(req.model, served.model_name)
+        prompt = _chat_prompt(served, req.messages(), True)
+        ids = tokenizers.encode_prompt(served.tokenizer, prompt, add_bos=True)
+        budget = _budget(len(ids), req.max_output_tokens, served.max_len)
+        job = Job(served, monitor, request, "resp", req, None)
+        job.add(ids, _params(req, budget, 0, served, echo_scores=False, top=False),
+                prefix="", echo=False, first=True)  # fmt: skip
+        return await job.respond()
+
     for path, fn, method in (
         ("/v1/models", models, "GET"),
         ("/tokenizer_info", tokenizer_info, "GET"),
@@ -171,6 +183,7 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
         ("/detokenize", detokenize, "POST"),
         ("/v1/completions", completions, "POST"),
         ("/v1/chat/completions", chat_completions, "POST"),
+        ("/v1/responses", responses, "POST"),
     ):
         app.add_api_route(path, guarded(fn), methods=[method])
 
@@ -200,16 +213,17 @@ class Job:
                  req: Any, top: int | None):  # fmt: skip
         """`top`: how many top log-probabilities per token (None: no log-probabilities)."""
         self.served, self.monitor, self.request, self.top = served, monitor, request, top
-        self.stream, self.stream_options = (
-            req.stream,
-            req.stream_options or protocol.StreamOptions(),
-        )
+        self.stream, options = req.stream, req.stream_options
+        self.include_usage = isinstance(options, protocol.StreamOptions) and options.include_usage
         self.stop = tuple(req.stop)
         self.kind = kind
         self.id = f"{kind}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.arrived = time.perf_counter()
         self.choices: list[bodies.Choice] = []
+        # the Responses API's object as the request set it (kind "resp" only)
+        resp = kind == "resp"
+        self.head = responses.response_head(req, served.model_name, self.created) if resp else {}
         self.prompt_tokens = 0
         self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -242,7 +256,8 @@ class Job:
             self.monitor.rejected.inc()
             raise ApiError(429, str(e), "rate_limit_exceeded") from None
         if self.stream:
-            return StreamingResponse(self._sse(), media_type="text/event-stream")
+            events = self._response_events() if self.kind == "resp" else self._sse()
+            return StreamingResponse(events, media_type="text/event-stream")
         try:
             async for _ in self._pieces():
                 pass
@@ -251,6 +266,8 @@ class Job:
         failed = [c.error for c in self.choices if c.finish_reason == "error"]
         if failed:
             raise ApiError(500, f"generation failed: {failed[0]}", "server_error")
+        if self.kind == "resp":
+            return JSONResponse(responses.body(self.head, self.choices[0], self._usage()))
         whole = bodies.chat_choice if self.kind == "chatcmpl" else bodies.completion_choice
         tok = self.served.tokenizer
         return JSONResponse({
@@ -331,15 +348,24 @@ class Job:
                     choice = chunk(c, self.served.tokenizer, self.top, piece)
                     body = {**envelope, "choices": [choice]}
                     yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-            if self.stream_options.include_usage:
+            if self.include_usage:
                 body = {**envelope, "choices": [], "usage": self._usage()}
                 yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             self._cancel_unfinished()
 
-    def _usage(self) -> dict[str, int]:
+    async def _response_events(self) -> AsyncIterator[str]:
+        try:
+            async for chunk in responses.stream(self._pieces(), self.head, self._usage):
+                yield chunk
+        finally:
+            self._cancel_unfinished()
+
+    def _usage(self) -> dict[str, Any]:
         completion = sum(c.generated for c in self.choices)
+        if self.kind == "resp":
+            return responses.response_usage(self.prompt_tokens, completion)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}  # fmt: skip
 

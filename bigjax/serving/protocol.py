@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -116,15 +116,24 @@ class TextPart(_Strict):
     text: str
 
 
+def _text_parts_only(parts: Any, text_kinds: tuple[str, ...]) -> None:
+    # said plainly, before pydantic's union errors name every alternative it tried
+    for part in parts if isinstance(parts, list) else ():
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind not in text_kinds:
+            raise ValueError(f"content parts of type {kind!r} are not supported; "
+                             "this model reads text parts only")  # fmt: skip
+
+
 class Message(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart]
     name: str | None = None
+    text_kinds: ClassVar[tuple[str, ...]] = ("text",)  # the content parts it reads
 
     @model_validator(mode="before")
     @classmethod
     def _text_only(cls, data: Any) -> Any:
-        # said plainly, before pydantic's union errors name every alternative it tried
         if not isinstance(data, dict):
             return data
         if (
@@ -133,14 +142,7 @@ class Message(_Strict):
             or data.get("function_call")
         ):
             raise ValueError("tool and function calls are not supported by this server")
-        parts = data.get("content")
-        for part in parts if isinstance(parts, list) else ():
-            kind = part.get("type") if isinstance(part, dict) else None
-            if isinstance(kind, str) and kind != "text":
-                raise ValueError(
-                    f"content parts of type {kind!r} are not supported; "
-                    "this model reads text parts only"
-                )
+        _text_parts_only(data.get("content"), cls.text_kinds)
         return data
 
     def text(self) -> str:
@@ -194,6 +196,111 @@ class ChatRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
+class InputText(_Strict):
+    # input_text in what the client writes; output_text in a reply sent back as history
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+    annotations: list[Any] | None = None  # a reply's, sent back: nothing to read here
+    logprobs: list[Any] | None = None
+
+
+class InputItem(Message):
+    """One message of a Responses `input` list (a reply's output item sent back included)."""
+
+    content: str | list[InputText]  # type: ignore[assignment]  # its own text part kinds
+    type: Literal["message"] = "message"
+    id: str | None = None  # what a sent-back output item carries
+    status: str | None = None
+    text_kinds: ClassVar[tuple[str, ...]] = ("input_text", "output_text", "text")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _messages_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type", "message") != "message":
+            raise ValueError(f"input items of type {data['type']!r} are not supported by this "
+                             "server (it has no tools or reasoning); send messages")  # fmt: skip
+        return data
+
+    def message(self) -> Message:
+        return Message(role=self.role, content=self.text())
+
+
+class ResponsesRequest(_Strict):
+    """OpenAI's Responses API (`POST /v1/responses`), stateless: the whole conversation comes
+    in `input`, nothing is kept after the reply, so `previous_response_id` is refused."""
+
+    model: str | None = None
+    input: str | list[InputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # vLLM's extension, as in the other routes
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None  # include_obfuscation: nothing to hide here
+    # accepted at their neutral values (see the module docstring)
+    text: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    max_tool_calls: int | None = None
+    include: list[str] | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: Literal["disabled"] | None = None
+    background: bool = False
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    store: bool = True  # OpenAI's default; nothing is stored here either way
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ResponsesRequest:
+        if self.previous_response_id is not None or self.conversation is not None:
+            raise ValueError(
+                "this server keeps no responses or conversations: send the whole "
+                "conversation as input and leave previous_response_id out"
+            )
+        fmt = (self.text or {}).get("format") or {"type": "text"}
+        if not isinstance(fmt, dict) or fmt.get("type") != "text":
+            raise ValueError(
+                "text.format other than text is not supported by this server (it "
+                "has no constrained decoding); leave it out"
+            )
+        if self.tools or self.tool_choice not in (None, "none", "auto"):
+            raise ValueError(
+                "tools (function calling) are not supported by this server; "
+                "leave tools and tool_choice out"
+            )
+        if (
+            self.include
+            or self.background
+            or (self.reasoning or {}).get("effort") not in (None, "none")
+        ):
+            raise ValueError(
+                "include, background and reasoning are not supported by this "
+                "server (it stores nothing and its models do not reason)"
+            )
+        if isinstance(self.input, list) and not self.input:
+            raise ValueError("input: give at least one message")
+        return self
+
+    def messages(self) -> list[Message]:
+        """`instructions` as the system message, then the input as messages."""
+        head = [Message(role="system", content=self.instructions)] if self.instructions else []
+        if isinstance(self.input, str):
+            return [*head, Message(role="user", content=self.input)]
+        return [*head, *(item.message() for item in self.input)]
+
+    # what the shared sampling code reads from every request
+    seed: ClassVar[None] = None
+    ignore_eos: ClassVar[bool] = False
+    stop: ClassVar[tuple[str, ...]] = ()
+
+
 class TokenizeRequest(_Strict):
     prompt: str | None = None
     messages: list[Message] | None = None
@@ -220,6 +327,17 @@ def error_body(message: str, kind: str = "invalid_request_error", code: int = 40
 
 def one_line(errors: Sequence[Any]) -> str:
     """pydantic's validation errors as one line: where, then what."""
+    # a field that is text or a list, given a list that failed inside: "should be a valid
+    # string" only hides the reason it failed
+    locs = [tuple(e.get("loc", ())) for e in errors]
+
+    def beside_a_deeper_error(loc: tuple) -> bool:
+        return any(len(other) > len(loc) and other[: len(loc) - 1] == loc[:-1] for other in locs)
+
+    errors = [
+        e for e, loc in zip(errors, locs, strict=True)
+        if not (e.get("type") == "string_type" and beside_a_deeper_error(loc))
+    ]  # fmt: skip
     parts = []
     for e in errors[:3]:
         where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
