@@ -160,3 +160,49 @@ def test_a_chat_template_jinja_cannot_parse_is_refused_at_start(tmp_path):
         _chat_template("", tokenizer_dir)
     (tokenizer_dir / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
     assert _chat_template("", tokenizer_dir) == "{{ messages }}"
+
+
+@pytest.mark.parametrize("reason,status", [("stop", "completed"), ("length", "incomplete")])
+def test_a_response_says_why_it_ended_in_openais_own_types(reason, status):
+    """The Responses API's object and event stream for a reply the model ended (completed)
+    and one its budget ended (incomplete), validated against the openai package's pydantic
+    types (validated, not constructed: a missing required field fails), a character split
+    across tokens included."""
+    import asyncio
+
+    import pydantic
+    from openai.types.responses import Response, ResponseStreamEvent
+
+    from bigjax.serving import bodies, protocol, responses
+    from bigjax.serving.engine import Params, Sequence_, Token
+
+    tok = tk.ByteTokenizer()
+    req = protocol.ResponsesRequest.model_validate({"input": "hi", "max_output_tokens": 8})
+    head = responses.response_head(req, "run", 0)
+    seq = Sequence_([1, 2], Params(max_tokens=8), lambda _: None)
+    choice = bodies.Choice(0, seq, Detokenizer(tok), echo=False)
+    ids = list("héllo".encode())  # é is two bytes: two tokens, one character
+
+    async def pieces():
+        for i, token_id in enumerate(ids):
+            choice.token(Token(token_id, -1.0, ()))
+            piece = choice.det.add(token_id)
+            if i == len(ids) - 1:
+                choice.finish_reason = reason
+                piece += choice.det.flush()
+            yield choice, piece
+
+    async def stream():
+        usage = responses.response_usage(2, len(ids))
+        return "".join([chunk async for chunk in responses.stream(pieces(), head, lambda: usage)])
+
+    lines = [line[6:] for line in asyncio.run(stream()).splitlines() if line.startswith("data: ")]
+    events = [pydantic.TypeAdapter(ResponseStreamEvent).validate_json(line) for line in lines]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "héllo"
+    last = events[-1]
+    assert last.type == f"response.{status}" and last.response.status == status
+    assert (last.response.incomplete_details is None) == (reason == "stop")
+    whole = Response.model_validate(responses.body(head, choice, responses.response_usage(2, 6)))
+    assert whole.status == status and whole.output_text == "héllo"
+    assert whole.usage.total_tokens == 8 and whole.id == head["id"]
