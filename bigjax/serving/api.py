@@ -165,7 +165,7 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
             job.add(ids, params, prefix="", echo=False, first=j == 0)
         return await job.respond()
 
-    async def responses(request: Request) -> Response:
+    async def create_response(request: Request) -> Response:
         req = await _parse(request, protocol.ResponsesRequest)
         _check_model(req.model, served.model_name)
         prompt = _chat_prompt(served, req.messages(), True)
@@ -183,7 +183,7 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
         ("/detokenize", detokenize, "POST"),
         ("/v1/completions", completions, "POST"),
         ("/v1/chat/completions", chat_completions, "POST"),
-        ("/v1/responses", responses, "POST"),
+        ("/v1/responses", create_response, "POST"),
     ):
         app.add_api_route(path, guarded(fn), methods=[method])
 

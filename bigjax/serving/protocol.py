@@ -150,6 +150,12 @@ class Message(_Strict):
         return c if isinstance(c, str) else "".join(part.text for part in c)
 
 
+def _no_tools(tools: list | None, tool_choice: object) -> None:
+    if tools or tool_choice not in (None, "none", "auto"):
+        raise ValueError("tools (function calling) are not supported by this server; "
+                         "leave tools and tool_choice out")  # fmt: skip
+
+
 class ResponseFormat(BaseModel):
     # only {"type": "text"} is served; the others' schema fields are allowed so that the
     # refusal names the format, not a field of it
@@ -183,11 +189,7 @@ class ChatRequest(_Sampling):
                 f"response_format {self.response_format.type!r} is not supported "
                 "by this server (it has no constrained decoding); leave it out"
             )
-        if self.tools or self.tool_choice not in (None, "none", "auto"):
-            raise ValueError(
-                "tools (function calling) are not supported by this server; "
-                "leave tools and tool_choice out"
-            )
+        _no_tools(self.tools, self.tool_choice)
         if self.modalities not in (None, ["text"]):
             raise ValueError("modalities: this server answers text only; leave it out")
         return self
@@ -270,11 +272,7 @@ class ResponsesRequest(_Strict):
                 "text.format other than text is not supported by this server (it "
                 "has no constrained decoding); leave it out"
             )
-        if self.tools or self.tool_choice not in (None, "none", "auto"):
-            raise ValueError(
-                "tools (function calling) are not supported by this server; "
-                "leave tools and tool_choice out"
-            )
+        _no_tools(self.tools, self.tool_choice)
         if (
             self.include
             or self.background
@@ -329,14 +327,13 @@ def one_line(errors: Sequence[Any]) -> str:
     """pydantic's validation errors as one line: where, then what."""
     # a field that is text or a list, given a list that failed inside: "should be a valid
     # string" only hides the reason it failed
+    # (one pass over the errors: a hostile body can hold hundreds of thousands of them)
     locs = [tuple(e.get("loc", ())) for e in errors]
-
-    def beside_a_deeper_error(loc: tuple) -> bool:
-        return any(len(other) > len(loc) and other[: len(loc) - 1] == loc[:-1] for other in locs)
-
+    # every place with an error at least two levels below it
+    above_deeper = {loc[:k] for loc in locs for k in range(len(loc) - 1)}
     errors = [
         e for e, loc in zip(errors, locs, strict=True)
-        if not (e.get("type") == "string_type" and beside_a_deeper_error(loc))
+        if not (e.get("type") == "string_type" and loc[:-1] in above_deeper)
     ]  # fmt: skip
     parts = []
     for e in errors[:3]:

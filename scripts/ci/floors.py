@@ -1,4 +1,4 @@
-"""Print pip constraints that pin each of the project's `>=` requirements to its floor.
+"""Print pip constraints that pin each of the project's core `>=` requirements to its floor.
 
 `.ci/run` installs with them into a second environment and runs the fast tier there, so the
 oldest versions pyproject.toml claims to support are the ones that were tested:
