@@ -285,6 +285,44 @@ def test_the_responses_api_through_the_openai_client(server):
         assert words in e.value.body["message"], (extra, e.value.body)
 
 
+def test_responses_log_probabilities_are_chats(server):
+    """`include: ["message.output_text.logprobs"]` with `top_logprobs`: the same per-token
+    entries as chat's `logprobs` for the same conversation (greedy), valid against the openai
+    package's types; streamed, the deltas' entries join to the finished text's. Asked for
+    wrongly, a one-line 400."""
+    import openai
+
+    url, _ = server
+    client = _client(url)
+    messages = [{"role": "user", "content": "def main("}]
+    chat = client.chat.completions.create(
+        model="run", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+        top_logprobs=3,
+    )  # fmt: skip
+    asked = {"model": "run", "input": messages, "max_output_tokens": 6, "temperature": 0,
+             "top_logprobs": 3, "include": ["message.output_text.logprobs"]}  # fmt: skip
+    whole = client.responses.create(**asked).output[0].content[0]
+    assert whole.text == chat.choices[0].message.content
+    want = [e.model_dump() for e in chat.choices[0].logprobs.content]
+    assert [e.model_dump() for e in whole.logprobs] == want and len(want) == 6
+    assert all(len(e["top_logprobs"]) == 3 for e in want)
+    with client.responses.stream(**asked) as s:
+        events = list(s)
+    deltas = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    done = next(ev for ev in events if ev.type == "response.output_text.done")
+    assert [e.model_dump() for e in deltas] == [e.model_dump() for e in done.logprobs] == want
+    assert [e.model_dump() for e in events[-1].response.output[0].content[0].logprobs] == want
+    plain = client.responses.create(model="run", input=messages, max_output_tokens=2)
+    assert plain.output[0].content[0].logprobs == []  # not asked: none computed
+    for extra, words in [
+        ({"top_logprobs": 3}, "top_logprobs needs include"),
+        ({"include": ["reasoning.encrypted_content"]}, "it can include"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model="run", input="Hi", **extra)
+        assert words in e.value.body["message"], (extra, e.value.body)
+
+
 def test_echo_logprobs_equal_the_scorer(server, run_dir):
     # the server's log-probabilities are bigjax eval's: the same ids, two code paths
     from bigjax.scoring import Scorer
@@ -435,6 +473,27 @@ def test_a_full_queue_answers_429_and_a_vanished_client_frees_its_slot(server):
         m["bigjax:requests_rejected_total"] >= 1
         and m["vllm:time_to_first_token_seconds_count"] >= 8
     )
+
+
+def test_a_client_that_hangs_up_is_counted_as_cancelled(server):
+    """The sequences of a client gone mid-stream are counted under
+    request_success_total{finished_reason="cancelled"} (they were counted nowhere: the job
+    stopped reading before the engine reported them)."""
+    url, _ = server
+
+    def cancelled():
+        line = 'vllm:request_success_total{finished_reason="cancelled",model_name="run"}'
+        text = httpx.get(f"{url}/metrics").text
+        return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line))
+
+    before = cancelled()
+    body = {"prompt": "x", "max_tokens": 100, "ignore_eos": True, "stream": True, "n": 2}
+    with httpx.stream("POST", f"{url}/v1/completions", headers=AUTH, json=body) as r:
+        assert next(r.iter_lines()).startswith("data: ")
+    deadline = time.monotonic() + 20
+    while cancelled() < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled() == before + 2  # both sequences of the request, once each
 
 
 def test_two_hundred_concurrent_clients(server):

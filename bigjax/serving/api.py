@@ -171,8 +171,9 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
         prompt = _chat_prompt(served, req.messages(), True)
         ids = tokenizers.encode_prompt(served.tokenizer, prompt, add_bos=True)
         budget = _budget(len(ids), req.max_output_tokens, served.max_len)
-        job = Job(served, monitor, request, "resp", req, None)
-        job.add(ids, _params(req, budget, 0, served, echo_scores=False, top=False),
+        top = req.logprobs()
+        job = Job(served, monitor, request, "resp", req, top)
+        job.add(ids, _params(req, budget, 0, served, echo_scores=False, top=top is not None),
                 prefix="", echo=False, first=True)  # fmt: skip
         return await job.respond()
 
@@ -267,7 +268,8 @@ class Job:
         if failed:
             raise ApiError(500, f"generation failed: {failed[0]}", "server_error")
         if self.kind == "resp":
-            return JSONResponse(responses.body(self.head, self.choices[0], self._usage()))
+            c = self.choices[0]
+            return JSONResponse(responses.body(self.head, c, self._usage(), self._logprobs))
         whole = bodies.chat_choice if self.kind == "chatcmpl" else bodies.completion_choice
         tok = self.served.tokenizer
         return JSONResponse({
@@ -355,9 +357,16 @@ class Job:
         finally:
             self._cancel_unfinished()
 
+    def _logprobs(self, c: bodies.Choice, start: int, end: int) -> list[dict]:
+        """The Responses API's per-token entries of tokens [start, end) ([] if not asked)."""
+        if self.top is None:
+            return []
+        return bodies.chat_logprobs(c, self.served.tokenizer, self.top, start, end)["content"]
+
     async def _response_events(self) -> AsyncIterator[str]:
         try:
-            async for chunk in responses.stream(self._pieces(), self.head, self._usage):
+            pieces = self._pieces()
+            async for chunk in responses.stream(pieces, self.head, self._usage, self._logprobs):
                 yield chunk
         finally:
             self._cancel_unfinished()
@@ -370,9 +379,13 @@ class Job:
                 "total_tokens": self.prompt_tokens + completion}  # fmt: skip
 
     def _cancel_unfinished(self) -> None:
+        """Cancels what the client no longer waits for (it went away, or its request
+        failed), counted as cancelled: the engine's own report of it is never read."""
         for c in self.choices:
             if c.finish_reason is None:
                 c.seq.cancel()
+                c.finish_reason = "cancelled"
+                self.monitor.finished("cancelled")
 
 
 _OBJECT = {"cmpl": "text_completion", "chatcmpl": "chat.completion"}

@@ -58,6 +58,11 @@ class Monitor:
         self.rejected = Counter(
             "bigjax:requests_rejected", "Requests answered 429 (queue full).", labels, registry=r
         ).labels(model)
+        self.timed_out = Counter(
+            "bigjax:requests_timed_out",
+            "Requests not sent whole within --request-timeout (connection closed, or 408).",
+            labels, registry=r,
+        ).labels(model)  # fmt: skip
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds", "Time to first token.", labels,
             buckets=TTFT_BUCKETS, registry=r,

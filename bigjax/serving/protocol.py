@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_LOGPROBS = 20  # as vLLM; the legacy completions API itself allows 5
+LOGPROBS = "message.output_text.logprobs"  # the Responses API's `include` that asks for them
 MAX_N = 16  # choices per request
 
 
@@ -247,6 +248,7 @@ class ResponsesRequest(_Strict):
     parallel_tool_calls: bool = True
     max_tool_calls: int | None = None
     include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     reasoning: dict[str, Any] | None = None
     truncation: Literal["disabled"] | None = None
     background: bool = False
@@ -273,18 +275,25 @@ class ResponsesRequest(_Strict):
                 "has no constrained decoding); leave it out"
             )
         _no_tools(self.tools, self.tool_choice)
-        if (
-            self.include
-            or self.background
-            or (self.reasoning or {}).get("effort") not in (None, "none")
-        ):
+        if unknown := [x for x in self.include or () if x != LOGPROBS]:
             raise ValueError(
-                "include, background and reasoning are not supported by this "
-                "server (it stores nothing and its models do not reason)"
+                f"include: {unknown[0]!r} is not supported by this server (it stores nothing, "
+                f"runs no tools and its models do not reason); it can include {LOGPROBS!r}"
+            )
+        if self.top_logprobs is not None and self.logprobs() is None:
+            raise ValueError(f"top_logprobs needs include: [{LOGPROBS!r}]")
+        if self.background or (self.reasoning or {}).get("effort") not in (None, "none"):
+            raise ValueError(
+                "background and reasoning are not supported by this server (it stores "
+                "nothing and its models do not reason)"
             )
         if isinstance(self.input, list) and not self.input:
             raise ValueError("input: give at least one message")
         return self
+
+    def logprobs(self) -> int | None:
+        """Top log-probabilities per token to return (None: no log-probabilities)."""
+        return (self.top_logprobs or 0) if LOGPROBS in (self.include or ()) else None
 
     def messages(self) -> list[Message]:
         """`instructions` as the system message, then the input as messages."""

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import signal
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ class Options:
     tensor: int = 1  # devices per tensor-parallel group (the KV cache's heads split over them)
     chat_template: str = ""  # a Jinja file; "": the tokenizer's own, else chat.PLAIN
     max_body_bytes: int = 4 << 20
+    request_timeout: float = 30.0  # seconds to send a whole request (head and body)
 
     def __post_init__(self) -> None:
         for name in ("slots", "max_waiting", "tensor", "max_body_bytes"):
@@ -43,6 +45,9 @@ class Options:
         if self.max_len < 0:
             raise ConfigError(f"serve: --max-len {self.max_len}: give tokens per sequence, or 0 "
                               "for the run's data.seq_len")  # fmt: skip
+        if not 0 < self.request_timeout < math.inf:
+            raise ConfigError(f"serve: --request-timeout {self.request_timeout} must be a "
+                              "number of seconds > 0")  # fmt: skip
         if not 0 <= self.port < 65536:
             raise ConfigError(f"serve: --port {self.port} is not a port (0..65535)")
 
@@ -60,6 +65,7 @@ def serve_run(workdir: str, overrides: Sequence[str], opts: Options) -> int:
             served.engine.warm_up()
             served.engine.follow()
         return 0
+    _allow_open_files()
     sock = _listen(opts.host, opts.port)  # before compiling: a taken port fails at once
     with trained.open_run(workdir, overrides, "serve", tensor=opts.tensor) as (prog, params, step):
         served, monitor = _build(workdir, prog, params, opts)
@@ -67,7 +73,7 @@ def serve_run(workdir: str, overrides: Sequence[str], opts: Options) -> int:
         print(f"serve: {served.model_name} (checkpoint step {step}) on http://{host}:{port}/v1; "
               f"{opts.slots} slots, context {served.max_len}; /health is 200 once compiled",
               flush=True)  # fmt: skip
-        _run_uvicorn(served, monitor, sock)
+        _run_uvicorn(served, monitor, sock, opts.request_timeout)
     print("serve: stopped after finishing the requests in flight", flush=True)
     return 0
 
@@ -105,15 +111,8 @@ def _check_cache(s: Any, mesh: Any) -> None:
     need = 2 * s.layers * s.slots * s.max_len * s.kv_heads * s.head_dim
     need *= np.dtype(s.dtype).itemsize
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    limit = memory.device_limit(local[0])
-    have = limit * len(local) if limit else memory.available_host_bytes()
-    if need > have:
-        raise ConfigError(
-            f"serve: the KV cache of {s.slots} slots x {s.max_len:,} tokens needs "
-            f"{need / memory.GiB:,.1f} GiB, {have / memory.GiB:,.1f} GiB "
-            f"{'on the devices' if limit else 'of host memory are free'}; lower --max-len or "
-            "--slots."
-        )
+    what = f"serve: the KV cache of {s.slots} slots x {s.max_len:,} tokens"
+    memory.check_fits(need, local, what, "lower --max-len or --slots.")
 
 
 def _chat_template(path: str, tokenizer_dir: Path | None) -> str:
@@ -136,6 +135,20 @@ def _chat_template(path: str, tokenizer_dir: Path | None) -> str:
     return template
 
 
+def _allow_open_files() -> None:
+    """Raises the soft limit on open files to the hard one: each connection holds a file, and
+    the usual soft limit (1024; 256 on macOS) stops the server accepting (and answering) at
+    about that many clients, although the hard limit allows far more."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # an unlimited hard limit is refused as a soft one on macOS: 2^20 files is plenty
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):  # not allowed here: keep what there is
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -150,7 +163,7 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run_uvicorn(served: Any, monitor: Any, sock: socket.socket) -> None:
+def _run_uvicorn(served: Any, monitor: Any, sock: socket.socket, request_timeout: float) -> None:
     from bigjax.serving.api import make_app
 
     app = make_app(served, monitor)
@@ -172,12 +185,22 @@ def _run_uvicorn(served: Any, monitor: Any, sock: socket.socket) -> None:
         engine.stop()  # every request in flight has been answered by now
 
     app.router.lifespan_context = lifespan
-    # uvicorn answers each connection's requests itself; its own logs stay quiet (the access
-    # log of a load test would be most of the output)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_keep_alive=30)  # fmt: skip
-    server = _Server(config)
+    server = _Server(uvicorn_config(app, request_timeout, monitor.timed_out.inc))
     server.run(sockets=[sock])
+
+
+def uvicorn_config(app: Any, request_timeout: float, on_timeout: Callable[[], None]) -> Any:
+    """uvicorn's settings for serving `app`: each request must arrive within `request_timeout`
+    seconds (limits.py; `on_timeout` counts those that do not), idle connections close after
+    30 s, and uvicorn's own logs stay quiet (the access log of a load test would be most of
+    the output)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    from bigjax.serving.limits import with_request_deadline
+
+    http = with_request_deadline(AutoHTTPProtocol, request_timeout, on_timeout)
+    return uvicorn.Config(app, http=http, log_level="warning", access_log=False, lifespan="on",
+                          timeout_keep_alive=30)  # fmt: skip
 
 
 class _Server(uvicorn.Server):
