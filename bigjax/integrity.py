@@ -22,7 +22,9 @@ ever sealed by the process that wrote it, never blessed after the fact).
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import heapq
 import json
 import os
 import time
@@ -36,6 +38,7 @@ from bigjax.errors import BigjaxWarning
 
 CHECKSUMS = "bigjax_checksums.json"
 CHUNK = 1 << 22
+MAX_HASH_THREADS = 16  # past this a checkpoint's reads, not the hashing, are the limit
 
 
 def _sha256(path: Path) -> str:
@@ -44,6 +47,32 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _sha256s(paths: list[Path]) -> list[str]:
+    """The SHA-256 of each file, several at once (hashlib releases the GIL while it hashes:
+    threads use as many cores as there are files), the largest first so that no big file is
+    left to hash alone at the end. One thread hashed a checkpoint at about 1 GB/s (SHA-NI),
+    on the restore's critical path."""
+    order = sorted(range(len(paths)), key=lambda i: -paths[i].stat().st_size)
+    workers = max(1, min(len(paths), os.cpu_count() or 1, MAX_HASH_THREADS))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        digests = dict(zip(order, pool.map(lambda i: _sha256(paths[i]), order), strict=True))
+    return [digests[i] for i in range(len(paths))]
+
+
+def _share(sizes: dict[str, int], index: int, count: int) -> set[str]:
+    """The files process `index` of `count` hashes: largest first, each to the process with
+    the fewest bytes so far, so the processes finish together (by file count, one could get
+    every large file). The same on every process: it reads only the record."""
+    loads = [(0, p) for p in range(count)]  # a heap of (bytes so far, process)
+    mine = set()
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        load, who = heapq.heappop(loads)
+        heapq.heappush(loads, (load + sizes[name], who))
+        if who == index:
+            mine.add(name)
+    return mine
 
 
 # Written by Orbax while it commits a step, after the checksums: not covered by them.
@@ -74,10 +103,12 @@ def seal(step_dir: Path) -> None:
     """Writes the checksums of a step whose files are all written (atomically: a reader sees
     all or none)."""
     step_dir = Path(step_dir)
-    record = {}
-    for name in _files(step_dir):
-        path = step_dir / name
-        record[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    names = _files(step_dir)
+    digests = _sha256s([step_dir / name for name in names])
+    record = {
+        name: {"size": (step_dir / name).stat().st_size, "sha256": digest}
+        for name, digest in zip(names, digests, strict=True)
+    }
     tmp = step_dir / f".{CHECKSUMS}.tmp"
     with tmp.open("w") as f:
         f.write(json.dumps({"version": 1, "files": record}, indent=1) + "\n")
@@ -93,8 +124,8 @@ def is_sealed(step_dir: Path) -> bool:
 def verify(step_dir: Path, share: tuple[int, int] = (0, 1)) -> str | None:
     """None if every file matches its checksum; else what is wrong, naming the file.
     A step without checksums is not checked here (see `is_sealed`). `share` (i, n): hash only
-    every n-th file from the i-th, one process's share of a step that n processes check
-    together and then agree on (sizes and the list of files are checked whole: no reading)."""
+    process i's share of the bytes (`_share`), of a step that n processes check together and
+    then agree on (sizes and the list of files are checked whole: no reading)."""
     step_dir = Path(step_dir)
     try:
         record = json.loads((step_dir / CHECKSUMS).read_text())["files"]
@@ -104,15 +135,18 @@ def verify(step_dir: Path, share: tuple[int, int] = (0, 1)) -> str | None:
         return f"{step_dir / CHECKSUMS} is unreadable ({type(e).__name__})"
     if not _well_formed(record):
         return f"{step_dir / CHECKSUMS} is damaged (not a checksum per file)"
-    index, count = share
-    for i, (name, want) in enumerate(sorted(record.items())):
+    for name, want in sorted(record.items()):
         path = step_dir / name
         if not path.is_file():
             return f"{path} is missing"
         if path.stat().st_size != want["size"]:
             return f"{path} has {path.stat().st_size} bytes, {want['size']} were written"
-        if i % count == index and _sha256(path) != want["sha256"]:
-            return f"{path} does not match its checksum (its bytes changed after the save)"
+    mine = sorted(_share({n: w["size"] for n, w in record.items()}, *share))
+    for name, digest in zip(mine, _sha256s([step_dir / n for n in mine]), strict=True):
+        if digest != record[name]["sha256"]:
+            return (
+                f"{step_dir / name} does not match its checksum (its bytes changed after the save)"
+            )
     extra = [name for name in _files(step_dir) if name not in record and not _litter(name)]
     if extra:
         return f"{step_dir} holds files the save did not write: {', '.join(extra[:3])}"

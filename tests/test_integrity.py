@@ -186,6 +186,16 @@ def test_processes_share_the_hashing_and_one_of_them_finds_each_flip(tmp_path, f
     assert "holds files the save did not write: state/extra" in integrity.verify(step4, (blind, 3))
 
 
+def test_the_hashing_is_shared_by_bytes_not_by_file_count():
+    # by file count (every n-th name) one process could get every large file and the others
+    # nothing to read; the shares cover every file once and are even in bytes
+    sizes = {"big": 900, "a": 300, "b": 300, "c": 300, "tiny": 1}
+    shares = [integrity._share(sizes, i, 2) for i in range(2)]
+    assert shares[0] | shares[1] == set(sizes) and not shares[0] & shares[1]
+    assert sorted(sum(sizes[n] for n in share) for share in shares) == [900, 901]
+    assert integrity._share(sizes, 0, 1) == set(sizes)
+
+
 def test_hidden_litter_is_not_damage_but_another_file_is(tmp_path, four_steps):
     # a Finder's .DS_Store or NFS's .nfsXXXX in a step made bigjax move it aside as corrupt
     _copy(four_steps, tmp_path)
