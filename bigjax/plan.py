@@ -205,16 +205,22 @@ def compiled(cfg: TrainConfig, target: Target) -> dict[str, Any]:
 
     cfg = _accelerator_config(cfg)
     platforms.allow_compile_only_libtpu()  # no chips here: a run beside must not block this
-    two_cores = CORES_PER_CHIP_IN_NAME[target.tpu_generation] == 2
-    megacore = {"chip_config_name": "megacore"} if two_cores else {}
+    options: dict[str, Any] = {}
+    if CORES_PER_CHIP_IN_NAME[target.tpu_generation] == 2:
+        # one device per chip, as a v4 or v5p VM runs (megacore); libtpu's v4 default is
+        # a device per TensorCore, which jax refuses to lay a mesh over
+        options["chip_config_name"] = "megacore"
+    chips = [int(n) for n in target.tpu_shape.split("x")]
+    if math.prod(chips) < 4:
+        # libtpu lays a topology over hosts of 2x2x1 chips: a slice smaller than that (v5e-1,
+        # v6e-2) is one host of its own size (the default was libtpu's "not divisible" error)
+        options["chips_per_host_bounds"] = [*chips, 1]
     try:
         topo = topologies.get_topology_desc(
             topology_name=f"{target.tpu_generation}:{target.tpu_shape}",
             platform="tpu",
             num_slices=target.num_slices,
-            # one device per chip, as a v4 or v5p VM runs (megacore); libtpu's v4 default is
-            # a device per TensorCore, which jax refuses to lay a mesh over
-            **megacore,
+            **options,
         )
     except jax.errors.JaxRuntimeError as e:  # on a TPU VM whose chips another process drives
         busy = platforms.busy_error(e)

@@ -303,3 +303,22 @@ def test_a_v4_slice_compiles_one_device_per_chip():
     pytest.importorskip("libtpu", reason="needs the tpu extra: pip install 'bigjax[tpu]'")
     compiled = plan.plan(tiny_config(), plan.parse_topology("v4-16"), 0.4, compile_=True)
     assert compiled["compiled"]["compiled_devices"] == 8 and compiled["compiled"]["fits"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, chips", [("v5e-1", 1), ("v6e-2", 2), ("2xv6e-1", 2)])
+def test_a_slice_smaller_than_a_host_compiles(name, chips):
+    # v5e-1, v6e-2: slices of 1 and 2 chips, which Cloud TPU sells; libtpu's default host of
+    # 2x2 chips does not divide them (its "not divisible" traceback at `plan --topology v5e-1`)
+    pytest.importorskip("libtpu", reason="needs the tpu extra: pip install 'bigjax[tpu]'")
+    target = plan.parse_topology(name)
+    cfg = tiny_config(mesh={"dcn_shape": (target.num_slices, 1, 1)})
+    compiled = plan.plan(cfg, target, 0.4, compile_=True)
+    assert compiled["compiled"]["compiled_devices"] == chips and compiled["compiled"]["fits"]
+
+
+def test_an_empty_topology_is_a_bad_name_not_a_gpu_plan(capsys):
+    from bigjax.cli.main import main
+
+    assert main(["plan", "--config", str(ROOT / "configs" / "lm_tiny.py"), "--topology", ""]) == 2
+    assert "--topology '': expected a Cloud TPU name" in capsys.readouterr().err
