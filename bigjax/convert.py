@@ -12,6 +12,7 @@ tokenizer, a README). The tensor mapping lives in `bigjax.hf`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -166,6 +167,10 @@ def parse_size(text: str) -> int:
     t = text.strip().upper()
     number = t.rstrip("KMGIB")
     unit = t[len(number) :]
-    if not number or unit not in units:
+    try:
+        size = float(number) * units[unit]
+    except (ValueError, KeyError):  # not a number (nan and inf are, below), or no unit
+        size = math.nan
+    if not 1 <= size < math.inf:
         raise hf.ConvertError(f"--max-shard-size {text!r}: use e.g. 5GB, 500MB or 2GiB.")
-    return int(float(number) * units[unit])
+    return int(size)

@@ -29,6 +29,18 @@ class BigjaxWarning(UserWarning):
     `bigjax: warning: ...`, and other libraries' warnings in Python's own form."""
 
 
+# A path the system refuses, whichever command met it: fixed by another path (or its
+# permissions), so one line that names it, not a traceback. What to do, by errno:
+PATH_REFUSED = {
+    errno.ENAMETOOLONG: "a name in it is longer than the file system allows; shorten it",
+    errno.EACCES: "check its permissions, or choose another path",
+    errno.EPERM: "check its permissions, or choose another path",
+    errno.EROFS: "its file system is read-only; choose a writable path",
+    errno.ENOTDIR: "a part of it is a file, not a directory",
+    errno.EISDIR: "it is a directory where a file was wanted",
+    errno.ELOOP: "its symbolic links form a loop",
+}
+
 # as tensorstore and SQLite (a sweep's study) word them
 FULL_DISK = ("No space left on device", "Disk quota exceeded", "database or disk is full")
 _WRITING = "writing "  # the note a command leaves on an error: where it was writing
@@ -38,15 +50,21 @@ def exit_code(e: BaseException) -> int | None:
     """The exit code of an error reported as one line, or None (a bug: its traceback)."""
     if isinstance(e, UsageError | RunFailed):
         return e.exit_code
-    if isinstance(e, FileNotFoundError):  # a path the user gave
+    if isinstance(e, FileNotFoundError) or _path_refused(e):  # a path the user gave
         return USAGE_ERROR
     if disk_full(e):  # a write of any command, from Python, Orbax or tensorstore
         return RUN_FAILED
     return None
 
 
+def _path_refused(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in PATH_REFUSED and bool(e.filename)
+
+
 def one_line(e: BaseException) -> str:
     """The line `bigjax: error: ` is followed by, for an error `exit_code` accepts."""
+    if isinstance(e, OSError) and e.errno is not None and _path_refused(e):
+        return f"{e.filename}: {e.strerror}; {PATH_REFUSED[e.errno]}."
     if isinstance(e, UsageError | RunFailed | FileNotFoundError) or not disk_full(e):
         return str(e)
     # where: the output a command noted on the error in flight (`writing`), or the file

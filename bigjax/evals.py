@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import math
 import os
 import time
@@ -30,7 +31,6 @@ from jax.sharding import Mesh
 
 from bigjax import choices, lora, metrics, progress, tree
 from bigjax.config import ConfigError
-from bigjax.data import pipeline
 from bigjax.data.tokenizer import Tokenizer
 from bigjax.program import Program
 from bigjax.sharding import Rules
@@ -51,7 +51,8 @@ def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None) -> 
     it = prog.batches("validation", seed=0, shuffle=False, workers=0)
     nll, weight, adv = 0.0, 0.0, 0.0
     confusion = np.zeros((0, 0))  # [true class, predicted class], summed over batches
-    for local in pipeline.take(it, cfg.eval.num_batches):
+    # one batch at a time: a list of them all held eval.num_batches batches in host memory
+    for local in itertools.islice(it, cfg.eval.num_batches):
         out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
         nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight_sum"])
         if "confusion" in out:
@@ -283,12 +284,19 @@ def evaluate(lm: TemplateLM, tasks: Sequence[str], *, include_path: str = "",
 
     manager = manager or task_manager(tasks, include_path)
     with _task_data(include_path):
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-            num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
-            bootstrap_iters=0,
-        )  # fmt: skip
+        try:
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
+                torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
+                bootstrap_iters=0,
+            )  # fmt: skip
+        except ValueError as e:
+            # `random.sample`'s words, from lm-eval drawing the few-shot examples
+            if num_fewshot and "larger than population" in str(e):
+                raise ConfigError(f"eval: --num-fewshot {num_fewshot} is more examples than a "
+                                  "task's few-shot split holds; lower it.") from None  # fmt: skip
+            raise
     if results is None:
         raise ConfigError("eval: lm-eval returned no results (a non-zero rank?)")
     return dict(results)

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax import tree
 from bigjax.errors import UsageError
-from bigjax.layers import decode_mask
+from bigjax.layers import compute_dtype, decode_mask
 from bigjax.sharding import Rules, constrain
 
 __all__ = [  # decode_mask lives in layers (the serving engine uses it too)
@@ -54,8 +55,8 @@ class Sampling:
 def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     """Sets every token outside the top-k / top-p set to -inf."""
     logits_BV = logits_BV.astype(jnp.float32)
-    if top_k:
-        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    if top_k:  # past the vocabulary it keeps every token
+        kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
     if top_p < 1.0:
         sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
@@ -166,6 +167,21 @@ def generate(
     return [out_BN[i, : lengths_B[i]].tolist() for i in range(len(prompts))]
 
 
+def _check_cache(
+    params: tree.Params, rows: int, length: int, dtype: str, mesh: jax.sharding.Mesh
+) -> None:
+    """The KV cache of `rows` x `length` positions (in the compute `dtype`) is allocated
+    whole: one that cannot fit is refused in one line (--max-new-tokens 10**9 was XLA's
+    out-of-memory traceback)."""
+    from bigjax import memory
+
+    layers, _, kv_heads, _, head_dim = params["blocks"]["attn"]["kv_DGCK"].shape  # [N,D,G,2,K]
+    itemsize = compute_dtype(dtype, mesh.devices.flat[0].platform).itemsize
+    need = 2 * layers * rows * length * kv_heads * head_dim * itemsize
+    what = f"generate: the KV cache of {rows} prompt(s) x {length:,} positions"
+    memory.check_fits(need, list(mesh.devices.flat), what, "lower --max-new-tokens.")
+
+
 def generate_from_run(
     workdir: str, overrides: Sequence[str], prompts: Sequence[str], sampling: Sampling
 ) -> tuple[list[str], dict[str, float]]:
@@ -187,6 +203,8 @@ def generate_from_run(
                 f"{vocab - 1}): one is never emitted, so nothing would stop"
             )
         longest, trained = max(map(len, encoded)), prog.cfg.data.seq_len
+        length = longest + sampling.max_new_tokens
+        _check_cache(params, len(encoded), length, prog.cfg.model.dtype, prog.mesh)
         if longest + sampling.max_new_tokens > trained:  # `serve` refuses this; here a warning
             print(f"warning: a prompt of {longest} tokens plus {sampling.max_new_tokens} new "
                   f"tokens is past the {trained} positions this run trained on "

@@ -27,6 +27,8 @@ from bigjax import progress
 from bigjax.attention import attention_mask, attention_probs
 from bigjax.models.llama import Llama
 
+MAX_IG_STEPS = 4096
+
 
 def attention_and_lens(model: Llama, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(attention probs [N, H, L, L], logit-lens p(next token) [N + 1, L - 1]) for one prompt
@@ -194,9 +196,12 @@ def inspect_run(
     from bigjax.config import ConfigError
     from bigjax.trained import open_run
 
-    if ig_steps < 1 or embed_tokens < 3:  # t-SNE needs more rows than its perplexity (2)
+    # t-SNE needs more rows than its perplexity (2); integrated gradients keep every step's
+    # gradient (steps x tokens x d_model floats: 10**20 steps was numpy's "maximum allowed
+    # size" traceback; tens to hundreds of steps converge)
+    if not 1 <= ig_steps <= MAX_IG_STEPS or embed_tokens < 3:
         raise ConfigError(f"inspect: --ig-steps {ig_steps} --embed-tokens {embed_tokens}: use "
-                          "1 or more steps and 3 or more rows.")  # fmt: skip
+                          f"1 to {MAX_IG_STEPS} steps and 3 or more rows.")  # fmt: skip
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"inspect: --out {out} is a file; pass a directory for the PNGs.")
     with open_run(workdir, overrides, "inspect") as (prog, params, step):

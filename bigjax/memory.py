@@ -165,6 +165,19 @@ def device_limit(device: jax.Device) -> int | None:
     return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
+def check_fits(need: float, devices: Sequence[jax.Device], what: str, fix: str) -> None:
+    """Refuses in one line (`what` needs ..., then `fix`) an allocation of `need` bytes spread
+    evenly over `devices` that their memory, or the host's free memory on CPU, cannot hold:
+    XLA's out-of-memory traceback otherwise (a KV cache is allocated whole at the start)."""
+    limit = device_limit(devices[0])
+    have = limit * len(devices) if limit else available_host_bytes()
+    if need > have:
+        where = "on the devices" if limit else "of host memory are free"
+        raise ConfigError(
+            f"{what} needs {need / GiB:,.1f} GiB, {have / GiB:,.1f} GiB {where}; {fix}"
+        )
+
+
 def check(
     cfg: TrainConfig,
     abstract: TrainState[jax.ShapeDtypeStruct],

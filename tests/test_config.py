@@ -68,6 +68,20 @@ def test_bad_values_name_the_key(raw, pattern):
         from_configdict(raw)
 
 
+@pytest.mark.parametrize(
+    "raw, pattern",
+    [  # Grain's shuffles take 32-bit seeds: each was Grain's ValueError at the first batch
+        ({"seed": -1}, r"seed: -1 is not in 0 .. 2\*\*32 - 1"),
+        ({"seed": 2**32}, r"seed: 4294967296 is not in 0 .. 2\*\*32 - 1"),
+        ({"data": {"seed": -2}}, r"data.seed: -2 is not in .* \(or -1: the run's seed\)"),
+    ],
+)
+def test_seeds_outside_32_bits_name_the_key(raw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        from_configdict(raw)
+    from_configdict({"seed": 2**32 - 1, "data": {"seed": -1}})  # the ends of the range
+
+
 def test_rules_override_merges_with_defaults():
     cfg = from_configdict({"mesh": {"rules": {"embed": None, "mlp": "fsdp+tensor"}}})
     rules = dict(cfg.mesh.rules)

@@ -104,6 +104,13 @@ def test_top_k_and_top_p_filters():
     assert np.isfinite(filter_logits(logits, top_k=0, top_p=1e-6)).sum() == 2
 
 
+def test_a_top_k_past_the_vocabulary_keeps_every_token():
+    # it was jax's "k argument to top_k must be no larger than size" traceback
+    logits = jnp.asarray([[0.1, 2.0, -1.0, 0.5]])
+    for k in (4, 5, 3_000_000_000):
+        assert np.array_equal(filter_logits(logits, k, 1.0), logits)
+
+
 def test_generating_past_the_learned_positions_is_an_error():
     _, _, graphdef, params = _model(family="gpt2", max_positions=64)
     with pytest.raises(ValueError, match="more than the model's 64 learned positions"):

@@ -160,6 +160,51 @@ def test_an_output_in_a_read_only_directory_is_refused_before_the_eval(tmp_path)
     assert "cannot write there (no permission, or a read-only file system)" in r.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [  # each was a traceback (OverflowError, islice's ValueError) or ran for ever, silently
+        (["eval", "--tasks", "x", "--limit", "inf"], "--limit inf: give a count"),
+        (["eval", "--tasks", "x", "--limit", "2.5"], "--limit 2.5: give a count"),
+        (["eval", "--tasks", "x", "--limit", "1e30"], "more documents than any task holds"),
+        (["prepare", "--input", "stdlib", "--max-record-bytes", str(2**70)], "from 1 to 2**62"),
+        (["prepare", "--input", "stdlib", "--num-perm", str(10**8)], "from 1 to 4096"),
+    ],
+)
+def test_huge_and_infinite_flags_are_one_line_before_any_work(tmp_path, capsys, argv, words):
+    if argv[0] == "prepare":
+        argv = [*argv, "--output", str(tmp_path / "ds")]
+    assert words in _one_line(capsys, *argv, "--workdir", str(tmp_path)) if argv[0] == "eval" \
+        else words in _one_line(capsys, *argv)  # fmt: skip
+
+
+def test_shard_sizes_and_integrated_gradient_steps_out_of_range_are_one_line(tmp_path, capsys):
+    # nan, inf and text were ValueError and OverflowError tracebacks; 0 exported a shard a tensor
+    from bigjax import convert, hf
+
+    for text in ("nan", "inf", "abc", "0", "-5", "1e400"):
+        with pytest.raises(hf.ConvertError, match=f"--max-shard-size '{text}': use e.g. 5GB"):
+            convert.parse_size(text)
+    assert convert.parse_size("2GiB") == 2 << 30 and convert.parse_size("300KB") == 300_000
+    argv = ["inspect", "--workdir", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")]
+    err = _one_line(capsys, *argv, "--ig-steps", str(10**20))
+    assert "use 1 to 4096 steps" in err
+
+
+@pytest.mark.slow
+def test_what_a_run_cannot_hold_is_one_line(capsys, tiny_run):
+    # a KV cache of 10**9 positions was XLA's out-of-memory traceback; more few-shot
+    # examples than a task holds, random.sample's ValueError from inside lm-eval
+    err = _one_line(capsys, "generate", str(tiny_run), "--prompt", "x", "--max-new-tokens",
+                    str(10**9))  # fmt: skip
+    assert "the KV cache of 1 prompt(s) x 1,000,000,002 positions needs" in err
+    assert "lower --max-new-tokens" in err
+    tasks = ["--tasks", "bigjax_mc", "--include-path", str(ROOT / "configs" / "tasks")]
+    assert main(["eval", str(tiny_run), *tasks, "--num-fewshot", "100000"]) == 2
+    err = capsys.readouterr().err  # lm-eval's progress bar, then the error's line
+    assert "Traceback" not in err and err.count("bigjax: error: ") == 1, err
+    assert "--num-fewshot 100000 is more examples than a task's few-shot split holds" in err
+
+
 def test_a_bench_baseline_that_is_no_bench_result_is_one_line_before_the_bench(tmp_path, capsys):
     # not JSON was a JSONDecodeError traceback
     for text, words in [("[1,2", "not JSON (Expecting"), ('{"a": 1}', "not a bench result")]:
@@ -254,6 +299,28 @@ def test_run_directories_that_cannot_be_one(tmp_path, capsys):
         not (other / "metrics.jsonl").exists()
         or "loss" not in (other / "metrics.jsonl").read_text()
     )
+
+
+def test_a_path_the_system_refuses_is_one_line_in_every_command(tmp_path, capsys):
+    # a name over the file system's 255 bytes: a traceback from whichever call met it first
+    # (pathlib's is_symlink in train, the config read in generate, mkdir in prepare)
+    long = str(tmp_path / ("a" * 300))
+    for argv in (
+        ["train", "--config", TINY, *SMALL, "--config.num_steps=1", "--workdir", long],
+        ["prepare", "--input", "stdlib", "--output", long],
+        ["generate", long, "--prompt", "x"],
+        ["eval", long],
+    ):
+        err = _one_line(capsys, *argv)
+        assert "File name too long; a name in it is longer than the file system" in err, argv
+        assert long in err
+    # the kinds that name a path, each with its fix; not those that say nothing of a path
+    for code, words in ((errno.EROFS, "read-only"), (errno.ELOOP, "loop"),
+                        (errno.EACCES, "permissions")):  # fmt: skip
+        e = OSError(code, os.strerror(code), "/data/run")
+        assert errors.exit_code(e) == errors.USAGE_ERROR
+        assert errors.one_line(e).startswith("/data/run: ") and words in errors.one_line(e)
+    assert errors.exit_code(OSError(errno.EACCES, "Permission denied")) is None  # no path
 
 
 def test_a_folder_orbax_could_not_read_back_is_refused_before_a_step(tmp_path, capsys):

@@ -107,6 +107,11 @@ def test_bad_specs_say_what_to_fix(kwargs, message):
         Sweep("bad", TINY, **kwargs)
 
 
+def test_seeds_a_trial_could_not_train_with_are_refused_in_the_spec():
+    with pytest.raises(ConfigError, match=r"seeds must be in 0 .. 2\*\*32 - 1 \(got \(0, -1\)\)"):
+        Sweep("bad", TINY, seeds=(0, -1))
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         spec.load(tmp_path / "missing.py")

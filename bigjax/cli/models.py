@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,14 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         needs("lm_eval", "harness", "eval --tasks")
     elif args.include_path or args.limit is not None or args.num_fewshot is not None:
         raise ConfigError("eval: --include-path, --limit and --num-fewshot go with --tasks.")
-    if args.limit is not None and not args.limit > 0:  # NaN too
+    limit = args.limit
+    # NaN too; lm-eval cuts a count to an int (2.5 read as 2) and cannot take an infinite one
+    if limit is not None and not (0 < limit < 1 or (1 <= limit < math.inf and limit.is_integer())):
         raise ConfigError(f"eval: --limit {args.limit}: give a count of documents per task "
                           "(>= 1) or a fraction of them (between 0 and 1).")  # fmt: skip
+    if limit is not None and limit > 2**62:
+        raise ConfigError(f"eval: --limit {args.limit} is more documents than any task holds; "
+                          "leave it out to score every document.")  # fmt: skip
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ConfigError(f"eval: --num-fewshot {args.num_fewshot}: give 0 or more examples.")
     start_jax(args)

@@ -60,7 +60,7 @@ def cmd_plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         raise ConfigError("plan: give either --topology (e.g. v5p-128) or --devices N.")
     target = (
         plan.parse_topology(args.topology)
-        if args.topology
+        if args.topology is not None
         else plan.gpu_target(args.devices, args.device_kind)
     )
     start_jax(args)

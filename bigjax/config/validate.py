@@ -44,6 +44,13 @@ def _choices(cfg: object, prefix: str = "") -> None:
 def _run_and_mesh(cfg: TrainConfig) -> None:
     """The run length and mesh group."""
     _check(cfg.num_steps > 0, "num_steps", "must be positive")
+    # Grain's shuffles take a 32-bit seed (it was its traceback at the first batch)
+    _check(0 <= cfg.seed < 2**32, "seed", f"{cfg.seed} is not in 0 .. 2**32 - 1")
+    _check(
+        -1 <= cfg.data.seed < 2**32,
+        "data.seed",
+        f"{cfg.data.seed} is not in 0 .. 2**32 - 1 (or -1: the run's seed)",
+    )
     shape = cfg.mesh.shape
     _check(
         len(shape) == len(MESH_AXES),

@@ -444,7 +444,8 @@ def document_streams(
     for i, (path, weight) in enumerate(dataset.sources(cfg)):
         source, info = dataset.split_source(path, where.split)
         read = dataset.DecodeTokens(info["dtype"])
-        streams.append(document_stream(source, read, seed=where.seed + i, shuffle=where.shuffle))
+        seed = (where.seed + i) % 2**32  # Grain's seeds are 32-bit; the same for seed < 2**32 - i
+        streams.append(document_stream(source, read, seed=seed, shuffle=where.shuffle))
         weights.append(weight)
     return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
 

@@ -74,9 +74,15 @@ class PrepareConfig:
             "val-fraction": (self.val_fraction, 0 <= self.val_fraction < 1, "from 0 up to 1"),
             "near-threshold": (self.near_threshold, 0 < self.near_threshold <= 1, "in (0, 1]"),
             "workers": (self.workers, self.workers >= 0, "0 (every core) or more"),
-            "num-perm": (self.num_perm, self.num_perm >= 1, "1 or more"),
+            # the LSH setup is quadratic in it (4,096: 1.5 s; 10**8 ran for ever, silently)
+            "num-perm": (self.num_perm, 1 <= self.num_perm <= 4096, "from 1 to 4096"),
             "shard-tokens": (self.shard_tokens, self.shard_tokens >= 1, "1 or more"),
-            "max-record-bytes": (self.max_record_bytes, self.max_record_bytes >= 1, "1 or more"),
+            # a read of more than an index-sized int was Python's OverflowError
+            "max-record-bytes": (
+                self.max_record_bytes,
+                1 <= self.max_record_bytes <= 2**62,
+                "from 1 to 2**62",
+            ),
         }
         for flag, (value, ok, want) in bounds.items():
             if not ok:  # NaN fails every comparison: refused too

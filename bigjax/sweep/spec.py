@@ -123,6 +123,8 @@ class Sweep:
         seeds = self.seeds
         _check(isinstance(seeds, tuple | list) and all(type(x) is int for x in seeds),
                "seeds", "a tuple of ints")  # fmt: skip
+        # each is a trial's `seed` (config validation's range): refused here, not per trial
+        _check(all(0 <= x < 2**32 for x in seeds), "seeds", f"in 0 .. 2**32 - 1 (got {seeds})")
         _check(len(set(seeds)) == len(seeds), "seeds", f"distinct (got {tuple(seeds)})")
         for field in ("budget", "sampler_seed"):
             _check(type(getattr(self, field)) is int, field, "an int")
