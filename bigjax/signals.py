@@ -1,5 +1,6 @@
 """Stop signals for a training run: SIGTERM, SIGINT and SIGHUP ask the loop to save and stop
-after the step in flight; a second Ctrl-C interrupts at once."""
+after the step in flight; a second Ctrl-C interrupts at once. With several processes, they all
+stop after the same step (`StopVote`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 @contextlib.contextmanager
@@ -82,3 +89,50 @@ def detach_terminal() -> None:
                     os.dup2(devnull, fd)
     finally:
         os.close(devnull)
+
+
+class StopVote:
+    """Whether to save and stop after this step: the same answer on every process. A signal
+    reaches each host of a pod by itself (one VM's maintenance notice, or a preemption that
+    lands a step apart). A process that saved and left on its own left the others waiting
+    for it in the next step's collectives, and itself in the save's barrier, until the kill
+    took the steps since the last checkpoint. So every process votes each step with what it
+    was asked: a one-number all-reduce dispatched after the step and read with the next one,
+    when the loop waits for the device anyway, so it costs no wait of its own; all stop after
+    the step in which they read a vote to stop. One process alone needs no vote and stops
+    after the step in flight, as before."""
+
+    def __init__(self, asked: dict[str, str], mesh: Mesh, *, together: bool | None = None):
+        self.asked = asked
+        self.together = jax.process_count() > 1 if together is None else together
+        self.ballot = NamedSharding(mesh, P(mesh.axis_names))  # one entry per device
+        self.count = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+        self.pending: jax.Array | None = None  # the vote dispatched after the last step
+
+    def __call__(self) -> bool:
+        """Called once per step, after it is dispatched: True if every process saves and
+        stops after it. A stop learned from another process's vote is recorded in `asked`
+        (as "SIGTERM on process 3"), so the run's closing lines say why it stopped."""
+        if not self.together:
+            return bool(self.asked)
+        verdict = 0 if self.pending is None else int(jax.device_get(self.pending))
+        mine = _vote(self.asked)
+        ballot = jax.make_array_from_callback(
+            (self.ballot.mesh.size,), self.ballot, lambda _: np.full(1, mine, np.int32)
+        )
+        self.pending = self.count(ballot)
+        if verdict and "signal" not in self.asked:
+            name = signal.Signals(verdict >> _PROCESS_BITS).name
+            self.asked["signal"] = f"{name} on process {verdict & (1 << _PROCESS_BITS) - 1}"
+        return bool(verdict)
+
+
+_PROCESS_BITS = 20  # a vote is (signal number << 20) | process index: 2**20 hosts is plenty
+
+
+def _vote(asked: dict[str, str]) -> int:
+    """This process's vote: 0 to go on, else the signal it was asked by and its index."""
+    if "signal" not in asked:
+        return 0
+    signum = signal.Signals[asked["signal"].split()[0]]
+    return int(signum) << _PROCESS_BITS | jax.process_index()

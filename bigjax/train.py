@@ -28,7 +28,7 @@ from bigjax.evals import Evaluator
 from bigjax.loop import NonFiniteError, StepLog, every, nan_verdict
 from bigjax.mesh import for_run
 from bigjax.rundir import RunDir
-from bigjax.signals import interrupt_if_asked, stop_on_signals
+from bigjax.signals import StopVote, interrupt_if_asked, stop_on_signals
 from bigjax.state import TrainState
 
 __all__ = ["NonFiniteError", "train"]
@@ -73,6 +73,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
         evaluator = Evaluator(prog, run.writers)
         cleanup.callback(evaluator.close)  # a benchmark's engine thread must not outlive it
         log = StepLog.resumed(prog, run, peak, start)
+        stop_vote = StopVote(stop, mesh)  # every process stops after the same step
 
         step, pending = start, None  # pending: the step dispatched before this one
         saved_step = start if origin.startswith("resuming") else -1
@@ -93,6 +94,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
             log.window.data_wait += dispatched - wait_start
             state, step_metrics = prog.train_step(state, prog.to_global(local_batch))
             step += 1
+            stopping = stop_vote()
             bad_step = None
             # Fetch the previous step's metrics only now: the device already has this step.
             if pending is not None and not log.finish(*pending) and not skip:
@@ -100,7 +102,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
             pending = (step, step_metrics, time.perf_counter() - dispatched)
             final = step == cfg.num_steps
             eval_due = final or every(step, cfg.eval.every_steps)
-            save_due = final or bool(stop) or every(step, cfg.checkpoint.every_steps)
+            save_due = final or stopping or every(step, cfg.checkpoint.every_steps)
             if bad_step is None and (eval_due or save_due):
                 # Finish this step first: rows stay in step order and no non-finite state is
                 # ever evaluated or saved (eval and save sync on it anyway).
@@ -110,7 +112,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
                 last_eval = evaluator(step, state.params)
             if bad_step is None and save_due:
                 try:
-                    saves.save(state, data_iter, meta, force=final or bool(stop),
+                    saves.save(state, data_iter, meta, force=final or stopping,
                                metrics=last_eval if eval_due else None)  # fmt: skip
                     saved_step = step
                 except checkpoint.NonFiniteState:
@@ -130,7 +132,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
                 print(f"non-finite step {bad_step}: rolled back to step {step}; its batch "
                       "will be skipped", flush=True)  # fmt: skip
                 continue
-            if stop:
+            if stopping:
                 print(f"received {stop['signal']}: saving step {step} and stopping; run the "
                       "same command to resume.", flush=True)  # fmt: skip
                 break

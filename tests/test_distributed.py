@@ -2,8 +2,10 @@
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,9 +26,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(
+def _start(
     workdir: Path, steps: int, processes: int, mesh: Sequence[str] = (), extra: Sequence[str] = ()
-) -> list[subprocess.CompletedProcess]:
+) -> list[subprocess.Popen]:
     """`processes` x (8 / processes) CPU devices train the same config on a (2, 2, 2) mesh
     (or `mesh`'s overrides); with 2 processes it is built as 2 slices (processes stand in for
     slices on CPU): the data axis over DCN, (1, 2, 2) inside each."""
@@ -71,6 +73,17 @@ def _launch(
         )
         for i in range(processes)
     ]
+    return procs
+
+
+def _launch(
+    workdir: Path, steps: int, processes: int, mesh: Sequence[str] = (), extra: Sequence[str] = ()
+) -> list[subprocess.CompletedProcess]:
+    """`_start`, then waits: every process must exit 0."""
+    return _finish(_start(workdir, steps, processes, mesh, extra))
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=400)
@@ -143,6 +156,29 @@ def test_a_corrupt_step_is_moved_aside_once_and_every_process_falls_back(tmp_pat
     np.testing.assert_allclose(list(got.values()), list(ref.values()), rtol=RTOL)  # exact resume
 
 
+@pytest.mark.slow
+def test_a_stop_asked_of_one_process_stops_every_process_after_the_same_step(tmp_path):
+    # A signal reaches each host by itself. Each process used to decide alone: the one asked
+    # saved and waited in the save's barrier, the other in the next step's collectives, both
+    # until killed (seen: both still running 120 s after the SIGTERM, nothing saved).
+    run = tmp_path / "run"
+    procs = _start(run, steps=16, processes=2)
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").exists() or len(_losses(run)) < 2:  # past the compile
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # process 1 alone
+    out = _finish(procs)  # asserts both exit 0
+    stopped = int(out[0].stdout.split("received SIGTERM on process 1: saving step ")[1].split()[0])
+    assert f"received SIGTERM: saving step {stopped} " in out[1].stdout  # the same step
+    assert 2 <= stopped < 16 and f"done: step {stopped}, stopped by SIGTERM" in out[0].stdout
+    data = {p.name for p in (run / "checkpoints" / str(stopped) / "data").iterdir()}
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= data  # both took part
+    resumed = _launch(run, steps=16, processes=2)
+    assert f"resuming from step {stopped}" in resumed[0].stdout
+    assert list(_losses(run)) == list(range(1, 17))  # each step logged once
+
+
 @pytest.mark.parametrize(
     "env, expected",
     [
@@ -169,3 +205,21 @@ def test_a_context_axis_across_processes_trains_like_one_process(tmp_path):
     ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert list(got) == [1, 2, 3]
     np.testing.assert_allclose(list(got.values()), list(ref.values()), rtol=RTOL)
+
+
+def test_a_stop_vote_is_read_a_step_later_and_names_the_process_asked():
+    # the all-reduce itself, on one process's 8 devices (the two-process test above is the
+    # real thing): a vote is dispatched after each step and decides the next one
+    import jax
+
+    from bigjax.signals import StopVote
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    asked: dict[str, str] = {}
+    vote = StopVote(asked, mesh, together=True)
+    assert [vote(), vote()] == [False, False]  # nobody asked
+    asked["signal"] = "SIGHUP"
+    assert vote() is False  # this step's vote is in flight: the step after it stops
+    asked.clear()  # as on a process the signal did not reach
+    assert vote() is True and asked == {"signal": "SIGHUP on process 0"}
+    assert StopVote({"signal": "SIGTERM"}, mesh)() is True  # one process: stops at once
