@@ -108,6 +108,7 @@ class StopVote:
         self.ballot = NamedSharding(mesh, P(mesh.axis_names))  # one entry per device
         self.count = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
         self.pending: jax.Array | None = None  # the vote dispatched after the last step
+        self.verdict = False  # what the last vote read decided
 
     def __call__(self) -> bool:
         """Called once per step, after it is dispatched: True if every process saves and
@@ -124,7 +125,14 @@ class StopVote:
         if verdict and "signal" not in self.asked:
             name = signal.Signals(verdict >> _PROCESS_BITS).name
             self.asked["signal"] = f"{name} on process {verdict & (1 << _PROCESS_BITS) - 1}"
-        return bool(verdict)
+        self.verdict = bool(verdict)
+        return self.verdict
+
+    def now(self) -> bool:
+        """Whether to stop before the next step. One process alone: whether it was asked by
+        now (during the step's eval or save, say: the run then saves where it is instead of
+        training a step more); several: what this step's vote decided, as all of them do."""
+        return self.verdict if self.together else bool(self.asked)
 
 
 _PROCESS_BITS = 20  # a vote is (signal number << 20) | process index: 2**20 hosts is plenty

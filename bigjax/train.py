@@ -132,7 +132,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
                 print(f"non-finite step {bad_step}: rolled back to step {step}; its batch "
                       "will be skipped", flush=True)  # fmt: skip
                 continue
-            if stopping:
+            if stop_vote.now():
                 print(f"received {stop['signal']}: saving step {step} and stopping; run the "
                       "same command to resume.", flush=True)  # fmt: skip
                 break
