@@ -305,10 +305,8 @@ def evaluate(lm: TemplateLM, tasks: Sequence[str], *, include_path: str = "",
 def check_data(tasks: Sequence[str], manager: TaskManager, include_path: str = "") -> None:
     """Loads the tasks and their datasets once, so that a training run whose eval needs a
     dataset this (offline) machine lacks is refused at its start, not at its first eval."""
-    from lm_eval.tasks import get_task_dict
-
     with _task_data(include_path):
-        get_task_dict(list(tasks), manager)
+        manager.load(list(tasks))  # builds each task, which reads its dataset
 
 
 @contextlib.contextmanager
