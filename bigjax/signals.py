@@ -98,9 +98,9 @@ class StopVote:
     for it in the next step's collectives, and itself in the save's barrier, until the kill
     took the steps since the last checkpoint. So every process votes each step with what it
     was asked: a one-number all-reduce dispatched after the step and read with the next one,
-    when the loop waits for the device anyway, so it costs no wait of its own; all stop after
-    the step in which they read a vote to stop. One process alone needs no vote and stops
-    after the step in flight, as before."""
+    when the loop waits for the device anyway (the host never blocks on it alone); all stop
+    after the step in which they read a vote to stop. One process alone needs no vote and
+    stops after the step in flight, as before. What it costs: docs/reliability.md."""
 
     def __init__(self, asked: dict[str, str], mesh: Mesh, *, together: bool | None = None):
         self.asked = asked
