@@ -369,6 +369,10 @@ def test_tokenizer_routes_work_with_lm_evals_remote_tokenizer(server):
 BAD = [
     (b"{not json", 400, "Invalid JSON"),
     (b'{"prompt": "\xff\xfe"}', 400, "Invalid JSON"),  # not UTF-8
+    # half a UTF-16 pair, as JavaScript's JSON.stringify writes a lone surrogate: valid JSON
+    # grammar, not text
+    (b'{"prompt": "a\\ud800b"}', 400, "outside a surrogate pair at line 1 column 20"),
+    (b'{"prompt": "\\udc00", "n": 1}', 400, "send the text as UTF-8"),
     (b'{"prompt": "x", "temperature": -1}', 400, "temperature"),
     (b'{"prompt": "x", "frobnicate": 1}', 400, "frobnicate"),
     (b'{"prompt": "x", "max_tokens": "3"}', 400, "max_tokens"),

@@ -11,6 +11,7 @@ not set.
 
 from __future__ import annotations
 
+import json
 import types
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal, get_args
@@ -351,3 +352,23 @@ def one_line(errors: Sequence[Any]) -> str:
         parts.append(f"{where}: {msg}" if where else msg)
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return "; ".join(parts) + more
+
+
+def json_error(errors: Sequence[Any], body: bytes) -> str:
+    """A body pydantic refused, as one line. JSON's grammar allows a lone UTF-16 surrogate
+    escape (`"\\ud800"`, which JavaScript's JSON.stringify writes for half a character), and
+    pydantic refuses it as text: its words ("unexpected end of hex escape") did not say what
+    to fix, so such a body gets a message that does."""
+    first = errors[0] if errors else {}
+    msg = str(first.get("msg", ""))
+    if first.get("type") == "json_invalid" and "hex escape" in msg:
+        try:
+            json.loads(body)  # Python's parser takes lone surrogates: were they the only fault?
+        except ValueError:
+            pass
+        else:
+            where = msg[msg.rfind(" at line ") :] if " at line " in msg else ""
+            return (f"Invalid JSON: a \\uD800-\\uDFFF escape outside a surrogate pair{where} "
+                    "is half of a UTF-16 character, not text; send the text as UTF-8, or a "
+                    "character above U+FFFF as a pair of escapes (\\ud83d\\ude00)")  # fmt: skip
+    return one_line(errors)
