@@ -373,6 +373,8 @@ BAD = [
     # grammar, not text
     (b'{"prompt": "a\\ud800b"}', 400, "outside a surrogate pair at line 1 column 20"),
     (b'{"prompt": "\\udc00", "n": 1}', 400, "send the text as UTF-8"),
+    # ... and before a nesting Python's own parser would not survive (it was re-parsed: a 500)
+    (b'{"prompt": "\\ud800", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "surrogate"),
     (b'{"prompt": "x", "temperature": -1}', 400, "temperature"),
     (b'{"prompt": "x", "frobnicate": 1}', 400, "frobnicate"),
     (b'{"prompt": "x", "max_tokens": "3"}', 400, "max_tokens"),

@@ -11,7 +11,6 @@ not set.
 
 from __future__ import annotations
 
-import json
 import types
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal, get_args
@@ -348,27 +347,27 @@ def one_line(errors: Sequence[Any]) -> str:
     parts = []
     for e in errors[:3]:
         where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        msg = _message(e)
         parts.append(f"{where}: {msg}" if where else msg)
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return "; ".join(parts) + more
 
 
-def json_error(errors: Sequence[Any], body: bytes) -> str:
-    """A body pydantic refused, as one line. JSON's grammar allows a lone UTF-16 surrogate
-    escape (`"\\ud800"`, which JavaScript's JSON.stringify writes for half a character), and
-    pydantic refuses it as text: its words ("unexpected end of hex escape") did not say what
-    to fix, so such a body gets a message that does."""
-    first = errors[0] if errors else {}
-    msg = str(first.get("msg", ""))
-    if first.get("type") == "json_invalid" and "hex escape" in msg:
-        try:
-            json.loads(body)  # Python's parser takes lone surrogates: were they the only fault?
-        except ValueError:
-            pass
-        else:
-            where = msg[msg.rfind(" at line ") :] if " at line " in msg else ""
-            return (f"Invalid JSON: a \\uD800-\\uDFFF escape outside a surrogate pair{where} "
-                    "is half of a UTF-16 character, not text; send the text as UTF-8, or a "
-                    "character above U+FFFF as a pair of escapes (\\ud83d\\ude00)")  # fmt: skip
-    return one_line(errors)
+def _message(e: Any) -> str:
+    """One error's words. JSON's grammar allows a lone UTF-16 surrogate escape (`"\\ud800"`,
+    which JavaScript's JSON.stringify writes for half a character), and pydantic refuses it as
+    text in words that do not say what to fix ("unexpected end of hex escape"); its parser
+    says those two things of a surrogate escape and nothing else (a short, a malformed and a
+    cut-off escape each get other words), so they are recognised by them."""
+    msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+    if e.get("type") != "json_invalid" or not any(s in msg for s in _SURROGATE_FAULTS):
+        return msg
+    where = msg[msg.rfind(" at line ") :] if " at line " in msg else ""
+    return (f"Invalid JSON: a \\uD800-\\uDFFF escape outside a surrogate pair{where} is "
+            "half of a UTF-16 character, not text; send the text as UTF-8, or a character "
+            "above U+FFFF as a pair of escapes (\\ud83d\\ude00)")  # fmt: skip
+
+
+# pydantic's (jiter's) words for a high surrogate escape with no low one after it, and for a
+# low one with no high one before it
+_SURROGATE_FAULTS = ("unexpected end of hex escape", "lone leading surrogate in hex escape")
