@@ -285,6 +285,31 @@ def test_the_responses_api_through_the_openai_client(server):
         assert words in e.value.body["message"], (extra, e.value.body)
 
 
+def test_a_field_of_another_route_is_refused_naming_where_it_goes(server):
+    """A client that mixes up the three APIs' dialects (what the openai package sends with
+    `extra_body`) is told the field this route takes, not only that the field is unknown."""
+    import openai
+
+    url, _ = server
+    client = _client(url)
+    hi = [{"role": "user", "content": "Hi"}]
+    for create, kwargs, words in [
+        (client.responses.create, {"input": "Hi", "extra_body": {"max_tokens": 4}},
+         "calls it max_output_tokens"),
+        (client.responses.create, {"input": "Hi", "extra_body": {"messages": hi}},
+         "takes the conversation as input"),
+        (client.chat.completions.create, {"messages": hi, "extra_body": {"prompt": "x"}},
+         "a prompt goes to /v1/completions"),
+        (client.completions.create, {"prompt": "x", "extra_body": {"max_completion_tokens": 3}},
+         "calls it max_tokens"),
+        (client.chat.completions.create, {"messages": hi, "extra_body": {"temprature": 0}},
+         "did you mean 'temperature'?"),
+    ]:  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as e:
+            create(model="run", **kwargs)
+        assert words in e.value.body["message"], (kwargs, e.value.body)
+
+
 def test_responses_log_probabilities_are_chats(server):
     """`include: ["message.output_text.logprobs"]` with `top_logprobs`: the same per-token
     entries as chat's `logprobs` for the same conversation (greedy), valid against the openai
@@ -377,6 +402,15 @@ BAD = [
     (b'{"prompt": "\\ud800", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "surrogate"),
     (b'{"prompt": "x", "temperature": -1}', 400, "temperature"),
     (b'{"prompt": "x", "frobnicate": 1}', 400, "frobnicate"),
+    # a misspelt field, and one of another route: what it should be
+    (
+        b'{"prompt": "x", "max_token": 3}',
+        400,
+        "max_token: not a field of this route (did you mean 'max_tokens'?)",
+    ),
+    (b'{"prompt": "x", "messages": []}', 400, "chat messages go to /v1/chat/completions"),
+    # a field name half a megabyte long: named by its start and length, not echoed whole
+    (b'{"prompt": "x", "' + b"k" * 500_000 + b'": 1}', 400, "k...(500000 characters): not a"),
     (b'{"prompt": "x", "max_tokens": "3"}', 400, "max_tokens"),
     (b'{"prompt": "x", "max_tokens": 100000}', 400, "context (128 tokens)"),
     (b'{"prompt": [1, 2, 99999]}', 400, "outside the vocabulary"),

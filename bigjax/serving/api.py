@@ -398,7 +398,7 @@ async def _parse(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
-        raise ApiError(400, protocol.one_line(e.errors())) from None
+        raise ApiError(400, protocol.one_line(e.errors(), model)) from None
 
 
 def _authorize(request: Request, key: str | None) -> None:

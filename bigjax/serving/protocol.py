@@ -11,6 +11,7 @@ not set.
 
 from __future__ import annotations
 
+import difflib
 import types
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal, get_args
@@ -26,6 +27,9 @@ class _Strict(BaseModel):
     # strict: "1" is not an int and 1 is not a bool; forbid: a misspelt field is an error,
     # not a silently ignored option
     model_config = ConfigDict(extra="forbid", strict=True)
+    # a field of another route (or of another API's dialect), named by a client that sent it
+    # here: where it goes instead, said in the 400 (see `one_line`)
+    elsewhere: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -86,6 +90,11 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
+    elsewhere: ClassVar[dict[str, str]] = {
+        "messages": "chat messages go to /v1/chat/completions; this route takes a prompt",
+        "input": "input is the Responses API's (/v1/responses); this route takes a prompt",
+        "max_completion_tokens": "this route calls it max_tokens",
+    }
     prompt: str | list[str] | PromptIds | list[PromptIds]
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions
     echo: bool = False
@@ -165,6 +174,12 @@ class ResponseFormat(BaseModel):
 
 
 class ChatRequest(_Sampling):
+    elsewhere: ClassVar[dict[str, str]] = {
+        "prompt": "a prompt goes to /v1/completions; this route takes messages",
+        "input": "input is the Responses API's (/v1/responses); this route takes messages",
+        "max_output_tokens": "this route calls it max_completion_tokens (or max_tokens)",
+        "echo": "echo is the completions route's (/v1/completions)",
+    }
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -232,6 +247,16 @@ class ResponsesRequest(_Strict):
     """OpenAI's Responses API (`POST /v1/responses`), stateless: the whole conversation comes
     in `input`, nothing is kept after the reply, so `previous_response_id` is refused."""
 
+    elsewhere: ClassVar[dict[str, str]] = {
+        "messages": "the Responses API takes the conversation as input (or use "
+        "/v1/chat/completions)",
+        "prompt": "the Responses API takes the text as input (or use /v1/completions)",
+        "max_tokens": "the Responses API calls it max_output_tokens",
+        "max_completion_tokens": "the Responses API calls it max_output_tokens",
+        "logprobs": f"the Responses API asks for them with include: [{LOGPROBS!r}]",
+        **dict.fromkeys(("stop", "seed", "n"), "the Responses API has no such field (the "
+                        "chat route, /v1/chat/completions, has)"),
+    }  # fmt: skip
     model: str | None = None
     input: str | list[InputItem]
     instructions: str | None = None
@@ -332,8 +357,9 @@ def error_body(message: str, kind: str = "invalid_request_error", code: int = 40
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def one_line(errors: Sequence[Any]) -> str:
-    """pydantic's validation errors as one line: where, then what."""
+def one_line(errors: Sequence[Any], request: type[BaseModel] | None = None) -> str:
+    """pydantic's validation errors as one line: where, then what. `request`: the body's
+    model, whose fields name what a misspelt or misplaced top-level field should be."""
     # a field that is text or a list, given a list that failed inside: "should be a valid
     # string" only hides the reason it failed
     # (one pass over the errors: a hostile body can hold hundreds of thousands of them)
@@ -346,8 +372,10 @@ def one_line(errors: Sequence[Any]) -> str:
     ]  # fmt: skip
     parts = []
     for e in errors[:3]:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        where = ".".join(_shown(str(x)) for x in e.get("loc", ()) if x != "body")
         msg = _message(e)
+        if request is not None and e.get("type") == "extra_forbidden" and len(e["loc"]) == 1:
+            msg = _unknown_field(request, str(e["loc"][0]))
         parts.append(f"{where}: {msg}" if where else msg)
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return "; ".join(parts) + more
@@ -366,6 +394,21 @@ def _message(e: Any) -> str:
     return (f"Invalid JSON: a \\uD800-\\uDFFF escape outside a surrogate pair{where} is "
             "half of a UTF-16 character, not text; send the text as UTF-8, or a character "
             "above U+FFFF as a pair of escapes (\\ud83d\\ude00)")  # fmt: skip
+
+
+def _shown(name: str) -> str:
+    # a field name is the client's text: a body can make one megabytes long
+    return name if len(name) <= 80 else f"{name[:80]}...({len(name)} characters)"
+
+
+def _unknown_field(request: type[BaseModel], name: str) -> str:
+    elsewhere: dict[str, str] = getattr(request, "elsewhere", {})
+    if name in elsewhere:
+        return f"not a field of this route: {elsewhere[name]}"
+    if len(name) > 80:  # no field's misspelling: not worth difflib's quadratic time
+        return "not a field of this route"
+    close = difflib.get_close_matches(name, list(request.model_fields), n=1, cutoff=0.6)
+    return "not a field of this route" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 # pydantic's (jiter's) words for a high surrogate escape with no low one after it, and for a
