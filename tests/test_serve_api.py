@@ -29,12 +29,16 @@ def run_dir(tiny_run):
 @pytest.fixture(scope="module")
 def server(run_dir):
     """(base URL, process): 4 slots, 8 waiting at most, an API key."""
-    flags = ["--slots", "4", "--max-waiting", "8", "--api-key", KEY, "--max-body-mb", "1"]
+    flags = ["--slots", "4", "--max-waiting", "8", "--api-key", KEY, "--max-body-mb", "1",
+             "--allowed-origins", f"{PAGE}, http://localhost:3000"]  # fmt: skip
     url, proc = start_server(run_dir, *flags)
     yield url, proc
     if proc.poll() is None:
         proc.kill()
     proc.wait()
+
+
+PAGE = "https://chat.example.org"  # a web page allowed to call the API from a browser
 
 
 def start_server(run_dir, *flags):
@@ -436,6 +440,57 @@ def test_bad_requests_are_one_line_4xx(server, body, status, words):
     assert r.status_code == status, r.text
     message = r.json()["error"]["message"]
     assert words.lower() in message.lower() and "\n" not in message
+
+
+def test_browser_pages_uptime_checks_and_compressed_bodies(server):
+    """CORS as a browser does it: a preflight (no key: browsers never send one on it) for an
+    allowed page is answered with what it may send, another page's is refused, and every
+    answer to the allowed page, refusals included, says it may read it. HEAD where GET is.
+    A compressed body is a 415 that says so, not a JSON error (or, mislabelled, a 200)."""
+    import gzip
+
+    url, _ = server
+    asked = {"Origin": PAGE, "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+    pre = httpx.options(f"{url}/v1/chat/completions", headers=asked)
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == PAGE
+    assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    other = {**asked, "Origin": "https://evil.example.com"}
+    pre = httpx.options(f"{url}/v1/chat/completions", headers=other)
+    assert pre.status_code == 400 and "access-control-allow-origin" not in pre.headers
+    page = {**AUTH, "Origin": PAGE}
+    answers = [
+        httpx.post(f"{url}/v1/completions", headers=page, json={"prompt": "x", "max_tokens": 1}),
+        httpx.post(f"{url}/v1/completions", headers={"Origin": PAGE}, json={"prompt": "x"}),
+        httpx.post(f"{url}/v1/completions", headers=page, json={"prompt": "x", "n": 0}),
+        httpx.post(f"{url}/v1/completions", headers=page, content=b"x" * (2 << 20)),
+    ]
+    assert [r.status_code for r in answers] == [200, 401, 400, 413]
+    assert all(r.headers["access-control-allow-origin"] == PAGE for r in answers)
+    assert [r.status_code for r in (
+        httpx.head(f"{url}/health"), httpx.head(f"{url}/metrics"),
+        httpx.head(f"{url}/v1/models", headers=AUTH), httpx.head(f"{url}/v1/models"),
+    )] == [200, 200, 200, 401]  # fmt: skip
+    assert httpx.head(f"{url}/health").content == b""
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    for coding, content in [("gzip", gzip.compress(body)), ("gzip", body), ("br", body)]:
+        headers = {**AUTH, "content-type": "application/json", "content-encoding": coding}
+        r = httpx.post(f"{url}/v1/completions", headers=headers, content=content)
+        assert r.status_code == 415, (coding, r.text)
+        assert f"Content-Encoding '{coding}' is not supported" in r.json()["error"]["message"]
+    headers = {**AUTH, "content-encoding": "identity"}
+    assert httpx.post(f"{url}/v1/completions", headers=headers, content=body).status_code == 200
+
+
+def test_an_allowed_origin_must_be_an_origin():
+    from bigjax.config import ConfigError
+    from bigjax.serving.server import Options
+
+    assert Options(allowed_origins=("*", "http://localhost:3000", PAGE)).allowed_origins
+    for bad in ("chat.example.org", "https://chat.example.org/app", "ftp://x"):
+        with pytest.raises(ConfigError, match="is not an origin: give scheme://host"):
+            Options(allowed_origins=(bad,))
 
 
 def test_auth_size_routes_and_health(server):

@@ -26,6 +26,7 @@ def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         max_waiting=args.max_waiting, max_len=args.max_len, model_name=args.served_model_name,
         tensor=args.tensor, chat_template=args.chat_template,
         max_body_bytes=args.max_body_mb << 20, request_timeout=args.request_timeout,
+        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
     )  # fmt: skip
     from bigjax import distributed
 
@@ -56,6 +57,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds a client has "
                    "to send a whole request (head and body; the answer is not timed): a head "
                    "not in by then closes the connection, a body gets 408")  # fmt: skip
+    p.add_argument("--allowed-origins", default="", help="comma-separated web origins "
+                   "(https://host:port) whose pages may call the API from a browser (CORS), or "
+                   "*; default: none")  # fmt: skip
     # as `bigjax train`: automatic on Cloud TPU slices and SLURM, explicit elsewhere
     p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
     p.add_argument("--num_processes", type=int, help="processes in the job (multi-host)")

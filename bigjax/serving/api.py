@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
@@ -61,11 +62,20 @@ class Served:
     chat_template: str
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
+    allowed_origins: tuple[str, ...] = ()  # browser pages (CORS) that may call the API
 
 
 def make_app(served: Served, monitor: Monitor) -> FastAPI:
     app = FastAPI(title="bigjax", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=served.max_body_bytes)
+    if served.allowed_origins:
+        # added last, so outermost: a 413 or 408 from BodyLimit carries the headers too, and a
+        # browser page can read the refusal instead of a bare CORS failure. A preflight is
+        # answered here, before the key is checked: browsers never send credentials on one.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(served.allowed_origins),
+            allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600,
+        )  # fmt: skip
     vocab = served.engine.shapes.vocab
 
     @app.exception_handler(ApiError)
@@ -90,12 +100,12 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
 
         return handler
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what some uptime checks send
     async def health() -> Response:
         ok = served.engine.ready
         return JSONResponse({"status": "ok" if ok else "starting"}, 200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics() -> Response:
         return Response(monitor.text(), media_type="text/plain; version=0.0.4")
 
@@ -186,7 +196,8 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
         ("/v1/chat/completions", chat_completions, "POST"),
         ("/v1/responses", create_response, "POST"),
     ):
-        app.add_api_route(path, guarded(fn), methods=[method])
+        methods = [method, "HEAD"] if method == "GET" else [method]
+        app.add_api_route(path, guarded(fn), methods=methods)
 
     @app.exception_handler(404)
     async def _not_found(request: Request, _: Exception) -> JSONResponse:

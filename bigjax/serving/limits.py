@@ -1,5 +1,5 @@
-"""Limits on what a client may send the HTTP API: the body's size and the time to send a
-request.
+"""Limits on what a client may send the HTTP API: the body's size, its encoding (none) and the
+time to send a request.
 
 A body over the limit is refused with OpenAI's JSON error and 413 before the app reads it
 (ASGI middleware, under FastAPI's routing). A refused upload is read on (and dropped) before
@@ -36,8 +36,9 @@ GRACE_SECONDS = 0.1  # past a request's deadline, for the loop to read a head th
 
 class BodyLimit:
     """Refuses a body over `max_bytes` with 413 before the app reads it: by its declared
-    length at once, else as soon as the chunks received pass the limit; and one not in by its
-    connection's deadline (when served by `with_request_deadline`'s protocol) with 408."""
+    length at once, else as soon as the chunks received pass the limit; one not in by its
+    connection's deadline (when served by `with_request_deadline`'s protocol) with 408; and a
+    compressed one (any Content-Encoding) with 415."""
 
     def __init__(self, app: Any, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -50,11 +51,17 @@ class BodyLimit:
         if connection is not None:
             deadline, send = connection.head_received(), connection.answering(send)
         headers = dict(scope.get("headers") or [])
+        coding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if coding not in (b"", b"identity"):
+            # read as it is, a gzip body is "Invalid JSON", and a plain one labelled gzip
+            # would be served: neither says what happened (OpenAI takes no compressed bodies)
+            await _drain_unless_waiting(headers, receive)
+            name = coding.decode("latin-1")[:40]
+            return await _refuse(send, 415, f"Content-Encoding {name!r} is not supported: "
+                                 "send the request body uncompressed")  # fmt: skip
         declared = headers.get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            # a client waiting for `100 Continue` has sent none of it: nothing to read
-            if headers.get(b"expect", b"").lower() != b"100-continue":
-                await _drain(receive)
+            await _drain_unless_waiting(headers, receive)
             return await _refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
         chunks: list[bytes] = []
         try:
@@ -111,6 +118,12 @@ async def _refuse(send: Callable, status: int, message: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def _drain_unless_waiting(headers: dict[bytes, bytes], receive: Callable) -> None:
+    # a client waiting for `100 Continue` has sent none of its body: nothing to read
+    if headers.get(b"expect", b"").lower() != b"100-continue":
+        await _drain(receive)
 
 
 async def _drain(receive: Callable) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import signal
 import socket
 import sys
@@ -37,6 +38,7 @@ class Options:
     chat_template: str = ""  # a Jinja file; "": the tokenizer's own, else chat.PLAIN
     max_body_bytes: int = 4 << 20
     request_timeout: float = 30.0  # seconds to send a whole request (head and body)
+    allowed_origins: tuple[str, ...] = ()  # web origins whose pages may call the API (CORS)
 
     def __post_init__(self) -> None:
         for name in ("slots", "max_waiting", "tensor", "max_body_bytes"):
@@ -48,6 +50,10 @@ class Options:
         if not 0 < self.request_timeout < math.inf:
             raise ConfigError(f"serve: --request-timeout {self.request_timeout} must be a "
                               "number of seconds > 0")  # fmt: skip
+        for origin in self.allowed_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ConfigError(f"serve: --allowed-origins {origin!r} is not an origin: give "
+                                  "scheme://host[:port] (no path), or *")  # fmt: skip
         if not 0 <= self.port < 65536:
             raise ConfigError(f"serve: --port {self.port} is not a port (0..65535)")
 
@@ -96,7 +102,8 @@ def _build(workdir: str, prog: Any, params: Any, opts: Options) -> tuple[Any, An
     engine = Engine(prog.graphdef, params, cfg.mesh.rules, slots=opts.slots, max_len=max_len,
                     max_waiting=opts.max_waiting, mesh=prog.mesh)  # fmt: skip
     name = opts.model_name or Path(workdir).resolve().name
-    served = Served(engine, tokenizer, name, max_len, template, opts.api_key, opts.max_body_bytes)
+    served = Served(engine, tokenizer, name, max_len, template, opts.api_key, opts.max_body_bytes,
+                    opts.allowed_origins)  # fmt: skip
     return served, Monitor(name, engine.counts)
 
 
