@@ -154,3 +154,27 @@ def test_a_request_not_sent_in_time_is_cut_and_an_answer_is_never_timed(port):
     # the server still answers at once
     fresh = _connect(port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
     assert _answer(fresh) == b"2"
+
+
+def test_an_offer_to_upgrade_is_answered_in_http_1_1_without_a_warning(port):
+    """Java's HttpClient and curl --http2 offer HTTP/2 (h2c) on a first request: the answer is
+    HTTP/1.1, which they expect, and the log stays quiet (uvicorn warned twice per request and
+    told the operator to install WebSocket libraries)."""
+    import logging
+
+    number, _ = port
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    log = logging.getLogger("uvicorn.error")
+    log.addHandler(handler)
+    try:
+        for upgrade in (b"h2c", b"websocket"):
+            s = _connect(number, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                         b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: " + upgrade +
+                         b"\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\nabc")  # fmt: skip
+            assert _answer(s) == b"3"
+            s.close()
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import re
 import signal
@@ -206,8 +207,19 @@ def uvicorn_config(app: Any, request_timeout: float, on_timeout: Callable[[], No
     from bigjax.serving.limits import with_request_deadline
 
     http = with_request_deadline(AutoHTTPProtocol, request_timeout, on_timeout)
-    return uvicorn.Config(app, http=http, log_level="warning", access_log=False, lifespan="on",
-                          timeout_keep_alive=30)  # fmt: skip
+    config = uvicorn.Config(app, http=http, log_level="warning", access_log=False,
+                            lifespan="on", timeout_keep_alive=30)  # fmt: skip
+    logging.getLogger("uvicorn.error").addFilter(_quiet_upgrades)  # once: the same filter
+    return config
+
+
+def _quiet_upgrades(record: logging.LogRecord) -> bool:
+    """False for uvicorn's two warnings on a request that offers to upgrade the connection.
+    Java's HttpClient, curl --http2 and Go's h2c clients offer HTTP/2 on a first request over
+    plain HTTP and expect, as they get, an HTTP/1.1 answer; uvicorn warned twice of each such
+    request and advised installing WebSocket libraries, which nothing here needs."""
+    msg = record.getMessage()
+    return msg != "Unsupported upgrade request." and not msg.startswith("No supported WebSocket")
 
 
 class _Server(uvicorn.Server):
