@@ -26,6 +26,40 @@ def test_mesh_shape_strings(text):
     assert from_configdict({"mesh": {"shape": text}}).mesh.shape == (1, 1, 8, 1, 1, 1)
 
 
+@pytest.mark.parametrize(
+    "given, want",
+    [
+        ("data=2,fsdp=-1", (2, 1, -1, 1, 1, 1)),  # the command line's form
+        ({"tensor": 2, "fsdp": -1}, (1, 1, -1, 1, 2, 1)),  # a config file's
+        ({"expert": "4", "data": -1}, (-1, 1, 1, 1, 1, 4)),
+    ],
+)
+def test_mesh_shape_by_axis_name(given, want):
+    # the axes not named are 1: a run over more devices than the named sizes cover names -1
+    assert from_configdict({"mesh": {"shape": given}}).mesh.shape == want
+    dcn = from_configdict({"mesh": {"dcn_shape": "data=2"}}).mesh.dcn_shape
+    assert dcn == (2, 1, 1, 1, 1, 1)  # slices: the same names
+
+
+@pytest.mark.parametrize(
+    "raw, pattern",
+    [
+        ({"mesh": {"shape": {"tensr": 2}}}, r"mesh.shape axis: unknown value 'tensr'. Did you "
+         r"mean 'tensor'\?"),
+        ({"mesh": {"shape": "tensr=2"}}, r"Did you mean 'tensor'"),
+        # a Python dict typed on the command line: which forms it takes, not "expected int"
+        ({"mesh": {"shape": "{'data':3}"}}, r"mesh.shape: expected sizes by position like "
+         r"1,1,-1,1,1,1 or by axis like data=2,fsdp=-1"),
+        ({"mesh": {"shape": "data=two"}}, r"mesh.shape: expected sizes by position"),
+        ({"model": 1}, r"^model: expected a group of keys, got 1; set them one by one "
+         r"\(--config.model.KEY=VALUE\)"),
+    ],
+)  # fmt: skip
+def test_mesh_shape_and_group_errors_say_which_forms_work(raw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        from_configdict(raw)
+
+
 def test_unknown_key_suggests_close_match():
     with pytest.raises(ConfigError, match=r"optim.lrr.*Did you mean optim.lr\?"):
         from_configdict({"optim": {"lrr": 1.0}})

@@ -197,20 +197,41 @@ def _parse_mixture(value: Any) -> tuple[tuple[str, float], ...]:
 
 def _parse_rules_string(text: str) -> dict[str, str]:
     """'embed=fsdp,mlp=tensor' -> {'embed': 'fsdp', 'mlp': 'tensor'}; '+' joins axes."""
+    return _parse_pairs(text, "mesh.rules", "name=axis[+axis]")
+
+
+def _parse_pairs(text: str, path: str, form: str) -> dict[str, str]:
+    """'a=x,b=y' -> {'a': 'x', 'b': 'y'}."""
     out = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         if "=" not in item:
-            raise ConfigError(f"mesh.rules: expected name=axis[+axis], got {item!r}.")
-        name, axes = item.split("=", 1)
-        out[name.strip()] = axes.strip()
+            raise ConfigError(f"{path}: expected {form}, got {item!r}.")
+        name, value = item.split("=", 1)
+        out[name.strip()] = value.strip()
     return out
+
+
+def _named_sizes(value: Any, path: str) -> Any:
+    """A mesh shape by axis name ({'data': 2, 'tensor': 4}, or 'data=2,tensor=4' on the command
+    line) as the tuple over every mesh axis, the unnamed ones 1; a shape by position as it is.
+    Six positions are easy to misplace; names say which axis gets which size."""
+    if isinstance(value, str) and "=" in value:
+        value = _parse_pairs(value, path, "AXIS=SIZE")
+    if not isinstance(value, Mapping):
+        return value
+    for axis in value:
+        if axis not in MESH_AXES:
+            raise ConfigError(unknown_choice(f"{path} axis", axis, MESH_AXES))
+    return tuple(value.get(axis, 1) for axis in MESH_AXES)
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if isinstance(raw, cls):
         return raw
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a group of keys, got {raw!r}.")
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a group of keys, got {raw!r}; set them one by one "
+                          f"(--config.{prefix}KEY=VALUE).")  # fmt: skip
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -231,6 +252,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     """Checks (and, for strings from the command line, parses) one value against its type."""
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, path + ".")
+    if path in ("mesh.shape", "mesh.dcn_shape"):
+        value = _named_sizes(value, path)
     if path == "mesh.rules":
         return value if isinstance(value, tuple) else _merge_rules(value)
     if path == "data.mixture":
@@ -239,10 +262,15 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        like = "sizes by position like 1,1,-1,1,1,1 or by axis like data=2,fsdp=-1"
+        like = like if path in ("mesh.shape", "mesh.dcn_shape") else "a tuple like 1,8,1"
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a tuple like 1,8,1, got {value!r}.")
+            raise ConfigError(f"{path}: expected {like}, got {value!r}.")
         (elem,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
-        return tuple(_coerce(elem, v, path) for v in value)
+        try:
+            return tuple(_coerce(elem, v, path) for v in value)
+        except ConfigError:
+            raise ConfigError(f"{path}: expected {like}, got {value!r}.") from None
     if origin is typing.Literal:  # a choice field
         if value not in typing.get_args(tp):
             raise ConfigError(unknown_choice(path, value, typing.get_args(tp)))
