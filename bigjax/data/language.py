@@ -22,8 +22,8 @@ import re
 import unicodedata
 from typing import Any
 
-# Scripts written without spaces between words (code point ranges).
-_UNSEGMENTED = (
+# Scripts written without spaces between words (code point ranges, for a regex class).
+UNSEGMENTED = (
     "\u0e00-\u0eff"  # Thai, Lao
     "\u0f00-\u0fff"  # Tibetan
     "\u1000-\u109f"  # Myanmar
@@ -32,16 +32,17 @@ _UNSEGMENTED = (
     "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs
     "\U00020000-\U0003134f"  # CJK extensions B-H
 )
-_UNSEGMENTED_CHAR = re.compile(f"[{_UNSEGMENTED}]")
+_UNSEGMENTED_CHAR = re.compile(f"[{UNSEGMENTED}]")
 # One unit: a character of an unsegmented script, or a run of anything else but whitespace.
-_UNIT = re.compile(f"[{_UNSEGMENTED}]|[^\\s{_UNSEGMENTED}]+")
-_LETTERS = re.compile(
-    # letter runs with their combining marks (Python's \w leaves out Devanagari vowel signs
-    # and Arabic harakat, which would cut every Hindi word in pieces)
-    r"(?:[^\W\d_]|[\u0300-\u036f\u0483-\u0489\u0591-\u05c7\u0610-\u061a\u064b-\u065f"
+_UNIT = re.compile(f"[{UNSEGMENTED}]|[^\\s{UNSEGMENTED}]+")
+# The combining marks that are part of letters (for a regex class): Python's \w leaves out
+# Devanagari vowel signs and Arabic harakat, which would cut every Hindi word in pieces.
+MARKS = (
+    r"\u0300-\u036f\u0483-\u0489\u0591-\u05c7\u0610-\u061a\u064b-\u065f"
     r"\u0670\u06d6-\u06ed\u0900-\u0903\u093a-\u094f\u0951-\u0957\u0962\u0963"
-    r"\u0e31\u0e34-\u0e3a\u0e47-\u0e4e])+"
+    r"\u0e31\u0e34-\u0e3a\u0e47-\u0e4e"
 )
+_LETTERS = re.compile(rf"(?:[^\W\d_]|[{MARKS}])+")  # letter runs with their combining marks
 
 # Most frequent words per writing system (char: single characters counted; word: lower-cased
 # letter runs counted). Lists are unions over the script's major languages.
