@@ -548,6 +548,22 @@ def test_fuzzed_bodies_never_get_a_server_error(server):
     assert httpx.get(f"{url}/health").status_code == 200
 
 
+def test_a_model_is_retrieved_by_name(server):
+    """`client.models.retrieve`, as clients check that a model exists before they use it
+    (it was a 404 'no route'): this model's object, the list's, and another name a 404
+    naming the one served."""
+    import openai
+
+    url, _ = server
+    client = _client(url)
+    model = client.models.retrieve("run")
+    assert model.model_dump() == client.models.list().data[0].model_dump()
+    with pytest.raises(openai.NotFoundError, match="'org/gpt-4' does not exist; this server "
+                       "serves 'run'"):  # fmt: skip
+        client.models.retrieve("org/gpt-4")
+    assert httpx.get(f"{url}/v1/models/run").status_code == 401  # the key, as every route
+
+
 def test_an_allowed_origin_must_be_an_origin():
     from bigjax.config import ConfigError
     from bigjax.serving.server import Options

@@ -109,11 +109,16 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
     async def metrics() -> Response:
         return Response(monitor.text(), media_type="text/plain; version=0.0.4")
 
+    the_model = {"id": served.model_name, "object": "model", "created": _STARTED,
+                 "owned_by": "bigjax", "max_model_len": served.max_len}  # fmt: skip
+
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{
-            "id": served.model_name, "object": "model", "created": _STARTED,
-            "owned_by": "bigjax", "max_model_len": served.max_len,
-        }]})  # fmt: skip
+        return JSONResponse({"object": "list", "data": [the_model]})
+
+    async def model(request: Request) -> Response:
+        # `client.models.retrieve(name)`: what clients call to check a model exists
+        _check_model(request.path_params["name"], served.model_name)
+        return JSONResponse(the_model)
 
     async def tokenizer_info(request: Request) -> Response:
         specials = {v: k for k, v in tokenizers.special_tokens(served.tokenizer).items()}
@@ -189,6 +194,7 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
 
     for path, fn, method in (
         ("/v1/models", models, "GET"),
+        ("/v1/models/{name:path}", model, "GET"),  # path: a name may hold a slash (org/model)
         ("/tokenizer_info", tokenizer_info, "GET"),
         ("/tokenize", tokenize, "POST"),
         ("/detokenize", detokenize, "POST"),
