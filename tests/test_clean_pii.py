@@ -151,35 +151,61 @@ def test_personal_data_at_any_punctuation_and_glued_to_cjk(text, kind):
 
 
 @pytest.mark.parametrize(
-    "text, address",
-    [  # each was missed whole, or left the start of its name behind ("mü<EMAIL>")
-        ("Schreib an müller@example.de bitte.", "müller@example.de"),
-        ("info@münchen.de", "info@münchen.de"),
-        ("contact josé.garcía@correo.es today", "josé.garcía@correo.es"),
-        ("Почта: иван@почта.рф.", "иван@почта.рф"),
-        ("메일: 김철수@예시.한국 입니다", "김철수@예시.한국"),
-        ("ईमेल: हिन्दी@उदाहरण.भारत", "हिन्दी@उदाहरण.भारत"),
-        ("mail first_last@example.com", "first_last@example.com"),  # was first_<EMAIL>
-        ("punycode a@b.xn--p1ai.", "a@b.xn--p1ai"),
-        ("メールはtanaka＠example.jpです", "tanaka＠example.jp"),  # the full-width at sign
+    "text, found, kind",
+    [  # addresses: each was missed whole, or left the start of its name ("mü<EMAIL>")
+        ("Schreib an müller@example.de bitte.", "müller@example.de", "EMAIL"),
+        ("info@münchen.de", "info@münchen.de", "EMAIL"),
+        ("contact josé.garcía@correo.es today", "josé.garcía@correo.es", "EMAIL"),
+        ("Почта: иван@почта.рф.", "иван@почта.рф", "EMAIL"),
+        ("메일: 김철수@예시.한국 입니다", "김철수@예시.한국", "EMAIL"),
+        ("ईमेल: हिन्दी@उदाहरण.भारत", "हिन्दी@उदाहरण.भारत", "EMAIL"),
+        ("mail first_last@example.com", "first_last@example.com", "EMAIL"),  # was first_<EMAIL>
+        ("punycode a@b.xn--p1ai.", "a@b.xn--p1ai", "EMAIL"),
+        ("メールはtanaka＠example.jpです", "tanaka＠example.jp", "EMAIL"),  # full-width at sign
         # a script without spaces: the glued words before the name go with it
-        ("邮箱：张伟@例子.中国。", "张伟@例子.中国"),
-        ("请联系张伟@例子.中国", "请联系张伟@例子.中国"),
+        ("邮箱：张伟@例子.中国。", "张伟@例子.中国", "EMAIL"),
+        ("请联系张伟@例子.中国", "请联系张伟@例子.中国", "EMAIL"),
+        # a password named in the text's own language, and an environment file's lines
+        ('Passwort: "geheim12345"', "geheim12345", "SECRET"),
+        ('mot de passe = "motdepasse99"', "motdepasse99", "SECRET"),
+        ('contraseña="abcdefgh1"', "abcdefgh1", "SECRET"),
+        ('пароль = "qwerty12345"', "qwerty12345", "SECRET"),
+        ('您的密码："abc12345678"', "abc12345678", "SECRET"),
+        ("DB_PASSWORD=hunter2hunter2", "hunter2hunter2", "SECRET"),
+        ("export HF_TOKEN=hf_abcdefghijkl", "hf_abcdefghijkl", "SECRET"),
+        ("  AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG", "wJalrXUtnFEMI/K7MDENG", "SECRET"),
     ],
 )
-def test_addresses_in_any_script_are_scrubbed_whole(text, address):
+def test_personal_data_in_any_language_is_replaced_whole(text, found, kind):
     out, counts = scrub(text)
-    assert counts == {"EMAIL": 1} and out == text.replace(address, "<EMAIL>"), out
+    assert counts == {kind: 1} and out == text.replace(found, f"<{kind}>"), out
 
 
-def test_address_search_is_linear_in_hostile_text():
+@pytest.mark.parametrize(
+    "text",
+    [  # settings whose names hold a secret's word but are none
+        "NUM_TOKENS=12345678",
+        "MAX_TOKEN_LENGTH=100000000",
+        "PASSWORD_FILE=/run/secrets/db",
+        "password = get_password()",
+        'FORCE_CHANGE_PASSWORD = "FORCE_CHANGE_PASSWORD"',
+    ],
+)
+def test_settings_named_like_secrets_are_left_alone(text):
+    assert scrub(text) == (text, {})
+
+
+def test_address_and_secret_search_is_linear_in_hostile_text():
     # every @ is looked at, and each costs at most the address's length: searching 512
     # characters around each @ instead took 3 s for a line of 100,000 at signs (ASCII art)
     # and 7 s for 100,000 "a@"
     import time
 
     start = time.perf_counter()
-    for text in ("@" * 200_000, "a@" * 100_000, "a" * 200_000 + "@b.cc", "中" * 200_000 + "@x.cn"):
+    hostile = ("@" * 200_000, "a@" * 100_000, "a" * 200_000 + "@b.cc", "中" * 200_000 + "@x.cn")
+    # ... and for the secrets' names: a pattern that tried the secret words after every _ of
+    # a long identifier took 270 s on "a_" * 50,000
+    for text in (*hostile, "a_" * 50_000, "A_" * 50_000 + "=" + "b" * 10, "PASSWORD" * 50_000):
         scrub(text)
     assert time.perf_counter() - start < 5.0  # about 0.1 s here; generous for a slow machine
 

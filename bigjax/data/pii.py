@@ -44,12 +44,24 @@ _SECRET = re.compile(
     r"|\bsk-[A-Za-z0-9_-]{20,}\b",  # OpenAI-style keys
     re.DOTALL | re.ASCII,
 )
-# key = "value" assignments whose name says secret: only the value (group 3) is replaced.
-_SECRET_ASSIGNMENT = re.compile(
-    r"""(?i)\b((?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd)"""
-    r"""\s*[:=]\s*)(['"])([^'"\s]{8,})\2""",
-    re.ASCII,
+# Names that say "password" in the languages people write configs in (the English ones
+# below them): a value quoted after one is a secret whatever the language of the text.
+_PASSWORD_WORDS = (
+    "passwort|kennwort|mot[_ -]?de[_ -]?passe|contrase[nñ]a|senha|wachtwoord|has[lł]o|parola"
+    "|[sş]ifre|l[oö]senord|salasana|heslo|jelsz[oó]|пароль|密码|密碼|パスワード|비밀번호"
 )
+# key = "value" assignments whose name says secret: only the value (group 3) is replaced.
+# The boundary before the name is ASCII's, as the module's others (密码 glued to Chinese text).
+_SECRET_ASSIGNMENT = re.compile(
+    r"""(?i)(?<![A-Za-z0-9_])((?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token"""
+    rf"""|password|passwd|{_PASSWORD_WORDS})\s*[:=：]\s*)(['"])([^'"\s]{{8,}})\2"""
+)
+# An environment file's line (.env, docker-compose, shell): NAME=value, unquoted; a secret if
+# the name says so (`_SECRET_NAME`, checked after the match: inside this pattern its
+# alternation, tried at every split of a long name, made a line of capitals quadratic).
+_ENV_LINE = re.compile(r"^[ \t]*(?:export[ \t]+)?([A-Z0-9_]+)=([^\s'\"#]{8,})[ \t]*$", re.MULTILINE)
+# the name's last word (HF_TOKEN, AWS_SECRET_ACCESS_KEY; not MAX_TOKENS or PASSWORD_FILE)
+_SECRET_NAME = re.compile("(?:^|_)(?:PASSWORD|PASSWD|SECRET|SECRET_KEY|API_?KEY|ACCESS_KEY|TOKEN)$")
 # Addresses in any script (RFC 6531 and IDNA: müller@, josé.garcía@, иван@почта.рф,
 # 김철수@예시.한국, 张伟@例子.中国), with the full-width ＠ of CJK text too. The local part is the
 # run before the @ of either ASCII's characters and the letters, digits and marks of scripts
@@ -303,6 +315,11 @@ def find(text: str, language: str = "und") -> list[Span]:
     regions = tuple(dict.fromkeys(REGIONS_BY_LANGUAGE.get(language, ()) + DEFAULT_REGIONS))
     found: list[Span] = [
         (m.start(3), m.end(3), "SECRET") for m in _SECRET_ASSIGNMENT.finditer(text)
+    ]
+    found += [
+        (m.start(2), m.end(2), "SECRET")
+        for m in _ENV_LINE.finditer(text)
+        if _SECRET_NAME.search(m.group(1))
     ]
     found += _regex_spans("SECRET", _SECRET, text)
     found += _email_spans(text)
