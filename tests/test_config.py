@@ -51,6 +51,8 @@ def test_mesh_shape_by_axis_name(given, want):
         ({"mesh": {"shape": "{'data':3}"}}, r"mesh.shape: expected sizes by position like "
          r"1,1,-1,1,1,1 or by axis like data=2,fsdp=-1"),
         ({"mesh": {"shape": "data=two"}}, r"mesh.shape: expected sizes by position"),
+        # ... and what was wrong with the entry: a huge number says so
+        ({"mesh": {"shape": "data=" + "9" * 30}}, r"by axis like .*does not fit a 64-bit integer"),
         ({"model": 1}, r"^model: expected a group of keys, got 1; set them one by one "
          r"\(--config.model.KEY=VALUE\)"),
     ],

@@ -269,8 +269,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         (elem,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
         try:
             return tuple(_coerce(elem, v, path) for v in value)
-        except ConfigError:
-            raise ConfigError(f"{path}: expected {like}, got {value!r}.") from None
+        except ConfigError as e:  # which forms work, then what was wrong with this entry
+            why = str(e).removeprefix(f"{path}: ")
+            raise ConfigError(f"{path}: expected {like}, got {value!r}: {why}") from None
     if origin is typing.Literal:  # a choice field
         if value not in typing.get_args(tp):
             raise ConfigError(unknown_choice(path, value, typing.get_args(tp)))
