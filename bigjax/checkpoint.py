@@ -43,7 +43,8 @@ class CheckpointMismatch(UsageError, CheckpointError):
 
 
 class UnreadablePath(UsageError, CheckpointError):
-    """A checkpoint directory whose path Orbax could write but not read back."""
+    """A checkpoint directory whose path Orbax cannot use: one it could write but not read back,
+    or a name that is not UTF-8."""
 
 
 def check_path(directory: Path) -> Path:
@@ -51,7 +52,13 @@ def check_path(directory: Path) -> Path:
     parts with glob patterns built from its whole path (its local-file paths glob unescaped),
     so a folder named like `run[1]` (`[1]` is a character class: it matches `run1`, not
     itself) was saved but never restored, the error blaming the config. `*` and `?` match
-    themselves, and are left alone."""
+    themselves, and are left alone. A name that is not UTF-8 is refused too: TensorStore takes
+    UTF-8 paths only, and failed at the first save with a C++ cast error."""
+    if shown := errors.not_utf8(directory):
+        raise UnreadablePath(
+            f"{shown}: a name that is not UTF-8; TensorStore, which writes the checkpoints, "
+            "takes UTF-8 paths only. Rename it, or choose another directory."
+        )
     for part in Path(directory).absolute().parts:
         if not fnmatch.fnmatchcase(part, part):
             raise UnreadablePath(

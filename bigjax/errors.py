@@ -5,6 +5,7 @@ behind. This module imports nothing of bigjax's: every layer may raise these."""
 
 import contextlib
 import errno
+import os
 from collections.abc import Iterator
 
 USAGE_ERROR = 2  # bad config or input: fix the command
@@ -40,6 +41,22 @@ PATH_REFUSED = {
     errno.EISDIR: "it is a directory where a file was wanted",
     errno.ELOOP: "its symbolic links form a loop",
 }
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """`path` as text any UTF-8 reader takes: the bytes of a name that are not UTF-8 (a Latin-1
+    name on a Linux disk) as `\\xNN`. Python holds them as lone surrogates, which a JSON reader
+    may refuse and a UTF-8 writer does."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def not_utf8(path: str | os.PathLike[str]) -> str | None:
+    """The absolute `path` shown (`shown_path`) if its bytes are not all UTF-8, else None.
+    TensorStore (checkpoints) and ArrayRecord (dataset shards) take UTF-8 paths only: another
+    fails deep in their C++ bindings with a cast error, after the work is done."""
+    full = os.path.abspath(path)
+    return None if shown_path(full) == full else shown_path(full)
+
 
 # as tensorstore and SQLite (a sweep's study) word them
 FULL_DISK = ("No space left on device", "Disk quota exceeded", "database or disk is full")

@@ -196,7 +196,9 @@ def keep_only_the_error(workdir: Path) -> Callable[..., bool]:
                     continue  # still held: released (emptied) right after this
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             text = "".join(traceback.format_exception(kind, error, tb))
-            (workdir / "error.log").write_text(f"bigjax: error: {error}\n\n{text}")
+            (workdir / "error.log").write_text(
+                f"bigjax: error: {error}\n\n{text}", encoding="utf-8", errors="backslashreplace"
+            )
         return False  # the error goes on to the caller
 
     return on_exit
@@ -212,6 +214,7 @@ def open_workdir(workdir: Path) -> bool:
         )
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir}: exists and is not a directory.")
+    checkpoint.check_path(workdir)  # a name Orbax cannot use: refused before it is made
     try:
         fresh = not workdir.exists() or not any(workdir.iterdir())
         workdir.mkdir(parents=True, exist_ok=True)

@@ -276,6 +276,19 @@ def test_a_full_disk_under_the_tools_is_one_line_naming_the_output(tmp_path, cap
         subprocess.run(["umount", "-l", str(mount)])
 
 
+def test_paths_that_are_not_utf8_are_refused_before_anything_is_written(tmp_path, capsys):
+    # TensorStore and ArrayRecord take UTF-8 paths only: a Latin-1 name trained every step,
+    # then failed at the first save with a C++ cast error (and writing error.log raised
+    # UnicodeEncodeError); prepare cleaned the whole corpus first, then failed the same way
+    latin1 = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9")
+    args = ["--config", TINY, *SMALL, "--config.num_steps=1"]
+    err = _one_line(capsys, "train", *args, "--workdir", f"{latin1}/run")
+    assert f"error: {tmp_path}/caf\\xe9/run: a name that is not UTF-8; TensorStore" in err
+    err = _one_line(capsys, "prepare", "--input", "stdlib", "--output", f"{latin1}/ds")
+    assert f"--output {tmp_path}/caf\\xe9/ds: a name that is not UTF-8" in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_run_directories_that_cannot_be_one(tmp_path, capsys):
     args = ["--config", TINY, *SMALL, "--config.num_steps=1"]
     dangling = tmp_path / "dangling"

@@ -249,6 +249,51 @@ def test_symlink_loops_read_each_real_file_once(tmp_path):
     assert m["dedup"]["exact"] == 0 and m["skipped_files"]["counts"] == {}
 
 
+def test_a_folder_given_whole_reads_every_file_under_it_and_counts_the_rest(tmp_path):
+    # `--input corpus/` was a folder skipped as the tree's structure: nothing read, and beside
+    # other inputs its documents were lost without a word
+    root = _corpus(tmp_path / "corpus")
+    _corpus(root / "deeper" / "still", n=2)  # doc0, doc1 again: same text, other files
+    (root / "deeper" / "up").symlink_to("..")  # a loop: each folder once
+    (root / "LICENSE").write_text("Permission is hereby granted")
+    _corpus(root / ".git", n=1)  # hidden, as `**` leaves it: not part of the corpus
+    m = prepare(_cfg([root], tmp_path / "ds", exact_dedup=False))
+    assert sorted(Path(f["path"]).relative_to(root).as_posix() for f in m["inputs"]) == [
+        "deeper/still/doc0.txt", "deeper/still/doc1.txt", "doc0.txt", "doc1.txt", "doc2.txt",
+    ]  # fmt: skip
+    assert m["documents_in"] == 5
+    assert m["skipped_files"] == {
+        "counts": {"unsupported_type": 1},
+        "files": [{"path": str(root / "LICENSE"), "reason": "unsupported_type"}],
+    }
+    # named by a pattern, the same file is the user's request: refused, with the way out
+    with pytest.raises(DataError, match="LICENSE: unsupported file type.*name the folder"):
+        prepare(_cfg([root / "*"], tmp_path / "ds2"))
+    with pytest.raises(DataError, match=r"matches only folders \(.*deeper\); name a folder"):
+        prepare(_cfg([root / "deep*"], tmp_path / "ds2"))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(DataError, match="no files in it"):
+        prepare(_cfg([tmp_path / "empty"], tmp_path / "ds2"))
+
+
+def test_file_names_that_are_not_utf8_are_shown_by_their_bytes(tmp_path):
+    # a Latin-1 name on a Linux disk: read, its path went into manifest.json as a lone
+    # surrogate (which strict JSON readers refuse); skipped, it failed the whole run with a
+    # UnicodeEncodeError while report.md was written
+    root = _corpus(tmp_path / "c", n=1)
+    folder = os.fsencode(root)
+    Path(os.fsdecode(folder + b"/caf\xe9.txt")).write_text("Second. " + TEXT)
+    os.symlink(b"nowhere", folder + b"/gone-\xe9.txt")
+    m = prepare(_cfg([root / "*.txt"], tmp_path / "ds"))
+    assert [Path(f["path"]).name for f in m["inputs"]] == ["caf\\xe9.txt", "doc0.txt"]
+    assert m["skipped_files"]["files"] == [
+        {"path": f"{root}/gone-\\xe9.txt", "reason": "dangling_symlink"}
+    ]
+    raw = (tmp_path / "ds" / "manifest.json").read_bytes()
+    assert b"\\ud" not in raw  # no escaped surrogate: the file is plain UTF-8 JSON
+    assert "gone-\\xe9.txt`: dangling_symlink" in (tmp_path / "ds" / "report.md").read_text()
+
+
 def test_a_byte_order_mark_is_not_text_nor_a_malformed_record(tmp_path):
     # Windows tools (and pandas' utf-8-sig) start files with one: the first JSON line was
     # skipped as malformed, and a text file's document began with U+FEFF

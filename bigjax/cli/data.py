@@ -55,7 +55,7 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     from bigjax.data.clean import NEAR_THRESHOLD, QualityConfig
 
     p = add_command(sub, cmd_prepare)
-    p.add_argument("--input", nargs="+", required=True, help="globs, or 'stdlib'")
+    p.add_argument("--input", nargs="+", required=True, help="globs, folders, or 'stdlib'")
     p.add_argument("--output", required=True, help="dataset directory to create")
     p.add_argument(
         "--tokenizer",

@@ -8,9 +8,14 @@ matches but cannot be read is returned with a reason instead of being dropped si
 anything that is not a regular file at the moment it is opened.
 
 Glob semantics follow `glob.glob(..., recursive=True)`: `*`, `?` and `[...]` within one path
-component, `**` for any depth; names starting with '.' match only patterns that do. One
-addition: a component also matches a name equal to it, so an existing folder named `data[1]`
-is found by its own name (glob's `[1]` matches only `data1`).
+component, `**` for any depth; names starting with '.' match only patterns that do. Two
+additions: a component also matches a name equal to it, so an existing folder named `data[1]`
+is found by its own name (glob's `[1]` matches only `data1`); and a pattern that is a folder's
+name stands for every file under it, as `FOLDER/**` would (`.git` and other hidden names
+left out).
+
+Paths are shown (in logs, the manifest, the report) by `errors.shown_path`: a name that is not
+UTF-8 (a Latin-1 name on a Linux disk) keeps its bytes as `\\xNN`, so any reader takes it.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import io
 import os
 import stat
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+from bigjax.errors import shown_path
 
 SKIP_REASONS = (
     "vanished",  # listed, then gone before it was read
@@ -33,6 +40,7 @@ SKIP_REASONS = (
     "unreadable",  # permission denied, or an I/O error while reading
     "not_regular_file",  # FIFO, socket, device
     "corrupt",  # a damaged .gz, .zst or .parquet (documents read before the damage are kept)
+    "unsupported_type",  # under a folder given whole: a LICENSE beside the .jsonl files
 )
 
 
@@ -149,16 +157,28 @@ def matches(pattern: str) -> list[Path]:
     return list(_walk(root, parts[first:], {_dir_key(root)}))
 
 
-def expand(patterns: Sequence[str], explicit: dict[str, list[Path]] | None = None) -> Expanded:
+def under(folder: str | Path) -> list[Path]:
+    """Every path under `folder`, at any depth, as `FOLDER/**` matches them."""
+    return list(_walk(Path(folder), ["**"], {_dir_key(Path(folder))}))
+
+
+def expand(
+    patterns: Sequence[str],
+    explicit: dict[str, list[Path]] | None = None,
+    usable: Callable[[Path], bool] = lambda path: True,
+) -> Expanded:
     """The usable files and the skipped paths of `patterns`. `explicit` maps a pattern to its
-    own list of paths instead (the built-in corpus)."""
+    own list of paths instead (the built-in corpus). A pattern naming a folder stands for the
+    files under it; those `usable` refuses are skipped as `unsupported_type` (a file named or
+    matched by a pattern is the caller's to refuse: the user asked for it)."""
     files: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     seen: set[tuple[int, int]] = set()
     for pattern in patterns:
         paths = (explicit or {}).get(pattern)
+        whole_folder = paths is None and os.path.isdir(pattern)
         if paths is None:
-            paths = sorted(matches(pattern))
+            paths = sorted(under(pattern) if whole_folder else matches(pattern))
         for path in paths:
             what = classify(path)
             if what == "directory":
@@ -167,7 +187,10 @@ def expand(patterns: Sequence[str], explicit: dict[str, list[Path]] | None = Non
                 skipped.append((path, what))
             elif what not in seen:
                 seen.add(what)
-                files.append(path)
+                if whole_folder and not usable(path):
+                    skipped.append((path, "unsupported_type"))
+                else:
+                    files.append(path)
     return Expanded(files, skipped)
 
 
@@ -191,4 +214,4 @@ def open_regular(path: Path) -> io.BufferedReader:
 
 
 def log_skip(path: Path, reason: str) -> None:
-    print(f"prepare: skipped {path}: {reason.replace('_', ' ')}", file=sys.stderr)
+    print(f"prepare: skipped {shown_path(path)}: {reason.replace('_', ' ')}", file=sys.stderr)

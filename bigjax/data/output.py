@@ -19,7 +19,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-from bigjax import runlock
+from bigjax import errors, runlock
 from bigjax.data.sources import DataError
 from bigjax.dirswap import staging_dir, swap_in
 
@@ -44,6 +44,11 @@ def _marker(directory: Path) -> dict | None:
 def check_target(output: str, inputs: Sequence[Path]) -> Path:
     """The absolute target directory, if writing there can destroy nothing of the user's."""
     final = Path(os.path.abspath(output))
+    if shown := errors.not_utf8(final):
+        raise OutputError(
+            f"--output {shown}: a name that is not UTF-8; ArrayRecord, which writes the "
+            "shards, takes UTF-8 paths only. Rename it, or choose another --output."
+        )
     if final.is_symlink():
         raise OutputError(f"--output {output}: is a symbolic link; give the directory itself.")
     if final.exists() and not final.is_dir():

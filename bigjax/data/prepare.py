@@ -385,8 +385,8 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
         "languages": dict(sorted(languages.items(), key=lambda kv: (-kv[1], kv[0]))),
         "splits": splits,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (out / "report.md").write_text(render_report(manifest))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(render_report(manifest), encoding="utf-8")
     throughput = bytes_in / 1e6 / max(clean_seconds + tokenize_seconds, 1e-9)
     print(
         f"prepared {manifest['documents_out']:,} of {documents_in:,} documents, "

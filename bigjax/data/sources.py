@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 from bigjax.data import files as filetree
 from bigjax.data.corpus import stdlib_files
-from bigjax.errors import UsageError
+from bigjax.errors import UsageError, shown_path
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -55,7 +56,7 @@ class FileLog:
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def skip(self, path: Path, reason: str) -> None:
-        self.skipped.append((str(path), reason))
+        self.skipped.append((shown_path(path), reason))
         filetree.log_skip(path, reason)
 
 
@@ -63,7 +64,7 @@ class DataError(UsageError, ValueError):
     """Input that cannot be prepared; the message names the file (and line) and the fix."""
 
 
-def _kind(path: Path) -> str:
+def _kind_of(path: Path) -> str | None:
     name = path.name.lower()
     for suffixes, kind in (
         (JSONL_SUFFIXES, "jsonl"),
@@ -72,18 +73,40 @@ def _kind(path: Path) -> str:
     ):
         if name.endswith(suffixes):
             return kind
-    raise DataError(f"{path}: unsupported file type; supported: {', '.join(SUPPORTED)}.")
+    return None
+
+
+def _kind(path: Path) -> str:
+    if kind := _kind_of(path):
+        return kind
+    raise DataError(
+        f"{shown_path(path)}: unsupported file type; supported: {', '.join(SUPPORTED)}. "
+        "Narrow the pattern to those, or name the folder itself: a folder's other files are "
+        "skipped and counted."
+    )
 
 
 def expand_inputs(patterns: Sequence[str]) -> filetree.Expanded:
-    """Globs (recursive `**` allowed) and 'stdlib': each real file once, sorted within each
-    pattern, plus what matched but cannot be read. A pattern that names nothing at all is an
-    error (a typo, not an odd file)."""
+    """Globs (recursive `**` allowed), folders (every file under them) and 'stdlib': each real
+    file once, sorted within each pattern, plus what matched but cannot be read. A pattern that
+    names nothing at all, or only folders, is an error (a typo, not an odd file)."""
     explicit = {"stdlib": stdlib_files()} if "stdlib" in patterns else {}
     for pattern in patterns:
-        if pattern not in explicit and not filetree.matches(pattern):
+        if pattern in explicit or os.path.isdir(pattern):
+            continue
+        found = filetree.matches(pattern)
+        if not found:
             raise DataError(f"--input {pattern!r}: no such file (nothing matches).")
-    expanded = filetree.expand(patterns, explicit)
+        if all(os.path.isdir(p) for p in found):  # `corpora/*`: folders, not their files
+            raise DataError(
+                f"--input {pattern!r}: matches only folders ({shown_path(found[0])}"
+                f"{f' and {len(found) - 1} more' if len(found) > 1 else ''}); name a folder to "
+                f"read every file under it, or match its files ('{pattern}/**/*.jsonl')."
+            )
+    expanded = filetree.expand(patterns, explicit, usable=lambda path: bool(_kind_of(path)))
+    if not expanded.files and not expanded.skipped:
+        shown = " ".join(repr(p) for p in patterns)
+        raise DataError(f"--input {shown}: no files in it (only empty folders).")
     for path in expanded.files:
         _kind(path)
     return expanded
@@ -215,29 +238,29 @@ def _lines(f: io.BufferedIOBase, limit: int) -> Iterator[bytes | None]:
 
 
 def _read_text_file(
-    path: Path, f: io.BufferedIOBase, invalid_utf8: str, limit: int
+    source: str, f: io.BufferedIOBase, invalid_utf8: str, limit: int
 ) -> Iterator[RawDoc]:
     data = f.read(limit + 1)
     if len(data) > limit:
         _read_through(f, line=False)
-        yield RawDoc(str(path), 0, None, "too_large")
+        yield RawDoc(source, 0, None, "too_large")
         return
     data = data.removeprefix(codecs.BOM_UTF8)  # a byte-order mark (Windows tools): not text
     if not data.strip():
-        yield RawDoc(str(path), 0, None, "empty_file")
+        yield RawDoc(source, 0, None, "empty_file")
         return
     text, repaired = _decode(data, invalid_utf8)
-    yield RawDoc(str(path), 0, text, None if text is not None else "invalid_utf8", repaired)
+    yield RawDoc(source, 0, text, None if text is not None else "invalid_utf8", repaired)
 
 
 def _read_jsonl(
-    path: Path, f: io.BufferedIOBase, field: str, invalid_utf8: str, limit: int
+    source: str, f: io.BufferedIOBase, field: str, invalid_utf8: str, limit: int
 ) -> Iterator[RawDoc]:
     empty = True
     for number, raw in enumerate(_lines(f, limit), start=1):
         if raw is None:
             empty = False
-            yield RawDoc(str(path), number, None, "too_large")
+            yield RawDoc(source, number, None, "too_large")
             continue
         if number == 1:  # a byte-order mark: the first record was dropped as malformed
             raw = raw.removeprefix(codecs.BOM_UTF8)
@@ -246,24 +269,24 @@ def _read_jsonl(
         empty = False
         line, repaired = _decode(raw, invalid_utf8)
         if line is None:
-            yield RawDoc(str(path), number, None, "invalid_utf8")
+            yield RawDoc(source, number, None, "invalid_utf8")
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            yield RawDoc(str(path), number, None, "malformed_json")
+            yield RawDoc(source, number, None, "malformed_json")
             continue
         text = record.get(field) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            yield RawDoc(str(path), number, None, "missing_field")
+            yield RawDoc(source, number, None, "missing_field")
             continue
-        yield RawDoc(str(path), number, text, None, repaired)
+        yield RawDoc(source, number, text, None, repaired)
     if empty:
-        yield RawDoc(str(path), 0, None, "empty_file")
+        yield RawDoc(source, 0, None, "empty_file")
 
 
 def _read_parquet(
-    path: Path, f: io.BufferedIOBase, raw: io.BufferedReader, field: str, limit: int
+    source: str, f: io.BufferedIOBase, raw: io.BufferedReader, field: str, limit: int
 ) -> Iterator[RawDoc]:
     import pyarrow.parquet as pq
 
@@ -274,20 +297,20 @@ def _read_parquet(
     raw.seek(0)
     pf = pq.ParquetFile(raw)
     if field not in pf.schema_arrow.names:
-        yield RawDoc(str(path), 0, None, "missing_field")
+        yield RawDoc(source, 0, None, "missing_field")
         return
     row = 0
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             row += 1
             if isinstance(value, str) and len(value) * 4 > limit and len(value.encode()) > limit:
-                yield RawDoc(str(path), row, None, "too_large")
+                yield RawDoc(source, row, None, "too_large")
             elif isinstance(value, str):
-                yield RawDoc(str(path), row, value)
+                yield RawDoc(source, row, value)
             else:
-                yield RawDoc(str(path), row, None, "missing_field")
+                yield RawDoc(source, row, None, "missing_field")
     if row == 0:
-        yield RawDoc(str(path), 0, None, "empty_file")
+        yield RawDoc(source, 0, None, "empty_file")
 
 
 def _failure(error: Exception) -> str | None:
@@ -324,17 +347,18 @@ def read_documents(
             log.skip(path, e.reason)
             continue
         hashing = _Hashing(raw)
+        source = shown_path(path)
         try:
             with io.BufferedReader(hashing) as f:
                 if kind == "text":
-                    yield from _read_text_file(path, _as_utf8(f), invalid_utf8, limit)
+                    yield from _read_text_file(source, _as_utf8(f), invalid_utf8, limit)
                 elif kind == "jsonl":
                     with _decompressed(f, path.name.lower()) as stream:
                         yield from _read_jsonl(
-                            path, _as_utf8(stream), text_field, invalid_utf8, limit
+                            source, _as_utf8(stream), text_field, invalid_utf8, limit
                         )
                 else:
-                    yield from _read_parquet(path, f, raw, text_field, limit)
+                    yield from _read_parquet(source, f, raw, text_field, limit)
         except Exception as e:  # noqa: BLE001 - sorted into corrupt / unreadable, or re-raised
             # Documents read before the error are kept (and were counted); the file is named.
             reason = _failure(e)
@@ -343,5 +367,5 @@ def read_documents(
             log.skip(path, reason)
             continue
         log.read.append(
-            {"path": str(path), "bytes": hashing.size, "sha256": hashing.digest.hexdigest()}
+            {"path": source, "bytes": hashing.size, "sha256": hashing.digest.hexdigest()}
         )
