@@ -91,6 +91,20 @@ def _records(path: Path, split: str) -> list[np.ndarray]:
     return [np.frombuffer(source[i], info["dtype"]).astype(np.int32) for i in range(len(source))]
 
 
+def test_an_empty_validation_split_is_warned_with_a_fraction_that_fills_it(tmp_path, capfd):
+    # prepare said nothing; the first `bigjax train` on the dataset was the one to refuse it
+    files = [STDLIB / "json" / name for name in ("decoder.py", "encoder.py", "scanner.py")]
+    m = prepare(_cfg(files, tmp_path / "ds", val_fraction=0.0001))
+    assert m["splits"]["validation"]["documents"] == 0
+    err = capfd.readouterr().err
+    warning = "warning: no document fell in the validation split (3 documents, --val-fraction "
+    assert f"{warning}0.0001); bigjax train evaluates on it" in err, err
+    assert "e.g. --val-fraction 0.5." in err, err
+    # P(empty) = (1 - f)^3 by content hash: 1e-6 at 0.99, whatever Python's json/ holds
+    m = prepare(_cfg(files, tmp_path / "ds", val_fraction=0.99))
+    assert m["splits"]["validation"]["documents"] >= 1 and "warning" not in capfd.readouterr().err
+
+
 def test_messy_inputs_are_cleaned_counted_and_scrubbed(messy, tmp_path):
     out = tmp_path / "ds"
     m = prepare(_cfg([messy / "*"], out, val_fraction=0.0001))

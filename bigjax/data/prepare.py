@@ -325,6 +325,17 @@ def _prepare_into(out: Path, files: list[Path], log: FileLog, cfg: PrepareConfig
                 "or loosen the quality thresholds (e.g. --min-chars) or --no-quality."
             )
 
+        if cfg.val_fraction > 0 and not kept_docs["validation"]:
+            # The split is decided by each document's content hash; P(empty) = (1 - f)^n
+            n = kept_docs["train"]
+            print(
+                f"prepare: warning: no document fell in the validation split ({n:,} documents, "
+                f"--val-fraction {cfg.val_fraction:g}); bigjax train evaluates on it and will "
+                f"refuse this dataset. Prepare with more data or e.g. --val-fraction "
+                f"{min(0.5, 3 / n):.2g}.",
+                file=sys.stderr,
+            )
+
         # ---- tokenizer (BPE trains on the cleaned train split only: validation stays unseen)
         def train_texts() -> Iterator[str]:
             yield from _read_clean(work / "train.jsonl")
