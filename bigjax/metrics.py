@@ -249,15 +249,25 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a metrics file; a line cut short by a kill (or still being written while
     a sweep reads it), or damaged on disk (not UTF-8, not a JSON object, no integer step: every
     row bigjax writes has one), is skipped."""
-    rows = []
-    for line in path.read_bytes().splitlines():
+    return read_jsonl_checked(path)[0]
+
+
+def read_jsonl_checked(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """`read_jsonl`'s rows, and the numbers (from 1) of the lines it skipped as damaged. A last
+    line without its newline is not among them: a kill cut it, or it is being written."""
+    rows, damaged = [], []
+    data = path.read_bytes()
+    lines = data.splitlines()
+    for number, line in enumerate(lines, start=1):
         try:
             row = json.loads(line)  # bytes: UTF-8 decoded by json; a bad byte is a ValueError
         except ValueError:
-            continue
+            row = None
         if isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 0:
             rows.append(row)
-    return rows
+        elif line.strip() and (number < len(lines) or data.endswith(b"\n")):
+            damaged.append(number)
+    return rows, damaged
 
 
 def metric_value(value: object) -> float | None:

@@ -9,18 +9,21 @@ the data's share of the noise), tokens, FLOPs and wall time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import re
 import statistics
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from bigjax import history
-from bigjax.errors import UsageError
+from bigjax.errors import BigjaxWarning, UsageError, shown_path
 from bigjax.fit import PowerLaw, fit_power_law
-from bigjax.metrics import curve, metric_value, read_jsonl
+from bigjax.metrics import curve, metric_value, read_jsonl_checked
 
 
 class ReportError(UsageError, ValueError):
@@ -41,6 +44,7 @@ class Run:
     summary: dict[str, Any]
     # the final eval's lm-evaluation-harness numbers ('arc_easy/acc' -> 0.61), if any
     benchmarks: dict[str, float] = dataclasses.field(default_factory=dict)
+    damaged_lines: list[int] = dataclasses.field(default_factory=list)  # of metrics.jsonl
 
     @property
     def final(self) -> float | None:
@@ -74,14 +78,16 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
 
 def load_run(path: Path) -> Run:
     """A run as its files describe it. metrics.jsonl is read as `read_jsonl` reads it (a
-    damaged line is skipped) and a damaged value in a row is skipped with it; a field of the
-    wrong type in summary.json, config.json or trial.json is named, as an unreadable file is:
-    a report must not average what a damaged file says."""
+    damaged line is skipped, warned and listed in the report) and a damaged value in a row is
+    skipped with it; a field of the wrong type in summary.json, config.json or trial.json is
+    named, as an unreadable file is: a report must not average what a damaged file says."""
     try:
-        rows = read_jsonl(path / "metrics.jsonl")
+        rows, damaged = read_jsonl_checked(path / "metrics.jsonl")
     except OSError as e:
         raise ReportError(f"report: {path / 'metrics.jsonl'} is unreadable ({e.strerror}); "
                           "leave that run out of the report.") from None  # fmt: skip
+    if damaged:  # bit rot or an edit: what the report shows of this run lacks those rows
+        warnings.warn(f"report: {shown_path(path)}: {_damage(damaged)}", BigjaxWarning, 2)
     config, trial, summary = (_json_object(path / n) for n in ("config.json", "trial.json",
                                                                "summary.json"))  # fmt: skip
     point: dict[str, Any] = dict(_get(trial, "point", {}, path / "trial.json"))
@@ -110,6 +116,7 @@ def load_run(path: Path) -> Run:
         flops_per_step=summary["flops"] / steps if steps else 0.0,
         summary=summary,
         benchmarks=_final_benchmarks(rows, summary),
+        damaged_lines=damaged,
     )
 
 
@@ -225,7 +232,7 @@ def table(runs: list[Run], baseline: str = "") -> str:
         incomplete = sum(r.final is None for r in g)
         seeds = f"{len(g)}" + (f" ({incomplete} unfinished)" if incomplete else "")
         lines.append(
-            f"| {name} | {seeds} | {_mean_std(finals)} | {_mean_std(bests)} | {d} | "
+            f"| {_cell(name)} | {seeds} | {_mean_std(finals)} | {_mean_std(bests)} | {d} | "
             f"{tokens:,.0f} | {flops:.3g} | {wall:.0f} s |"
         )
     return "\n".join(lines)
@@ -248,8 +255,44 @@ def benchmark_table(runs: list[Run], baseline: str = "") -> str:
             if xs and base and group != baseline:
                 d = f" ({statistics.mean(xs) - statistics.mean(base):+.4f})"
             cells.append(_mean_std(xs) + d)
-        lines.append(f"| {group} | {len(g)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_cell(group)} | {len(g)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """`text` in a Markdown table cell: a `|` in a run's name ended the cell early."""
+    return " ".join(text.splitlines()).replace("|", "\\|")
+
+
+def _damage(lines: list[int]) -> str:
+    shown = ", ".join(map(str, lines[:10])) + (f" and {len(lines) - 10} more" if lines[10:] else "")
+    return f"metrics.jsonl line{'s' * (len(lines) > 1)} {shown} damaged, skipped"
+
+
+@contextlib.contextmanager
+def _one_glyph_warning() -> Iterator[None]:
+    """Matplotlib warns once per missing glyph and figure (a run named in Chinese: dozens of
+    lines); this says it once, with the characters and the fix, and passes other warnings on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    missing = set()
+    for w in caught:
+        # "missing from font(s) DejaVu Sans", or "from current font" (matplotlib < 3.10)
+        if m := re.match(r"Glyph (\d+) .* missing from", str(w.message)):
+            missing.add(chr(int(m.group(1))))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing:
+        warnings.warn(
+            f"report: the plots' font has no glyph for {''.join(sorted(missing)[:10])}"
+            f"{' and more' if len(missing) > 10 else ''}: run names show boxes there for them "
+            "(report.md has them). Install a font that has them and name it in matplotlib's "
+            "font.family, e.g. 'font.family: DejaVu Sans, Noto Sans CJK JP, sans-serif' in "
+            "matplotlibrc.",
+            BigjaxWarning,
+            stacklevel=3,
+        )
 
 
 def _pyplot() -> Any:
@@ -382,21 +425,23 @@ def report(
     if benchmarks:
         md += ["## Benchmarks (lm-evaluation-harness, final eval; Δ vs baseline)", "",
                benchmarks, ""]  # fmt: skip
-    pngs = plot_curves(runs, out) + plot_objective(runs, out)
-    if fit == "scaling":
-        law, png = scaling_fit(runs, out)
-        md += ["## Scaling fit", "", f"`{law.describe()}` (C in FLOPs)", ""]
-        pngs.append(png)
-    elif fit:
+    if fit not in ("", "scaling"):
         raise ReportError(f"report: unknown --fit {fit!r}; the one fit is 'scaling'")
+    with _one_glyph_warning():
+        pngs = plot_curves(runs, out) + plot_objective(runs, out)
+        if fit == "scaling":
+            law, png = scaling_fit(runs, out)
+            md += ["## Scaling fit", "", f"`{law.describe()}` (C in FLOPs)", ""]
+            pngs.append(png)
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
     md += ["## Runs", ""]
     for r in runs:
-        md.append(f"- `{r.path}`: {r.group}, seed {r.seed}")
+        damage = f"; {_damage(r.damaged_lines)}" if r.damaged_lines else ""
+        md.append(f"- `{shown_path(r.path)}`: {r.group}, seed {r.seed}{damage}")
         segments = history.segments(r.path, r.summary["step"])
         if len(segments) > 1:  # resumed with another config: which one trained which steps
             md += [f"  - {s}" for s in segments]
     md.append("")
     text = "\n".join(md)
-    (out / "report.md").write_text(text)
+    (out / "report.md").write_text(text, encoding="utf-8")
     return text, pngs

@@ -2,6 +2,7 @@
 
 import json
 import statistics
+import warnings
 
 import numpy as np
 import pytest
@@ -136,6 +137,25 @@ def test_a_diverged_run_shows_nan_and_damaged_values_are_skipped(tmp_path):
         line for line in text.splitlines() if line.startswith("| d |") or line.startswith("| f |")
     ]
     assert rows[0].startswith("| f |") and "| nan | 1.9000 |" in rows[1]  # nan sorts last
+
+
+def test_damaged_lines_are_warned_and_listed_and_odd_names_stay_in_their_cell(tmp_path):
+    # bit flips in metrics.jsonl dropped rows without a word; a `|` in a run's name split its
+    # table row; a run named in Chinese gave matplotlib's warning per glyph and figure
+    d = _fake_run(tmp_path, "flipped", group="a|b", seed=0, final=2.0)
+    lines = (d / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b"loss", b"lo\xf3s")  # not UTF-8
+    lines[3] = lines[3].replace(b'"step"', b'"s\x74ep')  # not JSON
+    (d / "metrics.jsonl").write_bytes(b"".join(lines) + b'{"step": 101, "lo')  # + a cut line
+    _fake_run(tmp_path, "运行", group="运行", seed=0, final=2.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text, _ = report.report([tmp_path], tmp_path / "out")
+    said = [str(w.message) for w in caught]
+    assert said[0] == f"report: {d}: metrics.jsonl lines 2, 4 damaged, skipped", said
+    assert len(said) == 2 and said[1].startswith("report: the plots' font has no glyph for 行运:")
+    assert f"- `{d}`: a|b, seed 0; metrics.jsonl lines 2, 4 damaged, skipped" in text
+    assert "\n| a\\|b | 1 |" in text and "\n| 运行 | 1 |" in text
 
 
 @pytest.mark.parametrize(
