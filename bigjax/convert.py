@@ -78,6 +78,27 @@ def check_sizes(m: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype)
         )
 
 
+def check_finite(tensors: dict[str, np.ndarray], src: Path, block: int = 1 << 24) -> None:
+    """A NaN or infinity in the weights (a damaged file, a model saved after it diverged) is
+    refused, naming the tensor: every checkpoint bigjax writes is finite, and an imported one
+    would show up only as a NaN loss or empty generations later. Read in blocks, so the check
+    holds one block's mask at a time, not a copy of the model."""
+    for name, tensor in tensors.items():
+        flat = tensor.reshape(-1)
+        bad, first = 0, -1
+        for start in range(0, flat.size, block):
+            mask = ~np.isfinite(flat[start : start + block])
+            if mask.any():
+                first = first if bad else start + int(mask.argmax())
+                bad += int(mask.sum())
+        if bad:
+            raise hf.ConvertError(
+                f"{src}: tensor {name!r} holds {bad:,} non-finite value(s) (the first, at flat "
+                f"index {first:,}, is {flat[first]}); the file is damaged, or the model was "
+                "saved after it diverged. bigjax imports finite weights only."
+            )
+
+
 def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> TrainConfig:
     """Hugging Face directory `src` -> bigjax run directory `dst`. `config` holds extra
     settings for the run (nested dict, e.g. {"data": {"seq_len": 512}}); `model.*` comes from
@@ -99,7 +120,8 @@ def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> Train
     bar = progress.Bar("convert: import", 3, "stages")
     tensors = tensorfile.read_dir(src)  # headers and memory maps only
     check_sizes(cfg.model, tensors, np.dtype(cfg.model.param_dtype))
-    bar.advance(note=f"{len(tensors)} tensors found")
+    check_finite(tensors, src)
+    bar.advance(note=f"{len(tensors)} tensors found, all finite")
     _, abstract = models.abstract(cfg.model, cfg.mesh.rules)
     layout = checkpoint.param_layout(nnx.to_pure_dict(abstract))
     flat = hf.from_hf(cfg.model, tensors, layout, np.dtype(cfg.model.param_dtype))

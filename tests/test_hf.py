@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from bigjax import hf, models, tensorfile
+from bigjax import convert, hf, models, tensorfile
 from bigjax.checkpoint import CheckpointError, param_layout
 from bigjax.cli import main, open_run
 from bigjax.train import train
@@ -291,6 +291,34 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
     capsys.readouterr()
     assert main(["convert", str(tmp_path / "gqa"), str(tmp_path / "v")]) == 2
     assert "num_kv_heads=2" in capsys.readouterr().err
+
+
+def test_weights_with_a_nan_or_an_infinity_are_refused_naming_the_tensor(tmp_path, capsys):
+    # a damaged file or a model saved after it diverged was imported without a word: the
+    # NaN showed up only as a NaN loss (fine-tuning) or empty generations
+    cfg = tiny_config(model={"family": "llama"})
+    _, abstract = models.abstract(cfg.model, cfg.mesh.rules)
+    layout = param_layout(nnx.to_pure_dict(abstract))
+    params = {p: np.full(s, 0.02, np.float32) for p, s in layout.items()}
+    tensors = hf.to_hf(cfg.model, params)
+    name = "model.layers.1.mlp.down_proj.weight"
+    for value, shown in ((np.nan, "nan"), (-np.inf, "-inf")):
+        broken = {**tensors, name: tensors[name].copy()}
+        broken[name].reshape(-1)[[70, 5000]] = value
+        src = tmp_path / f"hf-{shown}"
+        src.mkdir()
+        tensorfile.write_dir(src, broken, 10**9)
+        (src / "config.json").write_text(json.dumps(hf.hf_config(cfg.model, 64, "float32")))
+        assert main(["convert", str(src), str(tmp_path / f"run-{shown}")]) == 2
+        err = capsys.readouterr().err
+        said = f"{src}: tensor '{name}' holds 2 non-finite value(s) (the first, at flat index "
+        assert f"{said}70, is {shown}); the file is damaged" in err, err
+        assert not (tmp_path / f"run-{shown}").exists()
+    # blocks: the count and the first index hold across block boundaries
+    flat = np.zeros(100, np.float32)
+    flat[[3, 40, 99]] = np.nan
+    with pytest.raises(hf.ConvertError, match=r"holds 3 non-finite .* flat index 3, is nan"):
+        convert.check_finite({"w": flat.reshape(10, 10)}, tmp_path, block=16)
 
 
 @pytest.mark.slow
