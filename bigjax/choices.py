@@ -57,6 +57,11 @@ def load_items(path: str | Path) -> list[Item]:
                 f"multiple choice: {path} line {n}: need >= 2 choices and 0 <= answer < "
                 f"{len(item.choices)}, got {len(item.choices)} choices and answer {item.answer}."
             )
+        if "" in item.choices:  # no tokens, log-likelihood 0: it would win every time
+            raise ConfigError(
+                f"multiple choice: {path} line {n}: choice {item.choices.index('')} is empty; "
+                "every choice needs text to be scored."
+            )
         items.append(item)
     if not items:
         raise ConfigError(f"multiple choice: {path} holds no items.")

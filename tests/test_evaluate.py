@@ -72,6 +72,16 @@ def test_bad_item_files_name_the_line(tmp_path):
     assert load_items(bad) == [Item("a\u2028b", ("x\u0085", "y"), 1)]
 
 
+def test_an_empty_choice_is_named_with_its_line(tmp_path):
+    # it has no tokens, so its log-likelihood is 0, above any real choice's: the error came
+    # at scoring without the file or the line
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"context": "a", "choices": ["x", "y"], "answer": 0}\n'
+                    '{"context": "a", "choices": ["x", ""], "answer": 0}\n')  # fmt: skip
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))} line 2: choice 1 is empty"):
+        load_items(path)
+
+
 @pytest.mark.parametrize(
     "line, named",
     [
