@@ -165,13 +165,24 @@ class Writers:
             self._wandb = _wandb_run(workdir, wandb_project, config or {})
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drops rows logged after the checkpoint, so each step appears once."""
+        """On resume, drops rows logged after the checkpoint, so each step appears once. A
+        damaged row is dropped too, and said: a kill cuts only the last line."""
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_bytes().splitlines()  # bytes: a damaged line is dropped, below
+        data = self.path.read_bytes()
+        lines = data.splitlines()  # bytes: a damaged line is dropped, below
+        steps = [_step_of(line) for line in lines]
+        cut = len(lines) if not data.endswith(b"\n") else 0  # the line a kill cut short
+        damaged = [
+            n for n, s in enumerate(steps, 1) if s == math.inf and n != cut and lines[n - 1].strip()
+        ]
+        if damaged:
+            print(f"warning: {self.path}: line(s) {', '.join(map(str, damaged[:10]))} damaged "
+                  "(not a JSON row with a step); dropped.", flush=True)  # fmt: skip
         # rewritten beside and renamed over: a kill here leaves the old file or the new one
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(b"".join(line + b"\n" for line in lines if _step_of(line) <= step))
+        kept = (line for line, s in zip(lines, steps, strict=True) if s <= step)
+        tmp.write_bytes(b"".join(line + b"\n" for line in kept))
         tmp.replace(self.path)
 
     def write(self, row: Row, console: str | None = None) -> None:

@@ -42,6 +42,17 @@ def test_truncate_keeps_rows_up_to_the_checkpoint_and_drops_a_cut_row(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+def test_truncate_names_the_damaged_rows_it_drops_but_not_a_cut_one(tmp_path, capsys):
+    # a bit flip mid-file was dropped at the next resume without a word
+    rows = '{"step": 1}\n{"st\xe9p": 2}\n\n{"step": 3}\n[4]\n{"step": 5}\n{"st'
+    (tmp_path / "metrics.jsonl").write_text(rows)
+    w = Writers(tmp_path, enabled=True, tensorboard=False)
+    w.truncate_after(4)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 3]
+    out = capsys.readouterr().out
+    assert f"warning: {tmp_path / 'metrics.jsonl'}: line(s) 2, 5 damaged" in out, out
+
+
 @pytest.mark.parametrize("name", ["llama_1b.py", "llama_8b.py"])
 def test_big_configs_trace_on_the_mesh(name):
     # Shapes only: lowering traces the full train step with its shardings without allocating
