@@ -274,6 +274,9 @@ def test_a_folder_given_whole_reads_every_file_under_it_and_counts_the_rest(tmp_
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(DataError, match="no files in it"):
         prepare(_cfg([tmp_path / "empty"], tmp_path / "ds2"))
+    # a dataset inside the folder: its report.md would be a document of the folder's next run
+    with pytest.raises(output.OutputError, match="lies inside the input folder"):
+        prepare(_cfg([root], root / "deeper" / "ds"))
 
 
 def test_file_names_that_are_not_utf8_are_shown_by_their_bytes(tmp_path):

@@ -41,8 +41,10 @@ def _marker(directory: Path) -> dict | None:
     return record
 
 
-def check_target(output: str, inputs: Sequence[Path]) -> Path:
-    """The absolute target directory, if writing there can destroy nothing of the user's."""
+def check_target(output: str, inputs: Sequence[Path], folders: Sequence[str] = ()) -> Path:
+    """The absolute target directory, if writing there can destroy nothing of the user's (nor
+    lie inside a folder given whole as input, whose next prepare would read the dataset's
+    report.md as a document)."""
     final = Path(os.path.abspath(output))
     if shown := errors.not_utf8(final):
         raise OutputError(
@@ -60,6 +62,13 @@ def check_target(output: str, inputs: Sequence[Path]) -> Path:
             f"--output {output}: is the current directory or one above it; a dataset is "
             "written into a directory of its own (e.g. --output data/mine)."
         )
+    for folder in folders:
+        if Path(folder).resolve() in (real, *real.parents):
+            raise OutputError(
+                f"--output {output}: lies inside the input folder {folder}, whose next prepare "
+                "would read this dataset's files (report.md) as documents; choose an output "
+                "outside it."
+            )
     for path in inputs:
         if real in Path(os.path.abspath(path)).resolve().parents:
             raise OutputError(f"--output {output}: holds the input {path}; choose another.")

@@ -208,7 +208,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             f"{' '.join(language.known_tags())})."
         )
     tokenizers.parse_spec(cfg.tokenizer)  # a bad spec fails now, not after the cleaning pass
-    final = output.check_target(cfg.output, expanded.files)
+    folders = [p for p in cfg.inputs if p != "stdlib" and os.path.isdir(p)]
+    final = output.check_target(cfg.output, expanded.files, folders)
     held = output.lock(final)  # one prepare per target: a second one is refused, not raced
     try:
         output.check_target(cfg.output, expanded.files)  # again, now that no one else writes
