@@ -282,3 +282,20 @@ def test_bad_tokenizer_spec_fails_before_any_work(messy, tmp_path):
         with pytest.raises((tokenizers.TokenizerError, FileNotFoundError), match=pattern):
             prepare(_cfg([messy / "a.jsonl"], tmp_path / "ds", tokenizer=spec))
         assert not list(tmp_path.glob(".ds.partial*")) and not (tmp_path / "ds").exists()
+
+
+def test_a_tokenizer_file_that_does_not_load_fails_before_the_cleaning_pass(tmp_path, capfd):
+    # it was read after the whole corpus was cleaned: a traceback from the parser, hours in
+    cut = '{"version": "1.0", "model": {"type": "BPE"'
+    (tmp_path / "cut.json").write_text(cut)
+    (tmp_path / "bad.model").write_bytes(b"not a model proto")
+    (tmp_path / "a.txt").write_text("A short document of ordinary prose for the run. " * 5)
+    for spec, said in [
+        (f"hf:{tmp_path / 'cut.json'}", "is not a hf tokenizer that loads (EOF while parsing"),
+        (f"sentencepiece:{tmp_path / 'bad.model'}", "is not a sentencepiece tokenizer that"),
+        (f"sentencepiece:{tmp_path / 'cut.json'}", "Give a SentencePiece .model file."),
+    ]:
+        with pytest.raises(tokenizers.TokenizerError, match=re.escape(said)):
+            prepare(_cfg([tmp_path / "a.txt"], tmp_path / "ds", tokenizer=spec))
+        assert "clean, dedup" not in capfd.readouterr().err
+        assert not list(tmp_path.glob(".ds.partial*")) and not (tmp_path / "ds").exists()

@@ -217,7 +217,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             f"ISO 639-1 codes as in the report, e.g. zh en ja ar hi ru (all: "
             f"{' '.join(language.known_tags())})."
         )
-    tokenizers.parse_spec(cfg.tokenizer)  # a bad spec fails now, not after the cleaning pass
+    tokenizers.check_spec(cfg.tokenizer)  # a bad spec or file fails now, not after cleaning
     folders = [p for p in cfg.inputs if p != "stdlib" and os.path.isdir(p)]
     final = output.check_target(cfg.output, expanded.files, folders)
     held = output.lock(final)  # one prepare per target: a second one is refused, not raced

@@ -277,6 +277,26 @@ def parse_spec(spec: str) -> tuple[str, str]:
     )
 
 
+def check_spec(spec: str) -> None:
+    """`parse_spec`, and for a tokenizer file, that it loads and has the ids a dataset records
+    (vocabulary, EOS, BOS, PAD): prepare checks before its cleaning pass, not after it."""
+    kind, path = parse_spec(spec)
+    if kind not in ("sentencepiece", "hf"):
+        return
+    try:
+        tok = from_spec(spec, lambda: ())
+        _ = (tok.vocab_size, tok.eos_id, tok.bos_id, tok.pad_id)
+    except TokenizerError as e:
+        raise TokenizerError(f"--tokenizer {spec}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the parsers' own errors: `tokenizers` raises Exception
+        said = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise TokenizerError(
+            f"--tokenizer {spec}: {path} is not a {kind} tokenizer that loads ({said}). Give "
+            + ("a SentencePiece .model file." if kind == "sentencepiece" else
+               "a tokenizer.json that Hugging Face tokenizers saved (or its directory).")
+        ) from None  # fmt: skip
+
+
 def from_spec(spec: str, training_texts: Callable[[], Iterable[str]]) -> Tokenizer:
     """`byte`, `bpe:VOCAB` (trained on `training_texts()`), `sentencepiece:PATH`, `hf:PATH`."""
     kind, arg = parse_spec(spec)
