@@ -1,6 +1,9 @@
 """The ViT: patches, Grain augmentations, training on scikit-learn's digits and on a
 directory of image files, sharded equal to one device."""
 
+import os
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +105,39 @@ def test_vit_on_a_directory_of_images(tmp_path):
     cfg = tiny_config(num_steps=60, model=model, data=data, optim={"warmup_steps": 5})
     out = train(cfg, tmp_path / "run")
     assert out["accuracy"] > 0.9
+
+
+def test_an_image_folder_as_tools_leave_it(tmp_path):
+    # Jupyter's .ipynb_checkpoints/ and a zip's __MACOSX/ were classes; macOS's ._a.png (a
+    # resource fork) stopped the load as a broken image; images in a sub-folder were left out
+    # without a word; a name that is not UTF-8 raised UnicodeEncodeError; a FIFO named like an
+    # image hung the run
+    from PIL import Image
+
+    from bigjax.data.sources import DataError
+
+    root = tmp_path / "imgs"
+
+    def png(path: Path, value: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((4, 4), value, np.uint8)).save(path)
+
+    png(root / "cat" / "a.png", 10)
+    png(root / "cat" / "deeper" / "b.png", 20)
+    png(root / "dog" / "c.png", 30)
+    png(Path(os.fsdecode(os.fsencode(root) + b"/dog/caf\xe9.png")), 40)
+    (root / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    png(root / ".ipynb_checkpoints" / "x.png", 50)
+    png(root / "__MACOSX" / "cat" / "y.png", 60)
+    got = images.load(str(root), "train", 0.0, 4, 1)
+    assert got.classes == ("cat", "dog")
+    values = (got.images[:, 0, 0, 0] * 255).round().astype(int).tolist()
+    assert sorted(zip(got.labels.tolist(), values, strict=True)) == [
+        (0, 10), (0, 20), (1, 30), (1, 40)
+    ]  # fmt: skip
+    os.mkfifo(root / "dog" / "pipe.png")
+    with pytest.raises(DataError, match="pipe.png: not regular file"):
+        images.load(str(root), "train", 0.0, 4, 1)
 
 
 def test_image_config_errors(tmp_path):

@@ -4,8 +4,11 @@ Sources (`data.images`):
   digits: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), shipped inside the
           package: no download.
   DIR:    a directory with one sub-directory per class holding image files (PNG, JPEG, BMP,
-          GIF), read with Pillow, converted to the model's channels and resized to
-          model.image_size.
+          GIF) at any depth, read with Pillow, converted to the model's channels and resized
+          to model.image_size. Names starting with '.' are not classes nor images (Jupyter's
+          .ipynb_checkpoints/, macOS's ._photo.png), nor is a zip's __MACOSX/ folder; other
+          files are skipped; an image that does not decode, or a FIFO named like one, is an
+          error naming it.
 
 An image goes to the validation split by a hash of its name (index for digits, relative path
 for a directory), so the split does not depend on listing order. Training images are
@@ -17,14 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from pathlib import Path
 
 import grain
 import numpy as np
 
+from bigjax.data import files as filetree
 from bigjax.data.sources import DataError
+from bigjax.errors import shown_path
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+def _not_data(name: str) -> bool:
+    """Folders beside the classes that tools make: hidden ones, and a macOS zip's resource
+    forks."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +47,7 @@ class Images:
 
 
 def _held_out(name: str, eval_fraction: float) -> bool:
-    digest = hashlib.sha256(name.encode()).digest()
+    digest = hashlib.sha256(os.fsencode(name)).digest()  # a name that is not UTF-8 too
     return int.from_bytes(digest[:8], "little") / 2**64 < eval_fraction
 
 
@@ -72,21 +84,24 @@ def _directory(root: Path, size: int, channels: int) -> tuple:
 
     if not root.is_dir():
         raise DataError(f"data.images: {str(root)!r} is neither 'digits' nor a directory.")
-    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not _not_data(p.name)))
     if len(classes) < 2:
         raise DataError(f"data.images: {root} needs one sub-directory per class (found {classes}).")
     images, labels, names = [], [], []
     mode = {1: "L", 3: "RGB"}[channels]
     for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() not in SUFFIXES:
+        for path in filetree.under(root / name):  # hidden names left out, each folder once
+            if path.suffix.lower() not in SUFFIXES or path.is_dir():
                 continue
             try:
-                with Image.open(path) as file:
+                with filetree.open_regular(path) as raw, Image.open(raw) as file:
                     im = file.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
                     array = np.asarray(im, np.float32) / 255.0
-            except OSError as e:
-                raise DataError(f"{path}: not a readable image ({e}).") from None
+            except filetree.Skip as e:
+                raise DataError(f"{shown_path(path)}: {e.reason.replace('_', ' ')}.") from None
+            # DecompressionBombError: a few KB that decode to gigapixels (Pillow's own limit)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(f"{shown_path(path)}: not a readable image ({e}).") from None
             images.append(array.reshape(size, size, channels))
             labels.append(label)
             names.append(str(path.relative_to(root)))
