@@ -22,6 +22,7 @@ from flax import nnx
 
 from bigjax import lora, progress
 from bigjax.config import ConfigError
+from bigjax.data.sources import lone_surrogate
 from bigjax.data.tokenizer import Tokenizer
 from bigjax.models import decoder
 from bigjax.tree import Params
@@ -57,6 +58,12 @@ def load_items(path: str | Path) -> list[Item]:
                 f"multiple choice: {path} line {n}: need >= 2 choices and 0 <= answer < "
                 f"{len(item.choices)}, got {len(item.choices)} choices and answer {item.answer}."
             )
+        for text in (item.context, *item.choices):
+            if (at := lone_surrogate(text)) is not None:
+                raise ConfigError(
+                    f"multiple choice: {path} line {n}: {text[:40]!r} holds a lone surrogate "
+                    f"escape at character {at} (half of a UTF-16 pair: no text); fix the line."
+                )
         if "" in item.choices:  # no tokens, log-likelihood 0: it would win every time
             raise ConfigError(
                 f"multiple choice: {path} line {n}: choice {item.choices.index('')} is empty; "

@@ -72,7 +72,7 @@ def test_bad_item_files_name_the_line(tmp_path):
     assert load_items(bad) == [Item("a\u2028b", ("x\u0085", "y"), 1)]
 
 
-def test_an_empty_choice_is_named_with_its_line(tmp_path):
+def test_an_empty_choice_or_a_lone_surrogate_is_named_with_its_line(tmp_path):
     # it has no tokens, so its log-likelihood is 0, above any real choice's: the error came
     # at scoring without the file or the line
     path = tmp_path / "items.jsonl"
@@ -80,6 +80,9 @@ def test_an_empty_choice_is_named_with_its_line(tmp_path):
                     '{"context": "a", "choices": ["x", ""], "answer": 0}\n')  # fmt: skip
     with pytest.raises(ConfigError, match=f"{re.escape(str(path))} line 2: choice 1 is empty"):
         load_items(path)
+    path.write_text('{"context": "a \\udc00", "choices": ["x", "y"], "answer": 0}\n')
+    with pytest.raises(ConfigError, match="line 1: 'a \\\\udc00' holds a lone surrogate escape"):
+        load_items(path)  # it crashed the tokenizer at scoring
 
 
 @pytest.mark.parametrize(

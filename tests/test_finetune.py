@@ -172,6 +172,20 @@ def test_examples_with_line_separators_inside_strings_load_whole(tmp_path):
         examples.load(path, "prompt_response", "train", 0.0)
 
 
+def test_a_lone_surrogate_escape_is_named_with_its_line_before_training(tmp_path):
+    # JSON's "\ud800" parses (to half of a UTF-16 pair, no text): the run crashed at the first
+    # batch holding it, with a UnicodeEncodeError from a Grain worker
+    from bigjax.data import examples
+    from bigjax.data.sources import DataError
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c \\ud800", "response": "d"}\n')
+    with pytest.raises(DataError, match=r"sft.jsonl:2: prompt holds a lone surrogate escape at"):
+        examples.load(path, "prompt_response", "train", 0.0)
+    path.write_text('{"prompt": "smile \\ud83d\\ude00", "response": "b"}\n')  # a pair: text
+    assert examples.load(path, "prompt_response", "train", 0.0).records[0]["prompt"] == "smile 😀"
+
+
 def test_labels_are_strings_or_integers_and_a_bom_is_not_data(tmp_path):
     from bigjax.data import examples
     from bigjax.data.sources import DataError

@@ -297,6 +297,17 @@ def test_file_names_that_are_not_utf8_are_shown_by_their_bytes(tmp_path):
     assert "gone-\\xe9.txt`: dangling_symlink" in (tmp_path / "ds" / "report.md").read_text()
 
 
+def test_a_lone_surrogate_escape_in_jsonl_is_repaired_or_dropped(tmp_path):
+    # JSON's "\ud800" parses to half of a UTF-16 pair: with --no-normalize it reached the
+    # tokenizer and failed the run with a UnicodeEncodeError
+    (tmp_path / "a.jsonl").write_text('{"text": "x \\ud800 y"}\n{"text": "\\ud83d\\ude00"}\n')
+    files = [tmp_path / "a.jsonl"]
+    docs = list(read_documents(files, text_field="text", invalid_utf8="repair", log=FileLog()))
+    assert [(d.text, d.repaired_utf8) for d in docs] == [("x \ufffd y", True), ("😀", False)]
+    docs = list(read_documents(files, text_field="text", invalid_utf8="drop", log=FileLog()))
+    assert [(d.text, d.skip) for d in docs] == [(None, "invalid_utf8"), ("😀", None)]
+
+
 def test_a_byte_order_mark_is_not_text_nor_a_malformed_record(tmp_path):
     # Windows tools (and pandas' utf-8-sig) start files with one: the first JSON line was
     # skipped as malformed, and a text file's document began with U+FEFF

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bigjax.data.sources import DataError
+from bigjax.data.sources import DataError, lone_surrogate
 
 # The record formats a task can read (its `examples` in bigjax/tasks.py): their fields.
 FIELDS = {"prompt_response": ("prompt", "response"), "text_label": ("text", "label")}
@@ -61,6 +61,12 @@ def load(path: str | Path, form: str, split: str, eval_fraction: float) -> Examp
             raise DataError(f"{path}:{number}: an example needs the fields {fields}.")
         if not all(isinstance(record[f], str) for f in fields if f != "label"):
             raise DataError(f"{path}:{number}: {fields} other than label must be strings.")
+        for f in fields:
+            if isinstance(record[f], str) and (at := lone_surrogate(record[f])) is not None:
+                raise DataError(
+                    f"{path}:{number}: {f} holds a lone surrogate escape at character {at} "
+                    "(half of a UTF-16 pair, such as \\ud800: no text); fix the line."
+                )
         label = record.get("label", "")
         if isinstance(label, bool) or not isinstance(label, (str, int)):  # not a class name
             raise DataError(f"{path}:{number}: label is {label!r}; use a string or an integer.")

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -155,6 +156,16 @@ def _decode(data: bytes, invalid_utf8: str) -> tuple[str | None, bool]:
             rest = rest[e.end :]
 
 
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Where `text` holds half of a UTF-16 pair, or None. JSON's `"\\ud800"` escape parses to
+    one (a pair parses to its character): no UTF-8 writer or tokenizer takes it."""
+    found = SURROGATE.search(text)
+    return None if found is None else found.start()
+
+
 def _decompressed(raw: io.BufferedIOBase, name: str) -> io.BufferedIOBase:
     if name.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb")
@@ -280,6 +291,11 @@ def _read_jsonl(
         if not isinstance(text, str):
             yield RawDoc(source, number, None, "missing_field")
             continue
+        if lone_surrogate(text) is not None:  # JSON's "\ud800": valid JSON, not Unicode
+            if invalid_utf8 == "drop":
+                yield RawDoc(source, number, None, "invalid_utf8")
+                continue
+            text, repaired = SURROGATE.sub("\ufffd", text), True
         yield RawDoc(source, number, text, None, repaired)
     if empty:
         yield RawDoc(source, 0, None, "empty_file")
