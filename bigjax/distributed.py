@@ -7,6 +7,11 @@ import os
 import jax
 
 from bigjax import platforms
+from bigjax.errors import UsageError
+
+
+class DistributedError(UsageError, ValueError):
+    """Multi-process flags that cannot start a job; the message says which and how."""
 
 
 def should_auto_initialize(env: dict[str, str]) -> bool:
@@ -28,10 +33,7 @@ def initialize(
     platforms.choose()  # first: which platforms start decides the collectives below
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise ValueError(
-                "give all of --coordinator_address HOST:PORT --num_processes N --process_id I"
-            )
+        check_flags(coordinator_address, num_processes, process_id)
         chosen = jax.config.jax_platforms  # type: ignore[attr-defined]  # set by a flag holder
         if chosen in (None, "", "cpu") and not _has_accelerator_plugin():
             # CPU-only processes need a collectives backend to talk to each other.
@@ -39,6 +41,31 @@ def initialize(
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     elif should_auto_initialize(dict(os.environ)):
         jax.distributed.initialize()
+
+
+def check_flags(address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """The explicit flags, before JAX takes them: a malformed address or index was a Python
+    traceback from JAX, or a process waiting minutes for peers that could never connect."""
+    if address is None or num_processes is None or process_id is None:
+        raise DistributedError(
+            "give all of --coordinator_address HOST:PORT --num_processes N --process_id I"
+        )
+    host, _, port = address.rpartition(":")
+    if (
+        not host
+        or any(c.isspace() for c in host)
+        or not port.isdigit()
+        or not 0 < int(port) < 2**16
+    ):
+        raise DistributedError(
+            f"--coordinator_address {address!r}: expected HOST:PORT, the port from 1 to 65535, "
+            "where process 0 listens (e.g. 10.130.0.2:8476, or [fd00::2]:8476)."
+        )
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise DistributedError(
+            f"--process_id {process_id} of --num_processes {num_processes}: the processes are "
+            f"numbered 0 to N-1, one each, and N is at least 1."
+        )
 
 
 def _has_accelerator_plugin() -> bool:

@@ -289,6 +289,22 @@ def test_paths_that_are_not_utf8_are_refused_before_anything_is_written(tmp_path
     assert os.listdir(tmp_path) == []
 
 
+def test_multi_process_flags_that_cannot_start_a_job(tmp_path, capsys):
+    # each was a Python traceback from JAX (IndexError, ValueError), or, for a port past
+    # 65535, a process waiting minutes for peers that could never reach it
+    args = ["--config", TINY, *SMALL, "--workdir", str(tmp_path / "run")]
+    for address in ("localhost", "localhost:99999", "localhost:0", ":8476", "[::1]:84x"):
+        flags = ["--coordinator_address", address, "--num_processes", "2", "--process_id", "0"]
+        err = _one_line(capsys, "train", *args, *flags)
+        assert f"--coordinator_address {address!r}: expected HOST:PORT, the port from 1" in err
+    err = _one_line(capsys, "train", *args, "--num_processes", "2")
+    assert "give all of --coordinator_address HOST:PORT --num_processes N" in err
+    flags = ["--coordinator_address", "localhost:8476", "--num_processes", "2", "--process_id"]
+    err = _one_line(capsys, "serve", str(tmp_path / "run"), *flags, "2")
+    assert "--process_id 2 of --num_processes 2: the processes are numbered 0 to N-1" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_directories_that_cannot_be_one(tmp_path, capsys):
     args = ["--config", TINY, *SMALL, "--config.num_steps=1"]
     dangling = tmp_path / "dangling"
