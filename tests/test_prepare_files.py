@@ -205,6 +205,24 @@ def test_records_over_the_cap_are_skipped_counted_and_still_hashed(tmp_path):
         assert read["sha256"] == hashlib.sha256(Path(read["path"]).read_bytes()).hexdigest()
 
 
+def test_a_parquet_column_of_bytes_is_read_as_utf8_text(tmp_path):
+    # BINARY without its UTF-8 mark (Hive, older Spark): every row was "missing_field"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = pa.array(["café".encode(), b"caf\xe9", None, b"x" * 5000], pa.binary())
+    pq.write_table(pa.table({"text": column}), tmp_path / "b.parquet")
+    files = [tmp_path / "b.parquet"]
+    for mode, second in (("repair", ("café", None, True)), ("drop", (None, "invalid_utf8", False))):
+        docs = read_documents(
+            files, text_field="text", invalid_utf8=mode, log=FileLog(), max_record_bytes=4096
+        )  # fmt: skip
+        assert [(d.text, d.skip, d.repaired_utf8) for d in docs] == [
+            ("café", None, False), second, (None, "missing_field", False),
+            (None, "too_large", False),
+        ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_a_line_that_inflates_to_hundreds_of_megabytes_is_dropped_in_bounded_memory(tmp_path):
     # A 300 MiB line from a 300 KiB .jsonl.gz: held whole, with its decoded and parsed copies,

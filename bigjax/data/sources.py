@@ -302,7 +302,12 @@ def _read_jsonl(
 
 
 def _read_parquet(
-    source: str, f: io.BufferedIOBase, raw: io.BufferedReader, field: str, limit: int
+    source: str,
+    f: io.BufferedIOBase,
+    raw: io.BufferedReader,
+    field: str,
+    invalid_utf8: str,
+    limit: int,
 ) -> Iterator[RawDoc]:
     import pyarrow.parquet as pq
 
@@ -319,14 +324,26 @@ def _read_parquet(
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             row += 1
-            if isinstance(value, str) and len(value) * 4 > limit and len(value.encode()) > limit:
+            if isinstance(value, str | bytes) and _over(value, limit):
                 yield RawDoc(source, row, None, "too_large")
             elif isinstance(value, str):
                 yield RawDoc(source, row, value)
+            elif isinstance(value, bytes):  # BINARY without its UTF-8 mark (Hive, older Spark)
+                text, repaired = _decode(value, invalid_utf8)
+                skip = None if text is not None else "invalid_utf8"
+                yield RawDoc(source, row, text, skip, repaired)
             else:
                 yield RawDoc(source, row, None, "missing_field")
     if row == 0:
         yield RawDoc(source, 0, None, "empty_file")
+
+
+def _over(value: str | bytes, limit: int) -> bool:
+    """Whether `value` is over `limit` bytes of UTF-8; a string is encoded only when it might
+    be (a character is at most 4 bytes)."""
+    if isinstance(value, bytes):
+        return len(value) > limit
+    return len(value) * 4 > limit and len(value.encode()) > limit
 
 
 def _failure(error: Exception) -> str | None:
@@ -374,7 +391,7 @@ def read_documents(
                             source, _as_utf8(stream), text_field, invalid_utf8, limit
                         )
                 else:
-                    yield from _read_parquet(source, f, raw, text_field, limit)
+                    yield from _read_parquet(source, f, raw, text_field, invalid_utf8, limit)
         except Exception as e:  # noqa: BLE001 - sorted into corrupt / unreadable, or re-raised
             # Documents read before the error are kept (and were counted); the file is named.
             reason = _failure(e)
