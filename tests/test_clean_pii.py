@@ -182,6 +182,34 @@ def test_personal_data_in_any_language_is_replaced_whole(text, found, kind):
 
 
 @pytest.mark.parametrize(
+    "text, language, found, kind",
+    [  # numbers in their script's own digits were read as no number at all
+        ("मेरा नंबर ९८७६५४३२१० है", "hi", "९८७६५४३२१०", "PHONE"),  # Devanagari
+        ("اتصل بي على ٠٥٠١٢٣٤٥٦٧ الآن", "ar", "٠٥٠١٢٣٤٥٦٧", "PHONE"),  # Arabic-Indic
+        ("شماره تلفن من ۰۹۱۲۳۴۵۶۷۸۹ است", "fa", "۰۹۱۲۳۴۵۶۷۸۹", "PHONE"),  # Persian, labelled
+        ("โทร ๐๘๑๒๓๔๕๖๗๘", "th", "๐๘๑๒๓๔๕๖๗๘", "PHONE"),  # Thai
+        ("טלפון: 054-7654321", "he", "054-7654321", "PHONE"),  # Hebrew: Israel's formats
+        (
+            "card ４１１１ １１１１ １１１１ １１１１",
+            "ja",
+            "４１１１ １１１１ １１１１ １１１１",
+            "CREDIT_CARD",
+        ),
+    ],
+)
+def test_numbers_in_any_scripts_digits_are_found(text, language, found, kind):
+    out, counts = scrub(text, language)
+    assert counts == {kind: 1} and out == text.replace(found, f"<{kind}>"), out
+
+
+@pytest.mark.parametrize(
+    "text", ["वर्ष २०२३ में १२ लोग", "ปี ๒๕๖๖ มี ๑๒๓๔๕๖๗ คน", "سنة ٢٠٢٣ و ١٢٣٤٥٦٧ نسمة"]
+)
+def test_years_and_counts_in_other_digits_are_left_alone(text):
+    assert scrub(text) == (text, {})
+
+
+@pytest.mark.parametrize(
     "text",
     [  # settings whose names hold a secret's word but are none
         "NUM_TOKENS=12345678",

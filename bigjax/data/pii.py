@@ -17,6 +17,8 @@ import collections
 import functools
 import ipaddress
 import re
+import sys
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 
 from bigjax.data.language import MARKS, UNSEGMENTED
@@ -143,6 +145,7 @@ REGIONS_BY_LANGUAGE: dict[str, tuple[str, ...]] = {
     "vi": ("VN",),
     "th": ("TH",),
     "fa": ("IR",),
+    "he": ("IL",),
 }
 DEFAULT_REGIONS = ("US", "GB", "IN", "CN")
 
@@ -269,6 +272,7 @@ _PHONE_CONTEXT = re.compile(
             "फोन|फ़ोन|मोबाइल|संपर्क|नंबर",
             "电话|電話|手机|手機|联系|聯繫|致电|拨打|撥打|号码|號碼|携帯|連絡|番号",
             "전화|연락|휴대폰|번호",
+            "โทร|เบอร์|تلفن|شماره|טלפון|נייד|điện thoại|(?i:telepon|nomor|hubungi)",
             "☎|📞|📱",
         ]
     )
@@ -308,11 +312,35 @@ def _stands_alone(text: str, start: int, end: int) -> bool:
     return not _NUMBER_BEFORE.search(before) and not _NUMBER_AFTER.match(text, end)
 
 
+_OTHER_DIGIT = re.compile(r"(?![0-9])\d")  # a str pattern's \d: any script's decimal digit
+
+
+@functools.cache
+def _digit_table() -> dict[int, str]:
+    """Every script's decimal digits (Devanagari ९, Arabic-Indic ٥, full-width ５, ...) as
+    ASCII, one character for one. Built on first use: it scans all of Unicode (~0.3 s)."""
+    return {
+        c: str(unicodedata.decimal(chr(c)))
+        for c in range(0x80, sys.maxunicode + 1)
+        if unicodedata.category(chr(c)) == "Nd"
+    }
+
+
+def ascii_digits(text: str) -> str:
+    """`text` with its digits in ASCII and the same length, so that spans found in it are
+    spans of `text`; text with no other digits is returned as it is."""
+    if text.isascii() or not _OTHER_DIGIT.search(text):
+        return text
+    return text.translate(_digit_table())
+
+
 def find(text: str, language: str = "und") -> list[Span]:
-    """Non-overlapping personal-data spans of `text`, sorted by position."""
+    """Non-overlapping personal-data spans of `text`, sorted by position. Numbers are read in
+    any script's digits (`ascii_digits`): a phone number written ९८७६५४३२१० is one too."""
     # The language's regions first, then the widest-used national formats whatever the tag (a
     # short Chinese note may be tagged 'ja'; an English page may quote a UK number).
     regions = tuple(dict.fromkeys(REGIONS_BY_LANGUAGE.get(language, ()) + DEFAULT_REGIONS))
+    numbers = ascii_digits(text)
     found: list[Span] = [
         (m.start(3), m.end(3), "SECRET") for m in _SECRET_ASSIGNMENT.finditer(text)
     ]
@@ -323,12 +351,12 @@ def find(text: str, language: str = "und") -> list[Span]:
     ]
     found += _regex_spans("SECRET", _SECRET, text)
     found += _email_spans(text)
-    found += _regex_spans("IBAN", _IBAN, text, lambda m: iban_valid(m.group()))
-    found += _regex_spans("NATIONAL_ID", _NATIONAL_ID, text, _is_national_id)
-    found += _regex_spans("CREDIT_CARD", _CARD, text, _is_card)
-    found += _regex_spans("IPV6", _IPV6, text, _is_ipv6)
-    found += _regex_spans("IPV4", _IPV4, text, _is_personal_ipv4)
-    found += _phone_spans(text, regions)
+    found += _regex_spans("IBAN", _IBAN, numbers, lambda m: iban_valid(m.group()))
+    found += _regex_spans("NATIONAL_ID", _NATIONAL_ID, numbers, _is_national_id)
+    found += _regex_spans("CREDIT_CARD", _CARD, numbers, _is_card)
+    found += _regex_spans("IPV6", _IPV6, numbers, _is_ipv6)
+    found += _regex_spans("IPV4", _IPV4, numbers, _is_personal_ipv4)
+    found += _phone_spans(numbers, regions)
     rank = {kind: i for i, kind in enumerate(PII_TYPES)}
     taken: list[Span] = []
     for span in sorted(found, key=lambda s: (rank[s[2]], s[0], -s[1])):
