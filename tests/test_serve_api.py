@@ -4,6 +4,7 @@ input, a full queue, clients that vanish mid-stream, 200 concurrent requests and
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import re
@@ -574,6 +575,18 @@ def test_an_allowed_origin_must_be_an_origin():
             Options(allowed_origins=(bad,))
 
 
+def test_an_api_key_must_be_printable_ascii():
+    # a header carries ASCII: curl sent "é" as UTF-8 bytes read back as "Ã©", so such a key
+    # locked every client out; "" was matched by a bare "Bearer "
+    from bigjax.config import ConfigError
+    from bigjax.serving.server import Options
+
+    assert Options(api_key="sk-Ab3_~.+/=").api_key
+    for bad in ("", "sécret", "two words", " edge", "tab\there"):
+        with pytest.raises(ConfigError, match="--api-key must be printable ASCII without spaces"):
+            Options(api_key=bad)
+
+
 def test_auth_size_routes_and_health(server):
     url, _ = server
     assert httpx.post(f"{url}/v1/completions", json={"prompt": "x"}).status_code == 401
@@ -747,6 +760,34 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(server):
     assert proc.wait(timeout=60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
+
+
+def test_sigterm_while_the_model_compiles_exits_0_once_it_has(run_dir):
+    # Kubernetes stopping a pod that is still starting: the warm-up thread was left inside
+    # XLA's compiler when Python exited, and the process aborted ("FATAL: exception not
+    # rethrown", exit 134)
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
+    cmd = [sys.executable, "-m", "bigjax.cli", "serve", str(run_dir), "--port", "0"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    try:
+        first = proc.stdout.readline()
+        url = re.search(r"on (http://[\d.]+:\d+)/v1", first).group(1)
+        while True:  # uvicorn answers (its signal handlers are in place): still compiling
+            with contextlib.suppress(httpx.ConnectError):
+                status = httpx.get(f"{url}/health").status_code
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, first + rest
+    assert "FATAL" not in rest and rest.endswith("serve: stopped after finishing the requests "
+                                                 "in flight\n"), rest  # fmt: skip
+    if status == 503:  # signalled while compiling (the usual case: the warm-up takes seconds)
+        assert "serve: stopping once the model has compiled" in rest, rest
 
 
 def test_a_kv_cache_that_cannot_fit_is_one_line(tiny_run, capsys):

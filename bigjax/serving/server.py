@@ -57,6 +57,12 @@ class Options:
                                   "scheme://host[:port] (no path), or *")  # fmt: skip
         if not 0 <= self.port < 65536:
             raise ConfigError(f"serve: --port {self.port} is not a port (0..65535)")
+        # A header carries ASCII (a client sends UTF-8 bytes the server reads as Latin-1, or
+        # refuses to send them) and loses its edge spaces; "" matched "Bearer " alone.
+        if self.api_key is not None and not re.fullmatch(r"[!-~]+", self.api_key):
+            raise ConfigError("serve: --api-key must be printable ASCII without spaces (an "
+                              "HTTP header cannot carry others), e.g. one from `openssl rand "
+                              "-hex 24`")  # fmt: skip
 
 
 def serve_run(workdir: str, overrides: Sequence[str], opts: Options) -> int:
@@ -188,8 +194,14 @@ def _run_uvicorn(served: Any, monitor: Any, sock: socket.socket, request_timeout
                       file=sys.stderr, flush=True)  # fmt: skip
                 server.should_exit = True
 
-        threading.Thread(target=warm, name="bigjax-warm-up", daemon=True).start()
+        warmer = threading.Thread(target=warm, name="bigjax-warm-up", daemon=True)
+        warmer.start()
         yield
+        if warmer.is_alive():
+            # A stop during the compile waits for it: XLA's compiler cannot be interrupted,
+            # and a thread left inside it when Python exits aborted the process (exit 134).
+            print("serve: stopping once the model has compiled", flush=True)
+            warmer.join()
         engine.stop()  # every request in flight has been answered by now
 
     app.router.lifespan_context = lifespan
