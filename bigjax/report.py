@@ -274,7 +274,10 @@ def _one_glyph_warning() -> Iterator[None]:
     """Matplotlib warns once per missing glyph and figure (a run named in Chinese: dozens of
     lines); this says it once, with the characters and the fix, and passes other warnings on."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        # every glyph's warning, not the first per place; the other filters stay as they are
+        # ("always" for all let libraries' hidden deprecations through: pyparsing's in
+        # matplotlib's style files)
+        warnings.filterwarnings("always", r"Glyph \d+ ", UserWarning)
         yield
     missing = set()
     for w in caught:

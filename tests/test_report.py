@@ -9,6 +9,7 @@ import pytest
 
 from bigjax import report
 from bigjax.cli import main
+from bigjax.errors import BigjaxWarning
 from bigjax.fit import fit_power_law
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -151,7 +152,7 @@ def test_damaged_lines_are_warned_and_listed_and_odd_names_stay_in_their_cell(tm
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         text, _ = report.report([tmp_path], tmp_path / "out")
-    said = [str(w.message) for w in caught]
+    said = [str(w.message) for w in caught if issubclass(w.category, BigjaxWarning)]
     assert said[0] == f"report: {d}: metrics.jsonl lines 2, 4 damaged, skipped", said
     assert len(said) == 2 and said[1].startswith("report: the plots' font has no glyph for 行运:")
     assert f"- `{d}`: a|b, seed 0; metrics.jsonl lines 2, 4 damaged, skipped" in text
