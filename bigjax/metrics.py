@@ -169,19 +169,17 @@ class Writers:
         damaged row is dropped too, and said: a kill cuts only the last line."""
         if not self.enabled or not self.path.exists():
             return
-        data = self.path.read_bytes()
-        lines = data.splitlines()  # bytes: a damaged line is dropped, below
-        steps = [_step_of(line) for line in lines]
-        cut = len(lines) if not data.endswith(b"\n") else 0  # the line a kill cut short
-        damaged = [
-            n for n, s in enumerate(steps, 1) if s == math.inf and n != cut and lines[n - 1].strip()
-        ]
+        lines, rows, damaged = _parsed(self.path.read_bytes())
         if damaged:
             print(f"warning: {self.path}: line(s) {', '.join(map(str, damaged[:10]))} damaged "
                   "(not a JSON row with a step); dropped.", flush=True)  # fmt: skip
         # rewritten beside and renamed over: a kill here leaves the old file or the new one
         tmp = self.path.with_suffix(".tmp")
-        kept = (line for line, s in zip(lines, steps, strict=True) if s <= step)
+        kept = (
+            line
+            for line, row in zip(lines, rows, strict=True)
+            if row is not None and row["step"] <= step
+        )
         tmp.write_bytes(b"".join(line + b"\n" for line in kept))
         tmp.replace(self.path)
 
@@ -246,16 +244,6 @@ def _wandb_run(workdir: Path, project: str, config: dict[str, Any]) -> Any:
     return run
 
 
-def _step_of(line: bytes) -> float:
-    """The step of a JSONL row; a row cut short by a kill, or damaged on disk (not UTF-8,
-    not JSON, no step), counts as after any checkpoint."""
-    try:
-        step = json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-    return step if isinstance(step, int | float) else math.inf
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a metrics file; a line cut short by a kill (or still being written while
     a sweep reads it), or damaged on disk (not UTF-8, not a JSON object, no integer step: every
@@ -264,21 +252,31 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_jsonl_checked(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """`read_jsonl`'s rows, and the numbers (from 1) of the lines it skipped as damaged. A last
-    line without its newline is not among them: a kill cut it, or it is being written."""
-    rows, damaged = [], []
-    data = path.read_bytes()
+    """`read_jsonl`'s rows, and the numbers (from 1) of the lines it skipped as damaged."""
+    _, rows, damaged = _parsed(path.read_bytes())
+    return [row for row in rows if row is not None], damaged
+
+
+def _parsed(data: bytes) -> tuple[list[bytes], list[dict[str, Any] | None], list[int]]:
+    """A metrics file's lines, each one's row (None: not a row bigjax writes), and the numbers
+    (from 1) of the damaged ones: not the blank ones, nor a last line without its newline (a
+    kill cut it, or it is being written)."""
     lines = data.splitlines()
-    for number, line in enumerate(lines, start=1):
-        try:
-            row = json.loads(line)  # bytes: UTF-8 decoded by json; a bad byte is a ValueError
-        except ValueError:
-            row = None
-        if isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 0:
-            rows.append(row)
-        elif line.strip() and (number < len(lines) or data.endswith(b"\n")):
-            damaged.append(number)
-    return rows, damaged
+    rows = [_row_of(line) for line in lines]
+    cut = len(lines) if not data.endswith(b"\n") else 0
+    damaged = [
+        n for n, row in enumerate(rows, 1) if row is None and n != cut and lines[n - 1].strip()
+    ]
+    return lines, rows, damaged
+
+
+def _row_of(line: bytes) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)  # bytes: UTF-8 decoded by json; a bad byte is a ValueError
+    except ValueError:
+        return None
+    ok = isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 0
+    return row if ok else None
 
 
 def metric_value(value: object) -> float | None:

@@ -126,11 +126,13 @@ def clean_document(text: str, cfg: PrepareConfig) -> Cleaned:
 
 def shingles(text: str) -> set[str]:
     """Overlapping runs of SHINGLE_WORDS units (words; characters in unsegmented scripts)."""
+    return set(_shingles(text))
+
+
+def _shingles(text: str) -> Iterator[str]:
     units = language.units(text)
-    return {
-        " ".join(units[i : i + SHINGLE_WORDS])
-        for i in range(max(len(units) - SHINGLE_WORDS + 1, 1))
-    }
+    for i in range(max(len(units) - SHINGLE_WORDS + 1, 1)):  # one, for a short text
+        yield " ".join(units[i : i + SHINGLE_WORDS])
 
 
 def minhash_signature(key_text: str, num_perm: int, block: int = 1 << 13) -> np.ndarray:
@@ -141,13 +143,9 @@ def minhash_signature(key_text: str, num_perm: int, block: int = 1 << 13) -> np.
     from datasketch import MinHash
 
     m = MinHash(num_perm=num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME)
-    units = language.units(key_text)
-    count = max(len(units) - SHINGLE_WORDS + 1, 1)  # as `shingles`: one, for a short text
-    for start in range(0, count, block):
-        stop = min(start + block, count)
-        m.update_batch(
-            [" ".join(units[i : i + SHINGLE_WORDS]).encode() for i in range(start, stop)]
-        )
+    runs = _shingles(key_text)
+    while batch := [s.encode() for s in itertools.islice(runs, block)]:
+        m.update_batch(batch)
     return m.hashvalues
 
 
