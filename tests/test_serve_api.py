@@ -291,6 +291,30 @@ def test_the_responses_api_through_the_openai_client(server):
         assert words in e.value.body["message"], (extra, e.value.body)
 
 
+def test_logit_bias_and_penalties_through_the_openai_client(server):
+    # The byte tokenizer's ids are bytes: 97 is "a". A bias of 100 forces a token, in both
+    # routes and with sampling; penalties at OpenAI's limits are served (their arithmetic is
+    # tested against the formula in test_serve_engine.py).
+    url, _ = server
+    client = _client(url)
+    forced = client.completions.create(
+        model="run", prompt="def", max_tokens=5, temperature=0.9, logit_bias={"97": 100}
+    )
+    assert forced.choices[0].text == "aaaaa"
+    chat = client.chat.completions.create(
+        model="run", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+        logit_bias={"98": 100}, logprobs=True,
+    )  # fmt: skip
+    assert chat.choices[0].message.content == "bbb"
+    assert all(t.logprob < 0 for t in chat.choices[0].logprobs.content)  # the model's own
+    for presence, frequency in ((2.0, -2.0), (-2.0, 2.0)):
+        r = client.completions.create(
+            model="run", prompt="def", max_tokens=4, temperature=0,
+            presence_penalty=presence, frequency_penalty=frequency,
+        )  # fmt: skip
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_a_field_of_another_route_is_refused_naming_where_it_goes(server):
     """A client that mixes up the three APIs' dialects (what the openai package sends with
     `extra_body`) is told the field this route takes, not only that the field is unknown."""
@@ -424,7 +448,21 @@ BAD = [
     (b'{"prompt": "x", "n": 0}', 400, "n:"),
     (b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
     (b'{"prompt": "x", "logprobs": 99}', 400, "logprobs"),
-    (b'{"prompt": "x", "presence_penalty": 0.5}', 400, "not supported"),
+    (b'{"prompt": "x", "presence_penalty": 2.5}', 400, "presence_penalty"),
+    (b'{"prompt": "x", "frequency_penalty": -3}', 400, "frequency_penalty"),
+    # logit_bias: OpenAI's token-id strings and -100..100, each id once, ids of this vocabulary
+    (b'{"prompt": "x", "logit_bias": {"a": 1}}', 400, "is not a token id"),
+    (b'{"prompt": "x", "logit_bias": {" 7": 1}}', 400, "is not a token id"),
+    (b'{"prompt": "x", "logit_bias": {"7": 1, "07": 2}}', 400, "token 7 is given twice"),
+    (b'{"prompt": "x", "logit_bias": {"7": 101}}', 400, "logit_bias.7"),
+    (b'{"prompt": "x", "logit_bias": {"7": "1"}}', 400, "logit_bias.7"),
+    (b'{"prompt": "x", "logit_bias": {"7": NaN}}', 400, "logit_bias.7"),
+    (b'{"prompt": "x", "logit_bias": {"99999": 1}}', 400, "logit_bias: token id 99999 is outside"),
+    (
+        b'{"prompt": "x", "logit_bias": {' + b", ".join(b'"%d": 1' % i for i in range(301)) + b"}}",
+        400,
+        "at most 300",
+    ),  # fmt: skip
     (b'{"prompt": "x", "max_tokens": 0}', 400, "echo"),
     (b'{"prompt": "x", "model": "gpt-4"}', 404, "does not exist"),
     (b'{"prompt": ["a", "b", "c"], "n": 4}', 400, "queues at most 8"),  # 12 > the queue
@@ -726,16 +764,19 @@ def test_two_processes_serve_as_one(run_dir, server):
     )  # fmt: skip
     url, leader = start_server(run_dir, *hosts, "--process_id", "0")
     try:
-        prompts = ["def main(", "import", "class B:"]
+        prompts = [{"prompt": p} for p in ("def main(", "import", "class B:")]
+        # a request's logit bias and penalties travel with its prefill to the other process
+        prompts.append({"prompt": "import", "logit_bias": {"97": 4.0, "101": -2.5},
+                        "frequency_penalty": 1.5, "presence_penalty": 0.5})  # fmt: skip
         body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
         def ask(base, p):
-            r = httpx.post(f"{base}/v1/completions", json={**body, "prompt": p}, headers=AUTH,
+            r = httpx.post(f"{base}/v1/completions", json={**body, **p}, headers=AUTH,
                            timeout=60)  # fmt: skip
             return r.json()["choices"][0]["text"]
 
         want = [ask(server[0], p) for p in prompts]
-        with cf.ThreadPoolExecutor(3) as pool:
+        with cf.ThreadPoolExecutor(len(prompts)) as pool:
             assert list(pool.map(lambda p: ask(url, p), prompts)) == want
         leader.send_signal(signal.SIGTERM)
         assert leader.wait(timeout=60) == 0

@@ -147,6 +147,74 @@ def test_stop_tokens_and_cancels_free_their_slots(engine):
     assert reasons == ["cancelled"] * 6 and all(3 <= len(t) <= 5 for t in toks)
 
 
+def _greedy_reference(tiny, prompt, n, bias=(), presence=0.0, frequency=0.0):
+    """Greedy tokens by the formula itself: a full forward pass over the sequence so far (no
+    cache), then OpenAI's logit bias and penalties over the tokens generated so far."""
+    cfg, graphdef, params = tiny
+    model = nnx.merge(graphdef, params)
+    bias_V = np.zeros((cfg.model.vocab_size,), np.float32)
+    for t, b in bias:
+        bias_V[t] += b
+    count_V = np.zeros_like(bias_V)
+    seq = list(prompt)
+    for _ in range(n):
+        tokens = jnp.asarray([seq], jnp.int32)
+        logits_V = np.asarray(model(tokens, jnp.ones_like(tokens), jnp.arange(len(seq))[None]))
+        logits_V = logits_V[0, -1].astype(np.float32) + bias_V
+        logits_V = logits_V - frequency * count_V - presence * (count_V > 0)
+        seq.append(int(np.argmax(logits_V)))
+        count_V[seq[-1]] += 1
+    return seq[len(prompt) :]
+
+
+@pytest.mark.slow
+def test_logit_bias_and_penalties_equal_the_formula_applied_by_hand(tiny, engine):
+    # OpenAI's definition: logits + bias - frequency * count - presence * (count > 0), the
+    # counts over the tokens generated so far. Rows with and without adjustments decode side
+    # by side in one step, so a bias leaking into another slot (or kept from a slot's last
+    # user) shows as a wrong token.
+    prompt = PROMPTS[0]
+    (plain,), _ = _run(engine, [prompt], [E.Params(max_tokens=8)])
+    cases = [
+        {"logit_bias": ((42, 100.0),)},  # forced
+        {"logit_bias": tuple((t, -100.0) for t in set(plain))},  # every greedy token banned
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 1.5, "frequency_penalty": -0.5, "logit_bias": ((7, 3.0),)},
+    ]
+    params = [E.Params(max_tokens=8, **c) for c in cases] + [E.Params(max_tokens=8)] * 2
+    got, _ = _run(engine, [prompt] * len(params), params)
+    bias_keys = {
+        "logit_bias": "bias",
+        "presence_penalty": "presence",
+        "frequency_penalty": "frequency",
+    }
+    for c, tokens in zip(cases, got, strict=False):
+        want = _greedy_reference(tiny, prompt, 8, **{bias_keys[k]: v for k, v in c.items()})
+        assert tokens == want, c
+    assert got[0] == [42] * 8 and not set(got[1]) & set(plain)
+    assert got[-2:] == [plain, plain]  # the neutral rows beside them: untouched
+
+
+@pytest.mark.slow
+def test_a_biased_tokens_log_probability_is_the_models_own(tiny, engine):
+    # The reported log-probabilities are the model's (as vLLM reports them): forcing a token
+    # with a bias must not report it as certain.
+    cfg, graphdef, params = tiny
+    got = []
+    bias = E.Params(max_tokens=6, logit_bias=((42, 100.0),))
+    done = threading.Event()
+    seq = E.Sequence_(
+        PROMPTS[1], bias, lambda e: (got.append(e), isinstance(e, E.Finished) and done.set())
+    )
+    engine.submit([seq])
+    assert done.wait(60)
+    tokens = [e for e in got if isinstance(e, E.Token)]
+    (want,) = Scorer(graphdef, params, 64).score([(PROMPTS[1], [42] * 6)])
+    # f32, cached decode against the scorer's forward pass: ~1e-7 per token
+    np.testing.assert_allclose([t.logprob for t in tokens], want.logprobs, atol=1e-5, rtol=0)
+    assert all(t.logprob < -1.0 for t in tokens)
+
+
 def test_per_row_sampling_filters():
     logits = jax.numpy.log(jax.numpy.asarray([[0.5, 0.3, 0.15, 0.05]] * 3))
     sample_rows = jax.jit(programs.sample_rows)  # compiled once: eager, each `cond` compiles
@@ -291,3 +359,24 @@ def test_calls_cross_the_wire_between_hosts_unchanged():
         if call.sampling is not None:
             for name, a, b in zip(call.sampling._fields, got.sampling, call.sampling, strict=True):
                 assert a.dtype == b.dtype and np.array_equal(a, b), name
+
+
+def test_logit_adjustments_cross_the_wire_between_hosts_unchanged():
+    # A prefill carries its request's bias and penalties to the other hosts: a shifted or
+    # dropped entry would have one host sample other tokens and the programs diverge.
+    from bigjax.serving import hosts
+
+    wire = hosts.Wire(max_len=32, slots=3)
+    bias = tuple(
+        (int(t), float(b))
+        for t, b in zip(range(5, 5 + 3 * 300, 3), np.linspace(-100, 100, 300), strict=True)
+    )
+    adjust = programs.adjustments(bias, presence=-1.25, frequency=2.0)
+    one = programs.row_sampling([(0.7, 40, 0.9, 5, 0, True)])
+    call = hosts.Call(hosts.PREFILL, np.arange(1, 17, dtype=np.int32), 5, 2, sampling=one,
+                      adjustments=adjust)  # fmt: skip
+    got = wire.unpack(*wire.pack(call)).adjustments
+    for name, a, b in zip(adjust._fields, got, adjust, strict=True):
+        assert np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b), name
+    with pytest.raises(ValueError, match="at most 300"):
+        programs.adjustments(((1, 1.0),) * 301)

@@ -463,12 +463,16 @@ def _params(req: Any, budget: int, j: int, served: Served, *, echo_scores: bool,
             top: bool) -> Params:  # fmt: skip
     seed = (req.seed + j) % 2**32 if req.seed is not None else int.from_bytes(os.urandom(4))
     stops = frozenset() if req.ignore_eos else frozenset({served.tokenizer.eos_id})
+    bias = req.token_bias()
+    _check_ids([i for i, _ in bias], served.engine.shapes.vocab, "logit_bias")
     return Params(
         # top_k past the vocabulary keeps every token: clamped, so no value reaches the
         # engine's int32 arrays that could fail the step every other sequence shares
         max_tokens=budget, temperature=req.temperature,
         top_k=min(max(req.top_k, 0), served.engine.shapes.vocab),
         top_p=req.top_p, seed=seed, stop_ids=stops, prompt_scores=echo_scores, top=top,
+        logit_bias=bias, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
     )  # fmt: skip
 
 

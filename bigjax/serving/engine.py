@@ -49,6 +49,9 @@ class Params:
     stop_ids: frozenset[int] = frozenset()  # the sequence ends after emitting one
     prompt_scores: bool = False  # report the prompt tokens' log-probabilities
     top: bool = False  # report each token's most likely alternatives (Token.top)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias): distinct ids
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +162,7 @@ class Engine:
         for t in self.buckets:
             self._slots, *_ = self._prefill(
                 self.params, self._slots, np.zeros((t,), np.int32), np.int32(1), np.int32(0),
-                pg.row_sampling([(0.0, 0, 1.0, 0, 0, True)]),
+                pg.row_sampling([(0.0, 0, 1.0, 0, 0, True)]), pg.adjustments(),
             )  # fmt: skip
         rows = pg.row_sampling([(0.0, 0, 1.0, 0, 0, True)] * b)
         self._slots, out = self._decode(self.params, self._slots, np.zeros((b,), bool), rows)
@@ -196,8 +199,9 @@ class Engine:
     def _execute(self, c: hosts.Call) -> tuple[pg.Emitted, Any]:
         if c.kind == hosts.PREFILL:
             self._slots, out, scores = self._prefill(
-                self.params, self._slots, c.tokens_T, np.int32(c.n), np.int32(c.row), c.sampling
-            )
+                self.params, self._slots, c.tokens_T, np.int32(c.n), np.int32(c.row), c.sampling,
+                c.adjustments,
+            )  # fmt: skip
             return out, scores
         self._slots, out = self._decode(self.params, self._slots, c.active_B, c.sampling)
         return out, None
@@ -253,7 +257,10 @@ class Engine:
         tokens_T = np.zeros((self.bucket(n),), np.int32)
         tokens_T[:n] = seq.prompt
         sampling = pg.row_sampling([(p.temperature, p.top_k, p.top_p, p.seed, 0, p.top)])
-        out, scores = self._issue(hosts.Call(hosts.PREFILL, tokens_T, n, row, sampling=sampling))
+        adjust = pg.adjustments(p.logit_bias, p.presence_penalty, p.frequency_penalty)
+        out, scores = self._issue(
+            hosts.Call(hosts.PREFILL, tokens_T, n, row, sampling=sampling, adjustments=adjust)
+        )
         self._rows[row] = seq
         if p.prompt_scores:
             logp, ids, top = jax.device_get(scores)

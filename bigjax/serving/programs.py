@@ -9,14 +9,20 @@ own length (`layers.write_cache` with per-row indices).
 Both programs take the slots' arrays donated and return them updated, so the cache is never
 copied. Sampling is per row (each request has its own temperature, top-k, top-p and seed),
 and both programs also return the log-probabilities the API reports: the chosen token's and
-the TOP_N most likely under the model's own distribution (before temperature and filtering,
-as vLLM reports them by default).
+the TOP_N most likely under the model's own distribution (before temperature, filtering, bias
+and penalties, as vLLM reports them by default).
+
+A request's logit adjustments (OpenAI's `logit_bias`, `presence_penalty`, `frequency_penalty`)
+live in its slot: the prefill writes the bias as a dense row and clears the row's token counts,
+and every decode step samples from `logits + bias - frequency * count - presence * (count >
+0)`, counting the tokens the row generated (as vLLM: the prompt's tokens are not counted).
+Neutral values leave the sampled tokens bit-identical (adding zeros to f32 logits).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import jax
@@ -31,6 +37,7 @@ from bigjax.sharding import Rules, constrain
 T = TypeVar("T")
 
 TOP_N = 20  # top log-probs computed for every token (vLLM's limit; OpenAI's legacy API: 5)
+MAX_LOGIT_BIAS = 300  # entries in one request's logit_bias (a fixed shape: one compile)
 # [N layers, B slots, S positions, G kv heads, K]: the slots are replicated over data and
 # fsdp (each device decodes every slot), kv heads split over the tensor axis
 SLOT_CACHE_NAMES = (None, None, None, "act_kv_heads", None)
@@ -44,6 +51,33 @@ class Slots(NamedTuple):
     valid_BS: jax.Array  # bool: cache positions holding a real token
     length_B: jax.Array  # int32: tokens in the cache (the next token's position)
     last_B: jax.Array  # int32: the last sampled token, the next decode input
+    bias_BV: jax.Array  # float32: each row's logit_bias, dense
+    counts_BV: jax.Array  # int32: how often each row generated each token (the penalties')
+    presence_B: jax.Array  # float32: subtracted from every token the row generated
+    frequency_B: jax.Array  # float32: subtracted once per time the row generated the token
+
+
+class Adjustments(NamedTuple):
+    """One request's logit adjustments, written into its slot by the prefill."""
+
+    bias_ids_K: jax.Array | np.ndarray  # int32 [MAX_LOGIT_BIAS]: token ids, zero-padded
+    bias_K: jax.Array | np.ndarray  # float32: their biases (0 for the padding)
+    presence: jax.Array | np.ndarray  # float32 []
+    frequency: jax.Array | np.ndarray  # float32 []
+
+
+def adjustments(bias: Sequence[tuple[int, float]] = (), presence: float = 0.0,
+                frequency: float = 0.0) -> Adjustments:  # fmt: skip
+    """Host arrays for the prefill from (token id, bias) pairs and the two penalties."""
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias holds {len(bias)} tokens; at most {MAX_LOGIT_BIAS}")
+    ids_K = np.zeros((MAX_LOGIT_BIAS,), np.int32)
+    bias_K = np.zeros((MAX_LOGIT_BIAS,), np.float32)
+    for k, (token, value) in enumerate(bias):
+        ids_K[k], bias_K[k] = token, value
+    return Adjustments(
+        ids_K, bias_K, np.asarray(presence, np.float32), np.asarray(frequency, np.float32)
+    )
 
 
 class RowSampling(NamedTuple):
@@ -91,7 +125,18 @@ def empty_slots(s: Shapes, rules: Rules) -> Slots:
     cache = jnp.zeros((s.layers, s.slots, s.max_len, s.kv_heads, s.head_dim), s.dtype)
     cache = constrain(cache, SLOT_CACHE_NAMES, rules)
     zeros_B = jnp.zeros((s.slots,), jnp.int32)
-    return Slots(cache, cache, jnp.zeros((s.slots, s.max_len), bool), zeros_B, zeros_B)
+    zeros_BV = jnp.zeros((s.slots, s.vocab), jnp.float32)
+    f_B = jnp.zeros((s.slots,), jnp.float32)
+    return Slots(cache, cache, jnp.zeros((s.slots, s.max_len), bool), zeros_B, zeros_B,
+                 zeros_BV, zeros_BV.astype(jnp.int32), f_B, f_B)  # fmt: skip
+
+
+def adjusted(logits_BV: jax.Array, bias_BV: jax.Array, counts_BV: jax.Array,
+             presence_B: jax.Array, frequency_B: jax.Array) -> jax.Array:  # fmt: skip
+    """The logits a row samples from: OpenAI's formula for bias and penalties, in f32."""
+    counts_BV = counts_BV.astype(jnp.float32)
+    return (logits_BV.astype(jnp.float32) + bias_BV - frequency_B[:, None] * counts_BV
+            - presence_B[:, None] * (counts_BV > 0))  # fmt: skip
 
 
 def sample_rows(logits_BV: jax.Array, p: RowSampling) -> jax.Array:
@@ -141,9 +186,11 @@ def top_logprobs(logp_XV: jax.Array, wanted: jax.Array | np.ndarray) -> tuple[ja
     return jax.lax.cond(jnp.any(wanted), top, none)
 
 
-def emitted(logits_BV: jax.Array, p: RowSampling) -> Emitted:
+def emitted(logits_BV: jax.Array, p: RowSampling, sampled_from_BV: jax.Array) -> Emitted:
+    """The token drawn from `sampled_from_BV` (the adjusted logits), reported with its and the
+    top tokens' log-probabilities under the model's own `logits_BV`."""
     logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
-    token_B = sample_rows(logits_BV, p)
+    token_B = sample_rows(sampled_from_BV, p)
     ids, values = top_logprobs(logp_BV, p.top)
     return Emitted(token_B, jnp.take_along_axis(logp_BV, token_B[:, None], -1)[:, 0], ids, values)
 
@@ -157,13 +204,14 @@ class PromptScores(NamedTuple):
 
 
 def make_prefill(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
-    """`prefill(params, slots, tokens_T, n, row, sampling) -> (slots, emitted, prompt scores)`:
-    the first n of tokens_T (right-padded) become slot `row`'s sequence, replacing what it
-    held; the first new token is sampled from the last prompt position."""
+    """`prefill(params, slots, tokens_T, n, row, sampling, adjustments) -> (slots, emitted,
+    prompt scores)`: the first n of tokens_T (right-padded) become slot `row`'s sequence, and
+    `adjustments` its logit bias and penalties, replacing what it held; the first new token
+    is sampled from the last prompt position."""
 
     def prefill(
         params: Any, slots: Slots, tokens_T: jax.Array, n: jax.Array, row: jax.Array,
-        p: RowSampling,
+        p: RowSampling, a: Adjustments,
     ) -> tuple[Slots, Emitted, PromptScores]:  # fmt: skip
         model = nnx.merge(graphdef, params)
         (t,) = tokens_T.shape
@@ -180,7 +228,11 @@ def make_prefill(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
         prompt_logp_T = jnp.take_along_axis(logp_TV, next_T[:, None], -1)[:, 0]
         prompt_logp_T = jnp.where(jnp.arange(t) < n - 1, prompt_logp_T, 0.0)
         scores = PromptScores(prompt_logp_T, *top_logprobs(logp_TV, p.top))
-        out = emitted(jax.lax.dynamic_slice_in_dim(logits_TV, n - 1, 1), p)
+        last_1V = jax.lax.dynamic_slice_in_dim(logits_TV, n - 1, 1)
+        # padding entries add 0 to token 0; the request's ids are distinct (protocol.py)
+        bias_V = jnp.zeros(last_1V.shape[-1:], jnp.float32).at[a.bias_ids_K].add(a.bias_K)
+        out = emitted(last_1V, p, last_1V + bias_V)  # nothing generated yet: no penalty
+        counts_V = jnp.zeros(bias_V.shape, jnp.int32).at[out.token_B[0]].set(1)
 
         def put(cache: jax.Array, new_N1TGK: jax.Array) -> jax.Array:
             # the whole row is rewritten (zeros past the prompt): nothing of its last user's
@@ -195,6 +247,10 @@ def make_prefill(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
             slots.valid_BS.at[row].set(jnp.arange(s) < n),
             slots.length_B.at[row].set(n),
             slots.last_B.at[row].set(out.token_B[0]),
+            slots.bias_BV.at[row].set(bias_V),
+            slots.counts_BV.at[row].set(counts_V),
+            slots.presence_B.at[row].set(a.presence),
+            slots.frequency_B.at[row].set(a.frequency),
         )
         return slots, replicated(out), replicated(scores)
 
@@ -220,7 +276,11 @@ def make_decode(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
             slots.last_B[:, None], pos_B[:, None], slots.cache_k, slots.cache_v, pos_B,
             valid_BS[:, None, None, :], unroll=True,
         )  # fmt: skip
-        out = emitted(logits_B1V[:, 0], p)
+        logits_BV = logits_B1V[:, 0]
+        shaped_BV = adjusted(logits_BV, slots.bias_BV, slots.counts_BV, slots.presence_B,
+                             slots.frequency_B)  # fmt: skip
+        out = emitted(logits_BV, p, shaped_BV)
+        counts_BV = slots.counts_BV.at[jnp.arange(b), out.token_B].add(active_B.astype(jnp.int32))
         valid_BS = jnp.where(active_B[:, None], valid_BS, slots.valid_BS)
         slots = Slots(
             constrain(cache_k, SLOT_CACHE_NAMES, rules),
@@ -228,6 +288,10 @@ def make_decode(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
             valid_BS,
             slots.length_B + active_B.astype(jnp.int32),
             jnp.where(active_B, out.token_B, slots.last_B),
+            slots.bias_BV,
+            counts_BV,
+            slots.presence_B,
+            slots.frequency_B,
         )
         return slots, replicated(out)
 

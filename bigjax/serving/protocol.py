@@ -1,9 +1,9 @@
 """The OpenAI API's request bodies as strict pydantic models: an unknown field, a wrong type or
 a value out of range is a 400 naming the field, before anything reaches the engine.
 
-Fields OpenAI defines that this server does not implement (penalties, logit_bias, best_of,
-suffix, tools, response formats) are accepted only at their neutral values, so a client that
-sends the defaults works and one that relies on them is told so. A null is "not given" for a
+Fields OpenAI defines that this server does not implement (best_of, suffix, tools, response
+formats) are accepted only at their neutral values, so a client that sends the defaults works
+and one that relies on them is told so. A null is "not given" for a
 field that has no null of its own, as in OpenAI's API: clients that serialise every field
 (`message.model_dump()` sent back as the next turn's history) send nulls for what they did
 not set.
@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bigjax.serving.programs import MAX_LOGIT_BIAS
 
 MAX_LOGPROBS = 20  # as vLLM; the legacy completions API itself allows 5
 LOGPROBS = "message.output_text.logprobs"  # the Responses API's `include` that asks for them
@@ -64,10 +66,10 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM's: generate max_tokens whatever the model says
-    # OpenAI fields kept at their neutral values (see the module docstring)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    # OpenAI's ranges; applied to the logits before sampling (serving/programs.py)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -77,13 +79,29 @@ class _Sampling(_Strict):
             raise ValueError("give at most 16 non-empty stop strings")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if len(v or {}) > MAX_LOGIT_BIAS:
+            raise ValueError(f"give at most {MAX_LOGIT_BIAS} tokens (this server's limit)")
+        seen: dict[int, str] = {}
+        for key in v or {}:
+            # decimal ASCII digits only: int() would also take " 7", "7_0" and "٧"
+            if not (key.isascii() and key.isdigit()) or len(key) > 12:
+                raise ValueError(f"key {_shown(key)!r} is not a token id: give the ids as "
+                                 'decimal strings, as {"50256": -100}')  # fmt: skip
+            if int(key) in seen:
+                raise ValueError(f"token {int(key)} is given twice ({seen[int(key)]!r} and "
+                                 f"{key!r})")  # fmt: skip
+            seen[int(key)] = key
+        return v
+
+    def token_bias(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs."""
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
+
     @model_validator(mode="after")
-    def _neutral(self) -> _Sampling:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0.0:
-                raise ValueError(f"{name} is not supported by this server; leave it at 0")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+    def _stream_options(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options needs stream: true")
         return self
@@ -331,6 +349,11 @@ class ResponsesRequest(_Strict):
     seed: ClassVar[None] = None
     ignore_eos: ClassVar[bool] = False
     stop: ClassVar[tuple[str, ...]] = ()
+    presence_penalty: ClassVar[float] = 0.0
+    frequency_penalty: ClassVar[float] = 0.0
+
+    def token_bias(self) -> tuple[tuple[int, float], ...]:
+        return ()  # the Responses API has no logit_bias
 
 
 class TokenizeRequest(_Strict):
