@@ -111,10 +111,17 @@ def seal(step_dir: Path) -> None:
     }
     tmp = step_dir / f".{CHECKSUMS}.tmp"
     with tmp.open("w") as f:
-        f.write(json.dumps({"version": 1, "files": record}, indent=1) + "\n")
+        f.write(json.dumps({"version": 1, "files": record, "sha256": _own_digest(record)},
+                           indent=1) + "\n")  # fmt: skip
         f.flush()
         os.fsync(f.fileno())  # on disk before Orbax's rename commits the step
     os.replace(tmp, step_dir / CHECKSUMS)
+
+
+def _own_digest(record: dict) -> str:
+    """The checksums' own checksum: a changed bit in a name, size or digest of the list is
+    then blamed on the list, not on the file it happens to name."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def is_sealed(step_dir: Path) -> bool:
@@ -128,13 +135,18 @@ def verify(step_dir: Path, share: tuple[int, int] = (0, 1)) -> str | None:
     then agree on (sizes and the list of files are checked whole: no reading)."""
     step_dir = Path(step_dir)
     try:
-        record = json.loads((step_dir / CHECKSUMS).read_text())["files"]
+        sealed = json.loads((step_dir / CHECKSUMS).read_text())
+        record = sealed["files"]
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or UTF-8
         return f"{step_dir / CHECKSUMS} is unreadable ({type(e).__name__})"
     if not _well_formed(record):
         return f"{step_dir / CHECKSUMS} is damaged (not a checksum per file)"
+    # seals before this one had no digest of their own: their files are checked all the same
+    if "sha256" in sealed and sealed["sha256"] != _own_digest(record):
+        return (f"{step_dir / CHECKSUMS} is damaged (it does not match its own checksum: its "
+                "bytes changed after the save)")  # fmt: skip
     for name, want in sorted(record.items()):
         path = step_dir / name
         if not path.is_file():

@@ -186,6 +186,32 @@ def test_processes_share_the_hashing_and_one_of_them_finds_each_flip(tmp_path, f
     assert "holds files the save did not write: state/extra" in integrity.verify(step4, (blind, 3))
 
 
+def test_a_flipped_bit_in_the_checksums_is_blamed_on_them(tmp_path, four_steps):
+    # A changed name in the list read as "a file is missing", a changed digest as "a data file
+    # changed": the operator looked for damage where there was none. Any bit of the list that
+    # changes what it says must name the list; one that changes nothing it says (a key's
+    # spelling, the version) may pass, and nothing may ever blame another file.
+    _copy(four_steps, tmp_path)
+    step4 = tmp_path / "checkpoints" / "4"
+    seal = step4 / integrity.CHECKSUMS
+    original = seal.read_bytes()
+    files = json.loads(original)["files"]
+    rng = np.random.default_rng(0)
+    for offset in rng.choice(len(original), size=300, replace=False):
+        flipped = bytearray(original)
+        flipped[offset] ^= 1 << int(rng.integers(8))
+        seal.write_bytes(bytes(flipped))
+        problem = integrity.verify(step4)
+        try:
+            same = json.loads(bytes(flipped))["files"] == files
+        except (ValueError, KeyError, TypeError):
+            same = False
+        assert problem is None or integrity.CHECKSUMS in problem, (offset, problem)
+        assert same or problem is not None, offset
+    seal.write_bytes(original)
+    assert integrity.verify(step4) is None
+
+
 def test_the_hashing_is_shared_by_bytes_not_by_file_count():
     # by file count (every n-th name) one process could get every large file and the others
     # nothing to read; the shares cover every file once and are even in bytes
