@@ -188,10 +188,12 @@ def accuracy(items: Sequence[Item], logp: np.ndarray, tokens: np.ndarray) -> dic
 def score_items(
     scorer: Scorer, params: Params, tokenizer: Tokenizer, items: Sequence[Item], seq_len: int,
     rows_per_batch: int = 64, bar: progress.Bar | None = None,
+    between: Callable[[], None] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Accuracy (raw and length-normalised) of the model on `items`; `scorer` from
     `make_scorer`, made once and reused (every batch has the same shape). `bar` (a
-    progress.Bar) counts the items scored."""
+    progress.Bar) counts the items scored; `between` runs before each batch (it may raise,
+    to stop)."""
     logps, counts = [], []
     rows_per_batch = max(rows_per_batch, max(len(i.choices) for i in items))
     start = 0
@@ -201,6 +203,8 @@ def score_items(
             chunk.append(items[start])
             rows += len(items[start].choices)
             start += 1
+        if between is not None:
+            between()
         batch = choice_batch(tokenizer, chunk, seq_len, min_rows=rows_per_batch)
         lp, n = jax.device_get(scorer(params, batch))
         logps.append(lp[:rows])

@@ -20,7 +20,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,17 +42,43 @@ if TYPE_CHECKING:  # lm-eval is an extra, imported when a harness runs
     from lm_eval.tasks import TaskManager
 
 
-def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None) -> dict[str, float]:
+class EvalStopped(Exception):
+    """A stop was asked during an eval: it is left unfinished, and the run saves and stops
+    (its relaunch evaluates that step again)."""
+
+
+def _never() -> bool:
+    return False
+
+
+def raising(stop: Callable[[], bool]) -> Callable[[], None]:
+    """`stop` as a check between batches: raises EvalStopped once it says stop."""
+
+    def check() -> None:
+        if stop():
+            raise EvalStopped
+
+    return check
+
+
+def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None,
+             between: Callable[[], None] | None = None) -> dict[str, float]:  # fmt: skip
     """Loss and perplexity (or, for a classifier, accuracy and macro F1) over the first
     `eval.num_batches` batches of the held-out split, read in a fixed order so every eval of
     every run sees the same tokens; `bar` counts the batches (`bigjax eval`; a training run's
-    evals print one line instead)."""
+    evals print one line instead). `between` runs before each batch (it may raise EvalStopped)."""
     cfg = prog.cfg
     it = prog.batches("validation", seed=0, shuffle=False, workers=0)
     nll, weight, adv = 0.0, 0.0, 0.0
     confusion = np.zeros((0, 0))  # [true class, predicted class], summed over batches
     # one batch at a time: a list of them all held eval.num_batches batches in host memory
     for local in itertools.islice(it, cfg.eval.num_batches):
+        try:
+            if between is not None:
+                between()
+        except EvalStopped:
+            it.close()  # its reading thread
+            raise
         out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
         nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight_sum"])
         if "confusion" in out:
@@ -72,17 +98,20 @@ def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None) -> 
 
 class Evaluator:
     """Eval loss (and, with eval.choices, multiple-choice accuracy) at a step, logged.
-    The scorer is compiled once, on the first call."""
+    The scorer is compiled once, on the first call. `stop` is asked between batches, and
+    between the benchmarks' scoring batches: a preempted run must not spend its notice
+    period on an eval (EvalStopped; nothing of the unfinished eval is logged)."""
 
-    def __init__(self, prog: Program, writers: metrics.Writers):
+    def __init__(self, prog: Program, writers: metrics.Writers, stop: Callable[[], bool] = _never):
         cfg, tokenizer = prog.cfg, prog.resources.tokenizer
         self.prog, self.writers, self.tokenizer = prog, writers, tokenizer
+        self.between = raising(stop)
         self.items = prog.resources.choice_items  # read with the run's other resources
         self.scorer: choices.Scorer | None = None  # made at the first eval that scores items
-        self.harness = Harness(prog, tokenizer) if cfg.eval.harness_tasks else None
+        self.harness = Harness(prog, tokenizer, self.between) if cfg.eval.harness_tasks else None
 
     def __call__(self, at_step: int, params: Params) -> dict[str, float]:
-        row = {"step": at_step, **run_eval(self.prog, params)}
+        row = {"step": at_step, **run_eval(self.prog, params, between=self.between)}
         text = f"eval @ {at_step}: loss {row['eval_loss']:.4f}"
         if "f1" in row:  # a classifier: perplexity would mean nothing
             text += f", accuracy {row['accuracy']:.1%}, macro F1 {row['f1']:.3f}"
@@ -94,9 +123,8 @@ class Evaluator:
             if self.scorer is None:
                 self.scorer = choices.make_scorer(self.prog.graphdef, cfg.finetune.lora_scale)
             seq_len = cfg.data.seq_len
-            row.update(
-                choices.score_items(self.scorer, params, self.tokenizer, self.items, seq_len)
-            )
+            row.update(choices.score_items(self.scorer, params, self.tokenizer, self.items,
+                                           seq_len, between=self.between))  # fmt: skip
             row["mc_eval_s"] = time.perf_counter() - start
             text += f", multiple choice {row['mc_accuracy']:.1%}"
         if self.harness is not None:
@@ -117,8 +145,10 @@ class Harness:
     `harness/TASK/METRIC` numbers. The tasks are indexed and the programs compiled once, on
     the first eval; later evals hand the model new parameters of the same shapes."""
 
-    def __init__(self, prog: Program, tokenizer: Tokenizer):
+    def __init__(self, prog: Program, tokenizer: Tokenizer,
+                 between: Callable[[], None] | None = None):  # fmt: skip
         e = prog.cfg.eval
+        self.between = between
         if importlib.util.find_spec("lm_eval") is None:
             raise ConfigError("eval.harness_tasks needs lm-evaluation-harness: "
                               "pip install 'bigjax[harness]'.")  # fmt: skip
@@ -133,7 +163,8 @@ class Harness:
         merged = lora.merged(params, cfg.finetune.lora_scale)
         if self.lm is None:
             self.lm = make_lm(self.prog.graphdef, merged, self.tokenizer, cfg.data.seq_len,
-                              rules=cfg.mesh.rules, mesh=self.prog.mesh)  # fmt: skip
+                              rules=cfg.mesh.rules, mesh=self.prog.mesh,
+                              between=self.between)  # fmt: skip
         self.lm.set_params(merged)
         start = time.perf_counter()
         results = evaluate(
@@ -156,8 +187,10 @@ def _offline() -> None:
 def make_lm(
     graphdef: nnx.GraphDef, params: tree.Params, tokenizer: Tokenizer, max_len: int, *,
     rules: Rules = (), mesh: Mesh | None = None, tokens: int = 8192, slots: int = 8,
+    between: Callable[[], None] | None = None,
 ) -> TemplateLM:  # fmt: skip
-    """An lm-eval LM over a model's parameters."""
+    """An lm-eval LM over a model's parameters; `between` is called between scoring batches
+    and before each batch of generations (it may raise, to stop the evaluation)."""
     _offline()
     from lm_eval.api.model import TemplateLM
 
@@ -169,7 +202,7 @@ def make_lm(
     class BigjaxLM(TemplateLM):
         def __init__(self) -> None:
             super().__init__()
-            self.scorer = Scorer(graphdef, params, max_len, tokens=tokens)
+            self.scorer = Scorer(graphdef, params, max_len, tokens=tokens, between=between)
             self.params = params
             self._engine: Engine | None = None
 
@@ -222,6 +255,8 @@ def make_lm(
             return totals
 
         def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+            if between is not None:
+                between()
             if self._engine is None:
                 self._engine = Engine(graphdef, self.params, rules, slots=slots, max_len=max_len,
                                       max_waiting=4 * slots, mesh=mesh)  # fmt: skip

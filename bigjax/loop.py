@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from bigjax import metrics, models, privacy
 from bigjax.config import TrainConfig
@@ -27,6 +28,21 @@ class NonFiniteError(RunFailed, RuntimeError):
 def every(step: int, n: int) -> bool:
     """Whether something done every `n` steps (0: never) is due at `step`."""
     return bool(n) and step % n == 0
+
+
+def eval_missed(run: RunDir, step: int, cfg: TrainConfig) -> bool:
+    """Whether `step` was due an eval that the run's metrics do not hold: a stop during that
+    eval left it unfinished, and the run saved and stopped. Process 0 (the file's one writer)
+    reads the file; every process gets its answer, since all must run the same eval."""
+    if not (step == cfg.num_steps or every(step, cfg.eval.every_steps)):
+        return False
+    found = metrics.last_logged(run.writers.path, "eval_loss", step)
+    missed = found is None or found[0] != step
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        missed = bool(multihost_utils.broadcast_one_to_all(np.int32(missed)))
+    return missed
 
 
 def nan_verdict(policy: str, bad_step: int, latest: Mapping[str, float], rollbacks: int) -> None:

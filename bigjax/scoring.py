@@ -117,9 +117,12 @@ class Scorer:
     multiple-choice items in 2,048-token rows would spend most of the forward pass on pairs
     the mask throws away."""
 
-    def __init__(self, graphdef: nnx.GraphDef, params: Params, max_len: int, tokens: int = 8192):
-        """`tokens` per batch bounds the logits held at once: tokens x vocabulary floats."""
+    def __init__(self, graphdef: nnx.GraphDef, params: Params, max_len: int, tokens: int = 8192,
+                 between: Callable[[], None] | None = None):  # fmt: skip
+        """`tokens` per batch bounds the logits held at once: tokens x vocabulary floats.
+        `between` runs before each batch (a training run's eval: it raises to stop)."""
         self.params, self.max_len, self.tokens = params, max_len, tokens
+        self.between = between
         self._score = {shared: make_score_fn(graphdef, shared) for shared in (False, True)}
 
     def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[Scored]:
@@ -139,6 +142,8 @@ class Scorer:
             batch = [
                 [(groups[i], o) for i, o in row] for row in packed[start : start + rows_per_batch]
             ]
+            if self.between is not None:
+                self.between()
             logp, greedy = self._run(batch, (rows_per_batch, row_len), shared)
             for r, row in enumerate(batch):
                 for group, offset in row:

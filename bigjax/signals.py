@@ -1,6 +1,6 @@
 """Stop signals for a training run: SIGTERM, SIGINT and SIGHUP ask the loop to save and stop
-after the step in flight; a second Ctrl-C interrupts at once. With several processes, they all
-stop after the same step (`StopVote`)."""
+after the step in flight (an eval in progress is left unfinished); a second Ctrl-C interrupts
+at once. With several processes, they all stop after the same step (`StopVote`)."""
 
 from __future__ import annotations
 
@@ -122,11 +122,28 @@ class StopVote:
             (self.ballot.mesh.size,), self.ballot, lambda _: np.full(1, mine, np.int32)
         )
         self.pending = self.count(ballot)
+        self._read(verdict)
+        return self.verdict
+
+    def poll(self) -> bool:
+        """Whether to stop now, in a pass with no steps (an eval, between its batches): the
+        same answer on every process, which all call it at the same point of the same pass.
+        One process alone: whether it was asked; several: a vote read at once (a one-number
+        all-reduce; the eval waits for each batch's result anyway)."""
+        if not self.together:
+            return bool(self.asked)
+        ballot = jax.make_array_from_callback(
+            (self.ballot.mesh.size,), self.ballot,
+            lambda _: np.full(1, _vote(self.asked), np.int32),
+        )  # fmt: skip
+        self._read(int(jax.device_get(self.count(ballot))))
+        return self.verdict
+
+    def _read(self, verdict: int) -> None:
         if verdict and "signal" not in self.asked:
             name = signal.Signals(verdict >> _PROCESS_BITS).name
             self.asked["signal"] = f"{name} on process {verdict & (1 << _PROCESS_BITS) - 1}"
-        self.verdict = bool(verdict)
-        return self.verdict
+        self.verdict = self.verdict or bool(verdict)
 
     def now(self) -> bool:
         """Whether to stop before the next step. One process alone: whether it was asked by

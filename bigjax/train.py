@@ -24,12 +24,13 @@ import jax
 from bigjax import checkpoint, loading, memory, metrics, program, resources
 from bigjax.config import TrainConfig
 from bigjax.data import pipeline
-from bigjax.evals import Evaluator
-from bigjax.loop import NonFiniteError, StepLog, every, nan_verdict
+from bigjax.evals import EvalStopped, Evaluator
+from bigjax.loop import NonFiniteError, StepLog, eval_missed, every, nan_verdict
 from bigjax.mesh import for_run
 from bigjax.rundir import RunDir
 from bigjax.signals import StopVote, interrupt_if_asked, stop_on_signals
 from bigjax.state import TrainState
+from bigjax.tree import Params
 
 __all__ = ["NonFiniteError", "train"]
 
@@ -70,21 +71,37 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
         cleanup.callback(lambda: data_iter.close())
         start = int(jax.device_get(state.step))
         meta = run.begin(prog, saves, start, origin)
-        evaluator = Evaluator(prog, run.writers)
+        stop_vote = StopVote(stop, mesh)  # every process stops after the same step
+        evaluator = Evaluator(prog, run.writers, stop_vote.poll)
         cleanup.callback(evaluator.close)  # a benchmark's engine thread must not outlive it
         log = StepLog.resumed(prog, run, peak, start)
-        stop_vote = StopVote(stop, mesh)  # every process stops after the same step
 
         step, pending = start, None  # pending: the step dispatched before this one
         saved_step = start if origin.startswith("resuming") else -1
+
+        def evaluate(at_step: int, params: Params) -> dict[str, float] | None:
+            """The eval at a step, logged; None if a stop left it unfinished (nothing of it
+            logged: the relaunch evaluates that step)."""
+            try:
+                return evaluator(at_step, params)
+            except EvalStopped:
+                print(f"received {stop['signal']} during the eval of step {at_step}: left "
+                      "unfinished.", flush=True)  # fmt: skip
+                return None
+
         last_eval: dict[str, float] = {}
+        stopped_in_eval = False
+        if origin.startswith("resuming") and eval_missed(run, start, cfg):
+            # the step saved was due an eval that a stop left unfinished (or its row was lost)
+            row = evaluate(start, state.params)
+            last_eval, stopped_in_eval = row or {}, row is None
         # batches dropped before a step: one for each rollback its non-finite result caused
         skip_batches: collections.Counter[int] = collections.Counter()
         rollbacks = 0
         # nan_policy=skip drops a non-finite update on device (the log warns and counts it):
         # such a step is not bad here, and evals and saves go on as due
         skip = cfg.nan_policy == "skip"
-        while step < cfg.num_steps:
+        while step < cfg.num_steps and not stopped_in_eval:
             interrupt_if_asked(stop)
             for _ in range(skip_batches[step + 1]):
                 next(data_iter)  # the batches that produced a non-finite step: dropped
@@ -109,7 +126,10 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
                 bad_step = None if log.finish(*pending) or skip else step
                 pending = None
             if bad_step is None and eval_due:
-                last_eval = evaluator(step, state.params)
+                row = evaluate(step, state.params)
+                if row is None:  # saved (with no eval metrics), then the loop stops
+                    eval_due, save_due, stopping = False, True, True
+                last_eval = row or last_eval
             if bad_step is None and save_due:
                 try:
                     saves.save(state, data_iter, meta, force=final or stopping,

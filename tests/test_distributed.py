@@ -179,6 +179,33 @@ def test_a_stop_asked_of_one_process_stops_every_process_after_the_same_step(tmp
     assert list(_losses(run)) == list(range(1, 17))  # each step logged once
 
 
+@pytest.mark.slow
+def test_a_stop_during_an_eval_leaves_it_on_every_process_at_the_same_batch(tmp_path):
+    # The eval's batches are collectives: a process that left the eval alone would leave the
+    # other waiting in the next batch. Each batch, the processes read one vote and leave
+    # together; the relaunch (process 0 reads the metrics, all hear its answer) runs the eval
+    # it owes before step 4.
+    run = tmp_path / "run"
+    extra = ["--config.eval.every_steps=3", "--config.eval.num_batches=100",
+             "--config.checkpoint.every_steps=100"]  # fmt: skip
+    procs = _start(run, steps=6, processes=2, extra=extra)
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").exists() or 3 not in _losses(run):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # process 1 alone, in the eval of step 3
+    out = _finish(procs)  # asserts both exit 0
+    assert "received SIGTERM on process 1 during the eval of step 3: left unfinished" in (
+        out[0].stdout
+    )
+    assert "saving step 3 and stopping" in out[1].stdout
+    resumed = _launch(run, steps=6, processes=2, extra=extra)
+    assert resumed[0].stdout.index("eval @ 3") < resumed[0].stdout.index("step 4/6")
+    rows = [(r["step"], "eval_loss" in r) for r in read_jsonl(run / "metrics.jsonl")]
+    assert rows == [(1, False), (2, False), (3, False), (3, True), (4, False), (5, False),
+                    (6, False), (6, True)]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "env, expected",
     [

@@ -157,6 +157,49 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path):
     assert _losses(workdir) == _losses(uninterrupted)
 
 
+@pytest.mark.slow
+def test_a_stop_during_an_eval_leaves_it_and_the_relaunch_evaluates_that_step(tmp_path):
+    # A preemption notice gives ~30 s, and an eval of benchmarks can take minutes: a stop that
+    # waited for the eval lost the steps since the last checkpoint to the kill that followed.
+    # The eval (200 batches, ~4 s here) is left at its next batch, the step saved, and the
+    # relaunch evaluates that step first: the metrics equal an uninterrupted run's, eval rows
+    # and their order included.
+    slow_eval = ("--config.num_steps=6", "--config.eval.every_steps=3",
+                 "--config.eval.num_batches=200",
+                 "--config.checkpoint.every_steps=100")  # fmt: skip
+    whole = tmp_path / "whole"
+    assert _run(whole, *slow_eval).returncode == 0
+    workdir = tmp_path / "stopped"
+    proc = _start(workdir, *slow_eval)
+    _wait_for_step(workdir, proc, 3)  # the eval of step 3 starts once its row is written
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "received SIGTERM during the eval of step 3: left unfinished." in out, out
+    assert "saving step 3 and stopping" in out
+    assert not any("eval_loss" in r for r in read_jsonl(workdir / "metrics.jsonl"))
+    # stopped again in the relaunch's catch-up eval: it trains no step past the one it owes
+    proc = _start(workdir, *slow_eval)
+    banner = proc.stdout.readline()  # printed once restored, before the catch-up eval
+    assert "resuming from step 3" in banner, banner + proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "received SIGTERM during the eval of step 3: left unfinished." in out, out
+    assert max(s for s, _ in _losses(workdir)) == 3
+    r = _run(workdir, *slow_eval)
+    assert r.returncode == 0 and "resuming from step 3" in r.stdout, r.stderr[-2000:]
+    assert r.stdout.index("eval @ 3") < r.stdout.index("step 4/6")
+
+    def rows(run):
+        return [
+            (x["step"], x.get("loss"), x.get("eval_loss"))
+            for x in read_jsonl(run / "metrics.jsonl")
+        ]
+
+    assert rows(workdir) == rows(whole)  # bitwise: the same batches, in the same order
+
+
 def _boundary_rows(step_dir: Path) -> int:
     """Rows of a saved data state that stopped exactly at a document boundary (no document
     half-packed): the state whose JSON form Grain misread, dropping a document on resume."""
