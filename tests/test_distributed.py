@@ -186,7 +186,7 @@ def test_a_stop_during_an_eval_leaves_it_on_every_process_at_the_same_batch(tmp_
     # together; the relaunch (process 0 reads the metrics, all hear its answer) runs the eval
     # it owes before step 4.
     run = tmp_path / "run"
-    extra = ["--config.eval.every_steps=3", "--config.eval.num_batches=100",
+    extra = ["--config.eval.every_steps=3", "--config.eval.num_batches=60",
              "--config.checkpoint.every_steps=100"]  # fmt: skip
     procs = _start(run, steps=6, processes=2, extra=extra)
     deadline = time.monotonic() + 300

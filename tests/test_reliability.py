@@ -161,11 +161,11 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path):
 def test_a_stop_during_an_eval_leaves_it_and_the_relaunch_evaluates_that_step(tmp_path):
     # A preemption notice gives ~30 s, and an eval of benchmarks can take minutes: a stop that
     # waited for the eval lost the steps since the last checkpoint to the kill that followed.
-    # The eval (200 batches, ~4 s here) is left at its next batch, the step saved, and the
+    # The eval (100 batches, ~2 s here) is left at its next batch, the step saved, and the
     # relaunch evaluates that step first: the metrics equal an uninterrupted run's, eval rows
     # and their order included.
     slow_eval = ("--config.num_steps=6", "--config.eval.every_steps=3",
-                 "--config.eval.num_batches=200",
+                 "--config.eval.num_batches=100",
                  "--config.checkpoint.every_steps=100")  # fmt: skip
     whole = tmp_path / "whole"
     assert _run(whole, *slow_eval).returncode == 0
