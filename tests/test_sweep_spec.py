@@ -244,3 +244,50 @@ def test_a_bad_key_or_value_refuses_the_sweep_before_it_starts(
     assert main(["sweep", str(file), "--dir", str(tmp_path / "out")]) == 2
     assert "sweep spec: the trial {" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _damaged(db: Path) -> None:
+    """Flips bits all over the study database past its 100-byte header, as a bad disk
+    would: SQLite then finds its schema malformed."""
+    import random
+
+    data = bytearray(db.read_bytes())
+    rng = random.Random(0)
+    for page in range(len(data) // 4096):
+        for _ in range(40):
+            i = page * 4096 + rng.randrange(100 if page == 0 else 0, 4096)
+            data[i] ^= 1 << rng.randrange(8)
+    db.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("storage", "words"),
+    [
+        ("sqlite:///{tmp}/garbage.db", "is damaged or not an SQLite file (file is not a database)"),
+        ("sqlite:///{tmp}/out/study.db", "is damaged or not an SQLite file (malformed"),
+        ("sqlite:///{tmp}/no/such/dir/study.db", "failed: unable to open database file"),
+        ("not a url", "is not a database URL; give --storage sqlite:///PATH or postgresql://"),
+        ("nosuchdb://u@h/db", "is of a kind SQLAlchemy does not know"),
+        ("oracle+cx_oracle://u:secret@127.0.0.1:1/db", "needs a Python driver that is not"),
+    ],
+)
+def test_a_study_database_that_cannot_be_used_is_one_line_naming_it(
+    tmp_path, capsys, storage, words
+):
+    # SQLAlchemy's errors are a page of traceback that never says which flag to change; a
+    # damaged study.db is what a bad disk or a copy cut short leaves.
+    from bigjax.cli import main
+
+    sweep = Sweep("db", TINY, space={"optim.lr": Grid((1e-3,))})
+    file = tmp_path / "sweep.py"
+    file.write_text(f"from bigjax.sweep import *\ndef get_sweep():\n    return {sweep!r}\n")
+    (tmp_path / "garbage.db").write_bytes(b"not a database at all " * 300)
+    (tmp_path / "out").mkdir()
+    _study(tmp_path / "out", sweep)  # a real study, then damaged
+    _damaged(tmp_path / "out" / "study.db")
+    capsys.readouterr()
+    args = ["sweep", str(file), "--dir", str(tmp_path / "out")]
+    assert main([*args, "--storage", storage.format(tmp=tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigjax: error: sweep: the study database ") and words in err, err
+    assert len(err.strip().splitlines()) == 1 and "secret" not in err  # no password shown

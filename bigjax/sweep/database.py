@@ -16,8 +16,10 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy
+from optuna.exceptions import StorageInternalError
 from optuna.trial import FrozenTrial, TrialState
 
+from bigjax.errors import UsageError, disk_full
 from bigjax.sweep.results import saved_step
 
 MAX_RETRIES = 2  # re-runs of a trial whose worker died with no new checkpoint, before it fails
@@ -32,10 +34,70 @@ def experimental_ok() -> Iterator[None]:
         yield
 
 
+_URLS = "sqlite:///PATH or postgresql://USER@HOST/DB"
+_DRIVER = "Failed to import DB access module"  # Optuna's words for a driver not installed
+
+
+class StudyDatabaseError(UsageError):
+    """`--storage` names a database the sweep cannot open or read: a URL that is none, a
+    database kind without its driver, a server that refuses, a file that is no database."""
+
+
+def shown_url(url: str) -> str:
+    """The database URL as errors show it: its password, if any, as `***`."""
+    with contextlib.suppress(sqlalchemy.exc.ArgumentError):
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    return url
+
+
+@contextlib.contextmanager
+def database_errors(url: str) -> Iterator[None]:
+    """Raises what goes wrong with the study database `url` (opening it, or reading it later:
+    a damaged file may open) as one line that names it and the fix; SQLAlchemy's errors come
+    with a page of traceback. A full disk passes through: the command line words that for
+    every command."""
+    try:
+        yield
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, StorageInternalError) as e:
+        if disk_full(e) or (isinstance(e, ImportError) and _DRIVER not in str(e)):
+            raise  # an ImportError of bigjax's own is a bug: its traceback
+        why = _why(e, sqlite=url.startswith("sqlite"))
+        raise StudyDatabaseError(f"sweep: the study database {shown_url(url)} {why}") from e
+
+
+def _why(e: BaseException, sqlite: bool) -> str:
+    if isinstance(e, sqlalchemy.exc.NoSuchModuleError):  # before ArgumentError: a subclass
+        return f"is of a kind SQLAlchemy does not know; give --storage {_URLS}."
+    if isinstance(e, sqlalchemy.exc.ArgumentError):
+        return f"is not a database URL; give --storage {_URLS}."
+    if isinstance(e, ImportError):  # Optuna's, raised from the driver's ModuleNotFoundError
+        module = getattr(e.__cause__ or e.__context__, "name", None) or "?"
+        return (
+            f"needs a Python driver that is not installed (no module {module!r}): install "
+            f"it, or give --storage {_URLS}."
+        )
+    if isinstance(e, StorageInternalError):  # Optuna's wrapper of a failed commit
+        e = e.__cause__ or e
+    first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [""])[0]
+    if "file is not a database" in first or "malformed" in first:  # SQLite's words
+        return (
+            f"is damaged or not an SQLite file ({first}): restore it, or move it away to "
+            "start the sweep over (finished trials keep their run directories)."
+        )
+    check = "that its directory exists and is writable" if sqlite else "that its server is up"
+    return f"failed: {first}. Check the URL and {check}."
+
+
 def make_storage(url: str, heartbeat_s: float, attempts: int = 5) -> optuna.storages.RDBStorage:
     """Opens the study database, creating Optuna's tables if needed. Workers that start
     together on a fresh database race to create the tables (PostgreSQL: a duplicate
-    `CREATE TYPE`); the losers retry, and then find them."""
+    `CREATE TYPE`); the losers retry, and then find them. Errors: as `database_errors`
+    words them."""
+    with database_errors(url):
+        return _make_storage(url, heartbeat_s, attempts)
+
+
+def _make_storage(url: str, heartbeat_s: float, attempts: int) -> optuna.storages.RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(attempts):
         try:
@@ -47,11 +109,18 @@ def make_storage(url: str, heartbeat_s: float, attempts: int = 5) -> optuna.stor
                     grace_period=max(3, int(3 * heartbeat_s)),
                     heartbeat_stale_trial_callback=retry_stale,
                 )
-        except sqlalchemy.exc.DBAPIError:
-            if attempt == attempts - 1:
+        except sqlalchemy.exc.DBAPIError as e:
+            if attempt == attempts - 1 or not _may_pass(e, sqlite=url.startswith("sqlite")):
                 raise
             time.sleep(0.5 + random.random())  # jitter: the racers do not collide again
     raise AssertionError("unreachable")
+
+
+def _may_pass(e: sqlalchemy.exc.DBAPIError, sqlite: bool) -> bool:
+    """Whether opening again may succeed: a lost race to create the tables (a duplicate), or
+    a server not up yet; not a local file that is no database, or cannot be created."""
+    duplicate = isinstance(e, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.ProgrammingError)
+    return duplicate or "already exists" in str(e) or not sqlite
 
 
 def retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:

@@ -43,7 +43,7 @@ from optuna.trial import TrialState
 from bigjax import runlock
 from bigjax.config import ConfigError, load_config, to_dict
 from bigjax.sweep import devices
-from bigjax.sweep.database import experimental_ok, make_storage
+from bigjax.sweep.database import database_errors, experimental_ok, make_storage, shown_url
 from bigjax.sweep.results import objective_value, read_evals, saved_step
 from bigjax.sweep.spec import Grid, IntUniform, LogUniform, Sweep, Uniform, Value
 
@@ -137,15 +137,15 @@ def open_study(spec: Sweep, storage: optuna.storages.BaseStorage, opts: Options)
         if time.monotonic() > deadline:
             what = "has no study" if study is None else "holds a study never filled"
             raise ConfigError(
-                f"sweep: {opts.storage} {what} named {spec.name!r}. Start the sweep without "
-                "--worker first (if its creator died while enqueueing, delete the study: "
+                f"sweep: {shown_url(opts.storage)} {what} named {spec.name!r}. Start the sweep "
+                "without --worker first (if its creator died while enqueueing, delete the study: "
                 f"optuna delete-study --study-name {spec.name} --storage URL)."
             )
         time.sleep(1.0)
     if study.user_attrs.get("spec") != spec_fingerprint(spec):
         raise ConfigError(
-            f"sweep: the study {spec.name!r} in {opts.storage} was made from a different spec. "
-            "Give the changed spec a new name, or use a new --dir / --storage."
+            f"sweep: the study {spec.name!r} in {shown_url(opts.storage)} was made from a "
+            "different spec. Give the changed spec a new name, or use a new --dir / --storage."
         )
     return study
 
@@ -448,7 +448,8 @@ def run(spec: Sweep, opts: Options) -> optuna.Study:
     check_path(opts.directory / "trial" / "checkpoints")  # every trial's run is in there
     opts.directory.mkdir(parents=True, exist_ok=True)
     storage = make_storage(opts.storage, opts.heartbeat_s)
-    study = open_study(spec, storage, opts)
+    with database_errors(opts.storage):  # a damaged file may open, and fail when read
+        study = open_study(spec, storage, opts)
     worker = Worker(spec, study, storage, opts)
     threads = [
         threading.Thread(target=worker.loop, args=(slot,), name=f"slot{slot}", daemon=True)
@@ -461,5 +462,6 @@ def run(spec: Sweep, opts: Options) -> optuna.Study:
             while t.is_alive():  # join with a timeout, so signals reach the handler
                 t.join(timeout=0.5)
     if worker.errors:
-        raise worker.errors[0]
+        with database_errors(opts.storage):
+            raise worker.errors[0]
     return study
