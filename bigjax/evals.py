@@ -190,7 +190,9 @@ def make_lm(
     between: Callable[[], None] | None = None,
 ) -> TemplateLM:  # fmt: skip
     """An lm-eval LM over a model's parameters; `between` is called between scoring batches
-    and before each batch of generations (it may raise, to stop the evaluation)."""
+    and before the generations (it may raise, to stop the evaluation). lm-eval hands over all
+    generations in one call, which a stop does not cut short: with several processes, process
+    0 drives the engine and the others follow, so there is no batch boundary all share."""
     _offline()
     from lm_eval.api.model import TemplateLM
 

@@ -168,6 +168,13 @@ def test_an_output_in_a_read_only_directory_is_refused_before_the_eval(tmp_path)
         (["eval", "--tasks", "x", "--limit", "1e30"], "more documents than any task holds"),
         (["prepare", "--input", "stdlib", "--max-record-bytes", str(2**70)], "from 1 to 2**62"),
         (["prepare", "--input", "stdlib", "--num-perm", str(10**8)], "from 1 to 4096"),
+        # quality thresholds: nan turned a filter off without a word; past 0..1, a fraction
+        # keeps every document or none
+        (["prepare", "--input", "stdlib", "--min-alpha-frac", "nan"], "nan: must be from 0 to 1"),
+        (["prepare", "--input", "stdlib", "--max-dup-line-frac", "1.5"], "must be from 0 to 1"),
+        (["prepare", "--input", "stdlib", "--min-chars", "-5"], "--min-chars -5: must be 0 or"),
+        (["prepare", "--input", "stdlib", "--max-chars", "9"], "at least --min-chars (32)"),
+        (["prepare", "--input", "stdlib", "--max-mean-word-len", "1"], "at least --min-mean"),
     ],
 )
 def test_huge_and_infinite_flags_are_one_line_before_any_work(tmp_path, capsys, argv, words):

@@ -613,6 +613,17 @@ def test_an_allowed_origin_must_be_an_origin():
             Options(allowed_origins=(bad,))
 
 
+def test_serve_sizes_below_one_name_the_flag_given():
+    # --max-body-mb 0 was refused as "--max-body-bytes", a flag that does not exist
+    from bigjax.config import ConfigError
+    from bigjax.serving.server import Options
+
+    for field, flag in [("slots", "--slots"), ("max_waiting", "--max-waiting"),
+                        ("tensor", "--tensor"), ("max_body_bytes", "--max-body-mb")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"^serve: {flag} must be >= 1$"):
+            Options(**{field: 0})
+
+
 def test_an_api_key_must_be_printable_ascii():
     # a header carries ASCII: curl sent "é" as UTF-8 bytes read back as "Ã©", so such a key
     # locked every client out; "" was matched by a bare "Bearer "

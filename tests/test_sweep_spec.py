@@ -14,6 +14,7 @@ from bigjax.sweep import (
     Sweep,
     Uniform,
     ablation,
+    database,
     devices,
     ladder,
     spec,
@@ -291,3 +292,33 @@ def test_a_study_database_that_cannot_be_used_is_one_line_naming_it(
     err = capsys.readouterr().err
     assert err.startswith("bigjax: error: sweep: the study database ") and words in err, err
     assert len(err.strip().splitlines()) == 1 and "secret" not in err  # no password shown
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--heartbeat", "0"], "--heartbeat must be a number of seconds above 0, got 0.0"),
+        (["--heartbeat", "-1"], "above 0, got -1.0"),
+        (["--heartbeat", "nan"], "above 0, got nan"),
+        (["--heartbeat", "inf"], "above 0, got inf"),
+        (["--storage", "sqlite://"], "is an in-memory SQLite database"),
+        (["--storage", "sqlite:///:memory:"], "is an in-memory SQLite database"),
+    ],
+)
+def test_sweep_flags_that_cannot_work_are_refused_in_one_line(tmp_path, capsys, flags, words):
+    # each was a traceback (a division by zero, a float NaN cast to int, an empty lock-file
+    # name) or a worker spinning without a pause (a heartbeat of 0 or less)
+    from bigjax.cli import main
+
+    sweep = Sweep("flags", TINY, space={"optim.lr": Grid((1e-3,))})
+    file = tmp_path / "sweep.py"
+    file.write_text(f"from bigjax.sweep import *\ndef get_sweep():\n    return {sweep!r}\n")
+    assert main(["sweep", str(file), "--dir", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigjax: error: sweep: ") and words in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # refused before anything was made
+    assert database.sqlite_file("sqlite:///rel/study.db") == Path("rel/study.db")
+    assert database.sqlite_file("sqlite:////abs/study.db?timeout=5") == Path("/abs/study.db")
+    assert database.sqlite_file("postgresql://u@h/db") is None

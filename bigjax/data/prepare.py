@@ -84,9 +84,30 @@ class PrepareConfig:
                 "from 1 to 2**62",
             ),
         }
+        if self.quality is not None:
+            bounds.update(_quality_bounds(self.quality))
         for flag, (value, ok, want) in bounds.items():
             if not ok:  # NaN fails every comparison: refused too
                 raise DataError(f"prepare: --{flag} {value}: must be {want}.")
+
+
+def _quality_bounds(q: clean.QualityConfig) -> dict[str, tuple[float, bool, str]]:
+    """The quality thresholds' bounds, as flags: --min-alpha-frac nan turned its filter off
+    without a word (every comparison with NaN is False); a fraction past 0..1 keeps every
+    document or none."""
+    fractions = ("min_alpha_frac", "max_dup_line_frac", "max_repeated_ngram_frac",
+                 "min_function_word_frac")  # fmt: skip
+    bounds = {f: (getattr(q, f), 0 <= getattr(q, f) <= 1, "from 0 to 1") for f in fractions}
+    bounds["min_chars"] = (q.min_chars, q.min_chars >= 0, "0 or more")
+    bounds["max_chars"] = (q.max_chars, q.max_chars >= max(q.min_chars, 1),
+                           f"1 or more, and at least --min-chars ({q.min_chars})")  # fmt: skip
+    bounds["min_mean_word_len"] = (q.min_mean_word_len, q.min_mean_word_len >= 0, "0 or more")
+    bounds["max_mean_word_len"] = (
+        q.max_mean_word_len,
+        q.max_mean_word_len >= max(q.min_mean_word_len, 0),
+        f"at least --min-mean-word-len ({q.min_mean_word_len})",
+    )
+    return {name.replace("_", "-"): bound for name, bound in bounds.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,9 +42,11 @@ class Options:
     allowed_origins: tuple[str, ...] = ()  # web origins whose pages may call the API (CORS)
 
     def __post_init__(self) -> None:
-        for name in ("slots", "max_waiting", "tensor", "max_body_bytes"):
+        flags = {"slots": "--slots", "max_waiting": "--max-waiting", "tensor": "--tensor",
+                 "max_body_bytes": "--max-body-mb"}  # fmt: skip
+        for name, flag in flags.items():
             if getattr(self, name) < 1:
-                raise ConfigError(f"serve: --{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"serve: {flag} must be >= 1")
         if self.max_len < 0:
             raise ConfigError(f"serve: --max-len {self.max_len}: give tokens per sequence, or 0 "
                               "for the run's data.seq_len")  # fmt: skip

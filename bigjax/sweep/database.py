@@ -50,6 +50,15 @@ def shown_url(url: str) -> str:
     return url
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite database URL; None for another kind, or an in-memory one."""
+    with contextlib.suppress(sqlalchemy.exc.ArgumentError):
+        parsed = sqlalchemy.engine.make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            return Path(parsed.database)
+    return None
+
+
 @contextlib.contextmanager
 def database_errors(url: str) -> Iterator[None]:
     """Raises what goes wrong with the study database `url` (opening it, or reading it later:

@@ -43,7 +43,13 @@ from optuna.trial import TrialState
 from bigjax import runlock
 from bigjax.config import ConfigError, load_config, to_dict
 from bigjax.sweep import devices
-from bigjax.sweep.database import database_errors, experimental_ok, make_storage, shown_url
+from bigjax.sweep.database import (
+    database_errors,
+    experimental_ok,
+    make_storage,
+    shown_url,
+    sqlite_file,
+)
 from bigjax.sweep.results import objective_value, read_evals, saved_step
 from bigjax.sweep.spec import Grid, IntUniform, LogUniform, Sweep, Uniform, Value
 
@@ -58,6 +64,20 @@ class Options:
     join_only: bool = False  # --worker: join an existing study, never create one
     heartbeat_s: float = 10.0  # a trial silent for 3 heartbeats is taken as dead
     wait_s: float = 600.0  # --worker: how long to wait for the study to appear
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"sweep: --workers must be at least 1, got {self.workers}.")
+        if not 0 < self.heartbeat_s < math.inf:  # nan too: it compares False
+            raise ConfigError(
+                f"sweep: --heartbeat must be a number of seconds above 0, got {self.heartbeat_s}."
+            )
+        if self.storage.startswith("sqlite") and sqlite_file(self.storage) is None:
+            raise ConfigError(
+                f"sweep: --storage {self.storage} is an in-memory SQLite database: it would "
+                "vanish with this process (a rerun could not continue the sweep, no worker "
+                "could join it); give sqlite:///PATH."
+            )
 
 
 def config_hash(cfg: Any) -> str:
@@ -212,10 +232,10 @@ class Worker:
         same trial from WAITING to RUNNING. There, claims take a lock file next to the
         database (every worker of an SQLite study is on this machine)."""
         with self.pop_lock:
-            if not self.opts.storage.startswith("sqlite:///"):
+            db = sqlite_file(self.opts.storage)
+            if db is None:
                 yield
                 return
-            db = Path(self.opts.storage.removeprefix("sqlite:///"))
             with open(db.with_name(db.name + ".lock"), "w") as f:
                 fcntl.flock(f, fcntl.LOCK_EX)
                 try:
