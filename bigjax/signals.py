@@ -117,11 +117,7 @@ class StopVote:
         if not self.together:
             return bool(self.asked)
         verdict = 0 if self.pending is None else int(jax.device_get(self.pending))
-        mine = _vote(self.asked)
-        ballot = jax.make_array_from_callback(
-            (self.ballot.mesh.size,), self.ballot, lambda _: np.full(1, mine, np.int32)
-        )
-        self.pending = self.count(ballot)
+        self.pending = self._cast()
         self._read(verdict)
         return self.verdict
 
@@ -132,12 +128,16 @@ class StopVote:
         all-reduce; the eval waits for each batch's result anyway)."""
         if not self.together:
             return bool(self.asked)
-        ballot = jax.make_array_from_callback(
-            (self.ballot.mesh.size,), self.ballot,
-            lambda _: np.full(1, _vote(self.asked), np.int32),
-        )  # fmt: skip
-        self._read(int(jax.device_get(self.count(ballot))))
+        self._read(int(jax.device_get(self._cast())))
         return self.verdict
+
+    def _cast(self) -> jax.Array:
+        """Dispatches this process's vote; the result is the largest of all processes'."""
+        mine = _vote(self.asked)
+        ballot = jax.make_array_from_callback(
+            (self.ballot.mesh.size,), self.ballot, lambda _: np.full(1, mine, np.int32)
+        )
+        return self.count(ballot)
 
     def _read(self, verdict: int) -> None:
         if verdict and "signal" not in self.asked:
