@@ -54,6 +54,7 @@ from bigjax.sweep.results import objective_value, read_evals, saved_step
 from bigjax.sweep.spec import Grid, IntUniform, LogUniform, Sweep, Uniform, Value
 
 ERROR_TAIL_LINES = 20
+MAX_HEARTBEAT_S = 86400  # a worker dead for 3 of them has its trial retried
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +69,11 @@ class Options:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ConfigError(f"sweep: --workers must be at least 1, got {self.workers}.")
-        if not 0 < self.heartbeat_s < math.inf:  # nan too: it compares False
+        # nan fails both comparisons; past a day, 3 x it overflowed Optuna's int grace period
+        if not 0 < self.heartbeat_s <= MAX_HEARTBEAT_S:
             raise ConfigError(
-                f"sweep: --heartbeat must be a number of seconds above 0, got {self.heartbeat_s}."
+                f"sweep: --heartbeat must be a number of seconds above 0, at most "
+                f"{MAX_HEARTBEAT_S} (a day), got {self.heartbeat_s}."
             )
         if self.storage.startswith("sqlite") and sqlite_file(self.storage) is None:
             raise ConfigError(
