@@ -174,6 +174,14 @@ def test_personal_data_at_any_punctuation_and_glued_to_cjk(text, kind):
         ("DB_PASSWORD=hunter2hunter2", "hunter2hunter2", "SECRET"),
         ("export HF_TOKEN=hf_abcdefghijkl", "hf_abcdefghijkl", "SECRET"),
         ("  AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG", "wJalrXUtnFEMI/K7MDENG", "SECRET"),
+        # a name whose last word says secret, in code, JSON, YAML and dicts: each was missed
+        ('DB_PASSWORD = "hunter2hunter2"', "hunter2hunter2", "SECRET"),
+        ('{"password": "hunter2hunter2"}', "hunter2hunter2", "SECRET"),
+        ("cfg = {'client_secret': 'Zx81hs7Gq2LmWw'}", "Zx81hs7Gq2LmWw", "SECRET"),
+        ('const dbPassword = "hunter2hunter2";', "hunter2hunter2", "SECRET"),
+        (':api_key => "Zx81hs7Gq2LmWw"', "Zx81hs7Gq2LmWw", "SECRET"),
+        ("db:\n  password: hunter2hunter2\n", "hunter2hunter2", "SECRET"),
+        ("  - x-api-key: Zx81hs7Gq2LmWw", "Zx81hs7Gq2LmWw", "SECRET"),
     ],
 )
 def test_personal_data_in_any_language_is_replaced_whole(text, found, kind):
@@ -217,6 +225,12 @@ def test_years_and_counts_in_other_digits_are_left_alone(text):
         "PASSWORD_FILE=/run/secrets/db",
         "password = get_password()",
         'FORCE_CHANGE_PASSWORD = "FORCE_CHANGE_PASSWORD"',
+        "api_key: SecretStr",  # a code line's annotation
+        "token: tok.string",
+        "access_token: Optional[str] = None",
+        "password_file: /run/secrets/db",
+        "max_tokens: 100000000",
+        '{"num_tokens": "100000000"}',
     ],
 )
 def test_settings_named_like_secrets_are_left_alone(text):
@@ -233,7 +247,9 @@ def test_address_and_secret_search_is_linear_in_hostile_text():
     hostile = ("@" * 200_000, "a@" * 100_000, "a" * 200_000 + "@b.cc", "中" * 200_000 + "@x.cn")
     # ... and for the secrets' names: a pattern that tried the secret words after every _ of
     # a long identifier took 270 s on "a_" * 50,000
-    for text in (*hostile, "a_" * 50_000, "A_" * 50_000 + "=" + "b" * 10, "PASSWORD" * 50_000):
+    names = ("a_" * 50_000, "A_" * 50_000 + "=" + "b" * 10, "PASSWORD" * 50_000, "a-" * 50_000)
+    quotes = ('"' * 100_000, "'a'" * 50_000, "a: " * 50_000, "- a: " * 40_000)
+    for text in (*hostile, *names, *quotes):
         scrub(text)
     assert time.perf_counter() - start < 5.0  # about 0.1 s here; generous for a slow machine
 

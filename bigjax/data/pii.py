@@ -58,12 +58,40 @@ _SECRET_ASSIGNMENT = re.compile(
     r"""(?i)(?<![A-Za-z0-9_])((?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token"""
     rf"""|password|passwd|{_PASSWORD_WORDS})\s*[:=：]\s*)(['"])([^'"\s]{{8,}})\2"""
 )
+# A quoted value given to a name, bare or itself quoted (code, JSON, YAML, a dict, Ruby's =>):
+# a secret if the name's last word says so (`_is_secret_name`: DB_PASSWORD, dbPassword,
+# "api-key"). The name is checked after the match, as below; it starts where no name char is.
+_NAMED_QUOTED = re.compile(
+    r"""(?<![A-Za-z0-9_$-])(['"]?)([A-Za-z][A-Za-z0-9_-]*)\1\s*(?:=>|[:=：])\s*(['"])([^'"\s]{8,})\3"""
+)
 # An environment file's line (.env, docker-compose, shell): NAME=value, unquoted; a secret if
 # the name says so (`_SECRET_NAME`, checked after the match: inside this pattern its
 # alternation, tried at every split of a long name, made a line of capitals quadratic).
 _ENV_LINE = re.compile(r"^[ \t]*(?:export[ \t]+)?([A-Z0-9_]+)=([^\s'\"#]{8,})[ \t]*$", re.MULTILINE)
+# A YAML or config file's line, `name: value`, unquoted (a list item's too). Not a value that
+# reads as code: brackets, commas, or letters and dots alone (`_NAME_LIKE`).
+_YAML_LINE = re.compile(
+    r"^[ \t]*(?:-[ \t]+)?([A-Za-z][A-Za-z0-9_-]*):[ \t]+([^\s'\"#()\[\]{},;]{8,})[ \t]*$",
+    re.MULTILINE,
+)
 # the name's last word (HF_TOKEN, AWS_SECRET_ACCESS_KEY; not MAX_TOKENS or PASSWORD_FILE)
-_SECRET_NAME = re.compile("(?:^|_)(?:PASSWORD|PASSWD|SECRET|SECRET_KEY|API_?KEY|ACCESS_KEY|TOKEN)$")
+_SECRET_NAME = re.compile(
+    "(?:^|_)(?:PASSWORD|PASSWD|SECRET|SECRET_KEY|API_?KEY|ACCESS_KEY|PRIVATE_KEY|TOKEN)$"
+)
+_CAMEL_HUMP = re.compile("(?<=[a-z0-9])(?=[A-Z])")
+# what a code line's annotation or reference looks like (`api_key: SecretStr`, `token:
+# tok.string`): letters, `_` and dots only. A YAML line's password with no digit or sign is
+# missed with them; quoted, or in an environment file, it is found.
+_NAME_LIKE = re.compile(r"[A-Za-z_][A-Za-z_.]*")
+
+
+def _is_secret_name(name: str) -> bool:
+    """Whether a setting's name ends in a secret's word, in any case style: DB_PASSWORD,
+    dbPassword, api-key, AWS_SECRET_ACCESS_KEY."""
+    words = _CAMEL_HUMP.sub("_", name).upper().replace("-", "_")
+    return bool(_SECRET_NAME.search(words))
+
+
 # Addresses in any script (RFC 6531 and IDNA: müller@, josé.garcía@, иван@почта.рф,
 # 김철수@예시.한국, 张伟@例子.中国), with the full-width ＠ of CJK text too. The local part is the
 # run before the @ of either ASCII's characters and the letters, digits and marks of scripts
@@ -344,10 +372,20 @@ def find(text: str, language: str = "und") -> list[Span]:
     found: list[Span] = [
         (m.start(3), m.end(3), "SECRET") for m in _SECRET_ASSIGNMENT.finditer(text)
     ]
+    found += [  # an enum's constant (`FORCE_CHANGE_PASSWORD = "FORCE_CHANGE_PASSWORD"`) is none
+        (m.start(4), m.end(4), "SECRET")
+        for m in _NAMED_QUOTED.finditer(text)
+        if _is_secret_name(m.group(2)) and m.group(4).lower() != m.group(2).lower()
+    ]
     found += [
         (m.start(2), m.end(2), "SECRET")
         for m in _ENV_LINE.finditer(text)
         if _SECRET_NAME.search(m.group(1))
+    ]
+    found += [
+        (m.start(2), m.end(2), "SECRET")
+        for m in _YAML_LINE.finditer(text)
+        if _is_secret_name(m.group(1)) and not _NAME_LIKE.fullmatch(m.group(2))
     ]
     found += _regex_spans("SECRET", _SECRET, text)
     found += _email_spans(text)
