@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 import hmac
 import json
-import logging
 import os
 import time
 import uuid
@@ -23,12 +22,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from bigjax.data import tokenizer as tokenizers
-from bigjax.serving import bodies, chat, protocol, responses, text
+from bigjax.serving import bodies, chat, middleware, protocol, responses, text
 from bigjax.serving.engine import (
     Engine,
     Event,
@@ -39,10 +37,7 @@ from bigjax.serving.engine import (
     Sequence_,
     Token,
 )
-from bigjax.serving.limits import BodyLimit
 from bigjax.serving.monitor import Monitor
-
-log = logging.getLogger("bigjax.serve")
 
 
 class ApiError(Exception):
@@ -67,28 +62,12 @@ class Served:
 
 def make_app(served: Served, monitor: Monitor) -> FastAPI:
     app = FastAPI(title="bigjax", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, max_bytes=served.max_body_bytes)
-    if served.allowed_origins:
-        # added last, so outermost: a 413 or 408 from BodyLimit carries the headers too, and a
-        # browser page can read the refusal instead of a bare CORS failure. A preflight is
-        # answered here, before the key is checked: browsers never send credentials on one.
-        app.add_middleware(
-            CORSMiddleware, allow_origins=list(served.allowed_origins),
-            allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600,
-        )  # fmt: skip
+    middleware.add(app, served.max_body_bytes, served.allowed_origins)
     vocab = served.engine.shapes.vocab
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(protocol.error_body(e.message, e.kind, e.status), e.status)
-
-    @app.exception_handler(Exception)
-    async def _bug(_: Request, e: Exception) -> JSONResponse:
-        # a server bug: still OpenAI's error object (clients parse it), and the log has the
-        # traceback
-        log.exception("serve: request failed")
-        message = f"internal error: {type(e).__name__}: {e}"
-        return JSONResponse(protocol.error_body(message, "server_error", 500), 500)
 
     def guarded(fn: Callable[[Request], Awaitable[Response]]) -> Callable:
         async def handler(request: Request) -> Response:
