@@ -268,14 +268,14 @@ def test_a_full_disk_under_the_tools_is_one_line_naming_the_output(tmp_path, cap
     # whole standard library, whose 31 MB it cleaned first for the same error.
     import email
 
+    text = str(Path(email.__file__).parent)
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode:
         pytest.skip("mounting a tmpfs needs root")
     try:
         for argv, out in [
-            (["prepare", "--input", str(Path(email.__file__).parent), "--workers", "1",
-              "--output"], mount / "ds"),  # fmt: skip
+            (["prepare", "--input", text, "--workers", "1", "--output"], mount / "ds"),
             (["convert", str(tiny_run)], mount / "hf"),
             (["compress", "quantize", str(tiny_run), "--out"], mount / "c"),
         ]:
