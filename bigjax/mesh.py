@@ -34,6 +34,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from bigjax import platforms
 from bigjax.config import (
     MESH_AXES,
     MICRO_BATCH,
@@ -54,6 +55,7 @@ def for_run(
     """The config tuned for these devices (its `platforms` entry) and its
     mesh over them: how every command (train, bench, plan, eval, serve) builds its mesh."""
     devices = list(jax.devices() if devices is None else devices)
+    platforms.safe_compilation_cache(devices)
     cfg = for_devices(cfg, devices)
     return cfg, make_mesh(cfg.mesh, devices)
 

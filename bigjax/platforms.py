@@ -13,11 +13,14 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
-from bigjax.errors import RunFailed
+from bigjax.errors import BigjaxWarning, RunFailed
 
 GOOGLE_PCI_VENDOR = "0x1ae0"
 NOT_ACCELERATORS = ("0x01", "0x02")  # PCI classes of Google's disks and NICs (gVNIC)
@@ -71,6 +74,28 @@ def choose() -> None:
     if importlib.util.find_spec("libtpu") is None or has_tpu():
         return
     jax.config.update("jax_platforms", usable_without_tpu())
+
+
+def safe_compilation_cache(devices: Sequence[jax.Device]) -> None:
+    """Turns JAX's persistent compilation cache off, with a warning, for a run on several CPU
+    devices: a program read back from it there waits for ever in its collectives over part of
+    the devices (jax 0.10.2: an all-gather over 4 of 8 fake devices, a (2, 2, 2) mesh), and
+    XLA aborts the process after its 40 s rendezvous timeout, so the second run of a config
+    hung and died. One CPU device, a GPU or a TPU keeps the cache."""
+    config = jax.config
+    on = getattr(config, "jax_enable_compilation_cache", True)
+    on = on and getattr(config, "jax_compilation_cache_dir", None)
+    if not on or len(devices) < 2 or devices[0].platform != "cpu":
+        return
+    warnings.warn(
+        f"JAX's persistent compilation cache is off for this run: on {len(devices)} CPU "
+        "devices, XLA:CPU programs read back from it deadlock in their collectives. Unset "
+        "JAX_COMPILATION_CACHE_DIR (or jax_compilation_cache_dir) to drop this warning.",
+        BigjaxWarning,
+        stacklevel=2,
+    )
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # forgets whether an earlier compile used it
 
 
 def allow_compile_only_libtpu() -> None:

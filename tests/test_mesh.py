@@ -72,3 +72,29 @@ def test_mesh_axes_that_split_a_torus_side_are_laid_out_with_a_warning(shape, dc
     with warnings.catch_warnings():  # whole sides (4 x 16): laid as before, nothing said
         warnings.simplefilter("error")
         make_mesh(MeshConfig(shape=(1, 1, 16, 4, 1, 1)), devices[:64])
+
+
+@pytest.mark.slow
+def test_a_persistent_compilation_cache_on_cpu_devices_is_turned_off_not_deadlocked(tmp_path):
+    # The second run of a (2, 2, 2) config on 8 CPU devices read its programs back from JAX's
+    # cache, waited in an all-gather for 40 s, and XLA aborted it (exit 134).
+    import os
+    import subprocess
+
+    from conftest import xla_flags
+    from helpers import train_cmd
+
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), **cache}
+    flags = ["--config.num_steps=1", "--config.mesh.shape=(2,2,2)", "--config.eval.num_batches=1",
+             "--config.metrics.plot=False", "--config.metrics.tensorboard=False"]  # fmt: skip
+
+    def run(name):
+        cmd = train_cmd(tmp_path / name, *flags)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    runs = [run("first"), run("second")]
+    assert [r.returncode for r in runs] == [0, 0], runs[1].stderr[-2000:]
+    for r in runs:
+        assert "persistent compilation cache is off for this run: on 8 CPU devices" in r.stderr
