@@ -46,17 +46,17 @@ _SECRET = re.compile(
     r"|\bsk-[A-Za-z0-9_-]{20,}\b",  # OpenAI-style keys
     re.DOTALL | re.ASCII,
 )
-# Names that say "password" in the languages people write configs in (the English ones
-# below them): a value quoted after one is a secret whatever the language of the text.
+# Names that say "password" in the languages people write configs in (English names are
+# `_SECRET_NAME`'s): a value quoted after one is a secret whatever the language of the text.
 _PASSWORD_WORDS = (
     "passwort|kennwort|mot[_ -]?de[_ -]?passe|contrase[nñ]a|senha|wachtwoord|has[lł]o|parola"
     "|[sş]ifre|l[oö]senord|salasana|heslo|jelsz[oó]|пароль|密码|密碼|パスワード|비밀번호"
 )
-# key = "value" assignments whose name says secret: only the value (group 3) is replaced.
-# The boundary before the name is ASCII's, as the module's others (密码 glued to Chinese text).
+# key = "value" assignments whose name is a password word of another language (`mot de passe`,
+# `密码`): only the value (group 3) is replaced. English names are `_NAMED_QUOTED`'s. The
+# boundary before the name is ASCII's, as the module's others (密码 glued to Chinese text).
 _SECRET_ASSIGNMENT = re.compile(
-    r"""(?i)(?<![A-Za-z0-9_])((?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token"""
-    rf"""|password|passwd|{_PASSWORD_WORDS})\s*[:=：]\s*)(['"])([^'"\s]{{8,}})\2"""
+    rf"""(?i)(?<![A-Za-z0-9_])((?:{_PASSWORD_WORDS})\s*[:=：]\s*)(['"])([^'"\s]{{8,}})\2"""
 )
 # A quoted value given to a name, bare or itself quoted (code, JSON, YAML, a dict, Ruby's =>):
 # a secret if the name's last word says so (`_is_secret_name`: DB_PASSWORD, dbPassword,

@@ -57,12 +57,12 @@ class BodyLimit:
             # would be served: neither says what happened (OpenAI takes no compressed bodies)
             await _drain_unless_waiting(headers, receive)
             name = coding.decode("latin-1")[:40]
-            return await _refuse(send, 415, f"Content-Encoding {name!r} is not supported: "
+            return await send_error(send, 415, f"Content-Encoding {name!r} is not supported: "
                                  "send the request body uncompressed")  # fmt: skip
         declared = headers.get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_bytes:
             await _drain_unless_waiting(headers, receive)
-            return await _refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
+            return await send_error(send, 413, f"the request body is over {self.max_bytes} bytes")
         chunks: list[bytes] = []
         try:
             async with asyncio.timeout_at(deadline):
@@ -71,12 +71,12 @@ class BodyLimit:
             if connection is None:
                 raise
             connection.timed_out()
-            return await _refuse(send, 408, "the request body did not arrive within the "
+            return await send_error(send, 408, "the request body did not arrive within the "
                                  f"{connection.seconds:g} s request timeout")  # fmt: skip
         if too_big is None:
             return None  # the client went away
         if too_big:
-            return await _refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
+            return await send_error(send, 413, f"the request body is over {self.max_bytes} bytes")
         body, replayed = b"".join(chunks), False
 
         async def replay() -> dict:
@@ -107,8 +107,10 @@ async def _read(receive: Callable, chunks: list[bytes], max_bytes: int) -> bool 
     return False
 
 
-async def _refuse(send: Callable, status: int, message: str) -> None:
-    kind = "timeout" if status == 408 else "invalid_request_error"
+async def send_error(send: Callable, status: int, message: str) -> None:
+    """Answers with OpenAI's error object and closes the connection (the request's bytes may
+    be unread, or the server hit a bug)."""
+    kind = {408: "timeout", 500: "server_error"}.get(status, "invalid_request_error")
     body = json.dumps(protocol.error_body(message, kind, status)).encode()
     await send(
         {

@@ -10,7 +10,6 @@ other answer, and the log has the traceback.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from bigjax.serving import protocol
-from bigjax.serving.limits import BodyLimit
+from bigjax.serving.limits import BodyLimit, send_error
 
 log = logging.getLogger("bigjax.serve")
 
@@ -47,11 +45,7 @@ class ServerErrors:
             log.exception("serve: request failed")
             if started:
                 raise
-            message = f"internal error: {type(e).__name__}: {e}"
-            body = json.dumps(protocol.error_body(message, "server_error", 500)).encode()
-            headers = [(b"content-type", b"application/json")]
-            await send({"type": "http.response.start", "status": 500, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, 500, f"internal error: {type(e).__name__}: {e}")
 
 
 def add(app: FastAPI, max_body_bytes: int, allowed_origins: tuple[str, ...]) -> None:
