@@ -64,15 +64,19 @@ def raising(stop: Callable[[], bool]) -> Callable[[], None]:
 def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None,
              between: Callable[[], None] | None = None) -> dict[str, float]:  # fmt: skip
     """Loss and perplexity (or, for a classifier, accuracy and macro F1) over the first
-    `eval.num_batches` batches of the held-out split, read in a fixed order so every eval of
-    every run sees the same tokens; `bar` counts the batches (`bigjax eval`; a training run's
-    evals print one line instead). `between` runs before each batch (it may raise EvalStopped)."""
+    `eval.num_batches` batches of the held-out split, read once in a fixed order so every
+    eval of every run sees the same tokens; `bar` counts the batches (`bigjax eval`; a
+    training run's evals print one line instead). `between` runs before each batch (it may
+    raise EvalStopped). A split that runs out before eval.num_batches is scored once, not
+    repeated: the rest are blank rows of weight 0, and the row's `eval_batches` says how many
+    batches held data."""
     cfg = prog.cfg
     it = prog.batches("validation", seed=0, shuffle=False, workers=0)
     nll, weight, adv = 0.0, 0.0, 0.0
     confusion = np.zeros((0, 0))  # [true class, predicted class], summed over batches
+    ran_out: int | None = None  # the first batch with nothing of the split in it
     # one batch at a time: a list of them all held eval.num_batches batches in host memory
-    for local in itertools.islice(it, cfg.eval.num_batches):
+    for i, local in enumerate(itertools.islice(it, cfg.eval.num_batches)):
         try:
             if between is not None:
                 between()
@@ -81,6 +85,8 @@ def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None,
             raise
         out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
         nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight_sum"])
+        if ran_out is None and float(out["weight_sum"]) == 0.0:
+            ran_out = i
         if "confusion" in out:
             confusion = out["confusion"] + (confusion if confusion.size else 0.0)
         adv = adv + float(out.get("adv_nll_sum", 0.0))
@@ -89,6 +95,8 @@ def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None,
     it.close()
     loss = nll / max(weight, 1.0)
     row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    if ran_out is not None:
+        row["eval_batches"] = ran_out
     if cfg.robust.eval_attack != "none":  # the loss under the embedding-space attack
         row["eval_adv_loss"] = adv / max(weight, 1.0)
     if task_of(cfg).classifies:  # accuracy, macro precision / recall / F1
@@ -117,6 +125,9 @@ class Evaluator:
             text += f", accuracy {row['accuracy']:.1%}, macro F1 {row['f1']:.3f}"
         else:
             text += f", ppl {row['eval_ppl']:.2f}"
+        if "eval_batches" in row:
+            text += (f" (the held-out split ran out after {row['eval_batches']} of "
+                     f"eval.num_batches={self.prog.cfg.eval.num_batches} batches)")  # fmt: skip
         if self.items:
             start = time.perf_counter()
             cfg = self.prog.cfg

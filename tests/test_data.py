@@ -154,3 +154,33 @@ def test_iterator_resumes_exactly_with_worker_processes(split):
     got = pipeline.take(it2, 3)
     it2.close()
     _same(got, expected)
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "pad"])
+def test_the_held_out_split_is_read_once_then_blank_and_training_repeats(tmp_path, packing):
+    from bigjax.config import DataConfig
+
+    docs = []
+    for i, size in enumerate([30, 5, 61, 12, 44]):
+        path = tmp_path / f"doc{i}.py"
+        path.write_bytes(bytes(range(97, 97 + 26)) * 3)
+        path.write_bytes(path.read_bytes()[:size])
+        docs.append(corpus.Document(str(path), 0, size, size))
+    cfg = DataConfig(batch_size=2, seq_len=64, packing=packing)
+
+    def read(split: str, n: int) -> list[dict]:
+        it = pipeline.for_config(cfg, split=split, seed=0, shuffle=False, workers=0,
+                                 builtin_docs=docs, tokenizer=TOK)  # fmt: skip
+        out = [next(it) for _ in range(n)]
+        it.close()
+        return out
+
+    batches = read("validation", 8)
+    starts = sum(int(((b["positions"] == 0) & (b["segment_ids"] > 0)).sum()) for b in batches)
+    assert starts == len(docs)  # each document once: no row wrapped around to its first
+    # every next-token target of every document once (each fits a row: BOS + bytes + EOS)
+    assert sum(float(b["weights"].sum()) for b in batches) == sum(d.size + 1 for d in docs)
+    assert not batches[-1]["segment_ids"].any() and not batches[-1]["weights"].any()
+    # training is endless: the same 8 batches hold every document more than once
+    train = read("train", 8)
+    assert sum(int(((b["positions"] == 0) & (b["segment_ids"] > 0)).sum()) for b in train) > 8

@@ -292,3 +292,29 @@ def test_classification_metrics_match_scikit_learn():
     p, r, f, _ = precision_recall_fscore_support(truth, pred, average="macro", zero_division=0)
     assert got["accuracy"] == pytest.approx(accuracy_score(truth, pred))
     assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((p, r, f))
+
+
+def test_an_eval_longer_than_the_held_out_split_scores_each_example_once(tmp_path, capsys):
+    from bigjax.data import examples
+    from bigjax.tasks import TASKS
+
+    path = _write_jsonl(tmp_path / "cls.jsonl", _classify_records(60))
+    held_out = len(examples.load(path, TASKS["classify"].examples, "validation", 0.25).records)
+    batch = 8
+    cfg = tiny_config(
+        num_steps=1,
+        model={"size": "tiny", "num_classes": 3},
+        data={"task": "classify", "examples": path, "packing": "pad", "seq_len": 48,
+              "eval_fraction": 0.25, "batch_size": batch},
+        eval={"num_batches": 6},  # more than the split fills
+    )  # fmt: skip
+    assert 0 < held_out < 6 * batch
+    out = train(cfg, tmp_path / "cls")
+    # row r reads examples r, r + 8, ...: the split fills ceil(held_out / 8) batches, the
+    # rest are blank; before, they repeated the examples and weighted some twice
+    assert out["eval_batches"] == -(-held_out // batch)
+    # accuracy is a count of the held-out examples over their number (f32 sums of 0/1 are
+    # exact; the division is float64), so a repeated example would show in it
+    assert abs(out["accuracy"] * held_out - round(out["accuracy"] * held_out)) < 1e-6
+    console = capsys.readouterr().out
+    assert f"ran out after {out['eval_batches']} of eval.num_batches=6" in console

@@ -125,14 +125,16 @@ def document_stream(
     *,
     seed: int,
     shuffle: bool,
+    endless: bool = True,
 ) -> grain.MapDataset:
-    """The global document order: shuffled with a new order each epoch, endless, decoded.
+    """The global document order: shuffled with a new order each epoch, endless (training)
+    or one pass (evaluation), decoded.
 
     Every process builds the same stream; which documents a process reads is decided by the
     batch rows it owns (see `RowStreams`), never by the process count.
     """
     ds = source.shuffle(seed=seed) if shuffle else source
-    return ds.repeat(None).map(read)
+    return (ds.repeat(None) if endless else ds).map(read)
 
 
 PACKING_BINS = 8  # first-fit bins per row stream: more bins, less padding, more memory
@@ -182,17 +184,33 @@ class _RowsIterator(grain.DatasetIterator):
                 it.set_state(start[str(row)])
             iters.append(it)
         super().__init__(iters)
-        self._rows, self._iters = rows, iters
+        self._streams, self._rows, self._iters = streams, rows, iters
+        self._blank_row: dict[str, np.ndarray] | None = None
         self._to_batch = (
             ToModelBatch(streams.pad_id) if "tokens" in streams.features else image_batch
         )
 
     def __next__(self) -> dict[str, Any]:
-        packed = [next(it) for it in self._iters]
+        # a one-pass split (the eval's) that has run out in a row goes on with blank rows
+        packed = [next(it, None) or self._blank() for it in self._iters]
         stacked = {k: np.stack([p[k] for p in packed]) for k in packed[0]}
         # The state travels with the batch, so the consumer knows the state of what it has
         # consumed, however far ahead workers run.
         return {"batch": self._to_batch(stacked), "state": self.get_state()}
+
+    def _blank(self) -> dict[str, np.ndarray]:
+        """A row past the end of a one-pass split: shaped as a real one, with segment 0 on
+        every token (weight 0) and class -1 (no class), so an eval counts nothing of it. Its
+        shape comes from row 0's first row, which every non-empty split has."""
+        if self._blank_row is None:
+            first = next(iter(self._streams.rows_of(0)), None)
+            if first is None:
+                raise dataset.EmptySplitError(
+                    "the held-out split holds no documents: raise data.eval_fraction (or "
+                    "prepare with a larger --val-fraction)")  # fmt: skip
+            self._blank_row = {k: np.full_like(v, -1) if np.ndim(v) == 0 else np.zeros_like(v)
+                               for k, v in first.items()}  # fmt: skip
+        return self._blank_row
 
     def get_state(self) -> dict[str, Any]:
         return {str(r): it.get_state() for r, it in zip(self._rows, self._iters, strict=True)}
@@ -401,6 +419,13 @@ class Where:
     image_shape: tuple[int, int] | None  # images: (model.image_size, model.channels)
     builtin_docs: Sequence[Document] | None  # the built-in corpus's documents, if given
 
+    @property
+    def endless(self) -> bool:
+        """Training repeats its split, epoch after epoch. An eval reads the held-out split
+        once: rows past its end are blank (weight 0), so however many batches
+        eval.num_batches asks for, no document is scored twice."""
+        return self.split == "train"
+
 
 def image_stream(
     cfg: DataConfig, task: Task, tok: tokenizers.Tokenizer, where: Where
@@ -410,7 +435,8 @@ def image_stream(
         raise ValueError("images need image_shape=(model.image_size, model.channels)")
     data = images.load(cfg.images, where.split, cfg.eval_fraction, *where.image_shape)
     stream = grain.MapDataset.source(images.Record(data))
-    stream = (stream.shuffle(seed=where.seed) if where.shuffle else stream).repeat(None)
+    stream = stream.shuffle(seed=where.seed) if where.shuffle else stream
+    stream = stream.repeat(None) if where.endless else stream
     if where.split == "train" and cfg.augment:
         stream = stream.random_map(images.Augment(flip=cfg.flip), seed=where.seed)
     return stream
@@ -423,7 +449,7 @@ def example_stream(
     found = examples.load(cfg.examples, task.examples, where.split, cfg.eval_fraction)
     source = grain.MapDataset.source(list(found.records))
     return document_stream(source, examples.Encode(tok, found.classes), seed=where.seed,
-                           shuffle=where.shuffle)  # fmt: skip
+                           shuffle=where.shuffle, endless=where.endless)  # fmt: skip
 
 
 def document_streams(
@@ -439,13 +465,15 @@ def document_streams(
         # The built-in corpus is raw bytes: ByteTokenizer (data.tokenizer's only choice) reads
         # any byte string, valid UTF-8 or not.
         return document_stream(grain.MapDataset.source(docs), ReadTokens(ByteTokenizer()),
-                               seed=where.seed, shuffle=where.shuffle)  # fmt: skip
+                               seed=where.seed, shuffle=where.shuffle,
+                               endless=where.endless)  # fmt: skip
     streams, weights = [], []
     for i, (path, weight) in enumerate(dataset.sources(cfg)):
         source, info = dataset.split_source(path, where.split)
         read = dataset.DecodeTokens(info["dtype"])
         seed = (where.seed + i) % 2**32  # Grain's seeds are 32-bit; the same for seed < 2**32 - i
-        streams.append(document_stream(source, read, seed=seed, shuffle=where.shuffle))
+        streams.append(document_stream(source, read, seed=seed, shuffle=where.shuffle,
+                                       endless=where.endless))  # fmt: skip
         weights.append(weight)
     return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
 

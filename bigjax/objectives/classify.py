@@ -13,6 +13,13 @@ from bigjax.models.vit import ViT
 from bigjax.objectives.base import PER_WEIGHT, Batch, Metrics, model_inputs
 
 
+def _real_rows(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(labels [B] with -1 made 0, weights [B, 1]: 1 on a real row). A row past the end of
+    the held-out split is blank, with class -1 (`pipeline`); training never has one."""
+    labels_B = batch["labels"]
+    return jnp.maximum(labels_B, 0), (labels_B >= 0)[:, None].astype(jnp.float32)
+
+
 class Classify:
     def classify(
         self, model: Model, batch: Batch, rng: jax.Array | None, embed_delta: jax.Array | None
@@ -24,10 +31,9 @@ class Classify:
         self, model: Model, batch: Batch, rng: jax.Array | None, embed_delta: jax.Array | None
     ) -> tuple[Metrics, jax.Array]:
         logits_BC, aux = self.classify(model, batch, rng, embed_delta)
-        labels_B = batch["labels"]
-        ones_B1 = jnp.ones((labels_B.shape[0], 1), jnp.float32)
-        nll_sum, z_sq_sum = cross_entropy_sums(logits_BC[:, None], labels_B[:, None], ones_B1)
-        correct = jnp.sum(jnp.argmax(logits_BC, -1) == labels_B).astype(jnp.float32)
+        labels_B, weights_B1 = _real_rows(batch)
+        nll_sum, z_sq_sum = cross_entropy_sums(logits_BC[:, None], labels_B[:, None], weights_B1)
+        correct = jnp.sum((jnp.argmax(logits_BC, -1) == labels_B) * weights_B1[:, 0])
         sums = {"nll_sum": nll_sum, "z_sq_sum": z_sq_sum, f"{PER_WEIGHT}accuracy": correct}
         return {**sums, **aux}, logits_BC
 
@@ -40,12 +46,12 @@ class Classify:
     def eval_sums(self, model: Model, batch: Batch) -> Metrics:
         logits_BC, _ = self.classify(model, batch, None, None)
         classes = logits_BC.shape[-1]
-        ones_B1 = jnp.ones((logits_BC.shape[0], 1), jnp.float32)
-        nll_sum, _ = cross_entropy_sums(logits_BC[:, None], batch["labels"][:, None], ones_B1)
-        truth_BC = jax.nn.one_hot(batch["labels"], classes)
+        labels_B, weights_B1 = _real_rows(batch)
+        nll_sum, _ = cross_entropy_sums(logits_BC[:, None], labels_B[:, None], weights_B1)
+        truth_BC = jax.nn.one_hot(labels_B, classes) * weights_B1
         predicted_BC = jax.nn.one_hot(jnp.argmax(logits_BC, -1), classes)
         # confusion [true class, predicted class]: accuracy, precision, recall and F1 from it
-        return {"nll_sum": nll_sum, "weight_sum": self.weight(batch),
+        return {"nll_sum": nll_sum, "weight_sum": jnp.sum(weights_B1),
                 "confusion": truth_BC.T @ predicted_BC}  # fmt: skip
 
 
