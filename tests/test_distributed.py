@@ -206,6 +206,39 @@ def test_a_stop_during_an_eval_leaves_it_on_every_process_at_the_same_batch(tmp_
                     (6, False), (6, True)]  # fmt: skip
 
 
+@pytest.mark.slow
+def test_a_held_out_split_smaller_than_one_process_share_evaluates_alike_on_two(tmp_path):
+    # 5 held-out examples fill rows 0-4 of a 16-row batch: process 1 (rows 8-15) has none
+    # at all, and its blank rows must still take the shape of real ones for the collective
+    # eval steps; every extra batch is blank on both, so 1 and 2 processes score the same.
+    import json
+
+    from bigjax.data import examples
+    from bigjax.tasks import TASKS
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "cls.jsonl"
+    animals = ["cat", "dog", "bird"]
+    lines = [json.dumps({"text": f"the {animals[k]} sat {i}", "label": int(k)})
+             for i, k in enumerate(rng.integers(0, 3, 40))]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    held_out = len(examples.load(str(path), TASKS["classify"].examples, "validation", 0.1).records)
+    assert 1 <= held_out <= 8, held_out  # all of them in process 0's rows
+    extra = [f"--config.data.examples={path}", "--config.data.task=classify",
+             "--config.data.packing=pad", "--config.data.eval_fraction=0.1",
+             "--config.model.num_classes=3", "--config.eval.num_batches=3"]  # fmt: skip
+    rows = {}
+    for processes in (1, 2):
+        _launch(tmp_path / str(processes), steps=1, processes=processes, extra=extra)
+        rows[processes] = [r for r in read_jsonl(tmp_path / str(processes) / "metrics.jsonl")
+                           if "eval_loss" in r][-1]  # fmt: skip
+    for row in rows.values():
+        assert row["eval_batches"] == 1  # the second batch is blank on every row
+        assert abs(row["accuracy"] * held_out - round(row["accuracy"] * held_out)) < 1e-6
+    assert rows[2]["accuracy"] == rows[1]["accuracy"]
+    np.testing.assert_allclose(rows[2]["eval_loss"], rows[1]["eval_loss"], rtol=RTOL)
+
+
 @pytest.mark.parametrize(
     "env, expected",
     [
