@@ -313,6 +313,16 @@ def test_logit_bias_and_penalties_through_the_openai_client(server):
             presence_penalty=presence, frequency_penalty=frequency,
         )  # fmt: skip
         assert r.choices[0].finish_reason in ("stop", "length")
+    # vLLM's repetition_penalty and min_p, as vLLM's clients send them (the openai package's
+    # extra_body), in all three routes; a penalty of 100 keeps greedy decoding off every
+    # token of the prompt (the byte tokenizer: a character is a token)
+    vllm = {"repetition_penalty": 100.0, "min_p": 0.05}
+    r = client.completions.create(model="run", prompt="aaaa", max_tokens=6, temperature=0,
+                                  extra_body=vllm)  # fmt: skip
+    assert "a" not in r.choices[0].text
+    client.chat.completions.create(model="run", messages=[{"role": "user", "content": "Hi"}],
+                                   max_tokens=3, extra_body=vllm)  # fmt: skip
+    client.responses.create(model="run", input="Hi", max_output_tokens=3, extra_body=vllm)
 
 
 def test_a_field_of_another_route_is_refused_naming_where_it_goes(server):
@@ -450,6 +460,8 @@ BAD = [
     (b'{"prompt": "x", "logprobs": 99}', 400, "logprobs"),
     (b'{"prompt": "x", "presence_penalty": 2.5}', 400, "presence_penalty"),
     (b'{"prompt": "x", "frequency_penalty": -3}', 400, "frequency_penalty"),
+    (b'{"prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty"),
+    (b'{"prompt": "x", "min_p": 1.5}', 400, "min_p"),
     # logit_bias: OpenAI's token-id strings and -100..100, each id once, ids of this vocabulary
     (b'{"prompt": "x", "logit_bias": {"a": 1}}', 400, "is not a token id"),
     (b'{"prompt": "x", "logit_bias": {" 7": 1}}', 400, "is not a token id"),
@@ -778,7 +790,8 @@ def test_two_processes_serve_as_one(run_dir, server):
         prompts = [{"prompt": p} for p in ("def main(", "import", "class B:")]
         # a request's logit bias and penalties travel with its prefill to the other process
         prompts.append({"prompt": "import", "logit_bias": {"97": 4.0, "101": -2.5},
-                        "frequency_penalty": 1.5, "presence_penalty": 0.5})  # fmt: skip
+                        "frequency_penalty": 1.5, "presence_penalty": 0.5,
+                        "repetition_penalty": 1.4})  # fmt: skip
         body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
         def ask(base, p):

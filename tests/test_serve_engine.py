@@ -147,9 +147,14 @@ def test_stop_tokens_and_cancels_free_their_slots(engine):
     assert reasons == ["cancelled"] * 6 and all(3 <= len(t) <= 5 for t in toks)
 
 
-def _greedy_reference(tiny, prompt, n, bias=(), presence=0.0, frequency=0.0):
+def _greedy_reference(tiny, prompt, n, bias=(), presence=0.0, frequency=0.0, repetition=1.0):
     """Greedy tokens by the formula itself: a full forward pass over the sequence so far (no
-    cache), then OpenAI's logit bias and penalties over the tokens generated so far."""
+    cache), then OpenAI's logit bias, Hugging Face's repetition penalty over the sequence so
+    far, and OpenAI's penalties over the tokens generated so far."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    penalize = RepetitionPenaltyLogitsProcessor(repetition) if repetition != 1.0 else None
     cfg, graphdef, params = tiny
     model = nnx.merge(graphdef, params)
     bias_V = np.zeros((cfg.model.vocab_size,), np.float32)
@@ -161,6 +166,8 @@ def _greedy_reference(tiny, prompt, n, bias=(), presence=0.0, frequency=0.0):
         tokens = jnp.asarray([seq], jnp.int32)
         logits_V = np.asarray(model(tokens, jnp.ones_like(tokens), jnp.arange(len(seq))[None]))
         logits_V = logits_V[0, -1].astype(np.float32) + bias_V
+        if penalize is not None:
+            logits_V = penalize(torch.tensor([seq]), torch.tensor(logits_V[None]))[0].numpy()
         logits_V = logits_V - frequency * count_V - presence * (count_V > 0)
         seq.append(int(np.argmax(logits_V)))
         count_V[seq[-1]] += 1
@@ -180,6 +187,8 @@ def test_logit_bias_and_penalties_equal_the_formula_applied_by_hand(tiny, engine
         {"logit_bias": tuple((t, -100.0) for t in set(plain))},  # every greedy token banned
         {"frequency_penalty": 2.0},
         {"presence_penalty": 1.5, "frequency_penalty": -0.5, "logit_bias": ((7, 3.0),)},
+        {"repetition_penalty": 3.0},  # the prompt's tokens are penalised from the first token
+        {"repetition_penalty": 0.5, "presence_penalty": 0.5},
     ]
     params = [E.Params(max_tokens=8, **c) for c in cases] + [E.Params(max_tokens=8)] * 2
     got, _ = _run(engine, [prompt] * len(params), params)
@@ -187,6 +196,7 @@ def test_logit_bias_and_penalties_equal_the_formula_applied_by_hand(tiny, engine
         "logit_bias": "bias",
         "presence_penalty": "presence",
         "frequency_penalty": "frequency",
+        "repetition_penalty": "repetition",
     }
     for c, tokens in zip(cases, got, strict=False):
         want = _greedy_reference(tiny, prompt, 8, **{bias_keys[k]: v for k, v in c.items()})
@@ -218,18 +228,54 @@ def test_a_biased_tokens_log_probability_is_the_models_own(tiny, engine):
 def test_per_row_sampling_filters():
     logits = jax.numpy.log(jax.numpy.asarray([[0.5, 0.3, 0.15, 0.05]] * 3))
     sample_rows = jax.jit(programs.sample_rows)  # compiled once: eager, each `cond` compiles
-    rows = programs.row_sampling([(1.0, 2, 1.0, s, 0, False) for s in range(3)])
+    rows = programs.row_sampling([(1.0, 2, 1.0, 0.0, s, 0, False) for s in range(3)])
     draws = {
         int(sample_rows(logits, rows._replace(seed=np.full(3, s, np.uint32)))[0]) for s in range(60)
     }
     assert draws == {0, 1}  # top-k 2 keeps exactly the two most likely
-    rows = programs.row_sampling([(1.0, 0, 0.7, 0, 0, False)] * 3)
+    rows = programs.row_sampling([(1.0, 0, 0.7, 0.0, 0, 0, False)] * 3)
     draws = {
         int(sample_rows(logits, rows._replace(seed=np.full(3, s, np.uint32)))[0]) for s in range(60)
     }
     assert draws == {0, 1}  # top-p 0.7: 0.5 alone is short of it, 0.5 + 0.3 reaches it
-    greedy = programs.row_sampling([(0.0, 0, 1.0, 0, 0, False)] * 3)
+    for min_p, kept in ((0.5, {0, 1}), (0.2, {0, 1, 2})):  # p >= min_p * 0.5 survives
+        rows = programs.row_sampling([(1.0, 0, 1.0, min_p, 0, 0, False)] * 3)
+        draws = {
+            int(sample_rows(logits, rows._replace(seed=np.full(3, s, np.uint32)))[0])
+            for s in range(60)
+        }
+        assert draws == kept, min_p
+    greedy = programs.row_sampling([(0.0, 0, 1.0, 0.0, 0, 0, False)] * 3)
     assert sample_rows(logits, greedy).tolist() == [0, 0, 0]
+
+
+def test_adjusted_logits_are_openais_formula_after_hugging_faces_repetition_penalty():
+    # The repetition penalty as vLLM and Hugging Face apply it (a positive logit divided, a
+    # negative one multiplied, on every token of the prompt and of the reply), checked
+    # against transformers' own processor; then OpenAI's penalties over the reply's counts.
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    rng = np.random.default_rng(0)
+    vocab, prompt, reply = 40, [3, 7, 7, 11], [11, 20, 20]
+    logits_BV = (rng.normal(size=(2, vocab)) * 3).astype(np.float32)
+    counts_V = np.bincount(reply, minlength=vocab).astype(np.int32)
+    prompt_V = np.zeros(vocab, bool)
+    prompt_V[prompt] = True
+    bias_V = np.zeros(vocab, np.float32)
+    bias_V[[7, 30]] = (2.5, -4.0)
+    slots = programs.Slots(
+        None, None, None, None, None, np.stack([bias_V, bias_V]), np.stack([counts_V] * 2),
+        np.stack([prompt_V] * 2), np.float32([0.4, 0.0]), np.float32([0.25, 0.0]),
+        np.float32([1.7, 1.0]),
+    )  # fmt: skip
+    got = np.asarray(programs.adjusted(jnp.asarray(logits_BV), slots))
+    penalized = RepetitionPenaltyLogitsProcessor(1.7)(
+        torch.tensor([prompt + reply]), torch.tensor(logits_BV[:1] + bias_V)
+    )[0].numpy()
+    want = penalized - 0.25 * counts_V - 0.4 * (counts_V > 0)
+    np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-6)  # f32: one rounding each
+    assert np.array_equal(got[1], logits_BV[1] + bias_V)  # neutral: bit-identical
 
 
 @pytest.mark.slow
@@ -343,12 +389,13 @@ def test_calls_cross_the_wire_between_hosts_unchanged():
     from bigjax.serving import hosts
 
     wire = hosts.Wire(max_len=32, slots=3)
-    one = programs.row_sampling([(0.7, 40, 0.9, 2**32 - 3, 0, True)])
+    one = programs.row_sampling([(0.7, 40, 0.9, 0.05, 2**32 - 3, 0, True)])
     prefill = hosts.Call(hosts.PREFILL, np.arange(1, 17, dtype=np.int32), 5, 2, sampling=one)
     decode = hosts.Call(
         hosts.DECODE, active_B=np.array([True, False, True]),
         sampling=programs.row_sampling(
-            [(0.0, 0, 1.0, 7, 3, False), (1.5, 5, 0.5, 2**31, 9, True), (0.2, 1, 0.1, 1, 0, False)]
+            [(0.0, 0, 1.0, 0.0, 7, 3, False), (1.5, 5, 0.5, 0.2, 2**31, 9, True),
+             (0.2, 1, 0.1, 1.0, 1, 0, False)]
         ),
     )  # fmt: skip
     for call in (prefill, decode, hosts.Call(hosts.STOP)):
@@ -371,8 +418,8 @@ def test_logit_adjustments_cross_the_wire_between_hosts_unchanged():
         (int(t), float(b))
         for t, b in zip(range(5, 5 + 3 * 300, 3), np.linspace(-100, 100, 300), strict=True)
     )
-    adjust = programs.adjustments(bias, presence=-1.25, frequency=2.0)
-    one = programs.row_sampling([(0.7, 40, 0.9, 5, 0, True)])
+    adjust = programs.adjustments(bias, presence=-1.25, frequency=2.0, repetition=1.3)
+    one = programs.row_sampling([(0.7, 40, 0.9, 0.1, 5, 0, True)])
     call = hosts.Call(hosts.PREFILL, np.arange(1, 17, dtype=np.int32), 5, 2, sampling=one,
                       adjustments=adjust)  # fmt: skip
     got = wire.unpack(*wire.pack(call)).adjustments

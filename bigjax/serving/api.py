@@ -449,9 +449,10 @@ def _params(req: Any, budget: int, j: int, served: Served, *, echo_scores: bool,
         # engine's int32 arrays that could fail the step every other sequence shares
         max_tokens=budget, temperature=req.temperature,
         top_k=min(max(req.top_k, 0), served.engine.shapes.vocab),
-        top_p=req.top_p, seed=seed, stop_ids=stops, prompt_scores=echo_scores, top=top,
-        logit_bias=bias, presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
+        top_p=req.top_p, min_p=req.min_p, seed=seed, stop_ids=stops,
+        prompt_scores=echo_scores, top=top, logit_bias=bias,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
     )  # fmt: skip
 
 

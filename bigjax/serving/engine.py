@@ -45,6 +45,7 @@ class Params:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     seed: int = 0
     stop_ids: frozenset[int] = frozenset()  # the sequence ends after emitting one
     prompt_scores: bool = False  # report the prompt tokens' log-probabilities
@@ -52,6 +53,7 @@ class Params:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias): distinct ids
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +164,9 @@ class Engine:
         for t in self.buckets:
             self._slots, *_ = self._prefill(
                 self.params, self._slots, np.zeros((t,), np.int32), np.int32(1), np.int32(0),
-                pg.row_sampling([(0.0, 0, 1.0, 0, 0, True)]), pg.adjustments(),
+                pg.row_sampling([(0.0, 0, 1.0, 0.0, 0, 0, True)]), pg.adjustments(),
             )  # fmt: skip
-        rows = pg.row_sampling([(0.0, 0, 1.0, 0, 0, True)] * b)
+        rows = pg.row_sampling([(0.0, 0, 1.0, 0.0, 0, 0, True)] * b)
         self._slots, out = self._decode(self.params, self._slots, np.zeros((b,), bool), rows)
         jax.block_until_ready(out)
         self.ready = True
@@ -256,8 +258,9 @@ class Engine:
         n, p = len(seq.prompt), seq.params
         tokens_T = np.zeros((self.bucket(n),), np.int32)
         tokens_T[:n] = seq.prompt
-        sampling = pg.row_sampling([(p.temperature, p.top_k, p.top_p, p.seed, 0, p.top)])
-        adjust = pg.adjustments(p.logit_bias, p.presence_penalty, p.frequency_penalty)
+        sampling = pg.row_sampling([(p.temperature, p.top_k, p.top_p, p.min_p, p.seed, 0, p.top)])
+        adjust = pg.adjustments(p.logit_bias, p.presence_penalty, p.frequency_penalty,
+                                p.repetition_penalty)  # fmt: skip
         out, scores = self._issue(
             hosts.Call(hosts.PREFILL, tokens_T, n, row, sampling=sampling, adjustments=adjust)
         )
@@ -279,7 +282,8 @@ class Engine:
         rows = []
         for s in self._rows:
             p = s.params if s is not None else Params(max_tokens=1)
-            rows.append((p.temperature, p.top_k, p.top_p, p.seed, s.generated if s else 0, p.top))
+            rows.append((p.temperature, p.top_k, p.top_p, p.min_p, p.seed,
+                         s.generated if s else 0, p.top))  # fmt: skip
         sampling = pg.row_sampling(rows)
         out, _ = self._issue(hosts.Call(hosts.DECODE, active_B=active, sampling=sampling))
         out = _fetch(out, bool(sampling.top.any()))

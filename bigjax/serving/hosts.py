@@ -6,8 +6,8 @@ prompt goes into which slot, which slots decode, with what sampling) and broadca
 making it; the other processes receive each call and make it too, until process 0 says stop.
 A call travels as two fixed-shape arrays (so the broadcast compiles once): ints [kind, bucket,
 n, row, top_k, seed, top, tokens (max_len), active (B), top_k (B), seed (B), step (B),
-top (B), logit_bias ids (K)] and floats [temperature, top_p, temperature (B), top_p (B),
-logit_bias values (K), presence, frequency], K = MAX_LOGIT_BIAS.
+top (B), logit_bias ids (K)] and floats [temperature, top_p, min_p, temperature (B), top_p (B),
+min_p (B), logit_bias values (K), presence, frequency, repetition], K = MAX_LOGIT_BIAS.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from bigjax.serving import programs as pg
 
 PREFILL, DECODE, STOP = 1, 2, 3
 HEADER = 7  # kind, bucket, n, row, top_k, seed, top
+FLOATS = 3  # temperature, top_p, min_p: a prefill's, then a decode's columns of B
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,22 +45,23 @@ class Wire:
     def pack(self, c: Call) -> tuple[np.ndarray, np.ndarray]:
         s, b, k = self.max_len, self.slots, pg.MAX_LOGIT_BIAS
         ints = np.zeros(HEADER + s + 5 * b + k, np.int32)
-        floats = np.zeros(2 + 2 * b + k + 2, np.float32)
+        floats = np.zeros(FLOATS + FLOATS * b + k + 3, np.float32)
         ints[0] = c.kind
         p = c.sampling
         if c.kind == PREFILL and c.tokens_T is not None and p is not None:
             ints[1:HEADER] = (len(c.tokens_T), c.n, c.row, int(p.top_k[0]), _i32(p.seed)[0],
                               int(p.top[0]))  # fmt: skip
             ints[HEADER : HEADER + len(c.tokens_T)] = c.tokens_T
-            floats[0:2] = (float(p.temperature[0]), float(p.top_p[0]))
+            floats[0:FLOATS] = (float(p.temperature[0]), float(p.top_p[0]), float(p.min_p[0]))
             a = c.adjustments or pg.adjustments()
             ints[HEADER + s + 5 * b :] = a.bias_ids_K
-            floats[2 + 2 * b :] = (*a.bias_K, a.presence, a.frequency)
+            floats[FLOATS + FLOATS * b :] = (*a.bias_K, a.presence, a.frequency, a.repetition)
         elif c.kind == DECODE and c.active_B is not None and p is not None:
             o = HEADER + s
             for i, column in enumerate((c.active_B, p.top_k, _i32(p.seed), p.step, p.top)):
                 ints[o + i * b : o + (i + 1) * b] = column
-            floats[2 : 2 + b], floats[2 + b : 2 + 2 * b] = p.temperature, p.top_p
+            for i, column in enumerate((p.temperature, p.top_p, p.min_p)):
+                floats[FLOATS + i * b : FLOATS + (i + 1) * b] = column
         return ints, floats
 
     def unpack(self, ints: np.ndarray, floats: np.ndarray) -> Call:
@@ -67,21 +69,21 @@ class Wire:
         kind = int(ints[0])
         if kind == PREFILL:
             bucket, n, row, top_k, seed, top = (int(x) for x in ints[1:HEADER])
-            sampling = pg.row_sampling([(float(floats[0]), top_k, float(floats[1]),
-                                         seed & 0xFFFFFFFF, 0, bool(top))])  # fmt: skip
-            o = 2 + 2 * b
+            t, top_p, min_p = (float(x) for x in floats[0:FLOATS])
+            sampling = pg.row_sampling([(t, top_k, top_p, min_p, seed & 0xFFFFFFFF, 0, bool(top))])
+            o = FLOATS + FLOATS * b
             adjust = pg.Adjustments(ints[HEADER + s + 5 * b :].copy(), floats[o : o + k].copy(),
-                                    floats[o + k], floats[o + k + 1])  # fmt: skip
+                                    *floats[o + k : o + k + 3])  # fmt: skip
             return Call(PREFILL, ints[HEADER : HEADER + bucket].copy(), n, row, sampling=sampling,
                         adjustments=adjust)  # fmt: skip
         if kind == DECODE:
             o = HEADER + s
             columns = [ints[o + i * b : o + (i + 1) * b].copy() for i in range(5)]
             active_B, top_k_B, seed_B, step_B, top_B = columns
-            sampling = pg.RowSampling(
-                floats[2 : 2 + b].copy(), top_k_B, floats[2 + b : 2 + 2 * b].copy(),
-                seed_B.view(np.uint32), step_B, top_B.astype(bool),
-            )  # fmt: skip
+            t_B, top_p_B, min_p_B = (floats[FLOATS + i * b : FLOATS + (i + 1) * b].copy()
+                                     for i in range(FLOATS))  # fmt: skip
+            sampling = pg.RowSampling(t_B, top_k_B, top_p_B, min_p_B, seed_B.view(np.uint32),
+                                      step_B, top_B.astype(bool))  # fmt: skip
             return Call(DECODE, active_B=active_B.astype(bool), sampling=sampling)
         return Call(STOP)
 

@@ -12,11 +12,14 @@ and both programs also return the log-probabilities the API reports: the chosen 
 the TOP_N most likely under the model's own distribution (before temperature, filtering, bias
 and penalties, as vLLM reports them by default).
 
-A request's logit adjustments (OpenAI's `logit_bias`, `presence_penalty`, `frequency_penalty`)
-live in its slot: the prefill writes the bias as a dense row and clears the row's token counts,
-and every decode step samples from `logits + bias - frequency * count - presence * (count >
-0)`, counting the tokens the row generated (as vLLM: the prompt's tokens are not counted).
-Neutral values leave the sampled tokens bit-identical (adding zeros to f32 logits).
+A request's logit adjustments (OpenAI's `logit_bias`, `presence_penalty`, `frequency_penalty`,
+and vLLM's `repetition_penalty`) live in its slot: the prefill writes the bias as a dense row,
+marks the prompt's tokens and clears the row's token counts, and every token is sampled from
+the logits plus the bias, then the repetition penalty (a positive logit divided by it, a
+negative one multiplied, on every token of the prompt or generated so far, as vLLM and
+Hugging Face apply it), then `- frequency * count - presence * (count > 0)`, counting the
+tokens the row generated (as vLLM: the prompt's tokens are not counted). Neutral values leave
+the sampled tokens bit-identical (adding zeros, dividing by one).
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ class Slots(NamedTuple):
     last_B: jax.Array  # int32: the last sampled token, the next decode input
     bias_BV: jax.Array  # float32: each row's logit_bias, dense
     counts_BV: jax.Array  # int32: how often each row generated each token (the penalties')
+    prompt_BV: jax.Array  # bool: the tokens of each row's prompt (the repetition penalty's)
     presence_B: jax.Array  # float32: subtracted from every token the row generated
     frequency_B: jax.Array  # float32: subtracted once per time the row generated the token
+    repetition_B: jax.Array  # float32: divides the logits of tokens seen (1: none)
 
 
 class Adjustments(NamedTuple):
@@ -64,20 +69,20 @@ class Adjustments(NamedTuple):
     bias_K: jax.Array | np.ndarray  # float32: their biases (0 for the padding)
     presence: jax.Array | np.ndarray  # float32 []
     frequency: jax.Array | np.ndarray  # float32 []
+    repetition: jax.Array | np.ndarray  # float32 []
 
 
 def adjustments(bias: Sequence[tuple[int, float]] = (), presence: float = 0.0,
-                frequency: float = 0.0) -> Adjustments:  # fmt: skip
-    """Host arrays for the prefill from (token id, bias) pairs and the two penalties."""
+                frequency: float = 0.0, repetition: float = 1.0) -> Adjustments:  # fmt: skip
+    """Host arrays for the prefill from (token id, bias) pairs and the three penalties."""
     if len(bias) > MAX_LOGIT_BIAS:
         raise ValueError(f"logit_bias holds {len(bias)} tokens; at most {MAX_LOGIT_BIAS}")
     ids_K = np.zeros((MAX_LOGIT_BIAS,), np.int32)
     bias_K = np.zeros((MAX_LOGIT_BIAS,), np.float32)
     for k, (token, value) in enumerate(bias):
         ids_K[k], bias_K[k] = token, value
-    return Adjustments(
-        ids_K, bias_K, np.asarray(presence, np.float32), np.asarray(frequency, np.float32)
-    )
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    return Adjustments(ids_K, bias_K, f32(presence), f32(frequency), f32(repetition))
 
 
 class RowSampling(NamedTuple):
@@ -86,6 +91,7 @@ class RowSampling(NamedTuple):
     temperature: jax.Array | np.ndarray  # float32; 0 is greedy
     top_k: jax.Array | np.ndarray  # int32; 0 keeps all
     top_p: jax.Array | np.ndarray  # float32; 1 keeps all
+    min_p: jax.Array | np.ndarray  # float32; 0 keeps all
     seed: jax.Array | np.ndarray  # uint32
     step: jax.Array | np.ndarray  # int32: tokens this row has sampled (the rng's fold-in)
     top: jax.Array | np.ndarray  # bool: the row reports its TOP_N most likely tokens
@@ -128,21 +134,28 @@ def empty_slots(s: Shapes, rules: Rules) -> Slots:
     zeros_BV = jnp.zeros((s.slots, s.vocab), jnp.float32)
     f_B = jnp.zeros((s.slots,), jnp.float32)
     return Slots(cache, cache, jnp.zeros((s.slots, s.max_len), bool), zeros_B, zeros_B,
-                 zeros_BV, zeros_BV.astype(jnp.int32), f_B, f_B)  # fmt: skip
+                 zeros_BV, zeros_BV.astype(jnp.int32), zeros_BV.astype(bool), f_B, f_B,
+                 jnp.ones((s.slots,), jnp.float32))  # fmt: skip
 
 
-def adjusted(logits_BV: jax.Array, bias_BV: jax.Array, counts_BV: jax.Array,
-             presence_B: jax.Array, frequency_B: jax.Array) -> jax.Array:  # fmt: skip
-    """The logits a row samples from: OpenAI's formula for bias and penalties, in f32."""
-    counts_BV = counts_BV.astype(jnp.float32)
-    return (logits_BV.astype(jnp.float32) + bias_BV - frequency_B[:, None] * counts_BV
-            - presence_B[:, None] * (counts_BV > 0))  # fmt: skip
+def adjusted(logits_BV: jax.Array, slots: Slots) -> jax.Array:
+    """The logits a row samples from, in f32: the bias, then the repetition penalty on every
+    token of the prompt or generated (vLLM's and Hugging Face's), then OpenAI's presence and
+    frequency penalties over the generated ones."""
+    counts_BV = slots.counts_BV.astype(jnp.float32)
+    x_BV = logits_BV.astype(jnp.float32) + slots.bias_BV
+    seen_BV = slots.prompt_BV | (counts_BV > 0)
+    r_B1 = slots.repetition_B[:, None]
+    x_BV = jnp.where(seen_BV, jnp.where(x_BV > 0, x_BV / r_B1, x_BV * r_B1), x_BV)
+    frequency_B1, presence_B1 = slots.frequency_B[:, None], slots.presence_B[:, None]
+    return x_BV - frequency_B1 * counts_BV - presence_B1 * (counts_BV > 0)
 
 
 def sample_rows(logits_BV: jax.Array, p: RowSampling) -> jax.Array:
-    """One token per row under that row's own parameters: top-k, then top-p over what top-k
-    kept (as `generate.filter_logits`), then a draw from the row's key; greedy where the
-    temperature is 0. A step where every row is greedy skips the sort and the draws (a
+    """One token per row under that row's own parameters: the temperature, min-p (vLLM's:
+    tokens less likely than min_p times the most likely one are dropped), top-k, then top-p
+    over what they kept (as `generate.filter_logits`), then a draw from the row's key; greedy
+    where the temperature is 0. A step where every row is greedy skips the sort and the draws (a
     `cond`): for a small model they cost a fifth of the decode step."""
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     sample = lambda: jnp.where(p.temperature > 0, _draw_rows(logits_BV, p), greedy_B)  # noqa: E731
@@ -154,8 +167,10 @@ def _draw_rows(logits_BV: jax.Array, p: RowSampling) -> jax.Array:
     vocab = logits_BV.shape[-1]
     scaled_BV = logits_BV / jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
     sorted_BV = -jnp.sort(-scaled_BV, axis=-1)  # descending
+    # min-p: p(x) < min_p * p(best) <=> logit(x) < logit(best) + log(min_p) (log 0 = -inf)
+    floor_B1 = sorted_BV[:, :1] + jnp.log(p.min_p)[:, None]
     k_B = jnp.where((p.top_k > 0) & (p.top_k < vocab), p.top_k, vocab)
-    kth_B1 = jnp.take_along_axis(sorted_BV, (k_B - 1)[:, None], axis=-1)
+    kth_B1 = jnp.maximum(jnp.take_along_axis(sorted_BV, (k_B - 1)[:, None], axis=-1), floor_B1)
     sorted_BV = jnp.where(sorted_BV < kth_B1, -jnp.inf, sorted_BV)
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     # the first token always survives; then every token until the mass reaches top_p
@@ -231,7 +246,17 @@ def make_prefill(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
         last_1V = jax.lax.dynamic_slice_in_dim(logits_TV, n - 1, 1)
         # padding entries add 0 to token 0; the request's ids are distinct (protocol.py)
         bias_V = jnp.zeros(last_1V.shape[-1:], jnp.float32).at[a.bias_ids_K].add(a.bias_K)
-        out = emitted(last_1V, p, last_1V + bias_V)  # nothing generated yet: no penalty
+        # the prompt's tokens (the padding past n points past the vocabulary: dropped)
+        (v,) = bias_V.shape
+        ids_T = jnp.where(jnp.arange(t) < n, tokens_T, v)
+        prompt_V = jnp.zeros((v,), bool).at[ids_T].set(True, mode="drop")
+        row_slots = slots._replace(
+            bias_BV=bias_V[None], counts_BV=jnp.zeros((1, *bias_V.shape), jnp.int32),
+            prompt_BV=prompt_V[None], presence_B=jnp.asarray(a.presence)[None],
+            frequency_B=jnp.asarray(a.frequency)[None],
+            repetition_B=jnp.asarray(a.repetition)[None],
+        )  # fmt: skip
+        out = emitted(last_1V, p, adjusted(last_1V, row_slots))  # nothing generated yet
         counts_V = jnp.zeros(bias_V.shape, jnp.int32).at[out.token_B[0]].set(1)
 
         def put(cache: jax.Array, new_N1TGK: jax.Array) -> jax.Array:
@@ -249,8 +274,10 @@ def make_prefill(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
             slots.last_B.at[row].set(out.token_B[0]),
             slots.bias_BV.at[row].set(bias_V),
             slots.counts_BV.at[row].set(counts_V),
+            slots.prompt_BV.at[row].set(prompt_V),
             slots.presence_B.at[row].set(a.presence),
             slots.frequency_B.at[row].set(a.frequency),
+            slots.repetition_B.at[row].set(a.repetition),
         )
         return slots, replicated(out), replicated(scores)
 
@@ -277,9 +304,7 @@ def make_decode(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
             valid_BS[:, None, None, :], unroll=True,
         )  # fmt: skip
         logits_BV = logits_B1V[:, 0]
-        shaped_BV = adjusted(logits_BV, slots.bias_BV, slots.counts_BV, slots.presence_B,
-                             slots.frequency_B)  # fmt: skip
-        out = emitted(logits_BV, p, shaped_BV)
+        out = emitted(logits_BV, p, adjusted(logits_BV, slots))
         counts_BV = slots.counts_BV.at[jnp.arange(b), out.token_B].add(active_B.astype(jnp.int32))
         valid_BS = jnp.where(active_B[:, None], valid_BS, slots.valid_BS)
         slots = Slots(
@@ -290,8 +315,10 @@ def make_decode(graphdef: nnx.GraphDef, rules: Rules) -> Callable:
             jnp.where(active_B, out.token_B, slots.last_B),
             slots.bias_BV,
             counts_BV,
+            slots.prompt_BV,
             slots.presence_B,
             slots.frequency_B,
+            slots.repetition_B,
         )
         return slots, replicated(out)
 
@@ -304,14 +331,15 @@ def replicated(arrays: T) -> T:
     return jax.tree.map(lambda x: constrain(x, (None,) * x.ndim, ()), arrays)
 
 
-def row_sampling(rows: list[tuple[float, int, float, int, int, bool]]) -> RowSampling:
-    """Host arrays for the programs from (temperature, top_k, top_p, seed, step, top) per
-    row."""
-    t, k, p, seed, step, top = zip(*rows, strict=True) if rows else ((),) * 6
+def row_sampling(rows: list[tuple[float, int, float, float, int, int, bool]]) -> RowSampling:
+    """Host arrays for the programs from (temperature, top_k, top_p, min_p, seed, step, top)
+    per row."""
+    t, k, p, min_p, seed, step, top = zip(*rows, strict=True) if rows else ((),) * 7
     return RowSampling(
         np.asarray(t, np.float32),
         np.asarray(k, np.int32),
         np.asarray(p, np.float32),
+        np.asarray(min_p, np.float32),
         np.asarray(seed, np.uint32),
         np.asarray(step, np.int32),
         np.asarray(top, bool),

@@ -59,6 +59,7 @@ class _Sampling(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)  # vLLM's -1 and 0 both keep every token
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's: 0 keeps every token
     stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=0, lt=2**32)
     n: int = Field(1, ge=1, le=MAX_N)
@@ -70,6 +71,8 @@ class _Sampling(_Strict):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # vLLM's (and Hugging Face's): seen tokens' logits divided (> 0) or multiplied (< 0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
 
     @field_validator("stop")
     @classmethod
@@ -281,7 +284,9 @@ class ResponsesRequest(_Strict):
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)  # vLLM's extension, as in the other routes
+    top_k: int = Field(0, ge=-1)  # vLLM's extensions, as in the other routes
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
     stream: bool = False
     stream_options: dict[str, Any] | None = None  # include_obfuscation: nothing to hide here
     # accepted at their neutral values (see the module docstring)

@@ -126,7 +126,8 @@ def _check_cache(s: Any, mesh: Any) -> None:
 
     need = 2 * s.layers * s.slots * s.max_len * s.kv_heads * s.head_dim
     need *= np.dtype(s.dtype).itemsize
-    need += 8 * s.slots * s.vocab  # each slot's logit bias (f32) and token counts (int32)
+    # each slot's logit bias (f32), token counts (int32) and prompt's tokens (bool)
+    need += 9 * s.slots * s.vocab
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     what = f"serve: the KV cache of {s.slots} slots x {s.max_len:,} tokens"
     memory.check_fits(need, local, what, "lower --max-len or --slots.")
