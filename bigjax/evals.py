@@ -74,7 +74,9 @@ def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None,
     it = prog.batches("validation", seed=0, shuffle=False, workers=0)
     nll, weight, adv = 0.0, 0.0, 0.0
     confusion = np.zeros((0, 0))  # [true class, predicted class], summed over batches
-    ran_out: int | None = None  # the first batch with nothing of the split in it
+    # batches read, and up to the last with weight: once a split runs out, every later batch
+    # is blank (a zero-weight batch before one with weight is data, an SFT row of prompt alone)
+    read, held = 0, 0
     # one batch at a time: a list of them all held eval.num_batches batches in host memory
     for i, local in enumerate(itertools.islice(it, cfg.eval.num_batches)):
         try:
@@ -85,8 +87,7 @@ def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None,
             raise
         out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
         nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight_sum"])
-        if ran_out is None and float(out["weight_sum"]) == 0.0:
-            ran_out = i
+        read, held = i + 1, (i + 1 if float(out["weight_sum"]) > 0 else held)
         if "confusion" in out:
             confusion = out["confusion"] + (confusion if confusion.size else 0.0)
         adv = adv + float(out.get("adv_nll_sum", 0.0))
@@ -95,8 +96,8 @@ def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None,
     it.close()
     loss = nll / max(weight, 1.0)
     row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-    if ran_out is not None:
-        row["eval_batches"] = ran_out
+    if held < read:
+        row["eval_batches"] = held
     if cfg.robust.eval_attack != "none":  # the loss under the embedding-space attack
         row["eval_adv_loss"] = adv / max(weight, 1.0)
     if task_of(cfg).classifies:  # accuracy, macro precision / recall / F1
