@@ -202,15 +202,19 @@ def make_lm(
     between: Callable[[], None] | None = None,
 ) -> TemplateLM:  # fmt: skip
     """An lm-eval LM over a model's parameters; `between` is called between scoring batches
-    and before the generations (it may raise, to stop the evaluation). lm-eval hands over all
-    generations in one call, which a stop does not cut short: with several processes, process
-    0 drives the engine and the others follow, so there is no batch boundary all share."""
+    and before the generations (it may raise, to stop the evaluation), and on one process
+    between the generations' events too. lm-eval hands over all generations in one call,
+    which a stop does not cut short on several processes: there, process 0 schedules the
+    engine and the others make the calls it broadcasts (`Engine.follow`), so there is no
+    batch boundary all share. Every process then takes process 0's texts: each engine
+    scheduling its own would make the same calls only while the threads' timing agreed (a
+    stop string seen a step later frees a slot a step later)."""
     _offline()
     from lm_eval.api.model import TemplateLM
 
     from bigjax.data.tokenizer import encode_prompt
     from bigjax.scoring import Scorer
-    from bigjax.serving import offline
+    from bigjax.serving import hosts, offline
     from bigjax.serving.engine import Engine, Params
 
     class BigjaxLM(TemplateLM):
@@ -275,7 +279,11 @@ def make_lm(
                 self._engine = Engine(graphdef, self.params, rules, slots=slots, max_len=max_len,
                                       max_waiting=4 * slots, mesh=mesh)  # fmt: skip
                 self._engine.warm_up()
-                self._engine.start()
+                if self._engine.leads:
+                    self._engine.start()
+            if not self._engine.leads:  # process 0 schedules; this one makes its calls
+                self._engine.follow()
+                return hosts.broadcast_texts(None)
             prompts, settings, stops = [], [], []
             for req in requests:
                 context, kwargs = req.args
@@ -292,7 +300,12 @@ def make_lm(
                 settings.append(Params(max_tokens=budget, temperature=temperature,
                                        stop_ids=frozenset({self.eot_token_id})))  # fmt: skip
                 stops.append(until)
-            return offline.complete(self._engine, tokenizer, prompts, settings, stops)
+            if jax.process_count() == 1:  # a stop is asked between its events
+                return offline.complete(self._engine, tokenizer, prompts, settings, stops,
+                                        between)  # fmt: skip
+            texts = offline.complete(self._engine, tokenizer, prompts, settings, stops)
+            self._engine.end_pass()
+            return hosts.broadcast_texts(texts)
 
         def close(self) -> None:
             if self._engine is not None:

@@ -166,3 +166,113 @@ def test_benchmark_table_means_spreads_and_deltas():
     assert table[2] == "| base | 2 | 0.5500 ± 0.0707 |"  # std over seeds: sqrt(0.005)
     assert table[3] == "| wide | 2 | 0.8000 ± 0.1414 (+0.2500) |"
     assert benchmark_table([]) == ""
+
+
+_GENERATE_ON_ONE_PROCESS = r"""
+import json, sys
+from types import SimpleNamespace
+
+import jax
+
+if len(sys.argv) > 2:
+    jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
+from flax import nnx
+
+from bigjax import models
+from bigjax.config import from_configdict
+from bigjax.data.tokenizer import ByteTokenizer
+from bigjax.evals import make_lm
+from bigjax.mesh import make_mesh
+
+cfg = from_configdict({"model": {"size": "tiny"}, "mesh": {"shape": (1, -1, 1)}})
+mesh = make_mesh(cfg.mesh)
+graphdef, params = nnx.split(models.build(cfg.model, cfg.mesh.rules, seed=0))
+lm = make_lm(graphdef, params, ByteTokenizer(), 64, rules=cfg.mesh.rules, mesh=mesh, slots=2)
+until = {"until": ["e", " ", "\n"], "max_gen_toks": 6}
+# process 1 is handed other requests than process 0: it must make process 0's calls and
+# return process 0's texts, not generate its own
+contexts = ["def f(x):", "import os", "class A:", "x = [1,"]
+if jax.process_index() == 1:
+    contexts = ["zzz"] * 7
+texts = lm.generate_until([SimpleNamespace(args=(c, until)) for c in contexts])
+lm.close()
+print("TEXTS " + json.dumps(texts), flush=True)
+"""
+
+
+def test_generation_on_two_processes_follows_process_0_and_returns_its_texts(tmp_path):
+    # Several processes: process 0 schedules the engine and the others make its calls, then
+    # all return its texts (each scheduling its own made the same calls only while their
+    # threads' timing agreed). The (1, 8, 1) mesh has fsdp across both processes, so every
+    # engine call is a collective they must make together.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import xla_flags
+
+    script = tmp_path / "generate.py"
+    script.write_text(_GENERATE_ON_ONE_PROCESS)
+
+    def texts(stdout: str) -> list[str]:
+        return json.loads(stdout.split("TEXTS ", 1)[1])
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(8)}
+    alone = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env["XLA_FLAGS"] = xla_flags(4)
+    procs = [
+        subprocess.Popen([sys.executable, str(script), "x", f"127.0.0.1:{port}", str(i)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    try:  # ~30 s; on a hang (process 1 making calls of its own) both are killed
+        out = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in out]
+    want = texts(alone.stdout)
+    assert len(want) == 4 and [texts(o) for o, _ in out] == [want, want]
+
+
+def test_a_stop_during_generations_cancels_them_and_propagates():
+    # One process: a stop asked while a benchmark generates (lm-eval hands over all of its
+    # generations in one call) is seen between the engine's events; the sequences are
+    # cancelled and their slots freed, and the run saves instead of generating on through
+    # its preemption notice.
+    import time
+    from types import SimpleNamespace
+
+    from flax import nnx
+
+    from bigjax import models
+    from bigjax.config import from_configdict
+    from bigjax.data.tokenizer import ByteTokenizer
+    from bigjax.evals import EvalStopped, make_lm, raising
+
+    cfg = from_configdict({"model": {"size": "tiny"}})
+    graphdef, params = nnx.split(models.build(cfg.model, cfg.mesh.rules, seed=0))
+    asked = []
+    lm = make_lm(graphdef, params, ByteTokenizer(), 128, rules=cfg.mesh.rules, slots=2,
+                 between=raising(lambda: len(asked) > 0))  # fmt: skip
+    requests = [SimpleNamespace(args=(f"def f{i}(x):", {"until": [], "max_gen_toks": 100}))
+                for i in range(16)]  # fmt: skip
+    assert len(lm.generate_until(requests[:1])) == 1  # compiles the engine
+    engine = lm._engine
+    stopper = threading.Timer(0.3, lambda: asked.append("SIGTERM"))
+    stopper.start()
+    start = time.perf_counter()
+    with pytest.raises(EvalStopped):
+        lm.generate_until(requests)  # 16 x 100 tokens through 2 slots: seconds, uncut
+    assert time.perf_counter() - start < 2.0  # the stop at 0.3 s, seen within a check
+    deadline = time.monotonic() + 10
+    while engine.counts() != {"running": 0, "waiting": 0, "slots": 2}:
+        assert time.monotonic() < deadline, engine.counts()
+        time.sleep(0.05)
+    lm.close()

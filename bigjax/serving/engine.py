@@ -186,6 +186,19 @@ class Engine:
             with self._in_mesh():
                 hosts.broadcast(self._wire, hosts.Call(hosts.STOP))
 
+    @property
+    def leads(self) -> bool:
+        """Whether this process schedules (one process alone, or process 0 of several); the
+        others `follow` it."""
+        return self._wire is None or jax.process_index() == 0
+
+    def end_pass(self) -> None:
+        """Process 0 of several, after a batch of work it led: the followers' `follow`
+        returns (a benchmark's generations are over; the next batch, they follow again)."""
+        if self._wire is not None:
+            with self._in_mesh():
+                hosts.broadcast(self._wire, hosts.Call(hosts.STOP))
+
     def follow(self) -> None:
         """On every process but 0: makes the calls process 0 broadcasts, until it stops."""
         assert self._wire is not None, "follow() is for multi-process serving"

@@ -13,6 +13,7 @@ min_p (B), logit_bias values (K), presence, frequency, repetition], K = MAX_LOGI
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,18 @@ class Wire:
 
 def _i32(x: Any) -> np.ndarray:
     return np.asarray(x, np.uint32).view(np.int32)
+
+
+def broadcast_texts(texts: list[str] | None) -> list[str]:
+    """Process 0's texts on every process (the others pass None): the length of their JSON,
+    then its bytes, so both broadcasts have shapes every process knows."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(texts).encode(), np.uint8) if texts is not None else None
+    size = multihost_utils.broadcast_one_to_all(np.int64(0 if data is None else data.size))
+    data = np.zeros(int(size), np.uint8) if data is None else data
+    data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return list(json.loads(data.tobytes().decode()))
 
 
 def broadcast(wire: Wire, call: Call | None) -> Call:

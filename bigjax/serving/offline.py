@@ -11,12 +11,18 @@ from bigjax.data.tokenizer import Tokenizer
 from bigjax.serving import text
 from bigjax.serving.engine import Engine, Event, Finished, Params, Sequence_, Token
 
+CHECK_EVERY_S = 0.25  # how often `between` is asked while no event arrives
+
 
 def complete(
     engine: Engine, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
     params: Sequence[Params], stops: Sequence[Sequence[str]],
+    between: Callable[[], None] | None = None,
 ) -> list[str]:  # fmt: skip
-    """The generated text of each prompt; submitted in waves that fit the engine's queue."""
+    """The generated text of each prompt; submitted in waves that fit the engine's queue.
+    `between` is called between events (and every CHECK_EVERY_S while none comes); if it
+    raises, every sequence is cancelled (the engine frees their slots at its next step) and
+    the exception propagates: a preempted run must not spend its notice on generations."""
     events: queue.Queue[tuple[int, Event]] = queue.Queue()
     dets = [text.Detokenizer(tokenizer, tuple(s)) for s in stops]
 
@@ -32,7 +38,16 @@ def complete(
         while submitted < len(seqs) and submitted - sum(done) < engine.max_waiting:
             engine.submit([seqs[submitted]])
             submitted += 1
-        i, event = events.get()
+        try:
+            if between is not None:
+                between()
+            i, event = events.get(timeout=CHECK_EVERY_S if between is not None else None)
+        except queue.Empty:
+            continue
+        except BaseException:
+            for seq in seqs[:submitted]:
+                seq.cancel()
+            raise
         if done[i]:
             continue
         if isinstance(event, Token):
