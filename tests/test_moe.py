@@ -329,8 +329,12 @@ def test_dropless_training_on_expert_parallel_meshes_equals_one_device(shape, ex
         per_layer = ("moe_load_max/layer_0", "moe_load_max/layer_1") if shape[1] == 1 else ()
         for key in ("moe_load_max", "moe_balance_loss", *per_layer):  # pipeline: means only
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
+    # Adam divides each gradient by its own RMS: an element whose gradient is at rounding
+    # level moves by a noise-driven share of lr (3e-3) a step. On an AMD EPYC (XLA:CPU's
+    # other codegen) one element of 65,536 ended 1.9e-5 apart; a wrong shard or route moves
+    # the loss (rtol 1e-5 above) and whole tensors by ~lr
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)
     assert prog.train_step._cache_size() == 1  # no recompile across steps
     # the balancing biases moved by exactly the rate, each step
     bias = np.asarray(state.params["blocks"]["mlp"]["router_bias_E"])
