@@ -253,7 +253,7 @@ def test_adjusted_logits_are_openais_formula_after_hugging_faces_repetition_pena
     # The repetition penalty as vLLM and Hugging Face apply it (a positive logit divided, a
     # negative one multiplied, on every token of the prompt and of the reply), checked
     # against transformers' own processor; then OpenAI's penalties over the reply's counts.
-    import torch
+    torch = pytest.importorskip("torch", reason="installed by the README's test command")
     from transformers import RepetitionPenaltyLogitsProcessor
 
     rng = np.random.default_rng(0)
