@@ -283,7 +283,22 @@ def make_lm(
                     self._engine.start()
             if not self._engine.leads:  # process 0 schedules; this one makes its calls
                 self._engine.follow()
-                return hosts.broadcast_texts(None)
+                shared = hosts.broadcast_texts(None)
+                if shared is None:
+                    raise RuntimeError("generation failed on process 0 (its log says why)")
+                return shared
+            if jax.process_count() == 1:  # a stop is asked between its events
+                return offline.complete(self._engine, tokenizer, *self._read(requests), between)
+            texts = None
+            try:
+                texts = offline.complete(self._engine, tokenizer, *self._read(requests))
+            finally:  # the followers wait for the pass's end and its texts, failed or not
+                self._engine.end_pass()
+                hosts.broadcast_texts(texts)
+            return texts
+
+        def _read(self, requests: list) -> tuple[list[list[int]], list[Params], list[list[str]]]:
+            """lm-eval's generation requests as the engine's prompts, settings and stops."""
             prompts, settings, stops = [], [], []
             for req in requests:
                 context, kwargs = req.args
@@ -300,12 +315,7 @@ def make_lm(
                 settings.append(Params(max_tokens=budget, temperature=temperature,
                                        stop_ids=frozenset({self.eot_token_id})))  # fmt: skip
                 stops.append(until)
-            if jax.process_count() == 1:  # a stop is asked between its events
-                return offline.complete(self._engine, tokenizer, prompts, settings, stops,
-                                        between)  # fmt: skip
-            texts = offline.complete(self._engine, tokenizer, prompts, settings, stops)
-            self._engine.end_pass()
-            return hosts.broadcast_texts(texts)
+            return prompts, settings, stops
 
         def close(self) -> None:
             if self._engine is not None:

@@ -194,17 +194,21 @@ until = {"until": ["e", " ", "\n"], "max_gen_toks": 6}
 contexts = ["def f(x):", "import os", "class A:", "x = [1,"]
 if jax.process_index() == 1:
     contexts = ["zzz"] * 7
-texts = lm.generate_until([SimpleNamespace(args=(c, until)) for c in contexts])
+elif len(sys.argv) > 4:  # "fail": process 0's requests are malformed (a ValueError there)
+    until = {**until, "max_gen_toks": "many"}
+try:
+    texts = lm.generate_until([SimpleNamespace(args=(c, until)) for c in contexts])
+except (ValueError, RuntimeError) as e:
+    print("FAILED " + type(e).__name__, flush=True)
+    lm.close()
+    sys.exit(3)
 lm.close()
 print("TEXTS " + json.dumps(texts), flush=True)
 """
 
 
-def test_generation_on_two_processes_follows_process_0_and_returns_its_texts(tmp_path):
-    # Several processes: process 0 schedules the engine and the others make its calls, then
-    # all return its texts (each scheduling its own made the same calls only while their
-    # threads' timing agreed). The (1, 8, 1) mesh has fsdp across both processes, so every
-    # engine call is a collective they must make together.
+def _generate_on_two_processes(tmp_path, *extra: str) -> list[tuple[int, str, str]]:
+    """The script above on 2 processes x 4 CPU devices: (exit code, stdout, stderr) each."""
     import os
     import socket
     import subprocess
@@ -214,20 +218,12 @@ def test_generation_on_two_processes_follows_process_0_and_returns_its_texts(tmp
 
     script = tmp_path / "generate.py"
     script.write_text(_GENERATE_ON_ONE_PROCESS)
-
-    def texts(stdout: str) -> list[str]:
-        return json.loads(stdout.split("TEXTS ", 1)[1])
-
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(8)}
-    alone = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                           text=True, timeout=300)  # fmt: skip
-    assert alone.returncode == 0, alone.stderr[-2000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env["XLA_FLAGS"] = xla_flags(4)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(4)}
     procs = [
-        subprocess.Popen([sys.executable, str(script), "x", f"127.0.0.1:{port}", str(i)],
+        subprocess.Popen([sys.executable, str(script), "x", f"127.0.0.1:{port}", str(i), *extra],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]  # fmt: skip
@@ -236,9 +232,39 @@ def test_generation_on_two_processes_follows_process_0_and_returns_its_texts(tmp
     finally:
         for p in procs:
             p.kill()
-    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in out]
+    return [(p.returncode, o, e) for p, (o, e) in zip(procs, out, strict=True)]
+
+
+def test_generation_on_two_processes_follows_process_0_and_returns_its_texts(tmp_path):
+    # Several processes: process 0 schedules the engine and the others make its calls, then
+    # all return its texts (each scheduling its own made the same calls only while their
+    # threads' timing agreed). The (1, 8, 1) mesh has fsdp across both processes, so every
+    # engine call is a collective they must make together.
+    import os
+    import subprocess
+    import sys
+
+    from conftest import xla_flags
+
+    def texts(stdout: str) -> list[str]:
+        return json.loads(stdout.split("TEXTS ", 1)[1])
+
+    two = _generate_on_two_processes(tmp_path)
+    assert all(code == 0 for code, _, _ in two), [e[-2000:] for _, _, e in two]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(8)}
+    alone = subprocess.run([sys.executable, str(tmp_path / "generate.py")], env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-2000:]
     want = texts(alone.stdout)
-    assert len(want) == 4 and [texts(o) for o, _ in out] == [want, want]
+    assert len(want) == 4 and [texts(o) for _, o, _ in two] == [want, want]
+
+
+def test_a_generation_failing_on_process_0_fails_every_process_without_a_hang(tmp_path):
+    # Process 0 ends the pass and shares "no texts" whatever it raised, so the followers
+    # leave `follow` and raise too instead of waiting in a broadcast for ever.
+    two = _generate_on_two_processes(tmp_path, "fail")
+    assert [(code, o.split()[-1]) for code, o, _ in two] == [(3, "ValueError"),
+                                                              (3, "RuntimeError")]  # fmt: skip
 
 
 def test_a_stop_during_generations_cancels_them_and_propagates():

@@ -182,9 +182,7 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._wire is not None:
-            with self._in_mesh():
-                hosts.broadcast(self._wire, hosts.Call(hosts.STOP))
+        self.end_pass()
 
     @property
     def leads(self) -> bool:
@@ -193,8 +191,8 @@ class Engine:
         return self._wire is None or jax.process_index() == 0
 
     def end_pass(self) -> None:
-        """Process 0 of several, after a batch of work it led: the followers' `follow`
-        returns (a benchmark's generations are over; the next batch, they follow again)."""
+        """With several processes, after work process 0 led (or at `stop`): the followers'
+        `follow` returns (a benchmark's generations are over; the next, they follow again)."""
         if self._wire is not None:
             with self._in_mesh():
                 hosts.broadcast(self._wire, hosts.Call(hosts.STOP))

@@ -93,16 +93,17 @@ def _i32(x: Any) -> np.ndarray:
     return np.asarray(x, np.uint32).view(np.int32)
 
 
-def broadcast_texts(texts: list[str] | None) -> list[str]:
-    """Process 0's texts on every process (the others pass None): the length of their JSON,
-    then its bytes, so both broadcasts have shapes every process knows."""
+def broadcast_texts(texts: list[str] | None) -> list[str] | None:
+    """Process 0's texts on every process (what the others pass is ignored; None from process
+    0: its generations failed): the length of their JSON, then its bytes, so both broadcasts
+    have shapes every process knows."""
+    import jax
     from jax.experimental import multihost_utils
 
-    data = np.frombuffer(json.dumps(texts).encode(), np.uint8) if texts is not None else None
-    size = multihost_utils.broadcast_one_to_all(np.int64(0 if data is None else data.size))
-    data = np.zeros(int(size), np.uint8) if data is None else data
-    data = np.asarray(multihost_utils.broadcast_one_to_all(data))
-    return list(json.loads(data.tobytes().decode()))
+    data = np.frombuffer(json.dumps(texts).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    mine = data if jax.process_index() == 0 else np.zeros(size, np.uint8)
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(mine)).tobytes())
 
 
 def broadcast(wire: Wire, call: Call | None) -> Call:
