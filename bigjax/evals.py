@@ -68,15 +68,15 @@ def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None,
     eval of every run sees the same tokens; `bar` counts the batches (`bigjax eval`; a
     training run's evals print one line instead). `between` runs before each batch (it may
     raise EvalStopped). A split that runs out before eval.num_batches is scored once, not
-    repeated: the rest are blank rows of weight 0, and the row's `eval_batches` says how many
-    batches held data."""
+    repeated: rows past its end are blank (weight 0), the eval ends at the first batch blank
+    on every process, and the row's `eval_batches` says how many batches held data."""
     cfg = prog.cfg
     it = prog.batches("validation", seed=0, shuffle=False, workers=0)
     nll, weight, adv = 0.0, 0.0, 0.0
     confusion = np.zeros((0, 0))  # [true class, predicted class], summed over batches
-    # batches read, and up to the last with weight: once a split runs out, every later batch
-    # is blank (a zero-weight batch before one with weight is data, an SFT row of prompt alone)
-    read, held = 0, 0
+    # batches read, and up to the last with weight (a zero-weight batch before one with
+    # weight is data: an SFT row of prompt alone); ran_out: the split ended before the count
+    read, held, ran_out = 0, 0, False
     # one batch at a time: a list of them all held eval.num_batches batches in host memory
     for i, local in enumerate(itertools.islice(it, cfg.eval.num_batches)):
         try:
@@ -85,6 +85,13 @@ def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None,
         except EvalStopped:
             it.close()  # its reading thread
             raise
+        # blank everywhere, and so is every later batch: scoring them adds nothing (a huge
+        # eval.num_batches over a small split would run that many empty steps)
+        if _everywhere(it.spent):
+            ran_out = True
+            if bar is not None:
+                bar.update(bar.done, note="the held-out split ended", force=True)
+            break
         out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
         nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight_sum"])
         read, held = i + 1, (i + 1 if float(out["weight_sum"]) > 0 else held)
@@ -96,13 +103,23 @@ def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None,
     it.close()
     loss = nll / max(weight, 1.0)
     row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-    if held < read:
+    if held < read or ran_out:
         row["eval_batches"] = held
     if cfg.robust.eval_attack != "none":  # the loss under the embedding-space attack
         row["eval_adv_loss"] = adv / max(weight, 1.0)
     if task_of(cfg).classifies:  # accuracy, macro precision / recall / F1
         row.update(choices.classification_metrics(confusion))
     return row
+
+
+def _everywhere(flag: bool) -> bool:
+    """Whether `flag` holds on every process: all take the same branch (the eval steps are
+    collectives, so one process leaving alone would leave the others waiting)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.int32(flag)).all())
 
 
 class Evaluator:

@@ -168,14 +168,23 @@ def test_the_held_out_split_is_read_once_then_blank_and_training_repeats(tmp_pat
         docs.append(corpus.Document(str(path), 0, size, size))
     cfg = DataConfig(batch_size=2, seq_len=64, packing=packing)
 
+    spent = {}  # split -> after each batch, whether it was blank in every row
+
     def read(split: str, n: int) -> list[dict]:
         it = pipeline.for_config(cfg, split=split, seed=0, shuffle=False, workers=0,
                                  builtin_docs=docs, tokenizer=TOK)  # fmt: skip
-        out = [next(it) for _ in range(n)]
+        out, spent[split] = [], []
+        for _ in range(n):
+            out.append(next(it))
+            spent[split].append(it.spent)
         it.close()
         return out
 
     batches = read("validation", 8)
+    # the eval stops at the first batch blank in every row: all before it held data
+    first = spent["validation"].index(True)
+    assert all(spent["validation"][first:]) and all(b["segment_ids"].any() for b in batches[:first])
+    assert not any(b["segment_ids"].any() for b in batches[first:])
     starts = sum(int(((b["positions"] == 0) & (b["segment_ids"] > 0)).sum()) for b in batches)
     assert starts == len(docs)  # each document once: no row wrapped around to its first
     # every next-token target of every document once (each fits a row: BOS + bytes + EOS)
@@ -184,3 +193,4 @@ def test_the_held_out_split_is_read_once_then_blank_and_training_repeats(tmp_pat
     # training is endless: the same 8 batches hold every document more than once
     train = read("train", 8)
     assert sum(int(((b["positions"] == 0) & (b["segment_ids"] > 0)).sum()) for b in train) > 8
+    assert not any(spent["train"])

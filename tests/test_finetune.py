@@ -294,7 +294,11 @@ def test_classification_metrics_match_scikit_learn():
     assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((p, r, f))
 
 
-def test_an_eval_longer_than_the_held_out_split_scores_each_example_once(tmp_path, capsys):
+# 10**6: the eval ends at the first batch blank on every row (a million blank steps would not)
+@pytest.mark.parametrize("num_batches", [6, 10**6])
+def test_an_eval_longer_than_the_held_out_split_scores_each_example_once(
+    tmp_path, capsys, num_batches
+):
     from bigjax.data import examples
     from bigjax.tasks import TASKS
 
@@ -306,7 +310,7 @@ def test_an_eval_longer_than_the_held_out_split_scores_each_example_once(tmp_pat
         model={"size": "tiny", "num_classes": 3},
         data={"task": "classify", "examples": path, "packing": "pad", "seq_len": 48,
               "eval_fraction": 0.25, "batch_size": batch},
-        eval={"num_batches": 6},  # more than the split fills
+        eval={"num_batches": num_batches},  # more than the split fills
     )  # fmt: skip
     assert 0 < held_out < 6 * batch
     out = train(cfg, tmp_path / "cls")
@@ -317,4 +321,4 @@ def test_an_eval_longer_than_the_held_out_split_scores_each_example_once(tmp_pat
     # exact; the division is float64), so a repeated example would show in it
     assert abs(out["accuracy"] * held_out - round(out["accuracy"] * held_out)) < 1e-6
     console = capsys.readouterr().out
-    assert f"ran out after {out['eval_batches']} of eval.num_batches=6" in console
+    assert f"ran out after {out['eval_batches']} of eval.num_batches={num_batches}" in console

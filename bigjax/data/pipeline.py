@@ -192,11 +192,13 @@ class _RowsIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, Any]:
         # a one-pass split (the eval's) that has run out in a row goes on with blank rows
-        packed = [next(it, None) or self._blank() for it in self._iters]
+        read = [next(it, None) for it in self._iters]
+        packed = [self._blank() if r is None else r for r in read]
         stacked = {k: np.stack([p[k] for p in packed]) for k in packed[0]}
         # The state travels with the batch, so the consumer knows the state of what it has
-        # consumed, however far ahead workers run.
-        return {"batch": self._to_batch(stacked), "state": self.get_state()}
+        # consumed, however far ahead workers run; `spent`: every row of it is blank.
+        return {"batch": self._to_batch(stacked), "state": self.get_state(),
+                "spent": all(r is None for r in read)}  # fmt: skip
 
     def _blank(self) -> dict[str, np.ndarray]:
         """A row past the end of a one-pass split: shaped as a real one, with segment 0 on
@@ -280,6 +282,8 @@ class Batches:
 
     The state is {"batch_size": B, "rows": {row: state}}. Checkpoints merge the states every
     process saved, so a run resumes on any process count (see `checkpoint.DataHandler`).
+    `spent` is true once the last batch returned was blank in every row of this process: a
+    one-pass split (the eval's) that has run out here, so every later batch is blank too.
     """
 
     def __init__(self, streams: RowStreams, rows: Sequence[int], workers: int):
@@ -289,6 +293,7 @@ class Batches:
         self._workers = min(workers, len(self._rows))
         self._row_states: dict[str, Any] = {str(r): None for r in self._rows}
         self._it: Iterator | None = None  # started lazily: a restore replaces the state first
+        self.spent = False
 
     def _start(self) -> Iterator:
         ds: grain.IterDataset = RowsDataset(self._streams, self._rows, dict(self._row_states))
@@ -317,6 +322,7 @@ class Batches:
                 out[key][w :: len(parts)] = part["batch"][key]
         for part in parts:
             self._row_states.update(part["state"])
+        self.spent = all(part["spent"] for part in parts)
         return out
 
     def get_state(self) -> dict[str, Any]:
@@ -348,6 +354,7 @@ class Batches:
                 raise MalformedDataState(f"row {r}'s state {got} is not of the form {want}")
         self.close()
         self._row_states = {r: as_written(rows[r], template) for r in self._row_states}
+        self.spent = False
 
     def close(self) -> None:
         if self._it is not None:
