@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import numpy as np
@@ -47,8 +47,20 @@ class EvalStopped(Exception):
     (its relaunch evaluates that step again)."""
 
 
-def _never() -> bool:
-    return False
+class Stop(Protocol):
+    """What an eval asks of the run's stop (`signals.StopVote`)."""
+
+    def poll(self) -> bool:
+        """Whether to stop now: every process calls it at the same point of the same pass."""
+        ...
+
+    def mine(self) -> int:
+        """This process's vote, with no collective (0: go on)."""
+        ...
+
+    def hear(self, verdict: int) -> None:
+        """Takes a verdict another process shared."""
+        ...
 
 
 def raising(stop: Callable[[], bool]) -> Callable[[], None]:
@@ -128,13 +140,13 @@ class Evaluator:
     between the benchmarks' scoring batches: a preempted run must not spend its notice
     period on an eval (EvalStopped; nothing of the unfinished eval is logged)."""
 
-    def __init__(self, prog: Program, writers: metrics.Writers, stop: Callable[[], bool] = _never):
+    def __init__(self, prog: Program, writers: metrics.Writers, stop: Stop | None = None):
         cfg, tokenizer = prog.cfg, prog.resources.tokenizer
         self.prog, self.writers, self.tokenizer = prog, writers, tokenizer
-        self.between = raising(stop)
+        self.between = raising(stop.poll) if stop is not None else None
         self.items = prog.resources.choice_items  # read with the run's other resources
         self.scorer: choices.Scorer | None = None  # made at the first eval that scores items
-        self.harness = Harness(prog, tokenizer, self.between) if cfg.eval.harness_tasks else None
+        self.harness = Harness(prog, tokenizer, stop) if cfg.eval.harness_tasks else None
 
     def __call__(self, at_step: int, params: Params) -> dict[str, float]:
         row = {"step": at_step, **run_eval(self.prog, params, between=self.between)}
@@ -174,10 +186,9 @@ class Harness:
     `harness/TASK/METRIC` numbers. The tasks are indexed and the programs compiled once, on
     the first eval; later evals hand the model new parameters of the same shapes."""
 
-    def __init__(self, prog: Program, tokenizer: Tokenizer,
-                 between: Callable[[], None] | None = None):  # fmt: skip
+    def __init__(self, prog: Program, tokenizer: Tokenizer, stop: Stop | None = None):
         e = prog.cfg.eval
-        self.between = between
+        self.stop = stop
         if importlib.util.find_spec("lm_eval") is None:
             raise ConfigError("eval.harness_tasks needs lm-evaluation-harness: "
                               "pip install 'bigjax[harness]'.")  # fmt: skip
@@ -191,9 +202,9 @@ class Harness:
         cfg = self.prog.cfg
         merged = lora.merged(params, cfg.finetune.lora_scale)
         if self.lm is None:
-            self.lm = make_lm(self.prog.graphdef, merged, self.tokenizer, cfg.data.seq_len,
-                              rules=cfg.mesh.rules, mesh=self.prog.mesh,
-                              between=self.between)  # fmt: skip
+            p = self.prog
+            self.lm = make_lm(p.graphdef, merged, self.tokenizer, cfg.data.seq_len,
+                              rules=cfg.mesh.rules, mesh=p.mesh, stop=self.stop)  # fmt: skip
         self.lm.set_params(merged)
         start = time.perf_counter()
         results = evaluate(
@@ -216,16 +227,17 @@ def _offline() -> None:
 def make_lm(
     graphdef: nnx.GraphDef, params: tree.Params, tokenizer: Tokenizer, max_len: int, *,
     rules: Rules = (), mesh: Mesh | None = None, tokens: int = 8192, slots: int = 8,
-    between: Callable[[], None] | None = None,
+    stop: Stop | None = None,
 ) -> TemplateLM:  # fmt: skip
-    """An lm-eval LM over a model's parameters; `between` is called between scoring batches
-    and before the generations (it may raise, to stop the evaluation), and on one process
-    between the generations' events too. lm-eval hands over all generations in one call,
-    which a stop does not cut short on several processes: there, process 0 schedules the
-    engine and the others make the calls it broadcasts (`Engine.follow`), so there is no
-    batch boundary all share. Every process then takes process 0's texts: each engine
-    scheduling its own would make the same calls only while the threads' timing agreed (a
-    stop string seen a step later frees a slot a step later)."""
+    """An lm-eval LM over a model's parameters. `stop` is polled between scoring batches and
+    before the generations (EvalStopped, to leave the evaluation), and asked between the
+    generations' events too: lm-eval hands over all generations in one call. On several
+    processes, process 0 schedules the engine and the others make the calls it broadcasts
+    (`Engine.follow`), so there is no batch boundary all share for a poll: process 0 asks
+    its own vote between events, and shares its verdict with its texts; a stop that reaches
+    another process alone is polled when the pass ends. Every process takes process 0's
+    texts: each engine scheduling its own would make the same calls only while the threads'
+    timing agreed (a stop string seen a step later frees a slot a step later)."""
     _offline()
     from lm_eval.api.model import TemplateLM
 
@@ -233,6 +245,10 @@ def make_lm(
     from bigjax.scoring import Scorer
     from bigjax.serving import hosts, offline
     from bigjax.serving.engine import Engine, Params
+
+    between = raising(stop.poll) if stop is not None else None  # every process, in step
+    # process 0 alone, between the events of a pass it leads
+    asked_here = raising(lambda: stop.mine() != 0) if stop is not None else None
 
     class BigjaxLM(TemplateLM):
         def __init__(self) -> None:
@@ -300,18 +316,25 @@ def make_lm(
                     self._engine.start()
             if not self._engine.leads:  # process 0 schedules; this one makes its calls
                 self._engine.follow()
-                shared = hosts.broadcast_texts(None)
-                if shared is None:
+                texts, stopped = hosts.broadcast_outcome(None, 0)
+                if stopped and stop is not None:
+                    stop.hear(stopped)  # the run's closing lines name the signal
+                    raise EvalStopped
+                if texts is None:
                     raise RuntimeError("generation failed on process 0 (its log says why)")
-                return shared
+                return texts
             if jax.process_count() == 1:  # a stop is asked between its events
                 return offline.complete(self._engine, tokenizer, *self._read(requests), between)
-            texts = None
+            texts, stopped = None, 0
             try:
-                texts = offline.complete(self._engine, tokenizer, *self._read(requests))
+                texts = offline.complete(self._engine, tokenizer, *self._read(requests),
+                                         asked_here)  # fmt: skip
+            except EvalStopped:
+                stopped = stop.mine() if stop is not None else 0
+                raise
             finally:  # the followers wait for the pass's end and its texts, failed or not
                 self._engine.end_pass()
-                hosts.broadcast_texts(texts)
+                hosts.broadcast_outcome(texts, stopped)
             return texts
 
         def _read(self, requests: list) -> tuple[list[list[int]], list[Params], list[list[str]]]:

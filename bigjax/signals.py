@@ -118,7 +118,7 @@ class StopVote:
             return bool(self.asked)
         verdict = 0 if self.pending is None else int(jax.device_get(self.pending))
         self.pending = self._cast()
-        self._read(verdict)
+        self.hear(verdict)
         return self.verdict
 
     def poll(self) -> bool:
@@ -128,8 +128,13 @@ class StopVote:
         all-reduce; the eval waits for each batch's result anyway)."""
         if not self.together:
             return bool(self.asked)
-        self._read(int(jax.device_get(self._cast())))
+        self.hear(int(jax.device_get(self._cast())))
         return self.verdict
+
+    def mine(self) -> int:
+        """This process's vote, with no collective: 0 to go on, else the signal it was asked
+        by and its index (for a pass led by one process, which shares its verdict itself)."""
+        return _vote(self.asked)
 
     def _cast(self) -> jax.Array:
         """Dispatches this process's vote; the result is the largest of all processes'."""
@@ -139,7 +144,9 @@ class StopVote:
         )
         return self.count(ballot)
 
-    def _read(self, verdict: int) -> None:
+    def hear(self, verdict: int) -> None:
+        """Takes a verdict (a vote, or the largest of all processes'): a stop learned from
+        another process is recorded in `asked` too."""
         if verdict and "signal" not in self.asked:
             name = signal.Signals(verdict >> _PROCESS_BITS).name
             self.asked["signal"] = f"{name} on process {verdict & (1 << _PROCESS_BITS) - 1}"

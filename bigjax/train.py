@@ -72,7 +72,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
         start = int(jax.device_get(state.step))
         meta = run.begin(prog, saves, start, origin)
         stop_vote = StopVote(stop, mesh)  # every process stops after the same step
-        evaluator = Evaluator(prog, run.writers, stop_vote.poll)
+        evaluator = Evaluator(prog, run.writers, stop_vote)
         cleanup.callback(evaluator.close)  # a benchmark's engine thread must not outlive it
         log = StepLog.resumed(prog, run, peak, start)
 

@@ -169,7 +169,7 @@ def test_benchmark_table_means_spreads_and_deltas():
 
 
 _GENERATE_ON_ONE_PROCESS = r"""
-import json, sys
+import json, sys, threading, time
 from types import SimpleNamespace
 
 import jax
@@ -181,21 +181,41 @@ from flax import nnx
 from bigjax import models
 from bigjax.config import from_configdict
 from bigjax.data.tokenizer import ByteTokenizer
-from bigjax.evals import make_lm
+from bigjax.evals import EvalStopped, make_lm
 from bigjax.mesh import make_mesh
+from bigjax.signals import StopVote
 
 cfg = from_configdict({"model": {"size": "tiny"}, "mesh": {"shape": (1, -1, 1)}})
 mesh = make_mesh(cfg.mesh)
 graphdef, params = nnx.split(models.build(cfg.model, cfg.mesh.rules, seed=0))
-lm = make_lm(graphdef, params, ByteTokenizer(), 64, rules=cfg.mesh.rules, mesh=mesh, slots=2)
+mode = sys.argv[4] if len(sys.argv) > 4 else ""
+asked = {}
+lm = make_lm(graphdef, params, ByteTokenizer(), 64, rules=cfg.mesh.rules, mesh=mesh, slots=2,
+             stop=StopVote(asked, mesh))  # fmt: skip
 until = {"until": ["e", " ", "\n"], "max_gen_toks": 6}
 # process 1 is handed other requests than process 0: it must make process 0's calls and
 # return process 0's texts, not generate its own
 contexts = ["def f(x):", "import os", "class A:", "x = [1,"]
 if jax.process_index() == 1:
     contexts = ["zzz"] * 7
-elif len(sys.argv) > 4:  # "fail": process 0's requests are malformed (a ValueError there)
+elif mode == "fail":  # process 0's requests are malformed (a ValueError there)
     until = {**until, "max_gen_toks": "many"}
+if mode == "stop":  # a pass of 16 x 40 tokens, uncut, then stopped 0.3 s in on process 0
+    long = [SimpleNamespace(args=(f"def f{i}(x):", {"until": [], "max_gen_toks": 40}))
+            for i in range(16)]  # fmt: skip
+    start = time.perf_counter()
+    lm.generate_until(long)
+    uncut = time.perf_counter() - start
+    if jax.process_index() == 0:
+        threading.Timer(0.3, lambda: asked.update(signal="SIGTERM")).start()
+    start = time.perf_counter()
+    try:
+        lm.generate_until(long)
+    except EvalStopped:
+        stopped = time.perf_counter() - start
+        print(f"STOPPED {json.dumps([asked['signal'], uncut, stopped])}", flush=True)
+        lm.close()
+        sys.exit(4)
 try:
     texts = lm.generate_until([SimpleNamespace(args=(c, until)) for c in contexts])
 except (ValueError, RuntimeError) as e:
@@ -267,6 +287,20 @@ def test_a_generation_failing_on_process_0_fails_every_process_without_a_hang(tm
                                                               (3, "RuntimeError")]  # fmt: skip
 
 
+def test_a_stop_on_process_0_during_generations_on_two_processes_stops_both(tmp_path):
+    # Several processes: process 0 leads the pass and asks its own stop between the engine's
+    # events (there is no batch boundary all share for a vote); it cancels, waits for the
+    # engine to go idle (a call in flight must not cross the end of the pass), and shares its
+    # verdict with the texts, so process 1 leaves too, naming the signal and where it came
+    # from, instead of the pass running through the preemption notice.
+    two = _generate_on_two_processes(tmp_path, "stop")
+    assert [code for code, _, _ in two] == [4, 4], [e[-2000:] for _, _, e in two]
+    got = [json.loads(o.split("STOPPED ", 1)[1]) for _, o, _ in two]
+    assert [g[0] for g in got] == ["SIGTERM", "SIGTERM on process 0"]
+    for _, uncut, stopped in got:  # the stop at 0.3 s of a pass of several seconds uncut
+        assert stopped < 0.5 * uncut, (uncut, stopped)
+
+
 def test_a_stop_during_generations_cancels_them_and_propagates():
     # One process: a stop asked while a benchmark generates (lm-eval hands over all of its
     # generations in one call) is seen between the engine's events; the sequences are
@@ -280,18 +314,20 @@ def test_a_stop_during_generations_cancels_them_and_propagates():
     from bigjax import models
     from bigjax.config import from_configdict
     from bigjax.data.tokenizer import ByteTokenizer
-    from bigjax.evals import EvalStopped, make_lm, raising
+    from bigjax.evals import EvalStopped, make_lm
+    from bigjax.mesh import make_mesh
+    from bigjax.signals import StopVote
 
     cfg = from_configdict({"model": {"size": "tiny"}})
     graphdef, params = nnx.split(models.build(cfg.model, cfg.mesh.rules, seed=0))
-    asked = []
+    asked: dict[str, str] = {}
     lm = make_lm(graphdef, params, ByteTokenizer(), 128, rules=cfg.mesh.rules, slots=2,
-                 between=raising(lambda: len(asked) > 0))  # fmt: skip
+                 stop=StopVote(asked, make_mesh(cfg.mesh)))  # fmt: skip
     requests = [SimpleNamespace(args=(f"def f{i}(x):", {"until": [], "max_gen_toks": 100}))
                 for i in range(16)]  # fmt: skip
     assert len(lm.generate_until(requests[:1])) == 1  # compiles the engine
     engine = lm._engine
-    stopper = threading.Timer(0.3, lambda: asked.append("SIGTERM"))
+    stopper = threading.Timer(0.3, lambda: asked.update(signal="SIGTERM"))
     stopper.start()
     start = time.perf_counter()
     with pytest.raises(EvalStopped):

@@ -122,7 +122,11 @@ class Engine:
         self._slots = jax.jit(lambda: pg.empty_slots(self.shapes, self.rules))()
         self._rows: list[Sequence_ | None] = [None] * slots
         self._waiting: collections.deque[Sequence_] = collections.deque()
-        self._wake = threading.Condition()
+        lock = threading.Lock()
+        self._wake = threading.Condition(lock)  # work arrived (or stop)
+        self._idle = threading.Condition(lock)  # the engine thread waits with nothing to do
+        self._busy = False  # the engine thread is in a step (it may be making a call)
+        self._ended = False  # the engine thread has left its loop (stopped, or failed)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.ready = False
@@ -172,6 +176,7 @@ class Engine:
         self.ready = True
 
     def start(self) -> None:
+        self._ended = False
         self._thread = threading.Thread(target=self._run, name="bigjax-engine", daemon=True)
         self._thread.start()
 
@@ -192,10 +197,22 @@ class Engine:
 
     def end_pass(self) -> None:
         """With several processes, after work process 0 led (or at `stop`): the followers'
-        `follow` returns (a benchmark's generations are over; the next, they follow again)."""
-        if self._wire is not None:
-            with self._in_mesh():
-                hosts.broadcast(self._wire, hosts.Call(hosts.STOP))
+        `follow` returns (a benchmark's generations are over; the next, they follow again).
+        It waits for the engine thread to be idle first: a sequence cancelled by its stop
+        string (or by a stop) is dropped at the engine's next step, and a step in flight
+        may still make a call; two threads broadcasting at once would cross the calls."""
+        if self._wire is None:
+            return
+        with self._idle:
+            self._idle.wait_for(self._quiet)
+        with self._in_mesh():
+            hosts.broadcast(self._wire, hosts.Call(hosts.STOP))
+
+    def _quiet(self) -> bool:
+        """(Lock held) whether the engine thread will make no call before more work comes."""
+        if self._thread is None or self._ended:
+            return True
+        return not self._busy and not self._waiting and not any(self._rows)
 
     def follow(self) -> None:
         """On every process but 0: makes the calls process 0 broadcasts, until it stops."""
@@ -221,16 +238,24 @@ class Engine:
 
     # --- the engine thread ------------------------------------------------------------------
     def _run(self) -> None:
-        with self._in_mesh():
-            self._loop()
+        try:
+            with self._in_mesh():
+                self._loop()
+        finally:
+            with self._idle:
+                self._busy, self._ended = False, True
+                self._idle.notify_all()
 
     def _loop(self) -> None:
         while True:
             with self._wake:
                 while not self._waiting and not any(self._rows) and not self._stopping:
+                    self._busy = False
+                    self._idle.notify_all()
                     self._wake.wait()
                 if self._stopping and not self._waiting and not any(self._rows):
                     return
+                self._busy = True
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - reported to every sequence, engine goes on

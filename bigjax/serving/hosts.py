@@ -93,17 +93,19 @@ def _i32(x: Any) -> np.ndarray:
     return np.asarray(x, np.uint32).view(np.int32)
 
 
-def broadcast_texts(texts: list[str] | None) -> list[str] | None:
-    """Process 0's texts on every process (what the others pass is ignored; None from process
-    0: its generations failed): the length of their JSON, then its bytes, so both broadcasts
-    have shapes every process knows."""
+def broadcast_outcome(texts: list[str] | None, stopped: int) -> tuple[list[str] | None, int]:
+    """Process 0's outcome of a pass it led, on every process (what the others pass is
+    ignored): its texts (None: its generations failed or were stopped) and its stop vote (0:
+    none). As JSON: its length, then its bytes, so both broadcasts have shapes every process
+    knows."""
     import jax
     from jax.experimental import multihost_utils
 
-    data = np.frombuffer(json.dumps(texts).encode(), np.uint8)
+    data = np.frombuffer(json.dumps([texts, stopped]).encode(), np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
     mine = data if jax.process_index() == 0 else np.zeros(size, np.uint8)
-    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(mine)).tobytes())
+    got = json.loads(np.asarray(multihost_utils.broadcast_one_to_all(mine)).tobytes())
+    return got[0], int(got[1])
 
 
 def broadcast(wire: Wire, call: Call | None) -> Call:
