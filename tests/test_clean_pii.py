@@ -182,6 +182,9 @@ def test_personal_data_at_any_punctuation_and_glued_to_cjk(text, kind):
         (':api_key => "Zx81hs7Gq2LmWw"', "Zx81hs7Gq2LmWw", "SECRET"),
         ("db:\n  password: hunter2hunter2\n", "hunter2hunter2", "SECRET"),
         ("  - x-api-key: Zx81hs7Gq2LmWw", "Zx81hs7Gq2LmWw", "SECRET"),
+        # a YAML password of lowercase letters alone was read as a code line's annotation
+        ("db:\n  password: correcthorsebattery\n", "correcthorsebattery", "SECRET"),
+        ("smtpPasswd: lowercaseonly", "lowercaseonly", "SECRET"),
     ],
 )
 def test_personal_data_in_any_language_is_replaced_whole(text, found, kind):
@@ -226,6 +229,9 @@ def test_years_and_counts_in_other_digits_are_left_alone(text):
         "password = get_password()",
         'FORCE_CHANGE_PASSWORD = "FORCE_CHANGE_PASSWORD"',
         "api_key: SecretStr",  # a code line's annotation
+        "password: SecretStr",
+        "password: typing.Any",
+        "api_token: optional",  # a schema's word: a password name alone takes lowercase words
         "token: tok.string",
         "access_token: Optional[str] = None",
         "password_file: /run/secrets/db",

@@ -80,16 +80,33 @@ _SECRET_NAME = re.compile(
 )
 _CAMEL_HUMP = re.compile("(?<=[a-z0-9])(?=[A-Z])")
 # what a code line's annotation or reference looks like (`api_key: SecretStr`, `token:
-# tok.string`): letters, `_` and dots only. A YAML line's password with no digit or sign is
-# missed with them; quoted, or in an environment file, it is found.
+# tok.string`): letters, `_` and dots only. A password of lowercase letters alone is not
+# one (`password: correcthorse`): types are capitalised or dotted, and builtins are short.
 _NAME_LIKE = re.compile(r"[A-Za-z_][A-Za-z_.]*")
+_PASSWORD_NAME = re.compile("(?:^|_)(?:PASSWORD|PASSWD)$")
+
+
+def _words(name: str) -> str:
+    """A setting's name as upper-case words joined by `_`: dbPassword, db-password ->
+    DB_PASSWORD."""
+    return _CAMEL_HUMP.sub("_", name).upper().replace("-", "_")
 
 
 def _is_secret_name(name: str) -> bool:
     """Whether a setting's name ends in a secret's word, in any case style: DB_PASSWORD,
     dbPassword, api-key, AWS_SECRET_ACCESS_KEY."""
-    words = _CAMEL_HUMP.sub("_", name).upper().replace("-", "_")
-    return bool(_SECRET_NAME.search(words))
+    return bool(_SECRET_NAME.search(_words(name)))
+
+
+def _is_yaml_secret(name: str, value: str) -> bool:
+    """Whether a YAML line's unquoted value is a secret: its name says so and the value does
+    not read as code, unless it is a password of lowercase letters alone (`db_password:
+    correcthorse`; a type is `SecretStr` or `tok.string`)."""
+    if not _is_secret_name(name):
+        return False
+    if not _NAME_LIKE.fullmatch(value):
+        return True
+    return bool(_PASSWORD_NAME.search(_words(name))) and value.isalpha() and value.islower()
 
 
 # Addresses in any script (RFC 6531 and IDNA: müller@, josé.garcía@, иван@почта.рф,
@@ -385,7 +402,7 @@ def find(text: str, language: str = "und") -> list[Span]:
     found += [
         (m.start(2), m.end(2), "SECRET")
         for m in _YAML_LINE.finditer(text)
-        if _is_secret_name(m.group(1)) and not _NAME_LIKE.fullmatch(m.group(2))
+        if _is_yaml_secret(m.group(1), m.group(2))
     ]
     found += _regex_spans("SECRET", _SECRET, text)
     found += _email_spans(text)
