@@ -330,7 +330,9 @@ def make_lm(
                 texts = offline.complete(self._engine, tokenizer, *self._read(requests),
                                          asked_here)  # fmt: skip
             except EvalStopped:
-                stopped = stop.mine() if stop is not None else 0
+                if stop is not None:  # its verdict, as a vote read would record it
+                    stopped = stop.mine()
+                    stop.hear(stopped)
                 raise
             finally:  # the followers wait for the pass's end and its texts, failed or not
                 self._engine.end_pass()

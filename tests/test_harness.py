@@ -4,6 +4,7 @@ generation tasks in process, offline, and lm-eval's own `local-completions` clie
 
 import json
 import shutil
+import signal
 import threading
 from pathlib import Path
 
@@ -190,8 +191,9 @@ mesh = make_mesh(cfg.mesh)
 graphdef, params = nnx.split(models.build(cfg.model, cfg.mesh.rules, seed=0))
 mode = sys.argv[4] if len(sys.argv) > 4 else ""
 asked = {}
+vote = StopVote(asked, mesh)
 lm = make_lm(graphdef, params, ByteTokenizer(), 64, rules=cfg.mesh.rules, mesh=mesh, slots=2,
-             stop=StopVote(asked, mesh))  # fmt: skip
+             stop=vote)  # fmt: skip
 until = {"until": ["e", " ", "\n"], "max_gen_toks": 6}
 # process 1 is handed other requests than process 0: it must make process 0's calls and
 # return process 0's texts, not generate its own
@@ -213,7 +215,8 @@ if mode == "stop":  # a pass of 16 x 40 tokens, uncut, then stopped 0.3 s in on 
         lm.generate_until(long)
     except EvalStopped:
         stopped = time.perf_counter() - start
-        print(f"STOPPED {json.dumps([asked['signal'], uncut, stopped])}", flush=True)
+        now = vote.now()  # the training loop's question next: stop after this step?
+        print(f"STOPPED {json.dumps([asked['signal'], now, uncut, stopped])}", flush=True)
         lm.close()
         sys.exit(4)
 try:
@@ -296,9 +299,59 @@ def test_a_stop_on_process_0_during_generations_on_two_processes_stops_both(tmp_
     two = _generate_on_two_processes(tmp_path, "stop")
     assert [code for code, _, _ in two] == [4, 4], [e[-2000:] for _, _, e in two]
     got = [json.loads(o.split("STOPPED ", 1)[1]) for _, o, _ in two]
-    assert [g[0] for g in got] == ["SIGTERM", "SIGTERM on process 0"]
-    for _, uncut, stopped in got:  # the stop at 0.3 s of a pass of several seconds uncut
+    # both then stop the training loop after this step: each records the verdict
+    assert [g[:2] for g in got] == [["SIGTERM", True], ["SIGTERM on process 0", True]]
+    for _, _, uncut, stopped in got:  # the stop at 0.3 s of a pass of several seconds uncut
         assert stopped < 0.5 * uncut, (uncut, stopped)
+
+
+def test_a_stop_in_a_training_runs_generations_on_two_processes_saves_and_stops_both(tasks_dir):
+    # The whole path on 2 processes: SIGTERM to process 0 while a benchmark generates (96
+    # prompts x 63 tokens, ~20 s uncut here) during the eval of step 2. Process 0 leaves the
+    # pass and the eval, process 1 hears its verdict with the texts; both save step 2 and
+    # exit 0. Process 0 must record its own verdict too: before, it trained on into step 3
+    # while process 1 had stopped, and waited there for ever.
+    import time
+
+    from test_distributed import _finish, _start
+
+    prompts = [json.dumps({"prompt": f"def f{i}(x):\n    return", "answer": " x"})
+               for i in range(96)]  # fmt: skip
+    (tasks_dir / "long.jsonl").write_text("\n".join(prompts) + "\n")
+    yaml = (tasks_dir / "bigjax_gen.yaml").read_text()
+    for old, new in [
+        ("task: bigjax_gen", "task: bigjax_long"),
+        ("gen.jsonl", "long.jsonl"),
+        ('until: ["\\n"]', "until: []"),
+        ("max_gen_toks: 12", "max_gen_toks: 200"),
+    ]:
+        assert old in yaml
+        yaml = yaml.replace(old, new)
+    (tasks_dir / "bigjax_long.yaml").write_text(yaml)
+    run = tasks_dir.parent / "run"
+    extra = ["--config.eval.every_steps=2", "--config.eval.harness_tasks=bigjax_long",
+             f"--config.eval.harness_include_path={tasks_dir}"]  # fmt: skip
+    procs = _start(run, steps=4, processes=2, extra=extra)
+    deadline = time.monotonic() + 300
+    while not any(r.get("step") == 2 for r in _rows(run)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    time.sleep(8.0)  # the held-out loss and lm-eval's setup: a few seconds; then generations
+    procs[0].send_signal(signal.SIGTERM)
+    out = _finish(procs)  # asserts both exit 0
+    assert "received SIGTERM during the eval of step 2: left unfinished" in out[0].stdout
+    assert "received SIGTERM on process 0 during the eval of step 2: left unfinished" in (
+        out[1].stdout
+    )
+    assert all("saving step 2 and stopping" in o.stdout for o in out)
+    assert max(r["step"] for r in _rows(run)) == 2
+    assert not any("harness/bigjax_long/exact_match" in r for r in _rows(run))
+
+
+def _rows(run: Path) -> list[dict]:
+    from bigjax.metrics import read_jsonl
+
+    return read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
 
 
 def test_a_stop_during_generations_cancels_them_and_propagates():
