@@ -102,7 +102,7 @@ def run_eval(prog: Program, params: Params, bar: progress.Bar | None = None,
         if _everywhere(it.spent):
             ran_out = True
             if bar is not None:
-                bar.update(bar.done, note="the held-out split ended", force=True)
+                bar.skip(cfg.eval.num_batches - i, "the held-out split ended")
             break
         out = jax.device_get(prog.eval_step(params, prog.to_global(local)))
         nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight_sum"])

@@ -68,6 +68,13 @@ class Bar:
     def advance(self, by: float = 1, note: str = "") -> None:
         self.update(self.done + by, note)
 
+    def skip(self, units: float, note: str) -> None:
+        """`units` of the total will not be done (an eval whose split ended early): the bar
+        and its eta count the rest."""
+        if self.total:
+            self.total = max(self.total - units, self.done)
+        self.update(self.done, note, force=True)
+
     def close(self) -> float:
         """Shows the final state (unless that line is already out); returns the seconds it
         took."""

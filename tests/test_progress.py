@@ -32,6 +32,23 @@ def test_bar_shows_an_eta_while_unfinished_and_a_count_without_a_total():
     assert out.getvalue().startswith("read 1,234") and "[" not in out.getvalue()
 
 
+def test_work_skipped_leaves_the_total_and_its_eta():
+    # an eval of eval.num_batches=1,000,000 whose split ended after 27 batches: the bar ends
+    # at 27/27 with no eta, not at 0% of a million with an eta of days
+    out = io.StringIO()
+    bar = progress.Bar("eval", 1_000_000, "batches", stream=out)
+    bar.start -= 2.0
+    for _ in range(27):
+        bar.advance()
+    bar.skip(1_000_000 - 27, "the held-out split ended")
+    last = out.getvalue().splitlines()[-1]
+    assert "100% 27/27 batches" in last and "eta" not in last and "split ended" in last
+    two = progress.Bar("compress", 2 * 10 + 2, "steps", stream=io.StringIO())
+    two.advance(4)
+    two.skip(10 - 4, "ended")  # the first of two evals of 10 batches ended after 4
+    assert two.total == 16  # the second eval and the 2 other steps are still to come
+
+
 def test_waiting_says_how_long_a_single_call_took():
     out = io.StringIO()
     with progress.waiting("compiling", stream=out):
