@@ -306,17 +306,19 @@ def test_a_stop_on_process_0_during_generations_on_two_processes_stops_both(tmp_
 
 
 def test_a_stop_in_a_training_runs_generations_on_two_processes_saves_and_stops_both(tasks_dir):
-    # The whole path on 2 processes: SIGTERM to process 0 while a benchmark generates (96
-    # prompts x 63 tokens, ~20 s uncut here) during the eval of step 2. Process 0 leaves the
-    # pass and the eval, process 1 hears its verdict with the texts; both save step 2 and
-    # exit 0. Process 0 must record its own verdict too: before, it trained on into step 3
-    # while process 1 had stopped, and waited there for ever.
+    # The whole path on 2 processes: SIGTERM to process 0 while a benchmark generates (256
+    # prompts x 63 tokens, about a minute uncut here, so a faster machine is still inside it
+    # 8 s in; a slower one still in the setup is stopped by the poll there, the same way)
+    # during the eval of step 2. Process 0 leaves the pass and the eval, process 1 hears its
+    # verdict with the texts; both save step 2 and exit 0. Process 0 must record its own
+    # verdict too: before, it trained on into step 3 while process 1 had stopped, and waited
+    # there for ever.
     import time
 
     from test_distributed import _finish, _start
 
     prompts = [json.dumps({"prompt": f"def f{i}(x):\n    return", "answer": " x"})
-               for i in range(96)]  # fmt: skip
+               for i in range(256)]  # fmt: skip
     (tasks_dir / "long.jsonl").write_text("\n".join(prompts) + "\n")
     yaml = (tasks_dir / "bigjax_gen.yaml").read_text()
     for old, new in [
