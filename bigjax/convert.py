@@ -50,9 +50,20 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def is_hf_dir(path: str | Path) -> bool:
-    """A Hugging Face model directory: config.json with a `model_type`."""
-    config = Path(path) / "config.json"
-    return config.is_file() and "model_type" in read_config(config)
+    """A Hugging Face model directory: config.json with a `model_type`. Safetensors beside a
+    config.json without one, and no checkpoints, are neither that nor a run: refused naming the
+    field (taken for a run, they were told to train it first)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return False
+    if "model_type" in read_config(path / "config.json"):
+        return True
+    if any(path.glob("*.safetensors")) and not (path / "checkpoints").exists():
+        raise hf.ConvertError(
+            f"{path / 'config.json'} has no model_type: a Hugging Face config names its "
+            f"architecture there (one of {', '.join(hf.MODEL_TYPES)})."
+        )
+    return False
 
 
 def check_sizes(m: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype) -> None:

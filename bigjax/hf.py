@@ -21,6 +21,7 @@ from bigjax.config import ModelConfig
 from bigjax.errors import UsageError
 
 FAMILIES = ("llama", "gpt2")  # a Llama with experts is transformers' Mixtral
+MODEL_TYPES = ("llama", "mixtral", "gpt2")  # config.json's model_type values that import
 
 
 class ConvertError(UsageError, ValueError):
@@ -254,20 +255,48 @@ def _mixtral_config(m: ModelConfig) -> dict[str, Any]:
 
 def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     """RoPE settings from transformers >= 5 (`rope_parameters`) or older (`rope_theta` +
-    `rope_scaling`) config.json files."""
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    `rope_scaling`) config.json files. Where a file has both, `rope_scaling` wins, as in
+    transformers (its config reads `rope_scaling or rope_parameters`)."""
+    key = "rope_scaling" if hf.get("rope_scaling") is not None else "rope_parameters"
+    rope = hf.get(key) or {}
+    if not isinstance(rope, Mapping):
+        raise ConvertError(f"config.json: {key}={rope!r}, expected an object.")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
         raise ConvertError(f"rope type {kind!r} is not supported; bigjax has linear and llama3.")
-    out = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
-    out["rope_scaling"] = kind
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial is not None and partial != 1:  # transformers rotates that share of a head
+        raise ConvertError(
+            f"partial_rotary_factor={partial!r}: bigjax rotates every dimension of a head."
+        )
+    theta = _number(rope, "rope_theta", _number(hf, "rope_theta", 10000.0), key)
+    out: dict[str, Any] = {"rope_theta": theta, "rope_scaling": kind}
     if kind != "default":
-        out["rope_factor"] = float(rope["factor"])
+        out["rope_factor"] = _number(rope, "factor", None, key)
     if kind == "llama3":
-        out["rope_low_freq_factor"] = float(rope["low_freq_factor"])
-        out["rope_high_freq_factor"] = float(rope["high_freq_factor"])
-        out["rope_original_max_positions"] = int(rope["original_max_position_embeddings"])
+        out["rope_low_freq_factor"] = _number(rope, "low_freq_factor", None, key)
+        out["rope_high_freq_factor"] = _number(rope, "high_freq_factor", None, key)
+        limit = _number(rope, "original_max_position_embeddings", None, key)
+        if limit != int(limit):
+            raise ConvertError(f"config.json: {key}.original_max_position_embeddings={limit}, "
+                               "expected a whole number.")  # fmt: skip
+        out["rope_original_max_positions"] = int(limit)
     return out
+
+
+def _number(fields: Mapping[str, Any], key: str, default: float | None, within: str = "") -> float:
+    """A numeric field of config.json (of its `within` object): a JSON number, or `default`
+    (transformers') where it is absent or null; anything else is refused naming the field
+    (`float("abc")` said only "could not convert string to float")."""
+    name = f"{within}.{key}" if within else key
+    value = fields.get(key)
+    if value is None and default is not None:
+        return default
+    if value is None:
+        raise ConvertError(f"config.json: {name} is missing.")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConvertError(f"config.json: {name}={value!r}, expected a number.")
+    return float(value)
 
 
 def _flag(hf: Mapping[str, Any], key: str, default: bool) -> bool:
@@ -301,7 +330,7 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
             "num_experts": hf.get("num_local_experts", 8),
             "experts_per_token": hf.get("num_experts_per_tok", 2),
             "moe_dispatch": "dropless",  # Mixtral drops no token
-            "moe_aux_weight": float(hf.get("router_aux_loss_coef", 0.001)),
+            "moe_aux_weight": _number(hf, "router_aux_loss_coef", 0.001),
         }
     if kind == "llama":
         if hf.get("hidden_act", "silu") != "silu":
@@ -318,7 +347,7 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
             "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
             "d_ff": hf["intermediate_size"],
             "vocab_size": hf["vocab_size"],
-            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "norm_eps": _number(hf, "rms_norm_eps", 1e-6),
             "use_bias": _flag(hf, "attention_bias", False),
             "tie_embeddings": _flag(hf, "tie_word_embeddings", False),
             **_rope_fields(hf),
@@ -343,12 +372,12 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
             "d_ff": hf.get("n_inner") or 4 * hf["n_embd"],
             "vocab_size": hf["vocab_size"],
             "max_positions": hf["n_positions"],
-            "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
+            "norm_eps": _number(hf, "layer_norm_epsilon", 1e-5),
             "tie_embeddings": _flag(hf, "tie_word_embeddings", True),
         }
     raise ConvertError(
-        f"model_type={kind!r} is not supported; bigjax converts {FAMILIES} (config.json's "
-        "model_type)."
+        f"model_type={kind!r} is not supported; bigjax converts {', '.join(MODEL_TYPES)} "
+        "(config.json's model_type)."
     )
 
 

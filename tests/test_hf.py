@@ -250,6 +250,52 @@ def test_a_flag_that_is_not_a_json_boolean_is_refused(family, field, value):
         hf.model_fields({**config, field: value})
 
 
+@pytest.mark.parametrize(
+    "change, error",
+    [({"rms_norm_eps": "x"}, "rms_norm_eps='x', expected a number"),
+     ({"rope_parameters": {"rope_type": "linear", "factor": "8"}},
+      "rope_parameters.factor='8', expected a number"),
+     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
+      "rope_parameters.low_freq_factor is missing"),
+     ({"rope_parameters": [1, 2]}, r"rope_parameters=\[1, 2\], expected an object"),
+     ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
+     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5: bigjax rotates every")],
+)  # fmt: skip
+def test_a_malformed_or_foreign_field_is_refused_naming_it(change, error):
+    # float("abc") ended the import with "ValueError: could not convert string to float", a
+    # half-rotated head (transformers rotates partial_rotary_factor of it) imported as a fully
+    # rotated one, and a yarn `rope_scaling` beside a default `rope_parameters` was dropped
+    config = hf.hf_config(tiny_config().model, 64, "float32")
+    assert hf.model_fields({**config, "rms_norm_eps": None})["norm_eps"] == 1e-6  # the default
+    with pytest.raises(hf.ConvertError, match=error):
+        hf.model_fields({**config, **change})
+
+
+def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
+    # A file with both (an older `rope_scaling` added to a transformers 5 file): transformers
+    # reads `rope_scaling or rope_parameters`, the top-level rope_theta filling it in.
+    config = {**hf.hf_config(tiny_config().model, 64, "float32"), "rope_theta": 500000.0,
+              "rope_scaling": {"rope_type": "linear", "factor": 2.0}}  # fmt: skip
+    fields = hf.model_fields(config)
+    assert (fields["rope_scaling"], fields["rope_factor"], fields["rope_theta"]) == (
+        "linear", 2.0, 500000.0)  # fmt: skip
+    if transformers is not None:  # the reference itself, where it is installed
+        rope = transformers.LlamaConfig.from_dict(config).rope_parameters
+        assert (rope["rope_type"], rope["factor"], rope["rope_theta"]) == ("linear", 2.0, 500000.0)
+
+
+def test_weights_beside_a_config_without_model_type_are_not_taken_for_a_run(tmp_path, capsys):
+    # they were read as a bigjax run directory: "no checkpoint ...: train the run first"
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    tensorfile.write_dir(src, {"lm_head.weight": np.zeros((4, 4), np.float32)}, 10**9)
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json has no model_type" in err and "llama, mixtral, gpt2" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_inputs_name_the_problem(tmp_path, capsys):
     # A pickle-only directory: never loaded, and the error says why.
     (tmp_path / "pickled").mkdir()
