@@ -310,16 +310,18 @@ def newest_intact(manager: ocp.CheckpointManager) -> int | None:
     none is intact."""
     directory = Path(manager.directory)
     failures = []
-    for step in sorted(manager.all_steps(), reverse=True):
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step, older in zip(steps, [*steps[1:], None], strict=True):
         problem = integrity.checked(directory / str(step))
         if problem is None:
             return step
         failures.append(f"{directory / str(step)}: {problem}")
-        warnings.warn(
-            f"checkpoint {directory / str(step)} is corrupt ({problem}); using an older step.",
-            category=BigjaxWarning,
-            stacklevel=2,
-        )
+        if older is not None:  # with none left, the error below names every failure
+            warnings.warn(
+                f"checkpoint {directory / str(step)} is corrupt ({problem}); trying step {older}.",
+                category=BigjaxWarning,
+                stacklevel=2,
+            )
     if failures:
         raise CheckpointError(
             "no intact checkpoint to load:\n  " + "\n  ".join(failures) + "\nRetrain from "

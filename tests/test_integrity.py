@@ -369,7 +369,9 @@ def test_every_loader_verifies_and_takes_the_newest_intact_step(tmp_path, four_s
     quiet = ["--config.eval.num_batches=1"]
 
     def warned(*command: str) -> str:
-        with pytest.warns(UserWarning, match=r"checkpoints/4 is corrupt .*does not match"):
+        with pytest.warns(
+            UserWarning, match=r"checkpoints/4 is corrupt .*does not match.*trying step 2"
+        ):
             assert main(list(command)) == 0
         return capsys.readouterr().out
 
@@ -386,9 +388,14 @@ def test_every_loader_verifies_and_takes_the_newest_intact_step(tmp_path, four_s
     # and with no intact step at all, a one-line error listing each
     victim = _largest_file(run / "checkpoints" / "2")
     _flip_bit(victim, 0)
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning) as record:
         assert main(["eval", "--workdir", str(run), *quiet]) == 1
-    assert "no intact checkpoint to load" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no intact checkpoint to load" in err and "checkpoints/2: " in err, err
+    # step 4's warning names the step tried next; step 2 has none to name (it said "using an
+    # older step" right before the error that there was none)
+    corrupt = [str(w.message) for w in record if "is corrupt" in str(w.message)]
+    assert [w.split("(")[0] for w in corrupt] == [f"checkpoint {run}/checkpoints/4 is corrupt "]
 
 
 @pytest.mark.slow
