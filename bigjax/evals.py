@@ -385,8 +385,34 @@ def task_manager(tasks: Sequence[str], include_path: str = "") -> TaskManager:
         raise ConfigError(
             f"eval: unknown task(s) {', '.join(unknown)}; see `lm-eval ls tasks`, "
             "or give the directory of their YAML files (--include-path)."
+            + (_unreadable_yamls(Path(include_path)) if include_path else "")
         )
     return manager
+
+
+def _unreadable_yamls(root: Path) -> str:
+    """What lm-eval's index skipped under `root` (it says so at debug level only): YAML files
+    that do not parse, each with where and why, so a task file with a typo is not reported
+    as a task that does not exist. Tags (`!function`) are not resolved: syntax alone."""
+    import yaml
+
+    class AnyTag(yaml.SafeLoader):
+        pass
+
+    AnyTag.add_multi_constructor("!", lambda loader, suffix, node: None)
+    bad = []
+    for path in sorted(root.rglob("*.yaml")):
+        try:
+            yaml.load(path.read_text(errors="replace"), Loader=AnyTag)  # safe: plain data
+        except (OSError, yaml.YAMLError) as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            why = getattr(e, "problem", None) or type(e).__name__
+            bad.append(f"{path.relative_to(root)}{where}: {why}")
+    if not bad:
+        return ""
+    return (f" lm-eval skipped {len(bad)} YAML file(s) under {root} that do not parse: "
+            + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else ""))  # fmt: skip
 
 
 def evaluate(lm: TemplateLM, tasks: Sequence[str], *, include_path: str = "",

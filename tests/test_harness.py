@@ -86,6 +86,20 @@ def test_unknown_tasks_and_missing_directories_are_one_line(tiny_run, tmp_path, 
     assert "go with --tasks" in capsys.readouterr().err
 
 
+def test_a_task_yaml_that_does_not_parse_is_named_not_just_an_unknown_task(
+    tiny_run, tmp_path, capsys
+):
+    # lm-eval's index skips such a file at debug level: "unknown task(s) mine" was all one
+    # saw of a typo in mine.yaml. Tags (`!function`) are not resolved, so they are no error.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.yaml").write_text("task: mine\ndoc_to_text: [unclosed\n")
+    (tmp_path / "fine.yaml").write_text("task: fine\nprocess_docs: !function utils.docs\n")
+    assert main(["eval", str(tiny_run), "--tasks", "mine", "--include-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task(s) mine" in err and "skipped 1 YAML file(s)" in err, err
+    assert "sub/mine.yaml line 3: expected ',' or ']'" in err and "fine.yaml" not in err, err
+
+
 def test_benchmarks_during_training_reach_metrics_tensorboard_and_the_report(tasks_dir, tmp_path):
     from conftest import tiny_config
 
