@@ -284,6 +284,16 @@ def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _count(hf: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    """A size in config.json (layers, heads, widths): a whole JSON number of at least 1, or
+    `default` (transformers') where it is absent or null; anything else is refused naming the
+    field ("128" // 4 was a TypeError that named neither)."""
+    value = _number(hf, key, None if default is None else float(default))
+    if not math.isfinite(value) or value != int(value) or value < 1:
+        raise ConvertError(f"config.json: {key}={hf.get(key)!r}, expected a whole number >= 1.")
+    return int(value)
+
+
 def _number(fields: Mapping[str, Any], key: str, default: float | None, within: str = "") -> float:
     """A numeric field of config.json (of its `within` object): a JSON number, or `default`
     (transformers') where it is absent or null; anything else is refused naming the field
@@ -320,15 +330,15 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
                 f"sliding_window={hf['sliding_window']}: bigjax attends to the "
                 "whole sequence; only Mixtral configs without a window import."
             )
-        if hf.get("num_experts_per_tok", 2) < 2:
+        if _count(hf, "num_experts_per_tok", 2) < 2:
             raise ConvertError(
                 "Mixtral with one expert per token (its gate is always 1) has no "
                 "bigjax equivalent; bigjax's k=1 gate is the raw probability."
             )
         fields = model_fields({**hf, "model_type": "llama", "mlp_bias": False})
         return fields | {
-            "num_experts": hf.get("num_local_experts", 8),
-            "experts_per_token": hf.get("num_experts_per_tok", 2),
+            "num_experts": _count(hf, "num_local_experts", 8),
+            "experts_per_token": _count(hf, "num_experts_per_tok", 2),
             "moe_dispatch": "dropless",  # Mixtral drops no token
             "moe_aux_weight": _number(hf, "router_aux_loss_coef", 0.001),
         }
@@ -337,16 +347,16 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
             raise ConvertError(f"hidden_act={hf['hidden_act']!r}: bigjax's SwiGLU uses silu.")
         if _flag(hf, "attention_bias", False) != _flag(hf, "mlp_bias", False):
             raise ConvertError("attention_bias and mlp_bias differ; bigjax has one use_bias.")
-        heads = hf["num_attention_heads"]
+        heads, width = _count(hf, "num_attention_heads"), _count(hf, "hidden_size")
         return {
             "family": "llama",
-            "d_model": hf["hidden_size"],
-            "num_layers": hf["num_hidden_layers"],
+            "d_model": width,
+            "num_layers": _count(hf, "num_hidden_layers"),
             "num_heads": heads,
-            "num_kv_heads": hf.get("num_key_value_heads") or heads,
-            "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
-            "d_ff": hf["intermediate_size"],
-            "vocab_size": hf["vocab_size"],
+            "num_kv_heads": _count(hf, "num_key_value_heads", heads),
+            "head_dim": _count(hf, "head_dim", width // heads),
+            "d_ff": _count(hf, "intermediate_size"),
+            "vocab_size": _count(hf, "vocab_size"),
             "norm_eps": _number(hf, "rms_norm_eps", 1e-6),
             "use_bias": _flag(hf, "attention_bias", False),
             "tie_embeddings": _flag(hf, "tie_word_embeddings", False),
@@ -362,16 +372,17 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
             raise ConvertError("GPT-2 attention variants (inverse layer scaling) unsupported.")
         if not _flag(hf, "scale_attn_weights", True):
             raise ConvertError("scale_attn_weights=false is not supported.")
+        heads, width = _count(hf, "n_head"), _count(hf, "n_embd")
         return {
             "family": "gpt2",
-            "d_model": hf["n_embd"],
-            "num_layers": hf["n_layer"],
-            "num_heads": hf["n_head"],
-            "num_kv_heads": hf["n_head"],
-            "head_dim": hf["n_embd"] // hf["n_head"],
-            "d_ff": hf.get("n_inner") or 4 * hf["n_embd"],
-            "vocab_size": hf["vocab_size"],
-            "max_positions": hf["n_positions"],
+            "d_model": width,
+            "num_layers": _count(hf, "n_layer"),
+            "num_heads": heads,
+            "num_kv_heads": heads,
+            "head_dim": width // heads,
+            "d_ff": _count(hf, "n_inner", 4 * width),
+            "vocab_size": _count(hf, "vocab_size"),
+            "max_positions": _count(hf, "n_positions"),
             "norm_eps": _number(hf, "layer_norm_epsilon", 1e-5),
             "tie_embeddings": _flag(hf, "tie_word_embeddings", True),
         }

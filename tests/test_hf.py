@@ -259,14 +259,21 @@ def test_a_flag_that_is_not_a_json_boolean_is_refused(family, field, value):
       "rope_parameters.low_freq_factor is missing"),
      ({"rope_parameters": [1, 2]}, r"rope_parameters=\[1, 2\], expected an object"),
      ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
-     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5: bigjax rotates every")],
+     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5: bigjax rotates every"),
+     ({"hidden_size": "64"}, "hidden_size='64', expected a number"),
+     ({"num_attention_heads": 0}, "num_attention_heads=0, expected a whole number >= 1"),
+     ({"num_hidden_layers": 2.5}, "num_hidden_layers=2.5, expected a whole number >= 1"),
+     ({"vocab_size": float("inf")}, "vocab_size=inf, expected a whole number >= 1"),
+     ({"intermediate_size": None}, "intermediate_size is missing")],
 )  # fmt: skip
 def test_a_malformed_or_foreign_field_is_refused_naming_it(change, error):
     # float("abc") ended the import with "ValueError: could not convert string to float", a
     # half-rotated head (transformers rotates partial_rotary_factor of it) imported as a fully
     # rotated one, and a yarn `rope_scaling` beside a default `rope_parameters` was dropped
     config = hf.hf_config(tiny_config().model, 64, "float32")
-    assert hf.model_fields({**config, "rms_norm_eps": None})["norm_eps"] == 1e-6  # the default
+    defaults = hf.model_fields({**config, "rms_norm_eps": None, "num_key_value_heads": None})
+    assert (defaults["norm_eps"], defaults["num_kv_heads"]) == (1e-6, config["num_attention_heads"])
+    assert hf.model_fields({**config, "vocab_size": 512.0})["vocab_size"] == 512  # a whole number
     with pytest.raises(hf.ConvertError, match=error):
         hf.model_fields({**config, **change})
 
