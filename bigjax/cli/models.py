@@ -140,7 +140,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_convert(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    """Hugging Face <-> bigjax (Llama, GPT-2)
+    """Hugging Face <-> bigjax (Llama, Mixtral, GPT-2)
 
     Converts a Hugging Face model directory (config.json + safetensors, sharded or not)
     into a bigjax run directory, or a bigjax run's latest checkpoint into a Hugging Face
