@@ -266,9 +266,7 @@ def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
         raise ConvertError(f"rope type {kind!r} is not supported; bigjax has linear and llama3.")
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial is not None and partial != 1:  # transformers rotates that share of a head
-        raise ConvertError(
-            f"partial_rotary_factor={partial!r}: bigjax rotates every dimension of a head."
-        )
+        raise ConvertError(f"partial_rotary_factor={partial!r}: bigjax rotates whole heads.")
     theta = _number(rope, "rope_theta", _number(hf, "rope_theta", 10000.0), key)
     out: dict[str, Any] = {"rope_theta": theta, "rope_scaling": kind}
     if kind != "default":
@@ -276,36 +274,31 @@ def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "llama3":
         out["rope_low_freq_factor"] = _number(rope, "low_freq_factor", None, key)
         out["rope_high_freq_factor"] = _number(rope, "high_freq_factor", None, key)
-        limit = _number(rope, "original_max_position_embeddings", None, key)
-        if limit != int(limit):
-            raise ConvertError(f"config.json: {key}.original_max_position_embeddings={limit}, "
-                               "expected a whole number.")  # fmt: skip
-        out["rope_original_max_positions"] = int(limit)
+        limit = _count(rope, "original_max_position_embeddings", None, key)
+        out["rope_original_max_positions"] = limit
     return out
 
 
-def _count(hf: Mapping[str, Any], key: str, default: int | None = None) -> int:
-    """A size in config.json (layers, heads, widths): a whole JSON number of at least 1, or
-    `default` (transformers') where it is absent or null; anything else is refused naming the
-    field ("128" // 4 was a TypeError that named neither)."""
-    value = _number(hf, key, None if default is None else float(default))
-    if not math.isfinite(value) or value != int(value) or value < 1:
-        raise ConvertError(f"config.json: {key}={hf.get(key)!r}, expected a whole number >= 1.")
-    return int(value)
+def _count(fields: Mapping[str, Any], key: str, default: int | None = None,
+           within: str = "") -> int:  # fmt: skip
+    """A size in config.json (layers, heads, widths): `_number`, whole and >= 1."""
+    return int(_number(fields, key, default, within, whole=True))
 
 
-def _number(fields: Mapping[str, Any], key: str, default: float | None, within: str = "") -> float:
+def _number(fields: Mapping[str, Any], key: str, default: float | None, within: str = "",
+            whole: bool = False) -> float:  # fmt: skip
     """A numeric field of config.json (of its `within` object): a JSON number, or `default`
     (transformers') where it is absent or null; anything else is refused naming the field
-    (`float("abc")` said only "could not convert string to float")."""
-    name = f"{within}.{key}" if within else key
-    value = fields.get(key)
+    (`float("abc")` said only "could not convert string to float", "128" // 4 named nothing)."""
+    name, value = f"{within}.{key}" if within else key, fields.get(key)
     if value is None and default is not None:
         return default
     if value is None:
         raise ConvertError(f"config.json: {name} is missing.")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConvertError(f"config.json: {name}={value!r}, expected a number.")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or whole and not (math.isfinite(value) and value == int(value) and value >= 1):
+        want = "a whole number >= 1" if whole else "a number"
+        raise ConvertError(f"config.json: {name}={value!r}, expected {want}.")
     return float(value)
 
 
