@@ -295,10 +295,12 @@ def _number(fields: Mapping[str, Any], key: str, default: float | None, within: 
         return default
     if value is None:
         raise ConvertError(f"config.json: {name} is missing.")
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or whole and not (math.isfinite(value) and value == int(value) and value >= 1):
-        want = "a whole number >= 1" if whole else "a number"
-        raise ConvertError(f"config.json: {name}={value!r}, expected {want}.")
+    # finite and within float's range (10**400 made float() raise OverflowError)
+    number = isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 1e300
+    if not number or whole and not (value == int(value) and value >= 1):
+        want = "a whole number >= 1" if whole else "a finite number"
+        shown = repr(value) if len(repr(value)) < 40 else f"{repr(value)[:12]}... (a huge number)"
+        raise ConvertError(f"config.json: {name}={shown}, expected {want}.")
     return float(value)
 
 

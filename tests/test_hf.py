@@ -252,9 +252,9 @@ def test_a_flag_that_is_not_a_json_boolean_is_refused(family, field, value):
 
 @pytest.mark.parametrize(
     "change, error",
-    [({"rms_norm_eps": "x"}, "rms_norm_eps='x', expected a number"),
+    [({"rms_norm_eps": "x"}, "rms_norm_eps='x', expected a finite number"),
      ({"rope_parameters": {"rope_type": "linear", "factor": "8"}},
-      "rope_parameters.factor='8', expected a number"),
+      "rope_parameters.factor='8', expected a finite number"),
      ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
       "rope_parameters.low_freq_factor is missing"),
      ({"rope_parameters": [1, 2]}, r"rope_parameters=\[1, 2\], expected an object"),
@@ -264,7 +264,9 @@ def test_a_flag_that_is_not_a_json_boolean_is_refused(family, field, value):
      ({"num_attention_heads": 0}, "num_attention_heads=0, expected a whole number >= 1"),
      ({"num_hidden_layers": 2.5}, "num_hidden_layers=2.5, expected a whole number >= 1"),
      ({"vocab_size": float("inf")}, "vocab_size=inf, expected a whole number >= 1"),
-     ({"intermediate_size": None}, "intermediate_size is missing")],
+     ({"intermediate_size": None}, "intermediate_size is missing"),
+     ({"vocab_size": 10**400}, r"vocab_size=10{11}\.\.\. \(a huge number\), expected a whole"),
+     ({"rms_norm_eps": float("inf")}, "rms_norm_eps=inf, expected a finite number")],
 )  # fmt: skip
 def test_a_malformed_or_foreign_field_is_refused_naming_it(change, error):
     # float("abc") ended the import with "ValueError: could not convert string to float", a
