@@ -520,6 +520,9 @@ def test_browser_pages_uptime_checks_and_compressed_bodies(server):
     ]
     assert [r.status_code for r in answers] == [200, 401, 400, 413]
     assert all(r.headers["access-control-allow-origin"] == PAGE for r in answers)
+    # a page's client can read when to come back from a 429
+    exposed = answers[0].headers["access-control-expose-headers"].lower()
+    assert "retry-after" in exposed and "retry-after-ms" in exposed
     assert [r.status_code for r in (
         httpx.head(f"{url}/health"), httpx.head(f"{url}/metrics"),
         httpx.head(f"{url}/v1/models", headers=AUTH), httpx.head(f"{url}/v1/models"),
@@ -699,10 +702,21 @@ def test_a_full_queue_answers_429_and_a_vanished_client_frees_its_slot(server):
                 *(c.post(f"{url}/v1/completions", json=body) for _ in range(20))
             )
 
-    codes = sorted(r.status_code for r in asyncio.run(burst()))
+    answers = asyncio.run(burst())
+    codes = sorted(r.status_code for r in answers)
     # the queue takes 8 (and the 4 slots what the engine moved out of it meanwhile); the rest
     # are refused at once, never queued without bound
     assert codes.count(200) >= 8 and set(codes) <= {200, 429} and 429 in codes
+    # each refusal says when to come back: whole seconds for any HTTP client, milliseconds
+    # for OpenAI's (which read retry-after-ms first and honour up to 60 s), in 50 ms .. 60 s
+    waits_ms = []
+    for r in answers:
+        if r.status_code == 429:
+            ms = int(r.headers["retry-after-ms"])
+            assert 50 <= ms <= 60_000 and int(r.headers["Retry-After"]) == max(1, -(-ms // 1000))
+            waits_ms.append(ms)
+    # spread, so the clients refused together do not all come back at once
+    assert len(waits_ms) < 3 or len(set(waits_ms)) > 1, waits_ms
     # a client that reads two chunks of a long stream and hangs up
     before = _metrics(url)["vllm:generation_tokens_total"]
     with httpx.stream(

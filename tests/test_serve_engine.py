@@ -225,6 +225,27 @@ def test_a_biased_tokens_log_probability_is_the_models_own(tiny, engine):
     assert all(t.logprob < -1.0 for t in tokens)
 
 
+def test_clients_refused_together_are_told_successive_turns(tiny):
+    """A full queue refuses at once, and tells each client refused when its turn would come
+    had it queued on behind the queue: places free one every hold time / slots (a second
+    per sequence until one has finished: 0.25 s with 4 slots). One time for all (or random
+    ones) would bring them back as a crowd, or out of turn."""
+    cfg, graphdef, params = tiny
+    eng = E.Engine(graphdef, params, cfg.mesh.rules, slots=4, max_len=64, max_waiting=2)
+    # not started: nothing leaves the queue, so each refusal is measured against the last
+    eng.submit([E.Sequence_([1], E.Params(max_tokens=1), lambda ev: None) for _ in range(2)])
+    waits = []
+    for n in (1, 1, 1, 2, 1):
+        with pytest.raises(E.QueueFull) as refused:
+            eng.submit([E.Sequence_([1], E.Params(max_tokens=1), lambda ev: None)] * n)
+        waits.append(refused.value.retry_after_s)
+        assert f"retry in {waits[-1]:.1f} s" in str(refused.value)
+    # the first needs n places freed; each next one comes after the places of those before.
+    # 0.05 s: the few microseconds between the calls, with room for a slow machine
+    assert waits == pytest.approx([0.25 * k for k in (1, 2, 3, 4, 6)], abs=0.05)
+    assert eng.counts() == {"running": 0, "waiting": 2, "slots": 4}
+
+
 def test_per_row_sampling_filters():
     logits = jax.numpy.log(jax.numpy.asarray([[0.5, 0.3, 0.15, 0.05]] * 3))
     sample_rows = jax.jit(programs.sample_rows)  # compiled once: eager, each `cond` compiles

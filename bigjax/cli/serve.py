@@ -46,7 +46,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--api-key", help="require 'Authorization: Bearer KEY' on /v1 and tokenizer routes"
     )
     p.add_argument("--slots", type=int, default=8, help="sequences decoded at once")
-    p.add_argument("--max-waiting", type=int, default=64, help="queued sequences; more: 429")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued sequences; more: 429")
     p.add_argument("--max-len", type=int, default=0, help="prompt + generated tokens per "
                    "sequence (default: the run's data.seq_len)")  # fmt: skip
     p.add_argument("--served-model-name", default="", help="default: the run directory's name")

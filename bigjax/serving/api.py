@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import math
 import os
 import time
 import uuid
@@ -41,9 +42,15 @@ from bigjax.serving.monitor import Monitor
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +74,9 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(protocol.error_body(e.message, e.kind, e.status), e.status)
+        return JSONResponse(
+            protocol.error_body(e.message, e.kind, e.status), e.status, headers=e.headers
+        )
 
     def guarded(fn: Callable[[Request], Awaitable[Response]]) -> Callable:
         async def handler(request: Request) -> Response:
@@ -251,7 +260,7 @@ class Job:
             self.served.engine.submit([c.seq for c in self.choices])
         except QueueFull as e:
             self.monitor.rejected.inc()
-            raise ApiError(429, str(e), "rate_limit_exceeded") from None
+            raise ApiError(429, str(e), "rate_limit_exceeded", _retry_headers(e)) from None
         if self.stream:
             events = self._response_events() if self.kind == "resp" else self._sse()
             return StreamingResponse(events, media_type="text/event-stream")
@@ -406,6 +415,15 @@ def _authorize(request: Request, key: str | None) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
         raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                        "authentication_error")  # fmt: skip
+
+
+def _retry_headers(e: QueueFull) -> dict[str, str] | None:
+    """When to come back: `Retry-After` in whole seconds (RFC 9110: curl, urllib3), and
+    OpenAI's `retry-after-ms`, which its clients read first."""
+    if e.retry_after_s is None:
+        return None
+    s = e.retry_after_s
+    return {"Retry-After": str(max(1, math.ceil(s))), "retry-after-ms": str(round(s * 1000))}
 
 
 def _check_model(name: str | None, served: str) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,7 +35,17 @@ log = logging.getLogger("bigjax.serve")
 
 
 class QueueFull(Exception):
-    """The waiting queue is full: the caller answers 429."""
+    """The waiting queue is full: the caller answers 429, telling the client to come back in
+    `retry_after_s` seconds (None: no estimate, as when the server is shutting down)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# Retry-After: the OpenAI clients honour a server's value under 60 s (past it they fall back
+# to their own backoff), and one under 50 ms would bring a client back before a step.
+RETRY_AFTER_S = (0.05, 59.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +133,12 @@ class Engine:
         self._slots = jax.jit(lambda: pg.empty_slots(self.shapes, self.rules))()
         self._rows: list[Sequence_ | None] = [None] * slots
         self._waiting: collections.deque[Sequence_] = collections.deque()
+        # A 429's Retry-After: how long a sequence holds a slot (a moving average; None until
+        # one has finished), when each row was filled, and when the last client refused was
+        # told to come back.
+        self._hold_s: float | None = None
+        self._filled_at = [0.0] * slots
+        self._told = 0.0
         lock = threading.Lock()
         self._wake = threading.Condition(lock)  # work arrived (or stop)
         self._idle = threading.Condition(lock)  # the engine thread waits with nothing to do
@@ -139,13 +156,28 @@ class Engine:
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self._waiting) + len(seqs) > self.max_waiting:
+            over = len(self._waiting) + len(seqs) - self.max_waiting
+            if over > 0:
+                wait_s = self._retry_after(over, len(seqs))
                 raise QueueFull(
                     f"{len(self._waiting)} sequences are waiting (the queue holds "
-                    f"{self.max_waiting}); retry later"
+                    f"{self.max_waiting}); retry in {wait_s:.1f} s",
+                    wait_s,
                 )
             self._waiting.extend(seqs)
             self._wake.notify()
+
+    def _retry_after(self, over: int, n: int) -> float:
+        """(Lock held) Seconds until there is room for `n` more sequences if the refused
+        clients queued on behind the queue: `over` places must free first, and after them
+        those of the clients refused before. Places free as slots do: one every hold time /
+        slots. Told one time, the clients refused together would come back as one crowd, to
+        be refused again; told their turns, they come back at the rate the queue takes them."""
+        now = time.monotonic()
+        per_place = (self._hold_s or 1.0) / len(self._rows)  # a second: a guess until measured
+        turn = max(now + over * per_place, self._told)
+        self._told = turn + n * per_place
+        return min(max(turn - now, RETRY_AFTER_S[0]), RETRY_AFTER_S[1])
 
     def counts(self) -> dict[str, int]:
         running = sum(r is not None for r in self._rows)
@@ -300,7 +332,7 @@ class Engine:
         out, scores = self._issue(
             hosts.Call(hosts.PREFILL, tokens_T, n, row, sampling=sampling, adjustments=adjust)
         )
-        self._rows[row] = seq
+        self._rows[row], self._filled_at[row] = seq, time.monotonic()
         if p.prompt_scores:
             logp, ids, top = jax.device_get(scores)
             seq.emit(PromptScored(
@@ -345,6 +377,10 @@ class Engine:
         seq = self._rows[row]
         self._rows[row] = None
         if seq is not None:
+            held = time.monotonic() - self._filled_at[row]
+            # over about the last 64: a few aborted streams among them move it little
+            last = self._hold_s
+            self._hold_s = held if last is None else last + (held - last) / 64
             seq.emit(Finished(reason, message))
 
     def _fail_all(self, message: str) -> None:

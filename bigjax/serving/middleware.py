@@ -59,4 +59,5 @@ def add(app: FastAPI, max_body_bytes: int, allowed_origins: tuple[str, ...]) -> 
         app.add_middleware(
             CORSMiddleware, allow_origins=list(allowed_origins),
             allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600,
+            expose_headers=["Retry-After", "retry-after-ms"],  # a page's client backs off
         )  # fmt: skip

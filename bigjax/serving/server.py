@@ -32,7 +32,7 @@ class Options:
     port: int = 8000  # 0: any free port (the line printed at start names it)
     api_key: str | None = None
     slots: int = 8
-    max_waiting: int = 64
+    max_waiting: int = 256  # sequences queued for a slot: a prompt each, a few KB
     max_len: int = 0  # 0: the run's data.seq_len
     model_name: str = ""  # "": the run directory's name
     tensor: int = 1  # devices per tensor-parallel group (the KV cache's heads split over them)
