@@ -137,9 +137,16 @@ def test_chat_streaming_usage_n_and_stop_strings(server):
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
+            logprobs=True,
         )
     )
-    assert parts[0].choices[0].delta.role == "assistant"
+    # the role opens the stream, with no text or logprobs, as OpenAI's and vLLM's do (the
+    # Node.js client's helper counted the logprobs of a first chunk with tokens twice)
+    first = parts[0].choices[0]
+    assert first.delta.role == "assistant" and first.delta.content == "" and not first.logprobs
+    assert not any(p.choices[0].delta.role for p in parts[1:] if p.choices)
+    entries = [e for p in parts[1:] if p.choices for e in p.choices[0].logprobs.content]
+    assert len(entries) == whole.usage.completion_tokens
     assert (
         "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
         == choice.message.content

@@ -344,6 +344,10 @@ class Job:
         envelope = {"id": self.id, "object": _CHUNK[self.kind], "created": self.created,
                     "model": self.served.model_name}  # fmt: skip
         try:
+            if self.kind == "chatcmpl":
+                for c in self.choices:
+                    body = {**envelope, "choices": [bodies.chat_role_chunk(c)]}
+                    yield f"data: {json.dumps(body)}\n\n"
             async for c, piece in self._pieces():
                 if c.finish_reason == "error":
                     body = protocol.error_body(f"generation failed: {c.error}", "server_error", 500)
@@ -351,7 +355,7 @@ class Job:
                     continue
                 if c.echo and c.streamed == 0:
                     piece = c.det.prefix + piece
-                if piece or c.finish_reason or (c.streamed == 0 and self.kind == "chatcmpl"):
+                if piece or c.finish_reason:
                     choice = chunk(c, self.served.tokenizer, self.top, piece)
                     body = {**envelope, "choices": [choice]}
                     yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

@@ -115,12 +115,18 @@ def completion_chunk(c: Choice, tokenizer: Any, k: int | None, piece: str) -> di
             "finish_reason": c.finish_reason}  # fmt: skip
 
 
+def chat_role_chunk(c: Choice) -> dict:
+    """A chat stream's first chunk of each choice: the role and no text, as OpenAI and vLLM
+    open theirs (the Node.js client's stream helper counts twice the logprobs of a first
+    chunk that carries tokens)."""
+    return {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            "finish_reason": None}  # fmt: skip
+
+
 def chat_chunk(c: Choice, tokenizer: Any, k: int | None, piece: str) -> dict:
     end, start = len(c.ids), c.streamed
     c.streamed = end
     delta: dict[str, Any] = {"content": piece} if piece else {}
-    if start == 0:  # the first chunk names the role
-        delta = {"role": "assistant", **delta}
     logprobs = None if k is None else chat_logprobs(c, tokenizer, k, start, end)
     return {"index": c.index, "delta": delta, "logprobs": logprobs,
             "finish_reason": c.finish_reason}  # fmt: skip
