@@ -161,6 +161,16 @@ def test_chat_streaming_usage_n_and_stop_strings(server):
     )
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    # OpenAI's seed is any 64-bit integer: a negative one is a seed like the others (it was a
+    # 400), taken mod 2**32; past 64 bits it is refused naming the field
+    texts = [
+        [c.text for c in client.completions.create(
+            model="run", prompt="def", max_tokens=6, n=3, temperature=1.0, seed=s).choices]
+        for s in (-5, -5, 2**32 - 5)
+    ]  # fmt: skip
+    assert texts[0] == texts[1] == texts[2]
+    huge = httpx.post(f"{url}/v1/completions", headers=AUTH, json={"prompt": "d", "seed": 2**63})
+    assert huge.status_code == 400 and huge.json()["error"]["message"].startswith("seed:")
     # a stop string: the text ends before it, finish_reason stop
     long = (
         client.completions.create(

@@ -61,7 +61,9 @@ class _Sampling(_Strict):
     top_k: int = Field(0, ge=-1)  # vLLM's -1 and 0 both keep every token
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's: 0 keeps every token
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = Field(None, ge=0, lt=2**32)
+    # OpenAI's type is a 64-bit integer, negative too (vLLM takes the same range); rows
+    # sample with (seed + choice) mod 2**32
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
