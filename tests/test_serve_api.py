@@ -451,6 +451,17 @@ def test_tokenizer_routes_work_with_lm_evals_remote_tokenizer(server):
 BAD = [
     (b"{not json", 400, "Invalid JSON"),
     (b'{"prompt": "\xff\xfe"}', 400, "Invalid JSON"),  # not UTF-8
+    (b'{"prompt": "caf\xe9"}', 400, "column 16: the bytes there are not UTF-8"),  # Latin-1
+    # JSON in UTF-16 or UTF-32, with a byte-order mark or without (a NUL among the first 4
+    # bytes): it was "expected value at line 1 column 1"
+    *[
+        (
+            '{"prompt": "x"}'.encode(e),
+            400,
+            "the body is UTF-16 or UTF-32 text; send the JSON as UTF-8",
+        )
+        for e in ("utf-16", "utf-16-be", "utf-16-le", "utf-32", "utf-32-be")
+    ],
     # half a UTF-16 pair, as JavaScript's JSON.stringify writes a lone surrogate: valid JSON
     # grammar, not text
     (b'{"prompt": "a\\ud800b"}', 400, "outside a surrogate pair at line 1 column 20"),
@@ -509,6 +520,15 @@ def test_bad_requests_are_one_line_4xx(server, body, status, words):
     assert r.status_code == status, r.text
     message = r.json()["error"]["message"]
     assert words.lower() in message.lower() and "\n" not in message
+
+
+def test_a_utf8_byte_order_mark_before_the_json_is_read_past(server):
+    """RFC 8259 lets a parser ignore it, and Windows tools write it (PowerShell 5's UTF8
+    encoding): it was "Invalid JSON: expected value at line 1 column 1"."""
+    url, _ = server
+    body = b'\xef\xbb\xbf{"prompt": "caf\xc3\xa9", "max_tokens": 1}'
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, content=body)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 6, r.text  # BOS + 5 bytes
 
 
 def test_browser_pages_uptime_checks_and_compressed_bodies(server):

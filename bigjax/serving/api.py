@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from bigjax.data import tokenizer as tokenizers
 from bigjax.serving import bodies, chat, middleware, protocol, responses, text
@@ -403,11 +403,10 @@ _CHUNK = {"cmpl": "text_completion", "chatcmpl": "chat.completion.chunk"}
 
 # --- request pieces -------------------------------------------------------------------------
 async def _parse(request: Request, model: type[M]) -> M:
-    body = await request.body()
     try:
-        return model.model_validate_json(body)
-    except ValidationError as e:
-        raise ApiError(400, protocol.one_line(e.errors(), model)) from None
+        return protocol.parse(await request.body(), model)
+    except protocol.BadBody as e:
+        raise ApiError(400, str(e)) from None
 
 
 def _authorize(request: Request, key: str | None) -> None:

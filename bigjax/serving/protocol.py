@@ -11,12 +11,13 @@ not set.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import types
 from collections.abc import Sequence
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bigjax.serving.programs import MAX_LOGIT_BIAS
 
@@ -382,6 +383,28 @@ class DetokenizeRequest(_Strict):
     model: str | None = None
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+class BadBody(ValueError):
+    """A body that is not a valid request; its message is the 400's one line."""
+
+
+def parse(body: bytes, model: type[M]) -> M:
+    """A request body as `model`. The body is the UTF-8 JSON that RFC 8259 requires between
+    systems. A UTF-8 byte-order mark (what Windows tools write; the RFC lets a parser ignore
+    it) is read past. UTF-16 or UTF-32 JSON, told by its mark or by a NUL among the first 4
+    bytes (JSON begins with an ASCII character), is refused saying so: it was "expected value
+    at line 1 column 1"."""
+    body = body.removeprefix(codecs.BOM_UTF8)
+    if body[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) or b"\0" in body[:4]:
+        raise BadBody("the body is UTF-16 or UTF-32 text; send the JSON as UTF-8")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise BadBody(one_line(e.errors(), model)) from None
+
+
 def error_body(message: str, kind: str = "invalid_request_error", code: int = 400) -> dict:
     """OpenAI's error object (what its clients parse into an exception)."""
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
@@ -418,6 +441,8 @@ def _message(e: Any) -> str:
     says those two things of a surrogate escape and nothing else (a short, a malformed and a
     cut-off escape each get other words), so they are recognised by them."""
     msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+    if e.get("type") == "json_invalid" and msg.startswith(_NOT_UTF8):  # bytes in a string
+        return f"{msg}: the bytes there are not UTF-8; send the JSON as UTF-8"
     if e.get("type") != "json_invalid" or not any(s in msg for s in _SURROGATE_FAULTS):
         return msg
     where = msg[msg.rfind(" at line ") :] if " at line " in msg else ""
@@ -441,6 +466,7 @@ def _unknown_field(request: type[BaseModel], name: str) -> str:
     return "not a field of this route" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
-# pydantic's (jiter's) words for a high surrogate escape with no low one after it, and for a
-# low one with no high one before it
+# pydantic's (jiter's) words for bytes in a string that are not UTF-8 (Latin-1 text, say)
+_NOT_UTF8 = "Invalid JSON: invalid unicode code point"
+# and for a high surrogate escape with no low one after it, and a low one with no high one
 _SURROGATE_FAULTS = ("unexpected end of hex escape", "lone leading surrogate in hex escape")
