@@ -6,14 +6,15 @@ cache slot t at step t, and padding is simply never attended to (the cache keeps
 mask next to its keys). Positions count real tokens only, so a padded row computes exactly
 what it would alone. The prompt is one forward pass (prefill); each new token is one
 `decode` step inside a `lax.while_loop`, all in one compiled program that stops early once
-every row has hit a stop token.
+every row has hit a stop token. A long generation reports its progress from inside that
+program (a host callback every `PROGRESS_EVERY` tokens), so `bigjax generate` shows a bar.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from flax import nnx
 from bigjax import tree
 from bigjax.errors import UsageError
 from bigjax.layers import compute_dtype, decode_mask
+from bigjax.progress import Bar
 from bigjax.sharding import Rules, constrain
 
 __all__ = [  # decode_mask lives in layers (the serving engine uses it too)
@@ -31,6 +33,7 @@ __all__ = [  # decode_mask lives in layers (the serving engine uses it too)
 ]  # fmt: skip
 
 CACHE_NAMES = (None, "act_batch", None, "act_kv_heads", None)  # [N, B, S, G, K]
+PROGRESS_EVERY = 64  # new tokens between two progress reports: one host call each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +92,16 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, np.
     return {"tokens": tokens, "valid": valid, "positions": positions}
 
 
-def make_generate(graphdef: nnx.GraphDef, rules: Rules, s: Sampling):
+def make_generate(
+    graphdef: nnx.GraphDef,
+    rules: Rules,
+    s: Sampling,
+    progress: Callable[[int], None] | None = None,
+):
     """`generate(params, tokens, valid, positions) -> (new_tokens [B, N], lengths [B])`,
     jitted. Tokens after a row's stop token (and the stop token itself counts) are padding;
-    `lengths` says how many of each row's tokens are real."""
+    `lengths` says how many of each row's tokens are real. `progress(n)` is called on the
+    host after each `PROGRESS_EVERY` new tokens (None: no call, the program has none)."""
 
     def generate(params, tokens_BT, valid_BT, positions_BT):
         model = nnx.merge(graphdef, params)
@@ -142,6 +151,9 @@ def make_generate(graphdef: nnx.GraphDef, rules: Rules, s: Sampling):
             out_BN = out_BN.at[:, i].set(tok_B)
             lengths_B = lengths_B + ~done_B
             done_B = done_B | jnp.isin(tok_B, stops)
+            if progress is not None:  # the host hears of every PROGRESS_EVERY tokens
+                jax.lax.cond((i + 1) % PROGRESS_EVERY == 0,
+                             lambda: jax.debug.callback(progress, i + 1), lambda: None)  # fmt: skip
             return i + 1, out_BN, cache_k, cache_v, valid_BS, done_B, lengths_B, pos_B + 1
 
         carry = (1, out_BN, cache_k, cache_v, valid_BS, done_B, lengths_B, next_pos_B)
@@ -211,14 +223,21 @@ def generate_from_run(
                   "(data.seq_len); the text there is the model extrapolating.",
                   file=sys.stderr, flush=True)  # fmt: skip
         batch = left_pad(encoded)
-        fn = make_generate(prog.graphdef, prog.cfg.mesh.rules, sampling)
+        # shown once PROGRESS_EVERY tokens are out: a 10**5-token generation ran for minutes
+        # with nothing on the screen (the bar is made after the compile: its rate is decoding's)
+        fn = make_generate(prog.graphdef, prog.cfg.mesh.rules, sampling,
+                           progress=lambda n: bar.update(int(n)))  # fmt: skip
         inputs = (params, batch["tokens"], batch["valid"], batch["positions"])
         start = time.perf_counter()
         compiled = fn.lower(*inputs).compile()
         compile_s = time.perf_counter() - start
+        bar = Bar("generate", total=sampling.max_new_tokens, unit="tokens")
         start = time.perf_counter()
         out, lengths = jax.device_get(compiled(*inputs))
         seconds = time.perf_counter() - start
+        if bar.shown_done is not None:  # a bar is on the screen: its last line
+            bar.update(int(max(lengths)))
+            bar.close()
     texts = [tokenizer.decode(row[:n]) for row, n in zip(out, lengths, strict=True)]
     stats = {"step": step, "tokens": int(sum(lengths)), "seconds": seconds, "compile": compile_s}
     return texts, stats

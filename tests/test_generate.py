@@ -141,7 +141,14 @@ def test_generate_command_on_a_trained_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "--- 'def f(x):'" in out and "--- 'import'" in out
     assert "checkpoint step 3, 2 prompt(s), 14 new tokens" in out  # no stop token: 2 x 7
-    assert "warning" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning" not in err and "generate [" not in err  # no bar under 64 tokens
+    # a longer generation shows its progress on stderr (from inside the compiled loop: it
+    # ran for minutes with nothing shown): once 64 tokens are out, and at the end
+    assert main(["generate", "--workdir", str(tmp_path / "run"), "--max-new-tokens", "150",
+                 "--prompt", "import"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "64/150 tokens" in err and "100% 150/150 tokens" in err, err
     # past the positions the run trained on: generated, with a warning (serve refuses it)
     long = "x = 1\n" * cfg.data.seq_len
     assert main([*args, "--prompt", long]) == 0
