@@ -20,11 +20,10 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
 
 from bigjax.data import tokenizer as tokenizers
 from bigjax.serving import bodies, chat, middleware, protocol, responses, text
@@ -208,7 +207,6 @@ def make_app(served: Served, monitor: Monitor) -> FastAPI:
 
 
 _STARTED = int(time.time())
-M = TypeVar("M", bound=BaseModel)
 
 
 # --- one request's sequences ----------------------------------------------------------------
@@ -402,7 +400,7 @@ _CHUNK = {"cmpl": "text_completion", "chatcmpl": "chat.completion.chunk"}
 
 
 # --- request pieces -------------------------------------------------------------------------
-async def _parse(request: Request, model: type[M]) -> M:
+async def _parse(request: Request, model: type[protocol.M]) -> protocol.M:
     try:
         return protocol.parse(await request.body(), model)
     except protocol.BadBody as e:
