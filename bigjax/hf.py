@@ -316,6 +316,13 @@ def _flag(hf: Mapping[str, Any], key: str, default: bool) -> bool:
     raise ConvertError(f"config.json: {key}={value!r}, expected true or false (a JSON boolean).")
 
 
+def _dims(hf: Mapping[str, Any], family: str, heads: str, width: str, layers: str) -> dict:
+    """The sizes every family names its own way, and the vocabulary."""
+    num_heads, d_model = _count(hf, heads), _count(hf, width)
+    return {"family": family, "d_model": d_model, "num_layers": _count(hf, layers),
+            "num_heads": num_heads, "vocab_size": _count(hf, "vocab_size")}  # fmt: skip
+
+
 def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     """`model.*` config fields for a Hugging Face config.json."""
     kind = hf.get("model_type")
@@ -342,16 +349,12 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
             raise ConvertError(f"hidden_act={hf['hidden_act']!r}: bigjax's SwiGLU uses silu.")
         if _flag(hf, "attention_bias", False) != _flag(hf, "mlp_bias", False):
             raise ConvertError("attention_bias and mlp_bias differ; bigjax has one use_bias.")
-        heads, width = _count(hf, "num_attention_heads"), _count(hf, "hidden_size")
-        return {
-            "family": "llama",
-            "d_model": width,
-            "num_layers": _count(hf, "num_hidden_layers"),
-            "num_heads": heads,
+        dims = _dims(hf, "llama", "num_attention_heads", "hidden_size", "num_hidden_layers")
+        heads, width = dims["num_heads"], dims["d_model"]
+        return dims | {
             "num_kv_heads": _count(hf, "num_key_value_heads", heads),
             "head_dim": _count(hf, "head_dim", width // heads),
             "d_ff": _count(hf, "intermediate_size"),
-            "vocab_size": _count(hf, "vocab_size"),
             "norm_eps": _number(hf, "rms_norm_eps", 1e-6),
             "use_bias": _flag(hf, "attention_bias", False),
             "tie_embeddings": _flag(hf, "tie_word_embeddings", False),
@@ -367,16 +370,12 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
             raise ConvertError("GPT-2 attention variants (inverse layer scaling) unsupported.")
         if not _flag(hf, "scale_attn_weights", True):
             raise ConvertError("scale_attn_weights=false is not supported.")
-        heads, width = _count(hf, "n_head"), _count(hf, "n_embd")
-        return {
-            "family": "gpt2",
-            "d_model": width,
-            "num_layers": _count(hf, "n_layer"),
-            "num_heads": heads,
+        dims = _dims(hf, "gpt2", "n_head", "n_embd", "n_layer")
+        heads, width = dims["num_heads"], dims["d_model"]
+        return dims | {
             "num_kv_heads": heads,
             "head_dim": width // heads,
             "d_ff": _count(hf, "n_inner", 4 * width),
-            "vocab_size": _count(hf, "vocab_size"),
             "max_positions": _count(hf, "n_positions"),
             "norm_eps": _number(hf, "layer_norm_epsilon", 1e-5),
             "tie_embeddings": _flag(hf, "tie_word_embeddings", True),
