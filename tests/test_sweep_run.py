@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -173,6 +174,25 @@ def start_until_checkpoint(spec: Path, out: Path, *extra: str, past: int = -1) -
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.5)
     return proc
+
+
+def stall(proc: subprocess.Popen, db: Path) -> None:
+    """Stops a sweep process as Ctrl-Z or a paused VM would (SIGSTOP), at a moment it holds
+    no lock on its SQLite study: stopped inside a write, it keeps every other worker from the
+    database until it continues (their one-line error: test_sweep_spec.py)."""
+    for _ in range(100):
+        proc.send_signal(signal.SIGSTOP)
+        probe = sqlite3.connect(db, timeout=0.5, isolation_level=None)
+        try:
+            probe.execute("BEGIN EXCLUSIVE")  # fails while it reads or writes the database
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.2)
+        finally:
+            probe.close()
+    raise AssertionError("the sweep held its study database's lock at every try")
 
 
 @pytest.mark.slow
@@ -389,7 +409,7 @@ def test_stalled_worker_never_runs_two_trainers_and_wakes_without_crashing(tmp_p
     out = tmp_path / "sweep"
     a = start_until_checkpoint(spec, out, "--heartbeat", "1")
     (run_dir,) = out.glob("runs/*")
-    a.send_signal(signal.SIGSTOP)
+    stall(a, out / "study.db")
     try:
         args = [sys.executable, "-m", "bigjax.cli", "sweep", str(spec), "--dir", str(out)]
         b = subprocess.Popen(
@@ -426,7 +446,7 @@ def test_a_trial_that_completes_while_its_worker_is_stalled_keeps_its_result(tmp
     out = tmp_path / "sweep"
     a = start_until_checkpoint(spec, out, "--heartbeat", "1")
     (run_dir,) = out.glob("runs/*")
-    a.send_signal(signal.SIGSTOP)
+    stall(a, out / "study.db")
     try:
         deadline = time.monotonic() + 300
         while not (run_dir / "summary.json").exists():  # A's trainer completes on its own

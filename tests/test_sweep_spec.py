@@ -1,6 +1,8 @@
 """Sweep specs: expansion into trials, validation, device splitting, config hashing."""
 
 import math
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -292,6 +294,31 @@ def test_a_study_database_that_cannot_be_used_is_one_line_naming_it(
     err = capsys.readouterr().err
     assert err.startswith("bigjax: error: sweep: the study database ") and words in err, err
     assert len(err.strip().splitlines()) == 1 and "secret" not in err  # no password shown
+
+
+def test_a_study_database_locked_past_the_wait_is_one_line_saying_who_keeps_it(tmp_path, capsys):
+    # Another process holds SQLite's lock (a sweep stopped with Ctrl-Z inside a write): a
+    # write waits the URL's timeout (60 s overrode it), then the sweep says so (it said
+    # "database is locked. Check the URL and that its directory exists and is writable").
+    from bigjax.cli import main
+
+    sweep = Sweep("locked", TINY, space={"optim.lr": Grid((1e-3,))})
+    file = tmp_path / "sweep.py"
+    file.write_text(f"from bigjax.sweep import *\ndef get_sweep():\n    return {sweep!r}\n")
+    db = tmp_path / "study.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # what a writer holds between its write and its commit
+    try:
+        storage = f"sqlite:///{db}?timeout=0.2"  # the URL's wait stands (the default is 60 s)
+        started = time.monotonic()
+        assert main(["sweep", str(file), "--dir", str(tmp_path), "--storage", storage]) == 2
+        assert time.monotonic() - started < 30
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    err = capsys.readouterr().err
+    assert "is locked: another process kept its write lock past the wait" in err, err
+    assert "stopped with Ctrl-Z" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from bigjax.errors import UsageError, disk_full
 from bigjax.sweep.results import saved_step
 
+SQLITE_WAIT_S = 60  # how long an SQLite write waits for another process's lock
 MAX_RETRIES = 2  # re-runs of a trial whose worker died with no new checkpoint, before it fails
 
 
@@ -93,6 +94,12 @@ def _why(e: BaseException, sqlite: bool) -> str:
             f"is damaged or not an SQLite file ({first}): restore it, or move it away to "
             "start the sweep over (finished trials keep their run directories)."
         )
+    if sqlite and "database is locked" in first:
+        return (
+            f"is locked: another process kept its write lock past the wait ({SQLITE_WAIT_S} s, "
+            "or the URL's ?timeout=); a sweep stopped with Ctrl-Z or on a paused machine keeps "
+            "it until it continues. Resume or end that process, then rerun."
+        )
     check = "that its directory exists and is writable" if sqlite else "that its server is up"
     return f"failed: {first}. Check the URL and {check}."
 
@@ -107,7 +114,12 @@ def make_storage(url: str, heartbeat_s: float, attempts: int = 5) -> optuna.stor
 
 
 def _make_storage(url: str, heartbeat_s: float, attempts: int) -> optuna.storages.RDBStorage:
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    # SQLite waits SQLITE_WAIT_S for a lock (Python's default is 5 s), unless the URL says
+    # how long (sqlite:///PATH?timeout=S)
+    sqlite_wait = (
+        url.startswith("sqlite") and "timeout" not in sqlalchemy.engine.make_url(url).query
+    )
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_WAIT_S}} if sqlite_wait else {}
     for attempt in range(attempts):
         try:
             with experimental_ok():
