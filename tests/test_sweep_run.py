@@ -1,6 +1,7 @@
 """`bigjax sweep` for real: trials are `bigjax train` processes, the study is SQLite (or a real
 PostgreSQL server, started by .ci/run), and the sweep process is killed and rerun."""
 
+import fcntl
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -464,6 +466,55 @@ def test_a_trial_that_completes_while_its_worker_is_stalled_keeps_its_result(tmp
     (done,) = [t for t in trials if t.state == TrialState.COMPLETE]
     assert done.value == summary["eval_loss"] and summary["complete"]
     assert "already complete" in (run_dir / "train.log").read_text()  # B's retry ran train
+
+
+@pytest.mark.slow
+def test_a_claim_lock_kept_by_a_stopped_worker_is_said_and_waited_for(tmp_path):
+    # A worker stopped (Ctrl-Z) inside a claim keeps the SQLite study's claim lock: the others
+    # waited on it in silence, and Ctrl-C could not stop them. Now the wait is said, it ends
+    # when the lock is let go, and a stop asked meanwhile ends the sweep at once.
+    spec = write_spec(
+        tmp_path / "sweep.py",
+        """
+        def get_sweep():
+            return Sweep(name="claim", config=TINY, overrides={**QUICK, "num_steps": 2},
+                         space={"optim.lr": Grid((1e-3,))})
+        """,
+    )
+    out = tmp_path / "sweep"
+    out.mkdir()
+    args = [sys.executable, "-m", "bigjax.cli", "sweep", str(spec), "--dir", str(out)]
+    procs: list[subprocess.Popen] = []
+
+    def start_waiting() -> tuple[subprocess.Popen, list[str]]:
+        proc = subprocess.Popen(
+            args, env=sweep_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        procs.append(proc)
+        lines: list[str] = []  # read by a thread: a silent wait must fail the test, not hang it
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        deadline = time.monotonic() + 120
+        while "waiting for the study's claim lock" not in "".join(lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        assert "held it for 5 s" in "".join(lines) and "stopped with Ctrl-Z" in "".join(lines)
+        return proc, lines
+
+    try:
+        with open(out / "study.db.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # what a worker stopped inside a claim holds
+            stopped, said = start_waiting()
+            stopped.send_signal(signal.SIGINT)
+            assert stopped.wait(timeout=60) == 0 and not list(out.glob("runs/*")), said
+            proc, said = start_waiting()
+            assert not list(out.glob("runs/*"))  # no trial taken without the lock
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            assert proc.wait(timeout=600) == 0, said
+    finally:
+        for p in procs:
+            p.kill()
+    assert [t.state.name for t in load(out, "claim").get_trials()] == ["COMPLETE"]
 
 
 @pytest.mark.slow

@@ -8,10 +8,12 @@ three is failed by whichever live worker looks next (Optuna's `fail_stale_trials
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import random
+import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -22,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from bigjax.errors import UsageError, disk_full
 from bigjax.sweep.results import saved_step
 
+CLAIM_NOTICE_S = 5.0  # a wait for the claim lock this long is said (it takes milliseconds)
 SQLITE_WAIT_S = 60  # how long an SQLite write waits for another process's lock
 MAX_RETRIES = 2  # re-runs of a trial whose worker died with no new checkpoint, before it fails
 
@@ -142,6 +145,35 @@ def _may_pass(e: sqlalchemy.exc.DBAPIError, sqlite: bool) -> bool:
     a server not up yet; not a local file that is no database, or cannot be created."""
     duplicate = isinstance(e, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.ProgrammingError)
     return duplicate or "already exists" in str(e) or not sqlite
+
+
+@contextlib.contextmanager
+def claim_lock(db: Path, stop: threading.Event, log: Callable[[str], None]) -> Iterator[bool]:
+    """Holds the lock file beside the SQLite study `db` that serialises claims. Another worker
+    holds it for milliseconds; one stopped (Ctrl-Z, a paused machine) while it holds it keeps
+    every worker waiting until it continues or ends, so a wait past CLAIM_NOTICE_S is said
+    once, and a stop asked meanwhile (`stop` set) yields False, with nothing held."""
+    path = db.with_name(db.name + ".lock")
+    with open(path, "w") as f:
+        waited, said = 0.0, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if waited >= CLAIM_NOTICE_S and not said:
+                    log(f"waiting for the study's claim lock {path}: another worker has held "
+                        f"it for {waited:.0f} s (one stopped with Ctrl-Z or on a paused "
+                        "machine keeps it until it continues or ends)")  # fmt: skip
+                    said = True
+                if stop.wait(0.1):
+                    yield False
+                    return
+                waited += 0.1
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -44,6 +43,7 @@ from bigjax import runlock
 from bigjax.config import ConfigError, load_config, to_dict
 from bigjax.sweep import devices
 from bigjax.sweep.database import (
+    claim_lock,
     database_errors,
     experimental_ok,
     make_storage,
@@ -229,28 +229,26 @@ class Worker:
             print(f"sweep {self.spec.name}: {text}", flush=True)
 
     @contextlib.contextmanager
-    def claiming(self) -> Iterator[None]:
+    def claiming(self) -> Iterator[bool]:
         """Serialises claims. PostgreSQL/MySQL lock the trial's row (SELECT ... FOR UPDATE),
         so one claim wins; SQLite has no row locks, and two connections can both move the
         same trial from WAITING to RUNNING. There, claims take a lock file next to the
-        database (every worker of an SQLite study is on this machine)."""
+        database (every worker of an SQLite study is on this machine). Yields False, having
+        claimed nothing, if the sweep is asked to stop while it waits for that lock."""
         with self.pop_lock:
             db = sqlite_file(self.opts.storage)
             if db is None:
-                yield
+                yield True
                 return
-            with open(db.with_name(db.name + ".lock"), "w") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(f, fcntl.LOCK_UN)
+            with claim_lock(db, self.stop, self.log) as held:
+                yield held
 
     def pop(self) -> optuna.Trial | None:
         """Claims one waiting trial: only one worker anywhere gets it."""
-        with self.claiming():
+        with self.claiming() as held:
             # listed through the study (its cache then knows the trial `optuna.Trial` reads)
-            for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            states = (TrialState.WAITING,)
+            for frozen in self.study.get_trials(deepcopy=False, states=states) if held else ():
                 trial_id = self.trial_id(frozen.number)
                 if self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
                     with self.lock:
@@ -310,8 +308,9 @@ class Worker:
         """Fails the trials whose heartbeat went stale, each retried once (`retry_stale`).
         Claimed, as a pop is: on SQLite two workers could both fail one stale trial and each
         enqueue a retry of it (found by killing a 2-worker sweep: one point ran twice)."""
-        with self.claiming(), experimental_ok():
-            optuna.storages.fail_stale_trials(self.study)
+        with self.claiming() as held, experimental_ok():
+            if held:
+                optuna.storages.fail_stale_trials(self.study)
 
     def _waiting(self) -> bool:
         return bool(
