@@ -270,6 +270,11 @@ def _damaged(db: Path) -> None:
         ("sqlite:///{tmp}/out/study.db", "is damaged or not an SQLite file (malformed"),
         ("sqlite:///{tmp}/no/such/dir/study.db", "failed: unable to open database file"),
         ("not a url", "is not a database URL; give --storage sqlite:///PATH or postgresql://"),
+        # SQLite's lock wait: a ValueError traceback from inside SQLAlchemy; -1, nan: taken
+        ("sqlite:///{tmp}/s.db?timeout=abc", "has timeout='abc': give one number of seconds"),
+        ("sqlite:///{tmp}/s.db?timeout=-1", "has timeout='-1': give one number of seconds"),
+        ("sqlite:///{tmp}/s.db?timeout=nan", "has timeout='nan': give one number of seconds"),
+        ("sqlite:///{tmp}/s.db?timeout=1&timeout=2", "has timeout=('1', '2'): give one"),
         ("nosuchdb://u@h/db", "is of a kind SQLAlchemy does not know"),
         ("oracle+cx_oracle://u:secret@127.0.0.1:1/db", "needs a Python driver that is not"),
     ],

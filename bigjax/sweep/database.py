@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import random
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy
@@ -117,12 +119,7 @@ def make_storage(url: str, heartbeat_s: float, attempts: int = 5) -> optuna.stor
 
 
 def _make_storage(url: str, heartbeat_s: float, attempts: int) -> optuna.storages.RDBStorage:
-    # SQLite waits SQLITE_WAIT_S for a lock (Python's default is 5 s), unless the URL says
-    # how long (sqlite:///PATH?timeout=S)
-    sqlite_wait = (
-        url.startswith("sqlite") and "timeout" not in sqlalchemy.engine.make_url(url).query
-    )
-    engine_kwargs = {"connect_args": {"timeout": SQLITE_WAIT_S}} if sqlite_wait else {}
+    engine_kwargs = _sqlite_wait(url) if url.startswith("sqlite") else {}
     for attempt in range(attempts):
         try:
             with experimental_ok():
@@ -138,6 +135,23 @@ def _make_storage(url: str, heartbeat_s: float, attempts: int) -> optuna.storage
                 raise
             time.sleep(0.5 + random.random())  # jitter: the racers do not collide again
     raise AssertionError("unreachable")
+
+
+def _sqlite_wait(url: str) -> dict[str, Any]:
+    """SQLite waits SQLITE_WAIT_S for a lock (Python's default is 5 s), unless the URL says how
+    long (sqlite:///PATH?timeout=S); a timeout that is no number of seconds is refused here
+    (sqlite3 raised a bare ValueError from deep in SQLAlchemy)."""
+    given = sqlalchemy.engine.make_url(url).query.get("timeout")
+    if given is None:
+        return {"connect_args": {"timeout": SQLITE_WAIT_S}}
+    with contextlib.suppress(TypeError, ValueError):
+        if 0 <= float(given) < math.inf:  # type: ignore[arg-type]  # a tuple: given twice
+            return {}
+    raise StudyDatabaseError(
+        f"sweep: the study database {shown_url(url)} has timeout={given!r}: give one number "
+        f"of seconds >= 0 (how long a write waits for another process's lock; "
+        f"{SQLITE_WAIT_S} if left out)."
+    )
 
 
 def _may_pass(e: sqlalchemy.exc.DBAPIError, sqlite: bool) -> bool:
