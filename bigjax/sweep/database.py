@@ -169,12 +169,13 @@ def claim_lock(db: Path, stop: threading.Event, log: Callable[[str], None]) -> I
     once, and a stop asked meanwhile (`stop` set) yields False, with nothing held."""
     path = db.with_name(db.name + ".lock")
     with open(path, "w") as f:
-        waited, said = 0.0, False
+        started, said = time.monotonic(), False
         while True:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                waited = time.monotonic() - started
                 if waited >= CLAIM_NOTICE_S and not said:
                     log(f"waiting for the study's claim lock {path}: another worker has held "
                         f"it for {waited:.0f} s (one stopped with Ctrl-Z or on a paused "
@@ -183,7 +184,6 @@ def claim_lock(db: Path, stop: threading.Event, log: Callable[[str], None]) -> I
                 if stop.wait(0.1):
                     yield False
                     return
-                waited += 0.1
         try:
             yield True
         finally:
