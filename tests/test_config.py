@@ -69,6 +69,10 @@ def test_unknown_key_suggests_close_match():
         from_configdict({"optim": {"schedule": "cosin"}})
 
 
+VIT = {"model": {"family": "vit", "num_classes": 10},
+       "data": {"task": "images", "images": "x", "seq_len": 65}}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "raw, pattern",
     [
@@ -97,6 +101,13 @@ def test_unknown_key_suggests_close_match():
             {"model": {"rope_scaling": "llama3", "rope_original_max_positions": 0}},
             r"model.rope_original_max_positions: llama3",
         ),  # fmt: skip
+        # an int from a number in e-notation that is none: was truncated to 0 and 1
+        ({"num_steps": "1e-30"}, r"num_steps: expected int, got '1e-30'"),
+        ({"data": {"batch_size": "1.5e0"}}, r"data.batch_size: expected int, got '1.5e0'"),
+        # each a TypeError (a negative shape) or ZeroDivisionError traceback from the model
+        ({"model": {"family": "gpt2", "head_dim": -1}}, r"model.head_dim: must be >= 0"),
+        ({**VIT, "model": {**VIT["model"], "patch_size": 0}}, r"model.patch_size: must be pos"),
+        ({**VIT, "model": {**VIT["model"], "channels": 0}}, r"model.channels: must be positive"),
     ],
 )
 def test_bad_values_name_the_key(raw, pattern):

@@ -72,6 +72,23 @@ def test_a_bad_entry_fails_at_load_on_any_machine():
         from_configdict({"platforms": {"gpu": {"micro_batch_per_device": 0}}})
 
 
+@pytest.mark.parametrize("text", ["abc", "0", "None", "[1, 2]", "{'gpu': {}}"])
+def test_a_table_given_as_text_that_is_no_json_table_fails_at_load(text):
+    # --config.platforms=abc was taken and failed when the devices were known, as a
+    # JSONDecodeError (or TypeError) traceback from inside the mesh's tuning
+    with pytest.raises(ConfigError, match=r"platforms: expected a table of entries as JSON"):
+        load_config(str(ROOT / "configs" / "lm_tiny.py"), [f"--config.platforms={text}"])
+
+
+def test_a_table_given_as_json_text_is_checked_and_applied():
+    spec = str(ROOT / "configs" / "lm_tiny.py")
+    cfg = load_config(spec, ['--config.platforms={"cpu": {"data": {"batch_size": 8}}}'])
+    assert tune(cfg, "cpu", "cpu", 8).data.batch_size == 8
+    assert from_configdict(json.loads(json.dumps({"platforms": cfg.platforms}))) is not None
+    with pytest.raises(ConfigError, match="platforms.cpu: .*model.remat.*Did you mean"):
+        load_config(spec, ['--config.platforms={"cpu": {"model": {"remat": "nonee"}}}'])
+
+
 TUNED = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if "platforms" in p.read_text())
 
 

@@ -78,6 +78,8 @@ def from_configdict(cd: Any) -> TrainConfig:
         raw["model"] = _apply_presets(dict(raw["model"]))
     if isinstance(raw.get("mesh"), Mapping) and "rules" in raw["mesh"]:
         raw["mesh"] = {**raw["mesh"], "rules": _merge_rules(raw["mesh"]["rules"])}
+    if isinstance(raw.get("platforms"), str) and raw["platforms"]:
+        raw["platforms"] = _platforms_table(raw["platforms"])
     if isinstance(raw.get("platforms"), Mapping):
         raw["platforms"] = _platforms_json(raw)
     cfg = _build(TrainConfig, raw, "")
@@ -123,6 +125,27 @@ def _platforms_json(raw: dict[str, Any]) -> str:
         except ConfigError as e:
             raise ConfigError(f"platforms.{key}: {e}") from None
     return json.dumps(table, sort_keys=True)
+
+
+_TABLE_EXAMPLE = '{"gpu": {"model": {"remat": "none"}}}'
+
+
+def _platforms_table(text: str) -> dict[str, Any]:
+    """The `platforms` table from its JSON text (a run's config.json, or the command line:
+    `--config.platforms='{"gpu": {"model": {"remat": "none"}}}'`); `tune` reads it as JSON
+    once the devices are known, so anything else failed there, after the config was taken."""
+    try:
+        table = json.loads(text)
+    except ValueError as e:
+        table, why = None, f" ({e})"
+    else:
+        why = ""
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"platforms: expected a table of entries as JSON, e.g. {_TABLE_EXAMPLE!r}, or '' "
+            f"for none; got {text!r}{why}. One value: --config.platforms.KEY.GROUP.FIELD=VALUE."
+        )
+    return table
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -306,8 +329,13 @@ def _parse_string(tp: type, text: str, path: str) -> Any:
             if text.lower() in ("false", "0", "no"):
                 return False
             raise ValueError
+        if tp is int and "e" in text.lower():  # 1e6 steps; 1e-30 or 1.5e0 is no integer
+            number = float(text)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
         if tp is int:
-            return int(float(text)) if "e" in text.lower() else int(text)
+            return int(text)
         if tp is float:
             return float(text)
     except (ValueError, OverflowError):  # OverflowError: int('1e999'), an infinity

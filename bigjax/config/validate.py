@@ -154,6 +154,7 @@ def _model(cfg: TrainConfig) -> None:
     _one_of("model.family", m.family, tuple(FAMILY_DEFAULTS))
     for name in ("d_model", "num_layers", "num_heads", "d_ff", "vocab_size"):
         _check(getattr(m, name) > 0, f"model.{name}", "must be positive")
+    _check(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0: d_model / num_heads)")
     _check(
         m.head_dim > 0 or m.d_model % m.num_heads == 0,
         "model.num_heads",
@@ -247,6 +248,8 @@ def _data(cfg: TrainConfig) -> None:
         "model.family=vit trains on data.task=images with data.images set (and only it)",
     )
     if m.family == "vit":
+        for name in ("image_size", "patch_size", "channels"):
+            _check(getattr(m, name) > 0, f"model.{name}", "must be positive")
         _check(m.image_size % m.patch_size == 0, "model.patch_size", "must divide image_size")
         patches = (m.image_size // m.patch_size) ** 2
         _check(
