@@ -104,6 +104,19 @@ VIT = {"model": {"family": "vit", "num_classes": 10},
         # an int from a number in e-notation that is none: was truncated to 0 and 1
         ({"num_steps": "1e-30"}, r"num_steps: expected int, got '1e-30'"),
         ({"data": {"batch_size": "1.5e0"}}, r"data.batch_size: expected int, got '1.5e0'"),
+        # each trained on without a word: a moment that never forgets (b = 1) or grows,
+        # 0/0 for parameters with zero gradients (eps 0), growing weights, rewarded logits
+        ({"optim": {"b1": 1.0}}, r"optim.b1: must be in \[0, 1\)"),
+        ({"optim": {"name": "lion", "b2": -0.5}}, r"optim.b2: must be in \[0, 1\)"),
+        ({"optim": {"name": "sgd", "momentum": 1.5}}, r"optim.momentum: must be in \[0, 1\)"),
+        ({"optim": {"eps": 0.0}}, r"optim.eps: must be positive"),
+        ({"optim": {"weight_decay": -0.1}}, r"optim.weight_decay: must be >= 0"),
+        ({"optim": {"z_loss": -1e-4}}, r"optim.z_loss: must be >= 0"),
+        # taken without a word as well: a negative peak was measured instead, and a choice
+        # eval of 0 items logged no choice accuracy
+        ({"metrics": {"peak_flops": -1.0}}, r"metrics.peak_flops: must be >= 0"),
+        ({"eval": {"choices": "stdlib", "choice_items": 0}}, r"eval.choice_items: must be >= 1"),
+        ({"eval": {"harness_limit": -1.0}}, r"eval.harness_limit: must be >= 0"),
         # each a TypeError (a negative shape) or ZeroDivisionError traceback from the model
         ({"model": {"family": "gpt2", "head_dim": -1}}, r"model.head_dim: must be >= 0"),
         ({**VIT, "model": {**VIT["model"], "patch_size": 0}}, r"model.patch_size: must be pos"),

@@ -227,6 +227,13 @@ def _optim(cfg: TrainConfig) -> None:
     _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(0.0 < o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in (0, 1]")
     _check(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
+    # b1 or b2 at 1 freezes a moment at its zero start (Adam then divides by 1 - 1); above,
+    # it grows without bound; eps 0 makes a parameter with zero gradients 0/0 = NaN
+    for name in ("b1", "b2", "momentum"):
+        _check(0.0 <= getattr(o, name) < 1.0, f"optim.{name}", "must be in [0, 1)")
+    _check(o.eps > 0, "optim.eps", "must be positive (1e-8 is usual)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0 (0: none)")
+    _check(o.z_loss >= 0, "optim.z_loss", "must be >= 0 (a negative one rewards large logits)")
     _check(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
     _check(
         d.batch_size % o.grad_accum_steps == 0,
@@ -288,6 +295,10 @@ def _checkpoint_and_logging(cfg: TrainConfig) -> None:
     _check(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: at the end)")
     _check(cfg.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")
+    _check(cfg.eval.choice_items >= 1, "eval.choice_items", "must be >= 1")
+    _check(cfg.eval.harness_limit >= 0, "eval.harness_limit", "must be >= 0 (0: all documents)")
+    _check(cfg.metrics.peak_flops >= 0, "metrics.peak_flops",
+           "must be >= 0 (0: the datasheet's, or measured on CPU)")  # fmt: skip
 
 
 def _robust(cfg: TrainConfig) -> None:
