@@ -43,7 +43,13 @@ def open_run(
               file=sys.stderr, flush=True)  # fmt: skip
     for item in overrides:
         set_path(raw, *parse_override(item))
-    cfg = from_configdict(raw)
+    try:
+        cfg = from_configdict(raw)
+    except ConfigError as e:  # a value a later bigjax refuses, or a bad override
+        raise ConfigError(
+            f"{command}: the config of {workdir} (step {step}, with the overrides given) is "
+            f"refused: {e} Override the key: --config.KEY=VALUE."
+        ) from None
     one_slice = dc.replace(
         cfg.mesh, shape=full_mesh_shape((1, -1, tensor)), dcn_shape=full_mesh_shape((1, 1, 1))
     )

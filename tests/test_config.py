@@ -116,7 +116,7 @@ VIT = {"model": {"family": "vit", "num_classes": 10},
         # eval of 0 items logged no choice accuracy
         ({"metrics": {"peak_flops": -1.0}}, r"metrics.peak_flops: must be >= 0"),
         ({"eval": {"choices": "stdlib", "choice_items": 0}}, r"eval.choice_items: must be >= 1"),
-        ({"eval": {"harness_limit": -1.0}}, r"eval.harness_limit: must be >= 0"),
+        ({"eval": {"harness_tasks": "x", "harness_limit": -1.0}}, r"eval.harness_limit: must"),
         # each a TypeError (a negative shape) or ZeroDivisionError traceback from the model
         ({"model": {"family": "gpt2", "head_dim": -1}}, r"model.head_dim: must be >= 0"),
         ({**VIT, "model": {**VIT["model"], "patch_size": 0}}, r"model.patch_size: must be pos"),

@@ -166,6 +166,11 @@ def test_generate_command_on_a_trained_run(tmp_path, capsys):
         assert "give the run directory once" in capsys.readouterr().err
     assert main([*args, "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+    # a run's config that this bigjax refuses (a value a later check rules out, or a bad
+    # override) says whose config it is and how to go on
+    assert main([*args, "--prompt", "x", "--config.optim.eps=0"]) == 2
+    assert (f"generate: the config of {run} (step 3, with the overrides given) is refused: "
+            "optim.eps: must be positive") in capsys.readouterr().err  # fmt: skip
     # a stop token no run emits stopped nothing, silently; a prompt from a terminal that is
     # not UTF-8 (Python's argv holds its bytes as lone surrogates) was a UnicodeEncodeError
     assert main([*args, "--prompt", "x", "--stop-token", str(cfg.model.vocab_size)]) == 2
