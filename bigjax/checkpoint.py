@@ -83,7 +83,7 @@ class DataHandler(ocp.CheckpointHandler):
         files = sorted(Path(directory).glob("process_*-of-*.json"))
         if not files:
             raise FileNotFoundError(f"no data-iterator state in {directory}")
-        states = [json.loads(f.read_text()) for f in files]
+        states = [json.loads(f.read_text(encoding="utf-8")) for f in files]
         for f, state in zip(files, states, strict=True):
             if not isinstance(state, dict) or not isinstance(state.get("rows"), dict):
                 raise MalformedDataState(f"{f.name} is not a data-iterator state")

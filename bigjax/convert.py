@@ -41,7 +41,7 @@ EXPORTED = re.compile(r"config\.json|model(-\d{5}-of-\d{5})?\.safetensors(\.inde
 def read_config(path: Path) -> dict[str, Any]:
     """A config.json as a mapping, or a ConvertError naming the file."""
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
         raise hf.ConvertError(f"{path}: unreadable JSON ({type(e).__name__})") from None
     if not isinstance(raw, dict):

@@ -403,7 +403,8 @@ def _unreadable_yamls(root: Path) -> str:
     bad = []
     for path in sorted(root.rglob("*.yaml")):
         try:
-            yaml.load(path.read_text(errors="replace"), Loader=AnyTag)  # safe: plain data
+            text = path.read_text(encoding="utf-8", errors="replace")
+            yaml.load(text, Loader=AnyTag)  # safe: plain data
         except (OSError, yaml.YAMLError) as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""

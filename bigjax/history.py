@@ -126,7 +126,7 @@ def read(workdir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     out, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line) if line.strip() else None
         except json.JSONDecodeError:
@@ -166,7 +166,7 @@ def record(
         )
         print(f"config changed since step {start} ({HISTORY}):\n{describe(changed)}", flush=True)
     tmp = Path(workdir) / f"{HISTORY}.tmp"
-    tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    tmp.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
     tmp.replace(Path(workdir) / HISTORY)  # never a half-written history
     return changed
 

@@ -110,7 +110,7 @@ def seal(step_dir: Path) -> None:
         for name, digest in zip(names, digests, strict=True)
     }
     tmp = step_dir / f".{CHECKSUMS}.tmp"
-    with tmp.open("w") as f:
+    with tmp.open("w", encoding="utf-8") as f:
         f.write(json.dumps({"version": 1, "files": record, "sha256": _own_digest(record)},
                            indent=1) + "\n")  # fmt: skip
         f.flush()
@@ -135,7 +135,7 @@ def verify(step_dir: Path, share: tuple[int, int] = (0, 1)) -> str | None:
     then agree on (sizes and the list of files are checked whole: no reading)."""
     step_dir = Path(step_dir)
     try:
-        sealed = json.loads((step_dir / CHECKSUMS).read_text())
+        sealed = json.loads((step_dir / CHECKSUMS).read_text(encoding="utf-8"))
         record = sealed["files"]
     except FileNotFoundError:
         return None

@@ -187,7 +187,7 @@ class Writers:
         if not self.enabled:
             return
         try:
-            with self.path.open("a") as f:
+            with self.path.open("a", encoding="utf-8") as f:
                 f.write(json_text(row) + "\n")
         except OSError as e:
             raise unwritable(self.path, e) from e
@@ -223,12 +223,12 @@ def _wandb_run(workdir: Path, project: str, config: dict[str, Any]) -> Any:
     id_file = workdir / "wandb" / "run_id"
     id_file.parent.mkdir(parents=True, exist_ok=True)
     if not id_file.exists():
-        id_file.write_text(secrets.token_hex(6))  # W&B ids: letters and digits
+        id_file.write_text(secrets.token_hex(6), encoding="utf-8")  # W&B ids: letters and digits
     try:
         run = wandb.init(
             project=project,
             name=workdir.resolve().name,
-            id=id_file.read_text().strip(),
+            id=id_file.read_text(encoding="utf-8").strip(),
             resume="allow",
             dir=str(workdir),
             config=config,

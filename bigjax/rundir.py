@@ -146,7 +146,11 @@ def write_summary(workdir: Path, summary: Summary, wall_s: float) -> None:
     over resumes (a run killed with SIGKILL loses that attempt's time)."""
     path = workdir / "summary.json"
     try:
-        before = json.loads(path.read_text()).get("wall_s", 0.0) if path.exists() else 0.0
+        before = (
+            json.loads(path.read_text(encoding="utf-8")).get("wall_s", 0.0)
+            if path.exists()
+            else 0.0
+        )
     except ValueError:  # damaged: this launch's time is what is known
         before = 0.0
     tmp = path.with_suffix(".tmp")

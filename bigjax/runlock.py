@@ -63,7 +63,7 @@ def read_record(path: Path) -> dict[str, Any] | None:
     """Who holds (or last held) the lock file `path`, from its record; None if it has no
     readable one (empty, damaged, not a file)."""
     try:
-        record = json.loads(Path(path).read_text())
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return None
     return record if isinstance(record, dict) else None

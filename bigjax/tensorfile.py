@@ -198,7 +198,7 @@ def read_dir(directory: str | Path) -> dict[str, np.ndarray]:
 
 def _weight_map(path: Path) -> dict[str, str]:
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise TensorFileError(f"{path}: not a safetensors index ({type(e).__name__})") from None
     if not isinstance(weight_map, dict) or not all(

@@ -111,7 +111,7 @@ def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any
 def write_text(path: Path, text: str) -> None:
     """A whole file or none: written beside, then renamed over."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 

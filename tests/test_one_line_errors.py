@@ -132,6 +132,10 @@ def test_out_of_range_flags_are_one_line_before_any_work(tmp_path, capsys, argv,
         (["convert", "DIR", "FILE/h"], "DST FILE/h: FILE is a file, not a directory"),
         (["prepare", "--input", "stdlib", "--output", "FILE/d"], "cannot create it (FILE is a"),
         (["sweep", str(ROOT / "experiments/lr_sweep/sweep.py"), "--dir", "FILE/s"], "FILE is a"),
+        # an empty path (an unset $OUT) is the current directory: the files went there
+        (["inspect", "--prompt", "x", "--out", ""], "inspect: --out is empty; give a path"),
+        (["compress", "quantize", "--out", " "], "compress: --out is empty; give a path"),
+        (["train", "--config", TINY, "--workdir", ""], "train: --workdir is empty"),
     ],
 )
 def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, capsys, argv, words):

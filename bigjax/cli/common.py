@@ -118,6 +118,8 @@ def check_output(command: str, flag: str, text: str | None, kind: str) -> None:
     flag not given) passes."""
     if text is None:
         return
+    if not text.strip():  # Path('') is the current directory: its files went there
+        raise ConfigError(f"{command}: {flag} is empty; give a path.")
     where = f"{command}: {flag} {text}"
     try:
         problem = _output_problem(Path(text), kind)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import sys
 import traceback
@@ -114,6 +115,11 @@ def one_line_warnings(on: bool) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     standard_descriptors_open()
+    for stream in (sys.stdout, sys.stderr):
+        # A terminal in Latin-1 (say) cannot show every character a model generates or a
+        # path holds: written as \uXXXX, not a UnicodeEncodeError that ended all output
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     if not isinstance(sys.stdout, Console):  # a closed terminal or pipe must not end the run
         sys.stdout, sys.stderr = Console(sys.stdout), Console(sys.stderr)
     argv = join_override_values(sys.argv[1:] if argv is None else argv)

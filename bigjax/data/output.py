@@ -33,7 +33,7 @@ class OutputError(DataError):
 
 def _marker(directory: Path) -> dict | None:
     try:
-        record = json.loads((directory / MARKER).read_text())
+        record = json.loads((directory / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("bigjax_dataset") != MARKER_FORMAT:

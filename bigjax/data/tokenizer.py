@@ -179,7 +179,7 @@ class HFTokenizer:
 
     def save(self, directory: Path) -> None:
         _write_config(directory, kind=self.kind)
-        (directory / "tokenizer.json").write_text(self.json_text)
+        (directory / "tokenizer.json").write_text(self.json_text, encoding="utf-8")
 
     __getstate__ = _fields_only
     __setstate__ = _restore_fields
@@ -306,7 +306,7 @@ def from_spec(spec: str, training_texts: Callable[[], Iterable[str]]) -> Tokeniz
         return train_bpe(training_texts(), int(arg))
     if kind == "sentencepiece":
         return SentencePieceTokenizer(Path(arg).read_bytes())
-    return HFTokenizer(Path(arg).read_text())
+    return HFTokenizer(Path(arg).read_text(encoding="utf-8"))
 
 
 def load(directory: Path) -> Tokenizer:
@@ -314,11 +314,11 @@ def load(directory: Path) -> Tokenizer:
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"no tokenizer in {directory}: expected {CONFIG_FILE}.")
-    kind = json.loads(config_path.read_text())["kind"]
+    kind = json.loads(config_path.read_text(encoding="utf-8"))["kind"]
     if kind == "byte":
         return ByteTokenizer()
     if kind == "hf":
-        return HFTokenizer((directory / "tokenizer.json").read_text())
+        return HFTokenizer((directory / "tokenizer.json").read_text(encoding="utf-8"))
     if kind == "sentencepiece":
         return SentencePieceTokenizer((directory / "tokenizer.model").read_bytes())
     raise TokenizerError(f"{config_path}: unknown tokenizer kind {kind!r}.")

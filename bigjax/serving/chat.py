@@ -26,10 +26,10 @@ def find_template(tokenizer_dir: Path | None) -> str | None:
         return None
     jinja = tokenizer_dir / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
+        return jinja.read_text(encoding="utf-8")
     config = tokenizer_dir / "tokenizer_config.json"
     if config.is_file():
-        template = json.loads(config.read_text()).get("chat_template")
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
         return template if isinstance(template, str) else None
     return None
 

@@ -32,7 +32,7 @@ def objective_value(run_dir: Path, objective: str) -> float | None:
     path = run_dir / "summary.json"
     if not path.exists():
         return None
-    summary = json.loads(path.read_text())
+    summary = json.loads(path.read_text(encoding="utf-8"))
     if not summary.get("complete") or summary.get("eval_loss") is None:
         return None
     if objective == "best_eval_loss":

@@ -433,7 +433,9 @@ class Worker:
             return
         value = objective_value(run_dir, self.spec.objective) if rc == 0 else None
         if value is None or not math.isfinite(value):
-            lines = (run_dir / "train.log").read_text(errors="replace").splitlines()
+            lines = (
+                (run_dir / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()
+            )
             error = "\n".join(lines[-ERROR_TAIL_LINES:])
             reason = f"exit code {rc}" if rc else "no final eval loss"
             trial.set_user_attr("error", f"{reason}\n{error}")
