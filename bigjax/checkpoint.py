@@ -53,13 +53,21 @@ def check_path(directory: Path) -> Path:
     so a folder named like `run[1]` (`[1]` is a character class: it matches `run1`, not
     itself) was saved but never restored, the error blaming the config. `*` and `?` match
     themselves, and are left alone. A name that is not UTF-8 is refused too: TensorStore takes
-    UTF-8 paths only, and failed at the first save with a C++ cast error."""
+    UTF-8 paths only, and failed at the first save with a C++ cast error; and so is one with a
+    backslash, which TensorStore reads as a separator when it restores."""
     if shown := errors.not_utf8(directory):
         raise UnreadablePath(
             f"{shown}: a name that is not UTF-8; TensorStore, which writes the checkpoints, "
             "takes UTF-8 paths only. Rename it, or choose another directory."
         )
     for part in Path(directory).absolute().parts:
+        if "\\" in part:  # saved into `run\back`, read back from run/back: "config changed"
+            raise UnreadablePath(
+                f"{directory}: TensorStore, which reads the checkpoints back, takes a backslash "
+                f"in a path for a separator ({part!r} as {part.replace(chr(92), '/')!r}), so "
+                "checkpoints saved here would not restore. Rename that folder (no \\) or "
+                "choose another directory."
+            )
         if not fnmatch.fnmatchcase(part, part):
             raise UnreadablePath(
                 f"{directory}: Orbax could save checkpoints here but not restore them: it "

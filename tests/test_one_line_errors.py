@@ -382,6 +382,10 @@ def test_a_folder_orbax_could_not_read_back_is_refused_before_a_step(tmp_path, c
     err = _one_line(capsys, "train", *args, "--workdir", str(tmp_path / "run[1]"))
     assert "could save checkpoints here but not restore them" in err and "(no [ ])" in err
     assert not (tmp_path / "run[1]" / "checkpoints").exists()
+    # TensorStore restores `run\back` from run/back: saved, and the resume blamed the config
+    err = _one_line(capsys, "train", *args, "--workdir", str(tmp_path / "run\\back"))
+    assert "takes a backslash in a path for a separator ('run\\\\back' as 'run/back')" in err
+    assert not list(tmp_path.iterdir())  # refused before anything was made
 
 
 def test_damaged_lock_records_and_seals_are_read_as_damaged(tmp_path):
