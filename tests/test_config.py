@@ -117,6 +117,12 @@ VIT = {"model": {"family": "vit", "num_classes": 10},
         ({"metrics": {"peak_flops": -1.0}}, r"metrics.peak_flops: must be >= 0"),
         ({"eval": {"choices": "stdlib", "choice_items": 0}}, r"eval.choice_items: must be >= 1"),
         ({"eval": {"harness_tasks": "x", "harness_limit": -1.0}}, r"eval.harness_limit: must"),
+        # a config file's odd shapes: each a TypeError traceback from inside the conversion
+        ({1: 2}, r"config key 1 under the top level is not a name; keys are strings"),
+        ({"data": {"mixture": 5}}, r"data.mixture: expected \{'dirA': 0.7"),
+        ({"data": {"mixture": [1, 2]}}, r"data.mixture: expected .* got \[1, 2\]"),
+        ({"mesh": {"rules": 5}}, r"mesh.rules: expected \{'embed': 'fsdp', ...\}"),
+        ({"mesh": {"rules": {5: "fsdp"}}}, r"mesh.rules: 5 is not a name"),
         # each a TypeError (a negative shape) or ZeroDivisionError traceback from the model
         ({"model": {"family": "gpt2", "head_dim": -1}}, r"model.head_dim: must be >= 0"),
         ({**VIT, "model": {**VIT["model"], "patch_size": 0}}, r"model.patch_size: must be pos"),
@@ -126,6 +132,18 @@ VIT = {"model": {"family": "vit", "num_classes": 10},
 def test_bad_values_name_the_key(raw, pattern):
     with pytest.raises(ConfigError, match=pattern):
         from_configdict(raw)
+
+
+def test_numpy_scalars_are_the_numbers_they_hold():
+    # a config computed with NumPy (np.int64 steps from a token budget) was refused
+    import numpy as np
+
+    cfg = from_configdict({"num_steps": np.int64(7), "optim": {"lr": np.float32(0.5)},
+                           "model": {"scan_layers": np.bool_(False)}})  # fmt: skip
+    assert (cfg.num_steps, cfg.optim.lr, cfg.model.scan_layers) == (7, 0.5, False)
+    assert type(cfg.num_steps) is int and type(cfg.optim.lr) is float
+    with pytest.raises(ConfigError, match=r"num_steps: expected int, got float 7.5"):
+        from_configdict({"num_steps": np.float64(7.5)})
 
 
 @pytest.mark.parametrize(

@@ -179,7 +179,7 @@ def _merge_rules(user: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """Overlays user rules (a mapping or pairs) on `DEFAULT_RULES`."""
     if isinstance(user, str):
         user = _parse_rules_string(user)
-    pairs = list(user.items()) if isinstance(user, Mapping) else list(user)
+    pairs = _pairs(user, "mesh.rules", "{'embed': 'fsdp', ...} or 'embed=fsdp,mlp=tensor'")
     rules = dict(DEFAULT_RULES)
     for name, axes in pairs:
         if name not in LOGICAL_AXES:
@@ -208,7 +208,7 @@ def _parse_mixture(value: Any) -> tuple[tuple[str, float], ...]:
                 raise ConfigError(f"data.mixture: expected PATH:WEIGHT, got {item!r}.")
             pairs.append((path, weight))
     else:
-        pairs = list(value.items()) if isinstance(value, Mapping) else list(value)
+        pairs = _pairs(value, "data.mixture", "{'dirA': 0.7, 'dirB': 0.3} or 'dirA:0.7,dirB:0.3'")
     out = []
     for path, weight in pairs:
         w = _scalar(float, weight, f"data.mixture[{path}]")
@@ -216,6 +216,23 @@ def _parse_mixture(value: Any) -> tuple[tuple[str, float], ...]:
             raise ConfigError(f"data.mixture: weight of {path!r} must be positive, got {w}.")
         out.append((str(path), w))
     return tuple(out)
+
+
+def _pairs(value: Any, path: str, form: str) -> list[tuple[str, Any]]:
+    """A mapping, or a sequence of (name, value) pairs, as its pairs; anything else (a number,
+    a list of numbers, a key that is no name) is refused naming `path` and the `form` it takes."""
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, list | tuple) and all(
+        isinstance(p, list | tuple) and len(p) == 2 for p in value
+    ):
+        pairs = [(p[0], p[1]) for p in value]
+    else:
+        raise ConfigError(f"{path}: expected {form}, got {value!r}.")
+    for name, _ in pairs:
+        if not isinstance(name, str):
+            raise ConfigError(f"{path}: {name!r} is not a name; expected {form}.")
+    return pairs
 
 
 def _parse_rules_string(text: str) -> dict[str, str]:
@@ -260,6 +277,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         path = f"{prefix}{key}"
+        if not isinstance(key, str):
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(f"config key {key!r} under {where} is not a name; keys are strings.")
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
             hint = f" Did you mean {prefix}{close[0]}?" if close else ""
@@ -305,6 +325,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
 
 
 def _scalar(tp: type, value: Any, path: str) -> Any:
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        value = value.item()  # np.int64(5), np.float32(1e-3): a config computed with NumPy
     if isinstance(value, str) and tp is not str:
         value = _parse_string(tp, value, path)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
