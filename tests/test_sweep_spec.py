@@ -87,6 +87,8 @@ def test_ladder_scales_steps_with_parameters():
         ({"algorithm": "random", "space": {"optim.lr": Grid((1,))}}, "budget must be > 0"),
         ({"algorithm": "random", "budget": 2, "space": {"x": LogUniform(0, 1)}}, "low > 0"),
         ({"space": {"seed": Grid((1, 2))}}, "'seed' is reserved"),
+        ({"space": {"seed": Grid((1, 2))}}, r"space holds 'seed', .* give Sweep\(seeds=\(0, 1\)\)"),
+        ({"space": {"variant": Grid(("a",))}}, r"'variant' is reserved: give Sweep\(variants="),
         ({"pruner": "hyperband"}, "pruner must be one of"),
         ({"baseline": "nope"}, "baseline must be a variant"),
         ({"seeds": ()}, "at least one seed"),

@@ -94,8 +94,10 @@ class Sweep:
         else:
             _check(self.budget > 0, "budget", f"> 0 points for a {self.algorithm} sweep")
         _check(not self.baseline or self.baseline in self.variants, "baseline", "a variant")
-        for key in ("variant", "seed"):
-            _check(key not in self.space, "space", f"{key!r} is reserved")
+        for key, field in (("variant", "variants={NAME: {KEY: VALUE}}"), ("seed", "seeds=(0, 1)")):
+            if key in self.space:  # not _check: "space must be 'seed' is reserved" was said
+                raise ConfigError(f"sweep spec: space holds {key!r}, but {key!r} is reserved: "
+                                  f"give Sweep({field}).")  # fmt: skip
         for key, p in self.space.items():
             if isinstance(p, (Uniform, LogUniform, IntUniform)):
                 ok = p.low < p.high and (not isinstance(p, LogUniform) or p.low > 0)
