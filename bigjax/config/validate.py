@@ -295,7 +295,7 @@ def _checkpoint_and_logging(cfg: TrainConfig) -> None:
     _check(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: at the end)")
     _check(cfg.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")
-    if cfg.eval.choices:
+    if cfg.eval.choices == "stdlib":  # the items of the built-in task (a file has its own)
         _check(cfg.eval.choice_items >= 1, "eval.choice_items", "must be >= 1")
     if cfg.eval.harness_tasks:
         _check(cfg.eval.harness_limit >= 0, "eval.harness_limit", "must be >= 0 (0: all)")
