@@ -99,7 +99,7 @@ def load_run(path: Path) -> Run:
     elif point:
         group = ", ".join(f"{k}={_fmt(v)}" for k, v in point.items())
     else:
-        group = path.name
+        group = shown_path(path.name)  # a name that is not UTF-8 as \xNN: matplotlib, markdown
     data: dict[str, Any] = _get(config, "data", {}, path / "config.json")
     batch, seq = (_get(data, k, 0, path / "config.json") for k in ("batch_size", "seq_len"))
     summary = {k: _get(summary, k, default, path / "summary.json") for k, default in SUMMARY}

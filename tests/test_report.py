@@ -1,6 +1,7 @@
 """`bigjax report` and the scaling-law fit, on run directories with known numbers."""
 
 import json
+import os
 import statistics
 import warnings
 
@@ -157,6 +158,16 @@ def test_damaged_lines_are_warned_and_listed_and_odd_names_stay_in_their_cell(tm
     assert len(said) == 2 and said[1].startswith("report: the plots' font has no glyph for 行运:")
     assert f"- `{d}`: a|b, seed 0; metrics.jsonl lines 2, 4 damaged, skipped" in text
     assert "\n| a\\|b | 1 |" in text and "\n| 运行 | 1 |" in text
+
+
+def test_a_run_named_in_bytes_that_are_not_utf8_is_shown_escaped(tmp_path):
+    # a run directory named `caf\xe9` (Latin-1 on a Linux disk), grouped by its name: its
+    # lone surrogate reached matplotlib's legend, a TypeError traceback and no report
+    d = _fake_run(tmp_path, os.fsdecode(b"caf\xe9"), group="", seed=0, final=2.0)
+    (d / "trial.json").unlink()  # a plain run: grouped by its directory's name
+    text, _ = report.report([tmp_path], tmp_path / "out")
+    assert "\n| caf\\xe9 | 1 |" in text and (tmp_path / "out" / "loss_vs_step.png").is_file()
+    (tmp_path / "out" / "report.md").read_text(encoding="utf-8")  # plain UTF-8 for any reader
 
 
 @pytest.mark.parametrize(
