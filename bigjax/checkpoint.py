@@ -85,7 +85,7 @@ class DataHandler(ocp.CheckpointHandler):
 
     def save(self, directory: Path, args: DataSave) -> None:
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        (Path(directory) / name).write_text(json.dumps(args.item.get_state()))
+        (Path(directory) / name).write_text(json.dumps(args.item.get_state()), encoding="utf-8")
 
     def restore(self, directory: Path, args: DataRestore) -> Any:
         files = sorted(Path(directory).glob("process_*-of-*.json"))

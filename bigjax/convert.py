@@ -164,7 +164,7 @@ def export_hf(
     staged = staging_dir(dst)
     try:
         files = tensorfile.write_dir(staged, tensors, max_shard_bytes)
-        (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for path in carried:
             shutil.copy2(path, staged / path.name)
         swap_in(staged, dst)

@@ -147,7 +147,7 @@ def host_data_bytes(cfg: TrainConfig, rows: int) -> float:
 def available_host_bytes() -> int:
     """Memory the kernel can give this process now (MemAvailable: free plus reclaimable)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024

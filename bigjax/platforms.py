@@ -36,9 +36,9 @@ def has_tpu() -> bool:
     network card, or a TPU device node. Errs towards yes: a false yes keeps JAX's default."""
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
         try:
-            if Path(vendor).read_text().strip() != GOOGLE_PCI_VENDOR:
+            if Path(vendor).read_text(encoding="ascii").strip() != GOOGLE_PCI_VENDOR:
                 continue
-            device_class = (Path(vendor).parent / "class").read_text().strip()
+            device_class = (Path(vendor).parent / "class").read_text(encoding="ascii").strip()
         except OSError:
             return True
         if not device_class.startswith(NOT_ACCELERATORS):

@@ -74,7 +74,9 @@ class RunDir:
             config=self.config,
         )
         if self.writer:
-            (self.workdir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+            (self.workdir / "config.json").write_text(
+                json.dumps(self.config, indent=2) + "\n", encoding="utf-8"
+            )
             self.writers.truncate_after(start)
             print(start_banner(prog, self.num_params, origin), flush=True)
             history.record(self.workdir, start, self.config, saved_config)  # shows what changed
@@ -155,7 +157,8 @@ def write_summary(workdir: Path, summary: Summary, wall_s: float) -> None:
         before = 0.0
     tmp = path.with_suffix(".tmp")
     try:
-        tmp.write_text(metrics.json_text({**summary, "wall_s": before + wall_s}, indent=2) + "\n")
+        text = metrics.json_text({**summary, "wall_s": before + wall_s}, indent=2) + "\n"
+        tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)  # atomic: a reader never sees half a file
     except OSError as e:
         raise metrics.unwritable(path, e) from e

@@ -233,5 +233,5 @@ def write_dir(
         "metadata": {"total_size": total},
         "weight_map": {t: n for n, s in zip(names, shards, strict=True) for t in s},
     }
-    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return [*names, INDEX]

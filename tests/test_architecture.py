@@ -2,6 +2,7 @@
 (pyproject.toml, checked by `lint-imports` in CI), no file grows past 500 lines, train.py
 reads top to bottom, and the train step has no branch on any objective."""
 
+import ast
 import pkgutil
 import tomllib
 from pathlib import Path
@@ -101,3 +102,35 @@ def test_public_signatures_of_the_core_name_their_types():
     # metric rows `metrics.Row`, ...). What is left is mostly JSON read from files.
     counts = _any_in_public_signatures()
     assert sum(counts.values()) <= 64, sorted(counts.items(), key=lambda kv: -kv[1])[:10]
+
+
+def _text_io_without_encoding(path: Path) -> list[int]:
+    """Lines of `path` that read or write a text file in the locale's encoding: Path.read_text,
+    Path.write_text(data), open(...) or Path.open(MODE) in a text mode, with no encoding."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        fn = node.func
+        name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+        modes = [k.value for k in node.keywords if k.arg == "mode" and name == "open"]
+        if isinstance(fn, ast.Name) and name == "open":
+            modes += node.args[1:2] or [ast.Constant("r")]
+        elif isinstance(fn, ast.Attribute) and name == "open":  # Path.open("w"), not X.open(p)
+            modes += [a for a in node.args[:1] if isinstance(a, ast.Constant)]
+        text_mode = any(isinstance(m, ast.Constant) and "b" not in str(m.value) for m in modes)
+        # one positional argument: Path.write_text(data), not bigjax.trained.write_text(p, d)
+        if name == "read_text" or (name == "write_text" and len(node.args) == 1) or text_mode:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_every_text_file_is_read_and_written_as_utf8():
+    # in a Latin-1 locale, tokenizer.json could not be saved and Hugging Face files were
+    # misread (tests/test_locale.py): the encoding is said at every call, not left to the locale
+    found = {
+        str(p.relative_to(ROOT)): lines
+        for p in sorted((ROOT / "bigjax").rglob("*.py"))
+        if (lines := _text_io_without_encoding(p))
+    }
+    assert not found, f"say encoding='utf-8' (or open in binary) at {found}"

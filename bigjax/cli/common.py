@@ -118,8 +118,7 @@ def check_output(command: str, flag: str, text: str | None, kind: str) -> None:
     flag not given) passes."""
     if text is None:
         return
-    if not text.strip():  # Path('') is the current directory: its files went there
-        raise ConfigError(f"{command}: {flag} is empty; give a path.")
+    refuse_empty(command, flag, text)
     where = f"{command}: {flag} {text}"
     try:
         problem = _output_problem(Path(text), kind)
@@ -127,6 +126,13 @@ def check_output(command: str, flag: str, text: str | None, kind: str) -> None:
         problem = f": cannot reach it ({e.strerror})."
     if problem:
         raise ConfigError(where + problem)
+
+
+def refuse_empty(command: str, flag: str, text: str) -> None:
+    """An empty path (an unset $RUN) is Path(''), the current directory: a run's or a
+    command's files went there."""
+    if not text.strip():
+        raise ConfigError(f"{command}: {flag} is empty; give a path.")
 
 
 def _output_problem(path: Path, kind: str) -> str | None:

@@ -13,6 +13,7 @@ from bigjax.cli.common import (
     add_command,
     check_output,
     native_logs_held,
+    refuse_empty,
     start_jax,
     write_json,
 )
@@ -26,8 +27,7 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     Train, or resume the run in --workdir. Override any config key with --config.KEY=VALUE,
     e.g. --config.optim.lr=1e-3 --config.mesh.shape=1,-1,1.
     """
-    if not args.workdir.strip():  # an unset $RUN: the run's files went into the current dir
-        raise ConfigError("train: --workdir is empty; give the run's directory.")
+    refuse_empty("train", "--workdir", args.workdir)
     cfg = load_config(args.config, overrides)
     from bigjax import distributed  # imports jax: keep `bigjax --help` and config errors fast
     from bigjax.train import train

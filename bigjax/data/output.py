@@ -114,7 +114,7 @@ def staging(final: Path) -> Path:
     host = socket.gethostname()
     path = staging_dir(final)
     partial = {"bigjax_dataset": MARKER_FORMAT, "partial": True, "pid": os.getpid(), "host": host}
-    (path / MARKER).write_text(json.dumps(partial) + "\n")
+    (path / MARKER).write_text(json.dumps(partial) + "\n", encoding="utf-8")
     return path
 
 
@@ -123,7 +123,7 @@ def seal(staged: Path) -> None:
     pid, host or time, so two identical runs give identical bytes)."""
     entries = sorted(p.name for p in staged.iterdir() if p.name != MARKER)
     record = {"bigjax_dataset": MARKER_FORMAT, "entries": entries}
-    (staged / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    (staged / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def publish(staged: Path, final: Path, inputs: Sequence[Path]) -> None:

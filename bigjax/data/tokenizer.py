@@ -81,7 +81,9 @@ def encode_prompt(tokenizer: Tokenizer, text: str, *, add_bos: bool) -> list[int
 
 def _write_config(directory: Path, **fields: object) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    (directory / CONFIG_FILE).write_text(
+        json.dumps(fields, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
 
 
 def _fields_only(self: Any) -> dict[str, Any]:

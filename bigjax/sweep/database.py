@@ -168,7 +168,7 @@ def claim_lock(db: Path, stop: threading.Event, log: Callable[[str], None]) -> I
     every worker waiting until it continues or ends, so a wait past CLAIM_NOTICE_S is said
     once, and a stop asked meanwhile (`stop` set) yields False, with nothing held."""
     path = db.with_name(db.name + ".lock")
-    with open(path, "w") as f:
+    with open(path, "wb") as f:  # a lock: never written
         started, said = time.monotonic(), False
         while True:
             try:

@@ -335,7 +335,7 @@ class Worker:
                 {"sweep": self.spec.name, "trial": trial.number, "point": point,
                  "overrides": overrides, "baseline": self.spec.baseline},
                 indent=2, default=str,
-            ) + "\n"
+            ) + "\n", encoding="utf-8",
         )  # fmt: skip
         trial.set_user_attr("start_step", saved_step(run_dir))  # a retry must get past it
         self.log(f"trial {trial.number} {point} -> {run_dir}")
@@ -347,7 +347,7 @@ class Worker:
             if not self.wait_for_unlocked(trial, run_dir):
                 outcome, rc = "interrupted", 0
                 break
-            with open(run_dir / "train.log", "a") as out:
+            with open(run_dir / "train.log", "ab") as out:  # its descriptor, for the trainer
                 proc = subprocess.Popen(
                     command,
                     stdout=out,
