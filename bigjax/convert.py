@@ -3,10 +3,11 @@
 Import writes a run directory (config.json and a parameters-only checkpoint at step 0) that
 `bigjax generate`, `bigjax eval` and fine-tuning (`checkpoint.init_from`) open like any run.
 Export writes config.json and safetensors (sharded above `max_shard_bytes`) that transformers'
-`from_pretrained` loads, as one directory swapped into place when complete (bigjax/dirswap.py):
-an export into an earlier one replaces its weights whole (a stale `model.safetensors` beside
-new shards would be what transformers loads) and keeps the files a user put beside them (a
-tokenizer, a README). The tensor mapping lives in `bigjax.hf`.
+`from_pretrained` loads (and, asked, the run's tokenizer for `AutoTokenizer`), as one
+directory swapped into place when complete (bigjax/dirswap.py): an export into an earlier one
+replaces its weights whole (a stale `model.safetensors` beside new shards would be what
+transformers loads) and keeps the files a user put beside them (a tokenizer, a README).
+The tensor mapping lives in `bigjax.hf`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from flax import nnx
 
 from bigjax import checkpoint, errors, hf, models, progress, tensorfile, trained
 from bigjax.config import DataConfig, ModelConfig, TrainConfig, from_configdict, to_dict
+from bigjax.data import dataset
+from bigjax.data.tokenizer import Tokenizer, TokenizerError
 from bigjax.dirswap import staging_dir, swap_in
+from bigjax.serving.chat import find_template
 from bigjax.tree import flatten, unflatten
 
 EXPORT_DTYPES = {
@@ -144,15 +148,23 @@ def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> Train
 
 
 def export_hf(
-    cfg: TrainConfig, params: Any, dst: str | Path, dtype: str, max_shard_bytes: int
+    cfg: TrainConfig,
+    params: Any,
+    dst: str | Path,
+    dtype: str,
+    max_shard_bytes: int,
+    tokenizer: Tokenizer | None = None,
 ) -> list[str]:
-    """A run's parameters (a pure dict, possibly sharded) -> Hugging Face directory `dst`;
-    returns the files written."""
+    """A run's parameters (a pure dict, possibly sharded) -> Hugging Face directory `dst`,
+    with the run's `tokenizer` when one is given; returns the files written."""
     if dtype not in EXPORT_DTYPES:
         raise hf.ConvertError(f"--dtype {dtype!r}: use one of {list(EXPORT_DTYPES)}.")
     dst = Path(dst)
     carried = _carried(dst)  # before any work: a target that is no export is refused
     config = hf.hf_config(cfg.model, cfg.data.seq_len, dtype)  # raises if not representable
+    extra = {} if tokenizer is None else tokenizer_files(tokenizer, cfg)
+    if tokenizer is not None:  # what generate() stops at and pads with
+        config |= {f"{k}_token_id": i for k, i in _specials(tokenizer).items()}
     bar = progress.Bar("convert: export", 3, "stages")
     flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
     bar.advance(note="gathered to the host")
@@ -165,8 +177,11 @@ def export_hf(
     try:
         files = tensorfile.write_dir(staged, tensors, max_shard_bytes)
         (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for path in carried:
-            shutil.copy2(path, staged / path.name)
+        for name, text in extra.items():
+            (staged / name).write_text(text, encoding="utf-8")
+        for path in carried:  # a user's files; the run's own tokenizer replaces theirs
+            if path.name not in extra:
+                shutil.copy2(path, staged / path.name)
         swap_in(staged, dst)
     except BaseException as e:
         shutil.rmtree(staged, ignore_errors=True)
@@ -174,7 +189,35 @@ def export_hf(
         raise
     bar.advance(note=f"{len(files)} file(s) written")
     bar.close()
-    return [*files, "config.json"]
+    return [*files, "config.json", *extra]
+
+
+def tokenizer_files(tokenizer: Tokenizer, cfg: TrainConfig) -> dict[str, str]:
+    """tokenizer.json and tokenizer_config.json: what `AutoTokenizer.from_pretrained` reads,
+    giving the ids `bigjax generate` and `serve` give a prompt (special tokens written in the
+    text become their ids), the run's BOS, EOS and PAD, its context length and, where the
+    run's tokenizer folder has one, its chat template."""
+    try:
+        tokenizer_json = tokenizer.hf_json()
+    except TokenizerError as e:
+        raise hf.ConvertError(f"convert --with-tokenizer: {e}") from None
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **{f"{k}_token": tokenizer.piece(i) for k, i in _specials(tokenizer).items()},
+        "model_max_length": cfg.data.seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+    if template := find_template(dataset.tokenizer_dir(cfg.data)):
+        config["chat_template"] = template
+    return {
+        "tokenizer.json": tokenizer_json,
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+    }
+
+
+def _specials(tokenizer: Tokenizer) -> dict[str, int]:
+    t = tokenizer
+    return {"bos": int(t.bos_id), "eos": int(t.eos_id), "pad": int(t.pad_id)}
 
 
 def _carried(dst: Path) -> list[Path]:

@@ -158,6 +158,12 @@ def cmd_convert(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             "(to import) or a bigjax run directory (to export)."
         )
     if convert.is_hf_dir(src):
+        if args.with_tokenizer:
+            raise ConfigError(
+                f"convert: --with-tokenizer is for an export; {src} is a Hugging Face model "
+                f"(an import). Prepare data with its tokenizer: bigjax prepare --tokenizer "
+                f"hf:{src}."
+            )
         raw: dict[str, Any] = {}
         for item in overrides:
             set_path(raw, *parse_override(item))
@@ -171,10 +177,14 @@ def cmd_convert(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         )
         return 0
     with open_run(str(src), overrides, "convert") as (prog, params, step):
+        tokenizer = prog.resources.tokenizer if args.with_tokenizer else None
         files = convert.export_hf(
-            prog.cfg, params, dst, args.dtype, convert.parse_size(args.max_shard_size)
+            prog.cfg, params, dst, args.dtype, convert.parse_size(args.max_shard_size), tokenizer
         )
     print(f"convert: exported step {step} of {src} to {dst}: {', '.join(files)}", flush=True)
+    if tokenizer is None:
+        print("convert: no tokenizer written; add --with-tokenizer to write the run's own "
+              "(tokenizer.json, for AutoTokenizer).", flush=True)  # fmt: skip
     return 0
 
 
@@ -184,6 +194,9 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="the directory to write (a run directory on import)")
     p.add_argument("--dtype", default="float32", help="export: float32, bfloat16 or float16")
     p.add_argument("--max-shard-size", default="5GB", help="export: shard above this size")
+    p.add_argument("--with-tokenizer", action="store_true",
+                   help="export: write the run's tokenizer too (tokenizer.json and "
+                        "tokenizer_config.json, for AutoTokenizer)")  # fmt: skip
 
 
 def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:

@@ -47,6 +47,7 @@ class Tokenizer(Protocol):
     def decode(self, ids: np.ndarray | Sequence[int]) -> str: ...
     def piece(self, token_id: int) -> str: ...  # a token's own name ('<eos>', '▁the')
     def save(self, directory: Path) -> None: ...
+    def hf_json(self) -> str: ...  # as a Hugging Face tokenizer.json (`convert` exports it)
 
 
 def encode_document(tok: Tokenizer, text: str) -> np.ndarray:
@@ -116,14 +117,47 @@ class ByteTokenizer:
         ids = np.asarray(ids)
         return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")
 
+    @property
+    def specials(self) -> dict[int, str]:
+        return {self.bos_id: "<|bos|>", self.eos_id: "<|endoftext|>", self.pad_id: "<|pad|>"}
+
     def piece(self, token_id: int) -> str:
-        specials = {self.bos_id: "<|bos|>", self.eos_id: "<|endoftext|>", self.pad_id: "<|pad|>"}
         if token_id >= self.vocab_size:  # a model's vocabulary may be padded past the tokenizer's
             return f"<|unused_{token_id}|>"
-        return specials.get(token_id) or self.decode([token_id])
+        return self.specials.get(token_id) or self.decode([token_id])
 
     def save(self, directory: Path) -> None:
         _write_config(directory, kind=self.kind)
+
+    def hf_json(self) -> str:
+        """The same ids as a `tokenizers` model: byte-level pre-tokenization (each byte one
+        character of GPT-2's byte alphabet) and a BPE with no merges, so every byte stays its
+        own token; BOS, EOS and PAD are special added tokens, matched in text as
+        `encode_prompt` matches them."""
+        vocab = {char: byte for byte, char in enumerate(byte_alphabet())}
+        added = [
+            {"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+            for i, name in sorted(self.specials.items())
+        ]  # fmt: skip
+        byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+        return json.dumps({
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": None, "pre_tokenizer": {"type": "ByteLevel", **byte_level},
+            "post_processor": None, "decoder": {"type": "ByteLevel", **byte_level},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                      "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": []},
+        }, ensure_ascii=False, indent=1)  # fmt: skip
+
+
+def byte_alphabet() -> list[str]:
+    """GPT-2's printable character for each byte 0..255 (the byte-level pre-tokenizer's): bytes
+    that print stand for themselves, the others take the code points from 256 up, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +217,9 @@ class HFTokenizer:
         _write_config(directory, kind=self.kind)
         (directory / "tokenizer.json").write_text(self.json_text, encoding="utf-8")
 
+    def hf_json(self) -> str:
+        return self.json_text
+
     __getstate__ = _fields_only
     __setstate__ = _restore_fields
 
@@ -232,6 +269,15 @@ class SentencePieceTokenizer:
     def save(self, directory: Path) -> None:
         _write_config(directory, kind=self.kind)
         (directory / "tokenizer.model").write_bytes(self.model_proto)
+
+    def hf_json(self) -> str:
+        # Hugging Face reads a SentencePiece model through a model family's tokenizer class,
+        # whose own conventions (a BOS added, a leading space) would change the ids.
+        raise TokenizerError(
+            "a SentencePiece tokenizer has no tokenizer.json of the same ids; copy "
+            "tokenizer.model from the dataset's tokenizer/ folder and give the export the "
+            "tokenizer class of its model family."
+        )
 
     __getstate__ = _fields_only
     __setstate__ = _restore_fields

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bigjax.config import ConfigError
+
 # Base models have no chat format; this one reads as a transcript, which a model pretrained
 # on web text continues naturally, and ends where the assistant speaks next.
 PLAIN = (
@@ -22,16 +24,26 @@ PLAIN = (
 
 
 def find_template(tokenizer_dir: Path | None) -> str | None:
+    """The chat template saved in a run's tokenizer folder, None if it has none. A file that
+    is not UTF-8 (or JSON that does not parse) is a ConfigError naming it: such a template is
+    a user's file, added beside the dataset's tokenizer."""
     if tokenizer_dir is None:
         return None
-    jinja = tokenizer_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = tokenizer_dir / "tokenizer_config.json"
-    if config.is_file():
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
+    jinja, config = tokenizer_dir / "chat_template.jinja", tokenizer_dir / "tokenizer_config.json"
+    path = jinja if jinja.is_file() else config
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path == jinja:
+            return text
+        raw = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "not JSON"
+        raise ConfigError(f"the chat template file {path} is {what} ({e}); save it as UTF-8 "
+                          f"{'JSON' if path == config else 'text'}.") from None  # fmt: skip
+    template = raw.get("chat_template") if isinstance(raw, dict) else None
+    return template if isinstance(template, str) else None
 
 
 def render(template: str, messages: list[dict[str, Any]], *, add_generation_prompt: bool,
