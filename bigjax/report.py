@@ -64,9 +64,13 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if not p.exists():
             raise ReportError(f"report: no such directory {str(p)!r}")
-        runs = [p] if (p / "metrics.jsonl").is_file() else sorted(
-            m.parent for m in p.glob("**/metrics.jsonl") if m.is_file()
-        )  # fmt: skip
+        found_here = [p / "metrics.jsonl"] if (p / "metrics.jsonl").is_file() else sorted(
+            p.glob("**/metrics.jsonl"))  # fmt: skip
+        # A FIFO, socket or device by that name would block or never end: left out, and said.
+        for odd in (m for m in found_here if not m.is_file()):
+            warnings.warn(f"report: {shown_path(odd)} is not a regular file; that run is left "
+                          "out.", BigjaxWarning, 2)  # fmt: skip
+        runs = [m.parent for m in found_here if m.is_file()]
         if not runs:
             raise ReportError(
                 f"report: no runs under {p} (a run directory holds metrics.jsonl: pass run "

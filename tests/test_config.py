@@ -121,6 +121,9 @@ VIT = {"model": {"family": "vit", "num_classes": 10},
         ({1: 2}, r"config key 1 under the top level is not a name; keys are strings"),
         ({"data": {"mixture": 5}}, r"data.mixture: expected \{'dirA': 0.7"),
         ({"data": {"mixture": [1, 2]}}, r"data.mixture: expected .* got \[1, 2\]"),
+        # one dataset twice, spelled two ways: two streams of the same records, taken silently
+        ({"data": {"mixture": {"d/web": 1, "d/./web/": 2}}}, r"same dataset; .*\(d/web:3\)"),
+        ({"data": {"mixture": "d/web:1,d/code:1,d/web:0.5"}}, r"'d/web' and 'd/web' are the"),
         ({"mesh": {"rules": 5}}, r"mesh.rules: expected \{'embed': 'fsdp', ...\}"),
         ({"mesh": {"rules": {5: "fsdp"}}}, r"mesh.rules: 5 is not a name"),
         # each a TypeError (a negative shape) or ZeroDivisionError traceback from the model

@@ -203,3 +203,17 @@ def test_every_path_must_hold_a_run(tmp_path, capsys):
     out = ["--out", str(tmp_path / "out")]
     assert main(["report", str(tmp_path / "runs"), str(tmp_path / "empty"), *out]) == 2
     assert f"no runs under {tmp_path / 'empty'} (a run directory" in capsys.readouterr().err
+
+
+def test_a_run_whose_metrics_are_a_fifo_is_left_out_and_said(tmp_path):
+    # Reading a FIFO would wait for a writer for ever; it used to drop out without a word.
+    _fake_run(tmp_path / "runs", "a", group="g", seed=0, final=2.0)
+    (tmp_path / "runs" / "b").mkdir()
+    os.mkfifo(tmp_path / "runs" / "b" / "metrics.jsonl")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text, _ = report.report([tmp_path / "runs"], tmp_path / "out")
+    said = [str(w.message) for w in caught if issubclass(w.category, BigjaxWarning)]
+    assert said == [f"report: {tmp_path / 'runs' / 'b' / 'metrics.jsonl'} is not a regular "
+                    "file; that run is left out."]  # fmt: skip
+    assert "\n| g | 1 |" in text  # run a is reported

@@ -8,6 +8,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import traceback
 import types
 import typing
@@ -209,11 +210,20 @@ def _parse_mixture(value: Any) -> tuple[tuple[str, float], ...]:
             pairs.append((path, weight))
     else:
         pairs = _pairs(value, "data.mixture", "{'dirA': 0.7, 'dirB': 0.3} or 'dirA:0.7,dirB:0.3'")
-    out = []
+    out, seen = [], {}
     for path, weight in pairs:
         w = _scalar(float, weight, f"data.mixture[{path}]")
         if w <= 0:
             raise ConfigError(f"data.mixture: weight of {path!r} must be positive, got {w}.")
+        # One dataset twice ('data/web' and 'data/./web/') would be read as two streams of
+        # the same records: give it once, its weights summed, for the same share.
+        same = os.path.normpath(os.path.abspath(str(path)))
+        if same in seen:
+            raise ConfigError(
+                f"data.mixture: {path!r} and {seen[same]!r} are the same dataset; give it "
+                f"once, with the weights summed ({seen[same]}:{dict(out)[seen[same]] + w:g})."
+            )
+        seen[same] = str(path)
         out.append((str(path), w))
     return tuple(out)
 
