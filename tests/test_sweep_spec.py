@@ -357,3 +357,39 @@ def test_sweep_flags_that_cannot_work_are_refused_in_one_line(tmp_path, capsys, 
     assert database.sqlite_file("sqlite:///rel/study.db") == Path("rel/study.db")
     assert database.sqlite_file("sqlite:////abs/study.db?timeout=5") == Path("/abs/study.db")
     assert database.sqlite_file("postgresql://u@h/db") is None
+
+
+@pytest.mark.parametrize("stops_after", [None, 3])
+def test_a_joiner_waits_while_the_creator_enqueues_not_after_it_stops(tmp_path, stops_after):
+    # A large grid takes its creator a while to enqueue (one transaction a trial: 10^4 points
+    # took 38 s): a worker joining then gave up after its fixed wait, although the trials were
+    # still growing. It now waits while they grow, and gives up `wait_s` after the last.
+    import threading
+
+    import optuna
+
+    from bigjax.sweep import runner
+
+    sweep = Sweep("s", TINY, space={"optim.lr": Grid(tuple(1e-4 * (i + 1) for i in range(10)))})
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+
+    def creator():  # as another machine's `bigjax sweep` would, slower than the joiner's wait_s
+        study = optuna.create_study(storage=url, study_name="s", direction=sweep.direction)
+        for point in sweep.points()[:stops_after]:
+            study.enqueue_trial(point)
+            time.sleep(0.3)
+        if stops_after is None:
+            study.set_user_attr("spec", runner.spec_fingerprint(sweep))
+            study.set_user_attr("enqueued", len(sweep.points()))
+
+    thread = threading.Thread(target=creator)
+    thread.start()
+    try:
+        if stops_after is None:
+            *_, study = _study(tmp_path, sweep, join_only=True, wait_s=1.5)
+            assert len(study.trials) == 10  # 3 s of enqueueing, twice the joiner's wait
+        else:
+            with pytest.raises(ConfigError, match="never filled .its 3 trials stopped growing"):
+                _study(tmp_path, sweep, join_only=True, wait_s=1.5)
+    finally:
+        thread.join()

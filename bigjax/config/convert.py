@@ -210,7 +210,8 @@ def _parse_mixture(value: Any) -> tuple[tuple[str, float], ...]:
             pairs.append((path, weight))
     else:
         pairs = _pairs(value, "data.mixture", "{'dirA': 0.7, 'dirB': 0.3} or 'dirA:0.7,dirB:0.3'")
-    out, seen = [], {}
+    out: list[tuple[str, float]] = []
+    seen: dict[str, str] = {}
     for path, weight in pairs:
         w = _scalar(float, weight, f"data.mixture[{path}]")
         if w <= 0:

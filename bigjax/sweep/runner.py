@@ -39,7 +39,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from bigjax import runlock
+from bigjax import progress, runlock
 from bigjax.config import ConfigError, load_config, to_dict
 from bigjax.sweep import devices
 from bigjax.sweep.database import (
@@ -51,7 +51,7 @@ from bigjax.sweep.database import (
     sqlite_file,
 )
 from bigjax.sweep.results import objective_value, read_evals, saved_step
-from bigjax.sweep.spec import Grid, IntUniform, LogUniform, Sweep, Uniform, Value
+from bigjax.sweep.spec import Grid, Sweep, suggest_point
 
 ERROR_TAIL_LINES = 20
 MAX_HEARTBEAT_S = 86400  # a worker dead for 3 of them has its trial retried
@@ -144,12 +144,22 @@ def open_study(spec: Sweep, storage: optuna.storages.BaseStorage, opts: Options)
             study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner,
                                         study_name=spec.name, direction=spec.direction)  # fmt: skip
             points = spec.points()
+            # One transaction a trial (~4 ms in SQLite): a bar where that takes seconds
+            many = len(points) > 500
+            bar = progress.Bar("sweep: enqueue", len(points), "trials") if many else None
             for point in points:  # None: a TPE trial (the sampler picks its point at its start)
                 study.enqueue_trial(point)  # type: ignore[arg-type]
+                if bar is not None:
+                    bar.advance()
+            if bar is not None:
+                bar.close()
             study.set_user_attr("spec", spec_fingerprint(spec))
             study.set_user_attr("enqueued", len(points))
             return study
-    deadline = time.monotonic() + (opts.wait_s if opts.join_only else 60.0)
+    # Wait for the study and its trials; while its creator is still enqueueing them (10^4 grid
+    # points take ~40 s) wait on as long as they grow, and give up `stall_s` after the last.
+    stall_s = opts.wait_s if opts.join_only else 60.0
+    deadline, filled = time.monotonic() + stall_s, -1
     while True:
         with contextlib.suppress(KeyError):
             study = optuna.load_study(
@@ -157,8 +167,12 @@ def open_study(spec: Sweep, storage: optuna.storages.BaseStorage, opts: Options)
             )
             if "enqueued" in study.user_attrs:
                 break
+            if (count := len(study.get_trials(deepcopy=False))) > filled:
+                filled, deadline = count, time.monotonic() + stall_s
         if time.monotonic() > deadline:
-            what = "has no study" if study is None else "holds a study never filled"
+            what = "has no study" if study is None else (
+                f"holds a study never filled (its {filled} trials stopped growing {stall_s:g} "
+                "s ago)")  # fmt: skip
             raise ConfigError(
                 f"sweep: {shown_url(opts.storage)} {what} named {spec.name!r}. Start the sweep "
                 "without --worker first (if its creator died while enqueueing, delete the study: "
@@ -171,26 +185,6 @@ def open_study(spec: Sweep, storage: optuna.storages.BaseStorage, opts: Options)
             "different spec. Give the changed spec a new name, or use a new --dir / --storage."
         )
     return study
-
-
-def suggest_point(spec: Sweep, trial: optuna.Trial) -> dict[str, Value]:
-    """The trial's parameter point: fixed by its enqueued values, else chosen by the sampler."""
-    point: dict[str, Value] = {}
-    if spec.variants:
-        point["variant"] = trial.suggest_categorical("variant", list(spec.variants))
-    for key, p in spec.space.items():
-        if isinstance(p, Grid):
-            choice = trial.suggest_categorical(key, list(p.values))
-            assert choice is not None  # one of p.values, which hold no None
-            point[key] = choice
-        elif isinstance(p, Uniform):
-            point[key] = trial.suggest_float(key, p.low, p.high)
-        elif isinstance(p, LogUniform):
-            point[key] = trial.suggest_float(key, p.low, p.high, log=True)
-        elif isinstance(p, IntUniform):
-            point[key] = trial.suggest_int(key, p.low, p.high)
-    point["seed"] = trial.suggest_categorical("seed", list(spec.seeds))
-    return point
 
 
 def _die_with_parent(cores: list[int] | None):

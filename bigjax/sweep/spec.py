@@ -13,11 +13,14 @@ import itertools
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from bigjax.config import ConfigError, load_python_function
+
+if TYPE_CHECKING:  # optuna is imported where a sweep runs
+    import optuna
 
 Value = bool | int | float | str
 
@@ -248,3 +251,23 @@ def _draw(p: Param, rng: np.random.Generator) -> Value:
 def _check(ok: bool, field: str, want: str) -> None:
     if not ok:
         raise ConfigError(f"sweep spec: {field} must be {want}.")
+
+
+def suggest_point(spec: Sweep, trial: optuna.Trial) -> dict[str, Value]:
+    """The trial's parameter point: fixed by its enqueued values, else chosen by the sampler."""
+    point: dict[str, Value] = {}
+    if spec.variants:
+        point["variant"] = trial.suggest_categorical("variant", list(spec.variants))
+    for key, p in spec.space.items():
+        if isinstance(p, Grid):
+            choice = trial.suggest_categorical(key, list(p.values))
+            assert choice is not None  # one of p.values, which hold no None
+            point[key] = choice
+        elif isinstance(p, Uniform):
+            point[key] = trial.suggest_float(key, p.low, p.high)
+        elif isinstance(p, LogUniform):
+            point[key] = trial.suggest_float(key, p.low, p.high, log=True)
+        elif isinstance(p, IntUniform):
+            point[key] = trial.suggest_int(key, p.low, p.high)
+    point["seed"] = trial.suggest_categorical("seed", list(spec.seeds))
+    return point
