@@ -528,3 +528,23 @@ def test_a_tpu_another_process_drives_is_named_in_one_line(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("command", ["inspect", "compress", "convert", "eval", "report"])
+def test_an_output_inside_a_runs_checkpoints_is_refused(tmp_path, capsys, command):
+    # `inspect --out RUN/checkpoints` wrote its PNGs among the checkpoints; through a link too
+    run = tmp_path / "run"
+    (run / "checkpoints" / "5").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (tmp_path / "link").symlink_to(run / "checkpoints")
+    out = {
+        "inspect": ["inspect", str(run), "--prompt", "x", "--out", "OUT"],
+        "compress": ["compress", "quantize", str(run), "--out", "OUT"],
+        "convert": ["convert", str(run), "OUT"],
+        "eval": ["eval", str(run), "--json", "OUT/e.json"],
+        "report": ["report", str(run), "--out", "OUT"],
+    }[command]
+    for target in (run / "checkpoints", tmp_path / "link" / "plots"):
+        argv = [a.replace("OUT", str(target)) for a in out]
+        assert f"is inside the checkpoints folder of the run {run}" in _one_line(capsys, *argv)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["5"]

@@ -140,6 +140,12 @@ def _output_problem(path: Path, kind: str) -> str | None:
         return " is a directory; give a file's path."
     if kind == "dir" and path.exists() and not path.is_dir():
         return " is a file; pass a directory."
+    # A run's checkpoints folder holds its checkpoints alone (a restore lists it): an output
+    # there (PNGs, an export) is litter among them, through a link too.
+    for folder in (path.resolve(), *path.resolve().parents):
+        if folder.name == "checkpoints" and (folder.parent / "config.json").is_file():
+            return (f" is inside the checkpoints folder of the run {folder.parent}; write it "
+                    f"elsewhere (beside it, in {folder.parent}, say).")  # fmt: skip
     parent = path if kind == "dir" else path.parent
     while not parent.exists():  # the nearest that exists: what is missing below it is created
         if parent.is_symlink():
