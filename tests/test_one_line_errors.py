@@ -548,3 +548,8 @@ def test_an_output_inside_a_runs_checkpoints_is_refused(tmp_path, capsys, comman
         argv = [a.replace("OUT", str(target)) for a in out]
         assert f"is inside the checkpoints folder of the run {run}" in _one_line(capsys, *argv)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["5"]
+    # a link loop on the way: one line, not resolve()'s RuntimeError
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    argv = [a.replace("OUT", str(tmp_path / "a" / "x")) for a in out]
+    assert f"{tmp_path / 'a'} is a link to" in _one_line(capsys, *argv)

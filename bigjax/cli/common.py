@@ -142,7 +142,8 @@ def _output_problem(path: Path, kind: str) -> str | None:
         return " is a file; pass a directory."
     # A run's checkpoints folder holds its checkpoints alone (a restore lists it): an output
     # there (PNGs, an export) is litter among them, through a link too.
-    for folder in (path.resolve(), *path.resolve().parents):
+    real = Path(os.path.realpath(path))  # unlike resolve(), no RuntimeError on a link loop
+    for folder in (real, *real.parents):
         if folder.name == "checkpoints" and (folder.parent / "config.json").is_file():
             return (f" is inside the checkpoints folder of the run {folder.parent}; write it "
                     f"elsewhere (beside it, in {folder.parent}, say).")  # fmt: skip
