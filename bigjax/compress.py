@@ -194,9 +194,8 @@ def compress_run(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         # before the checkpoints, which are renamed in last: they make the directory a run
         trained.write_text(Path(out_dir) / "compress.json", json_text(report, indent=2) + "\n")
-        trained.write_params_run(
-            Path(out_dir), to_dict(prog.cfg), unflatten(new), compressed_from=workdir
-        )
+        trained.write_params_run(Path(out_dir), to_dict(prog.cfg), unflatten(new),
+                                 prog.resources.tokenizer, compressed_from=workdir)  # fmt: skip
         bar.advance(note="written")
         bar.close()
     return report

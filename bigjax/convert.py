@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from flax import nnx
 from bigjax import checkpoint, errors, hf, models, progress, tensorfile, trained
 from bigjax.config import DataConfig, ModelConfig, TrainConfig, from_configdict, to_dict
 from bigjax.data import dataset
-from bigjax.data.tokenizer import Tokenizer, TokenizerError
+from bigjax.data.tokenizer import HFTokenizer, Tokenizer, TokenizerError
 from bigjax.dirswap import staging_dir, swap_in
 from bigjax.serving.chat import find_template
 from bigjax.tree import flatten, unflatten
@@ -141,10 +142,31 @@ def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> Train
     layout = checkpoint.param_layout(nnx.to_pure_dict(abstract))
     flat = hf.from_hf(cfg.model, tensors, layout, np.dtype(cfg.model.param_dtype))
     bar.advance(note="converted to bigjax's layout")
-    trained.write_params_run(dst, to_dict(cfg), unflatten(flat), imported_from=str(src.absolute()))
+    trained.write_params_run(dst, to_dict(cfg), unflatten(flat), model_tokenizer(src, cfg.model),
+                             imported_from=str(src.absolute()))  # fmt: skip
     bar.advance(note="checkpoint written")
     bar.close()
     return cfg
+
+
+def model_tokenizer(src: Path, m: ModelConfig) -> Tokenizer | None:
+    """The model's tokenizer.json, kept with the imported run so that generate, serve and
+    eval read text as the model was trained to; None, with a note saying why, where there is
+    none that bigjax can use (the run then reads text with its data's tokenizer)."""
+    path = src / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        tokenizer = HFTokenizer(path.read_text(encoding="utf-8"))
+        _ = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)  # parses it; needs an EOS
+        if tokenizer.vocab_size > m.vocab_size:
+            raise TokenizerError(f"it has {tokenizer.vocab_size} ids, the model {m.vocab_size}")
+    except Exception as e:  # noqa: BLE001 - `tokenizers` raises plain Exception on bad JSON
+        said = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"note: {path} is not kept with the run ({said}); it reads text with its data's "
+              "tokenizer.", file=sys.stderr, flush=True)  # fmt: skip
+        return None
+    return tokenizer
 
 
 def export_hf(

@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bigjax.config import (
     ConfigError,
@@ -17,6 +17,9 @@ from bigjax.config import (
     parse_override,
     set_path,
 )
+
+if TYPE_CHECKING:  # imported where used: the tools' start stays light
+    from bigjax.data.tokenizer import Tokenizer
 
 
 @contextlib.contextmanager
@@ -61,12 +64,14 @@ def open_run(
     from bigjax.mesh import for_run
     from bigjax.program import make_program, shapes
     from bigjax.resources import Resources
+    from bigjax.rundir import read_kept_tokenizer
 
     cfg, mesh = for_run(cfg)
     with jax.set_mesh(mesh):
         # The tokenizer is all a trained model needs: a run's teacher, DP accounting and
         # choice items are for training it (a served distilled run must not need its teacher)
-        res = Resources(dataset.tokenizer_for(cfg.data))
+        # (the run's own copy: the dataset may have moved; a run without one reads the data's)
+        res = Resources(read_kept_tokenizer(Path(workdir)) or dataset.tokenizer_for(cfg.data))
         prog = make_program(cfg, shapes(cfg, mesh), res)
         target = prog.target.params
         params, step = loading.load_params(workdir, target, prog.layer_order, step)
@@ -74,15 +79,18 @@ def open_run(
         yield prog, lora.merged(params, cfg.finetune.lora_scale), step
 
 
-def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any) -> None:
-    """A run directory holding only parameters (an imported or compressed model): config.json
-    and a parameters-only checkpoint at step 0, which generate, eval, convert and
-    checkpoint.init_from open like any run."""
+def write_params_run(
+    dst: Path, config: dict[str, Any], params: Any, tokenizer: Tokenizer | None = None, **meta: Any
+) -> None:
+    """A run directory holding only parameters (an imported or compressed model): config.json,
+    the model's tokenizer where it has one, and a parameters-only checkpoint at step 0, which
+    generate, eval, convert and checkpoint.init_from open like any run."""
     import shutil
 
     from bigjax import errors, runlock
     from bigjax.checkpoint import param_layout
     from bigjax.dirswap import staging_dir
+    from bigjax.rundir import save_tokenizer
 
     dst = Path(dst)
     check_new_run_dir(dst)
@@ -99,6 +107,8 @@ def write_params_run(dst: Path, config: dict[str, Any], params: Any, **meta: Any
         try:
             save_params(staged, params, {"config": config, "params": layout, **meta})
             write_text(dst / "config.json", json.dumps(config, indent=2) + "\n")
+            if tokenizer is not None:  # replacing an earlier, killed writer's
+                save_tokenizer(dst, tokenizer)
             staged.rename(dst / "checkpoints")
         except BaseException as e:
             shutil.rmtree(staged, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""A run keeps its tokenizer (`RUN/tokenizer`): the tools read text with it when the dataset
+has moved, a resume on data with another tokenizer is refused, a new run from another run's
+weights on data of another tokenizer is warned about, and imports and compressions keep the
+model's tokenizer too."""
+
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from bigjax.cli import main
+from bigjax.config import ConfigError
+from bigjax.data.prepare import PrepareConfig, prepare
+from bigjax.errors import BigjaxWarning
+from bigjax.train import train
+
+STDLIB = Path(sys.modules["json"].__file__).parents[1]
+MODULES = ("heapq", "colorsys", "keyword", "base64", "calendar", "copy", "csv", "difflib")
+
+
+def _prepare(out: Path, vocab: int) -> Path:
+    files = tuple(str(STDLIB / f"{n}.py") for n in MODULES)
+    prepare(PrepareConfig(inputs=files, output=str(out), workers=1, tokenizer=f"bpe:{vocab}",
+                          val_fraction=0.3))  # fmt: skip
+    return out
+
+
+def _config(data: Path, steps: int, **groups):
+    return tiny_config(num_steps=steps, data={"path": str(data), "batch_size": 8, "seq_len": 64},
+                       model={"size": "tiny", "vocab_size": 512}, **groups)  # fmt: skip
+
+
+def _generate(capsys, run: Path) -> str:
+    capsys.readouterr()
+    argv = ["generate", str(run), "--prompt", "def f(", "--max-new-tokens", "6"]
+    assert main([*argv, "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    return "".join(line for line in out.splitlines(True) if "tokens/s" not in line)  # timings
+
+
+@pytest.mark.slow
+def test_a_run_keeps_its_tokenizer_for_the_tools_and_refuses_data_with_another(tmp_path, capsys):
+    ds = _prepare(tmp_path / "ds", 300)
+    run = tmp_path / "run"
+    train(_config(ds, 2), run)
+    kept = (run / "tokenizer" / "tokenizer.json").read_text()
+    assert kept == (ds / "tokenizer" / "tokenizer.json").read_text()
+    text = _generate(capsys, run)
+
+    # The dataset moved away: the tools that read no data still work, with the same text.
+    ds.rename(tmp_path / "moved")
+    assert _generate(capsys, run) == text
+    assert main(["convert", str(run), str(tmp_path / "hf"), "--with-tokenizer"]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == kept
+    assert main(["eval", str(run)]) == 2  # it reads the held-out split: one line naming it
+    assert "is not a prepared dataset" in capsys.readouterr().err
+
+    # The dataset prepared again at its path with another tokenizer: before, the resume
+    # trained on, its ids meaning other text. Refused before its first step.
+    _prepare(ds, 400)
+    with pytest.raises(ConfigError, match=r"trained with a hf tokenizer of 300 ids .* data has a"):
+        train(_config(ds, 4), run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+    # A new run from the run's weights on that data: warned, naming the way to the right data.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(_config(ds, 1, checkpoint={"init_from": str(run)}), tmp_path / "tuned")
+    said = [str(w.message) for w in caught if issubclass(w.category, BigjaxWarning)]
+    assert any(f"--tokenizer hf:{run / 'tokenizer' / 'tokenizer.json'}" in s for s in said), said
+
+
+@pytest.mark.slow
+def test_an_export_imported_again_keeps_its_tokenizer_and_generates_the_same(tmp_path, capsys):
+    # bigjax -> Hugging Face (with the byte tokenizer as a tokenizer.json) -> bigjax: the
+    # imported run reads text with that tokenizer, so it generates what the original did.
+    run = tmp_path / "run"
+    train(tiny_config(num_steps=2, data={"batch_size": 8, "seq_len": 64}), run)
+    text = _generate(capsys, run)
+    assert main(["convert", str(run), str(tmp_path / "hf"), "--with-tokenizer"]) == 0
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "tokenizer" / "tokenizer.json").is_file()
+    assert _generate(capsys, tmp_path / "back") == text
+    # a compressed run keeps it too
+    out = str(tmp_path / "pruned")
+    assert (
+        main(["compress", "prune", str(tmp_path / "back"), "--sparsity", "0.1", "--out", out]) == 0
+    )
+    assert (tmp_path / "pruned" / "tokenizer" / "tokenizer.json").is_file()
+
+    # A tokenizer.json bigjax cannot use (no end-of-text token here) is left, with a note.
+    shutil.copytree(tmp_path / "hf", tmp_path / "odd")
+    (tmp_path / "odd" / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "odd"), str(tmp_path / "odd_run")]) == 0
+    assert "tokenizer.json is not kept with the run" in capsys.readouterr().err
+    assert not (tmp_path / "odd_run" / "tokenizer").exists()
