@@ -151,13 +151,11 @@ def compress_run(
     if method == "prune" and pattern == "unstructured" and not 0 <= sparsity < 1:  # NaN too
         raise ConfigError(f"compress prune: --sparsity {sparsity}: the share of each matrix "
                           "set to zero, from 0 up to (not including) 1.")  # fmt: skip
-    trained.check_new_run_dir(Path(out_dir))  # before the evals, not after
+    trained.check_outside(workdir, out_dir, "compress")  # before the evals, not after
+    trained.check_new_run_dir(Path(out_dir))
     run = trained.open_run(workdir, overrides, "compress")
     # its only writes are into out_dir: a full disk's one-line error names it
     with errors.writing(out_dir), run as (prog, params, step):
-        if Path(out_dir).resolve().is_relative_to(Path(workdir).resolve()):  # a run, it is
-            raise ConfigError(f"compress: --out {out_dir} is inside the run it compresses; "
-                              "pick a directory outside it.")  # fmt: skip
         import jax
         import numpy as np
 

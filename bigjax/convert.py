@@ -27,11 +27,18 @@ import numpy as np
 from flax import nnx
 
 from bigjax import checkpoint, errors, hf, models, progress, tensorfile, trained
-from bigjax.config import DataConfig, ModelConfig, TrainConfig, from_configdict, to_dict
+from bigjax.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    from_configdict,
+    to_dict,
+)
 from bigjax.data import dataset
 from bigjax.data.tokenizer import HFTokenizer, Tokenizer, TokenizerError
 from bigjax.dirswap import staging_dir, swap_in
-from bigjax.serving.chat import find_template
+from bigjax.serving.chat import find_template, template_dir
 from bigjax.tree import flatten, unflatten
 
 EXPORT_DTYPES = {
@@ -142,7 +149,9 @@ def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> Train
     layout = checkpoint.param_layout(nnx.to_pure_dict(abstract))
     flat = hf.from_hf(cfg.model, tensors, layout, np.dtype(cfg.model.param_dtype))
     bar.advance(note="converted to bigjax's layout")
-    trained.write_params_run(dst, to_dict(cfg), unflatten(flat), model_tokenizer(src, cfg.model),
+    tokenizer = model_tokenizer(src, cfg.model)
+    trained.write_params_run(dst, to_dict(cfg), unflatten(flat), tokenizer,
+                             model_template(src) if tokenizer else None,
                              imported_from=str(src.absolute()))  # fmt: skip
     bar.advance(note="checkpoint written")
     bar.close()
@@ -169,6 +178,16 @@ def model_tokenizer(src: Path, m: ModelConfig) -> Tokenizer | None:
     return tokenizer
 
 
+def model_template(src: Path) -> str | None:
+    """The model's chat template (chat_template.jinja, or in its tokenizer_config.json), kept
+    with its tokenizer for `bigjax serve`; one that does not read is left, with a note."""
+    try:
+        return find_template(src)
+    except ConfigError as e:
+        print(f"note: {e} It is not kept with the run.", file=sys.stderr, flush=True)
+        return None
+
+
 def export_hf(
     cfg: TrainConfig,
     params: Any,
@@ -176,15 +195,17 @@ def export_hf(
     dtype: str,
     max_shard_bytes: int,
     tokenizer: Tokenizer | None = None,
+    workdir: Path | None = None,
 ) -> list[str]:
     """A run's parameters (a pure dict, possibly sharded) -> Hugging Face directory `dst`,
-    with the run's `tokenizer` when one is given; returns the files written."""
+    with the run's `tokenizer` (and chat template: its data's, or the one kept in `workdir`)
+    when one is given; returns the files written."""
     if dtype not in EXPORT_DTYPES:
         raise hf.ConvertError(f"--dtype {dtype!r}: use one of {list(EXPORT_DTYPES)}.")
     dst = Path(dst)
     carried = _carried(dst)  # before any work: a target that is no export is refused
     config = hf.hf_config(cfg.model, cfg.data.seq_len, dtype)  # raises if not representable
-    extra = {} if tokenizer is None else tokenizer_files(tokenizer, cfg)
+    extra = {} if tokenizer is None else tokenizer_files(tokenizer, cfg, workdir)
     if tokenizer is not None:  # what generate() stops at and pads with
         config |= {f"{k}_token_id": i for k, i in _specials(tokenizer).items()}
     bar = progress.Bar("convert: export", 3, "stages")
@@ -214,7 +235,9 @@ def export_hf(
     return [*files, "config.json", *extra]
 
 
-def tokenizer_files(tokenizer: Tokenizer, cfg: TrainConfig) -> dict[str, str]:
+def tokenizer_files(
+    tokenizer: Tokenizer, cfg: TrainConfig, workdir: Path | None = None
+) -> dict[str, str]:
     """tokenizer.json and tokenizer_config.json: what `AutoTokenizer.from_pretrained` reads,
     giving the ids `bigjax generate` and `serve` give a prompt (special tokens written in the
     text become their ids), the run's BOS, EOS and PAD, its context length and, where the
@@ -229,7 +252,7 @@ def tokenizer_files(tokenizer: Tokenizer, cfg: TrainConfig) -> dict[str, str]:
         "model_max_length": cfg.data.seq_len,
         "clean_up_tokenization_spaces": False,
     }
-    if template := find_template(dataset.tokenizer_dir(cfg.data)):
+    if template := find_template(template_dir(dataset.tokenizer_dir(cfg.data), workdir)):
         config["chat_template"] = template
     return {
         "tokenizer.json": tokenizer_json,

@@ -25,7 +25,7 @@ from bigjax.dirswap import staging_dir, swap_in
 from bigjax.errors import BigjaxWarning
 from bigjax.program import Program
 
-TOKENIZER_DIR = "tokenizer"  # the run's own copy of its tokenizer
+TOKENIZER_DIR = tokenizers.IN_RUN  # the run's own copy of its tokenizer
 
 # summary.json: counts, the final eval loss (None before one), whether the run is complete
 Summary = dict[str, int | float | bool | None]
@@ -216,11 +216,16 @@ def run_summary(
     }
 
 
-def save_tokenizer(workdir: Path, tokenizer: tokenizers.Tokenizer) -> None:
-    """`workdir/tokenizer`, written whole beside it and swapped in: a kill leaves none or all
-    of it (and a staging folder the next save removes)."""
+def save_tokenizer(
+    workdir: Path, tokenizer: tokenizers.Tokenizer, chat_template: str | None = None
+) -> None:
+    """`workdir/tokenizer` (with the model's chat template, where an import brings one),
+    written whole beside it and swapped in: a kill leaves none or all of it (and a staging
+    folder the next save removes)."""
     staged = staging_dir(workdir / TOKENIZER_DIR)
     tokenizer.save(staged)
+    if chat_template is not None:
+        (staged / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     swap_in(staged, workdir / TOKENIZER_DIR)
 
 

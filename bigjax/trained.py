@@ -80,7 +80,12 @@ def open_run(
 
 
 def write_params_run(
-    dst: Path, config: dict[str, Any], params: Any, tokenizer: Tokenizer | None = None, **meta: Any
+    dst: Path,
+    config: dict[str, Any],
+    params: Any,
+    tokenizer: Tokenizer | None = None,
+    chat_template: str | None = None,
+    **meta: Any,
 ) -> None:
     """A run directory holding only parameters (an imported or compressed model): config.json,
     the model's tokenizer where it has one, and a parameters-only checkpoint at step 0, which
@@ -108,7 +113,7 @@ def write_params_run(
             save_params(staged, params, {"config": config, "params": layout, **meta})
             write_text(dst / "config.json", json.dumps(config, indent=2) + "\n")
             if tokenizer is not None:  # replacing an earlier, killed writer's
-                save_tokenizer(dst, tokenizer)
+                save_tokenizer(dst, tokenizer, chat_template)
             staged.rename(dst / "checkpoints")
         except BaseException as e:
             shutil.rmtree(staged, ignore_errors=True)
@@ -123,6 +128,17 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def check_outside(workdir: str | Path, out: str | Path, command: str) -> None:
+    """Raises if `out`, a new run written from `workdir`, lies inside that run (in its
+    checkpoints, say)."""
+    import os
+
+    # realpath, not resolve(): no RuntimeError on a link loop (check_output names that)
+    if Path(os.path.realpath(out)).is_relative_to(os.path.realpath(workdir)):
+        raise ConfigError(f"{command}: --out {out} is inside the run it {command}es; pick a "
+                          "directory outside it.")  # fmt: skip
 
 
 def check_new_run_dir(dst: Path) -> None:

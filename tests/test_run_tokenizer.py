@@ -3,6 +3,7 @@ has moved, a resume on data with another tokenizer is refused, a new run from an
 weights on data of another tokenizer is warned about, and imports and compressions keep the
 model's tokenizer too."""
 
+import json
 import shutil
 import sys
 import warnings
@@ -15,6 +16,7 @@ from bigjax.cli import main
 from bigjax.config import ConfigError
 from bigjax.data.prepare import PrepareConfig, prepare
 from bigjax.errors import BigjaxWarning
+from bigjax.serving import chat
 from bigjax.train import train
 
 STDLIB = Path(sys.modules["json"].__file__).parents[1]
@@ -81,9 +83,19 @@ def test_an_export_imported_again_keeps_its_tokenizer_and_generates_the_same(tmp
     train(tiny_config(num_steps=2, data={"batch_size": 8, "seq_len": 64}), run)
     text = _generate(capsys, run)
     assert main(["convert", str(run), str(tmp_path / "hf"), "--with-tokenizer"]) == 0
+    # a chat template, as an instruct model's tokenizer_config.json carries one
+    hf_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    hf_config["chat_template"] = template
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(hf_config))
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "tokenizer" / "tokenizer.json").is_file()
     assert _generate(capsys, tmp_path / "back") == text
+    # the template stays with the imported run: serve renders it, an export carries it on
+    assert chat.template_dir(None, tmp_path / "back") == tmp_path / "back" / "tokenizer"
+    assert main(["convert", str(tmp_path / "back"), str(tmp_path / "hf2"), "--with-tokenizer"]) == 0
+    assert json.loads((tmp_path / "hf2" / "tokenizer_config.json").read_text())[
+        "chat_template"] == template  # fmt: skip
     # a compressed run keeps it too
     out = str(tmp_path / "pruned")
     assert (

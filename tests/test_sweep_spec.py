@@ -373,11 +373,14 @@ def test_a_joiner_waits_while_the_creator_enqueues_not_after_it_stops(tmp_path, 
     sweep = Sweep("s", TINY, space={"optim.lr": Grid(tuple(1e-4 * (i + 1) for i in range(10)))})
     url = f"sqlite:///{tmp_path / 'study.db'}"
 
+    created = threading.Event()
+
     def creator():  # as another machine's `bigjax sweep` would, slower than the joiner's wait_s
         study = optuna.create_study(storage=url, study_name="s", direction=sweep.direction)
+        created.set()
         for point in sweep.points()[:stops_after]:
             study.enqueue_trial(point)
-            time.sleep(0.3)
+            time.sleep(0.5)
         if stops_after is None:
             study.set_user_attr("spec", runner.spec_fingerprint(sweep))
             study.set_user_attr("enqueued", len(sweep.points()))
@@ -385,11 +388,12 @@ def test_a_joiner_waits_while_the_creator_enqueues_not_after_it_stops(tmp_path, 
     thread = threading.Thread(target=creator)
     thread.start()
     try:
+        assert created.wait(60)  # the joiner comes once the study exists (its tables: slow)
         if stops_after is None:
-            *_, study = _study(tmp_path, sweep, join_only=True, wait_s=1.5)
-            assert len(study.trials) == 10  # 3 s of enqueueing, twice the joiner's wait
+            *_, study = _study(tmp_path, sweep, join_only=True, wait_s=2.5)
+            assert len(study.trials) == 10  # 5 s of enqueueing, twice the joiner's wait
         else:
             with pytest.raises(ConfigError, match="never filled .its 3 trials stopped growing"):
-                _study(tmp_path, sweep, join_only=True, wait_s=1.5)
+                _study(tmp_path, sweep, join_only=True, wait_s=2.5)
     finally:
         thread.join()

@@ -20,7 +20,7 @@ from bigjax.cli.common import (
 )
 from bigjax.config import ConfigError
 from bigjax.config.load import parse_override, set_path
-from bigjax.trained import open_run
+from bigjax.trained import check_outside, open_run
 
 
 def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -179,8 +179,9 @@ def cmd_convert(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     with open_run(str(src), overrides, "convert") as (prog, params, step):
         tokenizer = prog.resources.tokenizer if args.with_tokenizer else None
         files = convert.export_hf(
-            prog.cfg, params, dst, args.dtype, convert.parse_size(args.max_shard_size), tokenizer
-        )
+            prog.cfg, params, dst, args.dtype, convert.parse_size(args.max_shard_size),
+            tokenizer, src,
+        )  # fmt: skip
     print(f"convert: exported step {step} of {src} to {dst}: {', '.join(files)}", flush=True)
     if tokenizer is None:
         print("convert: no tokenizer written; add --with-tokenizer to write the run's own "
@@ -209,6 +210,7 @@ def cmd_compress(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     """
     workdir = run_dir(args, "compress")
     if not Path(args.out).is_file():  # a file: compress's own message, naming a new run
+        check_outside(workdir, args.out, "compress")  # its message first: the run is named
         check_output("compress", "--out", args.out, "dir")
     given = {"--bits": args.bits, "--pattern": args.pattern, "--sparsity": args.sparsity}
     other = {"quantize": "prune", "prune": "quantize"}[args.method]

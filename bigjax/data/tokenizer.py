@@ -21,6 +21,7 @@ import numpy as np
 from bigjax.errors import UsageError
 
 CONFIG_FILE = "tokenizer_config.json"
+IN_RUN = "tokenizer"  # a run's own copy of its tokenizer: RUN/tokenizer (bigjax/rundir.py)
 BOS_CANDIDATES = ("<bos>", "<s>", "<|begin_of_text|>", "[CLS]", "<|endoftext|>")
 EOS_CANDIDATES = ("<eos>", "</s>", "<|end_of_text|>", "<|eot_id|>", "[SEP]", "<|endoftext|>")
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bigjax.config import ConfigError
+from bigjax.data.tokenizer import IN_RUN
 
 # Base models have no chat format; this one reads as a transcript, which a model pretrained
 # on web text continues naturally, and ends where the assistant speaks next.
@@ -44,6 +45,13 @@ def find_template(tokenizer_dir: Path | None) -> str | None:
                           f"{'JSON' if path == config else 'text'}.") from None  # fmt: skip
     template = raw.get("chat_template") if isinstance(raw, dict) else None
     return template if isinstance(template, str) else None
+
+
+def template_dir(tokenizer_dir: Path | None, workdir: Path | None) -> Path | None:
+    """Where a run's chat template is: its data's tokenizer folder (where a user may add one),
+    else the run's own (`RUN/tokenizer`: an imported model's); None if neither has one."""
+    kept = None if workdir is None else workdir / IN_RUN
+    return next((d for d in (tokenizer_dir, kept) if find_template(d) is not None), None)
 
 
 def render(template: str, messages: list[dict[str, Any]], *, add_generation_prompt: bool,

@@ -107,7 +107,7 @@ def _build(workdir: str, prog: Any, params: Any, opts: Options) -> tuple[Any, An
                           f"{cfg.model.max_positions} learned positions; lower it.")  # fmt: skip
     _check_cache(pg.shapes_of(prog.graphdef, params, opts.slots, max_len), prog.mesh)
     tokenizer = prog.resources.tokenizer
-    template = _chat_template(opts.chat_template, dataset.tokenizer_dir(cfg.data))
+    template = _chat_template(opts.chat_template, dataset.tokenizer_dir(cfg.data), Path(workdir))
     engine = Engine(prog.graphdef, params, cfg.mesh.rules, slots=opts.slots, max_len=max_len,
                     max_waiting=opts.max_waiting, mesh=prog.mesh)  # fmt: skip
     name = opts.model_name or Path(workdir).resolve().name
@@ -133,7 +133,7 @@ def _check_cache(s: Any, mesh: Any) -> None:
     memory.check_fits(need, local, what, "lower --max-len or --slots.")
 
 
-def _chat_template(path: str, tokenizer_dir: Path | None) -> str:
+def _chat_template(path: str, data_dir: Path | None, workdir: Path) -> str:
     from bigjax.serving import chat
 
     if path:
@@ -145,6 +145,7 @@ def _chat_template(path: str, tokenizer_dir: Path | None) -> str:
             raise ConfigError(f"serve: --chat-template {path}: not UTF-8 text ({e.reason} at "
                               f"byte {e.start}).") from None  # fmt: skip
     else:
+        tokenizer_dir = chat.template_dir(data_dir, workdir)
         template = chat.find_template(tokenizer_dir) or chat.PLAIN
     if problem := chat.syntax_error(template):
         where = f"--chat-template {path}" if path else f"the chat template in {tokenizer_dir}"
