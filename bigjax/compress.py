@@ -153,7 +153,7 @@ def compress_run(
                           "set to zero, from 0 up to (not including) 1.")  # fmt: skip
     trained.check_outside(workdir, out_dir, "compress")  # before the evals, not after
     trained.check_new_run_dir(Path(out_dir))
-    run = trained.open_run(workdir, overrides, "compress")
+    run = trained.open_run(workdir, overrides, "compress", reads_data=True)
     # its only writes are into out_dir: a full disk's one-line error names it
     with errors.writing(out_dir), run as (prog, params, step):
         import jax

@@ -12,7 +12,7 @@ from bigjax.trained import open_run
 def evaluate_run(workdir: str, overrides: Sequence[str], choices: str = "") -> dict[str, Any]:
     """Eval loss of the run's latest checkpoint, plus accuracy on `choices` (or the config's
     eval.choices): a JSONL path or 'stdlib'."""
-    with open_run(workdir, overrides, "eval") as (prog, params, step):
+    with open_run(workdir, overrides, "eval", reads_data=True) as (prog, params, step):
         from bigjax import choices as mc
         from bigjax.evals import run_eval
 

@@ -69,7 +69,7 @@ class RunDir:
         resume whose data now has another tokenizer (the dataset prepared again, or another
         `data.path`) is refused before its first step or any write: its ids mean other text."""
         kept = read_kept_tokenizer(self.workdir)
-        if kept is not None and kept != tokenizer:
+        if kept is not None and not tokenizers.same_ids(kept, tokenizer):
             raise ConfigError(
                 f"{other_ids(self.workdir, kept, tokenizer)} The dataset was prepared again "
                 "with another tokenizer, or data.path names another dataset. Start a new run "
@@ -82,7 +82,7 @@ class RunDir:
         if source := self.cfg.checkpoint.init_from:  # a new run from another one's weights
             run = Path(source) if (Path(source) / "checkpoints").is_dir() else Path(source).parent
             theirs = read_kept_tokenizer(run)
-            if theirs is not None and theirs != tokenizer:
+            if theirs is not None and not tokenizers.same_ids(theirs, tokenizer):
                 warnings.warn(f"checkpoint.init_from: {other_ids(run, theirs, tokenizer)} Use "
                               f"data prepared with {prepare_with(run, theirs)}.",
                               BigjaxWarning, stacklevel=2)  # fmt: skip

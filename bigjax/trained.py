@@ -24,13 +24,14 @@ if TYPE_CHECKING:  # imported where used: the tools' start stays light
 
 @contextlib.contextmanager
 def open_run(
-    workdir: str, overrides: Sequence[str], command: str, tensor: int = 1
+    workdir: str, overrides: Sequence[str], command: str, tensor: int = 1, reads_data: bool = False
 ) -> Iterator[tuple]:
     """A trained run, ready to use on this machine: yields (program, params, checkpoint step)
     inside its mesh. The config is the one its newest intact checkpoint was saved with (checked
     with it by its checksums; config.json, for a checkpoint without one), plus overrides; the
     mesh is FSDP over this machine's devices (in groups of `tensor` for tensor parallelism),
-    whatever mesh the run trained on."""
+    whatever mesh the run trained on. The tokenizer is the run's own copy (`RUN/tokenizer`);
+    a command that `reads_data` checks that its data's is the same."""
     import dataclasses as dc
 
     from bigjax import loading
@@ -61,17 +62,27 @@ def open_run(
 
     from bigjax import lora
     from bigjax.data import dataset
+    from bigjax.data.tokenizer import same_ids
     from bigjax.mesh import for_run
     from bigjax.program import make_program, shapes
     from bigjax.resources import Resources
-    from bigjax.rundir import read_kept_tokenizer
+    from bigjax.rundir import other_ids, read_kept_tokenizer
 
     cfg, mesh = for_run(cfg)
     with jax.set_mesh(mesh):
         # The tokenizer is all a trained model needs: a run's teacher, DP accounting and
         # choice items are for training it (a served distilled run must not need its teacher)
         # (the run's own copy: the dataset may have moved; a run without one reads the data's)
-        res = Resources(read_kept_tokenizer(Path(workdir)) or dataset.tokenizer_for(cfg.data))
+        kept = read_kept_tokenizer(Path(workdir))
+        if kept is None or reads_data:
+            data_tokenizer = dataset.tokenizer_for(cfg.data)  # one line if the data is gone
+            if kept is not None and not same_ids(kept, data_tokenizer):
+                raise ConfigError(
+                    f"{command}: {other_ids(Path(workdir), kept, data_tokenizer)} Its data "
+                    "was prepared again with another tokenizer, or data.path names other data: "
+                    "set --config.data.path to data prepared with the run's."
+                )
+        res = Resources(kept or data_tokenizer)
         prog = make_program(cfg, shapes(cfg, mesh), res)
         target = prog.target.params
         params, step = loading.load_params(workdir, target, prog.layer_order, step)
@@ -131,12 +142,13 @@ def write_text(path: Path, text: str) -> None:
 
 
 def check_outside(workdir: str | Path, out: str | Path, command: str) -> None:
-    """Raises if `out`, a new run written from `workdir`, lies inside that run (in its
-    checkpoints, say)."""
+    """Raises if `out`, a new run written from the run `workdir`, lies inside it (in its
+    checkpoints, say). A `workdir` that is no run is left to the command's own error."""
     import os
 
     # realpath, not resolve(): no RuntimeError on a link loop (check_output names that)
-    if Path(os.path.realpath(out)).is_relative_to(os.path.realpath(workdir)):
+    inside = Path(os.path.realpath(out)).is_relative_to(os.path.realpath(workdir))
+    if inside and (Path(workdir) / "config.json").is_file():
         raise ConfigError(f"{command}: --out {out} is inside the run it {command}es; pick a "
                           "directory outside it.")  # fmt: skip
 

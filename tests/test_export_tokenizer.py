@@ -147,3 +147,14 @@ def test_a_chat_template_file_that_does_not_read_is_one_error_naming_it(name, da
     cfg = tiny_config(data={"path": str(tmp_path / "ds")})
     with pytest.raises(ConfigError, match=f"{name} is {said}"):
         convert.tokenizer_files(ByteTokenizer(), cfg)
+
+
+def test_the_byte_tokenizer_and_its_export_are_the_same_ids_and_others_are_not():
+    # an export imported back keeps the byte tokenizer as a tokenizer.json: eval and a resume
+    # on the built-in corpus must take it as the same (they refused it as another tokenizer)
+    from bigjax.data.tokenizer import HFTokenizer, same_ids
+
+    byte = ByteTokenizer()
+    assert same_ids(byte, HFTokenizer(byte.hf_json())) and same_ids(byte, ByteTokenizer())
+    assert not same_ids(byte, train_bpe(["some text " * 50], 300))
+    assert not same_ids(byte, SentencePieceTokenizer(b"proto"))

@@ -66,6 +66,12 @@ def test_a_run_keeps_its_tokenizer_for_the_tools_and_refuses_data_with_another(t
     with pytest.raises(ConfigError, match=r"trained with a hf tokenizer of 300 ids .* data has a"):
         train(_config(ds, 4), run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    # so is an eval on it (its loss would score other text); generate reads no data
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "bigjax: error: eval: " in err and "trained with a hf tokenizer of 300 ids" in err
+    assert _generate(capsys, run) == text
 
     # A new run from the run's weights on that data: warned, naming the way to the right data.
     with warnings.catch_warnings(record=True) as caught:

@@ -153,6 +153,17 @@ class ByteTokenizer:
         }, ensure_ascii=False, indent=1)  # fmt: skip
 
 
+def same_ids(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers give every text the same ids: equal, or one tokenizer.json (the
+    byte tokenizer and its export, imported back as a Hugging Face one)."""
+    if a == b:
+        return True
+    try:
+        return a.hf_json() == b.hf_json()
+    except TokenizerError:  # SentencePiece has no tokenizer.json
+        return False
+
+
 def byte_alphabet() -> list[str]:
     """GPT-2's printable character for each byte 0..255 (the byte-level pre-tokenizer's): bytes
     that print stand for themselves, the others take the code points from 256 up, in order."""

@@ -133,7 +133,7 @@ def _check_cache(s: Any, mesh: Any) -> None:
     memory.check_fits(need, local, what, "lower --max-len or --slots.")
 
 
-def _chat_template(path: str, data_dir: Path | None, workdir: Path) -> str:
+def _chat_template(path: str, data_dir: Path | None, workdir: Path | None = None) -> str:
     from bigjax.serving import chat
 
     if path:
