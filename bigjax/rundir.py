@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import traceback
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,7 @@ import jax
 import bigjax
 from bigjax import checkpoint, distributed, history, loading, metrics, models, runlock
 from bigjax.config import ConfigError, TrainConfig, advice, to_dict
-from bigjax.data import tokenizer as tokenizers
-from bigjax.dirswap import staging_dir, swap_in
-from bigjax.errors import BigjaxWarning
 from bigjax.program import Program
-
-TOKENIZER_DIR = tokenizers.IN_RUN  # the run's own copy of its tokenizer
 
 # summary.json: counts, the final eval loss (None before one), whether the run is complete
 Summary = dict[str, int | float | bool | None]
@@ -63,36 +57,11 @@ class RunDir:
                 )
         return cls(workdir, cfg, to_dict(cfg), writer)
 
-    def keep_tokenizer(self, tokenizer: tokenizers.Tokenizer) -> None:
-        """The run's own copy of its tokenizer, `tokenizer/` (saved as a dataset saves it):
-        what the tools read its text with, whether or not the dataset is still there. A
-        resume whose data now has another tokenizer (the dataset prepared again, or another
-        `data.path`) is refused before its first step or any write: its ids mean other text."""
-        kept = read_kept_tokenizer(self.workdir)
-        if kept is not None and not tokenizers.same_ids(kept, tokenizer):
-            raise ConfigError(
-                f"{other_ids(self.workdir, kept, tokenizer)} The dataset was prepared again "
-                "with another tokenizer, or data.path names another dataset. Start a new run "
-                "from this one (checkpoint.init_from), or use data prepared with "
-                f"{prepare_with(self.workdir, kept)}."
-            )
-        if kept is not None or not self.writer:
-            return
-        save_tokenizer(self.workdir, tokenizer)
-        if source := self.cfg.checkpoint.init_from:  # a new run from another one's weights
-            run = Path(source) if (Path(source) / "checkpoints").is_dir() else Path(source).parent
-            theirs = read_kept_tokenizer(run)
-            if theirs is not None and not tokenizers.same_ids(theirs, tokenizer):
-                warnings.warn(f"checkpoint.init_from: {other_ids(run, theirs, tokenizer)} Use "
-                              f"data prepared with {prepare_with(run, theirs)}.",
-                              BigjaxWarning, stacklevel=2)  # fmt: skip
-
     def begin(
         self, prog: Program, saves: checkpoint.Checkpointer, start: int, origin: str
     ) -> dict[str, Any]:
         """Opens the writers (dropping rows after `start`), writes config.json and the
         config history, prints the banner; returns the metadata every checkpoint carries."""
-        self.keep_tokenizer(prog.resources.tokenizer)  # before a resume writes anything
         resumed = origin.startswith("resuming")
         saved_config = loading.saved_config(saves.manager, start) if resumed else None
         self.num_params = prog.num_params
@@ -214,48 +183,6 @@ def run_summary(
         "flops": step * tokens_per_step * flops_per_token,
         "skipped_steps": skipped_steps,
     }
-
-
-def save_tokenizer(
-    workdir: Path, tokenizer: tokenizers.Tokenizer, chat_template: str | None = None
-) -> None:
-    """`workdir/tokenizer` (with the model's chat template, where an import brings one),
-    written whole beside it and swapped in: a kill leaves none or all of it (and a staging
-    folder the next save removes)."""
-    staged = staging_dir(workdir / TOKENIZER_DIR)
-    tokenizer.save(staged)
-    if chat_template is not None:
-        (staged / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-    swap_in(staged, workdir / TOKENIZER_DIR)
-
-
-def other_ids(run: Path, theirs: tokenizers.Tokenizer, ours: tokenizers.Tokenizer) -> str:
-    return (f"{run} was trained with a {theirs.kind} tokenizer of {theirs.vocab_size} ids (kept "
-            f"in {run / TOKENIZER_DIR}); this run's data has a {ours.kind} one of "
-            f"{ours.vocab_size}: the same ids mean other text.")  # fmt: skip
-
-
-def prepare_with(run: Path, tokenizer: tokenizers.Tokenizer) -> str:
-    """The `bigjax prepare` flag that makes data with the tokenizer `run` kept."""
-    files = {"hf": "tokenizer.json", "sentencepiece": "tokenizer.model"}
-    if tokenizer.kind not in files:
-        return f"--tokenizer {tokenizer.kind}"
-    return f"--tokenizer {tokenizer.kind}:{run / TOKENIZER_DIR / files[tokenizer.kind]}"
-
-
-def read_kept_tokenizer(workdir: Path) -> tokenizers.Tokenizer | None:
-    """The tokenizer a run kept (`RunDir.keep_tokenizer`), None for a run from before that
-    or an imported one; a damaged copy is a ConfigError naming it."""
-    kept = workdir / TOKENIZER_DIR
-    if not kept.exists():
-        return None
-    try:
-        return tokenizers.load(kept)
-    except (OSError, ValueError, KeyError) as e:  # TokenizerError is a ValueError
-        raise ConfigError(
-            f"{kept}: the run's copy of its tokenizer does not load ({type(e).__name__}: {e}); "
-            "restore it, or delete the folder to keep the data's tokenizer again."
-        ) from None
 
 
 def keep_only_the_error(workdir: Path) -> Callable[..., bool]:

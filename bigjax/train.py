@@ -1,7 +1,8 @@
 """train(cfg, workdir): the one function that wires config, mesh, model, data and loop together.
 
 Setup, in order: the config tuned for these devices and its mesh -> the resources it names
-(tokenizer, teacher, example counts; read once) -> the program (task and objective, abstract
+(tokenizer, teacher, example counts; read once; the tokenizer kept in the run directory, a
+resume's checked against it) -> the program (task and objective, abstract
 state, shardings, the jitted steps: `make_program`) -> the run directory -> the data -> the
 state, restored or initialised. Then the loop: a step, its metrics read one step late, evals
 and saves when due, the NaN policy on a non-finite step.
@@ -24,6 +25,7 @@ import jax
 from bigjax import checkpoint, loading, memory, metrics, program, resources
 from bigjax.config import TrainConfig
 from bigjax.data import pipeline
+from bigjax.data.tokenizer import keep_in_run
 from bigjax.evals import EvalStopped, Evaluator
 from bigjax.loop import NonFiniteError, StepLog, eval_missed, every, nan_verdict
 from bigjax.mesh import for_run
@@ -47,6 +49,9 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
     with jax.set_mesh(mesh), stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
         run = RunDir.open(Path(workdir), cfg, cleanup)  # lock, writers; one writer process
         res = resources.load(cfg, mesh)
+        # the run's copy of its tokenizer: a resume on data of another is refused (unrestored)
+        keep_in_run(run.workdir, res.tokenizer, write=run.writer,
+                    init_from=cfg.checkpoint.init_from)  # fmt: skip
         prog = program.make_program(cfg, s, res)  # the objective and the jitted steps
 
         saves = checkpoint.Checkpointer(run.workdir / "checkpoints", cfg.checkpoint)

@@ -62,18 +62,17 @@ def open_run(
 
     from bigjax import lora
     from bigjax.data import dataset
-    from bigjax.data.tokenizer import same_ids
+    from bigjax.data.tokenizer import in_run, other_ids, same_ids
     from bigjax.mesh import for_run
     from bigjax.program import make_program, shapes
     from bigjax.resources import Resources
-    from bigjax.rundir import other_ids, read_kept_tokenizer
 
     cfg, mesh = for_run(cfg)
     with jax.set_mesh(mesh):
         # The tokenizer is all a trained model needs: a run's teacher, DP accounting and
         # choice items are for training it (a served distilled run must not need its teacher)
         # (the run's own copy: the dataset may have moved; a run without one reads the data's)
-        kept = read_kept_tokenizer(Path(workdir))
+        kept = in_run(Path(workdir))
         if kept is None or reads_data:
             data_tokenizer = dataset.tokenizer_for(cfg.data)  # one line if the data is gone
             if kept is not None and not same_ids(kept, data_tokenizer):
@@ -105,8 +104,8 @@ def write_params_run(
 
     from bigjax import errors, runlock
     from bigjax.checkpoint import param_layout
+    from bigjax.data.tokenizer import save_in_run
     from bigjax.dirswap import staging_dir
-    from bigjax.rundir import save_tokenizer
 
     dst = Path(dst)
     check_new_run_dir(dst)
@@ -124,7 +123,7 @@ def write_params_run(
             save_params(staged, params, {"config": config, "params": layout, **meta})
             write_text(dst / "config.json", json.dumps(config, indent=2) + "\n")
             if tokenizer is not None:  # replacing an earlier, killed writer's
-                save_tokenizer(dst, tokenizer, chat_template)
+                save_in_run(dst, tokenizer, chat_template)
             staged.rename(dst / "checkpoints")
         except BaseException as e:
             shutil.rmtree(staged, ignore_errors=True)

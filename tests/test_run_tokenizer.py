@@ -13,8 +13,8 @@ import pytest
 from conftest import tiny_config
 
 from bigjax.cli import main
-from bigjax.config import ConfigError
 from bigjax.data.prepare import PrepareConfig, prepare
+from bigjax.data.tokenizer import TokenizerError
 from bigjax.errors import BigjaxWarning
 from bigjax.serving import chat
 from bigjax.train import train
@@ -61,9 +61,11 @@ def test_a_run_keeps_its_tokenizer_for_the_tools_and_refuses_data_with_another(t
     assert "is not a prepared dataset" in capsys.readouterr().err
 
     # The dataset prepared again at its path with another tokenizer: before, the resume
-    # trained on, its ids meaning other text. Refused before its first step.
+    # trained on, its ids meaning other text. Refused before anything is restored.
     _prepare(ds, 400)
-    with pytest.raises(ConfigError, match=r"trained with a hf tokenizer of 300 ids .* data has a"):
+    with pytest.raises(
+        TokenizerError, match=r"trained with a hf tokenizer of 300 ids .* data has a"
+    ):
         train(_config(ds, 4), run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     # so is an eval on it (its loss would score other text); generate reads no data

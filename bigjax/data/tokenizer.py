@@ -12,16 +12,18 @@ import dataclasses
 import functools
 import json
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from bigjax.errors import UsageError
+from bigjax.dirswap import staging_dir, swap_in
+from bigjax.errors import BigjaxWarning, UsageError
 
 CONFIG_FILE = "tokenizer_config.json"
-IN_RUN = "tokenizer"  # a run's own copy of its tokenizer: RUN/tokenizer (bigjax/rundir.py)
+IN_RUN = "tokenizer"  # a run's own copy of its tokenizer: RUN/tokenizer (`keep_in_run`)
 BOS_CANDIDATES = ("<bos>", "<s>", "<|begin_of_text|>", "[CLS]", "<|endoftext|>")
 EOS_CANDIDATES = ("<eos>", "</s>", "<|end_of_text|>", "<|eot_id|>", "[SEP]", "<|endoftext|>")
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")
@@ -385,3 +387,69 @@ def load(directory: Path) -> Tokenizer:
 
 
 TOKENIZERS = {"byte": ByteTokenizer}
+
+
+def in_run(workdir: Path) -> Tokenizer | None:
+    """The tokenizer a run kept (`keep_in_run`), None for a run from before that or an
+    imported model that came without one; a damaged copy is a TokenizerError naming it."""
+    kept = workdir / IN_RUN
+    if not kept.exists():
+        return None
+    try:
+        return load(kept)
+    except (OSError, ValueError, KeyError) as e:  # TokenizerError is a ValueError
+        raise TokenizerError(
+            f"{kept}: the run's copy of its tokenizer does not load ({type(e).__name__}: {e}); "
+            "restore it, or delete the folder to keep the data's tokenizer again."
+        ) from None
+
+
+def keep_in_run(workdir: Path, tokenizer: Tokenizer, *, write: bool, init_from: str) -> None:
+    """The run's own copy of its tokenizer, `RUN/tokenizer` (saved as a dataset saves it), by
+    the process that `write`s: what the tools read its text with, whether or not the dataset
+    is still there. A resume whose data now has another tokenizer (the dataset prepared again,
+    or another `data.path`) is refused: its ids mean other text. A new run from another's
+    weights (`init_from`) whose tokenizer is not its data's is warned about."""
+    kept = in_run(workdir)
+    if kept is not None and not same_ids(kept, tokenizer):
+        raise TokenizerError(
+            f"{other_ids(workdir, kept, tokenizer)} The dataset was prepared again with "
+            "another tokenizer, or data.path names another dataset. Start a new run from this "
+            f"one (checkpoint.init_from), or use data prepared with {prepare_with(workdir, kept)}."
+        )
+    if kept is not None or not write:
+        return
+    save_in_run(workdir, tokenizer)
+    source = (
+        Path(init_from) if (Path(init_from) / "checkpoints").is_dir() else Path(init_from).parent
+    )
+    theirs = in_run(source) if init_from else None
+    if theirs is not None and not same_ids(theirs, tokenizer):
+        warnings.warn(f"checkpoint.init_from: {other_ids(source, theirs, tokenizer)} Use data "
+                      f"prepared with {prepare_with(source, theirs)}.", BigjaxWarning,
+                      stacklevel=2)  # fmt: skip
+
+
+def save_in_run(workdir: Path, tokenizer: Tokenizer, chat_template: str | None = None) -> None:
+    """`RUN/tokenizer` (with the model's chat template, where an import brings one), written
+    whole beside it and swapped in: a kill leaves none or all of it (and a staging folder the
+    next save removes)."""
+    staged = staging_dir(workdir / IN_RUN)
+    tokenizer.save(staged)
+    if chat_template is not None:
+        (staged / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    swap_in(staged, workdir / IN_RUN)
+
+
+def other_ids(run: Path, theirs: Tokenizer, ours: Tokenizer) -> str:
+    return (f"{run} was trained with a {theirs.kind} tokenizer of {theirs.vocab_size} ids (kept "
+            f"in {run / IN_RUN}); this run's data has a {ours.kind} one of {ours.vocab_size}: "
+            "the same ids mean other text.")  # fmt: skip
+
+
+def prepare_with(run: Path, tokenizer: Tokenizer) -> str:
+    """The `bigjax prepare` flag that makes data with the tokenizer `run` kept."""
+    files = {"hf": "tokenizer.json", "sentencepiece": "tokenizer.model"}
+    if tokenizer.kind not in files:
+        return f"--tokenizer {tokenizer.kind}"
+    return f"--tokenizer {tokenizer.kind}:{run / IN_RUN / files[tokenizer.kind]}"
