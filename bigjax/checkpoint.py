@@ -23,7 +23,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from bigjax import errors, integrity
 from bigjax.config import CheckpointConfig
-from bigjax.data.pipeline import Batches, MalformedDataState
+from bigjax.data.datastate import MalformedDataState
+from bigjax.data.pipeline import Batches
 from bigjax.errors import RunFailed, UsageError
 from bigjax.state import TrainState
 from bigjax.tree import Params, path_name
@@ -98,7 +99,7 @@ class DataHandler(ocp.CheckpointHandler):
         if len({s.get("batch_size") for s in states}) != 1:
             raise ValueError(f"the data states in {directory} disagree on the batch size")
         rows = {row: s for state in states for row, s in state["rows"].items()}
-        args.item.set_state({"batch_size": states[0]["batch_size"], "rows": rows})
+        args.item.set_state({**states[0], "rows": rows})
         return args.item
 
 

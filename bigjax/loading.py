@@ -29,7 +29,8 @@ from bigjax.checkpoint import (
     param_layout,
 )
 from bigjax.config import CheckpointConfig, ConfigError, from_configdict
-from bigjax.data.pipeline import Batches, DataStateError, MalformedDataState
+from bigjax.data.datastate import DataStateError, MalformedDataState
+from bigjax.data.pipeline import Batches
 from bigjax.errors import BigjaxWarning
 from bigjax.sharding import Rules, num_stages, placed, tree_shardings
 from bigjax.state import TrainState

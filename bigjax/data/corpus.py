@@ -106,6 +106,14 @@ def documents(files: Sequence[Path], chunk_bytes: int) -> Documents:
     )
 
 
+def stdlib_digest() -> str:
+    """Names the built-in corpus by its files (below the library's root) and their sizes: a
+    resume under another Python, whose library is another corpus, is caught by it."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [(str(p.relative_to(root)), os.path.getsize(p)) for p in stdlib_files()]
+    return hashlib.sha256(repr(files).encode("utf-8")).hexdigest()[:16]
+
+
 @functools.cache  # pure in its arguments while the interpreter runs (train and eval both ask)
 def split_stdlib(eval_fraction: float, chunk_bytes: int) -> tuple[Documents, Documents]:
     """(train, eval) documents of the built-in corpus."""

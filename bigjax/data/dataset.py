@@ -173,6 +173,13 @@ def split_source(path: Path, split: str) -> tuple[grain.MapDataset, dict[str, An
     return grain.MapDataset.source(Shards([path / s for s in info["shards"]])), info
 
 
+def digest(path: Path) -> str:
+    """Names a prepared dataset's documents by its splits' summaries (shards, documents,
+    tokens): a resume checks that the dataset was not prepared again under it."""
+    splits = read_manifest(path)["splits"]
+    return hashlib.sha256(json.dumps(splits, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
 def load_tokenizer(path: Path) -> tokenizers.Tokenizer:
     """The tokenizer a dataset was prepared with, the files prepare wrote checked against the
     manifest's hashes (datasets prepared before the hashes were recorded are read unchecked)."""

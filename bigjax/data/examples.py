@@ -32,6 +32,7 @@ class Examples:
 
     records: tuple[dict[str, Any], ...]
     classes: tuple[str, ...]
+    digest: str = ""  # of the whole file (both splits): a resume checks it did not change
 
 
 def load(path: str | Path, form: str, split: str, eval_fraction: float) -> Examples:
@@ -44,7 +45,8 @@ def load(path: str | Path, form: str, split: str, eval_fraction: float) -> Examp
     records, labels = [], set()
     # Split as bytes: a JSON string may hold U+2028 or U+0085 unescaped, where text's
     # splitlines would cut the record in two.
-    lines = path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines()  # a BOM: not data
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # a BOM: not data
+    lines = data.splitlines()
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
@@ -80,7 +82,7 @@ def load(path: str | Path, form: str, split: str, eval_fraction: float) -> Examp
             f"{path}: the {split} split is empty; add examples or change data.eval_fraction."
         )
     classes = tuple(sorted(labels, key=_label_order)) if "label" in fields else ()
-    return Examples(tuple(records), classes)
+    return Examples(tuple(records), classes, hashlib.sha256(data).hexdigest()[:16])
 
 
 def _label_order(label: str) -> tuple:

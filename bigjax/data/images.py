@@ -44,6 +44,7 @@ class Images:
     images: np.ndarray  # [N, H, W, C] float32 in [0, 1]
     labels: np.ndarray  # [N] int32
     classes: tuple[str, ...]
+    digest: str = ""  # of every image of the source (both splits): a resume checks it
 
 
 def _held_out(name: str, eval_fraction: float) -> bool:
@@ -61,7 +62,9 @@ def load(source: str, split: str, eval_fraction: float, size: int, channels: int
     if not keep.any():
         raise DataError(f"data.images={source!r}: the {split} split is empty; add images or "
                         "change data.eval_fraction.")  # fmt: skip
-    return Images(images[keep], labels[keep].astype(np.int32), classes)
+    digest = hashlib.sha256(np.ascontiguousarray(images).data.cast("B"))
+    digest.update(repr((labels.tolist(), classes)).encode("utf-8"))
+    return Images(images[keep], labels[keep].astype(np.int32), classes, digest.hexdigest()[:16])
 
 
 def _digits(size: int, channels: int) -> tuple:

@@ -34,6 +34,14 @@ from bigjax.config import DataConfig
 from bigjax.data import corpus, dataset, examples, images
 from bigjax.data import tokenizer as tokenizers
 from bigjax.data.corpus import Document
+from bigjax.data.datastate import (
+    BUILTIN,
+    DataStateError,
+    Digests,
+    MalformedDataState,
+    check_sources,
+    state_shape,
+)
 from bigjax.data.tokenizer import ByteTokenizer
 from bigjax.tasks import TASKS, Task
 
@@ -238,25 +246,7 @@ class RowsDataset(grain.IterDataset):
         return _RowsIterator(self._streams, self._rows, self._start)
 
 
-class DataStateError(ValueError):
-    """A saved data-iterator state that this run's data config cannot continue."""
-
-
-class MalformedDataState(ValueError):
-    """A saved data-iterator state that is not one this pipeline writes (corrupt, edited)."""
-
-
-def state_shape(x: Any) -> Any:
-    """The structure of an iterator state with its leaves as type names, for comparing a
-    saved state with the one this pipeline writes. Counters must be >= -1 (Grain's -1 marks
-    an empty slice), else the state is not one a pipeline wrote."""
-    if isinstance(x, dict):
-        return {k: state_shape(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):  # a tuple in memory is a list after JSON
-        return [state_shape(v) for v in x]
-    if isinstance(x, int) and not isinstance(x, bool):
-        return "int" if x >= -1 else "negative int"
-    return type(x).__name__
+Stream = tuple[grain.MapDataset, Digests]  # the documents of a split, and what they came from
 
 
 def as_written(saved: Any, template: Any) -> Any:
@@ -280,16 +270,19 @@ class Batches:
     """This process's rows of each global batch, in order; an iterator with get_state,
     set_state and close.
 
-    The state is {"batch_size": B, "rows": {row: state}}. Checkpoints merge the states every
-    process saved, so a run resumes on any process count (see `checkpoint.DataHandler`).
+    The state is {"batch_size": B, "data": {source: digest}, "rows": {row: state}} (`data`:
+    see bigjax/data/datastate.py). Checkpoints merge the states every process saved, so a
+    run resumes on any process count (see `checkpoint.DataHandler`).
     `spent` is true once the last batch returned was blank in every row of this process: a
     one-pass split (the eval's) that has run out here, so every later batch is blank too.
     """
 
-    def __init__(self, streams: RowStreams, rows: Sequence[int], workers: int):
+    def __init__(
+        self, streams: RowStreams, rows: Sequence[int], workers: int, data: Digests | None = None
+    ):
         if not rows or min(rows) < 0 or max(rows) >= streams.batch_size:
             raise ValueError(f"rows {rows} are not rows of a batch of {streams.batch_size}")
-        self._streams, self._rows = streams, tuple(rows)
+        self._streams, self._rows, self._data = streams, tuple(rows), dict(data or {})
         self._workers = min(workers, len(self._rows))
         self._row_states: dict[str, Any] = {str(r): None for r in self._rows}
         self._it: Iterator | None = None  # started lazily: a restore replaces the state first
@@ -326,7 +319,8 @@ class Batches:
         return out
 
     def get_state(self) -> dict[str, Any]:
-        return {"batch_size": self._streams.batch_size, "rows": dict(self._row_states)}
+        return {"batch_size": self._streams.batch_size, "data": self._data,
+                "rows": dict(self._row_states)}  # fmt: skip
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Takes this process's rows from a state holding (at least) all of them."""
@@ -338,6 +332,7 @@ class Batches:
                 f"this run has {self._streams.batch_size}: the data order cannot continue. "
                 "Keep the batch size, or start a new run with checkpoint.init_from."
             )
+        check_sources(state.get("data"), self._data)
         rows = state.get("rows")
         if not isinstance(rows, dict):
             raise MalformedDataState(f"its 'rows' is {type(rows).__name__}, not a mapping")
@@ -404,7 +399,7 @@ def for_config(
     (`dataset.tokenizer_for`; a training run loads it once, with its other resources)."""
     task = TASKS[cfg.task]
     shuffle = cfg.shuffle if shuffle is None else shuffle
-    stream = STREAMS[task.source](
+    stream, data = STREAMS[task.source](
         cfg, task, tokenizer, Where(split, seed, shuffle, image_shape, builtin_docs)
     )
     return Batches(
@@ -413,6 +408,7 @@ def for_config(
         ),  # fmt: skip
         default_rows(cfg.batch_size) if rows is None else rows,
         cfg.num_workers if workers is None else workers,
+        data=data,
     )
 
 
@@ -434,9 +430,7 @@ class Where:
         return self.split == "train"
 
 
-def image_stream(
-    cfg: DataConfig, task: Task, tok: tokenizers.Tokenizer, where: Where
-) -> grain.MapDataset:
+def image_stream(cfg: DataConfig, task: Task, tok: tokenizers.Tokenizer, where: Where) -> Stream:
     """data.images, one record an image, augmented in training when data.augment says so."""
     if where.image_shape is None:
         raise ValueError("images need image_shape=(model.image_size, model.channels)")
@@ -446,22 +440,21 @@ def image_stream(
     stream = stream.repeat(None) if where.endless else stream
     if where.split == "train" and cfg.augment:
         stream = stream.random_map(images.Augment(flip=cfg.flip), seed=where.seed)
-    return stream
+    return stream, {cfg.images: data.digest}
 
 
-def example_stream(
-    cfg: DataConfig, task: Task, tok: tokenizers.Tokenizer, where: Where
-) -> grain.MapDataset:
+def example_stream(cfg: DataConfig, task: Task, tok: tokenizers.Tokenizer, where: Where) -> Stream:
     """data.examples (JSONL records in the task's format), encoded with the run's tokenizer."""
     found = examples.load(cfg.examples, task.examples, where.split, cfg.eval_fraction)
     source = grain.MapDataset.source(list(found.records))
-    return document_stream(source, examples.Encode(tok, found.classes), seed=where.seed,
-                           shuffle=where.shuffle, endless=where.endless)  # fmt: skip
+    stream = document_stream(source, examples.Encode(tok, found.classes), seed=where.seed,
+                             shuffle=where.shuffle, endless=where.endless)  # fmt: skip
+    return stream, {cfg.examples: found.digest}
 
 
 def document_streams(
     cfg: DataConfig, task: Task, tok: tokenizers.Tokenizer, where: Where
-) -> grain.MapDataset:
+) -> Stream:
     """The built-in corpus (or `builtin_docs`), else the prepared datasets of data.path or
     data.mixture, mixed by their weights."""
     if not dataset.sources(cfg):
@@ -471,9 +464,11 @@ def document_streams(
             docs = train_docs if where.split == "train" else eval_docs
         # The built-in corpus is raw bytes: ByteTokenizer (data.tokenizer's only choice) reads
         # any byte string, valid UTF-8 or not.
-        return document_stream(grain.MapDataset.source(docs), ReadTokens(ByteTokenizer()),
-                               seed=where.seed, shuffle=where.shuffle,
-                               endless=where.endless)  # fmt: skip
+        stream = document_stream(grain.MapDataset.source(docs), ReadTokens(ByteTokenizer()),
+                                 seed=where.seed, shuffle=where.shuffle,
+                                 endless=where.endless)  # fmt: skip
+        # a caller's own documents (tests) are not the built-in corpus: nothing to check
+        return stream, ({} if where.builtin_docs is not None else {BUILTIN: corpus.stdlib_digest()})
     streams, weights = [], []
     for i, (path, weight) in enumerate(dataset.sources(cfg)):
         source, info = dataset.split_source(path, where.split)
@@ -482,12 +477,14 @@ def document_streams(
         streams.append(document_stream(source, read, seed=seed, shuffle=where.shuffle,
                                        endless=where.endless))  # fmt: skip
         weights.append(weight)
-    return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
+    mixed = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
+    return mixed, {str(path): dataset.digest(path) for path, _ in dataset.sources(cfg)}
 
 
-# A task's `source` -> what reads its records into a stream of rows' features. A new kind of
+# A task's `source` -> what reads its records into a stream of rows' features, with the
+# digest of each source it read (by its config value: see `Batches.set_state`). A new kind of
 # data is one function here and its name in the tasks that read it (bigjax/tasks.py).
-STREAMS: dict[str, Callable[[DataConfig, Task, tokenizers.Tokenizer, Where], grain.MapDataset]] = {
+STREAMS: dict[str, Callable[[DataConfig, Task, tokenizers.Tokenizer, Where], Stream]] = {
     "images": image_stream,
     "examples": example_stream,
     "documents": document_streams,

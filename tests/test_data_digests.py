@@ -1,0 +1,101 @@
+"""A checkpoint's data state names each source it read with a digest of its data: a resume
+whose config names a source alike but finds other data under it (a dataset prepared again at
+its path, an examples file edited, another Python's library for the built-in corpus) is
+refused, where it went on at the saved positions of other records; a source renamed in the
+config goes on, the switch recorded in the run's config history."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from bigjax.checkpoint import CheckpointMismatch
+from bigjax.data import dataset, examples, pipeline
+from bigjax.data.datastate import BUILTIN, DataStateError, MalformedDataState
+from bigjax.data.prepare import PrepareConfig, prepare
+from bigjax.train import train
+
+STDLIB = Path(sys.modules["json"].__file__).parents[1]
+
+
+def _prepare(out: Path, modules: tuple[str, ...]) -> Path:
+    files = tuple(str(STDLIB / f"{n}.py") for n in modules)
+    prepare(PrepareConfig(inputs=files, output=str(out), workers=1, val_fraction=0.3))
+    return out
+
+
+def _examples(path: Path, responses: list[str]) -> Path:
+    lines = [json.dumps({"prompt": f"q{i}", "response": r}) for i, r in enumerate(responses)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _batches(cfg) -> pipeline.Batches:
+    tok = dataset.tokenizer_for(cfg.data)
+    return pipeline.for_config(cfg.data, split="train", seed=0, workers=0, tokenizer=tok)
+
+
+def test_an_edited_examples_file_is_refused_and_a_renamed_one_goes_on(tmp_path):
+    path = _examples(tmp_path / "sft.jsonl", [f"answer {i}" for i in range(40)])
+    data = {"task": "sft", "batch_size": 8, "seq_len": 32}
+    cfg = tiny_config(data={**data, "examples": str(path)})
+    it = _batches(cfg)
+    next(it)
+    state = json.loads(json.dumps(it.get_state()))  # as a checkpoint holds it
+    it.close()
+    assert state["data"] == {str(path): examples.load(path, "prompt_response", "train", 0.0).digest}
+
+    _batches(cfg).set_state(state)  # the same file: it goes on
+    # One response edited (in either split: the digest is of the whole file).
+    _examples(path, [f"answer {i}" for i in range(39)] + ["another answer"])
+    with pytest.raises(DataStateError, match=r"sft.jsonl' changed since this state was saved"):
+        _batches(cfg).set_state(state)
+    # The edited file under a new name: a switch the config says, so it goes on.
+    renamed = tmp_path / "sft2.jsonl"
+    shutil.copy(path, renamed)
+    _batches(tiny_config(data={**data, "examples": str(renamed)})).set_state(state)
+
+
+def test_states_from_before_digests_restore_and_a_malformed_one_is_named():
+    cfg = tiny_config(data={"batch_size": 8, "seq_len": 32, "eval_fraction": 0.02})
+    it = _batches(cfg)
+    next(it)
+    state = it.get_state()
+    it.close()
+    assert set(state["data"]) == {BUILTIN}  # the built-in corpus, by its files and sizes
+    _batches(cfg).set_state({k: v for k, v in state.items() if k != "data"})  # an old checkpoint
+    with pytest.raises(DataStateError, match="'the built-in corpus' changed"):
+        _batches(cfg).set_state({**state, "data": {BUILTIN: "another python"}})
+    with pytest.raises(MalformedDataState, match="its 'data' is list, not a mapping"):
+        _batches(cfg).set_state({**state, "data": ["x"]})
+
+
+@pytest.mark.slow
+def test_a_resume_on_a_dataset_prepared_again_with_other_documents_is_refused(tmp_path):
+    ds, run = tmp_path / "ds", tmp_path / "run"
+    same = ("heapq", "colorsys", "keyword", "base64", "calendar", "copy", "csv")
+    _prepare(ds, (*same, "difflib"))
+
+    def config(data: Path, steps: int):
+        return tiny_config(num_steps=steps, checkpoint={"every_steps": 1},
+                           data={"path": str(data), "batch_size": 8, "seq_len": 64})  # fmt: skip
+
+    train(config(ds, 2), run)
+    # The same inputs prepared again are the same data: the resume goes on.
+    _prepare(ds, (*same, "difflib"))
+    train(config(ds, 3), run)
+    # Other documents at the same path (the same byte tokenizer, so its check passes): before,
+    # the resume went on at the saved positions of other records, with no sign.
+    _prepare(ds, (*same, "textwrap"))  # one document in eight: textwrap for difflib
+    with pytest.raises(CheckpointMismatch, match=rf"'{ds}' changed since this state was saved"):
+        train(config(ds, 4), run)
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 3  # nothing trained, nothing moved aside
+    # The new data under a new name: a deliberate switch, recorded in the config history.
+    shutil.copytree(ds, tmp_path / "ds2")
+    train(config(tmp_path / "ds2", 4), run)
+    history = (run / "config_history.jsonl").read_text(encoding="utf-8").splitlines()
+    assert json.loads(history[-1])["changed"]["data.path"] == [str(ds), str(tmp_path / "ds2")]
