@@ -48,6 +48,13 @@ class UnreadablePath(UsageError, CheckpointError):
     or a name that is not UTF-8."""
 
 
+def has_steps(directory: Path) -> bool:
+    """Whether a run's checkpoints folder holds a step to resume, or steps set aside as
+    corrupt (over which a resume refuses to start afresh): the run is not a new one."""
+    steps = [p for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+    return bool(steps or integrity.set_aside(directory))
+
+
 def check_path(directory: Path) -> Path:
     """`directory`, if Orbax can read checkpoints back from it. Orbax finds a checkpoint's
     parts with glob patterns built from its whole path (its local-file paths glob unescaped),

@@ -51,7 +51,8 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, float | None]:
         res = resources.load(cfg, mesh)
         # the run's copy of its tokenizer: a resume on data of another is refused (unrestored)
         keep_in_run(run.workdir, res.tokenizer, write=run.writer,
-                    init_from=cfg.checkpoint.init_from)  # fmt: skip
+                    init_from=cfg.checkpoint.init_from, teacher=cfg.distill.teacher,
+                    resuming=checkpoint.has_steps(run.workdir / "checkpoints"))  # fmt: skip
         prog = program.make_program(cfg, s, res)  # the objective and the jitted steps
 
         saves = checkpoint.Checkpointer(run.workdir / "checkpoints", cfg.checkpoint)

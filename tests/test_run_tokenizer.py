@@ -118,3 +118,61 @@ def test_an_export_imported_again_keeps_its_tokenizer_and_generates_the_same(tmp
     assert main(["convert", str(tmp_path / "odd"), str(tmp_path / "odd_run")]) == 0
     assert "tokenizer.json is not kept with the run" in capsys.readouterr().err
     assert not (tmp_path / "odd_run" / "tokenizer").exists()
+
+
+def test_a_run_with_no_checkpoint_left_replaces_its_kept_tokenizer(tmp_path):
+    """Refused only where there is a checkpoint to resume: a user who deleted checkpoints/ to
+    start the run afresh on other data gets the new tokenizer kept (it was refused before)."""
+    from bigjax import checkpoint
+    from bigjax.data.tokenizer import ByteTokenizer, in_run, keep_in_run, same_ids, train_bpe
+
+    bpe = train_bpe([f"def f{i}(x): return x * {i}\n" for i in range(50)], 300)
+    keep_in_run(tmp_path, ByteTokenizer(), write=True, init_from="", resuming=False)
+    with pytest.raises(TokenizerError, match=r"trained with a byte tokenizer of \d+ ids"):
+        keep_in_run(tmp_path, bpe, write=True, init_from="", resuming=True)
+    assert same_ids(in_run(tmp_path), ByteTokenizer())
+    with pytest.warns(BigjaxWarning, match=r"tokenizer: replaced by this run's hf tokenizer"):
+        keep_in_run(tmp_path, bpe, write=True, init_from="", resuming=False)
+    assert same_ids(in_run(tmp_path), bpe)
+
+    # What train asks: a step, or steps set aside as corrupt, are a run to resume.
+    saves = tmp_path / "checkpoints"
+    assert not checkpoint.has_steps(saves)
+    saves.mkdir()
+    (saves / "4.orbax-checkpoint-tmp-1").mkdir()  # an unfinished save is no step
+    assert not checkpoint.has_steps(saves)
+    (tmp_path / "checkpoints.corrupt" / "4-20261207").mkdir(parents=True)
+    assert checkpoint.has_steps(saves)
+    shutil.rmtree(tmp_path / "checkpoints.corrupt")
+    (saves / "6").mkdir()
+    assert checkpoint.has_steps(saves)
+
+
+@pytest.mark.slow
+def test_a_run_started_afresh_on_data_of_another_tokenizer_keeps_the_new_one(tmp_path):
+    ds, run = _prepare(tmp_path / "ds", 300), tmp_path / "run"
+    train(_config(ds, 2), run)
+    shutil.rmtree(run / "checkpoints")  # the user starts the run afresh, on other data
+    _prepare(ds, 400)
+    with pytest.warns(BigjaxWarning, match="no checkpoint is left to resume"):
+        train(_config(ds, 2), run)
+    kept = (run / "tokenizer" / "tokenizer.json").read_text()
+    assert kept == (ds / "tokenizer" / "tokenizer.json").read_text()
+
+
+def test_a_teacher_that_kept_another_tokenizer_is_refused(tmp_path):
+    """Distillation matches distributions id by id: a teacher trained on another tokenizer's
+    ids (with the same vocab_size, so its size check passes) taught other text, silently."""
+    from bigjax.data.tokenizer import ByteTokenizer, keep_in_run, train_bpe
+
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    teacher.mkdir()
+    keep_in_run(teacher, ByteTokenizer(), write=True, init_from="", resuming=False)
+    bpe = train_bpe([f"def f{i}(x): return x * {i}\n" for i in range(50)], 300)
+    with pytest.raises(TokenizerError, match=r"distill.teacher: .*teacher was trained with a "
+                                             r"byte tokenizer"):  # fmt: skip
+        keep_in_run(student, bpe, write=True, init_from="", resuming=True, teacher=str(teacher))
+    assert not (student / "tokenizer").exists()  # refused before anything is written
+    keep_in_run(student, ByteTokenizer(), write=True, init_from="", resuming=False,
+                teacher=str(teacher))  # fmt: skip
+    assert (student / "tokenizer").is_dir()

@@ -404,19 +404,45 @@ def in_run(workdir: Path) -> Tokenizer | None:
         ) from None
 
 
-def keep_in_run(workdir: Path, tokenizer: Tokenizer, *, write: bool, init_from: str) -> None:
+def keep_in_run(
+    workdir: Path,
+    tokenizer: Tokenizer,
+    *,
+    write: bool,
+    init_from: str,
+    resuming: bool,
+    teacher: str = "",
+) -> None:
     """The run's own copy of its tokenizer, `RUN/tokenizer` (saved as a dataset saves it), by
     the process that `write`s: what the tools read its text with, whether or not the dataset
     is still there. A resume whose data now has another tokenizer (the dataset prepared again,
-    or another `data.path`) is refused: its ids mean other text. A new run from another's
-    weights (`init_from`) whose tokenizer is not its data's is warned about."""
+    or another `data.path`) is refused: its ids mean other text. With no checkpoint left to
+    resume (`resuming` false: they were deleted to start the run afresh) the copy is replaced.
+    A new run from another's weights (`init_from`) whose tokenizer is not its data's is
+    warned about; a distillation `teacher` that kept another tokenizer is refused: its
+    distributions, matched id by id, are over other text."""
+    theirs = in_run(Path(teacher)) if teacher else None
+    if theirs is not None and not same_ids(theirs, tokenizer):
+        raise TokenizerError(
+            f"distill.teacher: {other_ids(Path(teacher), theirs, tokenizer)} Distillation "
+            f"matches the two models' distributions id by id: use data prepared with "
+            f"{prepare_with(Path(teacher), theirs)}, or a teacher trained on this data's "
+            "tokenizer."
+        )
     kept = in_run(workdir)
     if kept is not None and not same_ids(kept, tokenizer):
-        raise TokenizerError(
-            f"{other_ids(workdir, kept, tokenizer)} The dataset was prepared again with "
-            "another tokenizer, or data.path names another dataset. Start a new run from this "
-            f"one (checkpoint.init_from), or use data prepared with {prepare_with(workdir, kept)}."
-        )
+        if resuming:
+            raise TokenizerError(
+                f"{other_ids(workdir, kept, tokenizer)} The dataset was prepared again with "
+                "another tokenizer, or data.path names another dataset. Start a new run from "
+                f"this one (checkpoint.init_from), or use data prepared with "
+                f"{prepare_with(workdir, kept)}."
+            )
+        warnings.warn(f"{workdir / IN_RUN}: replaced by this run's {tokenizer.kind} tokenizer "
+                      f"of {tokenizer.vocab_size} ids (it kept a {kept.kind} one of "
+                      f"{kept.vocab_size}): no checkpoint is left to resume, the run starts "
+                      "afresh.", BigjaxWarning, stacklevel=2)  # fmt: skip
+        kept = None
     if kept is not None or not write:
         return
     save_in_run(workdir, tokenizer)
