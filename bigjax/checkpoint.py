@@ -106,7 +106,8 @@ class DataHandler(ocp.CheckpointHandler):
         if len({s.get("batch_size") for s in states}) != 1:
             raise ValueError(f"the data states in {directory} disagree on the batch size")
         rows = {row: s for state in states for row, s in state["rows"].items()}
-        args.item.set_state({**states[0], "rows": rows})
+        args.item.set_state({**states[0], "rows": rows},
+                            restart_other_data=args.restart_other_data)  # fmt: skip
         return args.item
 
 
@@ -120,6 +121,7 @@ class DataSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class DataRestore(ocp.args.CheckpointArgs):
     item: Any
+    restart_other_data: bool = False  # see `pipeline.Batches.set_state`
 
 
 def _preservation(cfg: CheckpointConfig) -> policies.AnyPreservationPolicy:

@@ -143,6 +143,7 @@ def restore(
     move_corrupt: bool = True,
     config: Mapping[str, object] | None = None,
     layer_order: Sequence[int] | None = None,
+    restart_other_data: bool = False,
 ) -> TrainState | None:
     """Restores the newest good checkpoint into `target`'s shapes and shardings (resharding
     if the mesh changed), and the data iterator in place.
@@ -155,7 +156,9 @@ def restore(
     `config` (this run's, as a dict) is checked against the checkpoint's: a change that makes
     the saved state unusable (another optimizer, model shape, ...) is a CheckpointMismatch,
     never mistaken for corruption. The stacked layers come back in `layer_order` (the run's,
-    bigjax/stages.py; None: the model's), whatever order the checkpoint recorded.
+    bigjax/stages.py; None: the model's), whatever order the checkpoint recorded. A data
+    state of other data under a source's name is a CheckpointMismatch too, or with
+    `restart_other_data` (another run's state) that data is read from its beginning.
     """
     directory = Path(manager.directory)
     steps = sorted(manager.all_steps(), reverse=True)
@@ -182,7 +185,7 @@ def restore(
                     step,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(target),
-                        data=DataRestore(data_iter),
+                        data=DataRestore(data_iter, restart_other_data),
                     ),
                 )["state"]
             except DataStateError as e:  # readable, but this config cannot continue it
@@ -290,9 +293,9 @@ def init_from(
     state: TrainState | None
     try:
         if mode == "full":
-            state = restore(
-                manager, target, data_iter, layout, move_corrupt=False, layer_order=layer_order
-            )
+            # another run's data order, unless its data changed under a source's name
+            state = restore(manager, target, data_iter, layout, move_corrupt=False,
+                            layer_order=layer_order, restart_other_data=True)  # fmt: skip
             source_step = 0 if state is None else int(jax.device_get(state.step))
         else:
             source_step = newest_intact(manager) or 0

@@ -16,6 +16,7 @@ from bigjax.checkpoint import CheckpointMismatch
 from bigjax.data import dataset, examples, pipeline
 from bigjax.data.datastate import BUILTIN, DataStateError, MalformedDataState
 from bigjax.data.prepare import PrepareConfig, prepare
+from bigjax.errors import BigjaxWarning
 from bigjax.train import train
 
 STDLIB = Path(sys.modules["json"].__file__).parents[1]
@@ -53,6 +54,14 @@ def test_an_edited_examples_file_is_refused_and_a_renamed_one_goes_on(tmp_path):
     _examples(path, [f"answer {i}" for i in range(39)] + ["another answer"])
     with pytest.raises(DataStateError, match=r"sft.jsonl' changed since this state was saved"):
         _batches(cfg).set_state(state)
+    # A new run from the state (init_from, 'full'): the edited file is read from its beginning.
+    taken, fresh = _batches(cfg), _batches(cfg)
+    with pytest.warns(BigjaxWarning, match=r"sft.jsonl': other data .* read from its beginning"):
+        taken.set_state(state, restart_other_data=True)
+    first, expected = next(taken), next(fresh)
+    assert all((first[k] == expected[k]).all() for k in expected)
+    taken.close()
+    fresh.close()
     # The edited file under a new name: a switch the config says, so it goes on.
     renamed = tmp_path / "sft2.jsonl"
     shutil.copy(path, renamed)
@@ -94,6 +103,11 @@ def test_a_resume_on_a_dataset_prepared_again_with_other_documents_is_refused(tm
         train(config(ds, 4), run)
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 3  # nothing trained, nothing moved aside
+    # A new run from its whole state on the new data: the data read from its beginning.
+    with pytest.warns(BigjaxWarning, match=r"other data than the saved data order was of"):
+        train(tiny_config(num_steps=4, checkpoint={"init_from": str(run), "init_mode": "full"},
+                          data={"path": str(ds), "batch_size": 8, "seq_len": 64}),
+              tmp_path / "continued")  # fmt: skip
     # The new data under a new name: a deliberate switch, recorded in the config history.
     shutil.copytree(ds, tmp_path / "ds2")
     train(config(tmp_path / "ds2", 4), run)

@@ -39,7 +39,7 @@ from bigjax.data.datastate import (
     DataStateError,
     Digests,
     MalformedDataState,
-    check_sources,
+    continues,
     state_shape,
 )
 from bigjax.data.tokenizer import ByteTokenizer
@@ -322,8 +322,10 @@ class Batches:
         return {"batch_size": self._streams.batch_size, "data": self._data,
                 "rows": dict(self._row_states)}  # fmt: skip
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Takes this process's rows from a state holding (at least) all of them."""
+    def set_state(self, state: dict[str, Any], *, restart_other_data: bool = False) -> None:
+        """Takes this process's rows from a state holding (at least) all of them. A state of
+        other data under a source's name is refused, or with `restart_other_data` (a new run
+        from another's whole state) left: the data is read from its beginning."""
         if not isinstance(state, dict):
             raise MalformedDataState(f"it is a {type(state).__name__}, not a mapping")
         if state.get("batch_size") != self._streams.batch_size:
@@ -332,7 +334,10 @@ class Batches:
                 f"this run has {self._streams.batch_size}: the data order cannot continue. "
                 "Keep the batch size, or start a new run with checkpoint.init_from."
             )
-        check_sources(state.get("data"), self._data)
+        if not continues(state.get("data"), self._data, restart_other_data=restart_other_data):
+            self.close()
+            self._row_states, self.spent = dict.fromkeys(self._row_states), False
+            return
         rows = state.get("rows")
         if not isinstance(rows, dict):
             raise MalformedDataState(f"its 'rows' is {type(rows).__name__}, not a mapping")
@@ -482,7 +487,7 @@ def document_streams(
 
 
 # A task's `source` -> what reads its records into a stream of rows' features, with the
-# digest of each source it read (by its config value: see `Batches.set_state`). A new kind of
+# digest of each source it read (by its config name: see bigjax/data/datastate.py). A new kind of
 # data is one function here and its name in the tasks that read it (bigjax/tasks.py).
 STREAMS: dict[str, Callable[[DataConfig, Task, tokenizers.Tokenizer, Where], Stream]] = {
     "images": image_stream,
