@@ -23,7 +23,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from bigjax import errors, integrity
 from bigjax.config import CheckpointConfig
-from bigjax.data.datastate import MalformedDataState
+from bigjax.data.datastate import DataStateError, MalformedDataState
 from bigjax.data.pipeline import Batches
 from bigjax.errors import RunFailed, UsageError
 from bigjax.state import TrainState
@@ -106,8 +106,14 @@ class DataHandler(ocp.CheckpointHandler):
         if len({s.get("batch_size") for s in states}) != 1:
             raise ValueError(f"the data states in {directory} disagree on the batch size")
         rows = {row: s for state in states for row, s in state["rows"].items()}
-        args.item.set_state({**states[0], "rows": rows},
-                            restart_other_data=args.restart_other_data)  # fmt: skip
+        try:
+            args.item.set_state({**states[0], "rows": rows},
+                                restart_other_data=args.restart_other_data)  # fmt: skip
+        except DataStateError as e:
+            # Returned, not raised: this process's data may be what differs, and a raise here
+            # skips the barrier Orbax's restore ends with, where the others then wait (and
+            # abort). The caller decides on every process together (loading.restore).
+            return e
         return args.item
 
 

@@ -171,7 +171,7 @@ def restore(
         share = (jax.process_index(), jax.process_count())
         problem = _agreed(integrity.checked(step_dir, share))
         sealed = integrity.is_sealed(step_dir)
-        restored = None
+        restored, mismatch = None, None
         if problem is None:
             if read_meta(manager, step).get("params_only"):
                 raise CheckpointError(
@@ -181,15 +181,16 @@ def restore(
                 )
             check_config(manager, step, config, layout)
             try:
-                restored = manager.restore(
+                both = manager.restore(
                     step,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(target),
                         data=DataRestore(data_iter, restart_other_data),
                     ),
-                )["state"]
-            except DataStateError as e:  # readable, but this config cannot continue it
-                raise CheckpointMismatch(f"checkpoint {step_dir}: {e}") from e
+                )
+                restored = both["state"]
+                if isinstance(both["data"], DataStateError):  # readable; this run can't go on
+                    mismatch = f"checkpoint {step_dir}: {both['data']}"
             except Exception as e:  # corrupt or truncated files, a malformed data state
                 if sealed and not isinstance(e, MalformedDataState):
                     # Its bytes are the ones written: this run's state is what differs.
@@ -207,6 +208,12 @@ def restore(
         ):
             problem = "its parameters or optimizer moments are not finite"
         problem = _agreed(problem)  # every process returns this step, or falls back, together
+        # a data state one process cannot continue (its own copy of the data differs): all stop
+        others = (
+            f"checkpoint {step_dir}: process {{k}} cannot continue its data state (see its error)"
+        )
+        if mismatch := _agreed(mismatch, others):
+            raise CheckpointMismatch(mismatch)
         if problem is None and restored is not None:
             saved_order = read_meta(manager, step).get("layer_order")
             return stages.reorder(restored, saved_order, layer_order)
@@ -239,7 +246,7 @@ def restore(
     )
 
 
-def _agreed(problem: str | None) -> str | None:
+def _agreed(problem: str | None, seen: str = "damaged as process {k} read it") -> str | None:
     """A step's verdict, the same on every process. They restore it together, so a step one
     process finds damaged is damaged for all, and all fall back to the same step; alone,
     each process judged for itself and moved the step aside, and the slower one failed on
@@ -252,7 +259,7 @@ def _agreed(problem: str | None) -> str | None:
 
     damaged = multihost_utils.process_allgather(np.int32(problem is not None))
     if problem is None and damaged.any():
-        return f"damaged as process {int(np.argmax(damaged))} read it"
+        return seen.format(k=int(np.argmax(damaged)))
     return problem
 
 

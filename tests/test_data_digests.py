@@ -5,7 +5,10 @@ refused, where it went on at the saved positions of other records; a source rena
 config goes on, the switch recorded in the run's config history."""
 
 import json
+import os
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from bigjax.errors import BigjaxWarning
 from bigjax.train import train
 
 STDLIB = Path(sys.modules["json"].__file__).parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _prepare(out: Path, modules: tuple[str, ...]) -> Path:
@@ -113,3 +117,66 @@ def test_a_resume_on_a_dataset_prepared_again_with_other_documents_is_refused(tm
     train(config(tmp_path / "ds2", 4), run)
     history = (run / "config_history.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(history[-1])["changed"]["data.path"] == [str(ds), str(tmp_path / "ds2")]
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_when_one_of_them_finds_other_data(tmp_path):
+    """A host's own copy of a dataset (data.path relative to each process's folder) prepared
+    again: that process refuses its data state. It used to raise inside Orbax's restore, past
+    the barrier the restore ends with: the other process waited there 5 minutes, and both
+    aborted (SIGABRT). Now both exit 2 at once, each with a line naming the checkpoint."""
+    from conftest import xla_flags
+    from helpers import train_cmd
+
+    same = ("heapq", "colorsys", "keyword", "base64", "calendar", "copy", "csv")
+    for i in range(2):
+        (tmp_path / f"p{i}").mkdir()
+        _prepare(tmp_path / f"p{i}" / "ds", (*same, "difflib"))
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu"}
+
+    def launch(steps: int) -> list[subprocess.CompletedProcess]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [
+            subprocess.Popen(
+                train_cmd(
+                    tmp_path / "run",
+                    f"--config.num_steps={steps}",
+                    "--config.data.path=ds",
+                    "--config.data.seq_len=64",
+                    "--config.data.batch_size=8",
+                    "--config.mesh.shape=(1,2,2)",
+                    "--config.mesh.dcn_shape=(2,1,1)",
+                    "--config.checkpoint.every_steps=3",
+                    "--config.metrics.tensorboard=false",
+                    "--config.eval.num_batches=1",
+                    "--coordinator_address",
+                    f"127.0.0.1:{port}",
+                    "--num_processes",
+                    "2",
+                    "--process_id",
+                    str(i),
+                    config=str(ROOT / "configs" / "lm_tiny.py"),
+                ),
+                cwd=tmp_path / f"p{i}",
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for i in range(2)
+        ]
+        try:  # a hang is the failure this test is about: bounded well below 5 minutes
+            done = [(p, *p.communicate(timeout=120)) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, o, e in done]
+
+    assert [r.returncode for r in launch(3)] == [0, 0]
+    _prepare(tmp_path / "p1" / "ds", (*same, "textwrap"))
+    first, second = launch(6)
+    assert (first.returncode, second.returncode) == (2, 2), first.stderr[-2000:]
+    assert "checkpoints/3: process 1 cannot continue its data state" in first.stderr
+    assert "'ds' changed since this state was saved" in second.stderr
