@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import tiny_config
 
@@ -70,6 +71,26 @@ def test_an_edited_examples_file_is_refused_and_a_renamed_one_goes_on(tmp_path):
     renamed = tmp_path / "sft2.jsonl"
     shutil.copy(path, renamed)
     _batches(tiny_config(data={**data, "examples": str(renamed)})).set_state(state)
+
+
+def test_an_image_folder_digest_follows_its_pixels_in_either_split(tmp_path):
+    from PIL import Image
+
+    from bigjax.data import images
+
+    def png(path: Path, value: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((4, 4), value, np.uint8)).save(path)
+
+    for i, label in enumerate(["cat", "cat", "dog", "dog", "dog"]):
+        png(tmp_path / label / f"{i}.png", 10 * i)
+    train = images.load(str(tmp_path), "train", 0.3, 4, 1)
+    held = images.load(str(tmp_path), "validation", 0.3, 4, 1)
+    assert train.digest == held.digest and len(train.digest) == 16  # of the whole folder
+    png(tmp_path / "cat" / "0.png", 10 * 0)  # written again, the same pixels
+    assert images.load(str(tmp_path), "train", 0.3, 4, 1).digest == train.digest
+    png(tmp_path / "dog" / "4.png", 41)  # one pixel value in one image
+    assert images.load(str(tmp_path), "train", 0.3, 4, 1).digest != train.digest
 
 
 def test_states_from_before_digests_restore_and_a_malformed_one_is_named():
