@@ -126,6 +126,11 @@ def test_a_resume_on_a_dataset_prepared_again_with_other_documents_is_refused(tm
     _prepare(ds, (*same, "textwrap"))  # one document in eight: textwrap for difflib
     with pytest.raises(CheckpointMismatch, match=rf"'{ds}' changed since this state was saved"):
         train(config(ds, 4), run)
+    with pytest.raises(CheckpointMismatch) as refused:  # its way out names this run
+        train(config(ds, 4), run)
+    assert f"--config.checkpoint.init_from={run} --config.checkpoint.init_mode=full" in str(
+        refused.value
+    )
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 3  # nothing trained, nothing moved aside
     # A new run from its whole state on the new data: the data read from its beginning.

@@ -40,6 +40,24 @@ def changed_sources(saved: object, ours: Digests) -> list[str]:
     return [repr(k) for k in ours if k in saved and saved[k] != ours[k]]
 
 
+class OtherData(DataStateError):
+    """The refusal of a resume on other data under the names `changed`, with the way out
+    for the `run` (its directory, once the caller knows it)."""
+
+    def __init__(self, changed: list[str], run: object = "RUN"):
+        self.changed = changed
+        super().__init__(
+            f"{', '.join(changed)} changed since this state was saved (prepared again, "
+            "edited, or for the built-in corpus another Python's library): the saved data "
+            "order would go on at the positions of other records. Resume on the data it was "
+            "saved with. To go on with the new data, start a new --workdir from this run with "
+            f"--config.checkpoint.init_from={run} --config.checkpoint.init_mode=full (its "
+            "whole state; the new data read from its beginning), or name the data anew in "
+            "this run's config (another data.path: a switch config_history.jsonl records; "
+            "the saved data order goes on there)."
+        )
+
+
 def continues(saved: object, ours: Digests, *, restart_other_data: bool) -> bool:
     """Whether a saved data order goes on: its sources (the state's `data`) hold the data
     they held. If not, a resume is refused, or with `restart_other_data` (a new run from
@@ -50,22 +68,8 @@ def continues(saved: object, ours: Digests, *, restart_other_data: bool) -> bool
                       "is read from its beginning (the state is taken whole).", BigjaxWarning,
                       stacklevel=3)  # fmt: skip
     elif changed:
-        raise other_data(changed)
+        raise OtherData(changed)
     return not changed
-
-
-def other_data(changed: list[str]) -> DataStateError:
-    """The refusal of a resume on other data under the names `changed`."""
-    return DataStateError(
-        f"{', '.join(changed)} changed since this state was saved (prepared again, edited, "
-        "or for the built-in corpus another Python's library): the saved data order would go "
-        "on at the positions of other records. Resume on the data it was saved with. To go on "
-        "with the new data, start a new --workdir from this run with "
-        "--config.checkpoint.init_from=RUN --config.checkpoint.init_mode=full (its whole "
-        "state; the new data read from its beginning), or name the data anew in this run's "
-        "config (another data.path: a switch config_history.jsonl records; the saved data "
-        "order goes on there)."
-    )
 
 
 def state_shape(x: Any) -> Any:
