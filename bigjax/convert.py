@@ -101,6 +101,22 @@ def check_sizes(m: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype)
         )
 
 
+def check_floats(tensors: dict[str, np.ndarray], src: Path) -> None:
+    """Weights stored as integers or booleans are refused, naming the tensor: the import casts
+    each tensor to the parameter dtype, so an 8-bit quantized checkpoint (bitsandbytes keeps
+    `weight` as I8 beside its scales) or a dtype field damaged in a header would become a
+    model of raw integer codes, every one finite, imported without a word."""
+    floats = {"F64", "F32", "F16", "BF16"}  # bfloat16 (ml_dtypes) is no np.floating
+    for name, tensor in tensors.items():
+        if tensorfile.NAMES[tensor.dtype] not in floats:
+            raise hf.ConvertError(
+                f"{src}: tensor {name!r} is stored as {tensorfile.NAMES[tensor.dtype]}, not "
+                "floating point; bigjax imports float weights (F64, F32, F16, BF16). A quantized "
+                "checkpoint must be dequantized first (load it in transformers and save it with "
+                "a float torch_dtype)."
+            )
+
+
 def check_finite(tensors: dict[str, np.ndarray], src: Path, block: int = 1 << 24) -> None:
     """A NaN or infinity in the weights (a damaged file, a model saved after it diverged) is
     refused, naming the tensor: every checkpoint bigjax writes is finite, and an imported one
@@ -143,6 +159,7 @@ def import_hf(src: str | Path, dst: str | Path, config: dict[str, Any]) -> Train
     bar = progress.Bar("convert: import", 3, "stages")
     tensors = tensorfile.read_dir(src)  # headers and memory maps only
     check_sizes(cfg.model, tensors, np.dtype(cfg.model.param_dtype))
+    check_floats(tensors, src)
     check_finite(tensors, src)
     bar.advance(note=f"{len(tensors)} tensors found, all finite")
     _, abstract = models.abstract(cfg.model, cfg.mesh.rules)

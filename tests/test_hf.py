@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -348,14 +349,19 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
     assert "num_kv_heads=2" in capsys.readouterr().err
 
 
-def test_weights_with_a_nan_or_an_infinity_are_refused_naming_the_tensor(tmp_path, capsys):
-    # a damaged file or a model saved after it diverged was imported without a word: the
-    # NaN showed up only as a NaN loss (fine-tuning) or empty generations
+def _tiny_llama_tensors() -> tuple:
+    """tiny_config's Llama and its weights (all 0.02) as Hugging Face tensors."""
     cfg = tiny_config(model={"family": "llama"})
     _, abstract = models.abstract(cfg.model, cfg.mesh.rules)
     layout = param_layout(nnx.to_pure_dict(abstract))
     params = {p: np.full(s, 0.02, np.float32) for p, s in layout.items()}
-    tensors = hf.to_hf(cfg.model, params)
+    return cfg, hf.to_hf(cfg.model, params)
+
+
+def test_weights_with_a_nan_or_an_infinity_are_refused_naming_the_tensor(tmp_path, capsys):
+    # a damaged file or a model saved after it diverged was imported without a word: the
+    # NaN showed up only as a NaN loss (fine-tuning) or empty generations
+    cfg, tensors = _tiny_llama_tensors()
     name = "model.layers.1.mlp.down_proj.weight"
     for value, shown in ((np.nan, "nan"), (-np.inf, "-inf")):
         broken = {**tensors, name: tensors[name].copy()}
@@ -374,6 +380,25 @@ def test_weights_with_a_nan_or_an_infinity_are_refused_naming_the_tensor(tmp_pat
     flat[[3, 40, 99]] = np.nan
     with pytest.raises(hf.ConvertError, match=r"holds 3 non-finite .* flat index 3, is nan"):
         convert.check_finite({"w": flat.reshape(10, 10)}, tmp_path, block=16)
+
+
+def test_weights_stored_as_integers_are_refused_naming_the_tensor(tmp_path, capsys):
+    # an I32 (or I8, as bitsandbytes keeps its 8-bit weights) tensor where a weight belongs was
+    # cast to float and imported without a word: a model of raw integer codes, all finite
+    cfg, tensors = _tiny_llama_tensors()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    for dtype, shown in ((np.int32, "I32"), (np.int8, "I8"), (np.bool_, "BOOL")):
+        src = tmp_path / f"hf-{shown}"
+        src.mkdir()
+        tensorfile.write_dir(src, {**tensors, name: tensors[name].astype(dtype)}, 10**9)
+        (src / "config.json").write_text(json.dumps(hf.hf_config(cfg.model, 64, "float32")))
+        assert main(["convert", str(src), str(tmp_path / f"run-{shown}")]) == 2
+        err = capsys.readouterr().err
+        assert f"{src}: tensor '{name}' is stored as {shown}, not floating point" in err, err
+        assert not (tmp_path / f"run-{shown}").exists()
+    # every float dtype a checkpoint is saved in imports
+    convert.check_floats({k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}, src)
+    convert.check_floats({"a": np.zeros(2, np.float16), "b": np.zeros(2, np.float64)}, src)
 
 
 @pytest.mark.slow
