@@ -497,6 +497,8 @@ BAD = [
     (b'{"prompt": "x", "logit_bias": {"7": 101}}', 400, "logit_bias.7"),
     (b'{"prompt": "x", "logit_bias": {"7": "1"}}', 400, "logit_bias.7"),
     (b'{"prompt": "x", "logit_bias": {"7": NaN}}', 400, "logit_bias.7"),
+    (b'{"prompt": "x", "temperature": NaN}', 400, "temperature: Input should be a finite number"),
+    (b'{"prompt": "x", "top_p": 1e400}', 400, "top_p: Input should be a finite number"),
     (b'{"prompt": "x", "logit_bias": {"99999": 1}}', 400, "logit_bias: token id 99999 is outside"),
     (
         b'{"prompt": "x", "logit_bias": {' + b", ".join(b'"%d": 1' % i for i in range(301)) + b"}}",

@@ -28,8 +28,9 @@ MAX_N = 16  # choices per request
 
 class _Strict(BaseModel):
     # strict: "1" is not an int and 1 is not a bool; forbid: a misspelt field is an error,
-    # not a silently ignored option
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # not a silently ignored option; no inf or nan (JSON's NaN and Infinity tokens, 1e400):
+    # "a finite number" says what a bound's "less than or equal to 100" did not
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     # a field of another route (or of another API's dialect), named by a client that sent it
     # here: where it goes instead, said in the 400 (see `one_line`)
     elsewhere: ClassVar[dict[str, str]] = {}
