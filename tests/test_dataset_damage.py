@@ -16,30 +16,30 @@ from bigjax.data.prepare import PrepareConfig, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+NAMES = (
+    "textwrap",
+    "shlex",
+    "fnmatch",
+    "glob",
+    "bisect",
+    "heapq",
+    "colorsys",
+    "keyword",
+    "base64",
+    "calendar",
+    "copy",
+    "csv",
+    "difflib",
+    "getopt",
+    "gettext",
+    "netrc",
+)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "ds"
-    names = (
-        "textwrap",
-        "shlex",
-        "fnmatch",
-        "glob",
-        "bisect",
-        "heapq",
-        "colorsys",
-        "keyword",
-        "base64",
-        "calendar",
-        "copy",
-        "csv",
-        "difflib",
-        "getopt",
-        "gettext",
-        "netrc",
-    )
-    files = [str(STDLIB / f"{n}.py") for n in names]
+    files = [str(STDLIB / f"{n}.py") for n in NAMES]
     prepare(PrepareConfig(inputs=tuple(files), output=str(out), workers=1,
                           tokenizer="bpe:300", val_fraction=0.3))  # fmt: skip
     return out
@@ -93,9 +93,11 @@ def _edited(manifest: bytes, change) -> bytes:
         lambda m: _edited(m, lambda d: d["splits"]["train"].update(shards=[".."])),
         lambda m: m.replace(b'"<u2"', b'"<q9"'),
         lambda m: _edited(m, lambda d: d["tokenizer"].update(sha256=["not", "a", "mapping"])),
+        lambda m: _edited(m, lambda d: d["splits"]["train"].update(fingerprints=[1])),
+        lambda m: _edited(m, lambda d: d["splits"]["train"].update(fingerprints=["1:a", "2:b"])),
         lambda m: b"[]",
     ],
-    ids=["utf8", "cut", "key", "path", "parent", "dtype", "hashes", "list"],
+    ids=["utf8", "cut", "key", "path", "parent", "dtype", "hashes", "prints", "count", "list"],
 )
 def test_a_damaged_manifest_is_one_error_naming_it(prepared, tmp_path, edit):
     ds = _copy(prepared, tmp_path)
@@ -121,3 +123,47 @@ def test_a_changed_tokenizer_file_is_refused_by_train_in_one_line(prepared, tmp_
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.count("\n") == 1 and "tokenizer.json differ" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """A dataset of several shards a split (shards of ~4k tokens)."""
+    out = tmp_path_factory.mktemp("sharded") / "ds"
+    files = [str(STDLIB / f"{n}.py") for n in NAMES]
+    prepare(PrepareConfig(inputs=tuple(files), output=str(out), workers=1, tokenizer="bpe:300",
+                          val_fraction=0.3, shard_tokens=4000))  # fmt: skip
+    return out
+
+
+def test_a_shard_swapped_or_copied_in_is_named_never_read_as_its_place(sharded, prepared, tmp_path):
+    ds = _copy(sharded, tmp_path)
+    train = json.loads((ds / "manifest.json").read_text())["splits"]["train"]
+    assert len(train["shards"]) >= 3 and len(train["fingerprints"]) == len(train["shards"])
+    # ArrayRecord pads shards to whole blocks: sizes alike, so a swap is not told by size
+    a, b = (ds / s for s in train["shards"][:2])
+    assert a.stat().st_size == b.stat().st_size
+    expected = _all_records(ds)
+    a.rename(tmp_path / "a")  # two shards swapped by hand: the same records, in another order
+    b.rename(a)
+    (tmp_path / "a").rename(b)
+    with pytest.raises(DamagedDatasetError, match="train-00000.array_record is not the shard"):
+        split_source(ds, "train")
+    b.rename(tmp_path / "b")  # put back: read as prepared
+    a.rename(b)
+    (tmp_path / "b").rename(a)
+    assert _all_records(ds) == expected
+    # a validation shard copied over a train shard; the same shard of another preparation
+    val = ds / json.loads((ds / "manifest.json").read_text())["splits"]["validation"]["shards"][0]
+    shutil.copy(val, b)
+    with pytest.raises(DamagedDatasetError, match="train-00001.array_record is not the shard"):
+        split_source(ds, "train")
+    shutil.copy(sharded / b.name, b)
+    shutil.copy(prepared / a.name, a)
+    with pytest.raises(DamagedDatasetError, match="train-00000.array_record is not the shard"):
+        split_source(ds, "train")
+    shutil.copy(sharded / a.name, a)
+    # a dataset prepared before the fingerprints were recorded reads unchecked, as before
+    manifest = ds / "manifest.json"
+    manifest.write_bytes(_edited(manifest.read_bytes(),
+                                 lambda d: d["splits"]["train"].pop("fingerprints")))  # fmt: skip
+    assert _all_records(ds) == expected

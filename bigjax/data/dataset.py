@@ -32,8 +32,18 @@ class EmptySplitError(UsageError, ValueError):
 
 class DamagedDatasetError(UsageError, ValueError):
     """A dataset that does not read back as prepare wrote it: a truncated shard or a flipped
-    bit (every ArrayRecord chunk carries a hash checked on each read; the manifest records the
-    tokenizer files' hashes), or a manifest that is no longer one."""
+    bit (every ArrayRecord chunk carries a hash checked on each read), a shard swapped or
+    copied in from another dataset (the manifest records each shard's fingerprint), a changed
+    tokenizer file (and their hashes), or a manifest that is no longer one."""
+
+
+def fingerprint(records: int, first: bytes, last: bytes) -> str:
+    """Names a shard by its record count and its first and last records: what tells two
+    shards of one dataset apart, read at each open in two records. (ArrayRecord pads every
+    shard to whole blocks, so their sizes do not; hashing whole shards at each start would
+    read the dataset.)"""
+    h = hashlib.sha256(len(first).to_bytes(8, "little") + first + last)
+    return f"{records}:{h.hexdigest()[:16]}"
 
 
 class Shards:
@@ -41,11 +51,23 @@ class Shards:
     `RandomAccessDataSource`); a shard that cannot be read is an error naming it and the fix,
     raised where the damaged record is read (at the start for a truncated shard)."""
 
-    def __init__(self, paths: Sequence[Path]):
+    def __init__(self, paths: Sequence[Path], fingerprints: Sequence[str] | None = None):
         self.paths = [str(p) for p in paths]
         self._sources = [_checked(p, functools.partial(grain.sources.ArrayRecordDataSource, [p]))
                          for p in self.paths]  # fmt: skip
         self._starts = list(itertools.accumulate((len(s) for s in self._sources), initial=0))
+        for shard, expected in enumerate(fingerprints or ()):  # None: prepared before them
+            if (found := self._fingerprint(shard)) != expected:
+                raise DamagedDatasetError(
+                    f"{self.paths[shard]} is not the shard prepare wrote there (fingerprint "
+                    f"{found}, manifest.json records {expected}): a shard renamed, swapped or "
+                    f"copied in from another dataset. {CHANGED}"
+                )
+
+    def _fingerprint(self, shard: int) -> str:
+        n = len(self._sources[shard])
+        read = lambda i: self[self._starts[shard] + i] if n else b""  # noqa: E731
+        return fingerprint(n, read(0), read(n - 1))
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -89,8 +111,10 @@ class ShardWriter:
         self.out, self.split, self.shard_tokens = out, split, shard_tokens
         self.dtype = token_dtype(vocab_size)
         self.shards: list[str] = []
+        self.fingerprints: list[str] = []  # one a shard, checked whenever a run opens it
         self.documents = self.tokens = self._in_shard = 0
         self._writer = None
+        self._first, self._last, self._records = b"", b"", 0  # of the open shard
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -105,7 +129,10 @@ class ShardWriter:
             # group_size 1: every record is individually addressable for global shuffling.
             self._writer = ArrayRecordWriter(str(self.out / name), "group_size:1")
         assert self._writer is not None  # opened just above when missing
-        self._writer.write(np.asarray(ids).astype(self.dtype).tobytes())
+        record = np.asarray(ids).astype(self.dtype).tobytes()
+        self._writer.write(record)
+        self._first = record if self._records == 0 else self._first
+        self._last, self._records = record, self._records + 1
         self.documents += 1
         self.tokens += len(ids)
         self._in_shard += len(ids)
@@ -113,7 +140,8 @@ class ShardWriter:
     def _close_shard(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        self._writer, self._in_shard = None, 0
+            self.fingerprints.append(fingerprint(self._records, self._first, self._last))
+        self._writer, self._in_shard, self._records = None, 0, 0
 
     def __exit__(self, *exc: object) -> None:
         self._close_shard()
@@ -123,6 +151,7 @@ class ShardWriter:
             "documents": self.documents,
             "tokens": self.tokens,
             "shards": self.shards,
+            "fingerprints": self.fingerprints,
             "dtype": self.dtype.str,
         }
 
@@ -144,6 +173,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
             plain = lambda s: Path(s).name == s and s not in ("", "..")  # noqa: E731
             if not isinstance(shards, list) or not all(map(plain, shards)):
                 raise TypeError(f"splits.{split}.shards is not a list of file names")
+            prints = info["splits"][split].get("fingerprints")  # None: prepared before them
+            strings = isinstance(prints, list) and all(isinstance(f, str) for f in prints)
+            if prints is not None and not (strings and len(prints) == len(shards)):
+                raise TypeError(f"splits.{split}.fingerprints is not one string per shard")
             np.dtype(dtype)
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, UTF-8, odd fields
         raise DamagedDatasetError(
@@ -170,7 +203,8 @@ def split_source(path: Path, split: str) -> tuple[grain.MapDataset, dict[str, An
             f"{path}: the {split} split is empty; prepare with a larger --val-fraction or more "
             "data."
         )
-    return grain.MapDataset.source(Shards([path / s for s in info["shards"]])), info
+    shards = Shards([path / s for s in info["shards"]], info.get("fingerprints"))
+    return grain.MapDataset.source(shards), info
 
 
 def digest(path: Path) -> str:
