@@ -29,7 +29,7 @@ from bigjax.checkpoint import (
     param_layout,
 )
 from bigjax.config import CheckpointConfig, ConfigError, from_configdict
-from bigjax.data.datastate import DataStateError, MalformedDataState, OtherData
+from bigjax.data.datastate import DataStateError, MalformedDataState
 from bigjax.data.pipeline import Batches
 from bigjax.errors import BigjaxWarning
 from bigjax.sharding import Rules, num_stages, placed, tree_shardings
@@ -189,10 +189,8 @@ def restore(
                     ),
                 )
                 restored, refused = both["state"], both["data"]
-                if isinstance(refused, OtherData):  # its way out names this run
-                    refused = OtherData(refused.changed, directory.parent)
                 if isinstance(refused, DataStateError):  # readable; this run can't go on
-                    mismatch = f"checkpoint {step_dir}: {refused}"
+                    mismatch = f"checkpoint {step_dir}: {refused.for_run(directory.parent)}"
             except Exception as e:  # corrupt or truncated files, a malformed data state
                 if sealed and not isinstance(e, MalformedDataState):
                     # Its bytes are the ones written: this run's state is what differs.

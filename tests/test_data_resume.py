@@ -12,6 +12,8 @@ import pytest
 
 from bigjax.checkpoint import DataHandler, DataRestore
 from bigjax.data import pipeline
+from bigjax.data.datastate import DataStateError, MalformedDataState
+from bigjax.errors import BigjaxWarning
 
 STEPS = 10  # states saved after steps 1..STEPS
 AHEAD = 3  # batches compared after each restore
@@ -132,3 +134,75 @@ def test_the_grain_fault_the_pipeline_works_around():
     fixed = iter(rows)
     fixed.set_state(pipeline.as_written(json.loads(json.dumps(state)), state))
     np.testing.assert_array_equal(next(fixed)["tokens"], want)
+
+
+def _row_tokens(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Each row's L + 1 packed tokens (concat rows are full: no padding)."""
+    return np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+
+
+@pytest.mark.parametrize("kind", ["exact", "short", "long", "mixed"])
+@pytest.mark.parametrize("new_seq_len", [7, 40])
+def test_another_seq_len_goes_on_where_each_row_stopped(tmp_path, kind, new_seq_len):
+    """data.seq_len changed on resume (a sequence-length warm-up): concat packing goes on at
+    the token each row stopped at, nothing read twice or skipped. Grain's own restore packs
+    the last row again at the new length: a few tokens a row read twice or skipped."""
+    batch, steps = 3, 6
+    old = _streams(kind, 15, batch, "concat", False)
+    new = pipeline.RowStreams(old.docs, batch, new_seq_len, pad_id=-1, packing="concat")
+    writer = pipeline.Batches(old, range(batch), 0)
+    written = np.zeros((batch, 0), np.int32)  # each row's tokens up to the save
+    for step in range(1, steps + 1):
+        written = np.concatenate([written, _row_tokens(next(writer))], axis=1)
+        _save(tmp_path / str(step), [writer])
+        (resumed,) = _restore(tmp_path / str(step), new, [range(batch)])
+        after = np.concatenate([_row_tokens(b) for b in pipeline.take(resumed, 4)], axis=1)
+        resumed.close()
+        for row in range(batch):
+            got = np.concatenate([written[row], after[row]])
+            docs = iter(old.docs_of(row))  # the row's documents, end to end
+            want = np.concatenate([next(docs)["tokens"] for _ in range(len(got))])[: len(got)]
+            assert np.array_equal(got, want), f"step {step}, row {row}: tokens read twice or lost"
+    writer.close()
+
+
+def test_a_layout_the_state_cannot_continue_is_refused_by_name(tmp_path):
+    streams = _streams("mixed", 15, 2, "first_fit", False)
+    writer = pipeline.Batches(streams, range(2), 0)
+    next(writer)
+    _save(tmp_path / "1", [writer])
+    writer.close()
+    cases = [  # first-fit holds a window cut at the old length; a packing of another state
+        ("first_fit", 31, "data.seq_len=15, this run has 31: first-fit packing"),
+        ("concat", 15, "data.packing='first_fit', this run has 'concat'"),
+        ("pad", 15, "data.packing='first_fit', this run has 'pad'"),
+    ]
+    for packing, seq_len, message in cases:
+        other = pipeline.RowStreams(streams.docs, 2, seq_len, pad_id=-1, packing=packing)
+        refused = DataHandler().restore(
+            tmp_path / "1", DataRestore(pipeline.Batches(other, range(2), 0))
+        )
+        assert isinstance(refused, DataStateError) and message in str(refused), refused
+        assert "init_from=RUN --config.checkpoint.init_mode=full" in str(refused)
+        assert "init_from=/runs/a " in str(refused.for_run("/runs/a"))  # the way out names it
+        # a new run from the whole state (init_mode=full): the data from its beginning
+        fresh = pipeline.Batches(other, range(2), 0)
+        with pytest.warns(BigjaxWarning, match="read from its beginning"):
+            taken = DataHandler().restore(tmp_path / "1", DataRestore(fresh, True))
+        first = pipeline.take(pipeline.Batches(other, range(2), 0), 1)[0]
+        got = next(taken)
+        assert all(np.array_equal(v, got[k]) for k, v in first.items())
+        taken.close()
+    # an edited row length is a malformed state (a corrupt checkpoint), never a length to cut at
+    state = json.loads((tmp_path / "1" / "process_0-of-1.json").read_text())
+    for bad in ("15", 0, -3, 2.5, True):
+        with pytest.raises(MalformedDataState, match="seq_len is"):
+            pipeline.Batches(streams, range(2), 0).set_state({**state, "seq_len": bad})
+    # a state saved before the layout was recorded: taken as it is, as before
+    state = json.loads((tmp_path / "1" / "process_0-of-1.json").read_text())
+    del state["seq_len"], state["packing"]
+    resumed = pipeline.Batches(streams, range(2), 0)
+    resumed.set_state(state)
+    got, want = next(resumed), pipeline.take(pipeline.Batches(streams, range(2), 0), 2)[1]
+    assert all(np.array_equal(v, got[k]) for k, v in want.items())  # batch 2, as saved
+    resumed.close()

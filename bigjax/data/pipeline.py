@@ -36,10 +36,12 @@ from bigjax.data import tokenizer as tokenizers
 from bigjax.data.corpus import Document
 from bigjax.data.datastate import (
     BUILTIN,
-    DataStateError,
     Digests,
     MalformedDataState,
+    as_written,
     continues,
+    layout_change,
+    recut,
     state_shape,
 )
 from bigjax.data.tokenizer import ByteTokenizer
@@ -165,11 +167,14 @@ class RowStreams:
     packing: str
     features: tuple[str, ...] = ("tokens",)  # per-token arrays to pack ('loss_mask' for SFT)
 
-    def rows_of(self, row: int) -> grain.IterDataset:
+    def docs_of(self, row: int) -> grain.IterDataset:
         # No read threads per row stream: parallelism comes from Grain workers (or one
         # prefetch thread), not from B thread pools.
         no_threads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-        docs = self.docs[row :: self.batch_size].to_iter_dataset(no_threads)
+        return self.docs[row :: self.batch_size].to_iter_dataset(no_threads)
+
+    def rows_of(self, row: int) -> grain.IterDataset:
+        docs = self.docs_of(row)
         length = {f: self.seq_len + 1 for f in self.features}
         if self.features == ("image",):  # images: one per row, nothing to pack
             return docs
@@ -249,30 +254,14 @@ class RowsDataset(grain.IterDataset):
 Stream = tuple[grain.MapDataset, Digests]  # the documents of a split, and what they came from
 
 
-def as_written(saved: Any, template: Any) -> Any:
-    """A state read back from JSON, with the tuples JSON turned into lists made tuples again
-    wherever a fresh iterator's state (`template`, of the same structure) has one.
-
-    Grain's concat-then-split packer tests `remainder_slices[f] != (-1, -1)` to decide
-    whether a document is half-packed; after a JSON round trip `[-1, -1]` passes that test,
-    and the restored iterator takes the next document for an empty remainder: it is dropped
-    and the data order silently changes (docs/data.md has a Grain-only reproduction).
-    """
-    if isinstance(template, dict):
-        return {k: as_written(v, template.get(k)) for k, v in saved.items()}
-    if isinstance(template, (list, tuple)) and isinstance(saved, (list, tuple)):
-        items = [as_written(v, t) for v, t in zip(saved, template, strict=True)]
-        return tuple(items) if isinstance(template, tuple) else items
-    return saved
-
-
 class Batches:
     """This process's rows of each global batch, in order; an iterator with get_state,
     set_state and close.
 
-    The state is {"batch_size": B, "data": {source: digest}, "rows": {row: state}} (`data`:
-    see bigjax/data/datastate.py). Checkpoints merge the states every process saved, so a
-    run resumes on any process count (see `checkpoint.DataHandler`).
+    The state is {"batch_size": B, "seq_len": L, "packing": P, "data": {source: digest},
+    "rows": {row: state}} (`data`, and the layout changes that go on: datastate.py).
+    Checkpoints merge the states every process saved, so a run resumes on any process count
+    (see `checkpoint.DataHandler`).
     `spent` is true once the last batch returned was blank in every row of this process: a
     one-pass split (the eval's) that has run out here, so every later batch is blank too.
     """
@@ -318,23 +307,26 @@ class Batches:
         self.spent = all(part["spent"] for part in parts)
         return out
 
+    @property
+    def _packing(self) -> str:
+        return "" if self._streams.features == ("image",) else self._streams.packing
+
     def get_state(self) -> dict[str, Any]:
-        return {"batch_size": self._streams.batch_size, "data": self._data,
-                "rows": dict(self._row_states)}  # fmt: skip
+        s = self._streams
+        return {"batch_size": s.batch_size, "seq_len": s.seq_len, "packing": self._packing,
+                "data": self._data, "rows": dict(self._row_states)}  # fmt: skip
 
     def set_state(self, state: dict[str, Any], *, restart_other_data: bool = False) -> None:
         """Takes this process's rows from a state holding (at least) all of them. A state of
-        other data under a source's name is refused, or with `restart_other_data` (a new run
-        from another's whole state) left: the data is read from its beginning."""
+        other data under a source's name, or of a layout its order cannot go on in, is
+        refused, or with `restart_other_data` (a new run from another's whole state) left:
+        the data is read from its beginning."""
         if not isinstance(state, dict):
             raise MalformedDataState(f"it is a {type(state).__name__}, not a mapping")
-        if state.get("batch_size") != self._streams.batch_size:
-            raise DataStateError(
-                f"the data state was saved with data.batch_size={state.get('batch_size')}, "
-                f"this run has {self._streams.batch_size}: the data order cannot continue. "
-                "Keep the batch size, or start a new run with checkpoint.init_from."
-            )
-        if not continues(state.get("data"), self._data, restart_other_data=restart_other_data):
+        s, restart = self._streams, restart_other_data
+        recut_at = layout_change(state, s.batch_size, s.seq_len, self._packing, restart=restart)
+        same_data = continues(state.get("data"), self._data, restart_other_data=restart)
+        if recut_at is None or not same_data:  # a new run's data from its beginning
             self.close()
             self._row_states, self.spent = dict.fromkeys(self._row_states), False
             return
@@ -354,6 +346,9 @@ class Batches:
                 raise MalformedDataState(f"row {r}'s state {got} is not of the form {want}")
         self.close()
         self._row_states = {r: as_written(rows[r], template) for r in self._row_states}
+        if recut_at:  # concat rows of another length: each row goes on where it stopped
+            self._row_states = {r: recut(v, iter(s.docs_of(int(r))), recut_at + 1)
+                                for r, v in self._row_states.items()}  # fmt: skip
         self.spent = False
 
     def close(self) -> None:
