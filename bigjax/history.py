@@ -100,6 +100,48 @@ def _full_mesh(flat_cfg: dict[str, Any]) -> dict[str, Any]:
     return flat_cfg
 
 
+_NEW_ORDER = (
+    "the training order goes on at the same position of another order, so documents read "
+    "before may come again and others wait until the epoch ends"
+)
+# Changes that resume but alter what the steps after them read, beyond what the diff shows:
+# said on the resume that makes them (data.seq_len is not here: the order goes on, see
+# bigjax/data/datastate.py).
+CAVEATS: dict[str, str] = {
+    "data.mixture": (
+        "each position of the mixed order maps to a source by the weights (Grain's mix), so "
+        "every source goes on at another position: documents of a source given more weight "
+        "are skipped, documents of one given less are read again, until the epoch ends"
+    ),
+    "data.eval_fraction": (
+        "where the run draws its held-out split (the built-in corpus, data.examples, "
+        "data.images) it is drawn anew: documents trained on may now be evaluated, and eval "
+        "losses before and after this step do not compare; " + _NEW_ORDER
+    ),
+    "data.shuffle": _NEW_ORDER,
+}
+
+
+def caveats(
+    changed: Mapping[str, tuple[object, object]], config: Mapping[str, object]
+) -> list[str]:
+    """What the changed keys do to the data the steps after them read, one line each
+    (`config`: the run's current one)."""
+    lines = [f"{k} changed: {CAVEATS[k]}." for k in sorted(changed.keys() & CAVEATS.keys())]
+    now = flat(as_json(config))
+    was = {k: changed[k][0] if k in changed else now.get(k) for k in ("seed", "data.seed")}
+    if _order_seed(was) != _order_seed(now):
+        lines.append(f"the data order's seed changed ({_order_seed(was)} -> {_order_seed(now)}): "
+                     f"{_NEW_ORDER}.")  # fmt: skip
+    return lines
+
+
+def _order_seed(flat_cfg: Mapping[str, object]) -> object:
+    """The data order's seed: data.seed, or seed while data.seed is -1."""
+    data_seed = flat_cfg.get("data.seed")
+    return data_seed if isinstance(data_seed, int) and data_seed >= 0 else flat_cfg.get("seed")
+
+
 def unusable(changed: Mapping[str, tuple[Any, Any]], run: str) -> str | None:
     """The error for changed keys the checkpoint cannot continue with, or None."""
     bad = {k: v for k, v in changed.items() if k in UNUSABLE}
@@ -165,6 +207,8 @@ def record(
             {"from_step": start, "time": stamp, "changed": {k: list(v) for k, v in changed.items()}}
         )
         print(f"config changed since step {start} ({HISTORY}):\n{describe(changed)}", flush=True)
+        for line in caveats(changed, config):
+            warnings.warn(line, BigjaxWarning, stacklevel=2)
     tmp = Path(workdir) / f"{HISTORY}.tmp"
     tmp.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
     tmp.replace(Path(workdir) / HISTORY)  # never a half-written history

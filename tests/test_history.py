@@ -8,6 +8,7 @@ from conftest import tiny_config
 from bigjax import history
 from bigjax.checkpoint import CheckpointMismatch
 from bigjax.config import to_dict
+from bigjax.errors import BigjaxWarning
 from bigjax.report import report
 from bigjax.train import train
 
@@ -77,3 +78,26 @@ def test_a_damaged_history_is_skipped_with_a_warning_not_fatal(tmp_path):
         history.record(tmp_path, 5, {"a": 1}, {"a": 2})  # rewrites it whole and valid
     assert [e["from_step"] for e in history.read(tmp_path)] == [0, 5]
     assert history.segments(tmp_path, 9) == ["steps 0-5: as started", "steps 5-9: a 2 -> 1"]
+
+
+def test_a_change_that_alters_what_later_steps_read_is_said_on_resume(tmp_path, capsys):
+    config = to_dict(tiny_config())
+    mix = ([["/d/a", 0.5], ["/d/b", 0.5]], [["/d/a", 0.9], ["/d/b", 0.1]])  # an annealing
+    said = lambda changed, cfg=config: " ".join(history.caveats(changed, cfg))  # noqa: E731
+    assert "data.mixture changed" in said({"data.mixture": mix})
+    assert "more weight are skipped" in said({"data.mixture": mix})
+    assert "may now be evaluated" in said({"data.eval_fraction": (0.02, 0.1)})
+    assert "another order" in said({"data.shuffle": (True, False)})
+    # the order's seed: `seed` while data.seed is -1, else data.seed
+    assert config["data"]["seed"] == -1 and config["seed"] == 0
+    assert "seed changed (7 -> 0)" in said({"seed": (7, 0)})
+    fixed = to_dict(tiny_config(data={"seed": 3}))
+    assert said({"seed": (7, 0)}, fixed) == ""  # the data order keeps its seed
+    assert said({"data.seed": (-1, 3)}, fixed) != ""  # seed 0 then, 3 now
+    assert said({"data.seed": (0, -1)}) == ""  # 0 then, seed (0) now: the same order
+    assert said({"optim.lr": (0.003, 0.001), "data.seq_len": (256, 64)}) == ""
+    # said when a resume records the change, beside the diff
+    saved = to_dict(tiny_config(data={"eval_fraction": 0.05}))
+    with pytest.warns(BigjaxWarning, match="data.eval_fraction changed: where the run draws"):
+        history.record(tmp_path, 4, config, saved)
+    assert "  data.eval_fraction: 0.05 -> 0.02" in capsys.readouterr().out
