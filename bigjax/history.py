@@ -105,14 +105,9 @@ _NEW_ORDER = (
     "before may come again and others wait until the epoch ends"
 )
 # Changes that resume but alter what the steps after them read, beyond what the diff shows:
-# said on the resume that makes them (data.seq_len is not here: the order goes on, see
-# bigjax/data/datastate.py).
+# said on the resume that makes them. Not here: data.seq_len and data.mixture's weights (the
+# order goes on, bigjax/data/datastate.py and mixture.py, which says when its sources change).
 CAVEATS: dict[str, str] = {
-    "data.mixture": (
-        "each position of the mixed order maps to a source by the weights (Grain's mix), so "
-        "every source goes on at another position: documents of a source given more weight "
-        "are skipped, documents of one given less are read again, until the epoch ends"
-    ),
     "data.eval_fraction": (
         "where the run draws its held-out split (the built-in corpus, data.examples, "
         "data.images) it is drawn anew: documents trained on may now be evaluated, and eval "

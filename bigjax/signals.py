@@ -1,6 +1,7 @@
 """Stop signals for a training run: SIGTERM, SIGINT and SIGHUP ask the loop to save and stop
 after the step in flight (an eval in progress is left unfinished); a second Ctrl-C interrupts
-at once. With several processes, they all stop after the same step (`StopVote`)."""
+at once. With several processes, they all stop after the same step (`StopVote`). Grain's
+worker processes leave the stop to the trainer and exit with it (`exit_with_parent`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -168,3 +170,22 @@ def _vote(asked: dict[str, str]) -> int:
         return 0
     signum = signal.Signals[asked["signal"].split()[0]]
     return int(signum) << _PROCESS_BITS | jax.process_index()
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Runs in each Grain worker: exits when the training process is gone. A trainer killed
+    with SIGKILL (OOM killer, a hard preemption) cannot stop its workers, and Grain's would
+    otherwise live on as orphans holding memory. A terminal's Ctrl-C and hangup reach the
+    whole foreground process group, workers included: they ignore both and leave the stop to
+    the trainer, which saves with their data state and then closes them."""
+    del worker_index, worker_count
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()

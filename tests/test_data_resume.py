@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from bigjax.checkpoint import DataHandler, DataRestore
-from bigjax.data import pipeline
+from bigjax.data import mixture, pipeline
 from bigjax.data.datastate import DataStateError, MalformedDataState
+from bigjax.data.mixture import Mixture
 from bigjax.errors import BigjaxWarning
 
 STEPS = 10  # states saved after steps 1..STEPS
@@ -206,3 +207,76 @@ def test_a_layout_the_state_cannot_continue_is_refused_by_name(tmp_path):
     got, want = next(resumed), pipeline.take(pipeline.Batches(streams, range(2), 0), 2)[1]
     assert all(np.array_equal(v, got[k]) for k, v in want.items())  # batch 2, as saved
     resumed.close()
+
+
+def _mixture(weights: tuple[float, float], batch: int) -> pipeline.RowStreams:
+    """Two sources in order (no shuffle: a source's documents are read by rising id)."""
+    streams = tuple(
+        pipeline.document_stream(
+            _docs("short", 16, 3000, seed=k, first_id=k * 10_000),
+            lambda t: {"tokens": t},
+            seed=0,
+            shuffle=False,
+        )  # fmt: skip
+        for k in range(2)
+    )
+    mixture = Mixture(("/data/a", "/data/b"), streams, weights, (0, 0))
+    return pipeline.RowStreams(mixture.docs(), batch, 15, -1, "concat", mixture=mixture)
+
+
+def _documents(batches: list[dict[str, np.ndarray]], source: int) -> set[int]:
+    ids = {int(t) // 10_000 for b in batches for t in _row_tokens(b).ravel()}
+    return {i - source * 10_000 for i in ids if i // 10_000 == source}
+
+
+@pytest.mark.parametrize("weights", [(0.9, 0.1), (0.2, 0.8)])
+def test_new_mixture_weights_go_on_where_each_source_was(tmp_path, weights):
+    """An annealing: data.mixture's weights changed on resume. Each source goes on at its
+    first document the rows had not all read: none skipped, a few a row read again. Grain's
+    mix alone would place the same position of the new order thousands of documents away."""
+    batch = 4
+    writer = pipeline.Batches(_mixture((0.5, 0.5), batch), range(batch), 0)
+    before = pipeline.take(writer, 60)
+    _save(tmp_path / "60", [writer])
+    writer.close()
+    state = json.loads((tmp_path / "60" / "process_0-of-1.json").read_text())
+    assert state["mixture"] == {"names": ["/data/a", "/data/b"], "weights": [0.5, 0.5],
+                                "offsets": [0, 0]}  # fmt: skip
+    (resumed,) = _restore(tmp_path / "60", _mixture(weights, batch), [range(batch)])
+    after = pipeline.take(resumed, 30)
+    assert resumed.get_state()["mixture"]["weights"] == list(weights)
+    offsets = resumed.get_state()["mixture"]["offsets"]
+    resumed.close()
+    # Rows read at their own pace: the new segment begins where the slowest row was, so the
+    # documents faster rows had read beyond it are read again: at most their lead in all, and
+    # each row's document in hand (partly packed, its tokens already in a batch).
+    begun = [mixture.first_unread({"0": s}) for s in state["rows"].values()]
+    lead = sum(b - min(begun) for b in begun) + batch
+    for source in (0, 1):
+        read, then = _documents(before, source), _documents(after, source)
+        assert then and min(then) == offsets[source]  # the new segment starts there
+        assert set(range(min(then))) <= read, f"source {source}: documents skipped"
+        assert len(read & then) <= lead < len(read) / 10, f"source {source}: read again"
+    # other sources than saved: said, and the order goes on at Grain's positions
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    state["mixture"]["names"] = ["/data/a", "/data/c"]
+    (renamed / "process_0-of-1.json").write_text(json.dumps(state))
+    with pytest.warns(BigjaxWarning, match=r"saved with sources \['/data/a', '/data/c'\]"):
+        _restore(renamed, _mixture(weights, batch), [range(batch)])[0].close()
+    # a state without the mixture (saved before it was kept) goes on at Grain's positions
+    del state["mixture"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "process_0-of-1.json").write_text(json.dumps(state))
+    (old,) = _restore(tmp_path / "old", _mixture(weights, batch), [range(batch)])
+    grain_places = [_documents(pipeline.take(old, 30), s) for s in (0, 1)]
+    old.close()
+    heavier = int(weights[1] > weights[0])
+    gap = min(grain_places[heavier]) - max(_documents(before, heavier))
+    assert gap > 50, gap  # documents of the source given more weight never read
+    # the same weights again: the saved segment's offsets, rows going on
+    (again_it,) = _restore(tmp_path / "60", _mixture((0.5, 0.5), batch), [range(batch)])
+    reference = pipeline.take(pipeline.Batches(_mixture((0.5, 0.5), batch), range(batch), 0), 61)
+    got = next(again_it)
+    again_it.close()
+    assert all(np.array_equal(got[k], reference[60][k]) for k in got)

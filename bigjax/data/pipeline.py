@@ -11,10 +11,6 @@ or workers; the iterator state (indices, per row) is saved in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -44,7 +40,9 @@ from bigjax.data.datastate import (
     recut,
     state_shape,
 )
+from bigjax.data.mixture import Mixture
 from bigjax.data.tokenizer import ByteTokenizer
+from bigjax.signals import exit_with_parent
 from bigjax.tasks import TASKS, Task
 
 
@@ -166,6 +164,7 @@ class RowStreams:
     pad_id: int
     packing: str
     features: tuple[str, ...] = ("tokens",)  # per-token arrays to pack ('loss_mask' for SFT)
+    mixture: Mixture | None = None  # what `docs` mixes, for a resume under other weights
 
     def docs_of(self, row: int) -> grain.IterDataset:
         # No read threads per row stream: parallelism comes from Grain workers (or one
@@ -251,7 +250,8 @@ class RowsDataset(grain.IterDataset):
         return _RowsIterator(self._streams, self._rows, self._start)
 
 
-Stream = tuple[grain.MapDataset, Digests]  # the documents of a split, and what they came from
+# the documents of a split (a mixture's, kept in segments: data/mixture.py), and their sources
+Stream = tuple[grain.MapDataset | Mixture, Digests]
 
 
 class Batches:
@@ -313,8 +313,9 @@ class Batches:
 
     def get_state(self) -> dict[str, Any]:
         s = self._streams
+        mixture = {"mixture": s.mixture.state()} if s.mixture else {}
         return {"batch_size": s.batch_size, "seq_len": s.seq_len, "packing": self._packing,
-                "data": self._data, "rows": dict(self._row_states)}  # fmt: skip
+                "data": self._data, **mixture, "rows": dict(self._row_states)}  # fmt: skip
 
     def set_state(self, state: dict[str, Any], *, restart_other_data: bool = False) -> None:
         """Takes this process's rows from a state holding (at least) all of them. A state of
@@ -345,6 +346,12 @@ class Batches:
             if got != want:
                 raise MalformedDataState(f"row {r}'s state {got} is not of the form {want}")
         self.close()
+        if s.mixture and isinstance(saved := state.get("mixture"), dict):
+            mixture, fresh = s.mixture.going_on_from(saved, rows)
+            s = self._streams = dataclasses.replace(s, docs=mixture.docs(), mixture=mixture)
+            if fresh:  # other weights: a new segment of the mixed order, each row from its start
+                self._row_states, self.spent = dict.fromkeys(self._row_states), False
+                return
         self._row_states = {r: as_written(rows[r], template) for r in self._row_states}
         if recut_at:  # concat rows of another length: each row goes on where it stopped
             self._row_states = {r: recut(v, iter(s.docs_of(int(r))), recut_at + 1)
@@ -355,25 +362,6 @@ class Batches:
         if self._it is not None:
             getattr(self._it, "close", lambda: None)()
             self._it = None
-
-
-def exit_with_parent(worker_index: int, worker_count: int) -> None:
-    """Runs in each Grain worker: exits when the training process is gone. A trainer killed
-    with SIGKILL (OOM killer, a hard preemption) cannot stop its workers, and Grain's would
-    otherwise live on as orphans holding memory. A terminal's Ctrl-C and hangup reach the
-    whole foreground process group, workers included: they ignore both and leave the stop to
-    the trainer, which saves with their data state and then closes them."""
-    del worker_index, worker_count
-    for s in (signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, signal.SIG_IGN)
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def default_rows(batch_size: int) -> range:
@@ -402,10 +390,12 @@ def for_config(
     stream, data = STREAMS[task.source](
         cfg, task, tokenizer, Where(split, seed, shuffle, image_shape, builtin_docs)
     )
+    mixture = stream if isinstance(stream, Mixture) else None
+    docs = stream.docs() if isinstance(stream, Mixture) else stream
+    streams = RowStreams(docs, cfg.batch_size, cfg.seq_len, tokenizer.pad_id, cfg.packing,
+                         task.row_features, mixture)  # fmt: skip
     return Batches(
-        RowStreams(
-            stream, cfg.batch_size, cfg.seq_len, tokenizer.pad_id, cfg.packing, task.row_features
-        ),  # fmt: skip
+        streams,
         default_rows(cfg.batch_size) if rows is None else rows,
         cfg.num_workers if workers is None else workers,
         data=data,
@@ -477,8 +467,10 @@ def document_streams(
         streams.append(document_stream(source, read, seed=seed, shuffle=where.shuffle,
                                        endless=where.endless))  # fmt: skip
         weights.append(weight)
-    mixed = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
-    return mixed, {str(path): dataset.digest(path) for path, _ in dataset.sources(cfg)}
+    digests = {str(path): dataset.digest(path) for path, _ in dataset.sources(cfg)}
+    if len(streams) == 1:
+        return streams[0], digests
+    return Mixture(tuple(digests), tuple(streams), tuple(weights), (0,) * len(streams)), digests
 
 
 # A task's `source` -> what reads its records into a stream of rows' features, with the
