@@ -7,8 +7,8 @@ given less read again (from 0.5/0.5 to 0.9/0.1 after 10,000 documents: 4,000 of 
 mixture's order is kept in segments: the state holds, per source, where the current weights'
 order begins in it (`offsets`); when the weights change, the new segment begins at each
 source's first document that the rows had not all read. Rows start the new segment afresh:
-the documents some rows had read beyond the slowest row's position are read again, at most
-a few per row, once.
+what faster rows had read beyond the slowest row's position, and each row's document in
+hand, is read again, once (docs/reliability.md has the measurement).
 """
 
 from __future__ import annotations
