@@ -165,6 +165,11 @@ def test_another_seq_len_goes_on_where_each_row_stopped(tmp_path, kind, new_seq_
             want = np.concatenate([next(docs)["tokens"] for _ in range(len(got))])[: len(got)]
             assert np.array_equal(got, want), f"step {step}, row {row}: tokens read twice or lost"
     writer.close()
+    # an edited state: a negative count of rows packed since is malformed, not a position
+    state = json.loads((tmp_path / str(steps) / "process_0-of-1.json").read_text())
+    state["rows"]["0"]["elements_from_buffer_after_checkpoint"] = -1
+    with pytest.raises(MalformedDataState, match="negative"):
+        pipeline.Batches(new, range(batch), 0).set_state(state)
 
 
 def test_a_layout_the_state_cannot_continue_is_refused_by_name(tmp_path):

@@ -183,6 +183,8 @@ def recut(state: ConcatState, docs: grain.DatasetIterator, row_tokens: int) -> C
     is found by walking the documents' lengths (`docs`: a fresh iterator of the row's
     documents), and the state points at it with no rows to pack again."""
     todo = row_tokens * state["elements_from_buffer_after_checkpoint"]
+    if todo < 0:  # -1 passes the form check (Grain's empty slice); as a count, an edit
+        raise MalformedDataState("a row's packed-rows count is negative")
     if todo == 0:
         return state
     before, slices = state["parent_state"], state["remainder_slices"]
