@@ -279,9 +279,11 @@ def test_new_mixture_weights_go_on_where_each_source_was(tmp_path, weights):
     heavier = int(weights[1] > weights[0])
     gap = min(grain_places[heavier]) - max(_documents(before, heavier))
     assert gap > 50, gap  # documents of the source given more weight never read
-    # the same weights again: the saved segment's offsets, rows going on
-    (again_it,) = _restore(tmp_path / "60", _mixture((0.5, 0.5), batch), [range(batch)])
+    # the same weights again, or written to another scale: the saved segment, rows going on
     reference = pipeline.take(pipeline.Batches(_mixture((0.5, 0.5), batch), range(batch), 0), 61)
-    got = next(again_it)
-    again_it.close()
-    assert all(np.array_equal(got[k], reference[60][k]) for k in got)
+    for same in [(0.5, 0.5), (3.0, 3.0)]:
+        (again,) = _restore(tmp_path / "60", _mixture(same, batch), [range(batch)])
+        got = next(again)
+        assert again.get_state()["mixture"]["weights"] == [0.5, 0.5]  # the mix it goes on with
+        again.close()
+        assert all(np.array_equal(got[k], reference[60][k]) for k in got)

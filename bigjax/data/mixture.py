@@ -66,8 +66,9 @@ class Mixture:
             return self, False
         if len(weights) != len(names) or len(offsets) != len(names) or min(offsets) < 0:
             raise MalformedDataState(f"its mixture {dict(saved)} is not one a source each")
-        if [float(w) for w in weights] == list(self.weights):
-            return dataclasses.replace(self, offsets=tuple(offsets)), False
+        if _proportions(weights) == _proportions(self.weights):  # 0.5/0.5 is 1/1: goes on
+            kept = tuple(float(w) for w in weights)  # the saved mix, to the last rounding
+            return dataclasses.replace(self, weights=kept, offsets=tuple(offsets)), False
         read = consumed(weights, first_unread(rows))
         offsets = [o + n for o, n in zip(offsets, read, strict=True)]
         return dataclasses.replace(self, offsets=tuple(offsets)), True
@@ -78,6 +79,11 @@ def _all(value: object, kind: type | tuple[type, ...]) -> TypeGuard[list]:
     return isinstance(value, list) and all(
         isinstance(v, kind) and not isinstance(v, bool) for v in value
     )
+
+
+def _proportions(weights: Sequence[float]) -> list[float]:
+    """Weights as shares of their sum, to 9 digits: what decides the mix."""
+    return [round(w / sum(weights), 9) for w in weights]
 
 
 def first_unread(rows: Mapping[str, object]) -> int:
