@@ -33,8 +33,8 @@ class EmptySplitError(UsageError, ValueError):
 class DamagedDatasetError(UsageError, ValueError):
     """A dataset that does not read back as prepare wrote it: a truncated shard or a flipped
     bit (every ArrayRecord chunk carries a hash checked on each read), a shard swapped or
-    copied in from another dataset (the manifest records each shard's fingerprint), a changed
-    tokenizer file (and their hashes), or a manifest that is no longer one."""
+    copied in from another dataset (the manifest records each shard's fingerprint), a
+    tokenizer file changed (it records their hashes too), or a manifest that is no longer one."""
 
 
 def fingerprint(records: int, first: bytes, last: bytes) -> str:
