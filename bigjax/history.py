@@ -86,9 +86,12 @@ def as_json(config: Mapping[str, Any]) -> dict[str, Any]:
 def changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Every dotted key whose value differs: {key: (saved, current)}. Keys only one side has
     (a config written by another bigjax version) are not compared: their value on the other
-    side is unknown."""
+    side is unknown. A data.mixture source (a key a path) added or removed is a change."""
     a, b = (_full_mesh(flat(as_json(c))) for c in (saved, current))
-    return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
+    # a data.mixture source added or removed: its own key, on one side (None on the other)
+    sources = {k for k in a.keys() ^ b.keys() if k.startswith("data.mixture.")}
+    keys = sorted((a.keys() & b.keys()) | sources)
+    return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
 
 
 def _full_mesh(flat_cfg: dict[str, Any]) -> dict[str, Any]:

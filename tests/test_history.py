@@ -85,6 +85,13 @@ def test_a_change_that_alters_what_later_steps_read_is_said_on_resume(tmp_path, 
     said = lambda changed, cfg=config: " ".join(history.caveats(changed, cfg))  # noqa: E731
     # new weights for the same sources go on where each was (test_data_resume)
     assert said({"data.mixture./d/a": (0.5, 0.9), "data.mixture./d/b": (0.5, 0.1)}) == ""
+    # a source added or removed shows in the diff (a key a path: on one side only)
+    two = to_dict(tiny_config(data={"mixture": (("/d/a", 0.5), ("/d/b", 0.5))}))
+    three = to_dict(tiny_config(data={"mixture": (("/d/a", 0.4), ("/d/b", 0.4), ("/d/c", 0.2))}))
+    assert history.changes(two, three) == {"data.mixture./d/a": (0.5, 0.4),
+                                           "data.mixture./d/b": (0.5, 0.4),
+                                           "data.mixture./d/c": (None, 0.2)}  # fmt: skip
+    assert history.changes(three, two)["data.mixture./d/c"] == (0.2, None)
     assert "may now be evaluated" in said({"data.eval_fraction": (0.02, 0.1)})
     assert "another order" in said({"data.shuffle": (True, False)})
     # the order's seed: `seed` while data.seed is -1, else data.seed
