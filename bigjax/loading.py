@@ -215,6 +215,15 @@ def restore(
         if mismatch := _agreed(mismatch, others):
             raise CheckpointMismatch(mismatch)
         if problem is None and restored is not None:
+            # a new run from another's whole state: where one process's copy of the data
+            # differs, every process reads from the beginning (a global batch, one order)
+            restarted = data_iter is not None and data_iter.restarted
+            told = "process {k} finds other data than the saved order's"
+            if restart_other_data and (why := _agreed("restarted" if restarted else None, told)):
+                if not restarted and data_iter is not None:
+                    warnings.warn(f"{why}: every process reads its data from the beginning.",
+                                  BigjaxWarning, stacklevel=2)  # fmt: skip
+                    data_iter.restart()
             saved_order = read_meta(manager, step).get("layer_order")
             return stages.reorder(restored, saved_order, layer_order)
         failures.append(f"{step_dir}: {problem}")

@@ -160,14 +160,14 @@ def test_two_processes_stop_together_when_one_of_them_finds_other_data(tmp_path)
         _prepare(tmp_path / f"p{i}" / "ds", (*same, "difflib"))
     env = {**os.environ, "XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu"}
 
-    def launch(steps: int) -> list[subprocess.CompletedProcess]:
+    def launch(steps: int, run: str = "run", *extra: str) -> list[subprocess.CompletedProcess]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         procs = [
             subprocess.Popen(
                 train_cmd(
-                    tmp_path / "run",
+                    tmp_path / run,
                     f"--config.num_steps={steps}",
                     "--config.data.path=ds",
                     "--config.data.seq_len=64",
@@ -177,6 +177,7 @@ def test_two_processes_stop_together_when_one_of_them_finds_other_data(tmp_path)
                     "--config.checkpoint.every_steps=3",
                     "--config.metrics.tensorboard=false",
                     "--config.eval.num_batches=1",
+                    *extra,
                     "--coordinator_address",
                     f"127.0.0.1:{port}",
                     "--num_processes",
@@ -206,3 +207,14 @@ def test_two_processes_stop_together_when_one_of_them_finds_other_data(tmp_path)
     assert (first.returncode, second.returncode) == (2, 2), first.stderr[-2000:]
     assert "checkpoints/3: process 1 cannot continue its data state" in first.stderr
     assert "'ds' changed since this state was saved" in second.stderr
+    # A new run from that whole state (init_mode=full): process 1's data changed, so every
+    # process reads from the beginning. Process 0 used to go on alone: one global batch of
+    # rows from two orders. Its rows 3 steps in are now those the first run had at step 3.
+    source = f"--config.checkpoint.init_from={tmp_path / 'run'}"
+    full = launch(6, "full", source, "--config.checkpoint.init_mode=full")
+    assert [r.returncode for r in full] == [0, 0], full[0].stderr[-2000:]
+    assert "process 1 finds other data than the saved order's" in full[0].stderr
+    rows = lambda run, step: json.loads(  # noqa: E731
+        (tmp_path / run / "checkpoints" / str(step) / "data" / "process_0-of-2.json").read_text()
+    )["rows"]
+    assert rows("full", 6) == rows("run", 3)

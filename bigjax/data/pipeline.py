@@ -276,6 +276,7 @@ class Batches:
         self._row_states: dict[str, Any] = {str(r): None for r in self._rows}
         self._it: Iterator | None = None  # started lazily: a restore replaces the state first
         self.spent = False
+        self.restarted = False  # a new run's data from its beginning (set_state, restart)
 
     def _start(self) -> Iterator:
         ds: grain.IterDataset = RowsDataset(self._streams, self._rows, dict(self._row_states))
@@ -328,8 +329,7 @@ class Batches:
         recut_at = layout_change(state, s.batch_size, s.seq_len, self._packing, restart=restart)
         same_data = continues(state.get("data"), self._data, restart_other_data=restart)
         if recut_at is None or not same_data:  # a new run's data from its beginning
-            self.close()
-            self._row_states, self.spent = dict.fromkeys(self._row_states), False
+            self.restart()
             return
         rows = state.get("rows")
         if not isinstance(rows, dict):
@@ -357,6 +357,11 @@ class Batches:
             self._row_states = {r: recut(v, iter(s.docs_of(int(r))), recut_at + 1)
                                 for r, v in self._row_states.items()}  # fmt: skip
         self.spent = False
+
+    def restart(self) -> None:
+        """Every row from the data's beginning."""
+        self.close()
+        self._row_states, self.spent, self.restarted = dict.fromkeys(self._row_states), False, True
 
     def close(self) -> None:
         if self._it is not None:
