@@ -287,3 +287,7 @@ def test_new_mixture_weights_go_on_where_each_source_was(tmp_path, weights):
         assert again.get_state()["mixture"]["weights"] == [0.5, 0.5]  # the mix it goes on with
         again.close()
         assert all(np.array_equal(got[k], reference[60][k]) for k in got)
+    # weights near the float limit: their sum overflows, yet another mix is still another
+    near = _mixture((1.5e308, 1.7e308), batch).mixture
+    saved = {"names": list(near.names), "weights": [1.5e308, 1.5e308], "offsets": [0, 0]}
+    assert near.going_on_from(saved, state["rows"])[1]  # a new segment, not the saved mix

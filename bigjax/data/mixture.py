@@ -82,8 +82,9 @@ def _all(value: object, kind: type | tuple[type, ...]) -> TypeGuard[list]:
 
 
 def _proportions(weights: Sequence[float]) -> list[float]:
-    """Weights as shares of their sum, to 9 digits: what decides the mix."""
-    return [round(w / sum(weights), 9) for w in weights]
+    """Weights as fractions of the largest, to 9 digits: what decides the mix (a sum of
+    weights near the float limit would overflow to inf and make every mix look alike)."""
+    return [round(w / max(weights), 9) for w in weights]
 
 
 def first_unread(rows: Mapping[str, object]) -> int:
